@@ -1,0 +1,215 @@
+//! Types and constants shared by the dataplane's kernel programs and user space.
+//!
+//! Every type here is `#[repr(C)]` without implicit padding, and its size is
+//! asserted at compile time, so the kernel and user space agree byte for byte.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Number of flows the maps hold; a flow id indexes the per-flow arrays.
+pub const MAX_FLOWS: u32 = 1024;
+
+/// Largest frame the capture path copies: a 9000-byte jumbo payload plus headers.
+pub const MAX_FRAME: u32 = 9216;
+
+/// EtherType of mirror frames (IEEE 802 "local experimental EtherType 1").
+pub const ETH_P_MIRROR: u16 = 0x88B5;
+
+/// Version of the on-wire mirror header this build speaks (see docs/mirror-header.md).
+pub const MIRROR_VERSION: u8 = 1;
+
+/// A CPS flow, identified by its 5-tuple in the CPS-to-service direction.
+///
+/// IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`); ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// Flow flag: mirror this flow's inputs to the peer host.
+pub const FLOW_MIRROR: u32 = 1;
+
+/// What user space says about a flow; the value of the flow map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowConfig {
+    /// Index into the per-flow arrays, below [`MAX_FLOWS`].
+    pub flow_id: u32,
+    /// `FLOW_*` bits.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<FlowConfig>() == 8);
+
+/// Per-flow sequencing state, owned by the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowSequence {
+    /// The sequence number last given to a captured input; 0 before the first, which gets 1.
+    pub last_seq: u64,
+    /// Sequence number of the latest input delivered to the local instance.
+    pub last_delivered: u64,
+}
+const _: () = assert!(size_of::<FlowSequence>() == 16);
+
+/// Gate mode: deliver every mirrored input to the local instance.
+pub const GATE_DELIVER_ALL: u32 = 0;
+/// Gate mode: hold every mirrored input (logged, not delivered).
+pub const GATE_HOLD_ALL: u32 = 1;
+
+/// Per-flow gate on the receiving host: what happens to a mirrored input.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Gate {
+    /// `GATE_*` mode.
+    pub mode: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Gate>() == 8);
+
+/// Host-wide settings, element 0 of the config array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Most bytes of a frame copied into the log; 0 or anything above [`MAX_FRAME`] means whole frames.
+    pub snap_len: u32,
+    /// Interface the mirror copies leave by; 0 disables mirroring.
+    pub mirror_ifindex: u32,
+    /// Destination MAC of mirror frames (the peer host's interface).
+    pub mirror_dst_mac: [u8; 6],
+    /// Source MAC of mirror frames (this host's mirror interface).
+    pub mirror_src_mac: [u8; 6],
+}
+const _: () = assert!(size_of::<Config>() == 20);
+
+/// Record kind: an input captured at this host's ingress.
+pub const RECORD_INPUT: u32 = 1;
+/// Record kind: an input received from the peer's mirror.
+pub const RECORD_MIRRORED: u32 = 2;
+/// Record kind: an output of the local instance; `seq` is the input it follows.
+pub const RECORD_OUTPUT: u32 = 3;
+
+/// Header of every ring-buffer record; `captured_len` frame bytes follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RecordHeader {
+    /// Input sequence number (for outputs: the latest input delivered before it).
+    pub seq: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at capture on the host that numbered the input.
+    pub timestamp_ns: u64,
+    /// `RECORD_*` kind.
+    pub kind: u32,
+    pub flow_id: u32,
+    /// Interface the frame was seen on.
+    pub ifindex: u32,
+    /// Length of the whole frame.
+    pub frame_len: u32,
+    /// Number of frame bytes in the record (the frame, or its first `snap_len` bytes).
+    pub captured_len: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<RecordHeader>() == 40);
+
+/// The on-wire mirror header, in network byte order, between the outer
+/// Ethernet header (EtherType [`ETH_P_MIRROR`]) and the mirrored frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MirrorHeader {
+    /// [`MIRROR_VERSION`].
+    pub version: u8,
+    /// Length of this header in bytes; a receiver skips what it does not know.
+    pub header_len: u8,
+    /// Reserved, 0.
+    pub flags: u16,
+    pub flow_id: u32,
+    pub seq: u64,
+    pub timestamp_ns: u64,
+    /// Length of the mirrored frame that follows.
+    pub frame_len: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<MirrorHeader>() == 32);
+
+/// Bytes a mirror frame adds in front of the mirrored frame.
+pub const MIRROR_OVERHEAD: u32 = 14 + size_of::<MirrorHeader>() as u32;
+
+/// What the XDP capture hands to the TC mirror program in the packet metadata.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CaptureMeta {
+    /// [`CAPTURE_META_MAGIC`]: tells our metadata from another program's.
+    pub magic: u32,
+    pub flow_id: u32,
+    pub seq: u64,
+    pub timestamp_ns: u64,
+}
+const _: () = assert!(size_of::<CaptureMeta>() == 24);
+
+/// Marks [`CaptureMeta`] written by the capture program.
+pub const CAPTURE_META_MAGIC: u32 = 0xD47A_0001;
+
+/// Per-CPU counter indices.
+pub mod counter {
+    /// Frames the ingress program saw.
+    pub const SEEN: u32 = 0;
+    /// Inputs of a known flow written to the log with a sequence number.
+    pub const CAPTURED: u32 = 1;
+    /// Inputs of a known flow that found the ring buffer full (passed, not logged).
+    pub const RING_FULL: u32 = 2;
+    /// Inputs cloned to the peer host.
+    pub const MIRRORED: u32 = 3;
+    /// Frames that could not be parsed (truncated headers, IPv4 options, fragments), passed untouched.
+    pub const MALFORMED: u32 = 4;
+    /// Frames that are not UDP over IP, passed untouched.
+    pub const NOT_UDP: u32 = 5;
+    /// UDP frames of no known flow, passed untouched.
+    pub const UNMATCHED: u32 = 6;
+    /// Mirror frames received from the peer.
+    pub const MIRROR_RECEIVED: u32 = 7;
+    /// Mirrored inputs the gate delivered to the local instance.
+    pub const DELIVERED: u32 = 8;
+    /// Mirrored inputs the gate held (logged, not delivered).
+    pub const HELD: u32 = 9;
+    /// Outputs of the local instance written to the output log.
+    pub const OUTPUT_CAPTURED: u32 = 10;
+    /// Outputs that found the output ring buffer full.
+    pub const OUTPUT_RING_FULL: u32 = 11;
+    /// Mirror clones or mirror frames that failed (redirect error, bad header, no room).
+    pub const MIRROR_ERRORS: u32 = 12;
+    /// Number of counters.
+    pub const COUNT: u32 = 13;
+    /// Counter names, by index, as user space reports them.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "seen",
+        "captured",
+        "ring_full",
+        "mirrored",
+        "malformed",
+        "not_udp",
+        "unmatched",
+        "mirror_received",
+        "delivered",
+        "held",
+        "output_captured",
+        "output_ring_full",
+        "mirror_errors",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] plain integers and byte arrays with no padding.
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowConfig {}
+    unsafe impl aya::Pod for FlowSequence {}
+    unsafe impl aya::Pod for Gate {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for RecordHeader {}
+}

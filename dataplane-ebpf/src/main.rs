@@ -1,0 +1,415 @@
+//! The dataplane's kernel programs.
+//!
+//! - `ingress` (XDP): numbers, timestamps and logs the inputs of known CPS
+//!   flows, hands the number to `mirror` in the packet metadata; receives
+//!   mirror frames from the peer host, logs them and gates them.
+//! - `mirror` (TC ingress): clones a numbered input to the mirror interface.
+//! - `egress` (TC egress): wraps those clones in the mirror header on the
+//!   mirror interface, and logs the local instance's outputs.
+//!
+//! Every frame the programs do not handle passes untouched.
+#![no_std]
+#![no_main]
+// The BPF target's core has no atomic read-modify-write methods; the
+// intrinsic compiles to BPF's atomic fetch-and-add (with SeqCst: for Relaxed,
+// LLVM 22 emits the add without fetch yet reads the register as its result).
+#![feature(core_intrinsics)]
+
+mod parse;
+mod record;
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, TC_ACT_UNSPEC, xdp_action},
+    helpers::generated::{
+        bpf_clone_redirect, bpf_ktime_get_ns, bpf_skb_change_head, bpf_skb_load_bytes,
+        bpf_skb_store_bytes, bpf_skb_vlan_pop, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
+        bpf_xdp_adjust_tail,
+    },
+    macros::{classifier, map, xdp},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{TcContext, XdpContext},
+};
+use dataplane_common::{
+    CAPTURE_META_MAGIC, CaptureMeta, Config, ETH_P_MIRROR, FLOW_MIRROR, FlowConfig, FlowKey,
+    FlowSequence, GATE_HOLD_ALL, Gate, MAX_FLOWS, MAX_FRAME, MIRROR_OVERHEAD, MIRROR_VERSION,
+    MirrorHeader, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, RecordHeader, counter,
+};
+use parse::{Frame, Skip, parse, ptr_at};
+use record::{Skb, Xdp};
+
+/// Known CPS flows, written by user space.
+#[map]
+static FLOWS: HashMap<FlowKey, FlowConfig> = HashMap::pinned(MAX_FLOWS, 0);
+
+/// Per-flow sequence numbers, indexed by flow id.
+#[map]
+static SEQUENCES: Array<FlowSequence> = Array::pinned(MAX_FLOWS, 0);
+
+/// Per-flow gates for mirrored inputs, indexed by flow id; memory-mappable so
+/// that user space can flip a gate with one store.
+#[map]
+static GATES: Array<Gate> = Array::pinned(MAX_FLOWS, BPF_F_MMAPABLE);
+
+/// Host-wide settings, element 0.
+#[map]
+static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// Per-CPU counters, indexed by `counter::*`.
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+
+/// The input log: captured and mirrored inputs. User space sets the size at load.
+#[map]
+static INPUTS: RingBuf = RingBuf::pinned(1 << 24, 0);
+
+/// The output log: the local instance's outputs.
+#[map]
+static OUTPUTS: RingBuf = RingBuf::pinned(1 << 22, 0);
+
+/// The capture metadata of the input being cloned on this CPU, set by `mirror`
+/// around its bpf_clone_redirect and read by `egress`, which the kernel runs
+/// for the clone synchronously inside that call on the same CPU.
+#[map]
+static MIRROR_PENDING: PerCpuArray<CaptureMeta> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot; nothing else on this CPU runs while we hold it.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn config() -> Config {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// Bytes of a `frame_len`-byte frame that go into the log.
+#[inline(always)]
+fn captured_len(frame_len: u32, snap_len: u32) -> u32 {
+    let limit = if snap_len == 0 || snap_len > MAX_FRAME {
+        MAX_FRAME
+    } else {
+        snap_len
+    };
+    if frame_len < limit { frame_len } else { limit }
+}
+
+#[xdp]
+pub fn ingress(ctx: XdpContext) -> u32 {
+    count(counter::SEEN);
+    match parse(ctx.data(), ctx.data_end()) {
+        Ok(Frame::Udp(key)) => capture(&ctx, &key),
+        Ok(Frame::Mirror) => return receive(&ctx),
+        Err(Skip::Malformed) => count(counter::MALFORMED),
+        Err(Skip::NotUdp) => count(counter::NOT_UDP),
+    }
+    xdp_action::XDP_PASS
+}
+
+/// Numbers and logs an input of a known flow; it then passes to the stack.
+#[inline(always)]
+fn capture(ctx: &XdpContext, key: &FlowKey) {
+    // SAFETY: a hash map value is only read here; user space replaces whole entries.
+    let Some(flow) = (unsafe { FLOWS.get(key) }).copied() else {
+        count(counter::UNMATCHED);
+        return;
+    };
+    let Some(sequence) = SEQUENCES.get_ptr_mut(flow.flow_id) else {
+        count(counter::MALFORMED);
+        return;
+    };
+    let config = config();
+    let frame_len = (ctx.data_end() - ctx.data()) as u32;
+    let timestamp_ns = unsafe { bpf_ktime_get_ns() };
+    let header = RecordHeader {
+        timestamp_ns,
+        kind: RECORD_INPUT,
+        flow_id: flow.flow_id,
+        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+        frame_len,
+        captured_len: captured_len(frame_len, config.snap_len),
+        ..Default::default()
+    };
+    let next_seq = || {
+        // SAFETY: the array slot lives as long as the map; the atomic add makes
+        // numbers unique and gap-free across CPUs.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*sequence).last_seq, 1)
+                + 1
+        }
+    };
+    let Some(seq) = record::write(&INPUTS, &Xdp(ctx.ctx), 0, header, next_seq) else {
+        count(counter::RING_FULL);
+        return;
+    };
+    count(counter::CAPTURED);
+    // SAFETY: as above; a plain store, the latest delivered input wins.
+    unsafe { (*sequence).last_delivered = seq };
+    if flow.flags & FLOW_MIRROR != 0 && config.mirror_ifindex != 0 {
+        hand_to_mirror(ctx, flow.flow_id, seq, timestamp_ns);
+    }
+}
+
+/// Puts the input's number into the packet metadata for the `mirror` program.
+#[inline(always)]
+fn hand_to_mirror(ctx: &XdpContext, flow_id: u32, seq: u64, timestamp_ns: u64) {
+    let meta_len = core::mem::size_of::<CaptureMeta>() as i32;
+    // SAFETY: the helper checks the headroom.
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -meta_len) } != 0 {
+        count(counter::MIRROR_ERRORS);
+        return;
+    }
+    let Some(meta) = ptr_at::<CaptureMeta>(ctx.metadata(), ctx.data(), 0) else {
+        count(counter::MIRROR_ERRORS);
+        return;
+    };
+    let meta = meta.cast_mut();
+    // SAFETY: ptr_at checked that the metadata area holds a CaptureMeta.
+    unsafe {
+        meta.write_unaligned(CaptureMeta {
+            magic: CAPTURE_META_MAGIC,
+            flow_id,
+            seq,
+            timestamp_ns,
+        })
+    };
+}
+
+/// Logs a mirror frame from the peer and lets the flow's gate decide whether
+/// the mirrored input goes on to the local instance (decapsulated) or is held
+/// (dropped here, kept in the log for replay). A frame with a header this
+/// build does not understand passes untouched, and the stack discards it.
+#[inline(always)]
+fn receive(ctx: &XdpContext) -> u32 {
+    count(counter::MIRROR_RECEIVED);
+    let (data, data_end) = (ctx.data(), ctx.data_end());
+    let Some(header) = ptr_at::<MirrorHeader>(data, data_end, 14) else {
+        count(counter::MIRROR_ERRORS);
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let header = unsafe { header.read_unaligned() };
+    let inner_len = (data_end - data) as u32 - MIRROR_OVERHEAD;
+    let frame_len = u32::from_be(header.frame_len);
+    let flow_id = u32::from_be(header.flow_id);
+    if header.version != MIRROR_VERSION
+        || header.header_len as u32 != MIRROR_OVERHEAD - 14
+        || frame_len < 14
+        || frame_len > inner_len
+    {
+        count(counter::MIRROR_ERRORS);
+        return xdp_action::XDP_PASS;
+    }
+    let (Some(gate), Some(sequence)) = (GATES.get(flow_id), SEQUENCES.get_ptr_mut(flow_id)) else {
+        count(counter::MIRROR_ERRORS);
+        return xdp_action::XDP_PASS;
+    };
+    let seq = u64::from_be(header.seq);
+    let record = RecordHeader {
+        timestamp_ns: u64::from_be(header.timestamp_ns),
+        kind: RECORD_MIRRORED,
+        flow_id,
+        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+        frame_len,
+        captured_len: captured_len(frame_len, config().snap_len),
+        ..Default::default()
+    };
+    if record::write(&INPUTS, &Xdp(ctx.ctx), MIRROR_OVERHEAD, record, || seq).is_none() {
+        count(counter::RING_FULL);
+    }
+    if gate.mode == GATE_HOLD_ALL {
+        count(counter::HELD);
+        return xdp_action::XDP_DROP;
+    }
+    if deliver(ctx, inner_len - frame_len).is_none() {
+        count(counter::MIRROR_ERRORS);
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: the array slot lives as long as the map.
+    unsafe { (*sequence).last_delivered = seq };
+    count(counter::DELIVERED);
+    xdp_action::XDP_PASS
+}
+
+/// Strips the outer Ethernet and mirror headers (and any padding after the
+/// mirrored frame) and addresses the inner frame to this host's interface.
+#[inline(always)]
+fn deliver(ctx: &XdpContext, padding: u32) -> Option<()> {
+    let outer_dst = ptr_at::<[u8; 6]>(ctx.data(), ctx.data_end(), 0)?;
+    // SAFETY: ptr_at checked the bounds.
+    let outer_dst = unsafe { outer_dst.read_unaligned() };
+    if padding != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(padding as i32)) } != 0 {
+        return None;
+    }
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, MIRROR_OVERHEAD as i32) } != 0 {
+        return None;
+    }
+    let inner_dst = ptr_at::<[u8; 6]>(ctx.data(), ctx.data_end(), 0)?;
+    // SAFETY: ptr_at checked the bounds.
+    unsafe { inner_dst.cast_mut().write_unaligned(outer_dst) };
+    Some(())
+}
+
+#[classifier]
+pub fn mirror(ctx: TcContext) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading fields of the context the kernel handed us.
+    let (meta, data) = unsafe { ((*skb).data_meta as usize, (*skb).data as usize) };
+    let Some(meta) = ptr_at::<CaptureMeta>(meta, data, 0) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let meta = unsafe { meta.read_unaligned() };
+    let config = config();
+    if meta.magic != CAPTURE_META_MAGIC || config.mirror_ifindex == 0 {
+        return TC_ACT_UNSPEC;
+    }
+    let Some(pending) = MIRROR_PENDING.get_ptr_mut(0) else {
+        return TC_ACT_UNSPEC;
+    };
+    // SAFETY: a per-CPU slot, used only within this call.
+    unsafe { *pending = meta };
+    let cloned = unsafe { bpf_clone_redirect(skb, config.mirror_ifindex, 0) };
+    unsafe { (*pending).magic = 0 };
+    count(if cloned == 0 {
+        counter::MIRRORED
+    } else {
+        counter::MIRROR_ERRORS
+    });
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn egress(ctx: TcContext) -> i32 {
+    let config = config();
+    let skb = ctx.skb.skb;
+    match MIRROR_PENDING.get(0) {
+        Some(pending)
+            if pending.magic == CAPTURE_META_MAGIC
+                && unsafe { (*skb).ifindex } == config.mirror_ifindex =>
+        {
+            if encapsulate(&ctx, pending, &config).is_none() {
+                count(counter::MIRROR_ERRORS);
+            }
+        }
+        _ => capture_output(&ctx, &config),
+    }
+    TC_ACT_UNSPEC
+}
+
+/// Wraps a mirror clone in the outer Ethernet and mirror headers. A VLAN tag
+/// the stack moved out of the frame goes back in, so the peer logs the same
+/// bytes this host did.
+#[inline(always)]
+fn encapsulate(ctx: &TcContext, pending: &CaptureMeta, config: &Config) -> Option<()> {
+    let skb = ctx.skb.skb;
+    // SAFETY: reading fields of the context the kernel handed us.
+    let (len, vlan_present, vlan_tci, vlan_proto) = unsafe {
+        (
+            (*skb).len,
+            (*skb).vlan_present,
+            (*skb).vlan_tci,
+            (*skb).vlan_proto,
+        )
+    };
+    let mut macs = [0u8; 12];
+    let tag_len = if vlan_present != 0 { 4 } else { 0 };
+    if tag_len != 0 {
+        // SAFETY: the helper bounds-checks against the packet; macs holds 12 bytes.
+        if unsafe { bpf_skb_load_bytes(skb.cast(), 0, macs.as_mut_ptr().cast(), 12) } != 0 {
+            return None;
+        }
+        if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
+            return None;
+        }
+    }
+    if unsafe { bpf_skb_change_head(skb, MIRROR_OVERHEAD + tag_len, 0) } != 0 {
+        return None;
+    }
+    let mut outer = [0u8; MIRROR_OVERHEAD as usize];
+    outer[0..6].copy_from_slice(&config.mirror_dst_mac);
+    outer[6..12].copy_from_slice(&config.mirror_src_mac);
+    outer[12..14].copy_from_slice(&ETH_P_MIRROR.to_be_bytes());
+    outer[14] = MIRROR_VERSION;
+    outer[15] = (MIRROR_OVERHEAD - 14) as u8;
+    outer[18..22].copy_from_slice(&pending.flow_id.to_be_bytes());
+    outer[22..30].copy_from_slice(&pending.seq.to_be_bytes());
+    outer[30..38].copy_from_slice(&pending.timestamp_ns.to_be_bytes());
+    outer[38..42].copy_from_slice(&(len + tag_len).to_be_bytes());
+    store(skb, 0, &outer)?;
+    if tag_len != 0 {
+        // vlan_proto is kept in network byte order.
+        let tpid = (vlan_proto as u16).to_ne_bytes();
+        let tci = (vlan_tci as u16).to_be_bytes();
+        let mut tagged = [0u8; 16];
+        tagged[..12].copy_from_slice(&macs);
+        tagged[12..14].copy_from_slice(&tpid);
+        tagged[14..16].copy_from_slice(&tci);
+        store(skb, MIRROR_OVERHEAD, &tagged)?;
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn store<const N: usize>(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    offset: u32,
+    bytes: &[u8; N],
+) -> Option<()> {
+    // SAFETY: the helper bounds-checks against the packet.
+    let ret = unsafe { bpf_skb_store_bytes(skb, offset, bytes.as_ptr().cast(), N as u32, 0) };
+    (ret == 0).then_some(())
+}
+
+/// Logs an output of the local instance: a frame whose reversed 5-tuple is a
+/// known flow, tagged with the latest input delivered on that flow.
+#[inline(always)]
+fn capture_output(ctx: &TcContext, config: &Config) {
+    let Ok(Frame::Udp(key)) = parse(ctx.data(), ctx.data_end()) else {
+        return;
+    };
+    let input_key = FlowKey {
+        src_addr: key.dst_addr,
+        dst_addr: key.src_addr,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
+        ..key
+    };
+    // SAFETY: a hash map value is only read here.
+    let Some(flow) = (unsafe { FLOWS.get(&input_key) }).copied() else {
+        return;
+    };
+    let Some(sequence) = SEQUENCES.get(flow.flow_id) else {
+        return;
+    };
+    let frame_len = ctx.len();
+    let header = RecordHeader {
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        kind: RECORD_OUTPUT,
+        flow_id: flow.flow_id,
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        frame_len,
+        captured_len: captured_len(frame_len, config.snap_len),
+        ..Default::default()
+    };
+    let seq = sequence.last_delivered;
+    match record::write(&OUTPUTS, &Skb(ctx.skb.skb), 0, header, || seq) {
+        Some(_) => count(counter::OUTPUT_CAPTURED),
+        None => count(counter::OUTPUT_RING_FULL),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program with a reachable panic path.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

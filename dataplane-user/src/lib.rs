@@ -1,0 +1,9 @@
+//! The dataplane's user space: loading the kernel programs, reading their
+//! logs and counters, and managing CPS flows.
+pub mod capture;
+pub mod flow;
+pub mod loader;
+pub mod netdev;
+
+pub use capture::{LogReader, Record};
+pub use loader::{Counters, Dataplane, LoadError, LoadOptions};

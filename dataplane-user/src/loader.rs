@@ -1,0 +1,447 @@
+//! Loading, re-adopting and unloading the kernel programs.
+//!
+//! Everything lives under one bpffs root (default `/sys/fs/bpf/dataplane`):
+//! `maps/<MAP>` and `links/<interface>/<program>`. Pinned links keep the
+//! programs attached and counting when no process holds them, so a daemon
+//! restart re-opens the pins instead of detaching.
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+    pin::PinError,
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+    },
+};
+use dataplane_common::{Config, FlowConfig, FlowKey, FlowSequence, Gate, MAX_FLOWS, counter};
+
+use crate::netdev;
+
+/// The kernel programs, built by build.rs.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane.bpf.o"));
+
+/// Where the dataplane is pinned unless configured otherwise.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/dataplane";
+
+/// Errors of loading, adopting and driving the dataplane.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "a dataplane is already pinned at {0}; `dataplane unload --pin-root {0}` removes it, or adopt it"
+    )]
+    AlreadyLoaded(PathBuf),
+    #[error("no dataplane is pinned at {0}; run `dataplane load` first")]
+    NotLoaded(PathBuf),
+    #[error("interface {name}: {source}")]
+    Interface { name: String, source: io::Error },
+    #[error(
+        "loading the eBPF object: {0} (the kernel needs BPF ring buffers, XDP and TCX: Linux 6.6 or newer)"
+    )]
+    Ebpf(#[from] aya::EbpfError),
+    #[error("program {program} on {interface}: {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        source: ProgramError,
+    },
+    #[error("pinning {path}: {source}")]
+    Pin { path: PathBuf, source: PinError },
+    #[error("link pin {path}: {source}")]
+    Link { path: PathBuf, source: LinkError },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0} is not on a bpf filesystem; choose a pin root under /sys/fs/bpf")]
+    NotBpffs(PathBuf),
+    #[error("mounting bpffs at {BPFFS}: {0}")]
+    MountBpffs(nix::Error),
+    #[error("flow table full ({MAX_FLOWS} flows)")]
+    FlowTableFull,
+    #[error("flow {0} is not known")]
+    UnknownFlow(String),
+    #[error("flow {0} is already known")]
+    DuplicateFlow(String),
+}
+
+/// How to load the dataplane on a host.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// bpffs directory for the pins.
+    pub pin_root: PathBuf,
+    /// The service-facing interface: CPS inputs arrive here, outputs leave here.
+    pub interface: String,
+    /// The link to the peer host: mirror copies leave and arrive here.
+    pub peer_interface: Option<String>,
+    /// Destination MAC of mirror frames; the peer host's interface on that link.
+    pub peer_mac: Option<[u8; 6]>,
+    /// Most bytes of a frame copied into the logs; 0 means whole frames.
+    pub snap_len: u32,
+    /// Size of the input log ring buffer in bytes (a power of two, at least a page).
+    pub input_ring_bytes: u32,
+    /// Size of the output log ring buffer in bytes.
+    pub output_ring_bytes: u32,
+}
+
+impl LoadOptions {
+    /// Options with documented defaults for `interface`.
+    pub fn new(interface: impl Into<String>) -> Self {
+        Self {
+            pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
+            interface: interface.into(),
+            peer_interface: None,
+            peer_mac: None,
+            snap_len: 0,
+            input_ring_bytes: 64 << 20,
+            output_ring_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Map names, as the kernel object declares them.
+const MAP_FLOWS: &str = "FLOWS";
+const MAP_SEQUENCES: &str = "SEQUENCES";
+const MAP_GATES: &str = "GATES";
+const MAP_CONFIG: &str = "CONFIG";
+const MAP_COUNTERS: &str = "COUNTERS";
+/// The input log ring buffer.
+pub const MAP_INPUTS: &str = "INPUTS";
+/// The output log ring buffer.
+pub const MAP_OUTPUTS: &str = "OUTPUTS";
+
+/// A loaded dataplane, reached through its pinned maps.
+pub struct Dataplane {
+    pin_root: PathBuf,
+    flows: HashMap<MapData, FlowKey, FlowConfig>,
+    sequences: Array<MapData, FlowSequence>,
+    gates: Array<MapData, Gate>,
+    config: Array<MapData, Config>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+/// Counter totals over all CPUs, by `counter::*` index.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters(pub [u64; counter::COUNT as usize]);
+
+impl Counters {
+    /// The value of counter `index`.
+    pub fn get(&self, index: u32) -> u64 {
+        self.0[index as usize]
+    }
+
+    /// (name, value) pairs in index order.
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        counter::NAMES.iter().copied().zip(self.0.iter().copied())
+    }
+}
+
+impl Dataplane {
+    /// Loads the programs, attaches them to the interfaces in `options`, and
+    /// pins programs' links and maps under `options.pin_root`.
+    pub fn load(options: &LoadOptions) -> Result<Self, LoadError> {
+        let root = &options.pin_root;
+        if root.join("links").exists() {
+            return Err(LoadError::AlreadyLoaded(root.clone()));
+        }
+        ensure_bpffs()?;
+        let maps_dir = root.join("maps");
+        create_dir(&maps_dir)?;
+        if !is_bpffs(&maps_dir) {
+            return Err(LoadError::NotBpffs(root.clone()));
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(MAP_INPUTS, options.input_ring_bytes)
+            .map_max_entries(MAP_OUTPUTS, options.output_ring_bytes)
+            .load(EBPF_OBJECT)?;
+
+        netdev::Interface::by_name(&options.interface)?;
+        let mut config = Config {
+            snap_len: options.snap_len,
+            ..Default::default()
+        };
+        let mut attachments = vec![
+            (&options.interface, "ingress"),
+            (&options.interface, "mirror"),
+            (&options.interface, "egress"),
+        ];
+        if let Some(peer) = &options.peer_interface {
+            let peer_if = netdev::Interface::by_name(peer)?;
+            config.mirror_ifindex = peer_if.index;
+            config.mirror_src_mac = peer_if.mac;
+            config.mirror_dst_mac = options.peer_mac.unwrap_or([0xFF; 6]);
+            attachments.push((peer, "ingress"));
+            attachments.push((peer, "egress"));
+        }
+
+        for (iface, program) in attachments {
+            let link = attach(&mut ebpf, program, iface)?;
+            let dir = root.join("links").join(iface);
+            create_dir(&dir)?;
+            let path = dir.join(program);
+            link.pin(&path)
+                .map_err(|source| LoadError::Pin { path, source })?;
+        }
+        let mut dataplane = Self::open(root)?;
+        dataplane
+            .config
+            .set(0, config, 0)
+            .map_err(|source| LoadError::Map {
+                name: MAP_CONFIG,
+                source,
+            })?;
+        Ok(dataplane)
+    }
+
+    /// Re-adopts a dataplane pinned at `pin_root`, leaving it attached as it is.
+    pub fn open(pin_root: &Path) -> Result<Self, LoadError> {
+        ensure_bpffs()?;
+        if !pin_root.join("links").exists() {
+            return Err(LoadError::NotLoaded(pin_root.to_owned()));
+        }
+        let map = |name: &'static str| {
+            MapData::from_pin(pin_root.join("maps").join(name))
+                .map_err(|source| LoadError::Map { name, source })
+        };
+        let typed_err = |name: &'static str| move |source| LoadError::Map { name, source };
+        Ok(Self {
+            pin_root: pin_root.to_owned(),
+            flows: HashMap::try_from(Map::HashMap(map(MAP_FLOWS)?))
+                .map_err(typed_err(MAP_FLOWS))?,
+            sequences: Array::try_from(Map::Array(map(MAP_SEQUENCES)?))
+                .map_err(typed_err(MAP_SEQUENCES))?,
+            gates: Array::try_from(Map::Array(map(MAP_GATES)?)).map_err(typed_err(MAP_GATES))?,
+            config: Array::try_from(Map::Array(map(MAP_CONFIG)?)).map_err(typed_err(MAP_CONFIG))?,
+            counters: PerCpuArray::try_from(Map::PerCpuArray(map(MAP_COUNTERS)?))
+                .map_err(typed_err(MAP_COUNTERS))?,
+        })
+    }
+
+    /// Detaches every program pinned at `pin_root` and removes the pins.
+    pub fn unload(pin_root: &Path) -> Result<(), LoadError> {
+        ensure_bpffs()?;
+        if !pin_root.exists() {
+            return Err(LoadError::NotLoaded(pin_root.to_owned()));
+        }
+        let links = pin_root.join("links");
+        for iface in read_dir(&links)? {
+            for path in read_dir(&iface)? {
+                let pinned = PinnedLink::from_pin(&path).map_err(|source| LoadError::Link {
+                    path: path.clone(),
+                    source,
+                })?;
+                let link = pinned.unpin().map_err(|source| LoadError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                // Dropping the last reference to a bpf_link detaches it.
+                drop(link);
+            }
+            remove_dir(&iface)?;
+        }
+        remove_dir(&links)?;
+        let maps = pin_root.join("maps");
+        for path in read_dir(&maps)? {
+            fs::remove_file(&path).map_err(|source| LoadError::Io { path, source })?;
+        }
+        remove_dir(&maps)?;
+        remove_dir(pin_root)
+    }
+
+    /// The bpffs root this dataplane is pinned at.
+    pub fn pin_root(&self) -> &Path {
+        &self.pin_root
+    }
+
+    /// Opens one of the log ring buffers ([`MAP_INPUTS`] or [`MAP_OUTPUTS`]).
+    pub fn open_log(&self, name: &'static str) -> Result<RingBuf<MapData>, LoadError> {
+        let data = MapData::from_pin(self.pin_root.join("maps").join(name))
+            .map_err(|source| LoadError::Map { name, source })?;
+        RingBuf::try_from(Map::RingBuf(data)).map_err(|source| LoadError::Map { name, source })
+    }
+
+    /// Starts capturing `key` under the lowest free flow id, and returns the id.
+    pub fn add_flow(&mut self, key: FlowKey, flags: u32) -> Result<u32, LoadError> {
+        let flows = self.flows()?;
+        if flows.iter().any(|(k, _)| *k == key) {
+            return Err(LoadError::DuplicateFlow(crate::flow::display(&key)));
+        }
+        let flow_id = (0..MAX_FLOWS)
+            .find(|id| flows.iter().all(|(_, c)| c.flow_id != *id))
+            .ok_or(LoadError::FlowTableFull)?;
+        // A reused id starts numbering afresh.
+        self.sequences
+            .set(flow_id, FlowSequence::default(), 0)
+            .map_err(|source| LoadError::Map {
+                name: MAP_SEQUENCES,
+                source,
+            })?;
+        self.gates
+            .set(flow_id, Gate::default(), 0)
+            .map_err(|source| LoadError::Map {
+                name: MAP_GATES,
+                source,
+            })?;
+        self.flows
+            .insert(key, FlowConfig { flow_id, flags }, 0)
+            .map_err(|source| LoadError::Map {
+                name: MAP_FLOWS,
+                source,
+            })?;
+        Ok(flow_id)
+    }
+
+    /// Stops capturing `key`.
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), LoadError> {
+        self.flows.remove(key).map_err(|source| match source {
+            MapError::KeyNotFound => LoadError::UnknownFlow(crate::flow::display(key)),
+            source => LoadError::Map {
+                name: MAP_FLOWS,
+                source,
+            },
+        })
+    }
+
+    /// Every known flow with its configuration.
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowConfig)>, LoadError> {
+        self.flows
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|source| LoadError::Map {
+                name: MAP_FLOWS,
+                source,
+            })
+    }
+
+    /// The sequencing state of flow `flow_id`.
+    pub fn sequence(&self, flow_id: u32) -> Result<FlowSequence, LoadError> {
+        self.sequences
+            .get(&flow_id, 0)
+            .map_err(|source| LoadError::Map {
+                name: MAP_SEQUENCES,
+                source,
+            })
+    }
+
+    /// Sets the gate mode (`GATE_*`) of flow `flow_id` on this host.
+    pub fn set_gate(&mut self, flow_id: u32, mode: u32) -> Result<(), LoadError> {
+        self.gates
+            .set(flow_id, Gate { mode, _pad: 0 }, 0)
+            .map_err(|source| LoadError::Map {
+                name: MAP_GATES,
+                source,
+            })
+    }
+
+    /// The host-wide settings the programs run with.
+    pub fn config(&self) -> Result<Config, LoadError> {
+        self.config.get(&0, 0).map_err(|source| LoadError::Map {
+            name: MAP_CONFIG,
+            source,
+        })
+    }
+
+    /// Counter totals over all CPUs.
+    pub fn counters(&self) -> Result<Counters, LoadError> {
+        let mut totals = Counters::default();
+        for (index, total) in totals.0.iter_mut().enumerate() {
+            let per_cpu =
+                self.counters
+                    .get(&(index as u32), 0)
+                    .map_err(|source| LoadError::Map {
+                        name: MAP_COUNTERS,
+                        source,
+                    })?;
+            *total = per_cpu.iter().sum();
+        }
+        Ok(totals)
+    }
+}
+
+/// Loads `program` (once) and attaches it to `iface` at the hook it is written for.
+fn attach(ebpf: &mut aya::Ebpf, program: &'static str, iface: &str) -> Result<FdLink, LoadError> {
+    let err = |source| LoadError::Attach {
+        program,
+        interface: iface.to_owned(),
+        source,
+    };
+    let not_fd = |source| LoadError::Link {
+        path: PathBuf::from(iface).join(program),
+        source,
+    };
+    let prog = ebpf.program_mut(program).expect("program is in the object");
+    if program == "ingress" {
+        let xdp: &mut Xdp = prog.try_into().map_err(err)?;
+        if xdp.fd().is_err() {
+            xdp.load().map_err(err)?;
+        }
+        let id = xdp.attach(iface, XdpMode::Default).map_err(err)?;
+        FdLink::try_from(xdp.take_link(id).map_err(err)?).map_err(not_fd)
+    } else {
+        let tc: &mut SchedClassifier = prog.try_into().map_err(err)?;
+        if tc.fd().is_err() {
+            tc.load().map_err(err)?;
+        }
+        let hook = if program == "mirror" {
+            TcAttachType::Ingress
+        } else {
+            TcAttachType::Egress
+        };
+        let id = tc.attach(iface, hook).map_err(err)?;
+        FdLink::try_from(tc.take_link(id).map_err(err)?).map_err(not_fd)
+    }
+}
+
+const BPFFS: &str = "/sys/fs/bpf";
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+/// Mounts bpffs at /sys/fs/bpf when this mount namespace lacks it (as under
+/// `ip netns exec`, which remounts /sys).
+fn ensure_bpffs() -> Result<(), LoadError> {
+    if is_bpffs(Path::new(BPFFS)) {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(LoadError::MountBpffs)
+}
+
+fn create_dir(path: &Path) -> Result<(), LoadError> {
+    fs::create_dir_all(path).map_err(|source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn remove_dir(path: &Path) -> Result<(), LoadError> {
+    fs::remove_dir(path).map_err(|source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn read_dir(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let entries = fs::read_dir(path).map_err(|source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+}

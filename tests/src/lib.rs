@@ -1,0 +1,395 @@
+//! Test hosts made of network namespaces and veth pairs, used by every
+//! integration test and by the demo.
+//!
+//! ```text
+//!   cps netns: br0 192.0.2.1/24 2001:db8::1/64 ── ports to-src, to-dst
+//!   src netns: eth0 192.0.2.10 2001:db8::10 (the service address)   peer0 198.51.100.1 ──┐
+//!   dst netns: eth0 192.0.2.20 2001:db8::20, service address on lo  peer0 198.51.100.2 ──┘
+//! ```
+//!
+//! `dst` holds the service address on `lo` and ignores ARP for it on eth0,
+//! so the CPS reaches `src` until a cutover moves the address. Names carry
+//! the process id, so test runs never collide; everything is removed on drop.
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use dataplane_user::{Dataplane, LoadOptions};
+
+/// The CPS's IPv4 address.
+pub const CPS_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The service's IPv4 address, on `src` and (on lo) on `dst`.
+pub const SERVICE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// The CPS's IPv6 address.
+pub const CPS_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// The service's IPv6 address.
+pub const SERVICE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+
+/// Runs `ip` with `args`, panicking with its output when it fails.
+pub fn ip(args: &[&str]) {
+    run("ip", args);
+}
+
+/// Runs `program` with `args`, panicking with its output when it fails.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace, deleted on drop.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates the namespace `name` with its loopback up.
+    pub fn new(name: &str) -> Self {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        ip(&["netns", "add", name]);
+        let ns = Self {
+            name: name.to_owned(),
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its bind-mounted file, for `nsenter --net=`.
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// Runs `ip -n <ns> args`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+
+    /// Sets an IPv4/IPv6 sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        run(
+            "nsenter",
+            &[
+                &format!("--net={}", self.path().display()),
+                "sysctl",
+                "-qw",
+                &format!("{key}={value}"),
+            ],
+        );
+    }
+
+    /// Runs `f` on this thread inside the namespace (sockets it opens stay
+    /// there), then returns the thread to the namespace it was in.
+    pub fn run<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _entered = Entered::new(&self.path());
+        f()
+    }
+
+    /// Runs a command inside the namespace with `nsenter --net` (no new mount
+    /// namespace, unlike `ip netns exec`) and returns its stdout.
+    pub fn exec(&self, program: &str, args: &[&str]) -> String {
+        let net = format!("--net={}", self.path().display());
+        let mut all = vec![net.as_str(), program];
+        all.extend_from_slice(args);
+        run("nsenter", &all)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// This thread inside another network namespace; back where it was on drop.
+/// setns changes only the calling thread, so this guard is !Send.
+struct Entered {
+    previous: File,
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl Entered {
+    fn new(target: &Path) -> Self {
+        let previous = File::open("/proc/thread-self/ns/net").expect("open own netns");
+        let target =
+            File::open(target).unwrap_or_else(|e| panic!("open {}: {e}", target.display()));
+        nix::sched::setns(target.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("setns into the test namespace");
+        Self {
+            previous,
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        nix::sched::setns(self.previous.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("setns back");
+    }
+}
+
+/// The three test hosts and their links.
+pub struct TestHosts {
+    pub cps: NetNs,
+    pub src: NetNs,
+    pub dst: NetNs,
+    tag: String,
+}
+
+impl TestHosts {
+    /// Builds the hosts; `tag` keeps names apart between tests of one process.
+    pub fn new(tag: &str) -> Self {
+        let tag = format!("dp{}{tag}", std::process::id());
+        let hosts = Self {
+            cps: NetNs::new(&format!("{tag}-cps")),
+            src: NetNs::new(&format!("{tag}-src")),
+            dst: NetNs::new(&format!("{tag}-dst")),
+            tag,
+        };
+        hosts.wire();
+        hosts
+    }
+
+    fn wire(&self) {
+        let (cps, src, dst) = (self.cps.name(), self.src.name(), self.dst.name());
+        self.cps.ip(&["link", "add", "br0", "type", "bridge"]);
+        for (port, host) in [("to-src", src), ("to-dst", dst)] {
+            ip(&[
+                "link", "add", port, "netns", cps, "type", "veth", "peer", "name", "eth0", "netns",
+                host,
+            ]);
+            self.cps.ip(&["link", "set", port, "master", "br0", "up"]);
+        }
+        ip(&[
+            "link", "add", "peer0", "netns", src, "type", "veth", "peer", "name", "peer0", "netns",
+            dst,
+        ]);
+        self.cps.ip(&["link", "set", "br0", "up"]);
+        self.cps.ip(&["addr", "add", "192.0.2.1/24", "dev", "br0"]);
+        self.cps
+            .ip(&["addr", "add", "2001:db8::1/64", "dev", "br0", "nodad"]);
+        self.src
+            .ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+        self.src
+            .ip(&["addr", "add", "2001:db8::10/64", "dev", "eth0", "nodad"]);
+        self.src
+            .ip(&["addr", "add", "198.51.100.1/24", "dev", "peer0"]);
+        self.dst
+            .ip(&["addr", "add", "192.0.2.20/24", "dev", "eth0"]);
+        self.dst
+            .ip(&["addr", "add", "2001:db8::20/64", "dev", "eth0", "nodad"]);
+        self.dst.ip(&["addr", "add", "192.0.2.10/32", "dev", "lo"]);
+        self.dst
+            .ip(&["addr", "add", "2001:db8::10/128", "dev", "lo", "nodad"]);
+        self.dst
+            .ip(&["addr", "add", "198.51.100.2/24", "dev", "peer0"]);
+        // Mirror frames carry 46 bytes (50 with a VLAN tag) around a full-size input.
+        for host in [&self.src, &self.dst] {
+            host.ip(&["link", "set", "peer0", "mtu", "1600", "up"]);
+            host.ip(&["link", "set", "eth0", "up"]);
+        }
+        // Only src answers ARP for the service address.
+        self.dst.sysctl("net.ipv4.conf.eth0.arp_ignore", "1");
+        // Mirrored inputs from the CPS arrive on peer0, not on the CPS's subnet.
+        for key in ["all", "default", "peer0", "eth0"] {
+            self.dst
+                .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0");
+        }
+    }
+
+    /// A bpffs pin root of this test run for `host`.
+    pub fn pin_root(&self, host: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}-{host}", self.tag))
+    }
+
+    /// The MAC address of `iface` in `host`.
+    pub fn mac(host: &NetNs, iface: &str) -> [u8; 6] {
+        host.run(|| dataplane_user::netdev::Interface::by_name(iface))
+            .expect("interface exists")
+            .mac
+    }
+
+    /// Loads the dataplane on `src` (eth0, mirroring over peer0 to dst's peer0).
+    pub fn load_src(&self) -> Loaded {
+        let options = LoadOptions {
+            pin_root: self.pin_root("src"),
+            peer_interface: Some("peer0".into()),
+            peer_mac: Some(Self::mac(&self.dst, "peer0")),
+            input_ring_bytes: 8 << 20,
+            output_ring_bytes: 1 << 20,
+            ..LoadOptions::new("eth0")
+        };
+        Loaded::new(&self.src, &options)
+    }
+
+    /// Loads the dataplane on `dst` (eth0, receiving mirror frames on peer0).
+    pub fn load_dst(&self) -> Loaded {
+        let options = LoadOptions {
+            pin_root: self.pin_root("dst"),
+            peer_interface: Some("peer0".into()),
+            peer_mac: Some(Self::mac(&self.src, "peer0")),
+            input_ring_bytes: 8 << 20,
+            output_ring_bytes: 1 << 20,
+            ..LoadOptions::new("eth0")
+        };
+        Loaded::new(&self.dst, &options)
+    }
+}
+
+/// A dataplane loaded for a test, unloaded on drop.
+pub struct Loaded {
+    pub dataplane: Dataplane,
+}
+
+impl Loaded {
+    fn new(host: &NetNs, options: &LoadOptions) -> Self {
+        let dataplane = host
+            .run(|| Dataplane::load(options))
+            .unwrap_or_else(|e| panic!("loading the dataplane in {}: {e}", host.name()));
+        Self { dataplane }
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        let root = self.dataplane.pin_root().to_owned();
+        if root.exists() {
+            let _ = Dataplane::unload(&root);
+        }
+    }
+}
+
+/// `addr:port` as a socket address.
+pub fn sock(addr: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(addr.into(), port)
+}
+
+/// The path of the `dataplane` binary built beside the test executable.
+pub fn dataplane_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    // target/<profile>/deps/<test> -> target/<profile>/dataplane
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("dataplane");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo xtask test` builds it before the tests",
+        bin.display()
+    );
+    bin
+}
+
+/// A raw AF_PACKET socket bound to one interface: sends and receives whole
+/// Ethernet frames, for tagged and malformed traffic a UDP socket cannot make.
+pub struct RawSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RawSocket {
+    /// Opens a raw socket on `iface` inside `host`.
+    pub fn open(host: &NetNs, iface: &str) -> Self {
+        host.run(|| {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2) call; the fd is owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto.into()) };
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: fd is a fresh socket we own.
+            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let index = nix::net::if_::if_nametoindex(iface).expect("interface exists");
+            // SAFETY: sockaddr_ll is plain data; all-zero is a valid start.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = proto;
+            addr.sll_ifindex = index as i32;
+            let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: addr is a valid sockaddr_ll of len bytes.
+            let rc = unsafe {
+                libc::bind(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    (&raw const addr).cast(),
+                    len,
+                )
+            };
+            assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 300_000,
+            };
+            // SAFETY: setting SO_RCVTIMEO with a timeval.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const timeout).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            Self { fd }
+        })
+    }
+
+    /// Sends one frame as it is.
+    pub fn send(&self, frame: &[u8]) {
+        // SAFETY: frame is a valid buffer of its length.
+        let n = unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send raw frame: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// The next frame, or None after the receive timeout.
+    pub fn recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 16384];
+        // SAFETY: buf is a valid writable buffer of its length.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        (n >= 0).then(|| {
+            buf.truncate(n as usize);
+            buf
+        })
+    }
+}

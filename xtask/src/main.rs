@@ -1,0 +1,88 @@
+//! `cargo xtask <command>`: the one entry point for setup, tests and the demo.
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "Set up, build and test the dataplane")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what this machine lacks: Debian packages, nightly rust-src,
+    /// bpf-linker 0.10.0, CRIU 4.2.1 built from source.
+    Setup,
+    /// Set up, then build everything (the kernel programs included).
+    Build,
+    /// Set up, then run the unit tests and the integration tests (as root).
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Set up, then load the dataplane on built-in test hosts and show a CPS
+    /// flow being numbered, logged and mirrored.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    setup::run()?;
+    match cli.command {
+        Task::Setup => Ok(()),
+        Task::Build => cargo(&["build", "--release"]),
+        Task::Test { filter } => test(filter.as_deref()),
+        Task::Demo => demo(),
+    }
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the integration tests build network namespaces and load BPF programs: run as root");
+    }
+    // The default members: everything but the eBPF crate, which build.rs builds.
+    // The integration tests drive the `dataplane` binary, so build it first.
+    cargo(&["build", "--release"])?;
+    let mut args = vec!["test", "--release"];
+    if let Some(f) = filter {
+        args.push(f);
+    }
+    // The integration tests share kernel state (bpffs, namespaces): one at a time.
+    args.extend(["--", "--test-threads=1"]);
+    cargo(&args)
+}
+
+fn demo() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the demo builds network namespaces and loads BPF programs: run as root");
+    }
+    cargo(&[
+        "run",
+        "--release",
+        "--package",
+        "dataplane-tests",
+        "--bin",
+        "demo",
+    ])
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .status()
+        .with_context(|| format!("running cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}

@@ -1,0 +1,254 @@
+//! `cargo xtask setup`: install what a fresh machine lacks, skip what is there.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Instant,
+};
+
+use anyhow::{Context, bail};
+
+/// Debian (bookworm) packages: iproute2 for the test hosts, CRIU's build
+/// dependencies, and a C toolchain.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "gcc",
+    "make",
+    "libc6-dev",
+    "pkgconf",
+    "libprotobuf-c-dev",
+    "protobuf-c-compiler",
+    "protobuf-compiler",
+    "libprotobuf-dev",
+    "libnl-3-dev",
+    "libnet1-dev",
+    "uuid-dev",
+    "libcap-dev",
+    "xz-utils",
+    "libnftables-dev",
+    "libbsd-dev",
+    "libgnutls28-dev",
+    "dpkg-dev",
+];
+
+const BPF_LINKER_VERSION: &str = "0.10.0";
+const CRIU_BIN: &str = "/usr/local/sbin/criu";
+const CRIU_VERSION: &str = "4.2.1";
+/// A temporary apt source for sid's source packages (never binaries).
+const SID_SOURCES: &str = "/etc/apt/sources.list.d/dataplane-sid-src.sources";
+
+/// Runs every setup step, printing what it did and how long it took.
+pub fn run() -> anyhow::Result<()> {
+    step("Debian packages", apt_packages)?;
+    step("nightly toolchain with rust-src", nightly_rust_src)?;
+    step("bpf-linker", bpf_linker)?;
+    step("CRIU", criu)?;
+    Ok(())
+}
+
+fn step(name: &str, f: impl FnOnce() -> anyhow::Result<String>) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let done = f().with_context(|| format!("setup step `{name}` failed"))?;
+    eprintln!(
+        "setup: {name:<32} {done} ({:.1} s)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn apt_packages() -> anyhow::Result<String> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .map(|o| !String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok("all present".into());
+    }
+    run_ok(Command::new("apt-get").arg("update"), "apt-get update")?;
+    run_ok(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        "apt-get install (are you root?)",
+    )?;
+    Ok(format!("installed {}", missing.join(" ")))
+}
+
+fn nightly_rust_src() -> anyhow::Result<String> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("the nightly toolchain is missing: `rustup toolchain install nightly`")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok("present".into());
+    }
+    run_ok(
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        "rustup component add rust-src --toolchain nightly",
+    )?;
+    Ok("installed rust-src".into())
+}
+
+fn bpf_linker() -> anyhow::Result<String> {
+    let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if version.contains(BPF_LINKER_VERSION) {
+        return Ok(format!("{} present", version.trim()));
+    }
+    run_ok(
+        Command::new("cargo").args([
+            "+nightly",
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+        ]),
+        "cargo +nightly install bpf-linker",
+    )?;
+    Ok(format!("installed bpf-linker {BPF_LINKER_VERSION}"))
+}
+
+fn criu() -> anyhow::Result<String> {
+    let version = output(Command::new(CRIU_BIN).arg("--version")).unwrap_or_default();
+    let built = if version.contains(&format!("Version: {CRIU_VERSION}")) {
+        "present".to_string()
+    } else {
+        build_criu()?
+    };
+    let check = Command::new(CRIU_BIN).arg("check").output()?;
+    let said = String::from_utf8_lossy(&check.stdout).to_string()
+        + &String::from_utf8_lossy(&check.stderr);
+    if !check.status.success() || !said.contains("Looks good") {
+        bail!("`{CRIU_BIN} check` failed on this kernel:\n{said}");
+    }
+    Ok(format!("{built}; `criu check`: Looks good"))
+}
+
+/// Builds CRIU from the upstream tarball of Debian sid's source package:
+/// bookworm's 3.17 fails `criu check` on current kernels and trixie's 4.1.1
+/// cannot dump INET sockets on kernels from 6.16.
+fn build_criu() -> anyhow::Result<String> {
+    let work = std::env::temp_dir().join("dataplane-criu-build");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work)?;
+    let tarball = fetch_criu_source(&work)?;
+    run_ok(
+        Command::new("tar")
+            .arg("xf")
+            .arg(&tarball)
+            .current_dir(&work),
+        "unpacking the CRIU tarball",
+    )?;
+    let src = fs::read_dir(&work)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.is_dir())
+        .context("the CRIU tarball holds no directory")?;
+    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get());
+    run_ok(
+        Command::new("make")
+            .arg(format!("-j{jobs}"))
+            .arg("criu")
+            .current_dir(&src),
+        "make criu",
+    )?;
+    fs::copy(src.join("criu/criu"), CRIU_BIN).with_context(|| format!("installing {CRIU_BIN}"))?;
+    let _ = fs::remove_dir_all(&work);
+    Ok(format!("built from {}", tarball.display()))
+}
+
+/// Downloads CRIU's .orig tarball through a temporary deb-src entry for sid,
+/// made from the machine's existing Debian mirror, and removes the entry after.
+fn fetch_criu_source(work: &Path) -> anyhow::Result<PathBuf> {
+    let mirror = debian_mirror()?;
+    fs::write(
+        SID_SOURCES,
+        format!(
+            "Types: deb-src\nURIs: {mirror}\nSuites: sid\nComponents: main\n\
+             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        ),
+    )?;
+    let fetched = (|| {
+        run_ok(
+            Command::new("apt-get").args([
+                "update",
+                &format!("-o=Dir::Etc::sourcelist={SID_SOURCES}"),
+                "-o=Dir::Etc::sourceparts=-",
+            ]),
+            "apt-get update for sid sources",
+        )?;
+        // The .dsc or .debian.tar.xz may fail to download; the .orig tarball is all we need.
+        let _ = Command::new("apt-get")
+            .args(["source", "--download-only", "criu"])
+            .current_dir(work)
+            .output();
+        Ok::<_, anyhow::Error>(())
+    })();
+    let removed = fs::remove_file(SID_SOURCES);
+    fetched?;
+    removed.with_context(|| format!("removing {SID_SOURCES}"))?;
+    fs::read_dir(work)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("criu_") && n.ends_with(".orig.tar.xz"))
+        })
+        .context(
+            "could not download CRIU's source tarball from Debian sid; \
+             place criu_4.2.1.orig.tar.xz in /tmp/dataplane-criu-build or install CRIU 4.2.1 to /usr/local/sbin/criu",
+        )
+}
+
+/// The first Debian mirror URI of the machine's own apt sources.
+fn debian_mirror() -> anyhow::Result<String> {
+    let mut texts = vec![fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
+    for entry in fs::read_dir("/etc/apt/sources.list.d")?.flatten() {
+        texts.push(fs::read_to_string(entry.path()).unwrap_or_default());
+    }
+    for text in texts {
+        for line in text.lines() {
+            let uri = line.strip_prefix("URIs:").map(str::trim).or_else(|| {
+                line.strip_prefix("deb ")
+                    .and_then(|rest| rest.split_whitespace().find(|w| w.contains("://")))
+            });
+            if let Some(uri) = uri.filter(|u| u.contains("debian") && !u.contains("security")) {
+                return Ok(uri.to_string());
+            }
+        }
+    }
+    bail!("no Debian mirror found in /etc/apt/sources.list or /etc/apt/sources.list.d")
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> anyhow::Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("{what}: could not start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
