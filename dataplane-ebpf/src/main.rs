@@ -118,8 +118,9 @@ fn capture(ctx: &XdpContext, key: &FlowKey) {
         count(counter::UNMATCHED);
         return;
     };
+    // User space keeps flow ids below MAX_FLOWS; the check is for the verifier.
     let Some(sequence) = SEQUENCES.get_ptr_mut(flow.flow_id) else {
-        count(counter::MALFORMED);
+        count(counter::UNMATCHED);
         return;
     };
     let config = config();

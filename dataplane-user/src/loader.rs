@@ -152,18 +152,7 @@ impl Dataplane {
         if root.join("links").exists() {
             return Err(LoadError::AlreadyLoaded(root.clone()));
         }
-        ensure_bpffs()?;
-        let maps_dir = root.join("maps");
-        create_dir(&maps_dir)?;
-        if !is_bpffs(&maps_dir) {
-            return Err(LoadError::NotBpffs(root.clone()));
-        }
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&maps_dir)
-            .map_max_entries(MAP_INPUTS, options.input_ring_bytes)
-            .map_max_entries(MAP_OUTPUTS, options.output_ring_bytes)
-            .load(EBPF_OBJECT)?;
-
+        // Resolve the interfaces before anything is pinned.
         netdev::Interface::by_name(&options.interface)?;
         let mut config = Config {
             snap_len: options.snap_len,
@@ -182,24 +171,50 @@ impl Dataplane {
             attachments.push((peer, "ingress"));
             attachments.push((peer, "egress"));
         }
-
-        for (iface, program) in attachments {
+        ensure_bpffs()?;
+        let maps_dir = root.join("maps");
+        create_dir(&maps_dir)?;
+        if !is_bpffs(&maps_dir) {
+            return Err(LoadError::NotBpffs(root.clone()));
+        }
+        let mut ebpf = match EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(MAP_INPUTS, options.input_ring_bytes)
+            .map_max_entries(MAP_OUTPUTS, options.output_ring_bytes)
+            .load(EBPF_OBJECT)
+        {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                let _ = Self::unload(root);
+                return Err(e.into());
+            }
+        };
+        let attached = attachments.into_iter().try_for_each(|(iface, program)| {
             let link = attach(&mut ebpf, program, iface)?;
             let dir = root.join("links").join(iface);
             create_dir(&dir)?;
             let path = dir.join(program);
+            // The pin, not this process, keeps the program attached.
             link.pin(&path)
-                .map_err(|source| LoadError::Pin { path, source })?;
+                .map(drop)
+                .map_err(|source| LoadError::Pin { path, source })
+        });
+        let loaded = attached.and_then(|()| {
+            let mut dataplane = Self::open(root)?;
+            dataplane
+                .config
+                .set(0, config, 0)
+                .map_err(|source| LoadError::Map {
+                    name: MAP_CONFIG,
+                    source,
+                })?;
+            Ok(dataplane)
+        });
+        if loaded.is_err() {
+            // Leave nothing half-attached behind; the first error is the one to report.
+            let _ = Self::unload(root);
         }
-        let mut dataplane = Self::open(root)?;
-        dataplane
-            .config
-            .set(0, config, 0)
-            .map_err(|source| LoadError::Map {
-                name: MAP_CONFIG,
-                source,
-            })?;
-        Ok(dataplane)
+        loaded
     }
 
     /// Re-adopts a dataplane pinned at `pin_root`, leaving it attached as it is.
@@ -233,6 +248,8 @@ impl Dataplane {
             return Err(LoadError::NotLoaded(pin_root.to_owned()));
         }
         let links = pin_root.join("links");
+        // A load that failed part-way may have pinned maps but no links.
+        create_dir(&links)?;
         for iface in read_dir(&links)? {
             for path in read_dir(&iface)? {
                 let pinned = PinnedLink::from_pin(&path).map_err(|source| LoadError::Link {

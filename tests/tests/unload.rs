@@ -57,3 +57,26 @@ fn load_outlives_the_cli_and_unload_leaves_nothing_behind() {
     assert_eq!(attached(&hosts, "eth0"), (false, 0));
     assert_eq!(attached(&hosts, "peer0"), (false, 0));
 }
+
+#[test]
+fn a_failed_load_leaves_nothing_behind() {
+    let hosts = TestHosts::new("fail");
+    let options = dataplane_user::LoadOptions {
+        pin_root: hosts.pin_root("src"),
+        peer_interface: Some("no-such-if".into()),
+        ..dataplane_user::LoadOptions::new("eth0")
+    };
+    let err = hosts
+        .src
+        .run(|| dataplane_user::Dataplane::load(&options))
+        .err();
+    let err = err
+        .expect("loading with a missing peer interface fails")
+        .to_string();
+    assert!(
+        err.contains("no-such-if"),
+        "the error names the interface: {err}"
+    );
+    assert!(!options.pin_root.exists(), "nothing pinned");
+    assert_eq!(attached(&hosts, "eth0"), (false, 0), "nothing attached");
+}
