@@ -16,9 +16,10 @@ use std::{
     os::fd::AsFd,
     path::{Path, PathBuf},
     process::Command,
+    time::Duration,
 };
 
-use dataplane_user::{Dataplane, LoadOptions};
+use dataplane_user::{Dataplane, LoadOptions, LogReader, Record, loader::MAP_INPUTS};
 
 /// The CPS's IPv4 address.
 pub const CPS_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -268,6 +269,34 @@ impl Loaded {
             .run(|| Dataplane::load(options))
             .unwrap_or_else(|e| panic!("loading the dataplane in {}: {e}", host.name()));
         Self { dataplane }
+    }
+}
+
+impl Loaded {
+    /// Up to `count` records of the input log (whatever arrives within 10 s),
+    /// sorted by sequence number.
+    pub fn read_inputs(&self, count: usize) -> Vec<Record> {
+        let ring = self
+            .dataplane
+            .open_log(MAP_INPUTS)
+            .expect("open the input log");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        runtime.block_on(async {
+            let mut reader = LogReader::spawn(ring, 1024).expect("watch the log");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let mut records = Vec::new();
+            while records.len() < count {
+                match tokio::time::timeout_at(deadline, reader.next()).await {
+                    Ok(r) => records.push(r),
+                    Err(_) => break,
+                }
+            }
+            records.sort_by_key(|r| r.header.seq);
+            records
+        })
     }
 }
 

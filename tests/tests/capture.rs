@@ -2,12 +2,12 @@
 use std::{
     net::{SocketAddr, UdpSocket},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use dataplane_common::{FLOW_MIRROR, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED, counter};
-use dataplane_tests::{CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, sock};
-use dataplane_user::{LogReader, Record, flow, loader::MAP_INPUTS};
+use dataplane_tests::{CPS_V4, CPS_V6, SERVICE_V4, SERVICE_V6, TestHosts, sock};
+use dataplane_user::{Record, flow};
 use etherparse::SlicedPacket;
 
 /// The payload of input `i`: its number and filler, so byte-equality means something.
@@ -67,28 +67,6 @@ fn receive_on(
     })
 }
 
-/// Reads `count` records (or what arrives within 10 s) and sorts them by sequence number.
-fn read_log(loaded: &Loaded, runtime: &tokio::runtime::Runtime, count: usize) -> Vec<Record> {
-    let ring = loaded
-        .dataplane
-        .open_log(MAP_INPUTS)
-        .expect("open the input log");
-    runtime.block_on(async {
-        let mut reader = LogReader::spawn(ring, 1024).expect("watch the log");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut records = Vec::new();
-        while records.len() < count {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tokio::time::timeout(left, reader.next()).await {
-                Ok(r) => records.push(r),
-                Err(_) => break,
-            }
-        }
-        records.sort_by_key(|r| r.header.seq);
-        records
-    })
-}
-
 fn udp_payload(frame: &[u8]) -> Vec<u8> {
     let packet = SlicedPacket::from_ethernet(frame).expect("a logged frame parses");
     match packet.transport {
@@ -105,13 +83,6 @@ fn assert_delivered(got: &[Vec<u8>], sent: &[Vec<u8>], who: &str) {
         "{who}: an input changed or out of order"
     );
     assert_eq!(got.len(), sent.len(), "{who}: inputs delivered");
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// Checks that `records` are inputs 1..=sent.len() of `kind`, in order, with the sent payloads.
@@ -148,7 +119,7 @@ fn captures_10000_inputs_with_contiguous_numbers_and_exact_bytes() {
     let service_rx = receive_on(&hosts.src, service, 10_000);
     let sent = send_inputs(&hosts, cps, service, 10_000);
 
-    let records = read_log(&src, &runtime(), sent.len());
+    let records = src.read_inputs(sent.len());
     assert_log_matches(&records, RECORD_INPUT, &sent);
     assert!(
         records
@@ -170,7 +141,7 @@ fn captures_ipv6_inputs() {
     src.dataplane.add_flow(flow::udp(cps, service), 0).unwrap();
     let service_rx = receive_on(&hosts.src, service, 1000);
     let sent = send_inputs(&hosts, cps, service, 1000);
-    assert_log_matches(&read_log(&src, &runtime(), sent.len()), RECORD_INPUT, &sent);
+    assert_log_matches(&src.read_inputs(sent.len()), RECORD_INPUT, &sent);
     assert_delivered(&service_rx.join().unwrap(), &sent, "the service");
 }
 
@@ -187,9 +158,8 @@ fn mirrors_inputs_to_the_peer_with_their_numbers_and_bytes() {
     let dst_rx = receive_on(&hosts.dst, service, 10_000);
     let sent = send_inputs(&hosts, cps, service, 10_000);
 
-    let runtime = runtime();
-    let src_log = read_log(&src, &runtime, sent.len());
-    let dst_log = read_log(&dst, &runtime, sent.len());
+    let src_log = src.read_inputs(sent.len());
+    let dst_log = dst.read_inputs(sent.len());
     assert_log_matches(&src_log, RECORD_INPUT, &sent);
     assert_log_matches(&dst_log, RECORD_MIRRORED, &sent);
     for (s, d) in src_log.iter().zip(&dst_log) {
@@ -222,7 +192,7 @@ fn mirrors_inputs_to_the_peer_with_their_numbers_and_bytes() {
     dst.dataplane.set_gate(dst_flow, GATE_HOLD_ALL).unwrap();
     let dst_rx = receive_on(&hosts.dst, service, 1);
     let held = send_inputs(&hosts, cps, service, 100);
-    let held_log = read_log(&dst, &runtime, held.len());
+    let held_log = dst.read_inputs(held.len());
     assert_eq!(held_log.len(), 100);
     assert_eq!(held_log.first().unwrap().header.seq, 10_001);
     assert_eq!(held_log.last().unwrap().header.seq, 10_100);

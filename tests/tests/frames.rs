@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use dataplane_common::{RECORD_INPUT, counter};
 use dataplane_tests::{CPS_V4, RawSocket, SERVICE_V4, TestHosts, sock};
-use dataplane_user::{LogReader, flow, loader::MAP_INPUTS};
+use dataplane_user::flow;
 use etherparse::{PacketBuilder, VlanId};
 
 const CPS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -50,23 +50,7 @@ fn captures_vlan_tagged_inputs_with_their_tag() {
     for f in &frames {
         cps.send(f);
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let ring = src.dataplane.open_log(MAP_INPUTS).unwrap();
-    let mut records = runtime.block_on(async {
-        let mut reader = LogReader::spawn(ring, 256).unwrap();
-        let mut got = Vec::new();
-        while got.len() < frames.len() {
-            match tokio::time::timeout(Duration::from_secs(5), reader.next()).await {
-                Ok(r) => got.push(r),
-                Err(_) => break,
-            }
-        }
-        got
-    });
-    records.sort_by_key(|r| r.header.seq);
+    let records = src.read_inputs(frames.len());
     assert_eq!(records.len(), frames.len());
     for (i, (r, f)) in records.iter().zip(&frames).enumerate() {
         assert_eq!(r.header.seq, i as u64 + 1);
@@ -182,23 +166,7 @@ fn mirrors_vlan_tagged_inputs_with_their_tag() {
     for f in &frames {
         cps.send(f);
     }
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let ring = dst.dataplane.open_log(MAP_INPUTS).unwrap();
-    let mut records = runtime.block_on(async {
-        let mut reader = LogReader::spawn(ring, 256).unwrap();
-        let mut got = Vec::new();
-        while got.len() < frames.len() {
-            match tokio::time::timeout(Duration::from_secs(5), reader.next()).await {
-                Ok(r) => got.push(r),
-                Err(_) => break,
-            }
-        }
-        got
-    });
-    records.sort_by_key(|r| r.header.seq);
+    let records = dst.read_inputs(frames.len());
     assert_eq!(records.len(), frames.len(), "every tagged input mirrored");
     for (i, (r, f)) in records.iter().zip(&frames).enumerate() {
         assert_eq!(r.header.seq, i as u64 + 1);
