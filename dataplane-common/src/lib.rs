@@ -85,8 +85,24 @@ pub struct Config {
     pub mirror_dst_mac: [u8; 6],
     /// Source MAC of mirror frames (this host's mirror interface).
     pub mirror_src_mac: [u8; 6],
+    /// How mirror copies are made: `MIRROR_CLONE` or `MIRROR_DEVMAP`.
+    pub mirror_mode: u32,
+    /// `MIRROR_DEVMAP` only: destination MAC of the local copy (the service side
+    /// of the veth pair the local copy is redirected into).
+    pub deliver_mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
-const _: () = assert!(size_of::<Config>() == 20);
+const _: () = assert!(size_of::<Config>() == 32);
+
+/// Mirror mode: XDP passes the input, TC clones it to the mirror interface.
+pub const MIRROR_CLONE: u32 = 0;
+/// Mirror mode: XDP broadcasts the input through the `MIRROR_PORTS` devmap,
+/// to the mirror interface and to a local-delivery interface.
+pub const MIRROR_DEVMAP: u32 = 1;
+/// `MIRROR_PORTS` slot of the mirror interface.
+pub const PORT_MIRROR: u32 = 0;
+/// `MIRROR_PORTS` slot of the local-delivery interface.
+pub const PORT_DELIVER: u32 = 1;
 
 /// Record kind: an input captured at this host's ingress.
 pub const RECORD_INPUT: u32 = 1;
@@ -138,6 +154,25 @@ const _: () = assert!(size_of::<MirrorHeader>() == 32);
 
 /// Bytes a mirror frame adds in front of the mirrored frame.
 pub const MIRROR_OVERHEAD: u32 = 14 + size_of::<MirrorHeader>() as u32;
+
+/// The outer Ethernet and mirror headers, on-wire, for an input of `frame_len` bytes.
+pub fn mirror_headers(
+    config: &Config,
+    meta: &CaptureMeta,
+    frame_len: u32,
+) -> [u8; MIRROR_OVERHEAD as usize] {
+    let mut outer = [0u8; MIRROR_OVERHEAD as usize];
+    outer[0..6].copy_from_slice(&config.mirror_dst_mac);
+    outer[6..12].copy_from_slice(&config.mirror_src_mac);
+    outer[12..14].copy_from_slice(&ETH_P_MIRROR.to_be_bytes());
+    outer[14] = MIRROR_VERSION;
+    outer[15] = (MIRROR_OVERHEAD - 14) as u8;
+    outer[18..22].copy_from_slice(&meta.flow_id.to_be_bytes());
+    outer[22..30].copy_from_slice(&meta.seq.to_be_bytes());
+    outer[30..38].copy_from_slice(&meta.timestamp_ns.to_be_bytes());
+    outer[38..42].copy_from_slice(&frame_len.to_be_bytes());
+    outer
+}
 
 /// What the XDP capture hands to the TC mirror program in the packet metadata.
 #[repr(C)]

@@ -21,20 +21,21 @@ mod record;
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, TC_ACT_UNSPEC, xdp_action},
+    bindings::{BPF_F_BROADCAST, BPF_F_MMAPABLE, TC_ACT_UNSPEC, xdp_action},
     helpers::generated::{
         bpf_clone_redirect, bpf_ktime_get_ns, bpf_skb_change_head, bpf_skb_load_bytes,
         bpf_skb_store_bytes, bpf_skb_vlan_pop, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
         bpf_xdp_adjust_tail,
     },
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, DevMap, HashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
 use dataplane_common::{
-    CAPTURE_META_MAGIC, CaptureMeta, Config, ETH_P_MIRROR, FLOW_MIRROR, FlowConfig, FlowKey,
-    FlowSequence, GATE_HOLD_ALL, Gate, MAX_FLOWS, MAX_FRAME, MIRROR_OVERHEAD, MIRROR_VERSION,
-    MirrorHeader, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, RecordHeader, counter,
+    CAPTURE_META_MAGIC, CaptureMeta, Config, FLOW_MIRROR, FlowConfig, FlowKey, FlowSequence,
+    GATE_HOLD_ALL, Gate, MAX_FLOWS, MAX_FRAME, MIRROR_CLONE, MIRROR_DEVMAP, MIRROR_OVERHEAD,
+    MIRROR_VERSION, MirrorHeader, PORT_MIRROR, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT,
+    RecordHeader, counter, mirror_headers,
 };
 use parse::{Frame, Skip, parse, ptr_at};
 use record::{Skb, Xdp};
@@ -67,6 +68,12 @@ static INPUTS: RingBuf = RingBuf::pinned(1 << 24, 0);
 /// The output log: the local instance's outputs.
 #[map]
 static OUTPUTS: RingBuf = RingBuf::pinned(1 << 22, 0);
+
+/// `MIRROR_DEVMAP` mode: the mirror interface (`PORT_MIRROR`, with the
+/// `mirror_port` program) and the local-delivery interface (`PORT_DELIVER`,
+/// with `deliver_port`) that an input is broadcast to.
+#[map]
+static MIRROR_PORTS: DevMap = DevMap::pinned(2, 0);
 
 /// The capture metadata of the input being cloned on this CPU, set by `mirror`
 /// around its bpf_clone_redirect and read by `egress`, which the kernel runs
@@ -102,7 +109,7 @@ fn captured_len(frame_len: u32, snap_len: u32) -> u32 {
 pub fn ingress(ctx: XdpContext) -> u32 {
     count(counter::SEEN);
     match parse(ctx.data(), ctx.data_end()) {
-        Ok(Frame::Udp(key)) => capture(&ctx, &key),
+        Ok(Frame::Udp(key)) => return capture(&ctx, &key),
         Ok(Frame::Mirror) => return receive(&ctx),
         Err(Skip::Malformed) => count(counter::MALFORMED),
         Err(Skip::NotUdp) => count(counter::NOT_UDP),
@@ -110,18 +117,19 @@ pub fn ingress(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// Numbers and logs an input of a known flow; it then passes to the stack.
+/// Numbers and logs an input of a known flow; it then passes to the stack,
+/// or in `MIRROR_DEVMAP` mode is broadcast to the mirror and delivery ports.
 #[inline(always)]
-fn capture(ctx: &XdpContext, key: &FlowKey) {
+fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
     // SAFETY: a hash map value is only read here; user space replaces whole entries.
     let Some(flow) = (unsafe { FLOWS.get(key) }).copied() else {
         count(counter::UNMATCHED);
-        return;
+        return xdp_action::XDP_PASS;
     };
     // User space keeps flow ids below MAX_FLOWS; the check is for the verifier.
     let Some(sequence) = SEQUENCES.get_ptr_mut(flow.flow_id) else {
         count(counter::UNMATCHED);
-        return;
+        return xdp_action::XDP_PASS;
     };
     let config = config();
     let frame_len = (ctx.data_end() - ctx.data()) as u32;
@@ -145,28 +153,44 @@ fn capture(ctx: &XdpContext, key: &FlowKey) {
     };
     let Some(seq) = record::write(&INPUTS, &Xdp(ctx.ctx), 0, header, next_seq) else {
         count(counter::RING_FULL);
-        return;
+        return xdp_action::XDP_PASS;
     };
     count(counter::CAPTURED);
     // SAFETY: as above; a plain store, the latest delivered input wins.
     unsafe { (*sequence).last_delivered = seq };
-    if flow.flags & FLOW_MIRROR != 0 && config.mirror_ifindex != 0 {
-        hand_to_mirror(ctx, flow.flow_id, seq, timestamp_ns);
+    if flow.flags & FLOW_MIRROR == 0 || config.mirror_ifindex == 0 {
+        return xdp_action::XDP_PASS;
+    }
+    if !hand_to_mirror(ctx, flow.flow_id, seq, timestamp_ns) {
+        count(counter::MIRROR_ERRORS);
+        return xdp_action::XDP_PASS;
+    }
+    if config.mirror_mode != MIRROR_DEVMAP {
+        return xdp_action::XDP_PASS;
+    }
+    match MIRROR_PORTS.redirect(PORT_MIRROR, BPF_F_BROADCAST as u64) {
+        Ok(action) => {
+            count(counter::MIRRORED);
+            action
+        }
+        Err(_) => {
+            count(counter::MIRROR_ERRORS);
+            xdp_action::XDP_PASS
+        }
     }
 }
 
-/// Puts the input's number into the packet metadata for the `mirror` program.
+/// Puts the input's number into the packet metadata, where the `mirror` TC
+/// program or the `mirror_port` devmap program finds it.
 #[inline(always)]
-fn hand_to_mirror(ctx: &XdpContext, flow_id: u32, seq: u64, timestamp_ns: u64) {
+fn hand_to_mirror(ctx: &XdpContext, flow_id: u32, seq: u64, timestamp_ns: u64) -> bool {
     let meta_len = core::mem::size_of::<CaptureMeta>() as i32;
     // SAFETY: the helper checks the headroom.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -meta_len) } != 0 {
-        count(counter::MIRROR_ERRORS);
-        return;
+        return false;
     }
     let Some(meta) = ptr_at::<CaptureMeta>(ctx.metadata(), ctx.data(), 0) else {
-        count(counter::MIRROR_ERRORS);
-        return;
+        return false;
     };
     let meta = meta.cast_mut();
     // SAFETY: ptr_at checked that the metadata area holds a CaptureMeta.
@@ -178,6 +202,7 @@ fn hand_to_mirror(ctx: &XdpContext, flow_id: u32, seq: u64, timestamp_ns: u64) {
             timestamp_ns,
         })
     };
+    true
 }
 
 /// Logs a mirror frame from the peer and lets the flow's gate decide whether
@@ -255,6 +280,44 @@ fn deliver(ctx: &XdpContext, padding: u32) -> Option<()> {
     Some(())
 }
 
+/// Devmap program of `PORT_MIRROR`: turns the broadcast copy into a mirror frame.
+#[xdp(map = "devmap")]
+pub fn mirror_port(ctx: XdpContext) -> u32 {
+    let Some(meta) = ptr_at::<CaptureMeta>(ctx.metadata(), ctx.data(), 0) else {
+        count(counter::MIRROR_ERRORS);
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let meta = unsafe { meta.read_unaligned() };
+    let frame_len = (ctx.data_end() - ctx.data()) as u32;
+    // SAFETY: the helper checks the headroom.
+    if meta.magic != CAPTURE_META_MAGIC
+        || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(MIRROR_OVERHEAD as i32)) } != 0
+    {
+        count(counter::MIRROR_ERRORS);
+        return xdp_action::XDP_DROP;
+    }
+    let Some(outer) = ptr_at::<[u8; MIRROR_OVERHEAD as usize]>(ctx.data(), ctx.data_end(), 0)
+    else {
+        return xdp_action::XDP_DROP;
+    };
+    let headers = mirror_headers(&config(), &meta, frame_len);
+    // SAFETY: ptr_at checked the bounds.
+    unsafe { outer.cast_mut().write_unaligned(headers) };
+    xdp_action::XDP_PASS
+}
+
+/// Devmap program of `PORT_DELIVER`: addresses the local copy to the service side.
+#[xdp(map = "devmap")]
+pub fn deliver_port(ctx: XdpContext) -> u32 {
+    let Some(dst) = ptr_at::<[u8; 6]>(ctx.data(), ctx.data_end(), 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    unsafe { dst.cast_mut().write_unaligned(config().deliver_mac) };
+    xdp_action::XDP_PASS
+}
+
 #[classifier]
 pub fn mirror(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb;
@@ -266,7 +329,10 @@ pub fn mirror(ctx: TcContext) -> i32 {
     // SAFETY: ptr_at checked the bounds.
     let meta = unsafe { meta.read_unaligned() };
     let config = config();
-    if meta.magic != CAPTURE_META_MAGIC || config.mirror_ifindex == 0 {
+    if meta.magic != CAPTURE_META_MAGIC
+        || config.mirror_ifindex == 0
+        || config.mirror_mode != MIRROR_CLONE
+    {
         return TC_ACT_UNSPEC;
     }
     let Some(pending) = MIRROR_PENDING.get_ptr_mut(0) else {
@@ -331,16 +397,7 @@ fn encapsulate(ctx: &TcContext, pending: &CaptureMeta, config: &Config) -> Optio
     if unsafe { bpf_skb_change_head(skb, MIRROR_OVERHEAD + tag_len, 0) } != 0 {
         return None;
     }
-    let mut outer = [0u8; MIRROR_OVERHEAD as usize];
-    outer[0..6].copy_from_slice(&config.mirror_dst_mac);
-    outer[6..12].copy_from_slice(&config.mirror_src_mac);
-    outer[12..14].copy_from_slice(&ETH_P_MIRROR.to_be_bytes());
-    outer[14] = MIRROR_VERSION;
-    outer[15] = (MIRROR_OVERHEAD - 14) as u8;
-    outer[18..22].copy_from_slice(&pending.flow_id.to_be_bytes());
-    outer[22..30].copy_from_slice(&pending.seq.to_be_bytes());
-    outer[30..38].copy_from_slice(&pending.timestamp_ns.to_be_bytes());
-    outer[38..42].copy_from_slice(&(len + tag_len).to_be_bytes());
+    let outer = mirror_headers(config, pending, len + tag_len);
     store(skb, 0, &outer)?;
     if tag_len != 0 {
         // vlan_proto is kept in network byte order.

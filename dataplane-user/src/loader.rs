@@ -11,14 +11,17 @@ use std::{
 
 use aya::{
     EbpfLoader,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, DevMap, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     pin::PinError,
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
     },
 };
-use dataplane_common::{Config, FlowConfig, FlowKey, FlowSequence, Gate, MAX_FLOWS, counter};
+use dataplane_common::{
+    Config, FlowConfig, FlowKey, FlowSequence, Gate, MAX_FLOWS, MIRROR_DEVMAP, PORT_DELIVER,
+    PORT_MIRROR, counter,
+};
 
 use crate::netdev;
 
@@ -65,6 +68,10 @@ pub enum LoadError {
     NotBpffs(PathBuf),
     #[error("mounting bpffs at {BPFFS}: {0}")]
     MountBpffs(nix::Error),
+    #[error("devmap mirroring needs a peer interface to mirror to")]
+    DevmapWithoutPeer,
+    #[error("setting the mirror ports: {0}")]
+    MirrorPorts(String),
     #[error("flow table full ({MAX_FLOWS} flows)")]
     FlowTableFull,
     #[error("flow {0} is not known")]
@@ -90,6 +97,24 @@ pub struct LoadOptions {
     pub input_ring_bytes: u32,
     /// Size of the output log ring buffer in bytes.
     pub output_ring_bytes: u32,
+    /// How mirror copies are made.
+    pub mirror_mode: MirrorMode,
+}
+
+/// How the source host makes the mirror copy of an input.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum MirrorMode {
+    /// XDP passes the input to the stack; a TC ingress program clones it to
+    /// the peer interface (works whatever sits behind the interface).
+    #[default]
+    Clone,
+    /// XDP broadcasts the input through a devmap to the peer interface and to
+    /// `deliver_interface`, a veth whose other end (MAC `deliver_mac`) leads
+    /// to the service, as for a service in a container.
+    Devmap {
+        deliver_interface: String,
+        deliver_mac: [u8; 6],
+    },
 }
 
 impl LoadOptions {
@@ -103,6 +128,7 @@ impl LoadOptions {
             snap_len: 0,
             input_ring_bytes: 64 << 20,
             output_ring_bytes: 16 << 20,
+            mirror_mode: MirrorMode::Clone,
         }
     }
 }
@@ -113,6 +139,7 @@ const MAP_SEQUENCES: &str = "SEQUENCES";
 const MAP_GATES: &str = "GATES";
 const MAP_CONFIG: &str = "CONFIG";
 const MAP_COUNTERS: &str = "COUNTERS";
+const MAP_MIRROR_PORTS: &str = "MIRROR_PORTS";
 /// The input log ring buffer.
 pub const MAP_INPUTS: &str = "INPUTS";
 /// The output log ring buffer.
@@ -160,7 +187,6 @@ impl Dataplane {
         };
         let mut attachments = vec![
             (&options.interface, "ingress"),
-            (&options.interface, "mirror"),
             (&options.interface, "egress"),
         ];
         if let Some(peer) = &options.peer_interface {
@@ -171,6 +197,23 @@ impl Dataplane {
             attachments.push((peer, "ingress"));
             attachments.push((peer, "egress"));
         }
+        let deliver_ifindex = match &options.mirror_mode {
+            MirrorMode::Clone => {
+                attachments.push((&options.interface, "mirror"));
+                None
+            }
+            MirrorMode::Devmap {
+                deliver_interface,
+                deliver_mac,
+            } => {
+                if options.peer_interface.is_none() {
+                    return Err(LoadError::DevmapWithoutPeer);
+                }
+                config.mirror_mode = MIRROR_DEVMAP;
+                config.deliver_mac = *deliver_mac;
+                Some(netdev::Interface::by_name(deliver_interface)?.index)
+            }
+        };
         ensure_bpffs()?;
         let maps_dir = root.join("maps");
         create_dir(&maps_dir)?;
@@ -200,6 +243,9 @@ impl Dataplane {
                 .map_err(|source| LoadError::Pin { path, source })
         });
         let loaded = attached.and_then(|()| {
+            if let Some(deliver_ifindex) = deliver_ifindex {
+                set_mirror_ports(&mut ebpf, config.mirror_ifindex, deliver_ifindex)?;
+            }
             let mut dataplane = Self::open(root)?;
             dataplane
                 .config
@@ -382,6 +428,51 @@ impl Dataplane {
         }
         Ok(totals)
     }
+}
+
+/// Fills the `MIRROR_PORTS` devmap of `MirrorMode::Devmap`: each port with
+/// the devmap program that prepares its copy. The map keeps the programs.
+fn set_mirror_ports(
+    ebpf: &mut aya::Ebpf,
+    mirror_ifindex: u32,
+    deliver_ifindex: u32,
+) -> Result<(), LoadError> {
+    let mut fds = Vec::new();
+    for program in ["mirror_port", "deliver_port"] {
+        let err = |source| LoadError::Attach {
+            program,
+            interface: "MIRROR_PORTS".into(),
+            source,
+        };
+        let xdp: &mut Xdp = ebpf
+            .program_mut(program)
+            .expect("program is in the object")
+            .try_into()
+            .map_err(err)?;
+        xdp.load().map_err(err)?;
+        let fd = xdp.fd().map_err(err)?.try_clone();
+        fds.push(fd.map_err(|source| LoadError::Io {
+            path: PathBuf::from(program),
+            source,
+        })?);
+    }
+    let map_err = |source| LoadError::Map {
+        name: MAP_MIRROR_PORTS,
+        source,
+    };
+    let map = ebpf
+        .take_map(MAP_MIRROR_PORTS)
+        .expect("map is in the object");
+    let mut ports = DevMap::try_from(map).map_err(map_err)?;
+    for (slot, ifindex, fd) in [
+        (PORT_MIRROR, mirror_ifindex, &fds[0]),
+        (PORT_DELIVER, deliver_ifindex, &fds[1]),
+    ] {
+        ports
+            .set(slot, ifindex, Some(fd), 0)
+            .map_err(|e| LoadError::MirrorPorts(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Loads `program` (once) and attaches it to `iface` at the hook it is written for.

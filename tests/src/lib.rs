@@ -19,7 +19,10 @@ use std::{
     time::Duration,
 };
 
-use dataplane_user::{Dataplane, LoadOptions, LogReader, Record, loader::MAP_INPUTS};
+use dataplane_user::{
+    Dataplane, LoadOptions, LogReader, Record,
+    loader::{MAP_INPUTS, MirrorMode},
+};
 
 /// The CPS's IPv4 address.
 pub const CPS_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -210,6 +213,12 @@ impl TestHosts {
             host.ip(&["link", "set", "peer0", "mtu", "1600", "up"]);
             host.ip(&["link", "set", "eth0", "up"]);
         }
+        // A field device puts real checksums on the wire. A sender on this
+        // machine leaves them to a checksum offload that veth never performs,
+        // which only works while the skb's checksum state travels with it.
+        for iface in ["br0", "to-src", "to-dst"] {
+            self.cps.exec("ethtool", &["-K", iface, "tx", "off"]);
+        }
         // Only src answers ARP for the service address.
         self.dst.sysctl("net.ipv4.conf.eth0.arp_ignore", "1");
         // Mirrored inputs from the CPS arrive on peer0, not on the CPS's subnet.
@@ -233,24 +242,57 @@ impl TestHosts {
 
     /// Loads the dataplane on `src` (eth0, mirroring over peer0 to dst's peer0).
     pub fn load_src(&self) -> Loaded {
+        self.load_src_with(MirrorMode::Clone, 8 << 20)
+    }
+
+    /// Loads the dataplane on `src` with a mirror mode and an input log size.
+    pub fn load_src_with(&self, mirror_mode: MirrorMode, input_ring_bytes: u32) -> Loaded {
         let options = LoadOptions {
             pin_root: self.pin_root("src"),
             peer_interface: Some("peer0".into()),
             peer_mac: Some(Self::mac(&self.dst, "peer0")),
-            input_ring_bytes: 8 << 20,
+            input_ring_bytes,
             output_ring_bytes: 1 << 20,
+            mirror_mode,
             ..LoadOptions::new("eth0")
         };
         Loaded::new(&self.src, &options)
     }
 
+    /// Adds the veth pair svc0 (dataplane side) / svc1 (service side) on `src`,
+    /// the local-delivery port of `MirrorMode::Devmap`, and returns that mode.
+    pub fn add_delivery_veth(&self) -> MirrorMode {
+        self.src.ip(&[
+            "link", "add", "svc0", "type", "veth", "peer", "name", "svc1",
+        ]);
+        for iface in ["svc0", "svc1"] {
+            self.src.ip(&["link", "set", iface, "up"]);
+        }
+        // A veth takes XDP-redirected frames only with NAPI on its peer: GRO turns it on.
+        self.src.exec("ethtool", &["-K", "svc1", "gro", "on"]);
+        // Inputs for eth0's address arrive on svc1.
+        for key in ["all", "default", "svc1"] {
+            self.src
+                .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0");
+        }
+        MirrorMode::Devmap {
+            deliver_interface: "svc0".into(),
+            deliver_mac: Self::mac(&self.src, "svc1"),
+        }
+    }
+
     /// Loads the dataplane on `dst` (eth0, receiving mirror frames on peer0).
     pub fn load_dst(&self) -> Loaded {
+        self.load_dst_with(8 << 20)
+    }
+
+    /// Loads the dataplane on `dst` with an input log size.
+    pub fn load_dst_with(&self, input_ring_bytes: u32) -> Loaded {
         let options = LoadOptions {
             pin_root: self.pin_root("dst"),
             peer_interface: Some("peer0".into()),
             peer_mac: Some(Self::mac(&self.src, "peer0")),
-            input_ring_bytes: 8 << 20,
+            input_ring_bytes,
             output_ring_bytes: 1 << 20,
             ..LoadOptions::new("eth0")
         };

@@ -202,3 +202,26 @@ fn mirrors_inputs_to_the_peer_with_their_numbers_and_bytes() {
     );
     assert_eq!(dst.dataplane.counters().unwrap().get(counter::HELD), 100);
 }
+
+#[test]
+fn devmap_mode_mirrors_and_delivers_through_a_veth() {
+    let hosts = TestHosts::new("dev");
+    let mode = hosts.add_delivery_veth();
+    let mut src = hosts.load_src_with(mode, 8 << 20);
+    let mut dst = hosts.load_dst();
+    let (cps, service) = (sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
+    let key = flow::udp(cps, service);
+    src.dataplane.add_flow(key, FLOW_MIRROR).unwrap();
+    dst.dataplane.add_flow(key, 0).unwrap();
+    let src_rx = receive_on(&hosts.src, service, 2000);
+    let dst_rx = receive_on(&hosts.dst, service, 2000);
+    let sent = send_inputs(&hosts, cps, service, 2000);
+
+    assert_log_matches(&src.read_inputs(sent.len()), RECORD_INPUT, &sent);
+    assert_log_matches(&dst.read_inputs(sent.len()), RECORD_MIRRORED, &sent);
+    assert_delivered(&src_rx.join().unwrap(), &sent, "the primary, through svc1");
+    assert_delivered(&dst_rx.join().unwrap(), &sent, "the replica");
+    let counters = src.dataplane.counters().unwrap();
+    assert_eq!(counters.get(counter::MIRRORED), 2000);
+    assert_eq!(counters.get(counter::MIRROR_ERRORS), 0);
+}

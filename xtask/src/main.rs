@@ -28,6 +28,17 @@ enum Task {
     /// Set up, then load the dataplane on built-in test hosts and show a CPS
     /// flow being numbered, logged and mirrored.
     Demo,
+    /// Set up, then run a benchmark on the test hosts.
+    Bench {
+        #[arg(value_enum)]
+        which: Bench,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Bench {
+    /// The CPU cost of a mirror copy: TC clone_redirect against XDP devmap broadcast.
+    Mirror,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,7 +48,10 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => Ok(()),
         Task::Build => cargo(&["build", "--release"]),
         Task::Test { filter } => test(filter.as_deref()),
-        Task::Demo => demo(),
+        Task::Demo => run_bin("demo"),
+        Task::Bench { which } => match which {
+            Bench::Mirror => run_bin("bench-mirror"),
+        },
     }
 }
 
@@ -57,9 +71,10 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     cargo(&args)
 }
 
-fn demo() -> anyhow::Result<()> {
+/// Runs one of the test crate's programs (the demo, the benchmarks) on the test hosts.
+fn run_bin(name: &str) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the demo builds network namespaces and loads BPF programs: run as root");
+        bail!("{name} builds network namespaces and loads BPF programs: run as root");
     }
     cargo(&[
         "run",
@@ -67,7 +82,7 @@ fn demo() -> anyhow::Result<()> {
         "--package",
         "dataplane-tests",
         "--bin",
-        "demo",
+        name,
     ])
 }
 

@@ -29,13 +29,12 @@ const APT_PACKAGES: &[&str] = &[
     "libbsd-dev",
     "libgnutls28-dev",
     "dpkg-dev",
+    "ethtool",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.10.0";
 const CRIU_BIN: &str = "/usr/local/sbin/criu";
 const CRIU_VERSION: &str = "4.2.1";
-/// A temporary apt source for sid's source packages (never binaries).
-const SID_SOURCES: &str = "/etc/apt/sources.list.d/dataplane-sid-src.sources";
 
 /// Runs every setup step, printing what it did and how long it took.
 pub fn run() -> anyhow::Result<()> {
@@ -167,36 +166,35 @@ fn build_criu() -> anyhow::Result<String> {
     Ok(format!("built from {}", tarball.display()))
 }
 
-/// Downloads CRIU's .orig tarball through a temporary deb-src entry for sid,
-/// made from the machine's existing Debian mirror, and removes the entry after.
+/// Downloads CRIU's .orig tarball through a deb-src entry for sid made from
+/// the machine's own Debian mirror. The entry and the package lists it brings
+/// live in `work`, so the machine's apt configuration and lists stay as they were.
 fn fetch_criu_source(work: &Path) -> anyhow::Result<PathBuf> {
     let mirror = debian_mirror()?;
+    let sources = work.join("sid-src.list");
+    let lists = work.join("lists");
+    fs::create_dir_all(lists.join("partial"))?;
     fs::write(
-        SID_SOURCES,
+        &sources,
         format!(
-            "Types: deb-src\nURIs: {mirror}\nSuites: sid\nComponents: main\n\
-             Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+            "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {mirror} sid main\n"
         ),
     )?;
-    let fetched = (|| {
-        run_ok(
-            Command::new("apt-get").args([
-                "update",
-                &format!("-o=Dir::Etc::sourcelist={SID_SOURCES}"),
-                "-o=Dir::Etc::sourceparts=-",
-            ]),
-            "apt-get update for sid sources",
-        )?;
-        // The .dsc or .debian.tar.xz may fail to download; the .orig tarball is all we need.
-        let _ = Command::new("apt-get")
-            .args(["source", "--download-only", "criu"])
-            .current_dir(work)
-            .output();
-        Ok::<_, anyhow::Error>(())
-    })();
-    let removed = fs::remove_file(SID_SOURCES);
-    fetched?;
-    removed.with_context(|| format!("removing {SID_SOURCES}"))?;
+    let apt_options = [
+        format!("-o=Dir::Etc::sourcelist={}", sources.display()),
+        "-o=Dir::Etc::sourceparts=-".to_string(),
+        format!("-o=Dir::State::Lists={}", lists.display()),
+    ];
+    run_ok(
+        Command::new("apt-get").arg("update").args(&apt_options),
+        "apt-get update for sid's source packages",
+    )?;
+    // The .dsc or .debian.tar.xz may fail to download; the .orig tarball is all we need.
+    let _ = Command::new("apt-get")
+        .args(&apt_options)
+        .args(["source", "--download-only", "criu"])
+        .current_dir(work)
+        .output();
     fs::read_dir(work)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
@@ -206,7 +204,7 @@ fn fetch_criu_source(work: &Path) -> anyhow::Result<PathBuf> {
         })
         .context(
             "could not download CRIU's source tarball from Debian sid; \
-             place criu_4.2.1.orig.tar.xz in /tmp/dataplane-criu-build or install CRIU 4.2.1 to /usr/local/sbin/criu",
+             install CRIU 4.2.1 to /usr/local/sbin/criu by hand and run setup again",
         )
 }
 
