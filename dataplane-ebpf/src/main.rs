@@ -6,6 +6,9 @@
 //! - `mirror` (TC ingress): clones a numbered input to the mirror interface.
 //! - `egress` (TC egress): wraps those clones in the mirror header on the
 //!   mirror interface, and logs the local instance's outputs.
+//! - `mirror_port`, `deliver_port` (XDP devmap programs): in `MIRROR_DEVMAP`
+//!   mode `ingress` broadcasts an input through `MIRROR_PORTS` instead, and
+//!   these prepare the mirror copy and the local copy.
 //!
 //! Every frame the programs do not handle passes untouched.
 #![no_std]

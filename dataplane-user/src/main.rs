@@ -8,7 +8,7 @@ use dataplane_common::{
 };
 use dataplane_user::{
     Dataplane, LoadOptions, LogReader, flow,
-    loader::{DEFAULT_PIN_ROOT, MAP_INPUTS, MAP_OUTPUTS},
+    loader::{DEFAULT_PIN_ROOT, MAP_INPUTS, MAP_OUTPUTS, MirrorMode},
     netdev::parse_mac,
 };
 
@@ -47,6 +47,13 @@ enum Command {
         /// Output log size in MiB (a power of two).
         #[arg(long, default_value_t = 16)]
         output_ring_mib: u32,
+        /// Make mirror copies by XDP devmap broadcast to the peer interface and to
+        /// this veth, behind which the service sits (default: TC clone).
+        #[arg(long, requires = "deliver_mac")]
+        deliver_interface: Option<String>,
+        /// MAC address of the service side of the --deliver-interface veth.
+        #[arg(long, value_parser = mac, requires = "deliver_interface")]
+        deliver_mac: Option<[u8; 6]>,
     },
     /// Detach the programs and remove every pin.
     Unload,
@@ -124,7 +131,16 @@ fn main() -> anyhow::Result<()> {
             snap_len,
             input_ring_mib,
             output_ring_mib,
+            deliver_interface,
+            deliver_mac,
         } => {
+            let mirror_mode = match (deliver_interface, deliver_mac) {
+                (Some(deliver_interface), Some(deliver_mac)) => MirrorMode::Devmap {
+                    deliver_interface,
+                    deliver_mac,
+                },
+                _ => MirrorMode::Clone,
+            };
             let options = LoadOptions {
                 pin_root: root,
                 peer_interface,
@@ -132,6 +148,7 @@ fn main() -> anyhow::Result<()> {
                 snap_len,
                 input_ring_bytes: input_ring_mib << 20,
                 output_ring_bytes: output_ring_mib << 20,
+                mirror_mode,
                 ..LoadOptions::new(interface)
             };
             let dataplane = Dataplane::load(&options)?;
