@@ -164,11 +164,6 @@ impl Counters {
     pub fn get(&self, index: u32) -> u64 {
         self.0[index as usize]
     }
-
-    /// (name, value) pairs in index order.
-    pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        counter::NAMES.iter().copied().zip(self.0.iter().copied())
-    }
 }
 
 impl Dataplane {
@@ -417,16 +412,21 @@ impl Dataplane {
     pub fn counters(&self) -> Result<Counters, LoadError> {
         let mut totals = Counters::default();
         for (index, total) in totals.0.iter_mut().enumerate() {
-            let per_cpu =
-                self.counters
-                    .get(&(index as u32), 0)
-                    .map_err(|source| LoadError::Map {
-                        name: MAP_COUNTERS,
-                        source,
-                    })?;
-            *total = per_cpu.iter().sum();
+            *total = self.counter_per_cpu(index as u32)?.iter().sum();
         }
         Ok(totals)
+    }
+
+    /// Counter `index` (`counter::*`) on each possible CPU.
+    pub fn counter_per_cpu(&self, index: u32) -> Result<Vec<u64>, LoadError> {
+        let values = self
+            .counters
+            .get(&index, 0)
+            .map_err(|source| LoadError::Map {
+                name: MAP_COUNTERS,
+                source,
+            })?;
+        Ok(values.to_vec())
     }
 }
 

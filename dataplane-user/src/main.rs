@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use dataplane_common::{
-    FLOW_MIRROR, GATE_DELIVER_ALL, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED,
+    FLOW_MIRROR, GATE_DELIVER_ALL, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED, counter,
 };
 use dataplane_user::{
     Dataplane, LoadOptions, LogReader, flow,
@@ -171,8 +171,11 @@ fn main() -> anyhow::Result<()> {
                 config.snap_len, config.mirror_ifindex
             );
             print_flows(&dataplane)?;
-            for (name, value) in dataplane.counters()?.named() {
-                println!("{name:>18} {value}");
+            println!("{:>18} {:>12}  per CPU", "counter", "total");
+            for (index, name) in counter::NAMES.iter().enumerate() {
+                let per_cpu = dataplane.counter_per_cpu(index as u32)?;
+                let total: u64 = per_cpu.iter().sum();
+                println!("{name:>18} {total:>12}  {per_cpu:?}");
             }
         }
         Command::Flow { command } => {

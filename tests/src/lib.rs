@@ -240,23 +240,35 @@ impl TestHosts {
             .mac
     }
 
-    /// Loads the dataplane on `src` (eth0, mirroring over peer0 to dst's peer0).
-    pub fn load_src(&self) -> Loaded {
-        self.load_src_with(MirrorMode::Clone, 8 << 20)
-    }
-
-    /// Loads the dataplane on `src` with a mirror mode and an input log size.
-    pub fn load_src_with(&self, mirror_mode: MirrorMode, input_ring_bytes: u32) -> Loaded {
-        let options = LoadOptions {
+    /// Load options for `src`: eth0, mirroring over peer0 to dst's peer0.
+    pub fn src_options(&self) -> LoadOptions {
+        LoadOptions {
             pin_root: self.pin_root("src"),
             peer_interface: Some("peer0".into()),
             peer_mac: Some(Self::mac(&self.dst, "peer0")),
-            input_ring_bytes,
+            input_ring_bytes: 8 << 20,
             output_ring_bytes: 1 << 20,
-            mirror_mode,
             ..LoadOptions::new("eth0")
-        };
-        Loaded::new(&self.src, &options)
+        }
+    }
+
+    /// Load options for `dst`: eth0, receiving mirror frames on peer0.
+    pub fn dst_options(&self) -> LoadOptions {
+        LoadOptions {
+            pin_root: self.pin_root("dst"),
+            peer_mac: Some(Self::mac(&self.src, "peer0")),
+            ..self.src_options()
+        }
+    }
+
+    /// Loads the dataplane on `src` with [`TestHosts::src_options`].
+    pub fn load_src(&self) -> Loaded {
+        Loaded::new(&self.src, &self.src_options())
+    }
+
+    /// Loads the dataplane on `dst` with [`TestHosts::dst_options`].
+    pub fn load_dst(&self) -> Loaded {
+        Loaded::new(&self.dst, &self.dst_options())
     }
 
     /// Adds the veth pair svc0 (dataplane side) / svc1 (service side) on `src`,
@@ -280,24 +292,6 @@ impl TestHosts {
             deliver_mac: Self::mac(&self.src, "svc1"),
         }
     }
-
-    /// Loads the dataplane on `dst` (eth0, receiving mirror frames on peer0).
-    pub fn load_dst(&self) -> Loaded {
-        self.load_dst_with(8 << 20)
-    }
-
-    /// Loads the dataplane on `dst` with an input log size.
-    pub fn load_dst_with(&self, input_ring_bytes: u32) -> Loaded {
-        let options = LoadOptions {
-            pin_root: self.pin_root("dst"),
-            peer_interface: Some("peer0".into()),
-            peer_mac: Some(Self::mac(&self.src, "peer0")),
-            input_ring_bytes,
-            output_ring_bytes: 1 << 20,
-            ..LoadOptions::new("eth0")
-        };
-        Loaded::new(&self.dst, &options)
-    }
 }
 
 /// A dataplane loaded for a test, unloaded on drop.
@@ -306,7 +300,8 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    fn new(host: &NetNs, options: &LoadOptions) -> Self {
+    /// Loads the dataplane in `host` with `options`.
+    pub fn new(host: &NetNs, options: &LoadOptions) -> Self {
         let dataplane = host
             .run(|| Dataplane::load(options))
             .unwrap_or_else(|e| panic!("loading the dataplane in {}: {e}", host.name()));
@@ -318,10 +313,13 @@ impl Loaded {
     /// Up to `count` records of the input log (whatever arrives within 10 s),
     /// sorted by sequence number.
     pub fn read_inputs(&self, count: usize) -> Vec<Record> {
-        let ring = self
-            .dataplane
-            .open_log(MAP_INPUTS)
-            .expect("open the input log");
+        self.read_log(MAP_INPUTS, count)
+    }
+
+    /// Up to `count` records of the log `name` (whatever arrives within 10 s),
+    /// sorted by sequence number.
+    pub fn read_log(&self, name: &'static str, count: usize) -> Vec<Record> {
+        let ring = self.dataplane.open_log(name).expect("open the log");
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

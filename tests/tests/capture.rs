@@ -5,9 +5,11 @@ use std::{
     time::Duration,
 };
 
-use dataplane_common::{FLOW_MIRROR, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED, counter};
-use dataplane_tests::{CPS_V4, CPS_V6, SERVICE_V4, SERVICE_V6, TestHosts, sock};
-use dataplane_user::{Record, flow};
+use dataplane_common::{
+    FLOW_MIRROR, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, counter,
+};
+use dataplane_tests::{CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, sock};
+use dataplane_user::{LoadOptions, Record, flow, loader::MAP_OUTPUTS};
 use etherparse::SlicedPacket;
 
 /// The payload of input `i`: its number and filler, so byte-equality means something.
@@ -206,8 +208,11 @@ fn mirrors_inputs_to_the_peer_with_their_numbers_and_bytes() {
 #[test]
 fn devmap_mode_mirrors_and_delivers_through_a_veth() {
     let hosts = TestHosts::new("dev");
-    let mode = hosts.add_delivery_veth();
-    let mut src = hosts.load_src_with(mode, 8 << 20);
+    let options = LoadOptions {
+        mirror_mode: hosts.add_delivery_veth(),
+        ..hosts.src_options()
+    };
+    let mut src = Loaded::new(&hosts.src, &options);
     let mut dst = hosts.load_dst();
     let (cps, service) = (sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
     let key = flow::udp(cps, service);
@@ -224,4 +229,153 @@ fn devmap_mode_mirrors_and_delivers_through_a_veth() {
     let counters = src.dataplane.counters().unwrap();
     assert_eq!(counters.get(counter::MIRRORED), 2000);
     assert_eq!(counters.get(counter::MIRROR_ERRORS), 0);
+}
+
+/// A UDP socket in `host` bound to `addr` with SO_REUSEPORT, so that several
+/// sockets can send on one 5-tuple.
+fn reuseport_socket(host: &dataplane_tests::NetNs, addr: SocketAddr) -> UdpSocket {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+    };
+    host.run(|| {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::empty(),
+            None,
+        )
+        .expect("socket");
+        setsockopt(&fd, sockopt::ReusePort, &true).expect("SO_REUSEPORT");
+        let SocketAddr::V4(v4) = addr else {
+            panic!("IPv4 only")
+        };
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(v4)).expect("bind");
+        UdpSocket::from(fd)
+    })
+}
+
+#[test]
+fn numbers_stay_contiguous_when_one_flow_arrives_on_both_cpus() {
+    let hosts = TestHosts::new("cpus");
+    let mut src = hosts.load_src();
+    let (cps, service) = (sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
+    src.dataplane.add_flow(flow::udp(cps, service), 0).unwrap();
+    let service_rx = receive_on(&hosts.src, service, 10_000);
+    let senders: Vec<UdpSocket> = (0..2).map(|_| reuseport_socket(&hosts.cps, cps)).collect();
+    // A veth delivers on the sending CPU: one sender pinned to each CPU makes
+    // the XDP program number one flow on both CPUs at once.
+    thread::scope(|scope| {
+        for (cpu, socket) in senders.iter().enumerate() {
+            scope.spawn(move || {
+                let mut set = nix::sched::CpuSet::new();
+                set.set(cpu).unwrap();
+                let pinned = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+                assert!(
+                    pinned.is_ok(),
+                    "pin a sender to CPU {cpu} (this test needs 2 CPUs)"
+                );
+                for i in 0..5_000u64 {
+                    socket
+                        .send_to(&payload(cpu as u64 * 100_000 + i), service)
+                        .unwrap();
+                    if i % 50 == 49 {
+                        thread::sleep(Duration::from_micros(500));
+                    }
+                }
+            });
+        }
+    });
+    let per_cpu = src.dataplane.counter_per_cpu(counter::CAPTURED).unwrap();
+    assert!(
+        per_cpu.iter().filter(|&&n| n > 0).count() >= 2,
+        "captured on both CPUs: {per_cpu:?}"
+    );
+    let records = src.read_inputs(10_000);
+    let seqs: Vec<u64> = records.iter().map(|r| r.header.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=10_000).collect::<Vec<_>>(),
+        "every number once, none skipped"
+    );
+    let mut logged: Vec<Vec<u8>> = records.iter().map(|r| udp_payload(&r.frame)).collect();
+    let mut sent: Vec<Vec<u8>> = (0..2u64)
+        .flat_map(|cpu| (0..5_000).map(move |i| payload(cpu * 100_000 + i)))
+        .collect();
+    logged.sort();
+    sent.sort();
+    assert_eq!(logged, sent, "each input logged once");
+    assert_eq!(service_rx.join().unwrap().len(), 10_000);
+}
+
+#[test]
+fn snap_length_limits_the_logged_bytes() {
+    let hosts = TestHosts::new("snap");
+    let options = LoadOptions {
+        snap_len: 42,
+        ..hosts.src_options()
+    };
+    let mut src = Loaded::new(&hosts.src, &options);
+    let (cps, service) = (sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
+    src.dataplane.add_flow(flow::udp(cps, service), 0).unwrap();
+    let sent = send_inputs(&hosts, cps, service, 100);
+    let records = src.read_inputs(sent.len());
+    assert_eq!(records.len(), 100);
+    for (r, p) in records.iter().zip(&sent) {
+        assert_eq!(
+            r.header.captured_len, 42,
+            "Ethernet, IPv4 and UDP headers only"
+        );
+        assert_eq!(r.frame.len(), 42);
+        assert_eq!(
+            r.header.frame_len as usize,
+            42 + p.len(),
+            "the whole frame's length"
+        );
+    }
+}
+
+#[test]
+fn logs_outputs_with_the_input_they_answer() {
+    let hosts = TestHosts::new("out");
+    let mut src = hosts.load_src();
+    let (cps, service) = (sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
+    src.dataplane.add_flow(flow::udp(cps, service), 0).unwrap();
+    let server = hosts.src.run(|| UdpSocket::bind(service)).unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let echo = thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        for _ in 0..100 {
+            let (n, from) = server.recv_from(&mut buf).expect("an input");
+            let reply = [b"re:".as_slice(), &buf[..n]].concat();
+            server.send_to(&reply, from).unwrap();
+        }
+    });
+    let client = hosts.cps.run(|| UdpSocket::bind(cps)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    for i in 1..=100 {
+        client.send_to(&payload(i), service).unwrap();
+        client.recv(&mut buf).expect("the service answers");
+    }
+    echo.join().unwrap();
+    let outputs = src.read_log(MAP_OUTPUTS, 100);
+    assert_eq!(outputs.len(), 100);
+    for (i, r) in outputs.iter().enumerate() {
+        let input = i as u64 + 1;
+        assert_eq!(r.header.kind, RECORD_OUTPUT);
+        assert_eq!(r.header.seq, input, "output {input} follows input {input}");
+        let expected = [b"re:".as_slice(), &payload(input)].concat();
+        assert_eq!(udp_payload(&r.frame), expected);
+    }
+    assert_eq!(
+        src.dataplane
+            .counters()
+            .unwrap()
+            .get(counter::OUTPUT_CAPTURED),
+        100
+    );
 }

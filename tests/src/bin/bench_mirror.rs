@@ -15,7 +15,7 @@ use std::{
 
 use dataplane_common::{FLOW_MIRROR, counter};
 use dataplane_tests::{CPS_V4, Loaded, SERVICE_V4, TestHosts, sock};
-use dataplane_user::{flow, loader::MirrorMode};
+use dataplane_user::{LoadOptions, flow, loader::MirrorMode};
 
 const INPUTS: u64 = 200_000;
 /// Inputs are sent in batches of BATCH every BATCH_PERIOD (100,000 inputs/s),
@@ -72,8 +72,17 @@ fn run(hosts: &TestHosts, mode: Mode, devmap: &MirrorMode) -> anyhow::Result<Rou
     } else {
         MirrorMode::Clone
     };
-    let mut src: Loaded = hosts.load_src_with(mirror_mode, RING_BYTES);
-    let mut dst: Loaded = hosts.load_dst_with(RING_BYTES);
+    let src_options = LoadOptions {
+        mirror_mode,
+        input_ring_bytes: RING_BYTES,
+        ..hosts.src_options()
+    };
+    let dst_options = LoadOptions {
+        input_ring_bytes: RING_BYTES,
+        ..hosts.dst_options()
+    };
+    let mut src = Loaded::new(&hosts.src, &src_options);
+    let mut dst = Loaded::new(&hosts.dst, &dst_options);
     let (cps, service) = (sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
     let key = flow::udp(cps, service);
     let flags = if mode == Mode::None { 0 } else { FLOW_MIRROR };
