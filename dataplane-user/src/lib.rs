@@ -1,9 +1,14 @@
 //! The dataplane's user space: loading the kernel programs, reading their
 //! logs and counters, and managing CPS flows.
 pub mod capture;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod flow;
 pub mod loader;
+pub mod metrics;
 pub mod netdev;
+pub mod peer;
 
 pub use capture::{LogReader, Record};
 pub use loader::{Counters, Dataplane, LoadError, LoadOptions};

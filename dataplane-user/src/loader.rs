@@ -320,6 +320,24 @@ impl Dataplane {
         &self.pin_root
     }
 
+    /// The attached programs, as "interface/program", from the link pins.
+    pub fn attached_programs(&self) -> Result<Vec<String>, LoadError> {
+        let mut attached = Vec::new();
+        for iface in read_dir(&self.pin_root.join("links"))? {
+            for link in read_dir(&iface)? {
+                let name = |p: &Path| {
+                    p.file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                attached.push(format!("{}/{}", name(&iface), name(&link)));
+            }
+        }
+        attached.sort();
+        Ok(attached)
+    }
+
     /// Opens one of the log ring buffers ([`MAP_INPUTS`] or [`MAP_OUTPUTS`]).
     pub fn open_log(&self, name: &'static str) -> Result<RingBuf<MapData>, LoadError> {
         let data = MapData::from_pin(self.pin_root.join("maps").join(name))

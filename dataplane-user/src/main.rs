@@ -1,16 +1,28 @@
-//! `dataplane`: the host admin's command line.
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+//! `dataplane`: the command line of host admins and migration scripts.
+//!
+//! `daemon` runs the daemon; `load`, `unload`, `gate` and `capture` work on
+//! the pinned dataplane directly; every other command asks the daemon over
+//! its control socket. Exit codes: 0 done, 1 the daemon answered with an
+//! error, 2 bad usage, 3 the daemon cannot be reached, 4 a local failure.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use dataplane_common::{
-    FLOW_MIRROR, GATE_DELIVER_ALL, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED, counter,
-};
+use dataplane_common::{GATE_DELIVER_ALL, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED};
 use dataplane_user::{
-    Dataplane, LoadOptions, LogReader, flow,
+    Dataplane, LoadOptions, LogReader,
+    config::{DEFAULT_CONFIG, DEFAULT_SOCKET, DaemonConfig},
+    control::{Client, ClientError},
+    daemon::Daemon,
     loader::{DEFAULT_PIN_ROOT, MAP_INPUTS, MAP_OUTPUTS, MirrorMode},
     netdev::parse_mac,
 };
+use serde_json::{Value, json};
 
 #[derive(Parser)]
 #[command(
@@ -18,15 +30,39 @@ use dataplane_user::{
     about = "Packet duplication and replay dataplane for live migration"
 )]
 struct Cli {
-    /// bpffs directory the dataplane is pinned under.
+    /// bpffs directory the dataplane is pinned under (load, unload, gate, capture).
     #[arg(long, global = true, default_value = DEFAULT_PIN_ROOT)]
     pin_root: PathBuf,
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print the daemon's JSON answers instead of tables, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: adopt or load the dataplane, serve the control socket and the peer link.
+    Daemon {
+        /// Configuration file; flags below override its keys.
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Service-facing interface (overrides `interface`).
+        #[arg(long)]
+        interface: Option<String>,
+        /// Link to the peer host (overrides `peer_interface`).
+        #[arg(long)]
+        peer_interface: Option<String>,
+        /// MAC of the peer host on that link (overrides `peer_mac`).
+        #[arg(long)]
+        peer_mac: Option<String>,
+        /// Peer-link listen address (overrides `peer_listen`).
+        #[arg(long)]
+        peer_listen: Option<SocketAddr>,
+    },
     /// Load and attach the kernel programs, pinned so they outlive this command.
     Load {
         /// Service-facing interface: CPS inputs arrive and outputs leave here.
@@ -57,21 +93,44 @@ enum Command {
     },
     /// Detach the programs and remove every pin.
     Unload,
-    /// Show the configuration, flows and counters.
+    /// The daemon's view: interfaces, programs, flows, counters, services, migrations.
     Status,
+    /// Counters and registry sizes in the Prometheus text format.
+    Metrics,
     /// Manage CPS flows.
     Flow {
         #[command(subcommand)]
         command: FlowCommand,
     },
-    /// Set the gate of a flow's mirrored inputs on this host.
+    /// Manage the services that migrations move.
+    Service {
+        #[command(subcommand)]
+        command: ServiceCommand,
+    },
+    /// Migrate a registered service to the host whose daemon listens at --to.
+    Migrate {
+        service: String,
+        /// The destination daemon's peer-link address, HOST:PORT.
+        #[arg(long)]
+        to: SocketAddr,
+    },
+    /// Stream migration phase changes as they happen.
+    Watch,
+    /// Abort a migration; the source keeps serving.
+    Abort { id: String },
+    /// Check the peer link to another daemon: handshake and round trip.
+    Ping {
+        /// The other daemon's peer-link address, HOST:PORT.
+        address: SocketAddr,
+    },
+    /// Set the gate of a flow's mirrored inputs on this host (on the pins).
     Gate {
         /// Flow id, as `flow ls` shows it.
         flow_id: u32,
         #[arg(value_parser = ["deliver", "hold"])]
         mode: String,
     },
-    /// Print log records as they arrive.
+    /// Print log records as they arrive (from the pins).
     Capture {
         /// Read the output log instead of the input log.
         #[arg(long)]
@@ -110,20 +169,136 @@ enum FlowCommand {
     Ls,
 }
 
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Register a service: its process, network namespace and flows.
+    Add {
+        name: String,
+        /// The service's process (the root of its PID namespace, if any).
+        #[arg(long)]
+        pid: u32,
+        /// Its network namespace, e.g. /run/netns/src.
+        #[arg(long)]
+        netns: Option<String>,
+        /// A flow that feeds it, CPS_ADDR:PORT=SERVICE_ADDR:PORT; repeatable.
+        #[arg(long = "flow", value_parser = flow_spec, required = true)]
+        flows: Vec<(SocketAddr, SocketAddr)>,
+        /// A standby instance's process, fed by the mirror.
+        #[arg(long)]
+        standby_pid: Option<u32>,
+    },
+    /// Forget a service.
+    Rm { name: String },
+    /// List services.
+    Ls,
+}
+
 fn mac(text: &str) -> Result<[u8; 6], String> {
     parse_mac(text).ok_or_else(|| format!("{text:?} is not a MAC address like 02:00:00:00:00:01"))
 }
 
-fn main() -> anyhow::Result<()> {
+fn flow_spec(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (cps, service) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not CPS_ADDR:PORT=SERVICE_ADDR:PORT"))?;
+    let parse = |s: &str| s.parse::<SocketAddr>().map_err(|e| format!("{s:?}: {e}"));
+    Ok((parse(cps)?, parse(service)?))
+}
+
+/// What ended a command, by exit code.
+enum Failure {
+    /// The daemon answered with an error (1).
+    Daemon(ClientError),
+    /// The daemon could not be reached (3).
+    Unreachable(ClientError),
+    /// Anything else (4).
+    Local(anyhow::Error),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Rpc(_) => Failure::Daemon(e),
+            e => Failure::Unreachable(e),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Local(e)
+    }
+}
+
+impl From<dataplane_user::LoadError> for Failure {
+    fn from(e: dataplane_user::LoadError) -> Self {
+        Failure::Local(e.into())
+    }
+}
+
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let root = cli.pin_root;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Daemon(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Unreachable(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(3)
+        }
+        Err(Failure::Local(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(4)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let (root, json_out) = (cli.pin_root, cli.json);
+    let call = |method: &str, params: Value| -> Result<Value, Failure> {
+        Ok(Client::connect(&cli.socket)?.call(method, params)?)
+    };
     match cli.command {
+        Command::Daemon {
+            config,
+            interface,
+            peer_interface,
+            peer_mac,
+            peer_listen,
+        } => {
+            let mut config = match (DaemonConfig::read(&config), &interface) {
+                (Ok(config), _) => config,
+                // Without a file, flags alone may configure the daemon.
+                (Err(_), Some(interface)) if !config.exists() => {
+                    DaemonConfig::parse(&format!("interface = {interface:?}")).context("flags")?
+                }
+                (Err(e), _) => return Err(Failure::Local(e.into())),
+            };
+            config.interface = interface.unwrap_or(config.interface);
+            config.peer_interface = peer_interface.or(config.peer_interface);
+            config.peer_mac = peer_mac.or(config.peer_mac);
+            config.peer_listen = peer_listen.or(config.peer_listen);
+            if root != Path::new(DEFAULT_PIN_ROOT) {
+                config.pin_root = root;
+            }
+            if cli.socket != Path::new(DEFAULT_SOCKET) {
+                config.socket = cli.socket.clone();
+            }
+            config.load_options().context("configuration")?;
+            let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
+            runtime
+                .block_on(async { Daemon::start(config)?.serve().await })
+                .context("daemon")?;
+        }
         Command::Load {
             interface,
             peer_interface,
@@ -162,41 +337,95 @@ fn main() -> anyhow::Result<()> {
             Dataplane::unload(&root)?;
             println!("unloaded; nothing left at {}", root.display());
         }
-        Command::Status => {
-            let dataplane = Dataplane::open(&root)?;
-            let config = dataplane.config()?;
-            println!("pinned at {}", root.display());
-            println!(
-                "snap_len {}  mirror_ifindex {}",
-                config.snap_len, config.mirror_ifindex
-            );
-            print_flows(&dataplane)?;
-            println!("{:>18} {:>12}  per CPU", "counter", "total");
-            for (index, name) in counter::NAMES.iter().enumerate() {
-                let per_cpu = dataplane.counter_per_cpu(index as u32)?;
-                let total: u64 = per_cpu.iter().sum();
-                println!("{name:>18} {total:>12}  {per_cpu:?}");
+        Command::Status => show(json_out, call("status", json!({}))?, print_status),
+        Command::Metrics => {
+            let page = call("metrics", json!({}))?;
+            print!("{}", page.as_str().unwrap_or_default());
+        }
+        Command::Flow { command } => match command {
+            FlowCommand::Add {
+                cps,
+                service,
+                mirror,
+            } => show(
+                json_out,
+                call(
+                    "flow.add",
+                    json!({"cps": cps, "service": service, "mirror": mirror}),
+                )?,
+                |v| {
+                    println!(
+                        "flow {}: {}",
+                        v["id"],
+                        v["flow"].as_str().unwrap_or_default()
+                    )
+                },
+            ),
+            FlowCommand::Rm { cps, service } => show(
+                json_out,
+                call("flow.remove", json!({"cps": cps, "service": service}))?,
+                |v| println!("removed {}", v["removed"].as_str().unwrap_or_default()),
+            ),
+            FlowCommand::Ls => show(json_out, call("flow.list", json!({}))?, print_flows),
+        },
+        Command::Service { command } => match command {
+            ServiceCommand::Add {
+                name,
+                pid,
+                netns,
+                flows,
+                standby_pid,
+            } => {
+                let flows: Vec<Value> = flows
+                    .iter()
+                    .map(|(cps, service)| json!({"cps": cps, "service": service}))
+                    .collect();
+                let params = json!({"name": name, "pid": pid, "netns": netns, "flows": flows,
+                                    "standby_pid": standby_pid});
+                show(json_out, call("service.register", params)?, |_| {
+                    println!("registered {name}")
+                })
+            }
+            ServiceCommand::Rm { name } => show(
+                json_out,
+                call("service.unregister", json!({"name": name}))?,
+                |_| println!("unregistered {name}"),
+            ),
+            ServiceCommand::Ls => show(json_out, call("service.list", json!({}))?, print_services),
+        },
+        Command::Migrate { service, to } => show(
+            json_out,
+            call("migration.start", json!({"service": service, "to": to}))?,
+            |v| println!("{v}"),
+        ),
+        Command::Watch => {
+            let mut client = Client::connect(&cli.socket)?;
+            client.call("migration.watch", json!({}))?;
+            loop {
+                let line = client.next_line()?;
+                if json_out {
+                    print!("{line}");
+                } else {
+                    let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                    println!("{} {}", v["method"].as_str().unwrap_or("?"), v["params"]);
+                }
             }
         }
-        Command::Flow { command } => {
-            let mut dataplane = Dataplane::open(&root)?;
-            match command {
-                FlowCommand::Add {
-                    cps,
-                    service,
-                    mirror,
-                } => {
-                    let flags = if mirror { FLOW_MIRROR } else { 0 };
-                    let key = flow::udp(cps, service);
-                    let id = dataplane.add_flow(key, flags)?;
-                    println!("flow {id}: {}", flow::display(&key));
-                }
-                FlowCommand::Rm { cps, service } => {
-                    dataplane.remove_flow(&flow::udp(cps, service))?;
-                }
-                FlowCommand::Ls => print_flows(&dataplane)?,
-            }
-        }
+        Command::Abort { id } => show(json_out, call("migration.abort", json!({"id": id}))?, |v| {
+            println!("{v}")
+        }),
+        Command::Ping { address } => show(
+            json_out,
+            call("peer.ping", json!({"address": address}))?,
+            |v| {
+                println!(
+                    "peer {} (protocol {}) answered in {} us",
+                    v["host"].as_str().unwrap_or("?"),
+                    v["version"],
+                    v["rtt_us"]
+                )
+            },
+        ),
         Command::Gate { flow_id, mode } => {
             let mode = if mode == "hold" {
                 GATE_HOLD_ALL
@@ -218,23 +447,75 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_flows(dataplane: &Dataplane) -> anyhow::Result<()> {
-    for (key, config) in dataplane.flows()? {
-        let sequence = dataplane.sequence(config.flow_id)?;
-        let mirror = if config.flags & FLOW_MIRROR != 0 {
-            " mirror"
+/// Prints `value` as JSON for scripts, or with `human` for people.
+fn show(json_out: bool, value: Value, human: impl FnOnce(&Value)) {
+    if json_out {
+        println!("{value}");
+    } else {
+        human(&value);
+    }
+}
+
+fn print_status(v: &Value) {
+    println!(
+        "dataplane {}  pinned at {}  {}  up {} s",
+        v["version"].as_str().unwrap_or("?"),
+        v["pin_root"].as_str().unwrap_or("?"),
+        if v["adopted"] == true {
+            "re-adopted"
         } else {
-            ""
-        };
+            "loaded"
+        },
+        v["uptime_s"]
+    );
+    println!(
+        "interfaces: service {}  peer {}",
+        v["interfaces"]["service"], v["interfaces"]["peer"]
+    );
+    let programs: Vec<&str> = v["programs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    println!("programs: {}", programs.join(" "));
+    print_flows(&v["flows"]);
+    print_services(&v["services"]);
+    println!("counters:");
+    if let Some(counters) = v["counters"].as_object() {
+        for (name, value) in counters {
+            println!("  {name:>18} {value}");
+        }
+    }
+}
+
+fn print_flows(flows: &Value) {
+    println!(
+        "{:>4}  {:<48} {:>6} {:>12} {:>14}",
+        "id", "flow", "mirror", "last_seq", "last_delivered"
+    );
+    for f in flows.as_array().into_iter().flatten() {
+        let name = format!(
+            "{} -> {}",
+            f["cps"].as_str().unwrap_or("?"),
+            f["service"].as_str().unwrap_or("?")
+        );
         println!(
-            "flow {:>4}: {}{mirror}  last_seq {}  last_delivered {}",
-            config.flow_id,
-            flow::display(&key),
-            sequence.last_seq,
-            sequence.last_delivered
+            "{:>4}  {name:<48} {:>6} {:>12} {:>14}",
+            f["id"], f["mirror"], f["last_seq"], f["last_delivered"]
         );
     }
-    Ok(())
+}
+
+fn print_services(services: &Value) {
+    for s in services.as_array().into_iter().flatten() {
+        println!(
+            "service {}: pid {} netns {} standby {} flows {}",
+            s["name"].as_str().unwrap_or("?"),
+            s["pid"],
+            s["netns"],
+            s["standby_pid"],
+            s["flows"]
+        );
+    }
 }
 
 fn capture(

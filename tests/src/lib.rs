@@ -357,15 +357,15 @@ pub fn sock(addr: impl Into<IpAddr>, port: u16) -> SocketAddr {
 /// The path of the `dataplane` binary built beside the test executable.
 pub fn dataplane_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("own path");
-    // target/<profile>/deps/<test> -> target/<profile>/dataplane
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join("dataplane");
+    // Tests run from target/<profile>/deps/, the demo and benchmarks from target/<profile>/.
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
+    let bin = dir.join("dataplane");
     assert!(
         bin.exists(),
-        "{} is missing: `cargo xtask test` builds it before the tests",
+        "{} is missing: `cargo xtask` builds it before tests, demo and benchmarks",
         bin.display()
     );
     bin
@@ -460,5 +460,85 @@ impl RawSocket {
             buf.truncate(n as usize);
             buf
         })
+    }
+}
+
+/// A `dataplane daemon` process in a test host; on drop it is killed and
+/// what it pinned and wrote is removed.
+pub struct DaemonProcess {
+    child: std::process::Child,
+    /// Its control socket.
+    pub socket: PathBuf,
+    dir: PathBuf,
+    pin_root: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Starts the daemon in `host` with `config` (TOML) and waits for its socket.
+    pub fn start(host: &NetNs, name: &str, config: &str) -> Self {
+        let dir = PathBuf::from(format!("/tmp/dataplane-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        let config_path = dir.join("dataplane.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let socket = dir.join("dataplane.sock");
+        let child = Command::new("nsenter")
+            .arg(format!("--net={}", host.path().display()))
+            .arg(dataplane_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .arg("daemon")
+            .arg("--config")
+            .arg(&config_path)
+            .stderr(std::fs::File::create(dir.join("daemon.log")).expect("log file"))
+            .spawn()
+            .expect("spawn the daemon");
+        let pin_root = dataplane_user::config::DaemonConfig::parse(config)
+            .expect("a valid test configuration")
+            .pin_root;
+        let daemon = Self {
+            child,
+            socket,
+            dir,
+            pin_root,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    /// A control-socket client.
+    pub fn client(&self) -> dataplane_user::control::Client {
+        dataplane_user::control::Client::connect(&self.socket).expect("connect to the daemon")
+    }
+
+    /// Sends `signal` and waits for the process to end; its exit status.
+    /// The pinned dataplane stays, for a restart to adopt.
+    pub fn stop(mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the daemon");
+        let status = self.child.wait().expect("wait for the daemon");
+        self.pin_root = PathBuf::new();
+        status
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
+            eprintln!("--- daemon log ({}) ---\n{log}", self.dir.display());
+        }
+        if self.pin_root.join("links").exists() {
+            let _ = Dataplane::unload(&self.pin_root);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

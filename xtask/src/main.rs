@@ -39,6 +39,8 @@ enum Task {
 enum Bench {
     /// The CPU cost of a mirror copy: TC clone_redirect against XDP devmap broadcast.
     Mirror,
+    /// Requests per second and latency of `status` over the control socket.
+    Control,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => run_bin("demo"),
         Task::Bench { which } => match which {
             Bench::Mirror => run_bin("bench-mirror"),
+            Bench::Control => run_bin("bench-control"),
         },
     }
 }
@@ -76,6 +79,8 @@ fn run_bin(name: &str) -> anyhow::Result<()> {
     if !is_root() {
         bail!("{name} builds network namespaces and loads BPF programs: run as root");
     }
+    // The programs drive the `dataplane` binary, so build everything first.
+    cargo(&["build", "--release"])?;
     cargo(&[
         "run",
         "--release",

@@ -1,0 +1,160 @@
+//! The daemon's configuration: /etc/dataplane/dataplane.toml by default.
+//!
+//! Every key is optional except `interface`; the defaults are the ones shown
+//! in `dataplane.example.toml` and documented here.
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::loader::{DEFAULT_PIN_ROOT, LoadOptions};
+
+/// Where the daemon reads its configuration unless told otherwise.
+pub const DEFAULT_CONFIG: &str = "/etc/dataplane/dataplane.toml";
+/// Where the daemon serves its control socket unless configured otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/dataplane/dataplane.sock";
+
+/// The daemon's configuration.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Service-facing interface: CPS inputs arrive and outputs leave here. Required.
+    pub interface: String,
+    /// Link to the peer host for mirror copies. Default: none (no mirroring).
+    #[serde(default)]
+    pub peer_interface: Option<String>,
+    /// MAC address of the peer host on that link, "aa:bb:cc:dd:ee:ff". Default: broadcast.
+    #[serde(default)]
+    pub peer_mac: Option<String>,
+    /// bpffs directory of the pins. Default: /sys/fs/bpf/dataplane.
+    #[serde(default = "default_pin_root")]
+    pub pin_root: PathBuf,
+    /// Most bytes of a frame to log; 0 logs whole frames. Default: 0.
+    #[serde(default)]
+    pub snap_len: u32,
+    /// Input log size in MiB, a power of two. Default: 64.
+    #[serde(default = "default_input_ring_mib")]
+    pub input_ring_mib: u32,
+    /// Output log size in MiB, a power of two. Default: 16.
+    #[serde(default = "default_output_ring_mib")]
+    pub output_ring_mib: u32,
+    /// Control socket path. Default: /run/dataplane/dataplane.sock.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    /// Group that may use the control socket (mode 0660). Default: root's group only.
+    #[serde(default)]
+    pub socket_group: Option<String>,
+    /// Address the peer link listens on, "ADDR:PORT". Default: none (no peer link).
+    #[serde(default)]
+    pub peer_listen: Option<SocketAddr>,
+}
+
+fn default_pin_root() -> PathBuf {
+    PathBuf::from(DEFAULT_PIN_ROOT)
+}
+fn default_input_ring_mib() -> u32 {
+    64
+}
+fn default_output_ring_mib() -> u32 {
+    16
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_SOCKET)
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("peer_mac {0:?} is not a MAC address like 02:00:00:00:00:01")]
+    PeerMac(String),
+}
+
+impl DaemonConfig {
+    /// Reads and checks the configuration file at `path`.
+    pub fn read(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and checks a configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source: Box::new(source),
+        })?;
+        config.load_options()?;
+        Ok(config)
+    }
+
+    /// The loader's options this configuration stands for.
+    pub fn load_options(&self) -> Result<LoadOptions, ConfigError> {
+        let peer_mac = match &self.peer_mac {
+            Some(text) => Some(
+                crate::netdev::parse_mac(text).ok_or_else(|| ConfigError::PeerMac(text.clone()))?,
+            ),
+            None => None,
+        };
+        Ok(LoadOptions {
+            pin_root: self.pin_root.clone(),
+            peer_interface: self.peer_interface.clone(),
+            peer_mac,
+            snap_len: self.snap_len,
+            input_ring_bytes: self.input_ring_mib << 20,
+            output_ring_bytes: self.output_ring_mib << 20,
+            ..LoadOptions::new(self.interface.clone())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fills_in_documented_defaults() {
+        let config = DaemonConfig::parse("interface = \"eth0\"").unwrap();
+        assert_eq!(config.pin_root, PathBuf::from(DEFAULT_PIN_ROOT));
+        assert_eq!(config.socket, PathBuf::from(DEFAULT_SOCKET));
+        assert_eq!((config.input_ring_mib, config.output_ring_mib), (64, 16));
+        assert_eq!(config.peer_listen, None);
+        let options = config.load_options().unwrap();
+        assert_eq!(options.input_ring_bytes, 64 << 20);
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let example = include_str!("../../dataplane.example.toml");
+        let config = DaemonConfig::parse(example).unwrap();
+        assert_eq!(config.interface, "eth0");
+        assert_eq!(
+            config.peer_listen,
+            Some("198.51.100.1:7070".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn rejects_unknown_keys_and_bad_values() {
+        assert!(DaemonConfig::parse("interface = \"eth0\"\nintreface = 1").is_err());
+        assert!(DaemonConfig::parse("").is_err(), "interface is required");
+        let bad_mac = DaemonConfig::parse("interface = \"eth0\"\npeer_mac = \"nope\"");
+        assert!(matches!(bad_mac, Err(ConfigError::PeerMac(_))));
+    }
+}

@@ -1,0 +1,572 @@
+//! `dataplane daemon`: owns the host's dataplane and serves the control
+//! socket and the peer link.
+//!
+//! On start it re-adopts a pinned dataplane (as a restart after SIGKILL
+//! finds it) or loads one from the configuration. On SIGTERM or SIGINT it
+//! stops serving and leaves the dataplane pinned, attached and counting.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncWriteExt, BufReader},
+    net::{TcpListener, UnixListener, UnixStream},
+    sync::broadcast,
+};
+
+use crate::{
+    config::DaemonConfig,
+    control::{self, Line, Request, Response, RpcError, code},
+    flow,
+    loader::{Dataplane, LoadError},
+    metrics, peer,
+};
+use dataplane_common::{FLOW_MIRROR, counter};
+
+/// A service the daemon knows: the processes and flows a migration moves.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Unique name.
+    pub name: String,
+    /// The service's process (the root of its PID namespace, if it has one).
+    pub pid: u32,
+    /// Its network namespace, e.g. /run/netns/src. Default: the daemon's.
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// The flows that feed it, as "CPS_ADDR:PORT" -> "SERVICE_ADDR:PORT" pairs.
+    pub flows: Vec<FlowSpec>,
+    /// A standby instance's process, fed by the mirror (gundall2022 Option 2).
+    #[serde(default)]
+    pub standby_pid: Option<u32>,
+}
+
+/// A flow by its ends.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FlowSpec {
+    pub cps: SocketAddr,
+    pub service: SocketAddr,
+}
+
+/// The daemon's state, shared by every connection.
+pub struct Daemon {
+    config: DaemonConfig,
+    dataplane: Mutex<Dataplane>,
+    adopted: bool,
+    started: Instant,
+    services: Mutex<BTreeMap<String, Service>>,
+    /// Migration phase changes, for `migration.watch`.
+    events: broadcast::Sender<Value>,
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("control socket {path}: {source}")]
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("socket group {0:?} does not exist")]
+    NoGroup(String),
+    #[error("peer link on {address}: {source}")]
+    PeerListen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("signal handling: {0}")]
+    Signal(std::io::Error),
+}
+
+impl Daemon {
+    /// Adopts the pinned dataplane, or loads it as `config` says.
+    pub fn start(config: DaemonConfig) -> Result<Self, DaemonError> {
+        let options = config
+            .load_options()
+            .expect("the configuration was checked when read");
+        let (dataplane, adopted) = match Dataplane::open(&options.pin_root) {
+            Ok(dataplane) => (dataplane, true),
+            Err(LoadError::NotLoaded(_)) => (Dataplane::load(&options)?, false),
+            Err(e) => return Err(e.into()),
+        };
+        let flows = dataplane.flows()?.len();
+        if adopted {
+            let counters = dataplane.counters()?;
+            tracing::info!(
+                pin_root = %options.pin_root.display(),
+                flows,
+                seen = counters.get(counter::SEEN),
+                captured = counters.get(counter::CAPTURED),
+                "re-adopted the pinned dataplane; it kept running"
+            );
+        } else {
+            tracing::info!(interface = %config.interface, pin_root = %options.pin_root.display(), "loaded the dataplane");
+        }
+        Ok(Self {
+            config,
+            dataplane: Mutex::new(dataplane),
+            adopted,
+            started: Instant::now(),
+            services: Mutex::new(BTreeMap::new()),
+            events: broadcast::channel(256).0,
+        })
+    }
+
+    /// Serves the control socket (and the peer link if configured) until SIGTERM or SIGINT.
+    pub async fn serve(self) -> Result<(), DaemonError> {
+        let daemon = Arc::new(self);
+        let listener = bind_socket(&daemon.config)?;
+        let socket_path = daemon.config.socket.clone();
+        tracing::info!(socket = %socket_path.display(), "serving the control socket");
+        if let Some(address) = daemon.config.peer_listen {
+            let peers = TcpListener::bind(address)
+                .await
+                .map_err(|source| DaemonError::PeerListen { address, source })?;
+            tracing::info!(%address, "serving the peer link");
+            tokio::spawn(peer::serve(peers));
+        }
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let daemon = daemon.clone();
+                        tokio::spawn(async move { daemon.serve_client(stream).await });
+                    }
+                    Err(e) => tracing::warn!("accepting a control connection: {e}"),
+                },
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        // No migration can be in flight yet; when one can, it is rolled back here.
+        let _ = std::fs::remove_file(&socket_path);
+        tracing::info!("stopped; the dataplane stays pinned and attached");
+        Ok(())
+    }
+
+    async fn serve_client(self: Arc<Self>, stream: UnixStream) {
+        let peer = stream.peer_cred().ok();
+        let (read, mut write) = stream.into_split();
+        let mut reader = BufReader::new(read);
+        let mut watching: Option<broadcast::Receiver<Value>> = None;
+        loop {
+            let line = match &mut watching {
+                None => control::read_line(&mut reader).await,
+                Some(events) => tokio::select! {
+                    line = control::read_line(&mut reader) => line,
+                    event = events.recv() => {
+                        let out = match event {
+                            Ok(params) => control::notification("migration.phase", params),
+                            Err(broadcast::error::RecvError::Lagged(n)) => control::notification(
+                                "migration.lagged", json!({"missed": n})),
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        };
+                        if write.write_all(out.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                },
+            };
+            let reply = match line {
+                Ok(Line::Closed) | Err(_) => return,
+                Ok(Line::TooLong) => Some(Response::to(
+                    Value::Null,
+                    Err(RpcError::new(
+                        code::INVALID_REQUEST,
+                        format!("request line over {} bytes", control::MAX_LINE),
+                    )),
+                )),
+                Ok(Line::Text(text)) => {
+                    let (reply, watch) = self.answer(&text, watching.is_some(), peer).await;
+                    if watch {
+                        watching = Some(self.events.subscribe());
+                    }
+                    reply
+                }
+            };
+            if let Some(reply) = reply
+                && write.write_all(reply.line().as_bytes()).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+
+    /// The reply to one request line (none for a notification), and whether
+    /// the connection now streams migration events.
+    async fn answer(
+        &self,
+        text: &[u8],
+        streaming: bool,
+        peer: Option<tokio::net::unix::UCred>,
+    ) -> (Option<Response>, bool) {
+        let value: Value = match serde_json::from_slice(text) {
+            Ok(v) => v,
+            Err(e) => {
+                let error = RpcError::new(code::PARSE_ERROR, format!("not JSON: {e}"));
+                return (Some(Response::to(Value::Null, Err(error))), false);
+            }
+        };
+        let id = value.get("id").cloned().unwrap_or(Value::Null);
+        let request = match serde_json::from_value::<Request>(value) {
+            Ok(r) if r.jsonrpc == "2.0" => r,
+            _ => {
+                let error = RpcError::new(
+                    code::INVALID_REQUEST,
+                    "not a JSON-RPC 2.0 request: send {\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"status\"}",
+                );
+                return (Some(Response::to(id, Err(error))), false);
+            }
+        };
+        let outcome = if streaming {
+            Err(RpcError::new(
+                code::STREAMING,
+                "this connection streams migration.watch notifications; send requests on another connection",
+            ))
+        } else {
+            if is_state_changing(&request.method) {
+                tracing::info!(
+                    method = %request.method,
+                    pid = peer.and_then(|c| c.pid()),
+                    uid = peer.map(|c| c.uid()),
+                    gid = peer.map(|c| c.gid()),
+                    "control request"
+                );
+            }
+            self.call(&request.method, request.params).await
+        };
+        let watch = request.method == "migration.watch" && outcome.is_ok();
+        let reply = request.id.map(|_| Response::to(id, outcome));
+        (reply, watch)
+    }
+
+    async fn call(&self, method: &str, params: Value) -> Result<Value, RpcError> {
+        match method {
+            "status" => self.status(),
+            "metrics" => Ok(Value::String(self.metrics()?)),
+            "flow.add" => self.flow_add(params),
+            "flow.remove" => self.flow_remove(params),
+            "flow.list" => self.flow_list(),
+            "service.register" => self.service_register(params),
+            "service.unregister" => self.service_unregister(params),
+            "service.list" => Ok(json!(
+                self.services.lock().unwrap().values().collect::<Vec<_>>()
+            )),
+            "migration.start" => self.migration_start(params),
+            "migration.status" => Ok(json!([])),
+            "migration.abort" => {
+                let MigrationId { id } = parse(params)?;
+                Err(RpcError::new(
+                    code::NOT_FOUND,
+                    format!("no migration {id}: none is running"),
+                ))
+            }
+            "migration.watch" => Ok(json!({"watching": true})),
+            "peer.ping" => self.peer_ping(params).await,
+            other => Err(RpcError::new(
+                code::METHOD_NOT_FOUND,
+                format!("no method {other:?}; docs/api.md lists them"),
+            )),
+        }
+    }
+
+    fn status(&self) -> Result<Value, RpcError> {
+        let dataplane = self.dataplane.lock().unwrap();
+        let counters = dataplane.counters().map_err(dataplane_error)?;
+        let counters: serde_json::Map<String, Value> = counter::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (name.to_string(), json!(counters.get(i as u32))))
+            .collect();
+        Ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pin_root": dataplane.pin_root(),
+            "adopted": self.adopted,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "interfaces": {
+                "service": self.config.interface,
+                "peer": self.config.peer_interface,
+            },
+            "programs": dataplane.attached_programs().map_err(dataplane_error)?,
+            "flows": flows_json(&dataplane)?,
+            "counters": counters,
+            "services": self.services.lock().unwrap().values().collect::<Vec<_>>(),
+            "migrations": [],
+            "peer_listen": self.config.peer_listen,
+        }))
+    }
+
+    fn metrics(&self) -> Result<String, RpcError> {
+        let dataplane = self.dataplane.lock().unwrap();
+        let counters = dataplane.counters().map_err(dataplane_error)?;
+        let flows = dataplane.flows().map_err(dataplane_error)?.len();
+        Ok(metrics::render(
+            &counters,
+            flows,
+            self.services.lock().unwrap().len(),
+        ))
+    }
+
+    fn flow_add(&self, params: Value) -> Result<Value, RpcError> {
+        let FlowParams {
+            cps,
+            service,
+            mirror,
+        } = parse(params)?;
+        let key = flow::udp(cps, service);
+        let flags = if mirror { FLOW_MIRROR } else { 0 };
+        let id = self
+            .dataplane
+            .lock()
+            .unwrap()
+            .add_flow(key, flags)
+            .map_err(dataplane_error)?;
+        Ok(json!({"id": id, "flow": flow::display(&key)}))
+    }
+
+    fn flow_remove(&self, params: Value) -> Result<Value, RpcError> {
+        let FlowSpec { cps, service } = parse(params)?;
+        let key = flow::udp(cps, service);
+        if let Some(user) = self
+            .services
+            .lock()
+            .unwrap()
+            .values()
+            .find(|s| s.flows.iter().any(|f| flow::udp(f.cps, f.service) == key))
+        {
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!(
+                    "service {} uses this flow: service.unregister it first",
+                    user.name
+                ),
+            ));
+        }
+        self.dataplane
+            .lock()
+            .unwrap()
+            .remove_flow(&key)
+            .map_err(dataplane_error)?;
+        Ok(json!({"removed": flow::display(&key)}))
+    }
+
+    fn flow_list(&self) -> Result<Value, RpcError> {
+        flows_json(&self.dataplane.lock().unwrap())
+    }
+
+    fn service_register(&self, params: Value) -> Result<Value, RpcError> {
+        let service: Service = parse(params)?;
+        if service.name.is_empty() {
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                "a service needs a name",
+            ));
+        }
+        for pid in std::iter::once(service.pid).chain(service.standby_pid) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(RpcError::new(code::NOT_FOUND, format!("no process {pid}")));
+            }
+        }
+        if let Some(netns) = &service.netns
+            && !Path::new(netns).exists()
+        {
+            return Err(RpcError::new(
+                code::NOT_FOUND,
+                format!("no network namespace {netns}"),
+            ));
+        }
+        let known = self
+            .dataplane
+            .lock()
+            .unwrap()
+            .flows()
+            .map_err(dataplane_error)?;
+        for f in &service.flows {
+            let key = flow::udp(f.cps, f.service);
+            if !known.iter().any(|(k, _)| *k == key) {
+                return Err(RpcError::new(
+                    code::NOT_FOUND,
+                    format!(
+                        "{} is not a known flow: flow.add it first",
+                        flow::display(&key)
+                    ),
+                ));
+            }
+        }
+        let mut services = self.services.lock().unwrap();
+        if services.contains_key(&service.name) {
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!("service {} is registered already", service.name),
+            ));
+        }
+        let name = service.name.clone();
+        services.insert(name.clone(), service);
+        Ok(json!({"registered": name}))
+    }
+
+    fn service_unregister(&self, params: Value) -> Result<Value, RpcError> {
+        let ServiceName { name } = parse(params)?;
+        match self.services.lock().unwrap().remove(&name) {
+            Some(_) => Ok(json!({"unregistered": name})),
+            None => Err(RpcError::new(code::NOT_FOUND, format!("no service {name}"))),
+        }
+    }
+
+    fn migration_start(&self, params: Value) -> Result<Value, RpcError> {
+        let MigrationStart { service, to } = parse(params)?;
+        if !self.services.lock().unwrap().contains_key(&service) {
+            return Err(RpcError::new(
+                code::NOT_FOUND,
+                format!("no service {service}"),
+            ));
+        }
+        Err(RpcError::new(
+            code::NOT_IMPLEMENTED,
+            format!(
+                "live migration of {service} to {to} is not implemented yet: it arrives with \
+                 the CRIU driver, replay and cutover; the service keeps running where it is"
+            ),
+        ))
+    }
+
+    async fn peer_ping(&self, params: Value) -> Result<Value, RpcError> {
+        let PeerAddress { address } = parse(params)?;
+        let peer_error =
+            |e: peer::PeerError| RpcError::new(code::PEER, format!("peer {address}: {e}"));
+        let (mut stream, theirs) = peer::connect(address).await.map_err(peer_error)?;
+        let rtt = peer::ping(&mut stream).await.map_err(peer_error)?;
+        Ok(
+            json!({"host": theirs.host, "version": theirs.version, "rtt_us": rtt.as_micros() as u64}),
+        )
+    }
+}
+
+/// Methods whose callers are logged with their credentials.
+fn is_state_changing(method: &str) -> bool {
+    matches!(
+        method,
+        "flow.add"
+            | "flow.remove"
+            | "service.register"
+            | "service.unregister"
+            | "migration.start"
+            | "migration.abort"
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlowParams {
+    cps: SocketAddr,
+    service: SocketAddr,
+    #[serde(default)]
+    mirror: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceName {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrationStart {
+    service: String,
+    to: SocketAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrationId {
+    id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerAddress {
+    address: SocketAddr,
+}
+
+/// Parses a method's params, naming what is wrong with them.
+fn parse<T: serde::de::DeserializeOwned>(params: Value) -> Result<T, RpcError> {
+    serde_json::from_value(params).map_err(|e| {
+        RpcError::new(
+            code::INVALID_PARAMS,
+            format!("invalid params: {e}; see docs/api.md"),
+        )
+    })
+}
+
+fn dataplane_error(e: LoadError) -> RpcError {
+    match e {
+        LoadError::UnknownFlow(_) => RpcError::new(code::NOT_FOUND, e.to_string()),
+        LoadError::DuplicateFlow(_) => RpcError::new(code::CONFLICT, e.to_string()),
+        e => RpcError::new(code::DATAPLANE, e.to_string()),
+    }
+}
+
+fn flows_json(dataplane: &Dataplane) -> Result<Value, RpcError> {
+    let mut flows = Vec::new();
+    for (key, config) in dataplane.flows().map_err(dataplane_error)? {
+        let sequence = dataplane
+            .sequence(config.flow_id)
+            .map_err(dataplane_error)?;
+        flows.push(json!({
+            "id": config.flow_id,
+            "cps": flow::source(&key),
+            "service": flow::destination(&key),
+            "mirror": config.flags & FLOW_MIRROR != 0,
+            "last_seq": sequence.last_seq,
+            "last_delivered": sequence.last_delivered,
+        }));
+    }
+    flows.sort_by_key(|f| f["id"].as_u64());
+    Ok(Value::Array(flows))
+}
+
+/// Binds the control socket: a stale file is replaced, the mode is 0660, and
+/// the group is the configured one.
+fn bind_socket(config: &DaemonConfig) -> Result<UnixListener, DaemonError> {
+    let path = &config.socket;
+    let err = |source| DaemonError::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another daemon serves it",
+        )));
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    if let Some(group) = &config.socket_group {
+        let gid = nix::unistd::Group::from_name(group)
+            .ok()
+            .flatten()
+            .ok_or_else(|| DaemonError::NoGroup(group.clone()))?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid)).map_err(|e| err(e.into()))?;
+    }
+    Ok(listener)
+}

@@ -1,0 +1,244 @@
+//! The peer link between two hosts' daemons: TCP, a versioned handshake,
+//! then length-prefixed frames.
+//!
+//! A frame is `u32` big-endian length (of what follows), one type byte, and
+//! the payload. The first frame each way is the handshake: `HELLO` from the
+//! connecting daemon, `WELCOME` or `REFUSE` back, each with a JSON payload.
+//! A peer that speaks another version, or anything that is not a hello, is
+//! refused with a `REFUSE` frame saying why, logged, and disconnected.
+use std::{net::SocketAddr, time::Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+/// The peer-link protocol version this build speaks.
+pub const VERSION: u32 = 1;
+/// Marks a hello as ours.
+pub const MAGIC: &str = "dataplane-peer";
+/// Largest frame accepted after the handshake (checkpoint images come in chunks).
+pub const MAX_FRAME: u32 = 16 << 20;
+/// Largest handshake frame: a hello is small, and a stranger gets no more.
+pub const MAX_HELLO: u32 = 4096;
+
+/// Frame types.
+pub mod frame {
+    pub const HELLO: u8 = 1;
+    pub const WELCOME: u8 = 2;
+    pub const REFUSE: u8 = 3;
+    pub const PING: u8 = 4;
+    pub const PONG: u8 = 5;
+}
+
+/// The handshake payload, both ways.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hello {
+    pub magic: String,
+    pub version: u32,
+    /// The sending host's name, for logs.
+    pub host: String,
+}
+
+impl Hello {
+    /// This daemon's hello.
+    pub fn ours() -> Self {
+        Self {
+            magic: MAGIC.into(),
+            version: VERSION,
+            host: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Errors of the peer link.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer link I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame of {0} bytes is over the limit of {1}")]
+    TooLong(u32, u32),
+    #[error("the peer refused the link: {0}")]
+    Refused(String),
+    #[error("not a dataplane peer: {0}")]
+    Garbage(String),
+    #[error("peer speaks version {0}, this daemon speaks {VERSION}")]
+    Version(u32),
+}
+
+/// Writes one frame.
+pub async fn write_frame(
+    stream: &mut TcpStream,
+    kind: u8,
+    payload: &[u8],
+) -> Result<(), PeerError> {
+    let len =
+        u32::try_from(payload.len() + 1).map_err(|_| PeerError::TooLong(u32::MAX, MAX_FRAME))?;
+    if len > MAX_FRAME {
+        return Err(PeerError::TooLong(len, MAX_FRAME));
+    }
+    let mut buf = Vec::with_capacity(5 + payload.len());
+    buf.extend_from_slice(&len.to_be_bytes());
+    buf.push(kind);
+    buf.extend_from_slice(payload);
+    stream.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Reads one frame of at most `limit` bytes: (type, payload).
+pub async fn read_frame(stream: &mut TcpStream, limit: u32) -> Result<(u8, Vec<u8>), PeerError> {
+    let len = stream.read_u32().await?;
+    if len == 0 || len > limit {
+        return Err(PeerError::TooLong(len, limit));
+    }
+    let kind = stream.read_u8().await?;
+    let mut payload = vec![0; len as usize - 1];
+    stream.read_exact(&mut payload).await?;
+    Ok((kind, payload))
+}
+
+/// Connects to the peer daemon at `address` and completes the handshake.
+pub async fn connect(address: SocketAddr) -> Result<(TcpStream, Hello), PeerError> {
+    let mut stream = TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let hello = serde_json::to_vec(&Hello::ours()).expect("a hello serializes");
+    write_frame(&mut stream, frame::HELLO, &hello).await?;
+    let (kind, payload) = read_frame(&mut stream, MAX_HELLO).await?;
+    match kind {
+        frame::WELCOME => {
+            let theirs: Hello = serde_json::from_slice(&payload)
+                .map_err(|e| PeerError::Garbage(format!("welcome: {e}")))?;
+            Ok((stream, theirs))
+        }
+        frame::REFUSE => Err(PeerError::Refused(
+            String::from_utf8_lossy(&payload).into_owned(),
+        )),
+        other => Err(PeerError::Garbage(format!(
+            "frame type {other} instead of a welcome"
+        ))),
+    }
+}
+
+/// Round trip of one PING on an established link.
+pub async fn ping(stream: &mut TcpStream) -> Result<std::time::Duration, PeerError> {
+    let start = Instant::now();
+    write_frame(stream, frame::PING, &[]).await?;
+    match read_frame(stream, MAX_FRAME).await? {
+        (frame::PONG, _) => Ok(start.elapsed()),
+        (other, _) => Err(PeerError::Garbage(format!(
+            "frame type {other} instead of a pong"
+        ))),
+    }
+}
+
+/// Checks a hello; the reason for refusing it otherwise.
+fn check_hello(kind: u8, payload: &[u8]) -> Result<Hello, PeerError> {
+    if kind != frame::HELLO {
+        return Err(PeerError::Garbage(format!(
+            "frame type {kind} before a hello"
+        )));
+    }
+    let hello: Hello =
+        serde_json::from_slice(payload).map_err(|e| PeerError::Garbage(format!("hello: {e}")))?;
+    if hello.magic != MAGIC {
+        return Err(PeerError::Garbage(format!("magic {:?}", hello.magic)));
+    }
+    if hello.version != VERSION {
+        return Err(PeerError::Version(hello.version));
+    }
+    Ok(hello)
+}
+
+/// Accepts peer links on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, from)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = serve_one(stream, from).await {
+                        tracing::warn!(%from, "peer link closed: {e}");
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("accepting a peer link: {e}"),
+        }
+    }
+}
+
+async fn serve_one(mut stream: TcpStream, from: SocketAddr) -> Result<(), PeerError> {
+    stream.set_nodelay(true)?;
+    let hello = match read_frame(&mut stream, MAX_HELLO).await {
+        Ok((kind, payload)) => check_hello(kind, &payload),
+        Err(e) => Err(e),
+    };
+    let hello = match hello {
+        Ok(hello) => hello,
+        Err(reason) => {
+            tracing::warn!(%from, "refused a peer link: {reason}");
+            // Best effort: a garbage sender may not read it.
+            let _ = write_frame(&mut stream, frame::REFUSE, reason.to_string().as_bytes()).await;
+            return Ok(());
+        }
+    };
+    tracing::info!(%from, host = %hello.host, version = hello.version, "peer link up");
+    let welcome = serde_json::to_vec(&Hello::ours()).expect("a hello serializes");
+    write_frame(&mut stream, frame::WELCOME, &welcome).await?;
+    loop {
+        let (kind, _payload) = match read_frame(&mut stream, MAX_FRAME).await {
+            Ok(frame) => frame,
+            Err(PeerError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                tracing::info!(%from, "peer link closed by the peer");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        match kind {
+            frame::PING => write_frame(&mut stream, frame::PONG, &[]).await?,
+            other => {
+                let reason = format!("unexpected frame type {other}");
+                let _ = write_frame(&mut stream, frame::REFUSE, reason.as_bytes()).await;
+                return Err(PeerError::Garbage(reason));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_hellos() {
+        let ours = serde_json::to_vec(&Hello::ours()).unwrap();
+        assert!(check_hello(frame::HELLO, &ours).is_ok());
+        assert!(matches!(
+            check_hello(frame::PING, &ours),
+            Err(PeerError::Garbage(_))
+        ));
+        assert!(matches!(
+            check_hello(frame::HELLO, b"GET / HTTP/1.1"),
+            Err(PeerError::Garbage(_))
+        ));
+        let future = Hello {
+            version: VERSION + 1,
+            ..Hello::ours()
+        };
+        let future = serde_json::to_vec(&future).unwrap();
+        assert!(matches!(
+            check_hello(frame::HELLO, &future),
+            Err(PeerError::Version(2))
+        ));
+        let stranger = Hello {
+            magic: "other".into(),
+            ..Hello::ours()
+        };
+        let stranger = serde_json::to_vec(&stranger).unwrap();
+        assert!(matches!(
+            check_hello(frame::HELLO, &stranger),
+            Err(PeerError::Garbage(_))
+        ));
+    }
+}
