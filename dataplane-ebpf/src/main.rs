@@ -34,6 +34,7 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, PerCpuArray, RingBuf},
     programs::{TcContext, XdpContext},
 };
+use aya_log_ebpf::warn;
 use dataplane_common::{
     CAPTURE_META_MAGIC, CaptureMeta, Config, FLOW_MIRROR, FlowConfig, FlowKey, FlowSequence,
     GATE_HOLD_ALL, Gate, MAX_FLOWS, MAX_FRAME, MIRROR_CLONE, MIRROR_DEVMAP, MIRROR_OVERHEAD,
@@ -231,6 +232,14 @@ fn receive(ctx: &XdpContext) -> u32 {
         || frame_len > inner_len
     {
         count(counter::MIRROR_ERRORS);
+        warn!(
+            ctx,
+            "refused a mirror frame: version {} header_len {} frame_len {} of {} bytes",
+            header.version,
+            header.header_len,
+            frame_len,
+            inner_len
+        );
         return xdp_action::XDP_PASS;
     }
     let (Some(gate), Some(sequence)) = (GATES.get(flow_id), SEQUENCES.get_ptr_mut(flow_id)) else {

@@ -128,6 +128,17 @@ impl Daemon {
         let listener = bind_socket(&daemon.config)?;
         let socket_path = daemon.config.socket.clone();
         tracing::info!(socket = %socket_path.display(), "serving the control socket");
+        match daemon
+            .dataplane
+            .lock()
+            .unwrap()
+            .program_id(&daemon.config.interface, "ingress")
+        {
+            Ok(id) => {
+                tokio::spawn(forward_kernel_logs(id));
+            }
+            Err(e) => tracing::warn!("kernel program logs will not be shown: {e}"),
+        }
         if let Some(address) = daemon.config.peer_listen {
             let peers = TcpListener::bind(address)
                 .await
@@ -538,6 +549,30 @@ fn flows_json(dataplane: &Dataplane) -> Result<Value, RpcError> {
     }
     flows.sort_by_key(|f| f["id"].as_u64());
     Ok(Value::Array(flows))
+}
+
+/// Forwards the kernel programs' aya-log records (they share one log map)
+/// into this process's log stream, through the `log` crate's bridge to tracing.
+async fn forward_kernel_logs(program_id: u32) {
+    let logger = match aya_log::EbpfLogger::init_from_id(program_id) {
+        Ok(logger) => logger,
+        Err(e) => {
+            tracing::warn!("kernel program logs will not be shown: {e}");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer's fd for as long as it lives.
+    let mut logger = match unsafe { tokio::io::unix::AsyncFd::register(logger) } {
+        Ok(logger) => logger,
+        Err(e) => {
+            tracing::warn!("kernel program logs will not be shown: {e}");
+            return;
+        }
+    };
+    while let Ok(mut ready) = logger.readable_mut().await {
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
 }
 
 /// Binds the control socket: a stale file is replaced, the mode is 0660, and

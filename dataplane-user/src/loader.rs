@@ -320,6 +320,17 @@ impl Dataplane {
         &self.pin_root
     }
 
+    /// The id of `program` as attached to `interface`, from its link pin.
+    pub fn program_id(&self, interface: &str, program: &str) -> Result<u32, LoadError> {
+        let path = self.pin_root.join("links").join(interface).join(program);
+        let link_err = |source| LoadError::Link {
+            path: path.clone(),
+            source,
+        };
+        let link = FdLink::from(PinnedLink::from_pin(&path).map_err(link_err)?);
+        Ok(link.info().map_err(link_err)?.program_id())
+    }
+
     /// The attached programs, as "interface/program", from the link pins.
     pub fn attached_programs(&self) -> Result<Vec<String>, LoadError> {
         let mut attached = Vec::new();

@@ -512,6 +512,11 @@ impl DaemonProcess {
         daemon
     }
 
+    /// What the daemon has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
     /// A control-socket client.
     pub fn client(&self) -> dataplane_user::control::Client {
         dataplane_user::control::Client::connect(&self.socket).expect("connect to the daemon")

@@ -60,19 +60,24 @@ fn send_inputs(hosts: &TestHosts, count: usize) {
 #[test]
 fn every_method_round_trips_over_the_socket() {
     let hosts = TestHosts::new("rpc");
-    let daemon = DaemonProcess::start(
-        &hosts.src,
-        "rpc",
-        &config(&hosts, "src", "198.51.100.1:7070"),
-    );
-    let mode = std::fs::metadata(&daemon.socket)
-        .unwrap()
-        .permissions()
-        .mode();
+    // Debian's base system has the group "daemon".
+    let cfg = config(&hosts, "src", "198.51.100.1:7070") + "socket_group = \"daemon\"\n";
+    let daemon = DaemonProcess::start(&hosts.src, "rpc", &cfg);
+    let meta = std::fs::metadata(&daemon.socket).unwrap();
     assert_eq!(
-        mode & 0o777,
+        meta.permissions().mode() & 0o777,
         0o660,
-        "the socket is rw for owner and group only"
+        "rw for owner and group only"
+    );
+    let group = nix::unistd::Group::from_name("daemon")
+        .unwrap()
+        .unwrap()
+        .gid;
+    let socket_gid = std::os::unix::fs::MetadataExt::gid(&meta);
+    assert_eq!(
+        socket_gid,
+        group.as_raw(),
+        "the socket belongs to the configured group"
     );
     let mut c = daemon.client();
 
@@ -374,4 +379,31 @@ fn the_systemd_unit_is_valid() {
     let _ = std::fs::remove_dir_all(&dir);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "systemd-analyze verify: {said}");
+}
+
+#[test]
+fn kernel_program_logs_reach_the_daemon_log() {
+    let hosts = TestHosts::new("klog");
+    let dst = DaemonProcess::start(
+        &hosts.dst,
+        "klog",
+        &config(&hosts, "dst", "198.51.100.2:7070"),
+    );
+    // A mirror frame of a version this build does not speak, sent to dst's peer link.
+    let mut frame = vec![0u8; 14 + 32 + 60];
+    frame[..6].copy_from_slice(&TestHosts::mac(&hosts.dst, "peer0"));
+    frame[6..12].copy_from_slice(&TestHosts::mac(&hosts.src, "peer0"));
+    frame[12..14].copy_from_slice(&dataplane_common::ETH_P_MIRROR.to_be_bytes());
+    frame[14] = 9;
+    frame[15] = 32;
+    dataplane_tests::RawSocket::open(&hosts.src, "peer0").send(&frame);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !dst.log().contains("refused a mirror frame: version 9") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no kernel log line:\n{}",
+            dst.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
