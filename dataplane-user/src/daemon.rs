@@ -592,16 +592,20 @@ fn bind_socket(config: &DaemonConfig) -> Result<UnixListener, DaemonError> {
             "another daemon serves it",
         )));
     }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    // Bound under a temporary name and renamed into place once its mode and
+    // group are set, so no client ever finds it with looser permissions.
+    let staging = path.with_extension(format!("staging-{}", std::process::id()));
+    let _ = std::fs::remove_file(&staging);
+    let listener = UnixListener::bind(&staging).map_err(err)?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
     if let Some(group) = &config.socket_group {
         let gid = nix::unistd::Group::from_name(group)
             .ok()
             .flatten()
             .ok_or_else(|| DaemonError::NoGroup(group.clone()))?
             .gid;
-        nix::unistd::chown(path, None, Some(gid)).map_err(|e| err(e.into()))?;
+        nix::unistd::chown(&staging, None, Some(gid)).map_err(|e| err(e.into()))?;
     }
+    std::fs::rename(&staging, path).map_err(err)?;
     Ok(listener)
 }

@@ -3,6 +3,7 @@
 pub mod capture;
 pub mod config;
 pub mod control;
+pub mod criu;
 pub mod daemon;
 pub mod flow;
 pub mod loader;

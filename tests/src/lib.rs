@@ -547,3 +547,90 @@ impl Drop for DaemonProcess {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// One step of the chain-service's state: FNV-1a 64 over the previous hash
+/// and the input.
+pub fn chain(hash: u64, input: &[u8]) -> u64 {
+    const PRIME: u64 = 0x0000_0100_0000_01B3;
+    hash.to_le_bytes()
+        .iter()
+        .chain(input)
+        .fold(0xCBF2_9CE4_8422_2325, |h, &b| {
+            (h ^ b as u64).wrapping_mul(PRIME)
+        })
+}
+
+/// A chain-service process in its own PID namespace inside a test host,
+/// started as DESIGN.md says CRIU needs it: `nsenter --net` (no new mount
+/// namespace) and `unshare --pid --fork`. Killed on drop.
+pub struct ChainService {
+    /// The `unshare` process; the service is its only child.
+    unshare: std::process::Child,
+    /// The service's pid, as this (the root) PID namespace sees it.
+    pub pid: u32,
+}
+
+impl ChainService {
+    /// Starts the service on `addr` in `host`.
+    pub fn start(host: &NetNs, addr: SocketAddr) -> Self {
+        let exe = dataplane_bin().with_file_name("chain-service");
+        let unshare = Command::new("nsenter")
+            .arg(format!("--net={}", host.path().display()))
+            .args(["unshare", "--pid", "--fork"])
+            .arg(exe)
+            .arg(addr.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the chain service");
+        let children = format!("/proc/{0}/task/{0}/children", unshare.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let pid = loop {
+            let text = std::fs::read_to_string(&children).unwrap_or_default();
+            if let Some(pid) = text.split_whitespace().next() {
+                break pid.parse().expect("a pid");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the service did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let service = Self { unshare, pid };
+        // Ready once it answers: inputs sent before it binds would be lost.
+        assert_eq!(chain_state(host, addr), Some((0, 0)), "the service answers");
+        service
+    }
+}
+
+impl Drop for ChainService {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+/// Asks the chain service at `addr` in `host` for its state: (count, hash).
+pub fn chain_state(host: &NetNs, addr: SocketAddr) -> Option<(u64, u64)> {
+    let socket = host
+        .run(|| std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), 0)))
+        .expect("bind a query socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..10 {
+        socket.send_to(b"?", addr).expect("send a query");
+        if let Ok(n) = socket.recv(&mut buf) {
+            let text = std::str::from_utf8(&buf[..n]).ok()?;
+            let (count, hash) = text.split_once(' ')?;
+            return Some((count.parse().ok()?, u64::from_str_radix(hash, 16).ok()?));
+        }
+    }
+    None
+}

@@ -1,0 +1,305 @@
+//! A CRIU client over CRIU's RPC: `criu swrk` on a SEQPACKET socketpair.
+//!
+//! Each call spawns one `criu swrk` worker, sends one request, answers the
+//! worker's notifications, and returns its response; the worker exits when
+//! its end of the socket closes. Calls block: the daemon runs them on a
+//! blocking thread.
+pub mod policy;
+pub mod proto;
+pub mod stats;
+
+use std::{
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socketpair};
+use prost::Message;
+
+pub use proto::{Features, Opts, ReqType, Resp, Version};
+use proto::{InheritFd, NetworkLock, Notify, Req};
+
+/// Where CRIU is installed by `cargo xtask setup`.
+pub const DEFAULT_CRIU: &str = "/usr/local/sbin/criu";
+
+/// Largest RPC message read from CRIU.
+const MAX_MESSAGE: usize = 1 << 20;
+
+/// Errors of talking to CRIU, each naming what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    #[error("starting {bin}: {source} (is CRIU installed? `cargo xtask setup` installs it)")]
+    Spawn {
+        bin: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("CRIU RPC socket: {0}")]
+    Socket(#[from] nix::Error),
+    #[error("CRIU sent a message that does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("CRIU closed the RPC socket during {0:?} (killed, or crashed; see its log)")]
+    Closed(ReqType),
+    #[error("CRIU {request:?} failed: {message} (errno {errno}); see {log}")]
+    Failed {
+        request: ReqType,
+        message: String,
+        errno: i32,
+        log: String,
+    },
+    #[error("CRIU answered {got:?} to {sent:?}")]
+    Unexpected { sent: ReqType, got: ReqType },
+}
+
+/// The CRIU binary and what it is asked with.
+#[derive(Clone, Debug)]
+pub struct Criu {
+    bin: PathBuf,
+}
+
+impl Default for Criu {
+    fn default() -> Self {
+        Self::new(DEFAULT_CRIU)
+    }
+}
+
+/// A dump or pre-dump of a process tree.
+#[derive(Clone, Debug, Default)]
+pub struct DumpRequest {
+    /// Root of the process tree.
+    pub pid: u32,
+    /// Directory the images go to (created if missing).
+    pub images_dir: PathBuf,
+    /// Keep the tree running after the dump.
+    pub leave_running: bool,
+    /// Previous pre-dump's images, relative to `images_dir` (iterative dumps).
+    pub parent_img: Option<String>,
+    /// Track memory changes for a following round (needs soft-dirty).
+    pub track_mem: bool,
+    /// External resources, as CRIU's `--external`, e.g. `net[4026532000]:extnet`.
+    pub external: Vec<String>,
+}
+
+/// A restore of a dumped tree.
+#[derive(Debug)]
+pub struct RestoreRequest<'a> {
+    pub images_dir: PathBuf,
+    /// Open fds that stand for the dump's externals: (key, fd), e.g. the
+    /// destination's network namespace for `extnet`.
+    pub inherit: Vec<(String, &'a OwnedFd)>,
+}
+
+impl Criu {
+    /// A client of the CRIU binary at `bin`.
+    pub fn new(bin: impl Into<PathBuf>) -> Self {
+        Self { bin: bin.into() }
+    }
+
+    /// CRIU's version.
+    pub fn version(&self) -> Result<Version, CriuError> {
+        let resp = self.call(request(ReqType::Version, None), &[], &mut |_| true)?;
+        resp.version.ok_or(CriuError::Unexpected {
+            sent: ReqType::Version,
+            got: ReqType::Empty,
+        })
+    }
+
+    /// Whether this CRIU and kernel can track memory changes, which
+    /// decides whether pre-dump is possible.
+    pub fn features(&self) -> Result<Features, CriuError> {
+        let mut req = request(ReqType::FeatureCheck, None);
+        req.features = Some(Features {
+            mem_track: Some(true),
+            ..Default::default()
+        });
+        let resp = self.call(req, &[], &mut |_| true)?;
+        Ok(resp.features.unwrap_or_default())
+    }
+
+    /// Dumps (or with `pre`, pre-dumps) a process tree. `notify` sees each
+    /// notification (`pre-dump`, `post-dump`, ...) and may fail it, which
+    /// makes CRIU abort and resume the tree.
+    pub fn dump(
+        &self,
+        dump: &DumpRequest,
+        pre: bool,
+        notify: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(), CriuError> {
+        std::fs::create_dir_all(&dump.images_dir).map_err(|source| CriuError::Spawn {
+            bin: dump.images_dir.clone(),
+            source,
+        })?;
+        let opts = Opts {
+            pid: Some(dump.pid as i32),
+            images_dir: Some(dump.images_dir.display().to_string()),
+            leave_running: Some(dump.leave_running),
+            parent_img: dump.parent_img.clone(),
+            track_mem: Some(dump.track_mem),
+            external: dump.external.clone(),
+            // The dataplane holds the service's input, so CRIU need not lock the network.
+            network_lock: Some(NetworkLock::Skip as i32),
+            log_file: Some(if pre { "pre-dump.log" } else { "dump.log" }.into()),
+            ..base_opts()
+        };
+        let kind = if pre { ReqType::PreDump } else { ReqType::Dump };
+        self.call(request(kind, Some(opts)), &[], notify).map(drop)
+    }
+
+    /// Restores a dumped tree, detached (a sibling of this process, not of
+    /// CRIU), and returns the restored root's pid. `notify` may hold the
+    /// restore at `post-restore` until replay is armed.
+    pub fn restore(
+        &self,
+        restore: &RestoreRequest,
+        notify: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<u32, CriuError> {
+        let inherit_fd = restore
+            .inherit
+            .iter()
+            .map(|(key, fd)| InheritFd {
+                key: key.clone(),
+                fd: fd.as_raw_fd(),
+            })
+            .collect();
+        let opts = Opts {
+            images_dir: Some(restore.images_dir.display().to_string()),
+            rst_sibling: Some(true),
+            inherit_fd,
+            log_file: Some("restore.log".into()),
+            ..base_opts()
+        };
+        let fds: Vec<RawFd> = restore
+            .inherit
+            .iter()
+            .map(|(_, fd)| fd.as_raw_fd())
+            .collect();
+        let resp = self.call(request(ReqType::Restore, Some(opts)), &fds, notify)?;
+        Ok(resp.restore.map(|r| r.pid as u32).unwrap_or_default())
+    }
+
+    /// One request to a fresh `criu swrk`, with `inherit` fds passed to it.
+    fn call(
+        &self,
+        req: Req,
+        inherit: &[RawFd],
+        notify: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Resp, CriuError> {
+        let sent = ReqType::try_from(req.r#type).unwrap_or(ReqType::Empty);
+        let log = req
+            .opts
+            .as_ref()
+            .and_then(|o| o.images_dir.as_ref().zip(o.log_file.as_ref()))
+            .map(|(dir, file)| format!("{dir}/{file}"))
+            .unwrap_or_else(|| "CRIU's stderr".into());
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        let mut worker = self.spawn(&theirs, inherit)?;
+        drop(theirs);
+        let outcome = exchange(&ours, req, sent, notify, &log);
+        drop(ours);
+        let _ = worker.wait();
+        outcome
+    }
+
+    fn spawn(&self, theirs: &OwnedFd, inherit: &[RawFd]) -> Result<Child, CriuError> {
+        let mut keep: Vec<RawFd> = inherit.to_vec();
+        keep.push(theirs.as_raw_fd());
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("swrk")
+            .arg(theirs.as_raw_fd().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // SAFETY: between fork and exec only async-signal-safe fcntl calls run.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &keep {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn().map_err(|source| CriuError::Spawn {
+            bin: self.bin.clone(),
+            source,
+        })
+    }
+}
+
+fn request(kind: ReqType, opts: Option<Opts>) -> Req {
+    Req {
+        r#type: kind as i32,
+        opts,
+        ..Default::default()
+    }
+}
+
+/// Options every request shares: notifications on, verbose logs into the images directory.
+fn base_opts() -> Opts {
+    Opts {
+        images_dir_fd: -1,
+        notify_scripts: Some(true),
+        log_level: Some(4),
+        ..Default::default()
+    }
+}
+
+/// Sends `req`, answers notifications with `notify`, and returns the final response.
+fn exchange(
+    sock: &OwnedFd,
+    req: Req,
+    sent: ReqType,
+    notify: &mut dyn FnMut(&str) -> bool,
+    log: &str,
+) -> Result<Resp, CriuError> {
+    send(sock.as_raw_fd(), &req.encode_to_vec(), MsgFlags::empty())?;
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    loop {
+        let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        if n == 0 {
+            return Err(CriuError::Closed(sent));
+        }
+        let resp = Resp::decode(&buf[..n])?;
+        let got = ReqType::try_from(resp.r#type).unwrap_or(ReqType::Empty);
+        if got == ReqType::Notify {
+            let Notify { script, .. } = resp.notify.unwrap_or_default();
+            let ok = notify(script.as_deref().unwrap_or_default());
+            let answer = Req {
+                r#type: ReqType::Notify as i32,
+                notify_success: Some(ok),
+                ..Default::default()
+            };
+            send(sock.as_raw_fd(), &answer.encode_to_vec(), MsgFlags::empty())?;
+            continue;
+        }
+        if !resp.success {
+            return Err(CriuError::Failed {
+                request: sent,
+                message: resp.cr_errmsg.unwrap_or_else(|| "no message".into()),
+                errno: resp.cr_errno.unwrap_or_default(),
+                log: log.to_string(),
+            });
+        }
+        if got != sent {
+            return Err(CriuError::Unexpected { sent, got });
+        }
+        return Ok(resp);
+    }
+}
+
+/// The inode that names a process's network namespace for `--external net[...]`.
+pub fn netns_inode(pid: u32) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(format!("/proc/{pid}/ns/net"))?.ino())
+}
+
+/// Opens a network namespace file (e.g. /run/netns/dst) for `inherit_fd`.
+pub fn open_netns(path: &Path) -> std::io::Result<OwnedFd> {
+    Ok(std::fs::File::open(path)?.into())
+}

@@ -1,0 +1,185 @@
+//! When to stop iterative pre-dump and take the final dump.
+//!
+//! Each pre-dump round copies the pages dirtied since the previous one while
+//! the service runs; the final dump freezes it and copies what is left. More
+//! rounds pay while they shrink what is left. The policy stops at the first
+//! of: a round limit; a round that wrote fewer pages than a threshold; two
+//! consecutive rounds with equal image hashes (kaur2020); or a prediction,
+//! in the spirit of calagna2023's PAM model, that another round would not
+//! leave fewer pages for the final dump than there are now.
+
+/// What one pre-dump round did, from CRIU's stats-dump.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Round {
+    /// Pages the round wrote (dirty since the round before).
+    pub pages_written: u64,
+    /// The round's duration in microseconds.
+    pub duration_us: u64,
+    /// A hash of the round's page images.
+    pub images_hash: u64,
+}
+
+/// Why pre-dumping stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The configured number of rounds is reached.
+    RoundLimit,
+    /// The last round wrote fewer pages than the threshold.
+    FewDirtyPages,
+    /// The last two rounds' images hash equal: the state stopped changing.
+    ImagesUnchanged,
+    /// The model predicts another round leaves as much for the final dump.
+    NoGain,
+}
+
+/// The stop policy; every criterion is checked after each round.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StopPolicy {
+    /// Most pre-dump rounds.
+    pub max_rounds: usize,
+    /// Stop once a round writes fewer pages than this.
+    pub dirty_pages_below: u64,
+    /// Stop when two consecutive rounds' images hash equal.
+    pub stop_on_equal_hashes: bool,
+    /// Stop when the model predicts no gain from another round.
+    pub predict: bool,
+}
+
+impl Default for StopPolicy {
+    fn default() -> Self {
+        Self {
+            max_rounds: 5,
+            dirty_pages_below: 64,
+            stop_on_equal_hashes: true,
+            predict: true,
+        }
+    }
+}
+
+impl StopPolicy {
+    /// After `rounds`, whether to stop, and why; `None` means do another round.
+    pub fn decide(&self, rounds: &[Round]) -> Option<Stop> {
+        let last = rounds.last()?;
+        if rounds.len() >= self.max_rounds {
+            return Some(Stop::RoundLimit);
+        }
+        if last.pages_written < self.dirty_pages_below {
+            return Some(Stop::FewDirtyPages);
+        }
+        if let [.., before, last] = rounds {
+            if self.stop_on_equal_hashes && before.images_hash == last.images_hash {
+                return Some(Stop::ImagesUnchanged);
+            }
+            if self.predict && predicted_left(rounds)? >= last.pages_written as f64 {
+                return Some(Stop::NoGain);
+            }
+        }
+        None
+    }
+}
+
+/// Pages another round would leave for the final dump: the dirty rate
+/// (pages written by the last round over the previous round's duration, the
+/// time they had to get dirty) times the next round's predicted duration,
+/// from a linear fit duration = a + b * pages over the rounds so far.
+fn predicted_left(rounds: &[Round]) -> Option<f64> {
+    let [.., before, last] = rounds else {
+        return None;
+    };
+    let dirty_rate = last.pages_written as f64 / before.duration_us.max(1) as f64;
+    let (a, b) = fit(rounds);
+    let next_duration = (a + b * last.pages_written as f64).max(0.0);
+    Some(dirty_rate * next_duration)
+}
+
+/// Least-squares fit of duration = a + b * pages (through the origin if all
+/// rounds wrote the same number of pages).
+fn fit(rounds: &[Round]) -> (f64, f64) {
+    let n = rounds.len() as f64;
+    let xs = rounds.iter().map(|r| r.pages_written as f64);
+    let ys = rounds.iter().map(|r| r.duration_us as f64);
+    let (mx, my) = (xs.clone().sum::<f64>() / n, ys.clone().sum::<f64>() / n);
+    let sxx: f64 = xs.clone().map(|x| (x - mx) * (x - mx)).sum();
+    let sxy: f64 = xs.zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+    if sxx == 0.0 {
+        return (0.0, if mx > 0.0 { my / mx } else { 0.0 });
+    }
+    let b = sxy / sxx;
+    (my - b * mx, b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rounds(recorded: &[(u64, u64, u64)]) -> Vec<Round> {
+        recorded
+            .iter()
+            .map(|&(pages_written, duration_us, images_hash)| Round {
+                pages_written,
+                duration_us,
+                images_hash,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_converging_service_is_pre_dumped_until_little_is_dirty() {
+        // A service whose working set settles: every round writes a fifth of the last.
+        let policy = StopPolicy::default();
+        let recorded = rounds(&[
+            (4096, 40_000, 1),
+            (800, 9_000, 2),
+            (150, 2_500, 3),
+            (30, 800, 4),
+        ]);
+        let decisions: Vec<_> = (1..=recorded.len())
+            .map(|n| policy.decide(&recorded[..n]))
+            .collect();
+        assert_eq!(decisions, [None, None, None, Some(Stop::FewDirtyPages)]);
+    }
+
+    #[test]
+    fn a_service_dirtying_faster_than_a_round_copies_gains_nothing() {
+        // 16 MiB dirtied at a steady rate: each round writes as much as the last.
+        let policy = StopPolicy::default();
+        let recorded = rounds(&[(4096, 40_000, 1), (4096, 40_000, 2)]);
+        assert_eq!(policy.decide(&recorded[..1]), None);
+        assert_eq!(policy.decide(&recorded), Some(Stop::NoGain));
+    }
+
+    #[test]
+    fn equal_image_hashes_stop_as_in_kaur2020() {
+        let policy = StopPolicy {
+            predict: false,
+            ..StopPolicy::default()
+        };
+        let recorded = rounds(&[(4096, 40_000, 7), (500, 5_000, 9), (500, 5_000, 9)]);
+        assert_eq!(policy.decide(&recorded[..2]), None);
+        assert_eq!(policy.decide(&recorded), Some(Stop::ImagesUnchanged));
+    }
+
+    #[test]
+    fn the_round_limit_holds_whatever_else_says() {
+        let policy = StopPolicy {
+            max_rounds: 2,
+            ..StopPolicy::default()
+        };
+        let recorded = rounds(&[(4096, 40_000, 1), (2000, 20_000, 2)]);
+        assert_eq!(policy.decide(&recorded), Some(Stop::RoundLimit));
+        assert_eq!(policy.decide(&[]), None, "no round yet: do one");
+    }
+
+    #[test]
+    fn the_fit_recovers_a_linear_cost() {
+        // duration = 500 us + 10 us per page.
+        let recorded = rounds(&[(100, 1_500, 0), (300, 3_500, 0), (1000, 10_500, 0)]);
+        let (a, b) = fit(&recorded);
+        assert!(
+            (a - 500.0).abs() < 1e-6 && (b - 10.0).abs() < 1e-9,
+            "{a} {b}"
+        );
+        let same = rounds(&[(100, 2_000, 0), (100, 2_000, 0)]);
+        assert_eq!(fit(&same), (0.0, 20.0));
+    }
+}

@@ -1,0 +1,209 @@
+//! The CRIU driver against real CRIU 4.2.1 and a real stateful service.
+use std::{net::UdpSocket, path::PathBuf, time::Duration};
+
+use dataplane_tests::{ChainService, SERVICE_V4, TestHosts, chain, chain_state, sock};
+use dataplane_user::criu::{
+    Criu, CriuError, DumpRequest, ReqType, RestoreRequest, netns_inode, open_netns, stats,
+};
+
+fn images_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dataplane-criu-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Sends `count` inputs to the service at `addr` from inside `host`; returns the chain they make.
+fn feed(host: &dataplane_tests::NetNs, addr: std::net::SocketAddr, count: u64) -> (u64, u64) {
+    let socket = host.run(|| UdpSocket::bind(sock(SERVICE_V4, 0))).unwrap();
+    let mut hash = 0;
+    for i in 1..=count {
+        let input = format!("input {i}");
+        socket.send_to(input.as_bytes(), addr).unwrap();
+        hash = chain(hash, input.as_bytes());
+        // Paced, so the service's socket buffer never overflows.
+        if i % 50 == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+    (count, hash)
+}
+
+#[test]
+fn criu_reports_its_version_and_features() {
+    let criu = Criu::default();
+    let version = criu.version().expect("criu swrk answers VERSION");
+    assert!(
+        (version.major_number, version.minor_number) >= (4, 2),
+        "CRIU 4.2 or newer, got {}.{}",
+        version.major_number,
+        version.minor_number
+    );
+    let features = criu.features().expect("criu swrk answers FEATURE_CHECK");
+    // CRIU answers the question explicitly (false here: no soft-dirty tracking).
+    let mem_track = features.mem_track.expect("FEATURE_CHECK reports mem_track");
+    println!("memory tracking (pre-dump possible): {mem_track}");
+}
+
+#[test]
+fn a_service_dumped_in_src_resumes_in_dst_with_its_exact_state() {
+    let hosts = TestHosts::new("criu");
+    let addr = sock(SERVICE_V4, 5000);
+    let service = ChainService::start(&hosts.src, addr);
+    let fed = feed(&hosts.src, addr, 500);
+    // Every input reached the service before the dump: its queue is empty.
+    assert_eq!(chain_state(&hosts.src, addr), Some(fed));
+
+    let criu = Criu::default();
+    let dir = images_dir("move");
+    let inode = netns_inode(service.pid).unwrap();
+    let mut seen = Vec::new();
+    let dump = DumpRequest {
+        pid: service.pid,
+        images_dir: dir.clone(),
+        external: vec![format!("net[{inode}]:extnet")],
+        ..Default::default()
+    };
+    criu.dump(&dump, false, &mut |script| {
+        seen.push(script.to_string());
+        true
+    })
+    .unwrap_or_else(|e| panic!("dump: {e}\n{}", log(&dir, "dump.log")));
+    assert!(
+        seen.iter().any(|s| s == "post-dump"),
+        "notifications: {seen:?}"
+    );
+    let dumped = stats::dump(&dir).expect("stats-dump");
+    assert!(
+        dumped.pages_written > 0 && dumped.frozen_time > 0,
+        "{dumped:?}"
+    );
+    assert_eq!(
+        chain_state(&hosts.src, addr),
+        None,
+        "the source instance is gone after the dump"
+    );
+
+    let dst_net = open_netns(&hosts.dst.path()).unwrap();
+    let restore = RestoreRequest {
+        images_dir: dir.clone(),
+        inherit: vec![("extnet".into(), &dst_net)],
+    };
+    let pid = criu
+        .restore(&restore, &mut |_| true)
+        .unwrap_or_else(|e| panic!("restore: {e}\n{}", log(&dir, "restore.log")));
+    let restored = stats::restore(&dir).expect("stats-restore");
+    println!(
+        "dump: frozen {} us, {} pages; restore: {} us",
+        dumped.frozen_time, dumped.pages_written, restored.restore_time
+    );
+    assert_eq!(
+        chain_state(&hosts.dst, addr),
+        Some(fed),
+        "the restored state is the chain of every input"
+    );
+    let more = feed(&hosts.dst, addr, 10);
+    let expected = (
+        fed.0 + 10,
+        (1..=10).fold(fed.1, |h, i| chain(h, format!("input {i}").as_bytes())),
+    );
+    assert_eq!(more.0, 10);
+    assert_eq!(
+        chain_state(&hosts.dst, addr),
+        Some(expected),
+        "and it keeps serving"
+    );
+
+    // The restored root is this process's child (rst_sibling): end and reap it.
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = nix::sys::wait::waitpid(pid, None);
+    drop(service);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn criu_failures_name_the_request_and_the_cause() {
+    let missing = Criu::new("/nonexistent/criu").version().unwrap_err();
+    assert!(matches!(missing, CriuError::Spawn { .. }), "{missing}");
+    assert!(
+        missing.to_string().contains("cargo xtask setup"),
+        "{missing}"
+    );
+
+    let dir = images_dir("nopid");
+    // A pid that cannot exist (above pid_max).
+    let dump = DumpRequest {
+        pid: 4_194_305,
+        images_dir: dir.clone(),
+        ..Default::default()
+    };
+    let err = Criu::default()
+        .dump(&dump, false, &mut |_| true)
+        .unwrap_err();
+    match &err {
+        CriuError::Failed { request, log, .. } => {
+            assert_eq!(*request, ReqType::Dump);
+            assert!(log.ends_with("dump.log"), "{err}");
+        }
+        other => panic!("expected a failed dump, got {other}"),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_dump_whose_post_dump_notification_fails_leaves_the_source_serving() {
+    let hosts = TestHosts::new("crb");
+    let addr = sock(SERVICE_V4, 5000);
+    let service = ChainService::start(&hosts.src, addr);
+    let fed = feed(&hosts.src, addr, 50);
+    assert_eq!(chain_state(&hosts.src, addr), Some(fed));
+    let dir = images_dir("rollback");
+    let inode = netns_inode(service.pid).unwrap();
+    let dump = DumpRequest {
+        pid: service.pid,
+        images_dir: dir.clone(),
+        external: vec![format!("net[{inode}]:extnet")],
+        ..Default::default()
+    };
+    // Answering post-dump with failure is the rollback path: CRIU resumes the tree.
+    let mut seen = Vec::new();
+    let err = Criu::default()
+        .dump(&dump, false, &mut |script| {
+            seen.push(script.to_string());
+            script != "post-dump"
+        })
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CriuError::Failed {
+                request: ReqType::Dump,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // CRIU still tells network-unlock as it cleans up after the refused post-dump.
+    assert!(
+        seen.iter().any(|s| s == "post-dump"),
+        "failed at our answer: {seen:?}"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        chain_state(&hosts.src, addr),
+        Some(fed),
+        "the source still serves, state intact"
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", service.pid)).unwrap();
+    assert!(!status.contains("State:\tT"), "not left stopped:\n{status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn log(dir: &std::path::Path, name: &str) -> String {
+    let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Error") || l.contains("rror ("))
+        .collect();
+    lines.join("\n")
+}
