@@ -58,12 +58,13 @@ pub struct FlowSequence {
 }
 const _: () = assert!(size_of::<FlowSequence>() == 16);
 
-/// Gate mode: deliver every mirrored input to the local instance.
+/// Gate mode: deliver every input to the local instance.
 pub const GATE_DELIVER_ALL: u32 = 0;
-/// Gate mode: hold every mirrored input (logged, not delivered).
+/// Gate mode: hold every input (logged, not delivered).
 pub const GATE_HOLD_ALL: u32 = 1;
 
-/// Per-flow gate on the receiving host: what happens to a mirrored input.
+/// Per-flow gate: whether an input, captured on this host or mirrored from
+/// the peer, reaches the local instance.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Gate {

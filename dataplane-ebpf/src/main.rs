@@ -52,8 +52,9 @@ static FLOWS: HashMap<FlowKey, FlowConfig> = HashMap::pinned(MAX_FLOWS, 0);
 #[map]
 static SEQUENCES: Array<FlowSequence> = Array::pinned(MAX_FLOWS, 0);
 
-/// Per-flow gates for mirrored inputs, indexed by flow id; memory-mappable so
-/// that user space can flip a gate with one store.
+/// Per-flow gates, indexed by flow id: whether inputs (captured here or
+/// mirrored from the peer) reach the local instance or are held in the log.
+/// Memory-mappable so that user space can flip a gate with one store.
 #[map]
 static GATES: Array<Gate> = Array::pinned(MAX_FLOWS, BPF_F_MMAPABLE);
 
@@ -160,6 +161,14 @@ fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
         return xdp_action::XDP_PASS;
     };
     count(counter::CAPTURED);
+    if GATES
+        .get(flow.flow_id)
+        .is_some_and(|g| g.mode == GATE_HOLD_ALL)
+    {
+        // Held for a checkpoint: the input stays in the log, for replay.
+        count(counter::HELD);
+        return xdp_action::XDP_DROP;
+    }
     // SAFETY: as above; a plain store, the latest delivered input wins.
     unsafe { (*sequence).last_delivered = seq };
     if flow.flags & FLOW_MIRROR == 0 || config.mirror_ifindex == 0 {

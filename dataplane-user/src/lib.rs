@@ -1,6 +1,7 @@
 //! The dataplane's user space: loading the kernel programs, reading their
 //! logs and counters, and managing CPS flows.
 pub mod capture;
+pub mod checkpoint;
 pub mod config;
 pub mod control;
 pub mod criu;

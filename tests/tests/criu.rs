@@ -1,7 +1,7 @@
 //! The CRIU driver against real CRIU 4.2.1 and a real stateful service.
 use std::{net::UdpSocket, path::PathBuf, time::Duration};
 
-use dataplane_tests::{ChainService, SERVICE_V4, TestHosts, chain, chain_state, sock};
+use dataplane_tests::{CPS_V4, ChainService, SERVICE_V4, TestHosts, chain, chain_state, sock};
 use dataplane_user::criu::{
     Criu, CriuError, DumpRequest, ReqType, RestoreRequest, netns_inode, open_netns, stats,
 };
@@ -206,4 +206,128 @@ fn log(dir: &std::path::Path, name: &str) -> String {
         .filter(|l| l.contains("Error") || l.contains("rror ("))
         .collect();
     lines.join("\n")
+}
+
+/// Sends inputs "tick N" from the CPS every millisecond until stopped.
+fn ticker(
+    hosts: &TestHosts,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    let socket = hosts
+        .cps
+        .run(|| UdpSocket::bind(sock(CPS_V4, 4000)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 100_000 {
+            n += 1;
+            socket
+                .send_to(format!("tick {n}").as_bytes(), sock(SERVICE_V4, 5000))
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        n
+    })
+}
+
+#[test]
+fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
+    use dataplane_user::{checkpoint, flow, loader::MAP_INPUTS};
+    use std::{
+        collections::BTreeMap,
+        sync::{Arc, atomic::AtomicBool},
+    };
+
+    let hosts = TestHosts::new("ckpt");
+    let mut src = hosts.load_src();
+    let addr = sock(SERVICE_V4, 5000);
+    let flow_id = src
+        .dataplane
+        .add_flow(flow::udp(sock(CPS_V4, 4000), addr), 0)
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let mut log =
+        dataplane_user::LogReader::spawn(src.dataplane.open_log(MAP_INPUTS).unwrap(), 1 << 16)
+            .unwrap();
+    let mut payloads: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let criu = Criu::default();
+    let dst_net = open_netns(&hosts.dst.path()).unwrap();
+    for round in 1..=20 {
+        let first = src.dataplane.sequence(flow_id).unwrap().last_seq + 1;
+        let service = ChainService::start(&hosts.src, addr);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sender = ticker(&hosts, stop.clone());
+        std::thread::sleep(Duration::from_millis(30));
+
+        let position = checkpoint::hold_and_drain(
+            &mut src.dataplane,
+            &[flow_id],
+            service.pid,
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        let s = position[0].last_delivered;
+        let dir = images_dir(&format!("ckpt{round}"));
+        let dump = DumpRequest {
+            pid: service.pid,
+            images_dir: dir.clone(),
+            external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
+            ..Default::default()
+        };
+        criu.dump(&dump, false, &mut |_| true)
+            .unwrap_or_else(|e| panic!("round {round}: dump: {e}"));
+        std::thread::sleep(Duration::from_millis(5));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sender.join().unwrap();
+        let restore = RestoreRequest {
+            images_dir: dir.clone(),
+            inherit: vec![("extnet".into(), &dst_net)],
+        };
+        let pid = criu
+            .restore(&restore, &mut |_| true)
+            .unwrap_or_else(|e| panic!("round {round}: restore: {e}"));
+        let state = chain_state(&hosts.dst, addr).expect("the restored service answers");
+
+        // The log has every input of the round, held ones included.
+        let last = src.dataplane.sequence(flow_id).unwrap().last_seq;
+        runtime.block_on(async {
+            while payloads.last_key_value().map_or(0, |(k, _)| *k) < last {
+                let r = tokio::time::timeout(Duration::from_secs(5), log.next())
+                    .await
+                    .expect("log records");
+                payloads.insert(r.header.seq, udp_payload(&r.frame));
+            }
+        });
+        assert!(
+            last > s,
+            "round {round}: inputs after S={s} were held in the log (last {last})"
+        );
+        let expected = (first..=s).fold(0, |h, seq| chain(h, &payloads[&seq]));
+        assert_eq!(
+            state,
+            (s - first + 1, expected),
+            "round {round}: the image holds inputs {first}..={s} exactly"
+        );
+
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let _ = nix::sys::wait::waitpid(pid, None);
+        checkpoint::release(&mut src.dataplane, &[flow_id]).unwrap();
+        drop(service);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn udp_payload(frame: &[u8]) -> Vec<u8> {
+    match etherparse::SlicedPacket::from_ethernet(frame)
+        .unwrap()
+        .transport
+    {
+        Some(etherparse::TransportSlice::Udp(udp)) => udp.payload().to_vec(),
+        other => panic!("not UDP: {other:?}"),
+    }
 }

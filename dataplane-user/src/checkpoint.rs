@@ -1,0 +1,159 @@
+//! The exact checkpoint position (DESIGN.md requirement 2).
+//!
+//! CRIU does not save a UDP socket's receive queue, so an input that waits
+//! there at dump time is in neither the image nor the instance that resumes.
+//! Before the final dump the dataplane holds the service's inputs (logged,
+//! not delivered), the service drains its socket, and then every input up to
+//! the flow's `last_delivered` is inside the image and none after it is.
+use std::{
+    collections::HashSet,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use dataplane_common::{GATE_DELIVER_ALL, GATE_HOLD_ALL};
+
+use crate::loader::{Dataplane, LoadError};
+
+/// Inputs already past the XDP hook when the gate closes finish their way
+/// into the socket within one softirq run; this is ample for that.
+const SETTLE: Duration = Duration::from_millis(1);
+
+/// Errors of taking the checkpoint position.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Dataplane(#[from] LoadError),
+    #[error("reading process {pid}'s sockets: {source}")]
+    Sockets { pid: u32, source: std::io::Error },
+    #[error("process {pid} did not drain its socket queue within {waited:?} ({bytes} bytes left)")]
+    NotDrained {
+        pid: u32,
+        waited: Duration,
+        bytes: u64,
+    },
+}
+
+/// A flow's position: every input up to `last_delivered` reached the service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowPosition {
+    pub flow_id: u32,
+    pub last_delivered: u64,
+}
+
+/// Holds the inputs of `flow_ids` and waits until process `pid` has read
+/// its UDP sockets empty; returns each flow's position. On error the gates
+/// are open again.
+pub fn hold_and_drain(
+    dataplane: &mut Dataplane,
+    flow_ids: &[u32],
+    pid: u32,
+    timeout: Duration,
+) -> Result<Vec<FlowPosition>, CheckpointError> {
+    let start = Instant::now();
+    set_gates(dataplane, flow_ids, GATE_HOLD_ALL)?;
+    let drained = (|| {
+        std::thread::sleep(SETTLE);
+        loop {
+            let bytes = udp_receive_queue(pid)?;
+            if bytes == 0 {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                return Err(CheckpointError::NotDrained {
+                    pid,
+                    waited: start.elapsed(),
+                    bytes,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    })();
+    let positions = drained.and_then(|()| {
+        flow_ids
+            .iter()
+            .map(|&flow_id| {
+                let last_delivered = dataplane.sequence(flow_id)?.last_delivered;
+                Ok(FlowPosition {
+                    flow_id,
+                    last_delivered,
+                })
+            })
+            .collect()
+    });
+    if positions.is_err() {
+        let _ = release(dataplane, flow_ids);
+    }
+    positions
+}
+
+/// Opens the gates of `flow_ids` again.
+pub fn release(dataplane: &mut Dataplane, flow_ids: &[u32]) -> Result<(), LoadError> {
+    set_gates(dataplane, flow_ids, GATE_DELIVER_ALL)
+}
+
+fn set_gates(dataplane: &mut Dataplane, flow_ids: &[u32], mode: u32) -> Result<(), LoadError> {
+    flow_ids
+        .iter()
+        .try_for_each(|&id| dataplane.set_gate(id, mode))
+}
+
+/// Bytes waiting in the receive queues of process `pid`'s UDP sockets.
+pub fn udp_receive_queue(pid: u32) -> Result<u64, CheckpointError> {
+    let err = |source| CheckpointError::Sockets { pid, source };
+    let mut inodes = HashSet::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(err)? {
+        let Ok(target) = std::fs::read_link(fd.map_err(err)?.path()) else {
+            continue;
+        };
+        if let Some(inode) = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:["))
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            inodes.insert(inode.to_string());
+        }
+    }
+    let mut bytes = 0;
+    for table in ["udp", "udp6"] {
+        let path = format!("/proc/{pid}/net/{table}");
+        bytes += queued_bytes(
+            &std::fs::read_to_string(Path::new(&path)).map_err(err)?,
+            &inodes,
+        );
+    }
+    Ok(bytes)
+}
+
+/// Sums `rx_queue` over the rows of a /proc/net/udp table whose inode is in `inodes`.
+fn queued_bytes(table: &str, inodes: &HashSet<String>) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|row| {
+            let fields: Vec<&str> = row.split_whitespace().collect();
+            // sl local rem st tx_queue:rx_queue tr:when retrnsmt uid timeout inode ...
+            let inode = fields.get(9)?;
+            if !inodes.contains(*inode) {
+                return None;
+            }
+            let (_, rx) = fields.get(4)?.split_once(':')?;
+            u64::from_str_radix(rx, 16).ok()
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_the_receive_queues_of_the_processs_sockets() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+            12: 0A0200C0:1388 00000000:0000 07 00000000:00000300 00:00000000 00000000     0        0 4242 2 0000000000000000 0\n\
+            13: 0100007F:0035 00000000:0000 07 00000000:00000100 00:00000000 00000000     0        0 9999 2 0000000000000000 0\n";
+        let ours: HashSet<String> = ["4242".to_string()].into();
+        assert_eq!(queued_bytes(table, &ours), 0x300);
+        assert_eq!(queued_bytes(table, &HashSet::new()), 0);
+    }
+}
