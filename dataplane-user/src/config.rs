@@ -46,6 +46,9 @@ pub struct DaemonConfig {
     /// Address the peer link listens on, "ADDR:PORT". Default: none (no peer link).
     #[serde(default)]
     pub peer_listen: Option<SocketAddr>,
+    /// Where checkpoint images received from a peer go. Default: /var/lib/dataplane/images.
+    #[serde(default = "default_images_dir")]
+    pub images_dir: PathBuf,
 }
 
 fn default_pin_root() -> PathBuf {
@@ -59,6 +62,9 @@ fn default_output_ring_mib() -> u32 {
 }
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
+}
+fn default_images_dir() -> PathBuf {
+    PathBuf::from("/var/lib/dataplane/images")
 }
 
 /// A configuration that cannot be used.

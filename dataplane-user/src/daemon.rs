@@ -144,7 +144,7 @@ impl Daemon {
                 .await
                 .map_err(|source| DaemonError::PeerListen { address, source })?;
             tracing::info!(%address, "serving the peer link");
-            tokio::spawn(peer::serve(peers));
+            tokio::spawn(peer::serve(peers, daemon.config.images_dir.clone()));
         }
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;

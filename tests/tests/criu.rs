@@ -331,3 +331,102 @@ fn udp_payload(frame: &[u8]) -> Vec<u8> {
         other => panic!("not UDP: {other:?}"),
     }
 }
+
+#[test]
+fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
+    use dataplane_tests::DaemonProcess;
+    use dataplane_user::peer::{self, PeerError, frame, transfer, write_frame};
+
+    let hosts = TestHosts::new("xfer");
+    let images_root = std::env::temp_dir().join(format!("dataplane-xfer-{}", std::process::id()));
+    let config = format!(
+        "interface = \"eth0\"\npin_root = \"{}\"\ninput_ring_mib = 1\noutput_ring_mib = 1\n\
+         peer_listen = \"198.51.100.2:7070\"\nimages_dir = \"{}\"\n",
+        hosts.pin_root("dst").display(),
+        images_root.display()
+    );
+    let dst = DaemonProcess::start(&hosts.dst, "xfer", &config);
+    let addr = sock(SERVICE_V4, 5000);
+    let service = ChainService::start(&hosts.src, addr);
+    let fed = feed(&hosts.src, addr, 200);
+    assert_eq!(chain_state(&hosts.src, addr), Some(fed));
+    let dir = images_dir("xfer");
+    let dump = DumpRequest {
+        pid: service.pid,
+        images_dir: dir.clone(),
+        external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
+        ..Default::default()
+    };
+    Criu::default().dump(&dump, false, &mut |_| true).unwrap();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let peer_addr = "198.51.100.2:7070".parse().unwrap();
+    // The socket is made while connecting: the whole connect runs inside src.
+    let (mut link, _) = hosts
+        .src
+        .run(|| runtime.block_on(peer::connect(peer_addr)))
+        .unwrap();
+    let sent = runtime
+        .block_on(transfer::send(&mut link, "m1", &dir))
+        .unwrap();
+    let on_disk: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(sent.received.bytes, on_disk, "D counts every image byte");
+    println!(
+        "moved {} files, {} bytes in {:?}",
+        sent.received.files, sent.received.bytes, sent.elapsed
+    );
+    let received = images_root.join("m1");
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let entry = entry.unwrap();
+        let copy = std::fs::read(received.join(entry.file_name())).unwrap();
+        assert_eq!(
+            copy,
+            std::fs::read(entry.path()).unwrap(),
+            "{:?} arrived intact",
+            entry.file_name()
+        );
+    }
+
+    // A corrupted transfer is refused and leaves nothing half-written behind.
+    let refused: Result<(), PeerError> = runtime.block_on(async {
+        write_frame(&mut link, frame::IMAGES, br#"{"migration":"m2"}"#).await?;
+        let header = br#"{"name":"core-1.img","size":4,"sha256":"00"}"#;
+        write_frame(&mut link, frame::FILE, header).await?;
+        write_frame(&mut link, frame::DATA, b"abcd").await?;
+        write_frame(&mut link, frame::IMAGES_END, &[]).await?;
+        match peer::read_frame(&mut link, 4096).await? {
+            (frame::REFUSE, reason) => {
+                Err(PeerError::Refused(String::from_utf8_lossy(&reason).into()))
+            }
+            (other, _) => panic!("expected a refusal, got frame type {other}"),
+        }
+    });
+    let refused = refused.unwrap_err().to_string();
+    assert!(refused.contains("checksum mismatch"), "{refused}");
+    assert!(!images_root.join("m2").exists() && !images_root.join("m2.partial").exists());
+
+    // The destination restores from what it received.
+    let dst_net = open_netns(&hosts.dst.path()).unwrap();
+    let restore = RestoreRequest {
+        images_dir: received.clone(),
+        inherit: vec![("extnet".into(), &dst_net)],
+    };
+    let pid = Criu::default().restore(&restore, &mut |_| true).unwrap();
+    assert_eq!(
+        chain_state(&hosts.dst, addr),
+        Some(fed),
+        "restored from the transferred images"
+    );
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = nix::sys::wait::waitpid(pid, None);
+    drop((dst, service));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&images_root);
+}

@@ -6,7 +6,12 @@
 //! connecting daemon, `WELCOME` or `REFUSE` back, each with a JSON payload.
 //! A peer that speaks another version, or anything that is not a hello, is
 //! refused with a `REFUSE` frame saying why, logged, and disconnected.
-use std::{net::SocketAddr, time::Instant};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Instant,
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -23,6 +28,8 @@ pub const MAX_FRAME: u32 = 16 << 20;
 /// Largest handshake frame: a hello is small, and a stranger gets no more.
 pub const MAX_HELLO: u32 = 4096;
 
+pub mod transfer;
+
 /// Frame types.
 pub mod frame {
     pub const HELLO: u8 = 1;
@@ -30,6 +37,16 @@ pub mod frame {
     pub const REFUSE: u8 = 3;
     pub const PING: u8 = 4;
     pub const PONG: u8 = 5;
+    /// Starts a checkpoint image transfer: JSON `{"migration": ID}`.
+    pub const IMAGES: u8 = 6;
+    /// One image file follows: JSON `{"name", "size", "sha256"}`, then DATA frames.
+    pub const FILE: u8 = 7;
+    /// A chunk of the current file.
+    pub const DATA: u8 = 8;
+    /// The transfer is complete.
+    pub const IMAGES_END: u8 = 9;
+    /// The receiver has every file, checksums verified: JSON `{"files", "bytes"}`.
+    pub const IMAGES_OK: u8 = 10;
 }
 
 /// The handshake payload, both ways.
@@ -67,6 +84,8 @@ pub enum PeerError {
     Garbage(String),
     #[error("peer speaks version {0}, this daemon speaks {VERSION}")]
     Version(u32),
+    #[error("checkpoint images: {0}")]
+    Images(String),
 }
 
 /// Writes one frame.
@@ -152,13 +171,16 @@ fn check_hello(kind: u8, payload: &[u8]) -> Result<Hello, PeerError> {
     Ok(hello)
 }
 
-/// Accepts peer links on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener) {
+/// Accepts peer links on `listener` until the task is dropped; received
+/// checkpoint images go under `images_root`.
+pub async fn serve(listener: TcpListener, images_root: PathBuf) {
+    let images_root = Arc::new(images_root);
     loop {
         match listener.accept().await {
             Ok((stream, from)) => {
+                let images_root = images_root.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_one(stream, from).await {
+                    if let Err(e) = serve_one(stream, from, &images_root).await {
                         tracing::warn!(%from, "peer link closed: {e}");
                     }
                 });
@@ -168,7 +190,11 @@ pub async fn serve(listener: TcpListener) {
     }
 }
 
-async fn serve_one(mut stream: TcpStream, from: SocketAddr) -> Result<(), PeerError> {
+async fn serve_one(
+    mut stream: TcpStream,
+    from: SocketAddr,
+    images_root: &Path,
+) -> Result<(), PeerError> {
     stream.set_nodelay(true)?;
     let hello = match read_frame(&mut stream, MAX_HELLO).await {
         Ok((kind, payload)) => check_hello(kind, &payload),
@@ -187,7 +213,7 @@ async fn serve_one(mut stream: TcpStream, from: SocketAddr) -> Result<(), PeerEr
     let welcome = serde_json::to_vec(&Hello::ours()).expect("a hello serializes");
     write_frame(&mut stream, frame::WELCOME, &welcome).await?;
     loop {
-        let (kind, _payload) = match read_frame(&mut stream, MAX_FRAME).await {
+        let (kind, payload) = match read_frame(&mut stream, MAX_FRAME).await {
             Ok(frame) => frame,
             Err(PeerError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 tracing::info!(%from, "peer link closed by the peer");
@@ -197,6 +223,19 @@ async fn serve_one(mut stream: TcpStream, from: SocketAddr) -> Result<(), PeerEr
         };
         match kind {
             frame::PING => write_frame(&mut stream, frame::PONG, &[]).await?,
+            frame::IMAGES => match transfer::receive(&mut stream, &payload, images_root).await {
+                Ok(received) => {
+                    tracing::info!(%from, migration = %received.migration, files = received.files,
+                            bytes = received.bytes, "received checkpoint images");
+                    let ok = serde_json::to_vec(&received).expect("serializes");
+                    write_frame(&mut stream, frame::IMAGES_OK, &ok).await?;
+                }
+                Err(e) => {
+                    tracing::warn!(%from, "refused checkpoint images: {e}");
+                    let _ = write_frame(&mut stream, frame::REFUSE, e.to_string().as_bytes()).await;
+                    return Err(e);
+                }
+            },
             other => {
                 let reason = format!("unexpected frame type {other}");
                 let _ = write_frame(&mut stream, frame::REFUSE, reason.as_bytes()).await;

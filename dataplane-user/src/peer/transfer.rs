@@ -1,0 +1,224 @@
+//! Checkpoint images over the peer link: every file of an images directory,
+//! in chunks, each file checked against its SHA-256 on arrival. The
+//! receiver writes into `<root>/<migration>.partial` and renames it to
+//! `<root>/<migration>` only when every file arrived intact, so a directory
+//! without the suffix is always a complete image set.
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
+
+use super::{MAX_FRAME, PeerError, frame, read_frame, write_frame};
+
+/// Bytes of file data a DATA frame carries.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Serialize, Deserialize)]
+struct Begin {
+    migration: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileHeader {
+    name: String,
+    size: u64,
+    sha256: String,
+}
+
+/// What a transfer moved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Received {
+    pub migration: String,
+    pub files: u64,
+    /// The data volume D: image bytes moved.
+    pub bytes: u64,
+}
+
+/// A finished transfer, as the sender saw it.
+#[derive(Clone, Debug)]
+pub struct Sent {
+    pub received: Received,
+    pub elapsed: Duration,
+}
+
+fn images_error(message: impl Into<String>) -> PeerError {
+    PeerError::Images(message.into())
+}
+
+/// A migration id or file name: letters, digits, `.`, `_`, `-`; never a path.
+fn plain_name(name: &str) -> Result<&str, PeerError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(name)
+    } else {
+        Err(images_error(format!("{name:?} is not a plain name")))
+    }
+}
+
+/// Sends every regular file of `dir` as the images of `migration`, on an
+/// established link, and waits for the receiver's verdict.
+pub async fn send(stream: &mut TcpStream, migration: &str, dir: &Path) -> Result<Sent, PeerError> {
+    let start = Instant::now();
+    plain_name(migration)?;
+    let begin = serde_json::to_vec(&Begin {
+        migration: migration.into(),
+    })
+    .expect("serializes");
+    write_frame(stream, frame::IMAGES, &begin).await?;
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    for name in names {
+        let data = tokio::fs::read(dir.join(&name)).await?;
+        let header = FileHeader {
+            name: plain_name(&name)?.to_string(),
+            size: data.len() as u64,
+            sha256: hex(&Sha256::digest(&data)),
+        };
+        write_frame(
+            stream,
+            frame::FILE,
+            &serde_json::to_vec(&header).expect("serializes"),
+        )
+        .await?;
+        for chunk in data.chunks(CHUNK) {
+            write_frame(stream, frame::DATA, chunk).await?;
+        }
+    }
+    write_frame(stream, frame::IMAGES_END, &[]).await?;
+    match read_frame(stream, MAX_FRAME).await? {
+        (frame::IMAGES_OK, payload) => Ok(Sent {
+            received: serde_json::from_slice(&payload)
+                .map_err(|e| images_error(format!("receipt: {e}")))?,
+            elapsed: start.elapsed(),
+        }),
+        (frame::REFUSE, reason) => Err(PeerError::Refused(
+            String::from_utf8_lossy(&reason).into_owned(),
+        )),
+        (other, _) => Err(images_error(format!(
+            "frame type {other} instead of a receipt"
+        ))),
+    }
+}
+
+/// Receives the transfer that an IMAGES frame with `begin` started.
+pub async fn receive(
+    stream: &mut TcpStream,
+    begin: &[u8],
+    root: &Path,
+) -> Result<Received, PeerError> {
+    let Begin { migration } =
+        serde_json::from_slice(begin).map_err(|e| images_error(format!("begin: {e}")))?;
+    plain_name(&migration)?;
+    let partial = root.join(format!("{migration}.partial"));
+    let outcome = receive_into(stream, &partial).await;
+    match outcome {
+        Ok((files, bytes)) => {
+            let done = root.join(&migration);
+            let _ = tokio::fs::remove_dir_all(&done).await;
+            tokio::fs::rename(&partial, &done).await?;
+            Ok(Received {
+                migration,
+                files,
+                bytes,
+            })
+        }
+        Err(e) => {
+            let _ = tokio::fs::remove_dir_all(&partial).await;
+            Err(e)
+        }
+    }
+}
+
+async fn receive_into(stream: &mut TcpStream, dir: &PathBuf) -> Result<(u64, u64), PeerError> {
+    let _ = tokio::fs::remove_dir_all(dir).await;
+    tokio::fs::create_dir_all(dir).await?;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    let mut current: Option<(FileHeader, tokio::fs::File, Sha256, u64)> = None;
+    loop {
+        let (kind, payload) = read_frame(stream, MAX_FRAME).await?;
+        match kind {
+            frame::FILE | frame::IMAGES_END => {
+                if let Some((header, mut file, hash, got)) = current.take() {
+                    file.flush().await?;
+                    if got != header.size || hex(&hash.finalize()) != header.sha256 {
+                        return Err(images_error(format!(
+                            "{}: checksum mismatch ({got} of {} bytes arrived)",
+                            header.name, header.size
+                        )));
+                    }
+                    files += 1;
+                }
+                if kind == frame::IMAGES_END {
+                    return Ok((files, bytes));
+                }
+                let header: FileHeader = serde_json::from_slice(&payload)
+                    .map_err(|e| images_error(format!("file header: {e}")))?;
+                plain_name(&header.name)?;
+                let file = tokio::fs::File::create(dir.join(&header.name)).await?;
+                current = Some((header, file, Sha256::new(), 0));
+            }
+            frame::DATA => {
+                let Some((header, file, hash, got)) = current.as_mut() else {
+                    return Err(images_error("data before a file header"));
+                };
+                *got += payload.len() as u64;
+                if *got > header.size {
+                    return Err(images_error(format!(
+                        "{}: more data than announced",
+                        header.name
+                    )));
+                }
+                hash.update(&payload);
+                file.write_all(&payload).await?;
+                bytes += payload.len() as u64;
+            }
+            other => {
+                return Err(images_error(format!(
+                    "unexpected frame type {other} in a transfer"
+                )));
+            }
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_names_pass() {
+        for ok in ["pages-1.img", "m-42", "stats-dump", "core-1.img"] {
+            assert!(plain_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc",
+            "a/b",
+            "/abs",
+            "x y",
+            &"x".repeat(129),
+        ] {
+            assert!(plain_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
