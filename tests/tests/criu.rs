@@ -430,3 +430,149 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&images_root);
 }
+
+#[test]
+fn a_corrupted_image_fails_the_restore_and_the_source_keeps_serving() {
+    let hosts = TestHosts::new("corr");
+    let addr = sock(SERVICE_V4, 5000);
+    let service = ChainService::start(&hosts.src, addr);
+    let fed = feed(&hosts.src, addr, 100);
+    let dir = images_dir("corrupt");
+    let dump = DumpRequest {
+        pid: service.pid,
+        images_dir: dir.clone(),
+        leave_running: true,
+        external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
+        ..Default::default()
+    };
+    Criu::default().dump(&dump, false, &mut |_| true).unwrap();
+    // Cut the memory image short, as a failed copy would.
+    let pages = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("pages-")
+        })
+        .expect("a pages image");
+    let len = std::fs::metadata(&pages).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pages)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+
+    let dst_net = open_netns(&hosts.dst.path()).unwrap();
+    let restore = RestoreRequest {
+        images_dir: dir.clone(),
+        inherit: vec![("extnet".into(), &dst_net)],
+    };
+    // CRIU 4.2.1 either fails on such an image or spins on it: the driver's
+    // timeout stops it and removes the half-restored tasks.
+    let criu = Criu::default().with_timeout(Duration::from_secs(5));
+    let err = criu.restore(&restore, &mut |_| true).unwrap_err();
+    match &err {
+        CriuError::Failed { request, log, .. } | CriuError::Timeout { request, log, .. } => {
+            assert_eq!(*request, ReqType::Restore, "{err}");
+            assert!(log.ends_with("restore.log"), "{err}");
+        }
+        other => panic!("expected a failed restore, got {other}"),
+    }
+    let tid = nix::unistd::gettid();
+    let children = std::fs::read_to_string(format!("/proc/self/task/{tid}/children")).unwrap();
+    let stray: Vec<&str> = children
+        .split_whitespace()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "criu")
+        })
+        .collect();
+    assert!(stray.is_empty(), "no half-restored task is left: {stray:?}");
+    assert_eq!(
+        chain_state(&hosts.dst, addr),
+        None,
+        "nothing half-restored answers in dst"
+    );
+    assert_eq!(
+        chain_state(&hosts.src, addr),
+        Some(fed),
+        "the source still serves, state intact"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_full_destination_disk_and_an_unreachable_peer_fail_the_transfer_cleanly() {
+    use dataplane_tests::DaemonProcess;
+    use dataplane_user::peer::{self, PeerError, transfer};
+
+    let hosts = TestHosts::new("full");
+    // A 64 KiB tmpfs as the destination's image store: the images do not fit.
+    let images_root = std::env::temp_dir().join(format!("dataplane-full-{}", std::process::id()));
+    std::fs::create_dir_all(&images_root).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &images_root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64k"),
+    )
+    .expect("mount a small tmpfs");
+    let config = format!(
+        "interface = \"eth0\"\npin_root = \"{}\"\ninput_ring_mib = 1\noutput_ring_mib = 1\n\
+         peer_listen = \"198.51.100.2:7070\"\nimages_dir = \"{}\"\n",
+        hosts.pin_root("dst").display(),
+        images_root.display()
+    );
+    let dst = DaemonProcess::start(&hosts.dst, "full", &config);
+    let addr = sock(SERVICE_V4, 5000);
+    let service = ChainService::start(&hosts.src, addr);
+    let fed = feed(&hosts.src, addr, 20);
+    let dir = images_dir("full");
+    let dump = DumpRequest {
+        pid: service.pid,
+        images_dir: dir.clone(),
+        leave_running: true,
+        external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
+        ..Default::default()
+    };
+    Criu::default().dump(&dump, false, &mut |_| true).unwrap();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let result = hosts.src.run(|| {
+        runtime.block_on(async {
+            let (mut link, _) = peer::connect("198.51.100.2:7070".parse().unwrap()).await?;
+            transfer::send(&mut link, "m1", &dir).await
+        })
+    });
+    let err = result.unwrap_err().to_string();
+    assert!(
+        err.contains("No space left"),
+        "the refusal names the cause: {err}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&images_root).unwrap().collect();
+    assert!(left.is_empty(), "nothing half-written is left: {left:?}");
+
+    // No daemon listens on this port of dst: the link fails at once, with the cause.
+    let unreachable = hosts
+        .src
+        .run(|| runtime.block_on(peer::connect("198.51.100.2:7071".parse().unwrap())));
+    match unreachable {
+        Err(PeerError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused),
+        other => panic!("expected a refused connection, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(
+        chain_state(&hosts.src, addr),
+        Some(fed),
+        "the source still serves"
+    );
+    drop((dst, service));
+    nix::mount::umount(&images_root).unwrap();
+    let _ = std::fs::remove_dir_all(&images_root);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -13,9 +13,15 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    time::Duration,
 };
 
-use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socketpair};
+use nix::sys::{
+    socket::{
+        AddressFamily, MsgFlags, SockFlag, SockType, recv, send, setsockopt, socketpair, sockopt,
+    },
+    time::TimeVal,
+};
 use prost::Message;
 
 pub use proto::{Features, Opts, ReqType, Resp, Version};
@@ -50,12 +56,19 @@ pub enum CriuError {
     },
     #[error("CRIU answered {got:?} to {sent:?}")]
     Unexpected { sent: ReqType, got: ReqType },
+    #[error("CRIU {request:?} made no progress for {after:?}; stopped it (see {log})")]
+    Timeout {
+        request: ReqType,
+        after: Duration,
+        log: String,
+    },
 }
 
-/// The CRIU binary and what it is asked with.
+/// The CRIU binary and how long a request may take.
 #[derive(Clone, Debug)]
 pub struct Criu {
     bin: PathBuf,
+    timeout: Duration,
 }
 
 impl Default for Criu {
@@ -91,9 +104,17 @@ pub struct RestoreRequest<'a> {
 }
 
 impl Criu {
-    /// A client of the CRIU binary at `bin`.
+    /// A client of the CRIU binary at `bin`, allowing each request a minute.
     pub fn new(bin: impl Into<PathBuf>) -> Self {
-        Self { bin: bin.into() }
+        Self {
+            bin: bin.into(),
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// The same client with `timeout` for CRIU's silence within a request.
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
     }
 
     /// CRIU's version.
@@ -198,9 +219,34 @@ impl Criu {
             None,
             SockFlag::SOCK_CLOEXEC,
         )?;
+        let timeout = TimeVal::new(
+            self.timeout.as_secs() as _,
+            self.timeout.subsec_micros() as _,
+        );
+        setsockopt(&ours, sockopt::ReceiveTimeout, &timeout)?;
+        let before = thread_children();
         let mut worker = self.spawn(&theirs, inherit)?;
         drop(theirs);
-        let outcome = exchange(&ours, req, sent, notify, &log);
+        let outcome = exchange(&ours, req, sent, notify, &log).map_err(|e| match e {
+            CriuError::Socket(nix::Error::EAGAIN) => CriuError::Timeout {
+                request: sent,
+                after: self.timeout,
+                log: log.clone(),
+            },
+            e => e,
+        });
+        if outcome.is_err() {
+            // A failed or stuck restore can leave half-restored tasks behind
+            // as this thread's children (rst_sibling): remove them with CRIU.
+            let _ = worker.kill();
+            for pid in thread_children().difference(&before) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*pid as i32), None);
+            }
+        }
         drop(ours);
         let _ = worker.wait();
         outcome
@@ -291,6 +337,16 @@ fn exchange(
         }
         return Ok(resp);
     }
+}
+
+/// The children of the calling thread, from /proc.
+fn thread_children() -> std::collections::HashSet<u32> {
+    let tid = nix::unistd::gettid();
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// The inode that names a process's network namespace for `--external net[...]`.

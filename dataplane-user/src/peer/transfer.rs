@@ -143,13 +143,34 @@ pub async fn receive(
     }
 }
 
+/// Receives the files into `dir`. An error before the end of the transfer
+/// first reads the rest of it, so the sender finishes writing and reads the
+/// refusal rather than a reset connection (a broken link ends that at once).
 async fn receive_into(stream: &mut TcpStream, dir: &PathBuf) -> Result<(u64, u64), PeerError> {
+    let mut ended = false;
+    let outcome = receive_files(stream, dir, &mut ended).await;
+    if outcome.is_err() && !ended {
+        while let Ok((kind, _)) = read_frame(stream, MAX_FRAME).await {
+            if kind == frame::IMAGES_END {
+                break;
+            }
+        }
+    }
+    outcome
+}
+
+async fn receive_files(
+    stream: &mut TcpStream,
+    dir: &PathBuf,
+    ended: &mut bool,
+) -> Result<(u64, u64), PeerError> {
     let _ = tokio::fs::remove_dir_all(dir).await;
     tokio::fs::create_dir_all(dir).await?;
     let (mut files, mut bytes) = (0u64, 0u64);
     let mut current: Option<(FileHeader, tokio::fs::File, Sha256, u64)> = None;
     loop {
         let (kind, payload) = read_frame(stream, MAX_FRAME).await?;
+        *ended = kind == frame::IMAGES_END;
         match kind {
             frame::FILE | frame::IMAGES_END => {
                 if let Some((header, mut file, hash, got)) = current.take() {
