@@ -576,3 +576,52 @@ fn a_full_destination_disk_and_an_unreachable_peer_fail_the_transfer_cleanly() {
     let _ = std::fs::remove_dir_all(&images_root);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn criu_killed_during_a_dump_leaves_the_source_serving() {
+    let hosts = TestHosts::new("ckill");
+    let addr = sock(SERVICE_V4, 5000);
+    let service = ChainService::start(&hosts.src, addr);
+    let fed = feed(&hosts.src, addr, 50);
+    let dir = images_dir("killed");
+    let dump = DumpRequest {
+        pid: service.pid,
+        images_dir: dir.clone(),
+        external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
+        ..Default::default()
+    };
+    // At network-lock CRIU has seized and stopped the tree: kill CRIU there,
+    // as an OOM killer or an admin's kill -9 would.
+    let err = Criu::default()
+        .dump(&dump, false, &mut |script| {
+            if script == "network-lock" {
+                let tid = nix::unistd::gettid();
+                let children =
+                    std::fs::read_to_string(format!("/proc/self/task/{tid}/children")).unwrap();
+                for pid in children.split_whitespace() {
+                    if std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() == "criu")
+                    {
+                        let pid = nix::unistd::Pid::from_raw(pid.parse().unwrap());
+                        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+                    }
+                }
+            }
+            true
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, CriuError::Closed(ReqType::Dump) | CriuError::Socket(_)),
+        "the error says CRIU went away during the dump: {err}"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        chain_state(&hosts.src, addr),
+        Some(fed),
+        "the source resumes and serves"
+    );
+    feed(&hosts.src, addr, 5);
+    let after = chain_state(&hosts.src, addr).unwrap();
+    assert_eq!(after.0, fed.0 + 5, "and keeps taking inputs");
+    let _ = std::fs::remove_dir_all(&dir);
+}
