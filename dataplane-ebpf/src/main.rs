@@ -156,16 +156,22 @@ fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
                 + 1
         }
     };
+    // Held for a checkpoint: nothing reaches the local instance, so that its
+    // position stays exact; a logged input waits in the log for replay.
+    let held = GATES
+        .get(flow.flow_id)
+        .is_some_and(|g| g.mode == GATE_HOLD_ALL);
     let Some(seq) = record::write(&INPUTS, &Xdp(ctx.ctx), 0, header, next_seq) else {
+        // Unnumbered: a migration that needs this input must abort (ring_full says so).
         count(counter::RING_FULL);
-        return xdp_action::XDP_PASS;
+        return if held {
+            xdp_action::XDP_DROP
+        } else {
+            xdp_action::XDP_PASS
+        };
     };
     count(counter::CAPTURED);
-    if GATES
-        .get(flow.flow_id)
-        .is_some_and(|g| g.mode == GATE_HOLD_ALL)
-    {
-        // Held for a checkpoint: the input stays in the log, for replay.
+    if held {
         count(counter::HELD);
         return xdp_action::XDP_DROP;
     }
