@@ -62,6 +62,9 @@ const _: () = assert!(size_of::<FlowSequence>() == 16);
 pub const GATE_DELIVER_ALL: u32 = 0;
 /// Gate mode: hold every input (logged, not delivered).
 pub const GATE_HOLD_ALL: u32 = 1;
+/// Gate mode: deliver input q only when q is `next_expected` (and advance it
+/// atomically), hold q above it in the log, drop q below it as a duplicate.
+pub const GATE_SEQUENCED: u32 = 2;
 
 /// Per-flow gate: whether an input, captured on this host or mirrored from
 /// the peer, reaches the local instance.
@@ -71,8 +74,10 @@ pub struct Gate {
     /// `GATE_*` mode.
     pub mode: u32,
     pub _pad: u32,
+    /// `GATE_SEQUENCED`: the one input the instance takes next.
+    pub next_expected: u64,
 }
-const _: () = assert!(size_of::<Gate>() == 8);
+const _: () = assert!(size_of::<Gate>() == 16);
 
 /// Host-wide settings, element 0 of the config array.
 #[repr(C)]
@@ -218,8 +223,10 @@ pub mod counter {
     pub const OUTPUT_RING_FULL: u32 = 11;
     /// Mirror clones or mirror frames that failed (redirect error, bad header, no room).
     pub const MIRROR_ERRORS: u32 = 12;
+    /// Inputs a sequenced gate dropped because the instance had them already.
+    pub const DUPLICATES: u32 = 13;
     /// Number of counters.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     /// Counter names, by index, as user space reports them.
     pub const NAMES: [&str; COUNT as usize] = [
         "seen",
@@ -235,6 +242,7 @@ pub mod counter {
         "output_captured",
         "output_ring_full",
         "mirror_errors",
+        "duplicates",
     ];
 }
 

@@ -21,7 +21,7 @@
 mod parse;
 mod record;
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{BPF_F_BROADCAST, BPF_F_MMAPABLE, TC_ACT_UNSPEC, xdp_action},
@@ -37,9 +37,9 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use dataplane_common::{
     CAPTURE_META_MAGIC, CaptureMeta, Config, FLOW_MIRROR, FlowConfig, FlowKey, FlowSequence,
-    GATE_HOLD_ALL, Gate, MAX_FLOWS, MAX_FRAME, MIRROR_CLONE, MIRROR_DEVMAP, MIRROR_OVERHEAD,
-    MIRROR_VERSION, MirrorHeader, PORT_MIRROR, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT,
-    RecordHeader, counter, mirror_headers,
+    GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, Gate, MAX_FLOWS, MAX_FRAME, MIRROR_CLONE,
+    MIRROR_DEVMAP, MIRROR_OVERHEAD, MIRROR_VERSION, MirrorHeader, PORT_MIRROR, RECORD_INPUT,
+    RECORD_MIRRORED, RECORD_OUTPUT, RecordHeader, counter, mirror_headers,
 };
 use parse::{Frame, Skip, parse, ptr_at};
 use record::{Skb, Xdp};
@@ -160,7 +160,7 @@ fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
     // position stays exact; a logged input waits in the log for replay.
     let held = GATES
         .get(flow.flow_id)
-        .is_some_and(|g| g.mode == GATE_HOLD_ALL);
+        .is_some_and(|g| g.mode != GATE_DELIVER_ALL);
     let Some(seq) = record::write(&INPUTS, &Xdp(ctx.ctx), 0, header, next_seq) else {
         // Unnumbered: a migration that needs this input must abort (ring_full says so).
         count(counter::RING_FULL);
@@ -257,7 +257,8 @@ fn receive(ctx: &XdpContext) -> u32 {
         );
         return xdp_action::XDP_PASS;
     }
-    let (Some(gate), Some(sequence)) = (GATES.get(flow_id), SEQUENCES.get_ptr_mut(flow_id)) else {
+    let (Some(gate), Some(sequence)) = (GATES.get_ptr_mut(flow_id), SEQUENCES.get_ptr_mut(flow_id))
+    else {
         count(counter::MIRROR_ERRORS);
         return xdp_action::XDP_PASS;
     };
@@ -274,9 +275,16 @@ fn receive(ctx: &XdpContext) -> u32 {
     if record::write(&INPUTS, &Xdp(ctx.ctx), MIRROR_OVERHEAD, record, || seq).is_none() {
         count(counter::RING_FULL);
     }
-    if gate.mode == GATE_HOLD_ALL {
-        count(counter::HELD);
-        return xdp_action::XDP_DROP;
+    match gate_verdict(gate, seq) {
+        Verdict::Deliver => {}
+        Verdict::Hold => {
+            count(counter::HELD);
+            return xdp_action::XDP_DROP;
+        }
+        Verdict::Duplicate => {
+            count(counter::DUPLICATES);
+            return xdp_action::XDP_DROP;
+        }
     }
     if deliver(ctx, inner_len - frame_len).is_none() {
         count(counter::MIRROR_ERRORS);
@@ -286,6 +294,44 @@ fn receive(ctx: &XdpContext) -> u32 {
     unsafe { (*sequence).last_delivered = seq };
     count(counter::DELIVERED);
     xdp_action::XDP_PASS
+}
+
+/// What a gate does with one input.
+enum Verdict {
+    Deliver,
+    /// Kept in the log, not delivered (yet).
+    Hold,
+    /// The instance has it already.
+    Duplicate,
+}
+
+/// The gate's verdict on input `seq`. A sequenced gate advances its
+/// `next_expected` with one compare-and-exchange, so of two copies of the
+/// same input (a replayed one and a live one) exactly one is delivered.
+#[inline(always)]
+fn gate_verdict(gate: *mut Gate, seq: u64) -> Verdict {
+    // SAFETY: the array slot lives as long as the map.
+    match unsafe { (*gate).mode } {
+        GATE_HOLD_ALL => Verdict::Hold,
+        GATE_SEQUENCED => {
+            // SAFETY: as above; the exchange is atomic across CPUs.
+            let (prev, taken) = unsafe {
+                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                    &raw mut (*gate).next_expected,
+                    seq,
+                    seq + 1,
+                )
+            };
+            if taken {
+                Verdict::Deliver
+            } else if seq < prev {
+                Verdict::Duplicate
+            } else {
+                Verdict::Hold
+            }
+        }
+        _ => Verdict::Deliver,
+    }
 }
 
 /// Strips the outer Ethernet and mirror headers (and any padding after the

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_common::{GATE_DELIVER_ALL, GATE_HOLD_ALL};
+use dataplane_common::{GATE_DELIVER_ALL, GATE_HOLD_ALL, Gate};
 
 use crate::loader::{Dataplane, LoadError};
 
@@ -93,9 +93,13 @@ pub fn release(dataplane: &mut Dataplane, flow_ids: &[u32]) -> Result<(), LoadEr
 }
 
 fn set_gates(dataplane: &mut Dataplane, flow_ids: &[u32], mode: u32) -> Result<(), LoadError> {
+    let gate = Gate {
+        mode,
+        ..Default::default()
+    };
     flow_ids
         .iter()
-        .try_for_each(|&id| dataplane.set_gate(id, mode))
+        .try_for_each(|&id| dataplane.set_gate(id, gate))
 }
 
 /// Bytes waiting in the receive queues of process `pid`'s UDP sockets.

@@ -419,10 +419,20 @@ impl Dataplane {
             })
     }
 
-    /// Sets the gate mode (`GATE_*`) of flow `flow_id` on this host.
-    pub fn set_gate(&mut self, flow_id: u32, mode: u32) -> Result<(), LoadError> {
+    /// Sets the gate of flow `flow_id` on this host.
+    pub fn set_gate(&mut self, flow_id: u32, gate: Gate) -> Result<(), LoadError> {
         self.gates
-            .set(flow_id, Gate { mode, _pad: 0 }, 0)
+            .set(flow_id, gate, 0)
+            .map_err(|source| LoadError::Map {
+                name: MAP_GATES,
+                source,
+            })
+    }
+
+    /// The gate of flow `flow_id` on this host.
+    pub fn gate(&self, flow_id: u32) -> Result<Gate, LoadError> {
+        self.gates
+            .get(&flow_id, 0)
             .map_err(|source| LoadError::Map {
                 name: MAP_GATES,
                 source,

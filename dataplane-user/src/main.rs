@@ -13,7 +13,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use dataplane_common::{GATE_DELIVER_ALL, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED};
+use dataplane_common::{
+    GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, Gate, RECORD_INPUT, RECORD_MIRRORED,
+};
 use dataplane_user::{
     Dataplane, LoadOptions, LogReader,
     config::{DEFAULT_CONFIG, DEFAULT_SOCKET, DaemonConfig},
@@ -127,8 +129,11 @@ enum Command {
     Gate {
         /// Flow id, as `flow ls` shows it.
         flow_id: u32,
-        #[arg(value_parser = ["deliver", "hold"])]
+        #[arg(value_parser = ["deliver", "hold", "sequenced"])]
         mode: String,
+        /// `sequenced`: the input sequence number the instance takes next.
+        #[arg(long, default_value_t = 1)]
+        next_expected: u64,
     },
     /// Print log records as they arrive (from the pins).
     Capture {
@@ -426,13 +431,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 )
             },
         ),
-        Command::Gate { flow_id, mode } => {
-            let mode = if mode == "hold" {
-                GATE_HOLD_ALL
-            } else {
-                GATE_DELIVER_ALL
+        Command::Gate {
+            flow_id,
+            mode,
+            next_expected,
+        } => {
+            let mode = match mode.as_str() {
+                "hold" => GATE_HOLD_ALL,
+                "sequenced" => GATE_SEQUENCED,
+                _ => GATE_DELIVER_ALL,
             };
-            Dataplane::open(&root)?.set_gate(flow_id, mode)?;
+            let gate = Gate {
+                mode,
+                next_expected,
+                ..Default::default()
+            };
+            Dataplane::open(&root)?.set_gate(flow_id, gate)?;
         }
         Command::Capture {
             outputs,

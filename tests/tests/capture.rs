@@ -191,7 +191,11 @@ fn mirrors_inputs_to_the_peer_with_their_numbers_and_bytes() {
     );
 
     // Hold-all: logged at dst, not delivered.
-    dst.dataplane.set_gate(dst_flow, GATE_HOLD_ALL).unwrap();
+    let hold = dataplane_common::Gate {
+        mode: GATE_HOLD_ALL,
+        ..Default::default()
+    };
+    dst.dataplane.set_gate(dst_flow, hold).unwrap();
     let dst_rx = receive_on(&hosts.dst, service, 1);
     let held = send_inputs(&hosts, cps, service, 100);
     let held_log = dst.read_inputs(held.len());
