@@ -147,7 +147,7 @@ pub struct MirrorHeader {
     pub version: u8,
     /// Length of this header in bytes; a receiver skips what it does not know.
     pub header_len: u8,
-    /// Reserved, 0.
+    /// `MIRROR_FLAG_*` bits.
     pub flags: u16,
     pub flow_id: u32,
     pub seq: u64,
@@ -157,6 +157,10 @@ pub struct MirrorHeader {
     pub _reserved: u32,
 }
 const _: () = assert!(size_of::<MirrorHeader>() == 32);
+
+/// Mirror flag: a replay of a logged input, injected on the receiving host;
+/// gated like a live copy but not logged again.
+pub const MIRROR_FLAG_REPLAY: u16 = 1;
 
 /// Bytes a mirror frame adds in front of the mirrored frame.
 pub const MIRROR_OVERHEAD: u32 = 14 + size_of::<MirrorHeader>() as u32;

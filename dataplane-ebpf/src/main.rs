@@ -38,8 +38,8 @@ use aya_log_ebpf::warn;
 use dataplane_common::{
     CAPTURE_META_MAGIC, CaptureMeta, Config, FLOW_MIRROR, FlowConfig, FlowKey, FlowSequence,
     GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, Gate, MAX_FLOWS, MAX_FRAME, MIRROR_CLONE,
-    MIRROR_DEVMAP, MIRROR_OVERHEAD, MIRROR_VERSION, MirrorHeader, PORT_MIRROR, RECORD_INPUT,
-    RECORD_MIRRORED, RECORD_OUTPUT, RecordHeader, counter, mirror_headers,
+    MIRROR_DEVMAP, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, MIRROR_VERSION, MirrorHeader, PORT_MIRROR,
+    RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, RecordHeader, counter, mirror_headers,
 };
 use parse::{Frame, Skip, parse, ptr_at};
 use record::{Skb, Xdp};
@@ -272,7 +272,9 @@ fn receive(ctx: &XdpContext) -> u32 {
         captured_len: captured_len(frame_len, config().snap_len),
         ..Default::default()
     };
-    if record::write(&INPUTS, &Xdp(ctx.ctx), MIRROR_OVERHEAD, record, || seq).is_none() {
+    let replayed = u16::from_be(header.flags) & MIRROR_FLAG_REPLAY != 0;
+    if !replayed && record::write(&INPUTS, &Xdp(ctx.ctx), MIRROR_OVERHEAD, record, || seq).is_none()
+    {
         count(counter::RING_FULL);
     }
     match gate_verdict(gate, seq) {

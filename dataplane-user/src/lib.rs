@@ -11,6 +11,7 @@ pub mod loader;
 pub mod metrics;
 pub mod netdev;
 pub mod peer;
+pub mod replay;
 
 pub use capture::{LogReader, Record};
 pub use loader::{Counters, Dataplane, LoadError, LoadOptions};

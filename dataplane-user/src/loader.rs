@@ -1,7 +1,7 @@
 //! Loading, re-adopting and unloading the kernel programs.
 //!
 //! Everything lives under one bpffs root (default `/sys/fs/bpf/dataplane`):
-//! `maps/<MAP>` and `links/<interface>/<program>`. Pinned links keep the
+//! `maps/<MAP>`, `links/<interface>/<program>` and `programs/ingress`. Pinned links keep the
 //! programs attached and counting when no process holds them, so a daemon
 //! restart re-opens the pins instead of detaching.
 use std::{
@@ -238,6 +238,7 @@ impl Dataplane {
                 .map_err(|source| LoadError::Pin { path, source })
         });
         let loaded = attached.and_then(|()| {
+            pin_ingress(&mut ebpf, root)?;
             if let Some(deliver_ifindex) = deliver_ifindex {
                 set_mirror_ports(&mut ebpf, config.mirror_ifindex, deliver_ifindex)?;
             }
@@ -307,11 +308,16 @@ impl Dataplane {
             remove_dir(&iface)?;
         }
         remove_dir(&links)?;
-        let maps = pin_root.join("maps");
-        for path in read_dir(&maps)? {
-            fs::remove_file(&path).map_err(|source| LoadError::Io { path, source })?;
+        for dir in [PROGRAMS_DIR, "maps"] {
+            let dir = pin_root.join(dir);
+            if !dir.exists() {
+                continue;
+            }
+            for path in read_dir(&dir)? {
+                fs::remove_file(&path).map_err(|source| LoadError::Io { path, source })?;
+            }
+            remove_dir(&dir)?;
         }
-        remove_dir(&maps)?;
         remove_dir(pin_root)
     }
 
@@ -467,6 +473,28 @@ impl Dataplane {
             })?;
         Ok(values.to_vec())
     }
+}
+
+/// Where programs themselves are pinned (links keep them attached; a pinned
+/// program can be run on a frame by user space, which is how replay injects).
+const PROGRAMS_DIR: &str = "programs";
+
+/// Pins the `ingress` program, for [`crate::replay::Injector`].
+fn pin_ingress(ebpf: &mut aya::Ebpf, root: &Path) -> Result<(), LoadError> {
+    let dir = root.join(PROGRAMS_DIR);
+    create_dir(&dir)?;
+    let path = dir.join("ingress");
+    let xdp: &mut Xdp = ebpf
+        .program_mut("ingress")
+        .expect("program is in the object")
+        .try_into()
+        .map_err(|source| LoadError::Attach {
+            program: "ingress",
+            interface: "-".into(),
+            source,
+        })?;
+    xdp.pin(&path)
+        .map_err(|source| LoadError::Pin { path, source })
 }
 
 /// Fills the `MIRROR_PORTS` devmap of `MirrorMode::Devmap`: each port with

@@ -1,0 +1,103 @@
+//! Injecting logged inputs into the local instance, through the same gate
+//! as the live mirror.
+//!
+//! The injector runs the pinned `ingress` XDP program on a rebuilt mirror
+//! frame with BPF_PROG_TEST_RUN in live-frames mode, as if the frame had
+//! arrived on the peer interface: the program gates it like a live copy
+//! (a sequenced gate delivers it only when it is next, once) and an
+//! XDP_PASS verdict hands it to the local stack. The frame carries
+//! `MIRROR_FLAG_REPLAY`, so it is not logged twice. No extra device is needed.
+use std::path::Path;
+
+use aya::programs::{ProgramError, TestRun, TestRunAttrs, TestRunOptions, Xdp};
+use aya_obj::programs::XdpAttachType;
+use dataplane_common::{CaptureMeta, Config, MIRROR_FLAG_REPLAY, mirror_headers};
+
+use crate::{capture::Record, netdev::Interface};
+
+/// Errors of injecting a replayed input.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("opening the pinned ingress program: {0} (is the dataplane loaded?)")]
+    Program(ProgramError),
+    #[error(transparent)]
+    Interface(#[from] crate::loader::LoadError),
+    #[error("injecting input {seq}: {source}")]
+    Inject { seq: u64, source: ProgramError },
+}
+
+/// Runs the ingress program on replayed inputs, as if received on one interface.
+pub struct Injector {
+    program: Xdp,
+    interface: Interface,
+}
+
+/// `struct xdp_md` as BPF_PROG_TEST_RUN takes it.
+#[repr(C)]
+#[derive(Default)]
+struct XdpMd {
+    data: u32,
+    data_end: u32,
+    data_meta: u32,
+    ingress_ifindex: u32,
+    rx_queue_index: u32,
+    egress_ifindex: u32,
+}
+
+impl Injector {
+    /// An injector for the dataplane pinned at `pin_root`, delivering as if
+    /// frames arrived on `interface` (the peer link), looked up in the
+    /// calling thread's network namespace.
+    pub fn open(pin_root: &Path, interface: &str) -> Result<Self, ReplayError> {
+        let program = Xdp::from_pin(
+            pin_root.join("programs").join("ingress"),
+            XdpAttachType::Interface,
+        )
+        .map_err(ReplayError::Program)?;
+        Ok(Self {
+            program,
+            interface: Interface::by_name(interface)?,
+        })
+    }
+
+    /// Injects one logged input (a record of the input log). In live-frames
+    /// mode the kernel reports no verdict: the gate's counters and the
+    /// instance tell what became of it.
+    pub fn inject(&self, record: &Record) -> Result<(), ReplayError> {
+        let h = record.header;
+        let config = Config {
+            mirror_dst_mac: self.interface.mac,
+            mirror_src_mac: self.interface.mac,
+            ..Default::default()
+        };
+        let meta = CaptureMeta {
+            flow_id: h.flow_id,
+            seq: h.seq,
+            timestamp_ns: h.timestamp_ns,
+            ..Default::default()
+        };
+        let mut frame = mirror_headers(&config, &meta, record.frame.len() as u32).to_vec();
+        frame[16..18].copy_from_slice(&MIRROR_FLAG_REPLAY.to_be_bytes());
+        frame.extend_from_slice(&record.frame);
+        // The kernel wants data_end to be the frame's length (no metadata in front).
+        let ctx = XdpMd {
+            data_end: frame.len() as u32,
+            ingress_ifindex: self.interface.index,
+            ..Default::default()
+        };
+        // SAFETY: XdpMd is plain #[repr(C)] integers.
+        let ctx = unsafe {
+            std::slice::from_raw_parts((&raw const ctx).cast::<u8>(), size_of::<XdpMd>())
+        };
+        self.program
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                ctx_in: Some(ctx),
+                repeat: 1,
+                attrs: TestRunAttrs::new().xdp_live_frames(1),
+                ..Default::default()
+            })
+            .map(drop)
+            .map_err(|source| ReplayError::Inject { seq: h.seq, source })
+    }
+}
