@@ -119,8 +119,18 @@ pub async fn read_frame(stream: &mut TcpStream, limit: u32) -> Result<(u8, Vec<u
     Ok((kind, payload))
 }
 
-/// Connects to the peer daemon at `address` and completes the handshake.
+/// How long connecting and the handshake may take.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Connects to the peer daemon at `address` and completes the handshake,
+/// within [`CONNECT_TIMEOUT`].
 pub async fn connect(address: SocketAddr) -> Result<(TcpStream, Hello), PeerError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, handshake(address))
+        .await
+        .map_err(|_| PeerError::Io(std::io::ErrorKind::TimedOut.into()))?
+}
+
+async fn handshake(address: SocketAddr) -> Result<(TcpStream, Hello), PeerError> {
     let mut stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
     let hello = serde_json::to_vec(&Hello::ours()).expect("a hello serializes");
