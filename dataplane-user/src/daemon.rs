@@ -144,7 +144,12 @@ impl Daemon {
                 .await
                 .map_err(|source| DaemonError::PeerListen { address, source })?;
             tracing::info!(%address, "serving the peer link");
-            tokio::spawn(peer::serve(peers, daemon.config.images_dir.clone()));
+            let host = peer::Host {
+                images_root: daemon.config.images_dir.clone(),
+                pin_root: daemon.config.pin_root.clone(),
+                peer_interface: daemon.config.peer_interface.clone(),
+            };
+            tokio::spawn(peer::serve(peers, host));
         }
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;

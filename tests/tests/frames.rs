@@ -352,3 +352,101 @@ fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
         .unwrap();
     assert!(log.next().is_none(), "nothing else was logged");
 }
+
+#[test]
+fn the_destination_daemon_replays_inputs_sent_over_the_peer_link_in_order() {
+    use dataplane_common::{GATE_SEQUENCED, Gate, RECORD_MIRRORED, RecordHeader};
+    use dataplane_tests::DaemonProcess;
+    use dataplane_user::{Dataplane, Record, peer};
+
+    let hosts = TestHosts::new("prp");
+    let config = format!(
+        "interface = \"eth0\"\npeer_interface = \"peer0\"\npin_root = \"{}\"\n\
+         input_ring_mib = 8\noutput_ring_mib = 1\npeer_listen = \"198.51.100.2:7070\"\n",
+        hosts.pin_root("dst").display()
+    );
+    let dst = DaemonProcess::start(&hosts.dst, "prp", &config);
+    let added = dst
+        .client()
+        .call(
+            "flow.add",
+            serde_json::json!({"cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}),
+        )
+        .unwrap();
+    let flow_id = added["id"].as_u64().unwrap() as u32;
+    let gate = Gate {
+        mode: GATE_SEQUENCED,
+        next_expected: 1,
+        ..Default::default()
+    };
+    Dataplane::open(&hosts.pin_root("dst"))
+        .unwrap()
+        .set_gate(flow_id, gate)
+        .unwrap();
+    let replica = hosts
+        .dst
+        .run(|| std::net::UdpSocket::bind(sock(SERVICE_V4, 5000)))
+        .unwrap();
+    nix::sys::socket::setsockopt(
+        &replica,
+        nix::sys::socket::sockopt::RcvBufForce,
+        &(16 << 20),
+    )
+    .unwrap();
+    replica
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+
+    // The source's log after the checkpoint position: inputs 1..=2000.
+    let records: Vec<Record> = (1..=2000u64)
+        .map(|seq| {
+            let frame = udp_frame(CPS_MAC, None, 5000, format!("input {seq}").as_bytes());
+            Record {
+                header: RecordHeader {
+                    seq,
+                    flow_id,
+                    kind: RECORD_MIRRORED,
+                    frame_len: frame.len() as u32,
+                    captured_len: frame.len() as u32,
+                    ..Default::default()
+                },
+                frame: frame.into(),
+            }
+        })
+        .collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let replayed = hosts
+        .src
+        .run(|| {
+            runtime.block_on(async {
+                let (mut link, _) = peer::connect("198.51.100.2:7070".parse().unwrap()).await?;
+                peer::replay::send(&mut link, &records).await
+            })
+        })
+        .unwrap();
+    assert_eq!(replayed.inputs, 2000);
+    println!(
+        "replayed {} inputs at {:.0}/s",
+        replayed.inputs,
+        replayed.rate()
+    );
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = replica.recv(&mut buf) {
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let expected: Vec<String> = (1..=2000).map(|seq| format!("input {seq}")).collect();
+    assert_eq!(got.len(), 2000, "every replayed input reached the instance");
+    assert!(got == expected, "in sequence order");
+    assert_eq!(
+        Dataplane::open(&hosts.pin_root("dst"))
+            .unwrap()
+            .gate(flow_id)
+            .unwrap()
+            .next_expected,
+        2001
+    );
+}

@@ -6,12 +6,7 @@
 //! connecting daemon, `WELCOME` or `REFUSE` back, each with a JSON payload.
 //! A peer that speaks another version, or anything that is not a hello, is
 //! refused with a `REFUSE` frame saying why, logged, and disconnected.
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Instant,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -28,6 +23,7 @@ pub const MAX_FRAME: u32 = 16 << 20;
 /// Largest handshake frame: a hello is small, and a stranger gets no more.
 pub const MAX_HELLO: u32 = 4096;
 
+pub mod replay;
 pub mod transfer;
 
 /// Frame types.
@@ -47,6 +43,12 @@ pub mod frame {
     pub const IMAGES_END: u8 = 9;
     /// The receiver has every file, checksums verified: JSON `{"files", "bytes"}`.
     pub const IMAGES_OK: u8 = 10;
+    /// One logged input to inject: a RecordHeader (host order) and the frame.
+    pub const REPLAY: u8 = 11;
+    /// The replay is complete.
+    pub const REPLAY_END: u8 = 12;
+    /// The receiver injected them all: JSON `{"inputs", "elapsed_us"}`.
+    pub const REPLAY_OK: u8 = 13;
 }
 
 /// The handshake payload, both ways.
@@ -181,16 +183,26 @@ fn check_hello(kind: u8, payload: &[u8]) -> Result<Hello, PeerError> {
     Ok(hello)
 }
 
-/// Accepts peer links on `listener` until the task is dropped; received
-/// checkpoint images go under `images_root`.
-pub async fn serve(listener: TcpListener, images_root: PathBuf) {
-    let images_root = Arc::new(images_root);
+/// What the peer-link server works with on this host.
+#[derive(Clone, Debug)]
+pub struct Host {
+    /// Where received checkpoint images go.
+    pub images_root: PathBuf,
+    /// The pinned dataplane, whose ingress program replays inputs.
+    pub pin_root: PathBuf,
+    /// The interface replayed inputs arrive on, as mirror copies do.
+    pub peer_interface: Option<String>,
+}
+
+/// Accepts peer links on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, host: Host) {
+    let host = Arc::new(host);
     loop {
         match listener.accept().await {
             Ok((stream, from)) => {
-                let images_root = images_root.clone();
+                let host = host.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_one(stream, from, &images_root).await {
+                    if let Err(e) = serve_one(stream, from, &host).await {
                         tracing::warn!(%from, "peer link closed: {e}");
                     }
                 });
@@ -200,11 +212,7 @@ pub async fn serve(listener: TcpListener, images_root: PathBuf) {
     }
 }
 
-async fn serve_one(
-    mut stream: TcpStream,
-    from: SocketAddr,
-    images_root: &Path,
-) -> Result<(), PeerError> {
+async fn serve_one(mut stream: TcpStream, from: SocketAddr, host: &Host) -> Result<(), PeerError> {
     stream.set_nodelay(true)?;
     let hello = match read_frame(&mut stream, MAX_HELLO).await {
         Ok((kind, payload)) => check_hello(kind, &payload),
@@ -233,19 +241,48 @@ async fn serve_one(
         };
         match kind {
             frame::PING => write_frame(&mut stream, frame::PONG, &[]).await?,
-            frame::IMAGES => match transfer::receive(&mut stream, &payload, images_root).await {
-                Ok(received) => {
-                    tracing::info!(%from, migration = %received.migration, files = received.files,
+            frame::IMAGES => {
+                match transfer::receive(&mut stream, &payload, &host.images_root).await {
+                    Ok(received) => {
+                        tracing::info!(%from, migration = %received.migration, files = received.files,
                             bytes = received.bytes, "received checkpoint images");
-                    let ok = serde_json::to_vec(&received).expect("serializes");
-                    write_frame(&mut stream, frame::IMAGES_OK, &ok).await?;
+                        let ok = serde_json::to_vec(&received).expect("serializes");
+                        write_frame(&mut stream, frame::IMAGES_OK, &ok).await?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%from, "refused checkpoint images: {e}");
+                        let _ =
+                            write_frame(&mut stream, frame::REFUSE, e.to_string().as_bytes()).await;
+                        return Err(e);
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(%from, "refused checkpoint images: {e}");
-                    let _ = write_frame(&mut stream, frame::REFUSE, e.to_string().as_bytes()).await;
-                    return Err(e);
+            }
+            frame::REPLAY => {
+                let replayed = match host.peer_interface.as_deref() {
+                    None => Err(PeerError::Garbage(
+                        "this daemon has no peer interface to replay on".into(),
+                    )),
+                    Some(interface) => {
+                        match crate::replay::Injector::open(&host.pin_root, interface) {
+                            Ok(injector) => replay::receive(&mut stream, payload, &injector).await,
+                            Err(e) => Err(PeerError::Garbage(e.to_string())),
+                        }
+                    }
+                };
+                match replayed {
+                    Ok(replayed) => {
+                        tracing::info!(%from, inputs = replayed.inputs, rate = replayed.rate(), "replayed inputs");
+                        let ok = serde_json::to_vec(&replayed).expect("serializes");
+                        write_frame(&mut stream, frame::REPLAY_OK, &ok).await?;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%from, "replay failed: {e}");
+                        let _ =
+                            write_frame(&mut stream, frame::REFUSE, e.to_string().as_bytes()).await;
+                        return Err(e);
+                    }
                 }
-            },
+            }
             other => {
                 let reason = format!("unexpected frame type {other}");
                 let _ = write_frame(&mut stream, frame::REFUSE, reason.as_bytes()).await;
