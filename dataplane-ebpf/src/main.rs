@@ -156,24 +156,22 @@ fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
                 + 1
         }
     };
-    // Held for a checkpoint: nothing reaches the local instance, so that its
-    // position stays exact; a logged input waits in the log for replay.
-    let held = GATES
-        .get(flow.flow_id)
-        .is_some_and(|g| g.mode != GATE_DELIVER_ALL);
+    let gate = GATES.get_ptr_mut(flow.flow_id);
     let Some(seq) = record::write(&INPUTS, &Xdp(ctx.ctx), 0, header, next_seq) else {
-        // Unnumbered: a migration that needs this input must abort (ring_full says so).
+        // Unnumbered: only an open gate lets it through (a migration that
+        // needs it must abort; ring_full says so).
         count(counter::RING_FULL);
-        return if held {
-            xdp_action::XDP_DROP
-        } else {
+        // SAFETY: the array slot lives as long as the map.
+        let open = gate.is_none_or(|g| unsafe { (*g).mode } == GATE_DELIVER_ALL);
+        return if open {
             xdp_action::XDP_PASS
+        } else {
+            xdp_action::XDP_DROP
         };
     };
     count(counter::CAPTURED);
-    if held {
-        count(counter::HELD);
-        return xdp_action::XDP_DROP;
+    if let Some(action) = apply_gate(gate, seq) {
+        return action;
     }
     // SAFETY: as above; a plain store, the latest delivered input wins.
     unsafe { (*sequence).last_delivered = seq };
@@ -277,16 +275,8 @@ fn receive(ctx: &XdpContext) -> u32 {
     {
         count(counter::RING_FULL);
     }
-    match gate_verdict(gate, seq) {
-        Verdict::Deliver => {}
-        Verdict::Hold => {
-            count(counter::HELD);
-            return xdp_action::XDP_DROP;
-        }
-        Verdict::Duplicate => {
-            count(counter::DUPLICATES);
-            return xdp_action::XDP_DROP;
-        }
+    if let Some(action) = apply_gate(Some(gate), seq) {
+        return action;
     }
     if deliver(ctx, inner_len - frame_len).is_none() {
         count(counter::MIRROR_ERRORS);
@@ -296,6 +286,24 @@ fn receive(ctx: &XdpContext) -> u32 {
     unsafe { (*sequence).last_delivered = seq };
     count(counter::DELIVERED);
     xdp_action::XDP_PASS
+}
+
+/// Applies the flow's gate to input `seq`: `None` lets it on to the local
+/// instance; `Some(XDP_DROP)` holds it (it is in the log, for replay) or
+/// drops a duplicate.
+#[inline(always)]
+fn apply_gate(gate: Option<*mut Gate>, seq: u64) -> Option<u32> {
+    match gate.map_or(Verdict::Deliver, |g| gate_verdict(g, seq)) {
+        Verdict::Deliver => None,
+        Verdict::Hold => {
+            count(counter::HELD);
+            Some(xdp_action::XDP_DROP)
+        }
+        Verdict::Duplicate => {
+            count(counter::DUPLICATES);
+            Some(xdp_action::XDP_DROP)
+        }
+    }
 }
 
 /// What a gate does with one input.

@@ -5,19 +5,27 @@
 //! Before the final dump the dataplane holds the service's inputs (logged,
 //! not delivered), the service drains its socket, and then every input up to
 //! the flow's `last_delivered` is inside the image and none after it is.
+//! An instance that keeps running gets the held inputs back by replay.
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     path::Path,
     time::{Duration, Instant},
 };
 
-use dataplane_common::{GATE_DELIVER_ALL, GATE_HOLD_ALL, Gate};
+use dataplane_common::{GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, Gate};
 
-use crate::loader::{Dataplane, LoadError};
+use crate::{
+    capture::{LogReader, Record},
+    loader::{Dataplane, LoadError},
+    replay::{Injector, ReplayError},
+};
 
 /// Inputs already past the XDP hook when the gate closes finish their way
 /// into the socket within one softirq run; this is ample for that.
 const SETTLE: Duration = Duration::from_millis(1);
+
+/// How long replay waits for a numbered input to show up in the log.
+const REPLAY_WAIT: Duration = Duration::from_secs(2);
 
 /// Errors of taking the checkpoint position.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +40,10 @@ pub enum CheckpointError {
         waited: Duration,
         bytes: u64,
     },
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    #[error("flow {flow_id}: input {seq} is numbered but not in the log (the log overflowed?)")]
+    Missing { flow_id: u32, seq: u64 },
 }
 
 /// A flow's position: every input up to `last_delivered` reached the service.
@@ -159,5 +171,53 @@ mod tests {
         let ours: HashSet<String> = ["4242".to_string()].into();
         assert_eq!(queued_bytes(table, &ours), 0x300);
         assert_eq!(queued_bytes(table, &HashSet::new()), 0);
+    }
+}
+
+/// Hands a held flow back to an instance that kept running through its
+/// checkpoint (leave-running mode). The gate turns sequenced at S+1, and the
+/// held inputs S+1.. (and any live input held while they are injected) are
+/// replayed from the log in order, until every numbered input has been
+/// delivered; from then on live inputs pass the gate directly, each once.
+/// Returns how many inputs were replayed.
+pub async fn resume(
+    dataplane: &mut Dataplane,
+    position: FlowPosition,
+    injector: &Injector,
+    log: &mut LogReader,
+) -> Result<u64, CheckpointError> {
+    let flow_id = position.flow_id;
+    let gate = Gate {
+        mode: GATE_SEQUENCED,
+        next_expected: position.last_delivered + 1,
+        ..Default::default()
+    };
+    dataplane.set_gate(flow_id, gate)?;
+    let mut pending: BTreeMap<u64, Record> = BTreeMap::new();
+    let mut replayed = 0;
+    loop {
+        let next = dataplane.gate(flow_id)?.next_expected;
+        if next > dataplane.sequence(flow_id)?.last_seq {
+            return Ok(replayed);
+        }
+        while let Some(record) = log.try_next() {
+            if record.header.flow_id == flow_id && record.header.seq >= next {
+                pending.insert(record.header.seq, record);
+            }
+        }
+        match pending.remove(&next) {
+            Some(record) => {
+                injector.inject(&record)?;
+                replayed += 1;
+            }
+            None => {
+                let record = tokio::time::timeout(REPLAY_WAIT, log.next())
+                    .await
+                    .map_err(|_| CheckpointError::Missing { flow_id, seq: next })?;
+                if record.header.flow_id == flow_id && record.header.seq >= next {
+                    pending.insert(record.header.seq, record);
+                }
+            }
+        }
     }
 }

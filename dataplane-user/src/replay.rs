@@ -24,12 +24,23 @@ pub enum ReplayError {
     Interface(#[from] crate::loader::LoadError),
     #[error("injecting input {seq}: {source}")]
     Inject { seq: u64, source: ProgramError },
+    #[error("this thread is not in the network namespace the injector was opened in")]
+    WrongNamespace,
 }
 
 /// Runs the ingress program on replayed inputs, as if received on one interface.
 pub struct Injector {
     program: Xdp,
     interface: Interface,
+    /// The network namespace `interface` is in: the kernel resolves the
+    /// ifindex in the calling thread's namespace, so injecting from another
+    /// one would hand frames to an unrelated device.
+    netns: u64,
+}
+
+fn thread_netns() -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata("/proc/thread-self/ns/net")?.ino())
 }
 
 /// `struct xdp_md` as BPF_PROG_TEST_RUN takes it.
@@ -46,8 +57,8 @@ struct XdpMd {
 
 impl Injector {
     /// An injector for the dataplane pinned at `pin_root`, delivering as if
-    /// frames arrived on `interface` (the peer link), looked up in the
-    /// calling thread's network namespace.
+    /// frames arrived on `interface`, looked up in the calling thread's
+    /// network namespace; it injects only from that namespace.
     pub fn open(pin_root: &Path, interface: &str) -> Result<Self, ReplayError> {
         let program = Xdp::from_pin(
             pin_root.join("programs").join("ingress"),
@@ -57,6 +68,7 @@ impl Injector {
         Ok(Self {
             program,
             interface: Interface::by_name(interface)?,
+            netns: thread_netns().map_err(|_| ReplayError::WrongNamespace)?,
         })
     }
 
@@ -64,6 +76,9 @@ impl Injector {
     /// mode the kernel reports no verdict: the gate's counters and the
     /// instance tell what became of it.
     pub fn inject(&self, record: &Record) -> Result<(), ReplayError> {
+        if thread_netns().ok() != Some(self.netns) {
+            return Err(ReplayError::WrongNamespace);
+        }
         let h = record.header;
         let config = Config {
             mirror_dst_mac: self.interface.mac,

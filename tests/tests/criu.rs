@@ -625,3 +625,101 @@ fn criu_killed_during_a_dump_leaves_the_source_serving() {
     assert_eq!(after.0, fed.0 + 5, "and keeps taking inputs");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
+    use dataplane_user::{LogReader, checkpoint, flow, loader::MAP_INPUTS, replay::Injector};
+    use std::sync::{Arc, atomic::AtomicBool};
+
+    let hosts = TestHosts::new("lrun");
+    let mut src = hosts.load_src();
+    let addr = sock(SERVICE_V4, 5000);
+    let flow_id = src
+        .dataplane
+        .add_flow(flow::udp(sock(CPS_V4, 4000), addr), 0)
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let mut log = LogReader::spawn(src.dataplane.open_log(MAP_INPUTS).unwrap(), 1 << 16).unwrap();
+    let service = ChainService::start(&hosts.src, addr);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender = ticker(&hosts, stop.clone());
+    std::thread::sleep(Duration::from_millis(30));
+
+    let position = checkpoint::hold_and_drain(
+        &mut src.dataplane,
+        &[flow_id],
+        service.pid,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let s = position[0].last_delivered;
+    let dir = images_dir("lrun");
+    let dump = DumpRequest {
+        pid: service.pid,
+        images_dir: dir.clone(),
+        leave_running: true,
+        external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
+        ..Default::default()
+    };
+    let criu = Criu::default();
+    criu.dump(&dump, false, &mut |_| true).unwrap();
+    // The primary gets the inputs held during the checkpoint back, in order.
+    let injector = hosts
+        .src
+        .run(|| Injector::open(src.dataplane.pin_root(), "eth0"))
+        .unwrap();
+    // Injection runs in the namespace of the interface it injects on.
+    let replayed = hosts
+        .src
+        .run(|| {
+            runtime.block_on(checkpoint::resume(
+                &mut src.dataplane,
+                position[0],
+                &injector,
+                &mut log,
+            ))
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+
+    let counters = src.dataplane.counters().unwrap();
+    assert_eq!(counters.get(dataplane_common::counter::RING_FULL), 0);
+    let first = 1;
+    let last = src.dataplane.sequence(flow_id).unwrap().last_seq;
+    assert_eq!(last, sent, "every input the CPS sent was numbered");
+    assert!(
+        replayed > 0,
+        "inputs were held during the checkpoint and replayed"
+    );
+    let ticks = |upto: u64| (first..=upto).fold(0, |h, n| chain(h, format!("tick {n}").as_bytes()));
+    assert_eq!(
+        chain_state(&hosts.src, addr),
+        Some((last, ticks(last))),
+        "the primary got every input once, in order"
+    );
+
+    let dst_net = open_netns(&hosts.dst.path()).unwrap();
+    let restore = RestoreRequest {
+        images_dir: dir.clone(),
+        inherit: vec![("extnet".into(), &dst_net)],
+    };
+    let pid = criu.restore(&restore, &mut |_| true).unwrap();
+    assert_eq!(
+        chain_state(&hosts.dst, addr),
+        Some((s, ticks(s))),
+        "the image holds inputs 1..=S={s} exactly"
+    );
+    println!("S = {s}, replayed {replayed} held inputs to the primary, {last} inputs in all");
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = nix::sys::wait::waitpid(pid, None);
+    drop(service);
+    let _ = std::fs::remove_dir_all(&dir);
+}
