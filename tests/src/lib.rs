@@ -604,6 +604,25 @@ impl ChainService {
     }
 }
 
+impl ChainService {
+    /// A CRIU dump of this service into `images_dir`, its network namespace
+    /// an external (`extnet`) to be supplied on restore.
+    pub fn dump_request(
+        &self,
+        images_dir: PathBuf,
+        leave_running: bool,
+    ) -> dataplane_user::criu::DumpRequest {
+        let inode = dataplane_user::criu::netns_inode(self.pid).expect("the service's netns");
+        dataplane_user::criu::DumpRequest {
+            pid: self.pid,
+            images_dir,
+            leave_running,
+            external: vec![format!("net[{inode}]:extnet")],
+            ..Default::default()
+        }
+    }
+}
+
 impl Drop for ChainService {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
@@ -633,4 +652,15 @@ pub fn chain_state(host: &NetNs, addr: SocketAddr) -> Option<(u64, u64)> {
         }
     }
     None
+}
+
+/// The UDP payload of an Ethernet frame from a log.
+pub fn udp_payload(frame: &[u8]) -> Vec<u8> {
+    match etherparse::SlicedPacket::from_ethernet(frame)
+        .expect("a logged frame parses")
+        .transport
+    {
+        Some(etherparse::TransportSlice::Udp(udp)) => udp.payload().to_vec(),
+        other => panic!("logged frame is not UDP: {other:?}"),
+    }
 }

@@ -8,9 +8,10 @@ use std::{
 use dataplane_common::{
     FLOW_MIRROR, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, counter,
 };
-use dataplane_tests::{CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, sock};
+use dataplane_tests::{
+    CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, sock, udp_payload,
+};
 use dataplane_user::{LoadOptions, Record, flow, loader::MAP_OUTPUTS};
-use etherparse::SlicedPacket;
 
 /// The payload of input `i`: its number and filler, so byte-equality means something.
 fn payload(i: u64) -> Vec<u8> {
@@ -67,14 +68,6 @@ fn receive_on(
         }
         got
     })
-}
-
-fn udp_payload(frame: &[u8]) -> Vec<u8> {
-    let packet = SlicedPacket::from_ethernet(frame).expect("a logged frame parses");
-    match packet.transport {
-        Some(etherparse::TransportSlice::Udp(udp)) => udp.payload().to_vec(),
-        other => panic!("logged frame is not UDP: {other:?}"),
-    }
 }
 
 /// Checks that the service got exactly `sent`, in order, naming the first difference.

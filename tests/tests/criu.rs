@@ -1,9 +1,11 @@
 //! The CRIU driver against real CRIU 4.2.1 and a real stateful service.
 use std::{net::UdpSocket, path::PathBuf, time::Duration};
 
-use dataplane_tests::{CPS_V4, ChainService, SERVICE_V4, TestHosts, chain, chain_state, sock};
+use dataplane_tests::{
+    CPS_V4, ChainService, SERVICE_V4, TestHosts, chain, chain_state, sock, udp_payload,
+};
 use dataplane_user::criu::{
-    Criu, CriuError, DumpRequest, ReqType, RestoreRequest, netns_inode, open_netns, stats,
+    Criu, CriuError, DumpRequest, ReqType, RestoreRequest, open_netns, stats,
 };
 
 fn images_dir(name: &str) -> PathBuf {
@@ -55,14 +57,8 @@ fn a_service_dumped_in_src_resumes_in_dst_with_its_exact_state() {
 
     let criu = Criu::default();
     let dir = images_dir("move");
-    let inode = netns_inode(service.pid).unwrap();
     let mut seen = Vec::new();
-    let dump = DumpRequest {
-        pid: service.pid,
-        images_dir: dir.clone(),
-        external: vec![format!("net[{inode}]:extnet")],
-        ..Default::default()
-    };
+    let dump = service.dump_request(dir.clone(), false);
     criu.dump(&dump, false, &mut |script| {
         seen.push(script.to_string());
         true
@@ -114,9 +110,7 @@ fn a_service_dumped_in_src_resumes_in_dst_with_its_exact_state() {
     );
 
     // The restored root is this process's child (rst_sibling): end and reap it.
-    let pid = nix::unistd::Pid::from_raw(pid as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-    let _ = nix::sys::wait::waitpid(pid, None);
+    end_restored(pid);
     drop(service);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -158,13 +152,7 @@ fn a_dump_whose_post_dump_notification_fails_leaves_the_source_serving() {
     let fed = feed(&hosts.src, addr, 50);
     assert_eq!(chain_state(&hosts.src, addr), Some(fed));
     let dir = images_dir("rollback");
-    let inode = netns_inode(service.pid).unwrap();
-    let dump = DumpRequest {
-        pid: service.pid,
-        images_dir: dir.clone(),
-        external: vec![format!("net[{inode}]:extnet")],
-        ..Default::default()
-    };
+    let dump = service.dump_request(dir.clone(), false);
     // Answering post-dump with failure is the rollback path: CRIU resumes the tree.
     let mut seen = Vec::new();
     let err = Criu::default()
@@ -197,6 +185,13 @@ fn a_dump_whose_post_dump_notification_fails_leaves_the_source_serving() {
     let status = std::fs::read_to_string(format!("/proc/{}/status", service.pid)).unwrap();
     assert!(!status.contains("State:\tT"), "not left stopped:\n{status}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Ends a restored service (this process's child, from rst_sibling) and reaps it.
+fn end_restored(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = nix::sys::wait::waitpid(pid, None);
 }
 
 fn log(dir: &std::path::Path, name: &str) -> String {
@@ -272,12 +267,7 @@ fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
         .unwrap();
         let s = position[0].last_delivered;
         let dir = images_dir(&format!("ckpt{round}"));
-        let dump = DumpRequest {
-            pid: service.pid,
-            images_dir: dir.clone(),
-            external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
-            ..Default::default()
-        };
+        let dump = service.dump_request(dir.clone(), false);
         criu.dump(&dump, false, &mut |_| true)
             .unwrap_or_else(|e| panic!("round {round}: dump: {e}"));
         std::thread::sleep(Duration::from_millis(5));
@@ -313,22 +303,10 @@ fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
             "round {round}: the image holds inputs {first}..={s} exactly"
         );
 
-        let pid = nix::unistd::Pid::from_raw(pid as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-        let _ = nix::sys::wait::waitpid(pid, None);
+        end_restored(pid);
         checkpoint::release(&mut src.dataplane, &[flow_id]).unwrap();
         drop(service);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
-fn udp_payload(frame: &[u8]) -> Vec<u8> {
-    match etherparse::SlicedPacket::from_ethernet(frame)
-        .unwrap()
-        .transport
-    {
-        Some(etherparse::TransportSlice::Udp(udp)) => udp.payload().to_vec(),
-        other => panic!("not UDP: {other:?}"),
     }
 }
 
@@ -351,12 +329,7 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
     let fed = feed(&hosts.src, addr, 200);
     assert_eq!(chain_state(&hosts.src, addr), Some(fed));
     let dir = images_dir("xfer");
-    let dump = DumpRequest {
-        pid: service.pid,
-        images_dir: dir.clone(),
-        external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
-        ..Default::default()
-    };
+    let dump = service.dump_request(dir.clone(), false);
     Criu::default().dump(&dump, false, &mut |_| true).unwrap();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -423,9 +396,7 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
         Some(fed),
         "restored from the transferred images"
     );
-    let pid = nix::unistd::Pid::from_raw(pid as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-    let _ = nix::sys::wait::waitpid(pid, None);
+    end_restored(pid);
     drop((dst, service));
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&images_root);
@@ -438,13 +409,7 @@ fn a_corrupted_image_fails_the_restore_and_the_source_keeps_serving() {
     let service = ChainService::start(&hosts.src, addr);
     let fed = feed(&hosts.src, addr, 100);
     let dir = images_dir("corrupt");
-    let dump = DumpRequest {
-        pid: service.pid,
-        images_dir: dir.clone(),
-        leave_running: true,
-        external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
-        ..Default::default()
-    };
+    let dump = service.dump_request(dir.clone(), true);
     Criu::default().dump(&dump, false, &mut |_| true).unwrap();
     // Cut the memory image short, as a failed copy would.
     let pages = std::fs::read_dir(&dir)
@@ -531,13 +496,7 @@ fn a_full_destination_disk_and_an_unreachable_peer_fail_the_transfer_cleanly() {
     let service = ChainService::start(&hosts.src, addr);
     let fed = feed(&hosts.src, addr, 20);
     let dir = images_dir("full");
-    let dump = DumpRequest {
-        pid: service.pid,
-        images_dir: dir.clone(),
-        leave_running: true,
-        external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
-        ..Default::default()
-    };
+    let dump = service.dump_request(dir.clone(), true);
     Criu::default().dump(&dump, false, &mut |_| true).unwrap();
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -584,12 +543,7 @@ fn criu_killed_during_a_dump_leaves_the_source_serving() {
     let service = ChainService::start(&hosts.src, addr);
     let fed = feed(&hosts.src, addr, 50);
     let dir = images_dir("killed");
-    let dump = DumpRequest {
-        pid: service.pid,
-        images_dir: dir.clone(),
-        external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
-        ..Default::default()
-    };
+    let dump = service.dump_request(dir.clone(), false);
     // At network-lock CRIU has seized and stopped the tree: kill CRIU there,
     // as an OOM killer or an admin's kill -9 would.
     let err = Criu::default()
@@ -658,13 +612,7 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
     .unwrap();
     let s = position[0].last_delivered;
     let dir = images_dir("lrun");
-    let dump = DumpRequest {
-        pid: service.pid,
-        images_dir: dir.clone(),
-        leave_running: true,
-        external: vec![format!("net[{}]:extnet", netns_inode(service.pid).unwrap())],
-        ..Default::default()
-    };
+    let dump = service.dump_request(dir.clone(), true);
     let criu = Criu::default();
     criu.dump(&dump, false, &mut |_| true).unwrap();
     // The primary gets the inputs held during the checkpoint back, in order.
@@ -717,9 +665,7 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
         "the image holds inputs 1..=S={s} exactly"
     );
     println!("S = {s}, replayed {replayed} held inputs to the primary, {last} inputs in all");
-    let pid = nix::unistd::Pid::from_raw(pid as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).unwrap();
-    let _ = nix::sys::wait::waitpid(pid, None);
+    end_restored(pid);
     drop(service);
     let _ = std::fs::remove_dir_all(&dir);
 }
