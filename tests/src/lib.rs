@@ -664,3 +664,21 @@ pub fn udp_payload(frame: &[u8]) -> Vec<u8> {
         other => panic!("logged frame is not UDP: {other:?}"),
     }
 }
+
+/// Counts what `socket` receives on a thread, until it is quiet for `quiet`.
+pub fn count_datagrams(
+    socket: std::net::UdpSocket,
+    quiet: Duration,
+) -> std::thread::JoinHandle<u64> {
+    socket
+        .set_read_timeout(Some(quiet))
+        .expect("a read timeout");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        let mut n = 0u64;
+        while socket.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    })
+}

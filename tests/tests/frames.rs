@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use dataplane_common::{RECORD_INPUT, counter};
-use dataplane_tests::{CPS_V4, RawSocket, SERVICE_V4, TestHosts, sock};
+use dataplane_tests::{CPS_V4, Loaded, RawSocket, SERVICE_V4, TestHosts, sock};
 use dataplane_user::flow;
 use etherparse::{PacketBuilder, VlanId};
 
@@ -180,54 +180,16 @@ fn mirrors_vlan_tagged_inputs_with_their_tag() {
 
 #[test]
 fn a_sequenced_gate_delivers_each_input_once_and_in_order() {
-    use dataplane_common::{CaptureMeta, Config, GATE_SEQUENCED, Gate, mirror_headers};
-
     let hosts = TestHosts::new("seq");
     let mut dst = hosts.load_dst();
-    let flow_id = dst
-        .dataplane
-        .add_flow(flow::udp(sock(CPS_V4, 4000), sock(SERVICE_V4, 5000)), 0)
-        .unwrap();
-    let gate = Gate {
-        mode: GATE_SEQUENCED,
-        next_expected: 1,
-        ..Default::default()
-    };
-    dst.dataplane.set_gate(flow_id, gate).unwrap();
-    let replica = hosts
-        .dst
-        .run(|| std::net::UdpSocket::bind(sock(SERVICE_V4, 5000)))
-        .unwrap();
-    replica
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-
+    let (flow_id, replica) = sequenced_replica(&hosts, &mut dst);
     // Mirror frames as src would send them, with numbers out of order and a duplicate.
-    let config = Config {
-        mirror_dst_mac: TestHosts::mac(&hosts.dst, "peer0"),
-        mirror_src_mac: TestHosts::mac(&hosts.src, "peer0"),
-        ..Default::default()
-    };
-    let link = RawSocket::open(&hosts.src, "peer0");
-    let send = |seq: u64| {
-        let inner = udp_frame(CPS_MAC, None, 5000, format!("input {seq}").as_bytes());
-        let meta = CaptureMeta {
-            flow_id,
-            seq,
-            ..Default::default()
-        };
-        let mut frame = mirror_headers(&config, &meta, inner.len() as u32).to_vec();
-        frame.extend_from_slice(&inner);
-        link.send(&frame);
-    };
+    let link = MirrorLink::open(&hosts);
+    let send = |seq: u64| link.send(flow_id, seq);
     for seq in [1, 3, 2, 2, 4] {
         send(seq);
     }
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    while let Ok(n) = replica.recv(&mut buf) {
-        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    let mut got = received(&replica);
     assert_eq!(
         got,
         ["input 1", "input 2"],
@@ -242,9 +204,7 @@ fn a_sequenced_gate_delivers_each_input_once_and_in_order() {
     for seq in [3, 4, 4] {
         send(seq);
     }
-    while let Ok(n) = replica.recv(&mut buf) {
-        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    got.extend(received(&replica));
     assert_eq!(got, ["input 1", "input 2", "input 3", "input 4"]);
     assert_eq!(
         dst.dataplane.counters().unwrap().get(counter::DUPLICATES),
@@ -255,51 +215,15 @@ fn a_sequenced_gate_delivers_each_input_once_and_in_order() {
 
 #[test]
 fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
-    use dataplane_common::{
-        CaptureMeta, Config, GATE_SEQUENCED, Gate, RECORD_MIRRORED, RecordHeader, mirror_headers,
-    };
-    use dataplane_user::{Record, replay::Injector};
+    use dataplane_user::replay::Injector;
 
     let hosts = TestHosts::new("rpl");
     let mut dst = hosts.load_dst();
-    let flow_id = dst
-        .dataplane
-        .add_flow(flow::udp(sock(CPS_V4, 4000), sock(SERVICE_V4, 5000)), 0)
-        .unwrap();
-    let gate = Gate {
-        mode: GATE_SEQUENCED,
-        next_expected: 1,
-        ..Default::default()
-    };
-    dst.dataplane.set_gate(flow_id, gate).unwrap();
-    let replica = hosts
-        .dst
-        .run(|| std::net::UdpSocket::bind(sock(SERVICE_V4, 5000)))
-        .unwrap();
-    replica
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
-    let input = |seq: u64| udp_frame(CPS_MAC, None, 5000, format!("input {seq}").as_bytes());
-
+    let (flow_id, replica) = sequenced_replica(&hosts, &mut dst);
     // The live mirror is ahead: inputs 3 and 4 arrive before the restored
     // instance has had 1 and 2, and wait in the log.
-    let config = Config {
-        mirror_dst_mac: TestHosts::mac(&hosts.dst, "peer0"),
-        mirror_src_mac: TestHosts::mac(&hosts.src, "peer0"),
-        ..Default::default()
-    };
-    let link = RawSocket::open(&hosts.src, "peer0");
-    let live = |seq: u64| {
-        let meta = CaptureMeta {
-            flow_id,
-            seq,
-            ..Default::default()
-        };
-        let inner = input(seq);
-        let mut frame = mirror_headers(&config, &meta, inner.len() as u32).to_vec();
-        frame.extend_from_slice(&inner);
-        link.send(&frame);
-    };
+    let link = MirrorLink::open(&hosts);
+    let live = |seq: u64| link.send(flow_id, seq);
     live(3);
     live(4);
     let held = dst.read_inputs(2);
@@ -313,29 +237,14 @@ fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
         .dst
         .run(|| Injector::open(dst.dataplane.pin_root(), "peer0"))
         .unwrap();
-    let from_source = |seq: u64| {
-        let frame = input(seq);
-        Record {
-            header: RecordHeader {
-                seq,
-                flow_id,
-                kind: RECORD_MIRRORED,
-                frame_len: frame.len() as u32,
-                captured_len: frame.len() as u32,
-                ..Default::default()
-            },
-            frame: frame.into(),
-        }
-    };
-    for record in [from_source(1), from_source(2)].iter().chain(&held) {
+    for record in [logged_input(flow_id, 1), logged_input(flow_id, 2)]
+        .iter()
+        .chain(&held)
+    {
         hosts.dst.run(|| injector.inject(record)).unwrap();
     }
     live(4);
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    while let Ok(n) = replica.recv(&mut buf) {
-        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    let got = received(&replica);
     assert_eq!(
         got,
         ["input 1", "input 2", "input 3", "input 4"],
@@ -355,7 +264,7 @@ fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
 
 #[test]
 fn the_destination_daemon_replays_inputs_sent_over_the_peer_link_in_order() {
-    use dataplane_common::{GATE_SEQUENCED, Gate, RECORD_MIRRORED, RecordHeader};
+    use dataplane_common::{GATE_SEQUENCED, Gate};
     use dataplane_tests::DaemonProcess;
     use dataplane_user::{Dataplane, Record, peer};
 
@@ -398,22 +307,7 @@ fn the_destination_daemon_replays_inputs_sent_over_the_peer_link_in_order() {
         .unwrap();
 
     // The source's log after the checkpoint position: inputs 1..=2000.
-    let records: Vec<Record> = (1..=2000u64)
-        .map(|seq| {
-            let frame = udp_frame(CPS_MAC, None, 5000, format!("input {seq}").as_bytes());
-            Record {
-                header: RecordHeader {
-                    seq,
-                    flow_id,
-                    kind: RECORD_MIRRORED,
-                    frame_len: frame.len() as u32,
-                    captured_len: frame.len() as u32,
-                    ..Default::default()
-                },
-                frame: frame.into(),
-            }
-        })
-        .collect();
+    let records: Vec<Record> = (1..=2000).map(|seq| logged_input(flow_id, seq)).collect();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -433,11 +327,7 @@ fn the_destination_daemon_replays_inputs_sent_over_the_peer_link_in_order() {
         replayed.inputs,
         replayed.rate()
     );
-    let mut got = Vec::new();
-    let mut buf = [0u8; 64];
-    while let Ok(n) = replica.recv(&mut buf) {
-        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-    }
+    let got = received(&replica);
     let expected: Vec<String> = (1..=2000).map(|seq| format!("input {seq}")).collect();
     assert_eq!(got.len(), 2000, "every replayed input reached the instance");
     assert!(got == expected, "in sequence order");
@@ -449,4 +339,89 @@ fn the_destination_daemon_replays_inputs_sent_over_the_peer_link_in_order() {
             .next_expected,
         2001
     );
+}
+
+/// The frame of input `seq`: UDP from the CPS to the service, "input SEQ".
+fn input_frame(seq: u64) -> Vec<u8> {
+    udp_frame(CPS_MAC, None, 5000, format!("input {seq}").as_bytes())
+}
+
+/// Input `seq` of `flow_id` as a log record holds it.
+fn logged_input(flow_id: u32, seq: u64) -> dataplane_user::Record {
+    let frame = input_frame(seq);
+    dataplane_user::Record {
+        header: dataplane_common::RecordHeader {
+            seq,
+            flow_id,
+            kind: dataplane_common::RECORD_MIRRORED,
+            frame_len: frame.len() as u32,
+            captured_len: frame.len() as u32,
+            ..Default::default()
+        },
+        frame: frame.into(),
+    }
+}
+
+/// What `socket` receives until it has been quiet for its read timeout.
+fn received(socket: &std::net::UdpSocket) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while let Ok(n) = socket.recv(&mut buf) {
+        got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    got
+}
+
+/// A flow on `dst` behind a sequenced gate expecting input 1, and the replica's socket.
+fn sequenced_replica(hosts: &TestHosts, dst: &mut Loaded) -> (u32, std::net::UdpSocket) {
+    let flow_id = dst
+        .dataplane
+        .add_flow(flow::udp(sock(CPS_V4, 4000), sock(SERVICE_V4, 5000)), 0)
+        .unwrap();
+    let gate = dataplane_common::Gate {
+        mode: dataplane_common::GATE_SEQUENCED,
+        next_expected: 1,
+        ..Default::default()
+    };
+    dst.dataplane.set_gate(flow_id, gate).unwrap();
+    let replica = hosts
+        .dst
+        .run(|| std::net::UdpSocket::bind(sock(SERVICE_V4, 5000)))
+        .unwrap();
+    replica
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    (flow_id, replica)
+}
+
+/// Mirror frames sent by hand from src's peer0 to dst's, as src's dataplane would.
+struct MirrorLink {
+    socket: RawSocket,
+    config: dataplane_common::Config,
+}
+
+impl MirrorLink {
+    fn open(hosts: &TestHosts) -> Self {
+        let config = dataplane_common::Config {
+            mirror_dst_mac: TestHosts::mac(&hosts.dst, "peer0"),
+            mirror_src_mac: TestHosts::mac(&hosts.src, "peer0"),
+            ..Default::default()
+        };
+        Self {
+            socket: RawSocket::open(&hosts.src, "peer0"),
+            config,
+        }
+    }
+
+    /// Sends input `seq` of `flow_id` as a mirror frame.
+    fn send(&self, flow_id: u32, seq: u64) {
+        let meta = dataplane_common::CaptureMeta {
+            flow_id,
+            seq,
+            ..Default::default()
+        };
+        let inner = input_frame(seq);
+        let headers = dataplane_common::mirror_headers(&self.config, &meta, inner.len() as u32);
+        self.socket.send(&[headers.as_slice(), &inner].concat());
+    }
 }

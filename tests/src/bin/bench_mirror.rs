@@ -14,7 +14,7 @@ use std::{
 };
 
 use dataplane_common::{FLOW_MIRROR, counter};
-use dataplane_tests::{CPS_V4, Loaded, SERVICE_V4, TestHosts, sock};
+use dataplane_tests::{CPS_V4, Loaded, SERVICE_V4, TestHosts, count_datagrams, sock};
 use dataplane_user::{LoadOptions, flow, loader::MirrorMode};
 
 const INPUTS: u64 = 200_000;
@@ -92,17 +92,7 @@ fn run(hosts: &TestHosts, mode: Mode, devmap: &MirrorMode) -> anyhow::Result<Rou
         let socket = host.run(|| UdpSocket::bind(service)).expect("bind service");
         nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &(64 << 20))
             .expect("SO_RCVBUFFORCE");
-        socket
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            let mut n = 0u64;
-            while socket.recv(&mut buf).is_ok() {
-                n += 1;
-            }
-            n
-        })
+        count_datagrams(socket, Duration::from_millis(300))
     });
     let sender = hosts.cps.run(|| UdpSocket::bind(cps))?;
     let payload = [0x5Au8; 32];

@@ -9,7 +9,7 @@ use std::{
 };
 
 use dataplane_common::{FLOW_MIRROR, counter};
-use dataplane_tests::{CPS_V4, SERVICE_V4, TestHosts, sock};
+use dataplane_tests::{CPS_V4, SERVICE_V4, TestHosts, count_datagrams, sock};
 use dataplane_user::{LogReader, Record, flow, loader::MAP_INPUTS};
 
 const INPUTS: u64 = 1000;
@@ -30,19 +30,8 @@ fn main() -> anyhow::Result<()> {
     let primary = hosts.src.run(|| UdpSocket::bind(service))?;
     let replica = hosts.dst.run(|| UdpSocket::bind(service))?;
     let sender = hosts.cps.run(|| UdpSocket::bind(cps))?;
-    let receivers = [primary, replica].map(|socket| {
-        socket
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            let mut n = 0u64;
-            while socket.recv(&mut buf).is_ok() {
-                n += 1;
-            }
-            n
-        })
-    });
+    let receivers =
+        [primary, replica].map(|socket| count_datagrams(socket, Duration::from_millis(500)));
 
     println!("CPS sends {INPUTS} inputs, one every {PERIOD:?}");
     let start = Instant::now();
