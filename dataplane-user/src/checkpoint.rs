@@ -24,6 +24,11 @@ use crate::{
 /// into the socket within one softirq run; this is ample for that.
 const SETTLE: Duration = Duration::from_millis(1);
 
+/// Replay checks the instance's socket queue every REPLAY_BURST inputs and
+/// waits while it holds more than REPLAY_QUEUE_LIMIT bytes.
+const REPLAY_BURST: u64 = 16;
+const REPLAY_QUEUE_LIMIT: u64 = 64 << 10;
+
 /// How long replay waits for a numbered input to show up in the log.
 const REPLAY_WAIT: Duration = Duration::from_secs(2);
 
@@ -174,8 +179,8 @@ mod tests {
     }
 }
 
-/// Hands a held flow back to an instance that kept running through its
-/// checkpoint (leave-running mode). The gate turns sequenced at S+1, and the
+/// Hands a held flow back to an instance (process `pid`) that kept running
+/// through its checkpoint (leave-running mode). The gate turns sequenced at S+1, and the
 /// held inputs S+1.. (and any live input held while they are injected) are
 /// replayed from the log in order, until every numbered input has been
 /// delivered; from then on live inputs pass the gate directly, each once.
@@ -183,6 +188,7 @@ mod tests {
 pub async fn resume(
     dataplane: &mut Dataplane,
     position: FlowPosition,
+    pid: u32,
     injector: &Injector,
     log: &mut LogReader,
 ) -> Result<u64, CheckpointError> {
@@ -207,6 +213,13 @@ pub async fn resume(
         }
         match pending.remove(&next) {
             Some(record) => {
+                // An injected frame costs the socket a page of buffer: pace
+                // the replay by the instance's queue, or the socket drops.
+                if replayed % REPLAY_BURST == 0 {
+                    while udp_receive_queue(pid)? > REPLAY_QUEUE_LIMIT {
+                        tokio::time::sleep(Duration::from_micros(100)).await;
+                    }
+                }
                 injector.inject(&record)?;
                 replayed += 1;
             }

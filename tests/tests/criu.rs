@@ -627,6 +627,7 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
             runtime.block_on(checkpoint::resume(
                 &mut src.dataplane,
                 position[0],
+                service.pid,
                 &injector,
                 &mut log,
             ))
