@@ -35,6 +35,9 @@ const _: () = assert!(size_of::<FlowKey>() == 40);
 
 /// Flow flag: mirror this flow's inputs to the peer host.
 pub const FLOW_MIRROR: u32 = 1;
+/// `FlowConfig::flags`: clone every input to the standby interface too, for
+/// a standby instance on this host (gundall2022 Option 2).
+pub const FLOW_STANDBY: u32 = 2;
 
 /// What user space says about a flow; the value of the flow map.
 #[repr(C)]
@@ -66,18 +69,38 @@ pub const GATE_HOLD_ALL: u32 = 1;
 /// atomically), hold q above it in the log, drop q below it as a duplicate.
 pub const GATE_SEQUENCED: u32 = 2;
 
+/// Output gate: every output of the local instance leaves.
+pub const OUTPUT_PASS: u32 = 0;
+/// Output gate: no output leaves (logged for comparison, then dropped): a
+/// replica that is not serving yet.
+pub const OUTPUT_MUTE: u32 = 1;
+/// Output gate: only outputs answering inputs >= `answer_from` leave: the
+/// destination after the cutover at K = answer_from - 1.
+pub const OUTPUT_FROM: u32 = 2;
+
 /// Per-flow gate: whether an input, captured on this host or mirrored from
-/// the peer, reaches the local instance.
+/// the peer, reaches the local instance, and whether its outputs leave.
+///
+/// Memory-mapped by user space: the cutover is one store into
+/// `deliver_until` on the source.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Gate {
     /// `GATE_*` mode.
     pub mode: u32,
-    pub _pad: u32,
+    /// `OUTPUT_*` mode.
+    pub output: u32,
     /// `GATE_SEQUENCED`: the one input the instance takes next.
     pub next_expected: u64,
+    /// 0, or K: inputs above K no longer reach the local instance; they are
+    /// only logged and mirrored to the peer (the source after the cutover).
+    pub deliver_until: u64,
+    /// `OUTPUT_FROM`: the first input whose outputs leave.
+    pub answer_from: u64,
 }
-const _: () = assert!(size_of::<Gate>() == 16);
+const _: () = assert!(size_of::<Gate>() == 32);
+/// Byte offset of `deliver_until` in a `Gate`, for the memory-mapped flip.
+pub const GATE_DELIVER_UNTIL_OFFSET: usize = 16;
 
 /// Host-wide settings, element 0 of the config array.
 #[repr(C)]
@@ -97,8 +120,13 @@ pub struct Config {
     /// of the veth pair the local copy is redirected into).
     pub deliver_mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// Ifindex of the standby interface (0: none).
+    pub standby_ifindex: u32,
+    /// Destination and source MAC of mirror frames to the standby.
+    pub standby_dst_mac: [u8; 6],
+    pub standby_src_mac: [u8; 6],
 }
-const _: () = assert!(size_of::<Config>() == 32);
+const _: () = assert!(size_of::<Config>() == 48);
 
 /// Mirror mode: XDP passes the input, TC clones it to the mirror interface.
 pub const MIRROR_CLONE: u32 = 0;
@@ -197,7 +225,17 @@ pub struct CaptureMeta {
 const _: () = assert!(size_of::<CaptureMeta>() == 24);
 
 /// Marks [`CaptureMeta`] written by the capture program.
-pub const CAPTURE_META_MAGIC: u32 = 0xD47A_0001;
+pub const CAPTURE_META_MAGIC: u32 = 0xD47A_0000;
+/// The bits of `CaptureMeta::magic` that are the magic; the others say
+/// where the input goes (`META_*`).
+pub const CAPTURE_META_MASK: u32 = 0xFFFF_0000;
+/// The original goes on to the local instance (else it is dropped after
+/// the clones: held, or past a cutover).
+pub const META_DELIVER: u32 = 1;
+/// A clone goes to the peer host.
+pub const META_PEER: u32 = 2;
+/// A clone goes to the standby interface.
+pub const META_STANDBY: u32 = 4;
 
 /// Per-CPU counter indices.
 pub mod counter {
@@ -229,8 +267,12 @@ pub mod counter {
     pub const MIRROR_ERRORS: u32 = 12;
     /// Inputs a sequenced gate dropped because the instance had them already.
     pub const DUPLICATES: u32 = 13;
+    /// Inputs above a cutover's K, only mirrored to the peer.
+    pub const FORWARDED: u32 = 14;
+    /// Outputs the output gate kept from leaving.
+    pub const OUTPUT_MUTED: u32 = 15;
     /// Number of counters.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
     /// Counter names, by index, as user space reports them.
     pub const NAMES: [&str; COUNT as usize] = [
         "seen",
@@ -247,6 +289,8 @@ pub mod counter {
         "output_ring_full",
         "mirror_errors",
         "duplicates",
+        "forwarded",
+        "output_muted",
     ];
 }
 

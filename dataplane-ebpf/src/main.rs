@@ -24,7 +24,7 @@ mod record;
 use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_F_BROADCAST, BPF_F_MMAPABLE, TC_ACT_UNSPEC, xdp_action},
+    bindings::{BPF_F_BROADCAST, BPF_F_MMAPABLE, TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::generated::{
         bpf_clone_redirect, bpf_ktime_get_ns, bpf_skb_change_head, bpf_skb_load_bytes,
         bpf_skb_store_bytes, bpf_skb_vlan_pop, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
@@ -36,10 +36,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use dataplane_common::{
-    CAPTURE_META_MAGIC, CaptureMeta, Config, FLOW_MIRROR, FlowConfig, FlowKey, FlowSequence,
-    GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, Gate, MAX_FLOWS, MAX_FRAME, MIRROR_CLONE,
-    MIRROR_DEVMAP, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, MIRROR_VERSION, MirrorHeader, PORT_MIRROR,
-    RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, RecordHeader, counter, mirror_headers,
+    CAPTURE_META_MAGIC, CAPTURE_META_MASK, CaptureMeta, Config, FLOW_MIRROR, FLOW_STANDBY,
+    FlowConfig, FlowKey, FlowSequence, GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, Gate,
+    MAX_FLOWS, MAX_FRAME, META_DELIVER, META_PEER, META_STANDBY, MIRROR_CLONE, MIRROR_DEVMAP,
+    MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, MIRROR_VERSION, MirrorHeader, OUTPUT_FROM, OUTPUT_MUTE,
+    PORT_MIRROR, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, RecordHeader, counter,
+    mirror_headers,
 };
 use parse::{Frame, Skip, parse, ptr_at};
 use record::{Skb, Xdp};
@@ -170,37 +172,78 @@ fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
         };
     };
     count(counter::CAPTURED);
-    if let Some(action) = apply_gate(gate, seq) {
-        return action;
+    // The local instance gets the input if its gate lets it and it is not
+    // past a cutover; the peer gets every input of a mirrored flow, so that
+    // its log is complete whatever happens here (a hold for a checkpoint,
+    // a replay in progress, a cutover).
+    let deliver = apply_gate(gate, seq).is_none()
+        && if gate.is_some_and(|g| past_cutover(g, seq)) {
+            count(counter::FORWARDED);
+            false
+        } else {
+            true
+        };
+    if deliver {
+        // SAFETY: as above; a plain store, the latest delivered input wins.
+        unsafe { (*sequence).last_delivered = seq };
     }
-    // SAFETY: as above; a plain store, the latest delivered input wins.
-    unsafe { (*sequence).last_delivered = seq };
-    if flow.flags & FLOW_MIRROR == 0 || config.mirror_ifindex == 0 {
-        return xdp_action::XDP_PASS;
+    let local = if deliver {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    };
+    let to_peer = flow.flags & FLOW_MIRROR != 0 && config.mirror_ifindex != 0;
+    // A standby copy is made by `mirror` only (clone mode).
+    let to_standby = flow.flags & FLOW_STANDBY != 0
+        && config.standby_ifindex != 0
+        && config.mirror_mode == MIRROR_CLONE;
+    if !to_peer && !to_standby {
+        return local;
     }
-    if !hand_to_mirror(ctx, flow.flow_id, seq, timestamp_ns) {
+    let targets = if deliver { META_DELIVER } else { 0 }
+        | if to_peer { META_PEER } else { 0 }
+        | if to_standby { META_STANDBY } else { 0 };
+    if !hand_to_mirror(ctx, flow.flow_id, seq, timestamp_ns, targets) {
         count(counter::MIRROR_ERRORS);
-        return xdp_action::XDP_PASS;
+        return local;
     }
     if config.mirror_mode != MIRROR_DEVMAP {
+        // `mirror` clones it, and drops the original unless it is delivered.
         return xdp_action::XDP_PASS;
     }
-    match MIRROR_PORTS.redirect(PORT_MIRROR, BPF_F_BROADCAST as u64) {
+    let flags = if deliver { BPF_F_BROADCAST as u64 } else { 0 };
+    match MIRROR_PORTS.redirect(PORT_MIRROR, flags) {
         Ok(action) => {
             count(counter::MIRRORED);
             action
         }
         Err(_) => {
             count(counter::MIRROR_ERRORS);
-            xdp_action::XDP_PASS
+            local
         }
     }
 }
 
-/// Puts the input's number into the packet metadata, where the `mirror` TC
-/// program or the `mirror_port` devmap program finds it.
+/// Whether input `seq` comes after the gate's cutover point K (`deliver_until`).
 #[inline(always)]
-fn hand_to_mirror(ctx: &XdpContext, flow_id: u32, seq: u64, timestamp_ns: u64) -> bool {
+fn past_cutover(gate: *const Gate, seq: u64) -> bool {
+    // SAFETY: the array slot lives as long as the map. A volatile read: user
+    // space flips this word through a memory mapping.
+    let k = unsafe { core::ptr::read_volatile(&raw const (*gate).deliver_until) };
+    k != 0 && seq > k
+}
+
+/// Puts the input's number into the packet metadata, where the `mirror` TC
+/// program or the `mirror_port` devmap program finds it; `targets`
+/// (`META_*`) says where copies go and whether the original is delivered.
+#[inline(always)]
+fn hand_to_mirror(
+    ctx: &XdpContext,
+    flow_id: u32,
+    seq: u64,
+    timestamp_ns: u64,
+    targets: u32,
+) -> bool {
     let meta_len = core::mem::size_of::<CaptureMeta>() as i32;
     // SAFETY: the helper checks the headroom.
     if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -meta_len) } != 0 {
@@ -213,7 +256,7 @@ fn hand_to_mirror(ctx: &XdpContext, flow_id: u32, seq: u64, timestamp_ns: u64) -
     // SAFETY: ptr_at checked that the metadata area holds a CaptureMeta.
     unsafe {
         meta.write_unaligned(CaptureMeta {
-            magic: CAPTURE_META_MAGIC,
+            magic: CAPTURE_META_MAGIC | targets,
             flow_id,
             seq,
             timestamp_ns,
@@ -261,6 +304,14 @@ fn receive(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let seq = u64::from_be(header.seq);
+    // The highest number seen from the peer: inputs that later arrive here
+    // directly (after the path switch) are numbered on from it.
+    // SAFETY: the array slot lives as long as the map.
+    unsafe {
+        if seq > (*sequence).last_seq {
+            (*sequence).last_seq = seq;
+        }
+    }
     let record = RecordHeader {
         timestamp_ns: u64::from_be(header.timestamp_ns),
         kind: RECORD_MIRRORED,
@@ -374,7 +425,7 @@ pub fn mirror_port(ctx: XdpContext) -> u32 {
     let meta = unsafe { meta.read_unaligned() };
     let frame_len = (ctx.data_end() - ctx.data()) as u32;
     // SAFETY: the helper checks the headroom.
-    if meta.magic != CAPTURE_META_MAGIC
+    if meta.magic & CAPTURE_META_MASK != CAPTURE_META_MAGIC
         || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(MIRROR_OVERHEAD as i32)) } != 0
     {
         count(counter::MIRROR_ERRORS);
@@ -412,10 +463,7 @@ pub fn mirror(ctx: TcContext) -> i32 {
     // SAFETY: ptr_at checked the bounds.
     let meta = unsafe { meta.read_unaligned() };
     let config = config();
-    if meta.magic != CAPTURE_META_MAGIC
-        || config.mirror_ifindex == 0
-        || config.mirror_mode != MIRROR_CLONE
-    {
+    if meta.magic & CAPTURE_META_MASK != CAPTURE_META_MAGIC || config.mirror_mode != MIRROR_CLONE {
         return TC_ACT_UNSPEC;
     }
     let Some(pending) = MIRROR_PENDING.get_ptr_mut(0) else {
@@ -423,13 +471,23 @@ pub fn mirror(ctx: TcContext) -> i32 {
     };
     // SAFETY: a per-CPU slot, used only within this call.
     unsafe { *pending = meta };
-    let cloned = unsafe { bpf_clone_redirect(skb, config.mirror_ifindex, 0) };
+    for (target, ifindex) in [
+        (META_PEER, config.mirror_ifindex),
+        (META_STANDBY, config.standby_ifindex),
+    ] {
+        if meta.magic & target != 0 && ifindex != 0 {
+            let cloned = unsafe { bpf_clone_redirect(skb, ifindex, 0) };
+            count(if cloned == 0 {
+                counter::MIRRORED
+            } else {
+                counter::MIRROR_ERRORS
+            });
+        }
+    }
     unsafe { (*pending).magic = 0 };
-    count(if cloned == 0 {
-        counter::MIRRORED
-    } else {
-        counter::MIRROR_ERRORS
-    });
+    if meta.magic & META_DELIVER == 0 {
+        return TC_ACT_SHOT;
+    }
     TC_ACT_UNSPEC
 }
 
@@ -437,16 +495,34 @@ pub fn mirror(ctx: TcContext) -> i32 {
 pub fn egress(ctx: TcContext) -> i32 {
     let config = config();
     let skb = ctx.skb.skb;
+    // SAFETY: reading a field of the context the kernel handed us.
+    let ifindex = unsafe { (*skb).ifindex };
     match MIRROR_PENDING.get(0) {
         Some(pending)
-            if pending.magic == CAPTURE_META_MAGIC
-                && unsafe { (*skb).ifindex } == config.mirror_ifindex =>
+            if pending.magic & CAPTURE_META_MASK == CAPTURE_META_MAGIC
+                && (ifindex == config.mirror_ifindex || ifindex == config.standby_ifindex) =>
         {
-            if encapsulate(&ctx, pending, &config).is_none() {
+            // The same frame format to the peer and to the standby; only the
+            // addresses differ.
+            let target = if ifindex == config.mirror_ifindex {
+                config
+            } else {
+                Config {
+                    mirror_dst_mac: config.standby_dst_mac,
+                    mirror_src_mac: config.standby_src_mac,
+                    ..config
+                }
+            };
+            if encapsulate(&ctx, pending, &target).is_none() {
                 count(counter::MIRROR_ERRORS);
             }
         }
-        _ => capture_output(&ctx, &config),
+        _ => {
+            if !capture_output(&ctx, &config) {
+                count(counter::OUTPUT_MUTED);
+                return TC_ACT_SHOT;
+            }
+        }
     }
     TC_ACT_UNSPEC
 }
@@ -507,11 +583,12 @@ fn store<const N: usize>(
 }
 
 /// Logs an output of the local instance: a frame whose reversed 5-tuple is a
-/// known flow, tagged with the latest input delivered on that flow.
+/// known flow, tagged with the latest input delivered on that flow. Returns
+/// whether the flow's output gate lets it leave.
 #[inline(always)]
-fn capture_output(ctx: &TcContext, config: &Config) {
+fn capture_output(ctx: &TcContext, config: &Config) -> bool {
     let Ok(Frame::Udp(key)) = parse(ctx.data(), ctx.data_end()) else {
-        return;
+        return true;
     };
     let input_key = FlowKey {
         src_addr: key.dst_addr,
@@ -522,10 +599,10 @@ fn capture_output(ctx: &TcContext, config: &Config) {
     };
     // SAFETY: a hash map value is only read here.
     let Some(flow) = (unsafe { FLOWS.get(&input_key) }).copied() else {
-        return;
+        return true;
     };
     let Some(sequence) = SEQUENCES.get(flow.flow_id) else {
-        return;
+        return true;
     };
     let frame_len = ctx.len();
     let header = RecordHeader {
@@ -541,6 +618,22 @@ fn capture_output(ctx: &TcContext, config: &Config) {
     match record::write(&OUTPUTS, &Skb(ctx.skb.skb), 0, header, || seq) {
         Some(_) => count(counter::OUTPUT_CAPTURED),
         None => count(counter::OUTPUT_RING_FULL),
+    }
+    let Some(gate) = GATES.get_ptr(flow.flow_id) else {
+        return true;
+    };
+    // SAFETY: the array slot lives as long as the map; user space flips
+    // these words through a memory mapping.
+    let (mode, answer_from) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*gate).output),
+            core::ptr::read_volatile(&raw const (*gate).answer_from),
+        )
+    };
+    match mode {
+        OUTPUT_MUTE => false,
+        OUTPUT_FROM => seq >= answer_from,
+        _ => true,
     }
 }
 

@@ -4,7 +4,10 @@
 //! When the queue is full the reader stops draining the kernel ring rather
 //! than drop a record: back-pressure reaches the kernel, whose `ring_full`
 //! counter then says an input could not be logged.
-use std::sync::Arc;
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+};
 
 use aya::maps::{MapData, RingBuf};
 use bytes::Bytes;
@@ -13,7 +16,11 @@ use ringbuf::{
     HeapCons, HeapProd, HeapRb,
     traits::{Consumer, Observer, Producer, Split},
 };
-use tokio::{io::unix::AsyncFd, sync::Notify, task::JoinHandle};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{Notify, mpsc},
+    task::JoinHandle,
+};
 
 /// One log record: its header and the captured frame bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -99,6 +106,108 @@ impl LogReader {
 impl Drop for LogReader {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+/// A source of log records in the order the kernel committed them: a
+/// [`LogReader`] itself, or a [`Subscription`] to a daemon's [`Tap`].
+pub trait Records {
+    /// The next record already staged, if any.
+    fn try_next(&mut self) -> Option<Record>;
+    /// The next record; `None` once the source has ended.
+    fn next(&mut self) -> impl std::future::Future<Output = Option<Record>> + Send;
+}
+
+impl Records for LogReader {
+    fn try_next(&mut self) -> Option<Record> {
+        LogReader::try_next(self)
+    }
+    async fn next(&mut self) -> Option<Record> {
+        Some(LogReader::next(self).await)
+    }
+}
+
+/// A daemon's standing reader of one log: it drains the kernel ring all the
+/// time (an undrained ring fills, and then inputs go unnumbered), and hands
+/// records to at most one subscriber, a running migration.
+pub struct Tap {
+    subscriber: Mutex<Option<mpsc::Sender<Record>>>,
+    /// Records a subscriber did not take in time: a replay that needs them
+    /// cannot be exact, and the migration must abort.
+    lost: AtomicU64,
+}
+
+/// Why a tap cannot be subscribed to.
+#[derive(Debug, thiserror::Error)]
+#[error("the log is in use by another migration")]
+pub struct TapBusy;
+
+impl Tap {
+    /// Starts draining `reader` on the current tokio runtime.
+    pub fn spawn(mut reader: LogReader) -> Arc<Self> {
+        let tap = Arc::new(Self {
+            subscriber: Mutex::new(None),
+            lost: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&tap);
+        tokio::spawn(async move {
+            loop {
+                let record = reader.next().await;
+                let Some(tap) = weak.upgrade() else { return };
+                let sender = tap.subscriber.lock().unwrap().clone();
+                if let Some(sender) = sender
+                    && sender.try_send(record).is_err()
+                {
+                    tap.lost.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        tap
+    }
+
+    /// Records from now on, staged up to `capacity`, until the subscription
+    /// is dropped.
+    pub fn subscribe(self: &Arc<Self>, capacity: usize) -> Result<Subscription, TapBusy> {
+        let mut subscriber = self.subscriber.lock().unwrap();
+        if subscriber.as_ref().is_some_and(|s| !s.is_closed()) {
+            return Err(TapBusy);
+        }
+        let (sender, receiver) = mpsc::channel(capacity);
+        *subscriber = Some(sender);
+        self.lost.store(0, Ordering::Relaxed);
+        Ok(Subscription {
+            receiver,
+            tap: self.clone(),
+        })
+    }
+}
+
+/// Records of a [`Tap`] for one migration.
+pub struct Subscription {
+    receiver: mpsc::Receiver<Record>,
+    tap: Arc<Tap>,
+}
+
+impl Subscription {
+    /// Records that were committed but not staged because this subscriber
+    /// fell behind.
+    pub fn lost(&self) -> u64 {
+        self.tap.lost.load(Ordering::Relaxed)
+    }
+}
+
+impl Records for Subscription {
+    fn try_next(&mut self) -> Option<Record> {
+        self.receiver.try_recv().ok()
+    }
+    async fn next(&mut self) -> Option<Record> {
+        self.receiver.recv().await
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        *self.tap.subscriber.lock().unwrap() = None;
     }
 }
 

@@ -12,10 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_common::{GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, Gate};
+use dataplane_common::{GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED};
 
 use crate::{
-    capture::{LogReader, Record},
+    capture::{Record, Records},
     loader::{Dataplane, LoadError},
     replay::{Injector, ReplayError},
 };
@@ -52,7 +52,7 @@ pub enum CheckpointError {
 }
 
 /// A flow's position: every input up to `last_delivered` reached the service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FlowPosition {
     pub flow_id: u32,
     pub last_delivered: u64,
@@ -110,13 +110,9 @@ pub fn release(dataplane: &mut Dataplane, flow_ids: &[u32]) -> Result<(), LoadEr
 }
 
 fn set_gates(dataplane: &mut Dataplane, flow_ids: &[u32], mode: u32) -> Result<(), LoadError> {
-    let gate = Gate {
-        mode,
-        ..Default::default()
-    };
     flow_ids
         .iter()
-        .try_for_each(|&id| dataplane.set_gate(id, gate))
+        .try_for_each(|&id| dataplane.set_input_gate(id, mode, 0))
 }
 
 /// Bytes waiting in the receive queues of process `pid`'s UDP sockets.
@@ -164,21 +160,6 @@ fn queued_bytes(table: &str, inodes: &HashSet<String>) -> u64 {
         .sum()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sums_the_receive_queues_of_the_processs_sockets() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
-            12: 0A0200C0:1388 00000000:0000 07 00000000:00000300 00:00000000 00000000     0        0 4242 2 0000000000000000 0\n\
-            13: 0100007F:0035 00000000:0000 07 00000000:00000100 00:00000000 00000000     0        0 9999 2 0000000000000000 0\n";
-        let ours: HashSet<String> = ["4242".to_string()].into();
-        assert_eq!(queued_bytes(table, &ours), 0x300);
-        assert_eq!(queued_bytes(table, &HashSet::new()), 0);
-    }
-}
-
 /// Hands a held flow back to an instance (process `pid`) that kept running
 /// through its checkpoint (leave-running mode). The gate turns sequenced at S+1, and the
 /// held inputs S+1.. (and any live input held while they are injected) are
@@ -190,15 +171,10 @@ pub async fn resume(
     position: FlowPosition,
     pid: u32,
     injector: &Injector,
-    log: &mut LogReader,
+    log: &mut impl Records,
 ) -> Result<u64, CheckpointError> {
     let flow_id = position.flow_id;
-    let gate = Gate {
-        mode: GATE_SEQUENCED,
-        next_expected: position.last_delivered + 1,
-        ..Default::default()
-    };
-    dataplane.set_gate(flow_id, gate)?;
+    dataplane.set_input_gate(flow_id, GATE_SEQUENCED, position.last_delivered + 1)?;
     let mut pending: BTreeMap<u64, Record> = BTreeMap::new();
     let mut replayed = 0;
     loop {
@@ -226,11 +202,28 @@ pub async fn resume(
             None => {
                 let record = tokio::time::timeout(REPLAY_WAIT, log.next())
                     .await
-                    .map_err(|_| CheckpointError::Missing { flow_id, seq: next })?;
+                    .ok()
+                    .flatten()
+                    .ok_or(CheckpointError::Missing { flow_id, seq: next })?;
                 if record.header.flow_id == flow_id && record.header.seq >= next {
                     pending.insert(record.header.seq, record);
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_the_receive_queues_of_the_processs_sockets() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops\n\
+            12: 0A0200C0:1388 00000000:0000 07 00000000:00000300 00:00000000 00000000     0        0 4242 2 0000000000000000 0\n\
+            13: 0100007F:0035 00000000:0000 07 00000000:00000100 00:00000000 00000000     0        0 9999 2 0000000000000000 0\n";
+        let ours: HashSet<String> = ["4242".to_string()].into();
+        assert_eq!(queued_bytes(table, &ours), 0x300);
+        assert_eq!(queued_bytes(table, &HashSet::new()), 0);
     }
 }

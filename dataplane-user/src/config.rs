@@ -49,6 +49,26 @@ pub struct DaemonConfig {
     /// Where checkpoint images received from a peer go. Default: /var/lib/dataplane/images.
     #[serde(default = "default_images_dir")]
     pub images_dir: PathBuf,
+    /// Standby mode (gundall2022 Option 2): the veth leading to the standby
+    /// instance's network namespace on this host. Default: none.
+    #[serde(default)]
+    pub standby_interface: Option<String>,
+    /// MAC address of that veth's other end.
+    #[serde(default)]
+    pub standby_mac: Option<String>,
+    /// The standby's network namespace, e.g. /run/netns/standby.
+    #[serde(default)]
+    pub standby_netns: Option<PathBuf>,
+    /// Pin root of the dataplane loaded in the standby's namespace.
+    #[serde(default)]
+    pub standby_pin_root: Option<PathBuf>,
+    /// The CRIU binary. Default: /usr/local/sbin/criu (what `cargo xtask setup` installs).
+    #[serde(default = "default_criu")]
+    pub criu: PathBuf,
+}
+
+fn default_criu() -> PathBuf {
+    PathBuf::from(crate::criu::DEFAULT_CRIU)
 }
 
 fn default_pin_root() -> PathBuf {
@@ -80,8 +100,10 @@ pub enum ConfigError {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
-    #[error("peer_mac {0:?} is not a MAC address like 02:00:00:00:00:01")]
+    #[error("{0:?} is not a MAC address like 02:00:00:00:00:01")]
     PeerMac(String),
+    #[error("standby_interface needs {0} too")]
+    Standby(&'static str),
 }
 
 impl DaemonConfig {
@@ -110,6 +132,11 @@ impl DaemonConfig {
         Ok(config)
     }
 
+    /// The CRIU driver this configuration names.
+    pub fn criu(&self) -> crate::criu::Criu {
+        crate::criu::Criu::new(&self.criu)
+    }
+
     /// The loader's options this configuration stands for.
     pub fn load_options(&self) -> Result<LoadOptions, ConfigError> {
         let peer_mac = match &self.peer_mac {
@@ -118,10 +145,22 @@ impl DaemonConfig {
             ),
             None => None,
         };
+        let standby = match (&self.standby_interface, &self.standby_mac) {
+            (None, _) => None,
+            (Some(interface), Some(text)) => Some((
+                interface.clone(),
+                crate::netdev::parse_mac(text).ok_or_else(|| ConfigError::PeerMac(text.clone()))?,
+            )),
+            (Some(_), None) => return Err(ConfigError::Standby("standby_mac")),
+        };
+        if standby.is_some() && (self.standby_netns.is_none() || self.standby_pin_root.is_none()) {
+            return Err(ConfigError::Standby("standby_netns and standby_pin_root"));
+        }
         Ok(LoadOptions {
             pin_root: self.pin_root.clone(),
             peer_interface: self.peer_interface.clone(),
             peer_mac,
+            standby,
             snap_len: self.snap_len,
             input_ring_bytes: self.input_ring_mib << 20,
             output_ring_bytes: self.output_ring_mib << 20,

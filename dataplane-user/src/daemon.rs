@@ -9,7 +9,10 @@ use std::{
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::Path,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Instant,
 };
 
@@ -22,11 +25,12 @@ use tokio::{
 };
 
 use crate::{
+    capture::{LogReader, Tap},
     config::DaemonConfig,
     control::{self, Line, Request, Response, RpcError, code},
     flow,
-    loader::{Dataplane, LoadError},
-    metrics, peer,
+    loader::{Dataplane, LoadError, MAP_INPUTS, MAP_OUTPUTS},
+    metrics, migration, peer,
 };
 use dataplane_common::{FLOW_MIRROR, counter};
 
@@ -62,9 +66,19 @@ pub struct Daemon {
     dataplane: Mutex<Dataplane>,
     adopted: bool,
     started: Instant,
-    services: Mutex<BTreeMap<String, Service>>,
+    services: Arc<Mutex<BTreeMap<String, Service>>>,
+    /// Every migration this daemon ran or runs, by id.
+    migrations: Arc<Mutex<BTreeMap<String, MigrationEntry>>>,
+    /// The standing readers of the input and output logs (set by `serve`).
+    taps: std::sync::OnceLock<(Arc<Tap>, Arc<Tap>)>,
     /// Migration phase changes, for `migration.watch`.
     events: broadcast::Sender<Value>,
+}
+
+/// A migration's latest report, and its abort switch.
+struct MigrationEntry {
+    report: migration::Report,
+    abort: Arc<AtomicBool>,
 }
 
 /// Why the daemon could not start.
@@ -86,6 +100,8 @@ pub enum DaemonError {
     },
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
+    #[error("reading the logs: {0}")]
+    Log(std::io::Error),
 }
 
 impl Daemon {
@@ -117,7 +133,9 @@ impl Daemon {
             dataplane: Mutex::new(dataplane),
             adopted,
             started: Instant::now(),
-            services: Mutex::new(BTreeMap::new()),
+            services: Arc::new(Mutex::new(BTreeMap::new())),
+            migrations: Arc::new(Mutex::new(BTreeMap::new())),
+            taps: std::sync::OnceLock::new(),
             events: broadcast::channel(256).0,
         })
     }
@@ -139,6 +157,16 @@ impl Daemon {
             }
             Err(e) => tracing::warn!("kernel program logs will not be shown: {e}"),
         }
+        let taps = {
+            let dataplane = daemon.dataplane.lock().unwrap();
+            let tap = |name| -> Result<Arc<Tap>, DaemonError> {
+                let ring = dataplane.open_log(name)?;
+                let reader = LogReader::spawn(ring, 4096).map_err(DaemonError::Log)?;
+                Ok(Tap::spawn(reader))
+            };
+            (tap(MAP_INPUTS)?, tap(MAP_OUTPUTS)?)
+        };
+        let _ = daemon.taps.set(taps.clone());
         if let Some(address) = daemon.config.peer_listen {
             let peers = TcpListener::bind(address)
                 .await
@@ -147,7 +175,11 @@ impl Daemon {
             let host = peer::Host {
                 images_root: daemon.config.images_dir.clone(),
                 pin_root: daemon.config.pin_root.clone(),
+                interface: daemon.config.interface.clone(),
                 peer_interface: daemon.config.peer_interface.clone(),
+                criu: daemon.config.criu(),
+                inputs: Some(taps.0.clone()),
+                outputs: Some(taps.1.clone()),
             };
             tokio::spawn(peer::serve(peers, host));
         }
@@ -167,7 +199,10 @@ impl Daemon {
                 _ = int.recv() => break,
             }
         }
-        // No migration can be in flight yet; when one can, it is rolled back here.
+        // A migration in flight stops at its next phase and rolls back.
+        for entry in daemon.migrations.lock().unwrap().values() {
+            entry.abort.store(true, Ordering::Relaxed);
+        }
         let _ = std::fs::remove_file(&socket_path);
         tracing::info!("stopped; the dataplane stays pinned and attached");
         Ok(())
@@ -283,13 +318,20 @@ impl Daemon {
                 self.services.lock().unwrap().values().collect::<Vec<_>>()
             )),
             "migration.start" => self.migration_start(params),
-            "migration.status" => Ok(json!([])),
+            "migration.status" => self.migration_status(params),
             "migration.abort" => {
                 let MigrationId { id } = parse(params)?;
-                Err(RpcError::new(
-                    code::NOT_FOUND,
-                    format!("no migration {id}: none is running"),
-                ))
+                match self.migrations.lock().unwrap().get(&id) {
+                    Some(entry) if entry.report.state == "running" => {
+                        entry.abort.store(true, Ordering::Relaxed);
+                        Ok(json!({"aborting": id}))
+                    }
+                    Some(entry) => Err(RpcError::new(
+                        code::CONFLICT,
+                        format!("migration {id} is {} already", entry.report.state),
+                    )),
+                    None => Err(RpcError::new(code::NOT_FOUND, format!("no migration {id}"))),
+                }
             }
             "migration.watch" => Ok(json!({"watching": true})),
             "peer.ping" => self.peer_ping(params).await,
@@ -321,7 +363,7 @@ impl Daemon {
             "flows": flows_json(&dataplane)?,
             "counters": counters,
             "services": self.services.lock().unwrap().values().collect::<Vec<_>>(),
-            "migrations": [],
+            "migrations": self.migrations.lock().unwrap().values().map(|e| &e.report).collect::<Vec<_>>(),
             "peer_listen": self.config.peer_listen,
         }))
     }
@@ -430,9 +472,49 @@ impl Daemon {
                 format!("service {} is registered already", service.name),
             ));
         }
+        if service.standby_pid.is_some() {
+            self.feed_standby(&service)?;
+        }
         let name = service.name.clone();
         services.insert(name.clone(), service);
         Ok(json!({"registered": name}))
+    }
+
+    /// Mirrors the service's flows to the standby's namespace, whose
+    /// dataplane delivers them to the standby instance and keeps its
+    /// outputs in (muted). The standby must get every input from its
+    /// first: register the service before the CPS starts.
+    fn feed_standby(&self, service: &Service) -> Result<(), RpcError> {
+        let Some(pin_root) = &self.config.standby_pin_root else {
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                "a standby_pid needs a standby configured (standby_interface, standby_mac, \
+                 standby_netns, standby_pin_root)",
+            ));
+        };
+        let mut standby = Dataplane::open(pin_root).map_err(dataplane_error)?;
+        let mut dataplane = self.dataplane.lock().unwrap();
+        let flows = dataplane.flows().map_err(dataplane_error)?;
+        for f in &service.flows {
+            let key = flow::udp(f.cps, f.service);
+            let Some((_, config)) = flows.iter().find(|(k, _)| *k == key) else {
+                continue;
+            };
+            standby
+                .adopt_flow(key, config.flow_id, 0)
+                .map_err(dataplane_error)?;
+            let gate = dataplane_common::Gate {
+                output: dataplane_common::OUTPUT_MUTE,
+                ..Default::default()
+            };
+            standby
+                .set_gate(config.flow_id, gate)
+                .map_err(dataplane_error)?;
+            dataplane
+                .set_flow_flags(&key, config.flags | dataplane_common::FLOW_STANDBY)
+                .map_err(dataplane_error)?;
+        }
+        Ok(())
     }
 
     fn service_unregister(&self, params: Value) -> Result<Value, RpcError> {
@@ -444,20 +526,101 @@ impl Daemon {
     }
 
     fn migration_start(&self, params: Value) -> Result<Value, RpcError> {
-        let MigrationStart { service, to } = parse(params)?;
-        if !self.services.lock().unwrap().contains_key(&service) {
+        let request: migration::Request = parse(params)?;
+        let Some(service) = self.services.lock().unwrap().get(&request.service).cloned() else {
             return Err(RpcError::new(
                 code::NOT_FOUND,
-                format!("no service {service}"),
+                format!("no service {}", request.service),
+            ));
+        };
+        let Some((inputs, outputs)) = self.taps.get().cloned() else {
+            return Err(RpcError::new(
+                code::INTERNAL_ERROR,
+                "the log readers are not running",
+            ));
+        };
+        let mut migrations = self.migrations.lock().unwrap();
+        if migrations
+            .values()
+            .any(|e| e.report.state == "running" && e.report.service == service.name)
+        {
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!("service {} is migrating already", service.name),
             ));
         }
-        Err(RpcError::new(
-            code::NOT_IMPLEMENTED,
-            format!(
-                "live migration of {service} to {to} is not implemented yet: it arrives with \
-                 the CRIU driver, replay and cutover; the service keeps running where it is"
-            ),
-        ))
+        let id = format!("{}-{}", service.name, migrations.len() + 1);
+        let abort = Arc::new(AtomicBool::new(false));
+        let report = migration::Report {
+            id: id.clone(),
+            service: service.name.clone(),
+            to: request.to.to_string(),
+            mode: request.mode,
+            state: "running".into(),
+            ..Default::default()
+        };
+        migrations.insert(
+            id.clone(),
+            MigrationEntry {
+                report,
+                abort: abort.clone(),
+            },
+        );
+        let context = migration::Context {
+            pin_root: self.config.pin_root.clone(),
+            interface: self.config.interface.clone(),
+            images_dir: self.config.images_dir.clone(),
+            criu: self.config.criu(),
+            inputs,
+            outputs,
+            standby: self
+                .config
+                .standby_netns
+                .clone()
+                .zip(self.config.standby_pin_root.clone()),
+            abort,
+        };
+        let (table, events, services) = (
+            self.migrations.clone(),
+            self.events.clone(),
+            self.services.clone(),
+        );
+        tracing::info!(%id, service = %service.name, to = %request.to, "migration started");
+        let task_id = id.clone();
+        tokio::spawn(async move {
+            let progress = {
+                let (table, events) = (table.clone(), events.clone());
+                move |report: &migration::Report| {
+                    if let Some(entry) = table.lock().unwrap().get_mut(&report.id) {
+                        entry.report = report.clone();
+                    }
+                    let _ = events.send(json!(report));
+                }
+            };
+            let report = migration::run(task_id, service, request, context, progress).await;
+            match &report.error {
+                None => {
+                    tracing::info!(id = %report.id, total_us = report.total_us, "migration done");
+                    // The service runs on the destination now.
+                    services.lock().unwrap().remove(&report.service);
+                }
+                Some(e) => tracing::warn!(id = %report.id, "migration failed, rolled back: {e}"),
+            }
+        });
+        Ok(json!({"id": id}))
+    }
+
+    fn migration_status(&self, params: Value) -> Result<Value, RpcError> {
+        let migrations = self.migrations.lock().unwrap();
+        if params.is_null() || params.as_object().is_some_and(|o| o.is_empty()) {
+            let all: Vec<_> = migrations.values().map(|e| &e.report).collect();
+            return Ok(json!(all));
+        }
+        let MigrationId { id } = parse(params)?;
+        migrations
+            .get(&id)
+            .map(|e| json!(e.report))
+            .ok_or_else(|| RpcError::new(code::NOT_FOUND, format!("no migration {id}")))
     }
 
     async fn peer_ping(&self, params: Value) -> Result<Value, RpcError> {
@@ -498,13 +661,6 @@ struct FlowParams {
 #[serde(deny_unknown_fields)]
 struct ServiceName {
     name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrationStart {
-    service: String,
-    to: SocketAddr,
 }
 
 #[derive(Deserialize)]

@@ -91,6 +91,10 @@ pub struct LoadOptions {
     pub peer_interface: Option<String>,
     /// Destination MAC of mirror frames; the peer host's interface on that link.
     pub peer_mac: Option<[u8; 6]>,
+    /// The link to a standby instance's network namespace on this host, and
+    /// the MAC of its other end: flows marked `FLOW_STANDBY` are mirrored
+    /// there too (clone mode).
+    pub standby: Option<(String, [u8; 6])>,
     /// Most bytes of a frame copied into the logs; 0 means whole frames.
     pub snap_len: u32,
     /// Size of the input log ring buffer in bytes (a power of two, at least a page).
@@ -125,6 +129,7 @@ impl LoadOptions {
             interface: interface.into(),
             peer_interface: None,
             peer_mac: None,
+            standby: None,
             snap_len: 0,
             input_ring_bytes: 64 << 20,
             output_ring_bytes: 16 << 20,
@@ -191,6 +196,13 @@ impl Dataplane {
             config.mirror_dst_mac = options.peer_mac.unwrap_or([0xFF; 6]);
             attachments.push((peer, "ingress"));
             attachments.push((peer, "egress"));
+        }
+        if let Some((standby, mac)) = &options.standby {
+            let standby_if = netdev::Interface::by_name(standby)?;
+            config.standby_ifindex = standby_if.index;
+            config.standby_src_mac = standby_if.mac;
+            config.standby_dst_mac = *mac;
+            attachments.push((standby, "egress"));
         }
         let deliver_ifindex = match &options.mirror_mode {
             MirrorMode::Clone => {
@@ -371,6 +383,47 @@ impl Dataplane {
         let flow_id = (0..MAX_FLOWS)
             .find(|id| flows.iter().all(|(_, c)| c.flow_id != *id))
             .ok_or(LoadError::FlowTableFull)?;
+        self.insert_flow(key, flow_id, flags)?;
+        Ok(flow_id)
+    }
+
+    /// Makes `key` flow `flow_id` on this host, as the peer numbers it (a
+    /// migration's destination), numbering afresh. An existing entry for
+    /// `key` is replaced; another flow holding `flow_id` is an error.
+    pub fn adopt_flow(&mut self, key: FlowKey, flow_id: u32, flags: u32) -> Result<(), LoadError> {
+        if flow_id >= MAX_FLOWS {
+            return Err(LoadError::FlowTableFull);
+        }
+        if let Some((other, _)) = self
+            .flows()?
+            .into_iter()
+            .find(|(k, c)| c.flow_id == flow_id && *k != key)
+        {
+            return Err(LoadError::DuplicateFlow(format!(
+                "id {flow_id} belongs to {}",
+                crate::flow::display(&other)
+            )));
+        }
+        self.insert_flow(key, flow_id, flags)
+    }
+
+    /// Changes the flags (`FLOW_*`) of the known flow `key`.
+    pub fn set_flow_flags(&mut self, key: &FlowKey, flags: u32) -> Result<(), LoadError> {
+        let (_, mut config) = self
+            .flows()?
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .ok_or_else(|| LoadError::UnknownFlow(crate::flow::display(key)))?;
+        config.flags = flags;
+        self.flows
+            .insert(*key, config, 0)
+            .map_err(|source| LoadError::Map {
+                name: MAP_FLOWS,
+                source,
+            })
+    }
+
+    fn insert_flow(&mut self, key: FlowKey, flow_id: u32, flags: u32) -> Result<(), LoadError> {
         // A reused id starts numbering afresh.
         self.sequences
             .set(flow_id, FlowSequence::default(), 0)
@@ -389,8 +442,7 @@ impl Dataplane {
             .map_err(|source| LoadError::Map {
                 name: MAP_FLOWS,
                 source,
-            })?;
-        Ok(flow_id)
+            })
     }
 
     /// Stops capturing `key`.
@@ -445,6 +497,55 @@ impl Dataplane {
             })
     }
 
+    /// Changes the input gate of flow `flow_id` to `mode` (and `next_expected`),
+    /// keeping its output gate and cutover point.
+    pub fn set_input_gate(
+        &mut self,
+        flow_id: u32,
+        mode: u32,
+        next_expected: u64,
+    ) -> Result<(), LoadError> {
+        let gate = Gate {
+            mode,
+            next_expected,
+            ..self.gate(flow_id)?
+        };
+        self.set_gate(flow_id, gate)
+    }
+
+    /// The gates array mapped into this process, for flips that must be one store.
+    pub fn gate_window(&self) -> Result<GateWindow, LoadError> {
+        let path = self.pin_root.join("maps").join(MAP_GATES);
+        let map = MapData::from_pin(&path).map_err(|source| LoadError::Map {
+            name: MAP_GATES,
+            source,
+        })?;
+        let len = (MAX_FLOWS as usize * size_of::<Gate>()).next_multiple_of(4096);
+        use std::os::fd::{AsFd, AsRawFd};
+        // SAFETY: a shared mapping of the map's memory, which the kernel keeps
+        // alive while the mapping exists (it holds a reference on the map).
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(LoadError::Io {
+                path,
+                source: io::Error::last_os_error(),
+            });
+        }
+        Ok(GateWindow {
+            base: ptr.cast(),
+            len,
+        })
+    }
+
     /// The host-wide settings the programs run with.
     pub fn config(&self) -> Result<Config, LoadError> {
         self.config.get(&0, 0).map_err(|source| LoadError::Map {
@@ -472,6 +573,47 @@ impl Dataplane {
                 source,
             })?;
         Ok(values.to_vec())
+    }
+}
+
+/// The gates array (`BPF_F_MMAPABLE`) mapped into user space: a gate word
+/// changes with one store, in tens of nanoseconds, where a map update
+/// syscall takes about a microsecond.
+pub struct GateWindow {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory, accessed only through atomics.
+unsafe impl Send for GateWindow {}
+unsafe impl Sync for GateWindow {}
+
+impl GateWindow {
+    fn word(&self, flow_id: u32, offset: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(flow_id < MAX_FLOWS, "flow id {flow_id} out of range");
+        // SAFETY: in bounds of the mapping (flow_id < MAX_FLOWS), 8-byte
+        // aligned (Gate is 32 bytes, the offset a multiple of 8), and the
+        // kernel side reads the word with single loads.
+        unsafe {
+            &*self
+                .base
+                .add(flow_id as usize * size_of::<Gate>() + offset)
+                .cast::<std::sync::atomic::AtomicU64>()
+        }
+    }
+
+    /// The cutover flip on the source: inputs of `flow_id` above `k` stop
+    /// reaching the local instance (0: every input does). One store.
+    pub fn set_deliver_until(&self, flow_id: u32, k: u64) {
+        self.word(flow_id, dataplane_common::GATE_DELIVER_UNTIL_OFFSET)
+            .store(k, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for GateWindow {
+    fn drop(&mut self) {
+        // SAFETY: base and len are the mapping made in gate_window.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
     }
 }
 

@@ -109,12 +109,27 @@ enum Command {
         #[command(subcommand)]
         command: ServiceCommand,
     },
-    /// Migrate a registered service to the host whose daemon listens at --to.
+    /// Migrate a registered service to the host whose daemon listens at
+    /// --to, showing each phase as it runs and a table at the end. Exit
+    /// status 5 if the migration failed (the source keeps serving).
     Migrate {
         service: String,
         /// The destination daemon's peer-link address, HOST:PORT.
         #[arg(long)]
         to: SocketAddr,
+        /// `standby` (checkpoint the standby instance: the serving one never
+        /// stops) or `leave-running` (checkpoint the serving one).
+        #[arg(long, default_value = "leave-running")]
+        mode: String,
+        /// Consecutive matching outputs needed for the handover.
+        #[arg(long, default_value_t = 10)]
+        converge: u32,
+        /// Time allowed for restore, replay and convergence, in ms.
+        #[arg(long, default_value_t = 10_000)]
+        deadline_ms: u64,
+        /// Print the migration's id and return at once.
+        #[arg(long)]
+        detach: bool,
     },
     /// Stream migration phase changes as they happen.
     Watch,
@@ -218,6 +233,8 @@ enum Failure {
     Unreachable(ClientError),
     /// Anything else (4).
     Local(anyhow::Error),
+    /// A migration failed and was rolled back (5).
+    Migration(String),
 }
 
 impl From<ClientError> for Failure {
@@ -263,6 +280,10 @@ fn main() -> ExitCode {
         Err(Failure::Local(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::from(4)
+        }
+        Err(Failure::Migration(e)) => {
+            eprintln!("migration failed, the service keeps running on the source: {e}");
+            ExitCode::from(5)
         }
     }
 }
@@ -398,11 +419,58 @@ fn run(cli: Cli) -> Result<(), Failure> {
             ),
             ServiceCommand::Ls => show(json_out, call("service.list", json!({}))?, print_services),
         },
-        Command::Migrate { service, to } => show(
-            json_out,
-            call("migration.start", json!({"service": service, "to": to}))?,
-            |v| println!("{v}"),
-        ),
+        Command::Migrate {
+            service,
+            to,
+            mode,
+            converge,
+            deadline_ms,
+            detach,
+        } => {
+            // Watch first, so that no phase is missed.
+            let mut watch = Client::connect(&cli.socket)?;
+            watch.call("migration.watch", json!({}))?;
+            let params = json!({"service": service, "to": to, "mode": mode,
+                "converge": converge, "deadline_ms": deadline_ms});
+            let id = call("migration.start", params)?["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if detach {
+                show(json_out, json!({"id": id}), |_| println!("{id}"));
+                return Ok(());
+            }
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let report = loop {
+                let line = watch.next_line()?;
+                let event: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                let report = &event["params"];
+                if report["id"] != id.as_str() {
+                    continue;
+                }
+                if report["state"] != "running" {
+                    break report.clone();
+                }
+                if terminal {
+                    let done: u64 = report["phases"].as_array().map_or(0, |p| {
+                        p.iter().filter_map(|p| p["duration_us"].as_u64()).sum()
+                    });
+                    eprint!(
+                        "\r{id}: {:<10} {:>8.1} ms in finished phases, {} image bytes   ",
+                        report["phase"].as_str().unwrap_or("?"),
+                        done as f64 / 1e3,
+                        report["image_bytes"]
+                    );
+                }
+            };
+            if terminal {
+                eprintln!();
+            }
+            show(json_out, report.clone(), print_migration);
+            if let Some(error) = report["error"].as_str() {
+                return Err(Failure::Migration(error.to_string()));
+            }
+        }
         Command::Watch => {
             let mut client = Client::connect(&cli.socket)?;
             client.call("migration.watch", json!({}))?;
@@ -467,6 +535,49 @@ fn show(json_out: bool, value: Value, human: impl FnOnce(&Value)) {
         println!("{value}");
     } else {
         human(&value);
+    }
+}
+
+/// A migration's report as a table: phases, then the figures.
+fn print_migration(v: &Value) {
+    let us = |key: &str| v[key].as_u64().unwrap_or(0);
+    println!(
+        "migration {} of {} to {} ({}): {}",
+        v["id"].as_str().unwrap_or("?"),
+        v["service"].as_str().unwrap_or("?"),
+        v["to"].as_str().unwrap_or("?"),
+        v["mode"].as_str().unwrap_or("?"),
+        v["state"].as_str().unwrap_or("?")
+    );
+    println!("  {:<10} {:>10} {:>12}", "phase", "start ms", "duration ms");
+    for phase in v["phases"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<10} {:>10.3} {:>12.3}",
+            phase["name"].as_str().unwrap_or("?"),
+            phase["start_us"].as_u64().unwrap_or(0) as f64 / 1e3,
+            phase["duration_us"].as_u64().unwrap_or(0) as f64 / 1e3
+        );
+    }
+    println!(
+        "  migration time T_M       {:>10.3} ms",
+        us("total_us") as f64 / 1e3
+    );
+    println!("  checkpoint position S    {:>10}", us("checkpoint_seq"));
+    println!("  handover point K         {:>10}", us("handover_seq"));
+    println!(
+        "  frozen (checkpointed)    {:>10.3} ms",
+        us("frozen_us") as f64 / 1e3
+    );
+    println!("  image data D             {:>10} bytes", us("image_bytes"));
+    println!(
+        "  replayed                 {:>10} inputs at {:.0}/s",
+        us("replayed"),
+        v["replay_rate"].as_f64().unwrap_or(0.0)
+    );
+    println!("  outputs compared         {:>10}", us("compared"));
+    println!("  flip                     {:>10} ns", us("flip_ns"));
+    if let Some(error) = v["error"].as_str() {
+        println!("  error: {error}");
     }
 }
 

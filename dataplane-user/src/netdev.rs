@@ -1,5 +1,5 @@
 //! Facts about network interfaces, read in the calling thread's network namespace.
-use std::io;
+use std::{io, os::fd::FromRawFd};
 
 use nix::{ifaddrs::getifaddrs, net::if_::if_nametoindex};
 
@@ -42,6 +42,114 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
         *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
     }
     parts.next().is_none().then_some(mac)
+}
+
+/// Makes `addr` one of `interface`'s own addresses (as a /32), so that this
+/// host answers ARP for it there; nothing changes if it is one already.
+/// One rtnetlink request (no `ip` process: this runs at the cutover, next to
+/// a control loop that must not lose its CPU).
+pub fn own_address(interface: &str, addr: std::net::Ipv4Addr) -> io::Result<()> {
+    let index = if_nametoindex(interface)?;
+    // nlmsghdr (16) + ifaddrmsg (8) + IFA_LOCAL and IFA_ADDRESS (8 each).
+    let mut msg = Vec::with_capacity(40);
+    let flags =
+        (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
+    msg.extend_from_slice(&40u32.to_ne_bytes());
+    msg.extend_from_slice(&libc::RTM_NEWADDR.to_ne_bytes());
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
+    msg.extend_from_slice(&[libc::AF_INET as u8, 32, 0, libc::RT_SCOPE_UNIVERSE]);
+    msg.extend_from_slice(&index.to_ne_bytes());
+    for kind in [libc::IFA_LOCAL, libc::IFA_ADDRESS] {
+        msg.extend_from_slice(&8u16.to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&addr.octets());
+    }
+    // SAFETY: plain socket calls on a descriptor this function owns.
+    let fd = unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        std::os::fd::OwnedFd::from_raw_fd(fd)
+    };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: sockaddr_nl zeroed is the kernel's address; buffers are ours.
+    let mut ack = [0u8; 256];
+    let received = unsafe {
+        let mut to: libc::sockaddr_nl = std::mem::zeroed();
+        to.nl_family = libc::AF_NETLINK as u16;
+        let sent = libc::sendto(
+            raw,
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&raw const to).cast(),
+            size_of::<libc::sockaddr_nl>() as u32,
+        );
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        libc::recv(raw, ack.as_mut_ptr().cast(), ack.len(), 0)
+    };
+    if received < 20 {
+        return Err(io::Error::other("no answer from rtnetlink"));
+    }
+    // NLMSG_ERROR: the error code (0 is the ack) follows the header.
+    let error = i32::from_ne_bytes(ack[16..20].try_into().expect("4 bytes"));
+    match -error {
+        0 | libc::EEXIST => Ok(()),
+        errno => Err(io::Error::from_raw_os_error(errno)),
+    }
+}
+
+/// Sends a gratuitous ARP request for `addr` from `interface`: neighbours
+/// that know `addr` move it to this interface's MAC address at once
+/// (Linux overrides its neighbour entry for a gratuitous ARP).
+pub fn gratuitous_arp(interface: &str, addr: std::net::Ipv4Addr) -> io::Result<()> {
+    let iface = Interface::by_name(interface).map_err(io::Error::other)?;
+    const ETH_P_ARP: u16 = 0x0806;
+    let mut frame = Vec::with_capacity(42);
+    frame.extend_from_slice(&[0xff; 6]);
+    frame.extend_from_slice(&iface.mac);
+    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    // Ethernet, IPv4, address lengths 6 and 4, request.
+    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&iface.mac);
+    frame.extend_from_slice(&addr.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&addr.octets());
+    // SAFETY: plain socket calls on a descriptor this function owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let mut to: libc::sockaddr_ll = std::mem::zeroed();
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = ETH_P_ARP.to_be();
+        to.sll_ifindex = iface.index as i32;
+        to.sll_halen = 6;
+        to.sll_addr[..6].fill(0xff);
+        let sent = libc::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const to).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        );
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

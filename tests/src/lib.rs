@@ -219,13 +219,58 @@ impl TestHosts {
         for iface in ["br0", "to-src", "to-dst"] {
             self.cps.exec("ethtool", &["-K", iface, "tx", "off"]);
         }
-        // Only src answers ARP for the service address.
+        // Only src answers ARP for the service address, and dst never
+        // announces it (its ARP requests name its own address) before a
+        // migration's cutover does.
         self.dst.sysctl("net.ipv4.conf.eth0.arp_ignore", "1");
+        self.dst.sysctl("net.ipv4.conf.eth0.arp_announce", "2");
         // Mirrored inputs from the CPS arrive on peer0, not on the CPS's subnet.
         for key in ["all", "default", "peer0", "eth0"] {
             self.dst
                 .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0");
         }
+    }
+
+    /// A standby host inside `src`: a namespace linked to it by the veth
+    /// stby0 (src) / eth0 (standby) with the service address, whose outputs
+    /// go nowhere (its dataplane mutes them).
+    pub fn add_standby(&self) -> NetNs {
+        let ns = NetNs::new(&format!("{}-stb", self.tag));
+        ip(&[
+            "link",
+            "add",
+            "stby0",
+            "netns",
+            self.src.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        self.src.ip(&["link", "set", "stby0", "mtu", "1600", "up"]);
+        ns.ip(&["link", "set", "eth0", "mtu", "1600", "up"]);
+        ns.ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+        let mac = Self::mac(&self.src, "stby0")
+            .map(|b| format!("{b:02x}"))
+            .join(":");
+        // The standby's outputs need a next hop to reach the egress program.
+        ns.ip(&[
+            "neigh",
+            "add",
+            "192.0.2.1",
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        ns.sysctl("net.ipv4.conf.eth0.arp_announce", "2");
+        ns.sysctl("net.ipv4.conf.eth0.arp_ignore", "1");
+        ns
     }
 
     /// A bpffs pin root of this test run for `host`.
@@ -573,12 +618,18 @@ pub struct ChainService {
 impl ChainService {
     /// Starts the service on `addr` in `host`.
     pub fn start(host: &NetNs, addr: SocketAddr) -> Self {
-        let exe = dataplane_bin().with_file_name("chain-service");
+        Self::spawn(host, "chain-service", &[&addr.to_string()], addr)
+    }
+
+    /// Starts `program` (a binary of this workspace) with `args` as a service
+    /// on `addr` in `host`; it must answer "?" as the chain service does.
+    pub fn spawn(host: &NetNs, program: &str, args: &[&str], addr: SocketAddr) -> Self {
+        let exe = dataplane_bin().with_file_name(program);
         let unshare = Command::new("nsenter")
             .arg(format!("--net={}", host.path().display()))
             .args(["unshare", "--pid", "--fork"])
             .arg(exe)
-            .arg(addr.to_string())
+            .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -681,4 +732,216 @@ pub fn count_datagrams(
         }
         n
     })
+}
+
+/// Two daemons on `src` and `dst` with a peer link, and a Markov controller
+/// on `src` registered as service "markov" on the flow 192.0.2.1:4000 ->
+/// 192.0.2.10:5000: a migration ready to start.
+pub struct MigrationSetup {
+    pub hosts: TestHosts,
+    pub src: DaemonProcess,
+    pub dst: DaemonProcess,
+    pub controller: ChainService,
+    /// Standby mode: the standby's namespace (linked to `src` by the veth
+    /// stby0), its dataplane and its controller.
+    pub standby: Option<(Loaded, ChainService, NetNs)>,
+    /// The controller's address (the same on both hosts).
+    pub service: SocketAddr,
+}
+
+/// The destination daemon's peer link address in [`MigrationSetup`].
+pub const DST_PEER: &str = "198.51.100.2:7070";
+
+impl MigrationSetup {
+    /// Builds it; `controller_args` go to the controller after its address.
+    /// With `standby`, a standby controller runs in a namespace of its own
+    /// on the source host, fed by the source's dataplane.
+    pub fn new(tag: &str, controller_args: &[&str], standby: bool) -> Self {
+        let hosts = TestHosts::new(tag);
+        let service = sock(SERVICE_V4, 5000);
+        let standby_ns = standby.then(|| hosts.add_standby());
+        let standby_dataplane = standby_ns.as_ref().map(|ns| {
+            let options = LoadOptions {
+                pin_root: hosts.pin_root("stb"),
+                input_ring_bytes: 1 << 20,
+                output_ring_bytes: 1 << 20,
+                ..LoadOptions::new("eth0")
+            };
+            Loaded::new(ns, &options)
+        });
+        let standby_config = standby_ns
+            .as_ref()
+            .map(|ns| {
+                let mac = TestHosts::mac(ns, "eth0")
+                    .map(|b| format!("{b:02x}"))
+                    .join(":");
+                format!(
+                    "standby_interface = \"stby0\"\nstandby_mac = \"{mac}\"\n\
+                     standby_netns = \"{}\"\nstandby_pin_root = \"{}\"\n",
+                    ns.path().display(),
+                    hosts.pin_root("stb").display()
+                )
+            })
+            .unwrap_or_default();
+        let config = |host: &str, peer_mac: [u8; 6], listen: &str| {
+            let mac = peer_mac.map(|b| format!("{b:02x}")).join(":");
+            format!(
+                "interface = \"eth0\"\npeer_interface = \"peer0\"\npeer_mac = \"{mac}\"\n\
+                 pin_root = \"{}\"\ninput_ring_mib = 8\noutput_ring_mib = 4\n\
+                 images_dir = \"/tmp/dataplane-test-{}-{tag}-{host}-images\"\n{listen}",
+                hosts.pin_root(host).display(),
+                std::process::id(),
+            )
+        };
+        let src_config = config("src", TestHosts::mac(&hosts.dst, "peer0"), &standby_config);
+        let dst_config = config(
+            "dst",
+            TestHosts::mac(&hosts.src, "peer0"),
+            &format!("peer_listen = \"{DST_PEER}\"\n"),
+        );
+        let src = DaemonProcess::start(&hosts.src, &format!("{tag}-src"), &src_config);
+        let dst = DaemonProcess::start(&hosts.dst, &format!("{tag}-dst"), &dst_config);
+        let mut args = vec![service.to_string()];
+        args.extend(controller_args.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let controller = ChainService::spawn(&hosts.src, "markov-controller", &args, service);
+        let standby_controller = standby_ns
+            .as_ref()
+            .map(|ns| ChainService::spawn(ns, "markov-controller", &args, service));
+        let mut client = src.client();
+        client
+            .call(
+                "flow.add",
+                serde_json::json!({"cps": "192.0.2.1:4000", "service": service}),
+            )
+            .expect("flow.add");
+        client
+            .call(
+                "service.register",
+                serde_json::json!({"name": "markov", "pid": controller.pid,
+                    "standby_pid": standby_controller.as_ref().map(|c| c.pid),
+                    "flows": [{"cps": "192.0.2.1:4000", "service": service}]}),
+            )
+            .expect("service.register");
+        let standby = standby_ns.map(|ns| {
+            (
+                standby_dataplane.expect("loaded with the namespace"),
+                standby_controller.expect("started with the namespace"),
+                ns,
+            )
+        });
+        Self {
+            hosts,
+            src,
+            dst,
+            controller,
+            standby,
+            service,
+        }
+    }
+
+    /// Starts the CPS simulator on `cps`: `count` inputs every `period_us`,
+    /// with its per-cycle trace written to `trace` if given.
+    pub fn start_cps(
+        &self,
+        count: u64,
+        period_us: u64,
+        trace: Option<&std::path::Path>,
+    ) -> std::process::Child {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.hosts.cps.path().display()))
+            .arg(dataplane_bin().with_file_name("cps-sim"))
+            .args([
+                "--to",
+                &self.service.to_string(),
+                "--bind",
+                "192.0.2.1:4000",
+            ])
+            .args(["--count", &count.to_string()])
+            .args(["--period-us", &period_us.to_string()])
+            .stdout(std::process::Stdio::piped());
+        if let Some(trace) = trace {
+            command.arg("--trace").arg(trace);
+        }
+        command.spawn().expect("start the CPS simulator")
+    }
+
+    /// Starts migrating "markov" to `dst` with `params` added; the migration id.
+    pub fn migrate(&self, params: serde_json::Value) -> String {
+        let mut request = serde_json::json!({"service": "markov", "to": DST_PEER});
+        request
+            .as_object_mut()
+            .unwrap()
+            .extend(params.as_object().cloned().unwrap_or_default());
+        let started = self
+            .src
+            .client()
+            .call("migration.start", request)
+            .expect("migration.start");
+        started["id"].as_str().expect("an id").to_string()
+    }
+
+    /// Waits for migration `id` to end; its final report.
+    pub fn wait(&self, id: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let report = self
+                .src
+                .client()
+                .call("migration.status", serde_json::json!({"id": id}))
+                .expect("migration.status");
+            if report["state"] != "running" {
+                return report;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "migration {id} still running: {report}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Waits for a CPS simulator to finish; its verdict.
+pub fn cps_verdict(child: std::process::Child) -> serde_json::Value {
+    let output = child.wait_with_output().expect("the CPS simulator");
+    assert!(output.status.success(), "cps-sim failed: {}", output.status);
+    serde_json::from_slice(&output.stdout).expect("a JSON verdict")
+}
+
+/// Kills a restored instance (not our child: the destination daemon's).
+pub fn kill_pid(pid: u64) {
+    if pid != 0 {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// One cycle of a CPS simulator trace: when its input was sent and its
+/// output answered (µs since the CPS started; 0: never answered).
+#[derive(Clone, Copy, Debug)]
+pub struct Cycle {
+    pub seq: u64,
+    pub sent_us: u64,
+    pub answered_us: u64,
+}
+
+/// Parses a trace written by `cps-sim --trace` ("SEQ SENT ANSWERED" lines).
+pub fn read_trace(text: &str) -> Vec<Cycle> {
+    text.lines()
+        .filter_map(|line| {
+            let f: Vec<u64> = line
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            (f.len() == 3).then(|| Cycle {
+                seq: f[0],
+                sent_us: f[1],
+                answered_us: f[2],
+            })
+        })
+        .collect()
 }

@@ -624,13 +624,15 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
     let replayed = hosts
         .src
         .run(|| {
-            runtime.block_on(checkpoint::resume(
-                &mut src.dataplane,
-                position[0],
-                service.pid,
-                &injector,
-                &mut log,
-            ))
+            runtime
+                .block_on(checkpoint::resume(
+                    &mut src.dataplane,
+                    position[0],
+                    service.pid,
+                    &injector,
+                    &mut log,
+                ))
+                .map_err(|e| e.to_string())
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(30));

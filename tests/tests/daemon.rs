@@ -113,16 +113,38 @@ fn every_method_round_trips_over_the_socket() {
         "a registered service's flow stays: {busy}"
     );
 
-    let start = rpc_error(c.call(
-        "migration.start",
-        json!({"service": "plc", "to": "198.51.100.2:7070"}),
-    ));
-    assert_eq!(start.code, code::NOT_IMPLEMENTED, "{start}");
-    assert!(start.message.contains("not implemented"), "{start}");
     assert_eq!(c.call("migration.status", json!({})).unwrap(), json!([]));
     assert_eq!(
         rpc_error(c.call("migration.abort", json!({"id": "m1"}))).code,
         code::NOT_FOUND
+    );
+    // No daemon listens at the destination: the migration fails in its
+    // first phase, says so, and changes nothing here.
+    let started = c
+        .call(
+            "migration.start",
+            json!({"service": "plc", "to": "198.51.100.2:7070"}),
+        )
+        .unwrap();
+    let id = started["id"].as_str().unwrap().to_string();
+    let report = loop {
+        let report = c.call("migration.status", json!({"id": id})).unwrap();
+        if report["state"] != "running" {
+            break report;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert_eq!(report["state"], "failed", "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("prepare: peer 198.51.100.2:7070"),
+        "{error}"
+    );
+    assert_eq!(c.call("flow.list", json!({})).unwrap()[0]["mirror"], true);
+    assert_eq!(
+        rpc_error(c.call("migration.abort", json!({"id": id}))).code,
+        code::CONFLICT,
+        "a finished migration cannot be aborted"
     );
 
     let metrics = c.call("metrics", json!({})).unwrap();

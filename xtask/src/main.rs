@@ -25,13 +25,18 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// Set up, then load the dataplane on built-in test hosts and show a CPS
-    /// flow being numbered, logged and mirrored.
-    Demo,
+    /// Set up, then migrate a running control service between built-in test
+    /// hosts while a CPS sends to it every millisecond, and show what happened.
+    Demo {
+        /// `standby` (default) or `leave-running`.
+        mode: Option<String>,
+    },
     /// Set up, then run a benchmark on the test hosts.
     Bench {
         #[arg(value_enum)]
         which: Bench,
+        /// Passed on to the benchmark (cutover: MIGRATIONS BASELINES).
+        args: Vec<String>,
     },
 }
 
@@ -41,6 +46,8 @@ enum Bench {
     Mirror,
     /// Requests per second and latency of `status` over the control socket.
     Control,
+    /// Live migrations against stop-and-copy: missed outputs, output gaps, flip time.
+    Cutover,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,10 +57,11 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => Ok(()),
         Task::Build => cargo(&["build", "--release"]),
         Task::Test { filter } => test(filter.as_deref()),
-        Task::Demo => run_bin("demo"),
-        Task::Bench { which } => match which {
-            Bench::Mirror => run_bin("bench-mirror"),
-            Bench::Control => run_bin("bench-control"),
+        Task::Demo { mode } => run_bin("demo", &Vec::from_iter(mode)),
+        Task::Bench { which, args } => match which {
+            Bench::Mirror => run_bin("bench-mirror", &args),
+            Bench::Control => run_bin("bench-control", &args),
+            Bench::Cutover => run_bin("bench-cutover", &args),
         },
     }
 }
@@ -75,20 +83,23 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
 }
 
 /// Runs one of the test crate's programs (the demo, the benchmarks) on the test hosts.
-fn run_bin(name: &str) -> anyhow::Result<()> {
+fn run_bin(name: &str, args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!("{name} builds network namespaces and loads BPF programs: run as root");
     }
     // The programs drive the `dataplane` binary, so build everything first.
     cargo(&["build", "--release"])?;
-    cargo(&[
+    let mut run = vec![
         "run",
         "--release",
         "--package",
         "dataplane-tests",
         "--bin",
         name,
-    ])
+        "--",
+    ];
+    run.extend(args.iter().map(String::as_str));
+    cargo(&run)
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {

@@ -24,6 +24,7 @@ pub const MAX_FRAME: u32 = 16 << 20;
 pub const MAX_HELLO: u32 = 4096;
 
 pub mod replay;
+pub mod target;
 pub mod transfer;
 
 /// Frame types.
@@ -49,6 +50,10 @@ pub mod frame {
     pub const REPLAY_END: u8 = 12;
     /// The receiver injected them all: JSON `{"inputs", "elapsed_us"}`.
     pub const REPLAY_OK: u8 = 13;
+    /// One step of a migration, source to destination: JSON [`super::target::Step`].
+    pub const MIGRATE: u8 = 14;
+    /// The destination's answer to a step: JSON `{"ok": VALUE}` or `{"error": TEXT}`.
+    pub const MIGRATED: u8 = 15;
 }
 
 /// The handshake payload, both ways.
@@ -184,14 +189,52 @@ fn check_hello(kind: u8, payload: &[u8]) -> Result<Hello, PeerError> {
 }
 
 /// What the peer-link server works with on this host.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Host {
     /// Where received checkpoint images go.
     pub images_root: PathBuf,
     /// The pinned dataplane, whose ingress program replays inputs.
     pub pin_root: PathBuf,
+    /// The service-facing interface, where a migrated service's addresses are announced.
+    pub interface: String,
     /// The interface replayed inputs arrive on, as mirror copies do.
     pub peer_interface: Option<String>,
+    /// Restores migrated services.
+    pub criu: crate::criu::Criu,
+    /// The daemon's readers of the input and output logs.
+    pub inputs: Option<Arc<crate::capture::Tap>>,
+    pub outputs: Option<Arc<crate::capture::Tap>>,
+}
+
+/// Asks the destination for one migration step; its answer.
+pub async fn migrate_step(
+    stream: &mut TcpStream,
+    step: &target::Step,
+) -> Result<serde_json::Value, PeerError> {
+    let request = serde_json::to_vec(step).expect("a step serializes");
+    write_frame(stream, frame::MIGRATE, &request).await?;
+    match read_frame(stream, MAX_FRAME).await? {
+        (frame::MIGRATED, payload) => {
+            let mut answer: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&payload)
+                    .map_err(|e| PeerError::Garbage(format!("migration answer: {e}")))?;
+            match (answer.remove("ok"), answer.remove("error")) {
+                (Some(ok), None) => Ok(ok),
+                (None, Some(error)) => Err(PeerError::Refused(
+                    error.as_str().unwrap_or_default().to_string(),
+                )),
+                _ => Err(PeerError::Garbage(
+                    "migration answer without ok or error".into(),
+                )),
+            }
+        }
+        (frame::REFUSE, reason) => Err(PeerError::Refused(
+            String::from_utf8_lossy(&reason).into_owned(),
+        )),
+        (other, _) => Err(PeerError::Garbage(format!(
+            "frame type {other} instead of a migration answer"
+        ))),
+    }
 }
 
 /// Accepts peer links on `listener` until the task is dropped.
@@ -230,6 +273,8 @@ async fn serve_one(mut stream: TcpStream, from: SocketAddr, host: &Host) -> Resu
     tracing::info!(%from, host = %hello.host, version = hello.version, "peer link up");
     let welcome = serde_json::to_vec(&Hello::ours()).expect("a hello serializes");
     write_frame(&mut stream, frame::WELCOME, &welcome).await?;
+    // A migration to this host, driven over this link.
+    let mut target: Option<target::Target> = None;
     loop {
         let (kind, payload) = match read_frame(&mut stream, MAX_FRAME).await {
             Ok(frame) => frame,
@@ -282,6 +327,34 @@ async fn serve_one(mut stream: TcpStream, from: SocketAddr, host: &Host) -> Resu
                         return Err(e);
                     }
                 }
+            }
+            frame::MIGRATE => {
+                let outcome = match serde_json::from_slice::<target::Step>(&payload) {
+                    Err(e) => Err(format!("not a migration step: {e}")),
+                    Ok(target::Step::Prepare { migration, flows }) if target.is_none() => {
+                        tracing::info!(%from, %migration, "preparing a migration to this host");
+                        target::Target::prepare(host, migration, flows).map(|t| {
+                            target = Some(t);
+                            serde_json::json!({})
+                        })
+                    }
+                    Ok(step) => match target.as_mut() {
+                        Some(t) => t.step(step).await,
+                        None => Err("no migration is prepared on this link".into()),
+                    },
+                };
+                if target.as_ref().is_some_and(|t| t.ended()) {
+                    target = None;
+                }
+                let answer = match outcome {
+                    Ok(ok) => serde_json::json!({ "ok": ok }),
+                    Err(error) => {
+                        tracing::warn!(%from, "migration step failed: {error}");
+                        serde_json::json!({ "error": error })
+                    }
+                };
+                let answer = serde_json::to_vec(&answer).expect("serializes");
+                write_frame(&mut stream, frame::MIGRATED, &answer).await?;
             }
             other => {
                 let reason = format!("unexpected frame type {other}");

@@ -50,7 +50,7 @@ fn images_error(message: impl Into<String>) -> PeerError {
 }
 
 /// A migration id or file name: letters, digits, `.`, `_`, `-`; never a path.
-fn plain_name(name: &str) -> Result<&str, PeerError> {
+pub fn plain_name(name: &str) -> Result<&str, PeerError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name != "."

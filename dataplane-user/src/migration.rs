@@ -1,0 +1,702 @@
+//! A live migration, driven by the source daemon (DESIGN.md requirements 1
+//! to 8): prepare the destination, checkpoint at an exact position S,
+//! transfer the images, restore and replay S+1.. on the destination,
+//! compare outputs until N match in a row, cut over at an input K both
+//! daemons agree on, announce the service from the destination, stop the
+//! source instance.
+//!
+//! Any failure before the flip rolls back: the source instance keeps (or
+//! resumes) serving with every input, the destination removes what it did.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use dataplane_common::{FLOW_MIRROR, GATE_DELIVER_ALL, RECORD_OUTPUT};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::net::TcpStream;
+
+use crate::{
+    capture::{Records, Subscription, Tap},
+    checkpoint::{self, FlowPosition},
+    convergence::{Comparator, Convergence},
+    criu::{Criu, DumpRequest, netns_inode, stats},
+    daemon::Service,
+    flow,
+    loader::Dataplane,
+    peer::{
+        self,
+        target::{Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
+    },
+    replay::Injector,
+};
+
+/// Which instance the checkpoint is taken of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The serving instance itself, left running after the dump: its
+    /// frozen time (and the replay of the inputs held meanwhile) delays its
+    /// outputs.
+    #[default]
+    LeaveRunning,
+    /// A standby instance on this host, fed every input by the mirror since
+    /// it started (gundall2022 Option 2): the serving instance never stops.
+    Standby,
+}
+
+/// What to migrate, where, and how.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// A registered service.
+    pub service: String,
+    /// The destination daemon's peer link address.
+    pub to: SocketAddr,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Consecutive matching outputs needed for the handover.
+    #[serde(default = "default_converge")]
+    pub converge: u32,
+    /// How long restore, replay and convergence may take, in ms.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    /// How outputs are compared (byte-equal without fields).
+    #[serde(default)]
+    pub compare: Comparator,
+}
+
+fn default_converge() -> u32 {
+    10
+}
+fn default_deadline_ms() -> u64 {
+    10_000
+}
+
+/// What the source daemon lends a migration.
+#[derive(Clone)]
+pub struct Context {
+    pub pin_root: PathBuf,
+    /// The service-facing interface (replays to a leave-running instance arrive there).
+    pub interface: String,
+    /// Outgoing images go to `<images_dir>/outgoing/<id>`.
+    pub images_dir: PathBuf,
+    pub criu: Criu,
+    pub inputs: Arc<Tap>,
+    pub outputs: Arc<Tap>,
+    /// Standby mode: the standby's network namespace and dataplane pin root.
+    pub standby: Option<(PathBuf, PathBuf)>,
+    /// Set by `migration.abort` (or a stopping daemon): the migration stops
+    /// at its next phase and rolls back.
+    pub abort: Arc<AtomicBool>,
+}
+
+/// A migration's account: phases with their durations, and the figures.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub id: String,
+    pub service: String,
+    pub to: String,
+    pub mode: Mode,
+    /// running, done or failed.
+    pub state: String,
+    /// The phase running now (or that failed).
+    pub phase: String,
+    pub phases: Vec<Phase>,
+    /// The checkpoint position S.
+    pub checkpoint_seq: u64,
+    /// The handover point K: inputs above it are answered by the destination.
+    pub handover_seq: u64,
+    /// How long the checkpointed instance was frozen (CRIU), µs.
+    pub frozen_us: u64,
+    /// Image bytes moved (the data volume D).
+    pub image_bytes: u64,
+    pub replayed: u64,
+    pub replay_rate: f64,
+    /// Output pairs compared before convergence.
+    pub compared: u64,
+    /// The flip's own duration, ns.
+    pub flip_ns: u64,
+    /// The instance on the destination.
+    pub destination_pid: u32,
+    pub total_us: u64,
+    pub error: Option<String>,
+}
+
+/// One timed phase, relative to the migration's start.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Phase {
+    pub name: String,
+    pub start_us: u64,
+    pub duration_us: u64,
+}
+
+/// A failed migration: the phase and the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{phase}: {cause}")]
+pub struct MigrationError {
+    pub phase: String,
+    pub cause: String,
+}
+
+/// Runs the migration `id` of `service`; `progress` sees the report after
+/// every phase. The final report says how it ended.
+pub async fn run(
+    id: String,
+    service: Service,
+    request: Request,
+    context: Context,
+    progress: impl Fn(&Report) + Send + 'static,
+) -> Report {
+    let mut migration = Migration {
+        start: Instant::now(),
+        report: Report {
+            id,
+            service: service.name.clone(),
+            to: request.to.to_string(),
+            mode: request.mode,
+            state: "running".into(),
+            ..Default::default()
+        },
+        progress: Box::new(progress),
+        service,
+        request,
+        context,
+    };
+    let outcome = migration.execute().await;
+    let report = &mut migration.report;
+    report.total_us = migration.start.elapsed().as_micros() as u64;
+    match outcome {
+        Ok(()) => {
+            report.state = "done".into();
+            report.phase = "done".into();
+        }
+        Err(e) => {
+            report.state = "failed".into();
+            report.error = Some(e.to_string());
+        }
+    }
+    (migration.progress)(&migration.report);
+    migration.report
+}
+
+struct Migration {
+    start: Instant,
+    report: Report,
+    progress: Box<dyn Fn(&Report) + Send>,
+    service: Service,
+    request: Request,
+    context: Context,
+}
+
+/// The source's side of the steps, for rollback.
+struct Source {
+    dataplane: Dataplane,
+    flow_id: u32,
+    key: dataplane_common::FlowKey,
+    flags: u32,
+    inputs: Subscription,
+    outputs: Subscription,
+    /// Outputs of the source instance by the input they answer.
+    seen: BTreeMap<u64, Vec<Vec<u8>>>,
+}
+
+impl Migration {
+    fn fail(&self, cause: impl std::fmt::Display) -> MigrationError {
+        MigrationError {
+            phase: self.report.phase.clone(),
+            cause: cause.to_string(),
+        }
+    }
+
+    fn begin(&mut self, phase: &str) -> Result<Instant, MigrationError> {
+        self.report.phase = phase.into();
+        (self.progress)(&self.report);
+        if self.context.abort.load(Ordering::Relaxed) {
+            return Err(self.fail("aborted on request"));
+        }
+        Ok(Instant::now())
+    }
+
+    fn end(&mut self, started: Instant) {
+        self.report.phases.push(Phase {
+            name: self.report.phase.clone(),
+            start_us: (started - self.start).as_micros() as u64,
+            duration_us: started.elapsed().as_micros() as u64,
+        });
+        (self.progress)(&self.report);
+    }
+
+    async fn execute(&mut self) -> Result<(), MigrationError> {
+        let t = self.begin("prepare")?;
+        let [spec] = &self.service.flows[..] else {
+            return Err(self.fail("a migrated service has exactly one flow here"));
+        };
+        let spec = spec.clone();
+        let key = flow::udp(spec.cps, spec.service);
+        let dataplane = Dataplane::open(&self.context.pin_root).map_err(|e| self.fail(e))?;
+        let (_, config) = dataplane
+            .flows()
+            .map_err(|e| self.fail(e))?
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .ok_or_else(|| self.fail(format!("flow {} is not loaded", flow::display(&key))))?;
+        let inputs = self
+            .context
+            .inputs
+            .subscribe(SUBSCRIPTION_CAPACITY)
+            .map_err(|e| self.fail(e))?;
+        let outputs = self
+            .context
+            .outputs
+            .subscribe(SUBSCRIPTION_CAPACITY)
+            .map_err(|e| self.fail(e))?;
+        let mut source = Source {
+            dataplane,
+            flow_id: config.flow_id,
+            key,
+            flags: config.flags,
+            inputs,
+            outputs,
+            seen: BTreeMap::new(),
+        };
+        let mut link = peer::connect(self.request.to)
+            .await
+            .map_err(|e| self.fail(format!("peer {}: {e}", self.request.to)))?
+            .0;
+        let prepare = Step::Prepare {
+            migration: self.report.id.clone(),
+            flows: vec![TargetFlow {
+                flow_id: source.flow_id,
+                spec,
+            }],
+        };
+        peer::migrate_step(&mut link, &prepare)
+            .await
+            .map_err(|e| self.fail(e))?;
+        // From here on the destination holds state: a failure rolls it back.
+        let mirrored = source
+            .dataplane
+            .set_flow_flags(&key, source.flags | FLOW_MIRROR);
+        self.end(t);
+        let outcome = match mirrored {
+            Ok(()) => self.migrate(&mut source, &mut link).await,
+            Err(e) => Err(self.fail(e)),
+        };
+        if outcome.is_err() && self.report.flip_ns == 0 {
+            self.rollback(&mut source, &mut link).await;
+        }
+        outcome
+    }
+
+    /// Everything after `prepare`.
+    async fn migrate(
+        &mut self,
+        source: &mut Source,
+        link: &mut TcpStream,
+    ) -> Result<(), MigrationError> {
+        let position = self.checkpoint(source).await?;
+
+        let t = self.begin("transfer")?;
+        let images = self.images();
+        let sent = peer::transfer::send(link, &self.report.id, &images).await;
+        let _ = std::fs::remove_dir_all(&images);
+        self.report.image_bytes = sent.map_err(|e| self.fail(e))?.received.bytes;
+        self.end(t);
+
+        let t = self.begin("restore")?;
+        let restored: Restored = step(
+            link,
+            &Step::Restore {
+                positions: vec![position],
+            },
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        self.report.destination_pid = restored.pid;
+        self.report.replayed = restored.replayed;
+        self.report.replay_rate =
+            restored.replayed as f64 / (restored.replay_us.max(1) as f64 / 1e6);
+        self.end(t);
+
+        self.converge(source, link, restored.replay_end).await?;
+        self.cutover(source, link).await
+    }
+
+    /// The instance the checkpoint is taken of, by mode.
+    fn checkpointed(&self) -> Result<Checkpointed, MigrationError> {
+        let dataplane = |root: &std::path::Path| Dataplane::open(root).map_err(|e| self.fail(e));
+        match self.request.mode {
+            Mode::LeaveRunning => Ok(Checkpointed {
+                pid: self.service.pid,
+                dataplane: dataplane(&self.context.pin_root)?,
+                netns: None,
+                interface: self.context.interface.clone(),
+            }),
+            Mode::Standby => {
+                let pid = self.service.standby_pid.ok_or_else(|| {
+                    self.fail(format!(
+                        "service {} has no standby instance",
+                        self.service.name
+                    ))
+                })?;
+                let (netns, pin_root) = self.context.standby.clone().ok_or_else(|| {
+                    self.fail("this daemon has no standby configured (standby_interface)")
+                })?;
+                let dataplane = dataplane(&pin_root)?;
+                let interface = dataplane
+                    .attached_programs()
+                    .map_err(|e| self.fail(e))?
+                    .iter()
+                    .find_map(|p| p.strip_suffix("/ingress").map(str::to_string))
+                    .ok_or_else(|| self.fail("the standby's dataplane has no ingress program"))?;
+                Ok(Checkpointed {
+                    pid,
+                    dataplane,
+                    netns: Some(netns),
+                    interface,
+                })
+            }
+        }
+    }
+
+    /// Holds the checkpointed instance's inputs, waits for its socket to
+    /// drain, dumps it (left running) and gives it the held inputs back.
+    async fn checkpoint(&mut self, source: &mut Source) -> Result<FlowPosition, MigrationError> {
+        let t = self.begin("checkpoint")?;
+        let mut instance = self.checkpointed()?;
+        let (pid, flow_id) = (instance.pid, source.flow_id);
+        // Inputs cloned before the mirror to the peer was on are through by now.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let position = tokio::task::block_in_place(|| {
+            checkpoint::hold_and_drain(
+                &mut instance.dataplane,
+                &[flow_id],
+                pid,
+                Duration::from_secs(2),
+            )
+        })
+        .map_err(|e| self.fail(e))?[0];
+        self.report.checkpoint_seq = position.last_delivered;
+        let images = self.images();
+        let dumped = tokio::task::block_in_place(|| {
+            let _ = std::fs::remove_dir_all(&images);
+            let inode = netns_inode(pid).map_err(|e| format!("process {pid}: {e}"))?;
+            let request = DumpRequest {
+                pid,
+                images_dir: images.clone(),
+                leave_running: true,
+                external: vec![format!("net[{inode}]:extnet")],
+                ..Default::default()
+            };
+            self.context
+                .criu
+                .dump(&request, false, &mut |_| true)
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(stats::dump(&images).map_or(0, |s| s.frozen_time.into()))
+        });
+        // Dumped or not, the instance gets the inputs held meanwhile, in order.
+        let resumed = tokio::task::block_in_place(|| instance.resume(position, &mut source.inputs));
+        let _ = instance
+            .dataplane
+            .set_input_gate(flow_id, GATE_DELIVER_ALL, 0);
+        self.report.frozen_us = dumped.map_err(|e| self.fail(format!("dump: {e}")))?;
+        resumed.map_err(|e| self.fail(format!("giving the held inputs back: {e}")))?;
+        self.end(t);
+        Ok(position)
+    }
+
+    /// Compares the two instances' outputs, input by input, until
+    /// `converge` in a row match; the deadline aborts.
+    async fn converge(
+        &mut self,
+        source: &mut Source,
+        link: &mut TcpStream,
+        replay_end: u64,
+    ) -> Result<(), MigrationError> {
+        let t = self.begin("converge")?;
+        let deadline = Instant::now() + Duration::from_millis(self.request.deadline_ms);
+        let mut convergence = Convergence::new(self.request.converge);
+        // Outputs of replayed inputs may share a tag (the replay outruns the
+        // instance); live ones from a little later do not.
+        let mut after = replay_end + 1;
+        while !convergence.converged() {
+            if Instant::now() > deadline {
+                let last = convergence
+                    .last_mismatch
+                    .as_ref()
+                    .map(|(seq, why)| format!("; last mismatch: outputs for input {seq}: {why}"))
+                    .unwrap_or_default();
+                return Err(self.fail(format!(
+                    "no {} matching outputs in a row within {} ms ({} compared){last}",
+                    self.request.converge,
+                    self.request.deadline_ms,
+                    convergence.compared()
+                )));
+            }
+            let theirs: Vec<Output> = step(
+                link,
+                &Step::Outputs {
+                    after,
+                    count: self.request.converge as usize,
+                    timeout_ms: 200,
+                },
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+            let mut by_seq: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+            for output in theirs.into_iter().filter(|o| o.flow_id == source.flow_id) {
+                by_seq.entry(output.seq).or_default().push(output.payload);
+            }
+            let Some(&last) = by_seq.keys().next_back() else {
+                continue;
+            };
+            // The source instance answers those inputs about as soon.
+            source
+                .collect_outputs(last, Duration::from_millis(200))
+                .await;
+            for (seq, theirs) in by_seq {
+                after = after.max(seq);
+                let ours = source.seen.remove(&seq);
+                // Compare only inputs answered once on both sides: a shared
+                // tag means the instance had several inputs queued.
+                if let (Some([ours]), [theirs]) = (ours.as_deref(), &theirs[..]) {
+                    let outcome = self.request.compare.compare(ours, theirs);
+                    if convergence.record(seq, outcome) {
+                        break;
+                    }
+                }
+            }
+            source.seen.retain(|&seq, _| seq > after);
+            if source.outputs.lost() > 0 {
+                return Err(self.fail("the output log reader fell behind"));
+            }
+        }
+        self.report.compared = convergence.compared();
+        self.end(t);
+        Ok(())
+    }
+
+    /// Agrees on K with the destination and flips.
+    async fn cutover(
+        &mut self,
+        source: &mut Source,
+        link: &mut TcpStream,
+    ) -> Result<(), MigrationError> {
+        let t = self.begin("cutover")?;
+        let flow_id = source.flow_id;
+        let rate = source.input_rate(Duration::from_millis(20)).await;
+        // K leaves the inputs expected in the next 20 ms for the agreement
+        // (one round trip on the peer link).
+        let margin = ((rate * 0.02).ceil() as u64).max(8);
+        let last_seq = |s: &Source| s.dataplane.sequence(flow_id).map(|q| q.last_seq);
+        let k = last_seq(source).map_err(|e| self.fail(e))? + margin;
+        self.report.handover_seq = k;
+        let _: Value = step(
+            link,
+            &Step::Arm {
+                handover: vec![(flow_id, k)],
+            },
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        let window = source.dataplane.gate_window().map_err(|e| self.fail(e))?;
+        // Touch the word first: the flip is timed without the page fault.
+        window.set_deliver_until(flow_id, 0);
+        let flip = Instant::now();
+        window.set_deliver_until(flow_id, k);
+        let flip_ns = flip.elapsed().as_nanos() as u64;
+        let numbered = last_seq(source).map_err(|e| self.fail(e))?;
+        if numbered > k {
+            // Inputs past K reached this instance before the flip: undo it,
+            // the rollback mutes the destination again.
+            window.set_deliver_until(flow_id, 0);
+            return Err(self.fail(format!(
+                "input {numbered} arrived before the flip at K = {k} (margin {margin}); retry"
+            )));
+        }
+        self.report.flip_ns = flip_ns.max(1);
+        // The handover happens when input K+1 arrives. Until then the path
+        // must stay as it is: an input <= K reaching the destination
+        // directly would be answered by neither instance.
+        let waited = Instant::now();
+        let limit = Duration::from_millis(self.request.deadline_ms);
+        while last_seq(source).map_err(|e| self.fail(e))? <= k {
+            if waited.elapsed() > limit || self.context.abort.load(Ordering::Relaxed) {
+                window.set_deliver_until(flow_id, 0);
+                self.report.flip_ns = 0;
+                return Err(self.fail(format!(
+                    "input K + 1 = {} did not arrive within {} ms",
+                    k + 1,
+                    self.request.deadline_ms
+                )));
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        self.end(t);
+
+        let t = self.begin("announce")?;
+        // Inputs above K now go to the destination through the mirror;
+        // announcing the address there makes the path direct.
+        let _: Value = step(link, &Step::Announce)
+            .await
+            .map_err(|e| self.fail(e))?;
+        source
+            .wait_quiet(Duration::from_millis(20), Duration::from_secs(2))
+            .await;
+        self.end(t);
+
+        let t = self.begin("finish")?;
+        for pid in std::iter::once(self.service.pid).chain(self.service.standby_pid) {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let _: Value = step(link, &Step::Finish).await.map_err(|e| self.fail(e))?;
+        self.end(t);
+        Ok(())
+    }
+
+    /// Undoes the source's changes and tells the destination to undo its own.
+    async fn rollback(&mut self, source: &mut Source, link: &mut TcpStream) {
+        let _ = source.dataplane.set_flow_flags(&source.key, source.flags);
+        if let Ok(window) = source.dataplane.gate_window() {
+            window.set_deliver_until(source.flow_id, 0);
+        }
+        let _ = std::fs::remove_dir_all(self.images());
+        if let Err(e) = peer::migrate_step(link, &Step::Abort).await {
+            // The destination rolls back by itself when the link drops.
+            tracing::warn!("asking the destination to roll back: {e}");
+        }
+    }
+
+    fn images(&self) -> PathBuf {
+        self.context
+            .images_dir
+            .join("outgoing")
+            .join(&self.report.id)
+    }
+}
+
+/// The instance a checkpoint is taken of: the serving one, or a standby in
+/// a network namespace of its own with a dataplane of its own.
+struct Checkpointed {
+    pid: u32,
+    dataplane: Dataplane,
+    netns: Option<PathBuf>,
+    /// Where its inputs arrive (replays are injected as if there).
+    interface: String,
+}
+
+impl Checkpointed {
+    /// Replays the inputs held since `position` (from `log`) into the
+    /// instance, on a thread in its network namespace: injection resolves
+    /// the interface in the caller's namespace.
+    fn resume(&mut self, position: FlowPosition, log: &mut Subscription) -> Result<u64, String> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    if let Some(netns) = &self.netns {
+                        let ns = std::fs::File::open(netns)
+                            .map_err(|e| format!("{}: {e}", netns.display()))?;
+                        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                            .map_err(|e| format!("entering {}: {e}", netns.display()))?;
+                    }
+                    let injector = Injector::open(self.dataplane.pin_root(), &self.interface)
+                        .map_err(|e| e.to_string())?;
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                        .map_err(|e| e.to_string())?;
+                    runtime
+                        .block_on(checkpoint::resume(
+                            &mut self.dataplane,
+                            position,
+                            self.pid,
+                            &injector,
+                            log,
+                        ))
+                        .map_err(|e| e.to_string())
+                })
+                .join()
+                .map_err(|_| "the replay thread panicked".to_string())?
+        })
+    }
+}
+
+impl Source {
+    /// Stages the source instance's outputs until one answers `seq` or
+    /// later, or `timeout` passes.
+    async fn collect_outputs(&mut self, seq: u64, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            while let Some(record) = self.outputs.try_next() {
+                self.keep_output(record);
+            }
+            if self.seen.keys().next_back().is_some_and(|&s| s >= seq) {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, self.outputs.next()).await {
+                Ok(Some(record)) => self.keep_output(record),
+                _ => return,
+            }
+        }
+    }
+
+    fn keep_output(&mut self, record: crate::capture::Record) {
+        let h = record.header;
+        if h.kind == RECORD_OUTPUT && h.flow_id == self.flow_id {
+            let payload = crate::convergence::udp_payload(&record.frame).to_vec();
+            self.seen.entry(h.seq).or_default().push(payload);
+        }
+    }
+
+    /// Inputs per second on the flow, over `window`.
+    async fn input_rate(&self, window: Duration) -> f64 {
+        let seq = || {
+            self.dataplane
+                .sequence(self.flow_id)
+                .map_or(0, |s| s.last_seq)
+        };
+        let (first, start) = (seq(), Instant::now());
+        tokio::time::sleep(window).await;
+        (seq() - first) as f64 / start.elapsed().as_secs_f64()
+    }
+
+    /// Waits until no input has arrived for `quiet` (at most `limit`).
+    async fn wait_quiet(&self, quiet: Duration, limit: Duration) {
+        let seq = || {
+            self.dataplane
+                .sequence(self.flow_id)
+                .map_or(0, |s| s.last_seq)
+        };
+        let start = Instant::now();
+        let mut last = (seq(), Instant::now());
+        while start.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let now = seq();
+            if now != last.0 {
+                last = (now, Instant::now());
+            } else if last.1.elapsed() >= quiet {
+                return;
+            }
+        }
+    }
+}
+
+/// One step whose answer is a `T`.
+async fn step<T: serde::de::DeserializeOwned>(
+    link: &mut TcpStream,
+    step: &Step,
+) -> Result<T, String> {
+    let value = peer::migrate_step(link, step)
+        .await
+        .map_err(|e| format!("destination: {e}"))?;
+    serde_json::from_value(value).map_err(|e| format!("destination's answer: {e}"))
+}

@@ -1,0 +1,390 @@
+//! The destination's side of a migration, one step per `MIGRATE` frame from
+//! the source daemon, each answered by a `MIGRATED` frame.
+//!
+//! The destination's state lives as long as the peer link: if the link
+//! breaks before `Finish` (the source daemon died, the network did), the
+//! destination rolls back on its own: the restored instance is killed, the
+//! flows it adopted are removed, and the images are deleted.
+use std::{
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use dataplane_common::{GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_FROM, OUTPUT_MUTE, RECORD_OUTPUT};
+use serde::{Deserialize, Serialize};
+
+use super::Host;
+use crate::{
+    capture::{Records, Subscription},
+    checkpoint::{self, FlowPosition},
+    criu::{RestoreRequest, open_netns, stats},
+    daemon::FlowSpec,
+    flow,
+    loader::Dataplane,
+    replay::Injector,
+};
+
+/// Records a migration may stage before the destination reads them.
+pub const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
+
+/// One step the source asks of the destination.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    /// Adopt the service's flows under the source's ids; hold their
+    /// mirrored inputs in the log and mute the outputs.
+    Prepare {
+        migration: String,
+        flows: Vec<TargetFlow>,
+    },
+    /// Restore the received images and replay the inputs after `positions`.
+    Restore { positions: Vec<FlowPosition> },
+    /// The next outputs answering inputs after `after`, at most `count`.
+    Outputs {
+        after: u64,
+        count: usize,
+        timeout_ms: u64,
+    },
+    /// Let outputs answering inputs above each flow's K leave.
+    Arm { handover: Vec<(u32, u64)> },
+    /// Announce the service addresses from this host (gratuitous ARP).
+    Announce,
+    /// The migration is complete: keep the instance, drop the images.
+    Finish,
+    /// Roll back: kill the instance, forget the flows, drop the images.
+    Abort,
+}
+
+/// A flow the destination adopts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TargetFlow {
+    pub flow_id: u32,
+    #[serde(flatten)]
+    pub spec: FlowSpec,
+}
+
+/// What `Restore` did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Restored {
+    pub pid: u32,
+    /// CRIU's own restore time.
+    pub restore_us: u64,
+    /// From the request to the restored process running.
+    pub restore_total_us: u64,
+    pub replayed: u64,
+    pub replay_us: u64,
+    /// The last input the replay delivered; later ones came live.
+    pub replay_end: u64,
+}
+
+/// An output of the destination instance.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Output {
+    pub flow_id: u32,
+    /// The input it answers.
+    pub seq: u64,
+    /// Its UDP payload.
+    pub payload: Vec<u8>,
+}
+
+/// A migration in progress on the destination.
+pub struct Target<'a> {
+    host: &'a Host,
+    dataplane: Dataplane,
+    migration: String,
+    flows: Vec<TargetFlow>,
+    inputs: Subscription,
+    outputs: Subscription,
+    instance: Option<u32>,
+    finished: bool,
+}
+
+impl<'a> Target<'a> {
+    /// Handles `Prepare`.
+    pub fn prepare(
+        host: &'a Host,
+        migration: String,
+        flows: Vec<TargetFlow>,
+    ) -> Result<Self, String> {
+        super::transfer::plain_name(&migration).map_err(|e| e.to_string())?;
+        if flows.len() != 1 {
+            return Err(format!(
+                "a migrated service has exactly one flow here ({} given)",
+                flows.len()
+            ));
+        }
+        let (Some(inputs), Some(outputs)) = (&host.inputs, &host.outputs) else {
+            return Err("this daemon does not read its logs".into());
+        };
+        announces_only_its_own(&host.interface)?;
+        let mut dataplane = Dataplane::open(&host.pin_root).map_err(|e| e.to_string())?;
+        let inputs = inputs
+            .subscribe(SUBSCRIPTION_CAPACITY)
+            .map_err(|e| e.to_string())?;
+        let outputs = outputs
+            .subscribe(SUBSCRIPTION_CAPACITY)
+            .map_err(|e| e.to_string())?;
+        for f in &flows {
+            let key = flow::udp(f.spec.cps, f.spec.service);
+            dataplane
+                .adopt_flow(key, f.flow_id, 0)
+                .map_err(|e| e.to_string())?;
+            let gate = dataplane_common::Gate {
+                mode: GATE_HOLD_ALL,
+                output: OUTPUT_MUTE,
+                ..Default::default()
+            };
+            dataplane
+                .set_gate(f.flow_id, gate)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(Self {
+            host,
+            dataplane,
+            migration,
+            flows,
+            inputs,
+            outputs,
+            instance: None,
+            finished: false,
+        })
+    }
+
+    /// Handles every step after `Prepare`; the reply's JSON value.
+    pub async fn step(&mut self, step: Step) -> Result<serde_json::Value, String> {
+        let json = |v| serde_json::to_value(v).expect("serializes");
+        match step {
+            Step::Prepare { .. } => Err("a migration is already prepared on this link".into()),
+            Step::Restore { positions } => self.restore(positions).await.map(json),
+            Step::Outputs {
+                after,
+                count,
+                timeout_ms,
+            } => {
+                let outputs = self
+                    .next_outputs(after, count, Duration::from_millis(timeout_ms))
+                    .await;
+                Ok(serde_json::to_value(outputs).expect("serializes"))
+            }
+            Step::Arm { handover } => self.arm(&handover).map(|()| serde_json::json!({})),
+            Step::Announce => self.announce().map(|a| serde_json::json!({"announced": a})),
+            Step::Finish => {
+                self.finished = true;
+                let _ = std::fs::remove_dir_all(self.images());
+                Ok(serde_json::json!({"pid": self.instance}))
+            }
+            Step::Abort => {
+                self.rollback();
+                Ok(serde_json::json!({}))
+            }
+        }
+    }
+
+    fn images(&self) -> std::path::PathBuf {
+        self.host.images_root.join(&self.migration)
+    }
+
+    async fn restore(&mut self, positions: Vec<FlowPosition>) -> Result<Restored, String> {
+        if self.instance.is_some() {
+            return Err("already restored".into());
+        }
+        let [position] = positions[..] else {
+            return Err("one flow position expected".into());
+        };
+        if !self.flows.iter().any(|f| f.flow_id == position.flow_id) {
+            return Err(format!(
+                "flow {} is not part of this migration",
+                position.flow_id
+            ));
+        }
+        let images = self.images();
+        if !images.is_dir() {
+            return Err(format!("no images at {}", images.display()));
+        }
+        let criu = self.host.criu.clone();
+        let start = Instant::now();
+        let restored = tokio::task::spawn_blocking(move || {
+            let netns = open_netns(Path::new("/proc/self/ns/net"))
+                .map_err(|e| format!("opening this host's network namespace: {e}"))?;
+            let request = RestoreRequest {
+                images_dir: images.clone(),
+                inherit: vec![("extnet".into(), &netns)],
+            };
+            let pid = criu
+                .restore(&request, &mut |_| true)
+                .map_err(|e| format!("restore: {e}"))?;
+            let restore_us = stats::restore(&images).map_or(0, |s| s.restore_time.into());
+            Ok::<_, String>((pid, restore_us))
+        })
+        .await
+        .map_err(|e| format!("restore task: {e}"))??;
+        let (pid, restore_us) = restored;
+        self.instance = Some(pid);
+        let restore_total_us = start.elapsed().as_micros() as u64;
+        let interface = self
+            .host
+            .peer_interface
+            .as_deref()
+            .ok_or("this daemon has no peer interface to replay on")?;
+        let injector = Injector::open(&self.host.pin_root, interface).map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let replayed = checkpoint::resume(
+            &mut self.dataplane,
+            position,
+            pid,
+            &injector,
+            &mut self.inputs,
+        )
+        .await
+        .map_err(|e| format!("replay: {e}"))?;
+        if self.inputs.lost() > 0 {
+            return Err(format!(
+                "replay: the destination's log reader fell behind and lost {} inputs",
+                self.inputs.lost()
+            ));
+        }
+        let replay_end = self
+            .dataplane
+            .gate(position.flow_id)
+            .map_err(|e| e.to_string())?
+            .next_expected
+            - 1;
+        Ok(Restored {
+            pid,
+            restore_us,
+            restore_total_us,
+            replayed,
+            replay_us: start.elapsed().as_micros() as u64,
+            replay_end,
+        })
+    }
+
+    /// Up to `count` outputs answering inputs after `after`, as they come,
+    /// waiting at most `timeout` for them.
+    async fn next_outputs(&mut self, after: u64, count: usize, timeout: Duration) -> Vec<Output> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut outputs = Vec::new();
+        while outputs.len() < count {
+            let Ok(Some(record)) = tokio::time::timeout_at(deadline, self.outputs.next()).await
+            else {
+                break;
+            };
+            if record.header.kind == RECORD_OUTPUT && record.header.seq > after {
+                outputs.push(Output {
+                    flow_id: record.header.flow_id,
+                    seq: record.header.seq,
+                    payload: crate::convergence::udp_payload(&record.frame).to_vec(),
+                });
+            }
+        }
+        outputs
+    }
+
+    fn arm(&mut self, handover: &[(u32, u64)]) -> Result<(), String> {
+        for &(flow_id, k) in handover {
+            if !self.flows.iter().any(|f| f.flow_id == flow_id) {
+                return Err(format!("flow {flow_id} is not part of this migration"));
+            }
+            let gate = self.dataplane.gate(flow_id).map_err(|e| e.to_string())?;
+            if gate.mode != GATE_SEQUENCED {
+                return Err("the instance is not restored and replayed yet".into());
+            }
+            let gate = dataplane_common::Gate {
+                output: OUTPUT_FROM,
+                answer_from: k + 1,
+                ..gate
+            };
+            self.dataplane
+                .set_gate(flow_id, gate)
+                .map_err(|e| e.to_string())?;
+            // Armed in time only if the instance has not been given K+1 yet.
+            let delivered = self
+                .dataplane
+                .sequence(flow_id)
+                .map_err(|e| e.to_string())?
+                .last_delivered;
+            if delivered > k {
+                return Err(format!(
+                    "flow {flow_id}: armed for K = {k} after input {delivered} had arrived"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes this host the service addresses' owner on the service interface
+    /// and tells the neighbours (gratuitous ARP).
+    fn announce(&self) -> Result<Vec<String>, String> {
+        let interface = &self.host.interface;
+        let mut announced = Vec::new();
+        for f in &self.flows {
+            let IpAddr::V4(addr) = f.spec.service.ip() else {
+                return Err(format!(
+                    "{}: announcing IPv6 addresses (unsolicited NA) is not supported yet",
+                    f.spec.service
+                ));
+            };
+            crate::netdev::own_address(interface, addr).map_err(|e| e.to_string())?;
+            crate::netdev::gratuitous_arp(interface, addr).map_err(|e| e.to_string())?;
+            announced.push(addr.to_string());
+        }
+        Ok(announced)
+    }
+
+    /// Undoes whatever this migration did on this host.
+    fn rollback(&mut self) {
+        if let Some(pid) = self.instance.take() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            // The restored root is this daemon's child: reap it.
+            let _ = nix::sys::wait::waitpid(pid, None);
+        }
+        for f in &self.flows {
+            let _ = self
+                .dataplane
+                .remove_flow(&flow::udp(f.spec.cps, f.spec.service));
+            let _ = self.dataplane.set_gate(f.flow_id, Default::default());
+        }
+        let _ = std::fs::remove_dir_all(self.images());
+        self.finished = true;
+    }
+
+    /// Whether the migration ended (finished or rolled back).
+    pub fn ended(&self) -> bool {
+        self.finished
+    }
+}
+
+impl Drop for Target<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            tracing::warn!(migration = %self.migration, "peer link lost mid-migration: rolling back");
+            self.rollback();
+        }
+    }
+}
+
+/// Refuses a destination whose kernel would name the service address in
+/// its own ARP requests: the restored instance's first (muted) output
+/// would then announce the address and pull the CPS's traffic over before
+/// the cutover.
+fn announces_only_its_own(interface: &str) -> Result<(), String> {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/arp_announce"))
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    // The kernel uses the larger of "all" and the interface's value.
+    if read("all").max(read(interface)) >= 2 {
+        Ok(())
+    } else {
+        Err(format!(
+            "set net.ipv4.conf.{interface}.arp_announce=2 on the destination: otherwise the \
+             restored instance's first output announces the service address and takes the \
+             CPS's traffic before the cutover"
+        ))
+    }
+}

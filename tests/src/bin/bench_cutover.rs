@@ -1,0 +1,268 @@
+//! `cargo xtask bench cutover [MIGRATIONS] [BASELINES]`: live migrations of
+//! the Markov controller in standby mode while the CPS sends every 1 ms,
+//! against stop-and-copy migrations (CRIU dump, copy, restore, announce) of
+//! the same service in the same run.
+//!
+//! Per run it prints what the CPS saw: missed and duplicate outputs, and
+//! the output gap beyond T_U around the handover (cycles K-10 to K+100,
+//! which covers the flip and the path switch) and over the whole run; for
+//! ours also the replay rate, the time from restore to convergence, the
+//! flip's duration and T_M. Each migration gets fresh test hosts.
+use std::time::{Duration, Instant};
+
+use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid, read_trace};
+use dataplane_user::{
+    criu::{Criu, DumpRequest, RestoreRequest, netns_inode, open_netns},
+    netdev,
+};
+
+const PERIOD_US: u64 = 1000;
+const CYCLES: u64 = 1500;
+/// The migration starts this far into the CPS's run.
+const LEAD: Duration = Duration::from_millis(400);
+
+struct Run {
+    missed: u64,
+    duplicates: u64,
+    wrong: u64,
+    /// Largest output gap beyond T_U around the handover, µs.
+    handover_gap: i64,
+    /// Largest output gap beyond T_U over the whole run, µs.
+    max_gap: i64,
+    replay_rate: f64,
+    converge_us: u64,
+    flip_ns: u64,
+    total_us: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let migrations: usize = args.next().map_or(Ok(100), |a| a.parse())?;
+    let baselines: usize = args.next().map_or(Ok(20), |a| a.parse())?;
+    println!(
+        "{migrations} live migrations (standby mode) and {baselines} stop-and-copy migrations, \
+         CPS period {PERIOD_US} µs, {CYCLES} cycles each"
+    );
+    let mut ours = Vec::new();
+    let started = Instant::now();
+    for i in 0..migrations {
+        let run = live(i)?;
+        if run.missed + run.duplicates + run.wrong != 0 {
+            println!(
+                "  run {i}: missed {} duplicates {} wrong {}",
+                run.missed, run.duplicates, run.wrong
+            );
+        }
+        ours.push(run);
+        if (i + 1) % 10 == 0 {
+            println!(
+                "  {} live migrations done ({:.0} s)",
+                i + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let mut baseline = Vec::new();
+    for i in 0..baselines {
+        baseline.push(stop_and_copy(i)?);
+    }
+    report("ours (standby)", &ours, true);
+    report("stop-and-copy", &baseline, false);
+    let p99 = |runs: &[Run]| percentile(runs.iter().map(|r| r.handover_gap).collect(), 0.99);
+    println!(
+        "handover gap p99 ratio, ours / stop-and-copy: {:.4}",
+        p99(&ours) as f64 / p99(&baseline).max(1) as f64
+    );
+    Ok(())
+}
+
+fn percentile<T: Ord + Copy + Default>(mut v: Vec<T>, p: f64) -> T {
+    v.sort_unstable();
+    v.get(((v.len().max(1) - 1) as f64 * p).round() as usize)
+        .copied()
+        .unwrap_or_default()
+}
+
+fn report(name: &str, runs: &[Run], live: bool) {
+    let sum = |f: fn(&Run) -> u64| runs.iter().map(f).sum::<u64>();
+    let dist = |f: fn(&Run) -> i64| {
+        let v: Vec<i64> = runs.iter().map(f).collect();
+        format!(
+            "p50 {} p99 {} max {}",
+            percentile(v.clone(), 0.5),
+            percentile(v.clone(), 0.99),
+            percentile(v, 1.0)
+        )
+    };
+    println!("\n{name}: {} migrations", runs.len());
+    println!(
+        "  missed outputs {}  duplicate outputs {}  wrong outputs {}",
+        sum(|r| r.missed),
+        sum(|r| r.duplicates),
+        sum(|r| r.wrong)
+    );
+    println!("  extra gap around K, µs: {}", dist(|r| r.handover_gap));
+    println!("  extra gap over the run, µs: {}", dist(|r| r.max_gap));
+    println!("  T_M, µs: {}", dist(|r| r.total_us as i64));
+    if live {
+        let rates: Vec<i64> = runs.iter().map(|r| r.replay_rate as i64).collect();
+        println!(
+            "  replay rate, inputs/s: p50 {} min {} ({}x the CPS rate at p50)",
+            percentile(rates.clone(), 0.5),
+            percentile(rates.clone(), 0.0),
+            percentile(rates, 0.5) / (1_000_000 / PERIOD_US as i64)
+        );
+        println!(
+            "  restore to convergence, µs: {}",
+            dist(|r| r.converge_us as i64)
+        );
+        println!("  flip, ns: {}", dist(|r| r.flip_ns as i64));
+    }
+}
+
+/// Output gaps beyond T_U from a CPS trace ("SEQ SENT ANSWERED" lines), by
+/// the cycle that ended them.
+fn gaps(trace: &str) -> Vec<(u64, i64)> {
+    let answered: Vec<(u64, u64)> = read_trace(trace)
+        .into_iter()
+        .filter(|c| c.answered_us != 0)
+        .map(|c| (c.seq, c.answered_us))
+        .collect();
+    answered
+        .windows(2)
+        .map(|w| (w[1].0, w[1].1 as i64 - w[0].1 as i64 - PERIOD_US as i64))
+        .collect()
+}
+
+fn judge(trace: &std::path::Path, verdict: &serde_json::Value, k: u64) -> anyhow::Result<Run> {
+    let gaps = gaps(&std::fs::read_to_string(trace)?);
+    let _ = std::fs::remove_file(trace);
+    let around = |lo: u64, hi: u64| {
+        gaps.iter()
+            .filter(|(c, _)| (lo..=hi).contains(c))
+            .map(|g| g.1)
+            .max()
+            .unwrap_or(0)
+    };
+    if std::env::var_os("BENCH_VERBOSE").is_some() {
+        let late: Vec<String> = gaps
+            .iter()
+            .filter(|(c, g)| *g > 300 && (k.saturating_sub(10)..=k + 100).contains(c))
+            .map(|(c, g)| format!("K{:+}: {g} µs", *c as i64 - k as i64))
+            .collect();
+        println!("  gaps over 300 µs near K = {k}: {late:?}");
+    }
+    let n = |key: &str| verdict[key].as_u64().unwrap_or(0);
+    Ok(Run {
+        missed: n("missed"),
+        duplicates: n("duplicates"),
+        wrong: n("wrong"),
+        handover_gap: around(k.saturating_sub(10), k + 100),
+        max_gap: around(0, u64::MAX),
+        replay_rate: 0.0,
+        converge_us: 0,
+        flip_ns: 0,
+        total_us: 0,
+    })
+}
+
+fn trace_path(kind: &str, i: usize) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("dataplane-bench-{}-{kind}-{i}", std::process::id()))
+}
+
+fn live(i: usize) -> anyhow::Result<Run> {
+    let setup = MigrationSetup::new(&format!("bc{i}"), &[], true);
+    let trace = trace_path("live", i);
+    let cps = setup.start_cps(CYCLES, PERIOD_US, Some(&trace));
+    std::thread::sleep(LEAD);
+    let id = setup.migrate(serde_json::json!({"mode": "standby"}));
+    let report = setup.wait(&id);
+    let verdict = cps_verdict(cps);
+    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+    anyhow::ensure!(
+        report["state"] == "done",
+        "migration {i}: {}",
+        report["error"]
+    );
+    let k = report["handover_seq"].as_u64().unwrap_or(0);
+    let phase = |name: &str| {
+        report["phases"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["duration_us"].as_u64())
+            .unwrap_or(0)
+    };
+    Ok(Run {
+        replay_rate: report["replay_rate"].as_f64().unwrap_or(0.0),
+        converge_us: phase("converge"),
+        flip_ns: report["flip_ns"].as_u64().unwrap_or(0),
+        total_us: report["total_us"].as_u64().unwrap_or(0),
+        ..judge(&trace, &verdict, k)?
+    })
+}
+
+/// The classic migration: dump (the service stops), copy, restore on dst,
+/// announce the address from dst. Inputs meanwhile are lost.
+fn stop_and_copy(i: usize) -> anyhow::Result<Run> {
+    let setup = MigrationSetup::new(&format!("bs{i}"), &[], false);
+    let trace = trace_path("stop", i);
+    let cps = setup.start_cps(CYCLES, PERIOD_US, Some(&trace));
+    std::thread::sleep(LEAD);
+    let start = Instant::now();
+    // The cycle the CPS is at when the dump starts: the window is around it.
+    let k = LEAD.as_micros() as u64 / PERIOD_US;
+    let images =
+        std::env::temp_dir().join(format!("dataplane-bench-{}-img-{i}", std::process::id()));
+    let copied = images.with_extension("copy");
+    let migrated = move_by_stop_and_copy(&setup, &images, &copied);
+    let total_us = start.elapsed().as_micros() as u64;
+    let verdict = cps_verdict(cps);
+    let restored = migrated?;
+    kill_pid(restored as u64);
+    // The restored root is this process's child.
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(restored as i32), None);
+    let _ = std::fs::remove_dir_all(&images);
+    let _ = std::fs::remove_dir_all(&copied);
+    Ok(Run {
+        total_us,
+        ..judge(&trace, &verdict, k)?
+    })
+}
+
+/// Dumps the controller (it stops), copies the images, restores them on dst
+/// and announces the address from there; the restored pid.
+fn move_by_stop_and_copy(
+    setup: &MigrationSetup,
+    images: &std::path::Path,
+    copied: &std::path::Path,
+) -> anyhow::Result<u32> {
+    let criu = Criu::default();
+    let pid = setup.controller.pid;
+    let dump = DumpRequest {
+        pid,
+        images_dir: images.to_owned(),
+        external: vec![format!("net[{}]:extnet", netns_inode(pid)?)],
+        ..Default::default()
+    };
+    criu.dump(&dump, false, &mut |_| true)?;
+    std::fs::create_dir_all(copied)?;
+    for entry in std::fs::read_dir(images)? {
+        let entry = entry?;
+        std::fs::copy(entry.path(), copied.join(entry.file_name()))?;
+    }
+    let netns = open_netns(&setup.hosts.dst.path())?;
+    let restore = RestoreRequest {
+        images_dir: copied.to_owned(),
+        inherit: vec![("extnet".into(), &netns)],
+    };
+    let restored = criu.restore(&restore, &mut |_| true)?;
+    setup.hosts.dst.run(|| -> anyhow::Result<()> {
+        let addr = "192.0.2.10".parse()?;
+        netdev::own_address("eth0", addr)?;
+        netdev::gratuitous_arp("eth0", addr)?;
+        Ok(())
+    })?;
+    Ok(restored)
+}

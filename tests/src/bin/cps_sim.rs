@@ -1,0 +1,196 @@
+//! A CPS simulator: the field device of a control loop. It sends input
+//! "SEQ" to the controller every period T_U (default 1 ms) on an absolute
+//! schedule, timestamps every output with microsecond resolution, and
+//! judges them: each cycle must be answered exactly once, in order, and
+//! (for the Markov controller) by a controller that has taken exactly SEQ
+//! inputs whose hash chain is that of cycles 1..=SEQ.
+//!
+//! Prints its verdict as one JSON object on stdout; `--trace FILE` writes
+//! "SEQ SENT_US ANSWERED_US" per cycle (0: never answered).
+//!
+//! Usage: cps-sim --to ADDR:PORT --bind ADDR:PORT [--period-us 1000]
+//!        [--count N] [--grace-ms 300] [--trace FILE] [--no-check]
+use std::{
+    net::UdpSocket,
+    time::{Duration, Instant},
+};
+
+use dataplane_tests::chain;
+
+struct Args {
+    to: String,
+    bind: String,
+    period: Duration,
+    count: u64,
+    grace: Duration,
+    trace: Option<String>,
+    check: bool,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        to: String::new(),
+        bind: String::new(),
+        period: Duration::from_micros(1000),
+        count: 1000,
+        grace: Duration::from_millis(300),
+        trace: None,
+        check: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--to" => a.to = value(),
+            "--bind" => a.bind = value(),
+            "--period-us" => a.period = Duration::from_micros(value().parse().expect("µs")),
+            "--count" => a.count = value().parse().expect("a count"),
+            "--grace-ms" => a.grace = Duration::from_millis(value().parse().expect("ms")),
+            "--trace" => a.trace = Some(value()),
+            "--no-check" => a.check = false,
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    assert!(
+        !a.to.is_empty() && !a.bind.is_empty(),
+        "usage: cps-sim --to ADDR:PORT --bind ADDR:PORT [--period-us N] [--count N]"
+    );
+    a
+}
+
+fn main() {
+    let args = args();
+    let socket = UdpSocket::bind(&args.bind).expect("bind");
+    socket.connect(&args.to).expect("connect");
+    let receiver = socket.try_clone().expect("clone the socket");
+    let start = Instant::now();
+    let count = args.count;
+    let deadline = args.period * count as u32 + args.grace;
+    // Outputs as they arrive: (time µs, payload).
+    let listener = std::thread::spawn(move || {
+        let mut outputs = Vec::new();
+        let mut buf = [0u8; 2048];
+        loop {
+            let left = deadline.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return outputs;
+            }
+            receiver.set_read_timeout(Some(left)).unwrap();
+            if let Ok(n) = receiver.recv(&mut buf) {
+                outputs.push((
+                    start.elapsed().as_micros() as u64,
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                ));
+            }
+        }
+    });
+    let mut sent_us = Vec::with_capacity(count as usize);
+    for seq in 1..=count {
+        let due = args.period * (seq - 1) as u32;
+        // Sleep most of the way, then spin: sub-10 µs send jitter.
+        while let Some(left) = due.checked_sub(start.elapsed()) {
+            if left > Duration::from_micros(200) {
+                std::thread::sleep(left - Duration::from_micros(150));
+            } else if left.is_zero() {
+                break;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        sent_us.push(start.elapsed().as_micros() as u64);
+        let _ = socket.send(seq.to_string().as_bytes());
+    }
+    let outputs = listener.join().expect("the listener");
+    print!("{}", verdict(&args, &sent_us, &outputs));
+}
+
+/// Judges the outputs; the verdict as JSON.
+fn verdict(args: &Args, sent_us: &[u64], outputs: &[(u64, String)]) -> String {
+    let count = sent_us.len();
+    let mut answered = vec![0u64; count + 1];
+    let (mut duplicates, mut out_of_order, mut wrong, mut last) = (0u64, 0u64, 0u64, 0u64);
+    let mut hashes = vec![0u64; count + 1];
+    for seq in 1..=count {
+        hashes[seq] = chain(hashes[seq - 1], seq.to_string().as_bytes());
+    }
+    let mut first_wrong = None;
+    for (at, text) in outputs {
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let Some(seq) = fields.first().and_then(|s| s.parse::<usize>().ok()) else {
+            wrong += 1;
+            continue;
+        };
+        if seq == 0 || seq > count {
+            wrong += 1;
+            continue;
+        }
+        if answered[seq] != 0 {
+            duplicates += 1;
+            continue;
+        }
+        answered[seq] = *at;
+        if (seq as u64) < last {
+            out_of_order += 1;
+        }
+        last = last.max(seq as u64);
+        // The controller took exactly inputs 1..=seq, once each, in order.
+        let step_ok = fields.get(1) == Some(&seq.to_string().as_str());
+        let hash_ok = fields.get(3) == Some(&format!("{:016x}", hashes[seq]).as_str());
+        if args.check && !(step_ok && hash_ok) {
+            wrong += 1;
+            first_wrong.get_or_insert_with(|| text.clone());
+        }
+    }
+    let missed = answered[1..].iter().filter(|&&t| t == 0).count();
+    // Gaps between consecutive answered cycles, beyond the period.
+    let period = args.period.as_micros() as i64;
+    let times: Vec<u64> = answered[1..].iter().copied().filter(|&t| t != 0).collect();
+    let mut extra: Vec<i64> = times
+        .windows(2)
+        .map(|w| w[1] as i64 - w[0] as i64 - period)
+        .collect();
+    let longest_at = extra
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, g)| **g)
+        .map_or(0, |(i, _)| i + 2);
+    extra.sort_unstable();
+    let pct = |p: f64| -> i64 {
+        if extra.is_empty() {
+            0
+        } else {
+            extra[((extra.len() - 1) as f64 * p).round() as usize]
+        }
+    };
+    // Latency from each input to its output.
+    let mut latency: Vec<u64> = (1..=count)
+        .filter(|&s| answered[s] != 0)
+        .map(|s| answered[s].saturating_sub(sent_us[s - 1]))
+        .collect();
+    latency.sort_unstable();
+    let lat = |p: f64| {
+        latency
+            .get(((latency.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    if let Some(path) = &args.trace {
+        let trace: String = (1..=count)
+            .map(|s| format!("{s} {} {}\n", sent_us[s - 1], answered[s]))
+            .collect();
+        std::fs::write(path, trace).expect("write the trace");
+    }
+    serde_json::json!({
+        "sent": count,
+        "answered": count - missed,
+        "missed": missed,
+        "duplicates": duplicates,
+        "out_of_order": out_of_order,
+        "wrong": wrong,
+        "first_wrong": first_wrong,
+        "period_us": period,
+        "extra_gap_us": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0), "at_cycle": longest_at},
+        "latency_us": {"p50": lat(0.5), "p99": lat(0.99), "max": lat(1.0)},
+    })
+    .to_string()
+}

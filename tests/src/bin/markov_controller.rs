@@ -1,0 +1,89 @@
+//! The reference control process of gundall2022 Sec. VII-B: a Markov chain
+//! over 7 states s0..s6 that takes one step per input and answers every
+//! input with one output.
+//!
+//! Eq. 2 of the paper as printed has rows summing to 1.5 and 1.1; its text
+//! says the transitions possible from a state are equally likely, so the
+//! chain uses Eq. 2's non-zero pattern with equal probabilities. The random
+//! draws come from a seeded xorshift64* generator that is part of the
+//! process state, so the outputs are a function of the inputs alone, and a
+//! checkpointed copy that gets the same inputs gives the same outputs.
+//!
+//! Input: a datagram "SEQ ..." (the CPS's cycle number first). Output:
+//! "SEQ STEP STATE HASH": the cycle answered, the number of inputs taken
+//! so far, the chain's state, and a hash chain of every input (FNV-1a).
+//! A datagram "?" asks for "STEP HASH" without taking a step.
+//!
+//! Usage: markov-controller ADDR:PORT [--seed N] [--wall-clock]
+//! (--wall-clock adds the time of day to each output: a non-deterministic
+//! service, which must never be found to converge).
+use std::net::UdpSocket;
+
+use dataplane_tests::chain;
+
+/// Eq. 2's possible transitions from each state.
+const NEXT: [&[u8]; 7] = [
+    &[0, 1],
+    &[1, 2, 3],
+    &[1, 2, 3, 4],
+    &[1, 3, 4],
+    &[3, 4, 5, 6],
+    &[1, 5, 6],
+    &[1, 5, 6],
+];
+
+fn main() {
+    // CRIU dumps a process tree only without fds from another mount
+    // namespace and with its session leader inside its PID namespace.
+    // SAFETY: close_range and setsid have no memory-safety preconditions.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        libc::setsid();
+    }
+    let mut args = std::env::args().skip(1);
+    let addr = args
+        .next()
+        .expect("usage: markov-controller ADDR:PORT [--seed N] [--wall-clock]");
+    let (mut rng, mut wall_clock) = (0x9E37_79B9_7F4A_7C15u64, false);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--seed" => rng = args.next().and_then(|s| s.parse().ok()).expect("--seed N"),
+            "--wall-clock" => wall_clock = true,
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    let socket = UdpSocket::bind(&addr).expect("bind");
+    let (mut state, mut step, mut hash) = (0u8, 0u64, 0u64);
+    let mut buf = [0u8; 2048];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        let input = &buf[..n];
+        if input == b"?" {
+            let _ = socket.send_to(format!("{step} {hash:016x}").as_bytes(), from);
+            continue;
+        }
+        // xorshift64*
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        let draw = rng.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        let next = NEXT[state as usize];
+        state = next[(draw % next.len() as u64) as usize];
+        step += 1;
+        hash = chain(hash, input);
+        let cycle = std::str::from_utf8(input)
+            .ok()
+            .and_then(|t| t.split_whitespace().next())
+            .unwrap_or("-");
+        let mut output = format!("{cycle} {step} {state} {hash:016x}");
+        if wall_clock {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            output.push_str(&format!(" {}", now.as_nanos()));
+        }
+        let _ = socket.send_to(output.as_bytes(), from);
+    }
+}
