@@ -903,6 +903,73 @@ impl MigrationSetup {
     }
 }
 
+/// What a stop-and-copy migration took, phase by phase.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StopAndCopy {
+    /// The restored controller on `dst` (this process's child).
+    pub pid: u32,
+    pub dump: Duration,
+    /// CRIU's frozen time, from stats-dump.
+    pub frozen: Duration,
+    pub copy: Duration,
+    pub restore: Duration,
+    pub image_bytes: u64,
+}
+
+impl MigrationSetup {
+    /// The classic migration of the controller, the papers' baseline: CRIU
+    /// dump (the service stops), copy the images, CRIU restore on `dst`,
+    /// take the address there and announce it. Inputs meanwhile are lost.
+    pub fn stop_and_copy(
+        &self,
+        images: &std::path::Path,
+        copied: &std::path::Path,
+    ) -> anyhow::Result<StopAndCopy> {
+        use dataplane_user::criu::{
+            Criu, DumpRequest, RestoreRequest, netns_inode, open_netns, stats,
+        };
+        let criu = Criu::default();
+        let pid = self.controller.pid;
+        let dump = DumpRequest {
+            pid,
+            images_dir: images.to_owned(),
+            external: vec![format!("net[{}]:extnet", netns_inode(pid)?)],
+            ..Default::default()
+        };
+        let start = std::time::Instant::now();
+        criu.dump(&dump, false, &mut |_| true)?;
+        let dumped = start.elapsed();
+        let frozen = Duration::from_micros(stats::dump(images).map_or(0, |s| s.frozen_time.into()));
+        std::fs::create_dir_all(copied)?;
+        let mut image_bytes = 0;
+        for entry in std::fs::read_dir(images)? {
+            let entry = entry?;
+            image_bytes += std::fs::copy(entry.path(), copied.join(entry.file_name()))?;
+        }
+        let copied_at = start.elapsed();
+        let netns = open_netns(&self.hosts.dst.path())?;
+        let restore = RestoreRequest {
+            images_dir: copied.to_owned(),
+            inherit: vec![("extnet".into(), &netns)],
+        };
+        let restored = criu.restore(&restore, &mut |_| true)?;
+        self.hosts.dst.run(|| -> anyhow::Result<()> {
+            let addr = SERVICE_V4;
+            dataplane_user::netdev::own_address("eth0", addr)?;
+            dataplane_user::netdev::gratuitous_arp("eth0", addr)?;
+            Ok(())
+        })?;
+        Ok(StopAndCopy {
+            pid: restored,
+            dump: dumped,
+            frozen,
+            copy: copied_at - dumped,
+            restore: start.elapsed() - copied_at,
+            image_bytes,
+        })
+    }
+}
+
 /// Waits for a CPS simulator to finish; its verdict.
 pub fn cps_verdict(child: std::process::Child) -> serde_json::Value {
     let output = child.wait_with_output().expect("the CPS simulator");
@@ -944,4 +1011,19 @@ pub fn read_trace(text: &str) -> Vec<Cycle> {
             })
         })
         .collect()
+}
+
+/// A phase of a migration report: (start, duration) in µs; zeros if absent.
+pub fn report_phase(report: &serde_json::Value, name: &str) -> (u64, u64) {
+    report["phases"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == name)
+        .map_or((0, 0), |p| {
+            (
+                p["start_us"].as_u64().unwrap_or(0),
+                p["duration_us"].as_u64().unwrap_or(0),
+            )
+        })
 }

@@ -35,7 +35,8 @@ enum Task {
     Bench {
         #[arg(value_enum)]
         which: Bench,
-        /// Passed on to the benchmark (cutover: MIGRATIONS BASELINES).
+        /// Passed on to the benchmark (cutover: MIGRATIONS BASELINES;
+        /// checkpoint: SIZE_MIB...).
         args: Vec<String>,
     },
 }
@@ -48,6 +49,8 @@ enum Bench {
     Control,
     /// Live migrations against stop-and-copy: missed outputs, output gaps, flip time.
     Cutover,
+    /// Checkpoint, transfer and restore by service size, against stop-and-copy.
+    Checkpoint,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +65,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Mirror => run_bin("bench-mirror", &args),
             Bench::Control => run_bin("bench-control", &args),
             Bench::Cutover => run_bin("bench-cutover", &args),
+            Bench::Checkpoint => run_bin("bench-checkpoint", &args),
         },
     }
 }

@@ -10,11 +10,7 @@
 //! flip's duration and T_M. Each migration gets fresh test hosts.
 use std::time::{Duration, Instant};
 
-use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid, read_trace};
-use dataplane_user::{
-    criu::{Criu, DumpRequest, RestoreRequest, netns_inode, open_netns},
-    netdev,
-};
+use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid, read_trace, report_phase};
 
 const PERIOD_US: u64 = 1000;
 const CYCLES: u64 = 1500;
@@ -185,18 +181,9 @@ fn live(i: usize) -> anyhow::Result<Run> {
         report["error"]
     );
     let k = report["handover_seq"].as_u64().unwrap_or(0);
-    let phase = |name: &str| {
-        report["phases"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["name"] == name)
-            .and_then(|p| p["duration_us"].as_u64())
-            .unwrap_or(0)
-    };
     Ok(Run {
         replay_rate: report["replay_rate"].as_f64().unwrap_or(0.0),
-        converge_us: phase("converge"),
+        converge_us: report_phase(&report, "converge").1,
         flip_ns: report["flip_ns"].as_u64().unwrap_or(0),
         total_us: report["total_us"].as_u64().unwrap_or(0),
         ..judge(&trace, &verdict, k)?
@@ -216,10 +203,10 @@ fn stop_and_copy(i: usize) -> anyhow::Result<Run> {
     let images =
         std::env::temp_dir().join(format!("dataplane-bench-{}-img-{i}", std::process::id()));
     let copied = images.with_extension("copy");
-    let migrated = move_by_stop_and_copy(&setup, &images, &copied);
+    let migrated = setup.stop_and_copy(&images, &copied);
     let total_us = start.elapsed().as_micros() as u64;
     let verdict = cps_verdict(cps);
-    let restored = migrated?;
+    let restored = migrated?.pid;
     kill_pid(restored as u64);
     // The restored root is this process's child.
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(restored as i32), None);
@@ -229,40 +216,4 @@ fn stop_and_copy(i: usize) -> anyhow::Result<Run> {
         total_us,
         ..judge(&trace, &verdict, k)?
     })
-}
-
-/// Dumps the controller (it stops), copies the images, restores them on dst
-/// and announces the address from there; the restored pid.
-fn move_by_stop_and_copy(
-    setup: &MigrationSetup,
-    images: &std::path::Path,
-    copied: &std::path::Path,
-) -> anyhow::Result<u32> {
-    let criu = Criu::default();
-    let pid = setup.controller.pid;
-    let dump = DumpRequest {
-        pid,
-        images_dir: images.to_owned(),
-        external: vec![format!("net[{}]:extnet", netns_inode(pid)?)],
-        ..Default::default()
-    };
-    criu.dump(&dump, false, &mut |_| true)?;
-    std::fs::create_dir_all(copied)?;
-    for entry in std::fs::read_dir(images)? {
-        let entry = entry?;
-        std::fs::copy(entry.path(), copied.join(entry.file_name()))?;
-    }
-    let netns = open_netns(&setup.hosts.dst.path())?;
-    let restore = RestoreRequest {
-        images_dir: copied.to_owned(),
-        inherit: vec![("extnet".into(), &netns)],
-    };
-    let restored = criu.restore(&restore, &mut |_| true)?;
-    setup.hosts.dst.run(|| -> anyhow::Result<()> {
-        let addr = "192.0.2.10".parse()?;
-        netdev::own_address("eth0", addr)?;
-        netdev::gratuitous_arp("eth0", addr)?;
-        Ok(())
-    })?;
-    Ok(restored)
 }

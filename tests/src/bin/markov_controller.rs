@@ -15,8 +15,13 @@
 //! A datagram "?" asks for "STEP HASH" without taking a step.
 //!
 //! Usage: markov-controller ADDR:PORT [--seed N] [--wall-clock]
+//!        [--state-mib M] [--dirty-pages P]
 //! (--wall-clock adds the time of day to each output: a non-deterministic
-//! service, which must never be found to converge).
+//! service, which must never be found to converge. --state-mib gives the
+//! process M MiB of resident state, and --dirty-pages makes each input
+//! rewrite P pages of it, deterministically: the memory workload of the
+//! checkpoint benchmarks, like calagna2023's, with a dirty rate of P pages
+//! per control period.)
 use std::net::UdpSocket;
 
 use dataplane_tests::chain;
@@ -45,13 +50,22 @@ fn main() {
         .next()
         .expect("usage: markov-controller ADDR:PORT [--seed N] [--wall-clock]");
     let (mut rng, mut wall_clock) = (0x9E37_79B9_7F4A_7C15u64, false);
+    let (mut state_mib, mut dirty_pages) = (0usize, 0usize);
     while let Some(arg) = args.next() {
+        let mut number = || args.next().and_then(|s| s.parse().ok());
         match arg.as_str() {
-            "--seed" => rng = args.next().and_then(|s| s.parse().ok()).expect("--seed N"),
+            "--seed" => rng = number().expect("--seed N") as u64,
+            "--state-mib" => state_mib = number().expect("--state-mib M"),
+            "--dirty-pages" => dirty_pages = number().expect("--dirty-pages P"),
             "--wall-clock" => wall_clock = true,
             other => panic!("unknown argument {other}"),
         }
     }
+    const PAGE: usize = 4096;
+    // Every page written once, so all of it is resident and in the image.
+    let mut memory: Vec<u8> = (0..state_mib << 20).map(|i| (i / PAGE) as u8).collect();
+    let pages = memory.len() / PAGE;
+    let mut next_page = 0;
     let socket = UdpSocket::bind(&addr).expect("bind");
     let (mut state, mut step, mut hash) = (0u8, 0u64, 0u64);
     let mut buf = [0u8; 2048];
@@ -73,6 +87,10 @@ fn main() {
         state = next[(draw % next.len() as u64) as usize];
         step += 1;
         hash = chain(hash, input);
+        for _ in 0..dirty_pages.min(pages) {
+            memory[next_page * PAGE] = memory[next_page * PAGE].wrapping_add(state);
+            next_page = (next_page + 1) % pages;
+        }
         let cycle = std::str::from_utf8(input)
             .ok()
             .and_then(|t| t.split_whitespace().next())
