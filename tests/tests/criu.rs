@@ -203,35 +203,52 @@ fn log(dir: &std::path::Path, name: &str) -> String {
     lines.join("\n")
 }
 
-/// Sends inputs "tick N" from the CPS every millisecond until stopped.
-fn ticker(
-    hosts: &TestHosts,
+/// The CPS sending inputs "tick N" every millisecond on a thread, until stopped.
+struct Ticker {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<u64> {
-    let socket = hosts
-        .cps
-        .run(|| UdpSocket::bind(sock(CPS_V4, 4000)))
-        .unwrap();
-    std::thread::spawn(move || {
-        let mut n = 0;
-        while !stop.load(std::sync::atomic::Ordering::Relaxed) && n < 100_000 {
-            n += 1;
-            socket
-                .send_to(format!("tick {n}").as_bytes(), sock(SERVICE_V4, 5000))
-                .unwrap();
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        n
-    })
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Ticker {
+    fn start(hosts: &TestHosts) -> Self {
+        let socket = hosts
+            .cps
+            .run(|| UdpSocket::bind(sock(CPS_V4, 4000)))
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut n = 0;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) && n < 100_000 {
+                n += 1;
+                socket
+                    .send_to(format!("tick {n}").as_bytes(), sock(SERVICE_V4, 5000))
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            n
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops it; how many inputs it sent.
+    fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+/// Holds `flow_id` and waits until process `pid` has drained its socket: S.
+fn hold(dataplane: &mut dataplane_user::Dataplane, flow_id: u32, pid: u32) -> u64 {
+    dataplane_user::checkpoint::hold_and_drain(dataplane, &[flow_id], pid, Duration::from_secs(2))
+        .unwrap()[0]
+        .last_delivered
 }
 
 #[test]
 fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
     use dataplane_user::{checkpoint, flow, loader::MAP_INPUTS};
-    use std::{
-        collections::BTreeMap,
-        sync::{Arc, atomic::AtomicBool},
-    };
+    use std::collections::BTreeMap;
 
     let hosts = TestHosts::new("ckpt");
     let mut src = hosts.load_src();
@@ -254,25 +271,16 @@ fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
     for round in 1..=20 {
         let first = src.dataplane.sequence(flow_id).unwrap().last_seq + 1;
         let service = ChainService::start(&hosts.src, addr);
-        let stop = Arc::new(AtomicBool::new(false));
-        let sender = ticker(&hosts, stop.clone());
+        let sender = Ticker::start(&hosts);
         std::thread::sleep(Duration::from_millis(30));
 
-        let position = checkpoint::hold_and_drain(
-            &mut src.dataplane,
-            &[flow_id],
-            service.pid,
-            Duration::from_secs(2),
-        )
-        .unwrap();
-        let s = position[0].last_delivered;
+        let s = hold(&mut src.dataplane, flow_id, service.pid);
         let dir = images_dir(&format!("ckpt{round}"));
         let dump = service.dump_request(dir.clone(), false);
         criu.dump(&dump, false, &mut |_| true)
             .unwrap_or_else(|e| panic!("round {round}: dump: {e}"));
         std::thread::sleep(Duration::from_millis(5));
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        sender.join().unwrap();
+        sender.stop();
         let restore = RestoreRequest {
             images_dir: dir.clone(),
             inherit: vec![("extnet".into(), &dst_net)],
@@ -583,7 +591,6 @@ fn criu_killed_during_a_dump_leaves_the_source_serving() {
 #[test]
 fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
     use dataplane_user::{LogReader, checkpoint, flow, loader::MAP_INPUTS, replay::Injector};
-    use std::sync::{Arc, atomic::AtomicBool};
 
     let hosts = TestHosts::new("lrun");
     let mut src = hosts.load_src();
@@ -599,18 +606,14 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
     let _guard = runtime.enter();
     let mut log = LogReader::spawn(src.dataplane.open_log(MAP_INPUTS).unwrap(), 1 << 16).unwrap();
     let service = ChainService::start(&hosts.src, addr);
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = ticker(&hosts, stop.clone());
+    let sender = Ticker::start(&hosts);
     std::thread::sleep(Duration::from_millis(30));
 
-    let position = checkpoint::hold_and_drain(
-        &mut src.dataplane,
-        &[flow_id],
-        service.pid,
-        Duration::from_secs(2),
-    )
-    .unwrap();
-    let s = position[0].last_delivered;
+    let s = hold(&mut src.dataplane, flow_id, service.pid);
+    let position = dataplane_user::checkpoint::FlowPosition {
+        flow_id,
+        last_delivered: s,
+    };
     let dir = images_dir("lrun");
     let dump = service.dump_request(dir.clone(), true);
     let criu = Criu::default();
@@ -627,7 +630,7 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
             runtime
                 .block_on(checkpoint::resume(
                     &mut src.dataplane,
-                    position[0],
+                    position,
                     service.pid,
                     &injector,
                     &mut log,
@@ -636,8 +639,7 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
         })
         .unwrap();
     std::thread::sleep(Duration::from_millis(30));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let sent = sender.join().unwrap();
+    let sent = sender.stop();
     std::thread::sleep(Duration::from_millis(20));
 
     let counters = src.dataplane.counters().unwrap();

@@ -287,20 +287,12 @@ async fn serve_one(mut stream: TcpStream, from: SocketAddr, host: &Host) -> Resu
         match kind {
             frame::PING => write_frame(&mut stream, frame::PONG, &[]).await?,
             frame::IMAGES => {
-                match transfer::receive(&mut stream, &payload, &host.images_root).await {
-                    Ok(received) => {
-                        tracing::info!(%from, migration = %received.migration, files = received.files,
-                            bytes = received.bytes, "received checkpoint images");
-                        let ok = serde_json::to_vec(&received).expect("serializes");
-                        write_frame(&mut stream, frame::IMAGES_OK, &ok).await?;
-                    }
-                    Err(e) => {
-                        tracing::warn!(%from, "refused checkpoint images: {e}");
-                        let _ =
-                            write_frame(&mut stream, frame::REFUSE, e.to_string().as_bytes()).await;
-                        return Err(e);
-                    }
+                let received = transfer::receive(&mut stream, &payload, &host.images_root).await;
+                if let Ok(r) = &received {
+                    tracing::info!(%from, migration = %r.migration, files = r.files,
+                        bytes = r.bytes, "received checkpoint images");
                 }
+                answer(&mut stream, from, received, frame::IMAGES_OK).await?;
             }
             frame::REPLAY => {
                 let replayed = match host.peer_interface.as_deref() {
@@ -314,19 +306,10 @@ async fn serve_one(mut stream: TcpStream, from: SocketAddr, host: &Host) -> Resu
                         }
                     }
                 };
-                match replayed {
-                    Ok(replayed) => {
-                        tracing::info!(%from, inputs = replayed.inputs, rate = replayed.rate(), "replayed inputs");
-                        let ok = serde_json::to_vec(&replayed).expect("serializes");
-                        write_frame(&mut stream, frame::REPLAY_OK, &ok).await?;
-                    }
-                    Err(e) => {
-                        tracing::warn!(%from, "replay failed: {e}");
-                        let _ =
-                            write_frame(&mut stream, frame::REFUSE, e.to_string().as_bytes()).await;
-                        return Err(e);
-                    }
+                if let Ok(r) = &replayed {
+                    tracing::info!(%from, inputs = r.inputs, rate = r.rate(), "replayed inputs");
                 }
+                answer(&mut stream, from, replayed, frame::REPLAY_OK).await?;
             }
             frame::MIGRATE => {
                 let outcome = match serde_json::from_slice::<target::Step>(&payload) {
@@ -361,6 +344,29 @@ async fn serve_one(mut stream: TcpStream, from: SocketAddr, host: &Host) -> Resu
                 let _ = write_frame(&mut stream, frame::REFUSE, reason.as_bytes()).await;
                 return Err(PeerError::Garbage(reason));
             }
+        }
+    }
+}
+
+/// Answers a request that moved data: its receipt in an `ok_kind` frame,
+/// or a `REFUSE` with the reason, after which the link closes (the error
+/// is returned).
+async fn answer<T: Serialize>(
+    stream: &mut TcpStream,
+    from: SocketAddr,
+    outcome: Result<T, PeerError>,
+    ok_kind: u8,
+) -> Result<(), PeerError> {
+    match outcome {
+        Ok(receipt) => {
+            let ok = serde_json::to_vec(&receipt).expect("serializes");
+            write_frame(stream, ok_kind, &ok).await
+        }
+        Err(e) => {
+            tracing::warn!(%from, "refused: {e}");
+            // Best effort: the link may be gone already.
+            let _ = write_frame(stream, frame::REFUSE, e.to_string().as_bytes()).await;
+            Err(e)
         }
     }
 }
