@@ -176,13 +176,12 @@ fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
     // past a cutover; the peer gets every input of a mirrored flow, so that
     // its log is complete whatever happens here (a hold for a checkpoint,
     // a replay in progress, a cutover).
-    let deliver = apply_gate(gate, seq).is_none()
-        && if gate.is_some_and(|g| past_cutover(g, seq)) {
-            count(counter::FORWARDED);
-            false
-        } else {
-            true
-        };
+    let gated = apply_gate(gate, seq).is_some();
+    let past = gate.is_some_and(|g| past_cutover(g, seq));
+    if past {
+        count(counter::FORWARDED);
+    }
+    let deliver = !gated && !past;
     if deliver {
         // SAFETY: as above; a plain store, the latest delivered input wins.
         unsafe { (*sequence).last_delivered = seq };
@@ -203,7 +202,12 @@ fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
     let targets = if deliver { META_DELIVER } else { 0 }
         | if to_peer { META_PEER } else { 0 }
         | if to_standby { META_STANDBY } else { 0 };
-    if !hand_to_mirror(ctx, flow.flow_id, seq, timestamp_ns, targets) {
+    // Past the cutover the peer is the one numbering authority: inputs go
+    // to it unnumbered (0), so that inputs reaching it directly and inputs
+    // forwarded from here (the CPS's path may swing back and forth while
+    // neighbours learn the address's new owner) share one numbering.
+    let mirrored_seq = if past { 0 } else { seq };
+    if !hand_to_mirror(ctx, flow.flow_id, mirrored_seq, timestamp_ns, targets) {
         count(counter::MIRROR_ERRORS);
         return local;
     }
@@ -220,6 +224,31 @@ fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
         Err(_) => {
             count(counter::MIRROR_ERRORS);
             local
+        }
+    }
+}
+
+/// Raises the flow's `last_seq` to `seq` unless it is higher already; a
+/// few compare-and-exchange attempts, bounded for the verifier (the other
+/// writers, numbering fetch-adds, only ever raise it too).
+#[inline(always)]
+fn raise(sequence: *mut FlowSequence, seq: u64) {
+    for _ in 0..4 {
+        // SAFETY: the array slot lives as long as the map.
+        let current = unsafe { core::ptr::read_volatile(&raw const (*sequence).last_seq) };
+        if current >= seq {
+            return;
+        }
+        // SAFETY: as above; the exchange is atomic across CPUs.
+        let (_, done) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                &raw mut (*sequence).last_seq,
+                current,
+                seq,
+            )
+        };
+        if done {
+            return;
         }
     }
 }
@@ -303,14 +332,17 @@ fn receive(ctx: &XdpContext) -> u32 {
         count(counter::MIRROR_ERRORS);
         return xdp_action::XDP_PASS;
     };
-    let seq = u64::from_be(header.seq);
-    // The highest number seen from the peer: inputs that later arrive here
-    // directly (after the path switch) are numbered on from it.
-    // SAFETY: the array slot lives as long as the map.
-    unsafe {
-        if seq > (*sequence).last_seq {
-            (*sequence).last_seq = seq;
-        }
+    let sent_seq = u64::from_be(header.seq);
+    let replayed = u16::from_be(header.flags) & MIRROR_FLAG_REPLAY != 0;
+    if sent_seq == 0 && replayed {
+        count(counter::MIRROR_ERRORS);
+        return xdp_action::XDP_PASS;
+    }
+    // The highest number seen from the peer: inputs that arrive here
+    // directly, or forwarded unnumbered after the cutover, are numbered on
+    // from it.
+    if sent_seq != 0 {
+        raise(sequence, sent_seq);
     }
     let record = RecordHeader {
         timestamp_ns: u64::from_be(header.timestamp_ns),
@@ -321,11 +353,32 @@ fn receive(ctx: &XdpContext) -> u32 {
         captured_len: captured_len(frame_len, config().snap_len),
         ..Default::default()
     };
-    let replayed = u16::from_be(header.flags) & MIRROR_FLAG_REPLAY != 0;
-    if !replayed && record::write(&INPUTS, &Xdp(ctx.ctx), MIRROR_OVERHEAD, record, || seq).is_none()
-    {
-        count(counter::RING_FULL);
-    }
+    let number = || {
+        if sent_seq != 0 {
+            return sent_seq;
+        }
+        // SAFETY: the array slot lives as long as the map; the atomic add
+        // makes numbers unique across CPUs and with the capture path.
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*sequence).last_seq, 1)
+                + 1
+        }
+    };
+    let seq = if replayed {
+        sent_seq
+    } else {
+        match record::write(&INPUTS, &Xdp(ctx.ctx), MIRROR_OVERHEAD, record, number) {
+            Some(seq) => seq,
+            None => {
+                count(counter::RING_FULL);
+                if sent_seq == 0 {
+                    // Unnumbered and not in the log: no gate can place it.
+                    return xdp_action::XDP_DROP;
+                }
+                sent_seq
+            }
+        }
+    };
     if let Some(action) = apply_gate(Some(gate), seq) {
         return action;
     }

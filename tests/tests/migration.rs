@@ -105,6 +105,28 @@ fn standby_mode_migrates_without_stopping_the_serving_instance() {
     kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
 }
 
+#[test]
+fn every_input_is_answered_long_after_the_announce() {
+    // The CPS goes on for 12 s after the migration: long enough for its
+    // neighbour entry to be probed again (about 5 s after the gratuitous
+    // ARP), when its path may swing back to the source for a while. Inputs
+    // the source forwards then, and those reaching the destination
+    // directly, must still be answered once each, in order.
+    let setup = MigrationSetup::new("long", &[], false);
+    let cycles = 12_500;
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let id = setup.migrate(serde_json::json!({}));
+    let report = setup.wait(&id);
+    let verdict = cps_verdict(cps);
+    println!("report: {report}\nCPS: {verdict}");
+    let state = chain_state(&setup.hosts.dst, setup.service);
+    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+    assert_eq!(report["state"], "done", "{report}");
+    assert_clean(&verdict);
+    assert_eq!(state.map(|s| s.0), Some(cycles));
+}
+
 /// Migrations in a row, each on fresh hosts, in `mode`: every one exact.
 fn repeated(mode: &str, count: usize) {
     for i in 0..count {
