@@ -212,6 +212,86 @@ pub fn mirror_headers(
     outer
 }
 
+impl MirrorHeader {
+    /// The header from its on-wire bytes, fields in host order.
+    pub fn from_wire(b: &[u8; size_of::<MirrorHeader>()]) -> Self {
+        Self {
+            version: b[0],
+            header_len: b[1],
+            flags: u16::from_be_bytes([b[2], b[3]]),
+            flow_id: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            seq: u64::from_be_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]),
+            timestamp_ns: u64::from_be_bytes([
+                b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23],
+            ]),
+            frame_len: u32::from_be_bytes([b[24], b[25], b[26], b[27]]),
+            _reserved: u32::from_be_bytes([b[28], b[29], b[30], b[31]]),
+        }
+    }
+
+    /// The header's on-wire bytes (fields in host order here).
+    pub fn to_wire(&self) -> [u8; size_of::<MirrorHeader>()] {
+        let mut b = [0u8; size_of::<MirrorHeader>()];
+        b[0] = self.version;
+        b[1] = self.header_len;
+        b[2..4].copy_from_slice(&self.flags.to_be_bytes());
+        b[4..8].copy_from_slice(&self.flow_id.to_be_bytes());
+        b[8..16].copy_from_slice(&self.seq.to_be_bytes());
+        b[16..24].copy_from_slice(&self.timestamp_ns.to_be_bytes());
+        b[24..28].copy_from_slice(&self.frame_len.to_be_bytes());
+        b[28..32].copy_from_slice(&self._reserved.to_be_bytes());
+        b
+    }
+}
+
+/// Why a receiver refuses a mirror frame (docs/mirror-header.md, "Rules for
+/// a receiver"); the kernel passes such a frame untouched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorRefusal {
+    /// Shorter than the outer Ethernet and mirror headers.
+    Short,
+    /// The outer EtherType is not [`ETH_P_MIRROR`].
+    EtherType,
+    /// A `version` other than [`MIRROR_VERSION`].
+    Version,
+    /// A `header_len` other than this version's 32.
+    HeaderLen,
+    /// A `frame_len` below an Ethernet header or beyond the frame.
+    FrameLen,
+    /// A replay (`MIRROR_FLAG_REPLAY`) without a sequence number.
+    UnnumberedReplay,
+}
+
+/// Checks a received mirror frame (outer Ethernet header, mirror header,
+/// inner frame, maybe link padding) against the receiver's rules: its
+/// mirror header (host order) and the inner frame without the padding.
+pub fn parse_mirror_frame(frame: &[u8]) -> Result<(MirrorHeader, &[u8]), MirrorRefusal> {
+    const HEADER: usize = size_of::<MirrorHeader>();
+    let (Some(outer), Some(wire)) = (frame.get(..14), frame.get(14..14 + HEADER)) else {
+        return Err(MirrorRefusal::Short);
+    };
+    if u16::from_be_bytes([outer[12], outer[13]]) != ETH_P_MIRROR {
+        return Err(MirrorRefusal::EtherType);
+    }
+    let mut bytes = [0u8; HEADER];
+    bytes.copy_from_slice(wire);
+    let header = MirrorHeader::from_wire(&bytes);
+    if header.version != MIRROR_VERSION {
+        return Err(MirrorRefusal::Version);
+    }
+    if header.header_len as usize != HEADER {
+        return Err(MirrorRefusal::HeaderLen);
+    }
+    let inner = &frame[MIRROR_OVERHEAD as usize..];
+    if header.frame_len < 14 || header.frame_len as usize > inner.len() {
+        return Err(MirrorRefusal::FrameLen);
+    }
+    if header.seq == 0 && header.flags & MIRROR_FLAG_REPLAY != 0 {
+        return Err(MirrorRefusal::UnnumberedReplay);
+    }
+    Ok((header, &inner[..header.frame_len as usize]))
+}
+
 /// What the XDP capture hands to the TC mirror program in the packet metadata.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -304,4 +384,46 @@ mod pod {
     unsafe impl aya::Pod for Gate {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for RecordHeader {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_frames_parse_back() {
+        let config = Config {
+            mirror_dst_mac: [2, 0, 0, 0, 0, 2],
+            mirror_src_mac: [2, 0, 0, 0, 0, 1],
+            ..Default::default()
+        };
+        let meta = CaptureMeta {
+            flow_id: 7,
+            seq: 42,
+            timestamp_ns: 1_000_000_007,
+            ..Default::default()
+        };
+        let mut frame = [0u8; MIRROR_OVERHEAD as usize + 60 + 4];
+        frame[..MIRROR_OVERHEAD as usize].copy_from_slice(&mirror_headers(&config, &meta, 60));
+        frame[MIRROR_OVERHEAD as usize] = 0xaa;
+        let (header, inner) = parse_mirror_frame(&frame).unwrap();
+        assert_eq!((header.flow_id, header.seq, header.frame_len), (7, 42, 60));
+        assert_eq!(header.timestamp_ns, 1_000_000_007);
+        assert_eq!((inner.len(), inner[0]), (60, 0xaa));
+        assert_eq!(header.to_wire(), frame[14..MIRROR_OVERHEAD as usize]);
+
+        let short = &frame[..MIRROR_OVERHEAD as usize + 13];
+        assert_eq!(parse_mirror_frame(short), Err(MirrorRefusal::FrameLen));
+        assert_eq!(parse_mirror_frame(&frame[..45]), Err(MirrorRefusal::Short));
+        let mut replay = frame;
+        replay[16..18].copy_from_slice(&MIRROR_FLAG_REPLAY.to_be_bytes());
+        replay[22..30].fill(0);
+        assert_eq!(
+            parse_mirror_frame(&replay),
+            Err(MirrorRefusal::UnnumberedReplay)
+        );
+        let mut version = frame;
+        version[14] = 2;
+        assert_eq!(parse_mirror_frame(&version), Err(MirrorRefusal::Version));
+    }
 }

@@ -43,9 +43,23 @@ pub struct DaemonConfig {
     /// Group that may use the control socket (mode 0660). Default: root's group only.
     #[serde(default)]
     pub socket_group: Option<String>,
+    /// Requests a second one control connection may send; 0: no limit. Default: 100.
+    #[serde(default = "default_socket_rate")]
+    pub socket_rate: u32,
+    /// Requests one control connection may send at once above that rate. Default: 200.
+    #[serde(default = "default_socket_burst")]
+    pub socket_burst: u32,
+    /// Control connections open at once; more are refused. Default: 64.
+    #[serde(default = "default_socket_max_connections")]
+    pub socket_max_connections: u32,
     /// Address the peer link listens on, "ADDR:PORT". Default: none (no peer link).
     #[serde(default)]
     pub peer_listen: Option<SocketAddr>,
+    /// The peer link's shared key, hex (at least 16 bytes; `openssl rand -hex
+    /// 32`): both daemons must have the same. Default: none (an
+    /// unauthenticated peer link, with a warning at start).
+    #[serde(default)]
+    pub peer_key: Option<crate::peer::PeerKey>,
     /// Where checkpoint images received from a peer go. Default: /var/lib/dataplane/images.
     #[serde(default = "default_images_dir")]
     pub images_dir: PathBuf,
@@ -80,6 +94,15 @@ fn default_input_ring_mib() -> u32 {
 fn default_output_ring_mib() -> u32 {
     16
 }
+fn default_socket_rate() -> u32 {
+    100
+}
+fn default_socket_burst() -> u32 {
+    200
+}
+fn default_socket_max_connections() -> u32 {
+    64
+}
 fn default_socket() -> PathBuf {
     PathBuf::from(DEFAULT_SOCKET)
 }
@@ -104,6 +127,8 @@ pub enum ConfigError {
     PeerMac(String),
     #[error("standby_interface needs {0} too")]
     Standby(&'static str),
+    #[error("socket_max_connections must be at least 1")]
+    NoConnections,
 }
 
 impl DaemonConfig {
@@ -113,13 +138,25 @@ impl DaemonConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|e| match e {
+        let config = Self::parse(&text).map_err(|e| match e {
             ConfigError::Parse { source, .. } => ConfigError::Parse {
                 path: path.to_owned(),
                 source,
             },
             other => other,
-        })
+        })?;
+        if config.peer_key.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode());
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    "{} holds the peer_key and is readable by others (mode {:o}): chmod 600 it",
+                    path.display(),
+                    mode & 0o777
+                );
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and checks a configuration text.
@@ -129,6 +166,9 @@ impl DaemonConfig {
             source: Box::new(source),
         })?;
         config.load_options()?;
+        if config.socket_max_connections == 0 {
+            return Err(ConfigError::NoConnections);
+        }
         Ok(config)
     }
 
@@ -180,6 +220,15 @@ mod tests {
         assert_eq!(config.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!((config.input_ring_mib, config.output_ring_mib), (64, 16));
         assert_eq!(config.peer_listen, None);
+        assert_eq!(config.peer_key, None);
+        assert_eq!(
+            (
+                config.socket_rate,
+                config.socket_burst,
+                config.socket_max_connections
+            ),
+            (100, 200, 64)
+        );
         let options = config.load_options().unwrap();
         assert_eq!(options.input_ring_bytes, 64 << 20);
     }
@@ -201,5 +250,20 @@ mod tests {
         assert!(DaemonConfig::parse("").is_err(), "interface is required");
         let bad_mac = DaemonConfig::parse("interface = \"eth0\"\npeer_mac = \"nope\"");
         assert!(matches!(bad_mac, Err(ConfigError::PeerMac(_))));
+    }
+
+    #[test]
+    fn peer_keys_are_checked_when_read() {
+        let key = "0123456789abcdef".repeat(4);
+        let config = DaemonConfig::parse(&format!("interface = \"eth0\"\npeer_key = \"{key}\""));
+        assert_eq!(
+            config.unwrap().peer_key,
+            Some(crate::peer::PeerKey::from_hex(&key).unwrap())
+        );
+        for bad in ["\"short\"", "\"abcd\"", "\"xyz0\"", "42"] {
+            let parsed = DaemonConfig::parse(&format!("interface = \"eth0\"\npeer_key = {bad}"));
+            let error = parsed.unwrap_err().to_string();
+            assert!(error.contains("peer_key"), "{bad}: {error}");
+        }
     }
 }

@@ -12,14 +12,18 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
-/// Longest request line the daemon reads; longer ones get `INVALID_REQUEST`.
-pub const MAX_LINE: usize = 1 << 20;
+/// Longest request line the daemon reads (64 KiB); longer ones get
+/// `INVALID_REQUEST` and are skipped up to their newline without being kept.
+pub const MAX_LINE: usize = 64 << 10;
+/// Most bytes of one over-long line the daemon skips (4 MiB): a connection
+/// that sends more without a newline gets `INVALID_REQUEST` and is closed.
+pub const MAX_SKIP: usize = 4 << 20;
 
 /// Stable error codes: JSON-RPC's own, and the daemon's in -32000..-32099.
 pub mod code {
     /// The line is not JSON.
     pub const PARSE_ERROR: i64 = -32700;
-    /// Not a JSON-RPC 2.0 request, or a line over 1 MiB.
+    /// Not a JSON-RPC 2.0 request, or a line over 64 KiB.
     pub const INVALID_REQUEST: i64 = -32600;
     /// No such method.
     pub const METHOD_NOT_FOUND: i64 = -32601;
@@ -39,18 +43,51 @@ pub mod code {
     pub const STREAMING: i64 = -32005;
     /// The peer daemon could not be reached or refused the link.
     pub const PEER: i64 = -32006;
+    /// This connection sent requests faster than `socket_rate` (bursts of
+    /// `socket_burst`): the request was not run; retry after a pause.
+    pub const RATE_LIMITED: i64 = -32007;
+    /// `socket_max_connections` connections are open already: this one is
+    /// closed after the reply.
+    pub const BUSY: i64 = -32008;
 }
 
-/// A JSON-RPC request as it arrives.
-#[derive(Debug, Deserialize)]
+/// A JSON-RPC request as it arrives: a JSON object. (A derived
+/// `Deserialize` would also take an array of the fields in order, such as
+/// `["2.0", 1, "status"]`, which is not a request.)
+#[derive(Debug)]
 pub struct Request {
     pub jsonrpc: String,
     /// Absent for a notification; echoed in the response otherwise.
-    #[serde(default)]
     pub id: Option<Value>,
     pub method: String,
-    #[serde(default)]
     pub params: Value,
+}
+
+impl<'de> Deserialize<'de> for Request {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Fields {
+            jsonrpc: String,
+            #[serde(default)]
+            id: Option<Value>,
+            method: String,
+            #[serde(default)]
+            params: Value,
+        }
+        let object = serde_json::Map::deserialize(deserializer)?;
+        let Fields {
+            jsonrpc,
+            id,
+            method,
+            params,
+        } = Fields::deserialize(Value::Object(object)).map_err(serde::de::Error::custom)?;
+        Ok(Self {
+            jsonrpc,
+            id,
+            method,
+            params,
+        })
+    }
 }
 
 /// A JSON-RPC error object.
@@ -116,20 +153,49 @@ pub fn notification(method: &str, params: Value) -> String {
     s
 }
 
+/// Parses one request line as the daemon does: the request, or the error
+/// response to send (`PARSE_ERROR` for a line that is not JSON,
+/// `INVALID_REQUEST` for JSON that is not a JSON-RPC 2.0 request, echoing
+/// its `id` if it has one).
+pub fn parse_request(text: &[u8]) -> Result<Request, Box<Response>> {
+    let value: Value = match serde_json::from_slice(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let error = RpcError::new(code::PARSE_ERROR, format!("not JSON: {e}"));
+            return Err(Box::new(Response::to(Value::Null, Err(error))));
+        }
+    };
+    let id = value.get("id").cloned().unwrap_or(Value::Null);
+    match serde_json::from_value::<Request>(value) {
+        Ok(r) if r.jsonrpc == "2.0" => Ok(r),
+        _ => {
+            let error = RpcError::new(
+                code::INVALID_REQUEST,
+                "not a JSON-RPC 2.0 request: send {\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"status\"}",
+            );
+            Err(Box::new(Response::to(id, Err(error))))
+        }
+    }
+}
+
 /// One line read from a client.
 pub enum Line {
     /// A complete line, without its newline.
     Text(Vec<u8>),
     /// A line over [`MAX_LINE`], read and discarded up to its newline.
     TooLong,
+    /// Over [`MAX_SKIP`] bytes without a newline: the connection should close.
+    Endless,
     /// The client closed the connection.
     Closed,
 }
 
-/// Reads one line of at most [`MAX_LINE`] bytes, never buffering more.
+/// Reads one line of at most [`MAX_LINE`] bytes, never buffering more; an
+/// over-long line is skipped up to its newline, for at most [`MAX_SKIP`] bytes.
 pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Result<Line> {
     let mut line = Vec::new();
     let mut too_long = false;
+    let mut skipped = 0usize;
     loop {
         let buf = reader.fill_buf().await?;
         if buf.is_empty() {
@@ -155,6 +221,12 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Resu
         }
         let used = done.unwrap_or(buf.len());
         reader.consume(used);
+        if too_long {
+            skipped += used;
+            if done.is_none() && skipped > MAX_SKIP {
+                return Ok(Line::Endless);
+            }
+        }
         if done.is_some() {
             return Ok(if too_long {
                 Line::TooLong
@@ -163,6 +235,66 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Resu
             });
         }
     }
+}
+
+/// A token bucket: `rate` requests a second, bursts of up to `burst`.
+#[derive(Clone, Debug)]
+pub struct RateLimit {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+impl RateLimit {
+    /// A full bucket; `rate` 0 allows everything.
+    pub fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: rate.into(),
+            burst: burst.max(1).into(),
+            tokens: burst.max(1).into(),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token at `now`: whether the request may run.
+    pub fn allow(&mut self, now: std::time::Instant) -> bool {
+        if self.rate == 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now.max(self.last);
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The `RATE_LIMITED` reply to a request line, echoing its `id`; none for a
+/// notification (a JSON object without an `id`), which is dropped.
+pub fn rate_limited(text: &[u8], rate: u32, burst: u32) -> Option<Response> {
+    #[derive(Deserialize)]
+    struct IdOnly {
+        #[serde(default)]
+        id: Option<Value>,
+    }
+    let id = match serde_json::from_slice::<IdOnly>(text) {
+        Ok(IdOnly { id: None }) => return None,
+        Ok(IdOnly { id: Some(id) }) => id,
+        Err(_) => Value::Null,
+    };
+    let error = RpcError::new(
+        code::RATE_LIMITED,
+        format!(
+            "rate limited: over {rate} requests a second (bursts of {burst}) on this connection; \
+             the request was not run, retry after a pause"
+        ),
+    );
+    Some(Response::to(id, Err(error)))
 }
 
 /// Why a call through [`Client`] failed.
@@ -239,6 +371,7 @@ mod tests {
             match read_line(&mut reader).await.unwrap() {
                 Line::Text(t) => out.push(String::from_utf8(t).unwrap()),
                 Line::TooLong => out.push("<too long>".into()),
+                Line::Endless => out.push("<endless>".into()),
                 Line::Closed => return out,
             }
         }
@@ -253,6 +386,72 @@ mod tests {
         let mut exact = vec![b'y'; MAX_LINE];
         exact.push(b'\n');
         assert_eq!(lines(&exact).await[0].len(), MAX_LINE);
+    }
+
+    #[tokio::test]
+    async fn an_endless_line_ends_the_connection() {
+        let mut endless = vec![b'z'; MAX_SKIP + 2 * MAX_LINE + 2];
+        endless.extend_from_slice(b"\nnext\n");
+        let mut reader = tokio::io::BufReader::new(&endless[..]);
+        assert!(matches!(
+            read_line(&mut reader).await.unwrap(),
+            Line::Endless
+        ));
+        let mut skippable = vec![b'z'; MAX_SKIP];
+        skippable.extend_from_slice(b"\nnext\n");
+        assert_eq!(lines(&skippable).await, ["<too long>", "next"]);
+    }
+
+    #[test]
+    fn the_token_bucket_allows_bursts_then_the_rate() {
+        let mut limit = RateLimit::new(100, 200);
+        let start = std::time::Instant::now();
+        assert_eq!((0..300).filter(|_| limit.allow(start)).count(), 200);
+        let later = start + std::time::Duration::from_millis(100);
+        assert_eq!((0..300).filter(|_| limit.allow(later)).count(), 10);
+        let much_later = start + std::time::Duration::from_secs(60);
+        assert_eq!((0..300).filter(|_| limit.allow(much_later)).count(), 200);
+        let mut unlimited = RateLimit::new(0, 0);
+        assert!((0..10_000).all(|_| unlimited.allow(start)));
+    }
+
+    #[test]
+    fn rate_limited_replies_echo_the_id() {
+        let reply = rate_limited(br#"{"jsonrpc":"2.0","id":7,"method":"status"}"#, 100, 200);
+        let reply = reply.unwrap();
+        assert_eq!(reply.id, Value::from(7));
+        assert_eq!(reply.error.unwrap().code, code::RATE_LIMITED);
+        assert!(rate_limited(br#"{"jsonrpc":"2.0","method":"status"}"#, 1, 1).is_none());
+        assert_eq!(rate_limited(b"garbage", 1, 1).unwrap().id, Value::Null);
+    }
+
+    /// Found with the control_request fuzz target's property: an array of
+    /// the fields in order parsed as a request (and was answered with id null).
+    #[test]
+    fn only_objects_are_requests() {
+        let request = parse_request(br#"{"jsonrpc":"2.0","id":1,"method":"status"}"#).unwrap();
+        assert_eq!(
+            (request.id, request.method.as_str()),
+            (Some(Value::from(1)), "status")
+        );
+        assert_eq!(request.params, Value::Null);
+        let request = parse_request(br#"{"jsonrpc":"2.0","id":null,"method":"m"}"#).unwrap();
+        assert_eq!(request.id, None);
+        for line in [
+            &br#"["2.0",1,"status"]"#[..],
+            br#"["2.0",null,"flow.add",{"cps":"192.0.2.1:4000"}]"#,
+            br#"[{"jsonrpc":"2.0","id":1,"method":"status"}]"#,
+            br#""2.0""#,
+            br#"{"jsonrpc":"2.0","id":1}"#,
+            br#"{"jsonrpc":"1.0","id":1,"method":"status"}"#,
+        ] {
+            let reply = parse_request(line).unwrap_err();
+            assert_eq!(reply.error.unwrap().code, code::INVALID_REQUEST, "{line:?}");
+        }
+        let reply = parse_request(br#"{"jsonrpc":"2.0","id":9,"method":7}"#).unwrap_err();
+        assert_eq!(reply.id, Value::from(9));
+        let reply = parse_request(b"{\"jsonrpc\"").unwrap_err();
+        assert_eq!(reply.error.unwrap().code, code::PARSE_ERROR);
     }
 
     #[test]

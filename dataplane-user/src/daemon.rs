@@ -27,7 +27,7 @@ use tokio::{
 use crate::{
     capture::{LogReader, Tap},
     config::DaemonConfig,
-    control::{self, Line, Request, Response, RpcError, code},
+    control::{self, Line, Response, RpcError, code},
     flow,
     loader::{Dataplane, LoadError, MAP_INPUTS, MAP_OUTPUTS},
     metrics, migration, peer,
@@ -128,6 +128,14 @@ impl Daemon {
         } else {
             tracing::info!(interface = %config.interface, pin_root = %options.pin_root.display(), "loaded the dataplane");
         }
+        match &config.peer_key {
+            Some(key) => peer::set_key(key.clone()),
+            None => tracing::warn!(
+                "no peer_key configured: the peer link is unauthenticated, and any host that \
+                 reaches peer_listen can drive a migration to this host; set the same peer_key \
+                 on both daemons"
+            ),
+        }
         Ok(Self {
             config,
             dataplane: Mutex::new(dataplane),
@@ -143,9 +151,6 @@ impl Daemon {
     /// Serves the control socket (and the peer link if configured) until SIGTERM or SIGINT.
     pub async fn serve(self) -> Result<(), DaemonError> {
         let daemon = Arc::new(self);
-        let listener = bind_socket(&daemon.config)?;
-        let socket_path = daemon.config.socket.clone();
-        tracing::info!(socket = %socket_path.display(), "serving the control socket");
         match daemon
             .dataplane
             .lock()
@@ -180,19 +185,48 @@ impl Daemon {
                 criu: daemon.config.criu(),
                 inputs: Some(taps.0.clone()),
                 outputs: Some(taps.1.clone()),
+                key: daemon.config.peer_key.clone(),
             };
             tokio::spawn(peer::serve(peers, host));
         }
+        // Last: a client that finds the socket finds the peer link up too.
+        let listener = bind_socket(&daemon.config)?;
+        let socket_path = daemon.config.socket.clone();
+        tracing::info!(socket = %socket_path.display(), "serving the control socket");
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
         let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        let connections = Arc::new(tokio::sync::Semaphore::new(
+            daemon.config.socket_max_connections as usize,
+        ));
+        let mut turned_away = 0u64;
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
-                        let daemon = daemon.clone();
-                        tokio::spawn(async move { daemon.serve_client(stream).await });
-                    }
+                    Ok((stream, _)) => match connections.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            let daemon = daemon.clone();
+                            tokio::spawn(async move {
+                                daemon.serve_client(stream).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => {
+                            turned_away += 1;
+                            let most = daemon.config.socket_max_connections;
+                            if turned_away.is_power_of_two() {
+                                let peer = stream.peer_cred().ok();
+                                tracing::warn!(
+                                    pid = peer.and_then(|c| c.pid()),
+                                    uid = peer.map(|c| c.uid()),
+                                    gid = peer.map(|c| c.gid()),
+                                    turned_away,
+                                    "refused a control connection: {most} are open"
+                                );
+                            }
+                            tokio::spawn(refuse_connection(stream, most));
+                        }
+                    },
                     Err(e) => tracing::warn!("accepting a control connection: {e}"),
                 },
                 _ = term.recv() => break,
@@ -213,6 +247,9 @@ impl Daemon {
         let (read, mut write) = stream.into_split();
         let mut reader = BufReader::new(read);
         let mut watching: Option<broadcast::Receiver<Value>> = None;
+        let (rate, burst) = (self.config.socket_rate, self.config.socket_burst);
+        let mut limit = control::RateLimit::new(rate, burst);
+        let mut limited = 0u64;
         loop {
             let line = match &mut watching {
                 None => control::read_line(&mut reader).await,
@@ -232,8 +269,44 @@ impl Daemon {
                     }
                 },
             };
+            if let Ok(Line::Text(_) | Line::TooLong) = &line
+                && !limit.allow(Instant::now())
+            {
+                limited += 1;
+                if limited.is_power_of_two() {
+                    tracing::warn!(
+                        pid = peer.and_then(|c| c.pid()),
+                        uid = peer.map(|c| c.uid()),
+                        gid = peer.map(|c| c.gid()),
+                        limited,
+                        "control connection rate limited: over {rate} requests a second"
+                    );
+                }
+                let text = match &line {
+                    Ok(Line::Text(text)) => &text[..],
+                    _ => b"",
+                };
+                if let Some(reply) = control::rate_limited(text, rate, burst)
+                    && write.write_all(reply.line().as_bytes()).await.is_err()
+                {
+                    return;
+                }
+                continue;
+            }
             let reply = match line {
                 Ok(Line::Closed) | Err(_) => return,
+                Ok(Line::Endless) => {
+                    let error = RpcError::new(
+                        code::INVALID_REQUEST,
+                        format!(
+                            "request line over {} bytes and no end in sight: closing the connection",
+                            control::MAX_SKIP
+                        ),
+                    );
+                    let reply = Response::to(Value::Null, Err(error)).line();
+                    let _ = write.write_all(reply.as_bytes()).await;
+                    return;
+                }
                 Ok(Line::TooLong) => Some(Response::to(
                     Value::Null,
                     Err(RpcError::new(
@@ -265,23 +338,9 @@ impl Daemon {
         streaming: bool,
         peer: Option<tokio::net::unix::UCred>,
     ) -> (Option<Response>, bool) {
-        let value: Value = match serde_json::from_slice(text) {
-            Ok(v) => v,
-            Err(e) => {
-                let error = RpcError::new(code::PARSE_ERROR, format!("not JSON: {e}"));
-                return (Some(Response::to(Value::Null, Err(error))), false);
-            }
-        };
-        let id = value.get("id").cloned().unwrap_or(Value::Null);
-        let request = match serde_json::from_value::<Request>(value) {
-            Ok(r) if r.jsonrpc == "2.0" => r,
-            _ => {
-                let error = RpcError::new(
-                    code::INVALID_REQUEST,
-                    "not a JSON-RPC 2.0 request: send {\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"status\"}",
-                );
-                return (Some(Response::to(id, Err(error))), false);
-            }
+        let request = match crate::control::parse_request(text) {
+            Ok(request) => request,
+            Err(response) => return (Some(*response), false),
         };
         let outcome = if streaming {
             Err(RpcError::new(
@@ -289,7 +348,7 @@ impl Daemon {
                 "this connection streams migration.watch notifications; send requests on another connection",
             ))
         } else {
-            if is_state_changing(&request.method) {
+            if !is_read_only(&request.method) {
                 tracing::info!(
                     method = %request.method,
                     pid = peer.and_then(|c| c.pid()),
@@ -301,7 +360,7 @@ impl Daemon {
             self.call(&request.method, request.params).await
         };
         let watch = request.method == "migration.watch" && outcome.is_ok();
-        let reply = request.id.map(|_| Response::to(id, outcome));
+        let reply = request.id.map(|id| Response::to(id, outcome));
         (reply, watch)
     }
 
@@ -365,6 +424,7 @@ impl Daemon {
             "services": self.services.lock().unwrap().values().collect::<Vec<_>>(),
             "migrations": self.migrations.lock().unwrap().values().map(|e| &e.report).collect::<Vec<_>>(),
             "peer_listen": self.config.peer_listen,
+            "peer_auth": self.config.peer_key.is_some(),
         }))
     }
 
@@ -627,7 +687,9 @@ impl Daemon {
         let PeerAddress { address } = parse(params)?;
         let peer_error =
             |e: peer::PeerError| RpcError::new(code::PEER, format!("peer {address}: {e}"));
-        let (mut stream, theirs) = peer::connect(address).await.map_err(peer_error)?;
+        let (mut stream, theirs) = peer::connect_with(address, self.config.peer_key.as_ref())
+            .await
+            .map_err(peer_error)?;
         let rtt = peer::ping(&mut stream).await.map_err(peer_error)?;
         Ok(
             json!({"host": theirs.host, "version": theirs.version, "rtt_us": rtt.as_micros() as u64}),
@@ -635,17 +697,34 @@ impl Daemon {
     }
 }
 
-/// Methods whose callers are logged with their credentials.
-fn is_state_changing(method: &str) -> bool {
+/// Methods that only read; every other request is logged with its
+/// caller's credentials (pid, uid, gid).
+fn is_read_only(method: &str) -> bool {
     matches!(
         method,
-        "flow.add"
-            | "flow.remove"
-            | "service.register"
-            | "service.unregister"
-            | "migration.start"
-            | "migration.abort"
+        "status"
+            | "metrics"
+            | "flow.list"
+            | "service.list"
+            | "migration.status"
+            | "migration.watch"
     )
+}
+
+/// Tells a client over `socket_max_connections` why, and closes.
+async fn refuse_connection(mut stream: UnixStream, most: u32) {
+    let error = RpcError::new(
+        code::BUSY,
+        format!(
+            "{most} control connections are open already (socket_max_connections): close one and retry"
+        ),
+    );
+    let reply = Response::to(Value::Null, Err(error)).line();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        stream.write_all(reply.as_bytes()),
+    )
+    .await;
 }
 
 #[derive(Deserialize)]

@@ -79,21 +79,7 @@ impl Injector {
         if thread_netns().ok() != Some(self.netns) {
             return Err(ReplayError::WrongNamespace);
         }
-        let h = record.header;
-        let config = Config {
-            mirror_dst_mac: self.interface.mac,
-            mirror_src_mac: self.interface.mac,
-            ..Default::default()
-        };
-        let meta = CaptureMeta {
-            flow_id: h.flow_id,
-            seq: h.seq,
-            timestamp_ns: h.timestamp_ns,
-            ..Default::default()
-        };
-        let mut frame = mirror_headers(&config, &meta, record.frame.len() as u32).to_vec();
-        frame[16..18].copy_from_slice(&MIRROR_FLAG_REPLAY.to_be_bytes());
-        frame.extend_from_slice(&record.frame);
+        let frame = replay_frame(self.interface.mac, record);
         // The kernel wants data_end to be the frame's length (no metadata in front).
         let ctx = XdpMd {
             data_end: frame.len() as u32,
@@ -113,6 +99,31 @@ impl Injector {
                 ..Default::default()
             })
             .map(drop)
-            .map_err(|source| ReplayError::Inject { seq: h.seq, source })
+            .map_err(|source| ReplayError::Inject {
+                seq: record.header.seq,
+                source,
+            })
     }
+}
+
+/// A logged input as a replayed mirror frame addressed to `mac`: the
+/// receive path logs nothing for it and passes it to the flow's gate under
+/// the record's number.
+pub fn replay_frame(mac: [u8; 6], record: &Record) -> Vec<u8> {
+    let h = record.header;
+    let config = Config {
+        mirror_dst_mac: mac,
+        mirror_src_mac: mac,
+        ..Default::default()
+    };
+    let meta = CaptureMeta {
+        flow_id: h.flow_id,
+        seq: h.seq,
+        timestamp_ns: h.timestamp_ns,
+        ..Default::default()
+    };
+    let mut frame = mirror_headers(&config, &meta, record.frame.len() as u32).to_vec();
+    frame[16..18].copy_from_slice(&MIRROR_FLAG_REPLAY.to_be_bytes());
+    frame.extend_from_slice(&record.frame);
+    frame
 }

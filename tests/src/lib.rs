@@ -751,6 +751,8 @@ pub struct MigrationSetup {
 
 /// The destination daemon's peer link address in [`MigrationSetup`].
 pub const DST_PEER: &str = "198.51.100.2:7070";
+/// The `peer_key` both daemons of [`MigrationSetup`] share.
+pub const PEER_KEY: &str = "6d6967726174696f6e2d746573742d6b65792d6f662d33322d62797465732121";
 
 impl MigrationSetup {
     /// Builds it; `controller_args` go to the controller after its address.
@@ -788,7 +790,8 @@ impl MigrationSetup {
             format!(
                 "interface = \"eth0\"\npeer_interface = \"peer0\"\npeer_mac = \"{mac}\"\n\
                  pin_root = \"{}\"\ninput_ring_mib = 8\noutput_ring_mib = 4\n\
-                 images_dir = \"/tmp/dataplane-test-{}-{tag}-{host}-images\"\n{listen}",
+                 images_dir = \"/tmp/dataplane-test-{}-{tag}-{host}-images\"\n\
+                 peer_key = \"{PEER_KEY}\"\n{listen}",
                 hosts.pin_root(host).display(),
                 std::process::id(),
             )

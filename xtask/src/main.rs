@@ -1,4 +1,5 @@
 //! `cargo xtask <command>`: the one entry point for setup, tests and the demo.
+mod fuzz;
 mod setup;
 
 use std::process::Command;
@@ -39,6 +40,12 @@ enum Task {
         /// checkpoint: SIZE_MIB...).
         args: Vec<String>,
     },
+    /// Set up, install cargo-fuzz if missing, and run each fuzz target of
+    /// `fuzz/` for SECONDS (default 60); fails if any finds a crash.
+    Fuzz {
+        #[arg(default_value_t = 60)]
+        seconds: u64,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -67,6 +74,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Cutover => run_bin("bench-cutover", &args),
             Bench::Checkpoint => run_bin("bench-checkpoint", &args),
         },
+        Task::Fuzz { seconds } => fuzz::run(seconds),
     }
 }
 

@@ -6,11 +6,23 @@
 //! connecting daemon, `WELCOME` or `REFUSE` back, each with a JSON payload.
 //! A peer that speaks another version, or anything that is not a hello, is
 //! refused with a `REFUSE` frame saying why, logged, and disconnected.
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Instant};
+//!
+//! With a shared [`PeerKey`] (`peer_key` in both daemons' configuration) the
+//! handshake authenticates both ends: the hello carries the connector's
+//! fresh nonce, the welcome the listener's nonce and its HMAC-SHA256 proof
+//! over both, and the connector answers with `AUTH`, its own proof, before
+//! the listener acts on anything (`AUTH_OK`). A peer that fails, or does
+//! not authenticate, is refused, logged with its address and disconnected.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
@@ -54,6 +66,10 @@ pub mod frame {
     pub const MIGRATE: u8 = 14;
     /// The destination's answer to a step: JSON `{"ok": VALUE}` or `{"error": TEXT}`.
     pub const MIGRATED: u8 = 15;
+    /// The connector's proof, after a WELCOME with the listener's: JSON `{"proof": HEX}`.
+    pub const AUTH: u8 = 16;
+    /// The listener accepted the connector's proof: the link is up.
+    pub const AUTH_OK: u8 = 17;
 }
 
 /// The handshake payload, both ways.
@@ -63,6 +79,12 @@ pub struct Hello {
     pub version: u32,
     /// The sending host's name, for logs.
     pub host: String,
+    /// With a [`PeerKey`]: the sender's fresh random nonce, 32 bytes in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
+    /// In a WELCOME with a [`PeerKey`]: the listener's proof, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
 }
 
 impl Hello {
@@ -74,6 +96,8 @@ impl Hello {
             host: nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default(),
+            nonce: None,
+            proof: None,
         }
     }
 }
@@ -93,11 +117,13 @@ pub enum PeerError {
     Version(u32),
     #[error("checkpoint images: {0}")]
     Images(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
 }
 
 /// Writes one frame.
-pub async fn write_frame(
-    stream: &mut TcpStream,
+pub async fn write_frame<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     kind: u8,
     payload: &[u8],
 ) -> Result<(), PeerError> {
@@ -115,7 +141,10 @@ pub async fn write_frame(
 }
 
 /// Reads one frame of at most `limit` bytes: (type, payload).
-pub async fn read_frame(stream: &mut TcpStream, limit: u32) -> Result<(u8, Vec<u8>), PeerError> {
+pub async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    limit: u32,
+) -> Result<(u8, Vec<u8>), PeerError> {
     let len = stream.read_u32().await?;
     if len == 0 || len > limit {
         return Err(PeerError::TooLong(len, limit));
@@ -129,33 +158,97 @@ pub async fn read_frame(stream: &mut TcpStream, limit: u32) -> Result<(u8, Vec<u
 /// How long connecting and the handshake may take.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long the listener waits for a connecting daemon's hello and proof.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Handshakes the listener runs at once; further connections are closed.
+pub const MAX_HANDSHAKES: usize = 32;
+
+/// The key [`connect`] authenticates with: the daemon's `peer_key`.
+static OUR_KEY: OnceLock<PeerKey> = OnceLock::new();
+
+/// Sets the key [`connect`] authenticates with (the daemon does, from its
+/// `peer_key`, at start); only the first call counts.
+pub fn set_key(key: PeerKey) {
+    let _ = OUR_KEY.set(key);
+}
+
 /// Connects to the peer daemon at `address` and completes the handshake,
-/// within [`CONNECT_TIMEOUT`].
+/// within [`CONNECT_TIMEOUT`], authenticating with the key [`set_key`] set
+/// (none: an unauthenticated link).
 pub async fn connect(address: SocketAddr) -> Result<(TcpStream, Hello), PeerError> {
-    tokio::time::timeout(CONNECT_TIMEOUT, handshake(address))
+    connect_with(address, OUR_KEY.get()).await
+}
+
+/// [`connect`] with `key` (or none).
+pub async fn connect_with(
+    address: SocketAddr,
+    key: Option<&PeerKey>,
+) -> Result<(TcpStream, Hello), PeerError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, handshake(address, key))
         .await
         .map_err(|_| PeerError::Io(std::io::ErrorKind::TimedOut.into()))?
 }
 
-async fn handshake(address: SocketAddr) -> Result<(TcpStream, Hello), PeerError> {
+async fn handshake(
+    address: SocketAddr,
+    key: Option<&PeerKey>,
+) -> Result<(TcpStream, Hello), PeerError> {
     let mut stream = TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
-    let hello = serde_json::to_vec(&Hello::ours()).expect("a hello serializes");
+    let nonce = key.map(|_| random_nonce()).transpose()?;
+    let hello = Hello {
+        nonce: nonce.as_ref().map(|n| to_hex(n)),
+        ..Hello::ours()
+    };
+    let hello = serde_json::to_vec(&hello).expect("a hello serializes");
     write_frame(&mut stream, frame::HELLO, &hello).await?;
-    let (kind, payload) = read_frame(&mut stream, MAX_HELLO).await?;
-    match kind {
-        frame::WELCOME => {
-            let theirs: Hello = serde_json::from_slice(&payload)
-                .map_err(|e| PeerError::Garbage(format!("welcome: {e}")))?;
-            Ok((stream, theirs))
+    let theirs = match read_frame(&mut stream, MAX_HELLO).await? {
+        (frame::WELCOME, payload) => serde_json::from_slice::<Hello>(&payload)
+            .map_err(|e| PeerError::Garbage(format!("welcome: {e}")))?,
+        (frame::REFUSE, reason) => {
+            return Err(PeerError::Refused(
+                String::from_utf8_lossy(&reason).into_owned(),
+            ));
         }
-        frame::REFUSE => Err(PeerError::Refused(
-            String::from_utf8_lossy(&payload).into_owned(),
-        )),
-        other => Err(PeerError::Garbage(format!(
-            "frame type {other} instead of a welcome"
-        ))),
-    }
+        (other, _) => {
+            return Err(PeerError::Garbage(format!(
+                "frame type {other} instead of a welcome"
+            )));
+        }
+    };
+    let (Some(key), Some(ours)) = (key, nonce) else {
+        return Ok((stream, theirs));
+    };
+    let theirs_nonce = theirs.nonce.as_deref().and_then(from_hex);
+    let proof = theirs.proof.as_deref().and_then(from_hex);
+    let failure = match (theirs_nonce, proof) {
+        (Some(nonce), Some(proof)) if nonce.len() == NONCE_BYTES => {
+            if key.verify(Role::Listener, &ours, &nonce, &proof) {
+                let proof = key.prove(Role::Connector, &ours, &nonce);
+                let auth = serde_json::json!({ "proof": to_hex(&proof) });
+                write_frame(&mut stream, frame::AUTH, auth.to_string().as_bytes()).await?;
+                return match read_frame(&mut stream, MAX_HELLO).await? {
+                    (frame::AUTH_OK, _) => Ok((stream, theirs)),
+                    (frame::REFUSE, reason) => Err(PeerError::Refused(
+                        String::from_utf8_lossy(&reason).into_owned(),
+                    )),
+                    (other, _) => Err(PeerError::Garbage(format!(
+                        "frame type {other} instead of accepting our proof"
+                    ))),
+                };
+            }
+            "the listener's proof does not match this daemon's peer_key: \
+             the two daemons' peer_key differ"
+        }
+        _ => {
+            "the listener did not authenticate (it has no peer_key?): \
+             configure the same peer_key on both daemons"
+        }
+    };
+    // Tell the listener why, so that its log says so too.
+    let reason = PeerError::Auth(failure.into());
+    let _ = write_frame(&mut stream, frame::REFUSE, reason.to_string().as_bytes()).await;
+    Err(reason)
 }
 
 /// Round trip of one PING on an established link.
@@ -171,7 +264,7 @@ pub async fn ping(stream: &mut TcpStream) -> Result<std::time::Duration, PeerErr
 }
 
 /// Checks a hello; the reason for refusing it otherwise.
-fn check_hello(kind: u8, payload: &[u8]) -> Result<Hello, PeerError> {
+pub fn check_hello(kind: u8, payload: &[u8]) -> Result<Hello, PeerError> {
     if kind != frame::HELLO {
         return Err(PeerError::Garbage(format!(
             "frame type {kind} before a hello"
@@ -204,6 +297,8 @@ pub struct Host {
     /// The daemon's readers of the input and output logs.
     pub inputs: Option<Arc<crate::capture::Tap>>,
     pub outputs: Option<Arc<crate::capture::Tap>>,
+    /// The shared key connecting daemons must prove; none: unauthenticated links.
+    pub key: Option<PeerKey>,
 }
 
 /// Asks the destination for one migration step; its answer.
@@ -214,20 +309,7 @@ pub async fn migrate_step(
     let request = serde_json::to_vec(step).expect("a step serializes");
     write_frame(stream, frame::MIGRATE, &request).await?;
     match read_frame(stream, MAX_FRAME).await? {
-        (frame::MIGRATED, payload) => {
-            let mut answer: serde_json::Map<String, serde_json::Value> =
-                serde_json::from_slice(&payload)
-                    .map_err(|e| PeerError::Garbage(format!("migration answer: {e}")))?;
-            match (answer.remove("ok"), answer.remove("error")) {
-                (Some(ok), None) => Ok(ok),
-                (None, Some(error)) => Err(PeerError::Refused(
-                    error.as_str().unwrap_or_default().to_string(),
-                )),
-                _ => Err(PeerError::Garbage(
-                    "migration answer without ok or error".into(),
-                )),
-            }
-        }
+        (frame::MIGRATED, payload) => migration_answer(&payload),
         (frame::REFUSE, reason) => Err(PeerError::Refused(
             String::from_utf8_lossy(&reason).into_owned(),
         )),
@@ -237,15 +319,40 @@ pub async fn migrate_step(
     }
 }
 
+/// The destination's answer to a step, from a `MIGRATED` frame's payload.
+pub fn migration_answer(payload: &[u8]) -> Result<serde_json::Value, PeerError> {
+    let mut answer: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(payload)
+        .map_err(|e| PeerError::Garbage(format!("migration answer: {e}")))?;
+    match (answer.remove("ok"), answer.remove("error")) {
+        (Some(ok), None) => Ok(ok),
+        (None, Some(error)) => Err(PeerError::Refused(
+            error.as_str().unwrap_or_default().to_string(),
+        )),
+        _ => Err(PeerError::Garbage(
+            "migration answer without ok or error".into(),
+        )),
+    }
+}
+
 /// Accepts peer links on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, host: Host) {
     let host = Arc::new(host);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let mut turned_away = 0u64;
     loop {
         match listener.accept().await {
             Ok((stream, from)) => {
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    turned_away += 1;
+                    if turned_away.is_power_of_two() {
+                        tracing::warn!(%from, turned_away,
+                            "closed a peer link: {MAX_HANDSHAKES} handshakes in progress already");
+                    }
+                    continue;
+                };
                 let host = host.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_one(stream, from, &host).await {
+                    if let Err(e) = serve_one(stream, from, &host, permit).await {
                         tracing::warn!(%from, "peer link closed: {e}");
                     }
                 });
@@ -255,13 +362,23 @@ pub async fn serve(listener: TcpListener, host: Host) {
     }
 }
 
-async fn serve_one(mut stream: TcpStream, from: SocketAddr, host: &Host) -> Result<(), PeerError> {
+async fn serve_one(
+    mut stream: TcpStream,
+    from: SocketAddr,
+    host: &Host,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(), PeerError> {
     stream.set_nodelay(true)?;
-    let hello = match read_frame(&mut stream, MAX_HELLO).await {
-        Ok((kind, payload)) => check_hello(kind, &payload),
-        Err(e) => Err(e),
-    };
-    let hello = match hello {
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(&mut stream, host.key.as_ref()))
+        .await
+        .unwrap_or_else(|_| {
+            Err(PeerError::Garbage(format!(
+                "no handshake within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            )))
+        });
+    drop(handshake);
+    let hello = match accepted {
         Ok(hello) => hello,
         Err(reason) => {
             tracing::warn!(%from, "refused a peer link: {reason}");
@@ -270,9 +387,8 @@ async fn serve_one(mut stream: TcpStream, from: SocketAddr, host: &Host) -> Resu
             return Ok(());
         }
     };
-    tracing::info!(%from, host = %hello.host, version = hello.version, "peer link up");
-    let welcome = serde_json::to_vec(&Hello::ours()).expect("a hello serializes");
-    write_frame(&mut stream, frame::WELCOME, &welcome).await?;
+    tracing::info!(%from, host = %hello.host, version = hello.version,
+        authenticated = host.key.is_some(), "peer link up");
     // A migration to this host, driven over this link.
     let mut target: Option<target::Target> = None;
     loop {
@@ -348,6 +464,203 @@ async fn serve_one(mut stream: TcpStream, from: SocketAddr, host: &Host) -> Resu
     }
 }
 
+/// The listener's side of the handshake: the connector's hello, checked,
+/// and with a key both proofs; nothing else is read before it succeeds.
+async fn accept(stream: &mut TcpStream, key: Option<&PeerKey>) -> Result<Hello, PeerError> {
+    let (kind, payload) = read_frame(stream, MAX_HELLO).await?;
+    let hello = check_hello(kind, &payload)?;
+    let (key, theirs) = match (key, hello.nonce.as_deref()) {
+        (None, None) => {
+            let welcome = serde_json::to_vec(&Hello::ours()).expect("a hello serializes");
+            write_frame(stream, frame::WELCOME, &welcome).await?;
+            return Ok(hello);
+        }
+        (None, Some(_)) => {
+            return Err(PeerError::Auth(
+                "the connecting daemon has a peer_key and this one has none: \
+                 configure the same peer_key on both daemons"
+                    .into(),
+            ));
+        }
+        (Some(_), None) => {
+            return Err(PeerError::Auth(
+                "this daemon requires authentication (peer_key) and the connecting daemon \
+                 sent none: configure the same peer_key on both daemons"
+                    .into(),
+            ));
+        }
+        (Some(key), Some(nonce)) => match from_hex(nonce) {
+            Some(nonce) if nonce.len() == NONCE_BYTES => (key, nonce),
+            _ => {
+                return Err(PeerError::Auth(
+                    "the hello's nonce is not 32 bytes in hex".into(),
+                ));
+            }
+        },
+    };
+    let ours = random_nonce()?;
+    let welcome = Hello {
+        nonce: Some(to_hex(&ours)),
+        proof: Some(to_hex(&key.prove(Role::Listener, &theirs, &ours))),
+        ..Hello::ours()
+    };
+    let welcome = serde_json::to_vec(&welcome).expect("a hello serializes");
+    write_frame(stream, frame::WELCOME, &welcome).await?;
+    let proof = match read_frame(stream, MAX_HELLO).await? {
+        (frame::AUTH, payload) => serde_json::from_slice::<serde_json::Value>(&payload)
+            .ok()
+            .and_then(|v| v.get("proof")?.as_str().and_then(from_hex)),
+        (frame::REFUSE, reason) => {
+            return Err(PeerError::Refused(
+                String::from_utf8_lossy(&reason).into_owned(),
+            ));
+        }
+        (other, _) => {
+            return Err(PeerError::Auth(format!(
+                "frame type {other} instead of the connecting daemon's proof"
+            )));
+        }
+    };
+    match proof {
+        Some(proof) if key.verify(Role::Connector, &theirs, &ours, &proof) => {
+            write_frame(stream, frame::AUTH_OK, &[]).await?;
+            Ok(hello)
+        }
+        Some(_) => Err(PeerError::Auth(
+            "the connecting daemon's proof does not match this daemon's peer_key: \
+             the two daemons' peer_key differ"
+                .into(),
+        )),
+        None => Err(PeerError::Auth(
+            "an AUTH frame without a proof in hex".into(),
+        )),
+    }
+}
+
+/// Bytes of a handshake nonce.
+const NONCE_BYTES: usize = 32;
+
+/// A fresh random nonce, from getrandom(2).
+fn random_nonce() -> Result<[u8; NONCE_BYTES], PeerError> {
+    let mut nonce = [0u8; NONCE_BYTES];
+    let mut filled = 0;
+    while filled < NONCE_BYTES {
+        // SAFETY: the pointer and length name the unfilled tail of `nonce`.
+        let n = unsafe {
+            libc::getrandom(nonce[filled..].as_mut_ptr().cast(), NONCE_BYTES - filled, 0)
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(PeerError::Io(e));
+            }
+        } else {
+            filled += n as usize;
+        }
+    }
+    Ok(nonce)
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// Which end of the link a proof speaks for: each signs its own label, so
+/// neither's proof can be replayed as the other's.
+#[derive(Clone, Copy)]
+enum Role {
+    Listener,
+    Connector,
+}
+
+/// The secret both daemons of a peer link share (`peer_key`): at least 16
+/// bytes, written as hex. Its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerKey(Vec<u8>);
+
+impl PeerKey {
+    /// Fewest bytes a key may have (32 hex digits); 32 bytes are recommended.
+    pub const MIN_BYTES: usize = 16;
+    /// Most bytes a key may have.
+    pub const MAX_BYTES: usize = 1024;
+
+    /// A key from hex digits (whitespace around them is ignored).
+    pub fn from_hex(text: &str) -> Result<Self, String> {
+        let bytes = from_hex(text.trim()).ok_or_else(|| {
+            "peer_key is not hex: write it as hex digits, e.g. the output of `openssl rand -hex 32`"
+                .to_string()
+        })?;
+        if !(Self::MIN_BYTES..=Self::MAX_BYTES).contains(&bytes.len()) {
+            return Err(format!(
+                "peer_key has {} bytes; it needs {} to {} (`openssl rand -hex 32` makes one)",
+                bytes.len(),
+                Self::MIN_BYTES,
+                Self::MAX_BYTES
+            ));
+        }
+        Ok(Self(bytes))
+    }
+
+    fn mac(&self, role: Role, connector: &[u8], listener: &[u8]) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::{KeyInit, Mac};
+        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&self.0)
+            .expect("HMAC takes keys of any length");
+        mac.update(match role {
+            Role::Listener => b"dataplane-peer v1 listener",
+            Role::Connector => b"dataplane-peer v1 connector",
+        });
+        mac.update(connector);
+        mac.update(listener);
+        mac
+    }
+
+    /// HMAC-SHA256 over `role`'s label, the connector's nonce and the listener's.
+    fn prove(&self, role: Role, connector: &[u8], listener: &[u8]) -> Vec<u8> {
+        use hmac::Mac;
+        self.mac(role, connector, listener)
+            .finalize()
+            .into_bytes()
+            .to_vec()
+    }
+
+    /// Checks a proof in constant time.
+    fn verify(&self, role: Role, connector: &[u8], listener: &[u8], proof: &[u8]) -> bool {
+        use hmac::Mac;
+        self.mac(role, connector, listener)
+            .verify_slice(proof)
+            .is_ok()
+    }
+}
+
+impl std::fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerKey(..)")
+    }
+}
+
+impl Serialize for PeerKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&to_hex(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::from_hex(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Answers a request that moved data: its receipt in an `ok_kind` frame,
 /// or a `REFUSE` with the reason, after which the link closes (the error
 /// is returned).
@@ -405,5 +718,87 @@ mod tests {
             check_hello(frame::HELLO, &stranger),
             Err(PeerError::Garbage(_))
         ));
+    }
+
+    #[test]
+    fn keys_are_hex_of_16_bytes_or_more_and_never_shown() {
+        let key = PeerKey::from_hex(&"ab".repeat(32)).unwrap();
+        assert_eq!(format!("{key:?}"), "PeerKey(..)");
+        assert!(PeerKey::from_hex(&"ab".repeat(15)).is_err(), "too short");
+        assert!(PeerKey::from_hex(&"zz".repeat(32)).is_err(), "not hex");
+        assert!(PeerKey::from_hex(&"+a".repeat(32)).is_err(), "not hex");
+        assert!(PeerKey::from_hex("abc").is_err(), "odd length");
+    }
+
+    #[test]
+    fn proofs_bind_the_role_the_nonces_and_the_key() {
+        let key = PeerKey::from_hex(&"11".repeat(32)).unwrap();
+        let other = PeerKey::from_hex(&"22".repeat(32)).unwrap();
+        let (a, b) = ([1u8; NONCE_BYTES], [2u8; NONCE_BYTES]);
+        let proof = key.prove(Role::Listener, &a, &b);
+        assert!(key.verify(Role::Listener, &a, &b, &proof));
+        assert!(
+            !key.verify(Role::Connector, &a, &b, &proof),
+            "not as the other end's"
+        );
+        assert!(
+            !key.verify(Role::Listener, &b, &a, &proof),
+            "not for other nonces"
+        );
+        assert!(
+            !other.verify(Role::Listener, &a, &b, &proof),
+            "not under another key"
+        );
+        assert!(
+            !key.verify(Role::Listener, &a, &b, &proof[..16]),
+            "not truncated"
+        );
+        assert_ne!(random_nonce().unwrap(), random_nonce().unwrap());
+    }
+
+    /// A listener on loopback with `key`; its address.
+    async fn listener(key: Option<PeerKey>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let host = Host {
+            images_root: std::env::temp_dir(),
+            pin_root: PathBuf::from("/nonexistent"),
+            interface: "lo".into(),
+            peer_interface: None,
+            criu: crate::criu::Criu::new(std::path::Path::new("/nonexistent")),
+            inputs: None,
+            outputs: None,
+            key,
+        };
+        tokio::spawn(serve(listener, host));
+        address
+    }
+
+    #[tokio::test]
+    async fn the_handshake_authenticates_both_ends_with_a_shared_key() {
+        let key = PeerKey::from_hex(&"5a".repeat(32)).unwrap();
+        let other = PeerKey::from_hex(&"a5".repeat(32)).unwrap();
+        let keyed = listener(Some(key.clone())).await;
+        let open = listener(None).await;
+
+        let (mut link, theirs) = connect_with(keyed, Some(&key)).await.unwrap();
+        assert_eq!(theirs.version, VERSION);
+        ping(&mut link).await.unwrap();
+        let (mut link, _) = connect_with(open, None).await.unwrap();
+        ping(&mut link).await.unwrap();
+
+        let wrong = connect_with(keyed, Some(&other)).await.unwrap_err();
+        assert!(matches!(wrong, PeerError::Auth(_)), "{wrong}");
+        assert!(wrong.to_string().contains("differ"), "{wrong}");
+        let none = connect_with(keyed, None).await.unwrap_err().to_string();
+        assert!(none.contains("requires authentication"), "{none}");
+        let unkeyed = connect_with(open, Some(&key))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(unkeyed.contains("has none"), "{unkeyed}");
+        // The keyed listener still serves its peer.
+        let (mut link, _) = connect_with(keyed, Some(&key)).await.unwrap();
+        ping(&mut link).await.unwrap();
     }
 }

@@ -22,11 +22,14 @@ struct Begin {
     migration: String,
 }
 
-#[derive(Serialize, Deserialize)]
-struct FileHeader {
-    name: String,
-    size: u64,
-    sha256: String,
+/// A FILE frame's payload: the file that DATA frames follow with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileHeader {
+    /// A [`plain_name`].
+    pub name: String,
+    pub size: u64,
+    /// Hex SHA-256 of the file's bytes.
+    pub sha256: String,
 }
 
 /// What a transfer moved.
@@ -63,6 +66,22 @@ pub fn plain_name(name: &str) -> Result<&str, PeerError> {
     } else {
         Err(images_error(format!("{name:?} is not a plain name")))
     }
+}
+
+/// The migration id of an IMAGES frame's payload, a [`plain_name`].
+pub fn parse_begin(payload: &[u8]) -> Result<String, PeerError> {
+    let Begin { migration } =
+        serde_json::from_slice(payload).map_err(|e| images_error(format!("begin: {e}")))?;
+    plain_name(&migration)?;
+    Ok(migration)
+}
+
+/// A FILE frame's payload, its name a [`plain_name`].
+pub fn parse_file_header(payload: &[u8]) -> Result<FileHeader, PeerError> {
+    let header: FileHeader =
+        serde_json::from_slice(payload).map_err(|e| images_error(format!("file header: {e}")))?;
+    plain_name(&header.name)?;
+    Ok(header)
 }
 
 /// Sends every regular file of `dir` as the images of `migration`, on an
@@ -120,9 +139,7 @@ pub async fn receive(
     begin: &[u8],
     root: &Path,
 ) -> Result<Received, PeerError> {
-    let Begin { migration } =
-        serde_json::from_slice(begin).map_err(|e| images_error(format!("begin: {e}")))?;
-    plain_name(&migration)?;
+    let migration = parse_begin(begin)?;
     let partial = root.join(format!("{migration}.partial"));
     let outcome = receive_into(stream, &partial).await;
     match outcome {
@@ -186,9 +203,7 @@ async fn receive_files(
                 if kind == frame::IMAGES_END {
                     return Ok((files, bytes));
                 }
-                let header: FileHeader = serde_json::from_slice(&payload)
-                    .map_err(|e| images_error(format!("file header: {e}")))?;
-                plain_name(&header.name)?;
+                let header = parse_file_header(&payload)?;
                 let file = tokio::fs::File::create(dir.join(&header.name)).await?;
                 current = Some((header, file, Sha256::new(), 0));
             }

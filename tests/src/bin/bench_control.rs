@@ -74,7 +74,8 @@ fn row(name: &str, (latencies, total): &(Vec<Duration>, Duration)) -> (f64, f64)
 fn main() {
     let hosts = TestHosts::new("bctl");
     let config = format!(
-        "interface = \"eth0\"\npin_root = \"{}\"\ninput_ring_mib = 8\noutput_ring_mib = 1\n",
+        "interface = \"eth0\"\npin_root = \"{}\"\ninput_ring_mib = 8\noutput_ring_mib = 1\n\
+         socket_rate = 0\n",
         hosts.pin_root("src").display()
     );
     let daemon = DaemonProcess::start(&hosts.src, "bctl", &config);

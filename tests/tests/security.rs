@@ -1,0 +1,734 @@
+//! The daemon's two doors, as a hostile or careless client meets them: the
+//! control socket (who may connect, request size, rate and connection
+//! limits, malformed requests) and the peer link (the shared-key handshake).
+//! Real daemon processes on the test hosts.
+use std::{
+    ffi::CString,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    os::unix::{ffi::OsStrExt, fs::MetadataExt, net::UnixStream},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use dataplane_tests::{DST_PEER, DaemonProcess, MigrationSetup, TestHosts};
+use dataplane_user::{
+    control::{ClientError, MAX_LINE, MAX_SKIP, RpcError, code},
+    peer::{self, PeerError, PeerKey, frame},
+};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+const KEY_A: &str = "a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0";
+const KEY_B: &str = "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b";
+const STATUS: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"status\"}\n";
+
+fn config(hosts: &TestHosts, host: &str, extra: &str) -> String {
+    format!(
+        "interface = \"eth0\"\npeer_interface = \"peer0\"\npin_root = \"{}\"\n\
+         input_ring_mib = 8\noutput_ring_mib = 1\n{extra}",
+        hosts.pin_root(host).display()
+    )
+}
+
+fn rpc_error(result: Result<Value, ClientError>) -> RpcError {
+    match result {
+        Err(ClientError::Rpc(e)) => e,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+fn connect(socket: &Path) -> (UnixStream, BufReader<UnixStream>) {
+    let stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let reader = BufReader::new(stream.try_clone().unwrap());
+    (stream, reader)
+}
+
+fn reply(reader: &mut BufReader<UnixStream>) -> Value {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("a reply line");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
+}
+
+fn error_code(reply: &Value) -> i64 {
+    reply["error"]["code"].as_i64().unwrap_or(0)
+}
+
+/// Waits until the daemon's log contains `what`.
+fn wait_log(daemon: &DaemonProcess, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = daemon.log();
+        if log.contains(what) {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "no {what:?} in the log:\n{log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn oversized_and_malformed_requests_get_errors_and_the_daemon_keeps_serving() {
+    let hosts = TestHosts::new("sbad");
+    let daemon = DaemonProcess::start(&hosts.src, "sbad", &config(&hosts, "src", ""));
+    let (mut stream, mut reader) = connect(&daemon.socket);
+
+    // Exactly MAX_LINE bytes is a request; one more is not, and the next
+    // request on the same connection is answered.
+    let head = br#"{"jsonrpc":"2.0","id":1,"method":"status","pad":""#;
+    let mut exact = head.to_vec();
+    exact.resize(MAX_LINE - 2, b'p');
+    exact.extend_from_slice(b"\"}");
+    assert_eq!(exact.len(), MAX_LINE);
+    stream.write_all(&exact).unwrap();
+    stream.write_all(b"\n").unwrap();
+    assert!(reply(&mut reader)["result"]["version"].is_string());
+    let mut over = exact.clone();
+    over.insert(head.len(), b'p');
+    stream.write_all(&over).unwrap();
+    stream.write_all(b"\n").unwrap();
+    let too_long = reply(&mut reader);
+    assert_eq!(error_code(&too_long), code::INVALID_REQUEST, "{too_long}");
+    assert!(
+        too_long["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("65536"),
+        "{too_long}"
+    );
+    stream.write_all(STATUS).unwrap();
+    assert!(reply(&mut reader)["result"]["version"].is_string());
+
+    // Garbage, invalid JSON, and well-formed requests of the wrong shapes.
+    let deep = "[".repeat(10_000);
+    let cases: &[(&[u8], i64)] = &[
+        (b"\xff\xfe\x00\x01garbage", code::PARSE_ERROR),
+        (b"{", code::PARSE_ERROR),
+        (deep.as_bytes(), code::PARSE_ERROR),
+        (br#"{"jsonrpc":"2.0","id":1e999,"method":"status"}"#, code::PARSE_ERROR),
+        (b"[]", code::INVALID_REQUEST),
+        (b"null", code::INVALID_REQUEST),
+        (b"42", code::INVALID_REQUEST),
+        (br#"{"jsonrpc":"2.0","id":2}"#, code::INVALID_REQUEST),
+        (br#"{"jsonrpc":"2.0","id":3,"method":5}"#, code::INVALID_REQUEST),
+        (br#"{"jsonrpc":2,"id":4,"method":"status"}"#, code::INVALID_REQUEST),
+        (br#"{"jsonrpc":"2.0","id":5,"method":"flow.add","params":[1,2]}"#, code::INVALID_PARAMS),
+        (
+            br#"{"jsonrpc":"2.0","id":6,"method":"flow.add","params":{"cps":"192.0.2.1:4000","service":"192.0.2.10:5000","mirror":"yes"}}"#,
+            code::INVALID_PARAMS,
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":7,"method":"service.register","params":{"name":"x","pid":-1,"flows":[]}}"#,
+            code::INVALID_PARAMS,
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":8,"method":"flow.add","params":{"cps":"../../etc/passwd","service":"x"}}"#,
+            code::INVALID_PARAMS,
+        ),
+        (br#"{"jsonrpc":"2.0","id":9,"method":"peer.ping","params":{"address":"x"}}"#, code::INVALID_PARAMS),
+        (br#"{"jsonrpc":"2.0","id":10,"method":"../status"}"#, code::METHOD_NOT_FOUND),
+    ];
+    for (line, _) in cases {
+        stream.write_all(line).unwrap();
+        stream.write_all(b"\n").unwrap();
+    }
+    for (line, expected) in cases {
+        let got = reply(&mut reader);
+        assert_eq!(
+            error_code(&got),
+            *expected,
+            "{}: {got}",
+            String::from_utf8_lossy(&line[..line.len().min(60)])
+        );
+    }
+    stream.write_all(STATUS).unwrap();
+    assert!(reply(&mut reader)["result"]["version"].is_string());
+
+    // A line with no end: an error, then the connection is closed before
+    // the daemon has read all of it.
+    let (mut endless, mut endless_reader) = connect(&daemon.socket);
+    let writer = std::thread::spawn(move || {
+        let chunk = vec![b'x'; 64 << 10];
+        let mut sent = 0;
+        while sent < 2 * MAX_SKIP {
+            if endless.write_all(&chunk).is_err() {
+                return sent;
+            }
+            sent += chunk.len();
+        }
+        sent
+    });
+    let got = reply(&mut endless_reader);
+    assert_eq!(error_code(&got), code::INVALID_REQUEST, "{got}");
+    // Closed: an end of file, or a reset (the daemon left data unread).
+    let mut rest = Vec::new();
+    match endless_reader.read_to_end(&mut rest) {
+        Ok(_) => assert!(rest.is_empty()),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    let sent = writer.join().unwrap();
+    assert!(sent < 2 * MAX_SKIP, "the daemon kept reading: {sent} bytes");
+
+    // Still serving, on a new connection and the old one.
+    let mut c = daemon.client();
+    assert!(c.call("status", json!({})).is_ok());
+    stream.write_all(STATUS).unwrap();
+    assert!(reply(&mut reader)["result"]["version"].is_string());
+}
+
+#[test]
+fn a_flood_is_rate_limited_and_the_daemon_keeps_serving() {
+    let hosts = TestHosts::new("sflood");
+    // The defaults: 100 requests a second, bursts of 200.
+    let daemon = DaemonProcess::start(&hosts.src, "sflood", &config(&hosts, "src", ""));
+    let (mut stream, mut reader) = connect(&daemon.socket);
+    const FLOOD: u64 = 1000;
+    let start = Instant::now();
+    let writer = {
+        let mut stream = stream.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            for id in 1..=FLOOD {
+                all.extend_from_slice(
+                    format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"status\"}}\n")
+                        .as_bytes(),
+                );
+            }
+            stream.write_all(&all).unwrap();
+        })
+    };
+    let replies: Vec<Value> = (0..FLOOD).map(|_| reply(&mut reader)).collect();
+    let elapsed = start.elapsed();
+    writer.join().unwrap();
+    let ids: Vec<u64> = replies.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(
+        ids,
+        (1..=FLOOD).collect::<Vec<_>>(),
+        "every request answered, in order"
+    );
+    let answered = replies.iter().filter(|r| r["result"].is_object()).count() as u64;
+    let limited: Vec<&Value> = replies
+        .iter()
+        .filter(|r| error_code(r) == code::RATE_LIMITED)
+        .collect();
+    assert_eq!(
+        answered + limited.len() as u64,
+        FLOOD,
+        "only results and rate-limit errors"
+    );
+    assert!(
+        replies[..200].iter().all(|r| r["result"].is_object()),
+        "a burst of 200 passes"
+    );
+    let most = 200 + (100.0 * elapsed.as_secs_f64()).ceil() as u64 + 1;
+    assert!(
+        answered <= most,
+        "{answered} answered in {elapsed:?}: over the rate"
+    );
+    let message = limited[0]["error"]["message"].as_str().unwrap();
+    assert!(message.contains("rate limited"), "{message}");
+
+    // Other connections are not limited by this one's flood.
+    assert!(daemon.client().call("status", json!({})).is_ok());
+    // And this one recovers after a pause.
+    std::thread::sleep(Duration::from_millis(1100));
+    stream.write_all(STATUS).unwrap();
+    assert!(reply(&mut reader)["result"].is_object());
+    let log = wait_log(&daemon, "rate limited");
+    assert!(log.contains("uid=0"), "the log names the caller:\n{log}");
+}
+
+#[test]
+fn connections_over_the_limit_are_refused_with_a_reason() {
+    let hosts = TestHosts::new("sconn");
+    let cfg = config(&hosts, "src", "socket_max_connections = 4\n");
+    let daemon = DaemonProcess::start(&hosts.src, "sconn", &cfg);
+    // The connections DaemonProcess::start probed with may still hold
+    // places for a moment: take each place once it is free.
+    let place = || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut c = daemon.client();
+            match c.call("status", json!({})) {
+                Ok(_) => return c,
+                Err(e) => assert!(Instant::now() < deadline, "{e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut open: Vec<_> = (0..4).map(|_| place()).collect();
+    let (_stream, mut reader) = connect(&daemon.socket);
+    let refused = reply(&mut reader);
+    assert_eq!(error_code(&refused), code::BUSY, "{refused}");
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).expect("closed");
+    assert!(rest.is_empty());
+
+    // Closing one frees its place.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (mut stream, mut reader) = connect(&daemon.socket);
+        stream.write_all(STATUS).unwrap();
+        let got = reply(&mut reader);
+        if got["result"].is_object() {
+            break;
+        }
+        assert_eq!(error_code(&got), code::BUSY, "{got}");
+        assert!(Instant::now() < deadline, "no place freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_log(&daemon, "refused a control connection");
+}
+
+/// Forks a child that takes `uid` and `gid` (no other groups), connects to
+/// `socket` and sends `request`: its exit code is 0 if it got a result, 13
+/// if connecting was refused with EACCES, 2 for another reply, 1 otherwise.
+fn request_as(socket: &Path, uid: u32, gid: u32, request: &[u8]) -> i32 {
+    // Everything the child needs is made before the fork: it only makes
+    // system calls.
+    let path = CString::new(socket.as_os_str().as_bytes()).unwrap();
+    // SAFETY: sockaddr_un is plain data; all-zero is a valid start.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_bytes_with_nul();
+    assert!(bytes.len() <= addr.sun_path.len());
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    let mut buf = [0u8; 4096];
+    let result = b"\"result\"";
+    // SAFETY: the child only calls async-signal-safe functions and _exit.
+    match unsafe { nix::unistd::fork() }.expect("fork") {
+        nix::unistd::ForkResult::Child => unsafe {
+            let code = (|| {
+                libc::alarm(10);
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                    || libc::getuid() != uid
+                {
+                    return 1;
+                }
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                if libc::connect(fd, (&raw const addr).cast(), len) != 0 {
+                    return if *libc::__errno_location() == libc::EACCES {
+                        13
+                    } else {
+                        1
+                    };
+                }
+                if libc::write(fd, request.as_ptr().cast(), request.len()) != request.len() as isize
+                {
+                    return 1;
+                }
+                let mut got = 0usize;
+                while got < buf.len() {
+                    let n = libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got);
+                    if n <= 0 {
+                        break;
+                    }
+                    got += n as usize;
+                    if buf[..got].contains(&b'\n') {
+                        break;
+                    }
+                }
+                if buf[..got].windows(result.len()).any(|w| w == result) {
+                    0
+                } else {
+                    2
+                }
+            })();
+            libc::_exit(code)
+        },
+        nix::unistd::ForkResult::Parent { child } => {
+            match nix::sys::wait::waitpid(child, None).expect("wait for the child") {
+                nix::sys::wait::WaitStatus::Exited(_, code) => code,
+                other => panic!("the child did not exit: {other:?}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn only_root_and_the_socket_group_may_connect_and_callers_are_logged() {
+    let hosts = TestHosts::new("sperm");
+    // Debian's base system has the group "nogroup" (65534) and the user "nobody" (65534).
+    let group = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .expect("the group nogroup")
+        .gid
+        .as_raw();
+    let cfg = config(&hosts, "src", "socket_group = \"nogroup\"\n");
+    let daemon = DaemonProcess::start(&hosts.src, "sperm", &cfg);
+    let meta = std::fs::metadata(&daemon.socket).unwrap();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, group));
+    let dir = std::fs::metadata(daemon.socket.parent().unwrap()).unwrap();
+    assert_eq!(
+        dir.mode() & 0o005,
+        0o005,
+        "others may reach the socket file: its mode decides"
+    );
+
+    let nobody = 65534;
+    assert_eq!(
+        request_as(&daemon.socket, nobody, 65533, STATUS),
+        13,
+        "a user outside the group is refused at connect"
+    );
+    let add = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"flow.add\",\
+        \"params\":{\"cps\":\"192.0.2.1:4000\",\"service\":\"192.0.2.10:5000\"}}\n";
+    assert_eq!(
+        request_as(&daemon.socket, nobody, group, add),
+        0,
+        "a member of socket_group may connect and change state"
+    );
+    // The state-changing request is logged with the caller's credentials.
+    let log = wait_log(&daemon, "uid=65534");
+    let line = log
+        .lines()
+        .find(|l| l.contains("uid=65534"))
+        .unwrap()
+        .to_string();
+    assert!(
+        line.contains("flow.add")
+            && line.contains(&format!("gid={group}"))
+            && line.contains("pid="),
+        "{line}"
+    );
+    // Read-only requests are not logged; root's state changes are.
+    let mut c = daemon.client();
+    c.call("flow.list", json!({})).unwrap();
+    c.call(
+        "flow.remove",
+        json!({"cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}),
+    )
+    .unwrap();
+    let log = wait_log(&daemon, "flow.remove");
+    assert!(!log.contains("method=flow.list"), "{log}");
+    let line = log.lines().find(|l| l.contains("flow.remove")).unwrap();
+    assert!(line.contains("uid=0") && line.contains("gid=0"), "{line}");
+}
+
+/// A peer-link frame: length, type, payload.
+fn peer_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = ((payload.len() + 1) as u32).to_be_bytes().to_vec();
+    out.push(kind);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Every frame the other end sends until it closes (or 10 s pass).
+fn frames_until_closed(stream: &mut TcpStream) -> Vec<(u8, Vec<u8>)> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut all = Vec::new();
+    let _ = stream.read_to_end(&mut all);
+    let mut frames = Vec::new();
+    let mut rest = &all[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        let end = (4 + len).min(rest.len());
+        frames.push((rest[4], rest[5..end].to_vec()));
+        rest = &rest[end..];
+    }
+    frames
+}
+
+fn refusal(frames: &[(u8, Vec<u8>)]) -> String {
+    match frames.last() {
+        Some((kind, reason)) if *kind == frame::REFUSE => String::from_utf8_lossy(reason).into(),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn daemons_with_the_same_key_link_up_and_others_are_refused() {
+    let hosts = TestHosts::new("skey");
+    let listen = format!("peer_listen = \"{DST_PEER}\"\n");
+    let src = DaemonProcess::start(
+        &hosts.src,
+        "skey-src",
+        &config(&hosts, "src", &format!("peer_key = \"{KEY_A}\"\n")),
+    );
+    let dst_config = |key: Option<&str>| {
+        let key = key
+            .map(|k| format!("peer_key = \"{k}\"\n"))
+            .unwrap_or_default();
+        config(&hosts, "dst", &format!("{listen}{key}"))
+    };
+    let dst = DaemonProcess::start(&hosts.dst, "skey-dst", &dst_config(Some(KEY_A)));
+    let mut c = src.client();
+    let ping = c.call("peer.ping", json!({"address": DST_PEER})).unwrap();
+    assert_eq!(ping["version"], peer::VERSION);
+    assert_eq!(c.call("status", json!({})).unwrap()["peer_auth"], true);
+    assert_eq!(
+        dst.client().call("status", json!({})).unwrap()["peer_auth"],
+        true
+    );
+    let log = wait_log(&dst, "peer link up");
+    assert!(log.contains("authenticated=true"), "{log}");
+    assert!(
+        !src.log().contains("unauthenticated"),
+        "no warning with a key"
+    );
+
+    // Another key on dst: refused both ways, and both say why.
+    dst.stop(Signal::SIGTERM);
+    let dst = DaemonProcess::start(&hosts.dst, "skey-dst", &dst_config(Some(KEY_B)));
+    let refused = rpc_error(c.call("peer.ping", json!({"address": DST_PEER})));
+    assert_eq!(refused.code, code::PEER, "{refused}");
+    assert!(
+        refused.message.contains("authentication failed") && refused.message.contains("differ"),
+        "{refused}"
+    );
+    let log = wait_log(&dst, "refused a peer link");
+    let line = log
+        .lines()
+        .find(|l| l.contains("refused a peer link"))
+        .unwrap();
+    assert!(
+        line.contains("198.51.100.1") && line.contains("differ"),
+        "{line}"
+    );
+
+    // A migration to it fails in prepare, and its report says why.
+    let flow = json!({"cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"});
+    c.call("flow.add", flow.clone()).unwrap();
+    let service = json!({"name": "plc", "pid": std::process::id(), "netns": hosts.src.path(),
+        "flows": [flow]});
+    c.call("service.register", service).unwrap();
+    let id = c
+        .call("migration.start", json!({"service": "plc", "to": DST_PEER}))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let report = loop {
+        let report = c.call("migration.status", json!({"id": id})).unwrap();
+        if report["state"] != "running" {
+            break report;
+        }
+        assert!(Instant::now() < deadline, "still running: {report}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(report["state"], "failed");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("prepare:") && error.contains("authentication failed"),
+        "{error}"
+    );
+    assert_eq!(
+        dst.client().call("flow.list", json!({})).unwrap(),
+        json!([]),
+        "dst adopted nothing"
+    );
+
+    // Connectors without a key, or with the wrong one, get nowhere either.
+    let rt = runtime();
+    let addr = DST_PEER.parse().unwrap();
+    let key_a = PeerKey::from_hex(KEY_A).unwrap();
+    let none = hosts
+        .src
+        .run(|| rt.block_on(peer::connect_with(addr, None)));
+    match none {
+        Err(PeerError::Refused(reason)) => {
+            assert!(reason.contains("requires authentication"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+    let wrong = hosts
+        .src
+        .run(|| rt.block_on(peer::connect_with(addr, Some(&key_a))));
+    assert!(matches!(wrong, Err(PeerError::Auth(_))));
+
+    // Exactly one side with a key: the handshake fails, saying so.
+    dst.stop(Signal::SIGTERM);
+    let dst = DaemonProcess::start(&hosts.dst, "skey-dst", &dst_config(None));
+    wait_log(&dst, "the peer link is unauthenticated");
+    let refused = rpc_error(c.call("peer.ping", json!({"address": DST_PEER})));
+    assert!(refused.message.contains("has none"), "{refused}");
+    assert_eq!(
+        dst.client().call("status", json!({})).unwrap()["peer_auth"],
+        false
+    );
+}
+
+#[test]
+fn nothing_an_unauthenticated_peer_sends_is_acted_on() {
+    let hosts = TestHosts::new("sjunk");
+    let cfg = config(
+        &hosts,
+        "dst",
+        &format!("peer_listen = \"{DST_PEER}\"\npeer_key = \"{KEY_A}\"\n"),
+    );
+    let dst = DaemonProcess::start(&hosts.dst, "sjunk", &cfg);
+    let prepare = json!({"step": "prepare", "migration": "evil",
+        "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}]});
+    let prepare = peer_frame(frame::MIGRATE, prepare.to_string().as_bytes());
+    let hello = |nonce: Option<&str>| {
+        let mut hello = json!({"magic": peer::MAGIC, "version": peer::VERSION, "host": "mallory"});
+        if let Some(nonce) = nonce {
+            hello["nonce"] = nonce.into();
+        }
+        peer_frame(frame::HELLO, hello.to_string().as_bytes())
+    };
+    type Answer<'a> = &'a dyn Fn(&[(u8, Vec<u8>)]) -> Vec<Vec<u8>>;
+    // Sends `bytes`; with `then`, reads the welcome and sends what `then`
+    // makes of it; every frame the daemon sent until it closed.
+    let talk = |bytes: &[Vec<u8>], then: Option<Answer>| {
+        hosts.src.run(|| {
+            let mut stream = TcpStream::connect(DST_PEER).unwrap();
+            for b in bytes {
+                stream.write_all(b).unwrap();
+            }
+            let Some(then) = then else {
+                return frames_until_closed(&mut stream);
+            };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut head = [0u8; 5];
+            stream.read_exact(&mut head).unwrap();
+            let mut payload =
+                vec![0; u32::from_be_bytes(head[..4].try_into().unwrap()) as usize - 1];
+            stream.read_exact(&mut payload).unwrap();
+            let welcome = [(head[4], payload)];
+            for b in then(&welcome) {
+                let _ = stream.write_all(&b);
+            }
+            let mut frames = welcome.to_vec();
+            frames.extend(frames_until_closed(&mut stream));
+            frames
+        })
+    };
+    let nonce = "42".repeat(32);
+
+    // No nonce: refused at the hello, the migration step behind it ignored.
+    let frames = talk(&[hello(None), prepare.clone()], None);
+    assert!(
+        refusal(&frames).contains("requires authentication"),
+        "{frames:?}"
+    );
+
+    // A forged proof, with a migration step behind it.
+    let forged = peer_frame(
+        frame::AUTH,
+        json!({"proof": "00".repeat(32)}).to_string().as_bytes(),
+    );
+    let answer = |welcome: &[(u8, Vec<u8>)]| {
+        assert_eq!(welcome[0].0, frame::WELCOME);
+        let theirs: Value = serde_json::from_slice(&welcome[0].1).unwrap();
+        assert_eq!(theirs["nonce"].as_str().unwrap().len(), 64, "{theirs}");
+        assert_eq!(theirs["proof"].as_str().unwrap().len(), 64, "{theirs}");
+        vec![forged.clone(), prepare.clone()]
+    };
+    let frames = talk(&[hello(Some(&nonce))], Some(&answer as Answer));
+    assert!(refusal(&frames).contains("differ"), "{frames:?}");
+
+    // Skipping the proof: a ping, then the step.
+    let skip = |_: &[(u8, Vec<u8>)]| vec![peer_frame(frame::PING, &[]), prepare.clone()];
+    let frames = talk(&[hello(Some(&nonce))], Some(&skip as Answer));
+    assert!(!frames.iter().any(|(k, _)| *k == frame::PONG), "{frames:?}");
+    assert!(
+        refusal(&frames).contains("instead of the connecting daemon's proof"),
+        "{frames:?}"
+    );
+
+    // The step alone, a malformed nonce, and junk.
+    let frames = talk(std::slice::from_ref(&prepare), None);
+    assert!(refusal(&frames).contains("before a hello"), "{frames:?}");
+    let frames = talk(&[hello(Some("zz")), prepare.clone()], None);
+    assert!(refusal(&frames).contains("nonce"), "{frames:?}");
+    let mut junk: Vec<u8> = (0u32..512)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    junk[..4].copy_from_slice(&40u32.to_be_bytes());
+    for _ in 0..20 {
+        let frames = talk(std::slice::from_ref(&junk), None);
+        assert!(
+            !frames.is_empty() && frames.last().unwrap().0 == frame::REFUSE,
+            "{frames:?}"
+        );
+    }
+    // A client that sends nothing is dropped after the handshake timeout.
+    let start = Instant::now();
+    let frames = talk(&[], None);
+    let waited = start.elapsed();
+    assert!(refusal(&frames).contains("no handshake"), "{frames:?}");
+    assert!(
+        waited < peer::HANDSHAKE_TIMEOUT + Duration::from_secs(3),
+        "{waited:?}"
+    );
+
+    assert_eq!(
+        dst.client().call("flow.list", json!({})).unwrap(),
+        json!([]),
+        "nothing was acted on"
+    );
+    let log = dst.log();
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("refused a peer link") && l.contains("198.51.100.1"))
+            .count()
+            >= 25,
+        "every refusal is logged with the address:\n{log}"
+    );
+    assert!(!log.contains("preparing a migration"), "{log}");
+
+    // The daemon still serves a peer with the key; what it sends is acted on.
+    let rt = runtime();
+    let key = PeerKey::from_hex(KEY_A).unwrap();
+    let answer = hosts
+        .src
+        .run(|| {
+            rt.block_on(async {
+                let (mut link, _) =
+                    peer::connect_with(DST_PEER.parse().unwrap(), Some(&key)).await?;
+                peer::ping(&mut link).await?;
+                let step: peer::target::Step = serde_json::from_value(json!({"step": "prepare",
+                    "migration": "m1", "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000",
+                    "service": "192.0.2.10:5000"}]}))
+                .unwrap();
+                let prepared = peer::migrate_step(&mut link, &step).await;
+                let flows = dst.client().call("flow.list", json!({})).unwrap();
+                let _ = peer::migrate_step(&mut link, &peer::target::Step::Abort).await;
+                Ok::<_, PeerError>((prepared, flows))
+            })
+        })
+        .unwrap();
+    assert!(answer.0.is_ok(), "{:?}", answer.0);
+    assert_eq!(
+        answer.1[0]["id"], 7,
+        "the keyed peer's prepare adopted the flow"
+    );
+}
+
+#[test]
+fn the_migration_setup_daemons_share_a_key() {
+    let setup = MigrationSetup::new("smig", &[], false);
+    let ping = setup
+        .src
+        .client()
+        .call("peer.ping", json!({"address": DST_PEER}))
+        .unwrap();
+    assert!(ping["rtt_us"].is_u64());
+    for daemon in [&setup.src, &setup.dst] {
+        let status = daemon.client().call("status", json!({})).unwrap();
+        assert_eq!(status["peer_auth"], true);
+    }
+    assert!(wait_log(&setup.dst, "peer link up").contains("authenticated=true"));
+}
