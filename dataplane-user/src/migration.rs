@@ -492,17 +492,15 @@ impl Migration {
     ) -> Result<(), MigrationError> {
         let t = self.begin("cutover")?;
         let flow_id = source.flow_id;
-        let rate = source.input_rate(Duration::from_millis(20)).await;
-        // K leaves the inputs expected in the next 20 ms for the agreement
-        // (one round trip on the peer link).
-        let margin = ((rate * 0.02).ceil() as u64).max(8);
-        let last_seq = |s: &Source| s.dataplane.sequence(flow_id).map(|q| q.last_seq);
-        let k = last_seq(source).map_err(|e| self.fail(e))? + margin;
-        self.report.handover_seq = k;
+        // The destination mutes its outputs until the first input the
+        // source forwards past K; the source's kernel program picks K at
+        // the first input numbered after the flip. No K is agreed ahead,
+        // so no input can slip between an agreement and the flip, however
+        // fast inputs come.
         let _: Value = step(
             link,
             &Step::Arm {
-                handover: vec![(flow_id, k)],
+                flows: vec![flow_id],
             },
         )
         .await
@@ -511,35 +509,33 @@ impl Migration {
         // Touch the word first: the flip is timed without the page fault.
         window.set_deliver_until(flow_id, 0);
         let flip = Instant::now();
-        window.set_deliver_until(flow_id, k);
-        let flip_ns = flip.elapsed().as_nanos() as u64;
-        let numbered = last_seq(source).map_err(|e| self.fail(e))?;
-        if numbered > k {
-            // Inputs past K reached this instance before the flip: undo it,
-            // the rollback mutes the destination again.
-            window.set_deliver_until(flow_id, 0);
-            return Err(self.fail(format!(
-                "input {numbered} arrived before the flip at K = {k} (margin {margin}); retry"
-            )));
-        }
-        self.report.flip_ns = flip_ns.max(1);
-        // The handover happens when input K+1 arrives. Until then the path
-        // must stay as it is: an input <= K reaching the destination
+        window.flip(flow_id);
+        self.report.flip_ns = (flip.elapsed().as_nanos() as u64).max(1);
+        // The handover happens when the next input arrives. Until then the
+        // path must stay as it is: an input reaching the destination
         // directly would be answered by neither instance.
         let waited = Instant::now();
         let limit = Duration::from_millis(self.request.deadline_ms);
-        while last_seq(source).map_err(|e| self.fail(e))? <= k {
+        let k = loop {
+            if let Some(k) = window.cutover_point(flow_id) {
+                break k;
+            }
             if waited.elapsed() > limit || self.context.abort.load(Ordering::Relaxed) {
-                window.set_deliver_until(flow_id, 0);
-                self.report.flip_ns = 0;
-                return Err(self.fail(format!(
-                    "input K + 1 = {} did not arrive within {} ms",
-                    k + 1,
-                    self.request.deadline_ms
-                )));
+                match window.unflip(flow_id) {
+                    Ok(()) => {
+                        self.report.flip_ns = 0;
+                        return Err(self.fail(format!(
+                            "no input arrived within {} ms of the flip",
+                            self.request.deadline_ms
+                        )));
+                    }
+                    // An input crossed the flip meanwhile: the cutover stands.
+                    Err(k) => break k,
+                }
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
-        }
+        };
+        self.report.handover_seq = k;
         self.end(t);
 
         let t = self.begin("announce")?;
@@ -655,18 +651,6 @@ impl Source {
             let payload = crate::convergence::udp_payload(&record.frame).to_vec();
             self.seen.entry(h.seq).or_default().push(payload);
         }
-    }
-
-    /// Inputs per second on the flow, over `window`.
-    async fn input_rate(&self, window: Duration) -> f64 {
-        let seq = || {
-            self.dataplane
-                .sequence(self.flow_id)
-                .map_or(0, |s| s.last_seq)
-        };
-        let (first, start) = (seq(), Instant::now());
-        tokio::time::sleep(window).await;
-        (seq() - first) as f64 / start.elapsed().as_secs_f64()
     }
 
     /// Waits until no input has arrived for `quiet` (at most `limit`).

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_common::{GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_FROM, OUTPUT_MUTE, RECORD_OUTPUT};
+use dataplane_common::{GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_MUTE, RECORD_OUTPUT};
 use serde::{Deserialize, Serialize};
 
 use super::Host;
@@ -47,7 +47,7 @@ pub enum Step {
         timeout_ms: u64,
     },
     /// Let outputs answering inputs above each flow's K leave.
-    Arm { handover: Vec<(u32, u64)> },
+    Arm { flows: Vec<u32> },
     /// Announce the service addresses from this host (gratuitous ARP).
     Announce,
     /// The migration is complete: keep the instance, drop the images.
@@ -166,9 +166,13 @@ impl<'a> Target<'a> {
                 let outputs = self
                     .next_outputs(after, count, Duration::from_millis(timeout_ms))
                     .await;
+                self.check_instance("convergence")?;
                 Ok(serde_json::to_value(outputs).expect("serializes"))
             }
-            Step::Arm { handover } => self.arm(&handover).map(|()| serde_json::json!({})),
+            Step::Arm { flows } => {
+                self.check_instance("the cutover")?;
+                self.arm(&flows).map(|()| serde_json::json!({}))
+            }
             Step::Announce => self.announce().map(|a| serde_json::json!({"announced": a})),
             Step::Finish => {
                 self.finished = true;
@@ -239,6 +243,7 @@ impl<'a> Target<'a> {
         )
         .await
         .map_err(|e| format!("replay: {e}"))?;
+        self.check_instance("replay")?;
         if self.inputs.lost() > 0 {
             return Err(format!(
                 "replay: the destination's log reader fell behind and lost {} inputs",
@@ -282,8 +287,12 @@ impl<'a> Target<'a> {
         outputs
     }
 
-    fn arm(&mut self, handover: &[(u32, u64)]) -> Result<(), String> {
-        for &(flow_id, k) in handover {
+    /// Arms the output gates: each flow's outputs stay muted until the
+    /// source forwards its first input past the cutover, and leave from
+    /// that input on (the kernel programs do the rest, see `OUTPUT_ARMED`).
+    fn arm(&mut self, flows: &[u32]) -> Result<(), String> {
+        let window = self.dataplane.gate_window().map_err(|e| e.to_string())?;
+        for &flow_id in flows {
             if !self.flows.iter().any(|f| f.flow_id == flow_id) {
                 return Err(format!("flow {flow_id} is not part of this migration"));
             }
@@ -291,25 +300,7 @@ impl<'a> Target<'a> {
             if gate.mode != GATE_SEQUENCED {
                 return Err("the instance is not restored and replayed yet".into());
             }
-            let gate = dataplane_common::Gate {
-                output: OUTPUT_FROM,
-                answer_from: k + 1,
-                ..gate
-            };
-            self.dataplane
-                .set_gate(flow_id, gate)
-                .map_err(|e| e.to_string())?;
-            // Armed in time only if the instance has not been given K+1 yet.
-            let delivered = self
-                .dataplane
-                .sequence(flow_id)
-                .map_err(|e| e.to_string())?
-                .last_delivered;
-            if delivered > k {
-                return Err(format!(
-                    "flow {flow_id}: armed for K = {k} after input {delivered} had arrived"
-                ));
-            }
+            window.arm_outputs(flow_id);
         }
         Ok(())
     }
@@ -331,6 +322,28 @@ impl<'a> Target<'a> {
             announced.push(addr.to_string());
         }
         Ok(announced)
+    }
+
+    /// An error if the restored instance (this daemon's child) has exited;
+    /// it is reaped then.
+    fn check_instance(&mut self, during: &str) -> Result<(), String> {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        let Some(pid) = self.instance else {
+            return Ok(());
+        };
+        let status = waitpid(
+            nix::unistd::Pid::from_raw(pid as i32),
+            Some(WaitPidFlag::WNOHANG),
+        );
+        let how = match status {
+            Ok(WaitStatus::StillAlive) => return Ok(()),
+            Ok(WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
+            Ok(WaitStatus::Signaled(_, signal, _)) => format!("was killed by {signal}"),
+            Ok(other) => return Err(format!("instance {pid} changed state: {other:?}")),
+            Err(e) => format!("is gone ({e})"),
+        };
+        self.instance = None;
+        Err(format!("the restored instance {pid} {how} during {during}"))
     }
 
     /// Undoes whatever this migration did on this host.
