@@ -827,6 +827,7 @@ pub struct MigrationSetup {
     pub standby: Option<(Loaded, ChainService, NetNs)>,
     /// The controller's address (the same on both hosts).
     pub service: SocketAddr,
+    tag: String,
 }
 
 /// The destination daemon's peer link address in [`MigrationSetup`].
@@ -837,6 +838,16 @@ impl MigrationSetup {
     /// With `standby`, a standby controller runs in a namespace of its own
     /// on the source host, fed by the source's dataplane.
     pub fn new(tag: &str, controller_args: &[&str], standby: bool) -> Self {
+        Self::with_source_config(tag, controller_args, standby, "")
+    }
+
+    /// As `new`, with `extra` TOML lines in the source daemon's configuration.
+    pub fn with_source_config(
+        tag: &str,
+        controller_args: &[&str],
+        standby: bool,
+        extra: &str,
+    ) -> Self {
         let hosts = TestHosts::new(tag);
         let service = sock(SERVICE_V4, 5000);
         let standby_ns = standby.then(|| hosts.add_standby());
@@ -873,7 +884,11 @@ impl MigrationSetup {
                 std::process::id(),
             )
         };
-        let src_config = config("src", TestHosts::mac(&hosts.dst, "peer0"), &standby_config);
+        let src_config = config(
+            "src",
+            TestHosts::mac(&hosts.dst, "peer0"),
+            &format!("{standby_config}{extra}"),
+        );
         let dst_config = config(
             "dst",
             TestHosts::mac(&hosts.src, "peer0"),
@@ -917,6 +932,7 @@ impl MigrationSetup {
             controller,
             standby,
             service,
+            tag: tag.to_string(),
         }
     }
 
@@ -967,6 +983,15 @@ impl MigrationSetup {
             .args(["--period-us", &period_us.to_string()])
             .stdout(std::process::Stdio::piped());
         command
+    }
+
+    /// The destination daemon's image directory.
+    pub fn dst_images_dir(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/tmp/dataplane-test-{}-{}-dst-images",
+            std::process::id(),
+            self.tag
+        ))
     }
 
     /// Starts migrating "markov" to `dst` with `params` added; the migration id.
