@@ -45,7 +45,9 @@ fn migrate_with_fault(
 ) -> String {
     let cps = setup.start_cps(cycles, 1000, None);
     let mut watcher = setup.src.client();
-    watcher.call("migration.watch", serde_json::json!({})).unwrap();
+    watcher
+        .call("migration.watch", serde_json::json!({}))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let id = setup.migrate(serde_json::json!({}));
     fault(&mut watcher);
@@ -101,12 +103,8 @@ fn migrate_cleanly(setup: &MigrationSetup, taken: u64) {
 
 #[test]
 fn a_missing_criu_binary_fails_the_checkpoint_and_names_it() {
-    let setup = MigrationSetup::with_source_config(
-        "nocriu",
-        &[],
-        false,
-        "criu = \"/nonexistent/criu\"\n",
-    );
+    let setup =
+        MigrationSetup::with_source_config("nocriu", &[], false, "criu = \"/nonexistent/criu\"\n");
     let error = migrate_with_fault(&setup, 1500, |_| {}, "checkpoint");
     assert!(error.contains("/nonexistent/criu"), "{error}");
 }
@@ -141,17 +139,18 @@ fn the_peer_link_cut_during_the_transfer_fails_it_and_the_next_migration_succeed
     let setup = MigrationSetup::new("cut", &["--state-mib", "64", "--dirty-pages", "4"], false);
     let error = migrate_with_fault(
         &setup,
-        4000,
+        7000,
         |watcher| {
+            // Down for longer than the link timeout (3 s), then back.
             wait_for_phase(watcher, "transfer");
             setup.hosts.src.ip(&["link", "set", "peer0", "down"]);
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(Duration::from_secs(4));
             setup.hosts.src.ip(&["link", "set", "peer0", "up"]);
         },
         "transfer",
     );
     println!("error: {error}");
-    migrate_cleanly(&setup, 4000);
+    migrate_cleanly(&setup, 7000);
 }
 
 #[test]

@@ -87,6 +87,10 @@ pub enum PeerError {
     TooLong(u32, u32),
     #[error("the peer refused the link: {0}")]
     Refused(String),
+    /// The peer ran a migration step and it failed there (the caller
+    /// names the peer).
+    #[error("{0}")]
+    StepFailed(String),
     #[error("not a dataplane peer: {0}")]
     Garbage(String),
     #[error("peer speaks version {0}, this daemon speaks {VERSION}")]
@@ -139,7 +143,7 @@ pub async fn connect(address: SocketAddr) -> Result<(TcpStream, Hello), PeerErro
 
 async fn handshake(address: SocketAddr) -> Result<(TcpStream, Hello), PeerError> {
     let mut stream = TcpStream::connect(address).await?;
-    stream.set_nodelay(true)?;
+    tune(&stream)?;
     let hello = serde_json::to_vec(&Hello::ours()).expect("a hello serializes");
     write_frame(&mut stream, frame::HELLO, &hello).await?;
     let (kind, payload) = read_frame(&mut stream, MAX_HELLO).await?;
@@ -220,7 +224,7 @@ pub async fn migrate_step(
                     .map_err(|e| PeerError::Garbage(format!("migration answer: {e}")))?;
             match (answer.remove("ok"), answer.remove("error")) {
                 (Some(ok), None) => Ok(ok),
-                (None, Some(error)) => Err(PeerError::Refused(
+                (None, Some(error)) => Err(PeerError::StepFailed(
                     error.as_str().unwrap_or_default().to_string(),
                 )),
                 _ => Err(PeerError::Garbage(
@@ -235,6 +239,25 @@ pub async fn migrate_step(
             "frame type {other} instead of a migration answer"
         ))),
     }
+}
+
+/// How long the peer may leave data unacknowledged, or an idle link
+/// unanswered, before the link counts as gone: a cut link fails the step
+/// in progress within this time instead of TCP's minutes of retries, and a
+/// destination rolls back by itself.
+pub const LINK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Peer-link socket options: no Nagle delay for the small step frames, and
+/// a dead peer detected within `LINK_TIMEOUT`, busy or idle.
+fn tune(stream: &TcpStream) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    stream.set_nodelay(true)?;
+    let timeout_ms = LINK_TIMEOUT.as_millis() as u32;
+    setsockopt(stream, sockopt::TcpUserTimeout, &timeout_ms)?;
+    setsockopt(stream, sockopt::KeepAlive, &true)?;
+    setsockopt(stream, sockopt::TcpKeepIdle, &1)?;
+    setsockopt(stream, sockopt::TcpKeepInterval, &1)?;
+    Ok(())
 }
 
 /// Accepts peer links on `listener` until the task is dropped.
@@ -256,7 +279,7 @@ pub async fn serve(listener: TcpListener, host: Host) {
 }
 
 async fn serve_one(mut stream: TcpStream, from: SocketAddr, host: &Host) -> Result<(), PeerError> {
-    stream.set_nodelay(true)?;
+    tune(&stream)?;
     let hello = match read_frame(&mut stream, MAX_HELLO).await {
         Ok((kind, payload)) => check_hello(kind, &payload),
         Err(e) => Err(e),
