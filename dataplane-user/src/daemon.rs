@@ -167,6 +167,12 @@ impl Daemon {
             (tap(MAP_INPUTS)?, tap(MAP_OUTPUTS)?)
         };
         let _ = daemon.taps.set(taps.clone());
+        // Migrations the previous run of this daemon left half-done.
+        crate::migration::recover(
+            &daemon.config.pin_root,
+            &daemon.config.images_dir,
+            daemon.config.standby_pin_root.as_deref(),
+        );
         if let Some(address) = daemon.config.peer_listen {
             let peers = TcpListener::bind(address)
                 .await
@@ -181,6 +187,7 @@ impl Daemon {
                 inputs: Some(taps.0.clone()),
                 outputs: Some(taps.1.clone()),
             };
+            peer::target::recover(&host);
             tokio::spawn(peer::serve(peers, host));
         }
         use tokio::signal::unix::{SignalKind, signal};

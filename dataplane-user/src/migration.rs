@@ -171,6 +171,7 @@ pub async fn run(
         context,
     };
     let outcome = migration.execute().await;
+    let _ = std::fs::remove_file(migration.journal_path());
     let report = &mut migration.report;
     report.total_us = migration.start.elapsed().as_micros() as u64;
     match outcome {
@@ -282,9 +283,19 @@ impl Migration {
             .await
             .map_err(|e| self.fail(e))?;
         // From here on the destination holds state: a failure rolls it back.
-        let mirrored = source
-            .dataplane
-            .set_flow_flags(&key, source.flags | FLOW_MIRROR);
+        // Should this daemon die before the end, the journal tells the next
+        // start what to undo.
+        let journal = SourceJournal {
+            flow_id: source.flow_id,
+            flow: spec_of(&self.service),
+            flags: source.flags,
+        };
+        let mirrored = journal.write(&self.journal_path()).and_then(|()| {
+            source
+                .dataplane
+                .set_flow_flags(&key, source.flags | FLOW_MIRROR)
+                .map_err(|e| e.to_string())
+        });
         self.end(t);
         let outcome = match mirrored {
             Ok(()) => self.migrate(&mut source, &mut link).await,
@@ -572,6 +583,10 @@ impl Migration {
         }
     }
 
+    fn journal_path(&self) -> PathBuf {
+        source_journal_path(&self.context.images_dir, &self.report.id)
+    }
+
     fn images(&self) -> PathBuf {
         self.context
             .images_dir
@@ -683,4 +698,104 @@ async fn step<T: serde::de::DeserializeOwned>(
         .await
         .map_err(|e| format!("destination: {e}"))?;
     serde_json::from_value(value).map_err(|e| format!("destination's answer: {e}"))
+}
+
+/// What a source daemon that dies mid-migration leaves to undo.
+#[derive(Serialize, Deserialize)]
+struct SourceJournal {
+    flow_id: u32,
+    flow: crate::daemon::FlowSpec,
+    /// The flow's flags before the migration.
+    flags: u32,
+}
+
+impl SourceJournal {
+    fn write(&self, path: &std::path::Path) -> Result<(), String> {
+        let text = serde_json::to_vec(self).expect("a journal serializes");
+        path.parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(path, text))
+            .map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+}
+
+fn spec_of(service: &Service) -> crate::daemon::FlowSpec {
+    service.flows[0].clone()
+}
+
+fn source_journal_path(images_dir: &std::path::Path, id: &str) -> PathBuf {
+    images_dir
+        .join("outgoing")
+        .join(format!("{id}.journal.json"))
+}
+
+/// At a daemon's start: undoes what migrations from this host left when
+/// its previous run died. Before the flip: the flow's mirroring goes back
+/// to what it was and its gates (and the standby's, under
+/// `standby_pin_root`) deliver again (inputs held when the daemon died are
+/// lost to the instance: the gap is the time until this start). Flipped:
+/// the destination serves; inputs above K keep going to it. What was done,
+/// one line per migration.
+pub fn recover(
+    pin_root: &std::path::Path,
+    images_dir: &std::path::Path,
+    standby_pin_root: Option<&std::path::Path>,
+) -> Vec<String> {
+    let outgoing = images_dir.join("outgoing");
+    let Ok(entries) = std::fs::read_dir(&outgoing) else {
+        return Vec::new();
+    };
+    let mut done = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".journal.json") else {
+            continue;
+        };
+        let outcome = recover_source(pin_root, &entry.path(), standby_pin_root);
+        let _ = std::fs::remove_dir_all(outgoing.join(id));
+        let _ = std::fs::remove_file(entry.path());
+        let line = format!("migration {id} from this host: {outcome}");
+        tracing::warn!("{line}");
+        done.push(line);
+    }
+    done
+}
+
+fn recover_source(
+    pin_root: &std::path::Path,
+    journal: &std::path::Path,
+    standby_pin_root: Option<&std::path::Path>,
+) -> String {
+    let journal: SourceJournal = match std::fs::read(journal)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(journal) => journal,
+        Err(e) => return format!("unreadable journal ({e}); removed"),
+    };
+    let undo = || -> Result<(), String> {
+        let mut dataplane = Dataplane::open(pin_root).map_err(|e| e.to_string())?;
+        let window = dataplane.gate_window().map_err(|e| e.to_string())?;
+        if let Err(k) = window.unflip(journal.flow_id) {
+            return Err(format!(
+                "handed over at K = {k}: inputs above K keep going to the destination"
+            ));
+        }
+        let key = flow::udp(journal.flow.cps, journal.flow.service);
+        dataplane
+            .set_flow_flags(&key, journal.flags)
+            .and_then(|()| dataplane.set_input_gate(journal.flow_id, GATE_DELIVER_ALL, 0))
+            .map_err(|e| e.to_string())?;
+        if let Some(root) = standby_pin_root {
+            let mut standby = Dataplane::open(root).map_err(|e| e.to_string())?;
+            standby
+                .set_input_gate(journal.flow_id, GATE_DELIVER_ALL, 0)
+                .map_err(|e| format!("the standby's gate: {e}"))?;
+        }
+        Ok(())
+    };
+    match undo() {
+        Ok(()) => "rolled back: mirroring off, gates delivering".into(),
+        Err(e) => e,
+    }
 }
