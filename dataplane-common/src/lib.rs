@@ -77,6 +77,16 @@ pub const OUTPUT_MUTE: u32 = 1;
 /// Output gate: only outputs answering inputs >= `answer_from` leave: the
 /// destination after the cutover at K = answer_from - 1.
 pub const OUTPUT_FROM: u32 = 2;
+/// Output gate: muted until the peer forwards the first input past its
+/// cutover (a mirror frame with sequence 0); from that input on, as
+/// `OUTPUT_FROM`. The destination armed for a cutover whose K the source's
+/// kernel program picks.
+pub const OUTPUT_ARMED: u32 = 3;
+
+/// `deliver_until` value that makes the next input numbered on this host
+/// the first one past the cutover: the kernel program replaces it with
+/// K = that input's number - 1. The flip user space stores on the source.
+pub const CUT_AT_NEXT: u64 = u64::MAX;
 
 /// Per-flow gate: whether an input, captured on this host or mirrored from
 /// the peer, reaches the local instance, and whether its outputs leave.
@@ -94,13 +104,22 @@ pub struct Gate {
     pub next_expected: u64,
     /// 0, or K: inputs above K no longer reach the local instance; they are
     /// only logged and mirrored to the peer (the source after the cutover).
+    /// `CUT_AT_NEXT` until the kernel program has picked K.
     pub deliver_until: u64,
-    /// `OUTPUT_FROM`: the first input whose outputs leave.
+    /// `OUTPUT_FROM`: the first input whose outputs leave (`OUTPUT_ARMED`:
+    /// the lowest input forwarded past the peer's cutover so far).
     pub answer_from: u64,
 }
 const _: () = assert!(size_of::<Gate>() == 32);
+/// Byte offset of `output` in a `Gate`, for the memory-mapped arming.
+pub const GATE_OUTPUT_OFFSET: usize = 4;
 /// Byte offset of `deliver_until` in a `Gate`, for the memory-mapped flip.
 pub const GATE_DELIVER_UNTIL_OFFSET: usize = 16;
+/// Byte offset of `answer_from` in a `Gate`.
+pub const GATE_ANSWER_FROM_OFFSET: usize = 24;
+const _: () = assert!(core::mem::offset_of!(Gate, output) == GATE_OUTPUT_OFFSET);
+const _: () = assert!(core::mem::offset_of!(Gate, deliver_until) == GATE_DELIVER_UNTIL_OFFSET);
+const _: () = assert!(core::mem::offset_of!(Gate, answer_from) == GATE_ANSWER_FROM_OFFSET);
 
 /// Host-wide settings, element 0 of the config array.
 #[repr(C)]

@@ -36,12 +36,12 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use dataplane_common::{
-    CAPTURE_META_MAGIC, CAPTURE_META_MASK, CaptureMeta, Config, FLOW_MIRROR, FLOW_STANDBY,
-    FlowConfig, FlowKey, FlowSequence, GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, Gate,
-    MAX_FLOWS, MAX_FRAME, META_DELIVER, META_PEER, META_STANDBY, MIRROR_CLONE, MIRROR_DEVMAP,
-    MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, MIRROR_VERSION, MirrorHeader, OUTPUT_FROM, OUTPUT_MUTE,
-    PORT_MIRROR, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, RecordHeader, counter,
-    mirror_headers,
+    CAPTURE_META_MAGIC, CAPTURE_META_MASK, CUT_AT_NEXT, CaptureMeta, Config, FLOW_MIRROR,
+    FLOW_STANDBY, FlowConfig, FlowKey, FlowSequence, GATE_DELIVER_ALL, GATE_HOLD_ALL,
+    GATE_SEQUENCED, Gate, MAX_FLOWS, MAX_FRAME, META_DELIVER, META_PEER, META_STANDBY,
+    MIRROR_CLONE, MIRROR_DEVMAP, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, MIRROR_VERSION, MirrorHeader,
+    OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, PORT_MIRROR, RECORD_INPUT, RECORD_MIRRORED,
+    RECORD_OUTPUT, RecordHeader, counter, mirror_headers,
 };
 use parse::{Frame, Skip, parse, ptr_at};
 use record::{Skb, Xdp};
@@ -253,13 +253,67 @@ fn raise(sequence: *mut FlowSequence, seq: u64) {
     }
 }
 
-/// Whether input `seq` comes after the gate's cutover point K (`deliver_until`).
+/// Whether input `seq` comes after the gate's cutover point K
+/// (`deliver_until`). While user space's flip (`CUT_AT_NEXT`) waits, the
+/// first input numbered after it picks K = its number - 1: one
+/// compare-and-exchange, so every CPU agrees on K, and no input numbered
+/// between a choice of K and the flip can reach both instances. (A flow's
+/// frames come in on one receive queue, whose NAPI poll runs on one CPU at
+/// a time: numbering order is the order in which this runs.)
 #[inline(always)]
-fn past_cutover(gate: *const Gate, seq: u64) -> bool {
+fn past_cutover(gate: *mut Gate, seq: u64) -> bool {
     // SAFETY: the array slot lives as long as the map. A volatile read: user
     // space flips this word through a memory mapping.
-    let k = unsafe { core::ptr::read_volatile(&raw const (*gate).deliver_until) };
-    k != 0 && seq > k
+    let mut k = unsafe { core::ptr::read_volatile(&raw const (*gate).deliver_until) };
+    if k == CUT_AT_NEXT && seq > 1 {
+        // SAFETY: as above; the exchange is atomic across CPUs and with user space.
+        let (prev, done) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                &raw mut (*gate).deliver_until,
+                CUT_AT_NEXT,
+                seq - 1,
+            )
+        };
+        k = if done { seq - 1 } else { prev };
+    }
+    k != 0 && k != CUT_AT_NEXT && seq > k
+}
+
+/// On a destination armed for the cutover (`OUTPUT_ARMED`): input `seq`
+/// was forwarded past the source's cutover, so its outputs, and those of
+/// every later input, leave from here. `answer_from` only ever comes down
+/// to the lowest such input (frames handled on several CPUs may race), and
+/// it is lowered before the output gate opens.
+#[inline(always)]
+fn arm_answer(gate: *mut Gate, seq: u64) {
+    // SAFETY: the array slot lives as long as the map; user space arms it
+    // through a memory mapping.
+    let output = unsafe { core::ptr::read_volatile(&raw const (*gate).output) };
+    if output != OUTPUT_ARMED && output != OUTPUT_FROM {
+        return;
+    }
+    for _ in 0..4 {
+        // SAFETY: as above.
+        let current = unsafe { core::ptr::read_volatile(&raw const (*gate).answer_from) };
+        if current <= seq {
+            break;
+        }
+        // SAFETY: as above; the exchange is atomic across CPUs.
+        let (_, done) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                &raw mut (*gate).answer_from,
+                current,
+                seq,
+            )
+        };
+        if done {
+            break;
+        }
+    }
+    if output == OUTPUT_ARMED {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&raw mut (*gate).output, OUTPUT_FROM) };
+    }
 }
 
 /// Puts the input's number into the packet metadata, where the `mirror` TC
@@ -379,6 +433,9 @@ fn receive(ctx: &XdpContext) -> u32 {
             }
         }
     };
+    if sent_seq == 0 {
+        arm_answer(gate, seq);
+    }
     if let Some(action) = apply_gate(Some(gate), seq) {
         return action;
     }
@@ -684,7 +741,7 @@ fn capture_output(ctx: &TcContext, config: &Config) -> bool {
         )
     };
     match mode {
-        OUTPUT_MUTE => false,
+        OUTPUT_MUTE | OUTPUT_ARMED => false,
         OUTPUT_FROM => seq >= answer_from,
         _ => true,
     }

@@ -172,6 +172,12 @@ impl Daemon {
             (tap(MAP_INPUTS)?, tap(MAP_OUTPUTS)?)
         };
         let _ = daemon.taps.set(taps.clone());
+        // Migrations the previous run of this daemon left half-done.
+        crate::migration::recover(
+            &daemon.config.pin_root,
+            &daemon.config.images_dir,
+            daemon.config.standby_pin_root.as_deref(),
+        );
         if let Some(address) = daemon.config.peer_listen {
             let peers = TcpListener::bind(address)
                 .await
@@ -187,6 +193,7 @@ impl Daemon {
                 outputs: Some(taps.1.clone()),
                 key: daemon.config.peer_key.clone(),
             };
+            peer::target::recover(&host);
             tokio::spawn(peer::serve(peers, host));
         }
         // Last: a client that finds the socket finds the peer link up too.

@@ -7,6 +7,7 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
 use aya::{
@@ -589,24 +590,73 @@ unsafe impl Send for GateWindow {}
 unsafe impl Sync for GateWindow {}
 
 impl GateWindow {
-    fn word(&self, flow_id: u32, offset: usize) -> &std::sync::atomic::AtomicU64 {
+    fn word<T>(&self, flow_id: u32, offset: usize) -> &T {
         assert!(flow_id < MAX_FLOWS, "flow id {flow_id} out of range");
-        // SAFETY: in bounds of the mapping (flow_id < MAX_FLOWS), 8-byte
-        // aligned (Gate is 32 bytes, the offset a multiple of 8), and the
-        // kernel side reads the word with single loads.
+        // SAFETY: in bounds of the mapping (flow_id < MAX_FLOWS), aligned
+        // (Gate is 32 bytes, the offsets multiples of the words' sizes), and
+        // the kernel side reads and exchanges the words with single accesses.
         unsafe {
             &*self
                 .base
                 .add(flow_id as usize * size_of::<Gate>() + offset)
-                .cast::<std::sync::atomic::AtomicU64>()
+                .cast::<T>()
         }
     }
 
-    /// The cutover flip on the source: inputs of `flow_id` above `k` stop
-    /// reaching the local instance (0: every input does). One store.
-    pub fn set_deliver_until(&self, flow_id: u32, k: u64) {
+    fn deliver_until(&self, flow_id: u32) -> &AtomicU64 {
         self.word(flow_id, dataplane_common::GATE_DELIVER_UNTIL_OFFSET)
-            .store(k, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Sets the source's cutover point: inputs of `flow_id` above `k` stop
+    /// reaching the local instance (0: every input does;
+    /// `CUT_AT_NEXT`: the flip, see [`GateWindow::flip`]). One store.
+    pub fn set_deliver_until(&self, flow_id: u32, k: u64) {
+        self.deliver_until(flow_id).store(k, Ordering::SeqCst);
+    }
+
+    /// The cutover flip on the source: the next input of `flow_id` numbered
+    /// here, and every later one, goes to the destination only; the kernel
+    /// program picks K. One store.
+    pub fn flip(&self, flow_id: u32) {
+        self.set_deliver_until(flow_id, dataplane_common::CUT_AT_NEXT);
+    }
+
+    /// K once the kernel program has picked it after a flip.
+    pub fn cutover_point(&self, flow_id: u32) -> Option<u64> {
+        match self.deliver_until(flow_id).load(Ordering::SeqCst) {
+            0 | dataplane_common::CUT_AT_NEXT => None,
+            k => Some(k),
+        }
+    }
+
+    /// Takes a flip back if no input has crossed it yet; `Err(K)` if one
+    /// has (the cutover happened at K and stands).
+    pub fn unflip(&self, flow_id: u32) -> Result<(), u64> {
+        match self.deliver_until(flow_id).compare_exchange(
+            dataplane_common::CUT_AT_NEXT,
+            0,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) | Err(0) => Ok(()),
+            Err(k) => Err(k),
+        }
+    }
+
+    /// Arms the destination's output gate for a cutover the source's
+    /// kernel picks: muted until the first input forwarded past it.
+    /// `answer_from` is set before the mode, which the kernel reads first.
+    pub fn arm_outputs(&self, flow_id: u32) {
+        self.word::<AtomicU64>(flow_id, dataplane_common::GATE_ANSWER_FROM_OFFSET)
+            .store(u64::MAX, Ordering::SeqCst);
+        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_OUTPUT_OFFSET)
+            .store(dataplane_common::OUTPUT_ARMED, Ordering::SeqCst);
+    }
+
+    /// Mutes the destination's outputs again (a rollback).
+    pub fn mute_outputs(&self, flow_id: u32) {
+        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_OUTPUT_OFFSET)
+            .store(dataplane_common::OUTPUT_MUTE, Ordering::SeqCst);
     }
 }
 

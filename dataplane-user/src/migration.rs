@@ -171,6 +171,7 @@ pub async fn run(
         context,
     };
     let outcome = migration.execute().await;
+    let _ = std::fs::remove_file(migration.journal_path());
     let report = &mut migration.report;
     report.total_us = migration.start.elapsed().as_micros() as u64;
     match outcome {
@@ -282,9 +283,19 @@ impl Migration {
             .await
             .map_err(|e| self.fail(e))?;
         // From here on the destination holds state: a failure rolls it back.
-        let mirrored = source
-            .dataplane
-            .set_flow_flags(&key, source.flags | FLOW_MIRROR);
+        // Should this daemon die before the end, the journal tells the next
+        // start what to undo.
+        let journal = SourceJournal {
+            flow_id: source.flow_id,
+            flow: spec_of(&self.service),
+            flags: source.flags,
+        };
+        let mirrored = journal.write(&self.journal_path()).and_then(|()| {
+            source
+                .dataplane
+                .set_flow_flags(&key, source.flags | FLOW_MIRROR)
+                .map_err(|e| e.to_string())
+        });
         self.end(t);
         let outcome = match mirrored {
             Ok(()) => self.migrate(&mut source, &mut link).await,
@@ -492,17 +503,15 @@ impl Migration {
     ) -> Result<(), MigrationError> {
         let t = self.begin("cutover")?;
         let flow_id = source.flow_id;
-        let rate = source.input_rate(Duration::from_millis(20)).await;
-        // K leaves the inputs expected in the next 20 ms for the agreement
-        // (one round trip on the peer link).
-        let margin = ((rate * 0.02).ceil() as u64).max(8);
-        let last_seq = |s: &Source| s.dataplane.sequence(flow_id).map(|q| q.last_seq);
-        let k = last_seq(source).map_err(|e| self.fail(e))? + margin;
-        self.report.handover_seq = k;
+        // The destination mutes its outputs until the first input the
+        // source forwards past K; the source's kernel program picks K at
+        // the first input numbered after the flip. No K is agreed ahead,
+        // so no input can slip between an agreement and the flip, however
+        // fast inputs come.
         let _: Value = step(
             link,
             &Step::Arm {
-                handover: vec![(flow_id, k)],
+                flows: vec![flow_id],
             },
         )
         .await
@@ -511,35 +520,33 @@ impl Migration {
         // Touch the word first: the flip is timed without the page fault.
         window.set_deliver_until(flow_id, 0);
         let flip = Instant::now();
-        window.set_deliver_until(flow_id, k);
-        let flip_ns = flip.elapsed().as_nanos() as u64;
-        let numbered = last_seq(source).map_err(|e| self.fail(e))?;
-        if numbered > k {
-            // Inputs past K reached this instance before the flip: undo it,
-            // the rollback mutes the destination again.
-            window.set_deliver_until(flow_id, 0);
-            return Err(self.fail(format!(
-                "input {numbered} arrived before the flip at K = {k} (margin {margin}); retry"
-            )));
-        }
-        self.report.flip_ns = flip_ns.max(1);
-        // The handover happens when input K+1 arrives. Until then the path
-        // must stay as it is: an input <= K reaching the destination
+        window.flip(flow_id);
+        self.report.flip_ns = (flip.elapsed().as_nanos() as u64).max(1);
+        // The handover happens when the next input arrives. Until then the
+        // path must stay as it is: an input reaching the destination
         // directly would be answered by neither instance.
         let waited = Instant::now();
         let limit = Duration::from_millis(self.request.deadline_ms);
-        while last_seq(source).map_err(|e| self.fail(e))? <= k {
+        let k = loop {
+            if let Some(k) = window.cutover_point(flow_id) {
+                break k;
+            }
             if waited.elapsed() > limit || self.context.abort.load(Ordering::Relaxed) {
-                window.set_deliver_until(flow_id, 0);
-                self.report.flip_ns = 0;
-                return Err(self.fail(format!(
-                    "input K + 1 = {} did not arrive within {} ms",
-                    k + 1,
-                    self.request.deadline_ms
-                )));
+                match window.unflip(flow_id) {
+                    Ok(()) => {
+                        self.report.flip_ns = 0;
+                        return Err(self.fail(format!(
+                            "no input arrived within {} ms of the flip",
+                            self.request.deadline_ms
+                        )));
+                    }
+                    // An input crossed the flip meanwhile: the cutover stands.
+                    Err(k) => break k,
+                }
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
-        }
+        };
+        self.report.handover_seq = k;
         self.end(t);
 
         let t = self.begin("announce")?;
@@ -574,6 +581,10 @@ impl Migration {
             // The destination rolls back by itself when the link drops.
             tracing::warn!("asking the destination to roll back: {e}");
         }
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        source_journal_path(&self.context.images_dir, &self.report.id)
     }
 
     fn images(&self) -> PathBuf {
@@ -657,18 +668,6 @@ impl Source {
         }
     }
 
-    /// Inputs per second on the flow, over `window`.
-    async fn input_rate(&self, window: Duration) -> f64 {
-        let seq = || {
-            self.dataplane
-                .sequence(self.flow_id)
-                .map_or(0, |s| s.last_seq)
-        };
-        let (first, start) = (seq(), Instant::now());
-        tokio::time::sleep(window).await;
-        (seq() - first) as f64 / start.elapsed().as_secs_f64()
-    }
-
     /// Waits until no input has arrived for `quiet` (at most `limit`).
     async fn wait_quiet(&self, quiet: Duration, limit: Duration) {
         let seq = || {
@@ -699,4 +698,104 @@ async fn step<T: serde::de::DeserializeOwned>(
         .await
         .map_err(|e| format!("destination: {e}"))?;
     serde_json::from_value(value).map_err(|e| format!("destination's answer: {e}"))
+}
+
+/// What a source daemon that dies mid-migration leaves to undo.
+#[derive(Serialize, Deserialize)]
+struct SourceJournal {
+    flow_id: u32,
+    flow: crate::daemon::FlowSpec,
+    /// The flow's flags before the migration.
+    flags: u32,
+}
+
+impl SourceJournal {
+    fn write(&self, path: &std::path::Path) -> Result<(), String> {
+        let text = serde_json::to_vec(self).expect("a journal serializes");
+        path.parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(path, text))
+            .map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+}
+
+fn spec_of(service: &Service) -> crate::daemon::FlowSpec {
+    service.flows[0].clone()
+}
+
+fn source_journal_path(images_dir: &std::path::Path, id: &str) -> PathBuf {
+    images_dir
+        .join("outgoing")
+        .join(format!("{id}.journal.json"))
+}
+
+/// At a daemon's start: undoes what migrations from this host left when
+/// its previous run died. Before the flip: the flow's mirroring goes back
+/// to what it was and its gates (and the standby's, under
+/// `standby_pin_root`) deliver again (inputs held when the daemon died are
+/// lost to the instance: the gap is the time until this start). Flipped:
+/// the destination serves; inputs above K keep going to it. What was done,
+/// one line per migration.
+pub fn recover(
+    pin_root: &std::path::Path,
+    images_dir: &std::path::Path,
+    standby_pin_root: Option<&std::path::Path>,
+) -> Vec<String> {
+    let outgoing = images_dir.join("outgoing");
+    let Ok(entries) = std::fs::read_dir(&outgoing) else {
+        return Vec::new();
+    };
+    let mut done = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".journal.json") else {
+            continue;
+        };
+        let outcome = recover_source(pin_root, &entry.path(), standby_pin_root);
+        let _ = std::fs::remove_dir_all(outgoing.join(id));
+        let _ = std::fs::remove_file(entry.path());
+        let line = format!("migration {id} from this host: {outcome}");
+        tracing::warn!("{line}");
+        done.push(line);
+    }
+    done
+}
+
+fn recover_source(
+    pin_root: &std::path::Path,
+    journal: &std::path::Path,
+    standby_pin_root: Option<&std::path::Path>,
+) -> String {
+    let journal: SourceJournal = match std::fs::read(journal)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(journal) => journal,
+        Err(e) => return format!("unreadable journal ({e}); removed"),
+    };
+    let undo = || -> Result<(), String> {
+        let mut dataplane = Dataplane::open(pin_root).map_err(|e| e.to_string())?;
+        let window = dataplane.gate_window().map_err(|e| e.to_string())?;
+        if let Err(k) = window.unflip(journal.flow_id) {
+            return Err(format!(
+                "handed over at K = {k}: inputs above K keep going to the destination"
+            ));
+        }
+        let key = flow::udp(journal.flow.cps, journal.flow.service);
+        dataplane
+            .set_flow_flags(&key, journal.flags)
+            .and_then(|()| dataplane.set_input_gate(journal.flow_id, GATE_DELIVER_ALL, 0))
+            .map_err(|e| e.to_string())?;
+        if let Some(root) = standby_pin_root {
+            let mut standby = Dataplane::open(root).map_err(|e| e.to_string())?;
+            standby
+                .set_input_gate(journal.flow_id, GATE_DELIVER_ALL, 0)
+                .map_err(|e| format!("the standby's gate: {e}"))?;
+        }
+        Ok(())
+    };
+    match undo() {
+        Ok(()) => "rolled back: mirroring off, gates delivering".into(),
+        Err(e) => e,
+    }
 }

@@ -605,6 +605,85 @@ pub fn chain(hash: u64, input: &[u8]) -> u64 {
         })
 }
 
+/// The real-time priority (SCHED_FIFO) at which the controllers and the
+/// CPS simulator run, as control tasks do on a factory host: 50 unless
+/// DATAPLANE_TEST_RT says otherwise (`0` runs them as ordinary tasks, to
+/// measure what the priority buys).
+pub fn realtime_priority() -> u8 {
+    std::env::var("DATAPLANE_TEST_RT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+}
+
+/// The `chrt` prefix that starts a program at `realtime_priority()`.
+fn realtime() -> Vec<String> {
+    match realtime_priority() {
+        0 => vec![],
+        prio => vec!["chrt".into(), "-f".into(), prio.to_string()],
+    }
+}
+
+/// CRIU walks the host's whole conntrack hash table twice on every dump,
+/// even with the service's network namespace an external, with softirqs
+/// off on its CPU: at the kernel's default of 262,144 buckets each walk
+/// stalls packet processing for about 10 ms. A real-time host sizes the
+/// table to its needs; the benchmarks and the demo do so for their run
+/// (`CONNTRACK_BUCKETS`) and put the old size back on drop.
+pub struct ConntrackBuckets {
+    old: Option<String>,
+}
+
+/// The conntrack table size the benchmarks and the demo run with.
+pub const CONNTRACK_BUCKETS: u32 = 4096;
+const BUCKETS_SYSCTL: &str = "/proc/sys/net/netfilter/nf_conntrack_buckets";
+
+impl ConntrackBuckets {
+    /// Shrinks the table to `CONNTRACK_BUCKETS` if it is larger (a host
+    /// without conntrack has nothing to shrink).
+    pub fn shrink() -> Self {
+        let old = std::fs::read_to_string(BUCKETS_SYSCTL)
+            .ok()
+            .filter(|v| v.trim().parse::<u32>().is_ok_and(|n| n > CONNTRACK_BUCKETS));
+        if old.is_some() && std::fs::write(BUCKETS_SYSCTL, CONNTRACK_BUCKETS.to_string()).is_err() {
+            return Self { old: None };
+        }
+        Self { old }
+    }
+
+    /// "262144 -> 4096" or "4096" (what the run had).
+    pub fn describe(&self) -> String {
+        let now = std::fs::read_to_string(BUCKETS_SYSCTL).unwrap_or_else(|_| "none".into());
+        match &self.old {
+            Some(old) => format!("{} -> {}", old.trim(), now.trim()),
+            None => now.trim().to_string(),
+        }
+    }
+}
+
+/// Prepares this host for a timed run (`ConntrackBuckets::shrink`) and
+/// prints the conditions the figures were taken under.
+pub fn tune_host_for_timing() -> ConntrackBuckets {
+    let buckets = ConntrackBuckets::shrink();
+    let priority = match realtime_priority() {
+        0 => "ordinary tasks".to_string(),
+        p => format!("SCHED_FIFO priority {p}"),
+    };
+    println!(
+        "host: controllers and CPS at {priority}; conntrack buckets {}",
+        buckets.describe()
+    );
+    buckets
+}
+
+impl Drop for ConntrackBuckets {
+    fn drop(&mut self) {
+        if let Some(old) = &self.old {
+            let _ = std::fs::write(BUCKETS_SYSCTL, old.trim());
+        }
+    }
+}
+
 /// A chain-service process in its own PID namespace inside a test host,
 /// started as DESIGN.md says CRIU needs it: `nsenter --net` (no new mount
 /// namespace) and `unshare --pid --fork`. Killed on drop.
@@ -628,6 +707,7 @@ impl ChainService {
         let unshare = Command::new("nsenter")
             .arg(format!("--net={}", host.path().display()))
             .args(["unshare", "--pid", "--fork"])
+            .args(realtime())
             .arg(exe)
             .args(args)
             .stdin(std::process::Stdio::null())
@@ -747,6 +827,7 @@ pub struct MigrationSetup {
     pub standby: Option<(Loaded, ChainService, NetNs)>,
     /// The controller's address (the same on both hosts).
     pub service: SocketAddr,
+    tag: String,
 }
 
 /// The destination daemon's peer link address in [`MigrationSetup`].
@@ -759,6 +840,16 @@ impl MigrationSetup {
     /// With `standby`, a standby controller runs in a namespace of its own
     /// on the source host, fed by the source's dataplane.
     pub fn new(tag: &str, controller_args: &[&str], standby: bool) -> Self {
+        Self::with_source_config(tag, controller_args, standby, "")
+    }
+
+    /// As `new`, with `extra` TOML lines in the source daemon's configuration.
+    pub fn with_source_config(
+        tag: &str,
+        controller_args: &[&str],
+        standby: bool,
+        extra: &str,
+    ) -> Self {
         let hosts = TestHosts::new(tag);
         let service = sock(SERVICE_V4, 5000);
         let standby_ns = standby.then(|| hosts.add_standby());
@@ -796,7 +887,11 @@ impl MigrationSetup {
                 std::process::id(),
             )
         };
-        let src_config = config("src", TestHosts::mac(&hosts.dst, "peer0"), &standby_config);
+        let src_config = config(
+            "src",
+            TestHosts::mac(&hosts.dst, "peer0"),
+            &format!("{standby_config}{extra}"),
+        );
         let dst_config = config(
             "dst",
             TestHosts::mac(&hosts.src, "peer0"),
@@ -840,6 +935,7 @@ impl MigrationSetup {
             controller,
             standby,
             service,
+            tag: tag.to_string(),
         }
     }
 
@@ -851,9 +947,34 @@ impl MigrationSetup {
         period_us: u64,
         trace: Option<&std::path::Path>,
     ) -> std::process::Child {
+        let mut command = self.cps_command(count, period_us);
+        if let Some(trace) = trace {
+            command.arg("--trace").arg(trace);
+        }
+        command.spawn().expect("start the CPS simulator")
+    }
+
+    /// As `start_cps`, sending `burst` inputs at 20 kHz on each SIGUSR1.
+    pub fn start_bursty_cps(
+        &self,
+        count: u64,
+        period_us: u64,
+        burst: u64,
+        trace: &std::path::Path,
+    ) -> std::process::Child {
+        let mut command = self.cps_command(count, period_us);
+        command
+            .args(["--burst", &burst.to_string()])
+            .arg("--trace")
+            .arg(trace);
+        command.spawn().expect("start the CPS simulator")
+    }
+
+    fn cps_command(&self, count: u64, period_us: u64) -> Command {
         let mut command = Command::new("nsenter");
         command
             .arg(format!("--net={}", self.hosts.cps.path().display()))
+            .args(realtime())
             .arg(dataplane_bin().with_file_name("cps-sim"))
             .args([
                 "--to",
@@ -864,10 +985,16 @@ impl MigrationSetup {
             .args(["--count", &count.to_string()])
             .args(["--period-us", &period_us.to_string()])
             .stdout(std::process::Stdio::piped());
-        if let Some(trace) = trace {
-            command.arg("--trace").arg(trace);
-        }
-        command.spawn().expect("start the CPS simulator")
+        command
+    }
+
+    /// The destination daemon's image directory.
+    pub fn dst_images_dir(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/tmp/dataplane-test-{}-{}-dst-images",
+            std::process::id(),
+            self.tag
+        ))
     }
 
     /// Starts migrating "markov" to `dst` with `params` added; the migration id.

@@ -2,7 +2,7 @@
 //! real kernel programs, real CRIU, real processes.
 use std::time::Duration;
 
-use dataplane_tests::{MigrationSetup, chain_state, cps_verdict, kill_pid};
+use dataplane_tests::{MigrationSetup, chain_state, cps_verdict, kill_pid, read_trace};
 
 fn assert_clean(verdict: &serde_json::Value) {
     for key in ["missed", "duplicates", "out_of_order", "wrong"] {
@@ -152,12 +152,155 @@ fn repeated(mode: &str, count: usize) {
     }
 }
 
+// 50 migrations in all, each exact.
 #[test]
-fn twenty_standby_migrations_in_a_row_each_exact() {
-    repeated("standby", 20);
+fn twenty_five_standby_migrations_in_a_row_each_exact() {
+    repeated("standby", 25);
 }
 
 #[test]
-fn twenty_leave_running_migrations_in_a_row_each_exact() {
-    repeated("leave-running", 20);
+fn twenty_five_leave_running_migrations_in_a_row_each_exact() {
+    repeated("leave-running", 25);
+}
+
+#[test]
+fn bursts_at_20_khz_on_the_seams_are_answered_exactly_once() {
+    // Bursts of 20 inputs 50 µs apart (20 kHz): every few ms while the
+    // destination restores and replays, so that some land as the replay
+    // catches up with the live mirror; and ten back to back (10 ms) the
+    // moment the cutover begins (signalled from a `migration.watch`
+    // stream), so that the first inputs past K come in a burst.
+    for mode in ["leave-running", "standby"] {
+        let setup = MigrationSetup::new(&format!("burst{}", &mode[..1]), &[], mode == "standby");
+        let cycles = 3000;
+        let trace = std::env::temp_dir().join(format!("burst-{mode}-{}.trace", std::process::id()));
+        let cps = setup.start_bursty_cps(cycles, 1000, 20, &trace);
+        let cps_pid = nix::unistd::Pid::from_raw(cps.id() as i32);
+        let burst = move || {
+            nix::sys::signal::kill(cps_pid, nix::sys::signal::Signal::SIGUSR1)
+                .expect("signal the CPS")
+        };
+        let mut watcher = setup.src.client();
+        watcher
+            .call("migration.watch", serde_json::json!({}))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let id = setup.migrate(serde_json::json!({"mode": mode}));
+        let mut seen = std::collections::BTreeSet::new();
+        let mut restore_bursts = None;
+        let mut cutover_bursts = 0;
+        loop {
+            let line = watcher.next_line().expect("a migration.phase notification");
+            let report: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let report = &report["params"];
+            let phase = report["phase"].as_str().unwrap_or("").to_string();
+            if seen.insert(phase.clone()) {
+                match phase.as_str() {
+                    // The replay runs to the end of the restore step.
+                    "restore" => {
+                        restore_bursts = Some(std::thread::spawn(move || {
+                            for _ in 0..12 {
+                                burst();
+                                std::thread::sleep(Duration::from_millis(4));
+                            }
+                        }))
+                    }
+                    "cutover" => {
+                        for _ in 0..10 {
+                            burst();
+                            cutover_bursts += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if report["state"] != "running" {
+                break;
+            }
+        }
+        restore_bursts.expect("a restore phase").join().unwrap();
+        let report = setup.wait(&id);
+        let verdict = cps_verdict(cps);
+        let sent: Vec<u64> = read_trace(&std::fs::read_to_string(&trace).unwrap())
+            .iter()
+            .map(|c| c.sent_us)
+            .collect();
+        let _ = std::fs::remove_file(&trace);
+        println!(
+            "{mode}: {cutover_bursts} bursts at the cutover\n\
+             report: {report}\nCPS: {verdict}"
+        );
+        let state = chain_state(&setup.hosts.dst, setup.service);
+        kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+        assert_eq!(report["state"], "done", "{report}");
+        // The first inputs past K (K+1, K+2 at sent[K], sent[K+1]) came in
+        // a burst.
+        let k = report["handover_seq"].as_u64().unwrap() as usize;
+        let spacing = sent[k + 1] - sent[k];
+        assert!(
+            spacing < 200,
+            "inputs K+1 and K+2 (K = {k}) were sent {spacing} µs apart"
+        );
+        assert_clean(&verdict);
+        assert_eq!(state.map(|s| s.0), Some(cycles), "{verdict}");
+    }
+}
+
+/// Pids of running processes named `comm` (as /proc/PID/comm has it).
+fn pids_named(comm: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
+
+#[test]
+fn a_destination_instance_killed_during_replay_is_rolled_back() {
+    let setup = MigrationSetup::new("kdst", &[], false);
+    let cycles = 2500;
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    // /proc's comm keeps 15 bytes of the name.
+    let comm = "markov-controll";
+    let before = pids_named(comm);
+    let id = setup.migrate(serde_json::json!({}));
+    // The restored instance takes its name back at the end of CRIU's
+    // restore, just before the replay into it starts: kill it on sight.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let killed = loop {
+        if let Some(&pid) = pids_named(comm).iter().find(|p| !before.contains(p)) {
+            kill_pid(pid as u64);
+            break pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no restored instance appeared"
+        );
+        std::thread::sleep(Duration::from_micros(500));
+    };
+    let report = setup.wait(&id);
+    let verdict = cps_verdict(cps);
+    println!("killed {killed}\nreport: {report}\nCPS: {verdict}");
+    assert_eq!(report["state"], "failed", "{report}");
+    let error = report["error"].as_str().unwrap();
+    assert!(error.starts_with("restore:"), "{error}");
+    assert_clean(&verdict);
+    assert_eq!(
+        chain_state(&setup.hosts.src, setup.service).map(|s| s.0),
+        Some(cycles),
+        "the source instance kept serving every input"
+    );
+    let status = setup
+        .dst
+        .client()
+        .call("status", serde_json::json!({}))
+        .unwrap();
+    assert_eq!(status["flows"], serde_json::json!([]), "{status}");
+    assert!(
+        !pids_named(comm).contains(&killed),
+        "nothing restored is left"
+    );
 }

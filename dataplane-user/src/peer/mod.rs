@@ -111,6 +111,10 @@ pub enum PeerError {
     TooLong(u32, u32),
     #[error("the peer refused the link: {0}")]
     Refused(String),
+    /// The peer ran a migration step and it failed there (the caller
+    /// names the peer).
+    #[error("{0}")]
+    StepFailed(String),
     #[error("not a dataplane peer: {0}")]
     Garbage(String),
     #[error("peer speaks version {0}, this daemon speaks {VERSION}")]
@@ -194,7 +198,7 @@ async fn handshake(
     key: Option<&PeerKey>,
 ) -> Result<(TcpStream, Hello), PeerError> {
     let mut stream = TcpStream::connect(address).await?;
-    stream.set_nodelay(true)?;
+    tune(&stream)?;
     let nonce = key.map(|_| random_nonce()).transpose()?;
     let hello = Hello {
         nonce: nonce.as_ref().map(|n| to_hex(n)),
@@ -325,13 +329,32 @@ pub fn migration_answer(payload: &[u8]) -> Result<serde_json::Value, PeerError> 
         .map_err(|e| PeerError::Garbage(format!("migration answer: {e}")))?;
     match (answer.remove("ok"), answer.remove("error")) {
         (Some(ok), None) => Ok(ok),
-        (None, Some(error)) => Err(PeerError::Refused(
+        (None, Some(error)) => Err(PeerError::StepFailed(
             error.as_str().unwrap_or_default().to_string(),
         )),
         _ => Err(PeerError::Garbage(
             "migration answer without ok or error".into(),
         )),
     }
+}
+
+/// How long the peer may leave data unacknowledged, or an idle link
+/// unanswered, before the link counts as gone: a cut link fails the step
+/// in progress within this time instead of TCP's minutes of retries, and a
+/// destination rolls back by itself.
+pub const LINK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Peer-link socket options: no Nagle delay for the small step frames, and
+/// a dead peer detected within `LINK_TIMEOUT`, busy or idle.
+fn tune(stream: &TcpStream) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    stream.set_nodelay(true)?;
+    let timeout_ms = LINK_TIMEOUT.as_millis() as u32;
+    setsockopt(stream, sockopt::TcpUserTimeout, &timeout_ms)?;
+    setsockopt(stream, sockopt::KeepAlive, &true)?;
+    setsockopt(stream, sockopt::TcpKeepIdle, &1)?;
+    setsockopt(stream, sockopt::TcpKeepInterval, &1)?;
+    Ok(())
 }
 
 /// Accepts peer links on `listener` until the task is dropped.
@@ -368,7 +391,7 @@ async fn serve_one(
     host: &Host,
     handshake: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), PeerError> {
-    stream.set_nodelay(true)?;
+    tune(&stream)?;
     let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(&mut stream, host.key.as_ref()))
         .await
         .unwrap_or_else(|_| {

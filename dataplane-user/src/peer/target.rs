@@ -4,7 +4,13 @@
 //! The destination's state lives as long as the peer link: if the link
 //! breaks before `Finish` (the source daemon died, the network did), the
 //! destination rolls back on its own: the restored instance is killed, the
-//! flows it adopted are removed, and the images are deleted.
+//! flows it adopted are removed, and the images are deleted. Unless the
+//! source had already handed the service over (an output gate opened at
+//! the first input forwarded past K): then this host keeps serving and
+//! announces the service address itself.
+//!
+//! A journal beside the images says what to undo or keep should this
+//! daemon die mid-migration; [`recover`] acts on it at the next start.
 use std::{
     net::IpAddr,
     path::Path,
@@ -47,7 +53,7 @@ pub enum Step {
         timeout_ms: u64,
     },
     /// Let outputs answering inputs above each flow's K leave.
-    Arm { handover: Vec<(u32, u64)> },
+    Arm { flows: Vec<u32> },
     /// Announce the service addresses from this host (gratuitous ARP).
     Announce,
     /// The migration is complete: keep the instance, drop the images.
@@ -140,7 +146,7 @@ impl<'a> Target<'a> {
                 .set_gate(f.flow_id, gate)
                 .map_err(|e| e.to_string())?;
         }
-        Ok(Self {
+        let target = Self {
             host,
             dataplane,
             migration,
@@ -149,7 +155,9 @@ impl<'a> Target<'a> {
             outputs,
             instance: None,
             finished: false,
-        })
+        };
+        target.write_journal()?;
+        Ok(target)
     }
 
     /// Handles every step after `Prepare`; the reply's JSON value.
@@ -166,13 +174,16 @@ impl<'a> Target<'a> {
                 let outputs = self
                     .next_outputs(after, count, Duration::from_millis(timeout_ms))
                     .await;
+                self.check_instance("convergence")?;
                 Ok(serde_json::to_value(outputs).expect("serializes"))
             }
-            Step::Arm { handover } => self.arm(&handover).map(|()| serde_json::json!({})),
+            Step::Arm { flows } => {
+                self.check_instance("the cutover")?;
+                self.arm(&flows).map(|()| serde_json::json!({}))
+            }
             Step::Announce => self.announce().map(|a| serde_json::json!({"announced": a})),
             Step::Finish => {
-                self.finished = true;
-                let _ = std::fs::remove_dir_all(self.images());
+                self.end();
                 Ok(serde_json::json!({"pid": self.instance}))
             }
             Step::Abort => {
@@ -222,6 +233,7 @@ impl<'a> Target<'a> {
         .map_err(|e| format!("restore task: {e}"))??;
         let (pid, restore_us) = restored;
         self.instance = Some(pid);
+        self.write_journal()?;
         let restore_total_us = start.elapsed().as_micros() as u64;
         let interface = self
             .host
@@ -239,6 +251,7 @@ impl<'a> Target<'a> {
         )
         .await
         .map_err(|e| format!("replay: {e}"))?;
+        self.check_instance("replay")?;
         if self.inputs.lost() > 0 {
             return Err(format!(
                 "replay: the destination's log reader fell behind and lost {} inputs",
@@ -282,8 +295,12 @@ impl<'a> Target<'a> {
         outputs
     }
 
-    fn arm(&mut self, handover: &[(u32, u64)]) -> Result<(), String> {
-        for &(flow_id, k) in handover {
+    /// Arms the output gates: each flow's outputs stay muted until the
+    /// source forwards its first input past the cutover, and leave from
+    /// that input on (the kernel programs do the rest, see `OUTPUT_ARMED`).
+    fn arm(&mut self, flows: &[u32]) -> Result<(), String> {
+        let window = self.dataplane.gate_window().map_err(|e| e.to_string())?;
+        for &flow_id in flows {
             if !self.flows.iter().any(|f| f.flow_id == flow_id) {
                 return Err(format!("flow {flow_id} is not part of this migration"));
             }
@@ -291,46 +308,64 @@ impl<'a> Target<'a> {
             if gate.mode != GATE_SEQUENCED {
                 return Err("the instance is not restored and replayed yet".into());
             }
-            let gate = dataplane_common::Gate {
-                output: OUTPUT_FROM,
-                answer_from: k + 1,
-                ..gate
-            };
-            self.dataplane
-                .set_gate(flow_id, gate)
-                .map_err(|e| e.to_string())?;
-            // Armed in time only if the instance has not been given K+1 yet.
-            let delivered = self
-                .dataplane
-                .sequence(flow_id)
-                .map_err(|e| e.to_string())?
-                .last_delivered;
-            if delivered > k {
-                return Err(format!(
-                    "flow {flow_id}: armed for K = {k} after input {delivered} had arrived"
-                ));
-            }
+            window.arm_outputs(flow_id);
         }
         Ok(())
     }
 
-    /// Makes this host the service addresses' owner on the service interface
-    /// and tells the neighbours (gratuitous ARP).
     fn announce(&self) -> Result<Vec<String>, String> {
-        let interface = &self.host.interface;
-        let mut announced = Vec::new();
-        for f in &self.flows {
-            let IpAddr::V4(addr) = f.spec.service.ip() else {
-                return Err(format!(
-                    "{}: announcing IPv6 addresses (unsolicited NA) is not supported yet",
-                    f.spec.service
-                ));
-            };
-            crate::netdev::own_address(interface, addr).map_err(|e| e.to_string())?;
-            crate::netdev::gratuitous_arp(interface, addr).map_err(|e| e.to_string())?;
-            announced.push(addr.to_string());
-        }
-        Ok(announced)
+        announce(&self.host.interface, &self.flows)
+    }
+
+    fn journal_path(&self) -> std::path::PathBuf {
+        journal_path(&self.host.images_root, &self.migration)
+    }
+
+    /// Records the flows and the instance, for [`recover`].
+    fn write_journal(&self) -> Result<(), String> {
+        let journal = Journal {
+            flows: self.flows.clone(),
+            instance: self.instance.and_then(|pid| {
+                Some(Instance {
+                    pid,
+                    start_time: start_time(pid)?,
+                })
+            }),
+        };
+        let path = self.journal_path();
+        let text = serde_json::to_vec(&journal).expect("a journal serializes");
+        std::fs::create_dir_all(&self.host.images_root)
+            .and_then(|()| std::fs::write(&path, text))
+            .map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+
+    /// The migration is over here, either way: the images and the journal go.
+    fn end(&mut self) {
+        let _ = std::fs::remove_dir_all(self.images());
+        let _ = std::fs::remove_file(self.journal_path());
+        self.finished = true;
+    }
+
+    /// An error if the restored instance (this daemon's child) has exited;
+    /// it is reaped then.
+    fn check_instance(&mut self, during: &str) -> Result<(), String> {
+        use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+        let Some(pid) = self.instance else {
+            return Ok(());
+        };
+        let status = waitpid(
+            nix::unistd::Pid::from_raw(pid as i32),
+            Some(WaitPidFlag::WNOHANG),
+        );
+        let how = match status {
+            Ok(WaitStatus::StillAlive) => return Ok(()),
+            Ok(WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
+            Ok(WaitStatus::Signaled(_, signal, _)) => format!("was killed by {signal}"),
+            Ok(other) => return Err(format!("instance {pid} changed state: {other:?}")),
+            Err(e) => format!("is gone ({e})"),
+        };
+        self.instance = None;
+        Err(format!("the restored instance {pid} {how} during {during}"))
     }
 
     /// Undoes whatever this migration did on this host.
@@ -341,14 +376,8 @@ impl<'a> Target<'a> {
             // The restored root is this daemon's child: reap it.
             let _ = nix::sys::wait::waitpid(pid, None);
         }
-        for f in &self.flows {
-            let _ = self
-                .dataplane
-                .remove_flow(&flow::udp(f.spec.cps, f.spec.service));
-            let _ = self.dataplane.set_gate(f.flow_id, Default::default());
-        }
-        let _ = std::fs::remove_dir_all(self.images());
-        self.finished = true;
+        forget_flows(&mut self.dataplane, &self.flows);
+        self.end();
     }
 
     /// Whether the migration ended (finished or rolled back).
@@ -359,10 +388,143 @@ impl<'a> Target<'a> {
 
 impl Drop for Target<'_> {
     fn drop(&mut self) {
-        if !self.finished {
+        if self.finished {
+            return;
+        }
+        if handed_over(&self.dataplane, &self.flows) {
+            tracing::warn!(migration = %self.migration,
+                "peer link lost after the handover: this host keeps serving");
+            if let Err(e) = self.announce() {
+                tracing::warn!(migration = %self.migration, "announcing: {e}");
+            }
+            self.end();
+        } else {
             tracing::warn!(migration = %self.migration, "peer link lost mid-migration: rolling back");
             self.rollback();
         }
+    }
+}
+
+/// What a destination daemon that dies mid-migration leaves to undo or
+/// keep.
+#[derive(Serialize, Deserialize)]
+struct Journal {
+    flows: Vec<TargetFlow>,
+    instance: Option<Instance>,
+}
+
+/// A restored instance, known by its pid and start time (pids are reused).
+#[derive(Clone, Copy, Serialize, Deserialize)]
+struct Instance {
+    pid: u32,
+    start_time: u64,
+}
+
+fn journal_path(images_root: &Path, migration: &str) -> std::path::PathBuf {
+    images_root.join(format!("{migration}.journal.json"))
+}
+
+/// A process's start time in clock ticks since boot (/proc/PID/stat field 22).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let fields = &stat[stat.rfind(')')? + 2..];
+    fields.split(' ').nth(19)?.parse().ok()
+}
+
+/// Whether the source has handed the service over: an output gate was
+/// opened by the first input forwarded past K.
+fn handed_over(dataplane: &Dataplane, flows: &[TargetFlow]) -> bool {
+    flows.iter().any(|f| {
+        dataplane
+            .gate(f.flow_id)
+            .is_ok_and(|g| g.output == OUTPUT_FROM)
+    })
+}
+
+/// Removes the flows a migration adopted, and their gates.
+fn forget_flows(dataplane: &mut Dataplane, flows: &[TargetFlow]) {
+    for f in flows {
+        let _ = dataplane.remove_flow(&flow::udp(f.spec.cps, f.spec.service));
+        let _ = dataplane.set_gate(f.flow_id, Default::default());
+    }
+}
+
+/// Makes this host the service addresses' owner on `interface` and tells
+/// the neighbours (gratuitous ARP). An address it has already is fine.
+fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<String>, String> {
+    let mut announced = Vec::new();
+    for f in flows {
+        let IpAddr::V4(addr) = f.spec.service.ip() else {
+            return Err(format!(
+                "{}: announcing IPv6 addresses (unsolicited NA) is not supported yet",
+                f.spec.service
+            ));
+        };
+        match crate::netdev::own_address(interface, addr) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.to_string()),
+            _ => {}
+        }
+        crate::netdev::gratuitous_arp(interface, addr).map_err(|e| e.to_string())?;
+        announced.push(addr.to_string());
+    }
+    Ok(announced)
+}
+
+/// At a daemon's start: finishes what migrations to this host left when
+/// its previous run died. Handed over: the instance keeps serving, the
+/// address is announced. Not: the instance is killed, the flows go.
+/// Either way the images and the journal are removed. What was done, one
+/// line per migration.
+pub fn recover(host: &Host) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(&host.images_root) else {
+        return Vec::new();
+    };
+    let mut done = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(migration) = name.strip_suffix(".journal.json") else {
+            continue;
+        };
+        let outcome = recover_one(host, &entry.path());
+        let _ = std::fs::remove_dir_all(host.images_root.join(migration));
+        let _ = std::fs::remove_file(entry.path());
+        let line = format!("migration {migration} to this host: {outcome}");
+        tracing::warn!("{line}");
+        done.push(line);
+    }
+    done
+}
+
+fn recover_one(host: &Host, journal: &Path) -> String {
+    let journal: Journal = match std::fs::read(journal)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(journal) => journal,
+        Err(e) => return format!("unreadable journal ({e}); removed"),
+    };
+    let mut dataplane = match Dataplane::open(&host.pin_root) {
+        Ok(d) => d,
+        Err(e) => return format!("no dataplane to clean up ({e})"),
+    };
+    if handed_over(&dataplane, &journal.flows) {
+        return match announce(&host.interface, &journal.flows) {
+            Ok(addresses) => format!("handed over; kept serving, announced {addresses:?}"),
+            Err(e) => format!("handed over; kept serving; announcing failed: {e}"),
+        };
+    }
+    let killed = journal
+        .instance
+        .filter(|i| start_time(i.pid) == Some(i.start_time));
+    if let Some(i) = killed {
+        let pid = nix::unistd::Pid::from_raw(i.pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    forget_flows(&mut dataplane, &journal.flows);
+    match killed {
+        Some(i) => format!("rolled back: killed instance {}, removed its flows", i.pid),
+        None => "rolled back: removed its flows".into(),
     }
 }
 

@@ -39,6 +39,7 @@ fn main() -> anyhow::Result<()> {
         "{migrations} live migrations (standby mode) and {baselines} stop-and-copy migrations, \
          CPS period {PERIOD_US} µs, {CYCLES} cycles each"
     );
+    let _tuning = dataplane_tests::tune_host_for_timing();
     let mut ours = Vec::new();
     let started = Instant::now();
     for i in 0..migrations {
@@ -150,6 +151,12 @@ fn judge(trace: &std::path::Path, verdict: &serde_json::Value, k: u64) -> anyhow
             .map(|(c, g)| format!("K{:+}: {g} µs", *c as i64 - k as i64))
             .collect();
         println!("  gaps over 300 µs near K = {k}: {late:?}");
+        let far: Vec<String> = gaps
+            .iter()
+            .filter(|(_, g)| *g > 2000)
+            .map(|(c, g)| format!("K{:+}: {g} µs", *c as i64 - k as i64))
+            .collect();
+        println!("  gaps over 2 ms in the run: {far:?}");
     }
     let n = |key: &str| verdict[key].as_u64().unwrap_or(0);
     Ok(Run {

@@ -8,10 +8,16 @@
 //! Prints its verdict as one JSON object on stdout; `--trace FILE` writes
 //! "SEQ SENT_US ANSWERED_US" per cycle (0: never answered).
 //!
+//! `--burst N`: each SIGUSR1 makes the next N inputs go out at 20 kHz (one
+//! every 50 µs) instead of one per period; the periodic schedule then
+//! goes on from the burst's end. Tests time bursts to land on a
+//! migration's seams.
+//!
 //! Usage: cps-sim --to ADDR:PORT --bind ADDR:PORT [--period-us 1000]
-//!        [--count N] [--grace-ms 300] [--trace FILE] [--no-check]
+//!        [--count N] [--grace-ms 300] [--trace FILE] [--no-check] [--burst N]
 use std::{
     net::UdpSocket,
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -25,7 +31,18 @@ struct Args {
     grace: Duration,
     trace: Option<String>,
     check: bool,
+    burst: u64,
 }
+
+/// Bursts asked for by SIGUSR1 and not sent yet.
+static BURSTS: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn ask_for_burst(_: nix::libc::c_int) {
+    BURSTS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Spacing of the inputs of a burst: 20 kHz.
+const BURST_SPACING: Duration = Duration::from_micros(50);
 
 fn args() -> Args {
     let mut a = Args {
@@ -36,6 +53,7 @@ fn args() -> Args {
         grace: Duration::from_millis(300),
         trace: None,
         check: true,
+        burst: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -48,6 +66,7 @@ fn args() -> Args {
             "--grace-ms" => a.grace = Duration::from_millis(value().parse().expect("ms")),
             "--trace" => a.trace = Some(value()),
             "--no-check" => a.check = false,
+            "--burst" => a.burst = value().parse().expect("a count"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -84,9 +103,24 @@ fn main() {
             }
         }
     });
+    if args.burst > 0 {
+        let action = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::Handler(ask_for_burst),
+            nix::sys::signal::SaFlags::SA_RESTART,
+            nix::sys::signal::SigSet::empty(),
+        );
+        // SAFETY: the handler only does an atomic add.
+        unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGUSR1, &action) }
+            .expect("install the SIGUSR1 handler");
+    }
     let mut sent_us = Vec::with_capacity(count as usize);
-    for seq in 1..=count {
-        let due = args.period * (seq - 1) as u32;
+    let (mut due, mut burst_left) = (Duration::ZERO, 0u64);
+    for _ in 1..=count {
+        if burst_left == 0 && BURSTS.load(Ordering::SeqCst) > 0 {
+            BURSTS.fetch_sub(1, Ordering::SeqCst);
+            burst_left = args.burst;
+            due = due.min(start.elapsed());
+        }
         // Sleep most of the way, then spin: sub-10 µs send jitter.
         while let Some(left) = due.checked_sub(start.elapsed()) {
             if left > Duration::from_micros(200) {
@@ -97,8 +131,15 @@ fn main() {
                 std::hint::spin_loop();
             }
         }
+        let seq = sent_us.len() + 1;
         sent_us.push(start.elapsed().as_micros() as u64);
         let _ = socket.send(seq.to_string().as_bytes());
+        if burst_left > 0 {
+            burst_left -= 1;
+            due += BURST_SPACING;
+        } else {
+            due += args.period;
+        }
     }
     let outputs = listener.join().expect("the listener");
     print!("{}", verdict(&args, &sent_us, &outputs));
