@@ -523,38 +523,60 @@ impl DaemonProcess {
     pub fn start(host: &NetNs, name: &str, config: &str) -> Self {
         let dir = PathBuf::from(format!("/tmp/dataplane-test-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("test dir");
-        let config_path = dir.join("dataplane.toml");
-        std::fs::write(&config_path, config).expect("write config");
-        let socket = dir.join("dataplane.sock");
-        let child = Command::new("nsenter")
-            .arg(format!("--net={}", host.path().display()))
-            .arg(dataplane_bin())
-            .arg("--socket")
-            .arg(&socket)
-            .arg("daemon")
-            .arg("--config")
-            .arg(&config_path)
-            .stderr(std::fs::File::create(dir.join("daemon.log")).expect("log file"))
-            .spawn()
-            .expect("spawn the daemon");
+        std::fs::write(dir.join("dataplane.toml"), config).expect("write config");
         let pin_root = dataplane_user::config::DaemonConfig::parse(config)
             .expect("a valid test configuration")
             .pin_root;
-        let daemon = Self {
+        let socket = dir.join("dataplane.sock");
+        let child = Self::spawn(host, &dir, &socket);
+        Self {
             child,
             socket,
             dir,
             pin_root,
-        };
+        }
+    }
+
+    /// Starts `dataplane daemon` with the configuration in `dir`, its log
+    /// appended to `dir`/daemon.log, and waits until `socket` answers.
+    fn spawn(host: &NetNs, dir: &Path, socket: &Path) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .expect("log file");
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", host.path().display()))
+            .arg(dataplane_bin())
+            .arg("--socket")
+            .arg(socket)
+            .arg("daemon")
+            .arg("--config")
+            .arg(dir.join("dataplane.toml"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn the daemon");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the daemon exited: {status}");
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "the daemon did not come up"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        daemon
+        child
+    }
+
+    /// SIGKILLs the daemon (its pinned dataplane and its children stay, as
+    /// after a crash) and starts it again with the same configuration, as
+    /// its supervisor would.
+    pub fn kill_and_restart(&mut self, host: &NetNs) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(host, &self.dir, &self.socket);
     }
 
     /// What the daemon has logged so far.
@@ -913,14 +935,6 @@ impl MigrationSetup {
                 serde_json::json!({"cps": "192.0.2.1:4000", "service": service}),
             )
             .expect("flow.add");
-        client
-            .call(
-                "service.register",
-                serde_json::json!({"name": "markov", "pid": controller.pid,
-                    "standby_pid": standby_controller.as_ref().map(|c| c.pid),
-                    "flows": [{"cps": "192.0.2.1:4000", "service": service}]}),
-            )
-            .expect("service.register");
         let standby = standby_ns.map(|ns| {
             (
                 standby_dataplane.expect("loaded with the namespace"),
@@ -928,7 +942,7 @@ impl MigrationSetup {
                 ns,
             )
         });
-        Self {
+        let setup = Self {
             hosts,
             src,
             dst,
@@ -936,7 +950,24 @@ impl MigrationSetup {
             standby,
             service,
             tag: tag.to_string(),
-        }
+        };
+        setup.register();
+        setup
+    }
+
+    /// Registers the controller (and its standby) as service "markov" on
+    /// the source daemon (again, after a restart: the daemon keeps its
+    /// flows pinned but not its services).
+    pub fn register(&self) {
+        self.src
+            .client()
+            .call(
+                "service.register",
+                serde_json::json!({"name": "markov", "pid": self.controller.pid,
+                    "standby_pid": self.standby.as_ref().map(|s| s.1.pid),
+                    "flows": [{"cps": "192.0.2.1:4000", "service": self.service}]}),
+            )
+            .expect("service.register");
     }
 
     /// Starts the CPS simulator on `cps`: `count` inputs every `period_us`,
@@ -1156,4 +1187,23 @@ pub fn report_phase(report: &serde_json::Value, name: &str) -> (u64, u64) {
                 p["duration_us"].as_u64().unwrap_or(0),
             )
         })
+}
+
+/// Pids of running processes named `comm` (as /proc/PID/comm has it).
+pub fn pids_named(comm: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+        .collect()
+}
+
+/// Whether process `pid` lives in the network namespace of `host`.
+pub fn in_netns(pid: u32, host: &NetNs) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ours = std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino());
+    let theirs = std::fs::metadata(host.path()).map(|m| m.ino());
+    matches!((ours, theirs), (Ok(a), Ok(b)) if a == b)
 }

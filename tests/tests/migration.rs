@@ -2,7 +2,9 @@
 //! real kernel programs, real CRIU, real processes.
 use std::time::Duration;
 
-use dataplane_tests::{MigrationSetup, chain_state, cps_verdict, kill_pid, read_trace};
+use dataplane_tests::{
+    MigrationSetup, chain_state, cps_verdict, in_netns, kill_pid, pids_named, read_trace,
+};
 
 fn assert_clean(verdict: &serde_json::Value) {
     for key in ["missed", "duplicates", "out_of_order", "wrong"] {
@@ -246,17 +248,6 @@ fn bursts_at_20_khz_on_the_seams_are_answered_exactly_once() {
     }
 }
 
-/// Pids of running processes named `comm` (as /proc/PID/comm has it).
-fn pids_named(comm: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|pid: &u32| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
-        })
-        .collect()
-}
-
 #[test]
 fn a_destination_instance_killed_during_replay_is_rolled_back() {
     let setup = MigrationSetup::new("kdst", &[], false);
@@ -265,13 +256,15 @@ fn a_destination_instance_killed_during_replay_is_rolled_back() {
     std::thread::sleep(Duration::from_millis(300));
     // /proc's comm keeps 15 bytes of the name.
     let comm = "markov-controll";
-    let before = pids_named(comm);
     let id = setup.migrate(serde_json::json!({}));
     // The restored instance takes its name back at the end of CRIU's
     // restore, just before the replay into it starts: kill it on sight.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let killed = loop {
-        if let Some(&pid) = pids_named(comm).iter().find(|p| !before.contains(p)) {
+        if let Some(&pid) = pids_named(comm)
+            .iter()
+            .find(|&&p| in_netns(p, &setup.hosts.dst))
+        {
             kill_pid(pid as u64);
             break pid;
         }

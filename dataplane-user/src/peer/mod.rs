@@ -109,7 +109,7 @@ pub enum PeerError {
     Io(#[from] std::io::Error),
     #[error("frame of {0} bytes is over the limit of {1}")]
     TooLong(u32, u32),
-    #[error("the peer refused the link: {0}")]
+    #[error("the peer refused: {0}")]
     Refused(String),
     /// The peer ran a migration step and it failed there (the caller
     /// names the peer).

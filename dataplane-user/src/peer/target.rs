@@ -17,7 +17,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_common::{GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_FROM, OUTPUT_MUTE, RECORD_OUTPUT};
+use dataplane_common::{
+    GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, RECORD_OUTPUT,
+};
 use serde::{Deserialize, Serialize};
 
 use super::Host;
@@ -432,14 +434,33 @@ fn start_time(pid: u32) -> Option<u64> {
     fields.split(' ').nth(19)?.parse().ok()
 }
 
+/// How long an armed destination that lost the source waits for the
+/// handover: the source's kernel may have been flipped and cut over at its
+/// next input (well within this at any control rate) even with its daemon
+/// gone.
+const ARMED_GRACE: Duration = Duration::from_secs(2);
+
 /// Whether the source has handed the service over: an output gate was
-/// opened by the first input forwarded past K.
+/// opened by the first input forwarded past K. While a gate is armed and
+/// not yet opened, waits up to `ARMED_GRACE` for that input.
 fn handed_over(dataplane: &Dataplane, flows: &[TargetFlow]) -> bool {
-    flows.iter().any(|f| {
-        dataplane
-            .gate(f.flow_id)
-            .is_ok_and(|g| g.output == OUTPUT_FROM)
-    })
+    let outputs = || {
+        flows
+            .iter()
+            .filter_map(|f| dataplane.gate(f.flow_id).ok().map(|g| g.output))
+            .collect::<Vec<_>>()
+    };
+    let start = Instant::now();
+    loop {
+        let modes = outputs();
+        if modes.contains(&OUTPUT_FROM) {
+            return true;
+        }
+        if !modes.contains(&OUTPUT_ARMED) || start.elapsed() > ARMED_GRACE {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Removes the flows a migration adopted, and their gates.
