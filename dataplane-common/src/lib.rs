@@ -111,13 +111,19 @@ pub struct Gate {
     pub answer_from: u64,
 }
 const _: () = assert!(size_of::<Gate>() == 32);
+/// Byte offset of `mode` in a `Gate`, for memory-mapped mode changes.
+pub const GATE_MODE_OFFSET: usize = 0;
 /// Byte offset of `output` in a `Gate`, for the memory-mapped arming.
 pub const GATE_OUTPUT_OFFSET: usize = 4;
+/// Byte offset of `next_expected` in a `Gate`.
+pub const GATE_NEXT_EXPECTED_OFFSET: usize = 8;
 /// Byte offset of `deliver_until` in a `Gate`, for the memory-mapped flip.
 pub const GATE_DELIVER_UNTIL_OFFSET: usize = 16;
 /// Byte offset of `answer_from` in a `Gate`.
 pub const GATE_ANSWER_FROM_OFFSET: usize = 24;
+const _: () = assert!(core::mem::offset_of!(Gate, mode) == GATE_MODE_OFFSET);
 const _: () = assert!(core::mem::offset_of!(Gate, output) == GATE_OUTPUT_OFFSET);
+const _: () = assert!(core::mem::offset_of!(Gate, next_expected) == GATE_NEXT_EXPECTED_OFFSET);
 const _: () = assert!(core::mem::offset_of!(Gate, deliver_until) == GATE_DELIVER_UNTIL_OFFSET);
 const _: () = assert!(core::mem::offset_of!(Gate, answer_from) == GATE_ANSWER_FROM_OFFSET);
 

@@ -499,19 +499,19 @@ impl Dataplane {
     }
 
     /// Changes the input gate of flow `flow_id` to `mode` (and `next_expected`),
-    /// keeping its output gate and cutover point.
+    /// keeping its output gate and cutover point. Through the memory
+    /// mapping, a word at a time: rewriting the whole gate could undo a
+    /// kernel program's concurrent advance of `next_expected`, and the input
+    /// it had just taken would then be held with nobody left to replay it.
     pub fn set_input_gate(
         &mut self,
         flow_id: u32,
         mode: u32,
         next_expected: u64,
     ) -> Result<(), LoadError> {
-        let gate = Gate {
-            mode,
-            next_expected,
-            ..self.gate(flow_id)?
-        };
-        self.set_gate(flow_id, gate)
+        self.gate_window()?
+            .set_input_gate(flow_id, mode, next_expected);
+        Ok(())
     }
 
     /// The gates array mapped into this process, for flips that must be one store.
@@ -601,6 +601,19 @@ impl GateWindow {
                 .add(flow_id as usize * size_of::<Gate>() + offset)
                 .cast::<T>()
         }
+    }
+
+    /// Sets the input gate's `mode`; entering `GATE_SEQUENCED`, first its
+    /// `next_expected`. The kernel reads `next_expected` only in a
+    /// sequenced gate, where it alone advances it: a sequenced gate is
+    /// entered from another mode, and left without touching the word.
+    pub fn set_input_gate(&self, flow_id: u32, mode: u32, next_expected: u64) {
+        if mode == dataplane_common::GATE_SEQUENCED {
+            self.word::<AtomicU64>(flow_id, dataplane_common::GATE_NEXT_EXPECTED_OFFSET)
+                .store(next_expected, Ordering::SeqCst);
+        }
+        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_MODE_OFFSET)
+            .store(mode, Ordering::SeqCst);
     }
 
     fn deliver_until(&self, flow_id: u32) -> &AtomicU64 {

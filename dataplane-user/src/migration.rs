@@ -207,6 +207,8 @@ struct Source {
     outputs: Subscription,
     /// Outputs of the source instance by the input they answer.
     seen: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// The input log's `ring_full` count when the migration began.
+    ring_full: u64,
 }
 
 impl Migration {
@@ -267,7 +269,9 @@ impl Migration {
             inputs,
             outputs,
             seen: BTreeMap::new(),
+            ring_full: 0,
         };
+        source.ring_full = source.ring_full_now().map_err(|e| self.fail(e))?;
         let mut link = peer::connect(self.request.to)
             .await
             .map_err(|e| self.fail(format!("peer {}: {e}", self.request.to)))?
@@ -314,6 +318,7 @@ impl Migration {
         link: &mut TcpStream,
     ) -> Result<(), MigrationError> {
         let position = self.checkpoint(source).await?;
+        source.check_log().map_err(|e| self.fail(e))?;
 
         let t = self.begin("transfer")?;
         let images = self.images();
@@ -336,6 +341,7 @@ impl Migration {
         self.report.replay_rate =
             restored.replayed as f64 / (restored.replay_us.max(1) as f64 / 1e6);
         self.end(t);
+        source.check_log().map_err(|e| self.fail(e))?;
 
         self.converge(source, link, restored.replay_end).await?;
         self.cutover(source, link).await
@@ -517,6 +523,8 @@ impl Migration {
         .await
         .map_err(|e| self.fail(e))?;
         let window = source.dataplane.gate_window().map_err(|e| self.fail(e))?;
+        // The last moment to back out if the source's log lost an input.
+        source.check_log().map_err(|e| self.fail(e))?;
         // Touch the word first: the flip is timed without the page fault.
         window.set_deliver_until(flow_id, 0);
         let flip = Instant::now();
@@ -666,6 +674,34 @@ impl Source {
             let payload = crate::convergence::udp_payload(&record.frame).to_vec();
             self.seen.entry(h.seq).or_default().push(payload);
         }
+    }
+
+    fn ring_full_now(&self) -> Result<u64, String> {
+        self.dataplane
+            .counters()
+            .map(|c| c.get(dataplane_common::counter::RING_FULL))
+            .map_err(|e| e.to_string())
+    }
+
+    /// An error if the source's input log has failed an input since the
+    /// migration began: the ring was full (the input went on unnumbered and
+    /// was not mirrored: the destination would never see it), or this
+    /// daemon's reader fell behind. The migration must not hand over then.
+    fn check_log(&self) -> Result<(), String> {
+        let full = self.ring_full_now()? - self.ring_full;
+        if full > 0 {
+            return Err(format!(
+                "the input log overflowed: {full} inputs were not logged or mirrored \
+                 (ring_full); the destination would miss them (a larger input_ring_mib helps)"
+            ));
+        }
+        if self.inputs.lost() > 0 {
+            return Err(format!(
+                "this daemon's input log reader fell behind and lost {} records",
+                self.inputs.lost()
+            ));
+        }
+        Ok(())
     }
 
     /// Waits until no input has arrived for `quiet` (at most `limit`).

@@ -579,6 +579,11 @@ impl DaemonProcess {
         self.child = Self::spawn(host, &self.dir, &self.socket);
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the daemon has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
@@ -900,9 +905,15 @@ impl MigrationSetup {
             .unwrap_or_default();
         let config = |host: &str, peer_mac: [u8; 6], listen: &str| {
             let mac = peer_mac.map(|b| format!("{b:02x}")).join(":");
+            // `extra` may size the input ring itself (TOML refuses a key twice).
+            let ring = if listen.contains("input_ring_mib") {
+                ""
+            } else {
+                "input_ring_mib = 8\n"
+            };
             format!(
                 "interface = \"eth0\"\npeer_interface = \"peer0\"\npeer_mac = \"{mac}\"\n\
-                 pin_root = \"{}\"\ninput_ring_mib = 8\noutput_ring_mib = 4\n\
+                 pin_root = \"{}\"\n{ring}output_ring_mib = 4\n\
                  images_dir = \"/tmp/dataplane-test-{}-{tag}-{host}-images\"\n\
                  peer_key = \"{PEER_KEY}\"\n{listen}",
                 hosts.pin_root(host).display(),
