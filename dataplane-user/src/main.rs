@@ -865,20 +865,23 @@ fn print_calibration(c: &Calibration, reports: Option<&[Report]>, input_rate: f6
             continue;
         };
         println!(
-            "{name}, from {} reports: prepare {:.1} ms, checkpoint {:.1} ms + dump, \
-             transfer {:.1} ms + {:.2} ms/MiB, restore {:.1} ms + CRIU's + replay at {:.0}/s, \
-             converge {:.1} ms, cutover {:.1} ms, announce {:.1} ms, finish {:.1} ms",
+            "{name}, from {} reports, ms: prepare {:.1}; checkpoint {:.1} + {:.2} x dump; \
+             transfer {:.1} + {:.2} per MiB; restore {:.1} + {:.2} x CRIU's, then replay at \
+             {:.0}/s; converge {:.1}; cutover {:.1}; announce {:.1}; finish {:.1} + {:.2} per MiB",
             l.reports,
             l.prepare_us / 1e3,
-            l.checkpoint_us / 1e3,
+            l.checkpoint.fixed / 1e3,
+            l.checkpoint.slope,
             l.transfer.fixed / 1e3,
             l.transfer.slope * MIB / 1e3,
-            l.restore_us / 1e3,
+            l.restore.fixed / 1e3,
+            l.restore.slope,
             l.replay_rate,
             l.converge_us / 1e3,
             l.cutover_us / 1e3,
             l.announce_us / 1e3,
-            l.finish_us / 1e3
+            l.finish.fixed / 1e3,
+            l.finish.slope * MIB / 1e3
         );
     }
     for r in reports.into_iter().flatten().filter(|r| r.state == "done") {

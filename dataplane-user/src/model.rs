@@ -32,27 +32,41 @@ impl Line {
     }
 }
 
-/// Least-squares line through `points` (x, y). With a single distinct x
-/// there is no slope to find: the line goes through the origin and the
-/// points' mean, so predictions still scale with size.
-pub fn fit_line(points: &[(f64, f64)]) -> Line {
-    let n = points.len() as f64;
-    if points.is_empty() {
-        return Line::default();
-    }
-    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
-    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+/// The points' mean (x, y).
+pub fn mean(points: &[(f64, f64)]) -> (f64, f64) {
+    let n = points.len().max(1) as f64;
+    (
+        points.iter().map(|p| p.0).sum::<f64>() / n,
+        points.iter().map(|p| p.1).sum::<f64>() / n,
+    )
+}
+
+/// The least-squares line through `points` (x, y); none when the x values
+/// do not spread (one size says nothing about a slope).
+pub fn fit_line(points: &[(f64, f64)]) -> Option<Line> {
+    let (mx, my) = mean(points);
     let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
     let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    if sxx <= f64::EPSILON * mx.abs().max(1.0) {
-        let slope = if mx != 0.0 { my / mx } else { 0.0 };
-        return Line { fixed: 0.0, slope };
+    if points.is_empty() || sxx <= f64::EPSILON * mx.abs().max(1.0) {
+        return None;
     }
     let slope = sxy / sxx;
-    Line {
+    Some(Line {
         fixed: my - slope * mx,
         slope,
-    }
+    })
+}
+
+/// The least-squares line, or without spread in x the line of `slope`
+/// through the points' mean.
+pub fn fit_line_or(points: &[(f64, f64)], slope: f64) -> Line {
+    fit_line(points).unwrap_or_else(|| {
+        let (mx, my) = mean(points);
+        Line {
+            fixed: my - slope * mx,
+            slope,
+        }
+    })
 }
 
 /// Eq. 4: the bytes dirtied while a round ran, R times the time the process
@@ -79,26 +93,47 @@ pub struct CriuCosts {
     pub restore: Line,
 }
 
-/// What one of our live modes adds to CRIU's terms, from real migrations:
-/// fixed costs in µs (medians of what the phases took beyond the CRIU
-/// terms), the peer link's transfer line, and the replay rate.
+/// What one of our live modes adds to CRIU's terms, fitted to real
+/// migrations' reports (µs). The checkpoint and restore phases wrap a CRIU
+/// dump and restore: each is a line in CRIU's own term, a fixed cost of
+/// ours plus a factor alpha on CRIU's time, as calagna2023 relates Podman's
+/// and runC's times to CRIU's (alpha_1 alpha_2 in Eq. 9 and 10, alpha_3
+/// alpha_4 in Eq. 16). From reports of a single size, alpha is 1.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LiveCosts {
     /// How many reports these come from.
     pub reports: usize,
     pub prepare_us: f64,
-    /// Hold, drain and the replay of the held inputs around the dump.
-    pub checkpoint_us: f64,
-    /// The image over the peer link, µs against D (T^net with the link's L).
+    /// The checkpoint phase (hold, drain, the dump left running, the held
+    /// inputs given back) against CRIU's T^d(M).
+    pub checkpoint: Line,
+    /// The image over the peer link against D (T^net with the link's L).
     pub transfer: Line,
-    /// The destination's own work around CRIU's restore.
-    pub restore_us: f64,
+    /// The restore phase without its replay, against CRIU's T^r(M).
+    pub restore: Line,
     /// Inputs per second the destination replays from its log.
     pub replay_rate: f64,
     pub converge_us: f64,
     pub cutover_us: f64,
     pub announce_us: f64,
-    pub finish_us: f64,
+    /// Stopping the source's instances against M: their memory is freed.
+    pub finish: Line,
+}
+
+impl LiveCosts {
+    /// No reports: CRIU's terms alone, the image at the copy's rate.
+    fn criu_only(copy: Line) -> Self {
+        let same = Line {
+            fixed: 0.0,
+            slope: 1.0,
+        };
+        Self {
+            checkpoint: same,
+            restore: same,
+            transfer: copy,
+            ..Self::default()
+        }
+    }
 }
 
 /// One synthetic dump, copy and restore measured by `dataplane calibrate`.
@@ -250,15 +285,17 @@ impl Calibration {
                 let live = self.live(method);
                 // The checkpoint phase: hold and drain, the dump (left
                 // running), the held inputs given back.
-                let checkpoint = live.checkpoint_us + c.dump.at(m);
+                let checkpoint = live.checkpoint.at(c.dump.at(m));
                 let transfer = live.transfer.at(d);
-                let restore = c.restore.at(m) + live.restore_us;
+                let restore = live.restore.at(c.restore.at(m));
                 // The destination replays every input since S: those that
                 // came during the checkpoint, transfer and restore, and
                 // those arriving while it replays, so it catches up after
                 // backlog / (replay rate - input rate).
                 let backlog = work.input_rate * (checkpoint + transfer + restore) / 1e6;
-                let catch_up = if work.input_rate <= 0.0 {
+                // Without a measured replay rate (no reports) there is no
+                // replay term: the prediction is CRIU's and the link's.
+                let catch_up = if work.input_rate <= 0.0 || live.replay_rate <= 0.0 {
                     0.0
                 } else if live.replay_rate > work.input_rate {
                     backlog / (live.replay_rate - work.input_rate) * 1e6
@@ -273,7 +310,7 @@ impl Calibration {
                     phase("converge", live.converge_us),
                     phase("cutover", live.cutover_us),
                     phase("announce", live.announce_us),
-                    phase("finish", live.finish_us),
+                    phase("finish", live.finish.at(m)),
                 ];
                 // Leave-running: the serving instance's outputs wait for the
                 // checkpoint phase (its inputs are held meanwhile). Standby:
@@ -301,10 +338,9 @@ impl Calibration {
             Method::Standby => (&self.standby, &self.leave_running),
             _ => (&self.leave_running, &self.standby),
         };
-        own.clone().or_else(|| other.clone()).unwrap_or(LiveCosts {
-            transfer: self.criu.copy,
-            ..LiveCosts::default()
-        })
+        own.clone()
+            .or_else(|| other.clone())
+            .unwrap_or_else(|| LiveCosts::criu_only(self.criu.copy))
     }
 
     /// Pre-dump rounds kaur2020's loop would run here: none without memory
@@ -331,34 +367,30 @@ impl Calibration {
         max
     }
 
-    /// Fits CRIU's lines to synthetic samples (`dataplane calibrate`).
+    /// Fits CRIU's lines to synthetic samples (`dataplane calibrate`). From
+    /// a single size the times are taken as fixed costs (the paper's
+    /// lower bounds phi, psi), the image as proportional to M.
     pub fn fit_samples(&mut self, samples: Vec<Sample>) {
-        let line = |y: fn(&Sample) -> f64| {
-            fit_line(
-                &samples
-                    .iter()
-                    .map(|s| (s.state_bytes, y(s)))
-                    .collect::<Vec<_>>(),
-            )
+        let line = |x: fn(&Sample) -> f64, y: fn(&Sample) -> f64, slope: f64| {
+            let points: Vec<(f64, f64)> = samples.iter().map(|s| (x(s), y(s))).collect();
+            fit_line_or(&points, slope)
         };
+        let m = |s: &Sample| s.state_bytes;
+        let one_size_image = samples
+            .first()
+            .map_or(1.0, |s| s.image_bytes / s.state_bytes);
         self.criu = CriuCosts {
-            dump: line(|s| s.dump_us),
-            frozen: line(|s| s.frozen_us),
-            image: line(|s| s.image_bytes),
-            restore: line(|s| s.restore_us),
-            copy: fit_line(
-                &samples
-                    .iter()
-                    .map(|s| (s.image_bytes, s.copy_us))
-                    .collect::<Vec<_>>(),
-            ),
+            dump: line(m, |s| s.dump_us, 0.0),
+            frozen: line(m, |s| s.frozen_us, 0.0),
+            image: line(m, |s| s.image_bytes, one_size_image),
+            restore: line(m, |s| s.restore_us, 0.0),
+            copy: line(|s| s.image_bytes, |s| s.copy_us, 0.0),
         };
         self.samples = samples;
     }
 
     /// Fits the live modes' costs to finished migrations' reports, on top
-    /// of the CRIU terms: each fixed cost is the median of what its phase
-    /// took beyond them, so one slow run does not move it.
+    /// of the CRIU terms, by least squares per phase.
     pub fn fit_reports(&mut self, reports: &[Report]) {
         for mode in [Mode::LeaveRunning, Mode::Standby] {
             let done: Vec<&Report> = reports
@@ -369,25 +401,33 @@ impl Calibration {
                 continue;
             }
             let c = &self.criu;
-            let per = |f: &dyn Fn(&Report) -> f64| median(done.iter().map(|r| f(r)).collect());
+            let mean_of = |f: &dyn Fn(&Report) -> f64| {
+                done.iter().map(|r| f(r)).sum::<f64>() / done.len() as f64
+            };
+            let line = |x: &dyn Fn(&Report) -> f64, y: &dyn Fn(&Report) -> f64, slope: f64| {
+                let points: Vec<(f64, f64)> = done.iter().map(|r| (x(r), y(r))).collect();
+                fit_line_or(&points, slope)
+            };
+            let m = |r: &Report| self.state_of(r);
             let costs = LiveCosts {
                 reports: done.len(),
-                prepare_us: per(&|r| phase_us(r, "prepare")),
-                checkpoint_us: per(&|r| phase_us(r, "checkpoint") - c.dump.at(self.state_of(r))),
-                transfer: fit_line(
-                    &done
-                        .iter()
-                        .map(|r| (r.image_bytes as f64, phase_us(r, "transfer")))
-                        .collect::<Vec<_>>(),
+                prepare_us: mean_of(&|r| phase_us(r, "prepare")),
+                checkpoint: line(&|r| c.dump.at(m(r)), &|r| phase_us(r, "checkpoint"), 1.0),
+                transfer: line(
+                    &|r| r.image_bytes as f64,
+                    &|r| phase_us(r, "transfer"),
+                    c.copy.slope,
                 ),
-                restore_us: per(&|r| {
-                    phase_us(r, "restore") - replay_us(r) - c.restore.at(self.state_of(r))
-                }),
-                replay_rate: per(&|r| r.replay_rate),
-                converge_us: per(&|r| phase_us(r, "converge")),
-                cutover_us: per(&|r| phase_us(r, "cutover")),
-                announce_us: per(&|r| phase_us(r, "announce")),
-                finish_us: per(&|r| phase_us(r, "finish")),
+                restore: line(
+                    &|r| c.restore.at(m(r)),
+                    &|r| phase_us(r, "restore") - replay_us(r),
+                    1.0,
+                ),
+                replay_rate: mean_of(&|r| r.replay_rate),
+                converge_us: mean_of(&|r| phase_us(r, "converge")),
+                cutover_us: mean_of(&|r| phase_us(r, "cutover")),
+                announce_us: mean_of(&|r| phase_us(r, "announce")),
+                finish: line(&m, &|r| phase_us(r, "finish"), 0.0),
             };
             match mode {
                 Mode::LeaveRunning => self.leave_running = Some(costs),
@@ -422,20 +462,6 @@ fn replay_us(report: &Report) -> f64 {
         report.replayed as f64 / report.replay_rate * 1e6
     } else {
         0.0
-    }
-}
-
-/// The median (the mean of the middle two for an even count).
-pub fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 
@@ -501,17 +527,18 @@ mod tests {
     }
 
     #[test]
-    fn a_line_is_recovered_from_noiseless_points_and_one_size_goes_through_the_origin() {
-        let line = fit_line(&[(1.0, 12.0), (16.0, 42.0), (64.0, 138.0)]);
+    fn a_line_is_recovered_from_noiseless_points_and_one_size_has_no_slope() {
+        let line = fit_line(&[(1.0, 12.0), (16.0, 42.0), (64.0, 138.0)]).unwrap();
         assert!((line.fixed - 10.0).abs() < 1e-9 && (line.slope - 2.0).abs() < 1e-9);
+        assert_eq!(fit_line(&[(4.0, 10.0), (4.0, 14.0)]), None);
+        assert_eq!(fit_line(&[]), None);
         assert_eq!(
-            fit_line(&[(4.0, 10.0), (4.0, 14.0)]),
+            fit_line_or(&[(4.0, 10.0), (4.0, 14.0)], 1.0),
             Line {
-                fixed: 0.0,
-                slope: 3.0
+                fixed: 8.0,
+                slope: 1.0
             }
         );
-        assert_eq!(fit_line(&[]), Line::default());
     }
 
     #[test]

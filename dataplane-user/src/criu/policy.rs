@@ -12,7 +12,7 @@
 //! leaves are the dirty rate times the time the service ran during it
 //! (calagna2023 Eq. 4), with the round's duration a line in the pages it
 //! copies (Eq. 17, 18), fitted here to the rounds so far.
-use crate::model::{Line, dirtied, fit_line};
+use crate::model::{Line, dirtied, fit_line, mean};
 
 /// What one pre-dump round did, from CRIU's stats-dump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,7 +104,13 @@ fn fit(rounds: &[Round]) -> Line {
         .iter()
         .map(|r| (r.pages_written as f64, r.duration_us as f64))
         .collect();
-    fit_line(&points)
+    fit_line(&points).unwrap_or_else(|| {
+        let (pages, duration) = mean(&points);
+        Line {
+            fixed: 0.0,
+            slope: if pages > 0.0 { duration / pages } else { 0.0 },
+        }
+    })
 }
 
 #[cfg(test)]
