@@ -757,7 +757,12 @@ fn run_calibrate(
         Some(_) => read_calibration(out)?,
         None => {
             let criu = Criu::new(criu);
-            let mem_track = criu.features()?.mem_track.unwrap_or(false);
+            let start = std::time::Instant::now();
+            let mut mem_track = false;
+            for _ in 0..3 {
+                mem_track = criu.features()?.mem_track.unwrap_or(false);
+            }
+            let check_us = start.elapsed().as_secs_f64() * 1e6 / 3.0;
             let scratch = calibrate::scratch_dir(None);
             let mut samples = Vec::new();
             for &mib in sizes {
@@ -784,6 +789,7 @@ fn run_calibrate(
                 mem_track,
                 ..Calibration::default()
             };
+            calibration.criu.check_us = check_us;
             calibration.fit_samples(samples);
             calibration
         }
@@ -839,6 +845,7 @@ fn print_calibration(c: &Calibration, reports: Option<&[Report]>, input_rate: f6
         k.image.fixed / 1024.0,
         k.image.slope
     );
+    println!("  FEATURE_CHECK              {:.2} ms", k.check_us / 1e3);
     if !c.samples.is_empty() {
         println!(
             "  {:>7} {:>7}  {:>15} {:>15} {:>15} {:>15}",

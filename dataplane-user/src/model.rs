@@ -91,6 +91,9 @@ pub struct CriuCosts {
     pub copy: Line,
     /// T^r against M (Eq. 16: psi + omega * M), the restore's wall time.
     pub restore: Line,
+    /// CRIU's FEATURE_CHECK, which pre-copy asks before any round: µs.
+    #[serde(default)]
+    pub check_us: f64,
 }
 
 /// What one of our live modes adds to CRIU's terms, fitted to real
@@ -239,8 +242,13 @@ impl Calibration {
                 // one after the other while the service is stopped. The
                 // service stops at the freeze, so T_D counts the frozen part
                 // of the dump (Eq. 2), not CRIU's set-up before it.
+                // Pre-copy asks CRIU whether it can track memory first.
+                let check = match method {
+                    Method::PreCopy { .. } => c.check_us,
+                    _ => 0.0,
+                };
                 let phases = vec![
-                    phase("dump", c.dump.at(m)),
+                    phase("dump", check + c.dump.at(m)),
                     phase("copy", c.copy.at(d)),
                     phase("restore", c.restore.at(m)),
                 ];
@@ -269,6 +277,7 @@ impl Calibration {
                 // Eq. 19: the final dump of what is dirty, its copy, and a
                 // restore of all of M (Eq. 16 depends on M alone).
                 let last_copy = c.copy.at(c.image.at(volume));
+                phases[0].1 += c.check_us;
                 phases.push(phase("dump", c.dump.at(volume)));
                 phases.push(phase("copy", last_copy));
                 phases.push(phase("restore", c.restore.at(m)));
@@ -385,6 +394,7 @@ impl Calibration {
             image: line(m, |s| s.image_bytes, one_size_image),
             restore: line(m, |s| s.restore_us, 0.0),
             copy: line(|s| s.image_bytes, |s| s.copy_us, 0.0),
+            check_us: self.criu.check_us,
         };
         self.samples = samples;
     }
@@ -513,6 +523,7 @@ mod tests {
                     fixed: 65e3,
                     slope: per_mib(0.55),
                 },
+                check_us: 0.0,
             },
             ..Calibration::default()
         }
@@ -542,18 +553,24 @@ mod tests {
     }
 
     #[test]
-    fn stop_and_copy_is_eq_6_and_pre_copy_without_tracking_is_the_same() {
+    fn stop_and_copy_is_eq_6_and_pre_copy_without_tracking_is_one_dump_after_the_check() {
         let cal = calibration();
         let sc = cal.predict(Method::StopAndCopy, &work(16.0));
         // 80 + 14.4 = 94.4 ms dump, 2 + 0.4 * 16.2 copy, 65 + 8.8 restore.
         let copy = 2e3 + 0.4e3 * (16.0 + 200.0 / 1024.0);
         assert!((sc.total_us - (94.4e3 + copy + 73.8e3)).abs() < 1.0);
         assert!((sc.downtime_us - (50.4e3 + copy + 73.8e3)).abs() < 1.0);
-        let single = cal.predict(Method::PreCopy { rounds: 0 }, &work(16.0));
-        assert_eq!(
-            (single.total_us, single.downtime_us),
-            (sc.total_us, sc.downtime_us)
-        );
+        // Pre-copy asks FEATURE_CHECK first, then takes the same single dump.
+        let checked = Calibration {
+            criu: CriuCosts {
+                check_us: 30e3,
+                ..cal.criu.clone()
+            },
+            ..cal.clone()
+        };
+        let single = checked.predict(Method::PreCopy { rounds: 0 }, &work(16.0));
+        assert_eq!(single.downtime_us, sc.downtime_us);
+        assert!((single.total_us - sc.total_us - 30e3).abs() < 1e-6);
         assert_eq!(cal.precopy_rounds(&work(16.0), 5), 0, "no memory tracking");
     }
 
