@@ -152,8 +152,8 @@ enum Command {
         /// Where to save it (default: the configuration's `calibration`).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// migration.status JSON (a report, an array of them, or one a line)
-        /// of finished migrations to fit the live modes' costs to.
+        /// Finished migrations to fit the live modes' costs to: migration.status
+        /// JSON (a report, an array of them, or one a line) or `--json status`.
         #[arg(long)]
         from_reports: Option<PathBuf>,
         /// The CRIU binary.
@@ -724,11 +724,15 @@ fn read_calibration(path: &Path) -> anyhow::Result<Calibration> {
     serde_json::from_str(&text).with_context(|| format!("{} is not a calibration", path.display()))
 }
 
-/// Migration reports from a file: one report, an array of them, or one a line.
+/// Migration reports from a file: one report, an array of them, one a
+/// line, or `dataplane --json status` (its `migrations`).
 fn read_reports(path: &Path) -> anyhow::Result<Vec<Report>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
     let values: Vec<Value> = match serde_json::from_str::<Value>(&text) {
         Ok(Value::Array(all)) => all,
+        Ok(Value::Object(status)) if status.contains_key("migrations") => {
+            status["migrations"].as_array().cloned().unwrap_or_default()
+        }
         Ok(one) => vec![one],
         Err(_) => text
             .lines()

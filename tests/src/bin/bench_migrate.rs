@@ -46,7 +46,7 @@ const DIRTY_PAGES: u64 = 4;
 /// The migration starts this far into the CPS's run.
 const LEAD: Duration = Duration::from_millis(400);
 /// Migrations per live mode and size the model's live costs are fitted to.
-const CALIBRATION_RUNS: usize = 5;
+const CALIBRATION_RUNS: usize = 4;
 const CALIBRATION_SIZES: [u64; 2] = [1, 64];
 const METHODS: [Kind; 4] = [
     Kind::StopAndCopy,
@@ -70,6 +70,15 @@ impl Kind {
             Kind::PreCopy => "pre-copy",
             Kind::LeaveRunning => "ours, leave-running",
             Kind::Standby => "ours, standby",
+        }
+    }
+    /// The label in the CSV files: no comma.
+    fn key(self) -> &'static str {
+        match self {
+            Kind::StopAndCopy => "stop-and-copy",
+            Kind::PreCopy => "pre-copy",
+            Kind::LeaveRunning => "leave-running",
+            Kind::Standby => "standby",
         }
     }
     fn live_mode(self) -> Option<&'static str> {
@@ -123,41 +132,44 @@ fn main() -> anyhow::Result<()> {
     );
     let started = Instant::now();
 
-    let calibration = calibrate(&target)?;
+    // The machine is shared and its load drifts over a run: each size gets
+    // a calibration just before its runs, and its methods take turns.
+    let mut calibrations = BTreeMap::new();
     let mut runs: BTreeMap<(u64, Kind), Vec<Run>> = BTreeMap::new();
     for &size in &sizes {
-        for kind in METHODS {
-            let count = if kind.live_mode().is_some() {
-                migrations
-            } else {
-                baselines
+        calibrations.insert(size, calibrate(&target, size)?);
+        let mut done: BTreeMap<Kind, usize> = BTreeMap::new();
+        for kind in schedule(migrations, baselines) {
+            let i = *done.entry(kind).or_default();
+            let run = match kind.live_mode() {
+                Some(mode) => live(mode, size, i)?.0,
+                None => baseline(kind == Kind::PreCopy, size, i)?,
             };
-            for i in 0..count {
-                let run = match kind.live_mode() {
-                    Some(mode) => live(mode, size, i)?.0,
-                    None => baseline(kind == Kind::PreCopy, size, i)?,
-                };
-                if let Some(error) = &run.failed {
-                    println!("  {size} MiB {} run {i} failed: {error}", kind.label());
-                }
-                runs.entry((size, kind)).or_default().push(run);
-                if (i + 1) % 25 == 0 {
-                    println!(
-                        "  {size} MiB {}: {} done ({:.0} s)",
-                        kind.label(),
-                        i + 1,
-                        started.elapsed().as_secs_f64()
-                    );
-                }
+            if let Some(error) = &run.failed {
+                println!("  {size} MiB {} run {i} failed: {error}", kind.label());
+            }
+            runs.entry((size, kind)).or_default().push(run);
+            done.insert(kind, i + 1);
+            if kind == Kind::Standby && (i + 1).is_multiple_of(25) {
+                println!(
+                    "  {size} MiB: {} of each live mode done ({:.0} s, load average {})",
+                    i + 1,
+                    started.elapsed().as_secs_f64(),
+                    load_average()
+                );
             }
         }
     }
-    let rows = rows(&runs, &calibration);
+    let rows = rows(&runs, &calibrations);
     print_table(&rows);
     std::fs::write(target.join("bench-migrate.csv"), csv(&rows))?;
     std::fs::write(target.join("bench-migrate-runs.csv"), runs_csv(&runs))?;
     std::fs::write(target.join("bench-migrate.svg"), svg(&rows, &sizes))?;
     print_bars(&rows, &runs);
+    println!(
+        "test-host set-ups tried again: {}",
+        SETUP_RETRIES.load(std::sync::atomic::Ordering::Relaxed)
+    );
     println!(
         "\nwrote {dir}/bench-migrate.csv, {dir}/bench-migrate-runs.csv, {dir}/bench-migrate.svg \
          ({secs:.0} s; load average {load})",
@@ -174,33 +186,44 @@ fn load_average() -> String {
         .unwrap_or_default()
 }
 
-/// Calibrates the model as an operator would: `dataplane calibrate` on
-/// this host, then `dataplane calibrate --from-reports` with migrations of
-/// both live modes at 1 and 64 MiB that the measurement does not reuse.
-fn calibrate(target: &Path) -> anyhow::Result<Calibration> {
-    let path = target.join("bench-migrate-calibration.json");
+/// The order of one size's runs: the two live modes in turn, the
+/// baselines spread evenly between them.
+fn schedule(migrations: usize, baselines: usize) -> Vec<Kind> {
+    let mut order = Vec::new();
+    let every = (migrations / baselines.max(1)).max(1);
+    let mut left = baselines;
+    for i in 0..migrations.max(baselines) {
+        if i.is_multiple_of(every) && left > 0 {
+            order.extend([Kind::StopAndCopy, Kind::PreCopy]);
+            left -= 1;
+        }
+        if i < migrations {
+            order.extend([Kind::LeaveRunning, Kind::Standby]);
+        }
+    }
+    order
+}
+
+/// Calibrates the model as an operator would before migrating `size` MiB:
+/// `dataplane calibrate` on this host, then `dataplane calibrate
+/// --from-reports` with migrations of both live modes at 1 and 64 MiB that
+/// the measurement does not reuse.
+fn calibrate(target: &Path, size: u64) -> anyhow::Result<Calibration> {
+    let path = target.join(format!("bench-migrate-calibration-{size}.json"));
     println!(
-        "\n$ dataplane calibrate --sizes 1,16,64 --repeat 5 --out {}",
+        "\n$ dataplane calibrate --sizes 1,16,64 --out {}",
         path.display()
     );
-    dataplane(&[
-        "calibrate",
-        "--sizes",
-        "1,16,64",
-        "--repeat",
-        "5",
-        "--out",
-        path_str(&path),
-    ])?;
+    dataplane(&["calibrate", "--sizes", "1,16,64", "--out", path_str(&path)])?;
     let mut reports = Vec::new();
-    for mode in ["leave-running", "standby"] {
+    for i in 0..CALIBRATION_RUNS {
         for size in CALIBRATION_SIZES {
-            for i in 0..CALIBRATION_RUNS {
+            for mode in ["leave-running", "standby"] {
                 reports.push(live(mode, size, 1000 + i)?.1);
             }
         }
     }
-    let file = target.join("bench-migrate-calibration-reports.json");
+    let file = target.join(format!("bench-migrate-calibration-reports-{size}.json"));
     std::fs::write(&file, serde_json::to_string(&reports)?)?;
     println!(
         "\n$ dataplane calibrate --from-reports {} --out {}",
@@ -254,11 +277,31 @@ fn trace_path(i: usize) -> PathBuf {
     ))
 }
 
+/// Test hosts that could not be set up and were set up again.
+static SETUP_RETRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `MigrationSetup::new`, tried again on fresh test hosts when it panics
+/// (a service that did not answer its first probe, seen once in a few
+/// hundred set-ups on this loaded machine): no migration has started then.
+fn set_up(tag: &str, args: &[&str], standby: bool) -> anyhow::Result<MigrationSetup> {
+    for attempt in 1..=3 {
+        let built = std::panic::catch_unwind(|| MigrationSetup::new(tag, args, standby));
+        match built {
+            Ok(setup) => return Ok(setup),
+            Err(_) => {
+                SETUP_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                println!("  setting up the test hosts failed (attempt {attempt}): again");
+            }
+        }
+    }
+    anyhow::bail!("the test hosts could not be set up three times in a row")
+}
+
 /// A live migration in `mode`: what was measured, and the daemon's report.
 fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Value)> {
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let setup = MigrationSetup::new(&format!("bm{i}"), &args, mode == "standby");
+    let setup = set_up(&format!("bm{i}"), &args, mode == "standby")?;
     let state_bytes = dataplane_user::calibrate::state_bytes(match &setup.standby {
         Some((_, standby, _)) if mode == "standby" => standby.pid,
         _ => setup.controller.pid,
@@ -273,8 +316,28 @@ fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Val
     let gaps = gaps(&std::fs::read_to_string(&trace)?);
     let _ = std::fs::remove_file(&trace);
     if value["state"] != "done" {
+        // What the kernel programs counted on both hosts, for the diagnosis.
+        let counted = |daemon: &dataplane_tests::DaemonProcess| {
+            let status = daemon
+                .client()
+                .call("status", json!({}))
+                .unwrap_or_default();
+            let counters = status["counters"].as_object().cloned().unwrap_or_default();
+            counters
+                .iter()
+                .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let error = format!(
+            "{} [src: {}] [dst: {}]",
+            value["error"].as_str().unwrap_or("?"),
+            counted(&setup.src),
+            counted(&setup.dst)
+        );
         let failed = Run {
-            failed: Some(value["error"].as_str().unwrap_or("?").to_string()),
+            failed: Some(error),
             ..judged(&verdict)
         };
         return Ok((failed, value));
@@ -302,7 +365,7 @@ fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Val
 fn baseline(precopy: bool, size: u64, i: usize) -> anyhow::Result<Run> {
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let setup = MigrationSetup::new(&format!("bb{i}"), &args, false);
+    let setup = set_up(&format!("bb{i}"), &args, false)?;
     let state_bytes = dataplane_user::calibrate::state_bytes(setup.controller.pid)? as f64;
     let cps = setup.start_cps(cycles(size), PERIOD_US, None);
     std::thread::sleep(LEAD);
@@ -417,7 +480,10 @@ struct Row {
     predicted: Prediction,
 }
 
-fn rows(runs: &BTreeMap<(u64, Kind), Vec<Run>>, calibration: &Calibration) -> Vec<Row> {
+fn rows(
+    runs: &BTreeMap<(u64, Kind), Vec<Run>>,
+    calibrations: &BTreeMap<u64, Calibration>,
+) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     for (&(size, kind), all) in runs {
         let list: Vec<&Run> = all.iter().filter(|r| r.failed.is_none()).collect();
@@ -464,7 +530,7 @@ fn rows(runs: &BTreeMap<(u64, Kind), Vec<Run>>, calibration: &Calibration) -> Ve
             tm_ratio: 0.0,
             td_ratio: 0.0,
             d_ratio: 0.0,
-            predicted: calibration.predict(method, &work),
+            predicted: calibrations[&size].predict(method, &work),
         });
     }
     // Ratios against the stop-and-copy of the same size, measured in this run.
@@ -609,7 +675,7 @@ fn csv(rows: &[Row]) -> String {
             out,
             "{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{:.3},{:.4},{:.4},{:.4},{:.3},{:.2},{:.3},{}",
             r.size,
-            r.kind.label(),
+            r.kind.key(),
             r.runs,
             r.failed,
             r.rounds,
@@ -661,7 +727,7 @@ fn runs_csv(runs: &BTreeMap<(u64, Kind), Vec<Run>>) -> String {
             let _ = writeln!(
                 out,
                 "{size},{},{i},{:.3},{:.3},{},{:.3},{},{},{},{},{}",
-                kind.label(),
+                kind.key(),
                 ms(r.total_us),
                 ms(r.gap_us),
                 r.handover_gap_us
