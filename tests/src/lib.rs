@@ -212,6 +212,24 @@ impl TestHosts {
         for host in [&self.src, &self.dst] {
             host.ip(&["link", "set", "peer0", "mtu", "1600", "up"]);
             host.ip(&["link", "set", "eth0", "up"]);
+            // A veth has no queue: when the image transfer fills its peer's
+            // ring, a mirror copy cloned onto it is dropped. With a qdisc
+            // the veth pushes back (Linux 6.15 and later) and the copy waits.
+            run(
+                "nsenter",
+                &[
+                    &format!("--net={}", host.path().display()),
+                    "tc",
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    "peer0",
+                    "root",
+                    "pfifo",
+                    "limit",
+                    "10000",
+                ],
+            );
         }
         // A field device puts real checksums on the wire. A sender on this
         // machine leaves them to a checksum offload that veth never performs,
