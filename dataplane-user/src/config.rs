@@ -79,6 +79,18 @@ pub struct DaemonConfig {
     /// The CRIU binary. Default: /usr/local/sbin/criu (what `cargo xtask setup` installs).
     #[serde(default = "default_criu")]
     pub criu: PathBuf,
+    /// Where `dataplane calibrate` saves this host's migration model and
+    /// `dataplane plan` and `dataplane migrate` read it.
+    /// Default: /var/lib/dataplane/calibration.json.
+    #[serde(default = "default_calibration")]
+    pub calibration: PathBuf,
+}
+
+/// Where the calibration goes unless configured otherwise.
+pub const DEFAULT_CALIBRATION: &str = "/var/lib/dataplane/calibration.json";
+
+fn default_calibration() -> PathBuf {
+    PathBuf::from(DEFAULT_CALIBRATION)
 }
 
 fn default_criu() -> PathBuf {
@@ -229,6 +241,7 @@ mod tests {
             ),
             (100, 200, 64)
         );
+        assert_eq!(config.calibration, PathBuf::from(DEFAULT_CALIBRATION));
         let options = config.load_options().unwrap();
         assert_eq!(options.input_ring_bytes, 64 << 20);
     }

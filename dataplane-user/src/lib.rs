@@ -1,5 +1,6 @@
 //! The dataplane's user space: loading the kernel programs, reading their
 //! logs and counters, and managing CPS flows.
+pub mod calibrate;
 pub mod capture;
 pub mod checkpoint;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod flow;
 pub mod loader;
 pub mod metrics;
 pub mod migration;
+pub mod model;
 pub mod netdev;
 pub mod peer;
 pub mod replay;

@@ -17,11 +17,14 @@ use dataplane_common::{
     GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, Gate, RECORD_INPUT, RECORD_MIRRORED,
 };
 use dataplane_user::{
-    Dataplane, LoadOptions, LogReader,
-    config::{DEFAULT_CONFIG, DEFAULT_SOCKET, DaemonConfig},
+    Dataplane, LoadOptions, LogReader, calibrate,
+    config::{DEFAULT_CALIBRATION, DEFAULT_CONFIG, DEFAULT_SOCKET, DaemonConfig},
     control::{Client, ClientError},
+    criu::{Criu, DEFAULT_CRIU, policy::StopPolicy},
     daemon::Daemon,
     loader::{DEFAULT_PIN_ROOT, MAP_INPUTS, MAP_OUTPUTS, MirrorMode},
+    migration::Report,
+    model::{Calibration, Method, Prediction, Workload, error_pct},
     netdev::parse_mac,
 };
 use serde_json::{Value, json};
@@ -130,6 +133,50 @@ enum Command {
         /// Print the migration's id and return at once.
         #[arg(long)]
         detach: bool,
+        /// The calibration to print predictions from (default: the
+        /// configuration's `calibration`); none there, no predictions.
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+    },
+    /// Measure this host's CRIU costs on a synthetic service (dump, copy
+    /// and restore per size), fit the migration model (calagna2023's PAM)
+    /// and save it; with --from-reports, fit our live modes' costs to real
+    /// migrations' reports on top of the saved CRIU terms.
+    Calibrate {
+        /// State sizes of the synthetic service, MiB.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        sizes: Vec<u64>,
+        /// Dumps and restores per size.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Where to save it (default: the configuration's `calibration`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Finished migrations to fit the live modes' costs to: migration.status
+        /// JSON (a report, an array of them, or one a line) or `--json status`.
+        #[arg(long)]
+        from_reports: Option<PathBuf>,
+        /// The CRIU binary.
+        #[arg(long, default_value = DEFAULT_CRIU)]
+        criu: PathBuf,
+        /// The CPS period the reports' migrations ran at, µs (their replay).
+        #[arg(long, default_value_t = 1000)]
+        period_us: u64,
+    },
+    /// Predict a registered service's migration time T_M and downtime T_D
+    /// by method, from its size, its dirty rate and this host's calibration.
+    Plan {
+        service: String,
+        /// The live mode to show phase by phase.
+        #[arg(long, value_parser = ["standby", "leave-running"])]
+        mode: Option<String>,
+        /// R, bytes the service dirties per second. Not measured: this
+        /// kernel has no soft-dirty tracking. Only pre-copy depends on it.
+        #[arg(long, default_value_t = 0.0)]
+        dirty_rate: f64,
+        /// The calibration (default: the configuration's `calibration`).
+        #[arg(long)]
+        calibration: Option<PathBuf>,
     },
     /// Stream migration phase changes as they happen.
     Watch,
@@ -419,6 +466,39 @@ fn run(cli: Cli) -> Result<(), Failure> {
             ),
             ServiceCommand::Ls => show(json_out, call("service.list", json!({}))?, print_services),
         },
+        Command::Calibrate {
+            sizes,
+            repeat,
+            out,
+            from_reports,
+            criu,
+            period_us,
+        } => {
+            let out = calibration_path(out);
+            run_calibrate(
+                &sizes,
+                repeat,
+                &out,
+                from_reports.as_deref(),
+                criu,
+                period_us,
+            )?;
+        }
+        Command::Plan {
+            service,
+            mode,
+            dirty_rate,
+            calibration,
+        } => {
+            let path = calibration_path(calibration);
+            let calibration = read_calibration(&path)?;
+            let plan = plan(&call, &service, dirty_rate, &calibration)?;
+            show(
+                json_out,
+                serde_json::to_value(&plan).unwrap_or_default(),
+                |_| print_plan(&plan, &path, &calibration, mode.as_deref()),
+            );
+        }
         Command::Migrate {
             service,
             to,
@@ -426,7 +506,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
             converge,
             deadline_ms,
             detach,
+            calibration,
         } => {
+            // The prediction needs the instance's size before it is gone.
+            let predicted = if detach {
+                None
+            } else {
+                predict_migration(&call, &service, &mode, calibration)
+            };
             // Watch first, so that no phase is missed.
             let mut watch = Client::connect(&cli.socket)?;
             watch.call("migration.watch", json!({}))?;
@@ -466,7 +553,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             if terminal {
                 eprintln!();
             }
-            show(json_out, report.clone(), print_migration);
+            let mut shown = report.clone();
+            if let Some(p) = &predicted {
+                shown["predicted"] = serde_json::to_value(p).unwrap_or_default();
+            }
+            show(json_out, shown, |v| print_migration(v, predicted.as_ref()));
             if let Some(error) = report["error"].as_str() {
                 return Err(Failure::Migration(error.to_string()));
             }
@@ -538,8 +629,9 @@ fn show(json_out: bool, value: Value, human: impl FnOnce(&Value)) {
     }
 }
 
-/// A migration's report as a table: phases, then the figures.
-fn print_migration(v: &Value) {
+/// A migration's report as a table: phases, then the figures; with the
+/// model's prediction beside them when there is one.
+fn print_migration(v: &Value, predicted: Option<&Prediction>) {
     let us = |key: &str| v[key].as_u64().unwrap_or(0);
     println!(
         "migration {} of {} to {} ({}): {}",
@@ -549,24 +641,49 @@ fn print_migration(v: &Value) {
         v["mode"].as_str().unwrap_or("?"),
         v["state"].as_str().unwrap_or("?")
     );
-    println!("  {:<10} {:>10} {:>12}", "phase", "start ms", "duration ms");
+    let column = if predicted.is_some() {
+        format!(" {:>12}", "predicted ms")
+    } else {
+        String::new()
+    };
+    println!(
+        "  {:<10} {:>10} {:>12}{column}",
+        "phase", "start ms", "duration ms"
+    );
     for phase in v["phases"].as_array().into_iter().flatten() {
+        let name = phase["name"].as_str().unwrap_or("?");
+        let column = predicted
+            .and_then(|p| p.phases.iter().find(|(n, _)| n == name))
+            .map(|(_, us)| format!(" {:>12.3}", us / 1e3))
+            .unwrap_or_default();
         println!(
-            "  {:<10} {:>10.3} {:>12.3}",
-            phase["name"].as_str().unwrap_or("?"),
+            "  {:<10} {:>10.3} {:>12.3}{column}",
+            name,
             phase["start_us"].as_u64().unwrap_or(0) as f64 / 1e3,
             phase["duration_us"].as_u64().unwrap_or(0) as f64 / 1e3
         );
     }
+    // "predicted X ms (+E%)" after a measured figure in µs.
+    let beside = |measured_us: u64, predicted_us: Option<f64>| {
+        predicted_us.map_or(String::new(), |p| {
+            format!(
+                "   predicted {:>9.3} ms ({:+.0}%)",
+                p / 1e3,
+                error_pct(p, measured_us as f64)
+            )
+        })
+    };
     println!(
-        "  migration time T_M       {:>10.3} ms",
-        us("total_us") as f64 / 1e3
+        "  migration time T_M       {:>10.3} ms{}",
+        us("total_us") as f64 / 1e3,
+        beside(us("total_us"), predicted.map(|p| p.total_us))
     );
     println!("  checkpoint position S    {:>10}", us("checkpoint_seq"));
     println!("  handover point K         {:>10}", us("handover_seq"));
     println!(
-        "  frozen (checkpointed)    {:>10.3} ms",
-        us("frozen_us") as f64 / 1e3
+        "  frozen (checkpointed)    {:>10.3} ms{}",
+        us("frozen_us") as f64 / 1e3,
+        beside(us("frozen_us"), predicted.map(|p| p.frozen_us))
     );
     println!("  image data D             {:>10} bytes", us("image_bytes"));
     println!(
@@ -576,8 +693,402 @@ fn print_migration(v: &Value) {
     );
     println!("  outputs compared         {:>10}", us("compared"));
     println!("  flip                     {:>10} ns", us("flip_ns"));
+    if let Some(p) = predicted {
+        println!(
+            "  predicted T_D            {:>10.3} ms (the serving instance's longest silence)",
+            p.downtime_us / 1e3
+        );
+    }
     if let Some(error) = v["error"].as_str() {
         println!("  error: {error}");
+    }
+}
+
+/// The calibration file: `flag`, else the configuration's key, else the default.
+fn calibration_path(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| {
+        DaemonConfig::read(Path::new(DEFAULT_CONFIG))
+            .ok()
+            .map(|c| c.calibration)
+    })
+    .unwrap_or_else(|| PathBuf::from(DEFAULT_CALIBRATION))
+}
+
+fn read_calibration(path: &Path) -> anyhow::Result<Calibration> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "no calibration at {}: run `dataplane calibrate` first",
+            path.display()
+        )
+    })?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a calibration", path.display()))
+}
+
+/// Migration reports from a file: one report, an array of them, one a
+/// line, or `dataplane --json status` (its `migrations`).
+fn read_reports(path: &Path) -> anyhow::Result<Vec<Report>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    let values: Vec<Value> = match serde_json::from_str::<Value>(&text) {
+        Ok(Value::Array(all)) => all,
+        Ok(Value::Object(status)) if status.contains_key("migrations") => {
+            status["migrations"].as_array().cloned().unwrap_or_default()
+        }
+        Ok(one) => vec![one],
+        Err(_) => text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{}: not migration.status JSON", path.display()))?,
+    };
+    values
+        .into_iter()
+        .map(|v| serde_json::from_value(v).context("a migration report"))
+        .collect()
+}
+
+/// `dataplane calibrate`: measure (or fit reports), save, print the fit.
+fn run_calibrate(
+    sizes: &[u64],
+    repeat: usize,
+    out: &Path,
+    from_reports: Option<&Path>,
+    criu: PathBuf,
+    period_us: u64,
+) -> anyhow::Result<()> {
+    let mut calibration = match from_reports {
+        // The CRIU terms stay as measured; the live costs sit on top of them.
+        Some(_) => read_calibration(out)?,
+        None => {
+            let criu = Criu::new(criu);
+            let start = std::time::Instant::now();
+            let mut mem_track = false;
+            for _ in 0..3 {
+                mem_track = criu.features()?.mem_track.unwrap_or(false);
+            }
+            let check_us = start.elapsed().as_secs_f64() * 1e6 / 3.0;
+            let scratch = calibrate::scratch_dir(None);
+            let mut samples = Vec::new();
+            for &mib in sizes {
+                for _ in 0..repeat.max(1) {
+                    let sample = calibrate::sample(&criu, (mib << 20) as usize, &scratch)
+                        .with_context(|| format!("{mib} MiB"))?;
+                    eprintln!(
+                        "  {mib:>4} MiB: dump {:7.1} ms  copy {:6.1} ms  restore {:7.1} ms",
+                        sample.dump_us / 1e3,
+                        sample.copy_us / 1e3,
+                        sample.restore_us / 1e3
+                    );
+                    samples.push(sample);
+                }
+            }
+            // Live costs fitted earlier sat on the old CRIU terms: refit them.
+            let mut calibration = Calibration {
+                host: nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                created: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                mem_track,
+                ..Calibration::default()
+            };
+            calibration.criu.check_us = check_us;
+            calibration.fit_samples(samples);
+            calibration
+        }
+    };
+    let reports = from_reports.map(read_reports).transpose()?;
+    if let Some(reports) = &reports {
+        calibration.fit_reports(reports);
+    }
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(&calibration).expect("serializes");
+    std::fs::write(out, text).with_context(|| format!("{}", out.display()))?;
+    print_calibration(
+        &calibration,
+        reports.as_deref(),
+        1e6 / period_us.max(1) as f64,
+    );
+    println!("saved to {}", out.display());
+    Ok(())
+}
+
+const MIB: f64 = 1048576.0;
+
+/// The fitted lines, and how far each sample or report is from them.
+fn print_calibration(c: &Calibration, reports: Option<&[Report]>, input_rate: f64) {
+    let k = &c.criu;
+    println!(
+        "CRIU on {} (memory tracking: {}), {} synthetic samples",
+        c.host,
+        if c.mem_track {
+            "yes"
+        } else {
+            "no: pre-copy is a single dump"
+        },
+        c.samples.len()
+    );
+    println!("  {:<26} {:>10} {:>12}", "term", "fixed ms", "ms per MiB");
+    for (name, line) in [
+        ("dump T^d (Eq. 2, 12, 13)", k.dump),
+        ("frozen (Eq. 12)", k.frozen),
+        ("copy T^net (per MiB of D)", k.copy),
+        ("restore T^r (Eq. 16)", k.restore),
+    ] {
+        println!(
+            "  {name:<26} {:>10.2} {:>12.3}",
+            line.fixed / 1e3,
+            line.slope * MIB / 1e3
+        );
+    }
+    println!(
+        "  image D (Eq. 14)           {:.0} KiB + {:.3} x M",
+        k.image.fixed / 1024.0,
+        k.image.slope
+    );
+    println!("  FEATURE_CHECK              {:.2} ms", k.check_us / 1e3);
+    if !c.samples.is_empty() {
+        println!(
+            "  {:>7} {:>7}  {:>15} {:>15} {:>15} {:>15}",
+            "M MiB", "D MiB", "dump ms (fit)", "frozen (fit)", "copy (fit)", "restore (fit)"
+        );
+    }
+    let cell =
+        |measured: f64, fitted: f64| format!("{:>6.1} ({:>6.1})", measured / 1e3, fitted / 1e3);
+    for s in &c.samples {
+        let m = s.state_bytes;
+        println!(
+            "  {:>7.2} {:>7.2}  {:>15} {:>15} {:>15} {:>15}",
+            m / MIB,
+            s.image_bytes / MIB,
+            cell(s.dump_us, k.dump.at(m)),
+            cell(s.frozen_us, k.frozen.at(m)),
+            cell(s.copy_us, k.copy.at(s.image_bytes)),
+            cell(s.restore_us, k.restore.at(m))
+        );
+    }
+    for (name, live) in [("leave-running", &c.leave_running), ("standby", &c.standby)] {
+        let Some(l) = live else {
+            println!("{name}: no reports fitted (`dataplane calibrate --from-reports FILE`)");
+            continue;
+        };
+        println!(
+            "{name}, from {} reports, ms: prepare {:.1}; checkpoint {:.1} + {:.2} x dump; \
+             transfer {:.1} + {:.2} per MiB; restore {:.1} + {:.2} x CRIU's, then replay at \
+             {:.0}/s; converge {:.1}; cutover {:.1}; announce {:.1}; finish {:.1} + {:.2} per MiB",
+            l.reports,
+            l.prepare_us / 1e3,
+            l.checkpoint.fixed / 1e3,
+            l.checkpoint.slope,
+            l.transfer.fixed / 1e3,
+            l.transfer.slope * MIB / 1e3,
+            l.restore.fixed / 1e3,
+            l.restore.slope,
+            l.replay_rate,
+            l.converge_us / 1e3,
+            l.cutover_us / 1e3,
+            l.announce_us / 1e3,
+            l.finish.fixed / 1e3,
+            l.finish.slope * MIB / 1e3
+        );
+    }
+    for r in reports.into_iter().flatten().filter(|r| r.state == "done") {
+        let work = Workload {
+            state_bytes: c.state_of(r),
+            dirty_rate: 0.0,
+            input_rate,
+        };
+        let p = c.predict(r.mode.into(), &work);
+        println!(
+            "  {:<16} {:<14} D {:>7.2} MiB  T_M {:>8.1} ms, model {:>8.1} ms ({:+.1}%)",
+            r.id,
+            Method::from(r.mode).name(),
+            r.image_bytes as f64 / MIB,
+            r.total_us as f64 / 1e3,
+            p.total_us / 1e3,
+            error_pct(p.total_us, r.total_us as f64)
+        );
+    }
+}
+
+/// What `dataplane plan` found and predicts.
+#[derive(serde::Serialize)]
+struct Plan {
+    service: String,
+    pid: u32,
+    state_bytes: u64,
+    standby_pid: Option<u32>,
+    standby_state_bytes: Option<u64>,
+    workload: Workload,
+    predictions: Vec<Prediction>,
+}
+
+/// Sizes the service's instances, measures its input rate, and predicts
+/// every method.
+fn plan(
+    call: &dyn Fn(&str, Value) -> Result<Value, Failure>,
+    name: &str,
+    dirty_rate: f64,
+    calibration: &Calibration,
+) -> Result<Plan, Failure> {
+    let services = call("service.list", json!({}))?;
+    let service = services
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["name"] == name)
+        .ok_or_else(|| Failure::Local(anyhow::anyhow!("no service {name:?} is registered")))?;
+    let pid = service["pid"].as_u64().unwrap_or(0) as u32;
+    let state_bytes = calibrate::state_bytes(pid)
+        .with_context(|| format!("the size of service {name} (process {pid})"))?;
+    let standby_pid = service["standby_pid"].as_u64().map(|p| p as u32);
+    let standby_state_bytes = standby_pid
+        .map(calibrate::state_bytes)
+        .transpose()
+        .with_context(|| format!("the size of {name}'s standby"))?;
+    let workload = Workload {
+        state_bytes: state_bytes as f64,
+        dirty_rate,
+        input_rate: input_rate(call, service)?,
+    };
+    let rounds = calibration.precopy_rounds(&workload, StopPolicy::default().max_rounds);
+    let predictions = [
+        Method::StopAndCopy,
+        Method::PreCopy { rounds },
+        Method::LeaveRunning,
+        Method::Standby,
+    ]
+    .into_iter()
+    .map(|method| {
+        // Standby mode checkpoints the standby: its size counts.
+        let work = match (method, standby_state_bytes) {
+            (Method::Standby, Some(m)) => Workload {
+                state_bytes: m as f64,
+                ..workload
+            },
+            _ => workload,
+        };
+        calibration.predict(method, &work)
+    })
+    .collect();
+    Ok(Plan {
+        service: name.to_string(),
+        pid,
+        state_bytes,
+        standby_pid,
+        standby_state_bytes,
+        workload,
+        predictions,
+    })
+}
+
+/// Inputs per second on the service's flow, over 200 ms of its counter.
+fn input_rate(
+    call: &dyn Fn(&str, Value) -> Result<Value, Failure>,
+    service: &Value,
+) -> Result<f64, Failure> {
+    let flow = &service["flows"][0];
+    let last_seq = || -> Result<Option<u64>, Failure> {
+        let flows = call("flow.list", json!({}))?;
+        Ok(flows
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["cps"] == flow["cps"] && f["service"] == flow["service"])
+            .and_then(|f| f["last_seq"].as_u64()))
+    };
+    let start = std::time::Instant::now();
+    let before = last_seq()?;
+    std::thread::sleep(Duration::from_millis(200));
+    let after = last_seq()?;
+    Ok(match (before, after) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / start.elapsed().as_secs_f64(),
+        _ => 0.0,
+    })
+}
+
+fn print_plan(plan: &Plan, path: &Path, c: &Calibration, mode: Option<&str>) {
+    let mib = |b: u64| b as f64 / MIB;
+    print!(
+        "service {}: process {}, M = {:.2} MiB (Anonymous in /proc/{}/smaps_rollup)",
+        plan.service,
+        plan.pid,
+        mib(plan.state_bytes),
+        plan.pid
+    );
+    match (plan.standby_pid, plan.standby_state_bytes) {
+        (Some(pid), Some(m)) => println!("; standby {pid}, {:.2} MiB", mib(m)),
+        _ => println!("; no standby"),
+    }
+    println!(
+        "inputs: {:.0}/s on its flow; dirty rate R = {:.0} B/s from --dirty-rate (not measured: \
+         this kernel has no soft-dirty tracking; only pre-copy rounds depend on it)",
+        plan.workload.input_rate, plan.workload.dirty_rate
+    );
+    let age = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        .saturating_sub(c.created);
+    let reports =
+        |l: &Option<dataplane_user::model::LiveCosts>| l.as_ref().map_or(0, |l| l.reports);
+    println!(
+        "calibration {} (host {}, {} min old): CRIU from {} synthetic dumps, live costs from \
+         {} leave-running and {} standby reports",
+        path.display(),
+        c.host,
+        age / 60,
+        c.samples.len(),
+        reports(&c.leave_running),
+        reports(&c.standby)
+    );
+    println!(
+        "  {:<24} {:>10} {:>10} {:>10} {:>8}",
+        "method", "T_M ms", "T_D ms", "frozen ms", "D MiB"
+    );
+    for p in &plan.predictions {
+        println!(
+            "  {:<24} {:>10.1} {:>10.1} {:>10.1} {:>8.2}",
+            p.method.name(),
+            p.total_us / 1e3,
+            p.downtime_us / 1e3,
+            p.frozen_us / 1e3,
+            p.image_bytes / MIB
+        );
+    }
+    let chosen = match mode {
+        Some("leave-running") => Method::LeaveRunning,
+        Some(_) => Method::Standby,
+        None => return,
+    };
+    if let Some(p) = plan.predictions.iter().find(|p| p.method == chosen) {
+        let phases: Vec<String> = p
+            .phases
+            .iter()
+            .map(|(name, us)| format!("{name} {:.1}", us / 1e3))
+            .collect();
+        println!("{} phases, ms: {}", chosen.name(), phases.join(", "));
+    }
+}
+
+/// The prediction for `dataplane migrate`, when this host is calibrated.
+fn predict_migration(
+    call: &dyn Fn(&str, Value) -> Result<Value, Failure>,
+    service: &str,
+    mode: &str,
+    calibration: Option<PathBuf>,
+) -> Option<Prediction> {
+    let calibration = read_calibration(&calibration_path(calibration)).ok()?;
+    let method = if mode == "standby" {
+        Method::Standby
+    } else {
+        Method::LeaveRunning
+    };
+    match plan(call, service, 0.0, &calibration) {
+        Ok(plan) => plan.predictions.into_iter().find(|p| p.method == method),
+        Err(_) => None,
     }
 }
 

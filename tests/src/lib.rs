@@ -212,6 +212,24 @@ impl TestHosts {
         for host in [&self.src, &self.dst] {
             host.ip(&["link", "set", "peer0", "mtu", "1600", "up"]);
             host.ip(&["link", "set", "eth0", "up"]);
+            // A veth has no queue: when the image transfer fills its peer's
+            // ring, a mirror copy cloned onto it is dropped. With a qdisc
+            // the veth pushes back (Linux 6.15 and later) and the copy waits.
+            run(
+                "nsenter",
+                &[
+                    &format!("--net={}", host.path().display()),
+                    "tc",
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    "peer0",
+                    "root",
+                    "pfifo",
+                    "limit",
+                    "10000",
+                ],
+            );
         }
         // A field device puts real checksums on the wire. A sender on this
         // machine leaves them to a checksum offload that veth never performs,
@@ -1080,12 +1098,15 @@ impl MigrationSetup {
 pub struct StopAndCopy {
     /// The restored controller on `dst` (this process's child).
     pub pid: u32,
+    /// The dump, with any pre-dump rounds before it.
     pub dump: Duration,
-    /// CRIU's frozen time, from stats-dump.
+    /// CRIU's frozen time of the final dump, from stats-dump.
     pub frozen: Duration,
     pub copy: Duration,
     pub restore: Duration,
     pub image_bytes: u64,
+    /// Pre-dump rounds taken (pre-copy only).
+    pub rounds: usize,
 }
 
 impl MigrationSetup {
@@ -1096,6 +1117,28 @@ impl MigrationSetup {
         &self,
         images: &std::path::Path,
         copied: &std::path::Path,
+    ) -> anyhow::Result<StopAndCopy> {
+        self.dump_copy_restore(images, copied, None)
+    }
+
+    /// kaur2020's iterative pre-copy of the controller: pre-dump rounds
+    /// while it runs, stopped by `policy`, then the final dump, copy and
+    /// restore as in `stop_and_copy`. CRIU's driver takes a single dump
+    /// where the kernel cannot track memory (`rounds` is then 0).
+    pub fn pre_copy(
+        &self,
+        images: &std::path::Path,
+        copied: &std::path::Path,
+        policy: &dataplane_user::criu::policy::StopPolicy,
+    ) -> anyhow::Result<StopAndCopy> {
+        self.dump_copy_restore(images, copied, Some(policy))
+    }
+
+    fn dump_copy_restore(
+        &self,
+        images: &std::path::Path,
+        copied: &std::path::Path,
+        precopy: Option<&dataplane_user::criu::policy::StopPolicy>,
     ) -> anyhow::Result<StopAndCopy> {
         use dataplane_user::criu::{
             Criu, DumpRequest, RestoreRequest, netns_inode, open_netns, stats,
@@ -1109,15 +1152,17 @@ impl MigrationSetup {
             ..Default::default()
         };
         let start = std::time::Instant::now();
-        criu.dump(&dump, false, &mut |_| true)?;
+        let rounds = match precopy {
+            Some(policy) => criu.iterative_dump(&dump, policy)?.rounds.len(),
+            None => {
+                criu.dump(&dump, false, &mut |_| true)?;
+                0
+            }
+        };
         let dumped = start.elapsed();
         let frozen = Duration::from_micros(stats::dump(images).map_or(0, |s| s.frozen_time.into()));
-        std::fs::create_dir_all(copied)?;
-        let mut image_bytes = 0;
-        for entry in std::fs::read_dir(images)? {
-            let entry = entry?;
-            image_bytes += std::fs::copy(entry.path(), copied.join(entry.file_name()))?;
-        }
+        // Pre-dump rounds sit in subdirectories: copy the tree.
+        let image_bytes = copy_tree(images, copied)?;
         let copied_at = start.elapsed();
         let netns = open_netns(&self.hosts.dst.path())?;
         let restore = RestoreRequest {
@@ -1138,8 +1183,25 @@ impl MigrationSetup {
             copy: copied_at - dumped,
             restore: start.elapsed() - copied_at,
             image_bytes,
+            rounds,
         })
     }
+}
+
+/// Copies the directory tree `from` to `to`; the bytes copied.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<u64> {
+    std::fs::create_dir_all(to)?;
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        bytes += if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?
+        } else {
+            std::fs::copy(entry.path(), target)?
+        };
+    }
+    Ok(bytes)
 }
 
 /// Waits for a CPS simulator to finish; its verdict.

@@ -37,7 +37,7 @@ enum Task {
         #[arg(value_enum)]
         which: Bench,
         /// Passed on to the benchmark (cutover: MIGRATIONS BASELINES;
-        /// checkpoint: SIZE_MIB...).
+        /// checkpoint: SIZE_MIB...; migrate: MIGRATIONS BASELINES SIZES).
         args: Vec<String>,
     },
     /// Set up, install cargo-fuzz if missing, and run each fuzz target of
@@ -58,6 +58,9 @@ enum Bench {
     Cutover,
     /// Checkpoint, transfer and restore by service size, against stop-and-copy.
     Checkpoint,
+    /// Stop-and-copy, pre-copy and both live modes at 1, 16 and 64 MiB, with
+    /// the PAM model's predictions: a table, a CSV and an SVG chart.
+    Migrate,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +76,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Control => run_bin("bench-control", &args),
             Bench::Cutover => run_bin("bench-cutover", &args),
             Bench::Checkpoint => run_bin("bench-checkpoint", &args),
+            Bench::Migrate => run_bin("bench-migrate", &args),
         },
         Task::Fuzz { seconds } => fuzz::run(seconds),
     }

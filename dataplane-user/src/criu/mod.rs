@@ -5,6 +5,7 @@
 //! its end of the socket closes. Calls block: the daemon runs them on a
 //! blocking thread.
 pub mod policy;
+pub mod precopy;
 pub mod proto;
 pub mod stats;
 

@@ -7,6 +7,12 @@
 //! consecutive rounds with equal image hashes (kaur2020); or a prediction,
 //! in the spirit of calagna2023's PAM model, that another round would not
 //! leave fewer pages for the final dump than there are now.
+//!
+//! The prediction is the PAM model's (`crate::model`): the pages a round
+//! leaves are the dirty rate times the time the service ran during it
+//! (calagna2023 Eq. 4), with the round's duration a line in the pages it
+//! copies (Eq. 17, 18), fitted here to the rounds so far.
+use crate::model::{Line, dirtied, fit_line, mean};
 
 /// What one pre-dump round did, from CRIU's stats-dump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,32 +86,31 @@ impl StopPolicy {
 
 /// Pages another round would leave for the final dump: the dirty rate
 /// (pages written by the last round over the previous round's duration, the
-/// time they had to get dirty) times the next round's predicted duration,
-/// from a linear fit duration = a + b * pages over the rounds so far.
+/// time they had to get dirty) times the next round's predicted duration
+/// (Eq. 4), from the line duration = a + b * pages over the rounds so far.
 fn predicted_left(rounds: &[Round]) -> Option<f64> {
     let [.., before, last] = rounds else {
         return None;
     };
-    let dirty_rate = last.pages_written as f64 / before.duration_us.max(1) as f64;
-    let (a, b) = fit(rounds);
-    let next_duration = (a + b * last.pages_written as f64).max(0.0);
-    Some(dirty_rate * next_duration)
+    let pages_per_s = last.pages_written as f64 / before.duration_us.max(1) as f64 * 1e6;
+    let next_duration = fit(rounds).at(last.pages_written as f64).max(0.0);
+    Some(dirtied(pages_per_s, next_duration, f64::INFINITY))
 }
 
 /// Least-squares fit of duration = a + b * pages (through the origin if all
 /// rounds wrote the same number of pages).
-fn fit(rounds: &[Round]) -> (f64, f64) {
-    let n = rounds.len() as f64;
-    let xs = rounds.iter().map(|r| r.pages_written as f64);
-    let ys = rounds.iter().map(|r| r.duration_us as f64);
-    let (mx, my) = (xs.clone().sum::<f64>() / n, ys.clone().sum::<f64>() / n);
-    let sxx: f64 = xs.clone().map(|x| (x - mx) * (x - mx)).sum();
-    let sxy: f64 = xs.zip(ys).map(|(x, y)| (x - mx) * (y - my)).sum();
-    if sxx == 0.0 {
-        return (0.0, if mx > 0.0 { my / mx } else { 0.0 });
-    }
-    let b = sxy / sxx;
-    (my - b * mx, b)
+fn fit(rounds: &[Round]) -> Line {
+    let points: Vec<(f64, f64)> = rounds
+        .iter()
+        .map(|r| (r.pages_written as f64, r.duration_us as f64))
+        .collect();
+    fit_line(&points).unwrap_or_else(|| {
+        let (pages, duration) = mean(&points);
+        Line {
+            fixed: 0.0,
+            slope: if pages > 0.0 { duration / pages } else { 0.0 },
+        }
+    })
 }
 
 #[cfg(test)]
@@ -174,12 +179,18 @@ mod tests {
     fn the_fit_recovers_a_linear_cost() {
         // duration = 500 us + 10 us per page.
         let recorded = rounds(&[(100, 1_500, 0), (300, 3_500, 0), (1000, 10_500, 0)]);
-        let (a, b) = fit(&recorded);
+        let line = fit(&recorded);
         assert!(
-            (a - 500.0).abs() < 1e-6 && (b - 10.0).abs() < 1e-9,
-            "{a} {b}"
+            (line.fixed - 500.0).abs() < 1e-6 && (line.slope - 10.0).abs() < 1e-9,
+            "{line:?}"
         );
         let same = rounds(&[(100, 2_000, 0), (100, 2_000, 0)]);
-        assert_eq!(fit(&same), (0.0, 20.0));
+        assert_eq!(
+            fit(&same),
+            Line {
+                fixed: 0.0,
+                slope: 20.0
+            }
+        );
     }
 }

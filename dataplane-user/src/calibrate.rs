@@ -1,0 +1,254 @@
+//! `dataplane calibrate`: CRIU's costs on this host, measured on a service
+//! of our own making, and `dataplane plan`'s view of a running service.
+//!
+//! The synthetic service is started the way services are for CRIU here
+//! (DESIGN.md): in a PID and a network namespace of its own, its own
+//! session, no file descriptors but 0 to 2, a bound UDP socket, and M bytes
+//! of anonymous memory, every page written. Each size is dumped (the
+//! service stops), its images copied, and restored from the copy into the
+//! same network namespace: the dump, copy and restore of calagna2023's
+//! Stop&Copy stage, timed by the wall clock and CRIU's stats.
+use std::{
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sched::CloneFlags,
+    sys::{signal::Signal, wait::waitpid},
+    unistd::{ForkResult, Pid},
+};
+
+use crate::{
+    criu::{Criu, DumpRequest, RestoreRequest, netns_inode, open_netns, stats},
+    model::Sample,
+};
+
+/// The synthetic service renames itself to this once its memory is written.
+const READY: &str = "dp-calib-ready";
+
+/// M of a running process as CRIU sees it: its resident anonymous memory
+/// (`Anonymous` of /proc/PID/smaps_rollup), the pages a dump writes.
+pub fn state_bytes(pid: u32) -> std::io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("Anonymous:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kib| kib << 10)
+        .ok_or_else(|| std::io::Error::other(format!("no Anonymous line for process {pid}")))
+}
+
+/// One dump, copy and restore of a synthetic service of `bytes` bytes,
+/// with its images under `scratch` (removed afterwards).
+///
+/// Forks: call it from a single-threaded process (the CLI runs no runtime
+/// for `calibrate`).
+pub fn sample(criu: &Criu, bytes: usize, scratch: &Path) -> anyhow::Result<Sample> {
+    let images = scratch.join("images");
+    let copied = scratch.join("copy");
+    let _ = std::fs::remove_dir_all(scratch);
+    let outcome = measure(criu, bytes, &images, &copied);
+    let _ = std::fs::remove_dir_all(scratch);
+    outcome
+}
+
+fn measure(criu: &Criu, bytes: usize, images: &Path, copied: &Path) -> anyhow::Result<Sample> {
+    let service = Synthetic::spawn(bytes)?;
+    let netns = service.netns.as_ref().expect("opened by spawn");
+    let state_bytes = state_bytes(service.pid)? as f64;
+    let dump = DumpRequest {
+        pid: service.pid,
+        images_dir: images.to_owned(),
+        external: vec![format!("net[{}]:extnet", netns_inode(service.pid)?)],
+        ..Default::default()
+    };
+    let start = Instant::now();
+    criu.dump(&dump, false, &mut |_| true)?;
+    let dump_us = micros(start.elapsed());
+    let frozen_us = stats::dump(images).map_or(0.0, |s| s.frozen_time as f64);
+    // D: every file the peer link would send.
+    let start = Instant::now();
+    std::fs::create_dir_all(copied)?;
+    let mut image_bytes = 0;
+    for entry in std::fs::read_dir(images)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            image_bytes += std::fs::copy(entry.path(), copied.join(entry.file_name()))?;
+        }
+    }
+    let copy_us = micros(start.elapsed());
+    let restore = RestoreRequest {
+        images_dir: copied.to_owned(),
+        inherit: vec![("extnet".into(), netns)],
+    };
+    let start = Instant::now();
+    let restored = criu.restore(&restore, &mut |_| true)?;
+    let restore_us = micros(start.elapsed());
+    // The restored root is this thread's child (CRIU's rst_sibling).
+    let restored = Pid::from_raw(restored as i32);
+    let _ = nix::sys::signal::kill(restored, Signal::SIGKILL);
+    let _ = waitpid(restored, None);
+    Ok(Sample {
+        state_bytes,
+        image_bytes: image_bytes as f64,
+        dump_us,
+        frozen_us,
+        copy_us,
+        restore_us,
+    })
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// The synthetic service: `pid` (as this PID namespace sees it) is the
+/// first process of a new PID namespace, child of `parent`, which waits
+/// for it. Killed on drop.
+struct Synthetic {
+    parent: Pid,
+    pid: u32,
+    /// Its network namespace, held open so a restore can go back into it.
+    netns: Option<OwnedFd>,
+}
+
+impl Synthetic {
+    fn spawn(bytes: usize) -> anyhow::Result<Self> {
+        // SAFETY: the caller is single-threaded; the children use plain
+        // syscalls only and leave through _exit.
+        let parent = match unsafe { nix::unistd::fork() }? {
+            ForkResult::Child => {
+                let code = match nix::sched::unshare(
+                    CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNET,
+                ) {
+                    // SAFETY: as above.
+                    Ok(()) => match unsafe { nix::unistd::fork() } {
+                        Ok(ForkResult::Child) => run_service(bytes),
+                        Ok(ForkResult::Parent { child }) => {
+                            let _ = waitpid(child, None);
+                            0
+                        }
+                        Err(_) => 1,
+                    },
+                    Err(_) => 1,
+                };
+                // SAFETY: leaves the forked child without running the parent's destructors.
+                unsafe { libc::_exit(code) }
+            }
+            ForkResult::Parent { child } => child,
+        };
+        let mut service = Self {
+            parent,
+            pid: 0,
+            netns: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let children = format!("/proc/{parent}/task/{parent}/children");
+        loop {
+            if service.pid == 0 {
+                let text = std::fs::read_to_string(&children).unwrap_or_default();
+                service.pid = text
+                    .split_whitespace()
+                    .next()
+                    .map_or(0, |p| p.parse().unwrap_or(0));
+            }
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", service.pid));
+            if service.pid != 0 && comm.is_ok_and(|c| c.trim() == READY) {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the synthetic service of {bytes} bytes did not start within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        service.netns = Some(open_netns(Path::new(&format!(
+            "/proc/{}/ns/net",
+            service.pid
+        )))?);
+        Ok(service)
+    }
+}
+
+impl Drop for Synthetic {
+    fn drop(&mut self) {
+        if self.pid != 0 {
+            let _ = nix::sys::signal::kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
+        }
+        let _ = nix::sys::signal::kill(self.parent, Signal::SIGKILL);
+        let _ = waitpid(self.parent, None);
+    }
+}
+
+/// The synthetic service's body, in its new namespaces: never returns.
+fn run_service(bytes: usize) -> ! {
+    // SAFETY: plain syscalls on this process's own fds and memory.
+    unsafe {
+        // CRIU dumps a tree whose session leader is inside it and whose fds
+        // are all its own.
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        for fd in 0..3 {
+            libc::dup2(null, fd);
+        }
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+        let memory = libc::mmap(
+            std::ptr::null_mut(),
+            bytes.max(4096),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if memory == libc::MAP_FAILED {
+            libc::_exit(2);
+        }
+        // Every page written, with non-zero bytes: resident, and dumped.
+        for page in (0..bytes).step_by(4096) {
+            *memory.cast::<u8>().add(page) = (page >> 12) as u8 | 1;
+        }
+        // A service has a socket; CRIU dumps it with the rest.
+        let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 5000u16.to_be(),
+            sin_addr: libc::in_addr { s_addr: 0 },
+            sin_zero: [0; 8],
+        };
+        libc::bind(
+            socket,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        );
+        libc::prctl(libc::PR_SET_NAME, c"dp-calib-ready".as_ptr());
+        loop {
+            libc::pause();
+        }
+    }
+}
+
+/// A directory for calibration images: `base`, or one in the temp dir.
+pub fn scratch_dir(base: Option<&Path>) -> PathBuf {
+    base.map(Path::to_owned).unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("dataplane-calibrate-{}", std::process::id()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_this_process_state_size() {
+        let before = super::state_bytes(std::process::id()).unwrap();
+        let memory = std::hint::black_box(vec![1u8; 8 << 20]);
+        let after = super::state_bytes(std::process::id()).unwrap();
+        assert!(after >= before + (7 << 20), "{before} -> {after}");
+        drop(std::hint::black_box(memory));
+    }
+}

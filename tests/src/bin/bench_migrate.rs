@@ -1,0 +1,905 @@
+//! `cargo xtask bench migrate [MIGRATIONS] [BASELINES] [SIZES]` (default
+//! 100, 10, 1,16,64): the Markov controller with SIZE MiB of state (4 pages
+//! rewritten per input) migrated while the CPS sends every T_U = 1 ms, by
+//! four methods in one run:
+//!
+//! - stop-and-copy: CRIU dump (the service stops), copy, restore on dst
+//!   (gundall2022's inter-copy C/R), BASELINES times per size;
+//! - pre-copy: kaur2020's iterative pre-dump through the CRIU driver with
+//!   rounds requested; on a kernel without memory tracking the driver takes
+//!   a single dump, and the table says so (BASELINES times);
+//! - ours, leave-running and standby: MIGRATIONS times each.
+//!
+//! Before measuring, it calibrates the model (calagna2023's PAM, `dataplane
+//! calibrate`): CRIU's terms on a synthetic service, then the live modes'
+//! fixed costs from a few migrations at 1 and 64 MiB that are not part of
+//! the measured runs. Every prediction is made before the runs it is
+//! compared with; 16 MiB is a size the live fit never saw.
+//!
+//! Prints per size and method: T_M (p50, p99, max) and by phase (p50), T_D
+//! as the CPS saw it (its largest output gap beyond T_U), the gap around
+//! the handover K, CRIU's frozen time, missed, duplicate and wrong outputs,
+//! D, the ratios to stop-and-copy, and the model's prediction and error.
+//! Writes target/bench-migrate.csv (one row per size and method),
+//! target/bench-migrate-runs.csv (one per migration) and the chart
+//! target/bench-migrate.svg.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use dataplane_tests::{MigrationSetup, cps_verdict, dataplane_bin, kill_pid, read_trace};
+use dataplane_user::{
+    criu::policy::StopPolicy,
+    migration::Report,
+    model::{Calibration, Method, Prediction, Workload, error_pct},
+};
+use serde_json::json;
+
+const PERIOD_US: u64 = 1000;
+/// Pages the controller rewrites per input: R = 4 * 4096 B per ms.
+const DIRTY_PAGES: u64 = 4;
+/// The migration starts this far into the CPS's run.
+const LEAD: Duration = Duration::from_millis(400);
+/// Migrations per live mode and size the model's live costs are fitted to.
+const CALIBRATION_RUNS: usize = 4;
+const CALIBRATION_SIZES: [u64; 2] = [1, 64];
+const METHODS: [Kind; 4] = [
+    Kind::StopAndCopy,
+    Kind::PreCopy,
+    Kind::LeaveRunning,
+    Kind::Standby,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    StopAndCopy,
+    PreCopy,
+    LeaveRunning,
+    Standby,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::StopAndCopy => "stop-and-copy",
+            Kind::PreCopy => "pre-copy",
+            Kind::LeaveRunning => "ours, leave-running",
+            Kind::Standby => "ours, standby",
+        }
+    }
+    /// The label in the CSV files: no comma.
+    fn key(self) -> &'static str {
+        match self {
+            Kind::StopAndCopy => "stop-and-copy",
+            Kind::PreCopy => "pre-copy",
+            Kind::LeaveRunning => "leave-running",
+            Kind::Standby => "standby",
+        }
+    }
+    fn live_mode(self) -> Option<&'static str> {
+        match self {
+            Kind::LeaveRunning => Some("leave-running"),
+            Kind::Standby => Some("standby"),
+            _ => None,
+        }
+    }
+}
+
+/// One migration as measured.
+#[derive(Clone, Default)]
+struct Run {
+    total_us: f64,
+    phases: BTreeMap<String, f64>,
+    frozen_us: f64,
+    image_bytes: f64,
+    /// The CPS's largest output gap beyond T_U over its run.
+    gap_us: f64,
+    /// The same around the handover (cycles K-10 to K+100), ours only.
+    handover_gap_us: Option<f64>,
+    missed: u64,
+    duplicates: u64,
+    wrong: u64,
+    /// Pre-dump rounds (pre-copy).
+    rounds: usize,
+    /// The controller's M as `dataplane plan` reads it.
+    state_bytes: f64,
+    /// Why the migration failed (rolled back: the source kept serving).
+    failed: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let migrations: usize = args.next().map_or(Ok(100), |a| a.parse())?;
+    let baselines: usize = args.next().map_or(Ok(10), |a| a.parse())?;
+    let sizes: Vec<u64> = args.next().map_or(Ok(vec![1, 16, 64]), |a| {
+        a.split(',').map(str::parse).collect::<Result<_, _>>()
+    })?;
+    let target = dataplane_bin()
+        .parent()
+        .and_then(Path::parent)
+        .context("the target directory")?
+        .to_owned();
+    let _tuning = dataplane_tests::tune_host_for_timing();
+    println!(
+        "{migrations} migrations per live mode and {baselines} per baseline, sizes {sizes:?} MiB, \
+         T_U {PERIOD_US} µs, {DIRTY_PAGES} pages dirtied per input; load average {}",
+        load_average()
+    );
+    let started = Instant::now();
+
+    // The machine is shared and its load drifts over a run: each size gets
+    // a calibration just before its runs, and its methods take turns.
+    let mut calibrations = BTreeMap::new();
+    let mut runs: BTreeMap<(u64, Kind), Vec<Run>> = BTreeMap::new();
+    for &size in &sizes {
+        calibrations.insert(size, calibrate(&target, size)?);
+        let mut done: BTreeMap<Kind, usize> = BTreeMap::new();
+        for kind in schedule(migrations, baselines) {
+            let i = *done.entry(kind).or_default();
+            let run = match kind.live_mode() {
+                Some(mode) => live(mode, size, i)?.0,
+                None => baseline(kind == Kind::PreCopy, size, i)?,
+            };
+            if let Some(error) = &run.failed {
+                println!("  {size} MiB {} run {i} failed: {error}", kind.label());
+            }
+            runs.entry((size, kind)).or_default().push(run);
+            done.insert(kind, i + 1);
+            if kind == Kind::Standby && (i + 1).is_multiple_of(25) {
+                println!(
+                    "  {size} MiB: {} of each live mode done ({:.0} s, load average {})",
+                    i + 1,
+                    started.elapsed().as_secs_f64(),
+                    load_average()
+                );
+            }
+        }
+    }
+    let rows = rows(&runs, &calibrations);
+    print_table(&rows);
+    std::fs::write(target.join("bench-migrate.csv"), csv(&rows))?;
+    std::fs::write(target.join("bench-migrate-runs.csv"), runs_csv(&runs))?;
+    std::fs::write(target.join("bench-migrate.svg"), svg(&rows, &sizes))?;
+    print_bars(&rows, &runs);
+    println!(
+        "test-host set-ups tried again: {}",
+        SETUP_RETRIES.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    println!(
+        "\nwrote {dir}/bench-migrate.csv, {dir}/bench-migrate-runs.csv, {dir}/bench-migrate.svg \
+         ({secs:.0} s; load average {load})",
+        dir = target.display(),
+        secs = started.elapsed().as_secs_f64(),
+        load = load_average()
+    );
+    Ok(())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The order of one size's runs: the two live modes in turn, the
+/// baselines spread evenly between them.
+fn schedule(migrations: usize, baselines: usize) -> Vec<Kind> {
+    let mut order = Vec::new();
+    let every = (migrations / baselines.max(1)).max(1);
+    let mut left = baselines;
+    for i in 0..migrations.max(baselines) {
+        if i.is_multiple_of(every) && left > 0 {
+            order.extend([Kind::StopAndCopy, Kind::PreCopy]);
+            left -= 1;
+        }
+        if i < migrations {
+            order.extend([Kind::LeaveRunning, Kind::Standby]);
+        }
+    }
+    order
+}
+
+/// Calibrates the model as an operator would before migrating `size` MiB:
+/// `dataplane calibrate` on this host, then `dataplane calibrate
+/// --from-reports` with migrations of both live modes at 1 and 64 MiB that
+/// the measurement does not reuse.
+fn calibrate(target: &Path, size: u64) -> anyhow::Result<Calibration> {
+    let path = target.join(format!("bench-migrate-calibration-{size}.json"));
+    println!(
+        "\n$ dataplane calibrate --sizes 1,16,64 --out {}",
+        path.display()
+    );
+    dataplane(&["calibrate", "--sizes", "1,16,64", "--out", path_str(&path)])?;
+    let mut reports = Vec::new();
+    for i in 0..CALIBRATION_RUNS {
+        for size in CALIBRATION_SIZES {
+            for mode in ["leave-running", "standby"] {
+                reports.push(live(mode, size, 1000 + i)?.1);
+            }
+        }
+    }
+    let file = target.join(format!("bench-migrate-calibration-reports-{size}.json"));
+    std::fs::write(&file, serde_json::to_string(&reports)?)?;
+    println!(
+        "\n$ dataplane calibrate --from-reports {} --out {}",
+        file.display(),
+        path.display()
+    );
+    dataplane(&[
+        "calibrate",
+        "--from-reports",
+        path_str(&file),
+        "--out",
+        path_str(&path),
+    ])?;
+    Ok(serde_json::from_str(&std::fs::read_to_string(&path)?)?)
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("a UTF-8 path")
+}
+
+/// Runs the `dataplane` CLI, its output shown.
+fn dataplane(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(dataplane_bin()).args(args).status()?;
+    anyhow::ensure!(
+        status.success(),
+        "dataplane {} failed: {status}",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+fn controller_args(size: u64) -> [String; 4] {
+    [
+        "--state-mib".into(),
+        size.to_string(),
+        "--dirty-pages".into(),
+        DIRTY_PAGES.to_string(),
+    ]
+}
+
+/// Enough cycles to outlast a migration of `size` MiB with room to spare
+/// under load: 1.5 s, and 15 ms per MiB.
+fn cycles(size: u64) -> u64 {
+    1500 + 15 * size
+}
+
+fn trace_path(i: usize) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "dataplane-bench-migrate-{}-{i}",
+        std::process::id()
+    ))
+}
+
+/// Test hosts that could not be set up and were set up again.
+static SETUP_RETRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// `MigrationSetup::new`, tried again on fresh test hosts when it panics
+/// (a service that did not answer its first probe, seen once in a few
+/// hundred set-ups on this loaded machine): no migration has started then.
+fn set_up(tag: &str, args: &[&str], standby: bool) -> anyhow::Result<MigrationSetup> {
+    for attempt in 1..=3 {
+        let built = std::panic::catch_unwind(|| MigrationSetup::new(tag, args, standby));
+        match built {
+            Ok(setup) => return Ok(setup),
+            Err(_) => {
+                SETUP_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                println!("  setting up the test hosts failed (attempt {attempt}): again");
+            }
+        }
+    }
+    anyhow::bail!("the test hosts could not be set up three times in a row")
+}
+
+/// A live migration in `mode`: what was measured, and the daemon's report.
+fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Value)> {
+    let args = controller_args(size);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let setup = set_up(&format!("bm{i}"), &args, mode == "standby")?;
+    let state_bytes = dataplane_user::calibrate::state_bytes(match &setup.standby {
+        Some((_, standby, _)) if mode == "standby" => standby.pid,
+        _ => setup.controller.pid,
+    })? as f64;
+    let trace = trace_path(i);
+    let cps = setup.start_cps(cycles(size), PERIOD_US, Some(&trace));
+    std::thread::sleep(LEAD);
+    let id = setup.migrate(json!({ "mode": mode }));
+    let value = setup.wait(&id);
+    let verdict = cps_verdict(cps);
+    kill_pid(value["destination_pid"].as_u64().unwrap_or(0));
+    let gaps = gaps(&std::fs::read_to_string(&trace)?);
+    let _ = std::fs::remove_file(&trace);
+    if value["state"] != "done" {
+        // What the kernel programs counted on both hosts, for the diagnosis.
+        let counted = |daemon: &dataplane_tests::DaemonProcess| {
+            let status = daemon
+                .client()
+                .call("status", json!({}))
+                .unwrap_or_default();
+            let counters = status["counters"].as_object().cloned().unwrap_or_default();
+            counters
+                .iter()
+                .filter(|(_, v)| v.as_u64().is_some_and(|n| n > 0))
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let error = format!(
+            "{} [src: {}] [dst: {}]",
+            value["error"].as_str().unwrap_or("?"),
+            counted(&setup.src),
+            counted(&setup.dst)
+        );
+        let failed = Run {
+            failed: Some(error),
+            ..judged(&verdict)
+        };
+        return Ok((failed, value));
+    }
+    let report: Report = serde_json::from_value(value.clone())?;
+    let k = report.handover_seq;
+    let around = gaps
+        .iter()
+        .filter(|(c, _)| (k.saturating_sub(10)..=k + 100).contains(c))
+        .map(|g| g.1)
+        .fold(0.0, f64::max);
+    let run = Run {
+        total_us: report.total_us as f64,
+        phases: dataplane_user::model::phases(&report),
+        frozen_us: report.frozen_us as f64,
+        image_bytes: report.image_bytes as f64,
+        handover_gap_us: Some(around),
+        state_bytes,
+        ..judged(&verdict)
+    };
+    Ok((run, value))
+}
+
+/// Stop-and-copy, or kaur2020's pre-copy through the CRIU driver.
+fn baseline(precopy: bool, size: u64, i: usize) -> anyhow::Result<Run> {
+    let args = controller_args(size);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let setup = set_up(&format!("bb{i}"), &args, false)?;
+    let state_bytes = dataplane_user::calibrate::state_bytes(setup.controller.pid)? as f64;
+    let cps = setup.start_cps(cycles(size), PERIOD_US, None);
+    std::thread::sleep(LEAD);
+    let images = trace_path(i).with_extension("images");
+    let copied = trace_path(i).with_extension("copy");
+    let start = Instant::now();
+    let migrated = if precopy {
+        setup.pre_copy(&images, &copied, &StopPolicy::default())
+    } else {
+        setup.stop_and_copy(&images, &copied)
+    };
+    let total = start.elapsed();
+    let verdict = cps_verdict(cps);
+    let _ = std::fs::remove_dir_all(&images);
+    let _ = std::fs::remove_dir_all(&copied);
+    let moved = match migrated {
+        Ok(moved) => moved,
+        Err(e) => {
+            return Ok(Run {
+                failed: Some(format!("{e:#}")),
+                ..judged(&verdict)
+            });
+        }
+    };
+    kill_pid(moved.pid as u64);
+    // The restored root is this process's child.
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(moved.pid as i32), None);
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    Ok(Run {
+        total_us: us(total),
+        phases: [
+            ("dump".to_string(), us(moved.dump)),
+            ("copy".to_string(), us(moved.copy)),
+            ("restore".to_string(), us(moved.restore)),
+        ]
+        .into(),
+        frozen_us: us(moved.frozen),
+        image_bytes: moved.image_bytes as f64,
+        rounds: moved.rounds,
+        state_bytes,
+        ..judged(&verdict)
+    })
+}
+
+/// What the CPS's verdict says of a run.
+fn judged(verdict: &serde_json::Value) -> Run {
+    let n = |key: &str| verdict[key].as_u64().unwrap_or(0);
+    Run {
+        gap_us: verdict["extra_gap_us"]["max"].as_i64().unwrap_or(0) as f64,
+        missed: n("missed"),
+        duplicates: n("duplicates"),
+        wrong: n("wrong"),
+        ..Run::default()
+    }
+}
+
+/// Output gaps beyond T_U from a CPS trace, by the cycle that ended them.
+fn gaps(trace: &str) -> Vec<(u64, f64)> {
+    let answered: Vec<(u64, u64)> = read_trace(trace)
+        .into_iter()
+        .filter(|c| c.answered_us != 0)
+        .map(|c| (c.seq, c.answered_us))
+        .collect();
+    answered
+        .windows(2)
+        .map(|w| (w[1].0, w[1].1 as f64 - w[0].1 as f64 - PERIOD_US as f64))
+        .collect()
+}
+
+/// p50, p99 and max (nearest rank).
+#[derive(Clone, Copy, Default)]
+struct Dist {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+fn dist(mut v: Vec<f64>) -> Dist {
+    if v.is_empty() {
+        return Dist::default();
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    Dist {
+        p50: at(0.5),
+        p99: at(0.99),
+        max: at(1.0),
+    }
+}
+
+/// One size and method, summarized, with the model's prediction.
+struct Row {
+    size: u64,
+    kind: Kind,
+    /// Completed migrations (the figures are theirs).
+    runs: usize,
+    failed: usize,
+    rounds: usize,
+    tm: Dist,
+    td: Dist,
+    handover: Option<Dist>,
+    frozen: Dist,
+    missed: u64,
+    duplicates: u64,
+    wrong: u64,
+    phases: BTreeMap<String, f64>,
+    image_bytes: f64,
+    state_bytes: f64,
+    tm_ratio: f64,
+    td_ratio: f64,
+    d_ratio: f64,
+    predicted: Prediction,
+}
+
+fn rows(
+    runs: &BTreeMap<(u64, Kind), Vec<Run>>,
+    calibrations: &BTreeMap<u64, Calibration>,
+) -> Vec<Row> {
+    let mut rows: Vec<Row> = Vec::new();
+    for (&(size, kind), all) in runs {
+        let list: Vec<&Run> = all.iter().filter(|r| r.failed.is_none()).collect();
+        let of = |f: fn(&Run) -> f64| dist(list.iter().map(|r| f(r)).collect());
+        let mut phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for run in &list {
+            for (name, us) in &run.phases {
+                phases.entry(name.clone()).or_default().push(*us);
+            }
+        }
+        let state_bytes = of(|r| r.state_bytes).p50;
+        let rounds = list.iter().map(|r| r.rounds).max().unwrap_or(0);
+        // Missed and duplicate outputs count for every run, failed or not.
+        let count = |f: fn(&Run) -> u64| all.iter().map(f).sum::<u64>();
+        let work = Workload {
+            state_bytes,
+            dirty_rate: (DIRTY_PAGES * 4096 * 1_000_000 / PERIOD_US) as f64,
+            input_rate: 1e6 / PERIOD_US as f64,
+        };
+        let method = match kind {
+            Kind::StopAndCopy => Method::StopAndCopy,
+            // The rounds the driver took, not the ones the model would choose.
+            Kind::PreCopy => Method::PreCopy { rounds },
+            Kind::LeaveRunning => Method::LeaveRunning,
+            Kind::Standby => Method::Standby,
+        };
+        let handovers: Vec<f64> = list.iter().filter_map(|r| r.handover_gap_us).collect();
+        rows.push(Row {
+            size,
+            kind,
+            runs: list.len(),
+            failed: all.len() - list.len(),
+            rounds,
+            tm: of(|r| r.total_us),
+            td: of(|r| r.gap_us),
+            handover: (!handovers.is_empty()).then(|| dist(handovers)),
+            frozen: of(|r| r.frozen_us),
+            missed: count(|r| r.missed),
+            duplicates: count(|r| r.duplicates),
+            wrong: count(|r| r.wrong),
+            phases: phases.into_iter().map(|(k, v)| (k, dist(v).p50)).collect(),
+            image_bytes: of(|r| r.image_bytes).p50,
+            state_bytes,
+            tm_ratio: 0.0,
+            td_ratio: 0.0,
+            d_ratio: 0.0,
+            predicted: calibrations[&size].predict(method, &work),
+        });
+    }
+    // Ratios against the stop-and-copy of the same size, measured in this run.
+    let baseline: BTreeMap<u64, (f64, f64, f64)> = rows
+        .iter()
+        .filter(|r| r.kind == Kind::StopAndCopy)
+        .map(|r| (r.size, (r.tm.p50, r.td.p50, r.image_bytes)))
+        .collect();
+    for row in &mut rows {
+        if let Some(&(tm, td, d)) = baseline.get(&row.size) {
+            row.tm_ratio = row.tm.p50 / tm;
+            row.td_ratio = row.td.p50 / td.max(1.0);
+            row.d_ratio = row.image_bytes / d.max(1.0);
+        }
+    }
+    rows
+}
+
+const MIB: f64 = 1048576.0;
+
+fn ms(us: f64) -> f64 {
+    us / 1e3
+}
+
+/// The model's T_D error, where it predicts an outage to compare with.
+fn td_error(row: &Row) -> Option<f64> {
+    (row.predicted.downtime_us > 0.0).then(|| error_pct(row.predicted.downtime_us, row.td.p50))
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "\n{:>4} {:<20} {:>4} {:>4} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6} {:>4} {:>7} {:>6} {:>6} {:>8} {:>6} {:>8} {:>6}",
+        "MiB",
+        "method",
+        "n",
+        "fail",
+        "T_M p50",
+        "p99",
+        "max",
+        "T_D p50",
+        "p99",
+        "max",
+        "K-gap99",
+        "frozen",
+        "missed",
+        "dup",
+        "D MiB",
+        "T_M/sc",
+        "T_D/sc",
+        "model TM",
+        "err%",
+        "model TD",
+        "err%"
+    );
+    for r in rows {
+        let label = match (r.kind, r.rounds) {
+            (Kind::PreCopy, 0) => "pre-copy, 1 dump".to_string(),
+            (Kind::PreCopy, n) => format!("pre-copy, {n} rounds"),
+            _ => r.kind.label().to_string(),
+        };
+        println!(
+            "{:>4} {:<20} {:>4} {:>4} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>8.1} {:>6} {:>4} {:>7.2} {:>6.2} {:>6.3} {:>8.1} {:>+6.1} {:>8.1} {:>6}",
+            r.size,
+            label,
+            r.runs,
+            r.failed,
+            ms(r.tm.p50),
+            ms(r.tm.p99),
+            ms(r.tm.max),
+            ms(r.td.p50),
+            ms(r.td.p99),
+            ms(r.td.max),
+            r.handover
+                .map_or("-".into(), |d| format!("{:.2}", ms(d.p99))),
+            ms(r.frozen.p50),
+            r.missed,
+            r.duplicates,
+            r.image_bytes / MIB,
+            r.tm_ratio,
+            r.td_ratio,
+            ms(r.predicted.total_us),
+            error_pct(r.predicted.total_us, r.tm.p50),
+            ms(r.predicted.downtime_us),
+            td_error(r).map_or("-".into(), |e| format!("{e:+.1}")),
+        );
+    }
+    println!("\nT_M by phase, p50 ms (model in parentheses):");
+    for r in rows {
+        let phases: Vec<String> = r
+            .phases
+            .iter()
+            .map(|(name, us)| {
+                let model = r
+                    .predicted
+                    .phases
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(String::new(), |(_, p)| format!(" ({:.1})", ms(*p)));
+                format!("{name} {:.1}{model}", ms(*us))
+            })
+            .collect();
+        println!("{:>4} {:<20} {}", r.size, r.kind.label(), phases.join(", "));
+    }
+    println!(
+        "\nT_D: the CPS's largest output gap beyond T_U over its run (for stop-and-copy and \
+         pre-copy, the outage). K-gap99: p99 of the largest gap around the handover (cycles \
+         K-10..K+100). frozen: CRIU's frozen time of the checkpointed instance. Ratios: p50 \
+         against the same size's stop-and-copy of this run. model: the prediction made before \
+         the runs; err% against the p50. The model's T_D for standby is 0 (the serving \
+         instance never stops): no error to give."
+    );
+}
+
+const PHASES: [&str; 10] = [
+    "prepare",
+    "checkpoint",
+    "dump",
+    "transfer",
+    "copy",
+    "restore",
+    "converge",
+    "cutover",
+    "announce",
+    "finish",
+];
+
+fn csv(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "size_mib,method,runs,failed,pre_dump_rounds,state_mib,tm_p50_ms,tm_p99_ms,tm_max_ms,td_p50_ms,\
+         td_p99_ms,td_max_ms,handover_gap_p50_ms,handover_gap_p99_ms,handover_gap_max_ms,\
+         frozen_p50_ms,frozen_p99_ms,frozen_max_ms,missed,duplicates,wrong,image_mib,\
+         tm_ratio_sc,td_ratio_sc,d_ratio_sc,model_tm_ms,model_tm_error_pct,model_td_ms,\
+         model_td_error_pct",
+    );
+    for p in PHASES {
+        let _ = write!(out, ",phase_{p}_p50_ms");
+    }
+    out.push('\n');
+    for r in rows {
+        let h = r.handover.unwrap_or_default();
+        let _ = write!(
+            out,
+            "{},{},{},{},{},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{:.3},{},{},{},{:.3},{:.4},{:.4},{:.4},{:.3},{:.2},{:.3},{}",
+            r.size,
+            r.kind.key(),
+            r.runs,
+            r.failed,
+            r.rounds,
+            r.state_bytes / MIB,
+            ms(r.tm.p50),
+            ms(r.tm.p99),
+            ms(r.tm.max),
+            ms(r.td.p50),
+            ms(r.td.p99),
+            ms(r.td.max),
+            ms(h.p50),
+            ms(h.p99),
+            ms(h.max),
+            ms(r.frozen.p50),
+            ms(r.frozen.p99),
+            ms(r.frozen.max),
+            r.missed,
+            r.duplicates,
+            r.wrong,
+            r.image_bytes / MIB,
+            r.tm_ratio,
+            r.td_ratio,
+            r.d_ratio,
+            ms(r.predicted.total_us),
+            error_pct(r.predicted.total_us, r.tm.p50),
+            ms(r.predicted.downtime_us),
+            td_error(r).map_or(String::new(), |e| format!("{e:.2}")),
+        );
+        for p in PHASES {
+            let _ = write!(
+                out,
+                ",{}",
+                r.phases
+                    .get(p)
+                    .map_or(String::new(), |us| format!("{:.3}", ms(*us)))
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn runs_csv(runs: &BTreeMap<(u64, Kind), Vec<Run>>) -> String {
+    let mut out = String::from(
+        "size_mib,method,run,tm_ms,td_ms,handover_gap_ms,frozen_ms,missed,duplicates,wrong,image_bytes,failed\n",
+    );
+    for ((size, kind), list) in runs {
+        for (i, r) in list.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{size},{},{i},{:.3},{:.3},{},{:.3},{},{},{},{},{}",
+                kind.key(),
+                ms(r.total_us),
+                ms(r.gap_us),
+                r.handover_gap_us
+                    .map_or(String::new(), |g| format!("{:.3}", ms(g))),
+                ms(r.frozen_us),
+                r.missed,
+                r.duplicates,
+                r.wrong,
+                r.image_bytes,
+                r.failed.as_deref().unwrap_or("").replace([',', '\n'], ";")
+            );
+        }
+    }
+    out
+}
+
+/// The bars this benchmark is held to.
+fn print_bars(rows: &[Row], runs: &BTreeMap<(u64, Kind), Vec<Run>>) {
+    println!("\nbars:");
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    for ((size, kind), list) in runs.iter().filter(|((_, k), _)| *k == Kind::Standby) {
+        let missed: u64 = list.iter().map(|r| r.missed).sum();
+        let duplicates: u64 = list.iter().map(|r| r.duplicates).sum();
+        let failed = list.iter().filter(|r| r.failed.is_some()).count();
+        let note = if list.len() < 100 {
+            " (fewer than the 100 the bar asks for)"
+        } else {
+            ""
+        };
+        println!(
+            "  {size} MiB {}: {} consecutive migrations ({failed} failed and rolled back), \
+             missed {missed}, duplicates {duplicates}: {}{note}",
+            kind.label(),
+            list.len(),
+            verdict(missed == 0 && duplicates == 0)
+        );
+    }
+    if let Some(r) = rows
+        .iter()
+        .find(|r| r.size == 16 && r.kind == Kind::Standby)
+    {
+        println!(
+            "  16 MiB standby T_M under 300 ms: p50 {:.1} ms, p99 {:.1} ms: {}",
+            ms(r.tm.p50),
+            ms(r.tm.p99),
+            verdict(r.tm.p50 < 300e3)
+        );
+    }
+    for r in rows {
+        let e = error_pct(r.predicted.total_us, r.tm.p50);
+        println!(
+            "  model error of T_M, {} MiB {}: {e:+.1}%: {}",
+            r.size,
+            r.kind.label(),
+            verdict(e.abs() <= 20.0)
+        );
+    }
+}
+
+/// A figure of a row, µs: measured or predicted.
+type Figure = fn(&Row) -> f64;
+
+/// Colours of the methods, in METHODS order.
+const COLOURS: [&str; 4] = ["#b2182b", "#ef8a62", "#67a9cf", "#2166ac"];
+
+/// A hand-written chart: T_M and T_D per size and method, grouped bars on
+/// a log scale, the model's predictions as black ticks.
+fn svg(rows: &[Row], sizes: &[u64]) -> String {
+    let (width, height) = (980.0, 440.0);
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">Migrating the Markov \
+         controller at T_U = 1 ms: p50 of {} runs per live mode (black ticks: the model's \
+         prediction)</text>\n",
+        width / 2.0,
+        rows.iter()
+            .find(|r| r.kind == Kind::Standby)
+            .map_or(0, |r| r.runs)
+    );
+    let panels: [(&str, Figure, Figure); 2] = [
+        (
+            "migration time T_M (ms)",
+            |r| r.tm.p50,
+            |r| r.predicted.total_us,
+        ),
+        (
+            "downtime T_D: largest CPS output gap beyond T_U (ms)",
+            |r| r.td.p50,
+            |r| r.predicted.downtime_us,
+        ),
+    ];
+    // Log axis from 1 ms to 10 s (a smaller value shows as 1 ms).
+    let (lo, hi) = (0.0, 10_000f64.log10());
+    let (top, bottom) = (50.0, height - 90.0);
+    let y = |ms: f64| bottom - (ms.max(1.0).log10() - lo) / (hi - lo) * (bottom - top);
+    for (p, (title, measured, predicted)) in panels.iter().enumerate() {
+        let left = 70.0 + p as f64 * (width / 2.0);
+        let right = left + width / 2.0 - 100.0;
+        let _ = writeln!(
+            out,
+            "<text x=\"{}\" y=\"42\" text-anchor=\"middle\">{title}</text>",
+            (left + right) / 2.0
+        );
+        for decade in [1.0, 10.0, 100.0, 1000.0, 10000.0] {
+            let _ = writeln!(
+                out,
+                "<line x1=\"{left}\" x2=\"{right}\" y1=\"{0:.1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/>\
+                 <text x=\"{1}\" y=\"{2:.1}\" text-anchor=\"end\">{decade}</text>",
+                y(decade),
+                left - 6.0,
+                y(decade) + 4.0
+            );
+        }
+        let _ = writeln!(
+            out,
+            "<line x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{bottom}\" stroke=\"black\"/>\
+             <line x1=\"{left}\" x2=\"{right}\" y1=\"{bottom}\" y2=\"{bottom}\" stroke=\"black\"/>"
+        );
+        let group = (right - left) / sizes.len() as f64;
+        let bar = group / 6.0;
+        for (g, size) in sizes.iter().enumerate() {
+            let x0 = left + g as f64 * group + bar;
+            let _ = writeln!(
+                out,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{size} MiB</text>",
+                x0 + 2.0 * bar,
+                bottom + 18.0
+            );
+            for (m, kind) in METHODS.iter().enumerate() {
+                let Some(row) = rows.iter().find(|r| r.size == *size && r.kind == *kind) else {
+                    continue;
+                };
+                let value = measured(row) / 1e3;
+                let x = x0 + m as f64 * bar;
+                let _ = writeln!(
+                    out,
+                    "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{}\">\
+                     <title>{} {size} MiB: {value:.2} ms</title></rect>",
+                    y(value),
+                    bar - 2.0,
+                    bottom - y(value),
+                    COLOURS[m],
+                    kind.label()
+                );
+                let model = predicted(row) / 1e3;
+                if model > 0.0 {
+                    let _ = writeln!(
+                        out,
+                        "<line x1=\"{x:.1}\" x2=\"{:.1}\" y1=\"{1:.1}\" y2=\"{1:.1}\" \
+                         stroke=\"black\" stroke-width=\"2\"/>",
+                        x + bar - 2.0,
+                        y(model)
+                    );
+                }
+            }
+        }
+    }
+    for (m, kind) in METHODS.iter().enumerate() {
+        let x = 70.0 + m as f64 * 200.0;
+        let _ = writeln!(
+            out,
+            "<rect x=\"{x}\" y=\"{0}\" width=\"14\" height=\"14\" fill=\"{1}\"/>\
+             <text x=\"{2}\" y=\"{3}\">{4}</text>",
+            height - 40.0,
+            COLOURS[m],
+            x + 20.0,
+            height - 28.0,
+            kind.label()
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}

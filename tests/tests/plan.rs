@@ -1,0 +1,188 @@
+//! `dataplane calibrate`, `dataplane plan` and the prediction beside
+//! `dataplane migrate`'s figures: real CRIU, a real daemon, a real service.
+use std::{path::Path, process::Command, time::Duration};
+
+use dataplane_tests::{DST_PEER, MigrationSetup, cps_verdict, dataplane_bin, kill_pid};
+use dataplane_user::model::Calibration;
+
+fn dataplane(args: &[&str]) -> String {
+    let out = Command::new(dataplane_bin())
+        .args(args)
+        .output()
+        .expect("run dataplane");
+    assert!(
+        out.status.success(),
+        "dataplane {} failed: {}\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn read(path: &Path) -> Calibration {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("saved")).expect("a calibration")
+}
+
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
+}
+
+#[test]
+fn calibrate_plan_and_migrate_with_a_prediction() {
+    let dir = std::env::temp_dir().join(format!("dataplane-plan-{}", std::process::id()));
+    let calibration = dir.join("calibration.json");
+    let path = calibration.to_str().unwrap();
+    let printed = dataplane(&["calibrate", "--sizes", "1", "--repeat", "1", "--out", path]);
+    println!("{printed}");
+    let fitted = read(&calibration);
+    assert_eq!(fitted.samples.len(), 1);
+    let criu = &fitted.criu;
+    for line in [criu.dump, criu.frozen, criu.restore] {
+        assert!(positive(line.fixed), "{criu:?}");
+    }
+    assert!(positive(criu.image.at(1048576.0)), "{criu:?}");
+
+    let setup = MigrationSetup::new("plan", &["--state-mib", "4"], true);
+    let cps = setup.start_cps(3000, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let socket = setup.src.socket.to_str().unwrap();
+    let json = dataplane(&[
+        "--socket",
+        socket,
+        "--json",
+        "plan",
+        "markov",
+        "--calibration",
+        path,
+    ]);
+    let plan: serde_json::Value = serde_json::from_str(&json).expect("plan's JSON");
+    println!("{plan:#}");
+    assert!(plan["state_bytes"].as_u64().unwrap() >= 4 << 20, "{plan}");
+    assert!(
+        plan["standby_state_bytes"].as_u64().unwrap() >= 4 << 20,
+        "{plan}"
+    );
+    let rate = plan["workload"]["input_rate"].as_f64().unwrap();
+    assert!(
+        (500.0..2000.0).contains(&rate),
+        "the CPS sends 1000/s: {rate}"
+    );
+    let predictions = plan["predictions"].as_array().unwrap();
+    assert_eq!(
+        predictions.len(),
+        4,
+        "stop-and-copy, pre-copy, both live modes"
+    );
+    for p in predictions {
+        assert!(positive(p["total_us"].as_f64().unwrap()), "{p}");
+        let downtime = p["downtime_us"].as_f64().unwrap();
+        assert!(downtime.is_finite() && downtime >= 0.0, "{p}");
+    }
+    let table = dataplane(&[
+        "--socket",
+        socket,
+        "plan",
+        "markov",
+        "--mode",
+        "standby",
+        "--calibration",
+        path,
+    ]);
+    println!("{table}");
+    assert!(table.contains("pre-copy (single dump)") && table.contains("standby phases"));
+
+    // The migration's table shows the prediction beside the measurement.
+    let shown = dataplane(&[
+        "--socket",
+        socket,
+        "migrate",
+        "markov",
+        "--to",
+        DST_PEER,
+        "--mode",
+        "standby",
+        "--calibration",
+        path,
+    ]);
+    println!("{shown}");
+    let verdict = cps_verdict(cps);
+    assert!(
+        shown.contains("predicted ms") && shown.contains("predicted"),
+        "{shown}"
+    );
+    let id = shown
+        .split_whitespace()
+        .nth(1)
+        .expect("migration ID of ...");
+    let report = setup
+        .src
+        .client()
+        .call("migration.status", serde_json::json!({ "id": id }))
+        .expect("migration.status");
+    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+    assert_eq!(report["state"], "done", "{report}");
+    assert_eq!(verdict["missed"], 0, "{verdict}");
+
+    // Its report fits the standby mode's costs.
+    let reports = dir.join("reports.json");
+    std::fs::write(&reports, report.to_string()).unwrap();
+    let printed = dataplane(&[
+        "calibrate",
+        "--from-reports",
+        reports.to_str().unwrap(),
+        "--out",
+        path,
+    ]);
+    println!("{printed}");
+    let fitted = read(&calibration);
+    let standby = fitted.standby.expect("standby costs fitted");
+    assert_eq!(standby.reports, 1);
+    assert!(fitted.leave_running.is_none());
+    assert!(
+        printed.contains("model"),
+        "the report against the model: {printed}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `dataplane plan` and `dataplane migrate` with the calibration `cargo
+/// xtask bench migrate` made for 16 MiB, on a 16 MiB controller: what the
+/// README shows. Run by hand after the benchmark (`--ignored`).
+#[test]
+#[ignore]
+fn plan_and_migrate_with_the_benchmark_calibration() {
+    let calibration = dataplane_bin().with_file_name("../bench-migrate-calibration-16.json");
+    let path = calibration.to_str().unwrap();
+    assert!(calibration.exists(), "run `cargo xtask bench migrate` first");
+    let setup = MigrationSetup::new(
+        "planb",
+        &["--state-mib", "16", "--dirty-pages", "4"],
+        true,
+    );
+    let cps = setup.start_cps(3000, 1000, None);
+    std::thread::sleep(Duration::from_millis(400));
+    let socket = setup.src.socket.to_str().unwrap();
+    println!(
+        "$ dataplane plan markov --mode standby --dirty-rate 16384000\n{}",
+        dataplane(&[
+            "--socket", socket, "plan", "markov", "--mode", "standby", "--dirty-rate", "16384000",
+            "--calibration", path,
+        ])
+    );
+    let shown = dataplane(&[
+        "--socket", socket, "migrate", "markov", "--to", DST_PEER, "--mode", "standby", "--calibration",
+        path,
+    ]);
+    println!("$ dataplane migrate markov --to {DST_PEER} --mode standby\n{shown}");
+    let verdict = cps_verdict(cps);
+    let id = shown.split_whitespace().nth(1).expect("migration ID of ...");
+    let report = setup
+        .src
+        .client()
+        .call("migration.status", serde_json::json!({ "id": id }))
+        .expect("migration.status");
+    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+    assert_eq!(report["state"], "done", "{report}");
+    assert_eq!(verdict["missed"], 0, "{verdict}");
+}
