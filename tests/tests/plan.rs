@@ -154,29 +154,47 @@ fn calibrate_plan_and_migrate_with_a_prediction() {
 fn plan_and_migrate_with_the_benchmark_calibration() {
     let calibration = dataplane_bin().with_file_name("../bench-migrate-calibration-16.json");
     let path = calibration.to_str().unwrap();
-    assert!(calibration.exists(), "run `cargo xtask bench migrate` first");
-    let setup = MigrationSetup::new(
-        "planb",
-        &["--state-mib", "16", "--dirty-pages", "4"],
-        true,
+    assert!(
+        calibration.exists(),
+        "run `cargo xtask bench migrate` first"
     );
+    let setup = MigrationSetup::new("planb", &["--state-mib", "16", "--dirty-pages", "4"], true);
     let cps = setup.start_cps(3000, 1000, None);
     std::thread::sleep(Duration::from_millis(400));
     let socket = setup.src.socket.to_str().unwrap();
     println!(
         "$ dataplane plan markov --mode standby --dirty-rate 16384000\n{}",
         dataplane(&[
-            "--socket", socket, "plan", "markov", "--mode", "standby", "--dirty-rate", "16384000",
-            "--calibration", path,
+            "--socket",
+            socket,
+            "plan",
+            "markov",
+            "--mode",
+            "standby",
+            "--dirty-rate",
+            "16384000",
+            "--calibration",
+            path,
         ])
     );
     let shown = dataplane(&[
-        "--socket", socket, "migrate", "markov", "--to", DST_PEER, "--mode", "standby", "--calibration",
+        "--socket",
+        socket,
+        "migrate",
+        "markov",
+        "--to",
+        DST_PEER,
+        "--mode",
+        "standby",
+        "--calibration",
         path,
     ]);
     println!("$ dataplane migrate markov --to {DST_PEER} --mode standby\n{shown}");
     let verdict = cps_verdict(cps);
-    let id = shown.split_whitespace().nth(1).expect("migration ID of ...");
+    let id = shown
+        .split_whitespace()
+        .nth(1)
+        .expect("migration ID of ...");
     let report = setup
         .src
         .client()

@@ -26,7 +26,7 @@ use nix::sys::{
 use prost::Message;
 
 pub use proto::{Features, Opts, ReqType, Resp, Version};
-use proto::{InheritFd, NetworkLock, Notify, Req};
+use proto::{InheritFd, NetworkLock, Notify, PageServerInfo, Req};
 
 /// Where CRIU is installed by `cargo xtask setup`.
 pub const DEFAULT_CRIU: &str = "/usr/local/sbin/criu";
@@ -93,6 +93,9 @@ pub struct DumpRequest {
     pub track_mem: bool,
     /// External resources, as CRIU's `--external`, e.g. `net[4026532000]:extnet`.
     pub external: Vec<String>,
+    /// A `criu page-server` to send the memory pages to instead of
+    /// `images_dir` (the other images still go there).
+    pub page_server: Option<std::net::SocketAddr>,
 }
 
 /// A restore of a dumped tree.
@@ -159,6 +162,10 @@ impl Criu {
             parent_img: dump.parent_img.clone(),
             track_mem: Some(dump.track_mem),
             external: dump.external.clone(),
+            ps: dump.page_server.map(|addr| PageServerInfo {
+                address: Some(addr.ip().to_string()),
+                port: Some(i32::from(addr.port())),
+            }),
             // The dataplane holds the service's input, so CRIU need not lock the network.
             network_lock: Some(NetworkLock::Skip as i32),
             log_file: Some(if pre { "pre-dump.log" } else { "dump.log" }.into()),

@@ -41,6 +41,15 @@ pub struct InheritFd {
     pub fd: i32,
 }
 
+/// `criu_page_server_info`: where a dump sends its memory pages.
+#[derive(Clone, PartialEq, Message)]
+pub struct PageServerInfo {
+    #[prost(string, optional, tag = "1")]
+    pub address: Option<String>,
+    #[prost(int32, optional, tag = "2")]
+    pub port: Option<i32>,
+}
+
 /// `criu_opts`, the fields this driver sets.
 #[derive(Clone, PartialEq, Message)]
 pub struct Opts {
@@ -56,6 +65,8 @@ pub struct Opts {
     pub log_level: Option<i32>,
     #[prost(string, optional, tag = "10")]
     pub log_file: Option<String>,
+    #[prost(message, optional, tag = "11")]
+    pub ps: Option<PageServerInfo>,
     #[prost(bool, optional, tag = "12")]
     pub notify_scripts: Option<bool>,
     #[prost(string, optional, tag = "14")]

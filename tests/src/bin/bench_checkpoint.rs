@@ -13,6 +13,8 @@ use std::time::Duration;
 use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid, report_phase};
 
 const PERIOD_US: u64 = 1000;
+/// `dst`'s address on the peer link.
+const PEER_DST: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 51, 100, 2);
 /// The migration starts this far into the CPS's run.
 const LEAD: Duration = Duration::from_millis(500);
 
@@ -28,7 +30,7 @@ fn main() -> anyhow::Result<()> {
     };
     let _tuning = dataplane_tests::tune_host_for_timing();
     println!(
-        "{:>5} {:<14} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7}",
+        "{:>5} {:<14} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9}",
         "MiB",
         "migration",
         "frozen",
@@ -38,18 +40,19 @@ fn main() -> anyhow::Result<()> {
         "total",
         "ready",
         "CPS gap",
-        "missed"
+        "missed",
+        "gap at"
     );
     println!(
-        "{:>5} {:<14} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7}",
-        "", "", "ms", "/dump ms", "/copy ms", "ms", "ms", "ms", "max ms", ""
+        "{:>5} {:<14} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9}",
+        "", "", "ms", "/dump ms", "/copy ms", "ms", "ms", "ms", "max ms", "", "cycle"
     );
-    for size in sizes {
+    for &size in &sizes {
         let ours = standby(size)?;
         let baseline = stop_and_copy(size)?;
         for (name, row) in [("ours, standby", &ours), ("stop-and-copy", &baseline)] {
             println!(
-                "{size:>5} {name:<14} {:>9.1} {:>11.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.2} {:>7}",
+                "{size:>5} {name:<14} {:>9.1} {:>11.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.2} {:>7} {:>9}",
                 row.frozen_ms,
                 row.checkpoint_ms,
                 row.transfer_ms,
@@ -57,7 +60,8 @@ fn main() -> anyhow::Result<()> {
                 row.total_ms,
                 row.ready_ms,
                 row.gap_ms,
-                row.missed
+                row.missed,
+                row.gap_at
             );
         }
         println!(
@@ -67,11 +71,129 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!(
+        "\nimages onto dst, from the dump's start to every file there: dumped to src's disk \
+         then streamed over the peer link with SHA-256 (what the daemon does), against CRIU's \
+         page server on dst taking the pages as the dump reads them (the other images streamed)"
+    );
+    println!(
+        "{:>5} {:>10} {:>12} {:>7} {:>16}",
+        "MiB", "stream ms", "page srv ms", "ratio", "page srv start ms"
+    );
+    for &size in &sizes {
+        let (stream, page_server, start) = images_onto_dst(size)?;
+        println!(
+            "{size:>5} {:>10.1} {:>12.1} {:>6.2}x {:>16.1}",
+            ms(stream),
+            ms(page_server),
+            page_server.as_secs_f64() / stream.as_secs_f64(),
+            ms(start)
+        );
+    }
+    println!(
         "\n\"ready\": from the dump's start to the instance restored and caught up on dst \
          (ours: checkpoint start to restore-and-replay end). \"CPS gap\": the largest time \
          between two outputs at the CPS, minus T_U, over the whole run."
     );
     Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Dumps a SIZE MiB controller on `src` twice, left running, and times
+/// its images' way onto `dst` (dump start to every file there): (streamed
+/// after the dump, through CRIU's page server, the page server's start-up).
+fn images_onto_dst(size: usize) -> anyhow::Result<(Duration, Duration, Duration)> {
+    use dataplane_user::peer::{MAX_FRAME, frame, read_frame, transfer, write_frame};
+    let args = controller_args(size);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let setup = MigrationSetup::new(&format!("ps{size}"), &args, false);
+    let hosts = &setup.hosts;
+    let scratch = std::env::temp_dir().join(format!("dataplane-ps-{}", std::process::id()));
+    let (dumped, received) = (scratch.join("src"), scratch.join("dst"));
+    std::fs::create_dir_all(&received)?;
+    let criu = dataplane_user::criu::Criu::default();
+    let runtime = tokio::runtime::Runtime::new()?;
+    // Streams the files of `dir` from src to a receiver on dst, as the
+    // daemons' peer link does.
+    let stream = |dir: &std::path::Path, name: &str| -> anyhow::Result<()> {
+        let listener = hosts
+            .dst
+            .run(|| std::net::TcpListener::bind((PEER_DST, 7071)))?;
+        let sender = hosts
+            .src
+            .run(|| std::net::TcpStream::connect((PEER_DST, 7071)))?;
+        let (receiver, _) = listener.accept()?;
+        for s in [&sender, &receiver] {
+            s.set_nonblocking(true)?;
+        }
+        runtime.block_on(async {
+            let mut receiver = tokio::net::TcpStream::from_std(receiver)?;
+            let mut sender = tokio::net::TcpStream::from_std(sender)?;
+            let receive = async {
+                let (_, begin) = read_frame(&mut receiver, MAX_FRAME).await?;
+                let got = transfer::receive(&mut receiver, &begin, &received).await?;
+                let receipt = serde_json::to_vec(&got)?;
+                write_frame(&mut receiver, frame::IMAGES_OK, &receipt).await?;
+                anyhow::Ok(())
+            };
+            let (sent, got) = tokio::join!(transfer::send(&mut sender, name, dir), receive);
+            got?;
+            sent?;
+            anyhow::Ok(())
+        })
+    };
+
+    let start = std::time::Instant::now();
+    hosts.src.run(|| {
+        criu.dump(
+            &setup.controller.dump_request(dumped.join("stream"), true),
+            false,
+            &mut |_| true,
+        )
+    })?;
+    stream(&dumped.join("stream"), "stream")?;
+    let streamed = start.elapsed();
+
+    let pages = received.join("pages");
+    std::fs::create_dir_all(&pages)?;
+    let launched = std::time::Instant::now();
+    let mut page_server = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", hosts.dst.path().display()))
+        .arg(dataplane_user::criu::DEFAULT_CRIU)
+        .args(["page-server", "--port", "7072", "--address"])
+        .arg(PEER_DST.to_string())
+        .arg("--images-dir")
+        .arg(&pages)
+        .spawn()?;
+    // Not probed with a connection: the page server serves only one.
+    let listening = || {
+        !hosts
+            .dst
+            .exec("ss", &["-Hltn", "sport = :7072"])
+            .trim()
+            .is_empty()
+    };
+    while !listening() {
+        anyhow::ensure!(
+            launched.elapsed() < Duration::from_secs(5),
+            "no page server"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let started = launched.elapsed();
+    let start = std::time::Instant::now();
+    let mut request = setup.controller.dump_request(dumped.join("paged"), true);
+    request.page_server = Some((PEER_DST, 7072).into());
+    hosts
+        .src
+        .run(|| criu.dump(&request, false, &mut |_| true))?;
+    stream(&dumped.join("paged"), "paged")?;
+    anyhow::ensure!(page_server.wait()?.success(), "the page server failed");
+    let paged = start.elapsed();
+    let _ = std::fs::remove_dir_all(&scratch);
+    Ok((streamed, paged, started))
 }
 
 #[derive(Default)]
@@ -84,6 +206,8 @@ struct Row {
     ready_ms: f64,
     gap_ms: f64,
     missed: u64,
+    /// Where the largest gap was: the cycle, relative to K for ours.
+    gap_at: String,
 }
 
 fn controller_args(size: usize) -> [String; 4] {
@@ -126,6 +250,11 @@ fn standby(size: usize) -> anyhow::Result<Row> {
         ready_ms: restore_start + restore_ms - checkpoint_start,
         gap_ms: verdict["extra_gap_us"]["max"].as_i64().unwrap_or(0) as f64 / 1e3,
         missed: verdict["missed"].as_u64().unwrap_or(0),
+        gap_at: format!(
+            "K{:+}",
+            verdict["extra_gap_us"]["at_cycle"].as_i64().unwrap_or(0)
+                - report["handover_seq"].as_i64().unwrap_or(0)
+        ),
     })
 }
 
@@ -146,7 +275,6 @@ fn stop_and_copy(size: usize) -> anyhow::Result<Row> {
     kill_pid(moved.pid as u64);
     // The restored root is this process's child.
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(moved.pid as i32), None);
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let total = moved.dump + moved.copy + moved.restore;
     Ok(Row {
         frozen_ms: ms(moved.frozen),
@@ -157,5 +285,6 @@ fn stop_and_copy(size: usize) -> anyhow::Result<Row> {
         ready_ms: ms(total),
         gap_ms: verdict["extra_gap_us"]["max"].as_i64().unwrap_or(0) as f64 / 1e3,
         missed: verdict["missed"].as_u64().unwrap_or(0),
+        gap_at: verdict["extra_gap_us"]["at_cycle"].to_string(),
     })
 }
