@@ -1247,6 +1247,20 @@ pub fn read_trace(text: &str) -> Vec<Cycle> {
         .collect()
 }
 
+/// Output gaps beyond `period_us` from a CPS trace (µs), by the cycle that
+/// ended them.
+pub fn output_gaps(trace: &str, period_us: u64) -> Vec<(u64, i64)> {
+    let answered: Vec<(u64, u64)> = read_trace(trace)
+        .into_iter()
+        .filter(|c| c.answered_us != 0)
+        .map(|c| (c.seq, c.answered_us))
+        .collect();
+    answered
+        .windows(2)
+        .map(|w| (w[1].0, w[1].1 as i64 - w[0].1 as i64 - period_us as i64))
+        .collect()
+}
+
 /// A phase of a migration report: (start, duration) in µs; zeros if absent.
 pub fn report_phase(report: &serde_json::Value, name: &str) -> (u64, u64) {
     report["phases"]

@@ -93,36 +93,11 @@ fn calibrate_plan_and_migrate_with_a_prediction() {
     assert!(table.contains("pre-copy (single dump)") && table.contains("standby phases"));
 
     // The migration's table shows the prediction beside the measurement.
-    let shown = dataplane(&[
-        "--socket",
-        socket,
-        "migrate",
-        "markov",
-        "--to",
-        DST_PEER,
-        "--mode",
-        "standby",
-        "--calibration",
-        path,
-    ]);
-    println!("{shown}");
-    let verdict = cps_verdict(cps);
+    let (shown, report) = migrate_standby(&setup, cps, path);
     assert!(
         shown.contains("predicted ms") && shown.contains("predicted"),
         "{shown}"
     );
-    let id = shown
-        .split_whitespace()
-        .nth(1)
-        .expect("migration ID of ...");
-    let report = setup
-        .src
-        .client()
-        .call("migration.status", serde_json::json!({ "id": id }))
-        .expect("migration.status");
-    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
-    assert_eq!(report["state"], "done", "{report}");
-    assert_eq!(verdict["missed"], 0, "{verdict}");
 
     // Its report fits the standby mode's costs.
     let reports = dir.join("reports.json");
@@ -177,9 +152,21 @@ fn plan_and_migrate_with_the_benchmark_calibration() {
             path,
         ])
     );
+    println!("$ dataplane migrate markov --to {DST_PEER} --mode standby");
+    migrate_standby(&setup, cps, path);
+}
+
+/// `dataplane migrate` of the controller in standby mode with the
+/// calibration at `path`, checked done with no cycle missed: what it
+/// printed, and the report.
+fn migrate_standby(
+    setup: &MigrationSetup,
+    cps: std::process::Child,
+    path: &str,
+) -> (String, serde_json::Value) {
     let shown = dataplane(&[
         "--socket",
-        socket,
+        setup.src.socket.to_str().unwrap(),
         "migrate",
         "markov",
         "--to",
@@ -189,7 +176,7 @@ fn plan_and_migrate_with_the_benchmark_calibration() {
         "--calibration",
         path,
     ]);
-    println!("$ dataplane migrate markov --to {DST_PEER} --mode standby\n{shown}");
+    println!("{shown}");
     let verdict = cps_verdict(cps);
     let id = shown
         .split_whitespace()
@@ -203,4 +190,5 @@ fn plan_and_migrate_with_the_benchmark_calibration() {
     kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
     assert_eq!(report["state"], "done", "{report}");
     assert_eq!(verdict["missed"], 0, "{verdict}");
+    (shown, report)
 }

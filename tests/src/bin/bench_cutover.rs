@@ -10,7 +10,7 @@
 //! flip's duration and T_M. Each migration gets fresh test hosts.
 use std::time::{Duration, Instant};
 
-use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid, read_trace, report_phase};
+use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid, output_gaps, report_phase};
 
 const PERIOD_US: u64 = 1000;
 const CYCLES: u64 = 1500;
@@ -120,22 +120,8 @@ fn report(name: &str, runs: &[Run], live: bool) {
     }
 }
 
-/// Output gaps beyond T_U from a CPS trace ("SEQ SENT ANSWERED" lines), by
-/// the cycle that ended them.
-fn gaps(trace: &str) -> Vec<(u64, i64)> {
-    let answered: Vec<(u64, u64)> = read_trace(trace)
-        .into_iter()
-        .filter(|c| c.answered_us != 0)
-        .map(|c| (c.seq, c.answered_us))
-        .collect();
-    answered
-        .windows(2)
-        .map(|w| (w[1].0, w[1].1 as i64 - w[0].1 as i64 - PERIOD_US as i64))
-        .collect()
-}
-
 fn judge(trace: &std::path::Path, verdict: &serde_json::Value, k: u64) -> anyhow::Result<Run> {
-    let gaps = gaps(&std::fs::read_to_string(trace)?);
+    let gaps = output_gaps(&std::fs::read_to_string(trace)?, PERIOD_US);
     let _ = std::fs::remove_file(trace);
     let around = |lo: u64, hi: u64| {
         gaps.iter()

@@ -32,7 +32,7 @@ use std::{
 };
 
 use anyhow::Context;
-use dataplane_tests::{MigrationSetup, cps_verdict, dataplane_bin, kill_pid, read_trace};
+use dataplane_tests::{MigrationSetup, cps_verdict, dataplane_bin, kill_pid, output_gaps};
 use dataplane_user::{
     criu::policy::StopPolicy,
     migration::Report,
@@ -313,7 +313,7 @@ fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Val
     let value = setup.wait(&id);
     let verdict = cps_verdict(cps);
     kill_pid(value["destination_pid"].as_u64().unwrap_or(0));
-    let gaps = gaps(&std::fs::read_to_string(&trace)?);
+    let gaps = output_gaps(&std::fs::read_to_string(&trace)?, PERIOD_US);
     let _ = std::fs::remove_file(&trace);
     if value["state"] != "done" {
         // What the kernel programs counted on both hosts, for the diagnosis.
@@ -347,7 +347,7 @@ fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Val
     let around = gaps
         .iter()
         .filter(|(c, _)| (k.saturating_sub(10)..=k + 100).contains(c))
-        .map(|g| g.1)
+        .map(|g| g.1 as f64)
         .fold(0.0, f64::max);
     let run = Run {
         total_us: report.total_us as f64,
@@ -420,19 +420,6 @@ fn judged(verdict: &serde_json::Value) -> Run {
         wrong: n("wrong"),
         ..Run::default()
     }
-}
-
-/// Output gaps beyond T_U from a CPS trace, by the cycle that ended them.
-fn gaps(trace: &str) -> Vec<(u64, f64)> {
-    let answered: Vec<(u64, u64)> = read_trace(trace)
-        .into_iter()
-        .filter(|c| c.answered_us != 0)
-        .map(|c| (c.seq, c.answered_us))
-        .collect();
-    answered
-        .windows(2)
-        .map(|w| (w[1].0, w[1].1 as f64 - w[0].1 as f64 - PERIOD_US as f64))
-        .collect()
 }
 
 /// p50, p99 and max (nearest rank).
