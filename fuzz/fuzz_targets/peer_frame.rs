@@ -81,6 +81,7 @@ fn check_payload(kind: u8, payload: &[u8], first: bool) {
                 assert_eq!(transfer::parse_file_header(&again).ok(), Some(header));
             }
         }
+        frame::FILE_END => round_trip::<transfer::FileEnd>(payload),
         frame::IMAGES_OK => round_trip::<transfer::Received>(payload),
         frame::REPLAY_OK => {
             if let Ok(replayed) = serde_json::from_slice::<Replayed>(payload) {

@@ -377,9 +377,10 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
     // A corrupted transfer is refused and leaves nothing half-written behind.
     let refused: Result<(), PeerError> = runtime.block_on(async {
         write_frame(&mut link, frame::IMAGES, br#"{"migration":"m2"}"#).await?;
-        let header = br#"{"name":"core-1.img","size":4,"sha256":"00"}"#;
+        let header = br#"{"name":"core-1.img","size":4}"#;
         write_frame(&mut link, frame::FILE, header).await?;
         write_frame(&mut link, frame::DATA, b"abcd").await?;
+        write_frame(&mut link, frame::FILE_END, br#"{"sha256":"00"}"#).await?;
         write_frame(&mut link, frame::IMAGES_END, &[]).await?;
         match peer::read_frame(&mut link, 4096).await? {
             (frame::REFUSE, reason) => {

@@ -27,7 +27,7 @@ use tokio::{
 };
 
 /// The peer-link protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Marks a hello as ours.
 pub const MAGIC: &str = "dataplane-peer";
 /// Largest frame accepted after the handshake (checkpoint images come in chunks).
@@ -48,7 +48,7 @@ pub mod frame {
     pub const PONG: u8 = 5;
     /// Starts a checkpoint image transfer: JSON `{"migration": ID}`.
     pub const IMAGES: u8 = 6;
-    /// One image file follows: JSON `{"name", "size", "sha256"}`, then DATA frames.
+    /// One image file follows: JSON `{"name", "size"}`, then DATA frames, then FILE_END.
     pub const FILE: u8 = 7;
     /// A chunk of the current file.
     pub const DATA: u8 = 8;
@@ -70,6 +70,8 @@ pub mod frame {
     pub const AUTH: u8 = 16;
     /// The listener accepted the connector's proof: the link is up.
     pub const AUTH_OK: u8 = 17;
+    /// The current file's last DATA frame went: JSON `{"sha256": HEX}` of its bytes.
+    pub const FILE_END: u8 = 18;
 }
 
 /// The handshake payload, both ways.
@@ -730,7 +732,7 @@ mod tests {
         let future = serde_json::to_vec(&future).unwrap();
         assert!(matches!(
             check_hello(frame::HELLO, &future),
-            Err(PeerError::Version(2))
+            Err(PeerError::Version(v)) if v == VERSION + 1
         ));
         let stranger = Hello {
             magic: "other".into(),

@@ -1,5 +1,7 @@
 //! Checkpoint images over the peer link: every file of an images directory,
-//! in chunks, each file checked against its SHA-256 on arrival. The
+//! in chunks, each file checked against its SHA-256 on arrival. The sender
+//! hashes a chunk as it sends it and sends the digest after the file's
+//! last chunk, so hashing overlaps the transfer instead of preceding it. The
 //! receiver writes into `<root>/<migration>.partial` and renames it to
 //! `<root>/<migration>` only when every file arrived intact, so a directory
 //! without the suffix is always a complete image set.
@@ -10,7 +12,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 use super::{MAX_FRAME, PeerError, frame, read_frame, write_frame};
 
@@ -28,6 +33,11 @@ pub struct FileHeader {
     /// A [`plain_name`].
     pub name: String,
     pub size: u64,
+}
+
+/// A FILE_END frame's payload: the digest of the file's DATA.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEnd {
     /// Hex SHA-256 of the file's bytes.
     pub sha256: String,
 }
@@ -100,12 +110,12 @@ pub async fn send(stream: &mut TcpStream, migration: &str, dir: &Path) -> Result
         .filter_map(|e| e.file_name().into_string().ok())
         .collect();
     names.sort();
+    let mut chunk = vec![0; CHUNK];
     for name in names {
-        let data = tokio::fs::read(dir.join(&name)).await?;
+        let mut file = tokio::fs::File::open(dir.join(&name)).await?;
         let header = FileHeader {
             name: plain_name(&name)?.to_string(),
-            size: data.len() as u64,
-            sha256: hex(&Sha256::digest(&data)),
+            size: file.metadata().await?.len(),
         };
         write_frame(
             stream,
@@ -113,9 +123,24 @@ pub async fn send(stream: &mut TcpStream, migration: &str, dir: &Path) -> Result
             &serde_json::to_vec(&header).expect("serializes"),
         )
         .await?;
-        for chunk in data.chunks(CHUNK) {
-            write_frame(stream, frame::DATA, chunk).await?;
+        let mut hash = Sha256::new();
+        loop {
+            let n = file.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            write_frame(stream, frame::DATA, &chunk[..n]).await?;
+            hash.update(&chunk[..n]);
         }
+        let end = FileEnd {
+            sha256: hex(&hash.finalize()),
+        };
+        write_frame(
+            stream,
+            frame::FILE_END,
+            &serde_json::to_vec(&end).expect("serializes"),
+        )
+        .await?;
     }
     write_frame(stream, frame::IMAGES_END, &[]).await?;
     match read_frame(stream, MAX_FRAME).await? {
@@ -190,15 +215,8 @@ async fn receive_files(
         *ended = kind == frame::IMAGES_END;
         match kind {
             frame::FILE | frame::IMAGES_END => {
-                if let Some((header, mut file, hash, got)) = current.take() {
-                    file.flush().await?;
-                    if got != header.size || hex(&hash.finalize()) != header.sha256 {
-                        return Err(images_error(format!(
-                            "{}: checksum mismatch ({got} of {} bytes arrived)",
-                            header.name, header.size
-                        )));
-                    }
-                    files += 1;
+                if let Some((header, ..)) = current {
+                    return Err(images_error(format!("{}: no digest", header.name)));
                 }
                 if kind == frame::IMAGES_END {
                     return Ok((files, bytes));
@@ -221,6 +239,21 @@ async fn receive_files(
                 hash.update(&payload);
                 file.write_all(&payload).await?;
                 bytes += payload.len() as u64;
+            }
+            frame::FILE_END => {
+                let Some((header, mut file, hash, got)) = current.take() else {
+                    return Err(images_error("a digest before a file header"));
+                };
+                let end: FileEnd = serde_json::from_slice(&payload)
+                    .map_err(|e| images_error(format!("file end: {e}")))?;
+                file.flush().await?;
+                if got != header.size || hex(&hash.finalize()) != end.sha256 {
+                    return Err(images_error(format!(
+                        "{}: checksum mismatch ({got} of {} bytes arrived)",
+                        header.name, header.size
+                    )));
+                }
+                files += 1;
             }
             other => {
                 return Err(images_error(format!(
