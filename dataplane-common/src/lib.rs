@@ -211,6 +211,12 @@ pub struct MirrorHeader {
 }
 const _: () = assert!(size_of::<MirrorHeader>() == 32);
 
+/// The highest sequence number a mirror frame may carry. No flow numbers
+/// 2^63 inputs (at a million a second that takes 292,000 years); a higher
+/// number is a corrupt or forged frame, which would wrap the receiver's
+/// numbering if it were taken.
+pub const MAX_SEQ: u64 = (1 << 63) - 1;
+
 /// Mirror flag: a replay of a logged input, injected on the receiving host;
 /// gated like a live copy but not logged again.
 pub const MIRROR_FLAG_REPLAY: u16 = 1;
@@ -283,6 +289,8 @@ pub enum MirrorRefusal {
     HeaderLen,
     /// A `frame_len` below an Ethernet header or beyond the frame.
     FrameLen,
+    /// A `seq` above [`MAX_SEQ`].
+    Seq,
     /// A replay (`MIRROR_FLAG_REPLAY`) without a sequence number.
     UnnumberedReplay,
 }
@@ -310,6 +318,9 @@ pub fn parse_mirror_frame(frame: &[u8]) -> Result<(MirrorHeader, &[u8]), MirrorR
     let inner = &frame[MIRROR_OVERHEAD as usize..];
     if header.frame_len < 14 || header.frame_len as usize > inner.len() {
         return Err(MirrorRefusal::FrameLen);
+    }
+    if header.seq > MAX_SEQ {
+        return Err(MirrorRefusal::Seq);
     }
     if header.seq == 0 && header.flags & MIRROR_FLAG_REPLAY != 0 {
         return Err(MirrorRefusal::UnnumberedReplay);
@@ -450,5 +461,8 @@ mod tests {
         let mut version = frame;
         version[14] = 2;
         assert_eq!(parse_mirror_frame(&version), Err(MirrorRefusal::Version));
+        let mut huge = frame;
+        huge[22..30].copy_from_slice(&(MAX_SEQ + 1).to_be_bytes());
+        assert_eq!(parse_mirror_frame(&huge), Err(MirrorRefusal::Seq));
     }
 }

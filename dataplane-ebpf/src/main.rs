@@ -38,7 +38,7 @@ use aya_log_ebpf::warn;
 use dataplane_common::{
     CAPTURE_META_MAGIC, CAPTURE_META_MASK, CUT_AT_NEXT, CaptureMeta, Config, FLOW_MIRROR,
     FLOW_STANDBY, FlowConfig, FlowKey, FlowSequence, GATE_DELIVER_ALL, GATE_HOLD_ALL,
-    GATE_SEQUENCED, Gate, MAX_FLOWS, MAX_FRAME, META_DELIVER, META_PEER, META_STANDBY,
+    GATE_SEQUENCED, Gate, MAX_FLOWS, MAX_FRAME, MAX_SEQ, META_DELIVER, META_PEER, META_STANDBY,
     MIRROR_CLONE, MIRROR_DEVMAP, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, MIRROR_VERSION, MirrorHeader,
     OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, PORT_MIRROR, RECORD_INPUT, RECORD_MIRRORED,
     RECORD_OUTPUT, RecordHeader, counter, mirror_headers,
@@ -116,7 +116,7 @@ fn captured_len(frame_len: u32, snap_len: u32) -> u32 {
 pub fn ingress(ctx: XdpContext) -> u32 {
     count(counter::SEEN);
     match parse(ctx.data(), ctx.data_end()) {
-        Ok(Frame::Udp(key)) => return capture(&ctx, &key),
+        Ok(Frame::Udp(key, _)) => return capture(&ctx, &key),
         Ok(Frame::Mirror) => return receive(&ctx),
         Err(Skip::Malformed) => count(counter::MALFORMED),
         Err(Skip::NotUdp) => count(counter::NOT_UDP),
@@ -365,28 +365,44 @@ fn receive(ctx: &XdpContext) -> u32 {
     let inner_len = (data_end - data) as u32 - MIRROR_OVERHEAD;
     let frame_len = u32::from_be(header.frame_len);
     let flow_id = u32::from_be(header.flow_id);
+    let sent_seq = u64::from_be(header.seq);
     if header.version != MIRROR_VERSION
         || header.header_len as u32 != MIRROR_OVERHEAD - 14
         || frame_len < 14
         || frame_len > inner_len
+        || sent_seq > MAX_SEQ
     {
         count(counter::MIRROR_ERRORS);
         warn!(
             ctx,
-            "refused a mirror frame: version {} header_len {} frame_len {} of {} bytes",
+            "refused a mirror frame: version {} header_len {} frame_len {} of {} bytes, seq {}",
             header.version,
             header.header_len,
             frame_len,
-            inner_len
+            inner_len,
+            sent_seq
         );
         return xdp_action::XDP_PASS;
     }
-    let (Some(gate), Some(sequence)) = (GATES.get_ptr_mut(flow_id), SEQUENCES.get_ptr_mut(flow_id))
-    else {
+    // The inner frame must be an input of a flow this host has, under the
+    // id the header names: a mirror frame of a flow it does not have (or no
+    // longer has, after a rollback) must not be logged, raise that id's
+    // numbering or reach the stack.
+    let known = match parse(data + MIRROR_OVERHEAD as usize, data_end) {
+        Ok(Frame::Udp(key, headers)) if headers <= frame_len as usize => {
+            // SAFETY: a hash map value is only read here.
+            unsafe { FLOWS.get(&key) }.is_some_and(|flow| flow.flow_id == flow_id)
+        }
+        _ => false,
+    };
+    let (true, Some(gate), Some(sequence)) = (
+        known,
+        GATES.get_ptr_mut(flow_id),
+        SEQUENCES.get_ptr_mut(flow_id),
+    ) else {
         count(counter::MIRROR_ERRORS);
         return xdp_action::XDP_PASS;
     };
-    let sent_seq = u64::from_be(header.seq);
     let replayed = u16::from_be(header.flags) & MIRROR_FLAG_REPLAY != 0;
     if sent_seq == 0 && replayed {
         count(counter::MIRROR_ERRORS);
@@ -697,7 +713,7 @@ fn store<const N: usize>(
 /// whether the flow's output gate lets it leave.
 #[inline(always)]
 fn capture_output(ctx: &TcContext, config: &Config) -> bool {
-    let Ok(Frame::Udp(key)) = parse(ctx.data(), ctx.data_end()) else {
+    let Ok(Frame::Udp(key, _)) = parse(ctx.data(), ctx.data_end()) else {
         return true;
     };
     let input_key = FlowKey {

@@ -22,8 +22,9 @@ pub enum Skip {
 
 /// What a frame is, when it is one the dataplane handles.
 pub enum Frame {
-    /// UDP over IPv4 or IPv6; the key is in the frame's own direction.
-    Udp(FlowKey),
+    /// UDP over IPv4 or IPv6; the key is in the frame's own direction, and
+    /// the headers up to the UDP payload take the given number of bytes.
+    Udp(FlowKey, usize),
     /// A mirror frame from the peer host.
     Mirror,
 }
@@ -107,5 +108,5 @@ pub fn parse(data: usize, data_end: usize) -> Result<Frame, Skip> {
     key.src_port = be16([udp[0], udp[1]]);
     key.dst_port = be16([udp[2], udp[3]]);
     key.protocol = IPPROTO_UDP;
-    Ok(Frame::Udp(key))
+    Ok(Frame::Udp(key, l4 + 8))
 }

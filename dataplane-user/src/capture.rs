@@ -196,6 +196,54 @@ impl Subscription {
     }
 }
 
+/// Watches a host's input log during a migration for inputs it failed:
+/// the kernel found the ring full (a captured input then goes on neither
+/// logged nor mirrored, a mirrored one is neither logged nor kept for the
+/// replay), or this daemon's reader fell behind. A migration must not hand
+/// over then: the migrated instance would miss those inputs.
+pub struct LogGuard {
+    /// The kernel's `ring_full` count when the migration began.
+    ring_full: u64,
+}
+
+impl LogGuard {
+    /// Starts watching `dataplane`'s input log: earlier overflows do not count.
+    pub fn new(dataplane: &crate::loader::Dataplane) -> Result<Self, String> {
+        Ok(Self {
+            ring_full: ring_full(dataplane)?,
+        })
+    }
+
+    /// An error naming the failure if the log failed an input since [`LogGuard::new`].
+    pub fn check(
+        &self,
+        dataplane: &crate::loader::Dataplane,
+        reader: &Subscription,
+    ) -> Result<(), String> {
+        let full = ring_full(dataplane)? - self.ring_full;
+        if full > 0 {
+            return Err(format!(
+                "the input log overflowed: {full} inputs found it full (ring_full) and were \
+                 not logged; the migrated instance would miss them (a larger input_ring_mib helps)"
+            ));
+        }
+        if reader.lost() > 0 {
+            return Err(format!(
+                "this daemon's input log reader fell behind and lost {} records",
+                reader.lost()
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn ring_full(dataplane: &crate::loader::Dataplane) -> Result<u64, String> {
+    dataplane
+        .counters()
+        .map(|c| c.get(dataplane_common::counter::RING_FULL))
+        .map_err(|e| e.to_string())
+}
+
 impl Records for Subscription {
     fn try_next(&mut self) -> Option<Record> {
         self.receiver.try_recv().ok()

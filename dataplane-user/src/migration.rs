@@ -24,7 +24,7 @@ use serde_json::Value;
 use tokio::net::TcpStream;
 
 use crate::{
-    capture::{Records, Subscription, Tap},
+    capture::{LogGuard, Records, Subscription, Tap},
     checkpoint::{self, FlowPosition},
     convergence::{Comparator, Convergence},
     criu::{Criu, DumpRequest, netns_inode, stats},
@@ -207,8 +207,8 @@ struct Source {
     outputs: Subscription,
     /// Outputs of the source instance by the input they answer.
     seen: BTreeMap<u64, Vec<Vec<u8>>>,
-    /// The input log's `ring_full` count when the migration began.
-    ring_full: u64,
+    /// Whether the input log failed an input since the migration began.
+    log: LogGuard,
 }
 
 impl Migration {
@@ -261,6 +261,7 @@ impl Migration {
             .outputs
             .subscribe(SUBSCRIPTION_CAPACITY)
             .map_err(|e| self.fail(e))?;
+        let log = LogGuard::new(&dataplane).map_err(|e| self.fail(e))?;
         let mut source = Source {
             dataplane,
             flow_id: config.flow_id,
@@ -269,9 +270,8 @@ impl Migration {
             inputs,
             outputs,
             seen: BTreeMap::new(),
-            ring_full: 0,
+            log,
         };
-        source.ring_full = source.ring_full_now().map_err(|e| self.fail(e))?;
         let mut link = peer::connect(self.request.to)
             .await
             .map_err(|e| self.fail(format!("peer {}: {e}", self.request.to)))?
@@ -445,6 +445,8 @@ impl Migration {
         // instance); live ones from a little later do not.
         let mut after = replay_end + 1;
         while !convergence.converged() {
+            // An overflow, not the mismatches it then causes, is the cause.
+            source.check_log().map_err(|e| self.fail(e))?;
             if Instant::now() > deadline {
                 let last = convergence
                     .last_mismatch
@@ -676,32 +678,11 @@ impl Source {
         }
     }
 
-    fn ring_full_now(&self) -> Result<u64, String> {
-        self.dataplane
-            .counters()
-            .map(|c| c.get(dataplane_common::counter::RING_FULL))
-            .map_err(|e| e.to_string())
-    }
-
     /// An error if the source's input log has failed an input since the
-    /// migration began: the ring was full (the input went on unnumbered and
-    /// was not mirrored: the destination would never see it), or this
-    /// daemon's reader fell behind. The migration must not hand over then.
+    /// migration began (an input that found the ring full went on
+    /// unnumbered and was not mirrored: the destination never sees it).
     fn check_log(&self) -> Result<(), String> {
-        let full = self.ring_full_now()? - self.ring_full;
-        if full > 0 {
-            return Err(format!(
-                "the input log overflowed: {full} inputs were not logged or mirrored \
-                 (ring_full); the destination would miss them (a larger input_ring_mib helps)"
-            ));
-        }
-        if self.inputs.lost() > 0 {
-            return Err(format!(
-                "this daemon's input log reader fell behind and lost {} records",
-                self.inputs.lost()
-            ));
-        }
-        Ok(())
+        self.log.check(&self.dataplane, &self.inputs)
     }
 
     /// Waits until no input has arrived for `quiet` (at most `limit`).

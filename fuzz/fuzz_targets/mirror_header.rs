@@ -7,8 +7,8 @@
 #![no_main]
 
 use dataplane_common::{
-    CaptureMeta, Config, ETH_P_MIRROR, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, MIRROR_VERSION,
-    MirrorHeader, MirrorRefusal, RecordHeader, mirror_headers, parse_mirror_frame,
+    CaptureMeta, Config, ETH_P_MIRROR, MAX_SEQ, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD,
+    MIRROR_VERSION, MirrorHeader, MirrorRefusal, RecordHeader, mirror_headers, parse_mirror_frame,
 };
 use dataplane_user::capture::Record;
 use libfuzzer_sys::fuzz_target;
@@ -31,6 +31,7 @@ fn check_mirror_frame(data: &[u8]) {
             assert_eq!(header.header_len as usize, OVERHEAD - 14);
             assert!(header.frame_len >= 14);
             assert!(header.seq != 0 || header.flags & MIRROR_FLAG_REPLAY == 0);
+            assert!(header.seq <= MAX_SEQ);
             assert_eq!(inner, &data[OVERHEAD..OVERHEAD + header.frame_len as usize]);
             assert_eq!(header.to_wire(), data[14..OVERHEAD]);
             // The senders' encoder writes the same bytes but for flags and
@@ -68,6 +69,8 @@ fn check_mirror_frame(data: &[u8]) {
                 } else if header.frame_len < 14 || header.frame_len as usize > data.len() - OVERHEAD
                 {
                     MirrorRefusal::FrameLen
+                } else if header.seq > MAX_SEQ {
+                    MirrorRefusal::Seq
                 } else {
                     MirrorRefusal::UnnumberedReplay
                 }
@@ -125,6 +128,7 @@ fn check_replay(record: &Record) {
         }
         Err(MirrorRefusal::FrameLen) => assert!(record.frame.len() < 14),
         Err(MirrorRefusal::UnnumberedReplay) => assert_eq!(h.seq, 0),
+        Err(MirrorRefusal::Seq) => assert!(h.seq > MAX_SEQ),
         Err(e) => panic!("a replay of {h:?} refused: {e:?}"),
     }
 }

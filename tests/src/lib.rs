@@ -490,6 +490,16 @@ impl RawSocket {
 
     /// Sends one frame as it is.
     pub fn send(&self, frame: &[u8]) {
+        let sent = self.try_send(frame);
+        assert_eq!(
+            sent.as_ref().ok(),
+            Some(&frame.len()),
+            "send raw frame: {sent:?}"
+        );
+    }
+
+    /// Sends one frame as it is; the bytes sent, or why the kernel refused it.
+    pub fn try_send(&self, frame: &[u8]) -> std::io::Result<usize> {
         // SAFETY: frame is a valid buffer of its length.
         let n = unsafe {
             libc::send(
@@ -499,12 +509,10 @@ impl RawSocket {
                 0,
             )
         };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "send raw frame: {}",
-            std::io::Error::last_os_error()
-        );
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 
     /// The next frame, or None after the receive timeout.
@@ -895,6 +903,18 @@ impl MigrationSetup {
         standby: bool,
         extra: &str,
     ) -> Self {
+        Self::with_configs(tag, controller_args, standby, extra, "")
+    }
+
+    /// As `new`, with `src_extra` and `dst_extra` TOML lines in the source's
+    /// and the destination's daemon configuration.
+    pub fn with_configs(
+        tag: &str,
+        controller_args: &[&str],
+        standby: bool,
+        src_extra: &str,
+        dst_extra: &str,
+    ) -> Self {
         let hosts = TestHosts::new(tag);
         let service = sock(SERVICE_V4, 5000);
         let standby_ns = standby.then(|| hosts.add_standby());
@@ -941,12 +961,12 @@ impl MigrationSetup {
         let src_config = config(
             "src",
             TestHosts::mac(&hosts.dst, "peer0"),
-            &format!("{standby_config}{extra}"),
+            &format!("{standby_config}{src_extra}"),
         );
         let dst_config = config(
             "dst",
             TestHosts::mac(&hosts.src, "peer0"),
-            &format!("peer_listen = \"{DST_PEER}\"\n"),
+            &format!("peer_listen = \"{DST_PEER}\"\n{dst_extra}"),
         );
         let src = DaemonProcess::start(&hosts.src, &format!("{tag}-src"), &src_config);
         let dst = DaemonProcess::start(&hosts.dst, &format!("{tag}-dst"), &dst_config);

@@ -5,7 +5,12 @@
 //! (where the fault is gone) the next migration succeeds.
 use std::time::{Duration, Instant};
 
+use dataplane_common::counter;
 use dataplane_tests::{MigrationSetup, chain_state, cps_verdict, in_netns, kill_pid, pids_named};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 
 /// Waits for the first `migration.phase` notification of `phase` on a
 /// watching client.
@@ -33,17 +38,34 @@ fn migrate_with_fault(
     phase: &str,
 ) -> String {
     let cps = setup.start_cps(cycles, 1000, None);
+    fault_with_cps(setup, cps, cycles, |watcher, _| fault(watcher), phase)
+}
+
+/// As `migrate_with_fault`, with a CPS of `cycles` inputs the caller
+/// started; `fault` gets its pid too.
+fn fault_with_cps(
+    setup: &MigrationSetup,
+    cps: std::process::Child,
+    cycles: u64,
+    fault: impl FnOnce(&mut dataplane_user::control::Client, Pid),
+    phase: &str,
+) -> String {
+    let cps_pid = Pid::from_raw(cps.id() as i32);
     let mut watcher = setup.src.client();
     watcher
         .call("migration.watch", serde_json::json!({}))
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let id = setup.migrate(serde_json::json!({}));
-    fault(&mut watcher);
+    fault(&mut watcher, cps_pid);
     let report = setup.wait(&id);
     let verdict = cps_verdict(cps);
     println!("report: {report}\nCPS: {verdict}");
     assert_eq!(report["state"], "failed", "{report}");
+    assert_eq!(
+        report["handover_seq"], 0,
+        "failed before the flip: {report}"
+    );
     let error = report["error"].as_str().unwrap().to_string();
     assert!(error.starts_with(&format!("{phase}:")), "{error}");
     for key in ["missed", "duplicates", "out_of_order", "wrong"] {
@@ -105,21 +127,117 @@ fn criu_killed_during_the_dump_fails_the_checkpoint_and_the_next_migration_succe
     let error = migrate_with_fault(
         &setup,
         2000,
-        |_| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(&pid) = pids_named("criu").iter().find(|p| !before.contains(p)) {
-                    kill_pid(pid as u64);
-                    return;
-                }
-                assert!(Instant::now() < deadline, "CRIU never ran");
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        },
+        |_| kill_new_criu(&setup.hosts.src, &before),
         "checkpoint",
     );
     println!("error: {error}");
     migrate_cleanly(&setup, 2000);
+}
+
+/// Kills the first CRIU that starts in `host` after `before` (pids of
+/// CRIUs running before the migration).
+fn kill_new_criu(host: &dataplane_tests::NetNs, before: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let new = pids_named("criu")
+            .into_iter()
+            .find(|p| !before.contains(p) && in_netns(*p, host));
+        if let Some(pid) = new {
+            kill_pid(pid as u64);
+            return;
+        }
+        assert!(Instant::now() < deadline, "CRIU never ran");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+#[test]
+fn criu_killed_during_the_restore_fails_it_and_the_next_migration_succeeds() {
+    let setup = MigrationSetup::new("rcriu", &[], false);
+    let before = pids_named("criu");
+    let error = migrate_with_fault(
+        &setup,
+        2000,
+        |watcher| {
+            wait_for_phase(watcher, "restore");
+            kill_new_criu(&setup.hosts.dst, &before);
+        },
+        "restore",
+    );
+    println!("error: {error}");
+    assert!(error.contains("restore"), "{error}");
+    let left: Vec<u32> = pids_named("markov-controll")
+        .into_iter()
+        .filter(|&p| in_netns(p, &setup.hosts.dst))
+        .collect();
+    assert_eq!(left, [] as [u32; 0], "no half-restored instance on dst");
+    migrate_cleanly(&setup, 2000);
+}
+
+/// Inputs of the burst that overflows a 1 MiB input log: it holds about
+/// 5,950 of the CPS's inputs (a 128-byte record class each).
+const OVERFLOW_BURST: u64 = 8000;
+
+/// Makes `host`'s input log (1 MiB) overflow during a migration: its
+/// daemon (`daemon`) is stopped (SIGSTOP) for 1.5 s at the start of
+/// `phase`, so nobody drains the log, while the CPS sends
+/// `OVERFLOW_BURST` inputs at 20 kHz. The migration must fail in
+/// `failed_in`, naming the overflow, with the common fault checks; then
+/// the next one must succeed. The error.
+fn overflow_during(
+    setup: &MigrationSetup,
+    host: &str,
+    daemon: u32,
+    phase: &str,
+    failed_in: &str,
+) -> String {
+    let cycles = 3000 + OVERFLOW_BURST;
+    let trace = std::env::temp_dir().join(format!("overflow-{host}-{}.trace", std::process::id()));
+    let cps = setup.start_bursty_cps(cycles, 1000, OVERFLOW_BURST, &trace);
+    let ring_full = || {
+        dataplane_user::Dataplane::open(&setup.hosts.pin_root(host))
+            .and_then(|d| d.counters())
+            .unwrap()
+            .get(counter::RING_FULL)
+    };
+    let before = ring_full();
+    let error = fault_with_cps(
+        setup,
+        cps,
+        cycles,
+        |watcher, cps| {
+            wait_for_phase(watcher, phase);
+            let daemon = Pid::from_raw(daemon as i32);
+            kill(daemon, Signal::SIGSTOP).unwrap();
+            kill(cps, Signal::SIGUSR1).unwrap();
+            std::thread::sleep(Duration::from_millis(1500));
+            kill(daemon, Signal::SIGCONT).unwrap();
+        },
+        failed_in,
+    );
+    let _ = std::fs::remove_file(&trace);
+    println!("error: {error}");
+    assert!(error.contains("the input log overflowed"), "{error}");
+    let full = ring_full() - before;
+    assert!(full > 0, "{host}'s ring_full rose");
+    println!("{host}: ring_full rose by {full}");
+    migrate_cleanly(setup, cycles);
+    error
+}
+
+#[test]
+fn the_source_input_log_overflowing_aborts_before_the_flip_and_the_next_migration_succeeds() {
+    let setup = MigrationSetup::with_source_config("ovsrc", &[], false, "input_ring_mib = 1\n");
+    overflow_during(&setup, "src", setup.src.pid(), "restore", "restore");
+}
+
+#[test]
+fn the_destination_input_log_overflowing_aborts_before_the_flip_and_the_next_migration_succeeds() {
+    let setup = MigrationSetup::with_configs("ovdst", &[], false, "", "input_ring_mib = 1\n");
+    // Mirrored inputs held for the replay find the log full: the
+    // destination refuses to replay (it would miss them) in `restore`.
+    let error = overflow_during(&setup, "dst", setup.dst.pid(), "transfer", "restore");
+    assert!(error.starts_with("restore: destination: "), "{error}");
 }
 
 #[test]

@@ -3,9 +3,12 @@
 //! devices, so tagged frames are sent and seen through AF_PACKET sockets.
 use std::time::{Duration, Instant};
 
-use dataplane_common::{RECORD_INPUT, counter};
-use dataplane_tests::{CPS_V4, Loaded, RawSocket, SERVICE_V4, TestHosts, sock};
-use dataplane_user::flow;
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use dataplane_common::{
+    MAX_FLOWS, MAX_SEQ, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, RECORD_INPUT, RECORD_MIRRORED, counter,
+};
+use dataplane_tests::{CPS_V4, CPS_V6, Loaded, RawSocket, SERVICE_V4, SERVICE_V6, TestHosts, sock};
+use dataplane_user::{Counters, flow, loader::MAP_INPUTS};
 use etherparse::{PacketBuilder, VlanId};
 
 const CPS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -28,13 +31,20 @@ fn udp_frame(dst_mac: [u8; 6], vlan: Option<u16>, dport: u16, payload: &[u8]) ->
     frame
 }
 
-#[test]
-fn captures_vlan_tagged_inputs_with_their_tag() {
-    let hosts = TestHosts::new("vlan");
+/// Test hosts with the dataplane loaded on `src` and the flow
+/// 192.0.2.1:4000 -> 192.0.2.10:5000 added.
+fn src_with_flow(tag: &str) -> (TestHosts, Loaded) {
+    let hosts = TestHosts::new(tag);
     let mut src = hosts.load_src();
     src.dataplane
         .add_flow(flow::udp(sock(CPS_V4, 4000), sock(SERVICE_V4, 5000)), 0)
         .unwrap();
+    (hosts, src)
+}
+
+#[test]
+fn captures_vlan_tagged_inputs_with_their_tag() {
+    let (hosts, src) = src_with_flow("vlan");
     let src_mac = TestHosts::mac(&hosts.src, "eth0");
     let cps = RawSocket::open(&hosts.cps, "to-src");
     let frames: Vec<Vec<u8>> = (0..200u16)
@@ -65,87 +75,474 @@ fn captures_vlan_tagged_inputs_with_their_tag() {
 
 #[test]
 fn malformed_and_foreign_frames_pass_untouched_and_are_counted() {
-    let hosts = TestHosts::new("bad");
-    let mut src = hosts.load_src();
-    src.dataplane
-        .add_flow(flow::udp(sock(CPS_V4, 4000), sock(SERVICE_V4, 5000)), 0)
-        .unwrap();
+    let (hosts, src) = src_with_flow("bad");
     let src_mac = TestHosts::mac(&hosts.src, "eth0");
-    let good = udp_frame(src_mac, None, 5000, b"a matched input");
-    let ip = 14;
-
-    let truncated_ip = good[..ip + 10].to_vec();
-    let truncated_udp = {
-        let mut f = good[..ip + 24].to_vec();
-        f[ip + 2..ip + 4].copy_from_slice(&24u16.to_be_bytes());
-        f
-    };
-    let with_options = {
-        // IHL 6: a 4-byte NOP option between the IPv4 and UDP headers.
-        let mut f = good[..ip + 20].to_vec();
-        f[ip] = 0x46;
-        f.extend_from_slice(&[1, 1, 1, 1]);
-        f.extend_from_slice(&good[ip + 20..]);
-        f
-    };
-    let fragment = {
-        let mut f = good.clone();
-        f[ip + 6] = 0x20; // more fragments
-        f
-    };
-    let v6_fragment = {
-        let mut f = vec![0u8; 14 + 40 + 8 + 8];
-        f[..6].copy_from_slice(&src_mac);
-        f[6..12].copy_from_slice(&CPS_MAC);
-        f[12..14].copy_from_slice(&0x86DDu16.to_be_bytes());
-        f[14] = 0x60;
-        f[14 + 4..14 + 6].copy_from_slice(&16u16.to_be_bytes());
-        f[14 + 6] = 44; // next header: fragment
-        f[14 + 7] = 64;
-        f
-    };
-    let malformed = [
-        truncated_ip,
-        truncated_udp,
-        with_options,
-        fragment,
-        v6_fragment,
-    ];
-    let not_udp = {
-        let mut f = vec![0u8; 60];
-        f[..6].copy_from_slice(&src_mac);
-        f[6..12].copy_from_slice(&CPS_MAC);
-        f[12..14].copy_from_slice(&0x88B6u16.to_be_bytes()); // local experimental 2
-        f
-    };
-    let unmatched = udp_frame(src_mac, None, 5999, b"no such flow");
-
-    let tap = RawSocket::open(&hosts.src, "eth0");
     let cps = RawSocket::open(&hosts.cps, "to-src");
-    let before = src.dataplane.counters().unwrap();
-    let sent: Vec<&Vec<u8>> = malformed.iter().chain([&not_udp, &unmatched]).collect();
-    for f in &sent {
-        cps.send(f);
-    }
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while seen.len() < sent.len() * 4 && Instant::now() < deadline {
-        if let Some(f) = tap.recv() {
-            seen.push(f);
+    // No frame shorter than an Ethernet header reaches the program: the
+    // kernel refuses to send one on a veth, or to run XDP on one.
+    let runt = &udp_frame(src_mac, None, 5000, b"x")[..13];
+    let refused = cps.try_send(runt).map_err(|e| e.raw_os_error());
+    assert_eq!(
+        refused,
+        Err(Some(libc::EINVAL)),
+        "a 13-byte frame is refused"
+    );
+    let run = ingress_program(&src).test_run(TestRunOptions {
+        data_in: Some(runt),
+        ..Default::default()
+    });
+    assert!(run.is_err(), "XDP does not run on a 13-byte frame");
+    check_ingress(&src, &cps, &parser_cases(src_mac));
+}
+
+#[test]
+fn malformed_and_foreign_frames_on_the_peer_link_pass_untouched_and_are_counted() {
+    let hosts = TestHosts::new("badp");
+    let mut dst = hosts.load_dst();
+    let (flow_id, replica) = sequenced_replica(&hosts, &mut dst);
+    let link = MirrorLink::open(&hosts);
+    let mut cases = parser_cases(TestHosts::mac(&hosts.dst, "peer0"));
+    cases.extend(mirror_cases(&link, flow_id));
+    check_ingress(&dst, &link.socket, &cases);
+    assert_eq!(received(&replica), [] as [String; 0], "nothing delivered");
+    let sequence = dst.dataplane.sequence(flow_id).unwrap();
+    assert_eq!(sequence.last_seq, 0, "no refused frame moved the numbering");
+    assert_eq!(dst.dataplane.gate(flow_id).unwrap().next_expected, 1);
+
+    // Documented, not refused: seq 0 (forwarded past a cutover) is numbered
+    // on from the highest number seen, logged and gated.
+    link.send(flow_id, 0);
+    assert_eq!(received(&replica), ["input 0"]);
+    let logged = dst.read_inputs(1);
+    assert_eq!(logged.len(), 1);
+    assert_eq!(
+        (logged[0].header.seq, logged[0].header.kind),
+        (1, RECORD_MIRRORED)
+    );
+}
+
+#[test]
+fn malformed_outputs_pass_the_egress_program_untouched_and_are_not_captured() {
+    let (hosts, src) = src_with_flow("bado");
+    let (src_mac, cps_mac) = (TestHosts::mac(&hosts.src, "eth0"), CPS_MAC);
+    // An output of the flow: service to CPS.
+    let good = udp_packet(
+        (src_mac, cps_mac),
+        sock(SERVICE_V4, 5000),
+        sock(CPS_V4, 4000),
+        b"an output",
+    );
+    let ip = 14;
+    let cases = [
+        ("Ethernet header only", eth(cps_mac, 0x0800)),
+        (
+            "802.1Q tag cut short",
+            [eth(cps_mac, 0x8100), vec![0, 100]].concat(),
+        ),
+        ("QinQ-tagged output of the flow", qinq(&good)),
+        ("IPv4 header cut short", good[..ip + 10].to_vec()),
+        ("IPv4 header with options", with_options(&good)),
+        (
+            "IPv4 fragment of an output",
+            edited(&good, |f| f[ip + 6] = 0x20),
+        ),
+        ("UDP header cut short", good[..ip + 24].to_vec()),
+        ("IPv6 header cut short", eth(cps_mac, 0x86DD)),
+    ];
+    let sender = RawSocket::open(&hosts.src, "eth0");
+    // A tap on the same interface sees what leaves it, after TC egress.
+    let tap = RawSocket::open(&hosts.src, "eth0");
+    for (kind, frame) in cases
+        .iter()
+        .chain([&("a well-formed output", good.clone())])
+    {
+        let before = src.dataplane.counters().unwrap();
+        sender.send(frame);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while tap.recv().as_ref() != Some(frame) {
+            assert!(Instant::now() < deadline, "{kind}: left src unchanged");
+        }
+        let after = src.dataplane.counters().unwrap();
+        let captured = u64::from(*kind == "a well-formed output");
+        for c in WATCHED {
+            let expected = if c == counter::OUTPUT_CAPTURED {
+                captured
+            } else {
+                0
+            };
+            assert_eq!(
+                after.get(c) - before.get(c),
+                expected,
+                "{kind}: counter {}",
+                counter::NAMES[c as usize]
+            );
         }
     }
-    for (i, f) in sent.iter().enumerate() {
-        assert!(
-            seen.iter().any(|s| s == *f),
-            "frame {i} reached src's stack unchanged"
-        );
+    let outputs = src.read_log(dataplane_user::loader::MAP_OUTPUTS, 2);
+    assert_eq!(outputs.len(), 1, "only the well-formed output was logged");
+    assert_eq!(&outputs[0].frame[..], &good[..]);
+}
+
+/// XDP_PASS.
+const XDP_PASS: u32 = 2;
+
+/// Counters a frame of the tables moves only as its `Counted` says
+/// (`seen` and `not_udp` also count the hosts' own traffic: neighbour
+/// discovery).
+const WATCHED: [u32; 14] = [
+    counter::CAPTURED,
+    counter::RING_FULL,
+    counter::MIRRORED,
+    counter::MALFORMED,
+    counter::UNMATCHED,
+    counter::MIRROR_RECEIVED,
+    counter::DELIVERED,
+    counter::HELD,
+    counter::OUTPUT_CAPTURED,
+    counter::OUTPUT_RING_FULL,
+    counter::MIRROR_ERRORS,
+    counter::DUPLICATES,
+    counter::FORWARDED,
+    counter::OUTPUT_MUTED,
+];
+
+/// What the ingress program counts a frame it leaves alone as.
+#[derive(Clone, Copy, Debug)]
+enum Counted {
+    Malformed,
+    NotUdp,
+    Unmatched,
+    /// A refused mirror frame.
+    MirrorError,
+}
+
+impl Counted {
+    /// The counters that rise by one per frame.
+    fn counters(self) -> &'static [u32] {
+        match self {
+            Counted::Malformed => &[counter::MALFORMED],
+            Counted::NotUdp => &[counter::NOT_UDP],
+            Counted::Unmatched => &[counter::UNMATCHED],
+            Counted::MirrorError => &[counter::MIRROR_RECEIVED, counter::MIRROR_ERRORS],
+        }
     }
-    let after = src.dataplane.counters().unwrap();
-    let delta = |c| after.get(c) - before.get(c);
-    assert_eq!(delta(counter::MALFORMED), malformed.len() as u64);
-    assert!(delta(counter::NOT_UDP) >= 1);
-    assert_eq!(delta(counter::UNMATCHED), 1);
-    assert_eq!(delta(counter::CAPTURED), 0);
+}
+
+/// A named kind of frame the ingress program must pass untouched.
+struct Case {
+    kind: &'static str,
+    frame: Vec<u8>,
+    counted: Counted,
+}
+
+fn case(kind: &'static str, frame: Vec<u8>, counted: Counted) -> Case {
+    Case {
+        kind,
+        frame,
+        counted,
+    }
+}
+
+fn ingress_program(host: &Loaded) -> Xdp {
+    let pin = host.dataplane.pin_root().join("programs").join("ingress");
+    Xdp::from_pin(pin, aya_obj::programs::XdpAttachType::Interface).unwrap()
+}
+
+/// Each case, first through BPF_PROG_TEST_RUN of `host`'s ingress program,
+/// which must pass it (XDP_PASS) with its bytes as they were, then sent
+/// over the wire by `sender`: each time it is counted as `counted` and
+/// moves no other counter. Nothing is logged.
+fn check_ingress(host: &Loaded, sender: &RawSocket, cases: &[Case]) {
+    let program = ingress_program(host);
+    for case in cases {
+        let before = host.dataplane.counters().unwrap();
+        let mut out = vec![0u8; case.frame.len() + 256];
+        let run = program
+            .test_run(TestRunOptions {
+                data_in: Some(&case.frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{}: test run: {e}", case.kind));
+        assert_eq!(run.return_value, XDP_PASS, "{}: passed", case.kind);
+        let out = &out[..run.data_size_out as usize];
+        assert_eq!(out, &case.frame[..], "{}: untouched", case.kind);
+        wait_counted(host, &before, case, 1);
+        sender.send(&case.frame);
+        wait_counted(host, &before, case, 2);
+    }
+    let mut log = host.dataplane.open_log(MAP_INPUTS).unwrap();
+    assert!(log.next().is_none(), "nothing was logged");
+}
+
+/// Waits (up to 2 s) until `case` has been counted `times` since `before`.
+fn wait_counted(host: &Loaded, before: &Counters, case: &Case, times: u64) {
+    let expected = case.counted.counters();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let now = host.dataplane.counters().unwrap();
+        let delta = |c: u32| now.get(c) - before.get(c);
+        let done = expected.iter().all(|&c| delta(c) >= times);
+        for c in WATCHED {
+            let allowed = if expected.contains(&c) { times } else { 0 };
+            assert!(
+                delta(c) <= allowed,
+                "{}: counter {} rose by {} ({times} sends)",
+                case.kind,
+                counter::NAMES[c as usize],
+                delta(c)
+            );
+        }
+        if done {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: not counted as {:?} ({times} sends)",
+            case.kind,
+            case.counted
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// `frame` changed by `edit`.
+fn edited(frame: &[u8], edit: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    edit(&mut f);
+    f
+}
+
+/// A UDP frame between `macs` (source, destination) from `from` to `to`.
+fn udp_packet(
+    macs: ([u8; 6], [u8; 6]),
+    from: std::net::SocketAddr,
+    to: std::net::SocketAddr,
+    payload: &[u8],
+) -> Vec<u8> {
+    use std::net::IpAddr::{V4, V6};
+    let eth = PacketBuilder::ethernet2(macs.0, macs.1);
+    let ip = match (from.ip(), to.ip()) {
+        (V4(a), V4(b)) => eth.ipv4(a.octets(), b.octets(), 64),
+        (V6(a), V6(b)) => eth.ipv6(a.octets(), b.octets(), 64),
+        _ => panic!("{from} and {to} are of different families"),
+    };
+    let mut frame = Vec::new();
+    ip.udp(from.port(), to.port())
+        .write(&mut frame, payload)
+        .unwrap();
+    frame
+}
+
+/// An Ethernet header to `dst` with `ether_type`, and nothing after it.
+fn eth(dst: [u8; 6], ether_type: u16) -> Vec<u8> {
+    [&dst[..], &CPS_MAC, &ether_type.to_be_bytes()].concat()
+}
+
+/// `frame` with two VLAN tags (802.1ad, then 802.1Q) after its MACs.
+fn qinq(frame: &[u8]) -> Vec<u8> {
+    [
+        &frame[..12],
+        &[0x88, 0xA8, 0, 100, 0x81, 0x00, 0, 200],
+        &frame[12..],
+    ]
+    .concat()
+}
+
+/// IPv4 `frame` with IHL 6: a 4-byte NOP option between the IPv4 and UDP headers.
+fn with_options(frame: &[u8]) -> Vec<u8> {
+    let ip = 14;
+    let mut f = frame[..ip + 20].to_vec();
+    f[ip] = 0x46;
+    f.extend_from_slice(&[1, 1, 1, 1]);
+    f.extend_from_slice(&frame[ip + 20..]);
+    f
+}
+
+/// Frames every parser of the ingress program (Ethernet, VLAN tags, IPv4,
+/// IPv6, UDP) must pass untouched, addressed to `dst`.
+fn parser_cases(dst: [u8; 6]) -> Vec<Case> {
+    use Counted::*;
+    let v4 = udp_frame(dst, None, 5000, b"a matched input");
+    let tagged = udp_frame(dst, Some(100), 5000, b"a matched input");
+    let v6 = udp_packet(
+        (CPS_MAC, dst),
+        sock(CPS_V6, 4000),
+        sock(SERVICE_V6, 5000),
+        b"a matched input",
+    );
+    let ip = 14;
+    vec![
+        case("Ethernet header only, IPv4", eth(dst, 0x0800), Malformed),
+        case("Ethernet header only, IPv6", eth(dst, 0x86DD), Malformed),
+        case("Ethernet header only, 802.1Q", eth(dst, 0x8100), Malformed),
+        case("Ethernet header only, other type", eth(dst, 0x88B6), NotUdp),
+        case(
+            "802.1Q tag cut short",
+            [eth(dst, 0x8100), vec![0, 100]].concat(),
+            Malformed,
+        ),
+        case(
+            "802.1ad (QinQ) tag cut short",
+            [eth(dst, 0x88A8), vec![0, 100]].concat(),
+            Malformed,
+        ),
+        case(
+            "QinQ, inner tag cut short",
+            qinq(&v4)[..18].to_vec(),
+            NotUdp,
+        ),
+        case(
+            "QinQ-tagged UDP of the flow (one tag is parsed)",
+            qinq(&v4),
+            NotUdp,
+        ),
+        case(
+            "802.1Q tag, IPv4 header cut short",
+            tagged[..ip + 4 + 10].to_vec(),
+            Malformed,
+        ),
+        case("IPv4 header cut short", v4[..ip + 10].to_vec(), Malformed),
+        case(
+            "IPv4 type, version 6",
+            edited(&v4, |f| f[ip] = 0x65),
+            Malformed,
+        ),
+        case(
+            "IPv4 header length 16",
+            edited(&v4, |f| f[ip] = 0x44),
+            Malformed,
+        ),
+        case("IPv4 with options", with_options(&v4), Malformed),
+        case(
+            "IPv4 first fragment",
+            edited(&v4, |f| f[ip + 6] = 0x20),
+            Malformed,
+        ),
+        case(
+            "IPv4 later fragment",
+            edited(&v4, |f| f[ip + 7] = 0x10),
+            Malformed,
+        ),
+        case("UDP header cut short", v4[..ip + 24].to_vec(), Malformed),
+        case("IPv4, not UDP", edited(&v4, |f| f[ip + 9] = 1), NotUdp),
+        case("IPv6 header cut short", v6[..ip + 30].to_vec(), Malformed),
+        case(
+            "IPv6 type, version 4",
+            edited(&v6, |f| f[ip] = 0x40),
+            Malformed,
+        ),
+        case(
+            "IPv6 fragment header",
+            edited(&v6, |f| f[ip + 6] = 44),
+            Malformed,
+        ),
+        case(
+            "IPv6 UDP header cut short",
+            v6[..ip + 44].to_vec(),
+            Malformed,
+        ),
+        case("IPv6, not UDP", edited(&v6, |f| f[ip + 6] = 6), NotUdp),
+        case(
+            "UDP of no known flow",
+            udp_frame(dst, None, 5999, b"no such flow"),
+            Unmatched,
+        ),
+    ]
+}
+
+/// Mirror frames the receiver must refuse (docs/mirror-header.md), for a
+/// host that has flow `flow_id` behind a gate expecting input 1.
+fn mirror_cases(link: &MirrorLink, flow_id: u32) -> Vec<Case> {
+    use Counted::*;
+    let o = MIRROR_OVERHEAD as usize;
+    let good = link.frame(flow_id, 1, &input_frame(1));
+    // `good` with `bytes` written at `at`.
+    let set =
+        |at: usize, bytes: &[u8]| edited(&good, |f| f[at..at + bytes.len()].copy_from_slice(bytes));
+    let inner_len = (good.len() - o) as u32;
+    let cut_inner = input_frame(1)[..24].to_vec();
+    let unnumbered_replay = edited(&link.frame(flow_id, 0, &input_frame(0)), |f| {
+        f[16..18].copy_from_slice(&MIRROR_FLAG_REPLAY.to_be_bytes())
+    });
+    vec![
+        case(
+            "mirror frame cut inside the mirror header",
+            good[..14 + 20].to_vec(),
+            MirrorError,
+        ),
+        case(
+            "mirror headers without the inner frame",
+            good[..o].to_vec(),
+            MirrorError,
+        ),
+        case(
+            "unknown mirror version",
+            edited(&good, |f| f[14] = 2),
+            MirrorError,
+        ),
+        case(
+            "mirror header_len 40",
+            edited(&good, |f| f[15] = 40),
+            MirrorError,
+        ),
+        case(
+            "frame_len below an Ethernet header",
+            set(38, &13u32.to_be_bytes()),
+            MirrorError,
+        ),
+        case(
+            "frame_len beyond the frame",
+            set(38, &(inner_len + 1).to_be_bytes()),
+            MirrorError,
+        ),
+        case(
+            "flow id beyond the maps",
+            set(18, &MAX_FLOWS.to_be_bytes()),
+            MirrorError,
+        ),
+        case(
+            "flow id this host does not have",
+            set(18, &(flow_id + 1).to_be_bytes()),
+            MirrorError,
+        ),
+        case(
+            "inner frame of another flow",
+            link.frame(flow_id, 1, &udp_frame(CPS_MAC, None, 5999, b"input 1")),
+            MirrorError,
+        ),
+        case(
+            "inner frame cut inside its IPv4 header",
+            link.frame(flow_id, 1, &cut_inner),
+            MirrorError,
+        ),
+        case(
+            "frame_len cutting the inner UDP header",
+            set(38, &38u32.to_be_bytes()),
+            MirrorError,
+        ),
+        case(
+            "a mirror frame inside a mirror frame",
+            link.frame(flow_id, 1, &good),
+            MirrorError,
+        ),
+        case("replay without a number", unnumbered_replay, MirrorError),
+        case(
+            "seq above 2^63 - 1",
+            set(22, &(MAX_SEQ + 1).to_be_bytes()),
+            MirrorError,
+        ),
+        case(
+            "seq 2^64 - 1",
+            set(22, &u64::MAX.to_be_bytes()),
+            MirrorError,
+        ),
+        case(
+            "VLAN-tagged mirror frame (not taken as one)",
+            [&good[..12], &[0x81, 0, 0, 100], &good[12..]].concat(),
+            NotUdp,
+        ),
+    ]
 }
 
 #[test]
@@ -415,13 +812,18 @@ impl MirrorLink {
 
     /// Sends input `seq` of `flow_id` as a mirror frame.
     fn send(&self, flow_id: u32, seq: u64) {
+        self.socket
+            .send(&self.frame(flow_id, seq, &input_frame(seq)));
+    }
+
+    /// `inner` as input `seq` of `flow_id` in a mirror frame.
+    fn frame(&self, flow_id: u32, seq: u64, inner: &[u8]) -> Vec<u8> {
         let meta = dataplane_common::CaptureMeta {
             flow_id,
             seq,
             ..Default::default()
         };
-        let inner = input_frame(seq);
         let headers = dataplane_common::mirror_headers(&self.config, &meta, inner.len() as u32);
-        self.socket.send(&[headers.as_slice(), &inner].concat());
+        [headers.as_slice(), inner].concat()
     }
 }

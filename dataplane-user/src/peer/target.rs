@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Host;
 use crate::{
-    capture::{Records, Subscription},
+    capture::{LogGuard, Records, Subscription},
     checkpoint::{self, FlowPosition},
     criu::{RestoreRequest, open_netns, stats},
     daemon::FlowSpec,
@@ -105,6 +105,8 @@ pub struct Target<'a> {
     flows: Vec<TargetFlow>,
     inputs: Subscription,
     outputs: Subscription,
+    /// Whether the input log failed a mirrored input: the replay needs them all.
+    log: LogGuard,
     instance: Option<u32>,
     finished: bool,
 }
@@ -134,6 +136,7 @@ impl<'a> Target<'a> {
         let outputs = outputs
             .subscribe(SUBSCRIPTION_CAPACITY)
             .map_err(|e| e.to_string())?;
+        let log = LogGuard::new(&dataplane)?;
         for f in &flows {
             let key = flow::udp(f.spec.cps, f.spec.service);
             dataplane
@@ -155,6 +158,7 @@ impl<'a> Target<'a> {
             flows,
             inputs,
             outputs,
+            log,
             instance: None,
             finished: false,
         };
@@ -243,6 +247,8 @@ impl<'a> Target<'a> {
             .as_deref()
             .ok_or("this daemon has no peer interface to replay on")?;
         let injector = Injector::open(&self.host.pin_root, interface).map_err(|e| e.to_string())?;
+        // Held inputs that found the log full are gone: no replay can start.
+        self.log.check(&self.dataplane, &self.inputs)?;
         let start = Instant::now();
         let replayed = checkpoint::resume(
             &mut self.dataplane,
@@ -251,15 +257,11 @@ impl<'a> Target<'a> {
             &injector,
             &mut self.inputs,
         )
-        .await
-        .map_err(|e| format!("replay: {e}"))?;
+        .await;
         self.check_instance("replay")?;
-        if self.inputs.lost() > 0 {
-            return Err(format!(
-                "replay: the destination's log reader fell behind and lost {} inputs",
-                self.inputs.lost()
-            ));
-        }
+        // An overflow explains an input missing from the log.
+        self.log.check(&self.dataplane, &self.inputs)?;
+        let replayed = replayed.map_err(|e| format!("replay: {e}"))?;
         let replay_end = self
             .dataplane
             .gate(position.flow_id)
@@ -301,6 +303,8 @@ impl<'a> Target<'a> {
     /// source forwards its first input past the cutover, and leave from
     /// that input on (the kernel programs do the rest, see `OUTPUT_ARMED`).
     fn arm(&mut self, flows: &[u32]) -> Result<(), String> {
+        // The last moment to back out if this log lost an input.
+        self.log.check(&self.dataplane, &self.inputs)?;
         let window = self.dataplane.gate_window().map_err(|e| e.to_string())?;
         for &flow_id in flows {
             if !self.flows.iter().any(|f| f.flow_id == flow_id) {
