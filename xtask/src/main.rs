@@ -37,7 +37,7 @@ enum Task {
         #[arg(value_enum)]
         which: Bench,
         /// Passed on to the benchmark (cutover: MIGRATIONS BASELINES;
-        /// checkpoint: SIZE_MIB...).
+        /// checkpoint: SIZE_MIB...; load: RATE... per flow).
         args: Vec<String>,
     },
     /// Set up, install cargo-fuzz if missing, and run each fuzz target of
@@ -58,6 +58,8 @@ enum Bench {
     Cutover,
     /// Checkpoint, transfer and restore by service size, against stop-and-copy.
     Checkpoint,
+    /// The input rate 16 flows sustain during a migration, and the daemons' CPU and memory.
+    Load,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,6 +75,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Control => run_bin("bench-control", &args),
             Bench::Cutover => run_bin("bench-cutover", &args),
             Bench::Checkpoint => run_bin("bench-checkpoint", &args),
+            Bench::Load => run_bin("bench-load", &args),
         },
         Task::Fuzz { seconds } => fuzz::run(seconds),
     }
