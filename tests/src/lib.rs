@@ -620,6 +620,16 @@ impl DaemonProcess {
         dataplane_user::control::Client::connect(&self.socket).expect("connect to the daemon")
     }
 
+    /// Adds `flow` to the daemon's dataplane.
+    pub fn add_flow(&self, (cps, service): Flow) {
+        self.client()
+            .call(
+                "flow.add",
+                serde_json::json!({"cps": cps, "service": service}),
+            )
+            .expect("flow.add");
+    }
+
     /// Sends `signal` and waits for the process to end; its exit status.
     /// The pinned dataplane stays, for a restart to adopt.
     pub fn stop(mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
@@ -883,6 +893,15 @@ pub struct MigrationSetup {
     tag: String,
 }
 
+/// A flow: (the CPS's end, the service's).
+pub type Flow = (SocketAddr, SocketAddr);
+
+/// The CPS's port on the flow of [`MigrationSetup`]'s service "markov".
+const CPS_PORT: u16 = 4000;
+
+/// The address of [`MigrationSetup::add_services`]'s services, on `src` only.
+pub const EXTRA_SERVICE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
+
 /// The destination daemon's peer link address in [`MigrationSetup`].
 pub const DST_PEER: &str = "198.51.100.2:7070";
 /// The `peer_key` both daemons of [`MigrationSetup`] share.
@@ -977,13 +996,7 @@ impl MigrationSetup {
         let standby_controller = standby_ns
             .as_ref()
             .map(|ns| ChainService::spawn(ns, "markov-controller", &args, service));
-        let mut client = src.client();
-        client
-            .call(
-                "flow.add",
-                serde_json::json!({"cps": "192.0.2.1:4000", "service": service}),
-            )
-            .expect("flow.add");
+        src.add_flow((sock(CPS_V4, CPS_PORT), service));
         let standby = standby_ns.map(|ns| {
             (
                 standby_dataplane.expect("loaded with the namespace"),
@@ -1008,15 +1021,57 @@ impl MigrationSetup {
     /// the source daemon (again, after a restart: the daemon keeps its
     /// flows pinned but not its services).
     pub fn register(&self) {
+        self.register_service(
+            "markov",
+            self.controller.pid,
+            self.standby.as_ref().map(|s| s.1.pid),
+            self.flow(),
+        );
+    }
+
+    fn register_service(&self, name: &str, pid: u32, standby_pid: Option<u32>, flow: Flow) {
         self.src
             .client()
             .call(
                 "service.register",
-                serde_json::json!({"name": "markov", "pid": self.controller.pid,
-                    "standby_pid": self.standby.as_ref().map(|s| s.1.pid),
-                    "flows": [{"cps": "192.0.2.1:4000", "service": self.service}]}),
+                serde_json::json!({"name": name, "pid": pid, "standby_pid": standby_pid,
+                    "flows": [{"cps": flow.0, "service": flow.1}]}),
             )
             .expect("service.register");
+    }
+
+    /// The flow of service "markov": (the CPS's end, the service's).
+    pub fn flow(&self) -> Flow {
+        (sock(CPS_V4, CPS_PORT), self.service)
+    }
+
+    /// Starts `n` more Markov controllers on `src` (no standby), on
+    /// [`EXTRA_SERVICE_V4`] ports 5001.., each on its own flow from CPS
+    /// port 4001.. and registered as service "markov-I". Their address is
+    /// not the migrated service's: a migration's announce moves that address,
+    /// every port of it, to `dst`, and these stay on `src`. Call it once.
+    pub fn add_services(&self, n: u16) -> Vec<(ChainService, Flow)> {
+        self.hosts.src.ip(&[
+            "addr",
+            "add",
+            &format!("{EXTRA_SERVICE_V4}/24"),
+            "dev",
+            "eth0",
+        ]);
+        (1..=n)
+            .map(|i| {
+                let flow = (
+                    sock(CPS_V4, CPS_PORT + i),
+                    sock(EXTRA_SERVICE_V4, self.service.port() + i),
+                );
+                let addr = flow.1.to_string();
+                let controller =
+                    ChainService::spawn(&self.hosts.src, "markov-controller", &[&addr], flow.1);
+                self.src.add_flow(flow);
+                self.register_service(&format!("markov-{i}"), controller.pid, None, flow);
+                (controller, flow)
+            })
+            .collect()
     }
 
     /// Starts the CPS simulator on `cps`: `count` inputs every `period_us`,
@@ -1027,7 +1082,7 @@ impl MigrationSetup {
         period_us: u64,
         trace: Option<&std::path::Path>,
     ) -> std::process::Child {
-        let mut command = self.cps_command(count, period_us);
+        let mut command = self.cps_command(&[self.flow()], count, period_us);
         if let Some(trace) = trace {
             command.arg("--trace").arg(trace);
         }
@@ -1042,7 +1097,7 @@ impl MigrationSetup {
         burst: u64,
         trace: &std::path::Path,
     ) -> std::process::Child {
-        let mut command = self.cps_command(count, period_us);
+        let mut command = self.cps_command(&[self.flow()], count, period_us);
         command
             .args(["--burst", &burst.to_string()])
             .arg("--trace")
@@ -1050,18 +1105,31 @@ impl MigrationSetup {
         command.spawn().expect("start the CPS simulator")
     }
 
-    fn cps_command(&self, count: u64, period_us: u64) -> Command {
+    /// As `start_cps`, one CPS simulator driving every flow of `flows`
+    /// (each cycle sends an input on each); `cps_verdicts` judges them.
+    pub fn start_cps_flows(
+        &self,
+        flows: &[Flow],
+        count: u64,
+        period_us: u64,
+    ) -> std::process::Child {
+        self.cps_command(flows, count, period_us)
+            .spawn()
+            .expect("start the CPS simulator")
+    }
+
+    fn cps_command(&self, flows: &[Flow], count: u64, period_us: u64) -> Command {
         let mut command = Command::new("nsenter");
         command
             .arg(format!("--net={}", self.hosts.cps.path().display()))
             .args(realtime())
-            .arg(dataplane_bin().with_file_name("cps-sim"))
-            .args([
-                "--to",
-                &self.service.to_string(),
-                "--bind",
-                "192.0.2.1:4000",
-            ])
+            .arg(dataplane_bin().with_file_name("cps-sim"));
+        for (cps, service) in flows {
+            command
+                .args(["--to", &service.to_string()])
+                .args(["--bind", &cps.to_string()]);
+        }
+        command
             .args(["--count", &count.to_string()])
             .args(["--period-us", &period_us.to_string()])
             .stdout(std::process::Stdio::piped());
@@ -1226,9 +1294,19 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<u6
 
 /// Waits for a CPS simulator to finish; its verdict.
 pub fn cps_verdict(child: std::process::Child) -> serde_json::Value {
+    cps_verdicts(child).swap_remove(0)
+}
+
+/// Waits for a CPS simulator to finish; its verdict on each flow.
+pub fn cps_verdicts(child: std::process::Child) -> Vec<serde_json::Value> {
     let output = child.wait_with_output().expect("the CPS simulator");
     assert!(output.status.success(), "cps-sim failed: {}", output.status);
-    serde_json::from_slice(&output.stdout).expect("a JSON verdict")
+    output
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| serde_json::from_slice(line).expect("a JSON verdict"))
+        .collect()
 }
 
 /// Kills a restored instance (not our child: the destination daemon's).

@@ -37,7 +37,8 @@ enum Task {
         #[arg(value_enum)]
         which: Bench,
         /// Passed on to the benchmark (cutover: MIGRATIONS BASELINES;
-        /// checkpoint: SIZE_MIB...; migrate: MIGRATIONS BASELINES SIZES).
+        /// checkpoint: SIZE_MIB...; migrate: MIGRATIONS BASELINES SIZES;
+        /// load: [--flows N] RATE... per flow).
         args: Vec<String>,
     },
     /// Set up, install cargo-fuzz if missing, and run each fuzz target of
@@ -61,6 +62,8 @@ enum Bench {
     /// Stop-and-copy, pre-copy and both live modes at 1, 16 and 64 MiB, with
     /// the PAM model's predictions: a table, a CSV and an SVG chart.
     Migrate,
+    /// The input rate 16 flows sustain during a migration, and the daemons' CPU and memory.
+    Load,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -77,6 +80,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Cutover => run_bin("bench-cutover", &args),
             Bench::Checkpoint => run_bin("bench-checkpoint", &args),
             Bench::Migrate => run_bin("bench-migrate", &args),
+            Bench::Load => run_bin("bench-load", &args),
         },
         Task::Fuzz { seconds } => fuzz::run(seconds),
     }

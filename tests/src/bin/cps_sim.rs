@@ -8,24 +8,30 @@
 //! Prints its verdict as one JSON object on stdout; `--trace FILE` writes
 //! "SEQ SENT_US ANSWERED_US" per cycle (0: never answered).
 //!
+//! `--to` and `--bind` may be given several times: flow i goes from the
+//! i-th `--bind` to the i-th `--to`, each cycle sends one input on every
+//! flow, and the verdict is one JSON object a line, one per flow (the trace
+//! is the first flow's). One process drives many flows: one per flow would
+//! put a busy sender per flow on the machine's cores.
+//!
 //! `--burst N`: each SIGUSR1 makes the next N inputs go out at 20 kHz (one
 //! every 50 µs) instead of one per period; the periodic schedule then
 //! goes on from the burst's end. Tests time bursts to land on a
 //! migration's seams.
 //!
-//! Usage: cps-sim --to ADDR:PORT --bind ADDR:PORT [--period-us 1000]
+//! Usage: cps-sim (--to ADDR:PORT --bind ADDR:PORT)... [--period-us 1000]
 //!        [--count N] [--grace-ms 300] [--trace FILE] [--no-check] [--burst N]
 use std::{
     net::UdpSocket,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
 use dataplane_tests::chain;
 
 struct Args {
-    to: String,
-    bind: String,
+    to: Vec<String>,
+    bind: Vec<String>,
     period: Duration,
     count: u64,
     grace: Duration,
@@ -33,6 +39,10 @@ struct Args {
     check: bool,
     burst: u64,
 }
+
+/// When the last input went out, µs (0: not yet): the listeners stop a
+/// grace period later.
+static SENT_ALL_US: AtomicU64 = AtomicU64::new(0);
 
 /// Bursts asked for by SIGUSR1 and not sent yet.
 static BURSTS: AtomicU32 = AtomicU32::new(0);
@@ -46,8 +56,8 @@ const BURST_SPACING: Duration = Duration::from_micros(50);
 
 fn args() -> Args {
     let mut a = Args {
-        to: String::new(),
-        bind: String::new(),
+        to: Vec::new(),
+        bind: Vec::new(),
         period: Duration::from_micros(1000),
         count: 1000,
         grace: Duration::from_millis(300),
@@ -59,8 +69,8 @@ fn args() -> Args {
     while let Some(arg) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{arg} needs a value"));
         match arg.as_str() {
-            "--to" => a.to = value(),
-            "--bind" => a.bind = value(),
+            "--to" => a.to.push(value()),
+            "--bind" => a.bind.push(value()),
             "--period-us" => a.period = Duration::from_micros(value().parse().expect("µs")),
             "--count" => a.count = value().parse().expect("a count"),
             "--grace-ms" => a.grace = Duration::from_millis(value().parse().expect("ms")),
@@ -71,7 +81,7 @@ fn args() -> Args {
         }
     }
     assert!(
-        !a.to.is_empty() && !a.bind.is_empty(),
+        !a.to.is_empty() && a.to.len() == a.bind.len(),
         "usage: cps-sim --to ADDR:PORT --bind ADDR:PORT [--period-us N] [--count N]"
     );
     a
@@ -79,30 +89,46 @@ fn args() -> Args {
 
 fn main() {
     let args = args();
-    let socket = UdpSocket::bind(&args.bind).expect("bind");
-    socket.connect(&args.to).expect("connect");
-    let receiver = socket.try_clone().expect("clone the socket");
+    let sockets: Vec<UdpSocket> = args
+        .to
+        .iter()
+        .zip(&args.bind)
+        .map(|(to, bind)| {
+            let socket = UdpSocket::bind(bind).expect("bind");
+            socket.connect(to).expect("connect");
+            socket
+        })
+        .collect();
     let start = Instant::now();
     let count = args.count;
-    let deadline = args.period * count as u32 + args.grace;
-    // Outputs as they arrive: (time µs, payload).
-    let listener = std::thread::spawn(move || {
-        let mut outputs = Vec::new();
-        let mut buf = [0u8; 2048];
-        loop {
-            let left = deadline.saturating_sub(start.elapsed());
-            if left.is_zero() {
-                return outputs;
-            }
-            receiver.set_read_timeout(Some(left)).unwrap();
-            if let Ok(n) = receiver.recv(&mut buf) {
-                outputs.push((
-                    start.elapsed().as_micros() as u64,
-                    String::from_utf8_lossy(&buf[..n]).into_owned(),
-                ));
-            }
-        }
-    });
+    let grace = args.grace;
+    // Outputs of each flow as they arrive: (time µs, payload), until
+    // `grace` after the last input, however late a loaded machine sent it.
+    let listeners: Vec<_> = sockets
+        .iter()
+        .map(|socket| {
+            let receiver = socket.try_clone().expect("clone the socket");
+            receiver
+                .set_read_timeout(Some(Duration::from_millis(10)))
+                .unwrap();
+            std::thread::spawn(move || {
+                let mut outputs = Vec::new();
+                let mut buf = [0u8; 2048];
+                loop {
+                    let done = SENT_ALL_US.load(Ordering::SeqCst);
+                    if done != 0 && start.elapsed() >= Duration::from_micros(done) + grace {
+                        return outputs;
+                    }
+                    if let Ok(n) = receiver.recv(&mut buf) {
+                        outputs.push((
+                            start.elapsed().as_micros() as u64,
+                            String::from_utf8_lossy(&buf[..n]).into_owned(),
+                        ));
+                    }
+                }
+            })
+        })
+        .collect();
     if args.burst > 0 {
         let action = nix::sys::signal::SigAction::new(
             nix::sys::signal::SigHandler::Handler(ask_for_burst),
@@ -113,6 +139,9 @@ fn main() {
         unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGUSR1, &action) }
             .expect("install the SIGUSR1 handler");
     }
+    // Spin at most a sixth of the period: a short period would otherwise
+    // be all spinning, a core taken from the dataplane it measures.
+    let margin = (args.period / 6).min(Duration::from_micros(150));
     let mut sent_us = Vec::with_capacity(count as usize);
     let (mut due, mut burst_left) = (Duration::ZERO, 0u64);
     for _ in 1..=count {
@@ -123,8 +152,8 @@ fn main() {
         }
         // Sleep most of the way, then spin: sub-10 µs send jitter.
         while let Some(left) = due.checked_sub(start.elapsed()) {
-            if left > Duration::from_micros(200) {
-                std::thread::sleep(left - Duration::from_micros(150));
+            if left > margin + Duration::from_micros(50) {
+                std::thread::sleep(left - margin);
             } else if left.is_zero() {
                 break;
             } else {
@@ -133,7 +162,9 @@ fn main() {
         }
         let seq = sent_us.len() + 1;
         sent_us.push(start.elapsed().as_micros() as u64);
-        let _ = socket.send(seq.to_string().as_bytes());
+        for socket in &sockets {
+            let _ = socket.send(seq.to_string().as_bytes());
+        }
         if burst_left > 0 {
             burst_left -= 1;
             due += BURST_SPACING;
@@ -141,12 +172,24 @@ fn main() {
             due += args.period;
         }
     }
-    let outputs = listener.join().expect("the listener");
-    print!("{}", verdict(&args, &sent_us, &outputs));
+    let send_us = (start.elapsed().as_micros() as u64).max(1);
+    SENT_ALL_US.store(send_us, Ordering::SeqCst);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let outputs = listener.join().expect("the listener");
+        let trace = args.trace.as_deref().filter(|_| i == 0);
+        println!("{}", verdict(&args, &sent_us, send_us, &outputs, trace));
+    }
 }
 
-/// Judges the outputs; the verdict as JSON.
-fn verdict(args: &Args, sent_us: &[u64], outputs: &[(u64, String)]) -> String {
+/// Judges one flow's outputs (and writes its trace); the verdict as JSON.
+/// `send_us`: when the last input went out.
+fn verdict(
+    args: &Args,
+    sent_us: &[u64],
+    send_us: u64,
+    outputs: &[(u64, String)],
+    trace: Option<&str>,
+) -> String {
     let count = sent_us.len();
     let mut answered = vec![0u64; count + 1];
     let (mut duplicates, mut out_of_order, mut wrong, mut last) = (0u64, 0u64, 0u64, 0u64);
@@ -215,7 +258,7 @@ fn verdict(args: &Args, sent_us: &[u64], outputs: &[(u64, String)]) -> String {
             .copied()
             .unwrap_or(0)
     };
-    if let Some(path) = &args.trace {
+    if let Some(path) = trace {
         let trace: String = (1..=count)
             .map(|s| format!("{s} {} {}\n", sent_us[s - 1], answered[s]))
             .collect();
@@ -230,6 +273,7 @@ fn verdict(args: &Args, sent_us: &[u64], outputs: &[(u64, String)]) -> String {
         "wrong": wrong,
         "first_wrong": first_wrong,
         "period_us": period,
+        "send_us": send_us,
         "extra_gap_us": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0), "at_cycle": longest_at},
         "latency_us": {"p50": lat(0.5), "p99": lat(0.99), "max": lat(1.0)},
     })
