@@ -1,6 +1,6 @@
 //! Live migrations between two daemons with a CPS sending every 1 ms:
 //! real kernel programs, real CRIU, real processes.
-use std::time::Duration;
+use std::{sync::atomic::Ordering, time::Duration};
 
 use dataplane_tests::{
     MigrationSetup, chain_state, cps_verdict, in_netns, kill_pid, pids_named, read_trace,
@@ -169,9 +169,9 @@ fn twenty_five_leave_running_migrations_in_a_row_each_exact() {
 fn bursts_at_20_khz_on_the_seams_are_answered_exactly_once() {
     // Bursts of 20 inputs 50 µs apart (20 kHz): every few ms while the
     // destination restores and replays, so that some land as the replay
-    // catches up with the live mirror; and ten back to back (10 ms) the
-    // moment the cutover begins (signalled from a `migration.watch`
-    // stream), so that the first inputs past K come in a burst.
+    // catches up with the live mirror; and back to back from the moment
+    // the cutover begins (signalled from a `migration.watch` stream) until
+    // it ends, so that the first inputs past K come in a burst.
     for mode in ["leave-running", "standby"] {
         let setup = MigrationSetup::new(&format!("burst{}", &mode[..1]), &[], mode == "standby");
         let cycles = 3000;
@@ -190,7 +190,8 @@ fn bursts_at_20_khz_on_the_seams_are_answered_exactly_once() {
         let id = setup.migrate(serde_json::json!({"mode": mode}));
         let mut seen = std::collections::BTreeSet::new();
         let mut restore_bursts = None;
-        let mut cutover_bursts = 0;
+        let mut cutover_bursts = None;
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         loop {
             let line = watcher.next_line().expect("a migration.phase notification");
             let report: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -207,20 +208,30 @@ fn bursts_at_20_khz_on_the_seams_are_answered_exactly_once() {
                             }
                         }))
                     }
+                    // Bursts back to back until K is picked (the next
+                    // phase), however long a loaded machine takes to flip.
                     "cutover" => {
-                        for _ in 0..10 {
-                            burst();
-                            cutover_bursts += 1;
-                        }
+                        let cut = cut.clone();
+                        cutover_bursts = Some(std::thread::spawn(move || {
+                            let mut bursts = 0;
+                            while !cut.load(Ordering::Relaxed) && bursts < 50 {
+                                burst();
+                                bursts += 1;
+                                std::thread::sleep(Duration::from_millis(1));
+                            }
+                            bursts
+                        }))
                     }
-                    _ => {}
+                    _ => cut.store(cutover_bursts.is_some(), Ordering::Relaxed),
                 }
             }
             if report["state"] != "running" {
+                cut.store(true, Ordering::Relaxed);
                 break;
             }
         }
         restore_bursts.expect("a restore phase").join().unwrap();
+        let cutover_bursts = cutover_bursts.expect("a cutover phase").join().unwrap();
         let report = setup.wait(&id);
         let verdict = cps_verdict(cps);
         let sent: Vec<u64> = read_trace(&std::fs::read_to_string(&trace).unwrap())

@@ -229,8 +229,7 @@ fn step(i: usize, flows: u64, rate: u64) -> anyhow::Result<Step> {
         wrong: sum("wrong") + sum("out_of_order"),
         log_failures,
         log_detail,
-        socket_drops: [&setup.hosts.src, &setup.hosts.dst, &setup.hosts.cps]
-            .map(udp_receive_drops),
+        socket_drops: [&setup.hosts.src, &setup.hosts.dst, &setup.hosts.cps].map(udp_receive_drops),
         latency_p99: verdicts
             .iter()
             .filter_map(|v| v["latency_us"]["p99"].as_u64())
