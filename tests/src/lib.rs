@@ -571,7 +571,16 @@ impl DaemonProcess {
             .append(true)
             .open(dir.join("daemon.log"))
             .expect("log file");
-        let mut child = Command::new("nsenter")
+        // The daemon and the CRIU it starts stay off the real-time CPU.
+        let mut command = match cpu_split() {
+            Some((_, machinery)) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &machinery.to_string(), "nsenter"]);
+                c
+            }
+            None => Command::new("nsenter"),
+        };
+        let mut child = command
             .arg(format!("--net={}", host.path().display()))
             .arg(dataplane_bin())
             .arg("--socket")
@@ -679,11 +688,32 @@ pub fn realtime_priority() -> u8 {
         .unwrap_or(50)
 }
 
-/// The `chrt` prefix that starts a program at `realtime_priority()`.
+/// With real-time tasks on, the CPUs they and the migration machinery
+/// (daemons, CRIU) are pinned to: (real-time, machinery). This kernel is
+/// not preemptible (PREEMPT_NONE): a control task woken on a CPU where
+/// CRIU runs a long stretch of kernel code waits for it, 10 ms and more,
+/// however high its priority. A control host keeps them apart the same way.
+pub fn cpu_split() -> Option<(usize, usize)> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (realtime_priority() != 0
+        && cpus >= 2
+        && std::env::var("DATAPLANE_TEST_PIN").as_deref() != Ok("0"))
+    .then_some((cpus - 1, 0))
+}
+
+/// The `taskset` and `chrt` prefix that starts a program at
+/// `realtime_priority()` on the real-time CPU.
 fn realtime() -> Vec<String> {
+    let mut prefix: Vec<String> = Vec::new();
+    if let Some((rt, _)) = cpu_split() {
+        prefix.extend(["taskset".into(), "-c".into(), rt.to_string()]);
+    }
     match realtime_priority() {
-        0 => vec![],
-        prio => vec!["chrt".into(), "-f".into(), prio.to_string()],
+        0 => prefix,
+        prio => {
+            prefix.extend(["chrt".into(), "-f".into(), prio.to_string()]);
+            prefix
+        }
     }
 }
 
