@@ -688,16 +688,18 @@ pub fn realtime_priority() -> u8 {
         .unwrap_or(50)
 }
 
-/// With real-time tasks on, the CPUs they and the migration machinery
-/// (daemons, CRIU) are pinned to: (real-time, machinery). This kernel is
-/// not preemptible (PREEMPT_NONE): a control task woken on a CPU where
-/// CRIU runs a long stretch of kernel code waits for it, 10 ms and more,
-/// however high its priority. A control host keeps them apart the same way.
+/// With DATAPLANE_TEST_PIN=1 and real-time tasks on, the CPUs they and the
+/// migration machinery (daemons, CRIU) are pinned to: (real-time,
+/// machinery). This kernel is not preemptible (PREEMPT_NONE): a control
+/// task woken on a CPU where CRIU runs a long stretch of kernel code waits
+/// for it, 10 ms and more, however high its priority. Not the default yet:
+/// a restored instance inherits CRIU's CPU, not its source's, and then
+/// serves beside the daemons (see README, Benchmarks).
 pub fn cpu_split() -> Option<(usize, usize)> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     (realtime_priority() != 0
         && cpus >= 2
-        && std::env::var("DATAPLANE_TEST_PIN").as_deref() != Ok("0"))
+        && std::env::var("DATAPLANE_TEST_PIN").as_deref() == Ok("1"))
     .then_some((cpus - 1, 0))
 }
 
