@@ -1177,6 +1177,21 @@ impl MigrationSetup {
         ))
     }
 
+    /// Subscribes to `migration.watch` on the source, lets the CPS run
+    /// 300 ms, and starts a migration with `params`: the phase stream and
+    /// the migration's id.
+    pub fn migrate_watched(
+        &self,
+        params: serde_json::Value,
+    ) -> (dataplane_user::control::Client, String) {
+        let mut watcher = self.src.client();
+        watcher
+            .call("migration.watch", serde_json::json!({}))
+            .expect("migration.watch");
+        std::thread::sleep(Duration::from_millis(300));
+        (watcher, self.migrate(params))
+    }
+
     /// Starts migrating "markov" to `dst` with `params` added; the migration id.
     pub fn migrate(&self, params: serde_json::Value) -> String {
         let mut request = serde_json::json!({"service": "markov", "to": DST_PEER});

@@ -51,12 +51,7 @@ fn fault_with_cps(
     phase: &str,
 ) -> String {
     let cps_pid = Pid::from_raw(cps.id() as i32);
-    let mut watcher = setup.src.client();
-    watcher
-        .call("migration.watch", serde_json::json!({}))
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let id = setup.migrate(serde_json::json!({}));
+    let (mut watcher, id) = setup.migrate_watched(serde_json::json!({}));
     fault(&mut watcher, cps_pid);
     let report = setup.wait(&id);
     let verdict = cps_verdict(cps);
@@ -334,12 +329,7 @@ fn run_cell(fault: Fault, phase: &'static str, index: usize) -> Option<Row> {
     let cycles = 3000;
     let comm = "markov-controll";
     let cps = setup.start_cps(cycles, 1000, None);
-    let mut watcher = setup.src.client();
-    watcher
-        .call("migration.watch", serde_json::json!({}))
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let id = setup.migrate(serde_json::json!({}));
+    let (mut watcher, id) = setup.migrate_watched(serde_json::json!({}));
     wait_for_phase(&mut watcher, phase);
     match fault {
         Fault::SourceDaemon => setup.src.kill_and_restart(&setup.hosts.src),

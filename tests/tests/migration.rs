@@ -182,12 +182,7 @@ fn bursts_at_20_khz_on_the_seams_are_answered_exactly_once() {
             nix::sys::signal::kill(cps_pid, nix::sys::signal::Signal::SIGUSR1)
                 .expect("signal the CPS")
         };
-        let mut watcher = setup.src.client();
-        watcher
-            .call("migration.watch", serde_json::json!({}))
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(300));
-        let id = setup.migrate(serde_json::json!({"mode": mode}));
+        let (mut watcher, id) = setup.migrate_watched(serde_json::json!({"mode": mode}));
         let mut seen = std::collections::BTreeSet::new();
         let mut restore_bursts = None;
         let mut cutover_bursts = None;
