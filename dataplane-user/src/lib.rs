@@ -16,6 +16,7 @@ pub mod model;
 pub mod netdev;
 pub mod peer;
 pub mod replay;
+pub mod tasks;
 
 pub use capture::{LogReader, Record};
 pub use loader::{Counters, Dataplane, LoadError, LoadOptions};

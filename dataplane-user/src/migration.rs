@@ -332,6 +332,7 @@ impl Migration {
             link,
             &Step::Restore {
                 positions: vec![position],
+                cpus: crate::tasks::cpus_of(self.service.pid).unwrap_or_default(),
             },
         )
         .await
@@ -572,7 +573,7 @@ impl Migration {
 
         let t = self.begin("finish")?;
         for pid in std::iter::once(self.service.pid).chain(self.service.standby_pid) {
-            demote(pid);
+            crate::tasks::demote(pid);
             let pid = nix::unistd::Pid::from_raw(pid as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
@@ -815,25 +816,5 @@ fn recover_source(
     match undo() {
         Ok(()) => "rolled back: mirroring off, gates delivering".into(),
         Err(e) => e,
-    }
-}
-
-/// Moves every thread of `pid` to this daemon's CPUs as an ordinary task,
-/// before it is killed: a process frees its memory as it exits, in the
-/// kernel, and at a real-time priority on a real-time CPU that would hold
-/// up the control tasks there (milliseconds for a large service on a
-/// non-preemptible kernel). Best effort: the process may be gone.
-fn demote(pid: u32) {
-    let ours = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0));
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return;
-    };
-    for tid in tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: a plain syscall on a thread id with a valid parameter.
-        unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
-        if let Ok(cpus) = &ours {
-            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), cpus);
-        }
     }
 }

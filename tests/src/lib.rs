@@ -688,18 +688,19 @@ pub fn realtime_priority() -> u8 {
         .unwrap_or(50)
 }
 
-/// With DATAPLANE_TEST_PIN=1 and real-time tasks on, the CPUs they and the
+/// With real-time tasks on and two CPUs or more, the CPUs they and the
 /// migration machinery (daemons, CRIU) are pinned to: (real-time,
-/// machinery). This kernel is not preemptible (PREEMPT_NONE): a control
-/// task woken on a CPU where CRIU runs a long stretch of kernel code waits
-/// for it, 10 ms and more, however high its priority. Not the default yet:
-/// a restored instance inherits CRIU's CPU, not its source's, and then
-/// serves beside the daemons (see README, Benchmarks).
+/// machinery), as a control host keeps them apart. This kernel is not
+/// preemptible (PREEMPT_NONE): a control task woken on a CPU where CRIU
+/// runs a long stretch of kernel code waits for it, 10 ms and more, however
+/// high its priority. The destination daemon gives a restored instance its
+/// source's CPUs (CRIU does not restore affinity). DATAPLANE_TEST_PIN=0
+/// leaves every task free to run anywhere, to measure what pinning buys.
 pub fn cpu_split() -> Option<(usize, usize)> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     (realtime_priority() != 0
         && cpus >= 2
-        && std::env::var("DATAPLANE_TEST_PIN").as_deref() == Ok("1"))
+        && std::env::var("DATAPLANE_TEST_PIN").as_deref() != Ok("0"))
     .then_some((cpus - 1, 0))
 }
 
@@ -1025,9 +1026,16 @@ impl MigrationSetup {
         args.extend(controller_args.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let controller = ChainService::spawn(&hosts.src, "markov-controller", &args, service);
-        let standby_controller = standby_ns
-            .as_ref()
-            .map(|ns| ChainService::spawn(ns, "markov-controller", &args, service));
+        let standby_controller = standby_ns.as_ref().map(|ns| {
+            let standby = ChainService::spawn(ns, "markov-controller", &args, service);
+            // The standby only has to be fed; it serves nothing until it is
+            // checkpointed and restored (with the primary's CPUs). Off the
+            // real-time CPU it takes no time from the serving instance.
+            if let Some((_, machinery)) = cpu_split() {
+                dataplane_user::tasks::pin(standby.pid, &[machinery]).expect("pin the standby");
+            }
+            standby
+        });
         src.add_flow((sock(CPS_V4, CPS_PORT), service));
         let standby = standby_ns.map(|ns| {
             (

@@ -3,8 +3,9 @@
 use std::{sync::atomic::Ordering, time::Duration};
 
 use dataplane_tests::{
-    MigrationSetup, chain_state, cps_verdict, in_netns, kill_pid, pids_named, read_trace,
+    MigrationSetup, chain_state, cps_verdict, cpu_split, in_netns, kill_pid, pids_named, read_trace,
 };
+use dataplane_user::tasks::cpus_of;
 
 fn assert_clean(verdict: &serde_json::Value) {
     for key in ["missed", "duplicates", "out_of_order", "wrong"] {
@@ -16,6 +17,10 @@ fn assert_clean(verdict: &serde_json::Value) {
 fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
     let setup = MigrationSetup::new("mig", &[], false);
     let cycles = 3000;
+    let source_cpus = cpus_of(setup.controller.pid).expect("the controller's CPUs");
+    if let Some((realtime, _)) = cpu_split() {
+        assert_eq!(source_cpus, [realtime], "the controller runs pinned");
+    }
     let cps = setup.start_cps(cycles, 1000, None);
     std::thread::sleep(Duration::from_millis(500));
     let id = setup.migrate(serde_json::json!({}));
@@ -33,6 +38,13 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
     // source instance is gone.
     let state = chain_state(&setup.hosts.dst, setup.service).expect("dst answers");
     assert_eq!(state.0, cycles, "the destination took every input once");
+    // CRIU restores the priority, not the CPUs: the destination daemon
+    // (itself on the machinery's CPU) gave the instance its source's.
+    assert_eq!(
+        cpus_of(pid as u32).expect("the restored controller's CPUs"),
+        source_cpus,
+        "the restored instance runs on its source's CPUs"
+    );
     assert!(
         !std::path::Path::new(&format!("/proc/{}", setup.controller.pid)).exists()
             || std::fs::read_to_string(format!("/proc/{}/stat", setup.controller.pid))

@@ -46,8 +46,14 @@ pub enum Step {
         migration: String,
         flows: Vec<TargetFlow>,
     },
-    /// Restore the received images and replay the inputs after `positions`.
-    Restore { positions: Vec<FlowPosition> },
+    /// Restore the received images, confine the instance to `cpus` (the
+    /// source instance's affinity; empty: leave it on CRIU's) and replay
+    /// the inputs after `positions`.
+    Restore {
+        positions: Vec<FlowPosition>,
+        #[serde(default)]
+        cpus: Vec<usize>,
+    },
     /// The next outputs answering inputs after `after`, at most `count`.
     Outputs {
         after: u64,
@@ -171,7 +177,7 @@ impl<'a> Target<'a> {
         let json = |v| serde_json::to_value(v).expect("serializes");
         match step {
             Step::Prepare { .. } => Err("a migration is already prepared on this link".into()),
-            Step::Restore { positions } => self.restore(positions).await.map(json),
+            Step::Restore { positions, cpus } => self.restore(positions, cpus).await.map(json),
             Step::Outputs {
                 after,
                 count,
@@ -203,7 +209,11 @@ impl<'a> Target<'a> {
         self.host.images_root.join(&self.migration)
     }
 
-    async fn restore(&mut self, positions: Vec<FlowPosition>) -> Result<Restored, String> {
+    async fn restore(
+        &mut self,
+        positions: Vec<FlowPosition>,
+        cpus: Vec<usize>,
+    ) -> Result<Restored, String> {
         if self.instance.is_some() {
             return Err("already restored".into());
         }
@@ -240,6 +250,14 @@ impl<'a> Target<'a> {
         let (pid, restore_us) = restored;
         self.instance = Some(pid);
         self.write_journal()?;
+        // Before the replay: the instance catches up where it will serve.
+        match crate::tasks::pin(pid, &cpus) {
+            Ok(applied) if !applied.is_empty() => {
+                tracing::info!(pid, ?applied, "restored instance on its source's CPUs")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(pid, "restored instance left on CRIU's CPUs: {e}"),
+        }
         let restore_total_us = start.elapsed().as_micros() as u64;
         let interface = self
             .host

@@ -150,14 +150,16 @@ fn main() {
             burst_left = args.burst;
             due = due.min(start.elapsed());
         }
-        // Sleep most of the way, then spin: sub-10 µs send jitter.
+        // Sleep most of the way, then wait awake: sub-10 µs send jitter.
         while let Some(left) = due.checked_sub(start.elapsed()) {
             if left > margin + Duration::from_micros(50) {
                 std::thread::sleep(left - margin);
             } else if left.is_zero() {
                 break;
             } else {
-                std::hint::spin_loop();
+                // Yield, not spin: at SCHED_FIFO on the controllers' CPU a
+                // spinning burst would keep them from running at all.
+                std::thread::yield_now();
             }
         }
         let seq = sent_us.len() + 1;

@@ -1,0 +1,116 @@
+//! Where a service's threads run. A control host keeps its real-time tasks
+//! on CPUs of their own, away from the migration machinery (the daemon and
+//! the CRIU it starts): this kernel is not preemptible, and a control task
+//! woken on a CPU where CRIU runs a long stretch of kernel code waits for
+//! it, whatever its priority. CRIU restores a task's scheduling policy but
+//! not its CPU affinity, so a restored instance would inherit CRIU's CPUs
+//! and serve beside the daemon; the destination gives it its source's.
+use nix::{
+    sched::{CpuSet, sched_getaffinity, sched_setaffinity},
+    unistd::Pid,
+};
+
+/// The thread ids of process `root` and of all its descendants (none if
+/// it is gone): a restored service may be a tree of processes.
+fn threads(root: u32) -> Vec<i32> {
+    let mut threads = Vec::new();
+    let mut processes = vec![root];
+    while let Some(pid) = processes.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for tid in tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+            threads.push(tid);
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"));
+            processes.extend(
+                children
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    threads
+}
+
+fn cpu_list(set: &CpuSet) -> Vec<usize> {
+    (0..CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+/// The CPUs process `pid` may run on (its main thread's affinity).
+pub fn cpus_of(pid: u32) -> nix::Result<Vec<usize>> {
+    sched_getaffinity(Pid::from_raw(pid as i32)).map(|set| cpu_list(&set))
+}
+
+/// Confines every thread of `pid` and its descendants to `cpus`, those of them this host has.
+/// Returns the CPUs applied; an error names what failed. An empty `cpus`,
+/// or one naming no CPU of this host, leaves the threads where they are.
+pub fn pin(pid: u32, cpus: &[usize]) -> Result<Vec<usize>, String> {
+    // Not available_parallelism(): that counts this daemon's own CPUs.
+    // SAFETY: sysconf has no preconditions.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    let mut set = CpuSet::new();
+    for &cpu in cpus.iter().filter(|&&cpu| cpu < online) {
+        set.set(cpu).map_err(|e| format!("CPU {cpu}: {e}"))?;
+    }
+    let applied = cpu_list(&set);
+    if applied.is_empty() {
+        return Ok(applied);
+    }
+    for tid in threads(pid) {
+        sched_setaffinity(Pid::from_raw(tid), &set)
+            .map_err(|e| format!("thread {tid} of {pid} to CPUs {applied:?}: {e}"))?;
+    }
+    Ok(applied)
+}
+
+/// Moves every thread of `pid` and its descendants to this daemon's CPUs as an ordinary task,
+/// before it is killed: a process frees its memory as it exits, in the
+/// kernel, and at a real-time priority on a real-time CPU that would hold
+/// up the control tasks there (milliseconds for a large service on a
+/// non-preemptible kernel). Best effort: the process may be gone.
+pub fn demote(pid: u32) {
+    let ours = sched_getaffinity(Pid::from_raw(0));
+    for tid in threads(pid) {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a plain syscall on a thread id with a valid parameter.
+        unsafe { libc::sched_setscheduler(tid, libc::SCHED_OTHER, &param) };
+        if let Ok(cpus) = &ours {
+            let _ = sched_setaffinity(Pid::from_raw(tid), cpus);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_confines_a_process_tree_and_ignores_cpus_the_host_lacks() {
+        // A shell with a child: both must move.
+        let mut shell = std::process::Command::new("sh")
+            .args(["-c", "sleep 5 & wait"])
+            .spawn()
+            .expect("spawn sh");
+        let root = shell.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while threads(root).len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "sleep never started");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let all = cpus_of(root).unwrap();
+        let last = *all.last().unwrap();
+        assert_eq!(pin(root, &[last, 100_000]).unwrap(), [last]);
+        for tid in threads(root) {
+            assert_eq!(cpus_of(tid as u32).unwrap(), [last], "thread {tid}");
+        }
+        // Nothing this host has: left where it is.
+        assert_eq!(pin(root, &[100_000]).unwrap(), Vec::<usize>::new());
+        assert_eq!(pin(root, &[]).unwrap(), Vec::<usize>::new());
+        assert_eq!(cpus_of(root).unwrap(), [last]);
+        let _ = shell.kill();
+        let _ = shell.wait();
+    }
+}
