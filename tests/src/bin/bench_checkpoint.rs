@@ -7,10 +7,12 @@
 //! For each it prints the frozen time (CRIU's), the checkpoint or dump, the
 //! transfer or copy, the restore, the total, the time from the dump's start
 //! to the instance restored and caught up on the destination, and what the
-//! CPS saw: the largest output gap beyond T_U and the missed cycles.
+//! CPS saw: the largest output gap beyond T_U and the missed cycles, over
+//! the whole run and, for ours, while the standby was checkpointed (the
+//! serving instance's period must not stretch then).
 use std::time::Duration;
 
-use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid, report_phase};
+use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid, output_gaps, report_phase};
 
 const PERIOD_US: u64 = 1000;
 /// `dst`'s address on the peer link.
@@ -30,7 +32,7 @@ fn main() -> anyhow::Result<()> {
     };
     let _tuning = dataplane_tests::tune_host_for_timing();
     println!(
-        "{:>5} {:<14} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9}",
+        "{:>5} {:<14} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>10}",
         "MiB",
         "migration",
         "frozen",
@@ -41,18 +43,20 @@ fn main() -> anyhow::Result<()> {
         "ready",
         "CPS gap",
         "missed",
-        "gap at"
+        "gap at",
+        "gap in"
     );
     println!(
-        "{:>5} {:<14} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9}",
-        "", "", "ms", "/dump ms", "/copy ms", "ms", "ms", "ms", "max ms", "", "cycle"
+        "{:>5} {:<14} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>10}",
+        "", "", "ms", "/dump ms", "/copy ms", "ms", "ms", "ms", "max ms", "", "cycle",
+        "ckpt ms"
     );
     for &size in &sizes {
         let ours = standby(size)?;
         let baseline = stop_and_copy(size)?;
         for (name, row) in [("ours, standby", &ours), ("stop-and-copy", &baseline)] {
             println!(
-                "{size:>5} {name:<14} {:>9.1} {:>11.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.2} {:>7} {:>9}",
+                "{size:>5} {name:<14} {:>9.1} {:>11.1} {:>9.1} {:>9.1} {:>9.1} {:>10.1} {:>10.2} {:>7} {:>9} {:>10}",
                 row.frozen_ms,
                 row.checkpoint_ms,
                 row.transfer_ms,
@@ -61,7 +65,8 @@ fn main() -> anyhow::Result<()> {
                 row.ready_ms,
                 row.gap_ms,
                 row.missed,
-                row.gap_at
+                row.gap_at,
+                row.checkpoint_gap_ms.map_or("-".into(), |g| format!("{g:.2}"))
             );
         }
         println!(
@@ -92,7 +97,8 @@ fn main() -> anyhow::Result<()> {
     println!(
         "\n\"ready\": from the dump's start to the instance restored and caught up on dst \
          (ours: checkpoint start to restore-and-replay end). \"CPS gap\": the largest time \
-         between two outputs at the CPS, minus T_U, over the whole run."
+         between two outputs at the CPS, minus T_U, over the whole run; \"gap in ckpt\": the \
+         same over the cycles of the checkpoint phase (from S - 5 to S + its duration + 5)."
     );
     Ok(())
 }
@@ -208,6 +214,8 @@ struct Row {
     missed: u64,
     /// Where the largest gap was: the cycle, relative to K for ours.
     gap_at: String,
+    /// The largest gap while the standby was checkpointed (ours only).
+    checkpoint_gap_ms: Option<f64>,
 }
 
 fn controller_args(size: usize) -> [String; 4] {
@@ -228,11 +236,14 @@ fn standby(size: usize) -> anyhow::Result<Row> {
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let setup = MigrationSetup::new(&format!("ck{size}"), &args, true);
-    let cps = setup.start_cps(cycles(size), PERIOD_US, None);
+    let trace = std::env::temp_dir().join(format!("dataplane-ck-{}.trace", std::process::id()));
+    let cps = setup.start_cps(cycles(size), PERIOD_US, Some(&trace));
     std::thread::sleep(LEAD);
     let id = setup.migrate(serde_json::json!({"mode": "standby"}));
     let report = setup.wait(&id);
     let verdict = cps_verdict(cps);
+    let gaps = output_gaps(&std::fs::read_to_string(&trace)?, PERIOD_US);
+    let _ = std::fs::remove_file(&trace);
     kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
     anyhow::ensure!(report["state"] == "done", "{size} MiB: {}", report["error"]);
     let phase = |name: &str| {
@@ -241,6 +252,15 @@ fn standby(size: usize) -> anyhow::Result<Row> {
     };
     let (checkpoint_start, checkpoint_ms) = phase("checkpoint");
     let (restore_start, restore_ms) = phase("restore");
+    // Cycle q carries input q: the checkpoint phase's inputs start near S.
+    let s = report["checkpoint_seq"].as_u64().unwrap_or(0);
+    let during = s.saturating_sub(5)..=s + checkpoint_ms.ceil() as u64 + 5;
+    let checkpoint_gap_us = gaps
+        .iter()
+        .filter(|(cycle, _)| during.contains(cycle))
+        .map(|&(_, gap)| gap)
+        .max()
+        .unwrap_or(0);
     Ok(Row {
         frozen_ms: report["frozen_us"].as_u64().unwrap_or(0) as f64 / 1e3,
         checkpoint_ms,
@@ -255,6 +275,7 @@ fn standby(size: usize) -> anyhow::Result<Row> {
             verdict["extra_gap_us"]["at_cycle"].as_i64().unwrap_or(0)
                 - report["handover_seq"].as_i64().unwrap_or(0)
         ),
+        checkpoint_gap_ms: Some(checkpoint_gap_us as f64 / 1e3),
     })
 }
 
@@ -286,5 +307,6 @@ fn stop_and_copy(size: usize) -> anyhow::Result<Row> {
         gap_ms: verdict["extra_gap_us"]["max"].as_i64().unwrap_or(0) as f64 / 1e3,
         missed: verdict["missed"].as_u64().unwrap_or(0),
         gap_at: verdict["extra_gap_us"]["at_cycle"].to_string(),
+        checkpoint_gap_ms: None,
     })
 }

@@ -133,10 +133,10 @@ fn judge(trace: &std::path::Path, verdict: &serde_json::Value, k: u64) -> anyhow
     if std::env::var_os("BENCH_VERBOSE").is_some() {
         let late: Vec<String> = gaps
             .iter()
-            .filter(|(c, g)| *g > 300 && (k.saturating_sub(10)..=k + 100).contains(c))
+            .filter(|(c, g)| *g > 150 && (k.saturating_sub(10)..=k + 100).contains(c))
             .map(|(c, g)| format!("K{:+}: {g} µs", *c as i64 - k as i64))
             .collect();
-        println!("  gaps over 300 µs near K = {k}: {late:?}");
+        println!("  gaps over 150 µs near K = {k}: {late:?}");
         let far: Vec<String> = gaps
             .iter()
             .filter(|(_, g)| *g > 2000)
