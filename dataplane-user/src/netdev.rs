@@ -44,27 +44,36 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-/// Makes `addr` one of `interface`'s own addresses (as a /32), so that this
-/// host answers ARP for it there; nothing changes if it is one already.
-/// One rtnetlink request (no `ip` process: this runs at the cutover, next to
-/// a control loop that must not lose its CPU).
-pub fn own_address(interface: &str, addr: std::net::Ipv4Addr) -> io::Result<()> {
+/// Makes `addr` one of `interface`'s own addresses (as a /32 or /128), so
+/// that this host answers ARP or neighbour solicitations for it there;
+/// nothing changes if it is one already. An IPv6 address skips duplicate
+/// address detection (it would stay tentative, unusable, for a second:
+/// the source still has it, by design). One rtnetlink request (no `ip`
+/// process: this runs at the cutover, next to a control loop that must not
+/// lose its CPU).
+pub fn own_address(interface: &str, addr: std::net::IpAddr) -> io::Result<()> {
     let index = if_nametoindex(interface)?;
-    // nlmsghdr (16) + ifaddrmsg (8) + IFA_LOCAL and IFA_ADDRESS (8 each).
-    let mut msg = Vec::with_capacity(40);
-    let flags =
+    let (family, prefix, flags, octets) = match addr {
+        std::net::IpAddr::V4(a) => (libc::AF_INET, 32, 0, a.octets().to_vec()),
+        std::net::IpAddr::V6(a) => (libc::AF_INET6, 128, libc::IFA_F_NODAD, a.octets().to_vec()),
+    };
+    // nlmsghdr (16) + ifaddrmsg (8) + IFA_LOCAL and IFA_ADDRESS.
+    let attribute_len = 4 + octets.len();
+    let len = 16 + 8 + 2 * attribute_len;
+    let mut msg = Vec::with_capacity(len);
+    let request =
         (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
-    msg.extend_from_slice(&40u32.to_ne_bytes());
+    msg.extend_from_slice(&(len as u32).to_ne_bytes());
     msg.extend_from_slice(&libc::RTM_NEWADDR.to_ne_bytes());
-    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&request.to_ne_bytes());
     msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
     msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    msg.extend_from_slice(&[libc::AF_INET as u8, 32, 0, libc::RT_SCOPE_UNIVERSE]);
+    msg.extend_from_slice(&[family as u8, prefix, flags as u8, libc::RT_SCOPE_UNIVERSE]);
     msg.extend_from_slice(&index.to_ne_bytes());
     for kind in [libc::IFA_LOCAL, libc::IFA_ADDRESS] {
-        msg.extend_from_slice(&8u16.to_ne_bytes());
+        msg.extend_from_slice(&(attribute_len as u16).to_ne_bytes());
         msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&addr.octets());
+        msg.extend_from_slice(&octets);
     }
     // SAFETY: plain socket calls on a descriptor this function owns.
     let fd = unsafe {
@@ -84,17 +93,7 @@ pub fn own_address(interface: &str, addr: std::net::Ipv4Addr) -> io::Result<()> 
     let received = unsafe {
         let mut to: libc::sockaddr_nl = std::mem::zeroed();
         to.nl_family = libc::AF_NETLINK as u16;
-        let sent = libc::sendto(
-            raw,
-            msg.as_ptr().cast(),
-            msg.len(),
-            0,
-            (&raw const to).cast(),
-            size_of::<libc::sockaddr_nl>() as u32,
-        );
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        send_to(raw, &msg, &to)?;
         libc::recv(raw, ack.as_mut_ptr().cast(), ack.len(), 0)
     };
     if received < 20 {
@@ -137,17 +136,89 @@ pub fn gratuitous_arp(interface: &str, addr: std::net::Ipv4Addr) -> io::Result<(
         to.sll_ifindex = iface.index as i32;
         to.sll_halen = 6;
         to.sll_addr[..6].fill(0xff);
-        let sent = libc::sendto(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const to).cast(),
-            size_of::<libc::sockaddr_ll>() as u32,
+        send_to(std::os::fd::AsRawFd::as_raw_fd(&fd), &frame, &to)
+    }
+}
+
+/// Sends an unsolicited neighbour advertisement for `addr` from
+/// `interface` to all nodes (RFC 4861 7.2.6), with the override flag and
+/// this interface's MAC address: neighbours that know `addr` move it to
+/// this interface at once, as a gratuitous ARP does for IPv4.
+pub fn unsolicited_na(interface: &str, addr: std::net::Ipv6Addr) -> io::Result<()> {
+    let iface = Interface::by_name(interface).map_err(io::Error::other)?;
+    const NEIGHBOR_ADVERTISEMENT: u8 = 136;
+    const OVERRIDE: u32 = 0x2000_0000;
+    const TARGET_LINK_LAYER_ADDRESS: u8 = 2;
+    let mut message = Vec::with_capacity(32);
+    // Type, code, checksum (the kernel fills it in on ICMPv6 raw sockets).
+    message.extend_from_slice(&[NEIGHBOR_ADVERTISEMENT, 0, 0, 0]);
+    message.extend_from_slice(&OVERRIDE.to_be_bytes());
+    message.extend_from_slice(&addr.octets());
+    // The option: type, length in units of 8 bytes, the MAC address.
+    message.extend_from_slice(&[TARGET_LINK_LAYER_ADDRESS, 1]);
+    message.extend_from_slice(&iface.mac);
+    // SAFETY: plain socket calls on a descriptor this function owns, with
+    // option values and addresses that live across the calls.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_INET6,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMPV6,
         );
-        if sent < 0 {
+        if fd < 0 {
             return Err(io::Error::last_os_error());
         }
+        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        // Receivers drop neighbour discovery that crossed a router.
+        let hops: libc::c_int = 255;
+        if libc::setsockopt(
+            raw,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MULTICAST_HOPS,
+            (&raw const hops).cast(),
+            size_of::<libc::c_int>() as u32,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        // From the address itself, as the kernel's own advertisements are.
+        let mut from: libc::sockaddr_in6 = std::mem::zeroed();
+        from.sin6_family = libc::AF_INET6 as u16;
+        from.sin6_addr.s6_addr = addr.octets();
+        if libc::bind(
+            raw,
+            (&raw const from).cast(),
+            size_of::<libc::sockaddr_in6>() as u32,
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        let mut to: libc::sockaddr_in6 = std::mem::zeroed();
+        to.sin6_family = libc::AF_INET6 as u16;
+        to.sin6_addr.s6_addr = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        to.sin6_scope_id = iface.index;
+        send_to(raw, &message, &to)
+    }
+}
+
+/// Sends `message` on socket `fd` to the socket address `to` (a libc
+/// `sockaddr_*` of the socket's family).
+fn send_to<A>(fd: std::os::fd::RawFd, message: &[u8], to: &A) -> io::Result<()> {
+    // SAFETY: `message` and `to` are valid for the call; the length is the
+    // address type's own.
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            message.as_ptr().cast(),
+            message.len(),
+            0,
+            (to as *const A).cast(),
+            size_of::<A>() as u32,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

@@ -67,6 +67,13 @@ impl NetNs {
             name: name.to_owned(),
         };
         ns.ip(&["link", "set", "lo", "up"]);
+        // Interfaces made here skip duplicate address detection: a new
+        // host's link-local addresses would otherwise stay tentative for a
+        // second or two, and neighbour discovery (which sends from them)
+        // fail meanwhile, unlike on a host that has been up a while.
+        for scope in ["all", "default"] {
+            ns.sysctl(&format!("net.ipv6.conf.{scope}.accept_dad"), "0");
+        }
         ns
     }
 
@@ -912,7 +919,8 @@ pub fn count_datagrams(
 
 /// Two daemons on `src` and `dst` with a peer link, and a Markov controller
 /// on `src` registered as service "markov" on the flow 192.0.2.1:4000 ->
-/// 192.0.2.10:5000: a migration ready to start.
+/// 192.0.2.10:5000 ([2001:db8::1]:4000 -> [2001:db8::10]:5000 with
+/// [`MigrationSetup::ipv6`]): a migration ready to start.
 pub struct MigrationSetup {
     pub hosts: TestHosts,
     pub src: DaemonProcess,
@@ -923,6 +931,8 @@ pub struct MigrationSetup {
     pub standby: Option<(Loaded, ChainService, NetNs)>,
     /// The controller's address (the same on both hosts).
     pub service: SocketAddr,
+    /// The CPS's end of the controller's flow.
+    cps: SocketAddr,
     tag: String,
 }
 
@@ -967,8 +977,27 @@ impl MigrationSetup {
         src_extra: &str,
         dst_extra: &str,
     ) -> Self {
+        let flow = (sock(CPS_V4, CPS_PORT), sock(SERVICE_V4, 5000));
+        Self::build(tag, controller_args, standby, (src_extra, dst_extra), flow)
+    }
+
+    /// As `new` without a standby, the controller on the IPv6 flow.
+    pub fn ipv6(tag: &str) -> Self {
+        let flow = (
+            SocketAddr::from((CPS_V6, CPS_PORT)),
+            SocketAddr::from((SERVICE_V6, 5000)),
+        );
+        Self::build(tag, &[], false, ("", ""), flow)
+    }
+
+    fn build(
+        tag: &str,
+        controller_args: &[&str],
+        standby: bool,
+        (src_extra, dst_extra): (&str, &str),
+        (cps, service): Flow,
+    ) -> Self {
         let hosts = TestHosts::new(tag);
-        let service = sock(SERVICE_V4, 5000);
         let standby_ns = standby.then(|| hosts.add_standby());
         let standby_dataplane = standby_ns.as_ref().map(|ns| {
             let options = LoadOptions {
@@ -1036,7 +1065,7 @@ impl MigrationSetup {
             }
             standby
         });
-        src.add_flow((sock(CPS_V4, CPS_PORT), service));
+        src.add_flow((cps, service));
         let standby = standby_ns.map(|ns| {
             (
                 standby_dataplane.expect("loaded with the namespace"),
@@ -1051,6 +1080,7 @@ impl MigrationSetup {
             controller,
             standby,
             service,
+            cps,
             tag: tag.to_string(),
         };
         setup.register();
@@ -1082,7 +1112,7 @@ impl MigrationSetup {
 
     /// The flow of service "markov": (the CPS's end, the service's).
     pub fn flow(&self) -> Flow {
-        (sock(CPS_V4, CPS_PORT), self.service)
+        (self.cps, self.service)
     }
 
     /// Starts `n` more Markov controllers on `src` (no standby), on
@@ -1315,7 +1345,7 @@ impl MigrationSetup {
         let restored = criu.restore(&restore, &mut |_| true)?;
         self.hosts.dst.run(|| -> anyhow::Result<()> {
             let addr = SERVICE_V4;
-            dataplane_user::netdev::own_address("eth0", addr)?;
+            dataplane_user::netdev::own_address("eth0", addr.into())?;
             dataplane_user::netdev::gratuitous_arp("eth0", addr)?;
             Ok(())
         })?;

@@ -55,6 +55,46 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
 }
 
 #[test]
+fn an_ipv6_service_migrates_and_the_cps_follows_the_neighbour_advertisement() {
+    let setup = MigrationSetup::ipv6("v6");
+    let cycles = 3000;
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(500));
+    let id = setup.migrate(serde_json::json!({}));
+    let report = setup.wait(&id);
+    let verdict = cps_verdict(cps);
+    println!("report: {report}\nCPS: {verdict}");
+    assert_eq!(report["state"], "done", "{report:#}\n{}", setup.dst.log());
+    assert_clean(&verdict);
+    let state = chain_state(&setup.hosts.dst, setup.service).expect("dst answers");
+    assert_eq!(state.0, cycles, "the destination took every input once");
+    // The unsolicited neighbour advertisement moved the CPS's entry for
+    // the service address to dst, and inputs then reached dst directly
+    // (before the announce they all came to it through the mirror).
+    let dst_mac = dataplane_tests::TestHosts::mac(&setup.hosts.dst, "eth0")
+        .map(|b| format!("{b:02x}"))
+        .join(":");
+    let neighbour = setup.hosts.cps.exec(
+        "ip",
+        &["-6", "neigh", "show", &setup.service.ip().to_string()],
+    );
+    assert!(
+        neighbour.contains(&dst_mac),
+        "{neighbour} (dst is {dst_mac})"
+    );
+    let status = setup
+        .dst
+        .client()
+        .call("status", serde_json::json!({}))
+        .unwrap();
+    assert!(
+        status["counters"]["captured"].as_u64() > Some(0),
+        "no input reached dst directly: {status}"
+    );
+    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+}
+
+#[test]
 fn a_service_that_never_converges_is_rolled_back_and_the_source_keeps_serving() {
     // Outputs carry the time of day: the instances can never agree.
     let setup = MigrationSetup::new("nc", &["--wall-clock"], false);
@@ -186,7 +226,11 @@ fn bursts_at_20_khz_on_the_seams_are_answered_exactly_once() {
     // so that the first inputs past K come in a burst.
     for mode in ["leave-running", "standby"] {
         let setup = MigrationSetup::new(&format!("burst{}", &mode[..1]), &[], mode == "standby");
-        let cycles = 3000;
+        // Room for the bursts: convergence takes longer while they come
+        // back to back (the instances queue inputs and share outputs,
+        // which are not compared), up to MAX_CUTOVER_BURSTS of 20 inputs.
+        const MAX_CUTOVER_BURSTS: u32 = 250;
+        let cycles = 3000 + 20 * MAX_CUTOVER_BURSTS as u64;
         let trace = std::env::temp_dir().join(format!("burst-{mode}-{}.trace", std::process::id()));
         let cps = setup.start_bursty_cps(cycles, 1000, 20, &trace);
         let cps_pid = nix::unistd::Pid::from_raw(cps.id() as i32);
@@ -224,7 +268,7 @@ fn bursts_at_20_khz_on_the_seams_are_answered_exactly_once() {
                         let cut = cut.clone();
                         cutover_bursts = Some(std::thread::spawn(move || {
                             let mut bursts = 0;
-                            while !cut.load(Ordering::Relaxed) && bursts < 50 {
+                            while !cut.load(Ordering::Relaxed) && bursts < MAX_CUTOVER_BURSTS {
                                 burst();
                                 bursts += 1;
                                 std::thread::sleep(Duration::from_millis(1));

@@ -494,21 +494,23 @@ fn forget_flows(dataplane: &mut Dataplane, flows: &[TargetFlow]) {
 }
 
 /// Makes this host the service addresses' owner on `interface` and tells
-/// the neighbours (gratuitous ARP). An address it has already is fine.
+/// the neighbours (a gratuitous ARP, or an unsolicited neighbour
+/// advertisement for IPv6). An address it has already is fine.
 fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<String>, String> {
     let mut announced = Vec::new();
     for f in flows {
-        let IpAddr::V4(addr) = f.spec.service.ip() else {
-            return Err(format!(
-                "{}: announcing IPv6 addresses (unsolicited NA) is not supported yet",
-                f.spec.service
-            ));
-        };
+        let addr = f.spec.service.ip();
         match crate::netdev::own_address(interface, addr) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e.to_string()),
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(format!("{addr}: {e}"));
+            }
             _ => {}
         }
-        crate::netdev::gratuitous_arp(interface, addr).map_err(|e| e.to_string())?;
+        match addr {
+            IpAddr::V4(v4) => crate::netdev::gratuitous_arp(interface, v4),
+            IpAddr::V6(v6) => crate::netdev::unsolicited_na(interface, v6),
+        }
+        .map_err(|e| format!("{addr}: {e}"))?;
         announced.push(addr.to_string());
     }
     Ok(announced)

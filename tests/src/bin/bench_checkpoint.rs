@@ -48,8 +48,7 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "{:>5} {:<14} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>10}",
-        "", "", "ms", "/dump ms", "/copy ms", "ms", "ms", "ms", "max ms", "", "cycle",
-        "ckpt ms"
+        "", "", "ms", "/dump ms", "/copy ms", "ms", "ms", "ms", "max ms", "", "cycle", "ckpt ms"
     );
     for &size in &sizes {
         let ours = standby(size)?;
@@ -66,7 +65,8 @@ fn main() -> anyhow::Result<()> {
                 row.gap_ms,
                 row.missed,
                 row.gap_at,
-                row.checkpoint_gap_ms.map_or("-".into(), |g| format!("{g:.2}"))
+                row.checkpoint_gap_ms
+                    .map_or("-".into(), |g| format!("{g:.2}"))
             );
         }
         println!(
