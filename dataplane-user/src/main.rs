@@ -528,8 +528,31 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 return Ok(());
             }
             let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            // Notifications come on a thread of their own, so that the
+            // progress line can tick between them.
+            let (lines, notifications) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                while let Ok(line) = watch.next_line() {
+                    if lines.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            let started = std::time::Instant::now();
+            let mut progress = Progress::default();
             let report = loop {
-                let line = watch.next_line()?;
+                let line = match notifications.recv_timeout(Duration::from_millis(100)) {
+                    Ok(line) => line,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        if terminal {
+                            progress.show(&id, started.elapsed());
+                        }
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        return Err(anyhow::anyhow!("the daemon closed the watch").into());
+                    }
+                };
                 let event: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
                 let report = &event["params"];
                 if report["id"] != id.as_str() {
@@ -538,16 +561,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 if report["state"] != "running" {
                     break report.clone();
                 }
+                progress.update(report);
                 if terminal {
-                    let done: u64 = report["phases"].as_array().map_or(0, |p| {
-                        p.iter().filter_map(|p| p["duration_us"].as_u64()).sum()
-                    });
-                    eprint!(
-                        "\r{id}: {:<10} {:>8.1} ms in finished phases, {} image bytes   ",
-                        report["phase"].as_str().unwrap_or("?"),
-                        done as f64 / 1e3,
-                        report["image_bytes"]
-                    );
+                    progress.show(&id, started.elapsed());
                 }
             };
             if terminal {
@@ -618,6 +634,47 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// What `dataplane migrate` shows while a migration runs: the phase, the
+/// time since it started, and the image bytes sent with their rate.
+#[derive(Default)]
+struct Progress {
+    phase: String,
+    bytes: u64,
+    /// When the transfer's first bytes were reported, and how many.
+    first: Option<(std::time::Instant, u64)>,
+    rate: f64,
+}
+
+impl Progress {
+    fn update(&mut self, report: &Value) {
+        self.phase = report["phase"].as_str().unwrap_or("?").to_string();
+        self.bytes = report["image_bytes"].as_u64().unwrap_or(0);
+        if self.bytes > 0 {
+            let (at, bytes) = *self
+                .first
+                .get_or_insert((std::time::Instant::now(), self.bytes));
+            let seconds = at.elapsed().as_secs_f64();
+            if seconds > 0.0 {
+                self.rate = (self.bytes - bytes) as f64 / seconds;
+            }
+        }
+    }
+
+    fn show(&self, id: &str, elapsed: Duration) {
+        let rate = if self.rate > 0.0 {
+            format!(" at {:.1} MiB/s", self.rate / (1 << 20) as f64)
+        } else {
+            String::new()
+        };
+        eprint!(
+            "\r{id}: {:<10} {:>7.2} s, image data {:.2} MiB{rate}      ",
+            self.phase,
+            elapsed.as_secs_f64(),
+            self.bytes as f64 / (1 << 20) as f64
+        );
+    }
 }
 
 /// Prints `value` as JSON for scripts, or with `human` for people.
@@ -693,12 +750,28 @@ fn print_migration(v: &Value, predicted: Option<&Prediction>) {
     );
     println!("  outputs compared         {:>10}", us("compared"));
     println!("  flip                     {:>10} ns", us("flip_ns"));
-    if let Some(p) = predicted {
-        println!(
-            "  predicted T_D            {:>10.3} ms (the serving instance's longest silence)",
-            p.downtime_us / 1e3
-        );
-    }
+    println!(
+        "  serving instance held    {:>10.3} ms (T_D: its inputs not delivered){}",
+        us("held_us") as f64 / 1e3,
+        // Standby mode holds nothing of the serving instance's.
+        beside(
+            us("held_us"),
+            predicted
+                .filter(|_| us("held_us") > 0)
+                .map(|p| p.downtime_us)
+        )
+    );
+    let load = |key: &str| v["load"][key].as_u64().unwrap_or(0) as f64 / 1e3;
+    println!(
+        "  CPU time, source         {:>10.3} ms daemon, {:.3} ms CRIU",
+        load("source_daemon_us"),
+        load("source_criu_us")
+    );
+    println!(
+        "  CPU time, destination    {:>10.3} ms daemon, {:.3} ms CRIU",
+        load("destination_daemon_us"),
+        load("destination_criu_us")
+    );
     if let Some(error) = v["error"].as_str() {
         println!("  error: {error}");
     }

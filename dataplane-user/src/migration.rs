@@ -33,7 +33,7 @@ use crate::{
     loader::Dataplane,
     peer::{
         self,
-        target::{Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
+        target::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
     },
     replay::Injector,
 };
@@ -127,7 +127,25 @@ pub struct Report {
     /// The instance on the destination.
     pub destination_pid: u32,
     pub total_us: u64,
+    /// How long the serving instance's inputs were held (not delivered),
+    /// µs: its downtime as the daemon sees it (leave-running: the hold, the
+    /// dump and the replay; standby: none). The CPS sees this plus the
+    /// handover's own gap.
+    pub held_us: u64,
+    /// CPU time the migration cost.
+    pub load: Load,
     pub error: Option<String>,
+}
+
+/// CPU time used while a migration ran, µs: each daemon's own (all its
+/// threads) and that of the CRIU processes it ran and reaped. The
+/// destination's figures arrive with its answer to `finish`.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Load {
+    pub source_daemon_us: u64,
+    pub source_criu_us: u64,
+    pub destination_daemon_us: u64,
+    pub destination_criu_us: u64,
 }
 
 /// One timed phase, relative to the migration's start.
@@ -153,7 +171,7 @@ pub async fn run(
     service: Service,
     request: Request,
     context: Context,
-    progress: impl Fn(&Report) + Send + 'static,
+    progress: impl Fn(&Report) + Send + Sync + 'static,
 ) -> Report {
     let mut migration = Migration {
         start: Instant::now(),
@@ -170,10 +188,12 @@ pub async fn run(
         request,
         context,
     };
+    let cpu = crate::tasks::CpuTime::now();
     let outcome = migration.execute().await;
     let _ = std::fs::remove_file(migration.journal_path());
     let report = &mut migration.report;
     report.total_us = migration.start.elapsed().as_micros() as u64;
+    (report.load.source_daemon_us, report.load.source_criu_us) = crate::tasks::CpuTime::since(cpu);
     match outcome {
         Ok(()) => {
             report.state = "done".into();
@@ -191,7 +211,7 @@ pub async fn run(
 struct Migration {
     start: Instant,
     report: Report,
-    progress: Box<dyn Fn(&Report) + Send>,
+    progress: Box<dyn Fn(&Report) + Send + Sync>,
     service: Service,
     request: Request,
     context: Context,
@@ -322,7 +342,17 @@ impl Migration {
 
         let t = self.begin("transfer")?;
         let images = self.images();
-        let sent = peer::transfer::send(link, &self.report.id, &images).await;
+        let id = self.report.id.clone();
+        // Watchers see the bytes go, ten times a second.
+        let mut shown = Instant::now();
+        let mut progress = |bytes| {
+            if shown.elapsed() >= Duration::from_millis(100) {
+                shown = Instant::now();
+                self.report.image_bytes = bytes;
+                (self.progress)(&self.report);
+            }
+        };
+        let sent = peer::transfer::send_counting(link, &id, &images, &mut progress).await;
         let _ = std::fs::remove_dir_all(&images);
         self.report.image_bytes = sent.map_err(|e| self.fail(e))?.received.bytes;
         self.end(t);
@@ -393,6 +423,7 @@ impl Migration {
         let (pid, flow_id) = (instance.pid, source.flow_id);
         // Inputs cloned before the mirror to the peer was on are through by now.
         tokio::time::sleep(Duration::from_millis(1)).await;
+        let held = Instant::now();
         let position = tokio::task::block_in_place(|| {
             checkpoint::hold_and_drain(
                 &mut instance.dataplane,
@@ -425,6 +456,9 @@ impl Migration {
         let _ = instance
             .dataplane
             .set_input_gate(flow_id, GATE_DELIVER_ALL, 0);
+        if self.request.mode == Mode::LeaveRunning {
+            self.report.held_us = held.elapsed().as_micros() as u64;
+        }
         self.report.frozen_us = dumped.map_err(|e| self.fail(format!("dump: {e}")))?;
         resumed.map_err(|e| self.fail(format!("giving the held inputs back: {e}")))?;
         self.end(t);
@@ -577,7 +611,9 @@ impl Migration {
             let pid = nix::unistd::Pid::from_raw(pid as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
-        let _: Value = step(link, &Step::Finish).await.map_err(|e| self.fail(e))?;
+        let finished: Finished = step(link, &Step::Finish).await.map_err(|e| self.fail(e))?;
+        self.report.load.destination_daemon_us = finished.daemon_cpu_us;
+        self.report.load.destination_criu_us = finished.criu_cpu_us;
         self.end(t);
         Ok(())
     }

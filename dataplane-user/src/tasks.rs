@@ -83,6 +83,44 @@ pub fn demote(pid: u32) {
     }
 }
 
+/// CPU time (user + system) this process has used, and that of its
+/// children it has reaped: the daemon's own work, and the CRIU processes
+/// it started and waited for (swrk folds in the helpers it reaped).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuTime {
+    pub own: std::time::Duration,
+    pub children: std::time::Duration,
+}
+
+impl CpuTime {
+    pub fn now() -> Self {
+        let used = |who| {
+            // SAFETY: getrusage fills the struct it is given.
+            let usage = unsafe {
+                let mut usage: libc::rusage = std::mem::zeroed();
+                libc::getrusage(who, &mut usage);
+                usage
+            };
+            let time = |t: libc::timeval| {
+                std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000)
+            };
+            time(usage.ru_utime) + time(usage.ru_stime)
+        };
+        Self {
+            own: used(libc::RUSAGE_SELF),
+            children: used(libc::RUSAGE_CHILDREN),
+        }
+    }
+
+    /// What was used since `earlier`, µs: (own, children).
+    pub fn since(earlier: Self) -> (u64, u64) {
+        let now = Self::now();
+        let us =
+            |a: std::time::Duration, b: std::time::Duration| a.saturating_sub(b).as_micros() as u64;
+        (us(now.own, earlier.own), us(now.children, earlier.children))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,5 +150,18 @@ mod tests {
         assert_eq!(cpus_of(root).unwrap(), [last]);
         let _ = shell.kill();
         let _ = shell.wait();
+    }
+
+    #[test]
+    fn cpu_time_counts_reaped_children() {
+        let before = CpuTime::now();
+        // A child that burns about 50 ms of CPU, then is reaped.
+        let status = std::process::Command::new("sh")
+            .args(["-c", "i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done"])
+            .status()
+            .expect("run sh");
+        assert!(status.success());
+        let (_, children) = CpuTime::since(before);
+        assert!(children > 1_000, "children used {children} µs");
     }
 }

@@ -34,6 +34,13 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
     let k = report["handover_seq"].as_u64().unwrap();
     assert!(s > 0 && k > s, "S = {s}, K = {k}");
     assert!(report["flip_ns"].as_u64().unwrap() > 0);
+    // Leave-running: the serving instance's inputs were held across the
+    // dump, so at least for CRIU's frozen time.
+    let (held, frozen) = (report["held_us"].as_u64(), report["frozen_us"].as_u64());
+    assert!(
+        frozen > Some(0) && held > frozen,
+        "held {held:?}, frozen {frozen:?}"
+    );
     // The controller now runs on dst, with every cycle in its state; the
     // source instance is gone.
     let state = chain_state(&setup.hosts.dst, setup.service).expect("dst answers");

@@ -98,6 +98,19 @@ fn calibrate_plan_and_migrate_with_a_prediction() {
         shown.contains("predicted ms") && shown.contains("predicted"),
         "{shown}"
     );
+    // And what the migration cost: CRIU ran on both hosts (dump, restore)
+    // and both daemons worked; standby mode held nothing of the serving
+    // instance's.
+    assert!(shown.contains("CPU time, source"), "{shown}");
+    for key in [
+        "source_daemon_us",
+        "source_criu_us",
+        "destination_daemon_us",
+        "destination_criu_us",
+    ] {
+        assert!(report["load"][key].as_u64() > Some(0), "{key}: {report}");
+    }
+    assert_eq!(report["held_us"], 0, "{report}");
 
     // Its report fits the standby mode's costs.
     let reports = dir.join("reports.json");

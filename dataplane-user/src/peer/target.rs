@@ -93,6 +93,15 @@ pub struct Restored {
     pub replay_end: u64,
 }
 
+/// What `Finish` answers: the instance, and the CPU time this daemon and
+/// the CRIU processes it reaped used since `Prepare`, µs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Finished {
+    pub pid: Option<u32>,
+    pub daemon_cpu_us: u64,
+    pub criu_cpu_us: u64,
+}
+
 /// An output of the destination instance.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Output {
@@ -115,6 +124,8 @@ pub struct Target<'a> {
     log: LogGuard,
     instance: Option<u32>,
     finished: bool,
+    /// CPU time used when `Prepare` came.
+    cpu: crate::tasks::CpuTime,
 }
 
 impl<'a> Target<'a> {
@@ -167,6 +178,7 @@ impl<'a> Target<'a> {
             log,
             instance: None,
             finished: false,
+            cpu: crate::tasks::CpuTime::now(),
         };
         target.write_journal()?;
         Ok(target)
@@ -196,7 +208,13 @@ impl<'a> Target<'a> {
             Step::Announce => self.announce().map(|a| serde_json::json!({"announced": a})),
             Step::Finish => {
                 self.end();
-                Ok(serde_json::json!({"pid": self.instance}))
+                let (daemon_cpu_us, criu_cpu_us) = crate::tasks::CpuTime::since(self.cpu);
+                let finished = Finished {
+                    pid: self.instance,
+                    daemon_cpu_us,
+                    criu_cpu_us,
+                };
+                Ok(serde_json::to_value(finished).expect("serializes"))
             }
             Step::Abort => {
                 self.rollback();

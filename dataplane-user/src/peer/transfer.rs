@@ -97,7 +97,19 @@ pub fn parse_file_header(payload: &[u8]) -> Result<FileHeader, PeerError> {
 /// Sends every regular file of `dir` as the images of `migration`, on an
 /// established link, and waits for the receiver's verdict.
 pub async fn send(stream: &mut TcpStream, migration: &str, dir: &Path) -> Result<Sent, PeerError> {
+    send_counting(stream, migration, dir, &mut |_| {}).await
+}
+
+/// As [`send`], telling `sent` the bytes of file data sent so far after
+/// every chunk (for a progress display).
+pub async fn send_counting(
+    stream: &mut TcpStream,
+    migration: &str,
+    dir: &Path,
+    sent: &mut (dyn FnMut(u64) + Send),
+) -> Result<Sent, PeerError> {
     let start = Instant::now();
+    let mut bytes = 0;
     plain_name(migration)?;
     let begin = serde_json::to_vec(&Begin {
         migration: migration.into(),
@@ -131,6 +143,8 @@ pub async fn send(stream: &mut TcpStream, migration: &str, dir: &Path) -> Result
             }
             write_frame(stream, frame::DATA, &chunk[..n]).await?;
             hash.update(&chunk[..n]);
+            bytes += n as u64;
+            sent(bytes);
         }
         let end = FileEnd {
             sha256: hex(&hash.finalize()),
