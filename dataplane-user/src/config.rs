@@ -79,6 +79,13 @@ pub struct DaemonConfig {
     /// The CRIU binary. Default: /usr/local/sbin/criu (what `cargo xtask setup` installs).
     #[serde(default = "default_criu")]
     pub criu: PathBuf,
+    /// A `criu service` socket (`criu service --address PATH`, e.g. a
+    /// systemd socket unit) for dumps and checks. Default: none, every
+    /// request goes to a `criu swrk` the daemon starts. Restores into this
+    /// host's network namespace always use swrk: they hand CRIU a file
+    /// descriptor, which a service cannot take.
+    #[serde(default)]
+    pub criu_service: Option<PathBuf>,
     /// Where `dataplane calibrate` saves this host's migration model and
     /// `dataplane plan` and `dataplane migrate` read it.
     /// Default: /var/lib/dataplane/calibration.json.
@@ -186,7 +193,11 @@ impl DaemonConfig {
 
     /// The CRIU driver this configuration names.
     pub fn criu(&self) -> crate::criu::Criu {
-        crate::criu::Criu::new(&self.criu)
+        let criu = crate::criu::Criu::new(&self.criu);
+        match &self.criu_service {
+            Some(socket) => criu.with_service(socket),
+            None => criu,
+        }
     }
 
     /// The loader's options this configuration stands for.

@@ -178,6 +178,8 @@ impl Daemon {
             &daemon.config.images_dir,
             daemon.config.standby_pin_root.as_deref(),
         );
+        let criu = daemon.config.criu();
+        tokio::task::spawn_blocking(move || criu.log_capabilities());
         if let Some(address) = daemon.config.peer_listen {
             let peers = TcpListener::bind(address)
                 .await

@@ -130,6 +130,11 @@ enum Command {
         /// Time allowed for restore, replay and convergence, in ms.
         #[arg(long, default_value_t = 10_000)]
         deadline_ms: u64,
+        /// Take at most this many CRIU pre-dump rounds (kaur2020) before
+        /// the checkpoint, while the instance serves unheld (a kernel
+        /// without memory tracking gets a single dump).
+        #[arg(long, default_value_t = 0)]
+        pre_dump_rounds: usize,
         /// Print the migration's id and return at once.
         #[arg(long)]
         detach: bool,
@@ -505,6 +510,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             mode,
             converge,
             deadline_ms,
+            pre_dump_rounds,
             detach,
             calibration,
         } => {
@@ -518,7 +524,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut watch = Client::connect(&cli.socket)?;
             watch.call("migration.watch", json!({}))?;
             let params = json!({"service": service, "to": to, "mode": mode,
-                "converge": converge, "deadline_ms": deadline_ms});
+                "converge": converge, "deadline_ms": deadline_ms,
+                "pre_dump_rounds": pre_dump_rounds});
             let id = call("migration.start", params)?["id"]
                 .as_str()
                 .unwrap_or_default()
@@ -743,6 +750,9 @@ fn print_migration(v: &Value, predicted: Option<&Prediction>) {
         beside(us("frozen_us"), predicted.map(|p| p.frozen_us))
     );
     println!("  image data D             {:>10} bytes", us("image_bytes"));
+    if let Some(pre_dump) = v["pre_dump"].as_str() {
+        println!("  pre-dump                 {pre_dump}");
+    }
     println!(
         "  replayed                 {:>10} inputs at {:.0}/s",
         us("replayed"),

@@ -27,7 +27,7 @@ use crate::{
     capture::{LogGuard, Records, Subscription, Tap},
     checkpoint::{self, FlowPosition},
     convergence::{Comparator, Convergence},
-    criu::{Criu, DumpRequest, netns_inode, stats},
+    criu::{Criu, DumpRequest, netns_inode, policy::StopPolicy, precopy::IterativeDump, stats},
     daemon::Service,
     flow,
     loader::Dataplane,
@@ -71,6 +71,11 @@ pub struct Request {
     /// How outputs are compared (byte-equal without fields).
     #[serde(default)]
     pub compare: Comparator,
+    /// At most this many CRIU pre-dump rounds (kaur2020) before the
+    /// checkpoint, while the instance runs unheld; 0: none. A kernel
+    /// without memory tracking gets a single dump, and the report says so.
+    #[serde(default)]
+    pub pre_dump_rounds: usize,
 }
 
 fn default_converge() -> u32 {
@@ -134,6 +139,8 @@ pub struct Report {
     pub held_us: u64,
     /// CPU time the migration cost.
     pub load: Load,
+    /// What the pre-dump rounds did, when they were asked for.
+    pub pre_dump: Option<String>,
     pub error: Option<String>,
 }
 
@@ -421,6 +428,34 @@ impl Migration {
         let t = self.begin("checkpoint")?;
         let mut instance = self.checkpointed()?;
         let (pid, flow_id) = (instance.pid, source.flow_id);
+        let images = self.images();
+        let _ = std::fs::remove_dir_all(&images);
+        let inode = netns_inode(pid).map_err(|e| self.fail(format!("process {pid}: {e}")))?;
+        let dump = DumpRequest {
+            pid,
+            images_dir: images.clone(),
+            leave_running: true,
+            external: vec![format!("net[{inode}]:extnet")],
+            ..Default::default()
+        };
+        // Pre-dump rounds copy most memory while the instance still serves.
+        let rounds = match self.request.pre_dump_rounds {
+            0 => IterativeDump::default(),
+            max_rounds => {
+                let policy = StopPolicy {
+                    max_rounds,
+                    ..StopPolicy::default()
+                };
+                let rounds =
+                    tokio::task::block_in_place(|| self.context.criu.pre_dump(&dump, &policy))
+                        .map_err(|e| self.fail(format!("pre-dump: {e}")))?;
+                self.report.pre_dump = Some(match rounds.stop {
+                    Some(stop) => format!("{} rounds, stopped: {stop:?}", rounds.rounds.len()),
+                    None => "none: no memory tracking on this kernel, a single dump".into(),
+                });
+                rounds
+            }
+        };
         // Inputs cloned before the mirror to the peer was on are through by now.
         tokio::time::sleep(Duration::from_millis(1)).await;
         let held = Instant::now();
@@ -434,20 +469,10 @@ impl Migration {
         })
         .map_err(|e| self.fail(e))?[0];
         self.report.checkpoint_seq = position.last_delivered;
-        let images = self.images();
         let dumped = tokio::task::block_in_place(|| {
-            let _ = std::fs::remove_dir_all(&images);
-            let inode = netns_inode(pid).map_err(|e| format!("process {pid}: {e}"))?;
-            let request = DumpRequest {
-                pid,
-                images_dir: images.clone(),
-                leave_running: true,
-                external: vec![format!("net[{inode}]:extnet")],
-                ..Default::default()
-            };
             self.context
                 .criu
-                .dump(&request, false, &mut |_| true)
+                .dump(&rounds.final_dump(&dump), false, &mut |_| true)
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>(stats::dump(&images).map_or(0, |s| s.frozen_time.into()))
         });

@@ -76,7 +76,7 @@ fn check_payload(kind: u8, payload: &[u8], first: bool) {
         }
         frame::FILE => {
             if let Ok(header) = transfer::parse_file_header(payload) {
-                assert_single_component(&header.name);
+                assert_inside_images(&header.name, header.link.as_deref());
                 let again = serde_json::to_vec(&header).expect("serializes");
                 assert_eq!(transfer::parse_file_header(&again).ok(), Some(header));
             }
@@ -111,6 +111,28 @@ fn assert_single_component(name: &str) {
         [Component::Normal(name.as_ref())],
         "{name:?} is a path"
     );
+}
+
+/// A file at `name` (one level deep at most), and the target of a link
+/// there, both stay inside the images directory.
+fn assert_inside_images(name: &str, link: Option<&str>) {
+    let parts: Vec<_> = Path::new(name).components().collect();
+    assert!(
+        (1..=2).contains(&parts.len()) && parts.iter().all(|c| matches!(c, Component::Normal(_))),
+        "{name:?} leaves the images or nests too deep"
+    );
+    if let Some(target) = link {
+        // Resolve it from the link's directory, lexically.
+        let mut depth = parts.len() as i64 - 1;
+        for component in Path::new(target).components() {
+            depth += match component {
+                Component::Normal(_) => 1,
+                Component::ParentDir => -1,
+                other => panic!("{name:?} -> {target:?}: {other:?}"),
+            };
+            assert!(depth >= 0, "{name:?} -> {target:?} leaves the images");
+        }
+    }
 }
 
 /// A payload that parses as `T` serializes to one that parses to the same.

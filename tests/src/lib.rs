@@ -695,20 +695,41 @@ pub fn realtime_priority() -> u8 {
         .unwrap_or(50)
 }
 
-/// With real-time tasks on and two CPUs or more, the CPUs they and the
-/// migration machinery (daemons, CRIU) are pinned to: (real-time,
-/// machinery), as a control host keeps them apart. This kernel is not
-/// preemptible (PREEMPT_NONE): a control task woken on a CPU where CRIU
-/// runs a long stretch of kernel code waits for it, 10 ms and more, however
-/// high its priority. The destination daemon gives a restored instance its
-/// source's CPUs (CRIU does not restore affinity). DATAPLANE_TEST_PIN=0
-/// leaves every task free to run anywhere, to measure what pinning buys.
+/// With real-time tasks on, two CPUs or more and pinning wanted, the CPUs
+/// they and the migration machinery (daemons, CRIU, the standby) are pinned
+/// to: (real-time, machinery), as a control host keeps them apart. This
+/// kernel is not preemptible (PREEMPT_NONE): a control task woken on a CPU
+/// where CRIU runs a long stretch of kernel code waits for it, 10 ms and
+/// more, however high its priority. The destination daemon gives a
+/// restored instance its source's CPUs (CRIU does not restore affinity).
+/// Pinning is wanted in the timing runs (the benchmarks and the demo, see
+/// `tune_host_for_timing`) and where a test asks for it ([`Pinning`]);
+/// DATAPLANE_TEST_PIN=1 or 0 decides for every run.
 pub fn cpu_split() -> Option<(usize, usize)> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (realtime_priority() != 0
-        && cpus >= 2
-        && std::env::var("DATAPLANE_TEST_PIN").as_deref() != Ok("0"))
-    .then_some((cpus - 1, 0))
+    let wanted = match std::env::var("DATAPLANE_TEST_PIN").as_deref() {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => PINNING.load(std::sync::atomic::Ordering::SeqCst),
+    };
+    (realtime_priority() != 0 && cpus >= 2 && wanted).then_some((cpus - 1, 0))
+}
+
+static PINNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Pinning (see [`cpu_split`]) for test hosts set up while this lives.
+pub struct Pinning(bool);
+
+impl Pinning {
+    pub fn on() -> Self {
+        Self(PINNING.swap(true, std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+impl Drop for Pinning {
+    fn drop(&mut self) {
+        PINNING.store(self.0, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// The `taskset` and `chrt` prefix that starts a program at
@@ -764,16 +785,25 @@ impl ConntrackBuckets {
     }
 }
 
-/// Prepares this host for a timed run (`ConntrackBuckets::shrink`) and
-/// prints the conditions the figures were taken under.
+/// Prepares this host for a timed run (pinning, `ConntrackBuckets::shrink`)
+/// and prints the conditions the figures were taken under.
 pub fn tune_host_for_timing() -> ConntrackBuckets {
+    // For the whole run: the hosts of a timing run keep the real-time tasks
+    // and the machinery apart.
+    std::mem::forget(Pinning::on());
     let buckets = ConntrackBuckets::shrink();
     let priority = match realtime_priority() {
         0 => "ordinary tasks".to_string(),
         p => format!("SCHED_FIFO priority {p}"),
     };
+    let cpus = match cpu_split() {
+        Some((realtime, machinery)) => {
+            format!(" on CPU {realtime}, daemons, CRIU and standbys on CPU {machinery}")
+        }
+        None => String::new(),
+    };
     println!(
-        "host: controllers and CPS at {priority}; conntrack buckets {}",
+        "host: controllers and CPS at {priority}{cpus}; conntrack buckets {}",
         buckets.describe()
     );
     buckets

@@ -46,6 +46,104 @@ fn criu_reports_its_version_and_features() {
     println!("memory tracking (pre-dump possible): {mem_track}");
 }
 
+/// A `criu service` the test started, stopped on drop.
+struct CriuService {
+    child: std::process::Child,
+    socket: PathBuf,
+}
+
+impl CriuService {
+    fn start(name: &str) -> Self {
+        let socket =
+            std::env::temp_dir().join(format!("criu-service-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let child = std::process::Command::new(dataplane_user::criu::DEFAULT_CRIU)
+            .arg("service")
+            .arg("--address")
+            .arg(&socket)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start criu service");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "criu service never listened"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Self { child, socket }
+    }
+}
+
+impl Drop for CriuService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[test]
+fn a_criu_service_socket_dumps_and_swrk_restores_into_dst() {
+    let service = CriuService::start("dump");
+    let criu = Criu::default().with_service(&service.socket);
+    let version = criu.version().expect("the service answers VERSION");
+    assert!((version.major_number, version.minor_number) >= (4, 2));
+    criu.features().expect("the service answers FEATURE_CHECK");
+
+    let hosts = TestHosts::new("crsvc");
+    let addr = sock(SERVICE_V4, 5000);
+    let instance = ChainService::start(&hosts.src, addr);
+    let fed = feed(&hosts.src, addr, 300);
+    assert_eq!(chain_state(&hosts.src, addr), Some(fed));
+    let dir = images_dir("service");
+    let mut seen = Vec::new();
+    criu.dump(
+        &instance.dump_request(dir.clone(), true),
+        false,
+        &mut |script| {
+            seen.push(script.to_string());
+            true
+        },
+    )
+    .unwrap_or_else(|e| panic!("dump through the service: {e}\n{}", log(&dir, "dump.log")));
+    assert!(
+        seen.iter().any(|s| s == "post-dump"),
+        "notifications: {seen:?}"
+    );
+    assert_eq!(chain_state(&hosts.src, addr), Some(fed), "left running");
+
+    // The restore hands CRIU dst's network namespace: swrk takes it.
+    let dst_net = open_netns(&hosts.dst.path()).unwrap();
+    let restore = RestoreRequest {
+        images_dir: dir.clone(),
+        inherit: vec![("extnet".into(), &dst_net)],
+    };
+    let pid = criu
+        .restore(&restore, &mut |_| true)
+        .unwrap_or_else(|e| panic!("restore: {e}\n{}", log(&dir, "restore.log")));
+    assert_eq!(
+        chain_state(&hosts.dst, addr),
+        Some(fed),
+        "the exact state in dst"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // A socket nobody serves: the error says so.
+    drop(service);
+    let gone = Criu::default().with_service(std::env::temp_dir().join("no-criu-service.sock"));
+    let error = gone.version().expect_err("nobody serves that socket");
+    assert!(matches!(error, CriuError::Service { .. }), "{error}");
+}
+
 #[test]
 fn a_service_dumped_in_src_resumes_in_dst_with_its_exact_state() {
     let hosts = TestHosts::new("criu");

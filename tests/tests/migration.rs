@@ -15,6 +15,9 @@ fn assert_clean(verdict: &serde_json::Value) {
 
 #[test]
 fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
+    // The real-time tasks on a CPU of their own, the daemons and CRIU on
+    // another: the restored instance must come back on the former.
+    let _pinning = dataplane_tests::Pinning::on();
     let setup = MigrationSetup::new("mig", &[], false);
     let cycles = 3000;
     let source_cpus = cpus_of(setup.controller.pid).expect("the controller's CPUs");
@@ -23,7 +26,7 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
     }
     let cps = setup.start_cps(cycles, 1000, None);
     std::thread::sleep(Duration::from_millis(500));
-    let id = setup.migrate(serde_json::json!({}));
+    let id = setup.migrate(serde_json::json!({"pre_dump_rounds": 3}));
     let report = setup.wait(&id);
     let verdict = cps_verdict(cps);
     let pid = report["destination_pid"].as_u64().unwrap_or(0);
@@ -34,6 +37,17 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
     let k = report["handover_seq"].as_u64().unwrap();
     assert!(s > 0 && k > s, "S = {s}, K = {k}");
     assert!(report["flip_ns"].as_u64().unwrap() > 0);
+    // Pre-dump rounds where the kernel tracks memory, else a single dump.
+    let tracking = dataplane_user::criu::Criu::default()
+        .features()
+        .expect("FEATURE_CHECK")
+        .mem_track
+        .unwrap_or(false);
+    let pre_dump = report["pre_dump"].as_str().expect("pre_dump reported");
+    match tracking {
+        true => assert!(pre_dump.contains("rounds, stopped"), "{pre_dump}"),
+        false => assert!(pre_dump.contains("no memory tracking"), "{pre_dump}"),
+    }
     // Leave-running: the serving instance's inputs were held across the
     // dump, so at least for CRIU's frozen time.
     let (held, frozen) = (report["held_us"].as_u64(), report["frozen_us"].as_u64());

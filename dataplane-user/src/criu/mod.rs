@@ -42,6 +42,11 @@ pub enum CriuError {
         bin: PathBuf,
         source: std::io::Error,
     },
+    #[error("connecting to the criu service at {path}: {source} (is `criu service` running?)")]
+    Service {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("CRIU RPC socket: {0}")]
     Socket(#[from] nix::Error),
     #[error("CRIU sent a message that does not decode: {0}")]
@@ -70,6 +75,9 @@ pub enum CriuError {
 pub struct Criu {
     bin: PathBuf,
     timeout: Duration,
+    /// A `criu service` socket that requests go to instead of a fresh
+    /// `criu swrk`, where they need no file descriptor of ours.
+    service: Option<PathBuf>,
 }
 
 impl Default for Criu {
@@ -113,6 +121,19 @@ impl Criu {
         Self {
             bin: bin.into(),
             timeout: Duration::from_secs(60),
+            service: None,
+        }
+    }
+
+    /// The same client sending its requests to the `criu service` listening
+    /// on `socket` (`criu service --address SOCKET`), except those that
+    /// hand CRIU file descriptors (a restore into another network
+    /// namespace): a service cannot take them, so those still go to a
+    /// `criu swrk` of our own.
+    pub fn with_service(self, socket: impl Into<PathBuf>) -> Self {
+        Self {
+            service: Some(socket.into()),
+            ..self
         }
     }
 
@@ -140,6 +161,32 @@ impl Criu {
         });
         let resp = self.call(req, &[], &mut |_| true)?;
         Ok(resp.features.unwrap_or_default())
+    }
+
+    /// Asks CRIU for its version and features and logs them: a daemon
+    /// does this at its start, so that a missing or unusable CRIU, or a
+    /// kernel without memory tracking, shows then and not in the first
+    /// migration. Blocks for the two requests (tens of ms).
+    pub fn log_capabilities(&self) {
+        match self.version().and_then(|v| Ok((v, self.features()?))) {
+            Ok((version, features)) => {
+                let mem_track = features.mem_track.unwrap_or(false);
+                tracing::info!(
+                    version = %format!("{}.{}", version.major_number, version.minor_number),
+                    sublevel = version.sublevel,
+                    mem_track,
+                    "CRIU ready"
+                );
+                if !mem_track {
+                    precopy::warn_no_memory_tracking();
+                }
+            }
+            Err(e) => tracing::warn!(
+                "CRIU at {} is not usable ({e}): migrations from and to this host fail \
+                 until it is",
+                self.bin.display()
+            ),
+        }
     }
 
     /// Dumps (or with `pre`, pre-dumps) a process tree. `notify` sees each
@@ -207,7 +254,8 @@ impl Criu {
         Ok(resp.restore.map(|r| r.pid as u32).unwrap_or_default())
     }
 
-    /// One request to a fresh `criu swrk`, with `inherit` fds passed to it.
+    /// One request: to the `criu service` if there is one and `inherit` is
+    /// empty, else to a fresh `criu swrk` with `inherit` fds passed to it.
     fn call(
         &self,
         req: Req,
@@ -221,28 +269,35 @@ impl Criu {
             .and_then(|o| o.images_dir.as_ref().zip(o.log_file.as_ref()))
             .map(|(dir, file)| format!("{dir}/{file}"))
             .unwrap_or_else(|| "CRIU's stderr".into());
-        let (ours, theirs) = socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )?;
         let timeout = TimeVal::new(
             self.timeout.as_secs() as _,
             self.timeout.subsec_micros() as _,
         );
-        setsockopt(&ours, sockopt::ReceiveTimeout, &timeout)?;
-        let before = thread_children();
-        let mut worker = self.spawn(&theirs, inherit)?;
-        drop(theirs);
-        let outcome = exchange(&ours, req, sent, notify, &log).map_err(|e| match e {
+        let timed_out = |e| match e {
             CriuError::Socket(nix::Error::EAGAIN) => CriuError::Timeout {
                 request: sent,
                 after: self.timeout,
                 log: log.clone(),
             },
             e => e,
-        });
+        };
+        if let (Some(service), []) = (&self.service, inherit) {
+            // The service forks a worker per connection; closing ours ends it.
+            let sock = connect_service(service)?;
+            setsockopt(&sock, sockopt::ReceiveTimeout, &timeout)?;
+            return exchange(&sock, req, sent, notify, &log).map_err(timed_out);
+        }
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        setsockopt(&ours, sockopt::ReceiveTimeout, &timeout)?;
+        let before = thread_children();
+        let mut worker = self.spawn(&theirs, inherit)?;
+        drop(theirs);
+        let outcome = exchange(&ours, req, sent, notify, &log).map_err(timed_out);
         if outcome.is_err() {
             // A failed or stuck restore can leave half-restored tasks behind
             // as this thread's children (rst_sibling): remove them with CRIU.
@@ -284,6 +339,22 @@ impl Criu {
             source,
         })
     }
+}
+
+/// A SEQPACKET connection to a `criu service` socket.
+fn connect_service(path: &Path) -> Result<OwnedFd, CriuError> {
+    let sock = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let address = nix::sys::socket::UnixAddr::new(path)?;
+    nix::sys::socket::connect(sock.as_raw_fd(), &address).map_err(|e| CriuError::Service {
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    Ok(sock)
 }
 
 fn request(kind: ReqType, opts: Option<Opts>) -> Req {

@@ -23,6 +23,9 @@ pub struct IterativeDump {
     pub rounds: Vec<Round>,
     /// Why the rounds stopped (none when there were none).
     pub stop: Option<Stop>,
+    /// The last round's directory, relative to the images directory: the
+    /// final dump's parent.
+    pub parent: Option<String>,
 }
 
 impl Criu {
@@ -35,25 +38,34 @@ impl Criu {
         dump: &DumpRequest,
         policy: &StopPolicy,
     ) -> Result<IterativeDump, CriuError> {
+        let rounds = self.pre_dump(dump, policy)?;
+        self.dump(&rounds.final_dump(dump), false, &mut |_| true)?;
+        Ok(rounds)
+    }
+
+    /// The pre-dump rounds of [`Criu::iterative_dump`] alone, the service
+    /// left running after each: a live migration takes them before it holds
+    /// the service's inputs for the final dump.
+    pub fn pre_dump(
+        &self,
+        dump: &DumpRequest,
+        policy: &StopPolicy,
+    ) -> Result<IterativeDump, CriuError> {
         let mem_track = self.features()?.mem_track.unwrap_or(false);
         let mut done = IterativeDump {
             mem_track,
             ..IterativeDump::default()
         };
         if !mem_track {
-            tracing::warn!(
-                "CRIU reports no memory tracking on this kernel (no soft-dirty): \
-                 no pre-dump rounds, a single dump"
-            );
+            warn_no_memory_tracking();
         }
-        let mut parent: Option<String> = None;
         while mem_track && done.stop.is_none() {
             let name = format!("pre-{}", done.rounds.len());
             let round = DumpRequest {
                 images_dir: dump.images_dir.join(&name),
                 leave_running: true,
                 track_mem: true,
-                parent_img: parent.as_ref().map(|p| format!("../{p}")),
+                parent_img: done.parent.as_ref().map(|p| format!("../{p}")),
                 ..dump.clone()
             };
             let start = Instant::now();
@@ -64,16 +76,33 @@ impl Criu {
                 images_hash: pages_hash(&round.images_dir),
             });
             done.stop = policy.decide(&done.rounds);
-            parent = Some(name);
+            done.parent = Some(name);
         }
-        let last = DumpRequest {
-            parent_img: parent,
-            track_mem: mem_track,
-            ..dump.clone()
-        };
-        self.dump(&last, false, &mut |_| true)?;
         Ok(done)
     }
+}
+
+impl IterativeDump {
+    /// `dump` on top of these rounds: their last as parent, memory tracked
+    /// where the kernel can.
+    pub fn final_dump(&self, dump: &DumpRequest) -> DumpRequest {
+        DumpRequest {
+            parent_img: self.parent.clone(),
+            track_mem: self.mem_track,
+            ..dump.clone()
+        }
+    }
+}
+
+/// Says once per process that pre-dump rounds cannot be taken here.
+pub fn warn_no_memory_tracking() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            "CRIU reports no memory tracking on this kernel (no soft-dirty): \
+             no pre-dump rounds, a single dump"
+        )
+    });
 }
 
 /// A hash of a round's page images (kaur2020 stops when two rounds' are equal).

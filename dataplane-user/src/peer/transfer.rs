@@ -1,5 +1,7 @@
-//! Checkpoint images over the peer link: every file of an images directory,
-//! in chunks, each file checked against its SHA-256 on arrival. The sender
+//! Checkpoint images over the peer link: every file of an images directory
+//! and of its subdirectories one level down (the pre-dump rounds `pre-N`,
+//! with the `parent` links CRIU chains them by), in chunks, each file
+//! checked against its SHA-256 on arrival. The sender
 //! hashes a chunk as it sends it and sends the digest after the file's
 //! last chunk, so hashing overlaps the transfer instead of preceding it. The
 //! receiver writes into `<root>/<migration>.partial` and renames it to
@@ -27,12 +29,17 @@ struct Begin {
     migration: String,
 }
 
-/// A FILE frame's payload: the file that DATA frames follow with.
+/// A FILE frame's payload: the file that DATA frames follow with, or a
+/// symbolic link (no DATA).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileHeader {
-    /// A [`plain_name`].
+    /// An [`image_path`].
     pub name: String,
     pub size: u64,
+    /// A link's target, an [`image_link`]: CRIU's `parent` links between
+    /// pre-dump rounds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 /// A FILE_END frame's payload: the digest of the file's DATA.
@@ -78,6 +85,35 @@ pub fn plain_name(name: &str) -> Result<&str, PeerError> {
     }
 }
 
+/// A file's place in an images directory: a [`plain_name`], or one in a
+/// subdirectory with a plain name (`pre-0/pages-1.img`).
+pub fn image_path(path: &str) -> Result<&str, PeerError> {
+    let parts: Vec<&str> = path.split('/').collect();
+    if parts.len() > 2 {
+        return Err(images_error(format!("{path:?} is nested too deep")));
+    }
+    parts.iter().try_for_each(|p| plain_name(p).map(drop))?;
+    Ok(path)
+}
+
+/// A link's target, relative to the link at `path`, that stays inside the
+/// images directory: plain names, after at most as many leading `..` as
+/// the link is deep (`pre-1` at the top, `../pre-0` inside `pre-1`).
+pub fn image_link<'a>(path: &str, target: &'a str) -> Result<&'a str, PeerError> {
+    let depth = path.matches('/').count();
+    let parts: Vec<&str> = target.split('/').collect();
+    let ups = parts.iter().take_while(|p| **p == "..").count();
+    let ok =
+        ups <= depth && ups < parts.len() && parts[ups..].iter().all(|p| plain_name(p).is_ok());
+    if ok {
+        Ok(target)
+    } else {
+        Err(images_error(format!(
+            "{path}: link to {target:?} leaves the images"
+        )))
+    }
+}
+
 /// The migration id of an IMAGES frame's payload, a [`plain_name`].
 pub fn parse_begin(payload: &[u8]) -> Result<String, PeerError> {
     let Begin { migration } =
@@ -86,16 +122,56 @@ pub fn parse_begin(payload: &[u8]) -> Result<String, PeerError> {
     Ok(migration)
 }
 
-/// A FILE frame's payload, its name a [`plain_name`].
+/// A FILE frame's payload, its name an [`image_path`] and its link target
+/// (if it is one) an [`image_link`] with no data.
 pub fn parse_file_header(payload: &[u8]) -> Result<FileHeader, PeerError> {
     let header: FileHeader =
         serde_json::from_slice(payload).map_err(|e| images_error(format!("file header: {e}")))?;
-    plain_name(&header.name)?;
+    image_path(&header.name)?;
+    if let Some(target) = &header.link {
+        image_link(&header.name, target)?;
+        if header.size != 0 {
+            return Err(images_error(format!("{}: a link with data", header.name)));
+        }
+    }
     Ok(header)
 }
 
-/// Sends every regular file of `dir` as the images of `migration`, on an
-/// established link, and waits for the receiver's verdict.
+/// What an images directory holds, in the order it is sent: its files
+/// and links, then each subdirectory's, by name.
+fn image_entries(dir: &Path) -> Result<Vec<(String, Option<String>)>, PeerError> {
+    let mut entries = Vec::new();
+    let mut subdirs = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    names.sort_by_key(|e| e.file_name());
+    for entry in names {
+        let name = entry.file_name().into_string().map_err(|n| {
+            images_error(format!(
+                "{}: a file name that is not UTF-8: {n:?}",
+                dir.display()
+            ))
+        })?;
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            let target = std::fs::read_link(entry.path())?;
+            entries.push((name, Some(target.to_string_lossy().into_owned())));
+        } else if kind.is_dir() {
+            subdirs.push(name);
+        } else if kind.is_file() {
+            entries.push((name, None));
+        }
+    }
+    for sub in subdirs {
+        for (name, link) in image_entries(&dir.join(&sub))? {
+            entries.push((format!("{sub}/{name}"), link));
+        }
+    }
+    Ok(entries)
+}
+
+/// Sends the files and links of `dir` (and of its subdirectories, one
+/// level down) as the images of `migration`, on an established link, and
+/// waits for the receiver's verdict.
 pub async fn send(stream: &mut TcpStream, migration: &str, dir: &Path) -> Result<Sent, PeerError> {
     send_counting(stream, migration, dir, &mut |_| {}).await
 }
@@ -116,19 +192,21 @@ pub async fn send_counting(
     })
     .expect("serializes");
     write_frame(stream, frame::IMAGES, &begin).await?;
-    let mut names: Vec<String> = std::fs::read_dir(dir)?
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    names.sort();
     let mut chunk = vec![0; CHUNK];
-    for name in names {
-        let mut file = tokio::fs::File::open(dir.join(&name)).await?;
-        let header = FileHeader {
-            name: plain_name(&name)?.to_string(),
-            size: file.metadata().await?.len(),
+    for (name, link) in image_entries(dir)? {
+        image_path(&name)?;
+        if let Some(target) = &link {
+            image_link(&name, target)?;
+        }
+        let mut file = match &link {
+            Some(_) => None,
+            None => Some(tokio::fs::File::open(dir.join(&name)).await?),
         };
+        let size = match &file {
+            Some(file) => file.metadata().await?.len(),
+            None => 0,
+        };
+        let header = FileHeader { name, size, link };
         write_frame(
             stream,
             frame::FILE,
@@ -136,7 +214,7 @@ pub async fn send_counting(
         )
         .await?;
         let mut hash = Sha256::new();
-        loop {
+        while let Some(file) = file.as_mut() {
             let n = file.read(&mut chunk).await?;
             if n == 0 {
                 break;
@@ -223,7 +301,8 @@ async fn receive_files(
     let _ = tokio::fs::remove_dir_all(dir).await;
     tokio::fs::create_dir_all(dir).await?;
     let (mut files, mut bytes) = (0u64, 0u64);
-    let mut current: Option<(FileHeader, tokio::fs::File, Sha256, u64)> = None;
+    // The file being received (none for a link), its hash and bytes so far.
+    let mut current: Option<(FileHeader, Option<tokio::fs::File>, Sha256, u64)> = None;
     loop {
         let (kind, payload) = read_frame(stream, MAX_FRAME).await?;
         *ended = kind == frame::IMAGES_END;
@@ -236,12 +315,22 @@ async fn receive_files(
                     return Ok((files, bytes));
                 }
                 let header = parse_file_header(&payload)?;
-                let file = tokio::fs::File::create(dir.join(&header.name)).await?;
+                let path = dir.join(&header.name);
+                if let Some(parent) = path.parent() {
+                    tokio::fs::create_dir_all(parent).await?;
+                }
+                let file = match &header.link {
+                    Some(target) => {
+                        tokio::fs::symlink(target, &path).await?;
+                        None
+                    }
+                    None => Some(tokio::fs::File::create(&path).await?),
+                };
                 current = Some((header, file, Sha256::new(), 0));
             }
             frame::DATA => {
-                let Some((header, file, hash, got)) = current.as_mut() else {
-                    return Err(images_error("data before a file header"));
+                let Some((header, Some(file), hash, got)) = current.as_mut() else {
+                    return Err(images_error("data outside a file"));
                 };
                 *got += payload.len() as u64;
                 if *got > header.size {
@@ -255,12 +344,14 @@ async fn receive_files(
                 bytes += payload.len() as u64;
             }
             frame::FILE_END => {
-                let Some((header, mut file, hash, got)) = current.take() else {
+                let Some((header, file, hash, got)) = current.take() else {
                     return Err(images_error("a digest before a file header"));
                 };
                 let end: FileEnd = serde_json::from_slice(&payload)
                     .map_err(|e| images_error(format!("file end: {e}")))?;
-                file.flush().await?;
+                if let Some(mut file) = file {
+                    file.flush().await?;
+                }
                 if got != header.size || hex(&hash.finalize()) != end.sha256 {
                     return Err(images_error(format!(
                         "{}: checksum mismatch ({got} of {} bytes arrived)",
@@ -302,6 +393,97 @@ mod tests {
             &"x".repeat(129),
         ] {
             assert!(plain_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A pre-dump chain as CRIU leaves it: the final images with a
+    /// `parent` link to the last round, rounds in `pre-N` linked back.
+    #[tokio::test]
+    async fn a_pre_dump_chain_arrives_whole_with_its_links() {
+        let root = std::env::temp_dir().join(format!("transfer-chain-{}", std::process::id()));
+        let (images, received) = (root.join("sent"), root.join("received"));
+        let _ = std::fs::remove_dir_all(&root);
+        for dir in ["pre-0", "pre-1"] {
+            std::fs::create_dir_all(images.join(dir)).unwrap();
+            std::fs::write(images.join(dir).join("pages-1.img"), dir.repeat(1000)).unwrap();
+        }
+        std::fs::write(images.join("pages-1.img"), vec![7u8; 3 << 20]).unwrap();
+        std::fs::write(images.join("core-1.img"), b"core").unwrap();
+        std::os::unix::fs::symlink("pre-1", images.join("parent")).unwrap();
+        std::os::unix::fs::symlink("../pre-0", images.join("pre-1/parent")).unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut receiver, _) = listener.accept().await.unwrap();
+        let mut counted = 0;
+        let receive = async {
+            let (kind, begin) = read_frame(&mut receiver, MAX_FRAME).await.unwrap();
+            assert_eq!(kind, frame::IMAGES);
+            let got = super::receive(&mut receiver, &begin, &received).await;
+            let verdict = serde_json::to_vec(got.as_ref().unwrap()).unwrap();
+            write_frame(&mut receiver, frame::IMAGES_OK, &verdict)
+                .await
+                .unwrap();
+            got.unwrap()
+        };
+        let mut count = |b| counted = b;
+        let send = send_counting(&mut sender, "m1", &images, &mut count);
+        let (sent, got) = tokio::join!(send, receive);
+        let sent = sent.unwrap();
+        assert_eq!(sent.received, got);
+        let data = (3 << 20) + 4 + 2 * 5000;
+        assert_eq!((got.files, got.bytes, counted), (6, data, data));
+        let done = received.join("m1");
+        for file in [
+            "pages-1.img",
+            "core-1.img",
+            "pre-0/pages-1.img",
+            "pre-1/pages-1.img",
+        ] {
+            assert_eq!(
+                std::fs::read(done.join(file)).unwrap(),
+                std::fs::read(images.join(file)).unwrap(),
+                "{file}"
+            );
+        }
+        for (link, target) in [("parent", "pre-1"), ("pre-1/parent", "../pre-0")] {
+            assert_eq!(
+                std::fs::read_link(done.join(link)).unwrap(),
+                Path::new(target),
+                "{link}"
+            );
+        }
+        // The links resolve inside the received images.
+        assert_eq!(
+            std::fs::read(done.join("parent/parent/pages-1.img")).unwrap(),
+            "pre-0".repeat(1000).as_bytes()
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn image_paths_go_one_plain_level_deep_and_links_stay_inside() {
+        for ok in ["pages-1.img", "pre-0/pages-1.img"] {
+            assert!(image_path(ok).is_ok(), "{ok}");
+        }
+        for bad in ["a/b/c", "../x", "pre-0/..", "/abs", "pre-0/", "a//b"] {
+            assert!(image_path(bad).is_err(), "{bad:?}");
+        }
+        // CRIU's parent links: the final dump's, and a later round's.
+        assert!(image_link("parent", "pre-1").is_ok());
+        assert!(image_link("pre-1/parent", "../pre-0").is_ok());
+        for (path, target) in [
+            ("parent", "../pre-0"),
+            ("pre-1/parent", "../../x"),
+            ("parent", "/etc"),
+            ("parent", ".."),
+            ("pre-1/parent", ".."),
+            ("parent", "pre-0/../.."),
+            ("parent", ""),
+        ] {
+            assert!(image_link(path, target).is_err(), "{path} -> {target:?}");
         }
     }
 }

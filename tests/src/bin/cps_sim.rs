@@ -199,7 +199,7 @@ fn verdict(
     for seq in 1..=count {
         hashes[seq] = chain(hashes[seq - 1], seq.to_string().as_bytes());
     }
-    let mut first_wrong = None;
+    let (mut first_wrong, mut first_duplicate) = (None, None);
     for (at, text) in outputs {
         let fields: Vec<&str> = text.split_whitespace().collect();
         let Some(seq) = fields.first().and_then(|s| s.parse::<usize>().ok()) else {
@@ -212,6 +212,9 @@ fn verdict(
         }
         if answered[seq] != 0 {
             duplicates += 1;
+            first_duplicate.get_or_insert_with(
+                || serde_json::json!({"output": text, "at_us": at, "first_at_us": answered[seq]}),
+            );
             continue;
         }
         answered[seq] = *at;
@@ -274,6 +277,7 @@ fn verdict(
         "out_of_order": out_of_order,
         "wrong": wrong,
         "first_wrong": first_wrong,
+        "first_duplicate": first_duplicate,
         "period_us": period,
         "send_us": send_us,
         "extra_gap_us": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0), "at_cycle": longest_at},
