@@ -46,6 +46,20 @@ fn criu_reports_its_version_and_features() {
     println!("memory tracking (pre-dump possible): {mem_track}");
 }
 
+/// Dumps with `criu`, checking that CRIU's `post-dump` notification came.
+fn dump_through_post_dump(criu: &Criu, dump: &DumpRequest) {
+    let mut seen = Vec::new();
+    criu.dump(dump, false, &mut |script| {
+        seen.push(script.to_string());
+        true
+    })
+    .unwrap_or_else(|e| panic!("dump: {e}\n{}", log(&dump.images_dir, "dump.log")));
+    assert!(
+        seen.iter().any(|s| s == "post-dump"),
+        "notifications: {seen:?}"
+    );
+}
+
 /// A `criu service` the test started, stopped on drop.
 struct CriuService {
     child: std::process::Child,
@@ -100,20 +114,7 @@ fn a_criu_service_socket_dumps_and_swrk_restores_into_dst() {
     let fed = feed(&hosts.src, addr, 300);
     assert_eq!(chain_state(&hosts.src, addr), Some(fed));
     let dir = images_dir("service");
-    let mut seen = Vec::new();
-    criu.dump(
-        &instance.dump_request(dir.clone(), true),
-        false,
-        &mut |script| {
-            seen.push(script.to_string());
-            true
-        },
-    )
-    .unwrap_or_else(|e| panic!("dump through the service: {e}\n{}", log(&dir, "dump.log")));
-    assert!(
-        seen.iter().any(|s| s == "post-dump"),
-        "notifications: {seen:?}"
-    );
+    dump_through_post_dump(&criu, &instance.dump_request(dir.clone(), true));
     assert_eq!(chain_state(&hosts.src, addr), Some(fed), "left running");
 
     // The restore hands CRIU dst's network namespace: swrk takes it.
@@ -155,17 +156,7 @@ fn a_service_dumped_in_src_resumes_in_dst_with_its_exact_state() {
 
     let criu = Criu::default();
     let dir = images_dir("move");
-    let mut seen = Vec::new();
-    let dump = service.dump_request(dir.clone(), false);
-    criu.dump(&dump, false, &mut |script| {
-        seen.push(script.to_string());
-        true
-    })
-    .unwrap_or_else(|e| panic!("dump: {e}\n{}", log(&dir, "dump.log")));
-    assert!(
-        seen.iter().any(|s| s == "post-dump"),
-        "notifications: {seen:?}"
-    );
+    dump_through_post_dump(&criu, &service.dump_request(dir.clone(), false));
     let dumped = stats::dump(&dir).expect("stats-dump");
     assert!(
         dumped.pages_written > 0 && dumped.frozen_time > 0,
