@@ -664,7 +664,7 @@ impl Progress {
                 .get_or_insert((std::time::Instant::now(), self.bytes));
             let seconds = at.elapsed().as_secs_f64();
             if seconds > 0.0 {
-                self.rate = (self.bytes - bytes) as f64 / seconds;
+                self.rate = self.bytes.saturating_sub(bytes) as f64 / seconds;
             }
         }
     }
