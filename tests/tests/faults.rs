@@ -413,6 +413,14 @@ fn run_cell(fault: Fault, phase: &'static str, index: usize) -> Option<Row> {
     } else {
         "- (handed over)".into()
     };
+    // What serves on dst now goes with the cell: a restored instance whose
+    // daemon died is nobody's child any more.
+    for pid in pids_named(comm)
+        .into_iter()
+        .filter(|&p| in_netns(p, &setup.hosts.dst))
+    {
+        kill_pid(pid as u64);
+    }
     Some(Row {
         fault,
         phase,
