@@ -157,49 +157,26 @@ pub fn unsolicited_na(interface: &str, addr: std::net::Ipv6Addr) -> io::Result<(
     // The option: type, length in units of 8 bytes, the MAC address.
     message.extend_from_slice(&[TARGET_LINK_LAYER_ADDRESS, 1]);
     message.extend_from_slice(&iface.mac);
-    // SAFETY: plain socket calls on a descriptor this function owns, with
-    // option values and addresses that live across the calls.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_INET6,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_ICMPV6,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
-        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-        // Receivers drop neighbour discovery that crossed a router.
-        let hops: libc::c_int = 255;
-        if libc::setsockopt(
-            raw,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_MULTICAST_HOPS,
-            (&raw const hops).cast(),
-            size_of::<libc::c_int>() as u32,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        // From the address itself, as the kernel's own advertisements are.
-        let mut from: libc::sockaddr_in6 = std::mem::zeroed();
-        from.sin6_family = libc::AF_INET6 as u16;
-        from.sin6_addr.s6_addr = addr.octets();
-        if libc::bind(
-            raw,
-            (&raw const from).cast(),
-            size_of::<libc::sockaddr_in6>() as u32,
-        ) < 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        let mut to: libc::sockaddr_in6 = std::mem::zeroed();
-        to.sin6_family = libc::AF_INET6 as u16;
-        to.sin6_addr.s6_addr = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-        to.sin6_scope_id = iface.index;
-        send_to(raw, &message, &to)
-    }
+    use nix::sys::socket::{
+        AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn6, bind, sendto,
+        setsockopt, socket, sockopt,
+    };
+    use std::net::{Ipv6Addr, SocketAddrV6};
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::IcmpV6,
+    )?;
+    // Receivers drop neighbour discovery that crossed a router.
+    setsockopt(&fd, sockopt::Ipv6MulticastHops, &255)?;
+    // From the address itself, as the kernel's own advertisements are.
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    bind(raw, &SockaddrIn6::from(SocketAddrV6::new(addr, 0, 0, 0)))?;
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let to = SockaddrIn6::from(SocketAddrV6::new(all_nodes, 0, 0, iface.index));
+    sendto(raw, &message, &to, MsgFlags::empty())?;
+    Ok(())
 }
 
 /// Sends `message` on socket `fd` to the socket address `to` (a libc

@@ -790,7 +790,7 @@ impl ConntrackBuckets {
 pub fn tune_host_for_timing() -> ConntrackBuckets {
     // For the whole run: the hosts of a timing run keep the real-time tasks
     // and the machinery apart.
-    std::mem::forget(Pinning::on());
+    PINNING.store(true, std::sync::atomic::Ordering::SeqCst);
     let buckets = ConntrackBuckets::shrink();
     let priority = match realtime_priority() {
         0 => "ordinary tasks".to_string(),
@@ -1258,6 +1258,22 @@ impl MigrationSetup {
             .expect("migration.watch");
         std::thread::sleep(Duration::from_millis(300));
         (watcher, self.migrate(params))
+    }
+
+    /// Starts the CPS for `cycles` at 1 ms, migrates "markov" to `dst` with
+    /// `params` added `lead` later, and waits for both to end: the final
+    /// report and the CPS's verdict.
+    pub fn migrate_while_cps_runs(
+        &self,
+        cycles: u64,
+        lead: Duration,
+        params: serde_json::Value,
+    ) -> (serde_json::Value, serde_json::Value) {
+        let cps = self.start_cps(cycles, 1000, None);
+        std::thread::sleep(lead);
+        let id = self.migrate(params);
+        let report = self.wait(&id);
+        (report, cps_verdict(cps))
     }
 
     /// Starts migrating "markov" to `dst` with `params` added; the migration id.

@@ -60,6 +60,18 @@ fn dump_through_post_dump(criu: &Criu, dump: &DumpRequest) {
     );
 }
 
+/// Restores the images in `dir` into `dst`'s network namespace; the
+/// restored root's pid (panics with CRIU's errors if it fails).
+fn restore_in_dst(criu: &Criu, hosts: &TestHosts, dir: &std::path::Path) -> u32 {
+    let dst_net = open_netns(&hosts.dst.path()).unwrap();
+    let restore = RestoreRequest {
+        images_dir: dir.to_owned(),
+        inherit: vec![("extnet".into(), &dst_net)],
+    };
+    criu.restore(&restore, &mut |_| true)
+        .unwrap_or_else(|e| panic!("restore: {e}\n{}", log(dir, "restore.log")))
+}
+
 /// A `criu service` the test started, stopped on drop.
 struct CriuService {
     child: std::process::Child,
@@ -118,14 +130,7 @@ fn a_criu_service_socket_dumps_and_swrk_restores_into_dst() {
     assert_eq!(chain_state(&hosts.src, addr), Some(fed), "left running");
 
     // The restore hands CRIU dst's network namespace: swrk takes it.
-    let dst_net = open_netns(&hosts.dst.path()).unwrap();
-    let restore = RestoreRequest {
-        images_dir: dir.clone(),
-        inherit: vec![("extnet".into(), &dst_net)],
-    };
-    let pid = criu
-        .restore(&restore, &mut |_| true)
-        .unwrap_or_else(|e| panic!("restore: {e}\n{}", log(&dir, "restore.log")));
+    let pid = restore_in_dst(&criu, &hosts, &dir);
     assert_eq!(
         chain_state(&hosts.dst, addr),
         Some(fed),
@@ -168,14 +173,7 @@ fn a_service_dumped_in_src_resumes_in_dst_with_its_exact_state() {
         "the source instance is gone after the dump"
     );
 
-    let dst_net = open_netns(&hosts.dst.path()).unwrap();
-    let restore = RestoreRequest {
-        images_dir: dir.clone(),
-        inherit: vec![("extnet".into(), &dst_net)],
-    };
-    let pid = criu
-        .restore(&restore, &mut |_| true)
-        .unwrap_or_else(|e| panic!("restore: {e}\n{}", log(&dir, "restore.log")));
+    let pid = restore_in_dst(&criu, &hosts, &dir);
     let restored = stats::restore(&dir).expect("stats-restore");
     println!(
         "dump: frozen {} us, {} pages; restore: {} us",
@@ -483,12 +481,7 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
     assert!(!images_root.join("m2").exists() && !images_root.join("m2.partial").exists());
 
     // The destination restores from what it received.
-    let dst_net = open_netns(&hosts.dst.path()).unwrap();
-    let restore = RestoreRequest {
-        images_dir: received.clone(),
-        inherit: vec![("extnet".into(), &dst_net)],
-    };
-    let pid = Criu::default().restore(&restore, &mut |_| true).unwrap();
+    let pid = restore_in_dst(&Criu::default(), &hosts, &received);
     assert_eq!(
         chain_state(&hosts.dst, addr),
         Some(fed),
@@ -748,12 +741,7 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
         "the primary got every input once, in order"
     );
 
-    let dst_net = open_netns(&hosts.dst.path()).unwrap();
-    let restore = RestoreRequest {
-        images_dir: dir.clone(),
-        inherit: vec![("extnet".into(), &dst_net)],
-    };
-    let pid = criu.restore(&restore, &mut |_| true).unwrap();
+    let pid = restore_in_dst(&criu, &hosts, &dir);
     assert_eq!(
         chain_state(&hosts.dst, addr),
         Some((s, ticks(s))),

@@ -93,11 +93,8 @@ fn fault_with_cps(
 /// fresh controller: the destination's count stands in for it).
 fn migrate_cleanly(setup: &MigrationSetup, taken: u64) {
     let cycles = 1500;
-    let cps = setup.start_cps(cycles, 1000, None);
-    std::thread::sleep(Duration::from_millis(300));
-    let id = setup.migrate(serde_json::json!({}));
-    let report = setup.wait(&id);
-    let verdict = cps_verdict(cps);
+    let (report, verdict) =
+        setup.migrate_while_cps_runs(cycles, Duration::from_millis(300), serde_json::json!({}));
     let state = chain_state(&setup.hosts.dst, setup.service);
     kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
     assert_eq!(report["state"], "done", "the next migration: {report}");
@@ -394,11 +391,11 @@ fn run_cell(fault: Fault, phase: &'static str, index: usize) -> Option<Row> {
         }
         // Long enough to outlast a migration on a loaded machine.
         let next_cycles = 3000;
-        let cps = setup.start_cps(next_cycles, 1000, None);
-        std::thread::sleep(Duration::from_millis(300));
-        let id = setup.migrate(serde_json::json!({}));
-        let report = setup.wait(&id);
-        let next = cps_verdict(cps);
+        let (report, next) = setup.migrate_while_cps_runs(
+            next_cycles,
+            Duration::from_millis(300),
+            serde_json::json!({}),
+        );
         let ok = report["state"] == "done"
             && ["missed", "duplicates", "out_of_order"]
                 .iter()

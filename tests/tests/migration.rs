@@ -24,11 +24,11 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
     if let Some((realtime, _)) = cpu_split() {
         assert_eq!(source_cpus, [realtime], "the controller runs pinned");
     }
-    let cps = setup.start_cps(cycles, 1000, None);
-    std::thread::sleep(Duration::from_millis(500));
-    let id = setup.migrate(serde_json::json!({"pre_dump_rounds": 3}));
-    let report = setup.wait(&id);
-    let verdict = cps_verdict(cps);
+    let (report, verdict) = setup.migrate_while_cps_runs(
+        cycles,
+        Duration::from_millis(500),
+        serde_json::json!({"pre_dump_rounds": 3}),
+    );
     let pid = report["destination_pid"].as_u64().unwrap_or(0);
     println!("report: {report}\nCPS: {verdict}");
     assert_eq!(report["state"], "done", "{report:#}\n{}", setup.src.log());
@@ -79,11 +79,8 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
 fn an_ipv6_service_migrates_and_the_cps_follows_the_neighbour_advertisement() {
     let setup = MigrationSetup::ipv6("v6");
     let cycles = 3000;
-    let cps = setup.start_cps(cycles, 1000, None);
-    std::thread::sleep(Duration::from_millis(500));
-    let id = setup.migrate(serde_json::json!({}));
-    let report = setup.wait(&id);
-    let verdict = cps_verdict(cps);
+    let (report, verdict) =
+        setup.migrate_while_cps_runs(cycles, Duration::from_millis(500), serde_json::json!({}));
     println!("report: {report}\nCPS: {verdict}");
     assert_eq!(report["state"], "done", "{report:#}\n{}", setup.dst.log());
     assert_clean(&verdict);
@@ -120,11 +117,11 @@ fn a_service_that_never_converges_is_rolled_back_and_the_source_keeps_serving() 
     // Outputs carry the time of day: the instances can never agree.
     let setup = MigrationSetup::new("nc", &["--wall-clock"], false);
     let cycles = 2500;
-    let cps = setup.start_cps(cycles, 1000, None);
-    std::thread::sleep(Duration::from_millis(300));
-    let id = setup.migrate(serde_json::json!({"deadline_ms": 800}));
-    let report = setup.wait(&id);
-    let verdict = cps_verdict(cps);
+    let (report, verdict) = setup.migrate_while_cps_runs(
+        cycles,
+        Duration::from_millis(300),
+        serde_json::json!({"deadline_ms": 800}),
+    );
     println!("report: {report}\nCPS: {verdict}");
     assert_eq!(report["state"], "failed");
     let error = report["error"].as_str().unwrap();
@@ -151,11 +148,11 @@ fn a_service_that_never_converges_is_rolled_back_and_the_source_keeps_serving() 
 fn standby_mode_migrates_without_stopping_the_serving_instance() {
     let setup = MigrationSetup::new("stb", &[], true);
     let cycles = 3000;
-    let cps = setup.start_cps(cycles, 1000, None);
-    std::thread::sleep(Duration::from_millis(500));
-    let id = setup.migrate(serde_json::json!({"mode": "standby"}));
-    let report = setup.wait(&id);
-    let verdict = cps_verdict(cps);
+    let (report, verdict) = setup.migrate_while_cps_runs(
+        cycles,
+        Duration::from_millis(500),
+        serde_json::json!({"mode": "standby"}),
+    );
     println!("report: {report}\nCPS: {verdict}");
     assert_eq!(report["state"], "done", "{report}\n{}", setup.src.log());
     assert_clean(&verdict);
@@ -189,11 +186,8 @@ fn every_input_is_answered_long_after_the_announce() {
     // directly, must still be answered once each, in order.
     let setup = MigrationSetup::new("long", &[], false);
     let cycles = 12_500;
-    let cps = setup.start_cps(cycles, 1000, None);
-    std::thread::sleep(Duration::from_millis(300));
-    let id = setup.migrate(serde_json::json!({}));
-    let report = setup.wait(&id);
-    let verdict = cps_verdict(cps);
+    let (report, verdict) =
+        setup.migrate_while_cps_runs(cycles, Duration::from_millis(300), serde_json::json!({}));
     println!("report: {report}\nCPS: {verdict}");
     let state = chain_state(&setup.hosts.dst, setup.service);
     kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
@@ -207,11 +201,11 @@ fn repeated(mode: &str, count: usize) {
     for i in 0..count {
         let setup = MigrationSetup::new(&format!("r{}{i}", &mode[..1]), &[], mode == "standby");
         let cycles = 1200;
-        let cps = setup.start_cps(cycles, 1000, None);
-        std::thread::sleep(Duration::from_millis(300));
-        let id = setup.migrate(serde_json::json!({"mode": mode}));
-        let report = setup.wait(&id);
-        let verdict = cps_verdict(cps);
+        let (report, verdict) = setup.migrate_while_cps_runs(
+            cycles,
+            Duration::from_millis(300),
+            serde_json::json!({"mode": mode}),
+        );
         let state = chain_state(&setup.hosts.dst, setup.service);
         kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
         assert_eq!(report["state"], "done", "run {i}: {report}");
