@@ -83,6 +83,17 @@ pub const OUTPUT_FROM: u32 = 2;
 /// kernel program picks.
 pub const OUTPUT_ARMED: u32 = 3;
 
+/// Output tagging: an output answers the latest input delivered when it
+/// leaves. Right for an instance that answers each input before the next
+/// arrives; the serving original, whose history user space does not know.
+pub const TAG_LATEST: u32 = 0;
+/// Output tagging for an instance with one output per input, fed in order
+/// from its first delivered input on (a restored instance behind a
+/// sequenced gate, a standby from its start): the n-th output answers the
+/// n-th input. Inputs that queue in its socket while it works (a burst)
+/// do not move the tag of an answer still to come.
+pub const TAG_COUNTED: u32 = 1;
+
 /// `deliver_until` value that makes the next input numbered on this host
 /// the first one past the cutover: the kernel program replaces it with
 /// K = that input's number - 1. The flip user space stores on the source.
@@ -109,8 +120,14 @@ pub struct Gate {
     /// `OUTPUT_FROM`: the first input whose outputs leave (`OUTPUT_ARMED`:
     /// the lowest input forwarded past the peer's cutover so far).
     pub answer_from: u64,
+    /// `TAG_*`: how the instance's outputs are tagged.
+    pub tagging: u32,
+    pub reserved: u32,
+    /// `TAG_COUNTED`: the input the next output answers; 0 until the first
+    /// delivery, which sets it to that input's number.
+    pub next_answer: u64,
 }
-const _: () = assert!(size_of::<Gate>() == 32);
+const _: () = assert!(size_of::<Gate>() == 48);
 /// Byte offset of `mode` in a `Gate`, for memory-mapped mode changes.
 pub const GATE_MODE_OFFSET: usize = 0;
 /// Byte offset of `output` in a `Gate`, for the memory-mapped arming.

@@ -41,7 +41,7 @@ use dataplane_common::{
     GATE_SEQUENCED, Gate, MAX_FLOWS, MAX_FRAME, MAX_SEQ, META_DELIVER, META_PEER, META_STANDBY,
     MIRROR_CLONE, MIRROR_DEVMAP, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, MIRROR_VERSION, MirrorHeader,
     OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, PORT_MIRROR, RECORD_INPUT, RECORD_MIRRORED,
-    RECORD_OUTPUT, RecordHeader, counter, mirror_headers,
+    RECORD_OUTPUT, RecordHeader, TAG_COUNTED, counter, mirror_headers,
 };
 use parse::{Frame, Skip, parse, ptr_at};
 use record::{Skb, Xdp};
@@ -183,8 +183,7 @@ fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
     }
     let deliver = !gated && !past;
     if deliver {
-        // SAFETY: as above; a plain store, the latest delivered input wins.
-        unsafe { (*sequence).last_delivered = seq };
+        delivered(sequence, gate, seq);
     }
     let local = if deliver {
         xdp_action::XDP_PASS
@@ -459,10 +458,65 @@ fn receive(ctx: &XdpContext) -> u32 {
         count(counter::MIRROR_ERRORS);
         return xdp_action::XDP_PASS;
     }
-    // SAFETY: the array slot lives as long as the map.
-    unsafe { (*sequence).last_delivered = seq };
+    delivered(sequence, Some(gate), seq);
     count(counter::DELIVERED);
     xdp_action::XDP_PASS
+}
+
+/// Notes that input `seq` goes on to the local instance. A counting gate
+/// learns its first input here (before `last_delivered` moves, which the
+/// egress program reads first).
+#[inline(always)]
+fn delivered(sequence: *mut FlowSequence, gate: Option<*mut Gate>, seq: u64) {
+    if let Some(gate) = gate {
+        // SAFETY: the array slot lives as long as the map; the exchange is
+        // atomic across CPUs, so only the first delivery sets the start.
+        unsafe {
+            if (*gate).tagging == TAG_COUNTED {
+                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                    &raw mut (*gate).next_answer,
+                    0,
+                    seq,
+                );
+            }
+        }
+    }
+    // SAFETY: as above; a plain store, the latest delivered input wins.
+    unsafe { core::ptr::write_volatile(&raw mut (*sequence).last_delivered, seq) };
+}
+
+/// The input an output of the flow answers (see `TAG_*`). Counting: the
+/// gate's `next_answer`, which moves on by one, unless every delivered
+/// input is answered already (then it is a further output for the latest).
+/// A few exchanges, bounded for the verifier; one instance's outputs
+/// seldom race.
+#[inline(always)]
+fn output_tag(sequence: *const FlowSequence, gate: Option<*mut Gate>) -> u64 {
+    // SAFETY: the array slots live as long as the maps.
+    let latest = unsafe { core::ptr::read_volatile(&raw const (*sequence).last_delivered) };
+    // SAFETY: as above.
+    let Some(gate) = gate.filter(|&g| unsafe { (*g).tagging } == TAG_COUNTED) else {
+        return latest;
+    };
+    for _ in 0..4 {
+        // SAFETY: as above.
+        let next = unsafe { core::ptr::read_volatile(&raw const (*gate).next_answer) };
+        if next == 0 || next > latest {
+            return latest;
+        }
+        // SAFETY: as above; the exchange is atomic across CPUs.
+        let (_, done) = unsafe {
+            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                &raw mut (*gate).next_answer,
+                next,
+                next + 1,
+            )
+        };
+        if done {
+            return next;
+        }
+    }
+    latest
 }
 
 /// Applies the flow's gate to input `seq`: `None` lets it on to the local
@@ -709,7 +763,7 @@ fn store<const N: usize>(
 }
 
 /// Logs an output of the local instance: a frame whose reversed 5-tuple is a
-/// known flow, tagged with the latest input delivered on that flow. Returns
+/// known flow, tagged with the input it answers (`output_tag`). Returns
 /// whether the flow's output gate lets it leave.
 #[inline(always)]
 fn capture_output(ctx: &TcContext, config: &Config) -> bool {
@@ -727,9 +781,11 @@ fn capture_output(ctx: &TcContext, config: &Config) -> bool {
     let Some(flow) = (unsafe { FLOWS.get(&input_key) }).copied() else {
         return true;
     };
-    let Some(sequence) = SEQUENCES.get(flow.flow_id) else {
+    let Some(sequence) = SEQUENCES.get_ptr(flow.flow_id) else {
         return true;
     };
+    let gate = GATES.get_ptr_mut(flow.flow_id);
+    let seq = output_tag(sequence, gate);
     let frame_len = ctx.len();
     let header = RecordHeader {
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
@@ -740,12 +796,11 @@ fn capture_output(ctx: &TcContext, config: &Config) -> bool {
         captured_len: captured_len(frame_len, config.snap_len),
         ..Default::default()
     };
-    let seq = sequence.last_delivered;
     match record::write(&OUTPUTS, &Skb(ctx.skb.skb), 0, header, || seq) {
         Some(_) => count(counter::OUTPUT_CAPTURED),
         None => count(counter::OUTPUT_RING_FULL),
     }
-    let Some(gate) = GATES.get_ptr(flow.flow_id) else {
+    let Some(gate) = gate else {
         return true;
     };
     // SAFETY: the array slot lives as long as the map; user space flips

@@ -574,6 +574,10 @@ impl Daemon {
                 .map_err(dataplane_error)?;
             let gate = dataplane_common::Gate {
                 output: dataplane_common::OUTPUT_MUTE,
+                // A replica fed in order from its first input: its
+                // outputs are counted (a burst at the cutover must not
+                // tag the answer to K as K+1's).
+                tagging: dataplane_common::TAG_COUNTED,
                 ..Default::default()
             };
             standby

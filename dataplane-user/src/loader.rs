@@ -593,7 +593,7 @@ impl GateWindow {
     fn word<T>(&self, flow_id: u32, offset: usize) -> &T {
         assert!(flow_id < MAX_FLOWS, "flow id {flow_id} out of range");
         // SAFETY: in bounds of the mapping (flow_id < MAX_FLOWS), aligned
-        // (Gate is 32 bytes, the offsets multiples of the words' sizes), and
+        // (Gate is 48 bytes, the offsets multiples of the words' sizes), and
         // the kernel side reads and exchanges the words with single accesses.
         unsafe {
             &*self

@@ -1145,6 +1145,18 @@ impl MigrationSetup {
         (self.cps, self.service)
     }
 
+    /// The id of service "markov"'s flow in the source's dataplane.
+    pub fn source_flow_id(&self) -> u32 {
+        let key = dataplane_user::flow::udp(self.cps, self.service);
+        let flows = Dataplane::open(&self.hosts.pin_root("src"))
+            .and_then(|d| d.flows())
+            .expect("the source's flows");
+        flows
+            .into_iter()
+            .find_map(|(k, config)| (k == key).then_some(config.flow_id))
+            .expect("service markov's flow on the source")
+    }
+
     /// Starts `n` more Markov controllers on `src` (no standby), on
     /// [`EXTRA_SERVICE_V4`] ports 5001.., each on its own flow from CPS
     /// port 4001.. and registered as service "markov-I". Their address is

@@ -739,6 +739,68 @@ fn the_destination_daemon_replays_inputs_sent_over_the_peer_link_in_order() {
 }
 
 /// The frame of input `seq`: UDP from the CPS to the service, "input SEQ".
+#[test]
+fn a_counting_replica_tags_each_output_with_the_input_it_answers() {
+    let hosts = TestHosts::new("tag");
+    let mut dst = hosts.load_dst();
+    let (flow_id, replica) = sequenced_replica(&hosts, &mut dst);
+    // Counted tags, and outputs leave from input 3 on: a cutover at K = 2.
+    let gate = dataplane_common::Gate {
+        tagging: dataplane_common::TAG_COUNTED,
+        output: dataplane_common::OUTPUT_FROM,
+        answer_from: 3,
+        ..dst.dataplane.gate(flow_id).unwrap()
+    };
+    dst.dataplane.set_gate(flow_id, gate).unwrap();
+    let cps = hosts
+        .cps
+        .run(|| std::net::UdpSocket::bind(sock(CPS_V4, 4000)))
+        .unwrap();
+    cps.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    // A burst: all three inputs are in the replica's socket before it
+    // answers the first, so each answer leaves after input 3 was delivered.
+    let link = MirrorLink::open(&hosts);
+    for seq in 1..=3 {
+        link.send(flow_id, seq);
+    }
+    let inputs = received(&replica);
+    assert_eq!(inputs, ["input 1", "input 2", "input 3"]);
+    let answer = |text: &str| {
+        replica
+            .send_to(text.as_bytes(), sock(CPS_V4, 4000))
+            .unwrap()
+    };
+    for input in &inputs {
+        answer(&format!("answer to {input}"));
+    }
+    // A second output with every input answered belongs to the last one.
+    answer("more on input 3");
+    let outputs = dst.read_log(dataplane_user::loader::MAP_OUTPUTS, 4);
+    let tagged: Vec<(u64, bool)> = outputs
+        .iter()
+        .map(|r| {
+            let payload = String::from_utf8_lossy(&r.frame);
+            let input = r.header.seq;
+            (input, payload.ends_with(&format!("input {input}")))
+        })
+        .collect();
+    assert_eq!(
+        tagged,
+        [(1, true), (2, true), (3, true), (3, true)],
+        "each output tagged with the input it answers"
+    );
+    assert_eq!(
+        received(&cps),
+        ["answer to input 3", "more on input 3"],
+        "only the outputs for inputs >= 3 left"
+    );
+    assert_eq!(
+        dst.dataplane.counters().unwrap().get(counter::OUTPUT_MUTED),
+        2
+    );
+}
+
 fn input_frame(seq: u64) -> Vec<u8> {
     udp_frame(CPS_MAC, None, 5000, format!("input {seq}").as_bytes())
 }

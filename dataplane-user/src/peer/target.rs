@@ -162,6 +162,10 @@ impl<'a> Target<'a> {
             let gate = dataplane_common::Gate {
                 mode: GATE_HOLD_ALL,
                 output: OUTPUT_MUTE,
+                // A replica fed in order from its first input: its
+                // outputs are counted (a burst at the cutover must not
+                // tag the answer to K as K+1's).
+                tagging: dataplane_common::TAG_COUNTED,
                 ..Default::default()
             };
             dataplane

@@ -8,6 +8,11 @@
 //! which covers the flip and the path switch) and over the whole run; for
 //! ours also the replay rate, the time from restore to convergence, the
 //! flip's duration and T_M. Each migration gets fresh test hosts.
+//!
+//! The baseline for the gap around K is the same statistic (the largest
+//! gap over 111 consecutive cycles) in a window of the same run before the
+//! migration starts (`QUIET`): what this machine's scheduling gives with
+//! no migration at all.
 use std::time::{Duration, Instant};
 
 use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid, output_gaps, report_phase};
@@ -16,6 +21,8 @@ const PERIOD_US: u64 = 1000;
 const CYCLES: u64 = 1500;
 /// The migration starts this far into the CPS's run.
 const LEAD: Duration = Duration::from_millis(400);
+/// Cycles of the quiet window: as many as K-10..=K+100, before `LEAD`.
+const QUIET: (u64, u64) = (150, 260);
 
 struct Run {
     missed: u64,
@@ -23,6 +30,8 @@ struct Run {
     wrong: u64,
     /// Largest output gap beyond T_U around the handover, µs.
     handover_gap: i64,
+    /// The same over the quiet window before the migration, µs.
+    quiet_gap: i64,
     /// Largest output gap beyond T_U over the whole run, µs.
     max_gap: i64,
     replay_rate: f64,
@@ -73,6 +82,11 @@ fn main() -> anyhow::Result<()> {
         p99(ours.iter().map(|r| r.handover_gap).collect()) as f64
             / p99(baseline.iter().map(|r| r.max_gap).collect()).max(1) as f64
     );
+    println!(
+        "p99 of the largest gap over 111 cycles, around K / before the migration: {:.2}",
+        p99(ours.iter().map(|r| r.handover_gap).collect()) as f64
+            / p99(ours.iter().map(|r| r.quiet_gap).collect()).max(1) as f64
+    );
     Ok(())
 }
 
@@ -102,6 +116,12 @@ fn report(name: &str, runs: &[Run], live: bool) {
         sum(|r| r.wrong)
     );
     println!("  extra gap around K, µs: {}", dist(|r| r.handover_gap));
+    println!(
+        "  the same over cycles {}-{} (no migration yet), µs: {}",
+        QUIET.0,
+        QUIET.1,
+        dist(|r| r.quiet_gap)
+    );
     println!("  extra gap over the run, µs: {}", dist(|r| r.max_gap));
     println!("  T_M, µs: {}", dist(|r| r.total_us as i64));
     if live {
@@ -150,6 +170,7 @@ fn judge(trace: &std::path::Path, verdict: &serde_json::Value, k: u64) -> anyhow
         duplicates: n("duplicates"),
         wrong: n("wrong"),
         handover_gap: around(k.saturating_sub(10), k + 100),
+        quiet_gap: around(QUIET.0, QUIET.1),
         max_gap: around(0, u64::MAX),
         replay_rate: 0.0,
         converge_us: 0,

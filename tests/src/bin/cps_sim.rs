@@ -16,14 +16,15 @@
 //!
 //! `--burst N`: each SIGUSR1 makes the next N inputs go out at 20 kHz (one
 //! every 50 µs) instead of one per period; the periodic schedule then
-//! goes on from the burst's end. Tests time bursts to land on a
+//! goes on from the burst's end; SIGUSR2 ends the burst under way and
+//! drops those asked for and not begun. Tests time bursts to land on a
 //! migration's seams.
 //!
 //! Usage: cps-sim (--to ADDR:PORT --bind ADDR:PORT)... [--period-us 1000]
 //!        [--count N] [--grace-ms 300] [--trace FILE] [--no-check] [--burst N]
 use std::{
     net::UdpSocket,
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -49,6 +50,13 @@ static BURSTS: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn ask_for_burst(_: nix::libc::c_int) {
     BURSTS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Set by SIGUSR2: no more burst inputs until the next SIGUSR1.
+static END_BURSTS: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn end_bursts(_: nix::libc::c_int) {
+    END_BURSTS.store(true, Ordering::SeqCst);
 }
 
 /// Spacing of the inputs of a burst: 20 kHz.
@@ -138,6 +146,14 @@ fn main() {
         // SAFETY: the handler only does an atomic add.
         unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGUSR1, &action) }
             .expect("install the SIGUSR1 handler");
+        let action = nix::sys::signal::SigAction::new(
+            nix::sys::signal::SigHandler::Handler(end_bursts),
+            nix::sys::signal::SaFlags::SA_RESTART,
+            nix::sys::signal::SigSet::empty(),
+        );
+        // SAFETY: the handler only does an atomic store.
+        unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGUSR2, &action) }
+            .expect("install the SIGUSR2 handler");
     }
     // Spin at most a sixth of the period: a short period would otherwise
     // be all spinning, a core taken from the dataplane it measures.
@@ -145,6 +161,13 @@ fn main() {
     let mut sent_us = Vec::with_capacity(count as usize);
     let (mut due, mut burst_left) = (Duration::ZERO, 0u64);
     for _ in 1..=count {
+        if END_BURSTS.swap(false, Ordering::SeqCst) {
+            BURSTS.store(0, Ordering::SeqCst);
+            if burst_left > 0 {
+                burst_left = 0;
+                due += args.period - BURST_SPACING;
+            }
+        }
         if burst_left == 0 && BURSTS.load(Ordering::SeqCst) > 0 {
             BURSTS.fetch_sub(1, Ordering::SeqCst);
             burst_left = args.burst;
