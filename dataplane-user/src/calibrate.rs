@@ -8,7 +8,13 @@
 //! service stops), its images copied, and restored from the copy into the
 //! same network namespace: the dump, copy and restore of calagna2023's
 //! Stop&Copy stage, timed by the wall clock and CRIU's stats.
+//!
+//! A service's own binary costs CRIU more or less than the synthetic one
+//! (its mappings, libraries, scheduling class): given a command, the same
+//! is done with that program in the synthetic service's place, each size
+//! put into its arguments where they say `{mib}`.
 use std::{
+    ffi::CString,
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -45,22 +51,35 @@ pub fn state_bytes(pid: u32) -> std::io::Result<u64> {
         .ok_or_else(|| std::io::Error::other(format!("no Anonymous line for process {pid}")))
 }
 
-/// One dump, copy and restore of a synthetic service of `bytes` bytes,
-/// with its images under `scratch` (removed afterwards).
+/// One dump, copy and restore of a service of `bytes` bytes, with its
+/// images under `scratch` (removed afterwards): the synthetic service, or
+/// `command` (program and arguments, `{mib}` standing for the size in MiB),
+/// which must then hold `bytes` of resident anonymous memory once started.
 ///
 /// Forks: call it from a single-threaded process (the CLI runs no runtime
 /// for `calibrate`).
-pub fn sample(criu: &Criu, bytes: usize, scratch: &Path) -> anyhow::Result<Sample> {
+pub fn sample(
+    criu: &Criu,
+    bytes: usize,
+    scratch: &Path,
+    command: Option<&[String]>,
+) -> anyhow::Result<Sample> {
     let images = scratch.join("images");
     let copied = scratch.join("copy");
     let _ = std::fs::remove_dir_all(scratch);
-    let outcome = measure(criu, bytes, &images, &copied);
+    let outcome = measure(criu, bytes, command, &images, &copied);
     let _ = std::fs::remove_dir_all(scratch);
     outcome
 }
 
-fn measure(criu: &Criu, bytes: usize, images: &Path, copied: &Path) -> anyhow::Result<Sample> {
-    let service = Synthetic::spawn(bytes)?;
+fn measure(
+    criu: &Criu,
+    bytes: usize,
+    command: Option<&[String]>,
+    images: &Path,
+    copied: &Path,
+) -> anyhow::Result<Sample> {
+    let service = Synthetic::spawn(bytes, command)?;
     let netns = service.netns.as_ref().expect("opened by spawn");
     let state_bytes = state_bytes(service.pid)? as f64;
     let dump = DumpRequest {
@@ -89,7 +108,7 @@ fn measure(criu: &Criu, bytes: usize, images: &Path, copied: &Path) -> anyhow::R
         inherit: vec![("extnet".into(), netns)],
     };
     let start = Instant::now();
-    let restored = criu.restore(&restore, &mut |_| true)?;
+    let restored = criu.restore(&restore, &mut |_, _| true)?;
     let restore_us = micros(start.elapsed());
     // The restored root is this thread's child (CRIU's rst_sibling).
     let restored = Pid::from_raw(restored as i32);
@@ -120,9 +139,23 @@ struct Synthetic {
 }
 
 impl Synthetic {
-    fn spawn(bytes: usize) -> anyhow::Result<Self> {
+    fn spawn(bytes: usize, command: Option<&[String]>) -> anyhow::Result<Self> {
+        // Made before the fork: the children allocate nothing.
+        let argv = command
+            .map(|words| {
+                let mib = (bytes >> 20).to_string();
+                words
+                    .iter()
+                    .map(|w| CString::new(w.replace("{mib}", &mib)))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        anyhow::ensure!(
+            argv.as_ref().is_none_or(|a| !a.is_empty()),
+            "an empty service command"
+        );
         // SAFETY: the caller is single-threaded; the children use plain
-        // syscalls only and leave through _exit.
+        // syscalls only and leave through _exit or exec.
         let parent = match unsafe { nix::unistd::fork() }? {
             ForkResult::Child => {
                 let code = match nix::sched::unshare(
@@ -130,7 +163,10 @@ impl Synthetic {
                 ) {
                     // SAFETY: as above.
                     Ok(()) => match unsafe { nix::unistd::fork() } {
-                        Ok(ForkResult::Child) => run_service(bytes),
+                        Ok(ForkResult::Child) => match &argv {
+                            Some(argv) => exec_service(argv),
+                            None => run_service(bytes),
+                        },
                         Ok(ForkResult::Parent { child }) => {
                             let _ = waitpid(child, None);
                             0
@@ -159,13 +195,30 @@ impl Synthetic {
                     .next()
                     .map_or(0, |p| p.parse().unwrap_or(0));
             }
-            let comm = std::fs::read_to_string(format!("/proc/{}/comm", service.pid));
-            if service.pid != 0 && comm.is_ok_and(|c| c.trim() == READY) {
+            let ready = service.pid != 0
+                && match command {
+                    None => std::fs::read_to_string(format!("/proc/{}/comm", service.pid))
+                        .is_ok_and(|c| c.trim() == READY),
+                    Some(_) => state_bytes(service.pid).is_ok_and(|b| b >= bytes as u64),
+                };
+            if ready {
                 break;
+            }
+            // The namespace's first process gone: its parent has exited.
+            if !matches!(
+                waitpid(service.parent, Some(nix::sys::wait::WaitPidFlag::WNOHANG)),
+                Ok(nix::sys::wait::WaitStatus::StillAlive)
+            ) {
+                service.parent = Pid::from_raw(0);
+                anyhow::bail!(
+                    "the service of {bytes} bytes ({}) exited before it was ready",
+                    command.map_or("synthetic".into(), |c| c.join(" "))
+                );
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "the synthetic service of {bytes} bytes did not start within 10 s"
+                "the service of {bytes} bytes ({}) did not start within 10 s",
+                command.map_or("synthetic".into(), |c| c.join(" "))
             );
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -182,23 +235,40 @@ impl Drop for Synthetic {
         if self.pid != 0 {
             let _ = nix::sys::signal::kill(Pid::from_raw(self.pid as i32), Signal::SIGKILL);
         }
-        let _ = nix::sys::signal::kill(self.parent, Signal::SIGKILL);
-        let _ = waitpid(self.parent, None);
+        if self.parent.as_raw() != 0 {
+            let _ = nix::sys::signal::kill(self.parent, Signal::SIGKILL);
+            let _ = waitpid(self.parent, None);
+        }
     }
 }
 
-/// The synthetic service's body, in its new namespaces: never returns.
-fn run_service(bytes: usize) -> ! {
-    // SAFETY: plain syscalls on this process's own fds and memory.
+/// Makes this process what CRIU dumps here: a session leader (inside the
+/// dumped tree) with fds 0 to 2 on /dev/null and no other fd.
+fn detach() {
+    // SAFETY: plain syscalls on this process's own fds.
     unsafe {
-        // CRIU dumps a tree whose session leader is inside it and whose fds
-        // are all its own.
         libc::setsid();
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         for fd in 0..3 {
             libc::dup2(null, fd);
         }
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+    }
+}
+
+/// A service command's process, in its new namespaces: never returns.
+fn exec_service(argv: &[CString]) -> ! {
+    detach();
+    let _ = nix::unistd::execvp(&argv[0], argv);
+    // SAFETY: leaves the forked child without running the parent's destructors.
+    unsafe { libc::_exit(127) }
+}
+
+/// The synthetic service's body, in its new namespaces: never returns.
+fn run_service(bytes: usize) -> ! {
+    detach();
+    // SAFETY: plain syscalls on this process's own memory.
+    unsafe {
         let memory = libc::mmap(
             std::ptr::null_mut(),
             bytes.max(4096),

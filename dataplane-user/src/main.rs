@@ -167,6 +167,12 @@ enum Command {
         /// The CPS period the reports' migrations ran at, µs (their replay).
         #[arg(long, default_value_t = 1000)]
         period_us: u64,
+        /// Your service's own program instead of the synthetic service
+        /// (after `--`; `{mib}` in its arguments becomes each size): run
+        /// in namespaces of its own, it must hold that much resident
+        /// anonymous memory once started.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
     },
     /// Predict a registered service's migration time T_M and downtime T_D
     /// by method, from its size, its dirty rate and this host's calibration.
@@ -478,6 +484,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             from_reports,
             criu,
             period_us,
+            command,
         } => {
             let out = calibration_path(out);
             run_calibrate(
@@ -487,6 +494,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 from_reports.as_deref(),
                 criu,
                 period_us,
+                &command,
             )?;
         }
         Command::Plan {
@@ -838,7 +846,9 @@ fn run_calibrate(
     from_reports: Option<&Path>,
     criu: PathBuf,
     period_us: u64,
+    command: &[String],
 ) -> anyhow::Result<()> {
+    let command = (!command.is_empty()).then_some(command);
     let mut calibration = match from_reports {
         // The CRIU terms stay as measured; the live costs sit on top of them.
         Some(_) => read_calibration(out)?,
@@ -854,7 +864,7 @@ fn run_calibrate(
             let mut samples = Vec::new();
             for &mib in sizes {
                 for _ in 0..repeat.max(1) {
-                    let sample = calibrate::sample(&criu, (mib << 20) as usize, &scratch)
+                    let sample = calibrate::sample(&criu, (mib << 20) as usize, &scratch, command)
                         .with_context(|| format!("{mib} MiB"))?;
                     eprintln!(
                         "  {mib:>4} MiB: dump {:7.1} ms  copy {:6.1} ms  restore {:7.1} ms",
@@ -874,6 +884,7 @@ fn run_calibrate(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
                 mem_track,
+                service: command.map(|c| c.join(" ")),
                 ..Calibration::default()
             };
             calibration.criu.check_us = check_us;
@@ -905,14 +916,15 @@ const MIB: f64 = 1048576.0;
 fn print_calibration(c: &Calibration, reports: Option<&[Report]>, input_rate: f64) {
     let k = &c.criu;
     println!(
-        "CRIU on {} (memory tracking: {}), {} synthetic samples",
+        "CRIU on {} (memory tracking: {}), {} samples of {}",
         c.host,
         if c.mem_track {
             "yes"
         } else {
             "no: pre-copy is a single dump"
         },
-        c.samples.len()
+        c.samples.len(),
+        c.service.as_deref().unwrap_or("the synthetic service")
     );
     println!("  {:<26} {:>10} {:>12}", "term", "fixed ms", "ms per MiB");
     for (name, line) in [
@@ -1118,12 +1130,13 @@ fn print_plan(plan: &Plan, path: &Path, c: &Calibration, mode: Option<&str>) {
     let reports =
         |l: &Option<dataplane_user::model::LiveCosts>| l.as_ref().map_or(0, |l| l.reports);
     println!(
-        "calibration {} (host {}, {} min old): CRIU from {} synthetic dumps, live costs from \
+        "calibration {} (host {}, {} min old): CRIU from {} dumps of {}, live costs from \
          {} leave-running and {} standby reports",
         path.display(),
         c.host,
         age / 60,
         c.samples.len(),
+        c.service.as_deref().unwrap_or("the synthetic service"),
         reports(&c.leave_running),
         reports(&c.standby)
     );

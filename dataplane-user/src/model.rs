@@ -158,6 +158,10 @@ pub struct Calibration {
     pub created: u64,
     /// Whether CRIU can track memory here (pre-dump rounds possible).
     pub mem_track: bool,
+    /// The command whose dumps CRIU's terms come from; none: the synthetic
+    /// service.
+    #[serde(default)]
+    pub service: Option<String>,
     pub criu: CriuCosts,
     pub samples: Vec<Sample>,
     #[serde(default)]

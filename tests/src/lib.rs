@@ -734,6 +734,16 @@ impl Drop for Pinning {
 
 /// The `taskset` and `chrt` prefix that starts a program at
 /// `realtime_priority()` on the real-time CPU.
+/// The command line a service `program` (a binary of this workspace) runs
+/// with here: on the real-time CPU at the real-time priority, if any.
+pub fn service_command(program: &str, args: &[&str]) -> Vec<String> {
+    let exe = dataplane_bin().with_file_name(program);
+    let mut command = realtime();
+    command.push(exe.to_string_lossy().into_owned());
+    command.extend(args.iter().map(|a| a.to_string()));
+    command
+}
+
 fn realtime() -> Vec<String> {
     let mut prefix: Vec<String> = Vec::new();
     if let Some((rt, _)) = cpu_split() {
@@ -836,13 +846,10 @@ impl ChainService {
     /// Starts `program` (a binary of this workspace) with `args` as a service
     /// on `addr` in `host`; it must answer "?" as the chain service does.
     pub fn spawn(host: &NetNs, program: &str, args: &[&str], addr: SocketAddr) -> Self {
-        let exe = dataplane_bin().with_file_name(program);
         let unshare = Command::new("nsenter")
             .arg(format!("--net={}", host.path().display()))
             .args(["unshare", "--pid", "--fork"])
-            .args(realtime())
-            .arg(exe)
-            .args(args)
+            .args(service_command(program, args))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -1400,7 +1407,7 @@ impl MigrationSetup {
             images_dir: copied.to_owned(),
             inherit: vec![("extnet".into(), &netns)],
         };
-        let restored = criu.restore(&restore, &mut |_| true)?;
+        let restored = criu.restore(&restore, &mut |_, _| true)?;
         self.hosts.dst.run(|| -> anyhow::Result<()> {
             let addr = SERVICE_V4;
             dataplane_user::netdev::own_address("eth0", addr.into())?;

@@ -68,7 +68,7 @@ fn restore_in_dst(criu: &Criu, hosts: &TestHosts, dir: &std::path::Path) -> u32 
         images_dir: dir.to_owned(),
         inherit: vec![("extnet".into(), &dst_net)],
     };
-    criu.restore(&restore, &mut |_| true)
+    criu.restore(&restore, &mut |_, _| true)
         .unwrap_or_else(|e| panic!("restore: {e}\n{}", log(dir, "restore.log")))
 }
 
@@ -373,7 +373,7 @@ fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
             inherit: vec![("extnet".into(), &dst_net)],
         };
         let pid = criu
-            .restore(&restore, &mut |_| true)
+            .restore(&restore, &mut |_, _| true)
             .unwrap_or_else(|e| panic!("round {round}: restore: {e}"));
         let state = chain_state(&hosts.dst, addr).expect("the restored service answers");
 
@@ -529,7 +529,7 @@ fn a_corrupted_image_fails_the_restore_and_the_source_keeps_serving() {
     // CRIU 4.2.1 either fails on such an image or spins on it: the driver's
     // timeout stops it and removes the half-restored tasks.
     let criu = Criu::default().with_timeout(Duration::from_secs(5));
-    let err = criu.restore(&restore, &mut |_| true).unwrap_err();
+    let err = criu.restore(&restore, &mut |_, _| true).unwrap_err();
     match &err {
         CriuError::Failed { request, log, .. } | CriuError::Timeout { request, log, .. } => {
             assert_eq!(*request, ReqType::Restore, "{err}");

@@ -385,7 +385,16 @@ fn run_cell(fault: Fault, phase: &'static str, index: usize) -> Option<Row> {
         _ => "neither",
     };
     let recovery = recovered(&setup);
-    let next = if served_by == "source" {
+    // A migration rolled back leaves nothing running on dst, even when its
+    // daemon died while CRIU restored (the journal names the tree as soon
+    // as CRIU does).
+    let strays: Vec<u32> = pids_named(comm)
+        .into_iter()
+        .filter(|&p| in_netns(p, &setup.hosts.dst))
+        .collect();
+    let next = if served_by == "source" && !strays.is_empty() {
+        format!("FAILED: instances {strays:?} left running on dst")
+    } else if served_by == "source" {
         if fault == Fault::SourceDaemon {
             setup.register();
         }

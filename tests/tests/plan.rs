@@ -205,3 +205,58 @@ fn migrate_standby(
     assert_eq!(verdict["missed"], 0, "{verdict}");
     (shown, report)
 }
+
+#[test]
+fn calibrate_on_the_services_own_program() {
+    let dir = std::env::temp_dir().join(format!("dataplane-calib-cmd-{}", std::process::id()));
+    let calibration = dir.join("calibration.json");
+    let path = calibration.to_str().unwrap();
+    let controller = dataplane_bin().with_file_name("markov-controller");
+    let controller = controller.to_str().unwrap();
+    let command = [controller, "0.0.0.0:5000", "--state-mib", "{mib}"];
+    let args = [
+        "calibrate",
+        "--sizes",
+        "2",
+        "--repeat",
+        "1",
+        "--out",
+        path,
+        "--",
+    ];
+    let printed = dataplane(&[&args[..], &command[..]].concat());
+    println!("{printed}");
+    let fitted = read(&calibration);
+    assert_eq!(fitted.service.as_deref(), Some(command.join(" ").as_str()));
+    assert_eq!(fitted.samples.len(), 1);
+    let sample = &fitted.samples[0];
+    assert!(sample.state_bytes >= (2 << 20) as f64, "{sample:?}");
+    assert!(
+        positive(sample.dump_us) && positive(sample.restore_us),
+        "{sample:?}"
+    );
+    assert!(printed.contains("samples of"), "{printed}");
+
+    // A program that never holds the memory is an error that names it.
+    let out = Command::new(dataplane_bin())
+        .args([
+            "calibrate",
+            "--sizes",
+            "1",
+            "--repeat",
+            "1",
+            "--out",
+            path,
+            "--",
+            "true",
+        ])
+        .output()
+        .expect("run dataplane");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("(true) exited before it was ready"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -219,16 +219,19 @@ impl Criu {
             ..base_opts()
         };
         let kind = if pre { ReqType::PreDump } else { ReqType::Dump };
+        let notify = &mut |n: &Notify| notify(n.script.as_deref().unwrap_or_default());
         self.call(request(kind, Some(opts)), &[], notify).map(drop)
     }
 
     /// Restores a dumped tree, detached (a sibling of this process, not of
-    /// CRIU), and returns the restored root's pid. `notify` may hold the
-    /// restore at `post-restore` until replay is armed.
+    /// CRIU), and returns the restored root's pid. `notify` sees each
+    /// notification with the root's pid where CRIU gives it
+    /// (`setup-namespaces`, `post-restore`: the tree exists, and a caller
+    /// that dies from here on must be able to find it), and may fail it.
     pub fn restore(
         &self,
         restore: &RestoreRequest,
-        notify: &mut dyn FnMut(&str) -> bool,
+        notify: &mut dyn FnMut(&str, Option<u32>) -> bool,
     ) -> Result<u32, CriuError> {
         let inherit_fd = restore
             .inherit
@@ -250,6 +253,10 @@ impl Criu {
             .iter()
             .map(|(_, fd)| fd.as_raw_fd())
             .collect();
+        let notify = &mut |n: &Notify| {
+            let pid = n.pid.and_then(|p| u32::try_from(p).ok());
+            notify(n.script.as_deref().unwrap_or_default(), pid)
+        };
         let resp = self.call(request(ReqType::Restore, Some(opts)), &fds, notify)?;
         Ok(resp.restore.map(|r| r.pid as u32).unwrap_or_default())
     }
@@ -260,7 +267,7 @@ impl Criu {
         &self,
         req: Req,
         inherit: &[RawFd],
-        notify: &mut dyn FnMut(&str) -> bool,
+        notify: &mut dyn FnMut(&Notify) -> bool,
     ) -> Result<Resp, CriuError> {
         let sent = ReqType::try_from(req.r#type).unwrap_or(ReqType::Empty);
         let log = req
@@ -380,7 +387,7 @@ fn exchange(
     sock: &OwnedFd,
     req: Req,
     sent: ReqType,
-    notify: &mut dyn FnMut(&str) -> bool,
+    notify: &mut dyn FnMut(&Notify) -> bool,
     log: &str,
 ) -> Result<Resp, CriuError> {
     send(sock.as_raw_fd(), &req.encode_to_vec(), MsgFlags::empty())?;
@@ -393,8 +400,7 @@ fn exchange(
         let resp = Resp::decode(&buf[..n])?;
         let got = ReqType::try_from(resp.r#type).unwrap_or(ReqType::Empty);
         if got == ReqType::Notify {
-            let Notify { script, .. } = resp.notify.unwrap_or_default();
-            let ok = notify(script.as_deref().unwrap_or_default());
+            let ok = notify(&resp.notify.unwrap_or_default());
             let answer = Req {
                 r#type: ReqType::Notify as i32,
                 notify_success: Some(ok),

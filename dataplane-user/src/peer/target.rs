@@ -253,6 +253,11 @@ impl<'a> Target<'a> {
             return Err(format!("no images at {}", images.display()));
         }
         let criu = self.host.criu.clone();
+        let (images_root, migration, flows) = (
+            self.host.images_root.clone(),
+            self.migration.clone(),
+            self.flows.clone(),
+        );
         let start = Instant::now();
         let restored = tokio::task::spawn_blocking(move || {
             let netns = open_netns(Path::new("/proc/self/ns/net"))
@@ -261,8 +266,19 @@ impl<'a> Target<'a> {
                 images_dir: images.clone(),
                 inherit: vec![("extnet".into(), &netns)],
             };
+            // The restored tree is journaled as soon as CRIU names it: a
+            // daemon killed before the restore returns leaves a running
+            // instance that nobody else knows of. A journal that cannot be
+            // written fails the restore, and CRIU removes the tree.
+            let mut journal = |_: &str, pid: Option<u32>| {
+                pid.is_none_or(|pid| {
+                    write_journal(&images_root, &migration, &flows, Some(pid))
+                        .inspect_err(|e| tracing::warn!("{e}"))
+                        .is_ok()
+                })
+            };
             let pid = criu
-                .restore(&request, &mut |_| true)
+                .restore(&request, &mut journal)
                 .map_err(|e| format!("restore: {e}"))?;
             let restore_us = stats::restore(&images).map_or(0, |s| s.restore_time.into());
             Ok::<_, String>((pid, restore_us))
@@ -369,20 +385,12 @@ impl<'a> Target<'a> {
 
     /// Records the flows and the instance, for [`recover`].
     fn write_journal(&self) -> Result<(), String> {
-        let journal = Journal {
-            flows: self.flows.clone(),
-            instance: self.instance.and_then(|pid| {
-                Some(Instance {
-                    pid,
-                    start_time: start_time(pid)?,
-                })
-            }),
-        };
-        let path = self.journal_path();
-        let text = serde_json::to_vec(&journal).expect("a journal serializes");
-        std::fs::create_dir_all(&self.host.images_root)
-            .and_then(|()| std::fs::write(&path, text))
-            .map_err(|e| format!("writing {}: {e}", path.display()))
+        write_journal(
+            &self.host.images_root,
+            &self.migration,
+            &self.flows,
+            self.instance,
+        )
     }
 
     /// The migration is over here, either way: the images and the journal go.
@@ -468,6 +476,29 @@ struct Instance {
 
 fn journal_path(images_root: &Path, migration: &str) -> std::path::PathBuf {
     images_root.join(format!("{migration}.journal.json"))
+}
+
+/// Writes the journal of `migration`: its flows and restored instance.
+fn write_journal(
+    images_root: &Path,
+    migration: &str,
+    flows: &[TargetFlow],
+    instance: Option<u32>,
+) -> Result<(), String> {
+    let journal = Journal {
+        flows: flows.to_vec(),
+        instance: instance.and_then(|pid| {
+            Some(Instance {
+                pid,
+                start_time: start_time(pid)?,
+            })
+        }),
+    };
+    let path = journal_path(images_root, migration);
+    let text = serde_json::to_vec(&journal).expect("a journal serializes");
+    std::fs::create_dir_all(images_root)
+        .and_then(|()| std::fs::write(&path, text))
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// A process's start time in clock ticks since boot (/proc/PID/stat field 22).

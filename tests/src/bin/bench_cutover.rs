@@ -9,10 +9,12 @@
 //! ours also the replay rate, the time from restore to convergence, the
 //! flip's duration and T_M. Each migration gets fresh test hosts.
 //!
-//! The baseline for the gap around K is the same statistic (the largest
-//! gap over 111 consecutive cycles) in a window of the same run before the
-//! migration starts (`QUIET`): what this machine's scheduling gives with
-//! no migration at all.
+//! The baseline for the gaps around K is the same gaps (111 consecutive
+//! cycles) in a window of the same run before the migration starts
+//! (`QUIET`): what this machine's scheduling gives with no migration at
+//! all. Besides the largest gap per migration, it prints the gap the
+//! handover itself makes (the one output K+1 ends, the first from the
+//! destination) and every gap of the windows pooled over the runs.
 use std::time::{Duration, Instant};
 
 use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid, output_gaps, report_phase};
@@ -32,6 +34,11 @@ struct Run {
     handover_gap: i64,
     /// The same over the quiet window before the migration, µs.
     quiet_gap: i64,
+    /// The gap output K+1 ends (the handover's own), µs.
+    seam_gap: i64,
+    /// Every gap of the window around K, and of the quiet window, µs.
+    window_gaps: Vec<i64>,
+    quiet_gaps: Vec<i64>,
     /// Largest output gap beyond T_U over the whole run, µs.
     max_gap: i64,
     replay_rate: f64,
@@ -122,6 +129,28 @@ fn report(name: &str, runs: &[Run], live: bool) {
         QUIET.1,
         dist(|r| r.quiet_gap)
     );
+    let pooled = |f: fn(&Run) -> &Vec<i64>| {
+        let v: Vec<i64> = runs.iter().flat_map(|r| f(r).iter().copied()).collect();
+        format!(
+            "p50 {} p99 {} p99.9 {} max {} ({} gaps)",
+            percentile(v.clone(), 0.5),
+            percentile(v.clone(), 0.99),
+            percentile(v.clone(), 0.999),
+            percentile(v.clone(), 1.0),
+            v.len()
+        )
+    };
+    if live {
+        println!(
+            "  extra gap at the handover (K to K+1), µs: {}",
+            dist(|r| r.seam_gap)
+        );
+    }
+    println!("  every gap around K, µs: {}", pooled(|r| &r.window_gaps));
+    println!(
+        "  every gap before the migration, µs: {}",
+        pooled(|r| &r.quiet_gaps)
+    );
     println!("  extra gap over the run, µs: {}", dist(|r| r.max_gap));
     println!("  T_M, µs: {}", dist(|r| r.total_us as i64));
     if live {
@@ -143,13 +172,13 @@ fn report(name: &str, runs: &[Run], live: bool) {
 fn judge(trace: &std::path::Path, verdict: &serde_json::Value, k: u64) -> anyhow::Result<Run> {
     let gaps = output_gaps(&std::fs::read_to_string(trace)?, PERIOD_US);
     let _ = std::fs::remove_file(trace);
-    let around = |lo: u64, hi: u64| {
+    let within = |lo: u64, hi: u64| -> Vec<i64> {
         gaps.iter()
             .filter(|(c, _)| (lo..=hi).contains(c))
             .map(|g| g.1)
-            .max()
-            .unwrap_or(0)
+            .collect()
     };
+    let around = |lo: u64, hi: u64| within(lo, hi).into_iter().max().unwrap_or(0);
     if std::env::var_os("BENCH_VERBOSE").is_some() {
         let late: Vec<String> = gaps
             .iter()
@@ -171,6 +200,9 @@ fn judge(trace: &std::path::Path, verdict: &serde_json::Value, k: u64) -> anyhow
         wrong: n("wrong"),
         handover_gap: around(k.saturating_sub(10), k + 100),
         quiet_gap: around(QUIET.0, QUIET.1),
+        seam_gap: around(k + 1, k + 1),
+        window_gaps: within(k.saturating_sub(10), k + 100),
+        quiet_gaps: within(QUIET.0, QUIET.1),
         max_gap: around(0, u64::MAX),
         replay_rate: 0.0,
         converge_us: 0,

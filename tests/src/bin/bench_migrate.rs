@@ -205,16 +205,27 @@ fn schedule(migrations: usize, baselines: usize) -> Vec<Kind> {
 }
 
 /// Calibrates the model as an operator would before migrating `size` MiB:
-/// `dataplane calibrate` on this host, then `dataplane calibrate
+/// `dataplane calibrate` on this host with the controller's own binary,
+/// started as the benchmark starts it, then `dataplane calibrate
 /// --from-reports` with migrations of both live modes at 1 and 64 MiB that
 /// the measurement does not reuse.
 fn calibrate(target: &Path, size: u64) -> anyhow::Result<Calibration> {
     let path = target.join(format!("bench-migrate-calibration-{size}.json"));
-    println!(
-        "\n$ dataplane calibrate --sizes 1,16,64 --out {}",
-        path.display()
+    let controller = dataplane_tests::service_command(
+        "markov-controller",
+        &["0.0.0.0:5000", "--state-mib", "{mib}"],
     );
-    dataplane(&["calibrate", "--sizes", "1,16,64", "--out", path_str(&path)])?;
+    let mut args = vec![
+        "calibrate",
+        "--sizes",
+        "1,16,64",
+        "--out",
+        path_str(&path),
+        "--",
+    ];
+    args.extend(controller.iter().map(String::as_str));
+    println!("\n$ dataplane {}", args.join(" "));
+    dataplane(&args)?;
     let mut reports = Vec::new();
     for i in 0..CALIBRATION_RUNS {
         for size in CALIBRATION_SIZES {
