@@ -717,6 +717,15 @@ pub fn cpu_split() -> Option<(usize, usize)> {
 
 static PINNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Where a timing run puts the real-time tasks (see [`cpu_split`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pin {
+    /// On a CPU of their own, the machinery on another: for latency.
+    Apart,
+    /// Anywhere: for throughput, when they need more than one CPU.
+    Anywhere,
+}
+
 /// Pinning (see [`cpu_split`]) for test hosts set up while this lives.
 pub struct Pinning(bool);
 
@@ -797,10 +806,10 @@ impl ConntrackBuckets {
 
 /// Prepares this host for a timed run (pinning, `ConntrackBuckets::shrink`)
 /// and prints the conditions the figures were taken under.
-pub fn tune_host_for_timing() -> ConntrackBuckets {
+pub fn tune_host_for_timing(pin: Pin) -> ConntrackBuckets {
     // For the whole run: the hosts of a timing run keep the real-time tasks
-    // and the machinery apart.
-    PINNING.store(true, std::sync::atomic::Ordering::SeqCst);
+    // and the machinery apart, unless they need every CPU.
+    PINNING.store(pin == Pin::Apart, std::sync::atomic::Ordering::SeqCst);
     let buckets = ConntrackBuckets::shrink();
     let priority = match realtime_priority() {
         0 => "ordinary tasks".to_string(),

@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
     } else {
         sizes
     };
-    let _tuning = dataplane_tests::tune_host_for_timing();
+    let _tuning = dataplane_tests::tune_host_for_timing(dataplane_tests::Pin::Apart);
     println!(
         "{:>5} {:<14} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>10}",
         "MiB",

@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         "{migrations} live migrations (standby mode) and {baselines} stop-and-copy migrations, \
          CPS period {PERIOD_US} µs, {CYCLES} cycles each"
     );
-    let _tuning = dataplane_tests::tune_host_for_timing();
+    let _tuning = dataplane_tests::tune_host_for_timing(dataplane_tests::Pin::Apart);
     let mut ours = Vec::new();
     let started = Instant::now();
     for i in 0..migrations {

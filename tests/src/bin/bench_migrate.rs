@@ -124,7 +124,7 @@ fn main() -> anyhow::Result<()> {
         .and_then(Path::parent)
         .context("the target directory")?
         .to_owned();
-    let _tuning = dataplane_tests::tune_host_for_timing();
+    let _tuning = dataplane_tests::tune_host_for_timing(dataplane_tests::Pin::Apart);
     println!(
         "{migrations} migrations per live mode and {baselines} per baseline, sizes {sizes:?} MiB, \
          T_U {PERIOD_US} µs, {DIRTY_PAGES} pages dirtied per input; load average {}",

@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "building the test hosts: cps, src (+ a standby namespace), dst; starting both daemons"
     );
-    let _tuning = dataplane_tests::tune_host_for_timing();
+    let _tuning = dataplane_tests::tune_host_for_timing(dataplane_tests::Pin::Apart);
     let setup = MigrationSetup::new("demo", &[], mode == "standby");
     println!(
         "Markov controller (gundall2022 Sec. VII-B) on src at {}{}",
