@@ -945,6 +945,13 @@ fn print_calibration(c: &Calibration, reports: Option<&[Report]>, input_rate: f6
         k.image.slope
     );
     println!("  FEATURE_CHECK              {:.2} ms", k.check_us / 1e3);
+    if c.criu_reports > 0 {
+        println!(
+            "  dump, frozen and restore: fixed costs from {} migrations' CRIU times, slopes \
+             from the samples",
+            c.criu_reports
+        );
+    }
     if !c.samples.is_empty() {
         println!(
             "  {:>7} {:>7}  {:>15} {:>15} {:>15} {:>15}",

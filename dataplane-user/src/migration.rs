@@ -121,6 +121,14 @@ pub struct Report {
     pub handover_seq: u64,
     /// How long the checkpointed instance was frozen (CRIU), µs.
     pub frozen_us: u64,
+    /// Wall time of CRIU's final dump on the source and of its restore on
+    /// the destination, µs: CRIU's terms as this service and these hosts
+    /// see them (`dataplane calibrate --from-reports` fits the model's
+    /// fixed costs to them).
+    #[serde(default)]
+    pub criu_dump_us: u64,
+    #[serde(default)]
+    pub criu_restore_us: u64,
     /// Image bytes moved (the data volume D).
     pub image_bytes: u64,
     pub replayed: u64,
@@ -375,6 +383,7 @@ impl Migration {
         .await
         .map_err(|e| self.fail(e))?;
         self.report.destination_pid = restored.pid;
+        self.report.criu_restore_us = restored.criu_us;
         self.report.replayed = restored.replayed;
         self.report.replay_rate =
             restored.replayed as f64 / (restored.replay_us.max(1) as f64 / 1e6);
@@ -470,10 +479,12 @@ impl Migration {
         .map_err(|e| self.fail(e))?[0];
         self.report.checkpoint_seq = position.last_delivered;
         let dumped = tokio::task::block_in_place(|| {
+            let start = Instant::now();
             self.context
                 .criu
                 .dump(&rounds.final_dump(&dump), false, &mut |_| true)
                 .map_err(|e| e.to_string())?;
+            self.report.criu_dump_us = start.elapsed().as_micros() as u64;
             Ok::<_, String>(stats::dump(&images).map_or(0, |s| s.frozen_time.into()))
         });
         // Dumped or not, the instance gets the inputs held meanwhile, in order.

@@ -162,6 +162,10 @@ pub struct Calibration {
     /// service.
     #[serde(default)]
     pub service: Option<String>,
+    /// Reports of real migrations whose CRIU times set the dump, frozen
+    /// and restore terms' fixed costs (0: the samples set them).
+    #[serde(default)]
+    pub criu_reports: usize,
     pub criu: CriuCosts,
     pub samples: Vec<Sample>,
     #[serde(default)]
@@ -404,8 +408,34 @@ impl Calibration {
     }
 
     /// Fits the live modes' costs to finished migrations' reports, on top
-    /// of the CRIU terms, by least squares per phase.
+    /// of the CRIU terms, by least squares per phase. First CRIU's own
+    /// dump, frozen and restore terms move to the reports' level: a real
+    /// service under its inputs costs CRIU more than an idle synthetic one
+    /// (the fixed costs come from the reports, the slopes stay the sweep's).
     pub fn fit_reports(&mut self, reports: &[Report]) {
+        let done: Vec<&Report> = reports.iter().filter(|r| r.state == "done").collect();
+        let through = |line: Line, points: Vec<(f64, f64)>| match points.len() {
+            0 => line,
+            n => Line {
+                fixed: points.iter().map(|(m, y)| y - line.slope * m).sum::<f64>() / n as f64,
+                slope: line.slope,
+            },
+        };
+        let measured = |y: fn(&Report) -> u64| -> Vec<(f64, f64)> {
+            done.iter()
+                .filter(|r| y(r) > 0)
+                .map(|r| (self.state_of(r), y(r) as f64))
+                .collect()
+        };
+        let (dumps, frozen, restores) = (
+            measured(|r| r.criu_dump_us),
+            measured(|r| r.frozen_us),
+            measured(|r| r.criu_restore_us),
+        );
+        self.criu_reports = dumps.len().max(restores.len());
+        self.criu.dump = through(self.criu.dump, dumps);
+        self.criu.frozen = through(self.criu.frozen, frozen);
+        self.criu.restore = through(self.criu.restore, restores);
         for mode in [Mode::LeaveRunning, Mode::Standby] {
             let done: Vec<&Report> = reports
                 .iter()
@@ -695,6 +725,42 @@ mod tests {
         let catch_up = fast.total_us - slow.total_us;
         let backlog_s = (fast.phases[1].1 + fast.phases[2].1 + slow.phases[3].1) / 1e6;
         assert!((catch_up - backlog_s * 1000.0 / 9000.0 * 1e6).abs() < 1.0);
+    }
+
+    #[test]
+    fn reports_move_criu_fixed_costs_and_keep_the_sweeps_slopes() {
+        let mut cal = calibration();
+        let before = cal.criu.clone();
+        // Reports without CRIU times leave the terms alone.
+        cal.fit_reports(&[report(Mode::Standby, 1.0, &[("checkpoint", 60_000)])]);
+        assert_eq!(
+            (cal.criu.dump, cal.criu.restore),
+            (before.dump, before.restore)
+        );
+        assert_eq!(cal.criu_reports, 0);
+        let timed = |image_mib: f64, dump_us: u64, restore_us: u64| Report {
+            criu_dump_us: dump_us,
+            criu_restore_us: restore_us,
+            frozen_us: 9_000,
+            ..report(Mode::Standby, image_mib, &[("checkpoint", 60_000)])
+        };
+        let reports = [timed(1.0, 50_000, 47_000), timed(1.0, 52_000, 45_000)];
+        cal.fit_reports(&reports);
+        assert_eq!(cal.criu_reports, 2);
+        let m = cal.state_of(&reports[0]);
+        assert!(
+            (cal.criu.dump.at(m) - 51_000.0).abs() < 1.0,
+            "{:?}",
+            cal.criu.dump
+        );
+        assert!((cal.criu.restore.at(m) - 46_000.0).abs() < 1.0);
+        assert!((cal.criu.frozen.at(m) - 9_000.0).abs() < 1.0);
+        assert_eq!(cal.criu.dump.slope, before.dump.slope);
+        assert_eq!(cal.criu.restore.slope, before.restore.slope);
+        // Fitting the same reports again changes nothing.
+        let once = cal.criu.clone();
+        cal.fit_reports(&reports);
+        assert_eq!(cal.criu, once);
     }
 
     #[test]

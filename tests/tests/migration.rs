@@ -58,6 +58,16 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
         frozen > Some(0) && held > frozen,
         "held {held:?}, frozen {frozen:?}"
     );
+    // CRIU's wall times, which the model's fixed costs are fitted to: the
+    // dump takes longer than the freeze inside it.
+    let (dump, restore) = (
+        report["criu_dump_us"].as_u64(),
+        report["criu_restore_us"].as_u64(),
+    );
+    assert!(
+        dump > frozen && restore > Some(0),
+        "dump {dump:?}, restore {restore:?}"
+    );
     // The controller now runs on dst, with every cycle in its state; the
     // source instance is gone.
     let state = chain_state(&setup.hosts.dst, setup.service).expect("dst answers");

@@ -87,6 +87,9 @@ pub struct Restored {
     pub restore_us: u64,
     /// From the request to the restored process running.
     pub restore_total_us: u64,
+    /// Wall time of CRIU's restore request.
+    #[serde(default)]
+    pub criu_us: u64,
     pub replayed: u64,
     pub replay_us: u64,
     /// The last input the replay delivered; later ones came live.
@@ -277,15 +280,17 @@ impl<'a> Target<'a> {
                         .is_ok()
                 })
             };
+            let start = Instant::now();
             let pid = criu
                 .restore(&request, &mut journal)
                 .map_err(|e| format!("restore: {e}"))?;
+            let criu_us = start.elapsed().as_micros() as u64;
             let restore_us = stats::restore(&images).map_or(0, |s| s.restore_time.into());
-            Ok::<_, String>((pid, restore_us))
+            Ok::<_, String>((pid, restore_us, criu_us))
         })
         .await
         .map_err(|e| format!("restore task: {e}"))??;
-        let (pid, restore_us) = restored;
+        let (pid, restore_us, criu_us) = restored;
         self.instance = Some(pid);
         self.write_journal()?;
         // Before the replay: the instance catches up where it will serve.
@@ -328,6 +333,7 @@ impl<'a> Target<'a> {
             pid,
             restore_us,
             restore_total_us,
+            criu_us,
             replayed,
             replay_us: start.elapsed().as_micros() as u64,
             replay_end,
