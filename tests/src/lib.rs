@@ -1381,7 +1381,35 @@ impl MigrationSetup {
         self.dump_copy_restore(images, copied, Some(policy))
     }
 
+    /// Runs CRIU where the daemons would: on the machinery's CPU when the
+    /// run pins (CRIU's tasks inherit this thread's CPUs), and gives the
+    /// restored controller its source's CPUs, as the destination daemon
+    /// does; the baselines then pay what our live modes pay for CRIU.
     fn dump_copy_restore(
+        &self,
+        images: &std::path::Path,
+        copied: &std::path::Path,
+        precopy: Option<&dataplane_user::criu::policy::StopPolicy>,
+    ) -> anyhow::Result<StopAndCopy> {
+        use nix::{sched::CpuSet, unistd::Pid};
+        let here = Pid::from_raw(0);
+        let before = nix::sched::sched_getaffinity(here)?;
+        if let Some((_, machinery)) = cpu_split() {
+            let mut set = CpuSet::new();
+            set.set(machinery)?;
+            nix::sched::sched_setaffinity(here, &set)?;
+        }
+        let source_cpus = dataplane_user::tasks::cpus_of(self.controller.pid).unwrap_or_default();
+        let outcome = self.dump_copy_restore_here(images, copied, precopy);
+        nix::sched::sched_setaffinity(here, &before)?;
+        let outcome = outcome?;
+        if !source_cpus.is_empty() {
+            dataplane_user::tasks::pin(outcome.pid, &source_cpus).map_err(anyhow::Error::msg)?;
+        }
+        Ok(outcome)
+    }
+
+    fn dump_copy_restore_here(
         &self,
         images: &std::path::Path,
         copied: &std::path::Path,
