@@ -269,16 +269,22 @@ impl<'a> Target<'a> {
                 images_dir: images.clone(),
                 inherit: vec![("extnet".into(), &netns)],
             };
-            // The restored tree is journaled as soon as CRIU names it: a
-            // daemon killed before the restore returns leaves a running
-            // instance that nobody else knows of. A journal that cannot be
-            // written fails the restore, and CRIU removes the tree.
-            let mut journal = |_: &str, pid: Option<u32>| {
-                pid.is_none_or(|pid| {
-                    write_journal(&images_root, &migration, &flows, Some(pid))
+            // The restored tree is journaled as soon as CRIU names it (at
+            // `setup-namespaces`, early): a daemon killed before the
+            // restore returns leaves a running instance that nobody else
+            // knows of. Once only: at `post-restore` the tasks wait on CRIU,
+            // and one killed while they wait stalls CRIU until its timeout.
+            // A journal that cannot be written fails the restore, and CRIU
+            // removes the tree.
+            let mut journaled = false;
+            let mut journal = |_: &str, pid: Option<u32>| match pid {
+                Some(pid) if !journaled => {
+                    journaled = write_journal(&images_root, &migration, &flows, Some(pid))
                         .inspect_err(|e| tracing::warn!("{e}"))
-                        .is_ok()
-                })
+                        .is_ok();
+                    journaled
+                }
+                _ => true,
             };
             let start = Instant::now();
             let pid = criu
