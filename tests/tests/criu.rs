@@ -1,8 +1,12 @@
 //! The CRIU driver against real CRIU 4.2.1 and a real stateful service.
-use std::{net::UdpSocket, path::PathBuf, time::Duration};
+use std::{
+    net::UdpSocket,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use dataplane_tests::{
-    CPS_V4, ChainService, SERVICE_V4, TestHosts, chain, chain_state, sock, udp_payload,
+    CPS_V4, ChainService, SERVICE_V4, TestHosts, chain, chain_state, kill_pid, sock, udp_payload,
 };
 use dataplane_user::criu::{
     Criu, CriuError, DumpRequest, ReqType, RestoreRequest, open_netns, stats,
@@ -198,6 +202,52 @@ fn a_service_dumped_in_src_resumes_in_dst_with_its_exact_state() {
 
     // The restored root is this process's child (rst_sibling): end and reap it.
     end_restored(pid);
+    drop(service);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_restored_task_killed_before_criu_finishes_fails_the_restore_at_once() {
+    let hosts = TestHosts::new("rdie");
+    let addr = sock(SERVICE_V4, 5000);
+    let service = ChainService::start(&hosts.src, addr);
+    feed(&hosts.src, addr, 20);
+    let criu = Criu::default();
+    let dir = images_dir("rdie");
+    dump_through_post_dump(&criu, &service.dump_request(dir.clone(), false));
+    let dst_net = open_netns(&hosts.dst.path()).unwrap();
+    let restore = RestoreRequest {
+        images_dir: dir.clone(),
+        inherit: vec![("extnet".into(), &dst_net)],
+    };
+    // At `post-restore` the tasks wait on CRIU to finish: kill the root
+    // there. CRIU cannot see it die (it is not CRIU's child).
+    let mut killed = None;
+    let start = Instant::now();
+    let error = criu
+        .restore(&restore, &mut |script, pid| {
+            if let ("post-restore", Some(pid)) = (script, pid) {
+                kill_pid(pid.into());
+                killed = Some(pid);
+            }
+            true
+        })
+        .expect_err("a restore whose task died");
+    let took = start.elapsed();
+    println!("after {took:?}: {error}");
+    let pid = killed.expect("CRIU named the restored root at post-restore");
+    assert!(
+        matches!(error, CriuError::RestoredDied { pid: p } if p == pid),
+        "{error}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "not CRIU's 60 s timeout: {took:?}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the dead root is reaped"
+    );
     drop(service);
     let _ = std::fs::remove_dir_all(&dir);
 }

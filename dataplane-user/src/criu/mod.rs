@@ -68,7 +68,13 @@ pub enum CriuError {
         after: Duration,
         log: String,
     },
+    #[error("restored task {pid} died before CRIU finished the restore; stopped CRIU")]
+    RestoredDied { pid: u32 },
 }
+
+/// How often a request waiting on CRIU looks whether it is still worth
+/// waiting for (a restored task CRIU waits on may have died).
+const WATCH_EVERY: Duration = Duration::from_millis(100);
 
 /// The CRIU binary and how long a request may take.
 #[derive(Clone, Debug)]
@@ -144,7 +150,12 @@ impl Criu {
 
     /// CRIU's version.
     pub fn version(&self) -> Result<Version, CriuError> {
-        let resp = self.call(request(ReqType::Version, None), &[], &mut |_| true)?;
+        let resp = self.call(
+            request(ReqType::Version, None),
+            &[],
+            &mut |_| true,
+            &mut || None,
+        )?;
         resp.version.ok_or(CriuError::Unexpected {
             sent: ReqType::Version,
             got: ReqType::Empty,
@@ -159,7 +170,7 @@ impl Criu {
             mem_track: Some(true),
             ..Default::default()
         });
-        let resp = self.call(req, &[], &mut |_| true)?;
+        let resp = self.call(req, &[], &mut |_| true, &mut || None)?;
         Ok(resp.features.unwrap_or_default())
     }
 
@@ -220,7 +231,8 @@ impl Criu {
         };
         let kind = if pre { ReqType::PreDump } else { ReqType::Dump };
         let notify = &mut |n: &Notify| notify(n.script.as_deref().unwrap_or_default());
-        self.call(request(kind, Some(opts)), &[], notify).map(drop)
+        self.call(request(kind, Some(opts)), &[], notify, &mut || None)
+            .map(drop)
     }
 
     /// Restores a dumped tree, detached (a sibling of this process, not of
@@ -253,11 +265,22 @@ impl Criu {
             .iter()
             .map(|(_, fd)| fd.as_raw_fd())
             .collect();
+        // CRIU waits on the restored tasks at each stage and cannot see one
+        // die (with rst_sibling the root is not its child): a task killed
+        // meanwhile would stall it until the timeout. Watch the root.
+        let root = std::cell::Cell::new(None);
         let notify = &mut |n: &Notify| {
             let pid = n.pid.and_then(|p| u32::try_from(p).ok());
+            if pid.is_some() {
+                root.set(pid);
+            }
             notify(n.script.as_deref().unwrap_or_default(), pid)
         };
-        let resp = self.call(request(ReqType::Restore, Some(opts)), &fds, notify)?;
+        let watch = &mut || match root.get() {
+            Some(pid) if !running(pid) => Some(CriuError::RestoredDied { pid }),
+            _ => None,
+        };
+        let resp = self.call(request(ReqType::Restore, Some(opts)), &fds, notify, watch)?;
         Ok(resp.restore.map(|r| r.pid as u32).unwrap_or_default())
     }
 
@@ -268,6 +291,7 @@ impl Criu {
         req: Req,
         inherit: &[RawFd],
         notify: &mut dyn FnMut(&Notify) -> bool,
+        watch: &mut dyn FnMut() -> Option<CriuError>,
     ) -> Result<Resp, CriuError> {
         let sent = ReqType::try_from(req.r#type).unwrap_or(ReqType::Empty);
         let log = req
@@ -276,10 +300,14 @@ impl Criu {
             .and_then(|o| o.images_dir.as_ref().zip(o.log_file.as_ref()))
             .map(|(dir, file)| format!("{dir}/{file}"))
             .unwrap_or_else(|| "CRIU's stderr".into());
-        let timeout = TimeVal::new(
-            self.timeout.as_secs() as _,
-            self.timeout.subsec_micros() as _,
-        );
+        // Each receive waits a slice; `exchange` adds slices of silence up.
+        let slice = WATCH_EVERY.min(self.timeout);
+        let timeout = TimeVal::new(slice.as_secs() as _, slice.subsec_micros() as _);
+        let wait = Wait {
+            slice,
+            silence: self.timeout,
+            watch,
+        };
         let timed_out = |e| match e {
             CriuError::Socket(nix::Error::EAGAIN) => CriuError::Timeout {
                 request: sent,
@@ -292,7 +320,7 @@ impl Criu {
             // The service forks a worker per connection; closing ours ends it.
             let sock = connect_service(service)?;
             setsockopt(&sock, sockopt::ReceiveTimeout, &timeout)?;
-            return exchange(&sock, req, sent, notify, &log).map_err(timed_out);
+            return exchange(&sock, req, sent, notify, wait, &log).map_err(timed_out);
         }
         let (ours, theirs) = socketpair(
             AddressFamily::Unix,
@@ -304,7 +332,7 @@ impl Criu {
         let before = thread_children();
         let mut worker = self.spawn(&theirs, inherit)?;
         drop(theirs);
-        let outcome = exchange(&ours, req, sent, notify, &log).map_err(timed_out);
+        let outcome = exchange(&ours, req, sent, notify, wait, &log).map_err(timed_out);
         if outcome.is_err() {
             // A failed or stuck restore can leave half-restored tasks behind
             // as this thread's children (rst_sibling): remove them with CRIU.
@@ -382,18 +410,42 @@ fn base_opts() -> Opts {
     }
 }
 
+/// How `exchange` waits for CRIU: receives of `slice` (the socket's
+/// timeout), `watch` asked after each one that timed out, up to `silence`
+/// without a message.
+struct Wait<'a> {
+    slice: Duration,
+    silence: Duration,
+    watch: &'a mut dyn FnMut() -> Option<CriuError>,
+}
+
 /// Sends `req`, answers notifications with `notify`, and returns the final response.
 fn exchange(
     sock: &OwnedFd,
     req: Req,
     sent: ReqType,
     notify: &mut dyn FnMut(&Notify) -> bool,
+    wait: Wait,
     log: &str,
 ) -> Result<Resp, CriuError> {
     send(sock.as_raw_fd(), &req.encode_to_vec(), MsgFlags::empty())?;
     let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut quiet = Duration::ZERO;
     loop {
-        let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        let n = match recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            Err(nix::Error::EAGAIN) => {
+                if let Some(stop) = (wait.watch)() {
+                    return Err(stop);
+                }
+                quiet += wait.slice;
+                if quiet >= wait.silence {
+                    return Err(CriuError::Socket(nix::Error::EAGAIN));
+                }
+                continue;
+            }
+            n => n?,
+        };
+        quiet = Duration::ZERO;
         if n == 0 {
             return Err(CriuError::Closed(sent));
         }
@@ -422,6 +474,16 @@ fn exchange(
         }
         return Ok(resp);
     }
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which may hold ") ".
+        stat.rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 /// The children of the calling thread, from /proc.
