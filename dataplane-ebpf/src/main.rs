@@ -465,14 +465,16 @@ fn receive(ctx: &XdpContext) -> u32 {
 
 /// Notes that input `seq` goes on to the local instance. A counting gate
 /// learns its first input here (before `last_delivered` moves, which the
-/// egress program reads first).
+/// egress program reads first); later deliveries only read the word.
 #[inline(always)]
 fn delivered(sequence: *mut FlowSequence, gate: Option<*mut Gate>, seq: u64) {
     if let Some(gate) = gate {
         // SAFETY: the array slot lives as long as the map; the exchange is
         // atomic across CPUs, so only the first delivery sets the start.
         unsafe {
-            if (*gate).tagging == TAG_COUNTED {
+            if (*gate).tagging == TAG_COUNTED
+                && core::ptr::read_volatile(&raw const (*gate).next_answer) == 0
+            {
                 atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
                     &raw mut (*gate).next_answer,
                     0,

@@ -924,7 +924,7 @@ fn print_calibration(c: &Calibration, reports: Option<&[Report]>, input_rate: f6
             "no: pre-copy is a single dump"
         },
         c.samples.len(),
-        c.service.as_deref().unwrap_or("the synthetic service")
+        c.service_name()
     );
     println!("  {:<26} {:>10} {:>12}", "term", "fixed ms", "ms per MiB");
     for (name, line) in [
@@ -1143,7 +1143,7 @@ fn print_plan(plan: &Plan, path: &Path, c: &Calibration, mode: Option<&str>) {
         c.host,
         age / 60,
         c.samples.len(),
-        c.service.as_deref().unwrap_or("the synthetic service"),
+        c.service_name(),
         reports(&c.leave_running),
         reports(&c.standby)
     );

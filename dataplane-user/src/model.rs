@@ -238,6 +238,11 @@ pub struct Prediction {
 }
 
 impl Calibration {
+    /// What CRIU's terms were measured on.
+    pub fn service_name(&self) -> &str {
+        self.service.as_deref().unwrap_or("the synthetic service")
+    }
+
     /// T_M and T_D of migrating `work` by `method`.
     pub fn predict(&self, method: Method, work: &Workload) -> Prediction {
         let c = &self.criu;

@@ -33,6 +33,25 @@ fn threads(root: u32) -> Vec<i32> {
     threads
 }
 
+/// The fields of /proc/PID/stat after the command name (the state first),
+/// which may itself hold spaces and parentheses; none if `pid` is gone.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    Some(after_name.split_whitespace().map(str::to_string).collect())
+}
+
+/// Whether process `pid` exists and has not exited (a zombie has).
+pub fn running(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s != "Z" && s != "X"))
+}
+
+/// Process `pid`'s start time in clock ticks since boot (field 22 of
+/// /proc/PID/stat): with its pid, what names a process (pids are reused).
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
 fn cpu_list(set: &CpuSet) -> Vec<usize> {
     (0..CpuSet::count())
         .filter(|&cpu| set.is_set(cpu).unwrap_or(false))

@@ -741,8 +741,6 @@ impl Drop for Pinning {
     }
 }
 
-/// The `taskset` and `chrt` prefix that starts a program at
-/// `realtime_priority()` on the real-time CPU.
 /// The command line a service `program` (a binary of this workspace) runs
 /// with here: on the real-time CPU at the real-time priority, if any.
 pub fn service_command(program: &str, args: &[&str]) -> Vec<String> {
@@ -753,6 +751,8 @@ pub fn service_command(program: &str, args: &[&str]) -> Vec<String> {
     command
 }
 
+/// The `taskset` and `chrt` prefix that starts a program at
+/// `realtime_priority()` on the real-time CPU.
 fn realtime() -> Vec<String> {
     let mut prefix: Vec<String> = Vec::new();
     if let Some((rt, _)) = cpu_split() {

@@ -277,7 +277,7 @@ impl Criu {
             notify(n.script.as_deref().unwrap_or_default(), pid)
         };
         let watch = &mut || match root.get() {
-            Some(pid) if !running(pid) => Some(CriuError::RestoredDied { pid }),
+            Some(pid) if !crate::tasks::running(pid) => Some(CriuError::RestoredDied { pid }),
             _ => None,
         };
         let resp = self.call(request(ReqType::Restore, Some(opts)), &fds, notify, watch)?;
@@ -474,16 +474,6 @@ fn exchange(
         }
         return Ok(resp);
     }
-}
-
-/// Whether process `pid` exists and has not exited (a zombie has).
-fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // The state follows the command name, which may hold ") ".
-        stat.rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
 }
 
 /// The children of the calling thread, from /proc.

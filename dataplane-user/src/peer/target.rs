@@ -502,7 +502,7 @@ fn write_journal(
         instance: instance.and_then(|pid| {
             Some(Instance {
                 pid,
-                start_time: start_time(pid)?,
+                start_time: crate::tasks::start_time(pid)?,
             })
         }),
     };
@@ -511,14 +511,6 @@ fn write_journal(
     std::fs::create_dir_all(images_root)
         .and_then(|()| std::fs::write(&path, text))
         .map_err(|e| format!("writing {}: {e}", path.display()))
-}
-
-/// A process's start time in clock ticks since boot (/proc/PID/stat field 22).
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields follow the last ')'.
-    let fields = &stat[stat.rfind(')')? + 2..];
-    fields.split(' ').nth(19)?.parse().ok()
 }
 
 /// How long an armed destination that lost the source waits for the
@@ -626,7 +618,7 @@ fn recover_one(host: &Host, journal: &Path) -> String {
     }
     let killed = journal
         .instance
-        .filter(|i| start_time(i.pid) == Some(i.start_time));
+        .filter(|i| crate::tasks::start_time(i.pid) == Some(i.start_time));
     if let Some(i) = killed {
         let pid = nix::unistd::Pid::from_raw(i.pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);

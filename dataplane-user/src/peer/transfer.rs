@@ -122,19 +122,27 @@ pub fn parse_begin(payload: &[u8]) -> Result<String, PeerError> {
     Ok(migration)
 }
 
-/// A FILE frame's payload, its name an [`image_path`] and its link target
-/// (if it is one) an [`image_link`] with no data.
-pub fn parse_file_header(payload: &[u8]) -> Result<FileHeader, PeerError> {
-    let header: FileHeader =
-        serde_json::from_slice(payload).map_err(|e| images_error(format!("file header: {e}")))?;
-    image_path(&header.name)?;
-    if let Some(target) = &header.link {
-        image_link(&header.name, target)?;
-        if header.size != 0 {
-            return Err(images_error(format!("{}: a link with data", header.name)));
+impl FileHeader {
+    /// The header if its name is an [`image_path`] and its link target (if
+    /// it is one) an [`image_link`] with no data: what a receiver takes,
+    /// and so all a sender sends.
+    fn checked(self) -> Result<Self, PeerError> {
+        image_path(&self.name)?;
+        if let Some(target) = &self.link {
+            image_link(&self.name, target)?;
+            if self.size != 0 {
+                return Err(images_error(format!("{}: a link with data", self.name)));
+            }
         }
+        Ok(self)
     }
-    Ok(header)
+}
+
+/// A FILE frame's payload, [`FileHeader::checked`].
+pub fn parse_file_header(payload: &[u8]) -> Result<FileHeader, PeerError> {
+    serde_json::from_slice::<FileHeader>(payload)
+        .map_err(|e| images_error(format!("file header: {e}")))?
+        .checked()
 }
 
 /// What an images directory holds, in the order it is sent: its files
@@ -194,10 +202,6 @@ pub async fn send_counting(
     write_frame(stream, frame::IMAGES, &begin).await?;
     let mut chunk = vec![0; CHUNK];
     for (name, link) in image_entries(dir)? {
-        image_path(&name)?;
-        if let Some(target) = &link {
-            image_link(&name, target)?;
-        }
         let mut file = match &link {
             Some(_) => None,
             None => Some(tokio::fs::File::open(dir.join(&name)).await?),
@@ -206,7 +210,7 @@ pub async fn send_counting(
             Some(file) => file.metadata().await?.len(),
             None => 0,
         };
-        let header = FileHeader { name, size, link };
+        let header = FileHeader { name, size, link }.checked()?;
         write_frame(
             stream,
             frame::FILE,

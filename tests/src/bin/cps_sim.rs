@@ -59,6 +59,18 @@ extern "C" fn end_bursts(_: nix::libc::c_int) {
     END_BURSTS.store(true, Ordering::SeqCst);
 }
 
+/// Installs `handler` (one atomic operation, async-signal-safe) for `signal`.
+fn on_signal(signal: nix::sys::signal::Signal, handler: extern "C" fn(nix::libc::c_int)) {
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(handler),
+        nix::sys::signal::SaFlags::SA_RESTART,
+        nix::sys::signal::SigSet::empty(),
+    );
+    // SAFETY: both handlers only do an atomic operation.
+    unsafe { nix::sys::signal::sigaction(signal, &action) }
+        .unwrap_or_else(|e| panic!("install the {signal} handler: {e}"));
+}
+
 /// Spacing of the inputs of a burst: 20 kHz.
 const BURST_SPACING: Duration = Duration::from_micros(50);
 
@@ -138,22 +150,8 @@ fn main() {
         })
         .collect();
     if args.burst > 0 {
-        let action = nix::sys::signal::SigAction::new(
-            nix::sys::signal::SigHandler::Handler(ask_for_burst),
-            nix::sys::signal::SaFlags::SA_RESTART,
-            nix::sys::signal::SigSet::empty(),
-        );
-        // SAFETY: the handler only does an atomic add.
-        unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGUSR1, &action) }
-            .expect("install the SIGUSR1 handler");
-        let action = nix::sys::signal::SigAction::new(
-            nix::sys::signal::SigHandler::Handler(end_bursts),
-            nix::sys::signal::SaFlags::SA_RESTART,
-            nix::sys::signal::SigSet::empty(),
-        );
-        // SAFETY: the handler only does an atomic store.
-        unsafe { nix::sys::signal::sigaction(nix::sys::signal::Signal::SIGUSR2, &action) }
-            .expect("install the SIGUSR2 handler");
+        on_signal(nix::sys::signal::Signal::SIGUSR1, ask_for_burst);
+        on_signal(nix::sys::signal::Signal::SIGUSR2, end_bursts);
     }
     // Spin at most a sixth of the period: a short period would otherwise
     // be all spinning, a core taken from the dataplane it measures.
