@@ -238,6 +238,29 @@ pub const MAX_SEQ: u64 = (1 << 63) - 1;
 /// gated like a live copy but not logged again.
 pub const MIRROR_FLAG_REPLAY: u16 = 1;
 
+/// Inputs one replay batch injects at most: one BPF_PROG_RUN (and one
+/// kernel page pool) per this many replayed inputs.
+pub const REPLAY_BATCH: u32 = 16;
+
+/// The largest replay frame (mirror headers and the input) a replay batch
+/// takes, plus one: a full-size Ethernet frame with its mirror
+/// headers fits, within the page a live test run gives each frame.
+pub const REPLAY_FRAME_MAX: u32 = 2048;
+
+/// A replay frame queued for a replay batch.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ReplaySlot {
+    /// Bytes of `frame` in use: below [`REPLAY_FRAME_MAX`].
+    pub len: u32,
+    pub frame: [u8; REPLAY_FRAME_MAX as usize],
+}
+
+/// Mirror flag: a replay batch's trigger; its sequence field holds the
+/// host's replay key, and the receive path takes a queued replay frame in
+/// its place (see `REPLAY_FRAMES`).
+pub const MIRROR_FLAG_QUEUED: u16 = 2;
+
 /// Bytes a mirror frame adds in front of the mirrored frame.
 pub const MIRROR_OVERHEAD: u32 = 14 + size_of::<MirrorHeader>() as u32;
 
@@ -437,6 +460,7 @@ mod pod {
     unsafe impl aya::Pod for Gate {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for RecordHeader {}
+    unsafe impl aya::Pod for ReplaySlot {}
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_clone_redirect, bpf_ktime_get_ns, bpf_skb_change_head, bpf_skb_load_bytes,
         bpf_skb_store_bytes, bpf_skb_vlan_pop, bpf_xdp_adjust_head, bpf_xdp_adjust_meta,
-        bpf_xdp_adjust_tail,
+        bpf_xdp_adjust_tail, bpf_xdp_store_bytes,
     },
     macros::{classifier, map, xdp},
     maps::{Array, DevMap, HashMap, PerCpuArray, RingBuf},
@@ -39,9 +39,10 @@ use dataplane_common::{
     CAPTURE_META_MAGIC, CAPTURE_META_MASK, CUT_AT_NEXT, CaptureMeta, Config, FLOW_MIRROR,
     FLOW_STANDBY, FlowConfig, FlowKey, FlowSequence, GATE_DELIVER_ALL, GATE_HOLD_ALL,
     GATE_SEQUENCED, Gate, MAX_FLOWS, MAX_FRAME, MAX_SEQ, META_DELIVER, META_PEER, META_STANDBY,
-    MIRROR_CLONE, MIRROR_DEVMAP, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, MIRROR_VERSION, MirrorHeader,
-    OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, PORT_MIRROR, RECORD_INPUT, RECORD_MIRRORED,
-    RECORD_OUTPUT, RecordHeader, TAG_COUNTED, counter, mirror_headers,
+    MIRROR_CLONE, MIRROR_DEVMAP, MIRROR_FLAG_QUEUED, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD,
+    MIRROR_VERSION, MirrorHeader, OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, PORT_MIRROR,
+    RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, REPLAY_BATCH, REPLAY_FRAME_MAX, RecordHeader,
+    ReplaySlot, TAG_COUNTED, counter, mirror_headers,
 };
 use parse::{Frame, Skip, parse, ptr_at};
 use record::{Skb, Xdp};
@@ -88,6 +89,19 @@ static MIRROR_PORTS: DevMap = DevMap::pinned(2, 0);
 #[map]
 static MIRROR_PENDING: PerCpuArray<CaptureMeta> = PerCpuArray::with_max_entries(1, 0);
 
+/// Replay frames user space queued for one replay batch (`take_queued_replay`).
+#[map]
+static REPLAY_FRAMES: Array<ReplaySlot> = Array::pinned(REPLAY_BATCH, 0);
+
+/// Element 0: the slot of REPLAY_FRAMES the next run of a replay batch
+/// takes; user space sets it to 0 before each batch.
+#[map]
+static REPLAY_NEXT: Array<u32> = Array::pinned(1, 0);
+
+/// Element 0: the key of replay triggers, random, set at load.
+#[map]
+static REPLAY_KEY: Array<u64> = Array::pinned(1, 0);
+
 #[inline(always)]
 fn count(index: u32) {
     if let Some(c) = COUNTERS.get_ptr_mut(index) {
@@ -117,11 +131,79 @@ pub fn ingress(ctx: XdpContext) -> u32 {
     count(counter::SEEN);
     match parse(ctx.data(), ctx.data_end()) {
         Ok(Frame::Udp(key, _)) => return capture(&ctx, &key),
-        Ok(Frame::Mirror) => return receive(&ctx),
+        Ok(Frame::Mirror) => {
+            if take_queued_replay(&ctx) {
+                return receive(&ctx);
+            }
+            count(counter::MIRROR_RECEIVED);
+            count(counter::MIRROR_ERRORS);
+        }
         Err(Skip::Malformed) => count(counter::MALFORMED),
         Err(Skip::NotUdp) => count(counter::NOT_UDP),
     }
     xdp_action::XDP_PASS
+}
+
+/// A replay batch: user space queues rebuilt mirror frames in REPLAY_FRAMES
+/// and runs `ingress` with BPF_PROG_RUN in live-frames mode, `repeat` set to
+/// their number, on a trigger frame: a mirror frame flagged
+/// MIRROR_FLAG_QUEUED whose sequence field is REPLAY_KEY. Each run writes
+/// the next queued frame over the trigger (the kernel starts every run from
+/// the same bytes) and receives it like any replayed copy. A live test run
+/// sets up a page pool per call, and the kernel frees one only once its
+/// packets are consumed, walking every pool not yet freed: one call per
+/// input would cost more per input the faster inputs are replayed. The key
+/// (random, set at load, readable by root only) keeps a frame from the wire
+/// from taking queued frames.
+///
+/// Returns whether the packet is now a frame to receive: not a trigger, or
+/// a trigger with the key whose queued frame is written. Out of line: the
+/// verifier refused the inlined form (LLVM spilled a register that is not
+/// set on every path into `ingress`).
+#[inline(never)]
+fn take_queued_replay(ctx: &XdpContext) -> bool {
+    let Some(header) = ptr_at::<MirrorHeader>(ctx.data(), ctx.data_end(), 14) else {
+        return true;
+    };
+    // SAFETY: ptr_at checked that the header lies inside the packet.
+    let (flags, key) = unsafe { ((*header).flags, (*header).seq) };
+    if u16::from_be(flags) & MIRROR_FLAG_QUEUED == 0 {
+        return true;
+    }
+    let ours = REPLAY_KEY.get(0).copied().unwrap_or(0);
+    if ours == 0 || u64::from_be(key) != ours {
+        return false;
+    }
+    let Some(next) = REPLAY_NEXT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: the array slot lives as long as the map; one batch runs at a
+    // time on one CPU (user space serializes them).
+    let index = unsafe { *next };
+    unsafe { *next = index + 1 };
+    write_replay_frame(ctx, index).is_some()
+}
+
+/// Makes the packet the frame queued in slot `index` of REPLAY_FRAMES.
+#[inline(always)]
+fn write_replay_frame(ctx: &XdpContext, index: u32) -> Option<()> {
+    let slot = REPLAY_FRAMES.get_ptr(index)?;
+    // The verifier needs 0 < len < REPLAY_FRAME_MAX for the copy below;
+    // black_box keeps the mask (see record::write_class).
+    // SAFETY: the slot lives as long as the map; user space filled it
+    // before the run.
+    let len = core::hint::black_box(unsafe { (*slot).len }) & (REPLAY_FRAME_MAX - 1);
+    let have = (ctx.data_end() - ctx.data()) as u32;
+    if len == 0 || len > have {
+        return None;
+    }
+    // SAFETY: the helper bounds-checks against the packet; the slot holds len bytes.
+    let stored = unsafe { bpf_xdp_store_bytes(ctx.ctx, 0, (*slot).frame.as_ptr() as *mut _, len) };
+    if stored != 0 {
+        return None;
+    }
+    // SAFETY: shrinks the packet to the frame's length.
+    (unsafe { bpf_xdp_adjust_tail(ctx.ctx, len as i32 - have as i32) } == 0).then_some(())
 }
 
 /// Numbers and logs an input of a known flow; it then passes to the stack,

@@ -152,6 +152,10 @@ impl Tap {
         let weak = Arc::downgrade(&tap);
         tokio::spawn(async move {
             loop {
+                // A busy log always has a record staged: without this the
+                // task would never yield, and keep the other logs' tasks
+                // (and the migration) off its worker.
+                tokio::task::coop::consume_budget().await;
                 let record = reader.next().await;
                 let Some(tap) = weak.upgrade() else { return };
                 let sender = tap.subscriber.lock().unwrap().clone();
@@ -286,6 +290,12 @@ async fn drain(
                     Err(e) => tracing::warn!("{e}"),
                 },
                 None => pending = false,
+            }
+            // A ring filled faster than one worker drains it is never empty:
+            // yield now and then, as the tap does.
+            if pending {
+                ready.notify_one();
+                tokio::task::coop::consume_budget().await;
             }
         }
         guard.clear_ready();

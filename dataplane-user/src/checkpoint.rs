@@ -24,9 +24,9 @@ use crate::{
 /// into the socket within one softirq run; this is ample for that.
 const SETTLE: Duration = Duration::from_millis(1);
 
-/// Replay checks the instance's socket queue every REPLAY_BURST inputs and
-/// waits while it holds more than REPLAY_QUEUE_LIMIT bytes.
-const REPLAY_BURST: u64 = 16;
+/// Replay checks the instance's socket queue before each batch of inputs
+/// (`Injector::BATCH`, 16 pages of buffer) and waits while it holds more
+/// than REPLAY_QUEUE_LIMIT bytes.
 const REPLAY_QUEUE_LIMIT: u64 = 64 << 10;
 
 /// How long replay waits for a numbered input to show up in the log.
@@ -170,7 +170,7 @@ pub async fn resume(
     dataplane: &mut Dataplane,
     position: FlowPosition,
     pid: u32,
-    injector: &Injector,
+    injector: &mut Injector,
     log: &mut impl Records,
 ) -> Result<u64, CheckpointError> {
     let flow_id = position.flow_id;
@@ -187,19 +187,22 @@ pub async fn resume(
                 pending.insert(record.header.seq, record);
             }
         }
-        match pending.remove(&next) {
-            Some(record) => {
+        // The inputs from `next` on that are at hand, in order.
+        let batch: Vec<Record> = (next..)
+            .map_while(|seq| pending.remove(&seq))
+            .take(Injector::BATCH)
+            .collect();
+        match batch.len() {
+            1.. => {
                 // An injected frame costs the socket a page of buffer: pace
                 // the replay by the instance's queue, or the socket drops.
-                if replayed % REPLAY_BURST == 0 {
-                    while udp_receive_queue(pid)? > REPLAY_QUEUE_LIMIT {
-                        tokio::time::sleep(Duration::from_micros(100)).await;
-                    }
+                while udp_receive_queue(pid)? > REPLAY_QUEUE_LIMIT {
+                    tokio::time::sleep(Duration::from_micros(100)).await;
                 }
-                injector.inject(&record)?;
-                replayed += 1;
+                injector.inject(&batch)?;
+                replayed += batch.len() as u64;
             }
-            None => {
+            0 => {
                 let record = tokio::time::timeout(REPLAY_WAIT, log.next())
                     .await
                     .ok()

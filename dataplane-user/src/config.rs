@@ -91,6 +91,10 @@ pub struct DaemonConfig {
     /// Default: /var/lib/dataplane/calibration.json.
     #[serde(default = "default_calibration")]
     pub calibration: PathBuf,
+    /// SCHED_FIFO priority (1 to 99) of the daemon's threads, below the
+    /// control tasks' own; 0 runs it as an ordinary task. Default: 0.
+    #[serde(default)]
+    pub realtime_priority: u8,
 }
 
 /// Where the calibration goes unless configured otherwise.
@@ -148,6 +152,8 @@ pub enum ConfigError {
     Standby(&'static str),
     #[error("socket_max_connections must be at least 1")]
     NoConnections,
+    #[error("realtime_priority must be 0 (an ordinary task) to 99, not {0}")]
+    RealtimePriority(u8),
 }
 
 impl DaemonConfig {
@@ -187,6 +193,9 @@ impl DaemonConfig {
         config.load_options()?;
         if config.socket_max_connections == 0 {
             return Err(ConfigError::NoConnections);
+        }
+        if config.realtime_priority > 99 {
+            return Err(ConfigError::RealtimePriority(config.realtime_priority));
         }
         Ok(config)
     }
@@ -274,6 +283,8 @@ mod tests {
         assert!(DaemonConfig::parse("").is_err(), "interface is required");
         let bad_mac = DaemonConfig::parse("interface = \"eth0\"\npeer_mac = \"nope\"");
         assert!(matches!(bad_mac, Err(ConfigError::PeerMac(_))));
+        let priority = DaemonConfig::parse("interface = \"eth0\"\nrealtime_priority = 100");
+        assert!(matches!(priority, Err(ConfigError::RealtimePriority(100))));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod migration;
 pub mod model;
 pub mod netdev;
 pub mod peer;
+pub mod random;
 pub mod replay;
 pub mod tasks;
 

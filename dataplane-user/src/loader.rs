@@ -263,6 +263,7 @@ impl Dataplane {
                     name: MAP_CONFIG,
                     source,
                 })?;
+            set_replay_key(root)?;
             Ok(dataplane)
         });
         if loaded.is_err() {
@@ -287,10 +288,9 @@ impl Dataplane {
             pin_root: pin_root.to_owned(),
             flows: HashMap::try_from(Map::HashMap(map(MAP_FLOWS)?))
                 .map_err(typed_err(MAP_FLOWS))?,
-            sequences: Array::try_from(Map::Array(map(MAP_SEQUENCES)?))
-                .map_err(typed_err(MAP_SEQUENCES))?,
-            gates: Array::try_from(Map::Array(map(MAP_GATES)?)).map_err(typed_err(MAP_GATES))?,
-            config: Array::try_from(Map::Array(map(MAP_CONFIG)?)).map_err(typed_err(MAP_CONFIG))?,
+            sequences: pinned_array(pin_root, MAP_SEQUENCES)?,
+            gates: pinned_array(pin_root, MAP_GATES)?,
+            config: pinned_array(pin_root, MAP_CONFIG)?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(map(MAP_COUNTERS)?))
                 .map_err(typed_err(MAP_COUNTERS))?,
         })
@@ -678,6 +678,35 @@ impl Drop for GateWindow {
         // SAFETY: base and len are the mapping made in gate_window.
         unsafe { libc::munmap(self.base.cast(), self.len) };
     }
+}
+
+/// The array map `name` pinned under `pin_root`.
+pub(crate) fn pinned_array<T: aya::Pod>(
+    pin_root: &Path,
+    name: &'static str,
+) -> Result<Array<MapData, T>, LoadError> {
+    let err = move |source| LoadError::Map { name, source };
+    let data = MapData::from_pin(pin_root.join("maps").join(name)).map_err(err)?;
+    Array::try_from(Map::Array(data)).map_err(err)
+}
+
+/// The replay trigger's key (see [`crate::replay::Injector`]).
+pub(crate) const MAP_REPLAY_KEY: &str = "REPLAY_KEY";
+
+/// Gives the dataplane at `root` a random replay key, never 0 (no key).
+fn set_replay_key(root: &Path) -> Result<(), LoadError> {
+    let io_err = |source| LoadError::Io {
+        path: root.join("maps").join(MAP_REPLAY_KEY),
+        source,
+    };
+    // Below 2^63: a key travels in a mirror header's sequence field.
+    let key = (u64::from_ne_bytes(crate::random::bytes().map_err(io_err)?) >> 1).max(1);
+    pinned_array::<u64>(root, MAP_REPLAY_KEY)?
+        .set(0, key, 0)
+        .map_err(|source| LoadError::Map {
+            name: MAP_REPLAY_KEY,
+            source,
+        })
 }
 
 /// Where programs themselves are pinned (links keep them attached; a pinned

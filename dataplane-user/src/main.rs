@@ -378,7 +378,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 config.socket = cli.socket.clone();
             }
             config.load_options().context("configuration")?;
-            let runtime = tokio::runtime::Runtime::new().context("starting tokio")?;
+            let runtime = daemon_runtime(config.realtime_priority)?;
             runtime
                 .block_on(async { Daemon::start(config)?.serve().await })
                 .context("daemon")?;
@@ -693,6 +693,25 @@ impl Progress {
 }
 
 /// Prints `value` as JSON for scripts, or with `human` for people.
+/// The daemon's runtime; with a `realtime_priority`, every thread of it
+/// (this one too) runs at that SCHED_FIFO priority.
+fn daemon_runtime(realtime_priority: u8) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if realtime_priority > 0 {
+        dataplane_user::tasks::run_realtime(realtime_priority).with_context(|| {
+            format!("realtime_priority {realtime_priority}: SCHED_FIFO for the daemon")
+        })?;
+        // Threads start as ordinary tasks (reset-on-fork): each lifts itself.
+        builder.on_thread_start(move || {
+            if let Err(e) = dataplane_user::tasks::run_realtime(realtime_priority) {
+                tracing::warn!("a daemon thread stays an ordinary task: {e}");
+            }
+        });
+    }
+    builder.build().context("starting tokio")
+}
+
 fn show(json_out: bool, value: Value, human: impl FnOnce(&Value)) {
     if json_out {
         println!("{value}");

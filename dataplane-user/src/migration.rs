@@ -515,6 +515,11 @@ impl Migration {
         // Outputs of replayed inputs may share a tag (the replay outruns the
         // instance); live ones from a little later do not.
         let mut after = replay_end + 1;
+        // The destination's outputs the source's log has not reached yet: a
+        // loaded source reads its log later than the destination answers.
+        let mut waiting: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+        // The latest input the source's log shows an answer to.
+        let mut reached = 0;
         while !convergence.converged() {
             // An overflow, not the mismatches it then causes, is the cause.
             source.check_log().map_err(|e| self.fail(e))?;
@@ -525,7 +530,9 @@ impl Migration {
                     .map(|(seq, why)| format!("; last mismatch: outputs for input {seq}: {why}"))
                     .unwrap_or_default();
                 return Err(self.fail(format!(
-                    "no {} matching outputs in a row within {} ms ({} compared){last}",
+                    "no {} matching outputs in a row within {} ms ({} compared; the \
+                     destination answered up to input {after}, the source's log holds \
+                     answers up to {reached}){last}",
                     self.request.converge,
                     self.request.deadline_ms,
                     convergence.compared()
@@ -541,19 +548,21 @@ impl Migration {
             )
             .await
             .map_err(|e| self.fail(e))?;
-            let mut by_seq: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
             for output in theirs.into_iter().filter(|o| o.flow_id == source.flow_id) {
-                by_seq.entry(output.seq).or_default().push(output.payload);
+                after = after.max(output.seq);
+                waiting.entry(output.seq).or_default().push(output.payload);
             }
-            let Some(&last) = by_seq.keys().next_back() else {
+            let Some(&last) = waiting.keys().next_back() else {
                 continue;
             };
             // The source instance answers those inputs about as soon.
             source
                 .collect_outputs(last, Duration::from_millis(200))
                 .await;
-            for (seq, theirs) in by_seq {
-                after = after.max(seq);
+            // Compare up to the latest input the source has answered.
+            reached = reached.max(source.seen.keys().next_back().copied().unwrap_or(0));
+            while let Some(entry) = waiting.first_entry().filter(|e| *e.key() <= reached) {
+                let (seq, theirs) = entry.remove_entry();
                 let ours = source.seen.remove(&seq);
                 // Compare only inputs answered once on both sides: a shared
                 // tag means the instance had several inputs queued.
@@ -564,7 +573,8 @@ impl Migration {
                     }
                 }
             }
-            source.seen.retain(|&seq, _| seq > after);
+            let compared = waiting.keys().next().map_or(reached, |&seq| seq - 1);
+            source.seen.retain(|&seq, _| seq > compared);
             if source.outputs.lost() > 0 {
                 return Err(self.fail("the output log reader fell behind"));
             }
@@ -703,7 +713,7 @@ impl Checkpointed {
                         nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
                             .map_err(|e| format!("entering {}: {e}", netns.display()))?;
                     }
-                    let injector = Injector::open(self.dataplane.pin_root(), &self.interface)
+                    let mut injector = Injector::open(self.dataplane.pin_root(), &self.interface)
                         .map_err(|e| e.to_string())?;
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_time()
@@ -714,7 +724,7 @@ impl Checkpointed {
                             &mut self.dataplane,
                             position,
                             self.pid,
-                            &injector,
+                            &mut injector,
                             log,
                         ))
                         .map_err(|e| e.to_string())

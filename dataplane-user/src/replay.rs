@@ -1,17 +1,29 @@
 //! Injecting logged inputs into the local instance, through the same gate
 //! as the live mirror.
 //!
-//! The injector runs the pinned `ingress` XDP program on a rebuilt mirror
-//! frame with BPF_PROG_TEST_RUN in live-frames mode, as if the frame had
-//! arrived on the peer interface: the program gates it like a live copy
-//! (a sequenced gate delivers it only when it is next, once) and an
-//! XDP_PASS verdict hands it to the local stack. The frame carries
-//! `MIRROR_FLAG_REPLAY`, so it is not logged twice. No extra device is needed.
-use std::path::Path;
+//! The injector queues rebuilt mirror frames in the pinned REPLAY_FRAMES
+//! map and runs the pinned `ingress` XDP program once per frame, in one
+//! BPF_PROG_RUN in live-frames mode, on a trigger frame that carries the
+//! dataplane's replay key: each run takes the next queued frame as if it
+//! had arrived on the peer interface, the program gates it like a live
+//! copy (a sequenced gate delivers it only when it is next, once) and an
+//! XDP_PASS verdict hands it to the local stack. The frames carry
+//! `MIRROR_FLAG_REPLAY`, so they are not logged twice. No extra device is
+//! needed. The program is attached (in the kernel's XDP dispatcher), which
+//! a run of several frames needs to be cheap: the kernel adds a program it
+//! runs repeatedly to the dispatcher for the call, and rebuilding that
+//! takes milliseconds.
+use std::{path::Path, sync::Mutex};
 
-use aya::programs::{ProgramError, TestRun, TestRunAttrs, TestRunOptions, Xdp};
+use aya::{
+    maps::{Array, MapData},
+    programs::{ProgramError, TestRun, TestRunAttrs, TestRunOptions, Xdp},
+};
 use aya_obj::programs::XdpAttachType;
-use dataplane_common::{CaptureMeta, Config, MIRROR_FLAG_REPLAY, mirror_headers};
+use dataplane_common::{
+    CaptureMeta, Config, MIRROR_FLAG_QUEUED, MIRROR_FLAG_REPLAY, REPLAY_BATCH, REPLAY_FRAME_MAX,
+    ReplaySlot, mirror_headers,
+};
 
 use crate::{capture::Record, netdev::Interface};
 
@@ -24,13 +36,32 @@ pub enum ReplayError {
     Interface(#[from] crate::loader::LoadError),
     #[error("injecting input {seq}: {source}")]
     Inject { seq: u64, source: ProgramError },
+    #[error("queueing input {seq} for replay: {source}")]
+    Queue {
+        seq: u64,
+        source: aya::maps::MapError,
+    },
+    #[error(
+        "input {seq} is a {len}-byte frame: replay takes frames of up to {} bytes",
+        REPLAY_FRAME_MAX - 1 - dataplane_common::MIRROR_OVERHEAD
+    )]
+    TooLarge { seq: u64, len: usize },
     #[error("this thread is not in the network namespace the injector was opened in")]
     WrongNamespace,
 }
 
-/// Runs the ingress program on replayed inputs, as if received on one interface.
+/// One batch at a time in this process: the queue maps of a dataplane are
+/// one, and two injectors may be open on it (two migrations at once).
+static BATCH: Mutex<()> = Mutex::new(());
+
+/// Runs the ingress program on batches of replayed inputs, as if received on one interface.
 pub struct Injector {
     program: Xdp,
+    frames: Array<MapData, ReplaySlot>,
+    next: Array<MapData, u32>,
+    /// The frame each run of a batch starts from: the largest frame a
+    /// batch takes, a trigger with the dataplane's replay key.
+    trigger: Vec<u8>,
     interface: Interface,
     /// The network namespace `interface` is in: the kernel resolves the
     /// ifindex in the calling thread's namespace, so injecting from another
@@ -56,6 +87,9 @@ struct XdpMd {
 }
 
 impl Injector {
+    /// Inputs one [`Injector::inject`] takes at most.
+    pub const BATCH: usize = REPLAY_BATCH as usize;
+
     /// An injector for the dataplane pinned at `pin_root`, delivering as if
     /// frames arrived on `interface`, looked up in the calling thread's
     /// network namespace; it injects only from that namespace.
@@ -65,24 +99,79 @@ impl Injector {
             XdpAttachType::Interface,
         )
         .map_err(ReplayError::Program)?;
+        let frames = crate::loader::pinned_array(pin_root, "REPLAY_FRAMES")?;
+        let next = crate::loader::pinned_array(pin_root, "REPLAY_NEXT")?;
+        let key: Array<MapData, u64> =
+            crate::loader::pinned_array(pin_root, crate::loader::MAP_REPLAY_KEY)?;
+        let key = key
+            .get(&0, 0)
+            .map_err(|source| crate::loader::LoadError::Map {
+                name: crate::loader::MAP_REPLAY_KEY,
+                source,
+            })?;
+        let interface = Interface::by_name(interface)?;
+        let meta = CaptureMeta {
+            seq: key,
+            ..Default::default()
+        };
+        let mut trigger = replay_headers(interface.mac, &meta, 0).to_vec();
+        trigger[16..18].copy_from_slice(&MIRROR_FLAG_QUEUED.to_be_bytes());
+        trigger.resize(REPLAY_FRAME_MAX as usize - 1, 0);
         Ok(Self {
             program,
-            interface: Interface::by_name(interface)?,
+            frames,
+            next,
+            trigger,
+            interface,
             netns: thread_netns().map_err(|_| ReplayError::WrongNamespace)?,
         })
     }
 
-    /// Injects one logged input (a record of the input log). In live-frames
-    /// mode the kernel reports no verdict: the gate's counters and the
-    /// instance tell what became of it.
-    pub fn inject(&self, record: &Record) -> Result<(), ReplayError> {
+    /// Injects logged inputs (records of the input log), at most
+    /// [`Injector::BATCH`], in their order, with one BPF_PROG_RUN. In
+    /// live-frames mode the kernel reports no verdict: the gate's counters
+    /// and the instance tell what became of each.
+    pub fn inject(&mut self, records: &[Record]) -> Result<(), ReplayError> {
+        assert!(
+            records.len() <= Self::BATCH,
+            "a replay batch is at most {}",
+            Self::BATCH
+        );
+        let Some(first) = records.first() else {
+            return Ok(());
+        };
         if thread_netns().ok() != Some(self.netns) {
             return Err(ReplayError::WrongNamespace);
         }
-        let frame = replay_frame(self.interface.mac, record);
+        let _batch = BATCH.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = ReplaySlot {
+            len: 0,
+            frame: [0; REPLAY_FRAME_MAX as usize],
+        };
+        for (index, record) in records.iter().enumerate() {
+            let seq = record.header.seq;
+            let frame = replay_frame(self.interface.mac, record);
+            if frame.len() >= REPLAY_FRAME_MAX as usize {
+                return Err(ReplayError::TooLarge {
+                    seq,
+                    len: record.frame.len(),
+                });
+            }
+            slot.len = frame.len() as u32;
+            slot.frame[..frame.len()].copy_from_slice(&frame);
+            self.frames
+                .set(index as u32, slot, 0)
+                .map_err(|source| ReplayError::Queue { seq, source })?;
+        }
+        self.next
+            .set(0, 0, 0)
+            .map_err(|source| ReplayError::Queue {
+                seq: first.header.seq,
+                source,
+            })?;
         // The kernel wants data_end to be the frame's length (no metadata in front).
         let ctx = XdpMd {
-            data_end: frame.len() as u32,
+            data_end: self.trigger.len() as u32,
             ingress_ifindex: self.interface.index,
             ..Default::default()
         };
@@ -92,15 +181,15 @@ impl Injector {
         };
         self.program
             .test_run(TestRunOptions {
-                data_in: Some(&frame),
+                data_in: Some(&self.trigger),
                 ctx_in: Some(ctx),
-                repeat: 1,
-                attrs: TestRunAttrs::new().xdp_live_frames(1),
+                repeat: records.len() as u32,
+                attrs: TestRunAttrs::new().xdp_live_frames(records.len() as u32),
                 ..Default::default()
             })
             .map(drop)
             .map_err(|source| ReplayError::Inject {
-                seq: record.header.seq,
+                seq: first.header.seq,
                 source,
             })
     }
@@ -111,19 +200,28 @@ impl Injector {
 /// the record's number.
 pub fn replay_frame(mac: [u8; 6], record: &Record) -> Vec<u8> {
     let h = record.header;
-    let config = Config {
-        mirror_dst_mac: mac,
-        mirror_src_mac: mac,
-        ..Default::default()
-    };
     let meta = CaptureMeta {
         flow_id: h.flow_id,
         seq: h.seq,
         timestamp_ns: h.timestamp_ns,
         ..Default::default()
     };
-    let mut frame = mirror_headers(&config, &meta, record.frame.len() as u32).to_vec();
+    let mut frame = replay_headers(mac, &meta, record.frame.len() as u32).to_vec();
     frame[16..18].copy_from_slice(&MIRROR_FLAG_REPLAY.to_be_bytes());
     frame.extend_from_slice(&record.frame);
     frame
+}
+
+/// Mirror headers from `mac` to itself.
+fn replay_headers(
+    mac: [u8; 6],
+    meta: &CaptureMeta,
+    frame_len: u32,
+) -> [u8; dataplane_common::MIRROR_OVERHEAD as usize] {
+    let config = Config {
+        mirror_dst_mac: mac,
+        mirror_src_mac: mac,
+        ..Default::default()
+    };
+    mirror_headers(&config, meta, frame_len)
 }

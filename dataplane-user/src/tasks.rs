@@ -85,6 +85,25 @@ pub fn pin(pid: u32, cpus: &[usize]) -> Result<Vec<usize>, String> {
     Ok(applied)
 }
 
+/// Runs the calling thread at SCHED_FIFO `priority` with reset-on-fork:
+/// a daemon beside busy real-time control tasks must still drain its logs
+/// and replay, and gets no CPU as an ordinary task while they run. Threads
+/// and processes it starts (CRIU) start as ordinary tasks: CRIU in kernel
+/// code at a real-time priority would hold up the control tasks.
+pub fn run_realtime(priority: u8) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority.into(),
+    };
+    // SAFETY: a plain syscall on the calling thread (0) with a valid parameter.
+    let rc = unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Moves every thread of `pid` and its descendants to this daemon's CPUs as an ordinary task,
 /// before it is killed: a process frees its memory as it exits, in the
 /// kernel, and at a real-time priority on a real-time CPU that would hold

@@ -256,6 +256,27 @@ impl TestHosts {
         }
     }
 
+    /// The CPS simulator on `cps`, at the real-time priority, driving every
+    /// flow of `flows` (each cycle sends an input on each): `count` inputs
+    /// every `period_us`, its verdicts on stdout (see `cps_verdicts`).
+    pub fn cps_command(&self, flows: &[Flow], count: u64, period_us: u64) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.cps.path().display()))
+            .args(realtime())
+            .arg(dataplane_bin().with_file_name("cps-sim"));
+        for (cps, service) in flows {
+            command
+                .args(["--to", &service.to_string()])
+                .args(["--bind", &cps.to_string()]);
+        }
+        command
+            .args(["--count", &count.to_string()])
+            .args(["--period-us", &period_us.to_string()])
+            .stdout(std::process::Stdio::piped());
+        command
+    }
+
     /// A standby host inside `src`: a namespace linked to it by the veth
     /// stby0 (src) / eth0 (standby) with the service address, whose outputs
     /// go nowhere (its dataplane mutes them).
@@ -1210,7 +1231,7 @@ impl MigrationSetup {
         period_us: u64,
         trace: Option<&std::path::Path>,
     ) -> std::process::Child {
-        let mut command = self.cps_command(&[self.flow()], count, period_us);
+        let mut command = self.hosts.cps_command(&[self.flow()], count, period_us);
         if let Some(trace) = trace {
             command.arg("--trace").arg(trace);
         }
@@ -1225,43 +1246,12 @@ impl MigrationSetup {
         burst: u64,
         trace: &std::path::Path,
     ) -> std::process::Child {
-        let mut command = self.cps_command(&[self.flow()], count, period_us);
+        let mut command = self.hosts.cps_command(&[self.flow()], count, period_us);
         command
             .args(["--burst", &burst.to_string()])
             .arg("--trace")
             .arg(trace);
         command.spawn().expect("start the CPS simulator")
-    }
-
-    /// As `start_cps`, one CPS simulator driving every flow of `flows`
-    /// (each cycle sends an input on each); `cps_verdicts` judges them.
-    pub fn start_cps_flows(
-        &self,
-        flows: &[Flow],
-        count: u64,
-        period_us: u64,
-    ) -> std::process::Child {
-        self.cps_command(flows, count, period_us)
-            .spawn()
-            .expect("start the CPS simulator")
-    }
-
-    fn cps_command(&self, flows: &[Flow], count: u64, period_us: u64) -> Command {
-        let mut command = Command::new("nsenter");
-        command
-            .arg(format!("--net={}", self.hosts.cps.path().display()))
-            .args(realtime())
-            .arg(dataplane_bin().with_file_name("cps-sim"));
-        for (cps, service) in flows {
-            command
-                .args(["--to", &service.to_string()])
-                .args(["--bind", &cps.to_string()]);
-        }
-        command
-            .args(["--count", &count.to_string()])
-            .args(["--period-us", &period_us.to_string()])
-            .stdout(std::process::Stdio::piped());
-        command
     }
 
     /// The destination daemon's image directory.
@@ -1494,6 +1484,57 @@ pub fn cps_verdicts(child: std::process::Child) -> Vec<serde_json::Value> {
         .filter(|line| !line.is_empty())
         .map(|line| serde_json::from_slice(line).expect("a JSON verdict"))
         .collect()
+}
+
+/// The whole machine's CPU at a moment: the time and how long every CPU
+/// has been idle.
+pub struct MachineCpu {
+    at: std::time::Instant,
+    idle_ticks: u64,
+}
+
+impl MachineCpu {
+    pub fn now() -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            idle_ticks: idle_ticks(),
+        }
+    }
+
+    /// The CPU time all CPUs were busy since, summed: wall time times the
+    /// CPUs, less their idle time. /proc/stat's idle time is exact on this
+    /// tickless kernel (kept in ns while a CPU sleeps); its busy fields are
+    /// sampled at the 100 Hz tick and miss work done in stretches shorter
+    /// than one, as a control cycle's is (a 16 x 2500/s load read 2 % busy).
+    pub fn busy_since(&self) -> Duration {
+        let idle = Duration::from_millis((idle_ticks() - self.idle_ticks) * 1000 / USER_HZ);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        (self.at.elapsed() * cpus).saturating_sub(idle)
+    }
+
+    /// `busy_since` in % of all CPUs.
+    pub fn busy_percent(&self) -> f64 {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        self.busy_since().as_secs_f64() / self.at.elapsed().as_secs_f64() / cpus * 100.0
+    }
+}
+
+/// /proc/stat counts in USER_HZ ticks.
+const USER_HZ: u64 = 100;
+
+/// Idle and iowait time of all CPUs so far, in USER_HZ ticks.
+fn idle_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").expect("read /proc/stat");
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .expect("cpu line")
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().expect("a number"))
+        .collect();
+    // user nice system idle iowait ...
+    fields[3] + fields[4]
 }
 
 /// Kills a restored instance (not our child: the destination daemon's).

@@ -752,7 +752,7 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
     let criu = Criu::default();
     criu.dump(&dump, false, &mut |_| true).unwrap();
     // The primary gets the inputs held during the checkpoint back, in order.
-    let injector = hosts
+    let mut injector = hosts
         .src
         .run(|| Injector::open(src.dataplane.pin_root(), "eth0"))
         .unwrap();
@@ -765,7 +765,7 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
                     &mut src.dataplane,
                     position,
                     service.pid,
-                    &injector,
+                    &mut injector,
                     &mut log,
                 ))
                 .map_err(|e| e.to_string())

@@ -429,3 +429,38 @@ fn kernel_program_logs_reach_the_daemon_log() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn a_realtime_daemon_runs_every_thread_at_its_priority_and_forks_ordinary_tasks() {
+    let hosts = TestHosts::new("rtp");
+    let cfg = format!(
+        "{}realtime_priority = 7\n",
+        config(&hosts, "src", "198.51.100.1:7070")
+    );
+    let daemon = DaemonProcess::start(&hosts.src, "rtp", &cfg);
+    // Work on the runtime's threads first: some start only when needed.
+    daemon.add_flow((sock(CPS_V4, 4000), sock(SERVICE_V4, 5000)));
+    send_inputs(&hosts, 10);
+    daemon.client().call("status", json!({})).unwrap();
+    let threads: Vec<i32> = std::fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+        .unwrap()
+        .filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    assert!(threads.len() > 1, "a multi-threaded runtime: {threads:?}");
+    for tid in threads {
+        // SAFETY: plain syscalls on a thread id, with a valid out-parameter.
+        let (policy, priority) = unsafe {
+            let mut param = libc::sched_param { sched_priority: 0 };
+            (
+                libc::sched_getscheduler(tid),
+                (libc::sched_getparam(tid, &mut param) == 0).then_some(param.sched_priority),
+            )
+        };
+        assert_eq!(
+            policy,
+            libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK,
+            "thread {tid}: FIFO, and what it forks (CRIU) starts as an ordinary task"
+        );
+        assert_eq!(priority, Some(7), "thread {tid}");
+    }
+}

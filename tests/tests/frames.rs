@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use dataplane_common::{
-    MAX_FLOWS, MAX_SEQ, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, RECORD_INPUT, RECORD_MIRRORED, counter,
+    MAX_FLOWS, MAX_SEQ, MIRROR_FLAG_QUEUED, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, RECORD_INPUT,
+    RECORD_MIRRORED, counter,
 };
 use dataplane_tests::{CPS_V4, CPS_V6, Loaded, RawSocket, SERVICE_V4, SERVICE_V6, TestHosts, sock};
 use dataplane_user::{Counters, flow, loader::MAP_INPUTS};
@@ -527,6 +528,13 @@ fn mirror_cases(link: &MirrorLink, flow_id: u32) -> Vec<Case> {
             MirrorError,
         ),
         case("replay without a number", unnumbered_replay, MirrorError),
+        // The key is random per load: a guess from the wire is refused,
+        // and takes no replay frame queued on this host.
+        case(
+            "replay batch trigger with a guessed key",
+            set(16, &MIRROR_FLAG_QUEUED.to_be_bytes()),
+            MirrorError,
+        ),
         case(
             "seq above 2^63 - 1",
             set(22, &(MAX_SEQ + 1).to_be_bytes()),
@@ -629,16 +637,15 @@ fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
         [3, 4]
     );
 
-    // Replay: 1 and 2 (from the source's log), then the held 3 and 4, then a late live copy of 4.
-    let injector = hosts
+    // Replay: 1 and 2 (from the source's log), then the held 3 and 4 (one
+    // batch each), then a late live copy of 4.
+    let mut injector = hosts
         .dst
         .run(|| Injector::open(dst.dataplane.pin_root(), "peer0"))
         .unwrap();
-    for record in [logged_input(flow_id, 1), logged_input(flow_id, 2)]
-        .iter()
-        .chain(&held)
-    {
-        hosts.dst.run(|| injector.inject(record)).unwrap();
+    let from_source = [logged_input(flow_id, 1), logged_input(flow_id, 2)];
+    for batch in [&from_source[..], &held[..]] {
+        hosts.dst.run(|| injector.inject(batch)).unwrap();
     }
     live(4);
     let got = received(&replica);
@@ -657,6 +664,31 @@ fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
         .open_log(dataplane_user::loader::MAP_INPUTS)
         .unwrap();
     assert!(log.next().is_none(), "nothing else was logged");
+
+    // A batch of what was delivered already: each refused once, none delivered.
+    hosts.dst.run(|| injector.inject(&held)).unwrap();
+    assert!(received(&replica).is_empty());
+    let counters = dst.dataplane.counters().unwrap();
+    assert_eq!(
+        counters.get(counter::DUPLICATES),
+        3,
+        "the late live 4, 3, 4"
+    );
+    // A frame replay cannot take is named, and nothing of its batch goes.
+    let mut jumbo = logged_input(flow_id, 5);
+    jumbo.frame = vec![0u8; 4000].into();
+    let refused = hosts
+        .dst
+        .run(|| injector.inject(&[logged_input(flow_id, 5), jumbo]));
+    assert!(
+        matches!(
+            refused,
+            Err(dataplane_user::replay::ReplayError::TooLarge { seq: 5, len: 4000 })
+        ),
+        "{refused:?}"
+    );
+    assert!(received(&replica).is_empty());
+    assert_eq!(dst.dataplane.gate(flow_id).unwrap().next_expected, 5);
 }
 
 #[test]

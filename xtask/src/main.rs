@@ -38,7 +38,8 @@ enum Task {
         which: Bench,
         /// Passed on to the benchmark (cutover: MIGRATIONS BASELINES;
         /// checkpoint: SIZE_MIB...; migrate: MIGRATIONS BASELINES SIZES;
-        /// load: [--flows N] RATE... per flow).
+        /// load: [--flows N] [--others controllers|none] RATE... per flow;
+        /// replay: INPUTS).
         args: Vec<String>,
     },
     /// Set up, install cargo-fuzz if missing, and run each fuzz target of
@@ -64,6 +65,8 @@ enum Bench {
     Migrate,
     /// The input rate 16 flows sustain during a migration, and the daemons' CPU and memory.
     Load,
+    /// Replayed inputs per second through a gate: batches against one per call.
+    Replay,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +84,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Checkpoint => run_bin("bench-checkpoint", &args),
             Bench::Migrate => run_bin("bench-migrate", &args),
             Bench::Load => run_bin("bench-load", &args),
+            Bench::Replay => run_bin("bench-replay", &args),
         },
         Task::Fuzz { seconds } => fuzz::run(seconds),
     }

@@ -442,7 +442,9 @@ async fn serve_one(
                     )),
                     Some(interface) => {
                         match crate::replay::Injector::open(&host.pin_root, interface) {
-                            Ok(injector) => replay::receive(&mut stream, payload, &injector).await,
+                            Ok(mut injector) => {
+                                replay::receive(&mut stream, payload, &mut injector).await
+                            }
                             Err(e) => Err(PeerError::Garbage(e.to_string())),
                         }
                     }
@@ -565,25 +567,9 @@ async fn accept(stream: &mut TcpStream, key: Option<&PeerKey>) -> Result<Hello, 
 /// Bytes of a handshake nonce.
 const NONCE_BYTES: usize = 32;
 
-/// A fresh random nonce, from getrandom(2).
+/// A fresh random nonce.
 fn random_nonce() -> Result<[u8; NONCE_BYTES], PeerError> {
-    let mut nonce = [0u8; NONCE_BYTES];
-    let mut filled = 0;
-    while filled < NONCE_BYTES {
-        // SAFETY: the pointer and length name the unfilled tail of `nonce`.
-        let n = unsafe {
-            libc::getrandom(nonce[filled..].as_mut_ptr().cast(), NONCE_BYTES - filled, 0)
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(PeerError::Io(e));
-            }
-        } else {
-            filled += n as usize;
-        }
-    }
-    Ok(nonce)
+    crate::random::bytes().map_err(PeerError::Io)
 }
 
 fn to_hex(bytes: &[u8]) -> String {

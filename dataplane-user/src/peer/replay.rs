@@ -55,44 +55,61 @@ pub async fn send<'a>(
     }
 }
 
-/// Injects the replay that starts with the REPLAY frame `first`, until REPLAY_END.
+/// Injects the replay that starts with the REPLAY frame `first`, until
+/// REPLAY_END, in batches of the records that arrived one after another.
 pub async fn receive(
     stream: &mut TcpStream,
     first: Vec<u8>,
-    injector: &Injector,
+    injector: &mut Injector,
 ) -> Result<Replayed, PeerError> {
     let start = Instant::now();
     let mut inputs = 0;
-    let mut payload = first;
+    let mut batch = Vec::with_capacity(Injector::BATCH);
+    let mut payload = Some(first);
     loop {
-        if payload.len() < HEADER {
-            return Err(PeerError::Garbage(
-                "replay record shorter than its header".into(),
-            ));
+        if let Some(payload) = payload.take() {
+            batch.push(record(payload)?);
         }
-        // SAFETY: RecordHeader is plain data and the payload holds HEADER bytes.
-        let header = unsafe { payload.as_ptr().cast::<RecordHeader>().read_unaligned() };
-        let record = Record {
-            header,
-            frame: payload.split_off(HEADER).into(),
-        };
-        injector
-            .inject(&record)
-            .map_err(|e| PeerError::Garbage(e.to_string()))?;
-        inputs += 1;
-        match read_frame(stream, MAX_FRAME).await? {
-            (frame::REPLAY, next) => payload = next,
-            (frame::REPLAY_END, _) => {
-                return Ok(Replayed {
-                    inputs,
-                    elapsed_us: start.elapsed().as_micros() as u64,
-                });
+        let next = read_frame(stream, MAX_FRAME).await?;
+        let end = match next {
+            (frame::REPLAY, next) => {
+                payload = Some(next);
+                false
             }
+            (frame::REPLAY_END, _) => true,
             (other, _) => {
                 return Err(PeerError::Garbage(format!(
                     "frame type {other} in a replay"
                 )));
             }
+        };
+        if end || batch.len() == Injector::BATCH {
+            injector
+                .inject(&batch)
+                .map_err(|e| PeerError::Garbage(e.to_string()))?;
+            inputs += batch.len() as u64;
+            batch.clear();
+        }
+        if end {
+            return Ok(Replayed {
+                inputs,
+                elapsed_us: start.elapsed().as_micros() as u64,
+            });
         }
     }
+}
+
+/// A REPLAY frame's record.
+fn record(mut payload: Vec<u8>) -> Result<Record, PeerError> {
+    if payload.len() < HEADER {
+        return Err(PeerError::Garbage(
+            "replay record shorter than its header".into(),
+        ));
+    }
+    // SAFETY: RecordHeader is plain data and the payload holds HEADER bytes.
+    let header = unsafe { payload.as_ptr().cast::<RecordHeader>().read_unaligned() };
+    Ok(Record {
+        header,
+        frame: payload.split_off(HEADER).into(),
+    })
 }

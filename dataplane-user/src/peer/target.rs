@@ -313,7 +313,8 @@ impl<'a> Target<'a> {
             .peer_interface
             .as_deref()
             .ok_or("this daemon has no peer interface to replay on")?;
-        let injector = Injector::open(&self.host.pin_root, interface).map_err(|e| e.to_string())?;
+        let mut injector =
+            Injector::open(&self.host.pin_root, interface).map_err(|e| e.to_string())?;
         // Held inputs that found the log full are gone: no replay can start.
         self.log.check(&self.dataplane, &self.inputs)?;
         let start = Instant::now();
@@ -321,7 +322,7 @@ impl<'a> Target<'a> {
             &mut self.dataplane,
             position,
             pid,
-            &injector,
+            &mut injector,
             &mut self.inputs,
         )
         .await;

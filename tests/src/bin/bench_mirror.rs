@@ -24,8 +24,6 @@ const BATCH: u64 = 50;
 const BATCH_PERIOD: Duration = Duration::from_micros(500);
 const ROUNDS: usize = 5;
 const RING_BYTES: u32 = 64 << 20;
-/// /proc/stat counts in USER_HZ ticks.
-const NS_PER_TICK: u64 = 10_000_000;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
@@ -42,20 +40,6 @@ impl Mode {
             Mode::Devmap => "devmap (XDP broadcast)",
         }
     }
-}
-
-fn busy_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").expect("read /proc/stat");
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .expect("cpu line")
-        .split_whitespace()
-        .skip(1)
-        .map(|f| f.parse().expect("a number"))
-        .collect();
-    // user nice system idle iowait irq softirq steal: all but idle and iowait.
-    fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]
 }
 
 struct Round {
@@ -97,7 +81,7 @@ fn run(hosts: &TestHosts, mode: Mode, devmap: &MirrorMode) -> anyhow::Result<Rou
     let sender = hosts.cps.run(|| UdpSocket::bind(cps))?;
     let payload = [0x5Au8; 32];
 
-    let start_ticks = busy_ticks();
+    let machine = dataplane_tests::MachineCpu::now();
     let mut due = Instant::now();
     for _ in 0..INPUTS / BATCH {
         for _ in 0..BATCH {
@@ -121,7 +105,7 @@ fn run(hosts: &TestHosts, mode: Mode, devmap: &MirrorMode) -> anyhow::Result<Rou
         }
         last = now;
     }
-    let ticks = busy_ticks() - start_ticks;
+    let busy = machine.busy_since();
     let [primary, replica] = services.map(|s| s.join().unwrap());
     let (sc, dc) = (src.dataplane.counters()?, dst.dataplane.counters()?);
     let captured = sc.get(counter::CAPTURED);
@@ -141,7 +125,7 @@ fn run(hosts: &TestHosts, mode: Mode, devmap: &MirrorMode) -> anyhow::Result<Rou
         "{name}: the replica got {replica} of {expected_replica}"
     );
     Ok(Round {
-        cpu_ns_per_input: ticks * NS_PER_TICK / captured,
+        cpu_ns_per_input: busy.as_nanos() as u64 / captured,
         lost_before_xdp: INPUTS - captured,
     })
 }

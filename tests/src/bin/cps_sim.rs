@@ -20,8 +20,14 @@
 //! drops those asked for and not begun. Tests time bursts to land on a
 //! migration's seams.
 //!
+//! `--senders K` splits the flows among K sender threads (flow i to sender
+//! i mod K), each on its own schedule and pinned to one of the CPUs it may
+//! use, as K field devices: one thread cannot send 16 inputs every 100 µs
+//! on a loaded machine.
+//!
 //! Usage: cps-sim (--to ADDR:PORT --bind ADDR:PORT)... [--period-us 1000]
 //!        [--count N] [--grace-ms 300] [--trace FILE] [--no-check] [--burst N]
+//!        [--senders K]
 use std::{
     net::UdpSocket,
     sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
@@ -39,6 +45,8 @@ struct Args {
     trace: Option<String>,
     check: bool,
     burst: u64,
+    /// Sender threads, each driving every K-th flow.
+    senders: usize,
 }
 
 /// When the last input went out, µs (0: not yet): the listeners stop a
@@ -84,6 +92,7 @@ fn args() -> Args {
         trace: None,
         check: true,
         burst: 0,
+        senders: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -97,12 +106,18 @@ fn args() -> Args {
             "--trace" => a.trace = Some(value()),
             "--no-check" => a.check = false,
             "--burst" => a.burst = value().parse().expect("a count"),
+            "--senders" => a.senders = value().parse().expect("a count"),
             other => panic!("unknown argument {other}"),
         }
     }
     assert!(
         !a.to.is_empty() && a.to.len() == a.bind.len(),
         "usage: cps-sim --to ADDR:PORT --bind ADDR:PORT [--period-us N] [--count N]"
+    );
+    // A burst is one sender's: signals cannot say whose.
+    assert!(
+        a.senders >= 1 && (a.burst == 0 || a.senders == 1),
+        "--senders must be at least 1, and 1 with --burst"
     );
     a
 }
@@ -120,7 +135,6 @@ fn main() {
         })
         .collect();
     let start = Instant::now();
-    let count = args.count;
     let grace = args.grace;
     // Outputs of each flow as they arrive: (time µs, payload), until
     // `grace` after the last input, however late a loaded machine sent it.
@@ -153,6 +167,56 @@ fn main() {
         on_signal(nix::sys::signal::Signal::SIGUSR1, ask_for_burst);
         on_signal(nix::sys::signal::Signal::SIGUSR2, end_bursts);
     }
+    // Each sender drives every K-th flow on its own schedule, as separate
+    // field devices would; one sender is one device driving them all.
+    let senders = args.senders.min(sockets.len());
+    let cpus = allowed_cpus();
+    let sent_us: Vec<Vec<u64>> = std::thread::scope(|scope| {
+        let groups: Vec<_> = (0..senders)
+            .map(|k| {
+                let group: Vec<&UdpSocket> = sockets.iter().skip(k).step_by(senders).collect();
+                let (args, cpu) = (&args, cpus[k % cpus.len()]);
+                scope.spawn(move || {
+                    // A veth hands each frame to the sending CPU's backlog:
+                    // a sender that moved between CPUs could have its
+                    // frames overtake each other there, which no wire does.
+                    if senders > 1 {
+                        let mut set = nix::sched::CpuSet::new();
+                        set.set(cpu).expect("a CPU of this machine");
+                        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                            .expect("pin a sender");
+                    }
+                    send(args, &group, start)
+                })
+            })
+            .collect();
+        groups
+            .into_iter()
+            .map(|g| g.join().expect("a sender"))
+            .collect()
+    });
+    let send_us = (start.elapsed().as_micros() as u64).max(1);
+    SENT_ALL_US.store(send_us, Ordering::SeqCst);
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let outputs = listener.join().expect("the listener");
+        let trace = args.trace.as_deref().filter(|_| i == 0);
+        let sent_us = &sent_us[i % senders];
+        println!("{}", verdict(&args, sent_us, send_us, &outputs, trace));
+    }
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).expect("affinity");
+    (0..nix::sched::CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+/// Sends `args.count` inputs on each of `sockets`, one cycle every period
+/// (or burst spacing) from `start`; when each cycle went out, µs.
+fn send(args: &Args, sockets: &[&UdpSocket], start: Instant) -> Vec<u64> {
+    let count = args.count;
     // Spin at most a sixth of the period: a short period would otherwise
     // be all spinning, a core taken from the dataplane it measures.
     let margin = (args.period / 6).min(Duration::from_micros(150));
@@ -185,7 +249,7 @@ fn main() {
         }
         let seq = sent_us.len() + 1;
         sent_us.push(start.elapsed().as_micros() as u64);
-        for socket in &sockets {
+        for socket in sockets {
             let _ = socket.send(seq.to_string().as_bytes());
         }
         if burst_left > 0 {
@@ -195,13 +259,7 @@ fn main() {
             due += args.period;
         }
     }
-    let send_us = (start.elapsed().as_micros() as u64).max(1);
-    SENT_ALL_US.store(send_us, Ordering::SeqCst);
-    for (i, listener) in listeners.into_iter().enumerate() {
-        let outputs = listener.join().expect("the listener");
-        let trace = args.trace.as_deref().filter(|_| i == 0);
-        println!("{}", verdict(&args, &sent_us, send_us, &outputs, trace));
-    }
+    sent_us
 }
 
 /// Judges one flow's outputs (and writes its trace); the verdict as JSON.
