@@ -286,6 +286,10 @@ async fn drain(
                     Ok(record) => {
                         // Cannot fail: the queue was not full and this task is its only producer.
                         let _ = queue.try_push(record);
+                        // The consumer waits only on an empty queue.
+                        if queue.occupied_len() == 1 {
+                            ready.notify_one();
+                        }
                     }
                     Err(e) => tracing::warn!("{e}"),
                 },
@@ -294,7 +298,6 @@ async fn drain(
             // A ring filled faster than one worker drains it is never empty:
             // yield now and then, as the tap does.
             if pending {
-                ready.notify_one();
                 tokio::task::coop::consume_budget().await;
             }
         }
