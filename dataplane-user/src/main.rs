@@ -692,7 +692,6 @@ impl Progress {
     }
 }
 
-/// Prints `value` as JSON for scripts, or with `human` for people.
 /// The daemon's runtime; with a `realtime_priority`, every thread of it
 /// (this one too) runs at that SCHED_FIFO priority.
 fn daemon_runtime(realtime_priority: u8) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -712,6 +711,7 @@ fn daemon_runtime(realtime_priority: u8) -> anyhow::Result<tokio::runtime::Runti
     builder.build().context("starting tokio")
 }
 
+/// Prints `value` as JSON for scripts, or with `human` for people.
 fn show(json_out: bool, value: Value, human: impl FnOnce(&Value)) {
     if json_out {
         println!("{value}");

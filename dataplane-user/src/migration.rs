@@ -573,8 +573,10 @@ impl Migration {
                     }
                 }
             }
-            let compared = waiting.keys().next().map_or(reached, |&seq| seq - 1);
-            source.seen.retain(|&seq, _| seq > compared);
+            // The source's answers to inputs the destination has not
+            // answered yet stay for the next rounds.
+            let done = waiting.keys().next().map_or(after, |&seq| seq - 1);
+            source.seen.retain(|&seq, _| seq > done);
             if source.outputs.lost() > 0 {
                 return Err(self.fail("the output log reader fell behind"));
             }

@@ -1,5 +1,6 @@
-//! `cargo xtask bench load [--flows N] [--others controllers|none] [RATE...]`: the input rate the
-//! dataplane sustains across 16 flows (N) while one of their services migrates.
+//! `cargo xtask bench load [--flows N] [--others controllers|none] [RATE...]`:
+//! the input rate the dataplane sustains across 16 flows (N) while one of
+//! their services migrates.
 //!
 //! Each step gets fresh test hosts with 16 Markov controllers on `src`, one
 //! service and one flow each (the migrated one with its standby), and one CPS
@@ -21,9 +22,9 @@
 //! busy CPU is printed for both.
 //!
 //! A second series measures the kernel side alone: the migrated controller
-//! (with its standby) and 15 flows with no service, whose inputs the host's
-//! stack drops once the dataplane has numbered and logged them, at the same
-//! rates. With no services to wake, the machine has the CPU to show whether
+//! (with its standby) and 15 flows with no service, whose inputs a socket
+//! drops unread once the dataplane has numbered and logged them, at the
+//! same rates. With no services to wake, the machine has the CPU to show whether
 //! the kernel programs number and log every input of 16 flows at 10 kHz
 //! during a migration: per flow that stays on src, its last sequence number
 //! must equal the inputs the CPS sent ("unnumbered" counts the difference,
@@ -61,7 +62,7 @@ const DAEMON_PRIORITY: u8 = 20;
 /// in the sequence (ring overflows, refused or failed mirror frames).
 const LOG_FAILURES: [&str; 3] = ["ring_full", "output_ring_full", "mirror_errors"];
 
-/// What the CPS saw on all flows over one run.
+/// What the CPS saw over one run.
 struct Traffic {
     /// Inputs per second the CPS got out, over all flows.
     achieved: f64,
