@@ -95,8 +95,9 @@ fn check_payload(kind: u8, payload: &[u8], first: bool) {
                 serde_json::from_slice::<target::Step>(&again).expect("a step parses back");
             }
         }
+        // An answer is its value, the step's own error, or garbage.
         frame::MIGRATED => match peer::migration_answer(payload) {
-            Ok(_) | Err(PeerError::Refused(_) | PeerError::Garbage(_)) => {}
+            Ok(_) | Err(PeerError::StepFailed(_) | PeerError::Garbage(_)) => {}
             Err(e) => panic!("migration_answer: unexpected error {e}"),
         },
         _ => {}
