@@ -70,9 +70,10 @@ pub fn hold_and_drain(
     let start = Instant::now();
     set_gates(dataplane, flow_ids, GATE_HOLD_ALL)?;
     let drained = (|| {
+        let queues = SocketQueues::of(pid)?;
         std::thread::sleep(SETTLE);
         loop {
-            let bytes = udp_receive_queue(pid)?;
+            let bytes = queues.bytes()?;
             if bytes == 0 {
                 return Ok(());
             }
@@ -115,31 +116,47 @@ fn set_gates(dataplane: &mut Dataplane, flow_ids: &[u32], mode: u32) -> Result<(
         .try_for_each(|&id| dataplane.set_input_gate(id, mode, 0))
 }
 
-/// Bytes waiting in the receive queues of process `pid`'s UDP sockets.
-pub fn udp_receive_queue(pid: u32) -> Result<u64, CheckpointError> {
-    let err = |source| CheckpointError::Sockets { pid, source };
-    let mut inodes = HashSet::new();
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(err)? {
-        let Ok(target) = std::fs::read_link(fd.map_err(err)?.path()) else {
-            continue;
-        };
-        if let Some(inode) = target
-            .to_str()
-            .and_then(|t| t.strip_prefix("socket:["))
-            .and_then(|t| t.strip_suffix(']'))
-        {
-            inodes.insert(inode.to_string());
+/// Process `pid`'s UDP sockets, found once (its fds do not change while a
+/// checkpoint holds or replays its inputs), to read their queues often.
+pub struct SocketQueues {
+    pid: u32,
+    inodes: HashSet<String>,
+}
+
+impl SocketQueues {
+    pub fn of(pid: u32) -> Result<Self, CheckpointError> {
+        let err = |source| CheckpointError::Sockets { pid, source };
+        let mut inodes = HashSet::new();
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(err)? {
+            let Ok(target) = std::fs::read_link(fd.map_err(err)?.path()) else {
+                continue;
+            };
+            if let Some(inode) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+            {
+                inodes.insert(inode.to_string());
+            }
         }
+        Ok(Self { pid, inodes })
     }
-    let mut bytes = 0;
-    for table in ["udp", "udp6"] {
-        let path = format!("/proc/{pid}/net/{table}");
-        bytes += queued_bytes(
-            &std::fs::read_to_string(Path::new(&path)).map_err(err)?,
-            &inodes,
-        );
+
+    /// Bytes waiting in their receive queues.
+    pub fn bytes(&self) -> Result<u64, CheckpointError> {
+        let mut bytes = 0;
+        for table in ["udp", "udp6"] {
+            let path = format!("/proc/{}/net/{table}", self.pid);
+            let text = std::fs::read_to_string(Path::new(&path)).map_err(|source| {
+                CheckpointError::Sockets {
+                    pid: self.pid,
+                    source,
+                }
+            })?;
+            bytes += queued_bytes(&text, &self.inodes);
+        }
+        Ok(bytes)
     }
-    Ok(bytes)
 }
 
 /// Sums `rx_queue` over the rows of a /proc/net/udp table whose inode is in `inodes`.
@@ -175,6 +192,7 @@ pub async fn resume(
 ) -> Result<u64, CheckpointError> {
     let flow_id = position.flow_id;
     dataplane.set_input_gate(flow_id, GATE_SEQUENCED, position.last_delivered + 1)?;
+    let queues = SocketQueues::of(pid)?;
     let mut pending: BTreeMap<u64, Record> = BTreeMap::new();
     let mut replayed = 0;
     loop {
@@ -196,7 +214,7 @@ pub async fn resume(
             1.. => {
                 // An injected frame costs the socket a page of buffer: pace
                 // the replay by the instance's queue, or the socket drops.
-                while udp_receive_queue(pid)? > REPLAY_QUEUE_LIMIT {
+                while queues.bytes()? > REPLAY_QUEUE_LIMIT {
                     tokio::time::sleep(Duration::from_micros(100)).await;
                 }
                 injector.inject(&batch)?;

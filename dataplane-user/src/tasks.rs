@@ -52,6 +52,14 @@ pub fn start_time(pid: u32) -> Option<u64> {
     stat_fields(pid)?.get(19)?.parse().ok()
 }
 
+/// CPU time process `pid` has used (utime + stime, fields 14 and 15 of
+/// /proc/PID/stat, all its threads), in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let fields = stat_fields(pid)?;
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some(field(14)? + field(15)?)
+}
+
 fn cpu_list(set: &CpuSet) -> Vec<usize> {
     (0..CpuSet::count())
         .filter(|&cpu| set.is_set(cpu).unwrap_or(false))

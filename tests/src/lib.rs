@@ -1507,7 +1507,9 @@ impl MachineCpu {
     /// sampled at the 100 Hz tick and miss work done in stretches shorter
     /// than one, as a control cycle's is (a 16 x 2500/s load read 2 % busy).
     pub fn busy_since(&self) -> Duration {
-        let idle = Duration::from_millis((idle_ticks() - self.idle_ticks) * 1000 / USER_HZ);
+        let idle = Duration::from_millis(
+            (idle_ticks() - self.idle_ticks) * 1000 / clock_ticks_per_second(),
+        );
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
         (self.at.elapsed() * cpus).saturating_sub(idle)
     }
@@ -1519,10 +1521,13 @@ impl MachineCpu {
     }
 }
 
-/// /proc/stat counts in USER_HZ ticks.
-const USER_HZ: u64 = 100;
+/// The clock ticks (USER_HZ) /proc counts CPU time in, per second.
+pub fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as u64 }
+}
 
-/// Idle and iowait time of all CPUs so far, in USER_HZ ticks.
+/// Idle and iowait time of all CPUs so far, in clock ticks.
 fn idle_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").expect("read /proc/stat");
     let fields: Vec<u64> = stat

@@ -603,16 +603,9 @@ struct Cpu {
 
 impl Cpu {
     fn now(pid: u32) -> Self {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        // Fields from the third on follow the command name, which may hold
-        // spaces: utime and stime are fields 14 and 15 of proc(5).
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map_or(vec![], |(_, rest)| rest.split_whitespace().collect());
-        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
         Self {
             pid,
-            ticks: field(14).unwrap_or(0) + field(15).unwrap_or(0),
+            ticks: dataplane_user::tasks::cpu_ticks(pid).unwrap_or(0),
             at: Instant::now(),
         }
     }
@@ -621,15 +614,10 @@ impl Cpu {
     fn percent(self) -> f64 {
         let now = Self::now(self.pid);
         (now.ticks - self.ticks) as f64
-            / clock_ticks_per_second()
+            / dataplane_tests::clock_ticks_per_second() as f64
             / (now.at - self.at).as_secs_f64()
             * 100.0
     }
-}
-
-fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
 }
 
 /// UDP datagrams the sockets of `host` dropped for a full receive buffer.
