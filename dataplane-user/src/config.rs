@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::loader::{DEFAULT_PIN_ROOT, LoadOptions};
+use crate::kernel::loader::{DEFAULT_PIN_ROOT, LoadOptions};
 
 /// Where the daemon reads its configuration unless told otherwise.
 pub const DEFAULT_CONFIG: &str = "/etc/dataplane/dataplane.toml";
@@ -213,7 +213,8 @@ impl DaemonConfig {
     pub fn load_options(&self) -> Result<LoadOptions, ConfigError> {
         let peer_mac = match &self.peer_mac {
             Some(text) => Some(
-                crate::netdev::parse_mac(text).ok_or_else(|| ConfigError::PeerMac(text.clone()))?,
+                crate::host::netdev::parse_mac(text)
+                    .ok_or_else(|| ConfigError::PeerMac(text.clone()))?,
             ),
             None => None,
         };
@@ -221,7 +222,8 @@ impl DaemonConfig {
             (None, _) => None,
             (Some(interface), Some(text)) => Some((
                 interface.clone(),
-                crate::netdev::parse_mac(text).ok_or_else(|| ConfigError::PeerMac(text.clone()))?,
+                crate::host::netdev::parse_mac(text)
+                    .ok_or_else(|| ConfigError::PeerMac(text.clone()))?,
             )),
             (Some(_), None) => return Err(ConfigError::Standby("standby_mac")),
         };

@@ -16,7 +16,8 @@ use std::{
     time::Instant,
 };
 
-use serde::{Deserialize, Serialize};
+use dataplane_common::{FLOW_MIRROR, counter};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncWriteExt, BufReader},
@@ -25,40 +26,19 @@ use tokio::{
 };
 
 use crate::{
-    capture::{LogReader, Tap},
     config::DaemonConfig,
-    control::{self, Line, Response, RpcError, code},
-    flow,
-    loader::{Dataplane, LoadError, MAP_INPUTS, MAP_OUTPUTS},
-    metrics, migration, peer,
+    control,
+    control::{Line, Response, RpcError, code},
+    kernel::{
+        flow,
+        loader::{Dataplane, LoadError, MAP_INPUTS, MAP_OUTPUTS},
+        logs::{LogReader, Tap},
+    },
+    metrics, migration,
+    migration::destination,
+    peer,
+    service::{FlowSpec, Service},
 };
-use dataplane_common::{FLOW_MIRROR, counter};
-
-/// A service the daemon knows: the processes and flows a migration moves.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Service {
-    /// Unique name.
-    pub name: String,
-    /// The service's process (the root of its PID namespace, if it has one).
-    pub pid: u32,
-    /// Its network namespace, e.g. /run/netns/src. Default: the daemon's.
-    #[serde(default)]
-    pub netns: Option<String>,
-    /// The flows that feed it, as "CPS_ADDR:PORT" -> "SERVICE_ADDR:PORT" pairs.
-    pub flows: Vec<FlowSpec>,
-    /// A standby instance's process, fed by the mirror (gundall2022 Option 2).
-    #[serde(default)]
-    pub standby_pid: Option<u32>,
-}
-
-/// A flow by its ends.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct FlowSpec {
-    pub cps: SocketAddr,
-    pub service: SocketAddr,
-}
 
 /// The daemon's state, shared by every connection.
 pub struct Daemon {
@@ -77,7 +57,7 @@ pub struct Daemon {
 
 /// A migration's latest report, and its abort switch.
 struct MigrationEntry {
-    report: migration::Report,
+    report: migration::report::Report,
     abort: Arc<AtomicBool>,
 }
 
@@ -173,7 +153,7 @@ impl Daemon {
         };
         let _ = daemon.taps.set(taps.clone());
         // Migrations the previous run of this daemon left half-done.
-        crate::migration::recover(
+        crate::migration::journal::recover(
             &daemon.config.pin_root,
             &daemon.config.images_dir,
             daemon.config.standby_pin_root.as_deref(),
@@ -185,7 +165,7 @@ impl Daemon {
                 .await
                 .map_err(|source| DaemonError::PeerListen { address, source })?;
             tracing::info!(%address, "serving the peer link");
-            let host = peer::Host {
+            let host = destination::Host {
                 images_root: daemon.config.images_dir.clone(),
                 pin_root: daemon.config.pin_root.clone(),
                 interface: daemon.config.interface.clone(),
@@ -193,10 +173,14 @@ impl Daemon {
                 criu: daemon.config.criu(),
                 inputs: Some(taps.0.clone()),
                 outputs: Some(taps.1.clone()),
-                key: daemon.config.peer_key.clone(),
             };
-            peer::target::recover(&host);
-            tokio::spawn(peer::serve(peers, host));
+            destination::recover(&host);
+            let host = Arc::new(host);
+            tokio::spawn(peer::serve(
+                peers,
+                daemon.config.peer_key.clone(),
+                move |link, from| destination::serve_link(link, from, host.clone()),
+            ));
         }
         // Last: a client that finds the socket finds the peer link up too.
         let listener = bind_socket(&daemon.config)?;
@@ -624,7 +608,7 @@ impl Daemon {
         }
         let id = format!("{}-{}", service.name, migrations.len() + 1);
         let abort = Arc::new(AtomicBool::new(false));
-        let report = migration::Report {
+        let report = migration::report::Report {
             id: id.clone(),
             service: service.name.clone(),
             to: request.to.to_string(),
@@ -663,7 +647,7 @@ impl Daemon {
         tokio::spawn(async move {
             let progress = {
                 let (table, events) = (table.clone(), events.clone());
-                move |report: &migration::Report| {
+                move |report: &migration::report::Report| {
                     if let Some(entry) = table.lock().unwrap().get_mut(&report.id) {
                         entry.report = report.clone();
                     }

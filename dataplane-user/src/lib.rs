@@ -1,23 +1,19 @@
-//! The dataplane's user space: loading the kernel programs, reading their
-//! logs and counters, and managing CPS flows.
-pub mod calibrate;
-pub mod capture;
-pub mod checkpoint;
+//! The dataplane's user space: the daemon, its control socket and peer link,
+//! the migration driver, and what they stand on (the kernel programs' loader
+//! and logs, CRIU, the host's network devices and tasks).
+//!
+//! Layered from the bottom: `service` and `host` (plain types and OS calls),
+//! `kernel` (the eBPF programs and maps), `criu`, `planning` (the migration
+//! model), `peer` (the transport between daemons), `migration` (both sides of
+//! a migration), `control` (the socket's protocol), `daemon`, then the CLI.
 pub mod config;
 pub mod control;
-pub mod convergence;
 pub mod criu;
 pub mod daemon;
-pub mod flow;
-pub mod loader;
+pub mod host;
+pub mod kernel;
 pub mod metrics;
 pub mod migration;
-pub mod model;
-pub mod netdev;
 pub mod peer;
-pub mod random;
-pub mod replay;
-pub mod tasks;
-
-pub use capture::{LogReader, Record};
-pub use loader::{Counters, Dataplane, LoadError, LoadOptions};
+pub mod planning;
+pub mod service;

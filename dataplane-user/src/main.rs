@@ -17,15 +17,21 @@ use dataplane_common::{
     GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, Gate, RECORD_INPUT, RECORD_MIRRORED,
 };
 use dataplane_user::{
-    Dataplane, LoadOptions, LogReader, calibrate,
     config::{DEFAULT_CALIBRATION, DEFAULT_CONFIG, DEFAULT_SOCKET, DaemonConfig},
     control::{Client, ClientError},
-    criu::{Criu, DEFAULT_CRIU, policy::StopPolicy},
+    criu::{Criu, DEFAULT_CRIU},
     daemon::Daemon,
-    loader::{DEFAULT_PIN_ROOT, MAP_INPUTS, MAP_OUTPUTS, MirrorMode},
-    migration::Report,
-    model::{Calibration, Method, Prediction, Workload, error_pct},
-    netdev::parse_mac,
+    host::netdev::parse_mac,
+    kernel::{
+        loader::{DEFAULT_PIN_ROOT, Dataplane, LoadOptions, MAP_INPUTS, MAP_OUTPUTS, MirrorMode},
+        logs::LogReader,
+    },
+    migration::report::Report,
+    planning::{
+        calibrate,
+        model::{Calibration, Method, Prediction, Workload, error_pct},
+        policy::StopPolicy,
+    },
 };
 use serde_json::{Value, json};
 
@@ -310,8 +316,8 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-impl From<dataplane_user::LoadError> for Failure {
-    fn from(e: dataplane_user::LoadError) -> Self {
+impl From<dataplane_user::kernel::loader::LoadError> for Failure {
+    fn from(e: dataplane_user::kernel::loader::LoadError) -> Self {
         Failure::Local(e.into())
     }
 }
@@ -698,12 +704,12 @@ fn daemon_runtime(realtime_priority: u8) -> anyhow::Result<tokio::runtime::Runti
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if realtime_priority > 0 {
-        dataplane_user::tasks::run_realtime(realtime_priority).with_context(|| {
+        dataplane_user::host::tasks::run_realtime(realtime_priority).with_context(|| {
             format!("realtime_priority {realtime_priority}: SCHED_FIFO for the daemon")
         })?;
         // Threads start as ordinary tasks (reset-on-fork): each lifts itself.
         builder.on_thread_start(move || {
-            if let Err(e) = dataplane_user::tasks::run_realtime(realtime_priority) {
+            if let Err(e) = dataplane_user::host::tasks::run_realtime(realtime_priority) {
                 tracing::warn!("a daemon thread stays an ordinary task: {e}");
             }
         });
@@ -1153,8 +1159,9 @@ fn print_plan(plan: &Plan, path: &Path, c: &Calibration, mode: Option<&str>) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
         .saturating_sub(c.created);
-    let reports =
-        |l: &Option<dataplane_user::model::LiveCosts>| l.as_ref().map_or(0, |l| l.reports);
+    let reports = |l: &Option<dataplane_user::planning::model::LiveCosts>| {
+        l.as_ref().map_or(0, |l| l.reports)
+    };
     println!(
         "calibration {} (host {}, {} min old): CRIU from {} dumps of {}, live costs from \
          {} leave-running and {} standby reports",

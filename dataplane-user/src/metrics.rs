@@ -3,7 +3,7 @@ use std::fmt::Write;
 
 use dataplane_common::counter;
 
-use crate::loader::Counters;
+use crate::kernel::loader::Counters;
 
 /// Renders the metrics page.
 pub fn render(counters: &Counters, flows: usize, services: usize) -> String {

@@ -4,7 +4,10 @@
 #![no_main]
 
 use dataplane_fuzz::block_on;
-use dataplane_user::control::{self, Line, Response, code};
+use dataplane_user::{
+    control,
+    control::{Line, Response, code},
+};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 

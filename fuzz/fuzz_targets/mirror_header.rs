@@ -1,16 +1,16 @@
 //! The mirror header and the log records: `dataplane_common::parse_mirror_frame`
 //! (the receiver's rules of docs/mirror-header.md) on arbitrary frames, each
 //! accepted header re-encoded by `MirrorHeader::to_wire` and by the encoder
-//! the senders use (`mirror_headers`); `capture::Record::parse` on arbitrary
+//! the senders use (`mirror_headers`); `logs::Record::parse` on arbitrary
 //! ring-buffer items; and a parsed record, sent as a replay the way
-//! `replay::Injector` builds it, parsing back to itself.
+//! `injector::Injector` builds it, parsing back to itself.
 #![no_main]
 
 use dataplane_common::{
     CaptureMeta, Config, ETH_P_MIRROR, MAX_SEQ, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD,
     MIRROR_VERSION, MirrorHeader, MirrorRefusal, RecordHeader, mirror_headers, parse_mirror_frame,
 };
-use dataplane_user::capture::Record;
+use dataplane_user::kernel::logs::Record;
 use libfuzzer_sys::fuzz_target;
 
 const OVERHEAD: usize = MIRROR_OVERHEAD as usize;
@@ -112,11 +112,11 @@ fn check_record(data: &[u8]) -> Option<Record> {
     }
 }
 
-/// A logged input as `replay::Injector::inject` sends it through the gate:
+/// A logged input as `injector::Injector::inject` sends it through the gate:
 /// the receiver gets back the record's number, time, flow and bytes.
 fn check_replay(record: &Record) {
     let h = record.header;
-    let frame = dataplane_user::replay::replay_frame([2, 0, 0, 0, 0, 2], record);
+    let frame = dataplane_user::kernel::injector::replay_frame([2, 0, 0, 0, 0, 2], record);
     match parse_mirror_frame(&frame) {
         Ok((header, inner)) => {
             assert_eq!(

@@ -8,9 +8,10 @@
 use std::path::{Component, Path};
 
 use dataplane_fuzz::block_on;
-use dataplane_user::peer::{
-    self, Hello, MAGIC, MAX_FRAME, MAX_HELLO, PeerError, VERSION, frame, replay::Replayed, target,
-    transfer,
+use dataplane_user::{
+    migration::protocol,
+    peer,
+    peer::{Hello, MAGIC, MAX_FRAME, MAX_HELLO, PeerError, VERSION, frame, transfer},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -83,16 +84,10 @@ fn check_payload(kind: u8, payload: &[u8], first: bool) {
         }
         frame::FILE_END => round_trip::<transfer::FileEnd>(payload),
         frame::IMAGES_OK => round_trip::<transfer::Received>(payload),
-        frame::REPLAY_OK => {
-            if let Ok(replayed) = serde_json::from_slice::<Replayed>(payload) {
-                assert!(replayed.rate().is_finite());
-            }
-            round_trip::<Replayed>(payload);
-        }
         frame::MIGRATE => {
-            if let Ok(step) = serde_json::from_slice::<target::Step>(payload) {
+            if let Ok(step) = serde_json::from_slice::<protocol::Step>(payload) {
                 let again = serde_json::to_vec(&step).expect("serializes");
-                serde_json::from_slice::<target::Step>(&again).expect("a step parses back");
+                serde_json::from_slice::<protocol::Step>(&again).expect("a step parses back");
             }
         }
         // An answer is its value, the step's own error, or garbage.

@@ -19,9 +19,9 @@ use std::{
     time::Duration,
 };
 
-use dataplane_user::{
-    Dataplane, LoadOptions, LogReader, Record,
-    loader::{MAP_INPUTS, MirrorMode},
+use dataplane_user::kernel::{
+    loader::{Dataplane, LoadOptions, MAP_INPUTS, MirrorMode},
+    logs::{LogReader, Record},
 };
 
 /// The CPS's IPv4 address.
@@ -326,7 +326,7 @@ impl TestHosts {
 
     /// The MAC address of `iface` in `host`.
     pub fn mac(host: &NetNs, iface: &str) -> [u8; 6] {
-        host.run(|| dataplane_user::netdev::Interface::by_name(iface))
+        host.run(|| dataplane_user::host::netdev::Interface::by_name(iface))
             .expect("interface exists")
             .mac
     }
@@ -1128,7 +1128,8 @@ impl MigrationSetup {
             // checkpointed and restored (with the primary's CPUs). Off the
             // real-time CPU it takes no time from the serving instance.
             if let Some((_, machinery)) = cpu_split() {
-                dataplane_user::tasks::pin(standby.pid, &[machinery]).expect("pin the standby");
+                dataplane_user::host::tasks::pin(standby.pid, &[machinery])
+                    .expect("pin the standby");
             }
             standby
         });
@@ -1184,7 +1185,7 @@ impl MigrationSetup {
 
     /// The id of service "markov"'s flow in the source's dataplane.
     pub fn source_flow_id(&self) -> u32 {
-        let key = dataplane_user::flow::udp(self.cps, self.service);
+        let key = dataplane_user::kernel::flow::udp(self.cps, self.service);
         let flows = Dataplane::open(&self.hosts.pin_root("src"))
             .and_then(|d| d.flows())
             .expect("the source's flows");
@@ -1366,7 +1367,7 @@ impl MigrationSetup {
         &self,
         images: &std::path::Path,
         copied: &std::path::Path,
-        policy: &dataplane_user::criu::policy::StopPolicy,
+        policy: &dataplane_user::planning::policy::StopPolicy,
     ) -> anyhow::Result<StopAndCopy> {
         self.dump_copy_restore(images, copied, Some(policy))
     }
@@ -1379,7 +1380,7 @@ impl MigrationSetup {
         &self,
         images: &std::path::Path,
         copied: &std::path::Path,
-        precopy: Option<&dataplane_user::criu::policy::StopPolicy>,
+        precopy: Option<&dataplane_user::planning::policy::StopPolicy>,
     ) -> anyhow::Result<StopAndCopy> {
         use nix::{sched::CpuSet, unistd::Pid};
         let here = Pid::from_raw(0);
@@ -1389,12 +1390,14 @@ impl MigrationSetup {
             set.set(machinery)?;
             nix::sched::sched_setaffinity(here, &set)?;
         }
-        let source_cpus = dataplane_user::tasks::cpus_of(self.controller.pid).unwrap_or_default();
+        let source_cpus =
+            dataplane_user::host::tasks::cpus_of(self.controller.pid).unwrap_or_default();
         let outcome = self.dump_copy_restore_here(images, copied, precopy);
         nix::sched::sched_setaffinity(here, &before)?;
         let outcome = outcome?;
         if !source_cpus.is_empty() {
-            dataplane_user::tasks::pin(outcome.pid, &source_cpus).map_err(anyhow::Error::msg)?;
+            dataplane_user::host::tasks::pin(outcome.pid, &source_cpus)
+                .map_err(anyhow::Error::msg)?;
         }
         Ok(outcome)
     }
@@ -1403,7 +1406,7 @@ impl MigrationSetup {
         &self,
         images: &std::path::Path,
         copied: &std::path::Path,
-        precopy: Option<&dataplane_user::criu::policy::StopPolicy>,
+        precopy: Option<&dataplane_user::planning::policy::StopPolicy>,
     ) -> anyhow::Result<StopAndCopy> {
         use dataplane_user::criu::{
             Criu, DumpRequest, RestoreRequest, netns_inode, open_netns, stats,
@@ -1437,8 +1440,8 @@ impl MigrationSetup {
         let restored = criu.restore(&restore, &mut |_, _| true)?;
         self.hosts.dst.run(|| -> anyhow::Result<()> {
             let addr = SERVICE_V4;
-            dataplane_user::netdev::own_address("eth0", addr.into())?;
-            dataplane_user::netdev::gratuitous_arp("eth0", addr)?;
+            dataplane_user::host::netdev::own_address("eth0", addr.into())?;
+            dataplane_user::host::netdev::gratuitous_arp("eth0", addr)?;
             Ok(())
         })?;
         Ok(StopAndCopy {

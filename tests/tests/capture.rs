@@ -11,7 +11,11 @@ use dataplane_common::{
 use dataplane_tests::{
     CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, sock, udp_payload,
 };
-use dataplane_user::{LoadOptions, Record, flow, loader::MAP_OUTPUTS};
+use dataplane_user::kernel::{
+    flow,
+    loader::{LoadOptions, MAP_OUTPUTS},
+    logs::Record,
+};
 
 /// The payload of input `i`: its number and filler, so byte-equality means something.
 fn payload(i: u64) -> Vec<u8> {

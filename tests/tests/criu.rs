@@ -376,16 +376,25 @@ impl Ticker {
 }
 
 /// Holds `flow_id` and waits until process `pid` has drained its socket: S.
-fn hold(dataplane: &mut dataplane_user::Dataplane, flow_id: u32, pid: u32) -> u64 {
-    dataplane_user::checkpoint::hold_and_drain(dataplane, &[flow_id], pid, Duration::from_secs(2))
-        .unwrap()[0]
+fn hold(dataplane: &mut dataplane_user::kernel::loader::Dataplane, flow_id: u32, pid: u32) -> u64 {
+    dataplane_user::migration::hold::hold_and_drain(
+        dataplane,
+        &[flow_id],
+        pid,
+        Duration::from_secs(2),
+    )
+    .unwrap()[0]
         .last_delivered
 }
 
 #[test]
 fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
-    use dataplane_user::{checkpoint, flow, loader::MAP_INPUTS};
     use std::collections::BTreeMap;
+
+    use dataplane_user::{
+        kernel::{flow, loader::MAP_INPUTS},
+        migration::hold,
+    };
 
     let hosts = TestHosts::new("ckpt");
     let mut src = hosts.load_src();
@@ -399,9 +408,11 @@ fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
         .build()
         .unwrap();
     let _guard = runtime.enter();
-    let mut log =
-        dataplane_user::LogReader::spawn(src.dataplane.open_log(MAP_INPUTS).unwrap(), 1 << 16)
-            .unwrap();
+    let mut log = dataplane_user::kernel::logs::LogReader::spawn(
+        src.dataplane.open_log(MAP_INPUTS).unwrap(),
+        1 << 16,
+    )
+    .unwrap();
     let mut payloads: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
     let criu = Criu::default();
     let dst_net = open_netns(&hosts.dst.path()).unwrap();
@@ -449,7 +460,7 @@ fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
         );
 
         end_restored(pid);
-        checkpoint::release(&mut src.dataplane, &[flow_id]).unwrap();
+        hold::release(&mut src.dataplane, &[flow_id]).unwrap();
         drop(service);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -458,7 +469,10 @@ fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
 #[test]
 fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
     use dataplane_tests::DaemonProcess;
-    use dataplane_user::peer::{self, PeerError, frame, transfer, write_frame};
+    use dataplane_user::{
+        peer,
+        peer::{PeerError, frame, transfer, write_frame},
+    };
 
     let hosts = TestHosts::new("xfer");
     let images_root = std::env::temp_dir().join(format!("dataplane-xfer-{}", std::process::id()));
@@ -612,7 +626,10 @@ fn a_corrupted_image_fails_the_restore_and_the_source_keeps_serving() {
 #[test]
 fn a_full_destination_disk_and_an_unreachable_peer_fail_the_transfer_cleanly() {
     use dataplane_tests::DaemonProcess;
-    use dataplane_user::peer::{self, PeerError, transfer};
+    use dataplane_user::{
+        peer,
+        peer::{PeerError, transfer},
+    };
 
     let hosts = TestHosts::new("full");
     // A 64 KiB tmpfs as the destination's image store: the images do not fit.
@@ -723,7 +740,10 @@ fn criu_killed_during_a_dump_leaves_the_source_serving() {
 
 #[test]
 fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
-    use dataplane_user::{LogReader, checkpoint, flow, loader::MAP_INPUTS, replay::Injector};
+    use dataplane_user::{
+        kernel::{flow, injector::Injector, loader::MAP_INPUTS, logs::LogReader},
+        migration::hold,
+    };
 
     let hosts = TestHosts::new("lrun");
     let mut src = hosts.load_src();
@@ -743,7 +763,7 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
     std::thread::sleep(Duration::from_millis(30));
 
     let s = hold(&mut src.dataplane, flow_id, service.pid);
-    let position = dataplane_user::checkpoint::FlowPosition {
+    let position = dataplane_user::migration::hold::FlowPosition {
         flow_id,
         last_delivered: s,
     };
@@ -761,7 +781,7 @@ fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
         .src
         .run(|| {
             runtime
-                .block_on(checkpoint::resume(
+                .block_on(hold::resume(
                     &mut src.dataplane,
                     position,
                     service.pid,

@@ -252,7 +252,7 @@ fn a_restarted_daemon_readopts_the_dataplane_that_kept_counting() {
         hosts.pin_root("src").join("links").exists(),
         "the dataplane stays"
     );
-    dataplane_user::Dataplane::unload(&hosts.pin_root("src")).unwrap();
+    dataplane_user::kernel::loader::Dataplane::unload(&hosts.pin_root("src")).unwrap();
 }
 
 #[test]

@@ -187,7 +187,7 @@ fn overflow_during(
     let trace = std::env::temp_dir().join(format!("overflow-{host}-{}.trace", std::process::id()));
     let cps = setup.start_bursty_cps(cycles, 1000, OVERFLOW_BURST, &trace);
     let ring_full = || {
-        dataplane_user::Dataplane::open(&setup.hosts.pin_root(host))
+        dataplane_user::kernel::loader::Dataplane::open(&setup.hosts.pin_root(host))
             .and_then(|d| d.counters())
             .unwrap()
             .get(counter::RING_FULL)

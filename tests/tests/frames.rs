@@ -9,7 +9,10 @@ use dataplane_common::{
     RECORD_MIRRORED, counter,
 };
 use dataplane_tests::{CPS_V4, CPS_V6, Loaded, RawSocket, SERVICE_V4, SERVICE_V6, TestHosts, sock};
-use dataplane_user::{Counters, flow, loader::MAP_INPUTS};
+use dataplane_user::kernel::{
+    flow,
+    loader::{Counters, MAP_INPUTS},
+};
 use etherparse::{PacketBuilder, VlanId};
 
 const CPS_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
@@ -179,7 +182,7 @@ fn malformed_outputs_pass_the_egress_program_untouched_and_are_not_captured() {
             );
         }
     }
-    let outputs = src.read_log(dataplane_user::loader::MAP_OUTPUTS, 2);
+    let outputs = src.read_log(dataplane_user::kernel::loader::MAP_OUTPUTS, 2);
     assert_eq!(outputs.len(), 1, "only the well-formed output was logged");
     assert_eq!(&outputs[0].frame[..], &good[..]);
 }
@@ -620,7 +623,7 @@ fn a_sequenced_gate_delivers_each_input_once_and_in_order() {
 
 #[test]
 fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
-    use dataplane_user::replay::Injector;
+    use dataplane_user::kernel::injector::Injector;
 
     let hosts = TestHosts::new("rpl");
     let mut dst = hosts.load_dst();
@@ -661,7 +664,7 @@ fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
     assert_eq!(dst.read_inputs(1)[0].header.seq, 4);
     let mut log = dst
         .dataplane
-        .open_log(dataplane_user::loader::MAP_INPUTS)
+        .open_log(dataplane_user::kernel::loader::MAP_INPUTS)
         .unwrap();
     assert!(log.next().is_none(), "nothing else was logged");
 
@@ -683,7 +686,7 @@ fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
     assert!(
         matches!(
             refused,
-            Err(dataplane_user::replay::ReplayError::TooLarge { seq: 5, len: 4000 })
+            Err(dataplane_user::kernel::injector::ReplayError::TooLarge { seq: 5, len: 4000 })
         ),
         "{refused:?}"
     );
@@ -691,86 +694,6 @@ fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
     assert_eq!(dst.dataplane.gate(flow_id).unwrap().next_expected, 5);
 }
 
-#[test]
-fn the_destination_daemon_replays_inputs_sent_over_the_peer_link_in_order() {
-    use dataplane_common::{GATE_SEQUENCED, Gate};
-    use dataplane_tests::DaemonProcess;
-    use dataplane_user::{Dataplane, Record, peer};
-
-    let hosts = TestHosts::new("prp");
-    let config = format!(
-        "interface = \"eth0\"\npeer_interface = \"peer0\"\npin_root = \"{}\"\n\
-         input_ring_mib = 8\noutput_ring_mib = 1\npeer_listen = \"198.51.100.2:7070\"\n",
-        hosts.pin_root("dst").display()
-    );
-    let dst = DaemonProcess::start(&hosts.dst, "prp", &config);
-    let added = dst
-        .client()
-        .call(
-            "flow.add",
-            serde_json::json!({"cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}),
-        )
-        .unwrap();
-    let flow_id = added["id"].as_u64().unwrap() as u32;
-    let gate = Gate {
-        mode: GATE_SEQUENCED,
-        next_expected: 1,
-        ..Default::default()
-    };
-    Dataplane::open(&hosts.pin_root("dst"))
-        .unwrap()
-        .set_gate(flow_id, gate)
-        .unwrap();
-    let replica = hosts
-        .dst
-        .run(|| std::net::UdpSocket::bind(sock(SERVICE_V4, 5000)))
-        .unwrap();
-    nix::sys::socket::setsockopt(
-        &replica,
-        nix::sys::socket::sockopt::RcvBufForce,
-        &(16 << 20),
-    )
-    .unwrap();
-    replica
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-
-    // The source's log after the checkpoint position: inputs 1..=2000.
-    let records: Vec<Record> = (1..=2000).map(|seq| logged_input(flow_id, seq)).collect();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let replayed = hosts
-        .src
-        .run(|| {
-            runtime.block_on(async {
-                let (mut link, _) = peer::connect("198.51.100.2:7070".parse().unwrap()).await?;
-                peer::replay::send(&mut link, &records).await
-            })
-        })
-        .unwrap();
-    assert_eq!(replayed.inputs, 2000);
-    println!(
-        "replayed {} inputs at {:.0}/s",
-        replayed.inputs,
-        replayed.rate()
-    );
-    let got = received(&replica);
-    let expected: Vec<String> = (1..=2000).map(|seq| format!("input {seq}")).collect();
-    assert_eq!(got.len(), 2000, "every replayed input reached the instance");
-    assert!(got == expected, "in sequence order");
-    assert_eq!(
-        Dataplane::open(&hosts.pin_root("dst"))
-            .unwrap()
-            .gate(flow_id)
-            .unwrap()
-            .next_expected,
-        2001
-    );
-}
-
-/// The frame of input `seq`: UDP from the CPS to the service, "input SEQ".
 #[test]
 fn a_counting_replica_tags_each_output_with_the_input_it_answers() {
     let hosts = TestHosts::new("tag");
@@ -808,7 +731,7 @@ fn a_counting_replica_tags_each_output_with_the_input_it_answers() {
     }
     // A second output with every input answered belongs to the last one.
     answer("more on input 3");
-    let outputs = dst.read_log(dataplane_user::loader::MAP_OUTPUTS, 4);
+    let outputs = dst.read_log(dataplane_user::kernel::loader::MAP_OUTPUTS, 4);
     let tagged: Vec<(u64, bool)> = outputs
         .iter()
         .map(|r| {
@@ -838,9 +761,9 @@ fn input_frame(seq: u64) -> Vec<u8> {
 }
 
 /// Input `seq` of `flow_id` as a log record holds it.
-fn logged_input(flow_id: u32, seq: u64) -> dataplane_user::Record {
+fn logged_input(flow_id: u32, seq: u64) -> dataplane_user::kernel::logs::Record {
     let frame = input_frame(seq);
-    dataplane_user::Record {
+    dataplane_user::kernel::logs::Record {
         header: dataplane_common::RecordHeader {
             seq,
             flow_id,

@@ -8,7 +8,7 @@ use std::{
 use dataplane_tests::{
     MigrationSetup, chain_state, cps_verdict, cpu_split, in_netns, kill_pid, pids_named, read_trace,
 };
-use dataplane_user::{Dataplane, tasks::cpus_of};
+use dataplane_user::{host::tasks::cpus_of, kernel::loader::Dataplane};
 
 fn assert_clean(verdict: &serde_json::Value) {
     for key in ["missed", "duplicates", "out_of_order", "wrong"] {

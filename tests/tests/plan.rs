@@ -3,7 +3,7 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use dataplane_tests::{DST_PEER, MigrationSetup, cps_verdict, dataplane_bin, kill_pid};
-use dataplane_user::model::Calibration;
+use dataplane_user::planning::model::Calibration;
 
 fn dataplane(args: &[&str]) -> String {
     let out = Command::new(dataplane_bin())

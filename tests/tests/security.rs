@@ -14,7 +14,8 @@ use std::{
 use dataplane_tests::{DST_PEER, DaemonProcess, MigrationSetup, TestHosts};
 use dataplane_user::{
     control::{ClientError, MAX_LINE, MAX_SKIP, RpcError, code},
-    peer::{self, PeerError, PeerKey, frame},
+    peer,
+    peer::{PeerError, PeerKey, frame},
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -699,13 +700,18 @@ fn nothing_an_unauthenticated_peer_sends_is_acted_on() {
                 let (mut link, _) =
                     peer::connect_with(DST_PEER.parse().unwrap(), Some(&key)).await?;
                 peer::ping(&mut link).await?;
-                let step: peer::target::Step = serde_json::from_value(json!({"step": "prepare",
+                let step: dataplane_user::migration::protocol::Step =
+                    serde_json::from_value(json!({"step": "prepare",
                     "migration": "m1", "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000",
                     "service": "192.0.2.10:5000"}]}))
-                .unwrap();
+                    .unwrap();
                 let prepared = peer::migrate_step(&mut link, &step).await;
                 let flows = dst.client().call("flow.list", json!({})).unwrap();
-                let _ = peer::migrate_step(&mut link, &peer::target::Step::Abort).await;
+                let _ = peer::migrate_step(
+                    &mut link,
+                    &dataplane_user::migration::protocol::Step::Abort,
+                )
+                .await;
                 Ok::<_, PeerError>((prepared, flows))
             })
         })

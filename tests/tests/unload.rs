@@ -46,7 +46,8 @@ fn load_outlives_the_cli_and_unload_leaves_nothing_behind() {
         (true, 1),
         "xdp and tc egress on peer0"
     );
-    let adopted = dataplane_user::Dataplane::open(&root).expect("the pins outlive the CLI");
+    let adopted =
+        dataplane_user::kernel::loader::Dataplane::open(&root).expect("the pins outlive the CLI");
     assert_eq!(adopted.attached_programs().unwrap().len(), 5);
     drop(adopted);
 
@@ -59,14 +60,14 @@ fn load_outlives_the_cli_and_unload_leaves_nothing_behind() {
 #[test]
 fn a_failed_load_leaves_nothing_behind() {
     let hosts = TestHosts::new("fail");
-    let options = dataplane_user::LoadOptions {
+    let options = dataplane_user::kernel::loader::LoadOptions {
         pin_root: hosts.pin_root("src"),
         peer_interface: Some("no-such-if".into()),
-        ..dataplane_user::LoadOptions::new("eth0")
+        ..dataplane_user::kernel::loader::LoadOptions::new("eth0")
     };
     let err = hosts
         .src
-        .run(|| dataplane_user::Dataplane::load(&options))
+        .run(|| dataplane_user::kernel::loader::Dataplane::load(&options))
         .err();
     let err = err
         .expect("loading with a missing peer interface fails")

@@ -4,14 +4,15 @@
 //! worker's notifications, and returns its response; the worker exits when
 //! its end of the socket closes. Calls block: the daemon runs them on a
 //! blocking thread.
-pub mod policy;
 pub mod precopy;
 pub mod proto;
 pub mod stats;
 
 use std::{
-    os::fd::{AsRawFd, OwnedFd, RawFd},
-    os::unix::process::CommandExt,
+    os::{
+        fd::{AsRawFd, OwnedFd, RawFd},
+        unix::process::CommandExt,
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
@@ -24,7 +25,6 @@ use nix::sys::{
     time::TimeVal,
 };
 use prost::Message;
-
 pub use proto::{Features, Opts, ReqType, Resp, Version};
 use proto::{InheritFd, NetworkLock, Notify, PageServerInfo, Req};
 
@@ -277,7 +277,7 @@ impl Criu {
             notify(n.script.as_deref().unwrap_or_default(), pid)
         };
         let watch = &mut || match root.get() {
-            Some(pid) if !crate::tasks::running(pid) => Some(CriuError::RestoredDied { pid }),
+            Some(pid) if !crate::host::tasks::running(pid) => Some(CriuError::RestoredDied { pid }),
             _ => None,
         };
         let resp = self.call(request(ReqType::Restore, Some(opts)), &fds, notify, watch)?;

@@ -8,10 +8,9 @@
 //! no round is faked.
 use std::{hash::Hasher, path::Path, time::Instant};
 
-use super::{
-    Criu, CriuError, DumpRequest,
-    policy::{Round, Stop, StopPolicy},
-    stats,
+use crate::{
+    criu::{Criu, CriuError, DumpRequest, stats},
+    planning::policy::{Round, Stop, StopPolicy},
 };
 
 /// How an iterative dump went.

@@ -15,7 +15,6 @@
 //! not authenticate, is refused, logged with its address and disconnected.
 use std::{
     net::SocketAddr,
-    path::PathBuf,
     sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
@@ -35,8 +34,6 @@ pub const MAX_FRAME: u32 = 16 << 20;
 /// Largest handshake frame: a hello is small, and a stranger gets no more.
 pub const MAX_HELLO: u32 = 4096;
 
-pub mod replay;
-pub mod target;
 pub mod transfer;
 
 /// Frame types.
@@ -56,13 +53,7 @@ pub mod frame {
     pub const IMAGES_END: u8 = 9;
     /// The receiver has every file, checksums verified: JSON `{"files", "bytes"}`.
     pub const IMAGES_OK: u8 = 10;
-    /// One logged input to inject: a RecordHeader (host order) and the frame.
-    pub const REPLAY: u8 = 11;
-    /// The replay is complete.
-    pub const REPLAY_END: u8 = 12;
-    /// The receiver injected them all: JSON `{"inputs", "elapsed_us"}`.
-    pub const REPLAY_OK: u8 = 13;
-    /// One step of a migration, source to destination: JSON [`super::target::Step`].
+    /// One step of a migration, source to destination: JSON [`crate::migration::protocol::Step`].
     pub const MIGRATE: u8 = 14;
     /// The destination's answer to a step: JSON `{"ok": VALUE}` or `{"error": TEXT}`.
     pub const MIGRATED: u8 = 15;
@@ -287,30 +278,10 @@ pub fn check_hello(kind: u8, payload: &[u8]) -> Result<Hello, PeerError> {
     Ok(hello)
 }
 
-/// What the peer-link server works with on this host.
-#[derive(Clone)]
-pub struct Host {
-    /// Where received checkpoint images go.
-    pub images_root: PathBuf,
-    /// The pinned dataplane, whose ingress program replays inputs.
-    pub pin_root: PathBuf,
-    /// The service-facing interface, where a migrated service's addresses are announced.
-    pub interface: String,
-    /// The interface replayed inputs arrive on, as mirror copies do.
-    pub peer_interface: Option<String>,
-    /// Restores migrated services.
-    pub criu: crate::criu::Criu,
-    /// The daemon's readers of the input and output logs.
-    pub inputs: Option<Arc<crate::capture::Tap>>,
-    pub outputs: Option<Arc<crate::capture::Tap>>,
-    /// The shared key connecting daemons must prove; none: unauthenticated links.
-    pub key: Option<PeerKey>,
-}
-
 /// Asks the destination for one migration step; its answer.
 pub async fn migrate_step(
     stream: &mut TcpStream,
-    step: &target::Step,
+    step: &impl Serialize,
 ) -> Result<serde_json::Value, PeerError> {
     let request = serde_json::to_vec(step).expect("a step serializes");
     write_frame(stream, frame::MIGRATE, &request).await?;
@@ -359,9 +330,14 @@ fn tune(stream: &TcpStream) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Accepts peer links on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, host: Host) {
-    let host = Arc::new(host);
+/// Accepts peer links on `listener` until the task is dropped: each gets
+/// the handshake (authenticated with `key`, if any) and then `on_link`.
+pub async fn serve<F, Fut>(listener: TcpListener, key: Option<PeerKey>, on_link: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), PeerError>> + Send,
+{
+    let key = Arc::new(key);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let mut turned_away = 0u64;
     loop {
@@ -375,9 +351,14 @@ pub async fn serve(listener: TcpListener, host: Host) {
                     }
                     continue;
                 };
-                let host = host.clone();
+                let (key, on_link) = (key.clone(), on_link.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = serve_one(stream, from, &host, permit).await {
+                    let outcome = match admit(stream, from, key.as_ref().as_ref(), permit).await {
+                        Ok(Some(stream)) => on_link(stream, from).await,
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = outcome {
                         tracing::warn!(%from, "peer link closed: {e}");
                     }
                 });
@@ -387,14 +368,16 @@ pub async fn serve(listener: TcpListener, host: Host) {
     }
 }
 
-async fn serve_one(
+/// The listener's handshake on one link, within [`HANDSHAKE_TIMEOUT`]: the
+/// stream once the peer is admitted, none if it was refused (and told why).
+async fn admit(
     mut stream: TcpStream,
     from: SocketAddr,
-    host: &Host,
+    key: Option<&PeerKey>,
     handshake: tokio::sync::OwnedSemaphorePermit,
-) -> Result<(), PeerError> {
+) -> Result<Option<TcpStream>, PeerError> {
     tune(&stream)?;
-    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(&mut stream, host.key.as_ref()))
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(&mut stream, key))
         .await
         .unwrap_or_else(|_| {
             Err(PeerError::Garbage(format!(
@@ -403,90 +386,17 @@ async fn serve_one(
             )))
         });
     drop(handshake);
-    let hello = match accepted {
-        Ok(hello) => hello,
+    match accepted {
+        Ok(hello) => {
+            tracing::info!(%from, host = %hello.host, version = hello.version,
+                authenticated = key.is_some(), "peer link up");
+            Ok(Some(stream))
+        }
         Err(reason) => {
             tracing::warn!(%from, "refused a peer link: {reason}");
             // Best effort: a garbage sender may not read it.
             let _ = write_frame(&mut stream, frame::REFUSE, reason.to_string().as_bytes()).await;
-            return Ok(());
-        }
-    };
-    tracing::info!(%from, host = %hello.host, version = hello.version,
-        authenticated = host.key.is_some(), "peer link up");
-    // A migration to this host, driven over this link.
-    let mut target: Option<target::Target> = None;
-    loop {
-        let (kind, payload) = match read_frame(&mut stream, MAX_FRAME).await {
-            Ok(frame) => frame,
-            Err(PeerError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                tracing::info!(%from, "peer link closed by the peer");
-                return Ok(());
-            }
-            Err(e) => return Err(e),
-        };
-        match kind {
-            frame::PING => write_frame(&mut stream, frame::PONG, &[]).await?,
-            frame::IMAGES => {
-                let received = transfer::receive(&mut stream, &payload, &host.images_root).await;
-                if let Ok(r) = &received {
-                    tracing::info!(%from, migration = %r.migration, files = r.files,
-                        bytes = r.bytes, "received checkpoint images");
-                }
-                answer(&mut stream, from, received, frame::IMAGES_OK).await?;
-            }
-            frame::REPLAY => {
-                let replayed = match host.peer_interface.as_deref() {
-                    None => Err(PeerError::Garbage(
-                        "this daemon has no peer interface to replay on".into(),
-                    )),
-                    Some(interface) => {
-                        match crate::replay::Injector::open(&host.pin_root, interface) {
-                            Ok(mut injector) => {
-                                replay::receive(&mut stream, payload, &mut injector).await
-                            }
-                            Err(e) => Err(PeerError::Garbage(e.to_string())),
-                        }
-                    }
-                };
-                if let Ok(r) = &replayed {
-                    tracing::info!(%from, inputs = r.inputs, rate = r.rate(), "replayed inputs");
-                }
-                answer(&mut stream, from, replayed, frame::REPLAY_OK).await?;
-            }
-            frame::MIGRATE => {
-                let outcome = match serde_json::from_slice::<target::Step>(&payload) {
-                    Err(e) => Err(format!("not a migration step: {e}")),
-                    Ok(target::Step::Prepare { migration, flows }) if target.is_none() => {
-                        tracing::info!(%from, %migration, "preparing a migration to this host");
-                        target::Target::prepare(host, migration, flows).map(|t| {
-                            target = Some(t);
-                            serde_json::json!({})
-                        })
-                    }
-                    Ok(step) => match target.as_mut() {
-                        Some(t) => t.step(step).await,
-                        None => Err("no migration is prepared on this link".into()),
-                    },
-                };
-                if target.as_ref().is_some_and(|t| t.ended()) {
-                    target = None;
-                }
-                let answer = match outcome {
-                    Ok(ok) => serde_json::json!({ "ok": ok }),
-                    Err(error) => {
-                        tracing::warn!(%from, "migration step failed: {error}");
-                        serde_json::json!({ "error": error })
-                    }
-                };
-                let answer = serde_json::to_vec(&answer).expect("serializes");
-                write_frame(&mut stream, frame::MIGRATED, &answer).await?;
-            }
-            other => {
-                let reason = format!("unexpected frame type {other}");
-                let _ = write_frame(&mut stream, frame::REFUSE, reason.as_bytes()).await;
-                return Err(PeerError::Garbage(reason));
-            }
+            Ok(None)
         }
     }
 }
@@ -569,7 +479,7 @@ const NONCE_BYTES: usize = 32;
 
 /// A fresh random nonce.
 fn random_nonce() -> Result<[u8; NONCE_BYTES], PeerError> {
-    crate::random::bytes().map_err(PeerError::Io)
+    crate::host::random::bytes().map_err(PeerError::Io)
 }
 
 fn to_hex(bytes: &[u8]) -> String {
@@ -672,29 +582,6 @@ impl<'de> Deserialize<'de> for PeerKey {
     }
 }
 
-/// Answers a request that moved data: its receipt in an `ok_kind` frame,
-/// or a `REFUSE` with the reason, after which the link closes (the error
-/// is returned).
-async fn answer<T: Serialize>(
-    stream: &mut TcpStream,
-    from: SocketAddr,
-    outcome: Result<T, PeerError>,
-    ok_kind: u8,
-) -> Result<(), PeerError> {
-    match outcome {
-        Ok(receipt) => {
-            let ok = serde_json::to_vec(&receipt).expect("serializes");
-            write_frame(stream, ok_kind, &ok).await
-        }
-        Err(e) => {
-            tracing::warn!(%from, "refused: {e}");
-            // Best effort: the link may be gone already.
-            let _ = write_frame(stream, frame::REFUSE, e.to_string().as_bytes()).await;
-            Err(e)
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -771,17 +658,14 @@ mod tests {
     async fn listener(key: Option<PeerKey>) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let host = Host {
-            images_root: std::env::temp_dir(),
-            pin_root: PathBuf::from("/nonexistent"),
-            interface: "lo".into(),
-            peer_interface: None,
-            criu: crate::criu::Criu::new(std::path::Path::new("/nonexistent")),
-            inputs: None,
-            outputs: None,
-            key,
+        // A link that answers pings, as the destination's does.
+        let on_link = |mut link: TcpStream, _| async move {
+            while let (frame::PING, _) = read_frame(&mut link, MAX_FRAME).await? {
+                write_frame(&mut link, frame::PONG, &[]).await?;
+            }
+            Ok(())
         };
-        tokio::spawn(serve(listener, host));
+        tokio::spawn(serve(listener, key, on_link));
         address
     }
 

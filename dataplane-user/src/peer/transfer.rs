@@ -19,7 +19,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{MAX_FRAME, PeerError, frame, read_frame, write_frame};
+use crate::peer::{MAX_FRAME, PeerError, frame, read_frame, write_frame};
 
 /// Bytes of file data a DATA frame carries.
 const CHUNK: usize = 1 << 20;

@@ -605,7 +605,7 @@ impl Cpu {
     fn now(pid: u32) -> Self {
         Self {
             pid,
-            ticks: dataplane_user::tasks::cpu_ticks(pid).unwrap_or(0),
+            ticks: dataplane_user::host::tasks::cpu_ticks(pid).unwrap_or(0),
             at: Instant::now(),
         }
     }

@@ -34,9 +34,11 @@ use std::{
 use anyhow::Context;
 use dataplane_tests::{MigrationSetup, cps_verdict, dataplane_bin, kill_pid, output_gaps};
 use dataplane_user::{
-    criu::policy::StopPolicy,
-    migration::Report,
-    model::{Calibration, Method, Prediction, Workload, error_pct},
+    migration::report::Report,
+    planning::{
+        model::{Calibration, Method, Prediction, Workload, error_pct},
+        policy::StopPolicy,
+    },
 };
 use serde_json::json;
 
@@ -313,7 +315,7 @@ fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Val
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let setup = set_up(&format!("bm{i}"), &args, mode == "standby")?;
-    let state_bytes = dataplane_user::calibrate::state_bytes(match &setup.standby {
+    let state_bytes = dataplane_user::planning::calibrate::state_bytes(match &setup.standby {
         Some((_, standby, _)) if mode == "standby" => standby.pid,
         _ => setup.controller.pid,
     })? as f64;
@@ -362,7 +364,7 @@ fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Val
         .fold(0.0, f64::max);
     let run = Run {
         total_us: report.total_us as f64,
-        phases: dataplane_user::model::phases(&report),
+        phases: dataplane_user::planning::model::phases(&report),
         frozen_us: report.frozen_us as f64,
         image_bytes: report.image_bytes as f64,
         handover_gap_us: Some(around),
@@ -377,7 +379,8 @@ fn baseline(precopy: bool, size: u64, i: usize) -> anyhow::Result<Run> {
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let setup = set_up(&format!("bb{i}"), &args, false)?;
-    let state_bytes = dataplane_user::calibrate::state_bytes(setup.controller.pid)? as f64;
+    let state_bytes =
+        dataplane_user::planning::calibrate::state_bytes(setup.controller.pid)? as f64;
     let cps = setup.start_cps(cycles(size), PERIOD_US, None);
     std::thread::sleep(LEAD);
     let images = trace_path(i).with_extension("images");

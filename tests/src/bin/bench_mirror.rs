@@ -15,7 +15,10 @@ use std::{
 
 use dataplane_common::{FLOW_MIRROR, counter};
 use dataplane_tests::{CPS_V4, Loaded, SERVICE_V4, TestHosts, count_datagrams, sock};
-use dataplane_user::{LoadOptions, flow, loader::MirrorMode};
+use dataplane_user::kernel::{
+    flow,
+    loader::{LoadOptions, MirrorMode},
+};
 
 const INPUTS: u64 = 200_000;
 /// Inputs are sent in batches of BATCH every BATCH_PERIOD (100,000 inputs/s),

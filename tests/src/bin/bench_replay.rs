@@ -19,7 +19,7 @@ use std::{
 
 use dataplane_common::{GATE_SEQUENCED, Gate, RECORD_MIRRORED, RecordHeader};
 use dataplane_tests::{CPS_V4, MachineCpu, SERVICE_V4, TestHosts, sock};
-use dataplane_user::{Record, flow, replay::Injector};
+use dataplane_user::kernel::{flow, injector::Injector, logs::Record};
 use etherparse::PacketBuilder;
 
 const INPUTS: u64 = 20_000;

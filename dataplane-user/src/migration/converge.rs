@@ -1,11 +1,24 @@
-//! Output comparison and convergence (DESIGN.md requirement 5).
+//! Output comparison and convergence: the source compares the two
+//! instances' outputs until N in a row match.
 //!
 //! Outputs of the source and destination instances are matched by the input
 //! that caused them (the sequence number the egress program tags them with)
 //! and compared: byte for byte, or with a tolerance eta on declared numeric
 //! fields (gundall2022 Eq. 1: |y_src - y_dst| <= eta), every other byte
 //! still equal. A handover needs N consecutive matches (govindaraj2019).
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+
+use crate::migration::{
+    protocol::{Output, Step},
+    report::MigrationError,
+    source::{Migration, Source, step},
+};
 
 /// A numeric field of an output's UDP payload, big-endian.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -164,6 +177,93 @@ pub fn udp_payload(frame: &[u8]) -> &[u8] {
             ..
         }) => udp.payload(),
         _ => frame,
+    }
+}
+
+impl Migration {
+    /// Compares the two instances' outputs, input by input, until
+    /// `converge` in a row match; the deadline aborts.
+    pub(super) async fn converge(
+        &mut self,
+        source: &mut Source,
+        link: &mut TcpStream,
+        replay_end: u64,
+    ) -> Result<(), MigrationError> {
+        let t = self.begin("converge")?;
+        let deadline = Instant::now() + Duration::from_millis(self.request.deadline_ms);
+        let mut convergence = Convergence::new(self.request.converge);
+        // Outputs of replayed inputs may share a tag (the replay outruns the
+        // instance); live ones from a little later do not.
+        let mut after = replay_end + 1;
+        // The destination's outputs the source's log has not reached yet: a
+        // loaded source reads its log later than the destination answers.
+        let mut waiting: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+        // The latest input the source's log shows an answer to.
+        let mut reached = 0;
+        while !convergence.converged() {
+            // An overflow, not the mismatches it then causes, is the cause.
+            source.check_log().map_err(|e| self.fail(e))?;
+            if Instant::now() > deadline {
+                let last = convergence
+                    .last_mismatch
+                    .as_ref()
+                    .map(|(seq, why)| format!("; last mismatch: outputs for input {seq}: {why}"))
+                    .unwrap_or_default();
+                return Err(self.fail(format!(
+                    "no {} matching outputs in a row within {} ms ({} compared; the \
+                     destination answered up to input {after}, the source's log holds \
+                     answers up to {reached}){last}",
+                    self.request.converge,
+                    self.request.deadline_ms,
+                    convergence.compared()
+                )));
+            }
+            let theirs: Vec<Output> = step(
+                link,
+                &Step::Outputs {
+                    after,
+                    count: self.request.converge as usize,
+                    timeout_ms: 200,
+                },
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+            for output in theirs.into_iter().filter(|o| o.flow_id == source.flow_id) {
+                after = after.max(output.seq);
+                waiting.entry(output.seq).or_default().push(output.payload);
+            }
+            let Some(&last) = waiting.keys().next_back() else {
+                continue;
+            };
+            // The source instance answers those inputs about as soon.
+            source
+                .collect_outputs(last, Duration::from_millis(200))
+                .await;
+            // Compare up to the latest input the source has answered.
+            reached = reached.max(source.seen.keys().next_back().copied().unwrap_or(0));
+            while let Some(entry) = waiting.first_entry().filter(|e| *e.key() <= reached) {
+                let (seq, theirs) = entry.remove_entry();
+                let ours = source.seen.remove(&seq);
+                // Compare only inputs answered once on both sides: a shared
+                // tag means the instance had several inputs queued.
+                if let (Some([ours]), [theirs]) = (ours.as_deref(), &theirs[..]) {
+                    let outcome = self.request.compare.compare(ours, theirs);
+                    if convergence.record(seq, outcome) {
+                        break;
+                    }
+                }
+            }
+            // The source's answers to inputs the destination has not
+            // answered yet stay for the next rounds.
+            let done = waiting.keys().next().map_or(after, |&seq| seq - 1);
+            source.seen.retain(|&seq, _| seq > done);
+            if source.outputs.lost() > 0 {
+                return Err(self.fail("the output log reader fell behind"));
+            }
+        }
+        self.report.compared = convergence.compared();
+        self.end(t);
+        Ok(())
     }
 }
 

@@ -12,8 +12,9 @@
 //! A journal beside the images says what to undo or keep should this
 //! daemon die mid-migration; [`recover`] acts on it at the next start.
 use std::{
-    net::IpAddr,
-    path::Path,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -21,98 +22,128 @@ use dataplane_common::{
     GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, RECORD_OUTPUT,
 };
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
 
-use super::Host;
 use crate::{
-    capture::{LogGuard, Records, Subscription},
-    checkpoint::{self, FlowPosition},
     criu::{RestoreRequest, open_netns, stats},
-    daemon::FlowSpec,
-    flow,
-    loader::Dataplane,
-    replay::Injector,
+    kernel::{
+        flow,
+        injector::Injector,
+        loader::Dataplane,
+        logs::{LogGuard, Records, Subscription},
+    },
+    migration::{
+        hold,
+        hold::FlowPosition,
+        protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
+    },
+    peer::{MAX_FRAME, PeerError, frame, read_frame, transfer, write_frame},
 };
 
-/// Records a migration may stage before the destination reads them.
-pub const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
-
-/// One step the source asks of the destination.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "step", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Step {
-    /// Adopt the service's flows under the source's ids; hold their
-    /// mirrored inputs in the log and mute the outputs.
-    Prepare {
-        migration: String,
-        flows: Vec<TargetFlow>,
-    },
-    /// Restore the received images, confine the instance to `cpus` (the
-    /// source instance's affinity; empty: leave it on CRIU's) and replay
-    /// the inputs after `positions`.
-    Restore {
-        positions: Vec<FlowPosition>,
-        #[serde(default)]
-        cpus: Vec<usize>,
-    },
-    /// The next outputs answering inputs after `after`, at most `count`.
-    Outputs {
-        after: u64,
-        count: usize,
-        timeout_ms: u64,
-    },
-    /// Let outputs answering inputs above each flow's K leave.
-    Arm { flows: Vec<u32> },
-    /// Announce the service addresses from this host (gratuitous ARP).
-    Announce,
-    /// The migration is complete: keep the instance, drop the images.
-    Finish,
-    /// Roll back: kill the instance, forget the flows, drop the images.
-    Abort,
+/// What the destination works with on this host.
+#[derive(Clone)]
+pub struct Host {
+    /// Where received checkpoint images go.
+    pub images_root: PathBuf,
+    /// The pinned dataplane, whose ingress program replays inputs.
+    pub pin_root: PathBuf,
+    /// The service-facing interface, where a migrated service's addresses are announced.
+    pub interface: String,
+    /// The interface replayed inputs arrive on, as mirror copies do.
+    pub peer_interface: Option<String>,
+    /// Restores migrated services.
+    pub criu: crate::criu::Criu,
+    /// The daemon's readers of the input and output logs.
+    pub inputs: Option<Arc<crate::kernel::logs::Tap>>,
+    pub outputs: Option<Arc<crate::kernel::logs::Tap>>,
 }
 
-/// A flow the destination adopts.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct TargetFlow {
-    pub flow_id: u32,
-    #[serde(flatten)]
-    pub spec: FlowSpec,
+/// Serves one admitted peer link: pings, checkpoint images, and the steps
+/// of a migration to this host, which lives as long as the link.
+pub async fn serve_link(
+    mut stream: TcpStream,
+    from: SocketAddr,
+    host: Arc<Host>,
+) -> Result<(), PeerError> {
+    let host = host.as_ref();
+    let mut target: Option<Target> = None;
+    loop {
+        let (kind, payload) = match read_frame(&mut stream, MAX_FRAME).await {
+            Ok(frame) => frame,
+            Err(PeerError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                tracing::info!(%from, "peer link closed by the peer");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        match kind {
+            frame::PING => write_frame(&mut stream, frame::PONG, &[]).await?,
+            frame::IMAGES => {
+                let received = transfer::receive(&mut stream, &payload, &host.images_root).await;
+                if let Ok(r) = &received {
+                    tracing::info!(%from, migration = %r.migration, files = r.files,
+                        bytes = r.bytes, "received checkpoint images");
+                }
+                answer(&mut stream, from, received, frame::IMAGES_OK).await?;
+            }
+            frame::MIGRATE => {
+                let outcome = match serde_json::from_slice::<Step>(&payload) {
+                    Err(e) => Err(format!("not a migration step: {e}")),
+                    Ok(Step::Prepare { migration, flows }) if target.is_none() => {
+                        tracing::info!(%from, %migration, "preparing a migration to this host");
+                        Target::prepare(host, migration, flows).map(|t| {
+                            target = Some(t);
+                            serde_json::json!({})
+                        })
+                    }
+                    Ok(step) => match target.as_mut() {
+                        Some(t) => t.step(step).await,
+                        None => Err("no migration is prepared on this link".into()),
+                    },
+                };
+                if target.as_ref().is_some_and(|t| t.ended()) {
+                    target = None;
+                }
+                let answer = match outcome {
+                    Ok(ok) => serde_json::json!({ "ok": ok }),
+                    Err(error) => {
+                        tracing::warn!(%from, "migration step failed: {error}");
+                        serde_json::json!({ "error": error })
+                    }
+                };
+                let answer = serde_json::to_vec(&answer).expect("serializes");
+                write_frame(&mut stream, frame::MIGRATED, &answer).await?;
+            }
+            other => {
+                let reason = format!("unexpected frame type {other}");
+                let _ = write_frame(&mut stream, frame::REFUSE, reason.as_bytes()).await;
+                return Err(PeerError::Garbage(reason));
+            }
+        }
+    }
 }
 
-/// What `Restore` did.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Restored {
-    pub pid: u32,
-    /// CRIU's own restore time.
-    pub restore_us: u64,
-    /// From the request to the restored process running.
-    pub restore_total_us: u64,
-    /// Wall time of CRIU's restore request.
-    #[serde(default)]
-    pub criu_us: u64,
-    pub replayed: u64,
-    pub replay_us: u64,
-    /// The last input the replay delivered; later ones came live.
-    pub replay_end: u64,
-}
-
-/// What `Finish` answers: the instance, and the CPU time this daemon and
-/// the CRIU processes it reaped used since `Prepare`, µs.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Finished {
-    pub pid: Option<u32>,
-    pub daemon_cpu_us: u64,
-    pub criu_cpu_us: u64,
-}
-
-/// An output of the destination instance.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Output {
-    pub flow_id: u32,
-    /// The input it answers.
-    pub seq: u64,
-    /// Its UDP payload.
-    pub payload: Vec<u8>,
+/// Answers a request that moved data: its receipt in an `ok_kind` frame,
+/// or a `REFUSE` with the reason, after which the link closes (the error
+/// is returned).
+async fn answer<T: Serialize>(
+    stream: &mut TcpStream,
+    from: SocketAddr,
+    outcome: Result<T, PeerError>,
+    ok_kind: u8,
+) -> Result<(), PeerError> {
+    match outcome {
+        Ok(receipt) => {
+            let ok = serde_json::to_vec(&receipt).expect("serializes");
+            write_frame(stream, ok_kind, &ok).await
+        }
+        Err(e) => {
+            tracing::warn!(%from, "refused: {e}");
+            // Best effort: the link may be gone already.
+            let _ = write_frame(stream, frame::REFUSE, e.to_string().as_bytes()).await;
+            Err(e)
+        }
+    }
 }
 
 /// A migration in progress on the destination.
@@ -128,7 +159,7 @@ pub struct Target<'a> {
     instance: Option<u32>,
     finished: bool,
     /// CPU time used when `Prepare` came.
-    cpu: crate::tasks::CpuTime,
+    cpu: crate::host::tasks::CpuTime,
 }
 
 impl<'a> Target<'a> {
@@ -138,7 +169,7 @@ impl<'a> Target<'a> {
         migration: String,
         flows: Vec<TargetFlow>,
     ) -> Result<Self, String> {
-        super::transfer::plain_name(&migration).map_err(|e| e.to_string())?;
+        transfer::plain_name(&migration).map_err(|e| e.to_string())?;
         if flows.len() != 1 {
             return Err(format!(
                 "a migrated service has exactly one flow here ({} given)",
@@ -185,7 +216,7 @@ impl<'a> Target<'a> {
             log,
             instance: None,
             finished: false,
-            cpu: crate::tasks::CpuTime::now(),
+            cpu: crate::host::tasks::CpuTime::now(),
         };
         target.write_journal()?;
         Ok(target)
@@ -215,7 +246,7 @@ impl<'a> Target<'a> {
             Step::Announce => self.announce().map(|a| serde_json::json!({"announced": a})),
             Step::Finish => {
                 self.end();
-                let (daemon_cpu_us, criu_cpu_us) = crate::tasks::CpuTime::since(self.cpu);
+                let (daemon_cpu_us, criu_cpu_us) = crate::host::tasks::CpuTime::since(self.cpu);
                 let finished = Finished {
                     pid: self.instance,
                     daemon_cpu_us,
@@ -300,7 +331,7 @@ impl<'a> Target<'a> {
         self.instance = Some(pid);
         self.write_journal()?;
         // Before the replay: the instance catches up where it will serve.
-        match crate::tasks::pin(pid, &cpus) {
+        match crate::host::tasks::pin(pid, &cpus) {
             Ok(applied) if !applied.is_empty() => {
                 tracing::info!(pid, ?applied, "restored instance on its source's CPUs")
             }
@@ -318,7 +349,7 @@ impl<'a> Target<'a> {
         // Held inputs that found the log full are gone: no replay can start.
         self.log.check(&self.dataplane, &self.inputs)?;
         let start = Instant::now();
-        let replayed = checkpoint::resume(
+        let replayed = hold::resume(
             &mut self.dataplane,
             position,
             pid,
@@ -361,7 +392,7 @@ impl<'a> Target<'a> {
                 outputs.push(Output {
                     flow_id: record.header.flow_id,
                     seq: record.header.seq,
-                    payload: crate::convergence::udp_payload(&record.frame).to_vec(),
+                    payload: crate::migration::converge::udp_payload(&record.frame).to_vec(),
                 });
             }
         }
@@ -503,7 +534,7 @@ fn write_journal(
         instance: instance.and_then(|pid| {
             Some(Instance {
                 pid,
-                start_time: crate::tasks::start_time(pid)?,
+                start_time: crate::host::tasks::start_time(pid)?,
             })
         }),
     };
@@ -558,15 +589,15 @@ fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<String>, String
     let mut announced = Vec::new();
     for f in flows {
         let addr = f.spec.service.ip();
-        match crate::netdev::own_address(interface, addr) {
+        match crate::host::netdev::own_address(interface, addr) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
                 return Err(format!("{addr}: {e}"));
             }
             _ => {}
         }
         match addr {
-            IpAddr::V4(v4) => crate::netdev::gratuitous_arp(interface, v4),
-            IpAddr::V6(v6) => crate::netdev::unsolicited_na(interface, v6),
+            IpAddr::V4(v4) => crate::host::netdev::gratuitous_arp(interface, v4),
+            IpAddr::V6(v6) => crate::host::netdev::unsolicited_na(interface, v6),
         }
         .map_err(|e| format!("{addr}: {e}"))?;
         announced.push(addr.to_string());
@@ -619,7 +650,7 @@ fn recover_one(host: &Host, journal: &Path) -> String {
     }
     let killed = journal
         .instance
-        .filter(|i| crate::tasks::start_time(i.pid) == Some(i.start_time));
+        .filter(|i| crate::host::tasks::start_time(i.pid) == Some(i.start_time));
     if let Some(i) = killed {
         let pid = nix::unistd::Pid::from_raw(i.pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);

@@ -212,7 +212,7 @@ pub struct LogGuard {
 
 impl LogGuard {
     /// Starts watching `dataplane`'s input log: earlier overflows do not count.
-    pub fn new(dataplane: &crate::loader::Dataplane) -> Result<Self, String> {
+    pub fn new(dataplane: &crate::kernel::loader::Dataplane) -> Result<Self, String> {
         Ok(Self {
             ring_full: ring_full(dataplane)?,
         })
@@ -221,7 +221,7 @@ impl LogGuard {
     /// An error naming the failure if the log failed an input since [`LogGuard::new`].
     pub fn check(
         &self,
-        dataplane: &crate::loader::Dataplane,
+        dataplane: &crate::kernel::loader::Dataplane,
         reader: &Subscription,
     ) -> Result<(), String> {
         let full = ring_full(dataplane)? - self.ring_full;
@@ -241,7 +241,7 @@ impl LogGuard {
     }
 }
 
-fn ring_full(dataplane: &crate::loader::Dataplane) -> Result<u64, String> {
+fn ring_full(dataplane: &crate::kernel::loader::Dataplane) -> Result<u64, String> {
     dataplane
         .counters()
         .map(|c| c.get(dataplane_common::counter::RING_FULL))

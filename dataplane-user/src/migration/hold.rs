@@ -14,10 +14,10 @@ use std::{
 
 use dataplane_common::{GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED};
 
-use crate::{
-    capture::{Record, Records},
+use crate::kernel::{
+    injector::{Injector, ReplayError},
     loader::{Dataplane, LoadError},
-    replay::{Injector, ReplayError},
+    logs::{Record, Records},
 };
 
 /// Inputs already past the XDP hook when the gate closes finish their way

@@ -8,11 +8,11 @@
 //! in the spirit of calagna2023's PAM model, that another round would not
 //! leave fewer pages for the final dump than there are now.
 //!
-//! The prediction is the PAM model's (`crate::model`): the pages a round
+//! The prediction is the PAM model's (`crate::planning::model`): the pages a round
 //! leaves are the dirty rate times the time the service ran during it
 //! (calagna2023 Eq. 4), with the round's duration a line in the pages it
 //! copies (Eq. 17, 18), fitted here to the rounds so far.
-use crate::model::{Line, dirtied, fit_line, mean};
+use crate::planning::model::{Line, dirtied, fit_line, mean};
 
 /// What one pre-dump round did, from CRIU's stats-dump.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

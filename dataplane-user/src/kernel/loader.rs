@@ -7,7 +7,6 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
 use aya::{
@@ -24,7 +23,10 @@ use dataplane_common::{
     PORT_MIRROR, counter,
 };
 
-use crate::netdev;
+use crate::{
+    host::{netdev, netdev::InterfaceError},
+    kernel::gate::GateWindow,
+};
 
 /// The kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] =
@@ -42,8 +44,8 @@ pub enum LoadError {
     AlreadyLoaded(PathBuf),
     #[error("no dataplane is pinned at {0}; run `dataplane load` first")]
     NotLoaded(PathBuf),
-    #[error("interface {name}: {source}")]
-    Interface { name: String, source: io::Error },
+    #[error(transparent)]
+    Interface(#[from] InterfaceError),
     #[error(
         "loading the eBPF object: {0} (the kernel needs BPF ring buffers, XDP and TCX: Linux 6.6 or newer)"
     )]
@@ -142,7 +144,7 @@ impl LoadOptions {
 /// Map names, as the kernel object declares them.
 const MAP_FLOWS: &str = "FLOWS";
 const MAP_SEQUENCES: &str = "SEQUENCES";
-const MAP_GATES: &str = "GATES";
+pub(crate) const MAP_GATES: &str = "GATES";
 const MAP_CONFIG: &str = "CONFIG";
 const MAP_COUNTERS: &str = "COUNTERS";
 const MAP_MIRROR_PORTS: &str = "MIRROR_PORTS";
@@ -379,7 +381,7 @@ impl Dataplane {
     pub fn add_flow(&mut self, key: FlowKey, flags: u32) -> Result<u32, LoadError> {
         let flows = self.flows()?;
         if flows.iter().any(|(k, _)| *k == key) {
-            return Err(LoadError::DuplicateFlow(crate::flow::display(&key)));
+            return Err(LoadError::DuplicateFlow(crate::kernel::flow::display(&key)));
         }
         let flow_id = (0..MAX_FLOWS)
             .find(|id| flows.iter().all(|(_, c)| c.flow_id != *id))
@@ -402,7 +404,7 @@ impl Dataplane {
         {
             return Err(LoadError::DuplicateFlow(format!(
                 "id {flow_id} belongs to {}",
-                crate::flow::display(&other)
+                crate::kernel::flow::display(&other)
             )));
         }
         self.insert_flow(key, flow_id, flags)
@@ -414,7 +416,7 @@ impl Dataplane {
             .flows()?
             .into_iter()
             .find(|(k, _)| k == key)
-            .ok_or_else(|| LoadError::UnknownFlow(crate::flow::display(key)))?;
+            .ok_or_else(|| LoadError::UnknownFlow(crate::kernel::flow::display(key)))?;
         config.flags = flags;
         self.flows
             .insert(*key, config, 0)
@@ -449,7 +451,7 @@ impl Dataplane {
     /// Stops capturing `key`.
     pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), LoadError> {
         self.flows.remove(key).map_err(|source| match source {
-            MapError::KeyNotFound => LoadError::UnknownFlow(crate::flow::display(key)),
+            MapError::KeyNotFound => LoadError::UnknownFlow(crate::kernel::flow::display(key)),
             source => LoadError::Map {
                 name: MAP_FLOWS,
                 source,
@@ -516,35 +518,7 @@ impl Dataplane {
 
     /// The gates array mapped into this process, for flips that must be one store.
     pub fn gate_window(&self) -> Result<GateWindow, LoadError> {
-        let path = self.pin_root.join("maps").join(MAP_GATES);
-        let map = MapData::from_pin(&path).map_err(|source| LoadError::Map {
-            name: MAP_GATES,
-            source,
-        })?;
-        let len = (MAX_FLOWS as usize * size_of::<Gate>()).next_multiple_of(4096);
-        use std::os::fd::{AsFd, AsRawFd};
-        // SAFETY: a shared mapping of the map's memory, which the kernel keeps
-        // alive while the mapping exists (it holds a reference on the map).
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(LoadError::Io {
-                path,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(GateWindow {
-            base: ptr.cast(),
-            len,
-        })
+        GateWindow::open(&self.pin_root)
     }
 
     /// The host-wide settings the programs run with.
@@ -577,109 +551,6 @@ impl Dataplane {
     }
 }
 
-/// The gates array (`BPF_F_MMAPABLE`) mapped into user space: a gate word
-/// changes with one store, in tens of nanoseconds, where a map update
-/// syscall takes about a microsecond.
-pub struct GateWindow {
-    base: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory, accessed only through atomics.
-unsafe impl Send for GateWindow {}
-unsafe impl Sync for GateWindow {}
-
-impl GateWindow {
-    fn word<T>(&self, flow_id: u32, offset: usize) -> &T {
-        assert!(flow_id < MAX_FLOWS, "flow id {flow_id} out of range");
-        // SAFETY: in bounds of the mapping (flow_id < MAX_FLOWS), aligned
-        // (Gate is 48 bytes, the offsets multiples of the words' sizes), and
-        // the kernel side reads and exchanges the words with single accesses.
-        unsafe {
-            &*self
-                .base
-                .add(flow_id as usize * size_of::<Gate>() + offset)
-                .cast::<T>()
-        }
-    }
-
-    /// Sets the input gate's `mode`; entering `GATE_SEQUENCED`, first its
-    /// `next_expected`. The kernel reads `next_expected` only in a
-    /// sequenced gate, where it alone advances it: a sequenced gate is
-    /// entered from another mode, and left without touching the word.
-    pub fn set_input_gate(&self, flow_id: u32, mode: u32, next_expected: u64) {
-        if mode == dataplane_common::GATE_SEQUENCED {
-            self.word::<AtomicU64>(flow_id, dataplane_common::GATE_NEXT_EXPECTED_OFFSET)
-                .store(next_expected, Ordering::SeqCst);
-        }
-        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_MODE_OFFSET)
-            .store(mode, Ordering::SeqCst);
-    }
-
-    fn deliver_until(&self, flow_id: u32) -> &AtomicU64 {
-        self.word(flow_id, dataplane_common::GATE_DELIVER_UNTIL_OFFSET)
-    }
-
-    /// Sets the source's cutover point: inputs of `flow_id` above `k` stop
-    /// reaching the local instance (0: every input does;
-    /// `CUT_AT_NEXT`: the flip, see [`GateWindow::flip`]). One store.
-    pub fn set_deliver_until(&self, flow_id: u32, k: u64) {
-        self.deliver_until(flow_id).store(k, Ordering::SeqCst);
-    }
-
-    /// The cutover flip on the source: the next input of `flow_id` numbered
-    /// here, and every later one, goes to the destination only; the kernel
-    /// program picks K. One store.
-    pub fn flip(&self, flow_id: u32) {
-        self.set_deliver_until(flow_id, dataplane_common::CUT_AT_NEXT);
-    }
-
-    /// K once the kernel program has picked it after a flip.
-    pub fn cutover_point(&self, flow_id: u32) -> Option<u64> {
-        match self.deliver_until(flow_id).load(Ordering::SeqCst) {
-            0 | dataplane_common::CUT_AT_NEXT => None,
-            k => Some(k),
-        }
-    }
-
-    /// Takes a flip back if no input has crossed it yet; `Err(K)` if one
-    /// has (the cutover happened at K and stands).
-    pub fn unflip(&self, flow_id: u32) -> Result<(), u64> {
-        match self.deliver_until(flow_id).compare_exchange(
-            dataplane_common::CUT_AT_NEXT,
-            0,
-            Ordering::SeqCst,
-            Ordering::SeqCst,
-        ) {
-            Ok(_) | Err(0) => Ok(()),
-            Err(k) => Err(k),
-        }
-    }
-
-    /// Arms the destination's output gate for a cutover the source's
-    /// kernel picks: muted until the first input forwarded past it.
-    /// `answer_from` is set before the mode, which the kernel reads first.
-    pub fn arm_outputs(&self, flow_id: u32) {
-        self.word::<AtomicU64>(flow_id, dataplane_common::GATE_ANSWER_FROM_OFFSET)
-            .store(u64::MAX, Ordering::SeqCst);
-        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_OUTPUT_OFFSET)
-            .store(dataplane_common::OUTPUT_ARMED, Ordering::SeqCst);
-    }
-
-    /// Mutes the destination's outputs again (a rollback).
-    pub fn mute_outputs(&self, flow_id: u32) {
-        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_OUTPUT_OFFSET)
-            .store(dataplane_common::OUTPUT_MUTE, Ordering::SeqCst);
-    }
-}
-
-impl Drop for GateWindow {
-    fn drop(&mut self) {
-        // SAFETY: base and len are the mapping made in gate_window.
-        unsafe { libc::munmap(self.base.cast(), self.len) };
-    }
-}
-
 /// The array map `name` pinned under `pin_root`.
 pub(crate) fn pinned_array<T: aya::Pod>(
     pin_root: &Path,
@@ -690,7 +561,7 @@ pub(crate) fn pinned_array<T: aya::Pod>(
     Array::try_from(Map::Array(data)).map_err(err)
 }
 
-/// The replay trigger's key (see [`crate::replay::Injector`]).
+/// The replay trigger's key (see [`crate::kernel::injector::Injector`]).
 pub(crate) const MAP_REPLAY_KEY: &str = "REPLAY_KEY";
 
 /// Gives the dataplane at `root` a random replay key, never 0 (no key).
@@ -700,7 +571,7 @@ fn set_replay_key(root: &Path) -> Result<(), LoadError> {
         source,
     };
     // Below 2^63: a key travels in a mirror header's sequence field.
-    let key = (u64::from_ne_bytes(crate::random::bytes().map_err(io_err)?) >> 1).max(1);
+    let key = (u64::from_ne_bytes(crate::host::random::bytes().map_err(io_err)?) >> 1).max(1);
     pinned_array::<u64>(root, MAP_REPLAY_KEY)?
         .set(0, key, 0)
         .map_err(|source| LoadError::Map {
@@ -713,7 +584,7 @@ fn set_replay_key(root: &Path) -> Result<(), LoadError> {
 /// program can be run on a frame by user space, which is how replay injects).
 const PROGRAMS_DIR: &str = "programs";
 
-/// Pins the `ingress` program, for [`crate::replay::Injector`].
+/// Pins the `ingress` program, for [`crate::kernel::injector::Injector`].
 fn pin_ingress(ebpf: &mut aya::Ebpf, root: &Path) -> Result<(), LoadError> {
     let dir = root.join(PROGRAMS_DIR);
     create_dir(&dir)?;

@@ -3,8 +3,6 @@ use std::{io, os::fd::FromRawFd};
 
 use nix::{ifaddrs::getifaddrs, net::if_::if_nametoindex};
 
-use crate::loader::LoadError;
-
 /// A network interface of this host.
 #[derive(Clone, Debug)]
 pub struct Interface {
@@ -15,8 +13,8 @@ pub struct Interface {
 
 impl Interface {
     /// Looks `name` up in the calling thread's network namespace.
-    pub fn by_name(name: &str) -> Result<Self, LoadError> {
-        let err = |source: io::Error| LoadError::Interface {
+    pub fn by_name(name: &str) -> Result<Self, InterfaceError> {
+        let err = |source: io::Error| InterfaceError {
             name: name.to_owned(),
             source,
         };
@@ -32,6 +30,14 @@ impl Interface {
             mac,
         })
     }
+}
+
+/// An interface that could not be looked up, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("interface {name}: {source}")]
+pub struct InterfaceError {
+    pub name: String,
+    pub source: io::Error,
 }
 
 /// Parses a MAC address written as `aa:bb:cc:dd:ee:ff`.
@@ -157,11 +163,12 @@ pub fn unsolicited_na(interface: &str, addr: std::net::Ipv6Addr) -> io::Result<(
     // The option: type, length in units of 8 bytes, the MAC address.
     message.extend_from_slice(&[TARGET_LINK_LAYER_ADDRESS, 1]);
     message.extend_from_slice(&iface.mac);
+    use std::net::{Ipv6Addr, SocketAddrV6};
+
     use nix::sys::socket::{
         AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn6, bind, sendto,
         setsockopt, socket, sockopt,
     };
-    use std::net::{Ipv6Addr, SocketAddrV6};
     let fd = socket(
         AddressFamily::Inet6,
         SockType::Raw,

@@ -25,7 +25,7 @@ use dataplane_common::{
     ReplaySlot, mirror_headers,
 };
 
-use crate::{capture::Record, netdev::Interface};
+use crate::{host::netdev::Interface, kernel::logs::Record};
 
 /// Errors of injecting a replayed input.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +33,9 @@ pub enum ReplayError {
     #[error("opening the pinned ingress program: {0} (is the dataplane loaded?)")]
     Program(ProgramError),
     #[error(transparent)]
-    Interface(#[from] crate::loader::LoadError),
+    Dataplane(#[from] crate::kernel::loader::LoadError),
+    #[error(transparent)]
+    Interface(#[from] crate::host::netdev::InterfaceError),
     #[error("injecting input {seq}: {source}")]
     Inject { seq: u64, source: ProgramError },
     #[error("queueing input {seq} for replay: {source}")]
@@ -99,14 +101,14 @@ impl Injector {
             XdpAttachType::Interface,
         )
         .map_err(ReplayError::Program)?;
-        let frames = crate::loader::pinned_array(pin_root, "REPLAY_FRAMES")?;
-        let next = crate::loader::pinned_array(pin_root, "REPLAY_NEXT")?;
+        let frames = crate::kernel::loader::pinned_array(pin_root, "REPLAY_FRAMES")?;
+        let next = crate::kernel::loader::pinned_array(pin_root, "REPLAY_NEXT")?;
         let key: Array<MapData, u64> =
-            crate::loader::pinned_array(pin_root, crate::loader::MAP_REPLAY_KEY)?;
+            crate::kernel::loader::pinned_array(pin_root, crate::kernel::loader::MAP_REPLAY_KEY)?;
         let key = key
             .get(&0, 0)
-            .map_err(|source| crate::loader::LoadError::Map {
-                name: crate::loader::MAP_REPLAY_KEY,
+            .map_err(|source| crate::kernel::loader::LoadError::Map {
+                name: crate::kernel::loader::MAP_REPLAY_KEY,
                 source,
             })?;
         let interface = Interface::by_name(interface)?;

@@ -1,0 +1,124 @@
+//! The gate window: the gates array (`BPF_F_MMAPABLE`) mapped into this
+//! process, so that the cutover's flip and the gate changes around it are
+//! single stores to words the kernel programs read per packet.
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+};
+
+use aya::maps::MapData;
+use dataplane_common::{Gate, MAX_FLOWS};
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::kernel::loader::{LoadError, MAP_GATES};
+
+/// The gates array (`BPF_F_MMAPABLE`) mapped into user space: a gate word
+/// changes with one store, in tens of nanoseconds, where a map update
+/// syscall takes about a microsecond.
+pub struct GateWindow {
+    map: MmapRaw,
+}
+
+impl GateWindow {
+    /// Maps the gates array of the dataplane pinned at `pin_root`.
+    pub fn open(pin_root: &Path) -> Result<Self, LoadError> {
+        let path = pin_root.join("maps").join(MAP_GATES);
+        let map = MapData::from_pin(&path).map_err(|source| LoadError::Map {
+            name: MAP_GATES,
+            source,
+        })?;
+        let len = (MAX_FLOWS as usize * size_of::<Gate>()).next_multiple_of(4096);
+        // The kernel keeps the map's memory alive while the mapping exists
+        // (the mapping holds a reference on the map), so the map's fd may close.
+        let map = MmapOptions::new()
+            .len(len)
+            .map_raw(map.fd().as_fd().as_raw_fd())
+            .map_err(|source| LoadError::Io { path, source })?;
+        Ok(Self { map })
+    }
+
+    fn word<T>(&self, flow_id: u32, offset: usize) -> &T {
+        assert!(flow_id < MAX_FLOWS, "flow id {flow_id} out of range");
+        // SAFETY: in bounds of the mapping (flow_id < MAX_FLOWS), aligned
+        // (Gate is 48 bytes, the offsets multiples of the words' sizes), and
+        // the kernel side reads and exchanges the words with single accesses;
+        // the mapping lives as long as `self`.
+        unsafe {
+            &*self
+                .map
+                .as_mut_ptr()
+                .add(flow_id as usize * size_of::<Gate>() + offset)
+                .cast::<T>()
+        }
+    }
+
+    /// Sets the input gate's `mode`; entering `GATE_SEQUENCED`, first its
+    /// `next_expected`. The kernel reads `next_expected` only in a
+    /// sequenced gate, where it alone advances it: a sequenced gate is
+    /// entered from another mode, and left without touching the word.
+    pub fn set_input_gate(&self, flow_id: u32, mode: u32, next_expected: u64) {
+        if mode == dataplane_common::GATE_SEQUENCED {
+            self.word::<AtomicU64>(flow_id, dataplane_common::GATE_NEXT_EXPECTED_OFFSET)
+                .store(next_expected, Ordering::SeqCst);
+        }
+        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_MODE_OFFSET)
+            .store(mode, Ordering::SeqCst);
+    }
+
+    fn deliver_until(&self, flow_id: u32) -> &AtomicU64 {
+        self.word(flow_id, dataplane_common::GATE_DELIVER_UNTIL_OFFSET)
+    }
+
+    /// Sets the source's cutover point: inputs of `flow_id` above `k` stop
+    /// reaching the local instance (0: every input does;
+    /// `CUT_AT_NEXT`: the flip, see [`GateWindow::flip`]). One store.
+    pub fn set_deliver_until(&self, flow_id: u32, k: u64) {
+        self.deliver_until(flow_id).store(k, Ordering::SeqCst);
+    }
+
+    /// The cutover flip on the source: the next input of `flow_id` numbered
+    /// here, and every later one, goes to the destination only; the kernel
+    /// program picks K. One store.
+    pub fn flip(&self, flow_id: u32) {
+        self.set_deliver_until(flow_id, dataplane_common::CUT_AT_NEXT);
+    }
+
+    /// K once the kernel program has picked it after a flip.
+    pub fn cutover_point(&self, flow_id: u32) -> Option<u64> {
+        match self.deliver_until(flow_id).load(Ordering::SeqCst) {
+            0 | dataplane_common::CUT_AT_NEXT => None,
+            k => Some(k),
+        }
+    }
+
+    /// Takes a flip back if no input has crossed it yet; `Err(K)` if one
+    /// has (the cutover happened at K and stands).
+    pub fn unflip(&self, flow_id: u32) -> Result<(), u64> {
+        match self.deliver_until(flow_id).compare_exchange(
+            dataplane_common::CUT_AT_NEXT,
+            0,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        ) {
+            Ok(_) | Err(0) => Ok(()),
+            Err(k) => Err(k),
+        }
+    }
+
+    /// Arms the destination's output gate for a cutover the source's
+    /// kernel picks: muted until the first input forwarded past it.
+    /// `answer_from` is set before the mode, which the kernel reads first.
+    pub fn arm_outputs(&self, flow_id: u32) {
+        self.word::<AtomicU64>(flow_id, dataplane_common::GATE_ANSWER_FROM_OFFSET)
+            .store(u64::MAX, Ordering::SeqCst);
+        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_OUTPUT_OFFSET)
+            .store(dataplane_common::OUTPUT_ARMED, Ordering::SeqCst);
+    }
+
+    /// Mutes the destination's outputs again (a rollback).
+    pub fn mute_outputs(&self, flow_id: u32) {
+        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_OUTPUT_OFFSET)
+            .store(dataplane_common::OUTPUT_MUTE, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,98 @@
+//! A live migration, driven by the source daemon : prepare the destination, checkpoint at an exact position S,
+//! transfer the images, restore and replay S+1.. on the destination,
+//! compare outputs until N match in a row, cut over at an input K both
+//! daemons agree on, announce the service from the destination, stop the
+//! source instance.
+//!
+//! Any failure before the flip rolls back: the source instance keeps (or
+//! resumes) serving with every input, the destination removes what it did.
+//!
+//! The source's side is in [`source`] (with [`converge`] and [`cutover`]),
+//! the destination's in [`destination`]; [`protocol`] has the steps between
+//! them, [`hold`] the exact checkpoint position, [`journal`] what a daemon
+//! that dies mid-migration leaves for its next start, [`report`] what a
+//! migration tells its watchers.
+pub mod converge;
+pub mod cutover;
+pub mod destination;
+pub mod hold;
+pub mod journal;
+pub mod protocol;
+pub mod report;
+pub mod source;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+};
+
+use serde::{Deserialize, Serialize};
+pub use source::run;
+
+use crate::{criu::Criu, kernel::logs::Tap, migration::converge::Comparator};
+
+/// Which instance the checkpoint is taken of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The serving instance itself, left running after the dump: its
+    /// frozen time (and the replay of the inputs held meanwhile) delays its
+    /// outputs.
+    #[default]
+    LeaveRunning,
+    /// A standby instance on this host, fed every input by the mirror since
+    /// it started (gundall2022 Option 2): the serving instance never stops.
+    Standby,
+}
+
+/// What to migrate, where, and how.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// A registered service.
+    pub service: String,
+    /// The destination daemon's peer link address.
+    pub to: SocketAddr,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Consecutive matching outputs needed for the handover.
+    #[serde(default = "default_converge")]
+    pub converge: u32,
+    /// How long restore, replay and convergence may take, in ms.
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    /// How outputs are compared (byte-equal without fields).
+    #[serde(default)]
+    pub compare: Comparator,
+    /// At most this many CRIU pre-dump rounds (kaur2020) before the
+    /// checkpoint, while the instance runs unheld; 0: none. A kernel
+    /// without memory tracking gets a single dump, and the report says so.
+    #[serde(default)]
+    pub pre_dump_rounds: usize,
+}
+
+fn default_converge() -> u32 {
+    10
+}
+fn default_deadline_ms() -> u64 {
+    10_000
+}
+
+/// What the source daemon lends a migration.
+#[derive(Clone)]
+pub struct Context {
+    pub pin_root: PathBuf,
+    /// The service-facing interface (replays to a leave-running instance arrive there).
+    pub interface: String,
+    /// Outgoing images go to `<images_dir>/outgoing/<id>`.
+    pub images_dir: PathBuf,
+    pub criu: Criu,
+    pub inputs: Arc<Tap>,
+    pub outputs: Arc<Tap>,
+    /// Standby mode: the standby's network namespace and dataplane pin root.
+    pub standby: Option<(PathBuf, PathBuf)>,
+    /// Set by `migration.abort` (or a stopping daemon): the migration stops
+    /// at its next phase and rolls back.
+    pub abort: Arc<AtomicBool>,
+}

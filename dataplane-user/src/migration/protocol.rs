@@ -1,0 +1,104 @@
+//! The steps of a migration between the two daemons, source to destination,
+//! each a JSON `MIGRATE` frame on the peer link answered by a `MIGRATED` one:
+//!
+//! ```text
+//! source                                   destination
+//!   | Prepare {migration, flows}  -------->  adopt the flows, hold their
+//!   |                                        mirrored inputs, mute outputs
+//!   | (checkpoint at S, IMAGES frames) --->  images under images_dir
+//!   | Restore {positions, cpus}   -------->  CRIU restore, replay S+1..
+//!   |                             <--------  Restored {pid, replay_end, ..}
+//!   | Outputs {after, count}      -------->  (repeated until N match)
+//!   |                             <--------  [Output {flow_id, seq, payload}]
+//!   | Arm {flows}                 -------->  output gate armed: opens at the
+//!   |   flip; the source's kernel picks K    first input forwarded past K
+//!   | Announce                    -------->  the service's addresses here
+//!   | Finish                      -------->  keep the instance
+//!   |                             <--------  Finished {pid, cpu}
+//!   | Abort (any time before the flip) --->  roll back
+//! ```
+use serde::{Deserialize, Serialize};
+
+use crate::{migration::hold::FlowPosition, service::FlowSpec};
+
+/// Records a migration may stage before the destination reads them.
+pub const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
+
+/// One step the source asks of the destination.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    /// Adopt the service's flows under the source's ids; hold their
+    /// mirrored inputs in the log and mute the outputs.
+    Prepare {
+        migration: String,
+        flows: Vec<TargetFlow>,
+    },
+    /// Restore the received images, confine the instance to `cpus` (the
+    /// source instance's affinity; empty: leave it on CRIU's) and replay
+    /// the inputs after `positions`.
+    Restore {
+        positions: Vec<FlowPosition>,
+        #[serde(default)]
+        cpus: Vec<usize>,
+    },
+    /// The next outputs answering inputs after `after`, at most `count`.
+    Outputs {
+        after: u64,
+        count: usize,
+        timeout_ms: u64,
+    },
+    /// Let outputs answering inputs above each flow's K leave.
+    Arm { flows: Vec<u32> },
+    /// Announce the service addresses from this host (gratuitous ARP).
+    Announce,
+    /// The migration is complete: keep the instance, drop the images.
+    Finish,
+    /// Roll back: kill the instance, forget the flows, drop the images.
+    Abort,
+}
+
+/// A flow the destination adopts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TargetFlow {
+    pub flow_id: u32,
+    #[serde(flatten)]
+    pub spec: FlowSpec,
+}
+
+/// What `Restore` did.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Restored {
+    pub pid: u32,
+    /// CRIU's own restore time.
+    pub restore_us: u64,
+    /// From the request to the restored process running.
+    pub restore_total_us: u64,
+    /// Wall time of CRIU's restore request.
+    #[serde(default)]
+    pub criu_us: u64,
+    pub replayed: u64,
+    pub replay_us: u64,
+    /// The last input the replay delivered; later ones came live.
+    pub replay_end: u64,
+}
+
+/// What `Finish` answers: the instance, and the CPU time this daemon and
+/// the CRIU processes it reaped used since `Prepare`, µs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Finished {
+    pub pid: Option<u32>,
+    pub daemon_cpu_us: u64,
+    pub criu_cpu_us: u64,
+}
+
+/// An output of the destination instance.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Output {
+    pub flow_id: u32,
+    /// The input it answers.
+    pub seq: u64,
+    /// Its UDP payload.
+    pub payload: Vec<u8>,
+}

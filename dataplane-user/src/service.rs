@@ -1,0 +1,31 @@
+//! A service as the daemon knows it: the processes a migration moves and the
+//! flows that feed them.
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// A service the daemon knows: the processes and flows a migration moves.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Unique name.
+    pub name: String,
+    /// The service's process (the root of its PID namespace, if it has one).
+    pub pid: u32,
+    /// Its network namespace, e.g. /run/netns/src. Default: the daemon's.
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// The flows that feed it, as "CPS_ADDR:PORT" -> "SERVICE_ADDR:PORT" pairs.
+    pub flows: Vec<FlowSpec>,
+    /// A standby instance's process, fed by the mirror (gundall2022 Option 2).
+    #[serde(default)]
+    pub standby_pid: Option<u32>,
+}
+
+/// A flow by its ends.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FlowSpec {
+    pub cps: SocketAddr,
+    pub service: SocketAddr,
+}
