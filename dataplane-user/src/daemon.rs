@@ -57,7 +57,7 @@ pub struct Daemon {
 
 /// A migration's latest report, and its abort switch.
 struct MigrationEntry {
-    report: migration::report::Report,
+    report: crate::report::Report,
     abort: Arc<AtomicBool>,
 }
 
@@ -608,7 +608,7 @@ impl Daemon {
         }
         let id = format!("{}-{}", service.name, migrations.len() + 1);
         let abort = Arc::new(AtomicBool::new(false));
-        let report = migration::report::Report {
+        let report = crate::report::Report {
             id: id.clone(),
             service: service.name.clone(),
             to: request.to.to_string(),
@@ -647,7 +647,7 @@ impl Daemon {
         tokio::spawn(async move {
             let progress = {
                 let (table, events) = (table.clone(), events.clone());
-                move |report: &migration::report::Report| {
+                move |report: &crate::report::Report| {
                     if let Some(entry) = table.lock().unwrap().get_mut(&report.id) {
                         entry.report = report.clone();
                     }

@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod migration;
 pub mod peer;
 pub mod planning;
+pub mod report;
 pub mod service;

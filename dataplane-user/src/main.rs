@@ -26,12 +26,12 @@ use dataplane_user::{
         loader::{DEFAULT_PIN_ROOT, Dataplane, LoadOptions, MAP_INPUTS, MAP_OUTPUTS, MirrorMode},
         logs::LogReader,
     },
-    migration::report::Report,
     planning::{
         calibrate,
         model::{Calibration, Method, Prediction, Workload, error_pct},
         policy::StopPolicy,
     },
+    report::Report,
 };
 use serde_json::{Value, json};
 

@@ -189,7 +189,7 @@ impl Criu {
                     "CRIU ready"
                 );
                 if !mem_track {
-                    precopy::warn_no_memory_tracking();
+                    warn_no_memory_tracking();
                 }
             }
             Err(e) => tracing::warn!(
@@ -495,4 +495,14 @@ pub fn netns_inode(pid: u32) -> std::io::Result<u64> {
 /// Opens a network namespace file (e.g. /run/netns/dst) for `inherit_fd`.
 pub fn open_netns(path: &Path) -> std::io::Result<OwnedFd> {
     Ok(std::fs::File::open(path)?.into())
+}
+/// Says once per process that pre-dump rounds cannot be taken here.
+pub fn warn_no_memory_tracking() {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(
+            "CRIU reports no memory tracking on this kernel (no soft-dirty): \
+             no pre-dump rounds, a single dump"
+        )
+    });
 }

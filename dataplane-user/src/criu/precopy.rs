@@ -9,7 +9,7 @@
 use std::{hash::Hasher, path::Path, time::Instant};
 
 use crate::{
-    criu::{Criu, CriuError, DumpRequest, stats},
+    criu::{Criu, CriuError, DumpRequest, stats, warn_no_memory_tracking},
     planning::policy::{Round, Stop, StopPolicy},
 };
 
@@ -91,17 +91,6 @@ impl IterativeDump {
             ..dump.clone()
         }
     }
-}
-
-/// Says once per process that pre-dump rounds cannot be taken here.
-pub fn warn_no_memory_tracking() {
-    static WARNED: std::sync::Once = std::sync::Once::new();
-    WARNED.call_once(|| {
-        tracing::warn!(
-            "CRIU reports no memory tracking on this kernel (no soft-dirty): \
-             no pre-dump rounds, a single dump"
-        )
-    });
 }
 
 /// A hash of a round's page images (kaur2020 stops when two rounds' are equal).

@@ -3,7 +3,7 @@
 //! single stores to words the kernel programs read per packet.
 use std::{
     os::fd::{AsFd, AsRawFd},
-    path::Path,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
 
@@ -11,7 +11,23 @@ use aya::maps::MapData;
 use dataplane_common::{Gate, MAX_FLOWS};
 use memmap2::{MmapOptions, MmapRaw};
 
-use crate::kernel::loader::{LoadError, MAP_GATES};
+/// The gates array's name among the pinned maps.
+pub const MAP_GATES: &str = "GATES";
+
+/// Why the gates array could not be mapped.
+#[derive(Debug, thiserror::Error)]
+pub enum GateWindowError {
+    #[error("opening the pinned gates array {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
+    #[error("mapping the gates array {path}: {source}")]
+    Map {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
 
 /// The gates array (`BPF_F_MMAPABLE`) mapped into user space: a gate word
 /// changes with one store, in tens of nanoseconds, where a map update
@@ -22,19 +38,19 @@ pub struct GateWindow {
 
 impl GateWindow {
     /// Maps the gates array of the dataplane pinned at `pin_root`.
-    pub fn open(pin_root: &Path) -> Result<Self, LoadError> {
+    pub fn open(pin_root: &Path) -> Result<Self, GateWindowError> {
         let path = pin_root.join("maps").join(MAP_GATES);
-        let map = MapData::from_pin(&path).map_err(|source| LoadError::Map {
-            name: MAP_GATES,
-            source,
-        })?;
+        let map = match MapData::from_pin(&path) {
+            Ok(map) => map,
+            Err(source) => return Err(GateWindowError::Pin { path, source }),
+        };
         let len = (MAX_FLOWS as usize * size_of::<Gate>()).next_multiple_of(4096);
         // The kernel keeps the map's memory alive while the mapping exists
         // (the mapping holds a reference on the map), so the map's fd may close.
         let map = MmapOptions::new()
             .len(len)
             .map_raw(map.fd().as_fd().as_raw_fd())
-            .map_err(|source| LoadError::Io { path, source })?;
+            .map_err(|source| GateWindowError::Map { path, source })?;
         Ok(Self { map })
     }
 

@@ -25,7 +25,7 @@ use dataplane_common::{
 
 use crate::{
     host::{netdev, netdev::InterfaceError},
-    kernel::gate::GateWindow,
+    kernel::gate::{GateWindow, GateWindowError, MAP_GATES},
 };
 
 /// The kernel programs, built by build.rs.
@@ -46,6 +46,8 @@ pub enum LoadError {
     NotLoaded(PathBuf),
     #[error(transparent)]
     Interface(#[from] InterfaceError),
+    #[error(transparent)]
+    GateWindow(#[from] GateWindowError),
     #[error(
         "loading the eBPF object: {0} (the kernel needs BPF ring buffers, XDP and TCX: Linux 6.6 or newer)"
     )]
@@ -144,7 +146,6 @@ impl LoadOptions {
 /// Map names, as the kernel object declares them.
 const MAP_FLOWS: &str = "FLOWS";
 const MAP_SEQUENCES: &str = "SEQUENCES";
-pub(crate) const MAP_GATES: &str = "GATES";
 const MAP_CONFIG: &str = "CONFIG";
 const MAP_COUNTERS: &str = "COUNTERS";
 const MAP_MIRROR_PORTS: &str = "MIRROR_PORTS";
@@ -518,7 +519,7 @@ impl Dataplane {
 
     /// The gates array mapped into this process, for flips that must be one store.
     pub fn gate_window(&self) -> Result<GateWindow, LoadError> {
-        GateWindow::open(&self.pin_root)
+        Ok(GateWindow::open(&self.pin_root)?)
     }
 
     /// The host-wide settings the programs run with.

@@ -6,19 +6,9 @@
 //! and compared: byte for byte, or with a tolerance eta on declared numeric
 //! fields (gundall2022 Eq. 1: |y_src - y_dst| <= eta), every other byte
 //! still equal. A handover needs N consecutive matches (govindaraj2019).
-use std::{
-    collections::BTreeMap,
-    time::{Duration, Instant},
-};
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpStream;
-
-use crate::migration::{
-    protocol::{Output, Step},
-    report::MigrationError,
-    source::{Migration, Source, step},
-};
 
 /// A numeric field of an output's UDP payload, big-endian.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -180,90 +170,90 @@ pub fn udp_payload(frame: &[u8]) -> &[u8] {
     }
 }
 
-impl Migration {
-    /// Compares the two instances' outputs, input by input, until
-    /// `converge` in a row match; the deadline aborts.
-    pub(super) async fn converge(
-        &mut self,
-        source: &mut Source,
-        link: &mut TcpStream,
-        replay_end: u64,
-    ) -> Result<(), MigrationError> {
-        let t = self.begin("converge")?;
-        let deadline = Instant::now() + Duration::from_millis(self.request.deadline_ms);
-        let mut convergence = Convergence::new(self.request.converge);
-        // Outputs of replayed inputs may share a tag (the replay outruns the
-        // instance); live ones from a little later do not.
-        let mut after = replay_end + 1;
-        // The destination's outputs the source's log has not reached yet: a
-        // loaded source reads its log later than the destination answers.
-        let mut waiting: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
-        // The latest input the source's log shows an answer to.
-        let mut reached = 0;
-        while !convergence.converged() {
-            // An overflow, not the mismatches it then causes, is the cause.
-            source.check_log().map_err(|e| self.fail(e))?;
-            if Instant::now() > deadline {
-                let last = convergence
-                    .last_mismatch
-                    .as_ref()
-                    .map(|(seq, why)| format!("; last mismatch: outputs for input {seq}: {why}"))
-                    .unwrap_or_default();
-                return Err(self.fail(format!(
-                    "no {} matching outputs in a row within {} ms ({} compared; the \
-                     destination answered up to input {after}, the source's log holds \
-                     answers up to {reached}){last}",
-                    self.request.converge,
-                    self.request.deadline_ms,
-                    convergence.compared()
-                )));
-            }
-            let theirs: Vec<Output> = step(
-                link,
-                &Step::Outputs {
-                    after,
-                    count: self.request.converge as usize,
-                    timeout_ms: 200,
-                },
-            )
-            .await
-            .map_err(|e| self.fail(e))?;
-            for output in theirs.into_iter().filter(|o| o.flow_id == source.flow_id) {
-                after = after.max(output.seq);
-                waiting.entry(output.seq).or_default().push(output.payload);
-            }
-            let Some(&last) = waiting.keys().next_back() else {
-                continue;
-            };
-            // The source instance answers those inputs about as soon.
-            source
-                .collect_outputs(last, Duration::from_millis(200))
-                .await;
-            // Compare up to the latest input the source has answered.
-            reached = reached.max(source.seen.keys().next_back().copied().unwrap_or(0));
-            while let Some(entry) = waiting.first_entry().filter(|e| *e.key() <= reached) {
-                let (seq, theirs) = entry.remove_entry();
-                let ours = source.seen.remove(&seq);
-                // Compare only inputs answered once on both sides: a shared
-                // tag means the instance had several inputs queued.
-                if let (Some([ours]), [theirs]) = (ours.as_deref(), &theirs[..]) {
-                    let outcome = self.request.compare.compare(ours, theirs);
-                    if convergence.record(seq, outcome) {
-                        break;
-                    }
-                }
-            }
-            // The source's answers to inputs the destination has not
-            // answered yet stay for the next rounds.
-            let done = waiting.keys().next().map_or(after, |&seq| seq - 1);
-            source.seen.retain(|&seq, _| seq > done);
-            if source.outputs.lost() > 0 {
-                return Err(self.fail("the output log reader fell behind"));
+/// Pairs the two instances' outputs by the input they answer, as they
+/// come: the destination's from its `Outputs` answers, the source's from
+/// its output log, which a loaded source reads later than the destination
+/// answers. Each input is compared once, when both sides have answered it.
+#[derive(Debug)]
+pub struct Pairing {
+    /// The destination's outputs the source's log has not reached yet.
+    theirs: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// The source's outputs not compared yet.
+    ours: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// Ask the destination for outputs answering inputs after this one.
+    after: u64,
+    /// The latest input the source's log shows an answer to.
+    reached: u64,
+}
+
+impl Pairing {
+    /// Outputs of replayed inputs up to `replay_end` may share a tag (the
+    /// replay outruns the instance); live ones from a little later do not,
+    /// so pairing starts after it.
+    pub fn after_replay(replay_end: u64) -> Self {
+        Self {
+            theirs: BTreeMap::new(),
+            ours: BTreeMap::new(),
+            after: replay_end + 1,
+            reached: 0,
+        }
+    }
+
+    /// The input after which the destination's next outputs are asked for.
+    pub fn after(&self) -> u64 {
+        self.after
+    }
+
+    /// The latest input the source's log shows an answer to.
+    pub fn reached(&self) -> u64 {
+        self.reached
+    }
+
+    /// A destination output answering input `seq`.
+    pub fn theirs(&mut self, seq: u64, payload: Vec<u8>) {
+        self.after = self.after.max(seq);
+        self.theirs.entry(seq).or_default().push(payload);
+    }
+
+    /// A source output answering input `seq`.
+    pub fn ours(&mut self, seq: u64, payload: Vec<u8>) {
+        self.ours.entry(seq).or_default().push(payload);
+    }
+
+    /// The latest input the destination answered that is not compared yet.
+    pub fn waiting_for(&self) -> Option<u64> {
+        self.theirs.keys().next_back().copied()
+    }
+
+    /// Whether the source has answered `seq` or a later input.
+    pub fn ours_reached(&self, seq: u64) -> bool {
+        self.ours.keys().next_back().is_some_and(|&s| s >= seq)
+    }
+
+    /// Compares every input both sides have answered, in order, into
+    /// `convergence` (stopping once it has converged). An input answered
+    /// more than once on either side is skipped: a shared tag means the
+    /// instance had several inputs queued. The source's answers to inputs
+    /// the destination has not answered yet stay for later rounds.
+    pub fn compare(&mut self, comparator: &Comparator, convergence: &mut Convergence) {
+        self.reached = self
+            .reached
+            .max(self.ours.keys().next_back().copied().unwrap_or(0));
+        while let Some(entry) = self
+            .theirs
+            .first_entry()
+            .filter(|e| *e.key() <= self.reached)
+        {
+            let (seq, theirs) = entry.remove_entry();
+            let ours = self.ours.remove(&seq);
+            if let (Some([ours]), [theirs]) = (ours.as_deref(), &theirs[..])
+                && convergence.record(seq, comparator.compare(ours, theirs))
+            {
+                break;
             }
         }
-        self.report.compared = convergence.compared();
-        self.end(t);
-        Ok(())
+        let done = self.theirs.keys().next().map_or(self.after, |&seq| seq - 1);
+        self.ours.retain(|&seq, _| seq > done);
     }
 }
 
@@ -325,5 +315,57 @@ mod tests {
         assert!(!c.record(5, Ok(())));
         assert!(c.record(6, Ok(())));
         assert_eq!(c.compared(), 6);
+    }
+
+    fn out(text: &str) -> Vec<u8> {
+        text.as_bytes().to_vec()
+    }
+
+    /// The destination answers first; the source's log is behind: nothing
+    /// is compared until the source has answered, and then in order.
+    #[test]
+    fn pairing_waits_for_the_source_log() {
+        let (comparator, mut convergence) = (Comparator::default(), Convergence::new(3));
+        let mut pairing = Pairing::after_replay(10);
+        assert_eq!(pairing.after(), 11);
+        for seq in 12..=14 {
+            pairing.theirs(seq, out(&format!("y{seq}")));
+        }
+        assert_eq!((pairing.after(), pairing.waiting_for()), (14, Some(14)));
+        pairing.ours(12, out("y12"));
+        pairing.compare(&comparator, &mut convergence);
+        assert_eq!((convergence.compared(), pairing.reached()), (1, 12));
+        assert!(!pairing.ours_reached(13));
+        pairing.ours(13, out("y13"));
+        pairing.ours(14, out("y14"));
+        pairing.ours(15, out("y15"));
+        pairing.compare(&comparator, &mut convergence);
+        assert!(convergence.converged());
+        assert_eq!(convergence.compared(), 3);
+        // The source's answer to 15 waits for the destination's.
+        pairing.theirs(15, out("wrong"));
+        let mut more = Convergence::new(1);
+        pairing.compare(&comparator, &mut more);
+        assert_eq!(more.last_mismatch.map(|(seq, _)| seq), Some(15));
+    }
+
+    /// An input answered twice on either side (a shared tag: the instance
+    /// had several inputs queued) is not compared; the next one is.
+    #[test]
+    fn pairing_skips_inputs_answered_twice() {
+        let (comparator, mut convergence) = (Comparator::default(), Convergence::new(2));
+        let mut pairing = Pairing::after_replay(0);
+        pairing.theirs(1, out("a"));
+        pairing.theirs(1, out("b"));
+        pairing.ours(1, out("a"));
+        pairing.theirs(2, out("c"));
+        pairing.ours(2, out("c"));
+        pairing.ours(2, out("x"));
+        pairing.theirs(3, out("d"));
+        pairing.ours(3, out("d"));
+        pairing.compare(&comparator, &mut convergence);
+        assert_eq!(convergence.compared(), 1, "only input 3 is compared");
+        assert!(!convergence.converged());
+        assert_eq!(pairing.waiting_for(), None);
     }
 }

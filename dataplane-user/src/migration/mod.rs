@@ -1,5 +1,5 @@
-//! A live migration, driven by the source daemon : prepare the destination, checkpoint at an exact position S,
-//! transfer the images, restore and replay S+1.. on the destination,
+//! A live migration, driven by the source daemon: prepare the destination,
+//! checkpoint at an exact position S, transfer the images, restore and replay S+1.. on the destination,
 //! compare outputs until N match in a row, cut over at an input K both
 //! daemons agree on, announce the service from the destination, stop the
 //! source instance.
@@ -10,15 +10,14 @@
 //! The source's side is in [`source`] (with [`converge`] and [`cutover`]),
 //! the destination's in [`destination`]; [`protocol`] has the steps between
 //! them, [`hold`] the exact checkpoint position, [`journal`] what a daemon
-//! that dies mid-migration leaves for its next start, [`report`] what a
-//! migration tells its watchers.
+//! that dies mid-migration leaves for its next start, and
+//! [`crate::report`] what a migration tells its watchers.
 pub mod converge;
 pub mod cutover;
 pub mod destination;
 pub mod hold;
 pub mod journal;
 pub mod protocol;
-pub mod report;
 pub mod source;
 
 use std::{
@@ -30,21 +29,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 pub use source::run;
 
-use crate::{criu::Criu, kernel::logs::Tap, migration::converge::Comparator};
-
-/// Which instance the checkpoint is taken of.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// The serving instance itself, left running after the dump: its
-    /// frozen time (and the replay of the inputs held meanwhile) delays its
-    /// outputs.
-    #[default]
-    LeaveRunning,
-    /// A standby instance on this host, fed every input by the mirror since
-    /// it started (gundall2022 Option 2): the serving instance never stops.
-    Standby,
-}
+use crate::{criu::Criu, kernel::logs::Tap, migration::converge::Comparator, report::Mode};
 
 /// What to migrate, where, and how.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -95,4 +80,12 @@ pub struct Context {
     /// Set by `migration.abort` (or a stopping daemon): the migration stops
     /// at its next phase and rolls back.
     pub abort: Arc<AtomicBool>,
+}
+
+/// A failed migration: the phase and the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{phase}: {cause}")]
+pub struct MigrationError {
+    pub phase: String,
+    pub cause: String,
 }

@@ -2,13 +2,13 @@
 //! restore, then converge and cut over; a rollback on any failure before
 //! the flip.
 use std::{
-    collections::BTreeMap,
     path::PathBuf,
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use dataplane_common::{FLOW_MIRROR, GATE_DELIVER_ALL, RECORD_OUTPUT};
+use serde_json::Value;
 use tokio::net::TcpStream;
 
 use crate::{
@@ -17,17 +17,19 @@ use crate::{
         flow,
         injector::Injector,
         loader::Dataplane,
-        logs::{LogGuard, Records, Subscription},
+        logs::{LogGuard, Record, Records, Subscription},
     },
     migration::{
-        Context, Mode, Request, hold,
-        hold::FlowPosition,
+        Context, MigrationError, Request,
+        converge::{Convergence, Pairing, udp_payload},
+        cutover::{self, Handover},
+        hold::{self, FlowPosition},
         journal::{SourceJournal, source_journal_path, spec_of},
-        protocol::{Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
-        report::{MigrationError, Phase, Report},
+        protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
     },
     peer,
     planning::policy::StopPolicy,
+    report::{Mode, Phase, Report},
     service::Service,
 };
 
@@ -76,38 +78,36 @@ pub async fn run(
     migration.report
 }
 
-pub(super) struct Migration {
-    pub(super) start: Instant,
-    pub(super) report: Report,
-    pub(super) progress: Box<dyn Fn(&Report) + Send + Sync>,
-    pub(super) service: Service,
-    pub(super) request: Request,
-    pub(super) context: Context,
+struct Migration {
+    start: Instant,
+    report: Report,
+    progress: Box<dyn Fn(&Report) + Send + Sync>,
+    service: Service,
+    request: Request,
+    context: Context,
 }
 
 /// The source's side of the steps, for rollback.
-pub(super) struct Source {
-    pub(super) dataplane: Dataplane,
-    pub(super) flow_id: u32,
-    pub(super) key: dataplane_common::FlowKey,
-    pub(super) flags: u32,
-    pub(super) inputs: Subscription,
-    pub(super) outputs: Subscription,
-    /// Outputs of the source instance by the input they answer.
-    pub(super) seen: BTreeMap<u64, Vec<Vec<u8>>>,
+struct Source {
+    dataplane: Dataplane,
+    flow_id: u32,
+    key: dataplane_common::FlowKey,
+    flags: u32,
+    inputs: Subscription,
+    outputs: Subscription,
     /// Whether the input log failed an input since the migration began.
-    pub(super) log: LogGuard,
+    log: LogGuard,
 }
 
 impl Migration {
-    pub(super) fn fail(&self, cause: impl std::fmt::Display) -> MigrationError {
+    fn fail(&self, cause: impl std::fmt::Display) -> MigrationError {
         MigrationError {
             phase: self.report.phase.clone(),
             cause: cause.to_string(),
         }
     }
 
-    pub(super) fn begin(&mut self, phase: &str) -> Result<Instant, MigrationError> {
+    fn begin(&mut self, phase: &str) -> Result<Instant, MigrationError> {
         self.report.phase = phase.into();
         (self.progress)(&self.report);
         if self.context.abort.load(Ordering::Relaxed) {
@@ -116,7 +116,7 @@ impl Migration {
         Ok(Instant::now())
     }
 
-    pub(super) fn end(&mut self, started: Instant) {
+    fn end(&mut self, started: Instant) {
         self.report.phases.push(Phase {
             name: self.report.phase.clone(),
             start_us: (started - self.start).as_micros() as u64,
@@ -157,7 +157,6 @@ impl Migration {
             flags: config.flags,
             inputs,
             outputs,
-            seen: BTreeMap::new(),
             log,
         };
         let mut link = peer::connect(self.request.to)
@@ -354,6 +353,123 @@ impl Migration {
         Ok(position)
     }
 
+    /// Compares the two instances' outputs, input by input, until
+    /// `converge` in a row match; the deadline aborts.
+    async fn converge(
+        &mut self,
+        source: &mut Source,
+        link: &mut TcpStream,
+        replay_end: u64,
+    ) -> Result<(), MigrationError> {
+        let t = self.begin("converge")?;
+        let deadline = Instant::now() + Duration::from_millis(self.request.deadline_ms);
+        let mut convergence = Convergence::new(self.request.converge);
+        let mut pairing = Pairing::after_replay(replay_end);
+        while !convergence.converged() {
+            // An overflow, not the mismatches it then causes, is the cause.
+            source.check_log().map_err(|e| self.fail(e))?;
+            if Instant::now() > deadline {
+                let last = convergence
+                    .last_mismatch
+                    .as_ref()
+                    .map(|(seq, why)| format!("; last mismatch: outputs for input {seq}: {why}"))
+                    .unwrap_or_default();
+                return Err(self.fail(format!(
+                    "no {} matching outputs in a row within {} ms ({} compared; the \
+                     destination answered up to input {}, the source's log holds \
+                     answers up to {}){last}",
+                    self.request.converge,
+                    self.request.deadline_ms,
+                    convergence.compared(),
+                    pairing.after(),
+                    pairing.reached(),
+                )));
+            }
+            let theirs: Vec<Output> = step(
+                link,
+                &Step::Outputs {
+                    after: pairing.after(),
+                    count: self.request.converge as usize,
+                    timeout_ms: 200,
+                },
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+            for output in theirs.into_iter().filter(|o| o.flow_id == source.flow_id) {
+                pairing.theirs(output.seq, output.payload);
+            }
+            let Some(last) = pairing.waiting_for() else {
+                continue;
+            };
+            // The source instance answers those inputs about as soon.
+            source
+                .collect_outputs(&mut pairing, last, Duration::from_millis(200))
+                .await;
+            pairing.compare(&self.request.compare, &mut convergence);
+            if source.outputs.lost() > 0 {
+                return Err(self.fail("the output log reader fell behind"));
+            }
+        }
+        self.report.compared = convergence.compared();
+        self.end(t);
+        Ok(())
+    }
+
+    /// Agrees on K with the destination and flips.
+    async fn cutover(
+        &mut self,
+        source: &mut Source,
+        link: &mut TcpStream,
+    ) -> Result<(), MigrationError> {
+        let t = self.begin("cutover")?;
+        let flow_id = source.flow_id;
+        // The destination mutes its outputs until the first input the
+        // source forwards past K; the source's kernel program picks K at
+        // the first input numbered after the flip. No K is agreed ahead,
+        // so no input can slip between an agreement and the flip, however
+        // fast inputs come.
+        let _: Value = step(
+            link,
+            &Step::Arm {
+                flows: vec![flow_id],
+            },
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        let window = source.dataplane.gate_window().map_err(|e| self.fail(e))?;
+        // The last moment to back out if the source's log lost an input.
+        source.check_log().map_err(|e| self.fail(e))?;
+        let limit = Duration::from_millis(self.request.deadline_ms);
+        let handover = cutover::flip_and_wait(&window, flow_id, limit, &self.context.abort).await;
+        let Handover { k, flip_ns } = handover.map_err(|e| self.fail(e))?;
+        self.report.flip_ns = flip_ns;
+        self.report.handover_seq = k;
+        self.end(t);
+
+        let t = self.begin("announce")?;
+        // Inputs above K now go to the destination through the mirror;
+        // announcing the address there makes the path direct.
+        let _: Value = step(link, &Step::Announce)
+            .await
+            .map_err(|e| self.fail(e))?;
+        source
+            .wait_quiet(Duration::from_millis(20), Duration::from_secs(2))
+            .await;
+        self.end(t);
+
+        let t = self.begin("finish")?;
+        for pid in std::iter::once(self.service.pid).chain(self.service.standby_pid) {
+            crate::host::tasks::demote(pid);
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        let finished: Finished = step(link, &Step::Finish).await.map_err(|e| self.fail(e))?;
+        self.report.load.destination_daemon_us = finished.daemon_cpu_us;
+        self.report.load.destination_criu_us = finished.criu_cpu_us;
+        self.end(t);
+        Ok(())
+    }
+
     /// Undoes the source's changes and tells the destination to undo its own.
     async fn rollback(&mut self, source: &mut Source, link: &mut TcpStream) {
         let _ = source.dataplane.set_flow_flags(&source.key, source.flags);
@@ -367,11 +483,11 @@ impl Migration {
         }
     }
 
-    pub(super) fn journal_path(&self) -> PathBuf {
+    fn journal_path(&self) -> PathBuf {
         source_journal_path(&self.context.images_dir, &self.report.id)
     }
 
-    pub(super) fn images(&self) -> PathBuf {
+    fn images(&self) -> PathBuf {
         self.context
             .images_dir
             .join("outgoing")
@@ -381,7 +497,7 @@ impl Migration {
 
 /// The instance a checkpoint is taken of: the serving one, or a standby in
 /// a network namespace of its own with a dataplane of its own.
-pub(super) struct Checkpointed {
+struct Checkpointed {
     pid: u32,
     dataplane: Dataplane,
     netns: Option<PathBuf>,
@@ -428,39 +544,38 @@ impl Checkpointed {
 impl Source {
     /// Stages the source instance's outputs until one answers `seq` or
     /// later, or `timeout` passes.
-    pub(super) async fn collect_outputs(&mut self, seq: u64, timeout: Duration) {
+    async fn collect_outputs(&mut self, pairing: &mut Pairing, seq: u64, timeout: Duration) {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             while let Some(record) = self.outputs.try_next() {
-                self.keep_output(record);
+                self.keep_output(pairing, record);
             }
-            if self.seen.keys().next_back().is_some_and(|&s| s >= seq) {
+            if pairing.ours_reached(seq) {
                 return;
             }
             match tokio::time::timeout_at(deadline, self.outputs.next()).await {
-                Ok(Some(record)) => self.keep_output(record),
+                Ok(Some(record)) => self.keep_output(pairing, record),
                 _ => return,
             }
         }
     }
 
-    fn keep_output(&mut self, record: crate::kernel::logs::Record) {
+    fn keep_output(&self, pairing: &mut Pairing, record: Record) {
         let h = record.header;
         if h.kind == RECORD_OUTPUT && h.flow_id == self.flow_id {
-            let payload = crate::migration::converge::udp_payload(&record.frame).to_vec();
-            self.seen.entry(h.seq).or_default().push(payload);
+            pairing.ours(h.seq, udp_payload(&record.frame).to_vec());
         }
     }
 
     /// An error if the source's input log has failed an input since the
     /// migration began (an input that found the ring full went on
     /// unnumbered and was not mirrored: the destination never sees it).
-    pub(super) fn check_log(&self) -> Result<(), String> {
+    fn check_log(&self) -> Result<(), String> {
         self.log.check(&self.dataplane, &self.inputs)
     }
 
     /// Waits until no input has arrived for `quiet` (at most `limit`).
-    pub(super) async fn wait_quiet(&self, quiet: Duration, limit: Duration) {
+    async fn wait_quiet(&self, quiet: Duration, limit: Duration) {
         let seq = || {
             self.dataplane
                 .sequence(self.flow_id)
@@ -481,7 +596,7 @@ impl Source {
 }
 
 /// One step whose answer is a `T`.
-pub(super) async fn step<T: serde::de::DeserializeOwned>(
+async fn step<T: serde::de::DeserializeOwned>(
     link: &mut TcpStream,
     step: &Step,
 ) -> Result<T, String> {

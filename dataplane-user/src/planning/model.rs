@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::migration::{Mode, report::Report};
+use crate::report::{Mode, Report};
 
 /// y = fixed + slope * x, fitted by least squares.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -531,7 +531,7 @@ pub fn phases(report: &Report) -> BTreeMap<String, f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::report::Phase;
+    use crate::report::Phase;
 
     const MIB: f64 = 1048576.0;
 

@@ -34,11 +34,11 @@ use std::{
 use anyhow::Context;
 use dataplane_tests::{MigrationSetup, cps_verdict, dataplane_bin, kill_pid, output_gaps};
 use dataplane_user::{
-    migration::report::Report,
     planning::{
         model::{Calibration, Method, Prediction, Workload, error_pct},
         policy::StopPolicy,
     },
+    report::Report,
 };
 use serde_json::json;
 

@@ -1,7 +1,21 @@
-//! What a migration tells its watchers: its report, phase by phase.
+//! What a migration is asked for (its mode) and what it tells its
+//! watchers: its report, phase by phase. Below `migration` and `planning`,
+//! which both read reports.
 use serde::{Deserialize, Serialize};
 
-use crate::migration::Mode;
+/// Which instance the checkpoint is taken of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// The serving instance itself, left running after the dump: its
+    /// frozen time (and the replay of the inputs held meanwhile) delays its
+    /// outputs.
+    #[default]
+    LeaveRunning,
+    /// A standby instance on this host, fed every input by the mirror since
+    /// it started (gundall2022 Option 2): the serving instance never stops.
+    Standby,
+}
 
 /// A migration's account: phases with their durations, and the figures.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -69,12 +83,4 @@ pub struct Phase {
     pub name: String,
     pub start_us: u64,
     pub duration_us: u64,
-}
-
-/// A failed migration: the phase and the cause.
-#[derive(Debug, thiserror::Error)]
-#[error("{phase}: {cause}")]
-pub struct MigrationError {
-    pub phase: String,
-    pub cause: String,
 }
