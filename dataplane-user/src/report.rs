@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Which instance the checkpoint is taken of.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// The serving instance itself, left running after the dump: its
@@ -24,8 +24,7 @@ pub struct Report {
     pub service: String,
     pub to: String,
     pub mode: Mode,
-    /// running, done or failed.
-    pub state: String,
+    pub state: State,
     /// The phase running now (or that failed).
     pub phase: String,
     pub phases: Vec<Phase>,
@@ -64,6 +63,28 @@ pub struct Report {
     /// What the pre-dump rounds did, when they were asked for.
     pub pre_dump: Option<String>,
     pub error: Option<String>,
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    #[default]
+    Running,
+    /// Handed over: the destination serves.
+    Done,
+    /// Rolled back: the source serves.
+    Failed,
+}
+
+impl State {
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Done => "done",
+            State::Failed => "failed",
+        }
+    }
 }
 
 /// CPU time used while a migration ran, µs: each daemon's own (all its

@@ -4,9 +4,9 @@
 #![no_main]
 
 use dataplane_fuzz::block_on;
-use dataplane_user::{
-    control,
-    control::{Line, Response, code},
+use dataplane_user::control::{
+    self, Response, code,
+    server::{self, Line},
 };
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -18,7 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let mut reader = tokio::io::BufReader::with_capacity(capacity, data);
     let mut lines = Vec::new();
     loop {
-        match block_on(control::read_line(&mut reader)).expect("reading a slice") {
+        match block_on(server::read_line(&mut reader)).expect("reading a slice") {
             Line::Text(text) => lines.push(Some(text)),
             Line::TooLong => lines.push(None),
             Line::Closed => break,
@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut expected: Vec<Option<&[u8]>> = data
         .split(|&b| b == b'\n')
-        .map(|line| (line.len() <= control::MAX_LINE).then_some(line))
+        .map(|line| (line.len() <= server::MAX_LINE).then_some(line))
         .collect();
     if data.is_empty() || data.ends_with(b"\n") {
         expected.pop();

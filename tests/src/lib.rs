@@ -653,8 +653,9 @@ impl DaemonProcess {
     }
 
     /// A control-socket client.
-    pub fn client(&self) -> dataplane_user::control::Client {
-        dataplane_user::control::Client::connect(&self.socket).expect("connect to the daemon")
+    pub fn client(&self) -> dataplane_user::control::client::Client {
+        dataplane_user::control::client::Client::connect(&self.socket)
+            .expect("connect to the daemon")
     }
 
     /// Adds `flow` to the daemon's dataplane.
@@ -1270,7 +1271,7 @@ impl MigrationSetup {
     pub fn migrate_watched(
         &self,
         params: serde_json::Value,
-    ) -> (dataplane_user::control::Client, String) {
+    ) -> (dataplane_user::control::client::Client, String) {
         let mut watcher = self.src.client();
         watcher
             .call("migration.watch", serde_json::json!({}))

@@ -8,7 +8,7 @@ use std::{
 };
 
 use dataplane_tests::{CPS_V4, DaemonProcess, SERVICE_V4, TestHosts, sock};
-use dataplane_user::control::{ClientError, RpcError, code};
+use dataplane_user::control::{RpcError, client::ClientError, code};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 

@@ -14,7 +14,7 @@ use nix::{
 
 /// Waits for the first `migration.phase` notification of `phase` on a
 /// watching client.
-fn wait_for_phase(watcher: &mut dataplane_user::control::Client, phase: &str) {
+fn wait_for_phase(watcher: &mut dataplane_user::control::client::Client, phase: &str) {
     loop {
         let line = watcher.next_line().expect("a migration.phase notification");
         let note: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -34,7 +34,7 @@ fn wait_for_phase(watcher: &mut dataplane_user::control::Client, phase: &str) {
 fn migrate_with_fault(
     setup: &MigrationSetup,
     cycles: u64,
-    fault: impl FnOnce(&mut dataplane_user::control::Client),
+    fault: impl FnOnce(&mut dataplane_user::control::client::Client),
     phase: &str,
 ) -> String {
     let cps = setup.start_cps(cycles, 1000, None);
@@ -47,7 +47,7 @@ fn fault_with_cps(
     setup: &MigrationSetup,
     cps: std::process::Child,
     cycles: u64,
-    fault: impl FnOnce(&mut dataplane_user::control::Client, Pid),
+    fault: impl FnOnce(&mut dataplane_user::control::client::Client, Pid),
     phase: &str,
 ) -> String {
     let cps_pid = Pid::from_raw(cps.id() as i32);

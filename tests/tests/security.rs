@@ -13,7 +13,12 @@ use std::{
 
 use dataplane_tests::{DST_PEER, DaemonProcess, MigrationSetup, TestHosts};
 use dataplane_user::{
-    control::{ClientError, MAX_LINE, MAX_SKIP, RpcError, code},
+    control::{
+        RpcError,
+        client::ClientError,
+        code,
+        server::{MAX_LINE, MAX_SKIP},
+    },
     peer,
     peer::{PeerError, PeerKey, frame},
 };

@@ -1,23 +1,14 @@
 //! The control protocol: JSON-RPC 2.0 over a Unix socket, one JSON object a
-//! line. This module has the wire types, the line reader that bounds a
-//! request's size, and the blocking client the CLI uses. docs/api.md
+//! line. This module has the wire types; [`method`] the typed methods,
+//! [`server`] the daemon's side (bounded lines, rate limits, connection
+//! limits), [`client`] the blocking client the CLI uses. docs/api.md
 //! documents every method.
-use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
-    path::Path,
-};
+pub mod client;
+pub mod method;
+pub mod server;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt};
-
-/// Longest request line the daemon reads (64 KiB); longer ones get
-/// `INVALID_REQUEST` and are skipped up to their newline without being kept.
-pub const MAX_LINE: usize = 64 << 10;
-/// Most bytes of one over-long line the daemon skips (4 MiB): a connection
-/// that sends more without a newline gets `INVALID_REQUEST` and is closed.
-pub const MAX_SKIP: usize = 4 << 20;
 
 /// Stable error codes: JSON-RPC's own, and the daemon's in -32000..-32099.
 pub mod code {
@@ -37,8 +28,6 @@ pub mod code {
     pub const NOT_FOUND: i64 = -32002;
     /// The flow or service exists already, or the service is migrating.
     pub const CONFLICT: i64 = -32003;
-    /// The method exists but what it asks for is not built yet.
-    pub const NOT_IMPLEMENTED: i64 = -32004;
     /// This connection streams `migration.watch`; send requests on another.
     pub const STREAMING: i64 = -32005;
     /// The peer daemon could not be reached or refused the link.
@@ -178,252 +167,9 @@ pub fn parse_request(text: &[u8]) -> Result<Request, Box<Response>> {
     }
 }
 
-/// One line read from a client.
-pub enum Line {
-    /// A complete line, without its newline.
-    Text(Vec<u8>),
-    /// A line over [`MAX_LINE`], read and discarded up to its newline.
-    TooLong,
-    /// Over [`MAX_SKIP`] bytes without a newline: the connection should close.
-    Endless,
-    /// The client closed the connection.
-    Closed,
-}
-
-/// Reads one line of at most [`MAX_LINE`] bytes, never buffering more; an
-/// over-long line is skipped up to its newline, for at most [`MAX_SKIP`] bytes.
-pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Result<Line> {
-    let mut line = Vec::new();
-    let mut too_long = false;
-    let mut skipped = 0usize;
-    loop {
-        let buf = reader.fill_buf().await?;
-        if buf.is_empty() {
-            return Ok(if line.is_empty() && !too_long {
-                Line::Closed
-            } else if too_long {
-                Line::TooLong
-            } else {
-                Line::Text(line)
-            });
-        }
-        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], Some(i + 1)),
-            None => (buf, None),
-        };
-        if !too_long {
-            if line.len() + chunk.len() > MAX_LINE {
-                too_long = true;
-                line = Vec::new();
-            } else {
-                line.extend_from_slice(chunk);
-            }
-        }
-        let used = done.unwrap_or(buf.len());
-        reader.consume(used);
-        if too_long {
-            skipped += used;
-            if done.is_none() && skipped > MAX_SKIP {
-                return Ok(Line::Endless);
-            }
-        }
-        if done.is_some() {
-            return Ok(if too_long {
-                Line::TooLong
-            } else {
-                Line::Text(line)
-            });
-        }
-    }
-}
-
-/// A token bucket: `rate` requests a second, bursts of up to `burst`.
-#[derive(Clone, Debug)]
-pub struct RateLimit {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: std::time::Instant,
-}
-
-impl RateLimit {
-    /// A full bucket; `rate` 0 allows everything.
-    pub fn new(rate: u32, burst: u32) -> Self {
-        Self {
-            rate: rate.into(),
-            burst: burst.max(1).into(),
-            tokens: burst.max(1).into(),
-            last: std::time::Instant::now(),
-        }
-    }
-
-    /// Takes a token at `now`: whether the request may run.
-    pub fn allow(&mut self, now: std::time::Instant) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now.max(self.last);
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// The `RATE_LIMITED` reply to a request line, echoing its `id`; none for a
-/// notification (a JSON object without an `id`), which is dropped.
-pub fn rate_limited(text: &[u8], rate: u32, burst: u32) -> Option<Response> {
-    #[derive(Deserialize)]
-    struct IdOnly {
-        #[serde(default)]
-        id: Option<Value>,
-    }
-    let id = match serde_json::from_slice::<IdOnly>(text) {
-        Ok(IdOnly { id: None }) => return None,
-        Ok(IdOnly { id: Some(id) }) => id,
-        Err(_) => Value::Null,
-    };
-    let error = RpcError::new(
-        code::RATE_LIMITED,
-        format!(
-            "rate limited: over {rate} requests a second (bursts of {burst}) on this connection; \
-             the request was not run, retry after a pause"
-        ),
-    );
-    Some(Response::to(id, Err(error)))
-}
-
-/// Why a call through [`Client`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("cannot reach the daemon at {path}: {source} (is `dataplane daemon` running?)")]
-    Connect {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("talking to the daemon: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the daemon sent something that is not a JSON-RPC response: {0}")]
-    Garbled(String),
-    #[error("{0}")]
-    Rpc(#[from] RpcError),
-}
-
-/// A blocking control-socket client, one request at a time.
-pub struct Client {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-    next_id: u64,
-}
-
-impl Client {
-    /// Connects to the daemon's socket at `path`.
-    pub fn connect(path: &Path) -> Result<Self, ClientError> {
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Ok(Self {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-            next_id: 1,
-        })
-    }
-
-    /// Calls `method` with `params` and returns its result.
-    pub fn call(&mut self, method: &str, params: Value) -> Result<Value, ClientError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let request =
-            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        writeln!(self.writer, "{request}")?;
-        let response: Response = serde_json::from_str(&self.next_line()?)
-            .map_err(|e| ClientError::Garbled(e.to_string()))?;
-        match (response.result, response.error) {
-            (_, Some(error)) => Err(error.into()),
-            (Some(result), None) => Ok(result),
-            (None, None) => Err(ClientError::Garbled("neither result nor error".into())),
-        }
-    }
-
-    /// The next line the daemon sends (a response or a notification).
-    pub fn next_line(&mut self) -> Result<String, ClientError> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(ClientError::Io(std::io::ErrorKind::UnexpectedEof.into()));
-        }
-        Ok(line)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    async fn lines(input: &[u8]) -> Vec<String> {
-        let mut reader = tokio::io::BufReader::with_capacity(7, input);
-        let mut out = Vec::new();
-        loop {
-            match read_line(&mut reader).await.unwrap() {
-                Line::Text(t) => out.push(String::from_utf8(t).unwrap()),
-                Line::TooLong => out.push("<too long>".into()),
-                Line::Endless => out.push("<endless>".into()),
-                Line::Closed => return out,
-            }
-        }
-    }
-
-    #[tokio::test]
-    async fn reads_lines_and_bounds_them() {
-        assert_eq!(lines(b"a\nbb\n\nccc").await, ["a", "bb", "", "ccc"]);
-        let mut big = vec![b'x'; MAX_LINE + 1];
-        big.extend_from_slice(b"\nnext\n");
-        assert_eq!(lines(&big).await, ["<too long>", "next"]);
-        let mut exact = vec![b'y'; MAX_LINE];
-        exact.push(b'\n');
-        assert_eq!(lines(&exact).await[0].len(), MAX_LINE);
-    }
-
-    #[tokio::test]
-    async fn an_endless_line_ends_the_connection() {
-        let mut endless = vec![b'z'; MAX_SKIP + 2 * MAX_LINE + 2];
-        endless.extend_from_slice(b"\nnext\n");
-        let mut reader = tokio::io::BufReader::new(&endless[..]);
-        assert!(matches!(
-            read_line(&mut reader).await.unwrap(),
-            Line::Endless
-        ));
-        let mut skippable = vec![b'z'; MAX_SKIP];
-        skippable.extend_from_slice(b"\nnext\n");
-        assert_eq!(lines(&skippable).await, ["<too long>", "next"]);
-    }
-
-    #[test]
-    fn the_token_bucket_allows_bursts_then_the_rate() {
-        let mut limit = RateLimit::new(100, 200);
-        let start = std::time::Instant::now();
-        assert_eq!((0..300).filter(|_| limit.allow(start)).count(), 200);
-        let later = start + std::time::Duration::from_millis(100);
-        assert_eq!((0..300).filter(|_| limit.allow(later)).count(), 10);
-        let much_later = start + std::time::Duration::from_secs(60);
-        assert_eq!((0..300).filter(|_| limit.allow(much_later)).count(), 200);
-        let mut unlimited = RateLimit::new(0, 0);
-        assert!((0..10_000).all(|_| unlimited.allow(start)));
-    }
-
-    #[test]
-    fn rate_limited_replies_echo_the_id() {
-        let reply = rate_limited(br#"{"jsonrpc":"2.0","id":7,"method":"status"}"#, 100, 200);
-        let reply = reply.unwrap();
-        assert_eq!(reply.id, Value::from(7));
-        assert_eq!(reply.error.unwrap().code, code::RATE_LIMITED);
-        assert!(rate_limited(br#"{"jsonrpc":"2.0","method":"status"}"#, 1, 1).is_none());
-        assert_eq!(rate_limited(b"garbage", 1, 1).unwrap().id, Value::Null);
-    }
 
     /// Found with the control_request fuzz target's property: an array of
     /// the fields in order parsed as a request (and was answered with id null).

@@ -29,7 +29,7 @@ use crate::{
     },
     peer,
     planning::policy::StopPolicy,
-    report::{Mode, Phase, Report},
+    report::{Mode, Phase, Report, State},
     service::Service,
 };
 
@@ -49,7 +49,7 @@ pub async fn run(
             service: service.name.clone(),
             to: request.to.to_string(),
             mode: request.mode,
-            state: "running".into(),
+            state: State::Running,
             ..Default::default()
         },
         progress: Box::new(progress),
@@ -66,11 +66,11 @@ pub async fn run(
         crate::host::tasks::CpuTime::since(cpu);
     match outcome {
         Ok(()) => {
-            report.state = "done".into();
+            report.state = State::Done;
             report.phase = "done".into();
         }
         Err(e) => {
-            report.state = "failed".into();
+            report.state = State::Failed;
             report.error = Some(e.to_string());
         }
     }

@@ -1,0 +1,167 @@
+//! `dataplane flow` and `dataplane service`: the daemon's flows and services.
+use std::net::SocketAddr;
+
+use dataplane_user::{
+    control::method::{Call, FlowParams, ServiceName},
+    service::{FlowSpec, Service},
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{Context, Failure, FlowCommand, ServiceCommand};
+
+pub fn flow(cx: &Context, command: FlowCommand) -> Result<(), Failure> {
+    match command {
+        FlowCommand::Add {
+            cps,
+            service,
+            mirror,
+        } => {
+            let added = cx.call(Call::FlowAdd(FlowParams {
+                cps,
+                service,
+                mirror,
+            }))?;
+            cx.show(added, |v| {
+                println!(
+                    "flow {}: {}",
+                    v["id"],
+                    v["flow"].as_str().unwrap_or_default()
+                )
+            });
+        }
+        FlowCommand::Rm { cps, service } => {
+            let removed = cx.call(Call::FlowRemove(FlowSpec { cps, service }))?;
+            cx.show(removed, |v| {
+                println!("removed {}", v["removed"].as_str().unwrap_or_default())
+            });
+        }
+        FlowCommand::Ls => cx.show(cx.call(Call::FlowList)?, print_flows),
+    }
+    Ok(())
+}
+
+pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
+    match command {
+        ServiceCommand::Add {
+            name,
+            pid,
+            netns,
+            flows,
+            standby_pid,
+        } => {
+            let service = Service {
+                name: name.clone(),
+                pid,
+                netns,
+                flows: flows
+                    .into_iter()
+                    .map(|(cps, service)| FlowSpec { cps, service })
+                    .collect(),
+                standby_pid,
+            };
+            let registered = cx.call(Call::ServiceRegister(service))?;
+            cx.show(registered, |_| println!("registered {name}"));
+        }
+        ServiceCommand::Rm { name } => {
+            let unregistered =
+                cx.call(Call::ServiceUnregister(ServiceName { name: name.clone() }))?;
+            cx.show(unregistered, |_| println!("unregistered {name}"));
+        }
+        ServiceCommand::Ls => cx.show(cx.call(Call::ServiceList)?, print_services),
+    }
+    Ok(())
+}
+
+/// A row of `flow.list`.
+#[derive(Deserialize)]
+struct FlowRow {
+    id: u32,
+    cps: SocketAddr,
+    service: SocketAddr,
+    mirror: bool,
+    last_seq: u64,
+    last_delivered: u64,
+}
+
+pub fn print_flows(flows: &Value) {
+    let rows: Vec<FlowRow> = serde_json::from_value(flows.clone()).unwrap_or_default();
+    print!("{}", flow_table(&rows));
+}
+
+/// The flows as a table whose columns line up, however long the addresses.
+fn flow_table(rows: &[FlowRow]) -> String {
+    let names: Vec<String> = rows
+        .iter()
+        .map(|f| format!("{} -> {}", f.cps, f.service))
+        .collect();
+    let width = names.iter().map(String::len).max().unwrap_or(0).max(4);
+    let mut table = format!(
+        "{:>4}  {:<width$}  {:>6}  {:>12}  {:>14}\n",
+        "id", "flow", "mirror", "last_seq", "last_delivered"
+    );
+    for (f, name) in rows.iter().zip(&names) {
+        table += &format!(
+            "{:>4}  {name:<width$}  {:>6}  {:>12}  {:>14}\n",
+            f.id,
+            if f.mirror { "yes" } else { "no" },
+            f.last_seq,
+            f.last_delivered
+        );
+    }
+    table
+}
+
+pub fn print_services(services: &Value) {
+    let services: Vec<Service> = serde_json::from_value(services.clone()).unwrap_or_default();
+    for s in services {
+        let flows: Vec<String> = s
+            .flows
+            .iter()
+            .map(|f| format!("{}={}", f.cps, f.service))
+            .collect();
+        let standby = s.standby_pid.map_or("none".into(), |p| p.to_string());
+        println!(
+            "service {}: pid {} netns {} standby {standby} flows {}",
+            s.name,
+            s.pid,
+            s.netns.as_deref().unwrap_or("(the daemon's)"),
+            flows.join(" ")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every line of the table has its columns at the same offsets, for
+    /// short and long (IPv6) addresses alike.
+    #[test]
+    fn flow_columns_line_up() {
+        let row = |id, cps: &str, service: &str, mirror, last_seq| FlowRow {
+            id,
+            cps: cps.parse().unwrap(),
+            service: service.parse().unwrap(),
+            mirror,
+            last_seq,
+            last_delivered: last_seq,
+        };
+        let table = flow_table(&[
+            row(0, "192.0.2.1:4000", "192.0.2.10:5000", true, 7),
+            row(
+                12,
+                "[2001:db8::1]:4000",
+                "[2001:db8::10]:5000",
+                false,
+                123456,
+            ),
+        ]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines.iter().all(|l| l.len() == lines[0].len()), "{table}");
+        let mirror_at = lines[0].find("mirror").unwrap();
+        assert_eq!(&lines[1][mirror_at + 3..mirror_at + 6], "yes", "{table}");
+        assert_eq!(&lines[2][mirror_at + 4..mirror_at + 6], "no", "{table}");
+    }
+}

@@ -1,0 +1,433 @@
+//! The command line: its arguments, and one module per group of commands.
+mod daemon;
+mod flows;
+mod local;
+mod migrate;
+mod plan;
+mod status;
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+use dataplane_user::{
+    config::DEFAULT_SOCKET,
+    control::{
+        client::{Client, ClientError},
+        method::Call,
+    },
+    criu::DEFAULT_CRIU,
+    host::netdev::parse_mac,
+    kernel::loader::DEFAULT_PIN_ROOT,
+    report::Mode,
+};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Packet duplication and replay dataplane for live migration"
+)]
+pub struct Cli {
+    /// bpffs directory the dataplane is pinned under (load, unload, gate, capture).
+    #[arg(long, global = true, default_value = DEFAULT_PIN_ROOT)]
+    pin_root: PathBuf,
+    /// The daemon's control socket.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print the daemon's JSON answers instead of tables, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon: adopt or load the dataplane, serve the control socket and the peer link.
+    Daemon(daemon::Args),
+    /// Load and attach the kernel programs, pinned so they outlive this command.
+    Load {
+        /// Service-facing interface: CPS inputs arrive and outputs leave here.
+        #[arg(long)]
+        interface: String,
+        /// Link to the peer host, for mirror copies.
+        #[arg(long)]
+        peer_interface: Option<String>,
+        /// MAC address of the peer host on that link (default: broadcast).
+        #[arg(long, value_parser = mac)]
+        peer_mac: Option<[u8; 6]>,
+        /// Most bytes of a frame to log (0: whole frames).
+        #[arg(long, default_value_t = 0)]
+        snap_len: u32,
+        /// Input log size in MiB (a power of two).
+        #[arg(long, default_value_t = 64)]
+        input_ring_mib: u32,
+        /// Output log size in MiB (a power of two).
+        #[arg(long, default_value_t = 16)]
+        output_ring_mib: u32,
+        /// Make mirror copies by XDP devmap broadcast to the peer interface and to
+        /// this veth, behind which the service sits (default: TC clone).
+        #[arg(long, requires = "deliver_mac")]
+        deliver_interface: Option<String>,
+        /// MAC address of the service side of the --deliver-interface veth.
+        #[arg(long, value_parser = mac, requires = "deliver_interface")]
+        deliver_mac: Option<[u8; 6]>,
+    },
+    /// Detach the programs and remove every pin.
+    Unload,
+    /// The daemon's view: interfaces, programs, flows, counters, services, migrations.
+    Status,
+    /// Counters and registry sizes in the Prometheus text format.
+    Metrics,
+    /// Manage CPS flows.
+    Flow {
+        #[command(subcommand)]
+        command: FlowCommand,
+    },
+    /// Manage the services that migrations move.
+    Service {
+        #[command(subcommand)]
+        command: ServiceCommand,
+    },
+    /// Migrate a registered service to the host whose daemon listens at
+    /// --to, showing each phase as it runs and a table at the end. Exit
+    /// status 5 if the migration failed (the source keeps serving).
+    Migrate {
+        service: String,
+        /// The destination daemon's peer-link address, HOST:PORT.
+        #[arg(long)]
+        to: SocketAddr,
+        /// `standby` (checkpoint the standby instance: the serving one never
+        /// stops) or `leave-running` (checkpoint the serving one).
+        #[arg(long, value_enum, default_value_t = Mode::LeaveRunning)]
+        mode: Mode,
+        /// Consecutive matching outputs needed for the handover.
+        #[arg(long, default_value_t = 10)]
+        converge: u32,
+        /// Time allowed for restore, replay and convergence, in ms.
+        #[arg(long, default_value_t = 10_000)]
+        deadline_ms: u64,
+        /// Take at most this many CRIU pre-dump rounds (kaur2020) before
+        /// the checkpoint, while the instance serves unheld (a kernel
+        /// without memory tracking gets a single dump).
+        #[arg(long, default_value_t = 0)]
+        pre_dump_rounds: usize,
+        /// Print the migration's id and return at once.
+        #[arg(long)]
+        detach: bool,
+        /// The calibration to print predictions from (default: the
+        /// configuration's `calibration`); none there, no predictions.
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+    },
+    /// Measure this host's CRIU costs on a synthetic service (dump, copy
+    /// and restore per size), fit the migration model (calagna2023's PAM)
+    /// and save it; with --from-reports, fit our live modes' costs to real
+    /// migrations' reports on top of the saved CRIU terms.
+    Calibrate {
+        /// State sizes of the synthetic service, MiB.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        sizes: Vec<u64>,
+        /// Dumps and restores per size.
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Where to save it (default: the configuration's `calibration`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Finished migrations to fit the live modes' costs to: migration.status
+        /// JSON (a report, an array of them, or one a line) or `--json status`.
+        #[arg(long)]
+        from_reports: Option<PathBuf>,
+        /// The CRIU binary.
+        #[arg(long, default_value = DEFAULT_CRIU)]
+        criu: PathBuf,
+        /// The CPS period the reports' migrations ran at, µs (their replay).
+        #[arg(long, default_value_t = 1000)]
+        period_us: u64,
+        /// Your service's own program instead of the synthetic service
+        /// (after `--`; `{mib}` in its arguments becomes each size): run
+        /// in namespaces of its own, it must hold that much resident
+        /// anonymous memory once started.
+        #[arg(last = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Predict a registered service's migration time T_M and downtime T_D
+    /// by method, from its size, its dirty rate and this host's calibration.
+    Plan {
+        service: String,
+        /// The live mode to show phase by phase.
+        #[arg(long, value_enum)]
+        mode: Option<Mode>,
+        /// R, bytes the service dirties per second. Not measured: this
+        /// kernel has no soft-dirty tracking. Only pre-copy depends on it.
+        #[arg(long, default_value_t = 0.0)]
+        dirty_rate: f64,
+        /// The calibration (default: the configuration's `calibration`).
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+    },
+    /// Stream migration phase changes as they happen.
+    Watch,
+    /// Abort a migration; the source keeps serving.
+    Abort { id: String },
+    /// Check the peer link to another daemon: handshake and round trip.
+    Ping {
+        /// The other daemon's peer-link address, HOST:PORT.
+        address: SocketAddr,
+    },
+    /// Set the gate of a flow's mirrored inputs on this host (on the pins).
+    Gate {
+        /// Flow id, as `flow ls` shows it.
+        flow_id: u32,
+        #[arg(value_enum)]
+        mode: local::GateMode,
+        /// `sequenced`: the input sequence number the instance takes next.
+        #[arg(long, default_value_t = 1)]
+        next_expected: u64,
+    },
+    /// Print log records as they arrive (from the pins).
+    Capture {
+        /// Read the output log instead of the input log.
+        #[arg(long)]
+        outputs: bool,
+        /// Stop after this many records.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many seconds without a record.
+        #[arg(long, default_value_t = 5)]
+        idle_secs: u64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum FlowCommand {
+    /// Start numbering and logging a UDP flow.
+    Add {
+        /// The CPS end, ADDR:PORT.
+        #[arg(long)]
+        cps: SocketAddr,
+        /// The service end, ADDR:PORT.
+        #[arg(long)]
+        service: SocketAddr,
+        /// Mirror the flow's inputs to the peer host.
+        #[arg(long)]
+        mirror: bool,
+    },
+    /// Stop logging a flow.
+    Rm {
+        #[arg(long)]
+        cps: SocketAddr,
+        #[arg(long)]
+        service: SocketAddr,
+    },
+    /// List flows.
+    Ls,
+}
+
+#[derive(Subcommand)]
+pub enum ServiceCommand {
+    /// Register a service: its process, network namespace and flows.
+    Add {
+        name: String,
+        /// The service's process (the root of its PID namespace, if any).
+        #[arg(long)]
+        pid: u32,
+        /// Its network namespace, e.g. /run/netns/src.
+        #[arg(long)]
+        netns: Option<String>,
+        /// A flow that feeds it, CPS_ADDR:PORT=SERVICE_ADDR:PORT; repeatable.
+        #[arg(long = "flow", value_parser = flow_spec, required = true)]
+        flows: Vec<(SocketAddr, SocketAddr)>,
+        /// A standby instance's process, fed by the mirror.
+        #[arg(long)]
+        standby_pid: Option<u32>,
+    },
+    /// Forget a service.
+    Rm { name: String },
+    /// List services.
+    Ls,
+}
+
+fn mac(text: &str) -> Result<[u8; 6], String> {
+    parse_mac(text).ok_or_else(|| format!("{text:?} is not a MAC address like 02:00:00:00:00:01"))
+}
+
+fn flow_spec(text: &str) -> Result<(SocketAddr, SocketAddr), String> {
+    let (cps, service) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not CPS_ADDR:PORT=SERVICE_ADDR:PORT"))?;
+    let parse = |s: &str| s.parse::<SocketAddr>().map_err(|e| format!("{s:?}: {e}"));
+    Ok((parse(cps)?, parse(service)?))
+}
+
+/// What ended a command, by exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// The daemon answered with an error (1).
+    #[error("error: {0}")]
+    Daemon(ClientError),
+    /// The daemon could not be reached (3).
+    #[error("error: {0}")]
+    Unreachable(ClientError),
+    /// Anything else (4).
+    #[error("error: {0:#}")]
+    Local(anyhow::Error),
+    /// A migration failed and was rolled back (5).
+    #[error("migration failed, the service keeps running on the source: {0}")]
+    Migration(String),
+}
+
+impl Failure {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Daemon(_) => 1,
+            Failure::Unreachable(_) => 3,
+            Failure::Local(_) => 4,
+            Failure::Migration(_) => 5,
+        }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::Rpc(_) => Failure::Daemon(e),
+            e => Failure::Unreachable(e),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Local(e)
+    }
+}
+
+impl From<dataplane_user::kernel::loader::LoadError> for Failure {
+    fn from(e: dataplane_user::kernel::loader::LoadError) -> Self {
+        Failure::Local(e.into())
+    }
+}
+
+/// What every command may use: where the daemon and the pins are, and
+/// whether to print JSON.
+pub struct Context {
+    pub pin_root: PathBuf,
+    pub socket: PathBuf,
+    pub json: bool,
+}
+
+impl Context {
+    /// Makes `call` on a connection of its own.
+    pub fn call(&self, call: Call) -> Result<Value, Failure> {
+        Ok(self.client()?.request(&call)?)
+    }
+
+    pub fn client(&self) -> Result<Client, Failure> {
+        Ok(Client::connect(&self.socket)?)
+    }
+
+    /// Prints `value` as JSON for scripts, or with `human` for people.
+    pub fn show(&self, value: Value, human: impl FnOnce(&Value)) {
+        if self.json {
+            println!("{value}");
+        } else {
+            human(&value);
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<(), Failure> {
+    let cx = Context {
+        pin_root: cli.pin_root,
+        socket: cli.socket,
+        json: cli.json,
+    };
+    match cli.command {
+        Command::Daemon(args) => daemon::run(&cx, args),
+        Command::Load {
+            interface,
+            peer_interface,
+            peer_mac,
+            snap_len,
+            input_ring_mib,
+            output_ring_mib,
+            deliver_interface,
+            deliver_mac,
+        } => local::load(
+            &cx,
+            local::Load {
+                interface,
+                peer_interface,
+                peer_mac,
+                snap_len,
+                input_ring_mib,
+                output_ring_mib,
+                deliver: deliver_interface.zip(deliver_mac),
+            },
+        ),
+        Command::Unload => local::unload(&cx),
+        Command::Gate {
+            flow_id,
+            mode,
+            next_expected,
+        } => local::gate(&cx, flow_id, mode, next_expected),
+        Command::Capture {
+            outputs,
+            count,
+            idle_secs,
+        } => local::capture(&cx, outputs, count, idle_secs),
+        Command::Status => status::status(&cx),
+        Command::Metrics => status::metrics(&cx),
+        Command::Ping { address } => status::ping(&cx, address),
+        Command::Flow { command } => flows::flow(&cx, command),
+        Command::Service { command } => flows::service(&cx, command),
+        Command::Migrate {
+            service,
+            to,
+            mode,
+            converge,
+            deadline_ms,
+            pre_dump_rounds,
+            detach,
+            calibration,
+        } => {
+            let request = dataplane_user::migration::Request {
+                service,
+                to,
+                mode,
+                converge,
+                deadline_ms,
+                compare: Default::default(),
+                pre_dump_rounds,
+            };
+            migrate::migrate(&cx, request, detach, calibration)
+        }
+        Command::Watch => migrate::watch(&cx),
+        Command::Abort { id } => migrate::abort(&cx, id),
+        Command::Calibrate {
+            sizes,
+            repeat,
+            out,
+            from_reports,
+            criu,
+            period_us,
+            command,
+        } => plan::calibrate(plan::CalibrateArgs {
+            sizes,
+            repeat,
+            out,
+            from_reports,
+            criu,
+            period_us,
+            command,
+        }),
+        Command::Plan {
+            service,
+            mode,
+            dirty_rate,
+            calibration,
+        } => plan::plan(&cx, &service, mode, dirty_rate, calibration),
+    }
+}

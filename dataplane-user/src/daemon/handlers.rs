@@ -1,0 +1,388 @@
+//! What each control method does: the daemon as the control socket's
+//! [`Handler`].
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use dataplane_common::{FLOW_MIRROR, counter};
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::{Daemon, MigrationEntry};
+use crate::{
+    control::{
+        RpcError, code,
+        method::{Call, FlowParams, MigrationId, PeerAddress, ServiceName},
+        server::Handler,
+    },
+    kernel::{
+        flow,
+        loader::{Dataplane, LoadError},
+    },
+    metrics, migration, peer,
+    report::State,
+    service::{FlowSpec, Service},
+};
+
+impl Handler for Daemon {
+    async fn call(&self, call: Call) -> Result<Value, RpcError> {
+        match call {
+            Call::Status => self.status(),
+            Call::Metrics => Ok(Value::String(self.metrics()?)),
+            Call::FlowAdd(params) => self.flow_add(params),
+            Call::FlowRemove(spec) => self.flow_remove(spec),
+            Call::FlowList => self.flow_list(),
+            Call::ServiceRegister(service) => self.service_register(service),
+            Call::ServiceUnregister(name) => self.service_unregister(name),
+            Call::ServiceList => Ok(json!(
+                self.services.lock().unwrap().values().collect::<Vec<_>>()
+            )),
+            Call::MigrationStart(request) => self.migration_start(request),
+            Call::MigrationStatus(id) => self.migration_status(id),
+            Call::MigrationAbort(MigrationId { id }) => {
+                match self.migrations.lock().unwrap().get(&id) {
+                    Some(entry) if entry.report.state == State::Running => {
+                        entry.abort.store(true, Ordering::Relaxed);
+                        Ok(json!({"aborting": id}))
+                    }
+                    Some(entry) => Err(RpcError::new(
+                        code::CONFLICT,
+                        format!("migration {id} is {} already", entry.report.state.name()),
+                    )),
+                    None => Err(RpcError::new(code::NOT_FOUND, format!("no migration {id}"))),
+                }
+            }
+            Call::MigrationWatch => Ok(json!({"watching": true})),
+            Call::PeerPing(address) => self.peer_ping(address).await,
+        }
+    }
+
+    fn events(&self) -> broadcast::Receiver<Value> {
+        self.events.subscribe()
+    }
+}
+
+impl Daemon {
+    fn status(&self) -> Result<Value, RpcError> {
+        let dataplane = self.dataplane.lock().unwrap();
+        let counters = dataplane.counters().map_err(dataplane_error)?;
+        let counters: serde_json::Map<String, Value> = counter::NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (name.to_string(), json!(counters.get(i as u32))))
+            .collect();
+        Ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pin_root": dataplane.pin_root(),
+            "adopted": self.adopted,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "interfaces": {
+                "service": self.config.interface,
+                "peer": self.config.peer_interface,
+            },
+            "programs": dataplane.attached_programs().map_err(dataplane_error)?,
+            "flows": flows_json(&dataplane)?,
+            "counters": counters,
+            "services": self.services.lock().unwrap().values().collect::<Vec<_>>(),
+            "migrations": self.migrations.lock().unwrap().values().map(|e| &e.report).collect::<Vec<_>>(),
+            "peer_listen": self.config.peer_listen,
+            "peer_auth": self.config.peer_key.is_some(),
+        }))
+    }
+
+    fn metrics(&self) -> Result<String, RpcError> {
+        let dataplane = self.dataplane.lock().unwrap();
+        let counters = dataplane.counters().map_err(dataplane_error)?;
+        let flows = dataplane.flows().map_err(dataplane_error)?.len();
+        Ok(metrics::render(
+            &counters,
+            flows,
+            self.services.lock().unwrap().len(),
+        ))
+    }
+
+    fn flow_add(&self, params: FlowParams) -> Result<Value, RpcError> {
+        let FlowParams {
+            cps,
+            service,
+            mirror,
+        } = params;
+        let key = flow::udp(cps, service);
+        let flags = if mirror { FLOW_MIRROR } else { 0 };
+        let id = self
+            .dataplane
+            .lock()
+            .unwrap()
+            .add_flow(key, flags)
+            .map_err(dataplane_error)?;
+        Ok(json!({"id": id, "flow": flow::display(&key)}))
+    }
+
+    fn flow_remove(&self, FlowSpec { cps, service }: FlowSpec) -> Result<Value, RpcError> {
+        let key = flow::udp(cps, service);
+        if let Some(user) = self
+            .services
+            .lock()
+            .unwrap()
+            .values()
+            .find(|s| s.flows.iter().any(|f| flow::udp(f.cps, f.service) == key))
+        {
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!(
+                    "service {} uses this flow: service.unregister it first",
+                    user.name
+                ),
+            ));
+        }
+        self.dataplane
+            .lock()
+            .unwrap()
+            .remove_flow(&key)
+            .map_err(dataplane_error)?;
+        Ok(json!({"removed": flow::display(&key)}))
+    }
+
+    fn flow_list(&self) -> Result<Value, RpcError> {
+        flows_json(&self.dataplane.lock().unwrap())
+    }
+
+    fn service_register(&self, service: Service) -> Result<Value, RpcError> {
+        if service.name.is_empty() {
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                "a service needs a name",
+            ));
+        }
+        for pid in std::iter::once(service.pid).chain(service.standby_pid) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return Err(RpcError::new(code::NOT_FOUND, format!("no process {pid}")));
+            }
+        }
+        if let Some(netns) = &service.netns
+            && !Path::new(netns).exists()
+        {
+            return Err(RpcError::new(
+                code::NOT_FOUND,
+                format!("no network namespace {netns}"),
+            ));
+        }
+        let known = self
+            .dataplane
+            .lock()
+            .unwrap()
+            .flows()
+            .map_err(dataplane_error)?;
+        for f in &service.flows {
+            let key = flow::udp(f.cps, f.service);
+            if !known.iter().any(|(k, _)| *k == key) {
+                return Err(RpcError::new(
+                    code::NOT_FOUND,
+                    format!(
+                        "{} is not a known flow: flow.add it first",
+                        flow::display(&key)
+                    ),
+                ));
+            }
+        }
+        let mut services = self.services.lock().unwrap();
+        if services.contains_key(&service.name) {
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!("service {} is registered already", service.name),
+            ));
+        }
+        if service.standby_pid.is_some() {
+            self.feed_standby(&service)?;
+        }
+        let name = service.name.clone();
+        services.insert(name.clone(), service);
+        Ok(json!({"registered": name}))
+    }
+
+    /// Mirrors the service's flows to the standby's namespace, whose
+    /// dataplane delivers them to the standby instance and keeps its
+    /// outputs in (muted). The standby must get every input from its
+    /// first: register the service before the CPS starts.
+    fn feed_standby(&self, service: &Service) -> Result<(), RpcError> {
+        let Some(pin_root) = &self.config.standby_pin_root else {
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                "a standby_pid needs a standby configured (standby_interface, standby_mac, \
+                 standby_netns, standby_pin_root)",
+            ));
+        };
+        let mut standby = Dataplane::open(pin_root).map_err(dataplane_error)?;
+        let mut dataplane = self.dataplane.lock().unwrap();
+        let flows = dataplane.flows().map_err(dataplane_error)?;
+        for f in &service.flows {
+            let key = flow::udp(f.cps, f.service);
+            let Some((_, config)) = flows.iter().find(|(k, _)| *k == key) else {
+                continue;
+            };
+            standby
+                .adopt_flow(key, config.flow_id, 0)
+                .map_err(dataplane_error)?;
+            let gate = dataplane_common::Gate {
+                output: dataplane_common::OUTPUT_MUTE,
+                // A replica fed in order from its first input: its
+                // outputs are counted (a burst at the cutover must not
+                // tag the answer to K as K+1's).
+                tagging: dataplane_common::TAG_COUNTED,
+                ..Default::default()
+            };
+            standby
+                .set_gate(config.flow_id, gate)
+                .map_err(dataplane_error)?;
+            dataplane
+                .set_flow_flags(&key, config.flags | dataplane_common::FLOW_STANDBY)
+                .map_err(dataplane_error)?;
+        }
+        Ok(())
+    }
+
+    fn service_unregister(&self, ServiceName { name }: ServiceName) -> Result<Value, RpcError> {
+        match self.services.lock().unwrap().remove(&name) {
+            Some(_) => Ok(json!({"unregistered": name})),
+            None => Err(RpcError::new(code::NOT_FOUND, format!("no service {name}"))),
+        }
+    }
+
+    fn migration_start(&self, request: migration::Request) -> Result<Value, RpcError> {
+        let Some(service) = self.services.lock().unwrap().get(&request.service).cloned() else {
+            return Err(RpcError::new(
+                code::NOT_FOUND,
+                format!("no service {}", request.service),
+            ));
+        };
+        let Some((inputs, outputs)) = self.taps.get().cloned() else {
+            return Err(RpcError::new(
+                code::INTERNAL_ERROR,
+                "the log readers are not running",
+            ));
+        };
+        let mut migrations = self.migrations.lock().unwrap();
+        if migrations
+            .values()
+            .any(|e| e.report.state == State::Running && e.report.service == service.name)
+        {
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!("service {} is migrating already", service.name),
+            ));
+        }
+        let id = format!("{}-{}", service.name, migrations.len() + 1);
+        let abort = Arc::new(AtomicBool::new(false));
+        let report = crate::report::Report {
+            id: id.clone(),
+            service: service.name.clone(),
+            to: request.to.to_string(),
+            mode: request.mode,
+            state: State::Running,
+            ..Default::default()
+        };
+        migrations.insert(
+            id.clone(),
+            MigrationEntry {
+                report,
+                abort: abort.clone(),
+            },
+        );
+        let context = migration::Context {
+            pin_root: self.config.pin_root.clone(),
+            interface: self.config.interface.clone(),
+            images_dir: self.config.images_dir.clone(),
+            criu: self.config.criu(),
+            inputs,
+            outputs,
+            standby: self
+                .config
+                .standby_netns
+                .clone()
+                .zip(self.config.standby_pin_root.clone()),
+            abort,
+        };
+        let (table, events, services) = (
+            self.migrations.clone(),
+            self.events.clone(),
+            self.services.clone(),
+        );
+        tracing::info!(%id, service = %service.name, to = %request.to, "migration started");
+        let task_id = id.clone();
+        tokio::spawn(async move {
+            let progress = {
+                let (table, events) = (table.clone(), events.clone());
+                move |report: &crate::report::Report| {
+                    if let Some(entry) = table.lock().unwrap().get_mut(&report.id) {
+                        entry.report = report.clone();
+                    }
+                    let _ = events.send(json!(report));
+                }
+            };
+            let report = migration::run(task_id, service, request, context, progress).await;
+            match &report.error {
+                None => {
+                    tracing::info!(id = %report.id, total_us = report.total_us, "migration done");
+                    // The service runs on the destination now.
+                    services.lock().unwrap().remove(&report.service);
+                }
+                Some(e) => tracing::warn!(id = %report.id, "migration failed, rolled back: {e}"),
+            }
+        });
+        Ok(json!({"id": id}))
+    }
+
+    fn migration_status(&self, id: Option<MigrationId>) -> Result<Value, RpcError> {
+        let migrations = self.migrations.lock().unwrap();
+        let Some(MigrationId { id }) = id else {
+            let all: Vec<_> = migrations.values().map(|e| &e.report).collect();
+            return Ok(json!(all));
+        };
+        migrations
+            .get(&id)
+            .map(|e| json!(e.report))
+            .ok_or_else(|| RpcError::new(code::NOT_FOUND, format!("no migration {id}")))
+    }
+
+    async fn peer_ping(&self, PeerAddress { address }: PeerAddress) -> Result<Value, RpcError> {
+        let peer_error =
+            |e: peer::PeerError| RpcError::new(code::PEER, format!("peer {address}: {e}"));
+        let (mut stream, theirs) = peer::connect_with(address, self.config.peer_key.as_ref())
+            .await
+            .map_err(peer_error)?;
+        let rtt = peer::ping(&mut stream).await.map_err(peer_error)?;
+        Ok(
+            json!({"host": theirs.host, "version": theirs.version, "rtt_us": rtt.as_micros() as u64}),
+        )
+    }
+}
+fn dataplane_error(e: LoadError) -> RpcError {
+    match e {
+        LoadError::UnknownFlow(_) => RpcError::new(code::NOT_FOUND, e.to_string()),
+        LoadError::DuplicateFlow(_) => RpcError::new(code::CONFLICT, e.to_string()),
+        e => RpcError::new(code::DATAPLANE, e.to_string()),
+    }
+}
+
+fn flows_json(dataplane: &Dataplane) -> Result<Value, RpcError> {
+    let mut flows = Vec::new();
+    for (key, config) in dataplane.flows().map_err(dataplane_error)? {
+        let sequence = dataplane
+            .sequence(config.flow_id)
+            .map_err(dataplane_error)?;
+        flows.push(json!({
+            "id": config.flow_id,
+            "cps": flow::source(&key),
+            "service": flow::destination(&key),
+            "mirror": config.flags & FLOW_MIRROR != 0,
+            "last_seq": sequence.last_seq,
+            "last_delivered": sequence.last_delivered,
+        }));
+    }
+    flows.sort_by_key(|f| f["id"].as_u64());
+    Ok(Value::Array(flows))
+}

@@ -1,0 +1,225 @@
+//! `dataplane daemon`: owns the host's dataplane and serves the control
+//! socket and the peer link. This module holds its state and lifecycle;
+//! [`handlers`] what each control method does.
+//!
+//! On start it re-adopts a pinned dataplane (as a restart after SIGKILL
+//! finds it) or loads one from the configuration. On SIGTERM or SIGINT it
+//! stops serving and leaves the dataplane pinned, attached and counting.
+mod handlers;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use dataplane_common::counter;
+use serde_json::Value;
+use tokio::{net::TcpListener, sync::broadcast};
+
+use crate::{
+    config::DaemonConfig,
+    control::server,
+    kernel::{
+        loader::{Dataplane, LoadError, MAP_INPUTS, MAP_OUTPUTS},
+        logs::{LogReader, Tap},
+    },
+    migration::destination,
+    peer,
+    service::Service,
+};
+
+/// The daemon's state, shared by every connection.
+pub struct Daemon {
+    config: DaemonConfig,
+    dataplane: Mutex<Dataplane>,
+    adopted: bool,
+    started: Instant,
+    services: Arc<Mutex<BTreeMap<String, Service>>>,
+    /// Every migration this daemon ran or runs, by id.
+    migrations: Arc<Mutex<BTreeMap<String, MigrationEntry>>>,
+    /// The standing readers of the input and output logs (set by `serve`).
+    taps: std::sync::OnceLock<(Arc<Tap>, Arc<Tap>)>,
+    /// Migration phase changes, for `migration.watch`.
+    events: broadcast::Sender<Value>,
+}
+
+/// A migration's latest report, and its abort switch.
+struct MigrationEntry {
+    report: crate::report::Report,
+    abort: Arc<AtomicBool>,
+}
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Socket(#[from] server::BindError),
+    #[error("peer link on {address}: {source}")]
+    PeerListen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("signal handling: {0}")]
+    Signal(std::io::Error),
+    #[error("reading the logs: {0}")]
+    Log(std::io::Error),
+}
+
+impl Daemon {
+    /// Adopts the pinned dataplane, or loads it as `config` says.
+    pub fn start(config: DaemonConfig) -> Result<Self, DaemonError> {
+        let options = config
+            .load_options()
+            .expect("the configuration was checked when read");
+        let (dataplane, adopted) = match Dataplane::open(&options.pin_root) {
+            Ok(dataplane) => (dataplane, true),
+            Err(LoadError::NotLoaded(_)) => (Dataplane::load(&options)?, false),
+            Err(e) => return Err(e.into()),
+        };
+        let flows = dataplane.flows()?.len();
+        if adopted {
+            let counters = dataplane.counters()?;
+            tracing::info!(
+                pin_root = %options.pin_root.display(),
+                flows,
+                seen = counters.get(counter::SEEN),
+                captured = counters.get(counter::CAPTURED),
+                "re-adopted the pinned dataplane; it kept running"
+            );
+        } else {
+            tracing::info!(interface = %config.interface, pin_root = %options.pin_root.display(), "loaded the dataplane");
+        }
+        match &config.peer_key {
+            Some(key) => peer::set_key(key.clone()),
+            None => tracing::warn!(
+                "no peer_key configured: the peer link is unauthenticated, and any host that \
+                 reaches peer_listen can drive a migration to this host; set the same peer_key \
+                 on both daemons"
+            ),
+        }
+        Ok(Self {
+            config,
+            dataplane: Mutex::new(dataplane),
+            adopted,
+            started: Instant::now(),
+            services: Arc::new(Mutex::new(BTreeMap::new())),
+            migrations: Arc::new(Mutex::new(BTreeMap::new())),
+            taps: std::sync::OnceLock::new(),
+            events: broadcast::channel(256).0,
+        })
+    }
+
+    /// Serves the control socket (and the peer link if configured) until SIGTERM or SIGINT.
+    pub async fn serve(self) -> Result<(), DaemonError> {
+        let daemon = Arc::new(self);
+        match daemon
+            .dataplane
+            .lock()
+            .unwrap()
+            .program_id(&daemon.config.interface, "ingress")
+        {
+            Ok(id) => {
+                tokio::spawn(forward_kernel_logs(id));
+            }
+            Err(e) => tracing::warn!("kernel program logs will not be shown: {e}"),
+        }
+        let taps = {
+            let dataplane = daemon.dataplane.lock().unwrap();
+            let tap = |name| -> Result<Arc<Tap>, DaemonError> {
+                let ring = dataplane.open_log(name)?;
+                let reader = LogReader::spawn(ring, 4096).map_err(DaemonError::Log)?;
+                Ok(Tap::spawn(reader))
+            };
+            (tap(MAP_INPUTS)?, tap(MAP_OUTPUTS)?)
+        };
+        let _ = daemon.taps.set(taps.clone());
+        // Migrations the previous run of this daemon left half-done.
+        crate::migration::journal::recover(
+            &daemon.config.pin_root,
+            &daemon.config.images_dir,
+            daemon.config.standby_pin_root.as_deref(),
+        );
+        let criu = daemon.config.criu();
+        tokio::task::spawn_blocking(move || criu.log_capabilities());
+        if let Some(address) = daemon.config.peer_listen {
+            let peers = TcpListener::bind(address)
+                .await
+                .map_err(|source| DaemonError::PeerListen { address, source })?;
+            tracing::info!(%address, "serving the peer link");
+            let host = destination::Host {
+                images_root: daemon.config.images_dir.clone(),
+                pin_root: daemon.config.pin_root.clone(),
+                interface: daemon.config.interface.clone(),
+                peer_interface: daemon.config.peer_interface.clone(),
+                criu: daemon.config.criu(),
+                inputs: Some(taps.0.clone()),
+                outputs: Some(taps.1.clone()),
+            };
+            destination::recover(&host);
+            let host = Arc::new(host);
+            tokio::spawn(peer::serve(
+                peers,
+                daemon.config.peer_key.clone(),
+                move |link, from| destination::serve_link(link, from, host.clone()),
+            ));
+        }
+        // Last: a client that finds the socket finds the peer link up too.
+        let config = &daemon.config;
+        let listener = server::bind(&config.socket, config.socket_group.as_deref())?;
+        let socket_path = config.socket.clone();
+        tracing::info!(socket = %socket_path.display(), "serving the control socket");
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+        let limits = server::Limits {
+            rate: config.socket_rate,
+            burst: config.socket_burst,
+            max_connections: config.socket_max_connections,
+        };
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        };
+        server::serve(listener, daemon.clone(), limits, stop).await;
+        // A migration in flight stops at its next phase and rolls back.
+        for entry in daemon.migrations.lock().unwrap().values() {
+            entry.abort.store(true, Ordering::Relaxed);
+        }
+        let _ = std::fs::remove_file(&socket_path);
+        tracing::info!("stopped; the dataplane stays pinned and attached");
+        Ok(())
+    }
+}
+
+/// Forwards the kernel programs' aya-log records (they share one log map)
+/// into this process's log stream, through the `log` crate's bridge to tracing.
+async fn forward_kernel_logs(program_id: u32) {
+    let logger = match aya_log::EbpfLogger::init_from_id(program_id) {
+        Ok(logger) => logger,
+        Err(e) => {
+            tracing::warn!("kernel program logs will not be shown: {e}");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer's fd for as long as it lives.
+    let mut logger = match unsafe { tokio::io::unix::AsyncFd::register(logger) } {
+        Ok(logger) => logger,
+        Err(e) => {
+            tracing::warn!("kernel program logs will not be shown: {e}");
+            return;
+        }
+    };
+    while let Ok(mut ready) = logger.readable_mut().await {
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
+}
