@@ -859,7 +859,7 @@ impl Drop for ConntrackBuckets {
 }
 
 /// A chain-service process in its own PID namespace inside a test host,
-/// started as DESIGN.md says CRIU needs it: `nsenter --net` (no new mount
+/// started as CRIU needs it (docs/migration.md): `nsenter --net` (no new mount
 /// namespace) and `unshare --pid --fork`. Killed on drop.
 pub struct ChainService {
     /// The `unshare` process; the service is its only child.

@@ -1,4 +1,4 @@
-//! Iterative pre-copy (kaur2020, DESIGN.md requirement 4): pre-dump rounds
+//! Iterative pre-copy (kaur2020, docs/design.md requirement 4): pre-dump rounds
 //! while the service runs, stopped by `policy::StopPolicy`, then the final
 //! dump on top of the last round.
 //!

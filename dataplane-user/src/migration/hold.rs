@@ -1,4 +1,4 @@
-//! The exact checkpoint position (DESIGN.md requirement 2).
+//! The exact checkpoint position (docs/design.md requirement 2).
 //!
 //! CRIU does not save a UDP socket's receive queue, so an input that waits
 //! there at dump time is in neither the image nor the instance that resumes.

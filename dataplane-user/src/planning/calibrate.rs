@@ -2,7 +2,7 @@
 //! of our own making, and `dataplane plan`'s view of a running service.
 //!
 //! The synthetic service is started the way services are for CRIU here
-//! (DESIGN.md): in a PID and a network namespace of its own, its own
+//! (docs/migration.md): in a PID and a network namespace of its own, its own
 //! session, no file descriptors but 0 to 2, a bound UDP socket, and M bytes
 //! of anonymous memory, every page written. Each size is dumped (the
 //! service stops), its images copied, and restored from the copy into the

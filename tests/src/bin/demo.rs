@@ -103,7 +103,9 @@ fn timeline(trace: &str, report: &serde_json::Value, migration_started: Duration
     let total = report["total_us"].as_i64().unwrap_or(0);
     // Show from 100 ms before the migration to 100 ms after it.
     let (from, to) = (origin - 100_000, origin + total + 100_000);
-    let (width, height, top) = (1000.0, 420.0, 90.0);
+    let (width, height, top) = (1000.0, 460.0, 90.0);
+    // The plot's floor; the time axis and its labels sit below it.
+    let floor = height - 70.0;
     let x = |t: i64| (t - from) as f64 / (to - from) as f64 * width;
     let gaps: Vec<(i64, i64)> = cycles
         .windows(2)
@@ -112,7 +114,7 @@ fn timeline(trace: &str, report: &serde_json::Value, migration_started: Duration
         .filter(|(t, _)| (from..to).contains(t))
         .collect();
     let max_gap = gaps.iter().map(|g| g.1).max().unwrap_or(1000).max(2000) as f64;
-    let y = |gap: i64| height - 30.0 - gap as f64 / max_gap * (height - top - 40.0);
+    let y = |gap: i64| floor - gap as f64 / max_gap * (floor - top);
     let mut svg = format!(
         "<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' \
          font-family='sans-serif' font-size='11'>\n<rect width='100%' height='100%' fill='white'/>\n"
@@ -120,32 +122,37 @@ fn timeline(trace: &str, report: &serde_json::Value, migration_started: Duration
     let colors = [
         "#cfe2f3", "#f4cccc", "#d9ead3", "#fff2cc", "#d9d2e9", "#fce5cd", "#d0e0e3", "#eeeeee",
     ];
-    for (i, phase) in report["phases"]
+    let phases: Vec<(i64, i64, &str)> = report["phases"]
         .as_array()
         .into_iter()
         .flatten()
-        .enumerate()
-    {
-        let start = origin + phase["start_us"].as_i64().unwrap_or(0);
-        let end = start + phase["duration_us"].as_i64().unwrap_or(0);
+        .map(|phase| {
+            let start = origin + phase["start_us"].as_i64().unwrap_or(0);
+            let end = start + phase["duration_us"].as_i64().unwrap_or(0);
+            (start, end, phase["name"].as_str().unwrap_or("?"))
+        })
+        .collect();
+    let labels: Vec<(f64, f64)> = phases
+        .iter()
+        .map(|&(start, _, name)| (x(start), label_width(name)))
+        .collect();
+    for (i, (&(start, end, name), row)) in phases.iter().zip(label_rows(&labels)).enumerate() {
         let (x0, x1) = (x(start), x(end));
         svg += &format!(
-            "<rect x='{x0:.1}' y='10' width='{:.1}' height='{}' fill='{}'/>\n\
-             <text x='{x0:.1}' y='{}' >{}</text>\n",
+            "<rect x='{x0:.1}' y='10' width='{:.1}' height='{:.1}' fill='{}'/>\n\
+             <text x='{x0:.1}' y='{}'>{name}</text>\n",
             (x1 - x0).max(1.0),
-            height - 40.0,
+            floor - 10.0,
             colors[i % colors.len()],
-            22 + (i % 4) * 14,
-            phase["name"].as_str().unwrap_or("?")
+            22 + row * 14,
         );
     }
     let k = report["handover_seq"].as_u64().unwrap_or(0) as usize;
     if let Some(&(sent, _)) = cycles.get(k) {
         let xf = x(sent as i64);
         svg += &format!(
-            "<line x1='{xf:.1}' y1='10' x2='{xf:.1}' y2='{}' stroke='red' stroke-width='2'/>\n\
+            "<line x1='{xf:.1}' y1='10' x2='{xf:.1}' y2='{floor}' stroke='red' stroke-width='2'/>\n\
              <text x='{:.1}' y='80' fill='red'>flip: input K+1 = {}</text>\n",
-            height - 30.0,
             xf + 4.0,
             k + 1
         );
@@ -155,15 +162,101 @@ fn timeline(trace: &str, report: &serde_json::Value, migration_started: Duration
         .map(|&(t, g)| format!("{:.1},{:.1} ", x(t), y(g)))
         .collect();
     svg += &format!("<polyline points='{points}' fill='none' stroke='black' stroke-width='1'/>\n");
+    // The time axis: ms since the migration started, at round steps.
+    svg += &format!("<line x1='0' y1='{floor}' x2='{width}' y2='{floor}' stroke='black'/>\n");
+    let ms = |t: i64| (t - origin) as f64 / 1000.0;
+    for tick in ticks(ms(from), ms(to)) {
+        let xt = x(origin + (tick * 1000.0) as i64);
+        svg += &format!(
+            "<line x1='{xt:.1}' y1='{floor}' x2='{xt:.1}' y2='{:.1}' stroke='black'/>\n\
+             <text x='{xt:.1}' y='{:.1}' text-anchor='middle'>{tick}</text>\n",
+            floor + 5.0,
+            floor + 18.0
+        );
+    }
     svg += &format!(
         "<line x1='0' y1='{0}' x2='{width}' y2='{0}' stroke='gray' stroke-dasharray='4'/>\n\
          <text x='4' y='{1}'>T_U = 1 ms</text>\n\
-         <text x='4' y='{2}'>output gap at the CPS (top of scale {3:.1} ms); time axis {4:.0} ms wide</text>\n</svg>\n",
+         <text x='{2}' y='{3}' text-anchor='middle'>ms since the migration started</text>\n\
+         <text x='4' y='{4}'>output gap at the CPS per cycle (top of scale {5:.1} ms)</text>\n</svg>\n",
         y(PERIOD_US as i64),
         y(PERIOD_US as i64) - 4.0,
+        width / 2.0,
+        floor + 34.0,
         height - 10.0,
         max_gap / 1000.0,
-        (to - from) as f64 / 1000.0
     );
     svg
+}
+
+/// About how wide `text` is at 11 px sans-serif.
+fn label_width(text: &str) -> f64 {
+    text.len() as f64 * 6.5 + 6.0
+}
+
+/// A row for each label (x, width), so that no two labels in one row
+/// overlap: each takes the first row whose last label ends before it.
+fn label_rows(labels: &[(f64, f64)]) -> Vec<usize> {
+    let mut row_ends: Vec<f64> = Vec::new();
+    labels
+        .iter()
+        .map(|&(x, width)| {
+            let row = row_ends
+                .iter()
+                .position(|&end| end <= x)
+                .unwrap_or(row_ends.len());
+            if row == row_ends.len() {
+                row_ends.push(x + width);
+            } else {
+                row_ends[row] = x + width;
+            }
+            row
+        })
+        .collect()
+}
+
+/// Round tick values (1, 2, 2.5 or 5 times a power of ten apart) between
+/// `from` and `to`, at most about eight of them.
+fn ticks(from: f64, to: f64) -> Vec<f64> {
+    let raw = (to - from) / 8.0;
+    let power = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * power)
+        .find(|&s| s >= raw)
+        .unwrap_or(10.0 * power);
+    let first = (from / step).ceil() as i64;
+    let last = (to / step).floor() as i64;
+    (first..=last).map(|i| i as f64 * step).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_in_a_row_do_not_overlap() {
+        let labels = [(0.0, 60.0), (10.0, 60.0), (20.0, 60.0), (65.0, 40.0), (500.0, 60.0)];
+        let rows = label_rows(&labels);
+        assert_eq!(rows, [0, 1, 2, 0, 0]);
+        for (i, a) in labels.iter().enumerate() {
+            for (j, b) in labels.iter().enumerate().skip(i + 1) {
+                if rows[i] == rows[j] {
+                    assert!(a.0 + a.1 <= b.0, "labels {i} and {j} overlap");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ticks_are_round_and_cover_the_range() {
+        // 512 ms / 8 = 64 ms: the next round step is 100 ms.
+        let t = ticks(-100.0, 412.0);
+        assert_eq!(t, [-100.0, 0.0, 100.0, 200.0, 300.0, 400.0]);
+        let t = ticks(-100.0, 1900.0);
+        assert!(t.windows(2).all(|w| w[1] - w[0] == 250.0 || w[1] - w[0] == 500.0), "{t:?}");
+        assert!((4..=12).contains(&t.len()), "{t:?}");
+        let small = ticks(-0.3, 1.1);
+        assert!(small.contains(&0.0) && small.contains(&1.0), "{small:?}");
+    }
 }
