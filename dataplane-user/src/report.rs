@@ -26,7 +26,7 @@ pub struct Report {
     pub mode: Mode,
     pub state: State,
     /// The phase running now (or that failed).
-    pub phase: String,
+    pub phase: Stage,
     pub phases: Vec<Phase>,
     /// The checkpoint position S.
     pub checkpoint_seq: u64,
@@ -65,6 +65,45 @@ pub struct Report {
     pub error: Option<String>,
 }
 
+/// A migration's phases, in the order they run (`Done` after the last).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    #[default]
+    Prepare,
+    Checkpoint,
+    Transfer,
+    Restore,
+    Converge,
+    Cutover,
+    Announce,
+    Finish,
+    Done,
+}
+
+impl Stage {
+    /// The phase's name, as reports and predictions give it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Prepare => "prepare",
+            Stage::Checkpoint => "checkpoint",
+            Stage::Transfer => "transfer",
+            Stage::Restore => "restore",
+            Stage::Converge => "converge",
+            Stage::Cutover => "cutover",
+            Stage::Announce => "announce",
+            Stage::Finish => "finish",
+            Stage::Done => "done",
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Where a migration is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -101,7 +140,7 @@ pub struct Load {
 /// One timed phase, relative to the migration's start.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Phase {
-    pub name: String,
+    pub name: Stage,
     pub start_us: u64,
     pub duration_us: u64,
 }

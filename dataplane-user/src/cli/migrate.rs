@@ -121,7 +121,7 @@ pub fn abort(cx: &Context, id: String) -> Result<(), Failure> {
 /// time since it started, and the image bytes sent with their rate.
 #[derive(Default)]
 struct Progress {
-    phase: String,
+    phase: &'static str,
     bytes: u64,
     /// When the transfer's first bytes were reported, and how many.
     first: Option<(std::time::Instant, u64)>,
@@ -130,7 +130,7 @@ struct Progress {
 
 impl Progress {
     fn update(&mut self, report: &Report) {
-        self.phase.clone_from(&report.phase);
+        self.phase = report.phase.name();
         self.bytes = report.image_bytes;
         if self.bytes > 0 {
             let (at, bytes) = *self
@@ -179,7 +179,7 @@ fn print_migration(r: &Report, predicted: Option<&Prediction>) {
         "phase", "start ms", "duration ms"
     );
     for phase in &r.phases {
-        let name = phase.name.as_str();
+        let name = phase.name.name();
         let column = predicted
             .and_then(|p| p.phases.iter().find(|(n, _)| n == name))
             .map(|(_, us)| format!(" {:>12.3}", us / 1e3))

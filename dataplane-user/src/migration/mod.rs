@@ -29,7 +29,12 @@ use std::{
 use serde::{Deserialize, Serialize};
 pub use source::run;
 
-use crate::{criu::Criu, kernel::logs::Tap, migration::converge::Comparator, report::Mode};
+use crate::{
+    criu::Criu,
+    kernel::logs::Tap,
+    migration::converge::Comparator,
+    report::{Mode, Stage},
+};
 
 /// What to migrate, where, and how.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -86,6 +91,6 @@ pub struct Context {
 #[derive(Debug, thiserror::Error)]
 #[error("{phase}: {cause}")]
 pub struct MigrationError {
-    pub phase: String,
+    pub phase: Stage,
     pub cause: String,
 }

@@ -29,7 +29,7 @@ use crate::{
     },
     peer,
     planning::policy::StopPolicy,
-    report::{Mode, Phase, Report, State},
+    report::{Mode, Phase, Report, Stage, State},
     service::Service,
 };
 
@@ -67,7 +67,7 @@ pub async fn run(
     match outcome {
         Ok(()) => {
             report.state = State::Done;
-            report.phase = "done".into();
+            report.phase = Stage::Done;
         }
         Err(e) => {
             report.state = State::Failed;
@@ -102,13 +102,13 @@ struct Source {
 impl Migration {
     fn fail(&self, cause: impl std::fmt::Display) -> MigrationError {
         MigrationError {
-            phase: self.report.phase.clone(),
+            phase: self.report.phase,
             cause: cause.to_string(),
         }
     }
 
-    fn begin(&mut self, phase: &str) -> Result<Instant, MigrationError> {
-        self.report.phase = phase.into();
+    fn begin(&mut self, phase: Stage) -> Result<Instant, MigrationError> {
+        self.report.phase = phase;
         (self.progress)(&self.report);
         if self.context.abort.load(Ordering::Relaxed) {
             return Err(self.fail("aborted on request"));
@@ -118,7 +118,7 @@ impl Migration {
 
     fn end(&mut self, started: Instant) {
         self.report.phases.push(Phase {
-            name: self.report.phase.clone(),
+            name: self.report.phase,
             start_us: (started - self.start).as_micros() as u64,
             duration_us: started.elapsed().as_micros() as u64,
         });
@@ -126,7 +126,7 @@ impl Migration {
     }
 
     async fn execute(&mut self) -> Result<(), MigrationError> {
-        let t = self.begin("prepare")?;
+        let t = self.begin(Stage::Prepare)?;
         let [spec] = &self.service.flows[..] else {
             return Err(self.fail("a migrated service has exactly one flow here"));
         };
@@ -207,7 +207,7 @@ impl Migration {
         let position = self.checkpoint(source).await?;
         source.check_log().map_err(|e| self.fail(e))?;
 
-        let t = self.begin("transfer")?;
+        let t = self.begin(Stage::Transfer)?;
         let images = self.images();
         let id = self.report.id.clone();
         // Watchers see the bytes go, ten times a second.
@@ -224,7 +224,7 @@ impl Migration {
         self.report.image_bytes = sent.map_err(|e| self.fail(e))?.received.bytes;
         self.end(t);
 
-        let t = self.begin("restore")?;
+        let t = self.begin(Stage::Restore)?;
         let restored: Restored = step(
             link,
             &Step::Restore {
@@ -286,7 +286,7 @@ impl Migration {
     /// Holds the checkpointed instance's inputs, waits for its socket to
     /// drain, dumps it (left running) and gives it the held inputs back.
     async fn checkpoint(&mut self, source: &mut Source) -> Result<FlowPosition, MigrationError> {
-        let t = self.begin("checkpoint")?;
+        let t = self.begin(Stage::Checkpoint)?;
         let mut instance = self.checkpointed()?;
         let (pid, flow_id) = (instance.pid, source.flow_id);
         let images = self.images();
@@ -361,7 +361,7 @@ impl Migration {
         link: &mut TcpStream,
         replay_end: u64,
     ) -> Result<(), MigrationError> {
-        let t = self.begin("converge")?;
+        let t = self.begin(Stage::Converge)?;
         let deadline = Instant::now() + Duration::from_millis(self.request.deadline_ms);
         let mut convergence = Convergence::new(self.request.converge);
         let mut pairing = Pairing::after_replay(replay_end);
@@ -421,7 +421,7 @@ impl Migration {
         source: &mut Source,
         link: &mut TcpStream,
     ) -> Result<(), MigrationError> {
-        let t = self.begin("cutover")?;
+        let t = self.begin(Stage::Cutover)?;
         let flow_id = source.flow_id;
         // The destination mutes its outputs until the first input the
         // source forwards past K; the source's kernel program picks K at
@@ -446,7 +446,7 @@ impl Migration {
         self.report.handover_seq = k;
         self.end(t);
 
-        let t = self.begin("announce")?;
+        let t = self.begin(Stage::Announce)?;
         // Inputs above K now go to the destination through the mirror;
         // announcing the address there makes the path direct.
         let _: Value = step(link, &Step::Announce)
@@ -457,7 +457,7 @@ impl Migration {
             .await;
         self.end(t);
 
-        let t = self.begin("finish")?;
+        let t = self.begin(Stage::Finish)?;
         for pid in std::iter::once(self.service.pid).chain(self.service.standby_pid) {
             crate::host::tasks::demote(pid);
             let pid = nix::unistd::Pid::from_raw(pid as i32);

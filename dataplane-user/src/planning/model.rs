@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::report::{Mode, Report, State};
+use crate::report::{Mode, Report, Stage, State};
 
 /// y = fixed + slope * x, fitted by least squares.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -263,7 +263,7 @@ impl Calibration {
                 let phases = vec![
                     phase("dump", check + c.dump.at(m)),
                     phase("copy", c.copy.at(d)),
-                    phase("restore", c.restore.at(m)),
+                    phase(Stage::Restore.name(), c.restore.at(m)),
                 ];
                 Prediction {
                     method,
@@ -293,7 +293,7 @@ impl Calibration {
                 phases[0].1 += c.check_us;
                 phases.push(phase("dump", c.dump.at(volume)));
                 phases.push(phase("copy", last_copy));
-                phases.push(phase("restore", c.restore.at(m)));
+                phases.push(phase(Stage::Restore.name(), c.restore.at(m)));
                 Prediction {
                     method,
                     total_us: phases.iter().map(|p| p.1).sum(),
@@ -325,14 +325,14 @@ impl Calibration {
                     f64::INFINITY
                 };
                 let phases = vec![
-                    phase("prepare", live.prepare_us),
-                    phase("checkpoint", checkpoint),
-                    phase("transfer", transfer),
-                    phase("restore", restore + catch_up),
-                    phase("converge", live.converge_us),
-                    phase("cutover", live.cutover_us),
-                    phase("announce", live.announce_us),
-                    phase("finish", live.finish.at(m)),
+                    phase(Stage::Prepare.name(), live.prepare_us),
+                    phase(Stage::Checkpoint.name(), checkpoint),
+                    phase(Stage::Transfer.name(), transfer),
+                    phase(Stage::Restore.name(), restore + catch_up),
+                    phase(Stage::Converge.name(), live.converge_us),
+                    phase(Stage::Cutover.name(), live.cutover_us),
+                    phase(Stage::Announce.name(), live.announce_us),
+                    phase(Stage::Finish.name(), live.finish.at(m)),
                 ];
                 // Leave-running: the serving instance's outputs wait for the
                 // checkpoint phase (its inputs are held meanwhile). Standby:
@@ -460,23 +460,27 @@ impl Calibration {
             let m = |r: &Report| self.state_of(r);
             let costs = LiveCosts {
                 reports: done.len(),
-                prepare_us: mean_of(&|r| phase_us(r, "prepare")),
-                checkpoint: line(&|r| c.dump.at(m(r)), &|r| phase_us(r, "checkpoint"), 1.0),
+                prepare_us: mean_of(&|r| phase_us(r, Stage::Prepare)),
+                checkpoint: line(
+                    &|r| c.dump.at(m(r)),
+                    &|r| phase_us(r, Stage::Checkpoint),
+                    1.0,
+                ),
                 transfer: line(
                     &|r| r.image_bytes as f64,
-                    &|r| phase_us(r, "transfer"),
+                    &|r| phase_us(r, Stage::Transfer),
                     c.copy.slope,
                 ),
                 restore: line(
                     &|r| c.restore.at(m(r)),
-                    &|r| phase_us(r, "restore") - replay_us(r),
+                    &|r| phase_us(r, Stage::Restore) - replay_us(r),
                     1.0,
                 ),
                 replay_rate: mean_of(&|r| r.replay_rate),
-                converge_us: mean_of(&|r| phase_us(r, "converge")),
-                cutover_us: mean_of(&|r| phase_us(r, "cutover")),
-                announce_us: mean_of(&|r| phase_us(r, "announce")),
-                finish: line(&m, &|r| phase_us(r, "finish"), 0.0),
+                converge_us: mean_of(&|r| phase_us(r, Stage::Converge)),
+                cutover_us: mean_of(&|r| phase_us(r, Stage::Cutover)),
+                announce_us: mean_of(&|r| phase_us(r, Stage::Announce)),
+                finish: line(&m, &|r| phase_us(r, Stage::Finish), 0.0),
             };
             match mode {
                 Mode::LeaveRunning => self.leave_running = Some(costs),
@@ -497,7 +501,7 @@ impl Calibration {
 }
 
 /// A report's phase duration, µs (0 if it has none of that name).
-pub fn phase_us(report: &Report, name: &str) -> f64 {
+pub fn phase_us(report: &Report, name: Stage) -> f64 {
     report
         .phases
         .iter()
@@ -524,7 +528,7 @@ pub fn phases(report: &Report) -> BTreeMap<String, f64> {
     report
         .phases
         .iter()
-        .map(|p| (p.name.clone(), p.duration_us as f64))
+        .map(|p| (p.name.name().to_string(), p.duration_us as f64))
         .collect()
 }
 
@@ -638,7 +642,7 @@ mod tests {
         assert_eq!(cal.precopy_rounds(&hot, 5), 1);
     }
 
-    fn report(mode: Mode, image_mib: f64, phases: &[(&str, u64)]) -> Report {
+    fn report(mode: Mode, image_mib: f64, phases: &[(Stage, u64)]) -> Report {
         Report {
             mode,
             state: State::Done,
@@ -648,7 +652,7 @@ mod tests {
             phases: phases
                 .iter()
                 .map(|&(name, duration_us)| Phase {
-                    name: name.into(),
+                    name,
                     start_us: 0,
                     duration_us,
                 })
@@ -667,28 +671,28 @@ mod tests {
                 Mode::Standby,
                 1.0,
                 &[
-                    ("prepare", 900),
-                    ("checkpoint", 105_000),
-                    ("transfer", 19_900),
-                    ("restore", 87_700),
-                    ("converge", 11_600),
-                    ("cutover", 20_000),
-                    ("announce", 31_000),
-                    ("finish", 1_800),
+                    (Stage::Prepare, 900),
+                    (Stage::Checkpoint, 105_000),
+                    (Stage::Transfer, 19_900),
+                    (Stage::Restore, 87_700),
+                    (Stage::Converge, 11_600),
+                    (Stage::Cutover, 20_000),
+                    (Stage::Announce, 31_000),
+                    (Stage::Finish, 1_800),
                 ],
             ),
             report(
                 Mode::Standby,
                 64.0,
                 &[
-                    ("prepare", 900),
-                    ("checkpoint", 161_700),
-                    ("transfer", 356_000),
-                    ("restore", 149_700),
-                    ("converge", 11_600),
-                    ("cutover", 20_000),
-                    ("announce", 31_000),
-                    ("finish", 1_800),
+                    (Stage::Prepare, 900),
+                    (Stage::Checkpoint, 161_700),
+                    (Stage::Transfer, 356_000),
+                    (Stage::Restore, 149_700),
+                    (Stage::Converge, 11_600),
+                    (Stage::Cutover, 20_000),
+                    (Stage::Announce, 31_000),
+                    (Stage::Finish, 1_800),
                 ],
             ),
         ];
@@ -737,7 +741,7 @@ mod tests {
         let mut cal = calibration();
         let before = cal.criu.clone();
         // Reports without CRIU times leave the terms alone.
-        cal.fit_reports(&[report(Mode::Standby, 1.0, &[("checkpoint", 60_000)])]);
+        cal.fit_reports(&[report(Mode::Standby, 1.0, &[(Stage::Checkpoint, 60_000)])]);
         assert_eq!(
             (cal.criu.dump, cal.criu.restore),
             (before.dump, before.restore)
@@ -747,7 +751,7 @@ mod tests {
             criu_dump_us: dump_us,
             criu_restore_us: restore_us,
             frozen_us: 9_000,
-            ..report(Mode::Standby, image_mib, &[("checkpoint", 60_000)])
+            ..report(Mode::Standby, image_mib, &[(Stage::Checkpoint, 60_000)])
         };
         let reports = [timed(1.0, 50_000, 47_000), timed(1.0, 52_000, 45_000)];
         cal.fit_reports(&reports);

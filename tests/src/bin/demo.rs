@@ -236,7 +236,13 @@ mod tests {
 
     #[test]
     fn labels_in_a_row_do_not_overlap() {
-        let labels = [(0.0, 60.0), (10.0, 60.0), (20.0, 60.0), (65.0, 40.0), (500.0, 60.0)];
+        let labels = [
+            (0.0, 60.0),
+            (10.0, 60.0),
+            (20.0, 60.0),
+            (65.0, 40.0),
+            (500.0, 60.0),
+        ];
         let rows = label_rows(&labels);
         assert_eq!(rows, [0, 1, 2, 0, 0]);
         for (i, a) in labels.iter().enumerate() {
@@ -254,7 +260,11 @@ mod tests {
         let t = ticks(-100.0, 412.0);
         assert_eq!(t, [-100.0, 0.0, 100.0, 200.0, 300.0, 400.0]);
         let t = ticks(-100.0, 1900.0);
-        assert!(t.windows(2).all(|w| w[1] - w[0] == 250.0 || w[1] - w[0] == 500.0), "{t:?}");
+        assert!(
+            t.windows(2)
+                .all(|w| w[1] - w[0] == 250.0 || w[1] - w[0] == 500.0),
+            "{t:?}"
+        );
         assert!((4..=12).contains(&t.len()), "{t:?}");
         let small = ticks(-0.3, 1.1);
         assert!(small.contains(&0.0) && small.contains(&1.0), "{small:?}");
