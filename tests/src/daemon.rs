@@ -1,0 +1,164 @@
+//! A `dataplane daemon` process in a test host, the workspace's binaries
+//! beside the test executable, and the flows daemons are given.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use dataplane_user::kernel::loader::Dataplane;
+
+use crate::{netns::NetNs, timing::cpu_split};
+
+/// The path of the `dataplane` binary built beside the test executable.
+pub fn dataplane_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    // Tests run from target/<profile>/deps/, the demo and benchmarks from target/<profile>/.
+    let mut dir = exe.parent().expect("target dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
+    let bin = dir.join("dataplane");
+    assert!(
+        bin.exists(),
+        "{} is missing: `cargo xtask` builds it before tests, demo and benchmarks",
+        bin.display()
+    );
+    bin
+}
+
+/// A flow: (the CPS's end, the service's).
+pub type Flow = (SocketAddr, SocketAddr);
+
+/// A `dataplane daemon` process in a test host; on drop it is killed and
+/// what it pinned and wrote is removed.
+pub struct DaemonProcess {
+    child: std::process::Child,
+    /// Its control socket.
+    pub socket: PathBuf,
+    dir: PathBuf,
+    pin_root: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Starts the daemon in `host` with `config` (TOML) and waits for its socket.
+    pub fn start(host: &NetNs, name: &str, config: &str) -> Self {
+        let dir = PathBuf::from(format!("/tmp/dataplane-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("test dir");
+        std::fs::write(dir.join("dataplane.toml"), config).expect("write config");
+        let pin_root = dataplane_user::config::DaemonConfig::parse(config)
+            .expect("a valid test configuration")
+            .pin_root;
+        let socket = dir.join("dataplane.sock");
+        let child = Self::spawn(host, &dir, &socket);
+        Self {
+            child,
+            socket,
+            dir,
+            pin_root,
+        }
+    }
+
+    /// Starts `dataplane daemon` with the configuration in `dir`, its log
+    /// appended to `dir`/daemon.log, and waits until `socket` answers.
+    fn spawn(host: &NetNs, dir: &Path, socket: &Path) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .expect("log file");
+        // The daemon and the CRIU it starts stay off the real-time CPU.
+        let mut command = match cpu_split() {
+            Some((_, machinery)) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", &machinery.to_string(), "nsenter"]);
+                c
+            }
+            None => Command::new("nsenter"),
+        };
+        let mut child = command
+            .arg(format!("--net={}", host.path().display()))
+            .arg(dataplane_bin())
+            .arg("--socket")
+            .arg(socket)
+            .arg("daemon")
+            .arg("--config")
+            .arg(dir.join("dataplane.toml"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn the daemon");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(socket).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the daemon exited: {status}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// SIGKILLs the daemon (its pinned dataplane and its children stay, as
+    /// after a crash) and starts it again with the same configuration, as
+    /// its supervisor would.
+    pub fn kill_and_restart(&mut self, host: &NetNs) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Self::spawn(host, &self.dir, &self.socket);
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the daemon has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// A control-socket client.
+    pub fn client(&self) -> dataplane_user::control::client::Client {
+        dataplane_user::control::client::Client::connect(&self.socket)
+            .expect("connect to the daemon")
+    }
+
+    /// Adds `flow` to the daemon's dataplane.
+    pub fn add_flow(&self, (cps, service): Flow) {
+        self.client()
+            .call(
+                "flow.add",
+                serde_json::json!({"cps": cps, "service": service}),
+            )
+            .expect("flow.add");
+    }
+
+    /// Sends `signal` and waits for the process to end; its exit status.
+    /// The pinned dataplane stays, for a restart to adopt.
+    pub fn stop(mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the daemon");
+        let status = self.child.wait().expect("wait for the daemon");
+        self.pin_root = PathBuf::new();
+        status
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
+            eprintln!("--- daemon log ({}) ---\n{log}", self.dir.display());
+        }
+        if self.pin_root.join("links").exists() {
+            let _ = Dataplane::unload(&self.pin_root);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,413 @@
+//! The three test hosts (cps, src, dst) wired together, their addresses,
+//! a dataplane loaded on one of them, and raw Ethernet sockets.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use dataplane_user::kernel::{
+    loader::{Dataplane, LoadOptions, MAP_INPUTS, MirrorMode},
+    logs::{LogReader, Record},
+};
+
+use crate::{
+    daemon::{Flow, dataplane_bin},
+    netns::{NetNs, ip, run},
+    timing::realtime,
+};
+
+/// The CPS's IPv4 address.
+pub const CPS_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The service's IPv4 address, on `src` and (on lo) on `dst`.
+pub const SERVICE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// The CPS's IPv6 address.
+pub const CPS_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+/// The service's IPv6 address.
+pub const SERVICE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+
+/// The three test hosts and their links.
+pub struct TestHosts {
+    pub cps: NetNs,
+    pub src: NetNs,
+    pub dst: NetNs,
+    tag: String,
+}
+
+impl TestHosts {
+    /// Builds the hosts; `tag` keeps names apart between tests of one process.
+    pub fn new(tag: &str) -> Self {
+        let tag = format!("dp{}{tag}", std::process::id());
+        let hosts = Self {
+            cps: NetNs::new(&format!("{tag}-cps")),
+            src: NetNs::new(&format!("{tag}-src")),
+            dst: NetNs::new(&format!("{tag}-dst")),
+            tag,
+        };
+        hosts.wire();
+        hosts
+    }
+
+    fn wire(&self) {
+        let (cps, src, dst) = (self.cps.name(), self.src.name(), self.dst.name());
+        self.cps.ip(&["link", "add", "br0", "type", "bridge"]);
+        for (port, host) in [("to-src", src), ("to-dst", dst)] {
+            ip(&[
+                "link", "add", port, "netns", cps, "type", "veth", "peer", "name", "eth0", "netns",
+                host,
+            ]);
+            self.cps.ip(&["link", "set", port, "master", "br0", "up"]);
+        }
+        ip(&[
+            "link", "add", "peer0", "netns", src, "type", "veth", "peer", "name", "peer0", "netns",
+            dst,
+        ]);
+        self.cps.ip(&["link", "set", "br0", "up"]);
+        self.cps.ip(&["addr", "add", "192.0.2.1/24", "dev", "br0"]);
+        self.cps
+            .ip(&["addr", "add", "2001:db8::1/64", "dev", "br0", "nodad"]);
+        self.src
+            .ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+        self.src
+            .ip(&["addr", "add", "2001:db8::10/64", "dev", "eth0", "nodad"]);
+        self.src
+            .ip(&["addr", "add", "198.51.100.1/24", "dev", "peer0"]);
+        self.dst
+            .ip(&["addr", "add", "192.0.2.20/24", "dev", "eth0"]);
+        self.dst
+            .ip(&["addr", "add", "2001:db8::20/64", "dev", "eth0", "nodad"]);
+        self.dst.ip(&["addr", "add", "192.0.2.10/32", "dev", "lo"]);
+        self.dst
+            .ip(&["addr", "add", "2001:db8::10/128", "dev", "lo", "nodad"]);
+        self.dst
+            .ip(&["addr", "add", "198.51.100.2/24", "dev", "peer0"]);
+        // Mirror frames carry 46 bytes (50 with a VLAN tag) around a full-size input.
+        for host in [&self.src, &self.dst] {
+            host.ip(&["link", "set", "peer0", "mtu", "1600", "up"]);
+            host.ip(&["link", "set", "eth0", "up"]);
+            // A veth has no queue: when the image transfer fills its peer's
+            // ring, a mirror copy cloned onto it is dropped. With a qdisc
+            // the veth pushes back (Linux 6.15 and later) and the copy waits.
+            run(
+                "nsenter",
+                &[
+                    &format!("--net={}", host.path().display()),
+                    "tc",
+                    "qdisc",
+                    "replace",
+                    "dev",
+                    "peer0",
+                    "root",
+                    "pfifo",
+                    "limit",
+                    "10000",
+                ],
+            );
+        }
+        // A field device puts real checksums on the wire. A sender on this
+        // machine leaves them to a checksum offload that veth never performs,
+        // which only works while the skb's checksum state travels with it.
+        for iface in ["br0", "to-src", "to-dst"] {
+            self.cps.exec("ethtool", &["-K", iface, "tx", "off"]);
+        }
+        // Only src answers ARP for the service address, and dst never
+        // announces it (its ARP requests name its own address) before a
+        // migration's cutover does.
+        self.dst.sysctl("net.ipv4.conf.eth0.arp_ignore", "1");
+        self.dst.sysctl("net.ipv4.conf.eth0.arp_announce", "2");
+        // Mirrored inputs from the CPS arrive on peer0, not on the CPS's subnet.
+        for key in ["all", "default", "peer0", "eth0"] {
+            self.dst
+                .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0");
+        }
+    }
+
+    /// The CPS simulator on `cps`, at the real-time priority, driving every
+    /// flow of `flows` (each cycle sends an input on each): `count` inputs
+    /// every `period_us`, its verdicts on stdout (see `cps_verdicts`).
+    pub fn cps_command(&self, flows: &[Flow], count: u64, period_us: u64) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.cps.path().display()))
+            .args(realtime())
+            .arg(dataplane_bin().with_file_name("cps-sim"));
+        for (cps, service) in flows {
+            command
+                .args(["--to", &service.to_string()])
+                .args(["--bind", &cps.to_string()]);
+        }
+        command
+            .args(["--count", &count.to_string()])
+            .args(["--period-us", &period_us.to_string()])
+            .stdout(std::process::Stdio::piped());
+        command
+    }
+
+    /// A standby host inside `src`: a namespace linked to it by the veth
+    /// stby0 (src) / eth0 (standby) with the service address, whose outputs
+    /// go nowhere (its dataplane mutes them).
+    pub fn add_standby(&self) -> NetNs {
+        let ns = NetNs::new(&format!("{}-stb", self.tag));
+        ip(&[
+            "link",
+            "add",
+            "stby0",
+            "netns",
+            self.src.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ]);
+        self.src.ip(&["link", "set", "stby0", "mtu", "1600", "up"]);
+        ns.ip(&["link", "set", "eth0", "mtu", "1600", "up"]);
+        ns.ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+        let mac = Self::mac(&self.src, "stby0")
+            .map(|b| format!("{b:02x}"))
+            .join(":");
+        // The standby's outputs need a next hop to reach the egress program.
+        ns.ip(&[
+            "neigh",
+            "add",
+            "192.0.2.1",
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ]);
+        ns.sysctl("net.ipv4.conf.eth0.arp_announce", "2");
+        ns.sysctl("net.ipv4.conf.eth0.arp_ignore", "1");
+        ns
+    }
+
+    /// A bpffs pin root of this test run for `host`.
+    pub fn pin_root(&self, host: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}-{host}", self.tag))
+    }
+
+    /// The MAC address of `iface` in `host`.
+    pub fn mac(host: &NetNs, iface: &str) -> [u8; 6] {
+        host.run(|| dataplane_user::host::netdev::Interface::by_name(iface))
+            .expect("interface exists")
+            .mac
+    }
+
+    /// Load options for `src`: eth0, mirroring over peer0 to dst's peer0.
+    pub fn src_options(&self) -> LoadOptions {
+        LoadOptions {
+            pin_root: self.pin_root("src"),
+            peer_interface: Some("peer0".into()),
+            peer_mac: Some(Self::mac(&self.dst, "peer0")),
+            input_ring_bytes: 8 << 20,
+            output_ring_bytes: 1 << 20,
+            ..LoadOptions::new("eth0")
+        }
+    }
+
+    /// Load options for `dst`: eth0, receiving mirror frames on peer0.
+    pub fn dst_options(&self) -> LoadOptions {
+        LoadOptions {
+            pin_root: self.pin_root("dst"),
+            peer_mac: Some(Self::mac(&self.src, "peer0")),
+            ..self.src_options()
+        }
+    }
+
+    /// Loads the dataplane on `src` with [`TestHosts::src_options`].
+    pub fn load_src(&self) -> Loaded {
+        Loaded::new(&self.src, &self.src_options())
+    }
+
+    /// Loads the dataplane on `dst` with [`TestHosts::dst_options`].
+    pub fn load_dst(&self) -> Loaded {
+        Loaded::new(&self.dst, &self.dst_options())
+    }
+
+    /// Adds the veth pair svc0 (dataplane side) / svc1 (service side) on `src`,
+    /// the local-delivery port of `MirrorMode::Devmap`, and returns that mode.
+    pub fn add_delivery_veth(&self) -> MirrorMode {
+        self.src.ip(&[
+            "link", "add", "svc0", "type", "veth", "peer", "name", "svc1",
+        ]);
+        for iface in ["svc0", "svc1"] {
+            self.src.ip(&["link", "set", iface, "up"]);
+        }
+        // A veth takes XDP-redirected frames only with NAPI on its peer: GRO turns it on.
+        self.src.exec("ethtool", &["-K", "svc1", "gro", "on"]);
+        // Inputs for eth0's address arrive on svc1.
+        for key in ["all", "default", "svc1"] {
+            self.src
+                .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0");
+        }
+        MirrorMode::Devmap {
+            deliver_interface: "svc0".into(),
+            deliver_mac: Self::mac(&self.src, "svc1"),
+        }
+    }
+}
+
+/// A dataplane loaded for a test, unloaded on drop.
+pub struct Loaded {
+    pub dataplane: Dataplane,
+}
+
+impl Loaded {
+    /// Loads the dataplane in `host` with `options`.
+    pub fn new(host: &NetNs, options: &LoadOptions) -> Self {
+        let dataplane = host
+            .run(|| Dataplane::load(options))
+            .unwrap_or_else(|e| panic!("loading the dataplane in {}: {e}", host.name()));
+        Self { dataplane }
+    }
+}
+
+impl Loaded {
+    /// Up to `count` records of the input log (whatever arrives within 10 s),
+    /// sorted by sequence number.
+    pub fn read_inputs(&self, count: usize) -> Vec<Record> {
+        self.read_log(MAP_INPUTS, count)
+    }
+
+    /// Up to `count` records of the log `name` (whatever arrives within 10 s),
+    /// sorted by sequence number.
+    pub fn read_log(&self, name: &'static str, count: usize) -> Vec<Record> {
+        let ring = self.dataplane.open_log(name).expect("open the log");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        runtime.block_on(async {
+            let mut reader = LogReader::spawn(ring, 1024).expect("watch the log");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let mut records = Vec::new();
+            while records.len() < count {
+                match tokio::time::timeout_at(deadline, reader.next()).await {
+                    Ok(r) => records.push(r),
+                    Err(_) => break,
+                }
+            }
+            records.sort_by_key(|r| r.header.seq);
+            records
+        })
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        let root = self.dataplane.pin_root().to_owned();
+        if root.exists() {
+            let _ = Dataplane::unload(&root);
+        }
+    }
+}
+
+/// `addr:port` as a socket address.
+pub fn sock(addr: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(addr.into(), port)
+}
+
+/// A raw AF_PACKET socket bound to one interface: sends and receives whole
+/// Ethernet frames, for tagged and malformed traffic a UDP socket cannot make.
+pub struct RawSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RawSocket {
+    /// Opens a raw socket on `iface` inside `host`.
+    pub fn open(host: &NetNs, iface: &str) -> Self {
+        host.run(|| {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2) call; the fd is owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto.into()) };
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: fd is a fresh socket we own.
+            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let index = nix::net::if_::if_nametoindex(iface).expect("interface exists");
+            // SAFETY: sockaddr_ll is plain data; all-zero is a valid start.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = proto;
+            addr.sll_ifindex = index as i32;
+            let len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+            // SAFETY: addr is a valid sockaddr_ll of len bytes.
+            let rc = unsafe {
+                libc::bind(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    (&raw const addr).cast(),
+                    len,
+                )
+            };
+            assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 300_000,
+            };
+            // SAFETY: setting SO_RCVTIMEO with a timeval.
+            unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const timeout).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            Self { fd }
+        })
+    }
+
+    /// Sends one frame as it is.
+    pub fn send(&self, frame: &[u8]) {
+        let sent = self.try_send(frame);
+        assert_eq!(
+            sent.as_ref().ok(),
+            Some(&frame.len()),
+            "send raw frame: {sent:?}"
+        );
+    }
+
+    /// Sends one frame as it is; the bytes sent, or why the kernel refused it.
+    pub fn try_send(&self, frame: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: frame is a valid buffer of its length.
+        let n = unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// The next frame, or None after the receive timeout.
+    pub fn recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 16384];
+        // SAFETY: buf is a valid writable buffer of its length.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.fd),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                0,
+            )
+        };
+        (n >= 0).then(|| {
+            buf.truncate(n as usize);
+            buf
+        })
+    }
+}

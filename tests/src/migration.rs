@@ -1,0 +1,520 @@
+//! A migration ready to start ([`MigrationSetup`]): two daemons and a
+//! controller on the test hosts; the stop-and-copy and pre-copy baselines;
+//! the CPS simulator's verdicts.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use dataplane_user::kernel::loader::{Dataplane, LoadOptions};
+
+use crate::{
+    daemon::{DaemonProcess, Flow},
+    hosts::{CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, sock},
+    netns::NetNs,
+    services::ChainService,
+    timing::cpu_split,
+};
+
+/// Two daemons on `src` and `dst` with a peer link, and a Markov controller
+/// on `src` registered as service "markov" on the flow 192.0.2.1:4000 ->
+/// 192.0.2.10:5000 ([2001:db8::1]:4000 -> [2001:db8::10]:5000 with
+/// [`MigrationSetup::ipv6`]): a migration ready to start.
+pub struct MigrationSetup {
+    pub hosts: TestHosts,
+    pub src: DaemonProcess,
+    pub dst: DaemonProcess,
+    pub controller: ChainService,
+    /// Standby mode: the standby's namespace (linked to `src` by the veth
+    /// stby0), its dataplane and its controller.
+    pub standby: Option<(Loaded, ChainService, NetNs)>,
+    /// The controller's address (the same on both hosts).
+    pub service: SocketAddr,
+    /// The CPS's end of the controller's flow.
+    cps: SocketAddr,
+    tag: String,
+}
+
+/// The CPS's port on the flow of [`MigrationSetup`]'s service "markov".
+const CPS_PORT: u16 = 4000;
+
+/// The address of [`MigrationSetup::add_services`]'s services, on `src` only.
+pub const EXTRA_SERVICE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
+
+/// The destination daemon's peer link address in [`MigrationSetup`].
+pub const DST_PEER: &str = "198.51.100.2:7070";
+/// The `peer_key` both daemons of [`MigrationSetup`] share.
+pub const PEER_KEY: &str = "6d6967726174696f6e2d746573742d6b65792d6f662d33322d62797465732121";
+
+impl MigrationSetup {
+    /// Builds it; `controller_args` go to the controller after its address.
+    /// With `standby`, a standby controller runs in a namespace of its own
+    /// on the source host, fed by the source's dataplane.
+    pub fn new(tag: &str, controller_args: &[&str], standby: bool) -> Self {
+        Self::with_source_config(tag, controller_args, standby, "")
+    }
+
+    /// As `new`, with `extra` TOML lines in the source daemon's configuration.
+    pub fn with_source_config(
+        tag: &str,
+        controller_args: &[&str],
+        standby: bool,
+        extra: &str,
+    ) -> Self {
+        Self::with_configs(tag, controller_args, standby, extra, "")
+    }
+
+    /// As `new`, with `src_extra` and `dst_extra` TOML lines in the source's
+    /// and the destination's daemon configuration.
+    pub fn with_configs(
+        tag: &str,
+        controller_args: &[&str],
+        standby: bool,
+        src_extra: &str,
+        dst_extra: &str,
+    ) -> Self {
+        let flow = (sock(CPS_V4, CPS_PORT), sock(SERVICE_V4, 5000));
+        Self::build(tag, controller_args, standby, (src_extra, dst_extra), flow)
+    }
+
+    /// As `new` without a standby, the controller on the IPv6 flow.
+    pub fn ipv6(tag: &str) -> Self {
+        let flow = (
+            SocketAddr::from((CPS_V6, CPS_PORT)),
+            SocketAddr::from((SERVICE_V6, 5000)),
+        );
+        Self::build(tag, &[], false, ("", ""), flow)
+    }
+
+    fn build(
+        tag: &str,
+        controller_args: &[&str],
+        standby: bool,
+        (src_extra, dst_extra): (&str, &str),
+        (cps, service): Flow,
+    ) -> Self {
+        let hosts = TestHosts::new(tag);
+        let standby_ns = standby.then(|| hosts.add_standby());
+        let standby_dataplane = standby_ns.as_ref().map(|ns| {
+            let options = LoadOptions {
+                pin_root: hosts.pin_root("stb"),
+                input_ring_bytes: 1 << 20,
+                output_ring_bytes: 1 << 20,
+                ..LoadOptions::new("eth0")
+            };
+            Loaded::new(ns, &options)
+        });
+        let standby_config = standby_ns
+            .as_ref()
+            .map(|ns| {
+                let mac = TestHosts::mac(ns, "eth0")
+                    .map(|b| format!("{b:02x}"))
+                    .join(":");
+                format!(
+                    "standby_interface = \"stby0\"\nstandby_mac = \"{mac}\"\n\
+                     standby_netns = \"{}\"\nstandby_pin_root = \"{}\"\n",
+                    ns.path().display(),
+                    hosts.pin_root("stb").display()
+                )
+            })
+            .unwrap_or_default();
+        let config = |host: &str, peer_mac: [u8; 6], listen: &str| {
+            let mac = peer_mac.map(|b| format!("{b:02x}")).join(":");
+            // `extra` may size the input ring itself (TOML refuses a key twice).
+            let ring = if listen.contains("input_ring_mib") {
+                ""
+            } else {
+                "input_ring_mib = 8\n"
+            };
+            format!(
+                "interface = \"eth0\"\npeer_interface = \"peer0\"\npeer_mac = \"{mac}\"\n\
+                 pin_root = \"{}\"\n{ring}output_ring_mib = 4\n\
+                 images_dir = \"/tmp/dataplane-test-{}-{tag}-{host}-images\"\n\
+                 peer_key = \"{PEER_KEY}\"\n{listen}",
+                hosts.pin_root(host).display(),
+                std::process::id(),
+            )
+        };
+        let src_config = config(
+            "src",
+            TestHosts::mac(&hosts.dst, "peer0"),
+            &format!("{standby_config}{src_extra}"),
+        );
+        let dst_config = config(
+            "dst",
+            TestHosts::mac(&hosts.src, "peer0"),
+            &format!("peer_listen = \"{DST_PEER}\"\n{dst_extra}"),
+        );
+        let src = DaemonProcess::start(&hosts.src, &format!("{tag}-src"), &src_config);
+        let dst = DaemonProcess::start(&hosts.dst, &format!("{tag}-dst"), &dst_config);
+        let mut args = vec![service.to_string()];
+        args.extend(controller_args.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let controller = ChainService::spawn(&hosts.src, "markov-controller", &args, service);
+        let standby_controller = standby_ns.as_ref().map(|ns| {
+            let standby = ChainService::spawn(ns, "markov-controller", &args, service);
+            // The standby only has to be fed; it serves nothing until it is
+            // checkpointed and restored (with the primary's CPUs). Off the
+            // real-time CPU it takes no time from the serving instance.
+            if let Some((_, machinery)) = cpu_split() {
+                dataplane_user::host::tasks::pin(standby.pid, &[machinery])
+                    .expect("pin the standby");
+            }
+            standby
+        });
+        src.add_flow((cps, service));
+        let standby = standby_ns.map(|ns| {
+            (
+                standby_dataplane.expect("loaded with the namespace"),
+                standby_controller.expect("started with the namespace"),
+                ns,
+            )
+        });
+        let setup = Self {
+            hosts,
+            src,
+            dst,
+            controller,
+            standby,
+            service,
+            cps,
+            tag: tag.to_string(),
+        };
+        setup.register();
+        setup
+    }
+
+    /// Registers the controller (and its standby) as service "markov" on
+    /// the source daemon (again, after a restart: the daemon keeps its
+    /// flows pinned but not its services).
+    pub fn register(&self) {
+        self.register_service(
+            "markov",
+            self.controller.pid,
+            self.standby.as_ref().map(|s| s.1.pid),
+            self.flow(),
+        );
+    }
+
+    fn register_service(&self, name: &str, pid: u32, standby_pid: Option<u32>, flow: Flow) {
+        self.src
+            .client()
+            .call(
+                "service.register",
+                serde_json::json!({"name": name, "pid": pid, "standby_pid": standby_pid,
+                    "flows": [{"cps": flow.0, "service": flow.1}]}),
+            )
+            .expect("service.register");
+    }
+
+    /// The flow of service "markov": (the CPS's end, the service's).
+    pub fn flow(&self) -> Flow {
+        (self.cps, self.service)
+    }
+
+    /// The id of service "markov"'s flow in the source's dataplane.
+    pub fn source_flow_id(&self) -> u32 {
+        let key = dataplane_user::kernel::flow::udp(self.cps, self.service);
+        let flows = Dataplane::open(&self.hosts.pin_root("src"))
+            .and_then(|d| d.flows())
+            .expect("the source's flows");
+        flows
+            .into_iter()
+            .find_map(|(k, config)| (k == key).then_some(config.flow_id))
+            .expect("service markov's flow on the source")
+    }
+
+    /// Starts `n` more Markov controllers on `src` (no standby), on
+    /// [`EXTRA_SERVICE_V4`] ports 5001.., each on its own flow from CPS
+    /// port 4001.. and registered as service "markov-I". Their address is
+    /// not the migrated service's: a migration's announce moves that address,
+    /// every port of it, to `dst`, and these stay on `src`. Call it once.
+    pub fn add_services(&self, n: u16) -> Vec<(ChainService, Flow)> {
+        self.hosts.src.ip(&[
+            "addr",
+            "add",
+            &format!("{EXTRA_SERVICE_V4}/24"),
+            "dev",
+            "eth0",
+        ]);
+        (1..=n)
+            .map(|i| {
+                let flow = (
+                    sock(CPS_V4, CPS_PORT + i),
+                    sock(EXTRA_SERVICE_V4, self.service.port() + i),
+                );
+                let addr = flow.1.to_string();
+                let controller =
+                    ChainService::spawn(&self.hosts.src, "markov-controller", &[&addr], flow.1);
+                self.src.add_flow(flow);
+                self.register_service(&format!("markov-{i}"), controller.pid, None, flow);
+                (controller, flow)
+            })
+            .collect()
+    }
+
+    /// Starts the CPS simulator on `cps`: `count` inputs every `period_us`,
+    /// with its per-cycle trace written to `trace` if given.
+    pub fn start_cps(
+        &self,
+        count: u64,
+        period_us: u64,
+        trace: Option<&std::path::Path>,
+    ) -> std::process::Child {
+        let mut command = self.hosts.cps_command(&[self.flow()], count, period_us);
+        if let Some(trace) = trace {
+            command.arg("--trace").arg(trace);
+        }
+        command.spawn().expect("start the CPS simulator")
+    }
+
+    /// As `start_cps`, sending `burst` inputs at 20 kHz on each SIGUSR1.
+    pub fn start_bursty_cps(
+        &self,
+        count: u64,
+        period_us: u64,
+        burst: u64,
+        trace: &std::path::Path,
+    ) -> std::process::Child {
+        let mut command = self.hosts.cps_command(&[self.flow()], count, period_us);
+        command
+            .args(["--burst", &burst.to_string()])
+            .arg("--trace")
+            .arg(trace);
+        command.spawn().expect("start the CPS simulator")
+    }
+
+    /// The destination daemon's image directory.
+    pub fn dst_images_dir(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/tmp/dataplane-test-{}-{}-dst-images",
+            std::process::id(),
+            self.tag
+        ))
+    }
+
+    /// Subscribes to `migration.watch` on the source, lets the CPS run
+    /// 300 ms, and starts a migration with `params`: the phase stream and
+    /// the migration's id.
+    pub fn migrate_watched(
+        &self,
+        params: serde_json::Value,
+    ) -> (dataplane_user::control::client::Client, String) {
+        let mut watcher = self.src.client();
+        watcher
+            .call("migration.watch", serde_json::json!({}))
+            .expect("migration.watch");
+        std::thread::sleep(Duration::from_millis(300));
+        (watcher, self.migrate(params))
+    }
+
+    /// Starts the CPS for `cycles` at 1 ms, migrates "markov" to `dst` with
+    /// `params` added `lead` later, and waits for both to end: the final
+    /// report and the CPS's verdict.
+    pub fn migrate_while_cps_runs(
+        &self,
+        cycles: u64,
+        lead: Duration,
+        params: serde_json::Value,
+    ) -> (serde_json::Value, serde_json::Value) {
+        let cps = self.start_cps(cycles, 1000, None);
+        std::thread::sleep(lead);
+        let id = self.migrate(params);
+        let report = self.wait(&id);
+        (report, cps_verdict(cps))
+    }
+
+    /// Starts migrating "markov" to `dst` with `params` added; the migration id.
+    pub fn migrate(&self, params: serde_json::Value) -> String {
+        let mut request = serde_json::json!({"service": "markov", "to": DST_PEER});
+        request
+            .as_object_mut()
+            .unwrap()
+            .extend(params.as_object().cloned().unwrap_or_default());
+        let started = self
+            .src
+            .client()
+            .call("migration.start", request)
+            .expect("migration.start");
+        started["id"].as_str().expect("an id").to_string()
+    }
+
+    /// Waits for migration `id` to end; its final report.
+    pub fn wait(&self, id: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let report = self
+                .src
+                .client()
+                .call("migration.status", serde_json::json!({"id": id}))
+                .expect("migration.status");
+            if report["state"] != "running" {
+                return report;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "migration {id} still running: {report}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// What a stop-and-copy migration took, phase by phase.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StopAndCopy {
+    /// The restored controller on `dst` (this process's child).
+    pub pid: u32,
+    /// The dump, with any pre-dump rounds before it.
+    pub dump: Duration,
+    /// CRIU's frozen time of the final dump, from stats-dump.
+    pub frozen: Duration,
+    pub copy: Duration,
+    pub restore: Duration,
+    pub image_bytes: u64,
+    /// Pre-dump rounds taken (pre-copy only).
+    pub rounds: usize,
+}
+
+impl MigrationSetup {
+    /// The classic migration of the controller, the papers' baseline: CRIU
+    /// dump (the service stops), copy the images, CRIU restore on `dst`,
+    /// take the address there and announce it. Inputs meanwhile are lost.
+    pub fn stop_and_copy(
+        &self,
+        images: &std::path::Path,
+        copied: &std::path::Path,
+    ) -> anyhow::Result<StopAndCopy> {
+        self.dump_copy_restore(images, copied, None)
+    }
+
+    /// kaur2020's iterative pre-copy of the controller: pre-dump rounds
+    /// while it runs, stopped by `policy`, then the final dump, copy and
+    /// restore as in `stop_and_copy`. CRIU's driver takes a single dump
+    /// where the kernel cannot track memory (`rounds` is then 0).
+    pub fn pre_copy(
+        &self,
+        images: &std::path::Path,
+        copied: &std::path::Path,
+        policy: &dataplane_user::planning::policy::StopPolicy,
+    ) -> anyhow::Result<StopAndCopy> {
+        self.dump_copy_restore(images, copied, Some(policy))
+    }
+
+    /// Runs CRIU where the daemons would: on the machinery's CPU when the
+    /// run pins (CRIU's tasks inherit this thread's CPUs), and gives the
+    /// restored controller its source's CPUs, as the destination daemon
+    /// does; the baselines then pay what our live modes pay for CRIU.
+    fn dump_copy_restore(
+        &self,
+        images: &std::path::Path,
+        copied: &std::path::Path,
+        precopy: Option<&dataplane_user::planning::policy::StopPolicy>,
+    ) -> anyhow::Result<StopAndCopy> {
+        use nix::{sched::CpuSet, unistd::Pid};
+        let here = Pid::from_raw(0);
+        let before = nix::sched::sched_getaffinity(here)?;
+        if let Some((_, machinery)) = cpu_split() {
+            let mut set = CpuSet::new();
+            set.set(machinery)?;
+            nix::sched::sched_setaffinity(here, &set)?;
+        }
+        let source_cpus =
+            dataplane_user::host::tasks::cpus_of(self.controller.pid).unwrap_or_default();
+        let outcome = self.dump_copy_restore_here(images, copied, precopy);
+        nix::sched::sched_setaffinity(here, &before)?;
+        let outcome = outcome?;
+        if !source_cpus.is_empty() {
+            dataplane_user::host::tasks::pin(outcome.pid, &source_cpus)
+                .map_err(anyhow::Error::msg)?;
+        }
+        Ok(outcome)
+    }
+
+    fn dump_copy_restore_here(
+        &self,
+        images: &std::path::Path,
+        copied: &std::path::Path,
+        precopy: Option<&dataplane_user::planning::policy::StopPolicy>,
+    ) -> anyhow::Result<StopAndCopy> {
+        use dataplane_user::criu::{
+            Criu, DumpRequest, RestoreRequest, netns_inode, open_netns, stats,
+        };
+        let criu = Criu::default();
+        let pid = self.controller.pid;
+        let dump = DumpRequest {
+            pid,
+            images_dir: images.to_owned(),
+            external: vec![format!("net[{}]:extnet", netns_inode(pid)?)],
+            ..Default::default()
+        };
+        let start = std::time::Instant::now();
+        let rounds = match precopy {
+            Some(policy) => criu.iterative_dump(&dump, policy)?.rounds.len(),
+            None => {
+                criu.dump(&dump, false, &mut |_| true)?;
+                0
+            }
+        };
+        let dumped = start.elapsed();
+        let frozen = Duration::from_micros(stats::dump(images).map_or(0, |s| s.frozen_time.into()));
+        // Pre-dump rounds sit in subdirectories: copy the tree.
+        let image_bytes = copy_tree(images, copied)?;
+        let copied_at = start.elapsed();
+        let netns = open_netns(&self.hosts.dst.path())?;
+        let restore = RestoreRequest {
+            images_dir: copied.to_owned(),
+            inherit: vec![("extnet".into(), &netns)],
+        };
+        let restored = criu.restore(&restore, &mut |_, _| true)?;
+        self.hosts.dst.run(|| -> anyhow::Result<()> {
+            let addr = SERVICE_V4;
+            dataplane_user::host::netdev::own_address("eth0", addr.into())?;
+            dataplane_user::host::netdev::gratuitous_arp("eth0", addr)?;
+            Ok(())
+        })?;
+        Ok(StopAndCopy {
+            pid: restored,
+            dump: dumped,
+            frozen,
+            copy: copied_at - dumped,
+            restore: start.elapsed() - copied_at,
+            image_bytes,
+            rounds,
+        })
+    }
+}
+
+/// Copies the directory tree `from` to `to`; the bytes copied.
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<u64> {
+    std::fs::create_dir_all(to)?;
+    let mut bytes = 0;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        bytes += if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?
+        } else {
+            std::fs::copy(entry.path(), target)?
+        };
+    }
+    Ok(bytes)
+}
+
+/// Waits for a CPS simulator to finish; its verdict.
+pub fn cps_verdict(child: std::process::Child) -> serde_json::Value {
+    cps_verdicts(child).swap_remove(0)
+}
+
+/// Waits for a CPS simulator to finish; its verdict on each flow.
+pub fn cps_verdicts(child: std::process::Child) -> Vec<serde_json::Value> {
+    let output = child.wait_with_output().expect("the CPS simulator");
+    assert!(output.status.success(), "cps-sim failed: {}", output.status);
+    output
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| serde_json::from_slice(line).expect("a JSON verdict"))
+        .collect()
+}
