@@ -1,6 +1,10 @@
 //! Builds the kernel programs (dataplane-ebpf) with the nightly toolchain and
 //! bpf-linker into OUT_DIR, where the loader includes them.
 //!
+//! With `DATAPLANE_SKIP_EBPF` set, it builds none and leaves an empty object:
+//! the user crate then checks, lints and unit-tests on the stable toolchain
+//! alone, and `dataplane load` says the programs are missing.
+//!
 //! This is aya-build's recipe with one change that aya-build 0.2 cannot
 //! express: `-C target-cpu=v3`. The sequence numbers need BPF's atomic
 //! fetch-and-add, which the default `generic` CPU lacks.
@@ -19,7 +23,13 @@ fn main() -> anyhow::Result<()> {
     for dir in [&ebpf_dir, &common_dir] {
         println!("cargo:rerun-if-changed={}", dir.display());
     }
+    println!("cargo:rerun-if-env-changed=DATAPLANE_SKIP_EBPF");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
+    if env::var_os("DATAPLANE_SKIP_EBPF").is_some() {
+        println!("cargo:warning=DATAPLANE_SKIP_EBPF is set: built without the kernel programs");
+        std::fs::write(out_dir.join("dataplane.bpf.o"), [])?;
+        return Ok(());
+    }
     let target_dir = out_dir.join("ebpf-target");
     let rustflags = [
         "--cfg=bpf_target_arch=\"x86_64\"",

@@ -453,13 +453,21 @@ pub mod counter {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all of these are #[repr(C)] plain integers and byte arrays with no padding.
+    // Each is #[repr(C)], of plain integers and byte arrays, without padding:
+    // any bytes of its size are a valid value.
+    // SAFETY: see above.
     unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for FlowConfig {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for FlowSequence {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for Gate {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for Config {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for RecordHeader {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for ReplaySlot {}
 }
 

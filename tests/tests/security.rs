@@ -309,6 +309,7 @@ fn request_as(socket: &Path, uid: u32, gid: u32, request: &[u8]) -> i32 {
     let result = b"\"result\"";
     // SAFETY: the child only calls async-signal-safe functions and _exit.
     match unsafe { nix::unistd::fork() }.expect("fork") {
+        // SAFETY: the same; the calls below are libc's, on valid pointers.
         nix::unistd::ForkResult::Child => unsafe {
             let code = (|| {
                 libc::alarm(10);

@@ -21,7 +21,8 @@ enum Task {
     Setup,
     /// Set up, then build everything (the kernel programs included).
     Build,
-    /// Set up, then run the unit tests and the integration tests (as root).
+    /// Set up, lint (clippy, warnings denied), then run the unit tests and the
+    /// integration tests (as root).
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
@@ -94,7 +95,9 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the integration tests build network namespaces and load BPF programs: run as root");
     }
-    // The default members: everything but the eBPF crate, which build.rs builds.
+    // The default members: everything but the eBPF crate, which build.rs
+    // builds (with its own lints: see dataplane-ebpf/src/main.rs).
+    cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
     // The integration tests drive the `dataplane` binary, so build it first.
     cargo(&["build", "--release"])?;
     let mut args = vec!["test", "--release"];

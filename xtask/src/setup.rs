@@ -40,6 +40,7 @@ const CRIU_VERSION: &str = "4.2.1";
 pub fn run() -> anyhow::Result<()> {
     step("Debian packages", apt_packages)?;
     step("nightly toolchain with rust-src", nightly_rust_src)?;
+    step("clippy", clippy)?;
     step("bpf-linker", bpf_linker)?;
     step("CRIU", criu)?;
     Ok(())
@@ -98,6 +99,18 @@ fn nightly_rust_src() -> anyhow::Result<String> {
         "rustup component add rust-src --toolchain nightly",
     )?;
     Ok("installed rust-src".into())
+}
+
+/// `cargo xtask test` lints with clippy before it tests.
+fn clippy() -> anyhow::Result<String> {
+    if output(Command::new("cargo").args(["clippy", "--version"])).is_ok() {
+        return Ok("present".into());
+    }
+    run_ok(
+        Command::new("rustup").args(["component", "add", "clippy"]),
+        "rustup component add clippy",
+    )?;
+    Ok("installed".into())
 }
 
 fn bpf_linker() -> anyhow::Result<String> {

@@ -28,7 +28,8 @@ use crate::{
     kernel::gate::{GateWindow, GateWindowError, MAP_GATES},
 };
 
-/// The kernel programs, built by build.rs.
+/// The kernel programs, built by build.rs (empty when it was told to skip
+/// them: `DATAPLANE_SKIP_EBPF`).
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane.bpf.o"));
 
@@ -44,6 +45,10 @@ pub enum LoadError {
     AlreadyLoaded(PathBuf),
     #[error("no dataplane is pinned at {0}; run `dataplane load` first")]
     NotLoaded(PathBuf),
+    #[error(
+        "this binary was built without the kernel programs (DATAPLANE_SKIP_EBPF); build it with `cargo xtask build`"
+    )]
+    NoPrograms,
     #[error(transparent)]
     Interface(#[from] InterfaceError),
     #[error(transparent)]
@@ -225,6 +230,9 @@ impl Dataplane {
                 Some(netdev::Interface::by_name(deliver_interface)?.index)
             }
         };
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoadError::NoPrograms);
+        }
         ensure_bpffs()?;
         let maps_dir = root.join("maps");
         create_dir(&maps_dir)?;
