@@ -10,15 +10,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use dataplane_common::{
-    FLOW_MIRROR, FLOW_STANDBY, FlowKey, FlowSequence, GATE_DELIVER_ALL, MAX_SEQ, META_DELIVER,
-    META_PEER, META_STANDBY, MIRROR_CLONE, MIRROR_DEVMAP, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD,
+    FlowKey, FlowSequence, MAX_SEQ, MIRROR_DEVMAP, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD,
     MIRROR_VERSION, MirrorHeader, PORT_MIRROR, RECORD_INPUT, RECORD_MIRRORED, RecordHeader,
     counter,
+    decide::{self, Route, captured_len},
 };
 
 use crate::{
     gate::{apply_gate, arm_answer, delivered, past_cutover},
-    maps::{FLOWS, GATES, INPUTS, MIRROR_PORTS, SEQUENCES, captured_len, config, count},
+    maps::{FLOWS, GATES, INPUTS, MIRROR_PORTS, SEQUENCES, config, count},
     mirror::{deliver, hand_to_mirror},
     parse::{Frame, parse, ptr_at},
     record::{self, Xdp},
@@ -50,21 +50,14 @@ pub(crate) fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
         captured_len: captured_len(frame_len, config.snap_len),
         ..Default::default()
     };
-    let next_seq = || {
-        // SAFETY: the array slot lives as long as the map; the atomic add makes
-        // numbers unique and gap-free across CPUs.
-        unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*sequence).last_seq, 1)
-                + 1
-        }
-    };
+    let next_seq = || next_number(sequence);
     let gate = GATES.get_ptr_mut(flow.flow_id);
     let Some(seq) = record::write(&INPUTS, &Xdp(ctx.ctx), 0, header, next_seq) else {
         // Unnumbered: only an open gate lets it through (a migration that
         // needs it must abort; ring_full says so).
         count(counter::RING_FULL);
         // SAFETY: the array slot lives as long as the map.
-        let open = gate.is_none_or(|g| unsafe { (*g).mode } == GATE_DELIVER_ALL);
+        let open = decide::unnumbered_passes(gate.map(|g| unsafe { (*g).mode }));
         return if open {
             xdp_action::XDP_PASS
         } else {
@@ -81,7 +74,10 @@ pub(crate) fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
     if past {
         count(counter::FORWARDED);
     }
-    let deliver = !gated && !past;
+    let Route {
+        deliver,
+        mirrored_seq,
+    } = decide::route_input(seq, gated, past);
     if deliver {
         delivered(sequence, gate, seq);
     }
@@ -90,22 +86,15 @@ pub(crate) fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
     } else {
         xdp_action::XDP_DROP
     };
-    let to_peer = flow.flags & FLOW_MIRROR != 0 && config.mirror_ifindex != 0;
+    let to_peer = decide::to_peer(flow.flags, &config);
     // A standby copy is made by `mirror` only (clone mode).
-    let to_standby = flow.flags & FLOW_STANDBY != 0
-        && config.standby_ifindex != 0
-        && config.mirror_mode == MIRROR_CLONE;
+    let to_standby = decide::to_standby(flow.flags, &config);
     if !to_peer && !to_standby {
         return local;
     }
-    let targets = if deliver { META_DELIVER } else { 0 }
-        | if to_peer { META_PEER } else { 0 }
-        | if to_standby { META_STANDBY } else { 0 };
+    let targets = decide::mirror_targets(deliver, to_peer, to_standby);
     // Past the cutover the peer is the one numbering authority: inputs go
-    // to it unnumbered (0), so that inputs reaching it directly and inputs
-    // forwarded from here (the CPS's path may swing back and forth while
-    // neighbours learn the address's new owner) share one numbering.
-    let mirrored_seq = if past { 0 } else { seq };
+    // to it unnumbered (0, see `Route`).
     if !hand_to_mirror(ctx, flow.flow_id, mirrored_seq, timestamp_ns, targets) {
         count(counter::MIRROR_ERRORS);
         return local;
@@ -124,6 +113,16 @@ pub(crate) fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
             count(counter::MIRROR_ERRORS);
             local
         }
+    }
+}
+
+/// Gives the flow's next number: the atomic add makes numbers unique and
+/// gap-free across CPUs, and between the capture and receive paths.
+#[inline(always)]
+fn next_number(sequence: *mut FlowSequence) -> u64 {
+    // SAFETY: the array slot lives as long as the map.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*sequence).last_seq, 1) + 1
     }
 }
 
@@ -231,12 +230,7 @@ pub(crate) fn receive(ctx: &XdpContext) -> u32 {
         if sent_seq != 0 {
             return sent_seq;
         }
-        // SAFETY: the array slot lives as long as the map; the atomic add
-        // makes numbers unique across CPUs and with the capture path.
-        unsafe {
-            atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(&raw mut (*sequence).last_seq, 1)
-                + 1
-        }
+        next_number(sequence)
     };
     let seq = if replayed {
         sent_seq

@@ -5,8 +5,8 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::bindings::xdp_action;
 use dataplane_common::{
-    CUT_AT_NEXT, FlowSequence, GATE_HOLD_ALL, GATE_SEQUENCED, Gate, OUTPUT_ARMED, OUTPUT_FROM,
-    TAG_COUNTED, counter,
+    CUT_AT_NEXT, FlowSequence, Gate, counter,
+    decide::{self, Verdict},
 };
 
 use crate::maps::count;
@@ -29,42 +29,24 @@ pub(crate) fn apply_gate(gate: Option<*mut Gate>, seq: u64) -> Option<u32> {
     }
 }
 
-/// What a gate does with one input.
-enum Verdict {
-    Deliver,
-    /// Kept in the log, not delivered (yet).
-    Hold,
-    /// The instance has it already.
-    Duplicate,
-}
-
 /// The gate's verdict on input `seq`. A sequenced gate advances its
 /// `next_expected` with one compare-and-exchange, so of two copies of the
 /// same input (a replayed one and a live one) exactly one is delivered.
 #[inline(always)]
 fn gate_verdict(gate: *mut Gate, seq: u64) -> Verdict {
     // SAFETY: the array slot lives as long as the map.
-    match unsafe { (*gate).mode } {
-        GATE_HOLD_ALL => Verdict::Hold,
-        GATE_SEQUENCED => {
-            // SAFETY: as above; the exchange is atomic across CPUs.
-            let (prev, taken) = unsafe {
-                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-                    &raw mut (*gate).next_expected,
-                    seq,
-                    seq + 1,
-                )
-            };
-            if taken {
-                Verdict::Deliver
-            } else if seq < prev {
-                Verdict::Duplicate
-            } else {
-                Verdict::Hold
-            }
-        }
-        _ => Verdict::Deliver,
+    if let Some(verdict) = decide::mode_verdict(unsafe { (*gate).mode }) {
+        return verdict;
     }
+    // SAFETY: as above; the exchange is atomic across CPUs.
+    let (prev, taken) = unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &raw mut (*gate).next_expected,
+            seq,
+            seq + 1,
+        )
+    };
+    decide::sequenced_verdict(seq, prev, taken)
 }
 
 /// Whether input `seq` comes after the gate's cutover point K
@@ -79,18 +61,18 @@ pub(crate) fn past_cutover(gate: *mut Gate, seq: u64) -> bool {
     // SAFETY: the array slot lives as long as the map. A volatile read: user
     // space flips this word through a memory mapping.
     let mut k = unsafe { core::ptr::read_volatile(&raw const (*gate).deliver_until) };
-    if k == CUT_AT_NEXT && seq > 1 {
+    if let Some(candidate) = decide::cutover_candidate(k, seq) {
         // SAFETY: as above; the exchange is atomic across CPUs and with user space.
         let (prev, done) = unsafe {
             atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
                 &raw mut (*gate).deliver_until,
                 CUT_AT_NEXT,
-                seq - 1,
+                candidate,
             )
         };
-        k = if done { seq - 1 } else { prev };
+        k = if done { candidate } else { prev };
     }
-    k != 0 && k != CUT_AT_NEXT && seq > k
+    decide::past_cutover(k, seq)
 }
 
 /// On a destination armed for the cutover (`OUTPUT_ARMED`): input `seq`
@@ -103,30 +85,30 @@ pub(crate) fn arm_answer(gate: *mut Gate, seq: u64) {
     // SAFETY: the array slot lives as long as the map; user space arms it
     // through a memory mapping.
     let output = unsafe { core::ptr::read_volatile(&raw const (*gate).output) };
-    if output != OUTPUT_ARMED && output != OUTPUT_FROM {
+    if !decide::tracks_answer(output) {
         return;
     }
     for _ in 0..4 {
         // SAFETY: as above.
         let current = unsafe { core::ptr::read_volatile(&raw const (*gate).answer_from) };
-        if current <= seq {
+        let Some(lowered) = decide::lowered_answer_from(current, seq) else {
             break;
-        }
+        };
         // SAFETY: as above; the exchange is atomic across CPUs.
         let (_, done) = unsafe {
             atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
                 &raw mut (*gate).answer_from,
                 current,
-                seq,
+                lowered,
             )
         };
         if done {
             break;
         }
     }
-    if output == OUTPUT_ARMED {
+    if let Some(opened) = decide::opened_output(output) {
         // SAFETY: as above.
-        unsafe { core::ptr::write_volatile(&raw mut (*gate).output, OUTPUT_FROM) };
+        unsafe { core::ptr::write_volatile(&raw mut (*gate).output, opened) };
     }
 }
 
@@ -139,7 +121,7 @@ pub(crate) fn delivered(sequence: *mut FlowSequence, gate: Option<*mut Gate>, se
         // SAFETY: the array slot lives as long as the map; the exchange is
         // atomic across CPUs, so only the first delivery sets the start.
         unsafe {
-            if (*gate).tagging == TAG_COUNTED
+            if decide::counts_outputs((*gate).tagging)
                 && core::ptr::read_volatile(&raw const (*gate).next_answer) == 0
             {
                 atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(

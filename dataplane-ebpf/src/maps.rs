@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, PerCpuArray, RingBuf},
 };
 use dataplane_common::{
-    CaptureMeta, Config, FlowConfig, FlowKey, FlowSequence, Gate, MAX_FLOWS, MAX_FRAME,
-    REPLAY_BATCH, ReplaySlot, counter,
+    CaptureMeta, Config, FlowConfig, FlowKey, FlowSequence, Gate, MAX_FLOWS, REPLAY_BATCH,
+    ReplaySlot, counter,
 };
 
 /// Known CPS flows, written by user space.
@@ -77,15 +77,4 @@ pub(crate) fn count(index: u32) {
 #[inline(always)]
 pub(crate) fn config() -> Config {
     CONFIG.get(0).copied().unwrap_or_default()
-}
-
-/// Bytes of a `frame_len`-byte frame that go into the log.
-#[inline(always)]
-pub(crate) fn captured_len(frame_len: u32, snap_len: u32) -> u32 {
-    let limit = if snap_len == 0 || snap_len > MAX_FRAME {
-        MAX_FRAME
-    } else {
-        snap_len
-    };
-    if frame_len < limit { frame_len } else { limit }
 }

@@ -5,12 +5,12 @@ use core::intrinsics::{AtomicOrdering, atomic_cxchg};
 
 use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
-    Config, FlowKey, FlowSequence, Gate, OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, RECORD_OUTPUT,
-    RecordHeader, TAG_COUNTED, counter,
+    Config, FlowKey, FlowSequence, Gate, RECORD_OUTPUT, RecordHeader, counter,
+    decide::{self, captured_len},
 };
 
 use crate::{
-    maps::{FLOWS, GATES, OUTPUTS, SEQUENCES, captured_len, count},
+    maps::{FLOWS, GATES, OUTPUTS, SEQUENCES, count},
     parse::{Frame, parse},
     record::{self, Skb},
 };
@@ -64,11 +64,7 @@ pub(crate) fn capture_output(ctx: &TcContext, config: &Config) -> bool {
             core::ptr::read_volatile(&raw const (*gate).answer_from),
         )
     };
-    match mode {
-        OUTPUT_MUTE | OUTPUT_ARMED => false,
-        OUTPUT_FROM => seq >= answer_from,
-        _ => true,
-    }
+    decide::output_leaves(mode, answer_from, seq)
 }
 
 /// The input an output of the flow answers (see `TAG_*`). Counting: the
@@ -81,25 +77,25 @@ pub(crate) fn output_tag(sequence: *const FlowSequence, gate: Option<*mut Gate>)
     // SAFETY: the array slots live as long as the maps.
     let latest = unsafe { core::ptr::read_volatile(&raw const (*sequence).last_delivered) };
     // SAFETY: as above.
-    let Some(gate) = gate.filter(|&g| unsafe { (*g).tagging } == TAG_COUNTED) else {
+    let Some(gate) = gate.filter(|&g| decide::counts_outputs(unsafe { (*g).tagging })) else {
         return latest;
     };
     for _ in 0..4 {
         // SAFETY: as above.
         let next = unsafe { core::ptr::read_volatile(&raw const (*gate).next_answer) };
-        if next == 0 || next > latest {
+        let Some(tag) = decide::counted_tag(next, latest) else {
             return latest;
-        }
+        };
         // SAFETY: as above; the exchange is atomic across CPUs.
         let (_, done) = unsafe {
             atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
                 &raw mut (*gate).next_answer,
-                next,
-                next + 1,
+                tag,
+                tag + 1,
             )
         };
         if done {
-            return next;
+            return tag;
         }
     }
     latest
