@@ -40,11 +40,13 @@ pub(crate) fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
     };
     let config = config();
     let frame_len = (ctx.data_end() - ctx.data()) as u32;
+    // SAFETY: the helper takes no arguments and only reads the clock.
     let timestamp_ns = unsafe { bpf_ktime_get_ns() };
     let header = RecordHeader {
         timestamp_ns,
         kind: RECORD_INPUT,
         flow_id: flow.flow_id,
+        // SAFETY: reading a field of the context the kernel handed us.
         ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
         frame_len,
         captured_len: captured_len(frame_len, config.snap_len),
@@ -221,6 +223,7 @@ pub(crate) fn receive(ctx: &XdpContext) -> u32 {
         timestamp_ns: u64::from_be(header.timestamp_ns),
         kind: RECORD_MIRRORED,
         flow_id,
+        // SAFETY: reading a field of the context the kernel handed us.
         ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
         frame_len,
         captured_len: captured_len(frame_len, config().snap_len),

@@ -73,8 +73,9 @@ pub fn mirror_port(ctx: XdpContext) -> u32 {
     // SAFETY: ptr_at checked the bounds.
     let meta = unsafe { meta.read_unaligned() };
     let frame_len = (ctx.data_end() - ctx.data()) as u32;
-    // SAFETY: the helper checks the headroom.
     if meta.magic & CAPTURE_META_MASK != CAPTURE_META_MAGIC
+        // SAFETY: the helper checks the headroom; `meta` is a copy, and
+        // packet pointers are taken again below.
         || unsafe { bpf_xdp_adjust_head(ctx.ctx, -(MIRROR_OVERHEAD as i32)) } != 0
     {
         count(counter::MIRROR_ERRORS);
@@ -125,6 +126,8 @@ pub fn mirror(ctx: TcContext) -> i32 {
         (META_STANDBY, config.standby_ifindex),
     ] {
         if meta.magic & target != 0 && ifindex != 0 {
+            // SAFETY: the helper clones the socket buffer the kernel handed
+            // us and checks `ifindex`; the original stays ours.
             let cloned = unsafe { bpf_clone_redirect(skb, ifindex, 0) };
             count(if cloned == 0 {
                 counter::MIRRORED
@@ -133,6 +136,8 @@ pub fn mirror(ctx: TcContext) -> i32 {
             });
         }
     }
+    // SAFETY: as above; clearing it keeps `egress` from taking a later
+    // frame on this CPU for a clone.
     unsafe { (*pending).magic = 0 };
     if meta.magic & META_DELIVER == 0 {
         return TC_ACT_SHOT;

@@ -67,10 +67,14 @@ pub(crate) fn encapsulate(ctx: &TcContext, pending: &CaptureMeta, config: &Confi
         if unsafe { bpf_skb_load_bytes(skb.cast(), 0, macs.as_mut_ptr().cast(), 12) } != 0 {
             return None;
         }
+        // SAFETY: the helper works on the socket buffer the kernel handed us;
+        // the tag it removes was saved above (vlan_tci, vlan_proto).
         if unsafe { bpf_skb_vlan_pop(skb) } != 0 {
             return None;
         }
     }
+    // SAFETY: the helper checks the room it makes; no packet pointer is
+    // held across it (the stores below go through helpers too).
     if unsafe { bpf_skb_change_head(skb, MIRROR_OVERHEAD + tag_len, 0) } != 0 {
         return None;
     }
@@ -107,9 +111,12 @@ pub(crate) fn deliver(ctx: &XdpContext, padding: u32) -> Option<()> {
     let outer_dst = ptr_at::<[u8; 6]>(ctx.data(), ctx.data_end(), 0)?;
     // SAFETY: ptr_at checked the bounds.
     let outer_dst = unsafe { outer_dst.read_unaligned() };
+    // SAFETY: the helper checks the new length; `outer_dst` is a copy, and
+    // packet pointers are taken again below.
     if padding != 0 && unsafe { bpf_xdp_adjust_tail(ctx.ctx, -(padding as i32)) } != 0 {
         return None;
     }
+    // SAFETY: as above; the helper checks that the frame holds the headers.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, MIRROR_OVERHEAD as i32) } != 0 {
         return None;
     }

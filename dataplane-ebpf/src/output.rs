@@ -41,9 +41,11 @@ pub(crate) fn capture_output(ctx: &TcContext, config: &Config) -> bool {
     let seq = output_tag(sequence, gate);
     let frame_len = ctx.len();
     let header = RecordHeader {
+        // SAFETY: the helper takes no arguments and only reads the clock.
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         kind: RECORD_OUTPUT,
         flow_id: flow.flow_id,
+        // SAFETY: reading a field of the context the kernel handed us.
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         frame_len,
         captured_len: captured_len(frame_len, config.snap_len),

@@ -48,6 +48,7 @@ pub(crate) fn take_queued_replay(ctx: &XdpContext) -> bool {
     // SAFETY: the array slot lives as long as the map; one batch runs at a
     // time on one CPU (user space serializes them).
     let index = unsafe { *next };
+    // SAFETY: as above.
     unsafe { *next = index + 1 };
     write_replay_frame(ctx, index).is_some()
 }
