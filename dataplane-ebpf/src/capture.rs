@@ -1,7 +1,7 @@
 //! Numbering and logging inputs: captured ones of known flows (`capture`)
 //! and mirrored ones from the peer (`receive`), which the gates then place.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{BPF_F_BROADCAST, xdp_action},
@@ -22,6 +22,7 @@ use crate::{
     mirror::{deliver, hand_to_mirror},
     parse::{Frame, parse, ptr_at},
     record::{self, Xdp},
+    word,
 };
 
 /// Numbers and logs an input of a known flow; it then passes to the stack,
@@ -133,24 +134,12 @@ fn next_number(sequence: *mut FlowSequence) -> u64 {
 /// writers, numbering fetch-adds, only ever raise it too).
 #[inline(always)]
 pub(crate) fn raise(sequence: *mut FlowSequence, seq: u64) {
-    for _ in 0..4 {
-        // SAFETY: the array slot lives as long as the map.
-        let current = unsafe { core::ptr::read_volatile(&raw const (*sequence).last_seq) };
-        if current >= seq {
-            return;
-        }
-        // SAFETY: as above; the exchange is atomic across CPUs.
-        let (_, done) = unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-                &raw mut (*sequence).last_seq,
-                current,
-                seq,
-            )
-        };
-        if done {
-            return;
-        }
-    }
+    // SAFETY: the array slot lives as long as the map.
+    unsafe {
+        word::update(&raw mut (*sequence).last_seq, |current| {
+            (current < seq).then_some(seq)
+        })
+    };
 }
 
 /// Logs a mirror frame from the peer and lets the flow's gate decide whether

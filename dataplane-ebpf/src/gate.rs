@@ -1,15 +1,13 @@
 //! The per-flow gates: the input gate (deliver, hold, drop a duplicate),
 //! the cutover point K, and the output gate's arming.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg};
-
 use aya_ebpf::bindings::xdp_action;
 use dataplane_common::{
     CUT_AT_NEXT, FlowSequence, Gate, counter,
     decide::{self, Verdict},
 };
 
-use crate::maps::count;
+use crate::{maps::count, word};
 
 /// Applies the flow's gate to input `seq`: `None` lets it on to the local
 /// instance; `Some(XDP_DROP)` holds it (it is in the log, for replay) or
@@ -38,14 +36,8 @@ fn gate_verdict(gate: *mut Gate, seq: u64) -> Verdict {
     if let Some(verdict) = decide::mode_verdict(unsafe { (*gate).mode }) {
         return verdict;
     }
-    // SAFETY: as above; the exchange is atomic across CPUs.
-    let (prev, taken) = unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-            &raw mut (*gate).next_expected,
-            seq,
-            seq + 1,
-        )
-    };
+    // SAFETY: as above.
+    let (prev, taken) = unsafe { word::exchange(&raw mut (*gate).next_expected, seq, seq + 1) };
     decide::sequenced_verdict(seq, prev, taken)
 }
 
@@ -62,14 +54,9 @@ pub(crate) fn past_cutover(gate: *mut Gate, seq: u64) -> bool {
     // space flips this word through a memory mapping.
     let mut k = unsafe { core::ptr::read_volatile(&raw const (*gate).deliver_until) };
     if let Some(candidate) = decide::cutover_candidate(k, seq) {
-        // SAFETY: as above; the exchange is atomic across CPUs and with user space.
-        let (prev, done) = unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-                &raw mut (*gate).deliver_until,
-                CUT_AT_NEXT,
-                candidate,
-            )
-        };
+        // SAFETY: as above.
+        let (prev, done) =
+            unsafe { word::exchange(&raw mut (*gate).deliver_until, CUT_AT_NEXT, candidate) };
         k = if done { candidate } else { prev };
     }
     decide::past_cutover(k, seq)
@@ -88,24 +75,12 @@ pub(crate) fn arm_answer(gate: *mut Gate, seq: u64) {
     if !decide::tracks_answer(output) {
         return;
     }
-    for _ in 0..4 {
-        // SAFETY: as above.
-        let current = unsafe { core::ptr::read_volatile(&raw const (*gate).answer_from) };
-        let Some(lowered) = decide::lowered_answer_from(current, seq) else {
-            break;
-        };
-        // SAFETY: as above; the exchange is atomic across CPUs.
-        let (_, done) = unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-                &raw mut (*gate).answer_from,
-                current,
-                lowered,
-            )
-        };
-        if done {
-            break;
-        }
-    }
+    // SAFETY: as above.
+    unsafe {
+        word::update(&raw mut (*gate).answer_from, |current| {
+            decide::lowered_answer_from(current, seq)
+        })
+    };
     if let Some(opened) = decide::opened_output(output) {
         // SAFETY: as above.
         unsafe { core::ptr::write_volatile(&raw mut (*gate).output, opened) };
@@ -124,11 +99,7 @@ pub(crate) fn delivered(sequence: *mut FlowSequence, gate: Option<*mut Gate>, se
             if decide::counts_outputs((*gate).tagging)
                 && core::ptr::read_volatile(&raw const (*gate).next_answer) == 0
             {
-                atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-                    &raw mut (*gate).next_answer,
-                    0,
-                    seq,
-                );
+                word::exchange(&raw mut (*gate).next_answer, 0, seq);
             }
         }
     }

@@ -27,6 +27,7 @@ mod output;
 mod parse;
 mod record;
 mod replay;
+mod word;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},

@@ -1,8 +1,6 @@
 //! The local instance's outputs: logged on egress, tagged with the input
 //! they answer, and let out or held by the flow's output gate.
 
-use core::intrinsics::{AtomicOrdering, atomic_cxchg};
-
 use aya_ebpf::{helpers::generated::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
     Config, FlowKey, FlowSequence, Gate, RECORD_OUTPUT, RecordHeader, counter,
@@ -13,6 +11,7 @@ use crate::{
     maps::{FLOWS, GATES, OUTPUTS, SEQUENCES, count},
     parse::{Frame, parse},
     record::{self, Skb},
+    word,
 };
 
 /// Logs an output of the local instance: a frame whose reversed 5-tuple is a
@@ -82,23 +81,11 @@ pub(crate) fn output_tag(sequence: *const FlowSequence, gate: Option<*mut Gate>)
     let Some(gate) = gate.filter(|&g| decide::counts_outputs(unsafe { (*g).tagging })) else {
         return latest;
     };
-    for _ in 0..4 {
-        // SAFETY: as above.
-        let next = unsafe { core::ptr::read_volatile(&raw const (*gate).next_answer) };
-        let Some(tag) = decide::counted_tag(next, latest) else {
-            return latest;
-        };
-        // SAFETY: as above; the exchange is atomic across CPUs.
-        let (_, done) = unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
-                &raw mut (*gate).next_answer,
-                tag,
-                tag + 1,
-            )
-        };
-        if done {
-            return tag;
-        }
+    // SAFETY: as above.
+    unsafe {
+        word::update(&raw mut (*gate).next_answer, |next| {
+            decide::counted_tag(next, latest).map(|tag| tag + 1)
+        })
     }
-    latest
+    .unwrap_or(latest)
 }
