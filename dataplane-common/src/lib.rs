@@ -6,6 +6,8 @@
 
 use core::mem::size_of;
 
+pub mod decide;
+
 /// Number of flows the maps hold; a flow id indexes the per-flow arrays.
 pub const MAX_FLOWS: u32 = 1024;
 

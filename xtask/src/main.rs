@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what this machine lacks: Debian packages, nightly rust-src,
-    /// bpf-linker 0.10.0, CRIU 4.2.1 built from source.
+    /// bpf-linker 0.13.0 (on nightly's LLVM), CRIU 4.2.1 built from source.
     Setup,
     /// Set up, then build everything (the kernel programs included).
     Build,

@@ -32,7 +32,14 @@ const APT_PACKAGES: &[&str] = &[
     "ethtool",
 ];
 
-const BPF_LINKER_VERSION: &str = "0.10.0";
+/// bpf-linker from 0.11 gives union types C names in the BTF it emits
+/// (0.10 kept `MaybeUninit<u8>`, and the kernel refused the object's BTF).
+/// Built against the nightly toolchain's own libLLVM: no LLVM package of
+/// bookworm matches nightly's, and 0.11 dropped the feature that loaded
+/// rustc's LLVM at run time.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The LLVM versions bpf-linker `BPF_LINKER_VERSION` has a feature for.
+const BPF_LINKER_LLVM: &[&str] = &["21", "22", "23"];
 const CRIU_BIN: &str = "/usr/local/sbin/criu";
 const CRIU_VERSION: &str = "4.2.1";
 
@@ -114,21 +121,65 @@ fn clippy() -> anyhow::Result<String> {
 }
 
 fn bpf_linker() -> anyhow::Result<String> {
+    // A bpf-linker whose LLVM went away with a nightly update fails to start,
+    // and is installed again.
     let version = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if version.contains(BPF_LINKER_VERSION) {
         return Ok(format!("{} present", version.trim()));
     }
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
+    let rust_lib = Path::new(sysroot.trim()).join("lib");
+    let verbose = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let llvm_major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("`rustc +nightly -vV` names no LLVM version")?
+        .to_string();
+    if !BPF_LINKER_LLVM.contains(&llvm_major.as_str()) {
+        bail!(
+            "nightly rustc uses LLVM {llvm_major}; bpf-linker {BPF_LINKER_VERSION} supports LLVM {}",
+            BPF_LINKER_LLVM.join(", ")
+        );
+    }
+    // bpf-linker links the libLLVM found as LLVM_PREFIX/lib/libLLVM.so; the
+    // nightly toolchain's own is named after its version only.
+    let llvm = fs::read_dir(&rust_lib)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", rust_lib.display()))?;
+    let prefix = std::env::temp_dir().join("dataplane-bpf-linker-llvm");
+    let _ = fs::remove_dir_all(&prefix);
+    fs::create_dir_all(prefix.join("lib"))?;
+    std::os::unix::fs::symlink(&llvm, prefix.join("lib/libLLVM.so"))?;
     run_ok(
-        Command::new("cargo").args([
-            "+nightly",
-            "install",
-            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
-            "--locked",
-            "--force",
-        ]),
+        Command::new("cargo")
+            .args([
+                "+nightly",
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm_major}"),
+            ])
+            .env("LLVM_PREFIX", &prefix)
+            // At run time the library is found where the toolchain keeps it.
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-arg=-Wl,-rpath,{}", rust_lib.display()),
+            ),
         "cargo +nightly install bpf-linker",
     )?;
-    Ok(format!("installed bpf-linker {BPF_LINKER_VERSION}"))
+    let _ = fs::remove_dir_all(&prefix);
+    Ok(format!(
+        "installed bpf-linker {BPF_LINKER_VERSION} (nightly's LLVM {llvm_major})"
+    ))
 }
 
 fn criu() -> anyhow::Result<String> {

@@ -1,0 +1,401 @@
+//! The gates' decisions as pure functions of plain values, so that host
+//! tests can check them: the kernel programs read and exchange the map words
+//! (the atomics and map accesses stay there) and ask these what follows.
+//!
+//! Every function is `#[inline(always)]`: the kernel programs must stay one
+//! function each for the verifier, as they were when this logic lived there.
+use crate::{
+    CUT_AT_NEXT, Config, FLOW_MIRROR, FLOW_STANDBY, GATE_DELIVER_ALL, GATE_HOLD_ALL,
+    GATE_SEQUENCED, MAX_FRAME, META_DELIVER, META_PEER, META_STANDBY, MIRROR_CLONE, OUTPUT_ARMED,
+    OUTPUT_FROM, OUTPUT_MUTE, TAG_COUNTED,
+};
+
+/// What an input gate does with one input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Deliver,
+    /// Kept in the log, not delivered (yet).
+    Hold,
+    /// The instance has it already.
+    Duplicate,
+}
+
+/// The verdict of an input gate in mode `mode` (`GATE_*`), or `None` for a
+/// sequenced gate: its verdict needs the compare-and-exchange of
+/// `next_expected` (see `sequenced_verdict`). An unknown mode delivers.
+#[inline(always)]
+pub fn mode_verdict(mode: u32) -> Option<Verdict> {
+    match mode {
+        GATE_HOLD_ALL => Some(Verdict::Hold),
+        GATE_SEQUENCED => None,
+        _ => Some(Verdict::Deliver),
+    }
+}
+
+/// A sequenced gate's verdict on input `seq`, from its compare-and-exchange
+/// of `next_expected` from `seq` to `seq + 1`: `taken` if it succeeded, else
+/// `prev` is the value the word held. Of two copies of one input (a
+/// replayed one and a live one) only one takes the word.
+#[inline(always)]
+pub fn sequenced_verdict(seq: u64, prev: u64, taken: bool) -> Verdict {
+    if taken {
+        Verdict::Deliver
+    } else if seq < prev {
+        Verdict::Duplicate
+    } else {
+        Verdict::Hold
+    }
+}
+
+/// Whether an input that could not be numbered (the log is full) still
+/// reaches the local instance: only through an open gate (`mode` is the
+/// flow's gate mode, `None` without a gate). A migration that needs it
+/// must abort.
+#[inline(always)]
+pub fn unnumbered_passes(mode: Option<u32>) -> bool {
+    mode.is_none_or(|mode| mode == GATE_DELIVER_ALL)
+}
+
+/// The cutover point K that input `seq` proposes, given the gate's
+/// `deliver_until` word `k`: while user space's flip (`CUT_AT_NEXT`) waits,
+/// the input's number - 1. Input 1 proposes none: K = 0 means no cutover,
+/// so the flip waits for input 2.
+#[inline(always)]
+pub fn cutover_candidate(k: u64, seq: u64) -> Option<u64> {
+    (k == CUT_AT_NEXT && seq > 1).then(|| seq - 1)
+}
+
+/// Whether input `seq` comes after the cutover point `k` (0: no cutover;
+/// `CUT_AT_NEXT`: not picked yet).
+#[inline(always)]
+pub fn past_cutover(k: u64, seq: u64) -> bool {
+    k != 0 && k != CUT_AT_NEXT && seq > k
+}
+
+/// Where a numbered input captured here goes: to the local instance
+/// (`deliver`), and with which number its mirror copy leaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub deliver: bool,
+    /// `seq`, or 0 past the cutover: the peer is then the one numbering
+    /// authority, and inputs reaching it directly and inputs forwarded from
+    /// here (the CPS's path may swing back and forth while neighbours learn
+    /// the address's new owner) share its numbering.
+    pub mirrored_seq: u64,
+}
+
+/// The route of captured input `seq`: the local instance gets it if its
+/// gate lets it (`gated` is false) and it is not `past` the cutover.
+#[inline(always)]
+pub fn route_input(seq: u64, gated: bool, past: bool) -> Route {
+    Route {
+        deliver: !gated && !past,
+        mirrored_seq: if past { 0 } else { seq },
+    }
+}
+
+/// Whether a captured input of a flow with `flags` (`FLOW_*`) is copied to
+/// the peer: every input of a mirrored flow, so that the peer's log is
+/// complete whatever happens here.
+#[inline(always)]
+pub fn to_peer(flags: u32, config: &Config) -> bool {
+    flags & FLOW_MIRROR != 0 && config.mirror_ifindex != 0
+}
+
+/// Whether a captured input is copied to the standby; only the clone mode
+/// (the `mirror` TC program) makes a standby copy.
+#[inline(always)]
+pub fn to_standby(flags: u32, config: &Config) -> bool {
+    flags & FLOW_STANDBY != 0 && config.standby_ifindex != 0 && config.mirror_mode == MIRROR_CLONE
+}
+
+/// The `META_*` bits the mirror programs get: where copies go and whether
+/// the original is delivered.
+#[inline(always)]
+pub fn mirror_targets(deliver: bool, to_peer: bool, to_standby: bool) -> u32 {
+    (if deliver { META_DELIVER } else { 0 })
+        | (if to_peer { META_PEER } else { 0 })
+        | (if to_standby { META_STANDBY } else { 0 })
+}
+
+/// Whether an input the peer forwarded past its cutover (unnumbered) moves
+/// the output gate `output` (`OUTPUT_*`): an armed one, or one that opened.
+#[inline(always)]
+pub fn tracks_answer(output: u32) -> bool {
+    output == OUTPUT_ARMED || output == OUTPUT_FROM
+}
+
+/// The new `answer_from` for such an input `seq`: it only ever comes down,
+/// to the lowest such input (frames handled on several CPUs may race).
+#[inline(always)]
+pub fn lowered_answer_from(current: u64, seq: u64) -> Option<u64> {
+    (current > seq).then_some(seq)
+}
+
+/// The output mode after such an input: an armed gate opens (`OUTPUT_FROM`,
+/// from `answer_from` on); others stay.
+#[inline(always)]
+pub fn opened_output(output: u32) -> Option<u32> {
+    (output == OUTPUT_ARMED).then_some(OUTPUT_FROM)
+}
+
+/// Whether an output tagged `seq` leaves, under the output gate's `mode`
+/// (`OUTPUT_*`) and `answer_from`.
+#[inline(always)]
+pub fn output_leaves(mode: u32, answer_from: u64, seq: u64) -> bool {
+    match mode {
+        OUTPUT_MUTE | OUTPUT_ARMED => false,
+        OUTPUT_FROM => seq >= answer_from,
+        _ => true,
+    }
+}
+
+/// Whether a gate with `tagging` (`TAG_*`) counts outputs; otherwise an
+/// output answers the latest delivered input.
+#[inline(always)]
+pub fn counts_outputs(tagging: u32) -> bool {
+    tagging == TAG_COUNTED
+}
+
+/// Counting: the input an output answers, given the gate's `next_answer`
+/// and the latest delivered input: `Some(next_answer)`, which the caller
+/// claims by moving `next_answer` on by one, or `None` when there is none
+/// to claim (no delivery yet, or every delivered input is answered): then
+/// it is a further output for the latest.
+#[inline(always)]
+pub fn counted_tag(next_answer: u64, latest: u64) -> Option<u64> {
+    (next_answer != 0 && next_answer <= latest).then_some(next_answer)
+}
+
+/// Bytes of a `frame_len`-byte frame that go into the log, under the
+/// configured `snap_len` (0, or above `MAX_FRAME`: `MAX_FRAME`).
+#[inline(always)]
+pub fn captured_len(frame_len: u32, snap_len: u32) -> u32 {
+    let limit = if snap_len == 0 || snap_len > MAX_FRAME {
+        MAX_FRAME
+    } else {
+        snap_len
+    };
+    if frame_len < limit { frame_len } else { limit }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{OUTPUT_PASS, TAG_LATEST};
+
+    /// A sequenced gate's word, exchanged the way the kernel program does.
+    fn sequenced(next_expected: &mut u64, seq: u64) -> Verdict {
+        let prev = *next_expected;
+        let taken = prev == seq;
+        if taken {
+            *next_expected = seq + 1;
+        }
+        sequenced_verdict(seq, prev, taken)
+    }
+
+    #[test]
+    fn gate_verdicts_per_mode() {
+        assert_eq!(mode_verdict(GATE_DELIVER_ALL), Some(Verdict::Deliver));
+        assert_eq!(mode_verdict(GATE_HOLD_ALL), Some(Verdict::Hold));
+        assert_eq!(mode_verdict(GATE_SEQUENCED), None);
+        assert_eq!(mode_verdict(99), Some(Verdict::Deliver));
+    }
+
+    #[test]
+    fn sequenced_gate_delivers_in_order_once() {
+        let mut next = 5;
+        assert_eq!(sequenced(&mut next, 6), Verdict::Hold);
+        assert_eq!(sequenced(&mut next, 5), Verdict::Deliver);
+        // The other copy of input 5 (replayed and live).
+        assert_eq!(sequenced(&mut next, 5), Verdict::Duplicate);
+        assert_eq!(sequenced(&mut next, 4), Verdict::Duplicate);
+        assert_eq!(sequenced(&mut next, 6), Verdict::Deliver);
+        assert_eq!(next, 7);
+    }
+
+    #[test]
+    fn unnumbered_inputs_pass_only_an_open_gate() {
+        assert!(unnumbered_passes(None));
+        assert!(unnumbered_passes(Some(GATE_DELIVER_ALL)));
+        assert!(!unnumbered_passes(Some(GATE_HOLD_ALL)));
+        assert!(!unnumbered_passes(Some(GATE_SEQUENCED)));
+    }
+
+    #[test]
+    fn the_first_input_after_the_flip_picks_k() {
+        assert_eq!(cutover_candidate(CUT_AT_NEXT, 8), Some(7));
+        // Input 1 would pick K = 0, which means no cutover: it waits.
+        assert_eq!(cutover_candidate(CUT_AT_NEXT, 1), None);
+        assert_eq!(cutover_candidate(CUT_AT_NEXT, 2), Some(1));
+        // K picked already, or no cutover.
+        assert_eq!(cutover_candidate(7, 9), None);
+        assert_eq!(cutover_candidate(0, 9), None);
+    }
+
+    #[test]
+    fn inputs_after_k_are_past_the_cutover() {
+        assert!(!past_cutover(0, 100));
+        assert!(!past_cutover(CUT_AT_NEXT, 100));
+        assert!(!past_cutover(7, 7));
+        assert!(past_cutover(7, 8));
+        assert!(!past_cutover(CUT_AT_NEXT, 1));
+    }
+
+    #[test]
+    fn inputs_past_k_are_forwarded_unnumbered() {
+        let route = |gated, past| route_input(9, gated, past);
+        assert_eq!(
+            route(false, false),
+            Route {
+                deliver: true,
+                mirrored_seq: 9
+            }
+        );
+        assert_eq!(
+            route(true, false),
+            Route {
+                deliver: false,
+                mirrored_seq: 9
+            }
+        );
+        assert_eq!(
+            route(false, true),
+            Route {
+                deliver: false,
+                mirrored_seq: 0
+            }
+        );
+        assert_eq!(
+            route(true, true),
+            Route {
+                deliver: false,
+                mirrored_seq: 0
+            }
+        );
+    }
+
+    #[test]
+    fn copies_go_where_the_flow_and_config_say() {
+        let config = Config {
+            mirror_ifindex: 3,
+            standby_ifindex: 4,
+            mirror_mode: MIRROR_CLONE,
+            ..Default::default()
+        };
+        assert!(to_peer(FLOW_MIRROR, &config));
+        assert!(!to_peer(FLOW_STANDBY, &config));
+        assert!(!to_peer(
+            FLOW_MIRROR,
+            &Config {
+                mirror_ifindex: 0,
+                ..config
+            }
+        ));
+        assert!(to_standby(FLOW_STANDBY, &config));
+        assert!(!to_standby(FLOW_MIRROR, &config));
+        let devmap = Config {
+            mirror_mode: crate::MIRROR_DEVMAP,
+            ..config
+        };
+        assert!(!to_standby(FLOW_STANDBY, &devmap));
+        assert_eq!(mirror_targets(false, false, false), 0);
+        assert_eq!(
+            mirror_targets(true, true, true),
+            META_DELIVER | META_PEER | META_STANDBY
+        );
+        assert_eq!(mirror_targets(false, true, false), META_PEER);
+    }
+
+    /// The output gate's words, moved the way the kernel program does when
+    /// an input the peer forwarded unnumbered arrives as `seq`.
+    fn forwarded(output: &mut u32, answer_from: &mut u64, seq: u64) {
+        if !tracks_answer(*output) {
+            return;
+        }
+        if let Some(lowered) = lowered_answer_from(*answer_from, seq) {
+            *answer_from = lowered;
+        }
+        if let Some(opened) = opened_output(*output) {
+            *output = opened;
+        }
+    }
+
+    #[test]
+    fn the_armed_output_gate_opens_at_the_first_forwarded_input() {
+        let (mut output, mut answer_from) = (OUTPUT_ARMED, u64::MAX);
+        assert!(!output_leaves(output, answer_from, 10));
+        forwarded(&mut output, &mut answer_from, 12);
+        assert_eq!((output, answer_from), (OUTPUT_FROM, 12));
+        assert!(!output_leaves(output, answer_from, 11));
+        assert!(output_leaves(output, answer_from, 12));
+        // A lower input handled late on another CPU lowers it; a higher one
+        // does not raise it.
+        forwarded(&mut output, &mut answer_from, 11);
+        forwarded(&mut output, &mut answer_from, 20);
+        assert_eq!((output, answer_from), (OUTPUT_FROM, 11));
+        assert!(output_leaves(output, answer_from, 11));
+    }
+
+    #[test]
+    fn only_armed_or_open_output_gates_track_forwarded_inputs() {
+        for mode in [OUTPUT_PASS, OUTPUT_MUTE] {
+            let (mut output, mut answer_from) = (mode, 50);
+            forwarded(&mut output, &mut answer_from, 12);
+            assert_eq!((output, answer_from), (mode, 50));
+        }
+        assert!(output_leaves(OUTPUT_PASS, 50, 1));
+        assert!(!output_leaves(OUTPUT_MUTE, 0, 100));
+    }
+
+    /// Tags of outputs made after deliveries, moved the way the kernel
+    /// programs do: `Some(seq)` delivers input seq, `None` is an output.
+    fn tags(tagging: u32, events: &[Option<u64>]) -> [u64; 8] {
+        let (mut next_answer, mut latest) = (0, 0);
+        let mut tags = [0; 8];
+        let mut n = 0;
+        for event in events {
+            match *event {
+                Some(seq) => {
+                    if counts_outputs(tagging) && next_answer == 0 {
+                        next_answer = seq;
+                    }
+                    latest = seq;
+                }
+                None => {
+                    tags[n] = match counted_tag(next_answer, latest) {
+                        Some(tag) if counts_outputs(tagging) => {
+                            next_answer = tag + 1;
+                            tag
+                        }
+                        _ => latest,
+                    };
+                    n += 1;
+                }
+            }
+        }
+        tags
+    }
+
+    #[test]
+    fn outputs_are_tagged_by_count_or_with_the_latest_input() {
+        // A burst: inputs 5 and 6 queue before the instance answers 5.
+        let burst = [Some(5), Some(6), None, None, None, Some(7), None];
+        assert_eq!(tags(TAG_COUNTED, &burst), [5, 6, 6, 7, 0, 0, 0, 0]);
+        assert_eq!(tags(TAG_LATEST, &burst), [6, 6, 6, 7, 0, 0, 0, 0]);
+        // An output before any delivery answers input 0 either way.
+        assert_eq!(tags(TAG_COUNTED, &[None]), [0; 8]);
+        assert_eq!(counted_tag(0, 9), None);
+        assert_eq!(counted_tag(10, 9), None);
+        assert_eq!(counted_tag(9, 9), Some(9));
+    }
+
+    #[test]
+    fn snap_len_caps_the_logged_bytes() {
+        assert_eq!(captured_len(100, 0), 100);
+        assert_eq!(captured_len(100, 64), 64);
+        assert_eq!(captured_len(MAX_FRAME + 1, 0), MAX_FRAME);
+        assert_eq!(captured_len(MAX_FRAME + 1, MAX_FRAME + 100), MAX_FRAME);
+        assert_eq!(captured_len(64, 64), 64);
+    }
+}
