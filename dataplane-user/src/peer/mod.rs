@@ -479,7 +479,9 @@ const NONCE_BYTES: usize = 32;
 
 /// A fresh random nonce.
 fn random_nonce() -> Result<[u8; NONCE_BYTES], PeerError> {
-    crate::host::random::bytes().map_err(PeerError::Io)
+    let mut nonce = [0; NONCE_BYTES];
+    getrandom::fill(&mut nonce).map_err(|e| PeerError::Io(e.into()))?;
+    Ok(nonce)
 }
 
 /// Which end of the link a proof speaks for: each signs its own label, so
