@@ -299,9 +299,7 @@ impl TestHosts {
         self.src.ip(&["link", "set", "stby0", "mtu", "1600", "up"]);
         ns.ip(&["link", "set", "eth0", "mtu", "1600", "up"]);
         ns.ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
-        let mac = Self::mac(&self.src, "stby0")
-            .map(|b| format!("{b:02x}"))
-            .join(":");
+        let mac = mac_text(Self::mac(&self.src, "stby0"));
         // The standby's outputs need a next hop to reach the egress program.
         ns.ip(&[
             "neigh",
@@ -438,6 +436,13 @@ impl Drop for Loaded {
             let _ = Dataplane::unload(&root);
         }
     }
+}
+
+/// A MAC address as `ip` prints it: `aa:bb:cc:dd:ee:ff`, lower case.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    macaddr::MacAddr6::from(mac)
+        .to_string()
+        .to_ascii_lowercase()
 }
 
 /// `addr:port` as a socket address.
@@ -1078,9 +1083,7 @@ impl MigrationSetup {
         let standby_config = standby_ns
             .as_ref()
             .map(|ns| {
-                let mac = TestHosts::mac(ns, "eth0")
-                    .map(|b| format!("{b:02x}"))
-                    .join(":");
+                let mac = mac_text(TestHosts::mac(ns, "eth0"));
                 format!(
                     "standby_interface = \"stby0\"\nstandby_mac = \"{mac}\"\n\
                      standby_netns = \"{}\"\nstandby_pin_root = \"{}\"\n",
@@ -1090,7 +1093,7 @@ impl MigrationSetup {
             })
             .unwrap_or_default();
         let config = |host: &str, peer_mac: [u8; 6], listen: &str| {
-            let mac = peer_mac.map(|b| format!("{b:02x}")).join(":");
+            let mac = mac_text(peer_mac);
             // `extra` may size the input ring itself (TOML refuses a key twice).
             let ring = if listen.contains("input_ring_mib") {
                 ""

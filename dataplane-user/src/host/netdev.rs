@@ -40,14 +40,12 @@ pub struct InterfaceError {
     pub source: io::Error,
 }
 
-/// Parses a MAC address written as `aa:bb:cc:dd:ee:ff`.
+/// Parses a MAC address written as `aa:bb:cc:dd:ee:ff` (or with hyphens,
+/// `aa-bb-cc-dd-ee-ff`, or Cisco's dots, `aabb.ccdd.eeff`).
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
+    text.parse::<macaddr::MacAddr6>()
+        .ok()
+        .map(|mac| mac.into_array())
 }
 
 /// Makes `addr` one of `interface`'s own addresses (as a /32 or /128), so
@@ -220,5 +218,10 @@ mod tests {
         assert_eq!(parse_mac("02:00:5e:10:00"), None);
         assert_eq!(parse_mac("02:00:5e:10:00:0a:01"), None);
         assert_eq!(parse_mac("zz:00:5e:10:00:0a"), None);
+        assert_eq!(
+            parse_mac("02-00-5E-10-00-0A"),
+            Some([2, 0, 0x5e, 0x10, 0, 0x0a])
+        );
+        assert_eq!(parse_mac("02:00-5e:10:00:0a"), None);
     }
 }

@@ -373,7 +373,6 @@ async fn receive_files(
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
