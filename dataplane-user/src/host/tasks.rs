@@ -195,11 +195,16 @@ mod tests {
         assert!(running(me));
         assert!(start_time(me).is_some_and(|t| t > 0));
         assert!(cpu_ticks(me).is_some());
-        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
         let pid = child.id();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         while running(pid) {
-            assert!(std::time::Instant::now() < deadline, "an exited child still runs");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "an exited child still runs"
+            );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         assert!(start_time(pid).is_some(), "a zombie has a start time");
