@@ -108,7 +108,7 @@ mod tests {
             opts: Some(opts),
             notify_success: Some(true),
             keep_open: Some(true),
-            features: Some(features.clone()),
+            features: Some(features),
             pid: Some(7),
         };
         assert_eq!(tags(&req.encode_to_vec()), [1, 2, 3, 4, 5, 6]);

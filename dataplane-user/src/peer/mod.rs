@@ -437,8 +437,8 @@ async fn accept(stream: &mut TcpStream, key: Option<&PeerKey>) -> Result<Hello, 
     };
     let ours = random_nonce()?;
     let welcome = Hello {
-        nonce: Some(hex::encode(&ours)),
-        proof: Some(hex::encode(&key.prove(Role::Listener, &theirs, &ours))),
+        nonce: Some(hex::encode(ours)),
+        proof: Some(hex::encode(key.prove(Role::Listener, &theirs, &ours))),
         ..Hello::ours()
     };
     let welcome = serde_json::to_vec(&welcome).expect("a hello serializes");
