@@ -1,5 +1,6 @@
 //! Builds the kernel programs (dataplane-ebpf) with the nightly toolchain and
-//! bpf-linker into OUT_DIR, where the loader includes them.
+//! bpf-linker into OUT_DIR, where the loader includes them, and CRIU's RPC
+//! messages from proto/rpc.proto with prost-build (and `protoc`).
 //!
 //! With `DATAPLANE_SKIP_EBPF` set, it builds none and leaves an empty object:
 //! the user crate then checks, lints and unit-tests on the stable toolchain
@@ -17,6 +18,9 @@ const EBPF_BIN: &str = "dataplane-ebpf";
 const TARGET: &str = "bpfel-unknown-none";
 
 fn main() -> anyhow::Result<()> {
+    println!("cargo:rerun-if-changed=proto/rpc.proto");
+    prost_build::compile_protos(&["proto/rpc.proto"], &["proto"])
+        .context("generating CRIU's RPC messages (needs protoc: `cargo xtask setup`)")?;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let ebpf_dir = root.join(EBPF_PACKAGE);
     let common_dir = root.join("dataplane-common");

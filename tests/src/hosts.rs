@@ -166,9 +166,7 @@ impl TestHosts {
         self.src.ip(&["link", "set", "stby0", "mtu", "1600", "up"]);
         ns.ip(&["link", "set", "eth0", "mtu", "1600", "up"]);
         ns.ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
-        let mac = Self::mac(&self.src, "stby0")
-            .map(|b| format!("{b:02x}"))
-            .join(":");
+        let mac = mac_text(Self::mac(&self.src, "stby0"));
         // The standby's outputs need a next hop to reach the egress program.
         ns.ip(&[
             "neigh",
@@ -305,6 +303,13 @@ impl Drop for Loaded {
             let _ = Dataplane::unload(&root);
         }
     }
+}
+
+/// A MAC address as `ip` prints it: `aa:bb:cc:dd:ee:ff`, lower case.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    macaddr::MacAddr6::from(mac)
+        .to_string()
+        .to_ascii_lowercase()
 }
 
 /// `addr:port` as a socket address.

@@ -19,7 +19,9 @@ mod timing;
 mod trace;
 
 pub use daemon::{DaemonProcess, Flow, dataplane_bin};
-pub use hosts::{CPS_V4, CPS_V6, Loaded, RawSocket, SERVICE_V4, SERVICE_V6, TestHosts, sock};
+pub use hosts::{
+    CPS_V4, CPS_V6, Loaded, RawSocket, SERVICE_V4, SERVICE_V6, TestHosts, mac_text, sock,
+};
 pub use migration::{
     DST_PEER, EXTRA_SERVICE_V4, MigrationSetup, PEER_KEY, StopAndCopy, cps_verdict, cps_verdicts,
 };

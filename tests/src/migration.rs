@@ -11,7 +11,7 @@ use dataplane_user::kernel::loader::{Dataplane, LoadOptions};
 
 use crate::{
     daemon::{DaemonProcess, Flow},
-    hosts::{CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, sock},
+    hosts::{CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, mac_text, sock},
     netns::NetNs,
     services::ChainService,
     timing::cpu_split,
@@ -108,9 +108,7 @@ impl MigrationSetup {
         let standby_config = standby_ns
             .as_ref()
             .map(|ns| {
-                let mac = TestHosts::mac(ns, "eth0")
-                    .map(|b| format!("{b:02x}"))
-                    .join(":");
+                let mac = mac_text(TestHosts::mac(ns, "eth0"));
                 format!(
                     "standby_interface = \"stby0\"\nstandby_mac = \"{mac}\"\n\
                      standby_netns = \"{}\"\nstandby_pin_root = \"{}\"\n",
@@ -120,7 +118,7 @@ impl MigrationSetup {
             })
             .unwrap_or_default();
         let config = |host: &str, peer_mac: [u8; 6], listen: &str| {
-            let mac = peer_mac.map(|b| format!("{b:02x}")).join(":");
+            let mac = mac_text(peer_mac);
             // `extra` may size the input ring itself (TOML refuses a key twice).
             let ring = if listen.contains("input_ring_mib") {
                 ""

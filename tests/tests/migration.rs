@@ -102,9 +102,8 @@ fn an_ipv6_service_migrates_and_the_cps_follows_the_neighbour_advertisement() {
     // The unsolicited neighbour advertisement moved the CPS's entry for
     // the service address to dst, and inputs then reached dst directly
     // (before the announce they all came to it through the mirror).
-    let dst_mac = dataplane_tests::TestHosts::mac(&setup.hosts.dst, "eth0")
-        .map(|b| format!("{b:02x}"))
-        .join(":");
+    let dst_mac =
+        dataplane_tests::mac_text(dataplane_tests::TestHosts::mac(&setup.hosts.dst, "eth0"));
     let neighbour = setup.hosts.cps.exec(
         "ip",
         &["-6", "neigh", "show", &setup.service.ip().to_string()],

@@ -9,7 +9,8 @@ use std::{
 use anyhow::{Context, bail};
 
 /// Debian (bookworm) packages: iproute2 for the test hosts, CRIU's build
-/// dependencies, and a C toolchain.
+/// dependencies (protobuf-compiler's `protoc` also generates dataplane-user's
+/// CRIU messages), and a C toolchain.
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "gcc",

@@ -223,6 +223,7 @@ impl Criu {
             ps: dump.page_server.map(|addr| PageServerInfo {
                 address: Some(addr.ip().to_string()),
                 port: Some(i32::from(addr.port())),
+                ..Default::default()
             }),
             // The dataplane holds the service's input, so CRIU need not lock the network.
             network_lock: Some(NetworkLock::Skip as i32),

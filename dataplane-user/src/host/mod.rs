@@ -1,4 +1,3 @@
-//! The host: network devices and addresses, the service's tasks, randomness.
+//! The host: network devices and addresses, the service's tasks.
 pub mod netdev;
-pub mod random;
 pub mod tasks;

@@ -40,14 +40,12 @@ pub struct InterfaceError {
     pub source: io::Error,
 }
 
-/// Parses a MAC address written as `aa:bb:cc:dd:ee:ff`.
+/// Parses a MAC address written as `aa:bb:cc:dd:ee:ff` (or with hyphens,
+/// `aa-bb-cc-dd-ee-ff`, or Cisco's dots, `aabb.ccdd.eeff`).
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
-    let mut mac = [0u8; 6];
-    let mut parts = text.split(':');
-    for byte in &mut mac {
-        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
-    }
-    parts.next().is_none().then_some(mac)
+    text.parse::<macaddr::MacAddr6>()
+        .ok()
+        .map(|mac| mac.into_array())
 }
 
 /// Makes `addr` one of `interface`'s own addresses (as a /32 or /128), so
@@ -58,58 +56,48 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
 /// process: this runs at the cutover, next to a control loop that must not
 /// lose its CPU).
 pub fn own_address(interface: &str, addr: std::net::IpAddr) -> io::Result<()> {
-    let index = if_nametoindex(interface)?;
-    let (family, prefix, flags, octets) = match addr {
-        std::net::IpAddr::V4(a) => (libc::AF_INET, 32, 0, a.octets().to_vec()),
-        std::net::IpAddr::V6(a) => (libc::AF_INET6, 128, libc::IFA_F_NODAD, a.octets().to_vec()),
+    use netlink_packet_core::{
+        NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
     };
-    // nlmsghdr (16) + ifaddrmsg (8) + IFA_LOCAL and IFA_ADDRESS.
-    let attribute_len = 4 + octets.len();
-    let len = 16 + 8 + 2 * attribute_len;
-    let mut msg = Vec::with_capacity(len);
-    let request =
-        (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
-    msg.extend_from_slice(&(len as u32).to_ne_bytes());
-    msg.extend_from_slice(&libc::RTM_NEWADDR.to_ne_bytes());
-    msg.extend_from_slice(&request.to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel's
-    msg.extend_from_slice(&[family as u8, prefix, flags as u8, libc::RT_SCOPE_UNIVERSE]);
-    msg.extend_from_slice(&index.to_ne_bytes());
-    for kind in [libc::IFA_LOCAL, libc::IFA_ADDRESS] {
-        msg.extend_from_slice(&(attribute_len as u16).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&octets);
+    use netlink_packet_route::{
+        AddressFamily, RouteNetlinkMessage,
+        address::{AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope},
+    };
+    use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+    let mut address = AddressMessage::default();
+    address.header.index = if_nametoindex(interface)?;
+    address.header.scope = AddressScope::Universe;
+    (address.header.family, address.header.prefix_len) = match addr {
+        std::net::IpAddr::V4(_) => (AddressFamily::Inet, 32),
+        std::net::IpAddr::V6(_) => (AddressFamily::Inet6, 128),
+    };
+    if addr.is_ipv6() {
+        address.header.flags = AddressHeaderFlags::Nodad;
     }
-    // SAFETY: plain socket calls on a descriptor this function owns.
-    let fd = unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        std::os::fd::OwnedFd::from_raw_fd(fd)
-    };
-    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
-    // SAFETY: sockaddr_nl zeroed is the kernel's address; buffers are ours.
-    let mut ack = [0u8; 256];
-    let received = unsafe {
-        let mut to: libc::sockaddr_nl = std::mem::zeroed();
-        to.nl_family = libc::AF_NETLINK as u16;
-        send_to(raw, &msg, &to)?;
-        libc::recv(raw, ack.as_mut_ptr().cast(), ack.len(), 0)
-    };
-    if received < 20 {
-        return Err(io::Error::other("no answer from rtnetlink"));
-    }
-    // NLMSG_ERROR: the error code (0 is the ack) follows the header.
-    let error = i32::from_ne_bytes(ack[16..20].try_into().expect("4 bytes"));
-    match -error {
-        0 | libc::EEXIST => Ok(()),
-        errno => Err(io::Error::from_raw_os_error(errno)),
+    address.attributes = vec![
+        AddressAttribute::Local(addr),
+        AddressAttribute::Address(addr),
+    ];
+    let mut request = NetlinkMessage::from(RouteNetlinkMessage::NewAddress(address));
+    request.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut message = vec![0; request.buffer_len()];
+    request.serialize(&mut message);
+
+    let socket = Socket::new(NETLINK_ROUTE)?;
+    socket.send_to(&message, &SocketAddr::new(0, 0), 0)?;
+    let (answer, _) = socket.recv_from_full()?;
+    let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer)
+        .map_err(|e| io::Error::other(format!("rtnetlink's answer: {e}")))?;
+    match answer.payload {
+        NetlinkPayload::Error(e) if e.code.is_none() || -e.raw_code() == libc::EEXIST => Ok(()),
+        NetlinkPayload::Error(e) => Err(e.to_io()),
+        other => Err(io::Error::other(format!(
+            "rtnetlink answered {:?}, not an acknowledgement",
+            other.message_type()
+        ))),
     }
 }
 
@@ -119,16 +107,7 @@ pub fn own_address(interface: &str, addr: std::net::IpAddr) -> io::Result<()> {
 pub fn gratuitous_arp(interface: &str, addr: std::net::Ipv4Addr) -> io::Result<()> {
     let iface = Interface::by_name(interface).map_err(io::Error::other)?;
     const ETH_P_ARP: u16 = 0x0806;
-    let mut frame = Vec::with_capacity(42);
-    frame.extend_from_slice(&[0xff; 6]);
-    frame.extend_from_slice(&iface.mac);
-    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
-    // Ethernet, IPv4, address lengths 6 and 4, request.
-    frame.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    frame.extend_from_slice(&iface.mac);
-    frame.extend_from_slice(&addr.octets());
-    frame.extend_from_slice(&[0; 6]);
-    frame.extend_from_slice(&addr.octets());
+    let frame = arp_announcement(iface.mac, addr)?;
     // SAFETY: plain socket calls on a descriptor this function owns.
     unsafe {
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
@@ -146,23 +125,28 @@ pub fn gratuitous_arp(interface: &str, addr: std::net::Ipv4Addr) -> io::Result<(
     }
 }
 
+/// A gratuitous ARP request: from `mac` to all, for `addr` by `addr`.
+fn arp_announcement(mac: [u8; 6], addr: std::net::Ipv4Addr) -> io::Result<Vec<u8>> {
+    let request = etherparse::ArpEthIpv4Packet {
+        operation: etherparse::ArpOperation::REQUEST,
+        sender_mac: mac,
+        sender_ipv4: addr.octets(),
+        target_mac: [0; 6],
+        target_ipv4: addr.octets(),
+    };
+    let builder = etherparse::PacketBuilder::ethernet2(mac, [0xff; 6]).arp(request.into());
+    let mut frame = Vec::with_capacity(builder.size());
+    builder.write_to_vec(&mut frame).map_err(io::Error::other)?;
+    Ok(frame)
+}
+
 /// Sends an unsolicited neighbour advertisement for `addr` from
 /// `interface` to all nodes (RFC 4861 7.2.6), with the override flag and
 /// this interface's MAC address: neighbours that know `addr` move it to
 /// this interface at once, as a gratuitous ARP does for IPv4.
 pub fn unsolicited_na(interface: &str, addr: std::net::Ipv6Addr) -> io::Result<()> {
     let iface = Interface::by_name(interface).map_err(io::Error::other)?;
-    const NEIGHBOR_ADVERTISEMENT: u8 = 136;
-    const OVERRIDE: u32 = 0x2000_0000;
-    const TARGET_LINK_LAYER_ADDRESS: u8 = 2;
-    let mut message = Vec::with_capacity(32);
-    // Type, code, checksum (the kernel fills it in on ICMPv6 raw sockets).
-    message.extend_from_slice(&[NEIGHBOR_ADVERTISEMENT, 0, 0, 0]);
-    message.extend_from_slice(&OVERRIDE.to_be_bytes());
-    message.extend_from_slice(&addr.octets());
-    // The option: type, length in units of 8 bytes, the MAC address.
-    message.extend_from_slice(&[TARGET_LINK_LAYER_ADDRESS, 1]);
-    message.extend_from_slice(&iface.mac);
+    let message = neighbour_advertisement(iface.mac, addr);
     use std::net::{Ipv6Addr, SocketAddrV6};
 
     use nix::sys::socket::{
@@ -184,6 +168,31 @@ pub fn unsolicited_na(interface: &str, addr: std::net::Ipv6Addr) -> io::Result<(
     let to = SockaddrIn6::from(SocketAddrV6::new(all_nodes, 0, 0, iface.index));
     sendto(raw, &message, &to, MsgFlags::empty())?;
     Ok(())
+}
+
+/// An ICMPv6 neighbour advertisement of `addr` at `mac`, overriding, not
+/// solicited, with the checksum 0 (the kernel fills it in on ICMPv6 raw
+/// sockets).
+fn neighbour_advertisement(mac: [u8; 6], addr: std::net::Ipv6Addr) -> Vec<u8> {
+    use etherparse::{Icmpv6Header, Icmpv6Type, icmpv6};
+    const TARGET_LINK_LAYER_ADDRESS: u8 = 2;
+    let header = Icmpv6Header::new(Icmpv6Type::NeighborAdvertisement(
+        icmpv6::NeighborAdvertisementHeader {
+            router: false,
+            solicited: false,
+            r#override: true,
+        },
+    ));
+    let target = icmpv6::NeighborAdvertisementPayload {
+        target_address: addr,
+    };
+    let mut message = header.to_bytes().to_vec();
+    message.extend_from_slice(&target.to_bytes());
+    // The option (etherparse writes no NDP options): type, length in
+    // units of 8 bytes, the MAC address.
+    message.extend_from_slice(&[TARGET_LINK_LAYER_ADDRESS, 1]);
+    message.extend_from_slice(&mac);
+    message
 }
 
 /// Sends `message` on socket `fd` to the socket address `to` (a libc
@@ -209,7 +218,7 @@ fn send_to<A>(fd: std::os::fd::RawFd, message: &[u8], to: &A) -> io::Result<()> 
 
 #[cfg(test)]
 mod tests {
-    use super::parse_mac;
+    use super::*;
 
     #[test]
     fn parses_macs() {
@@ -220,5 +229,65 @@ mod tests {
         assert_eq!(parse_mac("02:00:5e:10:00"), None);
         assert_eq!(parse_mac("02:00:5e:10:00:0a:01"), None);
         assert_eq!(parse_mac("zz:00:5e:10:00:0a"), None);
+        assert_eq!(
+            parse_mac("02-00-5E-10-00-0A"),
+            Some([2, 0, 0x5e, 0x10, 0, 0x0a])
+        );
+        assert_eq!(parse_mac("02:00-5e:10:00:0a"), None);
+    }
+
+    const MAC: [u8; 6] = [2, 0, 0x5e, 0x10, 0, 0x0a];
+
+    #[test]
+    fn builds_a_gratuitous_arp_request() {
+        let addr = std::net::Ipv4Addr::new(192, 0, 2, 10);
+        let mut expected = vec![0xff; 6];
+        expected.extend_from_slice(&MAC);
+        expected.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        expected.extend_from_slice(&MAC);
+        expected.extend_from_slice(&addr.octets());
+        expected.extend_from_slice(&[0; 6]);
+        expected.extend_from_slice(&addr.octets());
+        assert_eq!(arp_announcement(MAC, addr).unwrap(), expected);
+    }
+
+    #[test]
+    fn builds_an_overriding_neighbour_advertisement() {
+        let addr: std::net::Ipv6Addr = "2001:db8::10".parse().unwrap();
+        let mut expected = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+        expected.extend_from_slice(&addr.octets());
+        expected.extend_from_slice(&[2, 1]);
+        expected.extend_from_slice(&MAC);
+        assert_eq!(neighbour_advertisement(MAC, addr), expected);
+    }
+
+    /// In a network namespace of its own (root only; skipped otherwise):
+    /// the address is added once and found there, a second time is fine,
+    /// and an interface that does not exist is an error.
+    #[test]
+    fn owns_an_address_once() {
+        std::thread::spawn(|| {
+            if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
+                eprintln!("skipped: no network namespace (not root)");
+                return;
+            }
+            for addr in ["192.0.2.10", "2001:db8::10"] {
+                let addr: std::net::IpAddr = addr.parse().unwrap();
+                own_address("lo", addr).unwrap();
+                own_address("lo", addr).unwrap();
+                let found = getifaddrs().unwrap().any(|a| {
+                    a.interface_name == "lo"
+                        && a.address.is_some_and(|s| {
+                            s.as_sockaddr_in().map(|s| std::net::IpAddr::from(s.ip())) == Some(addr)
+                                || s.as_sockaddr_in6().map(|s| std::net::IpAddr::from(s.ip()))
+                                    == Some(addr)
+                        })
+                });
+                assert!(found, "{addr} is not on lo");
+            }
+            assert!(own_address("nonesuch0", "192.0.2.11".parse().unwrap()).is_err());
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -9,55 +9,46 @@ use nix::{
     sched::{CpuSet, sched_getaffinity, sched_setaffinity},
     unistd::Pid,
 };
+use procfs::process::{Process, Stat};
 
 /// The thread ids of process `root` and of all its descendants (none if
 /// it is gone): a restored service may be a tree of processes.
 fn threads(root: u32) -> Vec<i32> {
     let mut threads = Vec::new();
-    let mut processes = vec![root];
+    let mut processes = vec![root as i32];
     while let Some(pid) = processes.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        let Ok(tasks) = Process::new(pid).and_then(|p| p.tasks()) else {
             continue;
         };
-        for tid in tasks.filter_map(|t| t.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
-            threads.push(tid);
-            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"));
-            processes.extend(
-                children
-                    .unwrap_or_default()
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<u32>().ok()),
-            );
+        for task in tasks.flatten() {
+            threads.push(task.tid);
+            let children = task.children().unwrap_or_default();
+            processes.extend(children.into_iter().map(|c| c as i32));
         }
     }
     threads
 }
 
-/// The fields of /proc/PID/stat after the command name (the state first),
-/// which may itself hold spaces and parentheses; none if `pid` is gone.
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    Some(after_name.split_whitespace().map(str::to_string).collect())
+/// /proc/PID/stat of process `pid`; none if it is gone.
+fn stat(pid: u32) -> Option<Stat> {
+    Process::new(pid as i32).ok()?.stat().ok()
 }
 
 /// Whether process `pid` exists and has not exited (a zombie has).
 pub fn running(pid: u32) -> bool {
-    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s != "Z" && s != "X"))
+    stat(pid).is_some_and(|s| !matches!(s.state, 'Z' | 'X'))
 }
 
 /// Process `pid`'s start time in clock ticks since boot (field 22 of
 /// /proc/PID/stat): with its pid, what names a process (pids are reused).
 pub fn start_time(pid: u32) -> Option<u64> {
-    stat_fields(pid)?.get(19)?.parse().ok()
+    stat(pid).map(|s| s.starttime)
 }
 
 /// CPU time process `pid` has used (utime + stime, fields 14 and 15 of
 /// /proc/PID/stat, all its threads), in clock ticks.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {
-    let fields = stat_fields(pid)?;
-    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
-    Some(field(14)? + field(15)?)
+    stat(pid).map(|s| s.utime + s.stime)
 }
 
 fn cpu_list(set: &CpuSet) -> Vec<usize> {
@@ -196,6 +187,29 @@ mod tests {
         assert_eq!(cpus_of(root).unwrap(), [last]);
         let _ = shell.kill();
         let _ = shell.wait();
+    }
+
+    #[test]
+    fn reads_state_start_time_and_cpu_ticks() {
+        let me = std::process::id();
+        assert!(running(me));
+        assert!(start_time(me).is_some_and(|t| t > 0));
+        assert!(cpu_ticks(me).is_some());
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while running(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "an exited child still runs"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(start_time(pid).is_some(), "a zombie has a start time");
+        child.wait().unwrap();
+        assert_eq!(start_time(pid), None, "a reaped child is gone");
     }
 
     #[test]

@@ -580,7 +580,7 @@ fn set_replay_key(root: &Path) -> Result<(), LoadError> {
         source,
     };
     // Below 2^63: a key travels in a mirror header's sequence field.
-    let key = (u64::from_ne_bytes(crate::host::random::bytes().map_err(io_err)?) >> 1).max(1);
+    let key = (getrandom::u64().map_err(|e| io_err(e.into()))? >> 1).max(1);
     pinned_array::<u64>(root, MAP_REPLAY_KEY)?
         .set(0, key, 0)
         .map_err(|source| LoadError::Map {

@@ -194,7 +194,7 @@ async fn handshake(
     tune(&stream)?;
     let nonce = key.map(|_| random_nonce()).transpose()?;
     let hello = Hello {
-        nonce: nonce.as_ref().map(|n| to_hex(n)),
+        nonce: nonce.as_ref().map(hex::encode),
         ..Hello::ours()
     };
     let hello = serde_json::to_vec(&hello).expect("a hello serializes");
@@ -216,13 +216,13 @@ async fn handshake(
     let (Some(key), Some(ours)) = (key, nonce) else {
         return Ok((stream, theirs));
     };
-    let theirs_nonce = theirs.nonce.as_deref().and_then(from_hex);
-    let proof = theirs.proof.as_deref().and_then(from_hex);
+    let theirs_nonce = theirs.nonce.as_deref().and_then(|h| hex::decode(h).ok());
+    let proof = theirs.proof.as_deref().and_then(|h| hex::decode(h).ok());
     let failure = match (theirs_nonce, proof) {
         (Some(nonce), Some(proof)) if nonce.len() == NONCE_BYTES => {
             if key.verify(Role::Listener, &ours, &nonce, &proof) {
                 let proof = key.prove(Role::Connector, &ours, &nonce);
-                let auth = serde_json::json!({ "proof": to_hex(&proof) });
+                let auth = serde_json::json!({ "proof": hex::encode(&proof) });
                 write_frame(&mut stream, frame::AUTH, auth.to_string().as_bytes()).await?;
                 return match read_frame(&mut stream, MAX_HELLO).await? {
                     (frame::AUTH_OK, _) => Ok((stream, theirs)),
@@ -426,7 +426,7 @@ async fn accept(stream: &mut TcpStream, key: Option<&PeerKey>) -> Result<Hello, 
                     .into(),
             ));
         }
-        (Some(key), Some(nonce)) => match from_hex(nonce) {
+        (Some(key), Some(nonce)) => match hex::decode(nonce).ok() {
             Some(nonce) if nonce.len() == NONCE_BYTES => (key, nonce),
             _ => {
                 return Err(PeerError::Auth(
@@ -437,8 +437,8 @@ async fn accept(stream: &mut TcpStream, key: Option<&PeerKey>) -> Result<Hello, 
     };
     let ours = random_nonce()?;
     let welcome = Hello {
-        nonce: Some(to_hex(&ours)),
-        proof: Some(to_hex(&key.prove(Role::Listener, &theirs, &ours))),
+        nonce: Some(hex::encode(ours)),
+        proof: Some(hex::encode(key.prove(Role::Listener, &theirs, &ours))),
         ..Hello::ours()
     };
     let welcome = serde_json::to_vec(&welcome).expect("a hello serializes");
@@ -446,7 +446,7 @@ async fn accept(stream: &mut TcpStream, key: Option<&PeerKey>) -> Result<Hello, 
     let proof = match read_frame(stream, MAX_HELLO).await? {
         (frame::AUTH, payload) => serde_json::from_slice::<serde_json::Value>(&payload)
             .ok()
-            .and_then(|v| v.get("proof")?.as_str().and_then(from_hex)),
+            .and_then(|v| v.get("proof")?.as_str().and_then(|h| hex::decode(h).ok())),
         (frame::REFUSE, reason) => {
             return Err(PeerError::Refused(
                 String::from_utf8_lossy(&reason).into_owned(),
@@ -479,21 +479,9 @@ const NONCE_BYTES: usize = 32;
 
 /// A fresh random nonce.
 fn random_nonce() -> Result<[u8; NONCE_BYTES], PeerError> {
-    crate::host::random::bytes().map_err(PeerError::Io)
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn from_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect()
+    let mut nonce = [0; NONCE_BYTES];
+    getrandom::fill(&mut nonce).map_err(|e| PeerError::Io(e.into()))?;
+    Ok(nonce)
 }
 
 /// Which end of the link a proof speaks for: each signs its own label, so
@@ -517,7 +505,7 @@ impl PeerKey {
 
     /// A key from hex digits (whitespace around them is ignored).
     pub fn from_hex(text: &str) -> Result<Self, String> {
-        let bytes = from_hex(text.trim()).ok_or_else(|| {
+        let bytes = hex::decode(text.trim()).map_err(|_| {
             "peer_key is not hex: write it as hex digits, e.g. the output of `openssl rand -hex 32`"
                 .to_string()
         })?;
@@ -571,7 +559,7 @@ impl std::fmt::Debug for PeerKey {
 
 impl Serialize for PeerKey {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&to_hex(&self.0))
+        serializer.serialize_str(&hex::encode(&self.0))
     }
 }
 

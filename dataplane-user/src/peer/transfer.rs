@@ -229,7 +229,7 @@ pub async fn send_counting(
             sent(bytes);
         }
         let end = FileEnd {
-            sha256: hex(&hash.finalize()),
+            sha256: hex::encode(hash.finalize()),
         };
         write_frame(
             stream,
@@ -356,7 +356,7 @@ async fn receive_files(
                 if let Some(mut file) = file {
                     file.flush().await?;
                 }
-                if got != header.size || hex(&hash.finalize()) != end.sha256 {
+                if got != header.size || hex::encode(hash.finalize()) != end.sha256 {
                     return Err(images_error(format!(
                         "{}: checksum mismatch ({got} of {} bytes arrived)",
                         header.name, header.size
@@ -371,10 +371,6 @@ async fn receive_files(
             }
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -37,17 +37,13 @@ const READY: &str = "dp-calib-ready";
 /// M of a running process as CRIU sees it: its resident anonymous memory
 /// (`Anonymous` of /proc/PID/smaps_rollup), the pages a dump writes.
 pub fn state_bytes(pid: u32) -> std::io::Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("Anonymous:"))
-        .and_then(|rest| {
-            rest.trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kib| kib << 10)
+    let rollup = procfs::process::Process::new(pid as i32)
+        .and_then(|p| p.smaps_rollup())
+        .map_err(std::io::Error::other)?;
+    rollup
+        .memory_map_rollup
+        .iter()
+        .find_map(|map| map.extension.map.get("Anonymous").copied())
         .ok_or_else(|| std::io::Error::other(format!("no Anonymous line for process {pid}")))
 }
 
