@@ -25,6 +25,7 @@ pub const MIRROR_VERSION: u8 = 1;
 /// IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`); ports in host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FlowKey {
     pub src_addr: [u8; 16],
     pub dst_addr: [u8; 16],
@@ -44,6 +45,7 @@ pub const FLOW_STANDBY: u32 = 2;
 /// What user space says about a flow; the value of the flow map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FlowConfig {
     /// Index into the per-flow arrays, below [`MAX_FLOWS`].
     pub flow_id: u32,
@@ -55,6 +57,7 @@ const _: () = assert!(size_of::<FlowConfig>() == 8);
 /// Per-flow sequencing state, owned by the kernel programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FlowSequence {
     /// The sequence number last given to a captured input; 0 before the first, which gets 1.
     pub last_seq: u64,
@@ -108,6 +111,7 @@ pub const CUT_AT_NEXT: u64 = u64::MAX;
 /// `deliver_until` on the source.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Gate {
     /// `GATE_*` mode.
     pub mode: u32,
@@ -149,6 +153,7 @@ const _: () = assert!(core::mem::offset_of!(Gate, answer_from) == GATE_ANSWER_FR
 /// Host-wide settings, element 0 of the config array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Config {
     /// Most bytes of a frame copied into the log; 0 or anything above [`MAX_FRAME`] means whole frames.
     pub snap_len: u32,
@@ -192,6 +197,7 @@ pub const RECORD_OUTPUT: u32 = 3;
 /// Header of every ring-buffer record; `captured_len` frame bytes follow it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct RecordHeader {
     /// Input sequence number (for outputs: the latest input delivered before it).
     pub seq: u64,
@@ -252,6 +258,7 @@ pub const REPLAY_FRAME_MAX: u32 = 2048;
 /// A replay frame queued for a replay batch.
 #[repr(C)]
 #[derive(Clone, Copy)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ReplaySlot {
     /// Bytes of `frame` in use: below [`REPLAY_FRAME_MAX`].
     pub len: u32,
@@ -455,8 +462,8 @@ pub mod counter {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // Each is #[repr(C)], of plain integers and byte arrays, without padding:
-    // any bytes of its size are a valid value.
+    // Each derives bytemuck's Pod, whose derive checks at compile time that
+    // it is #[repr(C)] plain data without padding: any bytes are a value.
     // SAFETY: see above.
     unsafe impl aya::Pod for FlowKey {}
     // SAFETY: see above.

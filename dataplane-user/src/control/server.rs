@@ -3,12 +3,19 @@
 //! per connection, and streaming `migration.watch` notifications. What a
 //! request does is the [`Handler`]'s business (the daemon's).
 use std::{
+    num::NonZeroU32,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+    middleware::NoOpMiddleware,
+    state::{InMemoryState, NotKeyed},
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::{
@@ -138,7 +145,7 @@ async fn serve_client<H: Handler>(handler: &H, stream: UnixStream, limits: Limit
     let mut reader = BufReader::new(read);
     let mut watching: Option<broadcast::Receiver<Value>> = None;
     let (rate, burst) = (limits.rate, limits.burst);
-    let mut limit = RateLimit::new(rate, burst);
+    let limit = RateLimit::new(rate, burst);
     let mut limited = 0u64;
     loop {
         let line = match &mut watching {
@@ -160,7 +167,7 @@ async fn serve_client<H: Handler>(handler: &H, stream: UnixStream, limits: Limit
             },
         };
         if let Ok(Line::Text(_) | Line::TooLong) = &line
-            && !limit.allow(Instant::now())
+            && !limit.allow()
         {
             limited += 1;
             if limited.is_power_of_two() {
@@ -335,40 +342,31 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Resu
     }
 }
 
-/// A token bucket: `rate` requests a second, bursts of up to `burst`.
-#[derive(Clone, Debug)]
-pub struct RateLimit {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
+/// A connection's rate limit: `rate` requests a second, bursts of up to
+/// `burst` (governor's GCRA, the token bucket's equivalent); `rate` 0 allows
+/// everything.
+pub struct RateLimit<C: Clock = DefaultClock>(
+    Option<RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>>,
+);
 
 impl RateLimit {
-    /// A full bucket; `rate` 0 allows everything.
     pub fn new(rate: u32, burst: u32) -> Self {
-        Self {
-            rate: rate.into(),
-            burst: burst.max(1).into(),
-            tokens: burst.max(1).into(),
-            last: Instant::now(),
-        }
+        Self::with_clock(rate, burst, DefaultClock::default())
+    }
+}
+
+impl<C: Clock> RateLimit<C> {
+    /// A full bucket on `clock`.
+    pub fn with_clock(rate: u32, burst: u32, clock: C) -> Self {
+        Self(NonZeroU32::new(rate).map(|rate| {
+            let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::direct_with_clock(Quota::per_second(rate).allow_burst(burst), clock)
+        }))
     }
 
-    /// Takes a token at `now`: whether the request may run.
-    pub fn allow(&mut self, now: Instant) -> bool {
-        if self.rate == 0.0 {
-            return true;
-        }
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now.max(self.last);
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// Takes a token: whether the request may run.
+    pub fn allow(&self) -> bool {
+        self.0.as_ref().is_none_or(|limit| limit.check().is_ok())
     }
 }
 
@@ -438,16 +436,16 @@ mod tests {
     }
 
     #[test]
-    fn the_token_bucket_allows_bursts_then_the_rate() {
-        let mut limit = RateLimit::new(100, 200);
-        let start = std::time::Instant::now();
-        assert_eq!((0..300).filter(|_| limit.allow(start)).count(), 200);
-        let later = start + std::time::Duration::from_millis(100);
-        assert_eq!((0..300).filter(|_| limit.allow(later)).count(), 10);
-        let much_later = start + std::time::Duration::from_secs(60);
-        assert_eq!((0..300).filter(|_| limit.allow(much_later)).count(), 200);
-        let mut unlimited = RateLimit::new(0, 0);
-        assert!((0..10_000).all(|_| unlimited.allow(start)));
+    fn the_rate_limit_allows_bursts_then_the_rate() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let limit = RateLimit::with_clock(100, 200, clock.clone());
+        assert_eq!((0..300).filter(|_| limit.allow()).count(), 200);
+        clock.advance(Duration::from_millis(100));
+        assert_eq!((0..300).filter(|_| limit.allow()).count(), 10);
+        clock.advance(Duration::from_secs(60));
+        assert_eq!((0..300).filter(|_| limit.allow()).count(), 200);
+        let unlimited = RateLimit::with_clock(0, 0, clock);
+        assert!((0..10_000).all(|_| unlimited.allow()));
     }
 
     #[test]

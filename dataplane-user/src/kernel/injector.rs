@@ -78,7 +78,7 @@ fn thread_netns() -> std::io::Result<u64> {
 
 /// `struct xdp_md` as BPF_PROG_TEST_RUN takes it.
 #[repr(C)]
-#[derive(Default)]
+#[derive(Clone, Copy, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct XdpMd {
     data: u32,
     data_end: u32,
@@ -177,10 +177,7 @@ impl Injector {
             ingress_ifindex: self.interface.index,
             ..Default::default()
         };
-        // SAFETY: XdpMd is plain #[repr(C)] integers.
-        let ctx = unsafe {
-            std::slice::from_raw_parts((&raw const ctx).cast::<u8>(), size_of::<XdpMd>())
-        };
+        let ctx = bytemuck::bytes_of(&ctx);
         self.program
             .test_run(TestRunOptions {
                 data_in: Some(&self.trigger),

@@ -41,8 +41,7 @@ impl Record {
         if item.len() < HEADER {
             return Err(RecordError("shorter than its header"));
         }
-        // SAFETY: RecordHeader is plain old data and the slice holds HEADER bytes.
-        let header: RecordHeader = unsafe { item.as_ptr().cast::<RecordHeader>().read_unaligned() };
+        let header: RecordHeader = bytemuck::pod_read_unaligned(&item[..HEADER]);
         let end = HEADER + header.captured_len as usize;
         if end > item.len() || header.captured_len > header.frame_len {
             return Err(RecordError("captured length beyond the record"));
@@ -311,13 +310,7 @@ mod tests {
     use super::*;
 
     fn raw(header: RecordHeader, frame: &[u8]) -> Vec<u8> {
-        let mut v = vec![0u8; size_of::<RecordHeader>()];
-        // SAFETY: v holds a RecordHeader's bytes.
-        unsafe {
-            v.as_mut_ptr()
-                .cast::<RecordHeader>()
-                .write_unaligned(header)
-        };
+        let mut v = bytemuck::bytes_of(&header).to_vec();
         v.extend_from_slice(frame);
         v
     }
