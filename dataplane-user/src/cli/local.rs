@@ -14,19 +14,37 @@ use dataplane_user::kernel::{
 use super::{Context, Failure};
 
 /// `dataplane load`'s settings.
+#[derive(clap::Args)]
 pub struct Load {
+    /// Service-facing interface: CPS inputs arrive and outputs leave here.
+    #[arg(long)]
     pub interface: String,
+    /// Link to the peer host, for mirror copies.
+    #[arg(long)]
     pub peer_interface: Option<String>,
+    /// MAC address of the peer host on that link (default: broadcast).
+    #[arg(long, value_parser = super::mac)]
     pub peer_mac: Option<[u8; 6]>,
+    /// Most bytes of a frame to log (0: whole frames).
+    #[arg(long, default_value_t = 0)]
     pub snap_len: u32,
+    /// Input log size in MiB (a power of two).
+    #[arg(long, default_value_t = 64)]
     pub input_ring_mib: u32,
+    /// Output log size in MiB (a power of two).
+    #[arg(long, default_value_t = 16)]
     pub output_ring_mib: u32,
-    /// Devmap mirroring: the deliver interface and its service-side MAC.
-    pub deliver: Option<(String, [u8; 6])>,
+    /// Make mirror copies by XDP devmap broadcast to the peer interface and to
+    /// this veth, behind which the service sits (default: TC clone).
+    #[arg(long, requires = "deliver_mac")]
+    pub deliver_interface: Option<String>,
+    /// MAC address of the service side of the --deliver-interface veth.
+    #[arg(long, value_parser = super::mac, requires = "deliver_interface")]
+    pub deliver_mac: Option<[u8; 6]>,
 }
 
 pub fn load(cx: &Context, load: Load) -> Result<(), Failure> {
-    let mirror_mode = match load.deliver {
+    let mirror_mode = match load.deliver_interface.zip(load.deliver_mac) {
         Some((deliver_interface, deliver_mac)) => MirrorMode::Devmap {
             deliver_interface,
             deliver_mac,

@@ -15,7 +15,6 @@ use dataplane_user::{
         client::{Client, ClientError},
         method::Call,
     },
-    criu::DEFAULT_CRIU,
     host::netdev::parse_mac,
     kernel::loader::DEFAULT_PIN_ROOT,
     report::Mode,
@@ -46,38 +45,12 @@ pub enum Command {
     /// Run the daemon: adopt or load the dataplane, serve the control socket and the peer link.
     Daemon(daemon::Args),
     /// Load and attach the kernel programs, pinned so they outlive this command.
-    Load {
-        /// Service-facing interface: CPS inputs arrive and outputs leave here.
-        #[arg(long)]
-        interface: String,
-        /// Link to the peer host, for mirror copies.
-        #[arg(long)]
-        peer_interface: Option<String>,
-        /// MAC address of the peer host on that link (default: broadcast).
-        #[arg(long, value_parser = mac)]
-        peer_mac: Option<[u8; 6]>,
-        /// Most bytes of a frame to log (0: whole frames).
-        #[arg(long, default_value_t = 0)]
-        snap_len: u32,
-        /// Input log size in MiB (a power of two).
-        #[arg(long, default_value_t = 64)]
-        input_ring_mib: u32,
-        /// Output log size in MiB (a power of two).
-        #[arg(long, default_value_t = 16)]
-        output_ring_mib: u32,
-        /// Make mirror copies by XDP devmap broadcast to the peer interface and to
-        /// this veth, behind which the service sits (default: TC clone).
-        #[arg(long, requires = "deliver_mac")]
-        deliver_interface: Option<String>,
-        /// MAC address of the service side of the --deliver-interface veth.
-        #[arg(long, value_parser = mac, requires = "deliver_interface")]
-        deliver_mac: Option<[u8; 6]>,
-    },
+    Load(local::Load),
     /// Detach the programs and remove every pin.
     Unload,
     /// The daemon's view: interfaces, programs, flows, counters, services, migrations.
     Status,
-    /// Counters and registry sizes in the Prometheus text format.
+    /// Counters and registry sizes in the OpenMetrics text format.
     Metrics,
     /// Manage CPS flows.
     Flow {
@@ -124,33 +97,7 @@ pub enum Command {
     /// and restore per size), fit the migration model (calagna2023's PAM)
     /// and save it; with --from-reports, fit our live modes' costs to real
     /// migrations' reports on top of the saved CRIU terms.
-    Calibrate {
-        /// State sizes of the synthetic service, MiB.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
-        sizes: Vec<u64>,
-        /// Dumps and restores per size.
-        #[arg(long, default_value_t = 3)]
-        repeat: usize,
-        /// Where to save it (default: the configuration's `calibration`).
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Finished migrations to fit the live modes' costs to: migration.status
-        /// JSON (a report, an array of them, or one a line) or `--json status`.
-        #[arg(long)]
-        from_reports: Option<PathBuf>,
-        /// The CRIU binary.
-        #[arg(long, default_value = DEFAULT_CRIU)]
-        criu: PathBuf,
-        /// The CPS period the reports' migrations ran at, µs (their replay).
-        #[arg(long, default_value_t = 1000)]
-        period_us: u64,
-        /// Your service's own program instead of the synthetic service
-        /// (after `--`; `{mib}` in its arguments becomes each size): run
-        /// in namespaces of its own, it must hold that much resident
-        /// anonymous memory once started.
-        #[arg(last = true, value_name = "COMMAND")]
-        command: Vec<String>,
-    },
+    Calibrate(plan::CalibrateArgs),
     /// Predict a registered service's migration time T_M and downtime T_D
     /// by method, from its size, its dirty rate and this host's calibration.
     Plan {
@@ -248,7 +195,7 @@ pub enum ServiceCommand {
     Ls,
 }
 
-fn mac(text: &str) -> Result<[u8; 6], String> {
+pub(crate) fn mac(text: &str) -> Result<[u8; 6], String> {
     parse_mac(text).ok_or_else(|| format!("{text:?} is not a MAC address like 02:00:00:00:00:01"))
 }
 
@@ -346,27 +293,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Daemon(args) => daemon::run(&cx, args),
-        Command::Load {
-            interface,
-            peer_interface,
-            peer_mac,
-            snap_len,
-            input_ring_mib,
-            output_ring_mib,
-            deliver_interface,
-            deliver_mac,
-        } => local::load(
-            &cx,
-            local::Load {
-                interface,
-                peer_interface,
-                peer_mac,
-                snap_len,
-                input_ring_mib,
-                output_ring_mib,
-                deliver: deliver_interface.zip(deliver_mac),
-            },
-        ),
+        Command::Load(load) => local::load(&cx, load),
         Command::Unload => local::unload(&cx),
         Command::Gate {
             flow_id,
@@ -406,23 +333,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Watch => migrate::watch(&cx),
         Command::Abort { id } => migrate::abort(&cx, id),
-        Command::Calibrate {
-            sizes,
-            repeat,
-            out,
-            from_reports,
-            criu,
-            period_us,
-            command,
-        } => plan::calibrate(plan::CalibrateArgs {
-            sizes,
-            repeat,
-            out,
-            from_reports,
-            criu,
-            period_us,
-            command,
-        }),
+        Command::Calibrate(args) => plan::calibrate(args),
         Command::Plan {
             service,
             mode,

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use dataplane_user::{
     config::{DEFAULT_CALIBRATION, DEFAULT_CONFIG, DaemonConfig},
     control::method::Call,
-    criu::Criu,
+    criu::{Criu, DEFAULT_CRIU},
     planning::{
         calibrate,
         model::{Calibration, LiveCosts, Method, Prediction, Workload, error_pct},
@@ -66,13 +66,32 @@ fn read_reports(path: &Path) -> anyhow::Result<Vec<Report>> {
 }
 
 /// `dataplane calibrate`'s arguments.
+#[derive(clap::Args)]
 pub struct CalibrateArgs {
+    /// State sizes of the synthetic service, MiB.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     pub sizes: Vec<u64>,
+    /// Dumps and restores per size.
+    #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Where to save it (default: the configuration's `calibration`).
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Finished migrations to fit the live modes' costs to: migration.status
+    /// JSON (a report, an array of them, or one a line) or `--json status`.
+    #[arg(long)]
     pub from_reports: Option<PathBuf>,
+    /// The CRIU binary.
+    #[arg(long, default_value = DEFAULT_CRIU)]
     pub criu: PathBuf,
+    /// The CPS period the reports' migrations ran at, µs (their replay).
+    #[arg(long, default_value_t = 1000)]
     pub period_us: u64,
+    /// Your service's own program instead of the synthetic service
+    /// (after `--`; `{mib}` in its arguments becomes each size): run
+    /// in namespaces of its own, it must hold that much resident
+    /// anonymous memory once started.
+    #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
 }
 
