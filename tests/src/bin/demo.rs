@@ -106,7 +106,9 @@ fn timeline(trace: &str, report: &serde_json::Value, migration_started: Duration
     let (width, height, top) = (1000.0, 460.0, 90.0);
     // The plot's floor; the time axis and its labels sit below it.
     let floor = height - 70.0;
-    let x = |t: i64| (t - from) as f64 / (to - from) as f64 * width;
+    // Margins keep the first and last tick labels inside the picture.
+    let (left, right) = (40.0, 30.0);
+    let x = |t: i64| left + (t - from) as f64 / (to - from) as f64 * (width - left - right);
     let gaps: Vec<(i64, i64)> = cycles
         .windows(2)
         .filter(|w| w[0].1 != 0 && w[1].1 != 0)
@@ -136,16 +138,19 @@ fn timeline(trace: &str, report: &serde_json::Value, migration_started: Duration
         .iter()
         .map(|&(start, _, name)| (x(start), label_width(name)))
         .collect();
-    for (i, (&(start, end, name), row)) in phases.iter().zip(label_rows(&labels)).enumerate() {
+    // The bands first, then every label above them, so that no band hides
+    // the end of its left neighbour's label.
+    for (i, &(start, end, _)) in phases.iter().enumerate() {
         let (x0, x1) = (x(start), x(end));
         svg += &format!(
-            "<rect x='{x0:.1}' y='10' width='{:.1}' height='{:.1}' fill='{}'/>\n\
-             <text x='{x0:.1}' y='{}'>{name}</text>\n",
+            "<rect x='{x0:.1}' y='10' width='{:.1}' height='{:.1}' fill='{}'/>\n",
             (x1 - x0).max(1.0),
             floor - 10.0,
             colors[i % colors.len()],
-            22 + row * 14,
         );
+    }
+    for (&(start, _, name), row) in phases.iter().zip(label_rows(&labels)) {
+        svg += &format!("<text x='{:.1}' y='{}'>{name}</text>\n", x(start), 22 + row * 14);
     }
     let k = report["handover_seq"].as_u64().unwrap_or(0) as usize;
     if let Some(&(sent, _)) = cycles.get(k) {
@@ -163,7 +168,10 @@ fn timeline(trace: &str, report: &serde_json::Value, migration_started: Duration
         .collect();
     svg += &format!("<polyline points='{points}' fill='none' stroke='black' stroke-width='1'/>\n");
     // The time axis: ms since the migration started, at round steps.
-    svg += &format!("<line x1='0' y1='{floor}' x2='{width}' y2='{floor}' stroke='black'/>\n");
+    svg += &format!(
+        "<line x1='{left}' y1='{floor}' x2='{}' y2='{floor}' stroke='black'/>\n",
+        width - right
+    );
     let ms = |t: i64| (t - origin) as f64 / 1000.0;
     for tick in ticks(ms(from), ms(to)) {
         let xt = x(origin + (tick * 1000.0) as i64);
@@ -174,14 +182,14 @@ fn timeline(trace: &str, report: &serde_json::Value, migration_started: Duration
             floor + 18.0
         );
     }
+    let (t_u, end) = (y(PERIOD_US as i64), width - right);
     svg += &format!(
-        "<line x1='0' y1='{0}' x2='{width}' y2='{0}' stroke='gray' stroke-dasharray='4'/>\n\
-         <text x='4' y='{1}'>T_U = 1 ms</text>\n\
-         <text x='{2}' y='{3}' text-anchor='middle'>ms since the migration started</text>\n\
-         <text x='4' y='{4}'>output gap at the CPS per cycle (top of scale {5:.1} ms)</text>\n</svg>\n",
-        y(PERIOD_US as i64),
-        y(PERIOD_US as i64) - 4.0,
-        width / 2.0,
+        "<line x1='{left}' y1='{t_u:.1}' x2='{end}' y2='{t_u:.1}' stroke='gray' stroke-dasharray='4'/>\n\
+         <text x='{left}' y='{:.1}'>T_U = 1 ms</text>\n\
+         <text x='{:.1}' y='{:.1}' text-anchor='middle'>ms since the migration started</text>\n\
+         <text x='{left}' y='{:.1}'>output gap at the CPS per cycle (top of scale {:.1} ms)</text>\n</svg>\n",
+        t_u - 4.0,
+        (left + end) / 2.0,
         floor + 34.0,
         height - 10.0,
         max_gap / 1000.0,
