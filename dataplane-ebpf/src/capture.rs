@@ -185,7 +185,7 @@ pub(crate) fn receive(ctx: &XdpContext) -> u32 {
     let known = match parse(data + MIRROR_OVERHEAD as usize, data_end) {
         Ok(Frame::Udp(key, headers)) if headers <= frame_len as usize => {
             // SAFETY: a hash map value is only read here.
-            unsafe { FLOWS.get(&key) }.is_some_and(|flow| flow.flow_id == flow_id)
+            unsafe { FLOWS.get(key) }.is_some_and(|flow| flow.flow_id == flow_id)
         }
         _ => false,
     };

@@ -18,6 +18,7 @@
 // intrinsic compiles to BPF's atomic fetch-and-add (with SeqCst: for Relaxed,
 // LLVM 22 emits the add without fetch yet reads the register as its result).
 #![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod capture;
 mod gate;

@@ -30,7 +30,7 @@ pub(crate) fn capture_output(ctx: &TcContext, config: &Config) -> bool {
         ..key
     };
     // SAFETY: a hash map value is only read here.
-    let Some(flow) = (unsafe { FLOWS.get(&input_key) }).copied() else {
+    let Some(flow) = (unsafe { FLOWS.get(input_key) }).copied() else {
         return true;
     };
     let Some(sequence) = SEQUENCES.get_ptr(flow.flow_id) else {

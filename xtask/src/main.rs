@@ -95,9 +95,10 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the integration tests build network namespaces and load BPF programs: run as root");
     }
-    // The default members: everything but the eBPF crate, which build.rs
-    // builds (with its own lints: see dataplane-ebpf/src/main.rs).
+    // The default members: everything but the eBPF crate, which needs the
+    // nightly toolchain and the BPF target.
     cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
+    clippy_ebpf()?;
     // The integration tests drive the `dataplane` binary, so build it first.
     cargo(&["build", "--release"])?;
     let mut args = vec!["test", "--release"];
@@ -107,6 +108,37 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     // The integration tests share kernel state (bpffs, namespaces): one at a time.
     args.extend(["--", "--test-threads=1"]);
     cargo(&args)
+}
+
+/// Lints the kernel programs as build.rs builds them: nightly, the BPF
+/// target, BPF's v3 CPU; warnings denied.
+fn clippy_ebpf() -> anyhow::Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rustflags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Ctarget-cpu=v3"].join("\x1f");
+    let status = Command::new("rustup")
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "dataplane-ebpf",
+        ])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf-clippy"))
+        .args(["--", "-D", "warnings"])
+        .current_dir(root.join("dataplane-ebpf"))
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags)
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("RUSTFLAGS")
+        .status()
+        .context("running nightly clippy on the eBPF crate")?;
+    if !status.success() {
+        bail!("clippy on dataplane-ebpf failed ({status})");
+    }
+    Ok(())
 }
 
 /// Runs one of the test crate's programs (the demo, the benchmarks) on the test hosts.

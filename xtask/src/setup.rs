@@ -109,16 +109,33 @@ fn nightly_rust_src() -> anyhow::Result<String> {
     Ok("installed rust-src".into())
 }
 
-/// `cargo xtask test` lints with clippy before it tests.
+/// `cargo xtask test` lints with clippy before it tests: the user space on
+/// the default toolchain, the kernel programs on nightly.
 fn clippy() -> anyhow::Result<String> {
-    if output(Command::new("cargo").args(["clippy", "--version"])).is_ok() {
-        return Ok("present".into());
+    let mut added = Vec::new();
+    for toolchain in ["stable", "nightly"] {
+        let present = Command::new("cargo")
+            .args([&format!("+{toolchain}"), "clippy", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !present {
+            run_ok(
+                Command::new("rustup").args([
+                    "component",
+                    "add",
+                    "clippy",
+                    "--toolchain",
+                    toolchain,
+                ]),
+                "rustup component add clippy",
+            )?;
+            added.push(toolchain);
+        }
     }
-    run_ok(
-        Command::new("rustup").args(["component", "add", "clippy"]),
-        "rustup component add clippy",
-    )?;
-    Ok("installed".into())
+    Ok(match added.is_empty() {
+        true => "present".into(),
+        false => format!("installed for {}", added.join(" and ")),
+    })
 }
 
 fn bpf_linker() -> anyhow::Result<String> {

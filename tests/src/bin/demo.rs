@@ -150,7 +150,11 @@ fn timeline(trace: &str, report: &serde_json::Value, migration_started: Duration
         );
     }
     for (&(start, _, name), row) in phases.iter().zip(label_rows(&labels)) {
-        svg += &format!("<text x='{:.1}' y='{}'>{name}</text>\n", x(start), 22 + row * 14);
+        svg += &format!(
+            "<text x='{:.1}' y='{}'>{name}</text>\n",
+            x(start),
+            22 + row * 14
+        );
     }
     let k = report["handover_seq"].as_u64().unwrap_or(0) as usize;
     if let Some(&(sent, _)) = cycles.get(k) {
