@@ -1,8 +1,8 @@
 //! A live migration, driven by the source daemon: prepare the destination,
-//! checkpoint at an exact position S, transfer the images, restore and replay S+1.. on the destination,
-//! compare outputs until N match in a row, cut over at an input K both
-//! daemons agree on, announce the service from the destination, stop the
-//! source instance.
+//! checkpoint at an exact position S, transfer the images, restore and
+//! replay S+1.. on the destination, compare outputs until N match in a row,
+//! cut over at the input K the source's kernel picks, announce the service
+//! from the destination, stop the source instance.
 //!
 //! Any failure before the flip rolls back: the source instance keeps (or
 //! resumes) serving with every input, the destination removes what it did.
