@@ -1,11 +1,8 @@
 //! `dataplane flow` and `dataplane service`: the daemon's flows and services.
-use std::net::SocketAddr;
-
 use dataplane_user::{
-    control::method::{Call, FlowParams, ServiceName},
+    control::method::{Call, FlowInfo, FlowParams, ServiceName},
     service::{FlowSpec, Service},
 };
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::{Context, Failure, FlowCommand, ServiceCommand};
@@ -73,24 +70,13 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
     Ok(())
 }
 
-/// A row of `flow.list`.
-#[derive(Deserialize)]
-struct FlowRow {
-    id: u32,
-    cps: SocketAddr,
-    service: SocketAddr,
-    mirror: bool,
-    last_seq: u64,
-    last_delivered: u64,
-}
-
 pub fn print_flows(flows: &Value) {
-    let rows: Vec<FlowRow> = serde_json::from_value(flows.clone()).unwrap_or_default();
+    let rows: Vec<FlowInfo> = serde_json::from_value(flows.clone()).unwrap_or_default();
     print!("{}", flow_table(&rows));
 }
 
 /// The flows as a table whose columns line up, however long the addresses.
-fn flow_table(rows: &[FlowRow]) -> String {
+fn flow_table(rows: &[FlowInfo]) -> String {
     let names: Vec<String> = rows
         .iter()
         .map(|f| format!("{} -> {}", f.cps, f.service))
@@ -139,7 +125,7 @@ mod tests {
     /// short and long (IPv6) addresses alike.
     #[test]
     fn flow_columns_line_up() {
-        let row = |id, cps: &str, service: &str, mirror, last_seq| FlowRow {
+        let row = |id, cps: &str, service: &str, mirror, last_seq| FlowInfo {
             id,
             cps: cps.parse().unwrap(),
             service: service.parse().unwrap(),

@@ -8,15 +8,15 @@ use std::{
 use anyhow::Context as _;
 use dataplane_user::{
     config::{DEFAULT_CALIBRATION, DEFAULT_CONFIG, DaemonConfig},
-    control::method::Call,
+    control::method::{Call, FlowInfo},
     criu::{Criu, DEFAULT_CRIU},
     planning::{
         calibrate,
         model::{Calibration, LiveCosts, Method, Prediction, Workload, error_pct},
-        policy::StopPolicy,
+        plan::Plan,
     },
     report::{Mode, Report, State},
-    service::Service,
+    service::{FlowSpec, Service},
 };
 use serde_json::{Value, json};
 
@@ -284,18 +284,6 @@ fn print_calibration(c: &Calibration, reports: Option<&[Report]>, input_rate: f6
     }
 }
 
-/// What `dataplane plan` found and predicts.
-#[derive(serde::Serialize)]
-struct Plan {
-    service: String,
-    pid: u32,
-    state_bytes: u64,
-    standby_pid: Option<u32>,
-    standby_state_bytes: Option<u64>,
-    workload: Workload,
-    predictions: Vec<Prediction>,
-}
-
 /// `dataplane plan`: prints (or with --json, gives) the service's plan.
 pub fn plan(
     cx: &Context,
@@ -330,8 +318,8 @@ fn make_plan(
     let pid = service.pid;
     let state_bytes = calibrate::state_bytes(pid)
         .with_context(|| format!("the size of service {name} (process {pid})"))?;
-    let standby_pid = service.standby_pid;
-    let standby_state_bytes = standby_pid
+    let standby_state_bytes = service
+        .standby_pid
         .map(calibrate::state_bytes)
         .transpose()
         .with_context(|| format!("the size of {name}'s standby"))?;
@@ -340,55 +328,28 @@ fn make_plan(
         dirty_rate,
         input_rate: input_rate(cx, service)?,
     };
-    let rounds = calibration.precopy_rounds(&workload, StopPolicy::default().max_rounds);
-    let predictions = [
-        Method::StopAndCopy,
-        Method::PreCopy { rounds },
-        Method::LeaveRunning,
-        Method::Standby,
-    ]
-    .into_iter()
-    .map(|method| {
-        // Standby mode checkpoints the standby: its size counts.
-        let work = match (method, standby_state_bytes) {
-            (Method::Standby, Some(m)) => Workload {
-                state_bytes: m as f64,
-                ..workload
-            },
-            _ => workload,
-        };
-        calibration.predict(method, &work)
-    })
-    .collect();
-    Ok(Plan {
-        service: name.to_string(),
-        pid,
+    Ok(Plan::predict(
+        service,
         state_bytes,
-        standby_pid,
         standby_state_bytes,
         workload,
-        predictions,
-    })
+        calibration,
+    ))
 }
 
 /// Inputs per second on the service's flows, over 200 ms of their counters.
 fn input_rate(cx: &Context, service: &Service) -> Result<f64, Failure> {
     let last_seq = || -> Result<Option<u64>, Failure> {
-        let flows = cx.call(Call::FlowList)?;
-        let mut total = None;
-        for f in flows.as_array().into_iter().flatten() {
-            let ends = (f["cps"].as_str(), f["service"].as_str());
-            let ours = service.flows.iter().any(|spec| {
-                ends == (
-                    Some(&spec.cps.to_string()[..]),
-                    Some(&spec.service.to_string()[..]),
-                )
-            });
-            if ours {
-                *total.get_or_insert(0) += f["last_seq"].as_u64().unwrap_or(0);
-            }
-        }
-        Ok(total)
+        let flows: Vec<FlowInfo> =
+            serde_json::from_value(cx.call(Call::FlowList)?).context("the daemon's flow list")?;
+        let ours = flows.iter().filter(|f| {
+            let ends = FlowSpec {
+                cps: f.cps,
+                service: f.service,
+            };
+            service.flows.contains(&ends)
+        });
+        Ok(ours.map(|f| f.last_seq).reduce(|a, b| a + b))
     };
     let start = std::time::Instant::now();
     let before = last_seq()?;

@@ -207,6 +207,19 @@ pub struct PeerAddress {
     pub address: SocketAddr,
 }
 
+/// A row of `flow.list` (and of `status`'s `flows`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FlowInfo {
+    pub id: u32,
+    pub cps: SocketAddr,
+    pub service: SocketAddr,
+    pub mirror: bool,
+    /// The last input numbered on this host.
+    pub last_seq: u64,
+    /// The last input the local instance got.
+    pub last_delivered: u64,
+}
+
 /// Parses a method's params, naming what is wrong with them.
 fn parse<T: DeserializeOwned>(params: Value) -> Result<T, RpcError> {
     serde_json::from_value(params).map_err(|e| {

@@ -16,7 +16,7 @@ use super::{Daemon, MigrationEntry};
 use crate::{
     control::{
         RpcError, code,
-        method::{Call, FlowParams, MigrationId, PeerAddress, ServiceName},
+        method::{Call, FlowInfo, FlowParams, MigrationId, PeerAddress, ServiceName},
         server::Handler,
     },
     kernel::{
@@ -374,15 +374,15 @@ fn flows_json(dataplane: &Dataplane) -> Result<Value, RpcError> {
         let sequence = dataplane
             .sequence(config.flow_id)
             .map_err(dataplane_error)?;
-        flows.push(json!({
-            "id": config.flow_id,
-            "cps": flow::source(&key),
-            "service": flow::destination(&key),
-            "mirror": config.flags & FLOW_MIRROR != 0,
-            "last_seq": sequence.last_seq,
-            "last_delivered": sequence.last_delivered,
-        }));
+        flows.push(FlowInfo {
+            id: config.flow_id,
+            cps: flow::source(&key),
+            service: flow::destination(&key),
+            mirror: config.flags & FLOW_MIRROR != 0,
+            last_seq: sequence.last_seq,
+            last_delivered: sequence.last_delivered,
+        });
     }
-    flows.sort_by_key(|f| f["id"].as_u64());
-    Ok(Value::Array(flows))
+    flows.sort_by_key(|f| f.id);
+    Ok(json!(flows))
 }
