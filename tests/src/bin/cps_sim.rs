@@ -122,6 +122,9 @@ fn args() -> Args {
     a
 }
 
+/// Bytes of receive buffer per socket: room for a burst's answers.
+const RECEIVE_BUFFER: usize = 16 << 20;
+
 fn main() {
     let args = args();
     let sockets: Vec<UdpSocket> = args
@@ -131,6 +134,15 @@ fn main() {
         .map(|(to, bind)| {
             let socket = UdpSocket::bind(bind).expect("bind");
             socket.connect(to).expect("connect");
+            // A field device reads every output. The default receive buffer
+            // (about 200 datagrams) overflowed when a burst's answers came
+            // back together while this process's receiver waited for the
+            // CPU: outputs the controller had sent were dropped here and
+            // counted as missed, though the dataplane lost none.
+            use nix::sys::socket::{setsockopt, sockopt};
+            if setsockopt(&socket, sockopt::RcvBufForce, &RECEIVE_BUFFER).is_err() {
+                let _ = setsockopt(&socket, sockopt::RcvBuf, &RECEIVE_BUFFER);
+            }
             socket
         })
         .collect();
