@@ -124,7 +124,7 @@ struct Progress {
     phase: &'static str,
     bytes: u64,
     /// When the transfer's first bytes were reported, and how many.
-    first: Option<(std::time::Instant, u64)>,
+    first: Option<(Instant, u64)>,
     rate: f64,
 }
 
@@ -133,9 +133,7 @@ impl Progress {
         self.phase = report.phase.name();
         self.bytes = report.image_bytes;
         if self.bytes > 0 {
-            let (at, bytes) = *self
-                .first
-                .get_or_insert((std::time::Instant::now(), self.bytes));
+            let (at, bytes) = *self.first.get_or_insert((Instant::now(), self.bytes));
             let seconds = at.elapsed().as_secs_f64();
             if seconds > 0.0 {
                 self.rate = self.bytes.saturating_sub(bytes) as f64 / seconds;

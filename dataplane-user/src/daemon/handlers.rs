@@ -24,7 +24,7 @@ use crate::{
         loader::{Dataplane, LoadError},
     },
     metrics, migration, peer,
-    report::State,
+    report::{Report, State},
     service::{FlowSpec, Service},
 };
 
@@ -277,7 +277,7 @@ impl Daemon {
         }
         let id = format!("{}-{}", service.name, migrations.len() + 1);
         let abort = Arc::new(AtomicBool::new(false));
-        let report = crate::report::Report {
+        let report = Report {
             id: id.clone(),
             service: service.name.clone(),
             to: request.to.to_string(),
@@ -316,7 +316,7 @@ impl Daemon {
         tokio::spawn(async move {
             let progress = {
                 let (table, events) = (table.clone(), events.clone());
-                move |report: &crate::report::Report| {
+                move |report: &Report| {
                     if let Some(entry) = table.lock().unwrap().get_mut(&report.id) {
                         entry.report = report.clone();
                     }

@@ -30,6 +30,7 @@ use crate::{
     },
     migration::destination,
     peer,
+    report::Report,
     service::Service,
 };
 
@@ -50,7 +51,7 @@ pub struct Daemon {
 
 /// A migration's latest report, and its abort switch.
 struct MigrationEntry {
-    report: crate::report::Report,
+    report: Report,
     abort: Arc<AtomicBool>,
 }
 

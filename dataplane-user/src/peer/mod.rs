@@ -358,7 +358,8 @@ where
                 };
                 let (key, on_link) = (key.clone(), on_link.clone());
                 tokio::spawn(async move {
-                    let outcome = match admit(stream, from, key.as_ref().as_ref(), permit).await {
+                    let key = Option::as_ref(&key);
+                    let outcome = match admit(stream, from, key, permit).await {
                         Ok(Some(stream)) => on_link(stream, from).await,
                         Ok(None) => Ok(()),
                         Err(e) => Err(e),
