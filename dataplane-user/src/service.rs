@@ -23,7 +23,7 @@ pub struct Service {
 }
 
 /// A flow by its ends.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct FlowSpec {
     pub cps: SocketAddr,

@@ -23,7 +23,9 @@ use crate::{
         flow,
         loader::{Dataplane, LoadError},
     },
-    metrics, migration, peer,
+    metrics,
+    migration::{self, journal::Files},
+    peer,
     report::{Report, State},
     service::{FlowSpec, Service},
 };
@@ -295,7 +297,7 @@ impl Daemon {
         let context = migration::Context {
             pin_root: self.config.pin_root.clone(),
             interface: self.config.interface.clone(),
-            images_dir: self.config.images_dir.clone(),
+            files: Files::new(&self.config.images_dir),
             criu: self.config.criu(),
             inputs,
             outputs,

@@ -28,7 +28,7 @@ use crate::{
         loader::{Dataplane, LoadError, MAP_INPUTS, MAP_OUTPUTS},
         logs::{LogReader, Tap},
     },
-    migration::destination,
+    migration::{destination, journal::Files, recovery},
     peer,
     report::Report,
     service::Service,
@@ -141,12 +141,13 @@ impl Daemon {
             (tap(MAP_INPUTS)?, tap(MAP_OUTPUTS)?)
         };
         let _ = daemon.taps.set(taps.clone());
-        // Migrations the previous run of this daemon left half-done.
-        crate::migration::journal::recover(
-            &daemon.config.pin_root,
-            &daemon.config.images_dir,
-            daemon.config.standby_pin_root.as_deref(),
-        );
+        // Migrations the previous run of this daemon left half-done, either side.
+        recovery::recover(&recovery::Host {
+            files: Files::new(&daemon.config.images_dir),
+            pin_root: daemon.config.pin_root.clone(),
+            standby_pin_root: daemon.config.standby_pin_root.clone(),
+            interface: daemon.config.interface.clone(),
+        });
         let criu = daemon.config.criu();
         tokio::task::spawn_blocking(move || criu.log_capabilities());
         if let Some(address) = daemon.config.peer_listen {
@@ -155,7 +156,7 @@ impl Daemon {
                 .map_err(|source| DaemonError::PeerListen { address, source })?;
             tracing::info!(%address, "serving the peer link");
             let host = destination::Host {
-                images_root: daemon.config.images_dir.clone(),
+                files: Files::new(&daemon.config.images_dir),
                 pin_root: daemon.config.pin_root.clone(),
                 interface: daemon.config.interface.clone(),
                 peer_interface: daemon.config.peer_interface.clone(),
@@ -163,7 +164,6 @@ impl Daemon {
                 inputs: Some(taps.0.clone()),
                 outputs: Some(taps.1.clone()),
             };
-            destination::recover(&host);
             let host = Arc::new(host);
             tokio::spawn(peer::serve(
                 peers,

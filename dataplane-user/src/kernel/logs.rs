@@ -211,7 +211,7 @@ pub struct LogGuard {
 
 impl LogGuard {
     /// Starts watching `dataplane`'s input log: earlier overflows do not count.
-    pub fn new(dataplane: &crate::kernel::loader::Dataplane) -> Result<Self, String> {
+    pub fn new(dataplane: &crate::kernel::loader::Dataplane) -> Result<Self, LogError> {
         Ok(Self {
             ring_full: ring_full(dataplane)?,
         })
@@ -222,29 +222,36 @@ impl LogGuard {
         &self,
         dataplane: &crate::kernel::loader::Dataplane,
         reader: &Subscription,
-    ) -> Result<(), String> {
+    ) -> Result<(), LogError> {
         let full = ring_full(dataplane)? - self.ring_full;
         if full > 0 {
-            return Err(format!(
-                "the input log overflowed: {full} inputs found it full (ring_full) and were \
-                 not logged; the migrated instance would miss them (a larger input_ring_mib helps)"
-            ));
+            return Err(LogError::Overflowed(full));
         }
         if reader.lost() > 0 {
-            return Err(format!(
-                "this daemon's input log reader fell behind and lost {} records",
-                reader.lost()
-            ));
+            return Err(LogError::ReaderBehind(reader.lost()));
         }
         Ok(())
     }
 }
 
-fn ring_full(dataplane: &crate::kernel::loader::Dataplane) -> Result<u64, String> {
-    dataplane
-        .counters()
-        .map(|c| c.get(dataplane_common::counter::RING_FULL))
-        .map_err(|e| e.to_string())
+/// How the input log failed a migration.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error(
+        "the input log overflowed: {0} inputs found it full (ring_full) and were not logged; \
+         the migrated instance would miss them (a larger input_ring_mib helps)"
+    )]
+    Overflowed(u64),
+    #[error("this daemon's input log reader fell behind and lost {0} records")]
+    ReaderBehind(u64),
+    #[error(transparent)]
+    Kernel(#[from] crate::kernel::loader::LoadError),
+}
+
+fn ring_full(dataplane: &crate::kernel::loader::Dataplane) -> Result<u64, LogError> {
+    Ok(dataplane
+        .counters()?
+        .get(dataplane_common::counter::RING_FULL))
 }
 
 impl Records for Subscription {

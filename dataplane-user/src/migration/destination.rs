@@ -9,8 +9,8 @@
 //! the first input forwarded past K): then this host keeps serving and
 //! announces the service address itself.
 //!
-//! A journal beside the images says what to undo or keep should this
-//! daemon die mid-migration; [`recover`] acts on it at the next start.
+//! A journal says what to undo or keep should this daemon die
+//! mid-migration; [`recover`] acts on it at the next start.
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -21,7 +21,7 @@ use std::{
 use dataplane_common::{
     GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, RECORD_OUTPUT,
 };
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::{
@@ -33,9 +33,12 @@ use crate::{
         logs::{LogGuard, Records, Subscription},
     },
     migration::{
+        error::{Cause, InstanceEnd},
         hold,
         hold::FlowPosition,
+        journal::{Files, Instance, Journal, Side},
         protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
+        recovery,
     },
     peer::{MAX_FRAME, PeerError, frame, read_frame, transfer, write_frame},
 };
@@ -43,8 +46,8 @@ use crate::{
 /// What the destination works with on this host.
 #[derive(Clone)]
 pub struct Host {
-    /// Where received checkpoint images go.
-    pub images_root: PathBuf,
+    /// Where received checkpoint images and the journals go.
+    pub files: Files,
     /// The pinned dataplane, whose ingress program replays inputs.
     pub pin_root: PathBuf,
     /// The service-facing interface, where a migrated service's addresses are announced.
@@ -79,7 +82,8 @@ pub async fn serve_link(
         match kind {
             frame::PING => write_frame(&mut stream, frame::PONG, &[]).await?,
             frame::IMAGES => {
-                let received = transfer::receive(&mut stream, &payload, &host.images_root).await;
+                let received =
+                    transfer::receive(&mut stream, &payload, host.files.incoming_root()).await;
                 if let Ok(r) = &received {
                     tracing::info!(%from, migration = %r.migration, files = r.files,
                         bytes = r.bytes, "received checkpoint images");
@@ -88,7 +92,7 @@ pub async fn serve_link(
             }
             frame::MIGRATE => {
                 let outcome = match serde_json::from_slice::<Step>(&payload) {
-                    Err(e) => Err(format!("not a migration step: {e}")),
+                    Err(e) => Err(Cause::NotAStep(e)),
                     Ok(Step::Prepare { migration, flows }) if target.is_none() => {
                         tracing::info!(%from, %migration, "preparing a migration to this host");
                         Target::prepare(host, migration, flows).map(|t| {
@@ -98,7 +102,7 @@ pub async fn serve_link(
                     }
                     Ok(step) => match target.as_mut() {
                         Some(t) => t.step(step).await,
-                        None => Err("no migration is prepared on this link".into()),
+                        None => Err(Cause::NotPrepared),
                     },
                 };
                 if target.as_ref().is_some_and(|t| t.ended()) {
@@ -108,7 +112,7 @@ pub async fn serve_link(
                     Ok(ok) => serde_json::json!({ "ok": ok }),
                     Err(error) => {
                         tracing::warn!(%from, "migration step failed: {error}");
-                        serde_json::json!({ "error": error })
+                        serde_json::json!({ "error": error.to_string() })
                     }
                 };
                 let answer = serde_json::to_vec(&answer).expect("serializes");
@@ -168,31 +172,22 @@ impl<'a> Target<'a> {
         host: &'a Host,
         migration: String,
         flows: Vec<TargetFlow>,
-    ) -> Result<Self, String> {
-        transfer::plain_name(&migration).map_err(|e| e.to_string())?;
+    ) -> Result<Self, Cause> {
+        transfer::plain_name(&migration).map_err(Cause::Name)?;
         if flows.len() != 1 {
-            return Err(format!(
-                "a migrated service has exactly one flow here ({} given)",
-                flows.len()
-            ));
+            return Err(Cause::FlowCount(flows.len()));
         }
         let (Some(inputs), Some(outputs)) = (&host.inputs, &host.outputs) else {
-            return Err("this daemon does not read its logs".into());
+            return Err(Cause::NoLogs);
         };
         announces_only_its_own(&host.interface)?;
-        let mut dataplane = Dataplane::open(&host.pin_root).map_err(|e| e.to_string())?;
-        let inputs = inputs
-            .subscribe(SUBSCRIPTION_CAPACITY)
-            .map_err(|e| e.to_string())?;
-        let outputs = outputs
-            .subscribe(SUBSCRIPTION_CAPACITY)
-            .map_err(|e| e.to_string())?;
+        let mut dataplane = Dataplane::open(&host.pin_root)?;
+        let inputs = inputs.subscribe(SUBSCRIPTION_CAPACITY)?;
+        let outputs = outputs.subscribe(SUBSCRIPTION_CAPACITY)?;
         let log = LogGuard::new(&dataplane)?;
         for f in &flows {
             let key = flow::udp(f.spec.cps, f.spec.service);
-            dataplane
-                .adopt_flow(key, f.flow_id, 0)
-                .map_err(|e| e.to_string())?;
+            dataplane.adopt_flow(key, f.flow_id, 0)?;
             let gate = dataplane_common::Gate {
                 mode: GATE_HOLD_ALL,
                 output: OUTPUT_MUTE,
@@ -202,9 +197,7 @@ impl<'a> Target<'a> {
                 tagging: dataplane_common::TAG_COUNTED,
                 ..Default::default()
             };
-            dataplane
-                .set_gate(f.flow_id, gate)
-                .map_err(|e| e.to_string())?;
+            dataplane.set_gate(f.flow_id, gate)?;
         }
         let target = Self {
             host,
@@ -223,10 +216,10 @@ impl<'a> Target<'a> {
     }
 
     /// Handles every step after `Prepare`; the reply's JSON value.
-    pub async fn step(&mut self, step: Step) -> Result<serde_json::Value, String> {
+    pub async fn step(&mut self, step: Step) -> Result<serde_json::Value, Cause> {
         let json = |v| serde_json::to_value(v).expect("serializes");
         match step {
-            Step::Prepare { .. } => Err("a migration is already prepared on this link".into()),
+            Step::Prepare { .. } => Err(Cause::AlreadyPrepared),
             Step::Restore { positions, cpus } => self.restore(positions, cpus).await.map(json),
             Step::Outputs {
                 after,
@@ -262,40 +255,36 @@ impl<'a> Target<'a> {
     }
 
     fn images(&self) -> std::path::PathBuf {
-        self.host.images_root.join(&self.migration)
+        self.host.files.images(Side::Destination, &self.migration)
     }
 
     async fn restore(
         &mut self,
         positions: Vec<FlowPosition>,
         cpus: Vec<usize>,
-    ) -> Result<Restored, String> {
+    ) -> Result<Restored, Cause> {
         if self.instance.is_some() {
-            return Err("already restored".into());
+            return Err(Cause::AlreadyRestored);
         }
         let [position] = positions[..] else {
-            return Err("one flow position expected".into());
+            return Err(Cause::OnePosition);
         };
         if !self.flows.iter().any(|f| f.flow_id == position.flow_id) {
-            return Err(format!(
-                "flow {} is not part of this migration",
-                position.flow_id
-            ));
+            return Err(Cause::ForeignFlow(position.flow_id));
         }
         let images = self.images();
         if !images.is_dir() {
-            return Err(format!("no images at {}", images.display()));
+            return Err(Cause::NoImages(images));
         }
         let criu = self.host.criu.clone();
-        let (images_root, migration, flows) = (
-            self.host.images_root.clone(),
+        let (files, migration, flows) = (
+            self.host.files.clone(),
             self.migration.clone(),
             self.flows.clone(),
         );
         let start = Instant::now();
         let restored = tokio::task::spawn_blocking(move || {
-            let netns = open_netns(Path::new("/proc/self/ns/net"))
-                .map_err(|e| format!("opening this host's network namespace: {e}"))?;
+            let netns = open_netns(Path::new("/proc/self/ns/net")).map_err(Cause::HostNetns)?;
             let request = RestoreRequest {
                 images_dir: images.clone(),
                 inherit: vec![("extnet".into(), &netns)],
@@ -310,7 +299,12 @@ impl<'a> Target<'a> {
             let mut journaled = false;
             let mut journal = |_: &str, pid: Option<u32>| match pid {
                 Some(pid) if !journaled => {
-                    journaled = write_journal(&images_root, &migration, &flows, Some(pid))
+                    let journal = Journal::Destination {
+                        flows: flows.clone(),
+                        instance: Instance::of(pid),
+                    };
+                    journaled = files
+                        .write(&migration, &journal)
                         .inspect_err(|e| tracing::warn!("{e}"))
                         .is_ok();
                     journaled
@@ -320,13 +314,13 @@ impl<'a> Target<'a> {
             let start = Instant::now();
             let pid = criu
                 .restore(&request, &mut journal)
-                .map_err(|e| format!("restore: {e}"))?;
+                .map_err(Cause::Restore)?;
             let criu_us = start.elapsed().as_micros() as u64;
             let restore_us = stats::restore(&images).map_or(0, |s| s.restore_time.into());
-            Ok::<_, String>((pid, restore_us, criu_us))
+            Ok::<_, Cause>((pid, restore_us, criu_us))
         })
         .await
-        .map_err(|e| format!("restore task: {e}"))??;
+        .map_err(Cause::RestoreTask)??;
         let (pid, restore_us, criu_us) = restored;
         self.instance = Some(pid);
         self.write_journal()?;
@@ -343,9 +337,8 @@ impl<'a> Target<'a> {
             .host
             .peer_interface
             .as_deref()
-            .ok_or("this daemon has no peer interface to replay on")?;
-        let mut injector =
-            Injector::open(&self.host.pin_root, interface).map_err(|e| e.to_string())?;
+            .ok_or(Cause::NoPeerInterface)?;
+        let mut injector = Injector::open(&self.host.pin_root, interface)?;
         // Held inputs that found the log full are gone: no replay can start.
         self.log.check(&self.dataplane, &self.inputs)?;
         let start = Instant::now();
@@ -360,13 +353,8 @@ impl<'a> Target<'a> {
         self.check_instance("replay")?;
         // An overflow explains an input missing from the log.
         self.log.check(&self.dataplane, &self.inputs)?;
-        let replayed = replayed.map_err(|e| format!("replay: {e}"))?;
-        let replay_end = self
-            .dataplane
-            .gate(position.flow_id)
-            .map_err(|e| e.to_string())?
-            .next_expected
-            - 1;
+        let replayed = replayed.map_err(Cause::Replay)?;
+        let replay_end = self.dataplane.gate(position.flow_id)?.next_expected - 1;
         Ok(Restored {
             pid,
             restore_us,
@@ -402,51 +390,44 @@ impl<'a> Target<'a> {
     /// Arms the output gates: each flow's outputs stay muted until the
     /// source forwards its first input past the cutover, and leave from
     /// that input on (the kernel programs do the rest, see `OUTPUT_ARMED`).
-    fn arm(&mut self, flows: &[u32]) -> Result<(), String> {
+    fn arm(&mut self, flows: &[u32]) -> Result<(), Cause> {
         // The last moment to back out if this log lost an input.
         self.log.check(&self.dataplane, &self.inputs)?;
-        let window = self.dataplane.gate_window().map_err(|e| e.to_string())?;
+        let window = self.dataplane.gate_window()?;
         for &flow_id in flows {
             if !self.flows.iter().any(|f| f.flow_id == flow_id) {
-                return Err(format!("flow {flow_id} is not part of this migration"));
+                return Err(Cause::ForeignFlow(flow_id));
             }
-            let gate = self.dataplane.gate(flow_id).map_err(|e| e.to_string())?;
-            if gate.mode != GATE_SEQUENCED {
-                return Err("the instance is not restored and replayed yet".into());
+            if self.dataplane.gate(flow_id)?.mode != GATE_SEQUENCED {
+                return Err(Cause::NotReplayed);
             }
             window.arm_outputs(flow_id);
         }
         Ok(())
     }
 
-    fn announce(&self) -> Result<Vec<String>, String> {
+    fn announce(&self) -> Result<Vec<IpAddr>, Cause> {
         announce(&self.host.interface, &self.flows)
     }
 
-    fn journal_path(&self) -> std::path::PathBuf {
-        journal_path(&self.host.images_root, &self.migration)
-    }
-
     /// Records the flows and the instance, for [`recover`].
-    fn write_journal(&self) -> Result<(), String> {
-        write_journal(
-            &self.host.images_root,
-            &self.migration,
-            &self.flows,
-            self.instance,
-        )
+    fn write_journal(&self) -> Result<(), Cause> {
+        let journal = Journal::Destination {
+            flows: self.flows.clone(),
+            instance: self.instance.and_then(Instance::of),
+        };
+        Ok(self.host.files.write(&self.migration, &journal)?)
     }
 
     /// The migration is over here, either way: the images and the journal go.
     fn end(&mut self) {
-        let _ = std::fs::remove_dir_all(self.images());
-        let _ = std::fs::remove_file(self.journal_path());
+        self.host.files.remove(Side::Destination, &self.migration);
         self.finished = true;
     }
 
     /// An error if the restored instance (this daemon's child) has exited;
     /// it is reaped then.
-    fn check_instance(&mut self, during: &str) -> Result<(), String> {
+    fn check_instance(&mut self, during: &'static str) -> Result<(), Cause> {
         use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
         let Some(pid) = self.instance else {
             return Ok(());
@@ -457,13 +438,13 @@ impl<'a> Target<'a> {
         );
         let how = match status {
             Ok(WaitStatus::StillAlive) => return Ok(()),
-            Ok(WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
-            Ok(WaitStatus::Signaled(_, signal, _)) => format!("was killed by {signal}"),
-            Ok(other) => return Err(format!("instance {pid} changed state: {other:?}")),
-            Err(e) => format!("is gone ({e})"),
+            Ok(WaitStatus::Exited(_, code)) => InstanceEnd::Exited(code),
+            Ok(WaitStatus::Signaled(_, signal, _)) => InstanceEnd::Killed(signal),
+            Ok(other) => InstanceEnd::Changed(format!("{other:?}")),
+            Err(e) => InstanceEnd::Gone(e),
         };
         self.instance = None;
-        Err(format!("the restored instance {pid} {how} during {during}"))
+        Err(Cause::InstanceEnded { pid, how, during })
     }
 
     /// Undoes whatever this migration did on this host.
@@ -503,48 +484,6 @@ impl Drop for Target<'_> {
     }
 }
 
-/// What a destination daemon that dies mid-migration leaves to undo or
-/// keep.
-#[derive(Serialize, Deserialize)]
-struct Journal {
-    flows: Vec<TargetFlow>,
-    instance: Option<Instance>,
-}
-
-/// A restored instance, known by its pid and start time (pids are reused).
-#[derive(Clone, Copy, Serialize, Deserialize)]
-struct Instance {
-    pid: u32,
-    start_time: u64,
-}
-
-fn journal_path(images_root: &Path, migration: &str) -> std::path::PathBuf {
-    images_root.join(format!("{migration}.journal.json"))
-}
-
-/// Writes the journal of `migration`: its flows and restored instance.
-fn write_journal(
-    images_root: &Path,
-    migration: &str,
-    flows: &[TargetFlow],
-    instance: Option<u32>,
-) -> Result<(), String> {
-    let journal = Journal {
-        flows: flows.to_vec(),
-        instance: instance.and_then(|pid| {
-            Some(Instance {
-                pid,
-                start_time: crate::host::tasks::start_time(pid)?,
-            })
-        }),
-    };
-    let path = journal_path(images_root, migration);
-    let text = serde_json::to_vec(&journal).expect("a journal serializes");
-    std::fs::create_dir_all(images_root)
-        .and_then(|()| std::fs::write(&path, text))
-        .map_err(|e| format!("writing {}: {e}", path.display()))
-}
-
 /// How long an armed destination that lost the source waits for the
 /// handover: the source's kernel may have been flipped and cut over at its
 /// next input (well within this at any control rate) even with its daemon
@@ -561,13 +500,19 @@ fn handed_over(dataplane: &Dataplane, flows: &[TargetFlow]) -> bool {
             .filter_map(|f| dataplane.gate(f.flow_id).ok().map(|g| g.output))
             .collect::<Vec<_>>()
     };
+    wait_for_handover(outputs, ARMED_GRACE)
+}
+
+/// The decision of [`handed_over`], over the flows' output gate modes as
+/// `outputs` reads them now.
+fn wait_for_handover(outputs: impl Fn() -> Vec<u32>, grace: Duration) -> bool {
     let start = Instant::now();
     loop {
         let modes = outputs();
         if modes.contains(&OUTPUT_FROM) {
             return true;
         }
-        if !modes.contains(&OUTPUT_ARMED) || start.elapsed() > ARMED_GRACE {
+        if !modes.contains(&OUTPUT_ARMED) || start.elapsed() > grace {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -585,77 +530,50 @@ fn forget_flows(dataplane: &mut Dataplane, flows: &[TargetFlow]) {
 /// Makes this host the service addresses' owner on `interface` and tells
 /// the neighbours (a gratuitous ARP, or an unsolicited neighbour
 /// advertisement for IPv6). An address it has already is fine.
-fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<String>, String> {
+fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<IpAddr>, Cause> {
     let mut announced = Vec::new();
     for f in flows {
-        let addr = f.spec.service.ip();
-        match crate::host::netdev::own_address(interface, addr) {
-            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
-                return Err(format!("{addr}: {e}"));
-            }
-            _ => {}
-        }
-        match addr {
-            IpAddr::V4(v4) => crate::host::netdev::gratuitous_arp(interface, v4),
-            IpAddr::V6(v6) => crate::host::netdev::unsolicited_na(interface, v6),
-        }
-        .map_err(|e| format!("{addr}: {e}"))?;
-        announced.push(addr.to_string());
+        let address = f.spec.service.ip();
+        let owned = match crate::host::netdev::own_address(interface, address) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            owned => owned,
+        };
+        owned
+            .and_then(|()| match address {
+                IpAddr::V4(v4) => crate::host::netdev::gratuitous_arp(interface, v4),
+                IpAddr::V6(v6) => crate::host::netdev::unsolicited_na(interface, v6),
+            })
+            .map_err(|source| Cause::Announce { address, source })?;
+        announced.push(address);
     }
     Ok(announced)
 }
 
-/// At a daemon's start: finishes what migrations to this host left when
-/// its previous run died. Handed over: the instance keeps serving, the
-/// address is announced. Not: the instance is killed, the flows go.
-/// Either way the images and the journal are removed. What was done, one
-/// line per migration.
-pub fn recover(host: &Host) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(&host.images_root) else {
-        return Vec::new();
-    };
-    let mut done = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(migration) = name.strip_suffix(".journal.json") else {
-            continue;
-        };
-        let outcome = recover_one(host, &entry.path());
-        let _ = std::fs::remove_dir_all(host.images_root.join(migration));
-        let _ = std::fs::remove_file(entry.path());
-        let line = format!("migration {migration} to this host: {outcome}");
-        tracing::warn!("{line}");
-        done.push(line);
-    }
-    done
-}
-
-fn recover_one(host: &Host, journal: &Path) -> String {
-    let journal: Journal = match std::fs::read(journal)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
-        Ok(journal) => journal,
-        Err(e) => return format!("unreadable journal ({e}); removed"),
-    };
+/// Finishes what a migration to this host left when the daemon died, from
+/// its journal (see [`recovery`]). Handed over: the instance keeps
+/// serving, the address is announced. Not: the instance is killed (if it
+/// is still the process the journal names), the flows go.
+pub(super) fn recover(
+    host: &recovery::Host,
+    flows: &[TargetFlow],
+    instance: Option<Instance>,
+) -> String {
     let mut dataplane = match Dataplane::open(&host.pin_root) {
         Ok(d) => d,
         Err(e) => return format!("no dataplane to clean up ({e})"),
     };
-    if handed_over(&dataplane, &journal.flows) {
-        return match announce(&host.interface, &journal.flows) {
+    if handed_over(&dataplane, flows) {
+        return match announce(&host.interface, flows) {
             Ok(addresses) => format!("handed over; kept serving, announced {addresses:?}"),
-            Err(e) => format!("handed over; kept serving; announcing failed: {e}"),
+            Err(e) => format!("handed over; kept serving; {e}"),
         };
     }
-    let killed = journal
-        .instance
-        .filter(|i| crate::host::tasks::start_time(i.pid) == Some(i.start_time));
+    let killed = instance.filter(Instance::runs);
     if let Some(i) = killed {
         let pid = nix::unistd::Pid::from_raw(i.pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     }
-    forget_flows(&mut dataplane, &journal.flows);
+    forget_flows(&mut dataplane, flows);
     match killed {
         Some(i) => format!("rolled back: killed instance {}, removed its flows", i.pid),
         None => "rolled back: removed its flows".into(),
@@ -666,7 +584,7 @@ fn recover_one(host: &Host, journal: &Path) -> String {
 /// its own ARP requests: the restored instance's first (muted) output
 /// would then announce the address and pull the CPS's traffic over before
 /// the cutover.
-fn announces_only_its_own(interface: &str) -> Result<(), String> {
+fn announces_only_its_own(interface: &str) -> Result<(), Cause> {
     let read = |name: &str| {
         std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/arp_announce"))
             .ok()
@@ -677,10 +595,48 @@ fn announces_only_its_own(interface: &str) -> Result<(), String> {
     if read("all").max(read(interface)) >= 2 {
         Ok(())
     } else {
-        Err(format!(
-            "set net.ipv4.conf.{interface}.arp_announce=2 on the destination: otherwise the \
-             restored instance's first output announces the service address and takes the \
-             CPS's traffic before the cutover"
-        ))
+        Err(Cause::ArpAnnounce(interface.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+
+    #[test]
+    fn a_gate_opened_past_k_is_a_handover_and_a_muted_one_is_not() {
+        let grace = Duration::from_secs(5);
+        assert!(wait_for_handover(|| vec![OUTPUT_MUTE, OUTPUT_FROM], grace));
+        let start = Instant::now();
+        assert!(!wait_for_handover(|| vec![OUTPUT_MUTE], grace));
+        // Nothing armed: nothing to wait for.
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn an_armed_gate_is_waited_for_up_to_the_grace() {
+        // The source's kernel may cut over at its next input with its
+        // daemon gone: a gate that opens within the grace is a handover.
+        let reads = Cell::new(0);
+        let opens_at_third_read = || {
+            reads.set(reads.get() + 1);
+            vec![if reads.get() >= 3 {
+                OUTPUT_FROM
+            } else {
+                OUTPUT_ARMED
+            }]
+        };
+        assert!(wait_for_handover(
+            opens_at_third_read,
+            Duration::from_secs(5)
+        ));
+        assert_eq!(reads.get(), 3);
+        // One that stays armed is not, once the grace has passed.
+        let grace = Duration::from_millis(50);
+        let start = Instant::now();
+        assert!(!wait_for_handover(|| vec![OUTPUT_ARMED], grace));
+        assert!(start.elapsed() >= grace);
     }
 }

@@ -1,110 +1,289 @@
-//! What a migration leaves on disk while it runs, so that a daemon that dies
-//! mid-migration can undo (or keep) it at its next start.
-use std::path::PathBuf;
+//! What a migration keeps on disk on either host: its checkpoint images,
+//! and a journal of what it changed, so that a daemon that dies
+//! mid-migration can undo (or keep) it at its next start
+//! ([`super::recovery`]). One format and one place for both sides:
+//!
+//! ```text
+//! <images_dir>/outgoing/<id>/              images a source sends
+//! <images_dir>/<id>/                       images a destination received
+//! <images_dir>/journal/<id>.<side>.json    the journal, side: source | destination
+//! ```
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
-use dataplane_common::GATE_DELIVER_ALL;
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    kernel::{flow, loader::Dataplane},
-    service::{FlowSpec, Service},
-};
-/// What a source daemon that dies mid-migration leaves to undo.
-#[derive(Serialize, Deserialize)]
-pub(super) struct SourceJournal {
-    pub(super) flow_id: u32,
-    pub(super) flow: FlowSpec,
-    /// The flow's flags before the migration.
-    pub(super) flags: u32,
+use crate::{migration::protocol::TargetFlow, service::FlowSpec};
+
+/// One migration's journal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "side", rename_all = "snake_case")]
+pub enum Journal {
+    /// A migration from this host: what to put back.
+    Source {
+        flow_id: u32,
+        flow: FlowSpec,
+        /// The flow's flags before the migration.
+        flags: u32,
+    },
+    /// A migration to this host: the flows it adopted and the instance it
+    /// restored.
+    Destination {
+        flows: Vec<TargetFlow>,
+        instance: Option<Instance>,
+    },
 }
 
-impl SourceJournal {
-    pub(super) fn write(&self, path: &std::path::Path) -> Result<(), String> {
-        let text = serde_json::to_vec(self).expect("a journal serializes");
-        path.parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(path, text))
-            .map_err(|e| format!("writing {}: {e}", path.display()))
+impl Journal {
+    pub fn side(&self) -> Side {
+        match self {
+            Journal::Source { .. } => Side::Source,
+            Journal::Destination { .. } => Side::Destination,
+        }
     }
 }
 
-pub(super) fn spec_of(service: &Service) -> crate::service::FlowSpec {
-    service.flows[0].clone()
+/// A restored instance, known by its pid and start time (pids are reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    pub pid: u32,
+    pub start_time: u64,
 }
 
-pub(super) fn source_journal_path(images_dir: &std::path::Path, id: &str) -> PathBuf {
-    images_dir
-        .join("outgoing")
-        .join(format!("{id}.journal.json"))
+impl Instance {
+    /// Process `pid` as it runs now; `None` if it does not.
+    pub fn of(pid: u32) -> Option<Self> {
+        Some(Self {
+            pid,
+            start_time: crate::host::tasks::start_time(pid)?,
+        })
+    }
+
+    /// Whether the process still runs (and is the same process).
+    pub fn runs(&self) -> bool {
+        crate::host::tasks::start_time(self.pid) == Some(self.start_time)
+    }
 }
 
-/// At a daemon's start: undoes what migrations from this host left when
-/// its previous run died. Before the flip: the flow's mirroring goes back
-/// to what it was and its gates (and the standby's, under
-/// `standby_pin_root`) deliver again (inputs held when the daemon died are
-/// lost to the instance: the gap is the time until this start). Flipped:
-/// the destination serves; inputs above K keep going to it. What was done,
-/// one line per migration.
-pub fn recover(
-    pin_root: &std::path::Path,
-    images_dir: &std::path::Path,
-    standby_pin_root: Option<&std::path::Path>,
-) -> Vec<String> {
-    let outgoing = images_dir.join("outgoing");
-    let Ok(entries) = std::fs::read_dir(&outgoing) else {
-        return Vec::new();
-    };
-    let mut done = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(id) = name.strip_suffix(".journal.json") else {
-            continue;
+/// Which end of a migration this host is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Source,
+    Destination,
+}
+
+impl Side {
+    fn name(self) -> &'static str {
+        match self {
+            Side::Source => "source",
+            Side::Destination => "destination",
+        }
+    }
+}
+
+/// A journal that cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("writing the journal {}: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+    #[error("reading the journal {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("the journal {} is not a journal: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// The migrations' files under one `images_dir`.
+#[derive(Clone, Debug)]
+pub struct Files {
+    images_dir: PathBuf,
+}
+
+/// A journal found on disk.
+pub struct Left {
+    pub id: String,
+    pub side: Side,
+    pub journal: Result<Journal, JournalError>,
+}
+
+impl Files {
+    pub fn new(images_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            images_dir: images_dir.into(),
+        }
+    }
+
+    /// Where the images of migration `id` are on this `side`.
+    pub fn images(&self, side: Side, id: &str) -> PathBuf {
+        match side {
+            Side::Source => self.images_dir.join("outgoing").join(id),
+            Side::Destination => self.images_dir.join(id),
+        }
+    }
+
+    /// Where a destination receives images (the images of `id` go to `<root>/<id>`).
+    pub fn incoming_root(&self) -> &Path {
+        &self.images_dir
+    }
+
+    fn journal_dir(&self) -> PathBuf {
+        self.images_dir.join("journal")
+    }
+
+    fn journal_path(&self, side: Side, id: &str) -> PathBuf {
+        self.journal_dir()
+            .join(format!("{id}.{}.json", side.name()))
+    }
+
+    /// Writes (or replaces) the journal of `id`. The old journal stays
+    /// whole until the new one is: a daemon killed mid-write leaves one of
+    /// the two, never a torn file.
+    pub fn write(&self, id: &str, journal: &Journal) -> Result<(), JournalError> {
+        let path = self.journal_path(journal.side(), id);
+        let partial = path.with_extension("partial");
+        let text = serde_json::to_vec(journal).expect("a journal serializes");
+        std::fs::create_dir_all(self.journal_dir())
+            .and_then(|()| std::fs::write(&partial, text))
+            .and_then(|()| std::fs::rename(&partial, &path))
+            .map_err(|source| JournalError::Write { path, source })
+    }
+
+    /// Removes the journal and the images of `id` on `side`: the migration
+    /// is over here, either way.
+    pub fn remove(&self, side: Side, id: &str) {
+        let _ = std::fs::remove_dir_all(self.images(side, id));
+        let _ = std::fs::remove_file(self.journal_path(side, id));
+    }
+
+    /// Every journal on disk, read.
+    pub fn left(&self) -> Vec<Left> {
+        let Ok(entries) = std::fs::read_dir(self.journal_dir()) else {
+            return Vec::new();
         };
-        let outcome = recover_source(pin_root, &entry.path(), standby_pin_root);
-        let _ = std::fs::remove_dir_all(outgoing.join(id));
-        let _ = std::fs::remove_file(entry.path());
-        let line = format!("migration {id} from this host: {outcome}");
-        tracing::warn!("{line}");
-        done.push(line);
+        let mut left = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(".json") else {
+                continue;
+            };
+            let (id, side) = match stem.rsplit_once('.') {
+                Some((id, "source")) => (id, Side::Source),
+                Some((id, "destination")) => (id, Side::Destination),
+                _ => continue,
+            };
+            let path = entry.path();
+            let journal = std::fs::read(&path)
+                .map_err(|source| JournalError::Read {
+                    path: path.clone(),
+                    source,
+                })
+                .and_then(|bytes| {
+                    serde_json::from_slice(&bytes)
+                        .map_err(|source| JournalError::Parse { path, source })
+                });
+            left.push(Left {
+                id: id.to_string(),
+                side,
+                journal,
+            });
+        }
+        left.sort_by(|a, b| a.id.cmp(&b.id));
+        left
     }
-    done
 }
 
-fn recover_source(
-    pin_root: &std::path::Path,
-    journal: &std::path::Path,
-    standby_pin_root: Option<&std::path::Path>,
-) -> String {
-    let journal: SourceJournal = match std::fs::read(journal)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
-        Ok(journal) => journal,
-        Err(e) => return format!("unreadable journal ({e}); removed"),
-    };
-    let undo = || -> Result<(), String> {
-        let mut dataplane = Dataplane::open(pin_root).map_err(|e| e.to_string())?;
-        let window = dataplane.gate_window().map_err(|e| e.to_string())?;
-        if let Err(k) = window.unflip(journal.flow_id) {
-            return Err(format!(
-                "handed over at K = {k}: inputs above K keep going to the destination"
-            ));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files() -> (tempfile::TempDir, Files) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::new(dir.path());
+        (dir, files)
+    }
+
+    fn source() -> Journal {
+        Journal::Source {
+            flow_id: 3,
+            flow: FlowSpec {
+                cps: "10.0.0.1:5000".parse().unwrap(),
+                service: "10.0.0.2:6000".parse().unwrap(),
+            },
+            flags: 1,
         }
-        let key = flow::udp(journal.flow.cps, journal.flow.service);
-        dataplane
-            .set_flow_flags(&key, journal.flags)
-            .and_then(|()| dataplane.set_input_gate(journal.flow_id, GATE_DELIVER_ALL, 0))
-            .map_err(|e| e.to_string())?;
-        if let Some(root) = standby_pin_root {
-            let mut standby = Dataplane::open(root).map_err(|e| e.to_string())?;
-            standby
-                .set_input_gate(journal.flow_id, GATE_DELIVER_ALL, 0)
-                .map_err(|e| format!("the standby's gate: {e}"))?;
-        }
-        Ok(())
-    };
-    match undo() {
-        Ok(()) => "rolled back: mirroring off, gates delivering".into(),
-        Err(e) => e,
+    }
+
+    #[test]
+    fn both_sides_of_one_id_are_kept_apart_and_read_back() {
+        let (_dir, files) = files();
+        let destination = Journal::Destination {
+            flows: vec![],
+            instance: Some(Instance {
+                pid: 42,
+                start_time: 7,
+            }),
+        };
+        files.write("m1", &source()).unwrap();
+        files.write("m1", &destination).unwrap();
+        let left = files.left();
+        let read: Vec<_> = left
+            .iter()
+            .map(|l| (l.id.as_str(), l.side, l.journal.as_ref().unwrap().clone()))
+            .collect();
+        // Sorted by id; both sides of "m1" present, each with its own content.
+        assert_eq!(
+            read.len(),
+            2,
+            "{:?}",
+            read.iter().map(|r| r.1).collect::<Vec<_>>()
+        );
+        assert!(read.contains(&("m1", Side::Source, source())));
+        assert!(read.contains(&("m1", Side::Destination, destination)));
+    }
+
+    #[test]
+    fn a_torn_or_foreign_journal_is_reported_not_skipped() {
+        let (dir, files) = files();
+        std::fs::create_dir_all(dir.path().join("journal")).unwrap();
+        std::fs::write(
+            dir.path().join("journal/m2.source.json"),
+            b"{\"side\":\"sou",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("journal/notes.txt"), b"x").unwrap();
+        let left = files.left();
+        assert_eq!(left.len(), 1);
+        assert_eq!((left[0].id.as_str(), left[0].side), ("m2", Side::Source));
+        assert!(matches!(left[0].journal, Err(JournalError::Parse { .. })));
+    }
+
+    #[test]
+    fn an_instance_is_the_same_process_only_with_the_same_start_time() {
+        // A journal names a restored instance by pid and start time: a
+        // reused pid must not be killed at recovery.
+        let me = Instance::of(std::process::id()).expect("this process runs");
+        assert!(me.runs());
+        let reused = Instance {
+            start_time: me.start_time + 1,
+            ..me
+        };
+        assert!(!reused.runs());
+        assert_eq!(Instance::of(u32::MAX), None);
+    }
+
+    #[test]
+    fn remove_takes_the_journal_and_the_images_of_that_side_only() {
+        let (_dir, files) = files();
+        files.write("m3", &source()).unwrap();
+        std::fs::create_dir_all(files.images(Side::Source, "m3")).unwrap();
+        std::fs::create_dir_all(files.images(Side::Destination, "m3")).unwrap();
+        files.remove(Side::Source, "m3");
+        assert!(files.left().is_empty());
+        assert!(!files.images(Side::Source, "m3").exists());
+        assert!(files.images(Side::Destination, "m3").exists());
     }
 }

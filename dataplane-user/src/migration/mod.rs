@@ -9,15 +9,22 @@
 //!
 //! The source's side is in [`source`] (with [`converge`] and [`cutover`]),
 //! the destination's in [`destination`]; [`protocol`] has the steps between
-//! them, [`hold`] the exact checkpoint position, [`journal`] what a daemon
-//! that dies mid-migration leaves for its next start, and
+//! them, [`hold`] the exact checkpoint position, [`error`] why a migration
+//! fails, [`journal`] what a migration keeps on disk on either side,
+//! [`recovery`] what a restarted daemon does with it, and
 //! [`crate::report`] what a migration tells its watchers.
+// A migration's errors carry the kernel's (aya's errors are over 100
+// bytes); they are returned once per failed step, at millisecond scale, so
+// their size costs nothing that boxing each would buy back.
+#![allow(clippy::result_large_err)]
 pub mod converge;
 pub mod cutover;
 pub mod destination;
+pub mod error;
 pub mod hold;
 pub mod journal;
 pub mod protocol;
+pub mod recovery;
 pub mod source;
 
 use std::{
@@ -32,8 +39,8 @@ pub use source::run;
 use crate::{
     criu::Criu,
     kernel::logs::Tap,
-    migration::converge::Comparator,
-    report::{Mode, Stage},
+    migration::{converge::Comparator, journal::Files},
+    report::Mode,
 };
 
 /// What to migrate, where, and how.
@@ -75,8 +82,8 @@ pub struct Context {
     pub pin_root: PathBuf,
     /// The service-facing interface (replays to a leave-running instance arrive there).
     pub interface: String,
-    /// Outgoing images go to `<images_dir>/outgoing/<id>`.
-    pub images_dir: PathBuf,
+    /// Where the outgoing images and the journal go.
+    pub files: Files,
     pub criu: Criu,
     pub inputs: Arc<Tap>,
     pub outputs: Arc<Tap>,
@@ -85,12 +92,4 @@ pub struct Context {
     /// Set by `migration.abort` (or a stopping daemon): the migration stops
     /// at its next phase and rolls back.
     pub abort: Arc<AtomicBool>,
-}
-
-/// A failed migration: the phase and the cause.
-#[derive(Debug, thiserror::Error)]
-#[error("{phase}: {cause}")]
-pub struct MigrationError {
-    pub phase: Stage,
-    pub cause: String,
 }

@@ -17,20 +17,22 @@ use crate::{
         flow,
         injector::Injector,
         loader::Dataplane,
-        logs::{LogGuard, Record, Records, Subscription},
+        logs::{LogError, LogGuard, Record, Records, Subscription},
     },
     migration::{
-        Context, MigrationError, Request,
+        Context, Request,
         converge::{Convergence, Pairing, udp_payload},
         cutover::{self, Handover},
+        error::{Cause, MigrationError, NotConverged, ResumeError},
         hold::{self, FlowPosition},
-        journal::{SourceJournal, source_journal_path, spec_of},
+        journal::{Journal, Side},
         protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
+        recovery,
     },
     peer,
     planning::policy::StopPolicy,
     report::{Mode, Phase, Report, Stage, State},
-    service::Service,
+    service::{FlowSpec, Service},
 };
 
 /// Runs the migration `id` of `service`; `progress` sees the report after
@@ -59,7 +61,11 @@ pub async fn run(
     };
     let cpu = crate::host::tasks::CpuTime::now();
     let outcome = migration.execute().await;
-    let _ = std::fs::remove_file(migration.journal_path());
+    // The images went with the transfer; the journal goes now.
+    migration
+        .context
+        .files
+        .remove(Side::Source, &migration.report.id);
     let report = &mut migration.report;
     report.total_us = migration.start.elapsed().as_micros() as u64;
     (report.load.source_daemon_us, report.load.source_criu_us) =
@@ -100,10 +106,10 @@ struct Source {
 }
 
 impl Migration {
-    fn fail(&self, cause: impl std::fmt::Display) -> MigrationError {
+    fn fail(&self, cause: impl Into<Cause>) -> MigrationError {
         MigrationError {
             phase: self.report.phase,
-            cause: cause.to_string(),
+            cause: cause.into(),
         }
     }
 
@@ -111,7 +117,7 @@ impl Migration {
         self.report.phase = phase;
         (self.progress)(&self.report);
         if self.context.abort.load(Ordering::Relaxed) {
-            return Err(self.fail("aborted on request"));
+            return Err(self.fail(Cause::Aborted));
         }
         Ok(Instant::now())
     }
@@ -128,9 +134,9 @@ impl Migration {
     async fn execute(&mut self) -> Result<(), MigrationError> {
         let t = self.begin(Stage::Prepare)?;
         let [spec] = &self.service.flows[..] else {
-            return Err(self.fail("a migrated service has exactly one flow here"));
+            return Err(self.fail(Cause::FlowCount(self.service.flows.len())));
         };
-        let spec = spec.clone();
+        let spec = *spec;
         let key = flow::udp(spec.cps, spec.service);
         let dataplane = Dataplane::open(&self.context.pin_root).map_err(|e| self.fail(e))?;
         let (_, config) = dataplane
@@ -138,7 +144,7 @@ impl Migration {
             .map_err(|e| self.fail(e))?
             .into_iter()
             .find(|(k, _)| *k == key)
-            .ok_or_else(|| self.fail(format!("flow {} is not loaded", flow::display(&key))))?;
+            .ok_or_else(|| self.fail(Cause::FlowNotLoaded(flow::display(&key))))?;
         let inputs = self
             .context
             .inputs
@@ -161,7 +167,12 @@ impl Migration {
         };
         let mut link = peer::connect(self.request.to)
             .await
-            .map_err(|e| self.fail(format!("peer {}: {e}", self.request.to)))?
+            .map_err(|source| {
+                self.fail(Cause::Connect {
+                    to: self.request.to,
+                    source,
+                })
+            })?
             .0;
         let prepare = Step::Prepare {
             migration: self.report.id.clone(),
@@ -172,21 +183,26 @@ impl Migration {
         };
         peer::migrate_step(&mut link, &prepare)
             .await
-            .map_err(|e| self.fail(e))?;
+            .map_err(|e| self.fail(Cause::Destination(e)))?;
         // From here on the destination holds state: a failure rolls it back.
         // Should this daemon die before the end, the journal tells the next
         // start what to undo.
-        let journal = SourceJournal {
+        let journal = Journal::Source {
             flow_id: source.flow_id,
-            flow: spec_of(&self.service),
+            flow: spec,
             flags: source.flags,
         };
-        let mirrored = journal.write(&self.journal_path()).and_then(|()| {
-            source
-                .dataplane
-                .set_flow_flags(&key, source.flags | FLOW_MIRROR)
-                .map_err(|e| e.to_string())
-        });
+        let mirrored = self
+            .context
+            .files
+            .write(&self.report.id, &journal)
+            .map_err(Cause::from)
+            .and_then(|()| {
+                source
+                    .dataplane
+                    .set_flow_flags(&key, source.flags | FLOW_MIRROR)
+                    .map_err(Cause::from)
+            });
         self.end(t);
         let outcome = match mirrored {
             Ok(()) => self.migrate(&mut source, &mut link).await,
@@ -221,7 +237,10 @@ impl Migration {
         };
         let sent = peer::transfer::send_counting(link, &id, &images, &mut progress).await;
         let _ = std::fs::remove_dir_all(&images);
-        self.report.image_bytes = sent.map_err(|e| self.fail(e))?.received.bytes;
+        self.report.image_bytes = sent
+            .map_err(|e| self.fail(Cause::Destination(e)))?
+            .received
+            .bytes;
         self.end(t);
 
         let t = self.begin(Stage::Restore)?;
@@ -258,21 +277,20 @@ impl Migration {
             }),
             Mode::Standby => {
                 let pid = self.service.standby_pid.ok_or_else(|| {
-                    self.fail(format!(
-                        "service {} has no standby instance",
-                        self.service.name
-                    ))
+                    self.fail(Cause::NoStandbyInstance(self.service.name.clone()))
                 })?;
-                let (netns, pin_root) = self.context.standby.clone().ok_or_else(|| {
-                    self.fail("this daemon has no standby configured (standby_interface)")
-                })?;
+                let (netns, pin_root) = self
+                    .context
+                    .standby
+                    .clone()
+                    .ok_or_else(|| self.fail(Cause::NoStandbyConfigured))?;
                 let dataplane = dataplane(&pin_root)?;
                 let interface = dataplane
                     .attached_programs()
                     .map_err(|e| self.fail(e))?
                     .iter()
                     .find_map(|p| p.strip_suffix("/ingress").map(str::to_string))
-                    .ok_or_else(|| self.fail("the standby's dataplane has no ingress program"))?;
+                    .ok_or_else(|| self.fail(Cause::StandbyNotLoaded))?;
                 Ok(Checkpointed {
                     pid,
                     dataplane,
@@ -291,7 +309,7 @@ impl Migration {
         let (pid, flow_id) = (instance.pid, source.flow_id);
         let images = self.images();
         let _ = std::fs::remove_dir_all(&images);
-        let inode = netns_inode(pid).map_err(|e| self.fail(format!("process {pid}: {e}")))?;
+        let inode = netns_inode(pid).map_err(|source| self.fail(Cause::Netns { pid, source }))?;
         let dump = DumpRequest {
             pid,
             images_dir: images.clone(),
@@ -309,7 +327,7 @@ impl Migration {
                 };
                 let rounds =
                     tokio::task::block_in_place(|| self.context.criu.pre_dump(&dump, &policy))
-                        .map_err(|e| self.fail(format!("pre-dump: {e}")))?;
+                        .map_err(|e| self.fail(Cause::PreDump(e)))?;
                 self.report.pre_dump = Some(match rounds.stop {
                     Some(stop) => format!("{} rounds, stopped: {stop:?}", rounds.rounds.len()),
                     None => "none: no memory tracking on this kernel, a single dump".into(),
@@ -334,10 +352,9 @@ impl Migration {
             let start = Instant::now();
             self.context
                 .criu
-                .dump(&rounds.final_dump(&dump), false, &mut |_| true)
-                .map_err(|e| e.to_string())?;
+                .dump(&rounds.final_dump(&dump), false, &mut |_| true)?;
             self.report.criu_dump_us = start.elapsed().as_micros() as u64;
-            Ok::<_, String>(stats::dump(&images).map_or(0, |s| s.frozen_time.into()))
+            Ok(stats::dump(&images).map_or(0, |s| s.frozen_time.into()))
         });
         // Dumped or not, the instance gets the inputs held meanwhile, in order.
         let resumed = tokio::task::block_in_place(|| instance.resume(position, &mut source.inputs));
@@ -347,8 +364,8 @@ impl Migration {
         if self.request.mode == Mode::LeaveRunning {
             self.report.held_us = held.elapsed().as_micros() as u64;
         }
-        self.report.frozen_us = dumped.map_err(|e| self.fail(format!("dump: {e}")))?;
-        resumed.map_err(|e| self.fail(format!("giving the held inputs back: {e}")))?;
+        self.report.frozen_us = dumped.map_err(|e| self.fail(Cause::Dump(e)))?;
+        resumed.map_err(|e| self.fail(Cause::Resume(e)))?;
         self.end(t);
         Ok(position)
     }
@@ -369,21 +386,14 @@ impl Migration {
             // An overflow, not the mismatches it then causes, is the cause.
             source.check_log().map_err(|e| self.fail(e))?;
             if Instant::now() > deadline {
-                let last = convergence
-                    .last_mismatch
-                    .as_ref()
-                    .map(|(seq, why)| format!("; last mismatch: outputs for input {seq}: {why}"))
-                    .unwrap_or_default();
-                return Err(self.fail(format!(
-                    "no {} matching outputs in a row within {} ms ({} compared; the \
-                     destination answered up to input {}, the source's log holds \
-                     answers up to {}){last}",
-                    self.request.converge,
-                    self.request.deadline_ms,
-                    convergence.compared(),
-                    pairing.after(),
-                    pairing.reached(),
-                )));
+                return Err(self.fail(NotConverged {
+                    needed: self.request.converge,
+                    deadline_ms: self.request.deadline_ms,
+                    compared: convergence.compared(),
+                    destination_up_to: pairing.after(),
+                    source_up_to: pairing.reached(),
+                    last_mismatch: convergence.last_mismatch.clone(),
+                }));
             }
             let theirs: Vec<Output> = step(
                 link,
@@ -407,7 +417,7 @@ impl Migration {
                 .await;
             pairing.compare(&self.request.compare, &mut convergence);
             if source.outputs.lost() > 0 {
-                return Err(self.fail("the output log reader fell behind"));
+                return Err(self.fail(Cause::OutputsLost));
             }
         }
         self.report.compared = convergence.compared();
@@ -483,15 +493,8 @@ impl Migration {
         }
     }
 
-    fn journal_path(&self) -> PathBuf {
-        source_journal_path(&self.context.images_dir, &self.report.id)
-    }
-
     fn images(&self) -> PathBuf {
-        self.context
-            .images_dir
-            .join("outgoing")
-            .join(&self.report.id)
+        self.context.files.images(Side::Source, &self.report.id)
     }
 }
 
@@ -509,34 +512,40 @@ impl Checkpointed {
     /// Replays the inputs held since `position` (from `log`) into the
     /// instance, on a thread in its network namespace: injection resolves
     /// the interface in the caller's namespace.
-    fn resume(&mut self, position: FlowPosition, log: &mut Subscription) -> Result<u64, String> {
+    fn resume(
+        &mut self,
+        position: FlowPosition,
+        log: &mut Subscription,
+    ) -> Result<u64, ResumeError> {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
                     if let Some(netns) = &self.netns {
-                        let ns = std::fs::File::open(netns)
-                            .map_err(|e| format!("{}: {e}", netns.display()))?;
-                        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                            .map_err(|e| format!("entering {}: {e}", netns.display()))?;
+                        std::fs::File::open(netns)
+                            .and_then(|ns| {
+                                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                                    .map_err(std::io::Error::from)
+                            })
+                            .map_err(|source| ResumeError::Netns {
+                                path: netns.clone(),
+                                source,
+                            })?;
                     }
-                    let mut injector = Injector::open(self.dataplane.pin_root(), &self.interface)
-                        .map_err(|e| e.to_string())?;
+                    let mut injector = Injector::open(self.dataplane.pin_root(), &self.interface)?;
                     let runtime = tokio::runtime::Builder::new_current_thread()
                         .enable_time()
                         .build()
-                        .map_err(|e| e.to_string())?;
-                    runtime
-                        .block_on(hold::resume(
-                            &mut self.dataplane,
-                            position,
-                            self.pid,
-                            &mut injector,
-                            log,
-                        ))
-                        .map_err(|e| e.to_string())
+                        .map_err(ResumeError::Runtime)?;
+                    Ok(runtime.block_on(hold::resume(
+                        &mut self.dataplane,
+                        position,
+                        self.pid,
+                        &mut injector,
+                        log,
+                    ))?)
                 })
                 .join()
-                .map_err(|_| "the replay thread panicked".to_string())?
+                .map_err(|_| ResumeError::Panicked)?
         })
     }
 }
@@ -570,7 +579,7 @@ impl Source {
     /// An error if the source's input log has failed an input since the
     /// migration began (an input that found the ring full went on
     /// unnumbered and was not mirrored: the destination never sees it).
-    fn check_log(&self) -> Result<(), String> {
+    fn check_log(&self) -> Result<(), LogError> {
         self.log.check(&self.dataplane, &self.inputs)
     }
 
@@ -599,9 +608,34 @@ impl Source {
 async fn step<T: serde::de::DeserializeOwned>(
     link: &mut TcpStream,
     step: &Step,
-) -> Result<T, String> {
+) -> Result<T, Cause> {
     let value = peer::migrate_step(link, step)
         .await
-        .map_err(|e| format!("destination: {e}"))?;
-    serde_json::from_value(value).map_err(|e| format!("destination's answer: {e}"))
+        .map_err(Cause::Destination)?;
+    serde_json::from_value(value).map_err(Cause::Answer)
+}
+
+/// Undoes what a migration from this host changed, from its journal
+/// (see [`recovery`]). Before the flip: the flow's mirroring goes back to
+/// what it was and its gates (and the standby's) deliver again (inputs
+/// held when the daemon died are lost to the instance: the gap is the time
+/// until this start). Flipped: the destination serves; inputs above K keep
+/// going to it.
+pub(super) fn recover(host: &recovery::Host, flow_id: u32, spec: &FlowSpec, flags: u32) -> String {
+    let undo = || -> Result<(), Cause> {
+        let mut dataplane = Dataplane::open(&host.pin_root)?;
+        if let Err(k) = dataplane.gate_window()?.unflip(flow_id) {
+            return Err(Cause::HandedOver(k));
+        }
+        dataplane.set_flow_flags(&flow::udp(spec.cps, spec.service), flags)?;
+        dataplane.set_input_gate(flow_id, GATE_DELIVER_ALL, 0)?;
+        if let Some(root) = &host.standby_pin_root {
+            Dataplane::open(root)?.set_input_gate(flow_id, GATE_DELIVER_ALL, 0)?;
+        }
+        Ok(())
+    };
+    match undo() {
+        Ok(()) => "rolled back: mirroring off, gates delivering".into(),
+        Err(e) => e.to_string(),
+    }
 }

@@ -1,0 +1,170 @@
+//! Why a migration fails, on either side. The destination answers a step
+//! that failed with the cause's text (it crosses the peer link as text);
+//! the source wraps it as [`Cause::Destination`].
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use crate::{
+    criu::CriuError,
+    kernel::{
+        injector::ReplayError,
+        loader::LoadError,
+        logs::{LogError, TapBusy},
+    },
+    migration::{cutover::NoInput, hold::CheckpointError, journal::JournalError},
+    peer::PeerError,
+    report::Stage,
+};
+
+/// A failed migration: the phase it failed in, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{phase}: {cause}")]
+pub struct MigrationError {
+    pub phase: Stage,
+    pub cause: Cause,
+}
+
+/// Why a migration (or one step of it on the destination) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Cause {
+    #[error("aborted on request")]
+    Aborted,
+    #[error("a migrated service has exactly one flow here ({0} given)")]
+    FlowCount(usize),
+    #[error("flow {0} is not loaded")]
+    FlowNotLoaded(String),
+    #[error("flow {0} is not part of this migration")]
+    ForeignFlow(u32),
+    #[error("service {0} has no standby instance")]
+    NoStandbyInstance(String),
+    #[error("this daemon has no standby configured (standby_interface)")]
+    NoStandbyConfigured,
+    #[error("the standby's dataplane has no ingress program")]
+    StandbyNotLoaded,
+    #[error("this daemon does not read its logs")]
+    NoLogs,
+    #[error("this daemon has no peer interface to replay on")]
+    NoPeerInterface,
+    #[error(
+        "set net.ipv4.conf.{0}.arp_announce=2 on the destination: otherwise the restored \
+         instance's first output announces the service address and takes the CPS's traffic \
+         before the cutover"
+    )]
+    ArpAnnounce(String),
+    #[error(transparent)]
+    Kernel(#[from] LoadError),
+    #[error(transparent)]
+    LogBusy(#[from] TapBusy),
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("peer {to}: {source}")]
+    Connect { to: SocketAddr, source: PeerError },
+    /// The link to the destination broke, or a step failed there.
+    #[error("destination: {0}")]
+    Destination(PeerError),
+    #[error("destination's answer: {0}")]
+    Answer(serde_json::Error),
+    #[error("process {pid}: {source}")]
+    Netns { pid: u32, source: io::Error },
+    #[error("pre-dump: {0}")]
+    PreDump(CriuError),
+    #[error("dump: {0}")]
+    Dump(CriuError),
+    #[error(transparent)]
+    Hold(#[from] CheckpointError),
+    #[error("giving the held inputs back: {0}")]
+    Resume(ResumeError),
+    #[error(transparent)]
+    NotConverged(#[from] NotConverged),
+    #[error("the output log reader fell behind")]
+    OutputsLost,
+    #[error(transparent)]
+    NoInput(#[from] NoInput),
+    #[error("handed over at K = {0}: inputs above K keep going to the destination")]
+    HandedOver(u64),
+    // The destination's own causes.
+    #[error("not a migration step: {0}")]
+    NotAStep(serde_json::Error),
+    #[error("a migration is already prepared on this link")]
+    AlreadyPrepared,
+    #[error("no migration is prepared on this link")]
+    NotPrepared,
+    #[error("bad migration name: {0}")]
+    Name(PeerError),
+    #[error("already restored")]
+    AlreadyRestored,
+    #[error("one flow position expected")]
+    OnePosition,
+    #[error("no images at {}", .0.display())]
+    NoImages(PathBuf),
+    #[error("opening this host's network namespace: {0}")]
+    HostNetns(io::Error),
+    #[error("restore: {0}")]
+    Restore(CriuError),
+    #[error("restore task: {0}")]
+    RestoreTask(tokio::task::JoinError),
+    #[error(transparent)]
+    Injector(#[from] ReplayError),
+    #[error("the restored instance {pid} {how} during {during}")]
+    InstanceEnded {
+        pid: u32,
+        how: InstanceEnd,
+        during: &'static str,
+    },
+    #[error("replay: {0}")]
+    Replay(CheckpointError),
+    #[error("the instance is not restored and replayed yet")]
+    NotReplayed,
+    #[error("announcing {address}: {source}")]
+    Announce { address: IpAddr, source: io::Error },
+}
+
+/// How a restored instance ended before its migration did.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceEnd {
+    #[error("exited with status {0}")]
+    Exited(i32),
+    #[error("was killed by {0}")]
+    Killed(nix::sys::signal::Signal),
+    #[error("changed state ({0})")]
+    Changed(String),
+    #[error("is gone ({0})")]
+    Gone(nix::Error),
+}
+
+/// Why the held inputs could not be given back to the checkpointed instance.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    #[error("entering {}: {source}", path.display())]
+    Netns { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Injector(#[from] ReplayError),
+    #[error("starting the replay's runtime: {0}")]
+    Runtime(io::Error),
+    #[error(transparent)]
+    Replay(#[from] CheckpointError),
+    #[error("the replay thread panicked")]
+    Panicked,
+}
+
+/// The outputs did not converge before the deadline; how far each side got.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no {needed} matching outputs in a row within {deadline_ms} ms ({compared} compared; the \
+     destination answered up to input {destination_up_to}, the source's log holds answers up \
+     to {source_up_to}){}",
+    last_mismatch.as_ref().map(|(seq, why)| format!("; last mismatch: outputs for input {seq}: {why}")).unwrap_or_default()
+)]
+pub struct NotConverged {
+    pub needed: u32,
+    pub deadline_ms: u64,
+    pub compared: u64,
+    pub destination_up_to: u64,
+    pub source_up_to: u64,
+    pub last_mismatch: Option<(u64, String)>,
+}
