@@ -24,8 +24,18 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
     let setup = MigrationSetup::new("mig", &[], false);
     let cycles = 3000;
     let source_cpus = cpus_of(setup.controller.pid).expect("the controller's CPUs");
-    if let Some((realtime, _)) = cpu_split() {
-        assert_eq!(source_cpus, [realtime], "the controller runs pinned");
+    // Without a split there is nothing to carry over: every instance runs
+    // on every CPU, and the check below would pass whatever the daemon did.
+    let pinned = cpu_split();
+    match pinned {
+        Some((realtime, _)) => assert_eq!(source_cpus, [realtime], "the controller runs pinned"),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("CI runs on 2 CPUs or more with real-time priority: the CPUs must be split")
+        }
+        None => eprintln!(
+            "not checked: the restored instance's CPUs (one CPU here, or \
+             DATAPLANE_TEST_RT=0 / DATAPLANE_TEST_PIN=0)"
+        ),
     }
     let (report, verdict) = setup.migrate_while_cps_runs(
         cycles,
@@ -74,11 +84,13 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
     assert_eq!(state.0, cycles, "the destination took every input once");
     // CRIU restores the priority, not the CPUs: the destination daemon
     // (itself on the machinery's CPU) gave the instance its source's.
-    assert_eq!(
-        cpus_of(pid as u32).expect("the restored controller's CPUs"),
-        source_cpus,
-        "the restored instance runs on its source's CPUs"
-    );
+    if pinned.is_some() {
+        assert_eq!(
+            cpus_of(pid as u32).expect("the restored controller's CPUs"),
+            source_cpus,
+            "the restored instance runs on its source's CPUs"
+        );
+    }
     assert!(
         !std::path::Path::new(&format!("/proc/{}", setup.controller.pid)).exists()
             || std::fs::read_to_string(format!("/proc/{}/stat", setup.controller.pid))
@@ -154,7 +166,37 @@ fn a_service_that_never_converges_is_rolled_back_and_the_source_keeps_serving() 
         .call("status", serde_json::json!({}))
         .unwrap();
     assert_eq!(status["flows"], serde_json::json!([]), "{status}");
+    assert_nothing_left_on_dst(&setup);
 }
+
+/// What a rolled-back migration must not leave on dst: a restored
+/// instance in its namespace, images, or a journal.
+fn assert_nothing_left_on_dst(setup: &MigrationSetup) {
+    let instances: Vec<u32> = pids_named(CONTROLLER_COMM)
+        .into_iter()
+        .filter(|&p| in_netns(p, &setup.hosts.dst))
+        .collect();
+    assert_eq!(instances, [] as [u32; 0], "instances left running on dst");
+    let files: Vec<_> = walk(&setup.dst_images_dir());
+    assert_eq!(files, [] as [String; 0], "files left in dst's images_dir");
+}
+
+/// Every file under `dir` (none if it does not exist).
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| match e.file_type().is_ok_and(|t| t.is_dir()) {
+            true => walk(&e.path()),
+            false => vec![e.path().display().to_string()],
+        })
+        .collect()
+}
+
+/// The controller's name in /proc (comm keeps 15 bytes).
+const CONTROLLER_COMM: &str = "markov-controll";
 
 #[test]
 fn standby_mode_migrates_without_stopping_the_serving_instance() {
@@ -196,14 +238,56 @@ fn every_input_is_answered_long_after_the_announce() {
     // ARP), when its path may swing back to the source for a while. Inputs
     // the source forwards then, and those reaching the destination
     // directly, must still be answered once each, in order.
+    //
+    // Whether and when the kernel's probing swings the path is up to its
+    // timers, so the test also swings it itself, once, for a second: the
+    // CPS's neighbour entry for the service address is pointed back at
+    // the source, then at the destination again. The source's `forwarded`
+    // count (inputs past K it sent on to the destination) shows the swing
+    // happened.
     let setup = MigrationSetup::new("long", &[], false);
     let cycles = 12_500;
-    let (report, verdict) =
-        setup.migrate_while_cps_runs(cycles, Duration::from_millis(300), serde_json::json!({}));
-    println!("report: {report}\nCPS: {verdict}");
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let id = setup.migrate(serde_json::json!({}));
+    let report = setup.wait(&id);
+    assert_eq!(report["state"], "done", "{report}");
+    let forwarded = || {
+        Dataplane::open(&setup.hosts.pin_root("src"))
+            .and_then(|d| d.counters())
+            .expect("the source's counters")
+            .get(dataplane_common::counter::FORWARDED)
+    };
+    let point_at = |host| {
+        let mac = dataplane_tests::mac_text(dataplane_tests::TestHosts::mac(host, "eth0"));
+        let service = setup.service.ip().to_string();
+        setup.hosts.cps.ip(&[
+            "neigh",
+            "replace",
+            &service,
+            "lladdr",
+            &mac,
+            "dev",
+            "br0",
+            "nud",
+            "reachable",
+        ]);
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let before = forwarded();
+    point_at(&setup.hosts.src);
+    std::thread::sleep(Duration::from_secs(1));
+    point_at(&setup.hosts.dst);
+    let during = forwarded() - before;
+    let verdict = cps_verdict(cps);
+    println!("report: {report}\nCPS: {verdict}\nforwarded by src while swung back: {during}");
     let state = chain_state(&setup.hosts.dst, setup.service);
     kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
-    assert_eq!(report["state"], "done", "{report}");
+    // About 1,000 inputs came in that second, 1 ms apart.
+    assert!(
+        during >= 500,
+        "the path did not swing back: {during} forwarded"
+    );
     assert_clean(&verdict);
     assert_eq!(state.map(|s| s.0), Some(cycles));
 }
@@ -368,8 +452,7 @@ fn a_destination_instance_killed_during_replay_is_rolled_back() {
     let cycles = 2500;
     let cps = setup.start_cps(cycles, 1000, None);
     std::thread::sleep(Duration::from_millis(300));
-    // /proc's comm keeps 15 bytes of the name.
-    let comm = "markov-controll";
+    let comm = CONTROLLER_COMM;
     let id = setup.migrate(serde_json::json!({}));
     // The restored instance takes its name back at the end of CRIU's
     // restore, just before the replay into it starts: kill it on sight.
@@ -393,7 +476,18 @@ fn a_destination_instance_killed_during_replay_is_rolled_back() {
     println!("killed {killed}\nreport: {report}\nCPS: {verdict}");
     assert_eq!(report["state"], "failed", "{report}");
     let error = report["error"].as_str().unwrap();
-    assert!(error.starts_with("restore:"), "{error}");
+    // The destination names the instance it lost, and when: not a failure
+    // that merely happened in the same phase. It was killed on sight of
+    // its name, which it takes back as CRIU ends: in the replay as a rule,
+    // or just before CRIU let it go.
+    let in_replay = format!(
+        "restore: destination: the restored instance {killed} was killed by SIGKILL during replay"
+    );
+    let in_restore = format!(
+        "restore: destination: restore: restored task {killed} died before CRIU finished the \
+         restore; stopped CRIU"
+    );
+    assert!(error == in_replay || error == in_restore, "{error}");
     assert_clean(&verdict);
     assert_eq!(
         chain_state(&setup.hosts.src, setup.service).map(|s| s.0),
@@ -410,4 +504,5 @@ fn a_destination_instance_killed_during_replay_is_rolled_back() {
         !pids_named(comm).contains(&killed),
         "nothing restored is left"
     );
+    assert_nothing_left_on_dst(&setup);
 }
