@@ -1,9 +1,11 @@
 //! `dataplane flow` and `dataplane service`: the daemon's flows and services.
 use dataplane_user::{
-    control::method::{Call, FlowInfo, FlowParams, ServiceName},
+    control::{
+        answer::{FlowAdded, FlowInfo, FlowRemoved, ServiceRegistered, ServiceUnregistered},
+        method::{Call, FlowParams, ServiceName},
+    },
     service::{FlowSpec, Service},
 };
-use serde_json::Value;
 
 use super::{Context, Failure, FlowCommand, ServiceCommand};
 
@@ -14,26 +16,21 @@ pub fn flow(cx: &Context, command: FlowCommand) -> Result<(), Failure> {
             service,
             mirror,
         } => {
-            let added = cx.call(Call::FlowAdd(FlowParams {
+            let added: FlowAdded = cx.call(Call::FlowAdd(FlowParams {
                 cps,
                 service,
                 mirror,
             }))?;
-            cx.show(added, |v| {
-                println!(
-                    "flow {}: {}",
-                    v["id"],
-                    v["flow"].as_str().unwrap_or_default()
-                )
-            });
+            cx.show(&added, |a| println!("flow {}: {}", a.id, a.flow));
         }
         FlowCommand::Rm { cps, service } => {
-            let removed = cx.call(Call::FlowRemove(FlowSpec { cps, service }))?;
-            cx.show(removed, |v| {
-                println!("removed {}", v["removed"].as_str().unwrap_or_default())
-            });
+            let removed: FlowRemoved = cx.call(Call::FlowRemove(FlowSpec { cps, service }))?;
+            cx.show(&removed, |r| println!("removed {}", r.removed));
         }
-        FlowCommand::Ls => cx.show(cx.call(Call::FlowList)?, print_flows),
+        FlowCommand::Ls => {
+            let flows: Vec<FlowInfo> = cx.call(Call::FlowList)?;
+            cx.show(&flows, |f| print_flows(f));
+        }
     }
     Ok(())
 }
@@ -48,7 +45,7 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
             standby_pid,
         } => {
             let service = Service {
-                name: name.clone(),
+                name,
                 pid,
                 netns,
                 flows: flows
@@ -57,22 +54,26 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
                     .collect(),
                 standby_pid,
             };
-            let registered = cx.call(Call::ServiceRegister(service))?;
-            cx.show(registered, |_| println!("registered {name}"));
+            let registered: ServiceRegistered = cx.call(Call::ServiceRegister(service))?;
+            cx.show(&registered, |r| println!("registered {}", r.registered));
         }
         ServiceCommand::Rm { name } => {
-            let unregistered =
-                cx.call(Call::ServiceUnregister(ServiceName { name: name.clone() }))?;
-            cx.show(unregistered, |_| println!("unregistered {name}"));
+            let unregistered: ServiceUnregistered =
+                cx.call(Call::ServiceUnregister(ServiceName { name }))?;
+            cx.show(&unregistered, |u| {
+                println!("unregistered {}", u.unregistered)
+            });
         }
-        ServiceCommand::Ls => cx.show(cx.call(Call::ServiceList)?, print_services),
+        ServiceCommand::Ls => {
+            let services: Vec<Service> = cx.call(Call::ServiceList)?;
+            cx.show(&services, |s| print_services(s));
+        }
     }
     Ok(())
 }
 
-pub fn print_flows(flows: &Value) {
-    let rows: Vec<FlowInfo> = serde_json::from_value(flows.clone()).unwrap_or_default();
-    print!("{}", flow_table(&rows));
+pub fn print_flows(rows: &[FlowInfo]) {
+    print!("{}", flow_table(rows));
 }
 
 /// The flows as a table whose columns line up, however long the addresses.
@@ -98,8 +99,7 @@ fn flow_table(rows: &[FlowInfo]) -> String {
     table
 }
 
-pub fn print_services(services: &Value) {
-    let services: Vec<Service> = serde_json::from_value(services.clone()).unwrap_or_default();
+pub fn print_services(services: &[Service]) {
     for s in services {
         let flows: Vec<String> = s
             .flows

@@ -7,7 +7,10 @@ use std::{
 };
 
 use dataplane_user::{
-    control::method::{Call, MigrationId},
+    control::{
+        answer::{Event, MigrationAborting, Watching},
+        method::{Call, MigrationId},
+    },
     migration::Request,
     planning::model::{Method, Prediction, error_pct},
     report::{Report, State},
@@ -32,15 +35,13 @@ pub fn migrate(
     };
     // Watch first, so that no phase is missed.
     let mut watch = cx.client()?;
-    watch.request(&Call::MigrationWatch)?;
-    let id = cx.call(Call::MigrationStart(request))?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let _: Watching = watch.request(&Call::MigrationWatch)?;
+    let started: MigrationId = cx.call(Call::MigrationStart(request))?;
     if detach {
-        cx.show(json!({"id": id}), |_| println!("{id}"));
+        cx.show(&started, |s| println!("{}", s.id));
         return Ok(());
     }
+    let MigrationId { id } = started;
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     // Notifications come on a thread of their own, so that the progress
     // line can tick between them.
@@ -67,15 +68,14 @@ pub fn migrate(
                 return Err(anyhow::anyhow!("the daemon closed the watch").into());
             }
         };
-        let event: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-        let Ok(report) = serde_json::from_value::<Report>(event["params"].clone()) else {
+        let Ok(Event::Phase(report)) = serde_json::from_str(&line) else {
             continue;
         };
         if report.id != id {
             continue;
         }
         if report.state != State::Running {
-            break report;
+            break *report;
         }
         progress.update(&report);
         if terminal {
@@ -89,7 +89,7 @@ pub fn migrate(
     if let Some(p) = &predicted {
         shown["predicted"] = json!(p);
     }
-    cx.show(shown, |_| print_migration(&report, predicted.as_ref()));
+    cx.show(&shown, |_| print_migration(&report, predicted.as_ref()));
     match report.error {
         Some(error) => Err(Failure::Migration(error)),
         None => Ok(()),
@@ -99,7 +99,7 @@ pub fn migrate(
 /// Streams migration phase changes until the daemon goes away.
 pub fn watch(cx: &Context) -> Result<(), Failure> {
     let mut client = cx.client()?;
-    client.request(&Call::MigrationWatch)?;
+    let _: Watching = client.request(&Call::MigrationWatch)?;
     loop {
         let line = client.next_line()?;
         if cx.json {
@@ -112,8 +112,8 @@ pub fn watch(cx: &Context) -> Result<(), Failure> {
 }
 
 pub fn abort(cx: &Context, id: String) -> Result<(), Failure> {
-    let aborting = cx.call(Call::MigrationAbort(MigrationId { id }))?;
-    cx.show(aborting, |v| println!("{v}"));
+    let aborting: MigrationAborting = cx.call(Call::MigrationAbort(MigrationId { id }))?;
+    cx.show(&aborting, |a| println!("aborting {}", a.aborting));
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use dataplane_user::{
     kernel::loader::DEFAULT_PIN_ROOT,
     report::Mode,
 };
-use serde_json::Value;
+use serde::{Serialize, de::DeserializeOwned};
 
 #[derive(Parser)]
 #[command(
@@ -265,8 +265,8 @@ pub struct Context {
 }
 
 impl Context {
-    /// Makes `call` on a connection of its own.
-    pub fn call(&self, call: Call) -> Result<Value, Failure> {
+    /// Makes `call` on a connection of its own; its answer, as `A`.
+    pub fn call<A: DeserializeOwned>(&self, call: Call) -> Result<A, Failure> {
         Ok(self.client()?.request(&call)?)
     }
 
@@ -274,12 +274,15 @@ impl Context {
         Ok(Client::connect(&self.socket)?)
     }
 
-    /// Prints `value` as JSON for scripts, or with `human` for people.
-    pub fn show(&self, value: Value, human: impl FnOnce(&Value)) {
+    /// Prints `answer` as JSON for scripts, or with `human` for people.
+    pub fn show<A: Serialize>(&self, answer: &A, human: impl FnOnce(&A)) {
         if self.json {
-            println!("{value}");
+            println!(
+                "{}",
+                serde_json::to_string(answer).expect("answers serialize")
+            );
         } else {
-            human(&value);
+            human(answer);
         }
     }
 }

@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context as _;
 use dataplane_user::{
     config::{DEFAULT_CALIBRATION, DEFAULT_CONFIG, DaemonConfig},
-    control::method::{Call, FlowInfo},
+    control::{answer::FlowInfo, method::Call},
     criu::{Criu, DEFAULT_CRIU},
     planning::{
         calibrate,
@@ -18,7 +18,7 @@ use dataplane_user::{
     report::{Mode, Report, State},
     service::{FlowSpec, Service},
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::{Context, Failure};
 
@@ -295,9 +295,7 @@ pub fn plan(
     let path = calibration_path(calibration);
     let calibration = read_calibration(&path)?;
     let plan = make_plan(cx, service, dirty_rate, &calibration)?;
-    cx.show(json!(plan), |_| {
-        print_plan(&plan, &path, &calibration, mode)
-    });
+    cx.show(&plan, |plan| print_plan(plan, &path, &calibration, mode));
     Ok(())
 }
 
@@ -309,8 +307,7 @@ fn make_plan(
     dirty_rate: f64,
     calibration: &Calibration,
 ) -> Result<Plan, Failure> {
-    let services: Vec<Service> =
-        serde_json::from_value(cx.call(Call::ServiceList)?).context("the daemon's service list")?;
+    let services: Vec<Service> = cx.call(Call::ServiceList)?;
     let service = services
         .iter()
         .find(|s| s.name == name)
@@ -340,8 +337,7 @@ fn make_plan(
 /// Inputs per second on the service's flows, over 200 ms of their counters.
 fn input_rate(cx: &Context, service: &Service) -> Result<f64, Failure> {
     let last_seq = || -> Result<Option<u64>, Failure> {
-        let flows: Vec<FlowInfo> =
-            serde_json::from_value(cx.call(Call::FlowList)?).context("the daemon's flow list")?;
+        let flows: Vec<FlowInfo> = cx.call(Call::FlowList)?;
         let ours = flows.iter().filter(|f| {
             let ends = FlowSpec {
                 cps: f.cps,

@@ -1,8 +1,10 @@
 //! `dataplane status`, `metrics` and `ping`: the daemon's view of itself.
 use std::net::SocketAddr;
 
-use dataplane_user::control::method::{Call, PeerAddress};
-use serde_json::Value;
+use dataplane_user::control::{
+    answer::{PeerPong, Status},
+    method::{Call, PeerAddress},
+};
 
 use super::{
     Context, Failure,
@@ -10,56 +12,46 @@ use super::{
 };
 
 pub fn status(cx: &Context) -> Result<(), Failure> {
-    cx.show(cx.call(Call::Status)?, print_status);
+    let status: Status = cx.call(Call::Status)?;
+    cx.show(&status, print_status);
     Ok(())
 }
 
 pub fn metrics(cx: &Context) -> Result<(), Failure> {
-    let page = cx.call(Call::Metrics)?;
-    print!("{}", page.as_str().unwrap_or_default());
+    let page: String = cx.call(Call::Metrics)?;
+    print!("{page}");
     Ok(())
 }
 
 pub fn ping(cx: &Context, address: SocketAddr) -> Result<(), Failure> {
-    let pong = cx.call(Call::PeerPing(PeerAddress { address }))?;
-    cx.show(pong, |v| {
+    let pong: PeerPong = cx.call(Call::PeerPing(PeerAddress { address }))?;
+    cx.show(&pong, |p| {
         println!(
             "peer {} (protocol {}) answered in {} us",
-            v["host"].as_str().unwrap_or("?"),
-            v["version"],
-            v["rtt_us"]
+            p.host, p.version, p.rtt_us
         )
     });
     Ok(())
 }
 
-fn print_status(v: &Value) {
+fn print_status(s: &Status) {
     println!(
         "dataplane {}  pinned at {}  {}  up {} s",
-        v["version"].as_str().unwrap_or("?"),
-        v["pin_root"].as_str().unwrap_or("?"),
-        if v["adopted"] == true {
-            "re-adopted"
-        } else {
-            "loaded"
-        },
-        v["uptime_s"]
+        s.version,
+        s.pin_root.display(),
+        if s.adopted { "re-adopted" } else { "loaded" },
+        s.uptime_s
     );
     println!(
         "interfaces: service {}  peer {}",
-        v["interfaces"]["service"], v["interfaces"]["peer"]
+        s.interfaces.service,
+        s.interfaces.peer.as_deref().unwrap_or("none")
     );
-    let programs: Vec<&str> = v["programs"]
-        .as_array()
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    println!("programs: {}", programs.join(" "));
-    print_flows(&v["flows"]);
-    print_services(&v["services"]);
+    println!("programs: {}", s.programs.join(" "));
+    print_flows(&s.flows);
+    print_services(&s.services);
     println!("counters:");
-    if let Some(counters) = v["counters"].as_object() {
-        for (name, value) in counters {
-            println!("  {name:>18} {value}");
-        }
+    for (name, value) in &s.counters {
+        println!("  {name:>18} {value}");
     }
 }

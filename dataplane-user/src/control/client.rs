@@ -6,6 +6,7 @@ use std::{
     path::Path,
 };
 
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::control::{Response, RpcError, method::Call};
@@ -22,6 +23,13 @@ pub enum ClientError {
     Io(#[from] std::io::Error),
     #[error("the daemon sent something that is not a JSON-RPC response: {0}")]
     Garbled(String),
+    #[error(
+        "the daemon's answer to {method} is not what this client reads ({source}): is it another version?"
+    )]
+    Answer {
+        method: &'static str,
+        source: serde_json::Error,
+    },
     #[error("{0}")]
     Rpc(#[from] RpcError),
 }
@@ -47,9 +55,12 @@ impl Client {
         })
     }
 
-    /// Makes `call` and returns its result.
-    pub fn request(&mut self, call: &Call) -> Result<Value, ClientError> {
-        self.call(call.method().name(), call.params())
+    /// Makes `call` and reads its result as `A`, the method's answer type
+    /// (docs/api.md and [`answer`](super::answer) say which it is).
+    pub fn request<A: DeserializeOwned>(&mut self, call: &Call) -> Result<A, ClientError> {
+        let method = call.method().name();
+        let result = self.call(method, call.params())?;
+        serde_json::from_value(result).map_err(|source| ClientError::Answer { method, source })
     }
 
     /// Calls `method` with `params` as they go on the wire, as a script in

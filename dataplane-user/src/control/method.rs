@@ -1,7 +1,8 @@
 //! The control socket's methods, typed: [`Method`] names them (the one list
 //! of their wire names), [`Call`] is a method with its parameters. The
 //! daemon parses each request into a `Call`; the CLI builds `Call`s and the
-//! [`Client`](super::client::Client) sends them. docs/api.md documents each.
+//! [`Client`](super::client::Client) sends them. [`answer`](super::answer)
+//! has what each answers. docs/api.md documents each.
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -195,6 +196,8 @@ pub struct ServiceName {
     pub name: String,
 }
 
+/// A migration by its id: what `migration.status` and `migration.abort`
+/// take, and what `migration.start` answers.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct MigrationId {
@@ -205,19 +208,6 @@ pub struct MigrationId {
 #[serde(deny_unknown_fields)]
 pub struct PeerAddress {
     pub address: SocketAddr,
-}
-
-/// A row of `flow.list` (and of `status`'s `flows`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FlowInfo {
-    pub id: u32,
-    pub cps: SocketAddr,
-    pub service: SocketAddr,
-    pub mirror: bool,
-    /// The last input numbered on this host.
-    pub last_seq: u64,
-    /// The last input the local instance got.
-    pub last_delivered: u64,
 }
 
 /// Parses a method's params, naming what is wrong with them.

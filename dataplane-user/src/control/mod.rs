@@ -1,8 +1,9 @@
 //! The control protocol: JSON-RPC 2.0 over a Unix socket, one JSON object a
 //! line. This module has the wire types; [`method`] the typed methods,
-//! [`server`] the daemon's side (bounded lines, rate limits, connection
-//! limits), [`client`] the blocking client the CLI uses. docs/api.md
-//! documents every method.
+//! [`answer`] what they answer, [`server`] the daemon's side (bounded
+//! lines, rate limits, connection limits), [`client`] the blocking client
+//! the CLI uses. docs/api.md documents every method.
+pub mod answer;
 pub mod client;
 pub mod method;
 pub mod server;
@@ -132,14 +133,6 @@ impl Response {
         s.push('\n');
         s
     }
-}
-
-/// A server-to-client notification line (`migration.watch`).
-pub fn notification(method: &str, params: Value) -> String {
-    let mut s =
-        serde_json::json!({"jsonrpc": "2.0", "method": method, "params": params}).to_string();
-    s.push('\n');
-    s
 }
 
 /// Parses one request line as the daemon does: the request, or the error

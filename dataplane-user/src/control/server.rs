@@ -17,25 +17,31 @@ use governor::{
     state::{InMemoryState, NotKeyed},
 };
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::{
     io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream, unix::UCred},
     sync::broadcast,
 };
 
-use crate::control::{
-    Response, RpcError, code,
-    method::{Call, Method},
-    notification, parse_request,
+use crate::{
+    control::{
+        Response, RpcError,
+        answer::Event,
+        code,
+        method::{Call, Method},
+        parse_request,
+    },
+    report::Report,
 };
 
 /// What serves the requests: the daemon.
 pub trait Handler: Send + Sync + 'static {
-    /// Runs `call` for a client.
+    /// Runs `call` for a client: its answer (a type of
+    /// [`answer`](super::answer)'s) as it goes on the wire.
     fn call(&self, call: Call) -> impl Future<Output = Result<Value, RpcError>> + Send;
-    /// Migration phase changes, for `migration.watch`.
-    fn events(&self) -> broadcast::Receiver<Value>;
+    /// Migration reports as their phases change, for `migration.watch`.
+    fn events(&self) -> broadcast::Receiver<Report>;
 }
 
 /// How much one client, and all of them, may ask of the daemon.
@@ -143,7 +149,7 @@ async fn serve_client<H: Handler>(handler: &H, stream: UnixStream, limits: Limit
     let peer = stream.peer_cred().ok();
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
-    let mut watching: Option<broadcast::Receiver<Value>> = None;
+    let mut watching: Option<broadcast::Receiver<Report>> = None;
     let (rate, burst) = (limits.rate, limits.burst);
     let limit = RateLimit::new(rate, burst);
     let mut limited = 0u64;
@@ -153,13 +159,12 @@ async fn serve_client<H: Handler>(handler: &H, stream: UnixStream, limits: Limit
             Some(events) => tokio::select! {
                 line = read_line(&mut reader) => line,
                 event = events.recv() => {
-                    let out = match event {
-                        Ok(params) => notification("migration.phase", params),
-                        Err(broadcast::error::RecvError::Lagged(n)) => notification(
-                            "migration.lagged", json!({"missed": n})),
+                    let event = match event {
+                        Ok(report) => Event::Phase(Box::new(report)),
+                        Err(broadcast::error::RecvError::Lagged(missed)) => Event::Lagged { missed },
                         Err(broadcast::error::RecvError::Closed) => return,
                     };
-                    if write.write_all(out.as_bytes()).await.is_err() {
+                    if write.write_all(event.line().as_bytes()).await.is_err() {
                         return;
                     }
                     continue;

@@ -9,14 +9,20 @@ use std::{
 };
 
 use dataplane_common::{FLOW_MIRROR, counter};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::broadcast;
 
 use super::{Daemon, MigrationEntry};
 use crate::{
     control::{
-        RpcError, code,
-        method::{Call, FlowInfo, FlowParams, MigrationId, PeerAddress, ServiceName},
+        RpcError,
+        answer::{
+            FlowAdded, FlowInfo, FlowRemoved, Interfaces, MigrationAborting, PeerPong,
+            ServiceRegistered, ServiceUnregistered, Status, Watching,
+        },
+        code,
+        method::{Call, FlowParams, MigrationId, PeerAddress, ServiceName},
         server::Handler,
     },
     kernel::{
@@ -33,67 +39,63 @@ use crate::{
 impl Handler for Daemon {
     async fn call(&self, call: Call) -> Result<Value, RpcError> {
         match call {
-            Call::Status => self.status(),
-            Call::Metrics => Ok(Value::String(self.metrics()?)),
-            Call::FlowAdd(params) => self.flow_add(params),
-            Call::FlowRemove(spec) => self.flow_remove(spec),
-            Call::FlowList => self.flow_list(),
-            Call::ServiceRegister(service) => self.service_register(service),
-            Call::ServiceUnregister(name) => self.service_unregister(name),
-            Call::ServiceList => Ok(json!(
-                self.services.lock().unwrap().values().collect::<Vec<_>>()
-            )),
-            Call::MigrationStart(request) => self.migration_start(request),
-            Call::MigrationStatus(id) => self.migration_status(id),
-            Call::MigrationAbort(MigrationId { id }) => {
-                match self.migrations.lock().unwrap().get(&id) {
-                    Some(entry) if entry.report.state == State::Running => {
-                        entry.abort.store(true, Ordering::Relaxed);
-                        Ok(json!({"aborting": id}))
-                    }
-                    Some(entry) => Err(RpcError::new(
-                        code::CONFLICT,
-                        format!("migration {id} is {} already", entry.report.state.name()),
-                    )),
-                    None => Err(RpcError::new(code::NOT_FOUND, format!("no migration {id}"))),
-                }
-            }
-            Call::MigrationWatch => Ok(json!({"watching": true})),
-            Call::PeerPing(address) => self.peer_ping(address).await,
+            Call::Status => answer(self.status()),
+            Call::Metrics => answer(self.metrics()),
+            Call::FlowAdd(params) => answer(self.flow_add(params)),
+            Call::FlowRemove(spec) => answer(self.flow_remove(spec)),
+            Call::FlowList => answer(flow_rows(&self.dataplane.lock().unwrap())),
+            Call::ServiceRegister(service) => answer(self.service_register(service)),
+            Call::ServiceUnregister(name) => answer(self.service_unregister(name)),
+            Call::ServiceList => answer(Ok(self.services())),
+            Call::MigrationStart(request) => answer(self.migration_start(request)),
+            Call::MigrationStatus(None) => answer(Ok(self.reports())),
+            Call::MigrationStatus(Some(id)) => answer(self.report(id)),
+            Call::MigrationAbort(id) => answer(self.migration_abort(id)),
+            Call::MigrationWatch => answer(Ok(Watching { watching: true })),
+            Call::PeerPing(address) => answer(self.peer_ping(address).await),
         }
     }
 
-    fn events(&self) -> broadcast::Receiver<Value> {
+    fn events(&self) -> broadcast::Receiver<Report> {
         self.events.subscribe()
     }
 }
 
+/// A method's typed answer as it goes on the wire.
+fn answer<A: Serialize>(outcome: Result<A, RpcError>) -> Result<Value, RpcError> {
+    serde_json::to_value(outcome?).map_err(|e| {
+        RpcError::new(
+            code::INTERNAL_ERROR,
+            format!("the answer does not serialize: {e}"),
+        )
+    })
+}
+
 impl Daemon {
-    fn status(&self) -> Result<Value, RpcError> {
+    fn status(&self) -> Result<Status, RpcError> {
         let dataplane = self.dataplane.lock().unwrap();
         let counters = dataplane.counters().map_err(dataplane_error)?;
-        let counters: serde_json::Map<String, Value> = counter::NAMES
-            .iter()
-            .enumerate()
-            .map(|(i, name)| (name.to_string(), json!(counters.get(i as u32))))
-            .collect();
-        Ok(json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "pin_root": dataplane.pin_root(),
-            "adopted": self.adopted,
-            "uptime_s": self.started.elapsed().as_secs(),
-            "interfaces": {
-                "service": self.config.interface,
-                "peer": self.config.peer_interface,
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pin_root: dataplane.pin_root().to_owned(),
+            adopted: self.adopted,
+            uptime_s: self.started.elapsed().as_secs(),
+            interfaces: Interfaces {
+                service: self.config.interface.clone(),
+                peer: self.config.peer_interface.clone(),
             },
-            "programs": dataplane.attached_programs().map_err(dataplane_error)?,
-            "flows": flows_json(&dataplane)?,
-            "counters": counters,
-            "services": self.services.lock().unwrap().values().collect::<Vec<_>>(),
-            "migrations": self.migrations.lock().unwrap().values().map(|e| &e.report).collect::<Vec<_>>(),
-            "peer_listen": self.config.peer_listen,
-            "peer_auth": self.config.peer_key.is_some(),
-        }))
+            programs: dataplane.attached_programs().map_err(dataplane_error)?,
+            flows: flow_rows(&dataplane)?,
+            counters: counter::NAMES
+                .iter()
+                .zip(0..)
+                .map(|(name, i)| (name.to_string(), counters.get(i)))
+                .collect(),
+            services: self.services(),
+            migrations: self.reports(),
+            peer_listen: self.config.peer_listen,
+            peer_auth: self.config.peer_key.is_some(),
+        })
     }
 
     fn metrics(&self) -> Result<String, RpcError> {
@@ -107,7 +109,7 @@ impl Daemon {
         ))
     }
 
-    fn flow_add(&self, params: FlowParams) -> Result<Value, RpcError> {
+    fn flow_add(&self, params: FlowParams) -> Result<FlowAdded, RpcError> {
         let FlowParams {
             cps,
             service,
@@ -121,10 +123,13 @@ impl Daemon {
             .unwrap()
             .add_flow(key, flags)
             .map_err(dataplane_error)?;
-        Ok(json!({"id": id, "flow": flow::display(&key)}))
+        Ok(FlowAdded {
+            id,
+            flow: flow::display(&key),
+        })
     }
 
-    fn flow_remove(&self, FlowSpec { cps, service }: FlowSpec) -> Result<Value, RpcError> {
+    fn flow_remove(&self, FlowSpec { cps, service }: FlowSpec) -> Result<FlowRemoved, RpcError> {
         let key = flow::udp(cps, service);
         if let Some(user) = self
             .services
@@ -146,14 +151,12 @@ impl Daemon {
             .unwrap()
             .remove_flow(&key)
             .map_err(dataplane_error)?;
-        Ok(json!({"removed": flow::display(&key)}))
+        Ok(FlowRemoved {
+            removed: flow::display(&key),
+        })
     }
 
-    fn flow_list(&self) -> Result<Value, RpcError> {
-        flows_json(&self.dataplane.lock().unwrap())
-    }
-
-    fn service_register(&self, service: Service) -> Result<Value, RpcError> {
+    fn service_register(&self, service: Service) -> Result<ServiceRegistered, RpcError> {
         if service.name.is_empty() {
             return Err(RpcError::new(
                 code::INVALID_PARAMS,
@@ -203,7 +206,7 @@ impl Daemon {
         }
         let name = service.name.clone();
         services.insert(name.clone(), service);
-        Ok(json!({"registered": name}))
+        Ok(ServiceRegistered { registered: name })
     }
 
     /// Mirrors the service's flows to the standby's namespace, whose
@@ -247,14 +250,22 @@ impl Daemon {
         Ok(())
     }
 
-    fn service_unregister(&self, ServiceName { name }: ServiceName) -> Result<Value, RpcError> {
+    fn service_unregister(
+        &self,
+        ServiceName { name }: ServiceName,
+    ) -> Result<ServiceUnregistered, RpcError> {
         match self.services.lock().unwrap().remove(&name) {
-            Some(_) => Ok(json!({"unregistered": name})),
+            Some(_) => Ok(ServiceUnregistered { unregistered: name }),
             None => Err(RpcError::new(code::NOT_FOUND, format!("no service {name}"))),
         }
     }
 
-    fn migration_start(&self, request: migration::Request) -> Result<Value, RpcError> {
+    /// The registered services.
+    fn services(&self) -> Vec<Service> {
+        self.services.lock().unwrap().values().cloned().collect()
+    }
+
+    fn migration_start(&self, request: migration::Request) -> Result<MigrationId, RpcError> {
         let Some(service) = self.services.lock().unwrap().get(&request.service).cloned() else {
             return Err(RpcError::new(
                 code::NOT_FOUND,
@@ -322,7 +333,7 @@ impl Daemon {
                     if let Some(entry) = table.lock().unwrap().get_mut(&report.id) {
                         entry.report = report.clone();
                     }
-                    let _ = events.send(json!(report));
+                    let _ = events.send(report.clone());
                 }
             };
             let report = migration::run(task_id, service, request, context, progress).await;
@@ -335,31 +346,53 @@ impl Daemon {
                 Some(e) => tracing::warn!(id = %report.id, "migration failed, rolled back: {e}"),
             }
         });
-        Ok(json!({"id": id}))
+        Ok(MigrationId { id })
     }
 
-    fn migration_status(&self, id: Option<MigrationId>) -> Result<Value, RpcError> {
+    /// Every migration's latest report.
+    fn reports(&self) -> Vec<Report> {
         let migrations = self.migrations.lock().unwrap();
-        let Some(MigrationId { id }) = id else {
-            let all: Vec<_> = migrations.values().map(|e| &e.report).collect();
-            return Ok(json!(all));
-        };
-        migrations
+        migrations.values().map(|e| e.report.clone()).collect()
+    }
+
+    fn report(&self, MigrationId { id }: MigrationId) -> Result<Report, RpcError> {
+        self.migrations
+            .lock()
+            .unwrap()
             .get(&id)
-            .map(|e| json!(e.report))
+            .map(|e| e.report.clone())
             .ok_or_else(|| RpcError::new(code::NOT_FOUND, format!("no migration {id}")))
     }
 
-    async fn peer_ping(&self, PeerAddress { address }: PeerAddress) -> Result<Value, RpcError> {
+    fn migration_abort(
+        &self,
+        MigrationId { id }: MigrationId,
+    ) -> Result<MigrationAborting, RpcError> {
+        match self.migrations.lock().unwrap().get(&id) {
+            Some(entry) if entry.report.state == State::Running => {
+                entry.abort.store(true, Ordering::Relaxed);
+                Ok(MigrationAborting { aborting: id })
+            }
+            Some(entry) => Err(RpcError::new(
+                code::CONFLICT,
+                format!("migration {id} is {} already", entry.report.state.name()),
+            )),
+            None => Err(RpcError::new(code::NOT_FOUND, format!("no migration {id}"))),
+        }
+    }
+
+    async fn peer_ping(&self, PeerAddress { address }: PeerAddress) -> Result<PeerPong, RpcError> {
         let peer_error =
             |e: peer::PeerError| RpcError::new(code::PEER, format!("peer {address}: {e}"));
         let (mut stream, theirs) = peer::connect_with(address, self.config.peer_key.as_ref())
             .await
             .map_err(peer_error)?;
         let rtt = peer::ping(&mut stream).await.map_err(peer_error)?;
-        Ok(
-            json!({"host": theirs.host, "version": theirs.version, "rtt_us": rtt.as_micros() as u64}),
-        )
+        Ok(PeerPong {
+            host: theirs.host,
+            version: theirs.version,
+            rtt_us: rtt.as_micros() as u64,
+        })
     }
 }
 fn dataplane_error(e: LoadError) -> RpcError {
@@ -370,7 +403,8 @@ fn dataplane_error(e: LoadError) -> RpcError {
     }
 }
 
-fn flows_json(dataplane: &Dataplane) -> Result<Value, RpcError> {
+/// The flows' rows, by id.
+fn flow_rows(dataplane: &Dataplane) -> Result<Vec<FlowInfo>, RpcError> {
     let mut flows = Vec::new();
     for (key, config) in dataplane.flows().map_err(dataplane_error)? {
         let sequence = dataplane
@@ -386,5 +420,5 @@ fn flows_json(dataplane: &Dataplane) -> Result<Value, RpcError> {
         });
     }
     flows.sort_by_key(|f| f.id);
-    Ok(json!(flows))
+    Ok(flows)
 }

@@ -18,7 +18,6 @@ use std::{
 };
 
 use dataplane_common::counter;
-use serde_json::Value;
 use tokio::{net::TcpListener, sync::broadcast};
 
 use crate::{
@@ -46,7 +45,7 @@ pub struct Daemon {
     /// The standing readers of the input and output logs (set by `serve`).
     taps: std::sync::OnceLock<(Arc<Tap>, Arc<Tap>)>,
     /// Migration phase changes, for `migration.watch`.
-    events: broadcast::Sender<Value>,
+    events: broadcast::Sender<Report>,
 }
 
 /// A migration's latest report, and its abort switch.
