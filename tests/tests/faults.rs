@@ -589,3 +589,57 @@ fn fault_matrix() {
         }
     }
 }
+
+#[test]
+fn migration_abort_stops_a_running_migration_before_the_flip_and_the_source_keeps_serving() {
+    let setup = MigrationSetup::new("abort", &[], false);
+    let error = migrate_with_fault(
+        &setup,
+        2000,
+        |watcher| {
+            // Asked while dst restores: the migration stops where its
+            // next phase would begin, and rolls back.
+            wait_for_phase(watcher, "restore");
+            let running = setup
+                .src
+                .client()
+                .call("migration.status", serde_json::json!({}))
+                .unwrap();
+            let id = running[0]["id"].as_str().expect("a running migration");
+            let answer = setup
+                .src
+                .client()
+                .call("migration.abort", serde_json::json!({"id": id}))
+                .unwrap();
+            assert_eq!(answer["aborting"], id);
+        },
+        "converge",
+    );
+    assert_eq!(error, "converge: aborted on request");
+    migrate_cleanly(&setup, 2000);
+}
+
+#[test]
+fn a_destination_that_would_announce_the_service_address_early_is_refused_at_prepare() {
+    let setup = MigrationSetup::new("arpann", &[], false);
+    // The restored instance's first (muted) output would name the service
+    // address in an ARP request and pull the CPS's traffic over early.
+    setup
+        .hosts
+        .dst
+        .sysctl("net.ipv4.conf.eth0.arp_announce", "0");
+    let error = migrate_with_fault(&setup, 1500, |_| {}, "prepare");
+    assert_eq!(
+        error,
+        "prepare: destination: set net.ipv4.conf.eth0.arp_announce=2 on the destination: \
+         otherwise the restored instance's first output announces the service address and \
+         takes the CPS's traffic before the cutover"
+    );
+    // Refused before the source changed anything: its flow is not mirrored.
+    let flows = setup
+        .src
+        .client()
+        .call("flow.list", serde_json::json!({}))
+        .unwrap();
+    assert_eq!(flows[0]["mirror"], false, "{flows}");
+}

@@ -142,8 +142,8 @@ pub struct Tap {
 pub struct TapBusy;
 
 impl Tap {
-    /// Starts draining `reader` on the current tokio runtime.
-    pub fn spawn(mut reader: LogReader) -> Arc<Self> {
+    /// Starts draining `reader` (a [`LogReader`]) on the current tokio runtime.
+    pub fn spawn(mut reader: impl Records + Send + 'static) -> Arc<Self> {
         let tap = Arc::new(Self {
             subscriber: Mutex::new(None),
             lost: AtomicU64::new(0),
@@ -155,7 +155,9 @@ impl Tap {
                 // task would never yield, and keep the other logs' tasks
                 // (and the migration) off its worker.
                 tokio::task::coop::consume_budget().await;
-                let record = reader.next().await;
+                let Some(record) = reader.next().await else {
+                    return;
+                };
                 let Some(tap) = weak.upgrade() else { return };
                 let sender = tap.subscriber.lock().unwrap().clone();
                 if let Some(sender) = sender
@@ -315,6 +317,59 @@ async fn drain(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records as a test sends them.
+    struct Sent(mpsc::UnboundedReceiver<Record>);
+
+    impl Records for Sent {
+        fn try_next(&mut self) -> Option<Record> {
+            self.0.try_recv().ok()
+        }
+        async fn next(&mut self) -> Option<Record> {
+            self.0.recv().await
+        }
+    }
+
+    fn record(seq: u64) -> Record {
+        Record {
+            header: RecordHeader {
+                seq,
+                ..Default::default()
+            },
+            frame: Bytes::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_keeps_what_it_took_and_is_told_the_rest() {
+        // A migration reading the output log too slowly must learn that it
+        // missed records (it then fails rather than compare a partial
+        // stream); the tap itself never stops draining the kernel's ring.
+        let (send, sent) = mpsc::unbounded_channel();
+        let tap = Tap::spawn(Sent(sent));
+        let mut slow = tap.subscribe(4).unwrap();
+        assert!(
+            matches!(tap.subscribe(4), Err(TapBusy)),
+            "one subscriber at a time"
+        );
+        for seq in 1..=10 {
+            send.send(record(seq)).unwrap();
+        }
+        let all_lost = async {
+            while slow.lost() < 6 {
+                tokio::task::yield_now().await;
+            }
+        };
+        let waited = tokio::time::timeout(std::time::Duration::from_secs(5), all_lost).await;
+        assert!(waited.is_ok(), "lost {} of 6", slow.lost());
+        assert_eq!(slow.lost(), 6);
+        let kept: Vec<u64> = std::iter::from_fn(|| slow.try_next().map(|r| r.header.seq)).collect();
+        assert_eq!(kept, [1, 2, 3, 4]);
+        // The next migration starts with nothing lost.
+        drop(slow);
+        let next = tap.subscribe(4).unwrap();
+        assert_eq!(next.lost(), 0);
+    }
 
     fn raw(header: RecordHeader, frame: &[u8]) -> Vec<u8> {
         let mut v = bytemuck::bytes_of(&header).to_vec();
