@@ -34,4 +34,4 @@ pub use timing::{
     CONNTRACK_BUCKETS, ConntrackBuckets, MachineCpu, Pin, Pinning, clock_ticks_per_second,
     cpu_split, realtime_priority, tune_host_for_timing,
 };
-pub use trace::{Cycle, output_gaps, read_trace, report_phase};
+pub use trace::{Cycle, gaps_between, output_gaps, read_trace, report_phase};
