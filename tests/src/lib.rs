@@ -15,6 +15,7 @@ mod hosts;
 mod migration;
 mod netns;
 mod services;
+mod stats;
 mod timing;
 mod trace;
 
@@ -30,8 +31,9 @@ pub use services::{
     ChainService, chain, chain_state, count_datagrams, in_netns, kill_pid, pids_named,
     service_command, udp_payload,
 };
+pub use stats::{Outcomes, Sample, bar};
 pub use timing::{
     CONNTRACK_BUCKETS, ConntrackBuckets, MachineCpu, Pin, Pinning, clock_ticks_per_second,
     cpu_split, realtime_priority, tune_host_for_timing,
 };
-pub use trace::{Cycle, output_gaps, read_trace, report_phase};
+pub use trace::{Cycle, gaps_between, output_gaps, read_trace, report_phase};

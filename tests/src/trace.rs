@@ -30,11 +30,20 @@ pub fn read_trace(text: &str) -> Vec<Cycle> {
 /// Output gaps beyond `period_us` from a CPS trace (µs), by the cycle that
 /// ended them.
 pub fn output_gaps(trace: &str, period_us: u64) -> Vec<(u64, i64)> {
-    let answered: Vec<(u64, u64)> = read_trace(trace)
-        .into_iter()
-        .filter(|c| c.answered_us != 0)
-        .map(|c| (c.seq, c.answered_us))
-        .collect();
+    gaps_between(
+        read_trace(trace).iter().map(|c| (c.seq, c.answered_us)),
+        period_us,
+    )
+}
+
+/// Output gaps beyond `period_us` between consecutive answered cycles of
+/// `cycles` ((seq, answered µs), 0: never answered), by the cycle that
+/// ended them: its number, not its place among the answered ones.
+pub fn gaps_between(
+    cycles: impl IntoIterator<Item = (u64, u64)>,
+    period_us: u64,
+) -> Vec<(u64, i64)> {
+    let answered: Vec<(u64, u64)> = cycles.into_iter().filter(|c| c.1 != 0).collect();
     answered
         .windows(2)
         .map(|w| (w[1].0, w[1].1 as i64 - w[0].1 as i64 - period_us as i64))

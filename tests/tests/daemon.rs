@@ -369,6 +369,11 @@ fn the_cli_speaks_to_the_daemon_with_documented_exit_codes() {
     assert_eq!(unreachable.code(), Some(3), "no daemon");
 }
 
+/// `systemd-analyze verify` checks the unit. Setup installs it (Debian's
+/// `systemd`), so under CI (CI=true) its absence fails the test: passing
+/// there would claim a check that never ran. Elsewhere the test skips and
+/// says why on the stderr handle itself: libtest captures a passing test's
+/// `println!` and `eprintln!`, not a write to the handle.
 #[test]
 fn the_systemd_unit_is_valid() {
     if std::process::Command::new("systemd-analyze")
@@ -376,7 +381,15 @@ fn the_systemd_unit_is_valid() {
         .output()
         .is_err()
     {
-        println!("skipped: systemd-analyze is not installed, so the unit cannot be checked here");
+        let why = "systemd-analyze is not installed (`cargo xtask setup` installs it)";
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{why}: CI must check the unit"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "the_systemd_unit_is_valid: skipped: {why}, so the unit is not checked"
+        );
         return;
     }
     let unit = std::fs::read_to_string(concat!(

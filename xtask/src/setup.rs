@@ -10,9 +10,12 @@ use anyhow::{Context, bail};
 
 /// Debian (bookworm) packages: iproute2 for the test hosts, CRIU's build
 /// dependencies (protobuf-compiler's `protoc` also generates dataplane-user's
-/// CRIU messages), and a C toolchain.
+/// CRIU messages), a C toolchain, and systemd for `systemd-analyze`, which
+/// checks the unit file (the package only installs systemd; systemd-sysv is
+/// what would make it the init).
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
+    "systemd",
     "gcc",
     "make",
     "libc6-dev",

@@ -18,7 +18,9 @@ pub struct Field {
     pub offset: usize,
     #[serde(rename = "type")]
     pub kind: FieldKind,
-    /// Largest accepted difference.
+    /// Largest accepted difference. Integer fields are compared exactly, as
+    /// integers: their difference is an integer, so a fractional eta
+    /// accepts what its integer part does.
     pub eta: f64,
 }
 
@@ -36,6 +38,23 @@ pub enum FieldKind {
     F64,
 }
 
+/// A field's value as read: integers exactly (an f64 holds every integer
+/// only up to 2^53, so two 64-bit values above it could read equal).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Value {
+    Int(i128),
+    Float(f64),
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            Self::Int(v) => v.fmt(f),
+            Self::Float(v) => v.fmt(f),
+        }
+    }
+}
+
 impl FieldKind {
     fn len(self) -> usize {
         match self {
@@ -45,23 +64,54 @@ impl FieldKind {
         }
     }
 
-    fn read(self, b: &[u8]) -> f64 {
-        let a = |n: usize| -> [u8; 8] {
-            let mut x = [0; 8];
-            x[..n].copy_from_slice(&b[..n]);
-            x
-        };
+    /// The value in `b`, which holds at least `len()` bytes.
+    fn read(self, b: &[u8]) -> Value {
+        let int = Value::Int;
         match self {
-            Self::U16 => u16::from_be_bytes([b[0], b[1]]) as f64,
-            Self::I16 => i16::from_be_bytes([b[0], b[1]]) as f64,
-            Self::U32 => u32::from_be_bytes(b[..4].try_into().unwrap()) as f64,
-            Self::I32 => i32::from_be_bytes(b[..4].try_into().unwrap()) as f64,
-            Self::F32 => f32::from_be_bytes(b[..4].try_into().unwrap()) as f64,
-            Self::U64 => u64::from_be_bytes(a(8)) as f64,
-            Self::I64 => i64::from_be_bytes(a(8)) as f64,
-            Self::F64 => f64::from_be_bytes(a(8)),
+            Self::U16 => int(u16::from_be_bytes([b[0], b[1]]).into()),
+            Self::I16 => int(i16::from_be_bytes([b[0], b[1]]).into()),
+            Self::U32 => int(u32::from_be_bytes(b[..4].try_into().unwrap()).into()),
+            Self::I32 => int(i32::from_be_bytes(b[..4].try_into().unwrap()).into()),
+            Self::U64 => int(u64::from_be_bytes(b[..8].try_into().unwrap()).into()),
+            Self::I64 => int(i64::from_be_bytes(b[..8].try_into().unwrap()).into()),
+            Self::F32 => Value::Float(f32::from_be_bytes(b[..4].try_into().unwrap()).into()),
+            Self::F64 => Value::Float(f64::from_be_bytes(b[..8].try_into().unwrap())),
         }
     }
+}
+
+/// Whether `a` and `b`, read as one kind, differ by at most `eta`.
+fn within(a: Value, b: Value, eta: f64) -> bool {
+    match (a, b) {
+        // |a - b| <= eta holds exactly when it holds for eta's integer part;
+        // `as` saturates, so an infinite eta accepts everything.
+        (Value::Int(a), Value::Int(b)) => eta >= 0.0 && a.abs_diff(b) <= eta.floor() as u128,
+        // NaN on either side never matches.
+        (Value::Float(a), Value::Float(b)) => (a - b).abs() <= eta,
+        _ => unreachable!("both sides are read as the same kind"),
+    }
+}
+
+/// Why two outputs do not match.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum Mismatch {
+    #[error("lengths {src} and {dst}")]
+    Length { src: usize, dst: usize },
+    #[error("field at {offset} ({kind:?}) beyond the {len}-byte output")]
+    FieldBeyond {
+        offset: usize,
+        kind: FieldKind,
+        len: usize,
+    },
+    #[error("field at {offset}: {src} and {dst} differ by more than eta {eta}")]
+    Field {
+        offset: usize,
+        src: Value,
+        dst: Value,
+        eta: f64,
+    },
+    #[error("byte {offset}: {src:#04x} and {dst:#04x}")]
+    Byte { offset: usize, src: u8, dst: u8 },
 }
 
 /// How two outputs are compared: byte-equal when no fields are declared.
@@ -74,40 +124,43 @@ pub struct Comparator {
 
 impl Comparator {
     /// Why payloads `src` and `dst` differ, if they do.
-    pub fn compare(&self, src: &[u8], dst: &[u8]) -> Result<(), String> {
+    pub fn compare(&self, src: &[u8], dst: &[u8]) -> Result<(), Mismatch> {
         if src.len() != dst.len() {
-            return Err(format!("lengths {} and {}", src.len(), dst.len()));
+            return Err(Mismatch::Length {
+                src: src.len(),
+                dst: dst.len(),
+            });
         }
         let mut covered = vec![false; src.len()];
         for f in &self.fields {
             let end = f.offset + f.kind.len();
             if end > src.len() {
-                return Err(format!(
-                    "field at {} ({:?}) beyond the {}-byte output",
-                    f.offset,
-                    f.kind,
-                    src.len()
-                ));
+                return Err(Mismatch::FieldBeyond {
+                    offset: f.offset,
+                    kind: f.kind,
+                    len: src.len(),
+                });
             }
             let (a, b) = (
                 f.kind.read(&src[f.offset..end]),
                 f.kind.read(&dst[f.offset..end]),
             );
-            // NaN on either side never matches.
-            let within = matches!(
-                (a - b).abs().partial_cmp(&f.eta),
-                Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
-            );
-            if !within {
-                return Err(format!(
-                    "field at {}: {a} and {b} differ by more than eta {}",
-                    f.offset, f.eta
-                ));
+            if !within(a, b, f.eta) {
+                return Err(Mismatch::Field {
+                    offset: f.offset,
+                    src: a,
+                    dst: b,
+                    eta: f.eta,
+                });
             }
             covered[f.offset..end].fill(true);
         }
         match (0..src.len()).find(|&i| !covered[i] && src[i] != dst[i]) {
-            Some(i) => Err(format!("byte {i}: {:#04x} and {:#04x}", src[i], dst[i])),
+            Some(i) => Err(Mismatch::Byte {
+                offset: i,
+                src: src[i],
+                dst: dst[i],
+            }),
             None => Ok(()),
         }
     }
@@ -120,7 +173,7 @@ pub struct Convergence {
     run: u32,
     compared: u64,
     /// The latest mismatch: (input sequence, reason).
-    pub last_mismatch: Option<(u64, String)>,
+    pub last_mismatch: Option<(u64, Mismatch)>,
 }
 
 impl Convergence {
@@ -136,7 +189,7 @@ impl Convergence {
 
     /// Records the comparison of the outputs answering input `seq`; returns
     /// whether the instances have now converged.
-    pub fn record(&mut self, seq: u64, outcome: Result<(), String>) -> bool {
+    pub fn record(&mut self, seq: u64, outcome: Result<(), Mismatch>) -> bool {
         self.compared += 1;
         match outcome {
             Ok(()) => self.run += 1,
@@ -266,7 +319,7 @@ mod tests {
         let c = Comparator::default();
         assert!(c.compare(b"state 3", b"state 3").is_ok());
         assert_eq!(
-            c.compare(b"state 3", b"state 4").unwrap_err(),
+            c.compare(b"state 3", b"state 4").unwrap_err().to_string(),
             "byte 6: 0x33 and 0x34"
         );
         assert!(c.compare(b"ab", b"abc").is_err());
@@ -304,13 +357,82 @@ mod tests {
         assert!(beyond.compare(&out(1, 1.0), &out(1, 1.0)).is_err());
     }
 
+    /// 64-bit fields at and beyond 2^53, where an f64 no longer holds every
+    /// integer: 2^53 and 2^53 + 1 read as the same f64, so a comparison in
+    /// floating point would take them as equal at eta 0. Each pair here
+    /// differs by 1 (or spans the whole range), so only an exact integer
+    /// comparison gives these answers.
+    #[test]
+    fn integer_fields_compare_exactly_beyond_2_pow_53() {
+        let field = |kind, eta| Comparator {
+            fields: vec![Field {
+                offset: 0,
+                kind,
+                eta,
+            }],
+        };
+        let u = |v: u64| v.to_be_bytes();
+        let i = |v: i64| v.to_be_bytes();
+        let big = 1u64 << 53;
+        let exact = field(FieldKind::U64, 0.0);
+        assert!(exact.compare(&u(big), &u(big)).is_ok());
+        assert_eq!(
+            exact.compare(&u(big), &u(big + 1)).unwrap_err().to_string(),
+            "field at 0: 9007199254740992 and 9007199254740993 differ by more than eta 0"
+        );
+        assert!(exact.compare(&u(u64::MAX - 1), &u(u64::MAX)).is_err());
+        assert!(
+            field(FieldKind::U64, 1.0)
+                .compare(&u(big), &u(big + 1))
+                .is_ok()
+        );
+        assert!(
+            field(FieldKind::U64, 1.0)
+                .compare(&u(big), &u(big + 2))
+                .is_err()
+        );
+        // A fractional eta accepts what its integer part does.
+        let one_and_a_half = field(FieldKind::U64, 1.5);
+        assert!(
+            one_and_a_half
+                .compare(&u(u64::MAX), &u(u64::MAX - 1))
+                .is_ok()
+        );
+        assert!(
+            one_and_a_half
+                .compare(&u(u64::MAX), &u(u64::MAX - 2))
+                .is_err()
+        );
+        let signed = field(FieldKind::I64, 0.0);
+        assert!(signed.compare(&i(-(1 << 53) - 1), &i(-(1 << 53))).is_err());
+        assert!(signed.compare(&i(i64::MIN), &i(i64::MAX)).is_err());
+        // The whole range apart, without overflow.
+        assert!(
+            field(FieldKind::I64, f64::INFINITY)
+                .compare(&i(i64::MIN), &i(i64::MAX))
+                .is_ok()
+        );
+        // A negative or NaN eta accepts nothing, as for floats.
+        assert!(field(FieldKind::U64, -1.0).compare(&u(7), &u(7)).is_err());
+        assert!(
+            field(FieldKind::U64, f64::NAN)
+                .compare(&u(7), &u(7))
+                .is_err()
+        );
+    }
+
     #[test]
     fn n_consecutive_matches_converge_and_a_mismatch_starts_over() {
         let mut c = Convergence::new(3);
         assert!(!c.record(1, Ok(())));
         assert!(!c.record(2, Ok(())));
-        assert!(!c.record(3, Err("byte 0".into())));
-        assert_eq!(c.last_mismatch, Some((3, "byte 0".into())));
+        let mismatch = Mismatch::Byte {
+            offset: 0,
+            src: 1,
+            dst: 2,
+        };
+        assert!(!c.record(3, Err(mismatch.clone())));
+        assert_eq!(c.last_mismatch, Some((3, mismatch)));
         assert!(!c.record(4, Ok(())));
         assert!(!c.record(5, Ok(())));
         assert!(c.record(6, Ok(())));

@@ -642,13 +642,14 @@ mod tests {
         assert_eq!(cal.precopy_rounds(&hot, 5), 1);
     }
 
+    /// A finished migration of `image_mib` MiB (D = M + 200 KiB, as
+    /// `calibration()`'s image line has it) with these phases, and no
+    /// replay figures: its replay stays in its restore phase.
     fn report(mode: Mode, image_mib: f64, phases: &[(Stage, u64)]) -> Report {
         Report {
             mode,
             state: State::Done,
             image_bytes: ((image_mib * 1024.0 + 200.0) * 1024.0) as u64,
-            replayed: 200,
-            replay_rate: 10_000.0,
             phases: phases
                 .iter()
                 .map(|&(name, duration_us)| Phase {
@@ -662,75 +663,66 @@ mod tests {
         }
     }
 
+    /// One recorded run of `bench checkpoint` (README.md at 5c4cd39,
+    /// standby mode): MiB, then checkpoint, transfer, restore and total in
+    /// µs. The table gives no other phase: the rest of the total (prepare,
+    /// converge, cutover, announce, finish together) goes in `finish`, the
+    /// other phase the model fits against M.
+    const RECORDED: [(f64, u64, u64, u64, u64); 3] = [
+        (1.0, 105_000, 19_900, 67_700, 278_300),
+        (16.0, 126_300, 90_900, 100_000, 406_200),
+        (64.0, 138_700, 356_000, 129_700, 723_100),
+    ];
+
+    fn recorded(mib: f64) -> Report {
+        let &(_, checkpoint, transfer, restore, total) =
+            RECORDED.iter().find(|r| r.0 == mib).unwrap();
+        report(
+            Mode::Standby,
+            mib,
+            &[
+                (Stage::Checkpoint, checkpoint),
+                (Stage::Transfer, transfer),
+                (Stage::Restore, restore),
+                (Stage::Finish, total - checkpoint - transfer - restore),
+            ],
+        )
+    }
+
+    /// Fitted to the 1 and 64 MiB migrations of one recorded run, the model
+    /// predicts the 16 MiB one of the same run, which it never saw. Tested
+    /// on the reports it was fitted to, it could not fail: a line through
+    /// two points passes through both, whatever it is a line in.
     #[test]
-    fn live_costs_fitted_from_reports_predict_the_reports() {
-        // Recorded standby migrations (bench checkpoint, 1 and 64 MiB),
-        // figures in µs.
-        let recorded = [
-            report(
-                Mode::Standby,
-                1.0,
-                &[
-                    (Stage::Prepare, 900),
-                    (Stage::Checkpoint, 105_000),
-                    (Stage::Transfer, 19_900),
-                    (Stage::Restore, 87_700),
-                    (Stage::Converge, 11_600),
-                    (Stage::Cutover, 20_000),
-                    (Stage::Announce, 31_000),
-                    (Stage::Finish, 1_800),
-                ],
-            ),
-            report(
-                Mode::Standby,
-                64.0,
-                &[
-                    (Stage::Prepare, 900),
-                    (Stage::Checkpoint, 161_700),
-                    (Stage::Transfer, 356_000),
-                    (Stage::Restore, 149_700),
-                    (Stage::Converge, 11_600),
-                    (Stage::Cutover, 20_000),
-                    (Stage::Announce, 31_000),
-                    (Stage::Finish, 1_800),
-                ],
-            ),
-        ];
+    fn live_costs_fitted_from_reports_predict_a_size_held_out() {
         let mut cal = calibration();
-        cal.fit_reports(&recorded);
+        cal.fit_reports(&[recorded(1.0), recorded(64.0)]);
         assert!(cal.leave_running.is_none());
         let live = cal.standby.clone().unwrap();
         assert_eq!(live.reports, 2);
+        let held_out = recorded(16.0);
+        let w = Workload {
+            input_rate: 0.0,
+            ..work(16.0)
+        };
+        let p = cal.predict(Method::Standby, &w);
+        let err = error_pct(p.total_us, held_out.total_us as f64);
+        // -5.4 % now; the benchmark holds the model to 20 %, this to 10 %.
+        assert!(err.abs() < 10.0, "16 MiB held out: {err:.1}% {p:?}");
         // 19.9 ms for 1.2 MiB and 356 ms for 64.2 MiB: 5.3 ms per MiB.
-        assert!(
-            (live.transfer.slope * MIB - 5333.0).abs() < 10.0,
-            "{live:?}"
+        assert!((live.transfer.slope * MIB - 5335.0).abs() < 1.0, "{live:?}");
+        assert_eq!(
+            p.downtime_us, 0.0,
+            "standby: the serving instance never stops"
         );
-        for (r, mib) in recorded.iter().zip([1.0, 64.0]) {
-            let w = Workload {
-                input_rate: 0.0,
-                ..work(mib)
-            };
-            let p = cal.predict(Method::Standby, &w);
-            let err = error_pct(p.total_us, r.total_us as f64);
-            assert!(err.abs() < 10.0, "{mib} MiB: {err:.1}% {p:?}");
-            assert_eq!(
-                p.downtime_us, 0.0,
-                "standby: the serving instance never stops"
-            );
-        }
         // Leave-running borrows standby's costs, and its T_D is the checkpoint.
         let lr = cal.predict(Method::LeaveRunning, &work(16.0));
         assert_eq!(lr.downtime_us, lr.phases[1].1);
-        // At 1 kHz the replay adds backlog / (10k - 1k) per second.
+        // With a replay rate of 10k/s, 1 kHz of inputs add backlog / (10k -
+        // 1k) per second to the restore.
+        cal.standby.as_mut().unwrap().replay_rate = 10_000.0;
         let fast = cal.predict(Method::Standby, &work(16.0));
-        let slow = cal.predict(
-            Method::Standby,
-            &Workload {
-                input_rate: 0.0,
-                ..work(16.0)
-            },
-        );
+        let slow = cal.predict(Method::Standby, &w);
         let catch_up = fast.total_us - slow.total_us;
         let backlog_s = (fast.phases[1].1 + fast.phases[2].1 + slow.phases[3].1) / 1e6;
         assert!((catch_up - backlog_s * 1000.0 / 9000.0 * 1e6).abs() < 1.0);

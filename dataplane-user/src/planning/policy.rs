@@ -117,8 +117,10 @@ fn fit(rounds: &[Round]) -> Line {
 mod tests {
     use super::*;
 
-    fn rounds(recorded: &[(u64, u64, u64)]) -> Vec<Round> {
-        recorded
+    /// Rounds made up to show each rule, not recorded: the test kernel has
+    /// no soft-dirty memory tracking, so CRIU cannot pre-dump there.
+    fn rounds(made_up: &[(u64, u64, u64)]) -> Vec<Round> {
+        made_up
             .iter()
             .map(|&(pages_written, duration_us, images_hash)| Round {
                 pages_written,
@@ -132,14 +134,14 @@ mod tests {
     fn a_converging_service_is_pre_dumped_until_little_is_dirty() {
         // A service whose working set settles: every round writes a fifth of the last.
         let policy = StopPolicy::default();
-        let recorded = rounds(&[
+        let made_up = rounds(&[
             (4096, 40_000, 1),
             (800, 9_000, 2),
             (150, 2_500, 3),
             (30, 800, 4),
         ]);
-        let decisions: Vec<_> = (1..=recorded.len())
-            .map(|n| policy.decide(&recorded[..n]))
+        let decisions: Vec<_> = (1..=made_up.len())
+            .map(|n| policy.decide(&made_up[..n]))
             .collect();
         assert_eq!(decisions, [None, None, None, Some(Stop::FewDirtyPages)]);
     }
@@ -148,9 +150,9 @@ mod tests {
     fn a_service_dirtying_faster_than_a_round_copies_gains_nothing() {
         // 16 MiB dirtied at a steady rate: each round writes as much as the last.
         let policy = StopPolicy::default();
-        let recorded = rounds(&[(4096, 40_000, 1), (4096, 40_000, 2)]);
-        assert_eq!(policy.decide(&recorded[..1]), None);
-        assert_eq!(policy.decide(&recorded), Some(Stop::NoGain));
+        let made_up = rounds(&[(4096, 40_000, 1), (4096, 40_000, 2)]);
+        assert_eq!(policy.decide(&made_up[..1]), None);
+        assert_eq!(policy.decide(&made_up), Some(Stop::NoGain));
     }
 
     #[test]
@@ -159,9 +161,9 @@ mod tests {
             predict: false,
             ..StopPolicy::default()
         };
-        let recorded = rounds(&[(4096, 40_000, 7), (500, 5_000, 9), (500, 5_000, 9)]);
-        assert_eq!(policy.decide(&recorded[..2]), None);
-        assert_eq!(policy.decide(&recorded), Some(Stop::ImagesUnchanged));
+        let made_up = rounds(&[(4096, 40_000, 7), (500, 5_000, 9), (500, 5_000, 9)]);
+        assert_eq!(policy.decide(&made_up[..2]), None);
+        assert_eq!(policy.decide(&made_up), Some(Stop::ImagesUnchanged));
     }
 
     #[test]
@@ -170,16 +172,16 @@ mod tests {
             max_rounds: 2,
             ..StopPolicy::default()
         };
-        let recorded = rounds(&[(4096, 40_000, 1), (2000, 20_000, 2)]);
-        assert_eq!(policy.decide(&recorded), Some(Stop::RoundLimit));
+        let made_up = rounds(&[(4096, 40_000, 1), (2000, 20_000, 2)]);
+        assert_eq!(policy.decide(&made_up), Some(Stop::RoundLimit));
         assert_eq!(policy.decide(&[]), None, "no round yet: do one");
     }
 
     #[test]
     fn the_fit_recovers_a_linear_cost() {
         // duration = 500 us + 10 us per page.
-        let recorded = rounds(&[(100, 1_500, 0), (300, 3_500, 0), (1000, 10_500, 0)]);
-        let line = fit(&recorded);
+        let made_up = rounds(&[(100, 1_500, 0), (300, 3_500, 0), (1000, 10_500, 0)]);
+        let line = fit(&made_up);
         assert!(
             (line.fixed - 500.0).abs() < 1e-6 && (line.slope - 10.0).abs() < 1e-9,
             "{line:?}"

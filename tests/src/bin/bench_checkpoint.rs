@@ -9,10 +9,13 @@
 //! to the instance restored and caught up on the destination, and what the
 //! CPS saw: the largest output gap beyond T_U and the missed cycles, over
 //! the whole run and, for ours, while the standby was checkpointed (the
-//! serving instance's period must not stretch then).
+//! serving instance's period must not stretch then). Its two bars are
+//! judged on its own standby migrations (a failed one ends the run).
 use std::time::Duration;
 
-use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid, output_gaps, report_phase};
+use dataplane_tests::{
+    MigrationSetup, Sample, bar, cps_verdict, kill_pid, output_gaps, report_phase,
+};
 
 const PERIOD_US: u64 = 1000;
 /// `dst`'s address on the peer link.
@@ -50,6 +53,7 @@ fn main() -> anyhow::Result<()> {
         "{:>5} {:<14} {:>9} {:>11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>7} {:>9} {:>10}",
         "", "", "ms", "/dump ms", "/copy ms", "ms", "ms", "ms", "max ms", "", "cycle", "ckpt ms"
     );
+    let mut standbys = Vec::new();
     for &size in &sizes {
         let ours = standby(size)?;
         let baseline = stop_and_copy(size)?;
@@ -74,6 +78,10 @@ fn main() -> anyhow::Result<()> {
             ours.total_ms / baseline.total_ms,
             ours.gap_ms / baseline.gap_ms.max(0.001)
         );
+        standbys.push((size, ours));
+    }
+    for line in bars(&standbys) {
+        println!("{line}");
     }
     println!(
         "\nimages onto dst, from the dump's start to every file there: dumped to src's disk \
@@ -101,6 +109,47 @@ fn main() -> anyhow::Result<()> {
          same over the cycles of the checkpoint phase (from S - 5 to S + its duration + 5)."
     );
     Ok(())
+}
+
+/// The bars on the standby migrations (MiB, row), each judged on the
+/// largest figure: the claims are about every migration.
+fn bars(standbys: &[(usize, Row)]) -> [String; 2] {
+    // None of a kind: no largest, not met.
+    let largest = |values: Vec<f64>, unit: &str| {
+        let sample = Sample::new(values);
+        let shown = sample
+            .max()
+            .map_or("-".into(), |max| format!("{max:.2} {unit}"));
+        let text = format!("max {shown} (n {})", sample.n());
+        (sample.max().unwrap_or(f64::INFINITY), text)
+    };
+    let (stretch, stretch_text) = largest(
+        standbys
+            .iter()
+            .filter_map(|(_, r)| r.checkpoint_gap_ms)
+            .collect(),
+        "ms",
+    );
+    let (ready, ready_text) = largest(
+        standbys
+            .iter()
+            .filter(|(size, _)| *size == 16)
+            .map(|(_, r)| r.ready_ms)
+            .collect(),
+        "ms, 16 MiB",
+    );
+    [
+        bar(
+            "the serving instance's period stretched by under 1 ms during a standby checkpoint",
+            &stretch_text,
+            stretch < 1.0,
+        ),
+        bar(
+            "a 16 MiB service restored and caught up on dst within 300 ms of the dump's start",
+            &ready_text,
+            ready < 300.0,
+        ),
+    ]
 }
 
 fn ms(d: Duration) -> f64 {
@@ -309,4 +358,25 @@ fn stop_and_copy(size: usize) -> anyhow::Result<Row> {
         gap_at: verdict["extra_gap_us"]["at_cycle"].to_string(),
         checkpoint_gap_ms: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every migration must meet a bar, and a bar without a migration of
+    /// its kind (no 16 MiB size run) is not met.
+    #[test]
+    fn the_bars_hold_for_every_standby_migration() {
+        let row = |gap: f64, ready: f64| Row {
+            checkpoint_gap_ms: Some(gap),
+            ready_ms: ready,
+            ..Row::default()
+        };
+        let met = bars(&[(16, row(0.2, 180.0)), (1, row(0.1, 110.0))]);
+        assert!(met.iter().all(|l| l.ends_with(": met")), "{met:?}");
+        let over = bars(&[(16, row(0.2, 180.0)), (16, row(1.3, 310.0))]);
+        assert!(over.iter().all(|l| l.ends_with("not met")), "{over:?}");
+        assert!(bars(&[(1, row(0.1, 110.0))])[1].ends_with("(n 0): not met"));
+    }
 }
