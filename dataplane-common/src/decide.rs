@@ -47,6 +47,18 @@ pub fn sequenced_verdict(seq: u64, prev: u64, taken: bool) -> Verdict {
     }
 }
 
+/// The `next_expected` user space stores (before the mode) when it changes
+/// an input gate to `mode`: only a gate entering `GATE_SEQUENCED` gets one.
+/// A gate leaving it keeps the word as the kernel advanced it: a program
+/// that read the sequenced mode just before the change exchanges the word
+/// after it (`sequenced_verdict`), and a value written from a stale copy of
+/// the gate (or the 0 callers pass) would make it hold the input it is
+/// taking, with no replay left to deliver it.
+#[inline(always)]
+pub fn stored_next_expected(mode: u32, next_expected: u64) -> Option<u64> {
+    (mode == GATE_SEQUENCED).then_some(next_expected)
+}
+
 /// Whether an input that could not be numbered (the log is full) still
 /// reaches the local instance: only through an open gate (`mode` is the
 /// flow's gate mode, `None` without a gate). A migration that needs it
@@ -212,6 +224,32 @@ mod tests {
         assert_eq!(sequenced(&mut next, 4), Verdict::Duplicate);
         assert_eq!(sequenced(&mut next, 6), Verdict::Deliver);
         assert_eq!(next, 7);
+    }
+
+    #[test]
+    fn a_mode_change_keeps_the_word_a_sequenced_verdict_in_flight_exchanges() {
+        // The interleaving of the race: the program taking input 3 has read
+        // the sequenced mode (`mode_verdict` is None) when user space moves
+        // the gate out of it, and exchanges `next_expected` after that. Only
+        // if the change left the word alone does input 3 get through; if it
+        // wrote the word, input 3 is held and nobody replays it.
+        for mode in [GATE_DELIVER_ALL, GATE_HOLD_ALL] {
+            let mut next = 1;
+            assert_eq!(sequenced(&mut next, 1), Verdict::Deliver);
+            assert_eq!(sequenced(&mut next, 2), Verdict::Deliver);
+            assert_eq!(mode_verdict(GATE_SEQUENCED), None);
+            // Callers pass 0 when they leave the sequenced gate.
+            if let Some(stored) = stored_next_expected(mode, 0) {
+                next = stored;
+            }
+            assert_eq!(
+                sequenced(&mut next, 3),
+                Verdict::Deliver,
+                "input 3, taken while the gate left the sequenced mode for mode {mode}"
+            );
+        }
+        // Entering the sequenced gate sets where it starts, before the mode.
+        assert_eq!(stored_next_expected(GATE_SEQUENCED, 7), Some(7));
     }
 
     #[test]

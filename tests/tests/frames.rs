@@ -1,17 +1,21 @@
-//! Hand-made frames: VLAN-tagged inputs, and malformed or foreign frames
-//! that must pass the programs untouched. The kernel here has no 802.1Q
-//! devices, so tagged frames are sent and seen through AF_PACKET sockets.
+//! Hand-made frames: VLAN-tagged inputs, malformed or foreign frames that
+//! must pass the programs untouched, and the gates' and the cutover's
+//! decisions (BPF_PROG_TEST_RUN, or mirror frames over the wire). The
+//! kernel here has no 802.1Q devices, so tagged frames are sent and seen
+//! through AF_PACKET sockets.
 use std::time::{Duration, Instant};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use dataplane_common::{
-    MAX_FLOWS, MAX_SEQ, MIRROR_FLAG_QUEUED, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, RECORD_INPUT,
-    RECORD_MIRRORED, counter,
+    CAPTURE_META_MAGIC, CAPTURE_META_MASK, CUT_AT_NEXT, CaptureMeta, FLOW_MIRROR, GATE_DELIVER_ALL,
+    GATE_HOLD_ALL, GATE_SEQUENCED, Gate, MAX_FLOWS, MAX_SEQ, META_DELIVER, META_PEER,
+    MIRROR_FLAG_QUEUED, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, OUTPUT_ARMED, OUTPUT_FROM,
+    RECORD_INPUT, RECORD_MIRRORED, counter,
 };
 use dataplane_tests::{CPS_V4, CPS_V6, Loaded, RawSocket, SERVICE_V4, SERVICE_V6, TestHosts, sock};
 use dataplane_user::kernel::{
     flow,
-    loader::{Counters, MAP_INPUTS},
+    loader::{Counters, LoadOptions, MAP_INPUTS},
 };
 use etherparse::{PacketBuilder, VlanId};
 
@@ -167,20 +171,12 @@ fn malformed_outputs_pass_the_egress_program_untouched_and_are_not_captured() {
             assert!(Instant::now() < deadline, "{kind}: left src unchanged");
         }
         let after = src.dataplane.counters().unwrap();
-        let captured = u64::from(*kind == "a well-formed output");
-        for c in WATCHED {
-            let expected = if c == counter::OUTPUT_CAPTURED {
-                captured
-            } else {
-                0
-            };
-            assert_eq!(
-                after.get(c) - before.get(c),
-                expected,
-                "{kind}: counter {}",
-                counter::NAMES[c as usize]
-            );
-        }
+        let captured: &[u32] = if *kind == "a well-formed output" {
+            &[counter::OUTPUT_CAPTURED]
+        } else {
+            &[]
+        };
+        assert_moved(kind, &before, &after, captured);
     }
     let outputs = src.read_log(dataplane_user::kernel::loader::MAP_OUTPUTS, 2);
     assert_eq!(outputs.len(), 1, "only the well-formed output was logged");
@@ -698,21 +694,14 @@ fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
 fn a_counting_replica_tags_each_output_with_the_input_it_answers() {
     let hosts = TestHosts::new("tag");
     let mut dst = hosts.load_dst();
-    let (flow_id, replica) = sequenced_replica(&hosts, &mut dst);
-    // Counted tags, and outputs leave from input 3 on: a cutover at K = 2.
+    let (flow_id, replica, cps) = counting_replica(&hosts, &mut dst);
+    // Outputs leave from input 3 on: a cutover at K = 2.
     let gate = dataplane_common::Gate {
-        tagging: dataplane_common::TAG_COUNTED,
         output: dataplane_common::OUTPUT_FROM,
         answer_from: 3,
         ..dst.dataplane.gate(flow_id).unwrap()
     };
     dst.dataplane.set_gate(flow_id, gate).unwrap();
-    let cps = hosts
-        .cps
-        .run(|| std::net::UdpSocket::bind(sock(CPS_V4, 4000)))
-        .unwrap();
-    cps.set_read_timeout(Some(Duration::from_millis(300)))
-        .unwrap();
     // A burst: all three inputs are in the replica's socket before it
     // answers the first, so each answer leaves after input 3 was delivered.
     let link = MirrorLink::open(&hosts);
@@ -808,6 +797,27 @@ fn sequenced_replica(hosts: &TestHosts, dst: &mut Loaded) -> (u32, std::net::Udp
     (flow_id, replica)
 }
 
+/// A counting replica on `dst`: [`sequenced_replica`] with its outputs
+/// tagged by count, and the CPS's socket that its outputs reach.
+fn counting_replica(
+    hosts: &TestHosts,
+    dst: &mut Loaded,
+) -> (u32, std::net::UdpSocket, std::net::UdpSocket) {
+    let (flow_id, replica) = sequenced_replica(hosts, dst);
+    let gate = dataplane_common::Gate {
+        tagging: dataplane_common::TAG_COUNTED,
+        ..dst.dataplane.gate(flow_id).unwrap()
+    };
+    dst.dataplane.set_gate(flow_id, gate).unwrap();
+    let cps = hosts
+        .cps
+        .run(|| std::net::UdpSocket::bind(sock(CPS_V4, 4000)))
+        .unwrap();
+    cps.set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    (flow_id, replica, cps)
+}
+
 /// Mirror frames sent by hand from src's peer0 to dst's, as src's dataplane would.
 struct MirrorLink {
     socket: RawSocket,
@@ -842,5 +852,386 @@ impl MirrorLink {
         };
         let headers = dataplane_common::mirror_headers(&self.config, &meta, inner.len() as u32);
         [headers.as_slice(), inner].concat()
+    }
+}
+
+// The gates' and the cutover's decisions, made by the real programs: each
+// input through BPF_PROG_TEST_RUN of `ingress` (its verdict, and the
+// capture metadata it leaves for the mirror programs), or mirror frames and
+// outputs over the wire where the local stack must take part. The same
+// decisions as pure functions are unit-tested in `dataplane_common::decide`.
+
+/// XDP_DROP.
+const XDP_DROP: u32 = 1;
+
+/// Runs `frame` once through `program` (BPF_PROG_TEST_RUN): the verdict, and
+/// the capture metadata the run left for the mirror programs, if any. The
+/// kernel copies `data_out` from the start of the metadata, so that comes
+/// ahead of the frame's bytes, which must be unchanged.
+fn run_ingress(program: &Xdp, frame: &[u8]) -> (u32, Option<CaptureMeta>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let run = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("test run");
+    let out = &out[..run.data_size_out as usize];
+    let (meta, rest) = out.split_at(out.len() - frame.len());
+    assert_eq!(rest, frame, "the frame's bytes are unchanged");
+    let meta = match meta.len() {
+        0 => None,
+        24 => {
+            let u32_at = |at: usize| u32::from_ne_bytes(meta[at..at + 4].try_into().unwrap());
+            let u64_at = |at: usize| u64::from_ne_bytes(meta[at..at + 8].try_into().unwrap());
+            Some(CaptureMeta {
+                magic: u32_at(0),
+                flow_id: u32_at(4),
+                seq: u64_at(8),
+                timestamp_ns: u64_at(16),
+            })
+        }
+        n => panic!("{n} bytes of metadata"),
+    };
+    (run.return_value, meta)
+}
+
+/// Checks that from `before` to `after` each watched counter rose by the
+/// times `moved` names it, and the others not at all.
+fn assert_moved(what: &str, before: &Counters, after: &Counters, moved: &[u32]) {
+    for c in WATCHED {
+        let expected = moved.iter().filter(|&&m| m == c).count() as u64;
+        assert_eq!(
+            after.get(c) - before.get(c),
+            expected,
+            "{what}: counter {}",
+            counter::NAMES[c as usize]
+        );
+    }
+}
+
+/// Input `seq` of the flow from the CPS's port `port` to the service, as
+/// the CPS sends it to `src`.
+fn input_from(port: u16, seq: u64) -> Vec<u8> {
+    udp_packet(
+        (CPS_MAC, [0x02, 0, 0, 0, 0, 0x10]),
+        sock(CPS_V4, port),
+        sock(SERVICE_V4, 5000),
+        format!("input {seq}").as_bytes(),
+    )
+}
+
+/// Adds to `host` the flow from the CPS's port `port` to the service, with `flags`.
+fn add_flow_from(host: &mut Loaded, port: u16, flags: u32) -> u32 {
+    let key = flow::udp(sock(CPS_V4, port), sock(SERVICE_V4, 5000));
+    host.dataplane.add_flow(key, flags).unwrap()
+}
+
+/// A cutover on the source: `before` inputs, the flip, `after` inputs. With
+/// `unflip` the flip is taken back before any input crosses it.
+struct Flip {
+    kind: &'static str,
+    before: u64,
+    after: u64,
+    unflip: bool,
+    /// The K the kernel must pick, if any.
+    k: Option<u64>,
+}
+
+#[test]
+fn the_kernel_picks_k_after_the_flip_and_forwards_inputs_past_it_unnumbered() {
+    let hosts = TestHosts::new("cut");
+    let mut src = hosts.load_src();
+    let program = ingress_program(&src);
+    let window = src.dataplane.gate_window().unwrap();
+    // Each scenario on a flow of its own, numbered from 1, every input's
+    // route checked: a K off by one, a K picked by the wrong input, a flip
+    // lost or an input past K that keeps its number fails a row.
+    let table = [
+        Flip {
+            kind: "flip after input 3",
+            before: 3,
+            after: 3,
+            unflip: false,
+            k: Some(3),
+        },
+        // The seq > 1 edge: K = 0 means no cutover, so input 1 cannot pick
+        // it. It is delivered here as before, and input 2 picks K = 1.
+        Flip {
+            kind: "flip before input 1",
+            before: 0,
+            after: 3,
+            unflip: false,
+            k: Some(1),
+        },
+        // The smallest K, picked by the first input after the flip.
+        Flip {
+            kind: "flip after input 1",
+            before: 1,
+            after: 2,
+            unflip: false,
+            k: Some(1),
+        },
+        Flip {
+            kind: "flip taken back before an input crossed it",
+            before: 2,
+            after: 2,
+            unflip: true,
+            k: None,
+        },
+    ];
+    let mut flows = Vec::new();
+    for (i, case) in table.iter().enumerate() {
+        let port = 4001 + i as u16;
+        let flow_id = add_flow_from(&mut src, port, FLOW_MIRROR);
+        let inputs = case.before + case.after;
+        flows.push((flow_id, inputs));
+        for seq in 1..=inputs {
+            if seq == case.before + 1 {
+                window.flip(flow_id);
+                if case.unflip {
+                    assert_eq!(window.unflip(flow_id), Ok(()), "{}", case.kind);
+                }
+            }
+            let what = format!("{}: input {seq}", case.kind);
+            let past = case.k.is_some_and(|k| seq > k);
+            let before = src.dataplane.counters().unwrap();
+            let (verdict, meta) = run_ingress(&program, &input_from(port, seq));
+            // Clone mode: XDP passes every mirrored input on to `mirror`,
+            // which clones it to the peer and drops the original unless
+            // the metadata says META_DELIVER.
+            assert_eq!(verdict, XDP_PASS, "{what}: verdict");
+            let meta = meta.unwrap_or_else(|| panic!("{what}: no metadata for the mirror"));
+            assert_eq!(meta.magic & CAPTURE_META_MASK, CAPTURE_META_MAGIC);
+            // Past K: to the peer only, and unnumbered (the peer numbers it).
+            let (seq_sent, targets) = if past {
+                (0, META_PEER)
+            } else {
+                (seq, META_PEER | META_DELIVER)
+            };
+            assert_eq!(
+                (meta.flow_id, meta.seq, meta.magic & !CAPTURE_META_MASK),
+                (flow_id, seq_sent, targets),
+                "{what}: (flow, number sent to the peer, META_* targets)"
+            );
+            let moved: &[u32] = if past {
+                &[counter::CAPTURED, counter::FORWARDED]
+            } else {
+                &[counter::CAPTURED]
+            };
+            assert_moved(&what, &before, &src.dataplane.counters().unwrap(), moved);
+            let deliver_until = match case.k {
+                _ if seq <= case.before || case.unflip => 0,
+                Some(k) if seq > k => k,
+                _ => CUT_AT_NEXT,
+            };
+            assert_eq!(
+                src.dataplane.gate(flow_id).unwrap().deliver_until,
+                deliver_until,
+                "{what}: deliver_until after it"
+            );
+        }
+        // Once an input has crossed the flip, the cutover stands.
+        if let Some(k) = case.k {
+            assert_eq!(window.cutover_point(flow_id), Some(k), "{}", case.kind);
+            assert_eq!(window.unflip(flow_id), Err(k), "{}", case.kind);
+        }
+    }
+    // The source's own log numbers every input, past K too.
+    let total = flows.iter().map(|&(_, n)| n as usize).sum();
+    let records = src.read_inputs(total);
+    for (flow_id, inputs) in flows {
+        let logged: Vec<u64> = records
+            .iter()
+            .filter(|r| r.header.flow_id == flow_id)
+            .map(|r| r.header.seq)
+            .collect();
+        assert_eq!(logged, (1..=inputs).collect::<Vec<_>>(), "flow {flow_id}");
+    }
+}
+
+#[test]
+fn an_armed_output_gate_opens_at_the_first_input_forwarded_past_k() {
+    let hosts = TestHosts::new("arm");
+    let mut dst = hosts.load_dst();
+    // A destination as the cutover finds it: the restored instance behind a
+    // sequenced gate, its outputs counted, the output gate armed.
+    let (flow_id, replica, cps) = counting_replica(&hosts, &mut dst);
+    dst.dataplane.gate_window().unwrap().arm_outputs(flow_id);
+    let link = MirrorLink::open(&hosts);
+    // The replica answers each input it got; what reached the CPS.
+    let answer_all = || {
+        for input in received(&replica) {
+            replica
+                .send_to(format!("answer to {input}").as_bytes(), sock(CPS_V4, 4000))
+                .unwrap();
+        }
+        received(&cps)
+    };
+    let output_gate = || {
+        let gate = dst.dataplane.gate(flow_id).unwrap();
+        (gate.output, gate.answer_from)
+    };
+    // Inputs 1 and 2 come numbered, from before the source's cutover: the
+    // source answers them, so the replica's answers stay muted, and
+    // numbered mirror frames do not open the gate.
+    for seq in 1..=2 {
+        link.send(flow_id, seq);
+    }
+    assert_eq!(answer_all(), [] as [String; 0], "answers to 1 and 2 muted");
+    assert_eq!(output_gate(), (OUTPUT_ARMED, u64::MAX));
+    // The source forwards inputs past K unnumbered (seq 0); this host
+    // numbers them on, 3 and 4. The first opens the gate from its own
+    // number; the next does not move that.
+    let forward = |seq: u64| link.socket.send(&link.frame(flow_id, 0, &input_frame(seq)));
+    forward(3);
+    assert_eq!(answer_all(), ["answer to input 3"], "the gate opened at 3");
+    assert_eq!(output_gate(), (OUTPUT_FROM, 3));
+    forward(4);
+    assert_eq!(answer_all(), ["answer to input 4"]);
+    assert_eq!(output_gate(), (OUTPUT_FROM, 3));
+    let counters = dst.dataplane.counters().unwrap();
+    assert_eq!(counters.get(counter::OUTPUT_MUTED), 2);
+    let tags: Vec<u64> = dst
+        .read_log(dataplane_user::kernel::loader::MAP_OUTPUTS, 4)
+        .iter()
+        .map(|r| r.header.seq)
+        .collect();
+    assert_eq!(tags, [1, 2, 3, 4], "every answer logged with its input");
+}
+
+#[test]
+fn a_full_input_log_lets_unnumbered_inputs_through_an_open_gate_only_and_counts_each() {
+    let hosts = TestHosts::new("full");
+    // A one-page input log: it holds about 23 records of these frames.
+    let mut src = Loaded::new(
+        &hosts.src,
+        &LoadOptions {
+            input_ring_bytes: 4096,
+            ..hosts.src_options()
+        },
+    );
+    let program = ingress_program(&src);
+    let add_flow = |src: &mut Loaded, port: u16, flags: u32, gate: Gate| {
+        let flow_id = add_flow_from(src, port, flags);
+        src.dataplane.set_gate(flow_id, gate).unwrap();
+        flow_id
+    };
+    let gate = |mode| Gate {
+        mode,
+        next_expected: 1,
+        ..Default::default()
+    };
+    // Fill the log, and see that it is full: an input found no room.
+    add_flow(&mut src, 4000, 0, gate(GATE_DELIVER_ALL));
+    let before = src.dataplane.counters().unwrap();
+    program
+        .test_run(TestRunOptions {
+            data_in: Some(&input_from(4000, 1)),
+            repeat: 64,
+            ..Default::default()
+        })
+        .unwrap();
+    let after = src.dataplane.counters().unwrap();
+    let (captured, full) = (counter::CAPTURED, counter::RING_FULL);
+    assert!(
+        after.get(full) > before.get(full),
+        "64 inputs filled the log ({} captured)",
+        after.get(captured) - before.get(captured)
+    );
+    // An input that found the log full has no number: a gate that is not
+    // open cannot place it (a sequenced gate waiting for "input 1" must not
+    // take it for 1), and it is not mirrored. Each is counted as ring_full,
+    // open gate or not: the source refuses to flip on that count.
+    let table = [
+        ("a deliver gate", 0, gate(GATE_DELIVER_ALL), XDP_PASS),
+        (
+            "a deliver gate, mirrored",
+            FLOW_MIRROR,
+            gate(GATE_DELIVER_ALL),
+            XDP_PASS,
+        ),
+        ("a hold gate", 0, gate(GATE_HOLD_ALL), XDP_DROP),
+        (
+            "a hold gate, mirrored",
+            FLOW_MIRROR,
+            gate(GATE_HOLD_ALL),
+            XDP_DROP,
+        ),
+        (
+            "a sequenced gate expecting 1",
+            0,
+            gate(GATE_SEQUENCED),
+            XDP_DROP,
+        ),
+    ];
+    for (i, &(kind, flags, gate, expected)) in table.iter().enumerate() {
+        let port = 4001 + i as u16;
+        let flow_id = add_flow(&mut src, port, flags, gate);
+        let before = src.dataplane.counters().unwrap();
+        let (verdict, meta) = run_ingress(&program, &input_from(port, 1));
+        assert_eq!(verdict, expected, "{kind}: verdict");
+        assert_eq!(meta, None, "{kind}: nothing handed to the mirror");
+        assert_moved(kind, &before, &src.dataplane.counters().unwrap(), &[full]);
+        let sequence = src.dataplane.sequence(flow_id).unwrap();
+        assert_eq!(sequence.last_seq, 0, "{kind}: no number taken");
+        assert_eq!(src.dataplane.gate(flow_id).unwrap(), gate, "{kind}: gate");
+    }
+}
+
+#[test]
+fn leaving_a_sequenced_gate_keeps_the_word_an_input_in_flight_exchanges() {
+    let hosts = TestHosts::new("mode");
+    let mut src = hosts.load_src();
+    let program = ingress_program(&src);
+    for (i, mode) in [GATE_DELIVER_ALL, GATE_HOLD_ALL].into_iter().enumerate() {
+        let port = 4001 + i as u16;
+        let flow_id = add_flow_from(&mut src, port, 0);
+        // A leave-running source giving its instance the held inputs back:
+        // sequenced from 1; the kernel takes 1 and 2 and advances the word.
+        src.dataplane
+            .set_input_gate(flow_id, GATE_SEQUENCED, 1)
+            .unwrap();
+        for seq in 1..=2 {
+            let (verdict, _) = run_ingress(&program, &input_from(port, seq));
+            assert_eq!(verdict, XDP_PASS, "mode {mode}: input {seq}");
+        }
+        let advanced = src.dataplane.gate(flow_id).unwrap();
+        assert_eq!(advanced.next_expected, 3);
+        // The race: the program taking input 3 has read the sequenced mode
+        // when user space changes the gate (as the source does, passing 0),
+        // and exchanges `next_expected` after that. The test cannot pause a
+        // program between the two, so it runs input 3 on what the program
+        // would then find: the words as the change left them, the mode as
+        // it had read it. The race fix (the change stores the mode word
+        // only) delivers input 3; a change that rewrote the gate holds it,
+        // with nobody left to replay it.
+        src.dataplane.set_input_gate(flow_id, mode, 0).unwrap();
+        let changed = src.dataplane.gate(flow_id).unwrap();
+        let in_flight = Gate {
+            mode: GATE_SEQUENCED,
+            ..changed
+        };
+        src.dataplane.set_gate(flow_id, in_flight).unwrap();
+        let before = src.dataplane.counters().unwrap();
+        let (verdict, _) = run_ingress(&program, &input_from(port, 3));
+        assert_eq!(
+            verdict, XDP_PASS,
+            "mode {mode}: input 3 held; the change left next_expected at {}",
+            changed.next_expected
+        );
+        assert_eq!(src.dataplane.gate(flow_id).unwrap().next_expected, 4);
+        assert_moved(
+            "input 3",
+            &before,
+            &src.dataplane.counters().unwrap(),
+            &[counter::CAPTURED],
+        );
+        assert_eq!(
+            changed,
+            Gate { mode, ..advanced },
+            "only the mode word changed"
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::MapData;
-use dataplane_common::{Gate, MAX_FLOWS};
+use dataplane_common::{Gate, MAX_FLOWS, decide};
 use memmap2::{MmapOptions, MmapRaw};
 
 /// The gates array's name among the pinned maps.
@@ -72,9 +72,10 @@ impl GateWindow {
     /// Sets the input gate's `mode`; entering `GATE_SEQUENCED`, first its
     /// `next_expected`. The kernel reads `next_expected` only in a
     /// sequenced gate, where it alone advances it: a sequenced gate is
-    /// entered from another mode, and left without touching the word.
+    /// entered from another mode, and left without touching the word
+    /// (`decide::stored_next_expected` says why).
     pub fn set_input_gate(&self, flow_id: u32, mode: u32, next_expected: u64) {
-        if mode == dataplane_common::GATE_SEQUENCED {
+        if let Some(next_expected) = decide::stored_next_expected(mode, next_expected) {
             self.word::<AtomicU64>(flow_id, dataplane_common::GATE_NEXT_EXPECTED_OFFSET)
                 .store(next_expected, Ordering::SeqCst);
         }

@@ -14,7 +14,9 @@ use crate::{
         loader::LoadError,
         logs::{LogError, TapBusy},
     },
-    migration::{cutover::NoInput, hold::CheckpointError, journal::JournalError},
+    migration::{
+        converge::Mismatch, cutover::NoInput, hold::CheckpointError, journal::JournalError,
+    },
     peer::PeerError,
     report::Stage,
 };
@@ -166,5 +168,5 @@ pub struct NotConverged {
     pub compared: u64,
     pub destination_up_to: u64,
     pub source_up_to: u64,
-    pub last_mismatch: Option<(u64, String)>,
+    pub last_mismatch: Option<(u64, Mismatch)>,
 }
