@@ -22,6 +22,19 @@ pub struct Service {
     pub standby_pid: Option<u32>,
 }
 
+/// Whether `name` is a plain name: letters, digits, `.`, `_`, `-`, at most
+/// 128 bytes, never `.` or `..`. Service names, migration ids and image
+/// file names are plain: each becomes a path component on some host.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 /// A flow by its ends.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

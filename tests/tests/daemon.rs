@@ -61,8 +61,17 @@ fn send_inputs(hosts: &TestHosts, count: usize) {
 fn every_method_round_trips_over_the_socket() {
     let hosts = TestHosts::new("rpc");
     // Debian's base system has the group "daemon".
-    let cfg = config(&hosts, "src", "198.51.100.1:7070") + "socket_group = \"daemon\"\n";
+    let images = std::env::temp_dir().join(format!("dataplane-test-{}-rpc-images", std::process::id()));
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = config(&hosts, "src", "198.51.100.1:7070")
+        + "socket_group = \"daemon\"\n"
+        + &format!("images_dir = \"{}\"\n", images.display());
     let daemon = DaemonProcess::start(&hosts.src, "rpc", &cfg);
+    // Images hold a service's whole memory: the daemon keeps them for root.
+    let images_mode = std::fs::metadata(&images).unwrap().permissions().mode();
+    let _ = std::fs::remove_dir_all(&images);
+    assert_eq!(images_mode & 0o777, 0o700, "images_dir is root's only");
     let meta = std::fs::metadata(&daemon.socket).unwrap();
     assert_eq!(
         meta.permissions().mode() & 0o777,
@@ -106,6 +115,26 @@ fn every_method_round_trips_over_the_socket() {
         "plc"
     );
     assert_eq!(c.call("service.list", json!({})).unwrap()[0]["name"], "plc");
+    // A service name becomes part of paths (migration ids, image
+    // directories): a name that is not plain is refused.
+    for name in ["../x", "a/b", "..", ""] {
+        let bad = json!({"name": name, "pid": me, "flows": [flow]});
+        let refused = rpc_error(c.call("service.register", bad));
+        assert_eq!(refused.code, code::INVALID_PARAMS, "{name:?}: {refused}");
+    }
+    assert_eq!(c.call("service.list", json!({})).unwrap().as_array().unwrap().len(), 1);
+    // A request that would hand over without comparing, or compare past
+    // any output, is refused before anything starts.
+    for bad in [
+        json!({"service": "plc", "to": "198.51.100.2:7070", "converge": 0}),
+        json!({"service": "plc", "to": "198.51.100.2:7070",
+               "compare": {"fields": [{"offset": u64::MAX, "type": "u64", "eta": 0.0}]}}),
+        json!({"service": "plc", "to": "198.51.100.2:7070",
+               "compare": {"fields": [{"offset": 0, "type": "u64", "eta": -1.0}]}}),
+    ] {
+        let refused = rpc_error(c.call("migration.start", bad.clone()));
+        assert_eq!(refused.code, code::INVALID_PARAMS, "{bad}: {refused}");
+    }
     let busy = rpc_error(c.call("flow.remove", flow.clone()));
     assert_eq!(
         busy.code,

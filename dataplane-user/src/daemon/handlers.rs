@@ -157,10 +157,14 @@ impl Daemon {
     }
 
     fn service_register(&self, service: Service) -> Result<ServiceRegistered, RpcError> {
-        if service.name.is_empty() {
+        // The name becomes part of migration ids, and so of paths.
+        if !crate::service::is_plain_name(&service.name) {
             return Err(RpcError::new(
                 code::INVALID_PARAMS,
-                "a service needs a name",
+                format!(
+                    "service name {:?}: a plain name is 1 to 128 letters, digits, `.`, `_` or `-`",
+                    service.name
+                ),
             ));
         }
         for pid in std::iter::once(service.pid).chain(service.standby_pid) {
@@ -266,6 +270,9 @@ impl Daemon {
     }
 
     fn migration_start(&self, request: migration::Request) -> Result<MigrationId, RpcError> {
+        request
+            .check()
+            .map_err(|e| RpcError::new(code::INVALID_PARAMS, e.to_string()))?;
         let Some(service) = self.services.lock().unwrap().get(&request.service).cloned() else {
             return Err(RpcError::new(
                 code::NOT_FOUND,

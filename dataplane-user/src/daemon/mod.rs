@@ -70,6 +70,11 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error("reading the logs: {0}")]
     Log(std::io::Error),
+    #[error("images_dir {}: {source}", path.display())]
+    ImagesDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl Daemon {
@@ -140,9 +145,14 @@ impl Daemon {
             (tap(MAP_INPUTS)?, tap(MAP_OUTPUTS)?)
         };
         let _ = daemon.taps.set(taps.clone());
+        let files = Files::new(&daemon.config.images_dir);
+        files.create().map_err(|source| DaemonError::ImagesDir {
+            path: daemon.config.images_dir.clone(),
+            source,
+        })?;
         // Migrations the previous run of this daemon left half-done, either side.
         recovery::recover(&recovery::Host {
-            files: Files::new(&daemon.config.images_dir),
+            files,
             pin_root: daemon.config.pin_root.clone(),
             standby_pin_root: daemon.config.standby_pin_root.clone(),
             interface: daemon.config.interface.clone(),

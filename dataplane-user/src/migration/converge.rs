@@ -114,6 +114,18 @@ pub enum Mismatch {
     Byte { offset: usize, src: u8, dst: u8 },
 }
 
+/// A declared field no output could hold, or an eta that accepts nothing.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum InvalidField {
+    #[error("a field at {0} lies beyond any UDP payload ({MAX_PAYLOAD} bytes)")]
+    Offset(usize),
+    #[error("the field at {offset} has eta {eta}: it must be 0 or more")]
+    Eta { offset: usize, eta: f64 },
+}
+
+/// The largest UDP payload (IPv6 without jumbograms).
+const MAX_PAYLOAD: usize = 65_527;
+
 /// How two outputs are compared: byte-equal when no fields are declared.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -123,6 +135,22 @@ pub struct Comparator {
 }
 
 impl Comparator {
+    /// Refuses fields no output could hold, and etas that accept nothing.
+    pub fn check(&self) -> Result<(), InvalidField> {
+        for f in &self.fields {
+            if f.offset.saturating_add(f.kind.len()) > MAX_PAYLOAD {
+                return Err(InvalidField::Offset(f.offset));
+            }
+            if f.eta.is_nan() || f.eta < 0.0 {
+                return Err(InvalidField::Eta {
+                    offset: f.offset,
+                    eta: f.eta,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Why payloads `src` and `dst` differ, if they do.
     pub fn compare(&self, src: &[u8], dst: &[u8]) -> Result<(), Mismatch> {
         if src.len() != dst.len() {
@@ -133,7 +161,9 @@ impl Comparator {
         }
         let mut covered = vec![false; src.len()];
         for f in &self.fields {
-            let end = f.offset + f.kind.len();
+            // Checked: a request's offset may be anything (`check` refuses
+            // what no output holds; this must not panic either way).
+            let end = f.offset.saturating_add(f.kind.len());
             if end > src.len() {
                 return Err(Mismatch::FieldBeyond {
                     offset: f.offset,
@@ -355,6 +385,35 @@ mod tests {
             }],
         };
         assert!(beyond.compare(&out(1, 1.0), &out(1, 1.0)).is_err());
+    }
+
+    #[test]
+    fn fields_no_output_holds_are_refused_and_never_panic() {
+        // An offset comes from a request: the largest one must neither
+        // overflow the comparison (a panic would leave the migration
+        // running with no rollback) nor pass the request's check.
+        let at = |offset, eta| Comparator {
+            fields: vec![Field {
+                offset,
+                kind: FieldKind::U64,
+                eta,
+            }],
+        };
+        assert_eq!(
+            at(usize::MAX, 0.0).check(),
+            Err(InvalidField::Offset(usize::MAX))
+        );
+        assert!(matches!(
+            at(usize::MAX, 0.0).compare(&[0; 8], &[0; 8]),
+            Err(Mismatch::FieldBeyond { .. })
+        ));
+        assert_eq!(at(65_520, 0.0).check(), Err(InvalidField::Offset(65_520)));
+        assert_eq!(at(65_519, 0.0).check(), Ok(()));
+        assert!(matches!(at(0, -1.0).check(), Err(InvalidField::Eta { .. })));
+        assert!(matches!(
+            at(0, f64::NAN).check(),
+            Err(InvalidField::Eta { .. })
+        ));
     }
 
     /// 64-bit fields at and beyond 2^53, where an f64 no longer holds every

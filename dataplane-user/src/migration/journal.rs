@@ -139,17 +139,35 @@ impl Files {
             .join(format!("{id}.{}.json", side.name()))
     }
 
+    /// Creates `images_dir` for root only, or makes it so: images hold a
+    /// service's whole memory.
+    pub fn create(&self) -> io::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.images_dir)?;
+        std::fs::set_permissions(&self.images_dir, std::fs::Permissions::from_mode(0o700))
+    }
+
     /// Writes (or replaces) the journal of `id`. The old journal stays
-    /// whole until the new one is: a daemon killed mid-write leaves one of
-    /// the two, never a torn file.
+    /// whole until the new one is on disk: a daemon killed, or a host that
+    /// loses power, mid-write leaves one of the two, never a torn file.
     pub fn write(&self, id: &str, journal: &Journal) -> Result<(), JournalError> {
+        use std::io::Write;
         let path = self.journal_path(journal.side(), id);
         let partial = path.with_extension("partial");
         let text = serde_json::to_vec(journal).expect("a journal serializes");
-        std::fs::create_dir_all(self.journal_dir())
-            .and_then(|()| std::fs::write(&partial, text))
-            .and_then(|()| std::fs::rename(&partial, &path))
-            .map_err(|source| JournalError::Write { path, source })
+        let write = || -> io::Result<()> {
+            std::fs::create_dir_all(self.journal_dir())?;
+            let mut file = std::fs::File::create(&partial)?;
+            file.write_all(&text)?;
+            file.sync_all()?;
+            std::fs::rename(&partial, &path)?;
+            // The rename itself on disk.
+            std::fs::File::open(self.journal_dir())?.sync_all()
+        };
+        write().map_err(|source| JournalError::Write { path, source })
     }
 
     /// Removes the journal and the images of `id` on `side`: the migration
@@ -273,6 +291,32 @@ mod tests {
         };
         assert!(!reused.runs());
         assert_eq!(Instance::of(u32::MAX), None);
+    }
+
+    #[test]
+    fn the_images_dir_is_for_root_only_and_a_write_leaves_no_partial_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, _) = files();
+        let files = Files::new(dir.path().join("images"));
+        files.create().unwrap();
+        std::fs::set_permissions(
+            dir.path().join("images"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        // An existing directory too: a daemon makes it so at every start.
+        files.create().unwrap();
+        let mode = std::fs::metadata(dir.path().join("images"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        files.write("m4", &source()).unwrap();
+        let names: Vec<String> = std::fs::read_dir(dir.path().join("images/journal"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["m4.source.json"]);
     }
 
     #[test]

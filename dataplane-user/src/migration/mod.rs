@@ -69,6 +69,26 @@ pub struct Request {
     pub pre_dump_rounds: usize,
 }
 
+impl Request {
+    /// Refuses a request the migration could not honour: one that would
+    /// hand over without comparing an output, or compare past any output.
+    pub fn check(&self) -> Result<(), InvalidRequest> {
+        if self.converge == 0 {
+            return Err(InvalidRequest::Converge);
+        }
+        self.compare.check().map_err(InvalidRequest::Compare)
+    }
+}
+
+/// A migration request that is refused before anything starts.
+#[derive(Debug, thiserror::Error)]
+pub enum InvalidRequest {
+    #[error("converge must be 1 or more: the handover needs matching outputs")]
+    Converge,
+    #[error("compare: {0}")]
+    Compare(converge::InvalidField),
+}
+
 fn default_converge() -> u32 {
     10
 }

@@ -71,14 +71,7 @@ fn images_error(message: impl Into<String>) -> PeerError {
 
 /// A migration id or file name: letters, digits, `.`, `_`, `-`; never a path.
 pub fn plain_name(name: &str) -> Result<&str, PeerError> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name != "."
-        && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if ok {
+    if crate::service::is_plain_name(name) {
         Ok(name)
     } else {
         Err(images_error(format!("{name:?} is not a plain name")))
