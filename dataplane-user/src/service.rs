@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::host::tasks::Identity;
+
 /// A service the daemon knows: the processes and flows a migration moves.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +22,19 @@ pub struct Service {
     /// A standby instance's process, fed by the mirror (gundall2022 Option 2).
     #[serde(default)]
     pub standby_pid: Option<u32>,
+    /// Its processes as they were when the daemon registered them: a
+    /// migration checks them before CRIU touches a process and before it
+    /// kills one (pids are reused). Set by the daemon, never by a caller.
+    #[serde(skip)]
+    pub registered: Vec<Identity>,
+}
+
+impl Service {
+    /// Whether `pid`, one of this service's processes, is still the
+    /// process that was registered.
+    pub fn still_runs(&self, pid: u32) -> bool {
+        self.registered.iter().any(|p| p.pid == pid && p.runs())
+    }
 }
 
 /// Whether `name` is a plain name: letters, digits, `.`, `_`, `-`, at most

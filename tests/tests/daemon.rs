@@ -61,7 +61,8 @@ fn send_inputs(hosts: &TestHosts, count: usize) {
 fn every_method_round_trips_over_the_socket() {
     let hosts = TestHosts::new("rpc");
     // Debian's base system has the group "daemon".
-    let images = std::env::temp_dir().join(format!("dataplane-test-{}-rpc-images", std::process::id()));
+    let images =
+        std::env::temp_dir().join(format!("dataplane-test-{}-rpc-images", std::process::id()));
     std::fs::create_dir_all(&images).unwrap();
     std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o755)).unwrap();
     let cfg = config(&hosts, "src", "198.51.100.1:7070")
@@ -122,7 +123,14 @@ fn every_method_round_trips_over_the_socket() {
         let refused = rpc_error(c.call("service.register", bad));
         assert_eq!(refused.code, code::INVALID_PARAMS, "{name:?}: {refused}");
     }
-    assert_eq!(c.call("service.list", json!({})).unwrap().as_array().unwrap().len(), 1);
+    assert_eq!(
+        c.call("service.list", json!({}))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     // A request that would hand over without comparing, or compare past
     // any output, is refused before anything starts.
     for bad in [

@@ -71,7 +71,13 @@ fn fault_with_cps(
         Some(cycles),
         "the source instance kept serving every input"
     );
-    // The destination undoes its part (at once, or when the link drops).
+    wait_until_dst_has_no_flows(setup);
+    error
+}
+
+/// Waits (10 s at most) for the destination to undo its part of a failed
+/// migration: at once, or when the peer link drops.
+fn wait_until_dst_has_no_flows(setup: &MigrationSetup) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let status = setup
@@ -85,7 +91,6 @@ fn fault_with_cps(
         assert!(Instant::now() < deadline, "dst kept {status}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    error
 }
 
 /// A migration that must now succeed, exactly, of the controller that has
@@ -642,4 +647,32 @@ fn a_destination_that_would_announce_the_service_address_early_is_refused_at_pre
         .call("flow.list", serde_json::json!({}))
         .unwrap();
     assert_eq!(flows[0]["mirror"], false, "{flows}");
+}
+
+#[test]
+fn a_registered_process_that_ended_is_not_checkpointed() {
+    // A migration checks that the pid it is about to hand CRIU (and later
+    // kill) is still the process registered, by its start time: a pid
+    // reused by another process must not be dumped or killed. Here the
+    // controller ends and its pid goes; the check must name it.
+    let setup = MigrationSetup::new("gone", &[], false);
+    let pid = setup.controller.pid;
+    kill_pid(pid as u64);
+    // Its parent (the pid namespace's `unshare`) reaps it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < deadline, "process {pid} was not reaped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let id = setup.migrate(serde_json::json!({}));
+    let report = setup.wait(&id);
+    assert_eq!(
+        report["error"],
+        format!(
+            "checkpoint: process {pid} is not the one registered (it ended, or its pid was \
+             reused)"
+        ),
+        "{report}"
+    );
+    wait_until_dst_has_no_flows(&setup);
 }

@@ -53,6 +53,7 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
                     .map(|(cps, service)| FlowSpec { cps, service })
                     .collect(),
                 standby_pid,
+                registered: Vec::new(),
             };
             let registered: ServiceRegistered = cx.call(Call::ServiceRegister(service))?;
             cx.show(&registered, |r| println!("registered {}", r.registered));

@@ -25,6 +25,7 @@ use crate::{
         method::{Call, FlowParams, MigrationId, PeerAddress, ServiceName},
         server::Handler,
     },
+    host::tasks::Identity,
     kernel::{
         flow,
         loader::{Dataplane, LoadError},
@@ -156,7 +157,7 @@ impl Daemon {
         })
     }
 
-    fn service_register(&self, service: Service) -> Result<ServiceRegistered, RpcError> {
+    fn service_register(&self, mut service: Service) -> Result<ServiceRegistered, RpcError> {
         // The name becomes part of migration ids, and so of paths.
         if !crate::service::is_plain_name(&service.name) {
             return Err(RpcError::new(
@@ -167,11 +168,13 @@ impl Daemon {
                 ),
             ));
         }
-        for pid in std::iter::once(service.pid).chain(service.standby_pid) {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                return Err(RpcError::new(code::NOT_FOUND, format!("no process {pid}")));
-            }
-        }
+        service.registered = std::iter::once(service.pid)
+            .chain(service.standby_pid)
+            .map(|pid| {
+                Identity::of(pid)
+                    .ok_or_else(|| RpcError::new(code::NOT_FOUND, format!("no process {pid}")))
+            })
+            .collect::<Result<_, _>>()?;
         if let Some(netns) = &service.netns
             && !Path::new(netns).exists()
         {

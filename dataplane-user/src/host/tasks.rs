@@ -45,6 +45,28 @@ pub fn start_time(pid: u32) -> Option<u64> {
     stat(pid).map(|s| s.starttime)
 }
 
+/// A process, known by its pid and start time (pids are reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Identity {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+impl Identity {
+    /// Process `pid` as it runs now; `None` if it does not.
+    pub fn of(pid: u32) -> Option<Self> {
+        Some(Self {
+            pid,
+            start_time: start_time(pid)?,
+        })
+    }
+
+    /// Whether the process still runs (and is the same process).
+    pub fn runs(&self) -> bool {
+        start_time(self.pid) == Some(self.start_time)
+    }
+}
+
 /// CPU time process `pid` has used (utime + stime, fields 14 and 15 of
 /// /proc/PID/stat, all its threads), in clock ticks.
 pub fn cpu_ticks(pid: u32) -> Option<u64> {

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 
 use crate::{
     criu::{RestoreRequest, open_netns, stats},
+    host::tasks::Identity,
     kernel::{
         flow,
         injector::Injector,
@@ -36,7 +37,7 @@ use crate::{
         error::{Cause, InstanceEnd},
         hold,
         hold::FlowPosition,
-        journal::{Files, Instance, Journal, Side},
+        journal::{Files, Journal, Side},
         protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
         recovery,
     },
@@ -301,7 +302,7 @@ impl<'a> Target<'a> {
                 Some(pid) if !journaled => {
                     let journal = Journal::Destination {
                         flows: flows.clone(),
-                        instance: Instance::of(pid),
+                        instance: Identity::of(pid),
                     };
                     journaled = files
                         .write(&migration, &journal)
@@ -414,7 +415,7 @@ impl<'a> Target<'a> {
     fn write_journal(&self) -> Result<(), Cause> {
         let journal = Journal::Destination {
             flows: self.flows.clone(),
-            instance: self.instance.and_then(Instance::of),
+            instance: self.instance.and_then(Identity::of),
         };
         Ok(self.host.files.write(&self.migration, &journal)?)
     }
@@ -556,7 +557,7 @@ fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<IpAddr>, Cause>
 pub(super) fn recover(
     host: &recovery::Host,
     flows: &[TargetFlow],
-    instance: Option<Instance>,
+    instance: Option<Identity>,
 ) -> String {
     let mut dataplane = match Dataplane::open(&host.pin_root) {
         Ok(d) => d,
@@ -568,7 +569,7 @@ pub(super) fn recover(
             Err(e) => format!("handed over; kept serving; {e}"),
         };
     }
-    let killed = instance.filter(Instance::runs);
+    let killed = instance.filter(Identity::runs);
     if let Some(i) = killed {
         let pid = nix::unistd::Pid::from_raw(i.pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);

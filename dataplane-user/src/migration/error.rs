@@ -73,6 +73,8 @@ pub enum Cause {
     Answer(serde_json::Error),
     #[error("process {pid}: {source}")]
     Netns { pid: u32, source: io::Error },
+    #[error("process {0} is not the one registered (it ended, or its pid was reused)")]
+    NotRegistered(u32),
     #[error("pre-dump: {0}")]
     PreDump(CriuError),
     #[error("dump: {0}")]

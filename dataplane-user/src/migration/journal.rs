@@ -15,7 +15,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{migration::protocol::TargetFlow, service::FlowSpec};
+use crate::{host::tasks::Identity, migration::protocol::TargetFlow, service::FlowSpec};
 
 /// One migration's journal.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,7 +32,7 @@ pub enum Journal {
     /// restored.
     Destination {
         flows: Vec<TargetFlow>,
-        instance: Option<Instance>,
+        instance: Option<Identity>,
     },
 }
 
@@ -42,28 +42,6 @@ impl Journal {
             Journal::Source { .. } => Side::Source,
             Journal::Destination { .. } => Side::Destination,
         }
-    }
-}
-
-/// A restored instance, known by its pid and start time (pids are reused).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Instance {
-    pub pid: u32,
-    pub start_time: u64,
-}
-
-impl Instance {
-    /// Process `pid` as it runs now; `None` if it does not.
-    pub fn of(pid: u32) -> Option<Self> {
-        Some(Self {
-            pid,
-            start_time: crate::host::tasks::start_time(pid)?,
-        })
-    }
-
-    /// Whether the process still runs (and is the same process).
-    pub fn runs(&self) -> bool {
-        crate::host::tasks::start_time(self.pid) == Some(self.start_time)
     }
 }
 
@@ -240,7 +218,7 @@ mod tests {
         let (_dir, files) = files();
         let destination = Journal::Destination {
             flows: vec![],
-            instance: Some(Instance {
+            instance: Some(Identity {
                 pid: 42,
                 start_time: 7,
             }),
@@ -283,14 +261,14 @@ mod tests {
     fn an_instance_is_the_same_process_only_with_the_same_start_time() {
         // A journal names a restored instance by pid and start time: a
         // reused pid must not be killed at recovery.
-        let me = Instance::of(std::process::id()).expect("this process runs");
+        let me = Identity::of(std::process::id()).expect("this process runs");
         assert!(me.runs());
-        let reused = Instance {
+        let reused = Identity {
             start_time: me.start_time + 1,
             ..me
         };
         assert!(!reused.runs());
-        assert_eq!(Instance::of(u32::MAX), None);
+        assert_eq!(Identity::of(u32::MAX), None);
     }
 
     #[test]

@@ -307,6 +307,9 @@ impl Migration {
         let t = self.begin(Stage::Checkpoint)?;
         let mut instance = self.checkpointed()?;
         let (pid, flow_id) = (instance.pid, source.flow_id);
+        if !self.service.still_runs(pid) {
+            return Err(self.fail(Cause::NotRegistered(pid)));
+        }
         let images = self.images();
         let _ = std::fs::remove_dir_all(&images);
         let inode = netns_inode(pid).map_err(|source| self.fail(Cause::Netns { pid, source }))?;
@@ -468,7 +471,11 @@ impl Migration {
         self.end(t);
 
         let t = self.begin(Stage::Finish)?;
-        for pid in std::iter::once(self.service.pid).chain(self.service.standby_pid) {
+        // Only the processes registered: a pid reused since is someone else's.
+        let registered = std::iter::once(self.service.pid)
+            .chain(self.service.standby_pid)
+            .filter(|&pid| self.service.still_runs(pid));
+        for pid in registered {
             crate::host::tasks::demote(pid);
             let pid = nix::unistd::Pid::from_raw(pid as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
