@@ -454,14 +454,19 @@ fn a_destination_instance_killed_during_replay_is_rolled_back() {
     std::thread::sleep(Duration::from_millis(300));
     let comm = CONTROLLER_COMM;
     let id = setup.migrate(serde_json::json!({}));
-    // The restored instance takes its name back at the end of CRIU's
-    // restore, just before the replay into it starts: kill it on sight.
+    // The restored instance takes its name back near the end of CRIU's
+    // restore, and the replay into it starts as soon as CRIU is done:
+    // kill it once it has its name and no CRIU runs on dst any more. (Killed
+    // while CRIU still works on it, CRIU fails on whatever it did next, an
+    // rlimit say, which is a restore failure, not this test's case.)
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let on_dst = |name| {
+        pids_named(name)
+            .into_iter()
+            .find(|&p| in_netns(p, &setup.hosts.dst))
+    };
     let killed = loop {
-        if let Some(&pid) = pids_named(comm)
-            .iter()
-            .find(|&&p| in_netns(p, &setup.hosts.dst))
-        {
+        if let (Some(pid), None) = (on_dst(comm), on_dst("criu")) {
             kill_pid(pid as u64);
             break pid;
         }
@@ -477,17 +482,17 @@ fn a_destination_instance_killed_during_replay_is_rolled_back() {
     assert_eq!(report["state"], "failed", "{report}");
     let error = report["error"].as_str().unwrap();
     // The destination names the instance it lost, and when: not a failure
-    // that merely happened in the same phase. It was killed on sight of
-    // its name, which it takes back as CRIU ends: in the replay as a rule,
-    // or just before CRIU let it go.
+    // that merely happened in the same phase. In the replay as a rule; on
+    // a loaded machine the replay (a few ms) may be over before the kill
+    // lands, and the next step, convergence, finds it dead.
     let in_replay = format!(
         "restore: destination: the restored instance {killed} was killed by SIGKILL during replay"
     );
-    let in_restore = format!(
-        "restore: destination: restore: restored task {killed} died before CRIU finished the \
-         restore; stopped CRIU"
+    let in_convergence = format!(
+        "converge: destination: the restored instance {killed} was killed by SIGKILL during \
+         convergence"
     );
-    assert!(error == in_replay || error == in_restore, "{error}");
+    assert!(error == in_replay || error == in_convergence, "{error}");
     assert_clean(&verdict);
     assert_eq!(
         chain_state(&setup.hosts.src, setup.service).map(|s| s.0),
