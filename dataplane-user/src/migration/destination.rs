@@ -39,7 +39,6 @@ use crate::{
         hold::FlowPosition,
         journal::{Files, Journal, Side},
         protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
-        recovery,
     },
     peer::{MAX_FRAME, PeerError, frame, read_frame, transfer, write_frame},
 };
@@ -551,20 +550,21 @@ fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<IpAddr>, Cause>
 }
 
 /// Finishes what a migration to this host left when the daemon died, from
-/// its journal (see [`recovery`]). Handed over: the instance keeps
+/// its journal (see [`super::recovery`]). Handed over: the instance keeps
 /// serving, the address is announced. Not: the instance is killed (if it
 /// is still the process the journal names), the flows go.
 pub(super) fn recover(
-    host: &recovery::Host,
+    pin_root: &Path,
+    interface: &str,
     flows: &[TargetFlow],
     instance: Option<Identity>,
 ) -> String {
-    let mut dataplane = match Dataplane::open(&host.pin_root) {
+    let mut dataplane = match Dataplane::open(pin_root) {
         Ok(d) => d,
         Err(e) => return format!("no dataplane to clean up ({e})"),
     };
     if handed_over(&dataplane, flows) {
-        return match announce(&host.interface, flows) {
+        return match announce(interface, flows) {
             Ok(addresses) => format!("handed over; kept serving, announced {addresses:?}"),
             Err(e) => format!("handed over; kept serving; {e}"),
         };

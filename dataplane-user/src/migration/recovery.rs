@@ -30,9 +30,15 @@ pub fn recover(host: &Host) -> Vec<String> {
                 flow_id,
                 flow,
                 flags,
-            }) => source::recover(host, flow_id, &flow, flags),
+            }) => source::recover(
+                &host.pin_root,
+                host.standby_pin_root.as_deref(),
+                flow_id,
+                &flow,
+                flags,
+            ),
             Ok(Journal::Destination { flows, instance }) => {
-                destination::recover(host, &flows, instance)
+                destination::recover(&host.pin_root, &host.interface, &flows, instance)
             }
         };
         host.files.remove(left.side, &left.id);

@@ -2,7 +2,7 @@
 //! restore, then converge and cut over; a rollback on any failure before
 //! the flip.
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::atomic::Ordering,
     time::{Duration, Instant},
 };
@@ -27,7 +27,6 @@ use crate::{
         hold::{self, FlowPosition},
         journal::{Journal, Side},
         protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
-        recovery,
     },
     peer,
     planning::policy::StopPolicy,
@@ -623,20 +622,26 @@ async fn step<T: serde::de::DeserializeOwned>(
 }
 
 /// Undoes what a migration from this host changed, from its journal
-/// (see [`recovery`]). Before the flip: the flow's mirroring goes back to
+/// (see [`super::recovery`]). Before the flip: the flow's mirroring goes back to
 /// what it was and its gates (and the standby's) deliver again (inputs
 /// held when the daemon died are lost to the instance: the gap is the time
 /// until this start). Flipped: the destination serves; inputs above K keep
 /// going to it.
-pub(super) fn recover(host: &recovery::Host, flow_id: u32, spec: &FlowSpec, flags: u32) -> String {
+pub(super) fn recover(
+    pin_root: &Path,
+    standby_pin_root: Option<&Path>,
+    flow_id: u32,
+    spec: &FlowSpec,
+    flags: u32,
+) -> String {
     let undo = || -> Result<(), Cause> {
-        let mut dataplane = Dataplane::open(&host.pin_root)?;
+        let mut dataplane = Dataplane::open(pin_root)?;
         if let Err(k) = dataplane.gate_window()?.unflip(flow_id) {
             return Err(Cause::HandedOver(k));
         }
         dataplane.set_flow_flags(&flow::udp(spec.cps, spec.service), flags)?;
         dataplane.set_input_gate(flow_id, GATE_DELIVER_ALL, 0)?;
-        if let Some(root) = &host.standby_pin_root {
+        if let Some(root) = standby_pin_root {
             Dataplane::open(root)?.set_input_gate(flow_id, GATE_DELIVER_ALL, 0)?;
         }
         Ok(())
