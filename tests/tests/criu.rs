@@ -471,7 +471,7 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
     use dataplane_tests::DaemonProcess;
     use dataplane_user::{
         peer,
-        peer::{PeerError, frame, transfer, write_frame},
+        peer::{PeerError, frame, transfer},
     };
 
     let hosts = TestHosts::new("xfer");
@@ -527,13 +527,13 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
 
     // A corrupted transfer is refused and leaves nothing half-written behind.
     let refused: Result<(), PeerError> = runtime.block_on(async {
-        write_frame(&mut link, frame::IMAGES, br#"{"migration":"m2"}"#).await?;
+        link.send(frame::IMAGES, br#"{"migration":"m2"}"#).await?;
         let header = br#"{"name":"core-1.img","size":4}"#;
-        write_frame(&mut link, frame::FILE, header).await?;
-        write_frame(&mut link, frame::DATA, b"abcd").await?;
-        write_frame(&mut link, frame::FILE_END, br#"{"sha256":"00"}"#).await?;
-        write_frame(&mut link, frame::IMAGES_END, &[]).await?;
-        match peer::read_frame(&mut link, 4096).await? {
+        link.send(frame::FILE, header).await?;
+        link.send(frame::DATA, b"abcd").await?;
+        link.send(frame::FILE_END, br#"{"sha256":"00"}"#).await?;
+        link.send(frame::IMAGES_END, &[]).await?;
+        match link.recv(4096).await? {
             (frame::REFUSE, reason) => {
                 Err(PeerError::Refused(String::from_utf8_lossy(&reason).into()))
             }

@@ -394,10 +394,10 @@ impl Daemon {
     async fn peer_ping(&self, PeerAddress { address }: PeerAddress) -> Result<PeerPong, RpcError> {
         let peer_error =
             |e: peer::PeerError| RpcError::new(code::PEER, format!("peer {address}: {e}"));
-        let (mut stream, theirs) = peer::connect_with(address, self.config.peer_key.as_ref())
+        let (mut link, theirs) = peer::connect_with(address, self.config.peer_key.as_ref())
             .await
             .map_err(peer_error)?;
-        let rtt = peer::ping(&mut stream).await.map_err(peer_error)?;
+        let rtt = peer::ping(&mut link).await.map_err(peer_error)?;
         Ok(PeerPong {
             host: theirs.host,
             version: theirs.version,

@@ -22,7 +22,6 @@ use dataplane_common::{
     GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, RECORD_OUTPUT,
 };
 use serde::Serialize;
-use tokio::net::TcpStream;
 
 use crate::{
     criu::{RestoreRequest, open_netns, stats},
@@ -40,7 +39,7 @@ use crate::{
         journal::{Files, Journal, Side},
         protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
     },
-    peer::{MAX_FRAME, PeerError, frame, read_frame, transfer, write_frame},
+    peer::{Link, MAX_FRAME, PeerError, frame, transfer},
 };
 
 /// What the destination works with on this host.
@@ -64,14 +63,14 @@ pub struct Host {
 /// Serves one admitted peer link: pings, checkpoint images, and the steps
 /// of a migration to this host, which lives as long as the link.
 pub async fn serve_link(
-    mut stream: TcpStream,
+    mut link: Link,
     from: SocketAddr,
     host: Arc<Host>,
 ) -> Result<(), PeerError> {
     let host = host.as_ref();
     let mut target: Option<Target> = None;
     loop {
-        let (kind, payload) = match read_frame(&mut stream, MAX_FRAME).await {
+        let (kind, payload) = match link.recv(MAX_FRAME).await {
             Ok(frame) => frame,
             Err(PeerError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 tracing::info!(%from, "peer link closed by the peer");
@@ -80,15 +79,15 @@ pub async fn serve_link(
             Err(e) => return Err(e),
         };
         match kind {
-            frame::PING => write_frame(&mut stream, frame::PONG, &[]).await?,
+            frame::PING => link.send(frame::PONG, &[]).await?,
             frame::IMAGES => {
                 let received =
-                    transfer::receive(&mut stream, &payload, host.files.incoming_root()).await;
+                    transfer::receive(&mut link, &payload, host.files.incoming_root()).await;
                 if let Ok(r) = &received {
                     tracing::info!(%from, migration = %r.migration, files = r.files,
                         bytes = r.bytes, "received checkpoint images");
                 }
-                answer(&mut stream, from, received, frame::IMAGES_OK).await?;
+                answer(&mut link, from, received, frame::IMAGES_OK).await?;
             }
             frame::MIGRATE => {
                 let outcome = match serde_json::from_slice::<Step>(&payload) {
@@ -116,11 +115,11 @@ pub async fn serve_link(
                     }
                 };
                 let answer = serde_json::to_vec(&answer).expect("serializes");
-                write_frame(&mut stream, frame::MIGRATED, &answer).await?;
+                link.send(frame::MIGRATED, &answer).await?;
             }
             other => {
                 let reason = format!("unexpected frame type {other}");
-                let _ = write_frame(&mut stream, frame::REFUSE, reason.as_bytes()).await;
+                let _ = link.send(frame::REFUSE, reason.as_bytes()).await;
                 return Err(PeerError::Garbage(reason));
             }
         }
@@ -131,7 +130,7 @@ pub async fn serve_link(
 /// or a `REFUSE` with the reason, after which the link closes (the error
 /// is returned).
 async fn answer<T: Serialize>(
-    stream: &mut TcpStream,
+    link: &mut Link,
     from: SocketAddr,
     outcome: Result<T, PeerError>,
     ok_kind: u8,
@@ -139,12 +138,12 @@ async fn answer<T: Serialize>(
     match outcome {
         Ok(receipt) => {
             let ok = serde_json::to_vec(&receipt).expect("serializes");
-            write_frame(stream, ok_kind, &ok).await
+            link.send(ok_kind, &ok).await
         }
         Err(e) => {
             tracing::warn!(%from, "refused: {e}");
             // Best effort: the link may be gone already.
-            let _ = write_frame(stream, frame::REFUSE, e.to_string().as_bytes()).await;
+            let _ = link.send(frame::REFUSE, e.to_string().as_bytes()).await;
             Err(e)
         }
     }

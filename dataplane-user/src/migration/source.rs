@@ -9,7 +9,6 @@ use std::{
 
 use dataplane_common::{FLOW_MIRROR, GATE_DELIVER_ALL, RECORD_OUTPUT};
 use serde_json::Value;
-use tokio::net::TcpStream;
 
 use crate::{
     criu::{DumpRequest, netns_inode, precopy::IterativeDump, stats},
@@ -217,7 +216,7 @@ impl Migration {
     async fn migrate(
         &mut self,
         source: &mut Source,
-        link: &mut TcpStream,
+        link: &mut peer::Link,
     ) -> Result<(), MigrationError> {
         let position = self.checkpoint(source).await?;
         source.check_log().map_err(|e| self.fail(e))?;
@@ -377,7 +376,7 @@ impl Migration {
     async fn converge(
         &mut self,
         source: &mut Source,
-        link: &mut TcpStream,
+        link: &mut peer::Link,
         replay_end: u64,
     ) -> Result<(), MigrationError> {
         let t = self.begin(Stage::Converge)?;
@@ -431,7 +430,7 @@ impl Migration {
     async fn cutover(
         &mut self,
         source: &mut Source,
-        link: &mut TcpStream,
+        link: &mut peer::Link,
     ) -> Result<(), MigrationError> {
         let t = self.begin(Stage::Cutover)?;
         let flow_id = source.flow_id;
@@ -487,7 +486,7 @@ impl Migration {
     }
 
     /// Undoes the source's changes and tells the destination to undo its own.
-    async fn rollback(&mut self, source: &mut Source, link: &mut TcpStream) {
+    async fn rollback(&mut self, source: &mut Source, link: &mut peer::Link) {
         let _ = source.dataplane.set_flow_flags(&source.key, source.flags);
         if let Ok(window) = source.dataplane.gate_window() {
             window.set_deliver_until(source.flow_id, 0);
@@ -612,7 +611,7 @@ impl Source {
 
 /// One step whose answer is a `T`.
 async fn step<T: serde::de::DeserializeOwned>(
-    link: &mut TcpStream,
+    link: &mut peer::Link,
     step: &Step,
 ) -> Result<T, Cause> {
     let value = peer::migrate_step(link, step)

@@ -35,10 +35,12 @@ pub const MAX_FRAME: u32 = 16 << 20;
 pub const MAX_HELLO: u32 = 4096;
 
 mod key;
+mod link;
 pub mod transfer;
 
 pub use key::PeerKey;
 use key::{NONCE_BYTES, Role, random_nonce};
+pub use link::Link;
 
 /// Frame types.
 pub mod frame {
@@ -177,7 +179,7 @@ pub fn set_key(key: PeerKey) {
 /// Connects to the peer daemon at `address` and completes the handshake,
 /// within [`CONNECT_TIMEOUT`], authenticating with the key [`set_key`] set
 /// (none: an unauthenticated link).
-pub async fn connect(address: SocketAddr) -> Result<(TcpStream, Hello), PeerError> {
+pub async fn connect(address: SocketAddr) -> Result<(Link, Hello), PeerError> {
     connect_with(address, OUR_KEY.get()).await
 }
 
@@ -185,16 +187,13 @@ pub async fn connect(address: SocketAddr) -> Result<(TcpStream, Hello), PeerErro
 pub async fn connect_with(
     address: SocketAddr,
     key: Option<&PeerKey>,
-) -> Result<(TcpStream, Hello), PeerError> {
+) -> Result<(Link, Hello), PeerError> {
     tokio::time::timeout(CONNECT_TIMEOUT, handshake(address, key))
         .await
         .map_err(|_| PeerError::Io(std::io::ErrorKind::TimedOut.into()))?
 }
 
-async fn handshake(
-    address: SocketAddr,
-    key: Option<&PeerKey>,
-) -> Result<(TcpStream, Hello), PeerError> {
+async fn handshake(address: SocketAddr, key: Option<&PeerKey>) -> Result<(Link, Hello), PeerError> {
     let mut stream = TcpStream::connect(address).await?;
     tune(&stream)?;
     let nonce = key.map(|_| random_nonce()).transpose()?;
@@ -219,7 +218,7 @@ async fn handshake(
         }
     };
     let (Some(key), Some(ours)) = (key, nonce) else {
-        return Ok((stream, theirs));
+        return Ok((Link::plain(stream), theirs));
     };
     let theirs_nonce = theirs.nonce.as_deref().and_then(|h| hex::decode(h).ok());
     let proof = theirs.proof.as_deref().and_then(|h| hex::decode(h).ok());
@@ -230,7 +229,7 @@ async fn handshake(
                 let auth = serde_json::json!({ "proof": hex::encode(&proof) });
                 write_frame(&mut stream, frame::AUTH, auth.to_string().as_bytes()).await?;
                 return match read_frame(&mut stream, MAX_HELLO).await? {
-                    (frame::AUTH_OK, _) => Ok((stream, theirs)),
+                    (frame::AUTH_OK, _) => Ok((Link::plain(stream), theirs)),
                     (frame::REFUSE, reason) => Err(PeerError::Refused(
                         String::from_utf8_lossy(&reason).into_owned(),
                     )),
@@ -254,10 +253,10 @@ async fn handshake(
 }
 
 /// Round trip of one PING on an established link.
-pub async fn ping(stream: &mut TcpStream) -> Result<std::time::Duration, PeerError> {
+pub async fn ping(link: &mut Link) -> Result<std::time::Duration, PeerError> {
     let start = Instant::now();
-    write_frame(stream, frame::PING, &[]).await?;
-    match read_frame(stream, MAX_FRAME).await? {
+    link.send(frame::PING, &[]).await?;
+    match link.recv(MAX_FRAME).await? {
         (frame::PONG, _) => Ok(start.elapsed()),
         (other, _) => Err(PeerError::Garbage(format!(
             "frame type {other} instead of a pong"
@@ -285,12 +284,12 @@ pub fn check_hello(kind: u8, payload: &[u8]) -> Result<Hello, PeerError> {
 
 /// Asks the destination for one migration step; its answer.
 pub async fn migrate_step(
-    stream: &mut TcpStream,
+    link: &mut Link,
     step: &impl Serialize,
 ) -> Result<serde_json::Value, PeerError> {
     let request = serde_json::to_vec(step).expect("a step serializes");
-    write_frame(stream, frame::MIGRATE, &request).await?;
-    match read_frame(stream, MAX_FRAME).await? {
+    link.send(frame::MIGRATE, &request).await?;
+    match link.recv(MAX_FRAME).await? {
         (frame::MIGRATED, payload) => migration_answer(&payload),
         (frame::REFUSE, reason) => Err(PeerError::Refused(
             String::from_utf8_lossy(&reason).into_owned(),
@@ -339,7 +338,7 @@ fn tune(stream: &TcpStream) -> std::io::Result<()> {
 /// the handshake (authenticated with `key`, if any) and then `on_link`.
 pub async fn serve<F, Fut>(listener: TcpListener, key: Option<PeerKey>, on_link: F)
 where
-    F: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(Link, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), PeerError>> + Send,
 {
     let key = Arc::new(key);
@@ -360,7 +359,7 @@ where
                 tokio::spawn(async move {
                     let key = Option::as_ref(&key);
                     let outcome = match admit(stream, from, key, permit).await {
-                        Ok(Some(stream)) => on_link(stream, from).await,
+                        Ok(Some(link)) => on_link(link, from).await,
                         Ok(None) => Ok(()),
                         Err(e) => Err(e),
                     };
@@ -381,7 +380,7 @@ async fn admit(
     from: SocketAddr,
     key: Option<&PeerKey>,
     handshake: tokio::sync::OwnedSemaphorePermit,
-) -> Result<Option<TcpStream>, PeerError> {
+) -> Result<Option<Link>, PeerError> {
     tune(&stream)?;
     let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(&mut stream, key))
         .await
@@ -396,7 +395,7 @@ async fn admit(
         Ok(hello) => {
             tracing::info!(%from, host = %hello.host, version = hello.version,
                 authenticated = key.is_some(), "peer link up");
-            Ok(Some(stream))
+            Ok(Some(Link::plain(stream)))
         }
         Err(reason) => {
             tracing::warn!(%from, "refused a peer link: {reason}");
@@ -521,9 +520,9 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         // A link that answers pings, as the destination's does.
-        let on_link = |mut link: TcpStream, _| async move {
-            while let (frame::PING, _) = read_frame(&mut link, MAX_FRAME).await? {
-                write_frame(&mut link, frame::PONG, &[]).await?;
+        let on_link = |mut link: Link, _| async move {
+            while let (frame::PING, _) = link.recv(MAX_FRAME).await? {
+                link.send(frame::PONG, &[]).await?;
             }
             Ok(())
         };

@@ -14,12 +14,9 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::peer::{MAX_FRAME, PeerError, frame, read_frame, write_frame};
+use crate::peer::{Link, MAX_FRAME, PeerError, frame};
 
 /// Bytes of file data a DATA frame carries.
 const CHUNK: usize = 1 << 20;
@@ -173,14 +170,14 @@ fn image_entries(dir: &Path) -> Result<Vec<(String, Option<String>)>, PeerError>
 /// Sends the files and links of `dir` (and of its subdirectories, one
 /// level down) as the images of `migration`, on an established link, and
 /// waits for the receiver's verdict.
-pub async fn send(stream: &mut TcpStream, migration: &str, dir: &Path) -> Result<Sent, PeerError> {
-    send_counting(stream, migration, dir, &mut |_| {}).await
+pub async fn send(link: &mut Link, migration: &str, dir: &Path) -> Result<Sent, PeerError> {
+    send_counting(link, migration, dir, &mut |_| {}).await
 }
 
 /// As [`send`], telling `sent` the bytes of file data sent so far after
 /// every chunk (for a progress display).
 pub async fn send_counting(
-    stream: &mut TcpStream,
+    link: &mut Link,
     migration: &str,
     dir: &Path,
     sent: &mut (dyn FnMut(u64) + Send),
@@ -192,10 +189,10 @@ pub async fn send_counting(
         migration: migration.into(),
     })
     .expect("serializes");
-    write_frame(stream, frame::IMAGES, &begin).await?;
+    link.send(frame::IMAGES, &begin).await?;
     let mut chunk = vec![0; CHUNK];
-    for (name, link) in image_entries(dir)? {
-        let mut file = match &link {
+    for (name, target) in image_entries(dir)? {
+        let mut file = match &target {
             Some(_) => None,
             None => Some(tokio::fs::File::open(dir.join(&name)).await?),
         };
@@ -203,9 +200,13 @@ pub async fn send_counting(
             Some(file) => file.metadata().await?.len(),
             None => 0,
         };
-        let header = FileHeader { name, size, link }.checked()?;
-        write_frame(
-            stream,
+        let header = FileHeader {
+            name,
+            size,
+            link: target,
+        }
+        .checked()?;
+        link.send(
             frame::FILE,
             &serde_json::to_vec(&header).expect("serializes"),
         )
@@ -216,7 +217,7 @@ pub async fn send_counting(
             if n == 0 {
                 break;
             }
-            write_frame(stream, frame::DATA, &chunk[..n]).await?;
+            link.send(frame::DATA, &chunk[..n]).await?;
             hash.update(&chunk[..n]);
             bytes += n as u64;
             sent(bytes);
@@ -224,15 +225,14 @@ pub async fn send_counting(
         let end = FileEnd {
             sha256: hex::encode(hash.finalize()),
         };
-        write_frame(
-            stream,
+        link.send(
             frame::FILE_END,
             &serde_json::to_vec(&end).expect("serializes"),
         )
         .await?;
     }
-    write_frame(stream, frame::IMAGES_END, &[]).await?;
-    match read_frame(stream, MAX_FRAME).await? {
+    link.send(frame::IMAGES_END, &[]).await?;
+    match link.recv(MAX_FRAME).await? {
         (frame::IMAGES_OK, payload) => Ok(Sent {
             received: serde_json::from_slice(&payload)
                 .map_err(|e| images_error(format!("receipt: {e}")))?,
@@ -248,14 +248,10 @@ pub async fn send_counting(
 }
 
 /// Receives the transfer that an IMAGES frame with `begin` started.
-pub async fn receive(
-    stream: &mut TcpStream,
-    begin: &[u8],
-    root: &Path,
-) -> Result<Received, PeerError> {
+pub async fn receive(link: &mut Link, begin: &[u8], root: &Path) -> Result<Received, PeerError> {
     let migration = parse_begin(begin)?;
     let partial = root.join(format!("{migration}.partial"));
-    let outcome = receive_into(stream, &partial).await;
+    let outcome = receive_into(link, &partial).await;
     match outcome {
         Ok((files, bytes)) => {
             let done = root.join(&migration);
@@ -277,11 +273,11 @@ pub async fn receive(
 /// Receives the files into `dir`. An error before the end of the transfer
 /// first reads the rest of it, so the sender finishes writing and reads the
 /// refusal rather than a reset connection (a broken link ends that at once).
-async fn receive_into(stream: &mut TcpStream, dir: &PathBuf) -> Result<(u64, u64), PeerError> {
+async fn receive_into(link: &mut Link, dir: &PathBuf) -> Result<(u64, u64), PeerError> {
     let mut ended = false;
-    let outcome = receive_files(stream, dir, &mut ended).await;
+    let outcome = receive_files(link, dir, &mut ended).await;
     if outcome.is_err() && !ended {
-        while let Ok((kind, _)) = read_frame(stream, MAX_FRAME).await {
+        while let Ok((kind, _)) = link.recv(MAX_FRAME).await {
             if kind == frame::IMAGES_END {
                 break;
             }
@@ -291,7 +287,7 @@ async fn receive_into(stream: &mut TcpStream, dir: &PathBuf) -> Result<(u64, u64
 }
 
 async fn receive_files(
-    stream: &mut TcpStream,
+    link: &mut Link,
     dir: &PathBuf,
     ended: &mut bool,
 ) -> Result<(u64, u64), PeerError> {
@@ -301,7 +297,7 @@ async fn receive_files(
     // The file being received (none for a link), its hash and bytes so far.
     let mut current: Option<(FileHeader, Option<tokio::fs::File>, Sha256, u64)> = None;
     loop {
-        let (kind, payload) = read_frame(stream, MAX_FRAME).await?;
+        let (kind, payload) = link.recv(MAX_FRAME).await?;
         *ended = kind == frame::IMAGES_END;
         match kind {
             frame::FILE | frame::IMAGES_END => {
@@ -406,19 +402,18 @@ mod tests {
         std::os::unix::fs::symlink("../pre-0", images.join("pre-1/parent")).unwrap();
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut sender = TcpStream::connect(listener.local_addr().unwrap())
+        let sender = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
-        let (mut receiver, _) = listener.accept().await.unwrap();
+        let (receiver, _) = listener.accept().await.unwrap();
+        let (mut sender, mut receiver) = (Link::plain(sender), Link::plain(receiver));
         let mut counted = 0;
         let receive = async {
-            let (kind, begin) = read_frame(&mut receiver, MAX_FRAME).await.unwrap();
+            let (kind, begin) = receiver.recv(MAX_FRAME).await.unwrap();
             assert_eq!(kind, frame::IMAGES);
             let got = super::receive(&mut receiver, &begin, &received).await;
             let verdict = serde_json::to_vec(got.as_ref().unwrap()).unwrap();
-            write_frame(&mut receiver, frame::IMAGES_OK, &verdict)
-                .await
-                .unwrap();
+            receiver.send(frame::IMAGES_OK, &verdict).await.unwrap();
             got.unwrap()
         };
         let mut count = |b| counted = b;

@@ -160,7 +160,7 @@ fn ms(d: Duration) -> f64 {
 /// its images' way onto `dst` (dump start to every file there): (streamed
 /// after the dump, through CRIU's page server, the page server's start-up).
 fn images_onto_dst(size: usize) -> anyhow::Result<(Duration, Duration, Duration)> {
-    use dataplane_user::peer::{MAX_FRAME, frame, read_frame, transfer, write_frame};
+    use dataplane_user::peer::{Link, MAX_FRAME, frame, transfer};
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let setup = MigrationSetup::new(&format!("ps{size}"), &args, false);
@@ -184,13 +184,13 @@ fn images_onto_dst(size: usize) -> anyhow::Result<(Duration, Duration, Duration)
             s.set_nonblocking(true)?;
         }
         runtime.block_on(async {
-            let mut receiver = tokio::net::TcpStream::from_std(receiver)?;
-            let mut sender = tokio::net::TcpStream::from_std(sender)?;
+            let mut receiver = Link::plain(tokio::net::TcpStream::from_std(receiver)?);
+            let mut sender = Link::plain(tokio::net::TcpStream::from_std(sender)?);
             let receive = async {
-                let (_, begin) = read_frame(&mut receiver, MAX_FRAME).await?;
+                let (_, begin) = receiver.recv(MAX_FRAME).await?;
                 let got = transfer::receive(&mut receiver, &begin, &received).await?;
                 let receipt = serde_json::to_vec(&got)?;
-                write_frame(&mut receiver, frame::IMAGES_OK, &receipt).await?;
+                receiver.send(frame::IMAGES_OK, &receipt).await?;
                 anyhow::Ok(())
             };
             let (sent, got) = tokio::join!(transfer::send(&mut sender, name, dir), receive);
