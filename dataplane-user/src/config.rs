@@ -55,11 +55,21 @@ pub struct DaemonConfig {
     /// Address the peer link listens on, "ADDR:PORT". Default: none (no peer link).
     #[serde(default)]
     pub peer_listen: Option<SocketAddr>,
-    /// The peer link's shared key, hex (at least 16 bytes; `openssl rand -hex
-    /// 32`): both daemons must have the same. Default: none (an
-    /// unauthenticated peer link, with a warning at start).
+    /// This host's identity key for the peer link (X25519, the private
+    /// half in hex, mode 0600), made at first start if there is none.
+    /// Default: /var/lib/dataplane/identity.key.
+    #[serde(default = "default_identity")]
+    pub identity: PathBuf,
+    /// The hosts this daemon links with, each by name, `peer_listen`
+    /// address and public key: the only destinations of its migrations,
+    /// and the only hosts its `peer_listen` admits. Default: none.
     #[serde(default)]
-    pub peer_key: Option<crate::peer::PeerKey>,
+    pub peers: Vec<crate::peer::Peer>,
+    /// Peer links in clear and unauthenticated: anyone who reaches
+    /// `peer_listen` can have this host restore images as root. Only for a
+    /// link no one else can reach. Default: false.
+    #[serde(default)]
+    pub peer_insecure: bool,
     /// Where checkpoint images received from a peer go. Default: /var/lib/dataplane/images.
     #[serde(default = "default_images_dir")]
     pub images_dir: PathBuf,
@@ -95,6 +105,13 @@ pub struct DaemonConfig {
     /// control tasks' own; 0 runs it as an ordinary task. Default: 0.
     #[serde(default)]
     pub realtime_priority: u8,
+}
+
+/// Where the daemon keeps its identity key unless configured otherwise.
+pub const DEFAULT_IDENTITY: &str = "/var/lib/dataplane/identity.key";
+
+fn default_identity() -> PathBuf {
+    PathBuf::from(DEFAULT_IDENTITY)
 }
 
 /// Where the calibration goes unless configured otherwise.
@@ -154,6 +171,15 @@ pub enum ConfigError {
     NoConnections,
     #[error("realtime_priority must be 0 (an ordinary task) to 99, not {0}")]
     RealtimePriority(u8),
+    #[error(
+        "peer_listen needs the hosts it admits listed under [[peers]] (name, address and \
+         key); peer_insecure = true admits anyone instead, in clear"
+    )]
+    NoPeers,
+    #[error("[[peers]] {0} has no key: list the key `dataplane keygen` prints on that host")]
+    PeerWithoutKey(String),
+    #[error("[[peers]] lists {0} twice")]
+    PeerTwice(String),
 }
 
 impl DaemonConfig {
@@ -170,17 +196,6 @@ impl DaemonConfig {
             },
             other => other,
         })?;
-        if config.peer_key.is_some() {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(path).map_or(0, |m| m.permissions().mode());
-            if mode & 0o077 != 0 {
-                tracing::warn!(
-                    "{} holds the peer_key and is readable by others (mode {:o}): chmod 600 it",
-                    path.display(),
-                    mode & 0o777
-                );
-            }
-        }
         Ok(config)
     }
 
@@ -197,7 +212,33 @@ impl DaemonConfig {
         if config.realtime_priority > 99 {
             return Err(ConfigError::RealtimePriority(config.realtime_priority));
         }
+        config.check_peers()?;
         Ok(config)
+    }
+
+    /// A listening daemon lists whom it admits; every listed peer has a
+    /// key (unless links are insecure); none is listed twice.
+    fn check_peers(&self) -> Result<(), ConfigError> {
+        if self.peer_listen.is_some() && self.peers.is_empty() && !self.peer_insecure {
+            return Err(ConfigError::NoPeers);
+        }
+        for (i, peer) in self.peers.iter().enumerate() {
+            if peer.key.is_none() && !self.peer_insecure {
+                return Err(ConfigError::PeerWithoutKey(peer.name.clone()));
+            }
+            for other in &self.peers[..i] {
+                let twice = match (&other.key, &peer.key) {
+                    _ if other.name == peer.name => Some(peer.name.clone()),
+                    _ if other.address == peer.address => Some(peer.address.to_string()),
+                    (Some(a), Some(b)) if a == b => Some(format!("key {a}")),
+                    _ => None,
+                };
+                if let Some(twice) = twice {
+                    return Err(ConfigError::PeerTwice(twice));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The CRIU driver this configuration names.
@@ -254,7 +295,8 @@ mod tests {
         assert_eq!(config.socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!((config.input_ring_mib, config.output_ring_mib), (64, 16));
         assert_eq!(config.peer_listen, None);
-        assert_eq!(config.peer_key, None);
+        assert!(config.peers.is_empty() && !config.peer_insecure);
+        assert_eq!(config.identity, PathBuf::from(DEFAULT_IDENTITY));
         assert_eq!(
             (
                 config.socket_rate,
@@ -290,17 +332,38 @@ mod tests {
     }
 
     #[test]
-    fn peer_keys_are_checked_when_read() {
+    fn a_listening_daemon_lists_its_peers_by_key() {
         let key = "0123456789abcdef".repeat(4);
-        let config = DaemonConfig::parse(&format!("interface = \"eth0\"\npeer_key = \"{key}\""));
-        assert_eq!(
-            config.unwrap().peer_key,
-            Some(crate::peer::PeerKey::from_hex(&key).unwrap())
+        let peer = |name: &str, port: u16, key: &str| {
+            format!("{{ name = \"{name}\", address = \"192.0.2.1:{port}\", key = \"{key}\" }}")
+        };
+        let listen = "interface = \"eth0\"\npeer_listen = \"192.0.2.2:7070\"\n";
+        let config = DaemonConfig::parse(&format!("{listen}peers = [{}]", peer("a", 1, &key)));
+        let peers = config.unwrap().peers;
+        assert_eq!(peers[0].key, Some(key.parse().unwrap()));
+        assert!(matches!(
+            DaemonConfig::parse(listen),
+            Err(ConfigError::NoPeers)
+        ));
+        let insecure = DaemonConfig::parse(&format!("{listen}peer_insecure = true"));
+        assert!(insecure.unwrap().peer_insecure);
+        let keyless = format!("{listen}peers = [{{ name = \"a\", address = \"192.0.2.1:1\" }}]");
+        assert!(matches!(
+            DaemonConfig::parse(&keyless),
+            Err(ConfigError::PeerWithoutKey(_))
+        ));
+        assert!(DaemonConfig::parse(&format!("{keyless}\npeer_insecure = true")).is_ok());
+        let twice = format!(
+            "{listen}peers = [{}, {}]",
+            peer("a", 1, &key),
+            peer("b", 2, &key)
         );
-        for bad in ["\"short\"", "\"abcd\"", "\"xyz0\"", "42"] {
-            let parsed = DaemonConfig::parse(&format!("interface = \"eth0\"\npeer_key = {bad}"));
-            let error = parsed.unwrap_err().to_string();
-            assert!(error.contains("peer_key"), "{bad}: {error}");
-        }
+        assert!(matches!(
+            DaemonConfig::parse(&twice),
+            Err(ConfigError::PeerTwice(_))
+        ));
+        let bad = format!("{listen}peers = [{}]", peer("a", 1, "abcd"));
+        let error = DaemonConfig::parse(&bad).unwrap_err().to_string();
+        assert!(error.contains("not a public key"), "{error}");
     }
 }

@@ -7,9 +7,12 @@ use std::{
     time::Duration,
 };
 
-use dataplane_user::kernel::{
-    loader::{Dataplane, LoadOptions, MAP_INPUTS, MirrorMode},
-    logs::{LogReader, Record},
+use dataplane_user::{
+    kernel::{
+        loader::{Dataplane, LoadOptions, MAP_INPUTS, MirrorMode},
+        logs::{LogReader, Record},
+    },
+    peer::{Identity, Peer, Trust},
 };
 
 use crate::{
@@ -184,6 +187,51 @@ impl TestHosts {
         ns
     }
 
+    /// `host`'s identity key (made on first use, kept until the hosts
+    /// are dropped): its file, for a daemon's `identity`, and the key pair,
+    /// for a test that acts as `host` itself.
+    pub fn identity(&self, host: &str) -> (PathBuf, Identity) {
+        let path = self.keys_dir().join(format!("{host}.key"));
+        let (identity, _) = Identity::load_or_create(&path).expect("a test identity");
+        (path, identity)
+    }
+
+    /// Daemon configuration lines: `host`'s identity, and `peers`, each a
+    /// test host's name and `peer_listen` address, listed with its key.
+    pub fn peer_config(&self, host: &str, peers: &[(&str, &str)]) -> String {
+        let (path, _) = self.identity(host);
+        let listed: Vec<String> = peers
+            .iter()
+            .map(|(name, address)| {
+                let key = self.identity(name).1.public();
+                format!("{{ name = \"{name}\", address = \"{address}\", key = \"{key}\" }}")
+            })
+            .collect();
+        format!(
+            "identity = \"{}\"\npeers = [{}]\n",
+            path.display(),
+            listed.join(", ")
+        )
+    }
+
+    /// What the test process trusts when it acts as `host` toward `peers`
+    /// (as in [`Self::peer_config`]).
+    pub fn trust(&self, host: &str, peers: &[(&str, &str)]) -> Trust {
+        let peers = peers
+            .iter()
+            .map(|(name, address)| Peer {
+                name: name.to_string(),
+                address: address.parse().expect("a test address"),
+                key: Some(self.identity(name).1.public()),
+            })
+            .collect();
+        Trust::sealed(self.identity(host).1, peers)
+    }
+
+    fn keys_dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("{}-keys", self.tag))
+    }
+
     /// A bpffs pin root of this test run for `host`.
     pub fn pin_root(&self, host: &str) -> PathBuf {
         PathBuf::from(format!("/sys/fs/bpf/{}-{host}", self.tag))
@@ -247,6 +295,12 @@ impl TestHosts {
             deliver_interface: "svc0".into(),
             deliver_mac: Self::mac(&self.src, "svc1"),
         }
+    }
+}
+
+impl Drop for TestHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(self.keys_dir());
     }
 }
 

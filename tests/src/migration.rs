@@ -44,8 +44,9 @@ pub const EXTRA_SERVICE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 11);
 
 /// The destination daemon's peer link address in [`MigrationSetup`].
 pub const DST_PEER: &str = "198.51.100.2:7070";
-/// The `peer_key` both daemons of [`MigrationSetup`] share.
-pub const PEER_KEY: &str = "6d6967726174696f6e2d746573742d6b65792d6f662d33322d62797465732121";
+/// The source daemon's peer link address in [`MigrationSetup`] (it lists
+/// it; it does not listen).
+pub const SRC_PEER: &str = "198.51.100.1:7070";
 
 impl MigrationSetup {
     /// Builds it; `controller_args` go to the controller after its address.
@@ -117,7 +118,7 @@ impl MigrationSetup {
                 )
             })
             .unwrap_or_default();
-        let config = |host: &str, peer_mac: [u8; 6], listen: &str| {
+        let config = |host: &str, peer: (&str, &str), peer_mac: [u8; 6], listen: &str| {
             let mac = mac_text(peer_mac);
             // `extra` may size the input ring itself (TOML refuses a key twice).
             let ring = if listen.contains("input_ring_mib") {
@@ -129,18 +130,21 @@ impl MigrationSetup {
                 "interface = \"eth0\"\npeer_interface = \"peer0\"\npeer_mac = \"{mac}\"\n\
                  pin_root = \"{}\"\n{ring}output_ring_mib = 4\n\
                  images_dir = \"/tmp/dataplane-test-{}-{tag}-{host}-images\"\n\
-                 peer_key = \"{PEER_KEY}\"\n{listen}",
+                 {}{listen}",
                 hosts.pin_root(host).display(),
                 std::process::id(),
+                hosts.peer_config(host, &[peer]),
             )
         };
         let src_config = config(
             "src",
+            ("dst", DST_PEER),
             TestHosts::mac(&hosts.dst, "peer0"),
             &format!("{standby_config}{src_extra}"),
         );
         let dst_config = config(
             "dst",
+            ("src", SRC_PEER),
             TestHosts::mac(&hosts.src, "peer0"),
             &format!("peer_listen = \"{DST_PEER}\"\n{dst_extra}"),
         );

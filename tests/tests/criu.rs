@@ -478,9 +478,10 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
     let images_root = std::env::temp_dir().join(format!("dataplane-xfer-{}", std::process::id()));
     let config = format!(
         "interface = \"eth0\"\npin_root = \"{}\"\ninput_ring_mib = 1\noutput_ring_mib = 1\n\
-         peer_listen = \"198.51.100.2:7070\"\nimages_dir = \"{}\"\n",
+         peer_listen = \"198.51.100.2:7070\"\nimages_dir = \"{}\"\n{}",
         hosts.pin_root("dst").display(),
-        images_root.display()
+        images_root.display(),
+        hosts.peer_config("dst", &[("src", "198.51.100.1:7070")]),
     );
     let dst = DaemonProcess::start(&hosts.dst, "xfer", &config);
     let addr = sock(SERVICE_V4, 5000);
@@ -496,11 +497,13 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
         .build()
         .unwrap();
     let peer_addr = "198.51.100.2:7070".parse().unwrap();
+    let trust = hosts.trust("src", &[("dst", "198.51.100.2:7070")]);
     // The socket is made while connecting: the whole connect runs inside src.
     let (mut link, _) = hosts
         .src
-        .run(|| runtime.block_on(peer::connect(peer_addr)))
+        .run(|| runtime.block_on(peer::connect(&trust, peer_addr)))
         .unwrap();
+    assert!(link.is_sealed());
     let sent = runtime
         .block_on(transfer::send(&mut link, "m1", &dir))
         .unwrap();
@@ -645,9 +648,10 @@ fn a_full_destination_disk_and_an_unreachable_peer_fail_the_transfer_cleanly() {
     .expect("mount a small tmpfs");
     let config = format!(
         "interface = \"eth0\"\npin_root = \"{}\"\ninput_ring_mib = 1\noutput_ring_mib = 1\n\
-         peer_listen = \"198.51.100.2:7070\"\nimages_dir = \"{}\"\n",
+         peer_listen = \"198.51.100.2:7070\"\nimages_dir = \"{}\"\n{}",
         hosts.pin_root("dst").display(),
-        images_root.display()
+        images_root.display(),
+        hosts.peer_config("dst", &[("src", "198.51.100.1:7070")]),
     );
     let dst = DaemonProcess::start(&hosts.dst, "full", &config);
     let addr = sock(SERVICE_V4, 5000);
@@ -661,9 +665,13 @@ fn a_full_destination_disk_and_an_unreachable_peer_fail_the_transfer_cleanly() {
         .enable_all()
         .build()
         .unwrap();
+    let trust = hosts.trust(
+        "src",
+        &[("dst", "198.51.100.2:7070"), ("none", "198.51.100.2:7071")],
+    );
     let result = hosts.src.run(|| {
         runtime.block_on(async {
-            let (mut link, _) = peer::connect("198.51.100.2:7070".parse().unwrap()).await?;
+            let (mut link, _) = peer::connect(&trust, "198.51.100.2:7070".parse().unwrap()).await?;
             transfer::send(&mut link, "m1", &dir).await
         })
     });
@@ -678,7 +686,7 @@ fn a_full_destination_disk_and_an_unreachable_peer_fail_the_transfer_cleanly() {
     // No daemon listens on this port of dst: the link fails at once, with the cause.
     let unreachable = hosts
         .src
-        .run(|| runtime.block_on(peer::connect("198.51.100.2:7071".parse().unwrap())));
+        .run(|| runtime.block_on(peer::connect(&trust, "198.51.100.2:7071".parse().unwrap())));
     match unreachable {
         Err(PeerError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused),
         other => panic!("expected a refused connection, got {:?}", other.map(|_| ())),

@@ -12,11 +12,17 @@ use dataplane_user::control::{RpcError, client::ClientError, code};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
+/// `host`'s daemon listening on `peer_listen`, listing the other test host.
 fn config(hosts: &TestHosts, host: &str, peer_listen: &str) -> String {
+    let other = match host {
+        "src" => ("dst", "198.51.100.2:7070"),
+        _ => ("src", "198.51.100.1:7070"),
+    };
     format!(
         "interface = \"eth0\"\npeer_interface = \"peer0\"\npin_root = \"{}\"\n\
-         input_ring_mib = 8\noutput_ring_mib = 1\npeer_listen = \"{peer_listen}\"\n",
-        hosts.pin_root(host).display()
+         input_ring_mib = 8\noutput_ring_mib = 1\npeer_listen = \"{peer_listen}\"\n{}",
+        hosts.pin_root(host).display(),
+        hosts.peer_config(host, &[other]),
     )
 }
 

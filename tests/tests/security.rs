@@ -1,6 +1,6 @@
 //! The daemon's two doors, as a hostile or careless client meets them: the
 //! control socket (who may connect, request size, rate and connection
-//! limits, malformed requests) and the peer link (the shared-key handshake).
+//! limits, malformed requests) and the peer link (sealed between listed keys).
 //! Real daemon processes on the test hosts.
 use std::{
     ffi::CString,
@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_tests::{DST_PEER, DaemonProcess, MigrationSetup, TestHosts};
+use dataplane_tests::{
+    DST_PEER, DaemonProcess, MigrationSetup, SRC_PEER, TestHosts, dataplane_bin,
+};
 use dataplane_user::{
     control::{
         RpcError,
@@ -19,14 +21,13 @@ use dataplane_user::{
         code,
         server::{MAX_LINE, MAX_SKIP},
     },
+    migration::protocol::Step,
     peer,
-    peer::{PeerError, PeerKey, frame},
+    peer::{Peer, PeerError, Trust, frame},
 };
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
-const KEY_A: &str = "a1a2a3a4a5a6a7a8a9aaabacadaeafb0b1b2b3b4b5b6b7b8b9babbbcbdbebfc0";
-const KEY_B: &str = "0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b0b";
 const STATUS: &[u8] = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"status\"}\n";
 
 fn config(hosts: &TestHosts, host: &str, extra: &str) -> String {
@@ -461,44 +462,91 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-#[test]
-fn daemons_with_the_same_key_link_up_and_others_are_refused() {
-    let hosts = TestHosts::new("skey");
-    let listen = format!("peer_listen = \"{DST_PEER}\"\n");
+/// The test hosts' daemons as a migration has them: src lists dst, dst
+/// listens and lists src, each by its key; `dst_extra` goes into dst's
+/// configuration, and `dst_lists` is whom it lists as src.
+fn linked_daemons(
+    hosts: &TestHosts,
+    tag: &str,
+    dst_lists: &str,
+    dst_extra: &str,
+) -> (DaemonProcess, DaemonProcess) {
     let src = DaemonProcess::start(
         &hosts.src,
-        "skey-src",
-        &config(&hosts, "src", &format!("peer_key = \"{KEY_A}\"\n")),
+        &format!("{tag}-src"),
+        &config(
+            hosts,
+            "src",
+            &hosts.peer_config("src", &[("dst", DST_PEER)]),
+        ),
     );
-    let dst_config = |key: Option<&str>| {
-        let key = key
-            .map(|k| format!("peer_key = \"{k}\"\n"))
-            .unwrap_or_default();
-        config(&hosts, "dst", &format!("{listen}{key}"))
+    let dst = start_dst(hosts, tag, dst_lists, dst_extra);
+    (src, dst)
+}
+
+fn start_dst(hosts: &TestHosts, tag: &str, lists: &str, extra: &str) -> DaemonProcess {
+    let peers = if extra.contains("peer_insecure") {
+        format!("peers = [{{ name = \"src\", address = \"{SRC_PEER}\" }}]\n")
+    } else {
+        hosts.peer_config("dst", &[(lists, SRC_PEER)])
     };
-    let dst = DaemonProcess::start(&hosts.dst, "skey-dst", &dst_config(Some(KEY_A)));
+    let listen = format!("peer_listen = \"{DST_PEER}\"\n{peers}{extra}");
+    DaemonProcess::start(
+        &hosts.dst,
+        &format!("{tag}-dst"),
+        &config(hosts, "dst", &listen),
+    )
+}
+
+#[test]
+fn daemons_link_sealed_with_listed_keys_only() {
+    let hosts = TestHosts::new("skey");
+    let (src, dst) = linked_daemons(&hosts, "skey", "src", "");
     let mut c = src.client();
     let ping = c.call("peer.ping", json!({"address": DST_PEER})).unwrap();
     assert_eq!(ping["version"], peer::VERSION);
-    assert_eq!(c.call("status", json!({})).unwrap()["peer_auth"], true);
-    assert_eq!(
-        dst.client().call("status", json!({})).unwrap()["peer_auth"],
-        true
-    );
+    for (daemon, host) in [(&src, "src"), (&dst, "dst")] {
+        let status = daemon.client().call("status", json!({})).unwrap();
+        let key = hosts.identity(host).1.public().to_string();
+        assert_eq!(status["peer_key"], key.as_str());
+    }
     let log = wait_log(&dst, "peer link up");
-    assert!(log.contains("authenticated=true"), "{log}");
+    let line = log.lines().find(|l| l.contains("peer link up")).unwrap();
     assert!(
-        !src.log().contains("unauthenticated"),
-        "no warning with a key"
+        line.contains("sealed=true") && line.contains("peer=src"),
+        "{line}"
     );
+    let key_mode = std::fs::metadata(hosts.identity("src").0).unwrap().mode() & 0o777;
+    assert_eq!(key_mode, 0o600);
 
-    // Another key on dst: refused both ways, and both say why.
+    // Only listed peers are destinations: a socket-group member cannot send
+    // a service, or a ping, anywhere else.
+    let flow = json!({"cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"});
+    c.call("flow.add", flow.clone()).unwrap();
+    let service = json!({"name": "plc", "pid": std::process::id(), "netns": hosts.src.path(),
+        "flows": [flow]});
+    c.call("service.register", service).unwrap();
+    for elsewhere in ["198.51.100.2:7071", "192.0.2.1:7070"] {
+        let refused = rpc_error(c.call(
+            "migration.start",
+            json!({"service": "plc", "to": elsewhere}),
+        ));
+        assert_eq!(refused.code, code::INVALID_PARAMS, "{refused}");
+        assert!(refused.message.contains("not a listed peer"), "{refused}");
+        let refused = rpc_error(c.call("peer.ping", json!({"address": elsewhere})));
+        assert!(refused.message.contains("not a listed peer"), "{refused}");
+    }
+    let status = c.call("status", json!({})).unwrap();
+    assert_eq!(status["migrations"], json!([]), "nothing started");
+
+    // dst lists another key as src: refused both ways, and both say why.
     dst.stop(Signal::SIGTERM);
-    let dst = DaemonProcess::start(&hosts.dst, "skey-dst", &dst_config(Some(KEY_B)));
+    let dst = start_dst(&hosts, "skey", "mallory", "");
+    let src_key = hosts.identity("src").1.public().to_string();
     let refused = rpc_error(c.call("peer.ping", json!({"address": DST_PEER})));
     assert_eq!(refused.code, code::PEER, "{refused}");
     assert!(
-        refused.message.contains("authentication failed") && refused.message.contains("differ"),
+        refused.message.contains("not among") && refused.message.contains(&src_key),
         "{refused}"
     );
     let log = wait_log(&dst, "refused a peer link");
@@ -507,16 +555,11 @@ fn daemons_with_the_same_key_link_up_and_others_are_refused() {
         .find(|l| l.contains("refused a peer link"))
         .unwrap();
     assert!(
-        line.contains("198.51.100.1") && line.contains("differ"),
+        line.contains("198.51.100.1") && line.contains(&src_key),
         "{line}"
     );
 
     // A migration to it fails in prepare, and its report says why.
-    let flow = json!({"cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"});
-    c.call("flow.add", flow.clone()).unwrap();
-    let service = json!({"name": "plc", "pid": std::process::id(), "netns": hosts.src.path(),
-        "flows": [flow]});
-    c.call("service.register", service).unwrap();
     let id = c
         .call("migration.start", json!({"service": "plc", "to": DST_PEER}))
         .unwrap()["id"]
@@ -535,7 +578,7 @@ fn daemons_with_the_same_key_link_up_and_others_are_refused() {
     assert_eq!(report["state"], "failed");
     let error = report["error"].as_str().unwrap();
     assert!(
-        error.starts_with("prepare:") && error.contains("authentication failed"),
+        error.starts_with("prepare:") && error.contains("not among"),
         "{error}"
     );
     assert_eq!(
@@ -544,53 +587,72 @@ fn daemons_with_the_same_key_link_up_and_others_are_refused() {
         "dst adopted nothing"
     );
 
-    // Connectors without a key, or with the wrong one, get nowhere either.
+    // A host that answers at dst's address without dst's key is refused
+    // by the connector.
     let rt = runtime();
-    let addr = DST_PEER.parse().unwrap();
-    let key_a = PeerKey::from_hex(KEY_A).unwrap();
-    let none = hosts
-        .src
-        .run(|| rt.block_on(peer::connect_with(addr, None)));
-    match none {
-        Err(PeerError::Refused(reason)) => {
-            assert!(reason.contains("requires authentication"), "{reason}")
-        }
-        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
-    }
-    let wrong = hosts
-        .src
-        .run(|| rt.block_on(peer::connect_with(addr, Some(&key_a))));
-    assert!(matches!(wrong, Err(PeerError::Auth(_))));
-
-    // Exactly one side with a key: the handshake fails, saying so.
-    dst.stop(Signal::SIGTERM);
-    let dst = DaemonProcess::start(&hosts.dst, "skey-dst", &dst_config(None));
-    wait_log(&dst, "the peer link is unauthenticated");
-    let refused = rpc_error(c.call("peer.ping", json!({"address": DST_PEER})));
-    assert!(refused.message.contains("has none"), "{refused}");
-    assert_eq!(
-        dst.client().call("status", json!({})).unwrap()["peer_auth"],
-        false
+    let imposter = Trust::sealed(
+        hosts.identity("src").1,
+        vec![Peer {
+            name: "dst".into(),
+            address: DST_PEER.parse().unwrap(),
+            key: Some(hosts.identity("somebody-else").1.public()),
+        }],
     );
+    let refused = hosts
+        .src
+        .run(|| rt.block_on(peer::connect(&imposter, DST_PEER.parse().unwrap())));
+    match refused {
+        Err(PeerError::Auth(reason)) => assert!(reason.contains("not the key"), "{reason}"),
+        other => panic!(
+            "expected an authentication failure, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+
+    // A sealed daemon and an insecure one refuse each other, saying so.
+    dst.stop(Signal::SIGTERM);
+    let dst = start_dst(&hosts, "skey", "src", "peer_insecure = true\n");
+    wait_log(&dst, "peer_insecure: peer links cross in clear");
+    let refused = rpc_error(c.call("peer.ping", json!({"address": DST_PEER})));
+    assert!(refused.message.contains("peer_insecure"), "{refused}");
+    let status = dst.client().call("status", json!({})).unwrap();
+    assert_eq!(status["peer_key"], Value::Null);
 }
 
 #[test]
-fn nothing_an_unauthenticated_peer_sends_is_acted_on() {
-    let hosts = TestHosts::new("sjunk");
-    let cfg = config(
-        &hosts,
-        "dst",
-        &format!("peer_listen = \"{DST_PEER}\"\npeer_key = \"{KEY_A}\"\n"),
+fn a_listening_daemon_without_peers_refuses_to_start() {
+    let dir = std::env::temp_dir().join(format!("dataplane-nopeers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dataplane.toml");
+    std::fs::write(
+        &path,
+        "interface = \"eth0\"\npeer_listen = \"127.0.0.1:7070\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(dataplane_bin())
+        .args(["daemon", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("peer_listen needs the hosts it admits listed"),
+        "{stderr}"
     );
-    let dst = DaemonProcess::start(&hosts.dst, "sjunk", &cfg);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn nothing_a_peer_without_a_listed_key_sends_is_acted_on() {
+    let hosts = TestHosts::new("sjunk");
+    let dst = start_dst(&hosts, "sjunk", "src", "");
     let prepare = json!({"step": "prepare", "migration": "evil",
         "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}]});
     let prepare = peer_frame(frame::MIGRATE, prepare.to_string().as_bytes());
-    let hello = |nonce: Option<&str>| {
-        let mut hello = json!({"magic": peer::MAGIC, "version": peer::VERSION, "host": "mallory"});
-        if let Some(nonce) = nonce {
-            hello["nonce"] = nonce.into();
-        }
+    let hello = |sealed: bool| {
+        let hello = json!({"magic": peer::MAGIC, "version": peer::VERSION, "host": "mallory",
+            "sealed": sealed});
         peer_frame(frame::HELLO, hello.to_string().as_bytes())
     };
     type Answer<'a> = &'a dyn Fn(&[(u8, Vec<u8>)]) -> Vec<Vec<u8>>;
@@ -605,15 +667,7 @@ fn nothing_an_unauthenticated_peer_sends_is_acted_on() {
             let Some(then) = then else {
                 return frames_until_closed(&mut stream);
             };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            let mut head = [0u8; 5];
-            stream.read_exact(&mut head).unwrap();
-            let mut payload =
-                vec![0; u32::from_be_bytes(head[..4].try_into().unwrap()) as usize - 1];
-            stream.read_exact(&mut payload).unwrap();
-            let welcome = [(head[4], payload)];
+            let welcome = [read_frame(&mut stream)];
             for b in then(&welcome) {
                 let _ = stream.write_all(&b);
             }
@@ -622,44 +676,40 @@ fn nothing_an_unauthenticated_peer_sends_is_acted_on() {
             frames
         })
     };
-    let nonce = "42".repeat(32);
 
-    // No nonce: refused at the hello, the migration step behind it ignored.
-    let frames = talk(&[hello(None), prepare.clone()], None);
-    assert!(
-        refusal(&frames).contains("requires authentication"),
-        "{frames:?}"
-    );
+    // Asking for a link in clear: refused at the hello, the step behind it ignored.
+    let frames = talk(&[hello(false), prepare.clone()], None);
+    assert!(refusal(&frames).contains("peer_insecure"), "{frames:?}");
 
-    // A forged proof, with a migration step behind it.
-    let forged = peer_frame(
-        frame::AUTH,
-        json!({"proof": "00".repeat(32)}).to_string().as_bytes(),
-    );
-    let answer = |welcome: &[(u8, Vec<u8>)]| {
+    // Skipping the handshake: a ping, then the step.
+    let skip = |welcome: &[(u8, Vec<u8>)]| {
         assert_eq!(welcome[0].0, frame::WELCOME);
-        let theirs: Value = serde_json::from_slice(&welcome[0].1).unwrap();
-        assert_eq!(theirs["nonce"].as_str().unwrap().len(), 64, "{theirs}");
-        assert_eq!(theirs["proof"].as_str().unwrap().len(), 64, "{theirs}");
-        vec![forged.clone(), prepare.clone()]
+        vec![peer_frame(frame::PING, &[]), prepare.clone()]
     };
-    let frames = talk(&[hello(Some(&nonce))], Some(&answer as Answer));
-    assert!(refusal(&frames).contains("differ"), "{frames:?}");
-
-    // Skipping the proof: a ping, then the step.
-    let skip = |_: &[(u8, Vec<u8>)]| vec![peer_frame(frame::PING, &[]), prepare.clone()];
-    let frames = talk(&[hello(Some(&nonce))], Some(&skip as Answer));
+    let frames = talk(&[hello(true)], Some(&skip as Answer));
     assert!(!frames.iter().any(|(k, _)| *k == frame::PONG), "{frames:?}");
+    assert!(refusal(&frames).contains("in the handshake"), "{frames:?}");
+
+    // A first handshake message is any 32 bytes; a forged third is refused.
+    let forge = |_: &[(u8, Vec<u8>)]| {
+        vec![
+            peer_frame(frame::NOISE, &[7; 32]),
+            peer_frame(frame::NOISE, &[9; 64]),
+            prepare.clone(),
+        ]
+    };
+    let frames = talk(&[hello(true)], Some(&forge as Answer));
     assert!(
-        refusal(&frames).contains("instead of the connecting daemon's proof"),
+        frames
+            .iter()
+            .any(|(k, m)| *k == frame::NOISE && m.len() == 96),
         "{frames:?}"
     );
+    assert!(refusal(&frames).contains("handshake:"), "{frames:?}");
 
-    // The step alone, a malformed nonce, and junk.
+    // The step alone, and junk.
     let frames = talk(std::slice::from_ref(&prepare), None);
     assert!(refusal(&frames).contains("before a hello"), "{frames:?}");
-    let frames = talk(&[hello(Some("zz")), prepare.clone()], None);
-    assert!(refusal(&frames).contains("nonce"), "{frames:?}");
     let mut junk: Vec<u8> = (0u32..512)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
@@ -681,6 +731,17 @@ fn nothing_an_unauthenticated_peer_sends_is_acted_on() {
         "{waited:?}"
     );
 
+    // A well-formed handshake with a key dst does not list.
+    let rt = runtime();
+    let mallory = hosts.trust("mallory", &[("dst", DST_PEER)]);
+    let refused = hosts
+        .src
+        .run(|| rt.block_on(peer::connect(&mallory, DST_PEER.parse().unwrap())));
+    match refused {
+        Err(PeerError::Refused(reason)) => assert!(reason.contains("not among"), "{reason}"),
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+
     assert_eq!(
         dst.client().call("flow.list", json!({})).unwrap(),
         json!([]),
@@ -696,41 +757,193 @@ fn nothing_an_unauthenticated_peer_sends_is_acted_on() {
     );
     assert!(!log.contains("preparing a migration"), "{log}");
 
-    // The daemon still serves a peer with the key; what it sends is acted on.
-    let rt = runtime();
-    let key = PeerKey::from_hex(KEY_A).unwrap();
-    let answer = hosts
+    // The daemon still serves its listed peer; what it sends is acted on.
+    let src = hosts.trust("src", &[("dst", DST_PEER)]);
+    let (prepared, flows) = hosts
         .src
         .run(|| {
             rt.block_on(async {
-                let (mut link, _) =
-                    peer::connect_with(DST_PEER.parse().unwrap(), Some(&key)).await?;
+                let (mut link, _) = peer::connect(&src, DST_PEER.parse().unwrap()).await?;
                 peer::ping(&mut link).await?;
-                let step: dataplane_user::migration::protocol::Step =
-                    serde_json::from_value(json!({"step": "prepare",
-                    "migration": "m1", "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000",
-                    "service": "192.0.2.10:5000"}]}))
-                    .unwrap();
-                let prepared = peer::migrate_step(&mut link, &step).await;
+                let prepared = peer::migrate_step(&mut link, &prepare_step("m1")).await;
                 let flows = dst.client().call("flow.list", json!({})).unwrap();
-                let _ = peer::migrate_step(
-                    &mut link,
-                    &dataplane_user::migration::protocol::Step::Abort,
-                )
-                .await;
+                let _ = peer::migrate_step(&mut link, &Step::Abort).await;
                 Ok::<_, PeerError>((prepared, flows))
             })
         })
         .unwrap();
-    assert!(answer.0.is_ok(), "{:?}", answer.0);
+    assert!(prepared.is_ok(), "{prepared:?}");
     assert_eq!(
-        answer.1[0]["id"], 7,
-        "the keyed peer's prepare adopted the flow"
+        flows[0]["id"], 7,
+        "the listed peer's prepare adopted the flow"
+    );
+}
+
+/// A prepare for flow 7 of the test hosts' service.
+fn prepare_step(migration: &str) -> Step {
+    serde_json::from_value(json!({"step": "prepare", "migration": migration,
+        "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}]}))
+    .unwrap()
+}
+
+/// One whole frame from `stream` (5 s at most).
+fn read_frame(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut head = [0u8; 5];
+    stream.read_exact(&mut head).unwrap();
+    let mut payload = vec![0; u32::from_be_bytes(head[..4].try_into().unwrap()) as usize - 1];
+    stream.read_exact(&mut payload).unwrap();
+    (head[4], payload)
+}
+
+/// A relay between a connector and dst that keeps every byte either way and
+/// may flip one bit of what goes to dst: the first of the byte at `flip`.
+struct Relay {
+    address: String,
+    /// Every byte from the connector, and from dst.
+    seen: std::sync::Arc<std::sync::Mutex<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl Relay {
+    /// Listens on `address` in src; relays one connection to dst's peer link.
+    fn start(hosts: &TestHosts, address: &str, flip: Option<usize>) -> Self {
+        use std::sync::{Arc, Mutex};
+        let listener = hosts
+            .src
+            .run(|| std::net::TcpListener::bind(address))
+            .unwrap();
+        let upstream = hosts.src.run(|| TcpStream::connect(DST_PEER)).unwrap();
+        let seen = Arc::new(Mutex::new((Vec::new(), Vec::new())));
+        let relay = Self {
+            address: address.into(),
+            seen: seen.clone(),
+        };
+        std::thread::spawn(move || {
+            let Ok((client, _)) = listener.accept() else {
+                return;
+            };
+            let pipe = |mut from: TcpStream, mut to: TcpStream, up: bool| {
+                let seen = seen.clone();
+                std::thread::spawn(move || {
+                    from.set_read_timeout(Some(Duration::from_secs(20)))
+                        .unwrap();
+                    let mut buf = [0; 65536];
+                    let mut offset = 0;
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let mut chunk = buf[..n].to_vec();
+                        let mut seen = seen.lock().unwrap();
+                        if up {
+                            seen.0.extend_from_slice(&chunk);
+                            if let Some(at) = flip.filter(|at| (offset..offset + n).contains(at)) {
+                                chunk[at - offset] ^= 1;
+                            }
+                        } else {
+                            seen.1.extend_from_slice(&chunk);
+                        }
+                        drop(seen);
+                        offset += n;
+                        if to.write_all(&chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                })
+            };
+            let a = pipe(
+                client.try_clone().unwrap(),
+                upstream.try_clone().unwrap(),
+                true,
+            );
+            let b = pipe(upstream, client, false);
+            let _ = (a.join(), b.join());
+        });
+        relay
+    }
+}
+
+#[test]
+fn a_relay_in_the_middle_reads_nothing_and_can_change_or_replay_nothing() {
+    let hosts = TestHosts::new("srelay");
+    let dst = start_dst(&hosts, "srelay", "src", "");
+    let rt = runtime();
+    let via = |relay: &Relay| {
+        Trust::sealed(
+            hosts.identity("src").1,
+            vec![Peer {
+                name: "dst".into(),
+                address: relay.address.parse().unwrap(),
+                key: Some(hosts.identity("dst").1.public()),
+            }],
+        )
+    };
+    let secret = "m-7f3e-only-the-two-ends-know";
+
+    // Relayed as is: the link works end to end, and the relay saw only
+    // ciphertext after the hellos.
+    let relay = Relay::start(&hosts, "198.51.100.1:7101", None);
+    let trust = via(&relay);
+    let prepared = hosts.src.run(|| {
+        rt.block_on(async {
+            let (mut link, _) = peer::connect(&trust, relay.address.parse().unwrap()).await?;
+            assert!(link.is_sealed());
+            let prepared = peer::migrate_step(&mut link, &prepare_step(secret)).await?;
+            peer::migrate_step(&mut link, &Step::Abort).await?;
+            Ok::<_, PeerError>(prepared)
+        })
+    });
+    assert!(prepared.is_ok(), "{prepared:?}");
+    let handshake = relay.seen.lock().unwrap().clone();
+    for (way, bytes) in [("to dst", &handshake.0), ("from dst", &handshake.1)] {
+        assert!(!bytes.is_empty(), "{way}");
+        let text = String::from_utf8_lossy(bytes);
+        for clear in [secret, "prepare", "192.0.2.10"] {
+            assert!(!text.contains(clear), "{clear:?} crossed {way} in clear");
+        }
+    }
+    assert_eq!(
+        dst.client().call("flow.list", json!({})).unwrap(),
+        json!([])
+    );
+
+    // One bit changed after the handshake (the hello frame, the first Noise
+    // message of 32 bytes, the third of 64): dst drops the link, acts on
+    // nothing.
+    let hello = serde_json::to_vec(&peer::Hello::ours(true)).unwrap().len();
+    let sealed_from = (5 + hello) + (5 + 32) + (5 + 64);
+    let relay = Relay::start(&hosts, "198.51.100.1:7102", Some(sealed_from + 10));
+    let trust = via(&relay);
+    let tampered = hosts.src.run(|| {
+        rt.block_on(async {
+            let (mut link, _) = peer::connect(&trust, relay.address.parse().unwrap()).await?;
+            peer::migrate_step(&mut link, &prepare_step("tampered")).await
+        })
+    });
+    assert!(tampered.is_err(), "{tampered:?}");
+    let log = wait_log(&dst, "did not open");
+    assert!(!log.contains("tampered"), "{log}");
+
+    // The captured connector bytes replayed on a new connection: a fresh
+    // session, which the old handshake's last message cannot finish.
+    let replayed = hosts.src.run(|| {
+        let mut stream = TcpStream::connect(DST_PEER).unwrap();
+        let _ = stream.write_all(&handshake.0);
+        frames_until_closed(&mut stream)
+    });
+    assert!(refusal(&replayed).contains("handshake:"), "{replayed:?}");
+    assert_eq!(
+        dst.client().call("flow.list", json!({})).unwrap(),
+        json!([]),
+        "neither the tampered nor the replayed link adopted a flow"
     );
 }
 
 #[test]
-fn the_migration_setup_daemons_share_a_key() {
+fn the_migration_setup_daemons_link_sealed() {
     let setup = MigrationSetup::new("smig", &[], false);
     let ping = setup
         .src
@@ -740,7 +953,7 @@ fn the_migration_setup_daemons_share_a_key() {
     assert!(ping["rtt_us"].is_u64());
     for daemon in [&setup.src, &setup.dst] {
         let status = daemon.client().call("status", json!({})).unwrap();
-        assert_eq!(status["peer_auth"], true);
+        assert!(status["peer_key"].is_string(), "{status}");
     }
-    assert!(wait_log(&setup.dst, "peer link up").contains("authenticated=true"));
+    assert!(wait_log(&setup.dst, "peer link up").contains("sealed=true"));
 }

@@ -76,6 +76,16 @@ pub fn unload(cx: &Context) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Prints the public key of the identity at `path`, made first if missing.
+pub fn keygen(path: &std::path::Path) -> Result<(), Failure> {
+    let (identity, made) = dataplane_user::peer::Identity::load_or_create(path)
+        .map_err(|e| Failure::Local(e.into()))?;
+    let what = if made { "made" } else { "kept" };
+    eprintln!("{what} {}; list this host on its peers as:", path.display());
+    println!("{}", identity.public());
+    Ok(())
+}
+
 /// An input gate's mode, as `dataplane gate` names it.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 pub enum GateMode {

@@ -10,7 +10,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Parser, Subcommand};
 use dataplane_user::{
-    config::DEFAULT_SOCKET,
+    config::{DEFAULT_IDENTITY, DEFAULT_SOCKET},
     control::{
         client::{Client, ClientError},
         method::Call,
@@ -117,7 +117,14 @@ pub enum Command {
     Watch,
     /// Abort a migration; the source keeps serving.
     Abort { id: String },
-    /// Check the peer link to another daemon: handshake and round trip.
+    /// Print this host's public key for the peers' `[[peers]]` lists,
+    /// making its identity key first (mode 0600) if there is none.
+    Keygen {
+        /// The identity key file: the daemon's `identity`.
+        #[arg(long, default_value = DEFAULT_IDENTITY)]
+        identity: PathBuf,
+    },
+    /// Check the peer link to a listed peer: handshake and round trip.
     Ping {
         /// The other daemon's peer-link address, HOST:PORT.
         address: SocketAddr,
@@ -310,6 +317,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         } => local::capture(&cx, outputs, count, idle_secs),
         Command::Status => status::status(&cx),
         Command::Metrics => status::metrics(&cx),
+        Command::Keygen { identity } => local::keygen(&identity),
         Command::Ping { address } => status::ping(&cx, address),
         Command::Flow { command } => flows::flow(&cx, command),
         Command::Service { command } => flows::service(&cx, command),

@@ -47,6 +47,17 @@ fn print_status(s: &Status) {
         s.interfaces.service,
         s.interfaces.peer.as_deref().unwrap_or("none")
     );
+    if let Some(listen) = s.peer_listen {
+        println!("peer link: listening on {listen}");
+    }
+    match &s.peer_key {
+        Some(key) => println!("peer link: sealed, this host's key {key}"),
+        None if !s.peers.is_empty() => println!("peer link: INSECURE (peer_insecure), in clear"),
+        None => {}
+    }
+    if !s.peers.is_empty() {
+        println!("peers: {}", s.peers.join(" "));
+    }
     println!("programs: {}", s.programs.join(" "));
     print_flows(&s.flows);
     print_services(&s.services);

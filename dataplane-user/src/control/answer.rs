@@ -31,8 +31,11 @@ pub struct Status {
     pub services: Vec<Service>,
     pub migrations: Vec<Report>,
     pub peer_listen: Option<SocketAddr>,
-    /// A `peer_key` is configured: the peer link authenticates both ends.
-    pub peer_auth: bool,
+    /// This host's public key: its peer links are sealed. None with
+    /// `peer_insecure` (or no peer link).
+    pub peer_key: Option<String>,
+    /// The names of the listed peers.
+    pub peers: Vec<String>,
 }
 
 /// `status`'s interfaces.

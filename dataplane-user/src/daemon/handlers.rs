@@ -95,7 +95,8 @@ impl Daemon {
             services: self.services(),
             migrations: self.reports(),
             peer_listen: self.config.peer_listen,
-            peer_auth: self.config.peer_key.is_some(),
+            peer_key: self.trust.identity().map(|i| i.public().to_string()),
+            peers: self.config.peers.iter().map(|p| p.name.clone()).collect(),
         })
     }
 
@@ -276,6 +277,9 @@ impl Daemon {
         request
             .check()
             .map_err(|e| RpcError::new(code::INVALID_PARAMS, e.to_string()))?;
+        self.trust
+            .peer(request.to)
+            .map_err(|e| RpcError::new(code::INVALID_PARAMS, format!("to: {e}")))?;
         let Some(service) = self.services.lock().unwrap().get(&request.service).cloned() else {
             return Err(RpcError::new(
                 code::NOT_FOUND,
@@ -328,6 +332,7 @@ impl Daemon {
                 .clone()
                 .zip(self.config.standby_pin_root.clone()),
             abort,
+            trust: self.trust.clone(),
         };
         let (table, events, services) = (
             self.migrations.clone(),
@@ -394,7 +399,7 @@ impl Daemon {
     async fn peer_ping(&self, PeerAddress { address }: PeerAddress) -> Result<PeerPong, RpcError> {
         let peer_error =
             |e: peer::PeerError| RpcError::new(code::PEER, format!("peer {address}: {e}"));
-        let (mut link, theirs) = peer::connect_with(address, self.config.peer_key.as_ref())
+        let (mut link, theirs) = peer::connect(&self.trust, address)
             .await
             .map_err(peer_error)?;
         let rtt = peer::ping(&mut link).await.map_err(peer_error)?;

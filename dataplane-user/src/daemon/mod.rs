@@ -46,12 +46,39 @@ pub struct Daemon {
     taps: std::sync::OnceLock<(Arc<Tap>, Arc<Tap>)>,
     /// Migration phase changes, for `migration.watch`.
     events: broadcast::Sender<Report>,
+    /// Whom the peer links are with, and this host's identity.
+    trust: Arc<peer::Trust>,
 }
 
 /// A migration's latest report, and its abort switch.
 struct MigrationEntry {
     report: Report,
     abort: Arc<AtomicBool>,
+}
+
+/// Whom the peer links are with: the listed peers, sealed with this host's
+/// identity (made at first start) unless `peer_insecure`. A daemon with no
+/// peer link (neither `peer_listen` nor `peers`) needs no identity.
+fn trust(config: &DaemonConfig) -> Result<peer::Trust, DaemonError> {
+    let peers = config.peers.clone();
+    if config.peer_insecure {
+        tracing::warn!(
+            "peer_insecure: peer links cross in clear and unauthenticated; anyone who \
+             reaches peer_listen can have this host restore checkpoint images as root"
+        );
+        return Ok(peer::Trust::insecure(peers));
+    }
+    if config.peer_listen.is_none() && peers.is_empty() {
+        return Ok(peer::Trust::insecure(peers));
+    }
+    let (identity, made) = peer::Identity::load_or_create(&config.identity)?;
+    let path = config.identity.display();
+    if made {
+        tracing::info!(%path, key = %identity.public(), "made this host's identity key");
+    } else {
+        tracing::info!(%path, key = %identity.public(), "this host's identity key");
+    }
+    Ok(peer::Trust::sealed(identity, peers))
 }
 
 /// Why the daemon could not start.
@@ -75,6 +102,8 @@ pub enum DaemonError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Identity(#[from] peer::IdentityError),
 }
 
 impl Daemon {
@@ -101,14 +130,7 @@ impl Daemon {
         } else {
             tracing::info!(interface = %config.interface, pin_root = %options.pin_root.display(), "loaded the dataplane");
         }
-        match &config.peer_key {
-            Some(key) => peer::set_key(key.clone()),
-            None => tracing::warn!(
-                "no peer_key configured: the peer link is unauthenticated, and any host that \
-                 reaches peer_listen can drive a migration to this host; set the same peer_key \
-                 on both daemons"
-            ),
-        }
+        let trust = Arc::new(trust(&config)?);
         Ok(Self {
             config,
             dataplane: Mutex::new(dataplane),
@@ -118,6 +140,7 @@ impl Daemon {
             migrations: Arc::new(Mutex::new(BTreeMap::new())),
             taps: std::sync::OnceLock::new(),
             events: broadcast::channel(256).0,
+            trust,
         })
     }
 
@@ -176,7 +199,7 @@ impl Daemon {
             let host = Arc::new(host);
             tokio::spawn(peer::serve(
                 peers,
-                daemon.config.peer_key.clone(),
+                daemon.trust.clone(),
                 move |link, from| destination::serve_link(link, from, host.clone()),
             ));
         }

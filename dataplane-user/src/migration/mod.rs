@@ -112,4 +112,6 @@ pub struct Context {
     /// Set by `migration.abort` (or a stopping daemon): the migration stops
     /// at its next phase and rolls back.
     pub abort: Arc<AtomicBool>,
+    /// Whom the peer link goes to, and how it is sealed.
+    pub trust: Arc<crate::peer::Trust>,
 }

@@ -163,7 +163,7 @@ impl Migration {
             outputs,
             log,
         };
-        let mut link = peer::connect(self.request.to)
+        let mut link = peer::connect(&self.context.trust, self.request.to)
             .await
             .map_err(|source| {
                 self.fail(Cause::Connect {

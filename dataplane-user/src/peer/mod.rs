@@ -1,21 +1,25 @@
 //! The peer link between two hosts' daemons: TCP, a versioned handshake,
-//! then length-prefixed frames.
+//! then length-prefixed frames, sealed.
 //!
 //! A frame is `u32` big-endian length (of what follows), one type byte, and
-//! the payload. The first frame each way is the handshake: `HELLO` from the
-//! connecting daemon, `WELCOME` or `REFUSE` back, each with a JSON payload.
-//! A peer that speaks another version, or anything that is not a hello, is
-//! refused with a `REFUSE` frame saying why, logged, and disconnected.
+//! the payload. The handshake opens with `HELLO` from the connecting daemon
+//! and `WELCOME` (or `REFUSE`) back, in clear, each JSON saying the
+//! protocol version and whether the sender seals its links. A peer that
+//! speaks another version, or sends anything but a hello, is refused with
+//! a `REFUSE` frame saying why, logged, and disconnected.
 //!
-//! With a shared [`PeerKey`] (`peer_key` in both daemons' configuration) the
-//! handshake authenticates both ends: the hello carries the connector's
-//! fresh nonce, the welcome the listener's nonce and its HMAC-SHA256 proof
-//! over both, and the connector answers with `AUTH`, its own proof, before
-//! the listener acts on anything (`AUTH_OK`). A peer that fails, or does
-//! not authenticate, is refused, logged with its address and disconnected.
+//! Then, unless the daemons run with `peer_insecure`, a Noise XX handshake
+//! (`NOISE` frames; see [`seal`]) over X25519 static keys, one per host
+//! (its identity): each end proves it holds its key, the connector checks
+//! that the listener's is the one its `[[peers]]` entry lists, and the
+//! listener that the connector's is listed at all, then says `ADMITTED`.
+//! The handshake's prologue is the hello and the welcome, so a change to
+//! either fails it. From there every frame is sealed under keys only this
+//! session has: a host in the middle can neither read nor alter nor relay
+//! a link into one of its own.
 use std::{
     net::SocketAddr,
-    sync::{Arc, OnceLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -26,7 +30,7 @@ use tokio::{
 };
 
 /// The peer-link protocol version this build speaks.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// Marks a hello as ours.
 pub const MAGIC: &str = "dataplane-peer";
 /// Largest frame accepted after the handshake (checkpoint images come in chunks).
@@ -34,13 +38,16 @@ pub const MAX_FRAME: u32 = 16 << 20;
 /// Largest handshake frame: a hello is small, and a stranger gets no more.
 pub const MAX_HELLO: u32 = 4096;
 
-mod key;
+mod identity;
 mod link;
+pub mod seal;
 pub mod transfer;
+mod trust;
 
-pub use key::PeerKey;
-use key::{NONCE_BYTES, Role, random_nonce};
+pub use identity::{Identity, IdentityError, PublicKey};
 pub use link::Link;
+use seal::Seal;
+pub use trust::{Peer, Trust};
 
 /// Frame types.
 pub mod frame {
@@ -64,40 +71,37 @@ pub mod frame {
     pub const MIGRATE: u8 = 14;
     /// The destination's answer to a step: JSON `{"ok": VALUE}` or `{"error": TEXT}`.
     pub const MIGRATED: u8 = 15;
-    /// The connector's proof, after a WELCOME with the listener's: JSON `{"proof": HEX}`.
-    pub const AUTH: u8 = 16;
-    /// The listener accepted the connector's proof: the link is up.
-    pub const AUTH_OK: u8 = 17;
+    // 16 was a shared key's proof (protocol 3), retired.
+    /// The listener admitted the connecting daemon: the link is up (sealed).
+    pub const ADMITTED: u8 = 17;
     /// The current file's last DATA frame went: JSON `{"sha256": HEX}` of its bytes.
     pub const FILE_END: u8 = 18;
+    /// One Noise handshake message, in clear.
+    pub const NOISE: u8 = 19;
 }
 
-/// The handshake payload, both ways.
+/// The handshake's first payload, both ways.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Hello {
     pub magic: String,
     pub version: u32,
     /// The sending host's name, for logs.
     pub host: String,
-    /// With a [`PeerKey`]: the sender's fresh random nonce, 32 bytes in hex.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nonce: Option<String>,
-    /// In a WELCOME with a [`PeerKey`]: the listener's proof, hex.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub proof: Option<String>,
+    /// The sender seals its links (it has an identity): both ends must.
+    #[serde(default)]
+    pub sealed: bool,
 }
 
 impl Hello {
     /// This daemon's hello.
-    pub fn ours() -> Self {
+    pub fn ours(sealed: bool) -> Self {
         Self {
             magic: MAGIC.into(),
             version: VERSION,
             host: nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
                 .unwrap_or_default(),
-            nonce: None,
-            proof: None,
+            sealed,
         }
     }
 }
@@ -123,6 +127,18 @@ pub enum PeerError {
     Images(String),
     #[error("authentication failed: {0}")]
     Auth(String),
+    #[error("{0} is not a listed peer: add it to [[peers]] (address and key) in the configuration")]
+    NotListed(SocketAddr),
+}
+
+/// A frame's length field for `payload`, if it is within [`MAX_FRAME`].
+fn frame_len(payload: &[u8]) -> Result<u32, PeerError> {
+    let len =
+        u32::try_from(payload.len() + 1).map_err(|_| PeerError::TooLong(u32::MAX, MAX_FRAME))?;
+    if len > MAX_FRAME {
+        return Err(PeerError::TooLong(len, MAX_FRAME));
+    }
+    Ok(len)
 }
 
 /// Writes one frame.
@@ -131,11 +147,7 @@ pub async fn write_frame<S: AsyncWrite + Unpin>(
     kind: u8,
     payload: &[u8],
 ) -> Result<(), PeerError> {
-    let len =
-        u32::try_from(payload.len() + 1).map_err(|_| PeerError::TooLong(u32::MAX, MAX_FRAME))?;
-    if len > MAX_FRAME {
-        return Err(PeerError::TooLong(len, MAX_FRAME));
-    }
+    let len = frame_len(payload)?;
     let mut buf = Vec::with_capacity(5 + payload.len());
     buf.extend_from_slice(&len.to_be_bytes());
     buf.push(kind);
@@ -160,96 +172,143 @@ pub async fn read_frame<S: AsyncRead + Unpin>(
 }
 
 /// How long connecting and the handshake may take.
-pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// How long the listener waits for a connecting daemon's hello and proof.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the listener waits for a connecting daemon's handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Handshakes the listener runs at once; further connections are closed.
 pub const MAX_HANDSHAKES: usize = 32;
 
-/// The key [`connect`] authenticates with: the daemon's `peer_key`.
-static OUR_KEY: OnceLock<PeerKey> = OnceLock::new();
-
-/// Sets the key [`connect`] authenticates with (the daemon does, from its
-/// `peer_key`, at start); only the first call counts.
-pub fn set_key(key: PeerKey) {
-    let _ = OUR_KEY.set(key);
-}
-
-/// Connects to the peer daemon at `address` and completes the handshake,
-/// within [`CONNECT_TIMEOUT`], authenticating with the key [`set_key`] set
-/// (none: an unauthenticated link).
-pub async fn connect(address: SocketAddr) -> Result<(Link, Hello), PeerError> {
-    connect_with(address, OUR_KEY.get()).await
-}
-
-/// [`connect`] with `key` (or none).
-pub async fn connect_with(
-    address: SocketAddr,
-    key: Option<&PeerKey>,
-) -> Result<(Link, Hello), PeerError> {
-    tokio::time::timeout(CONNECT_TIMEOUT, handshake(address, key))
+/// Connects to the listed peer at `address` and completes the handshake
+/// within [`CONNECT_TIMEOUT`]: sealed, the peer proving the key its
+/// `[[peers]]` entry lists, unless `trust` is insecure.
+pub async fn connect(trust: &Trust, address: SocketAddr) -> Result<(Link, Hello), PeerError> {
+    let peer = trust.peer(address)?;
+    let open = async {
+        let stream = TcpStream::connect(address).await?;
+        tune(&stream)?;
+        open(Link::plain(stream), trust.identity(), peer).await
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, open)
         .await
         .map_err(|_| PeerError::Io(std::io::ErrorKind::TimedOut.into()))?
 }
 
-async fn handshake(address: SocketAddr, key: Option<&PeerKey>) -> Result<(Link, Hello), PeerError> {
-    let mut stream = TcpStream::connect(address).await?;
-    tune(&stream)?;
-    let nonce = key.map(|_| random_nonce()).transpose()?;
-    let hello = Hello {
-        nonce: nonce.as_ref().map(hex::encode),
-        ..Hello::ours()
-    };
-    let hello = serde_json::to_vec(&hello).expect("a hello serializes");
-    write_frame(&mut stream, frame::HELLO, &hello).await?;
-    let theirs = match read_frame(&mut stream, MAX_HELLO).await? {
-        (frame::WELCOME, payload) => serde_json::from_slice::<Hello>(&payload)
-            .map_err(|e| PeerError::Garbage(format!("welcome: {e}")))?,
-        (frame::REFUSE, reason) => {
-            return Err(PeerError::Refused(
-                String::from_utf8_lossy(&reason).into_owned(),
-            ));
-        }
+/// The connecting side of the handshake: hello and welcome in clear, then
+/// with an identity Noise XX, whose prologue is both, so that neither can
+/// be altered unseen, and the listener's word that it admits this host.
+async fn open(
+    mut link: Link,
+    identity: Option<&Identity>,
+    peer: &Peer,
+) -> Result<(Link, Hello), PeerError> {
+    let hello = serde_json::to_vec(&Hello::ours(identity.is_some())).expect("a hello serializes");
+    link.send(frame::HELLO, &hello).await?;
+    let welcome = match link.recv(MAX_HELLO).await? {
+        (frame::WELCOME, payload) => payload,
+        (frame::REFUSE, reason) => return Err(refused(&reason)),
         (other, _) => {
             return Err(PeerError::Garbage(format!(
                 "frame type {other} instead of a welcome"
             )));
         }
     };
-    let (Some(key), Some(ours)) = (key, nonce) else {
-        return Ok((Link::plain(stream), theirs));
+    let theirs = check_hello(frame::HELLO, &welcome)?;
+    if let Err(reason) = same_sealing(identity.is_some(), theirs.sealed, &peer.name) {
+        let _ = link
+            .send(frame::REFUSE, reason.to_string().as_bytes())
+            .await;
+        return Err(reason);
+    }
+    let Some(identity) = identity else {
+        return Ok((link, theirs));
     };
-    let theirs_nonce = theirs.nonce.as_deref().and_then(|h| hex::decode(h).ok());
-    let proof = theirs.proof.as_deref().and_then(|h| hex::decode(h).ok());
-    let failure = match (theirs_nonce, proof) {
-        (Some(nonce), Some(proof)) if nonce.len() == NONCE_BYTES => {
-            if key.verify(Role::Listener, &ours, &nonce, &proof) {
-                let proof = key.prove(Role::Connector, &ours, &nonce);
-                let auth = serde_json::json!({ "proof": hex::encode(&proof) });
-                write_frame(&mut stream, frame::AUTH, auth.to_string().as_bytes()).await?;
-                return match read_frame(&mut stream, MAX_HELLO).await? {
-                    (frame::AUTH_OK, _) => Ok((Link::plain(stream), theirs)),
-                    (frame::REFUSE, reason) => Err(PeerError::Refused(
-                        String::from_utf8_lossy(&reason).into_owned(),
-                    )),
-                    (other, _) => Err(PeerError::Garbage(format!(
-                        "frame type {other} instead of accepting our proof"
-                    ))),
-                };
-            }
-            "the listener's proof does not match this daemon's peer_key: \
-             the two daemons' peer_key differ"
+    let prologue = prologue(&hello, &welcome);
+    let mut noise = seal::noise(identity, &prologue)
+        .build_initiator()
+        .map_err(noise_error)?;
+    noise_send(&mut link, &mut noise).await?;
+    noise_recv(&mut link, &mut noise).await?;
+    let presented = noise.get_remote_static().and_then(PublicKey::from_slice);
+    if presented.is_none() || presented != peer.key {
+        let reason = PeerError::Auth(format!(
+            "{} presented key {}, not the key its [[peers]] entry lists",
+            peer.name,
+            presented.map_or("none".into(), |k| k.to_string())
+        ));
+        let _ = link
+            .send(frame::REFUSE, reason.to_string().as_bytes())
+            .await;
+        return Err(reason);
+    }
+    noise_send(&mut link, &mut noise).await?;
+    link.seal(Seal::new(noise.into_transport_mode().map_err(noise_error)?));
+    match link.recv(MAX_HELLO).await? {
+        (frame::ADMITTED, _) => Ok((link, theirs)),
+        (frame::REFUSE, reason) => Err(refused(&reason)),
+        (other, _) => Err(PeerError::Garbage(format!(
+            "frame type {other} instead of being admitted"
+        ))),
+    }
+}
+
+/// Both ends must agree on sealing: a sealed daemon never falls back to
+/// clear for a peer that asks for it.
+fn same_sealing(ours: bool, theirs: bool, peer: &str) -> Result<(), PeerError> {
+    match (ours, theirs) {
+        (true, false) => Err(PeerError::Auth(format!(
+            "{peer} runs with peer_insecure and this daemon seals its peer links: \
+             give {peer} an identity and list the peers on both"
+        ))),
+        (false, true) => Err(PeerError::Auth(format!(
+            "this daemon runs with peer_insecure and {peer} seals its peer links"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// What both ends said in clear, length-prefixed, for the handshake to
+/// authenticate.
+fn prologue(hello: &[u8], welcome: &[u8]) -> Vec<u8> {
+    let mut prologue = format!("{MAGIC} v{VERSION}\0").into_bytes();
+    for said in [hello, welcome] {
+        prologue.extend_from_slice(&(said.len() as u32).to_be_bytes());
+        prologue.extend_from_slice(said);
+    }
+    prologue
+}
+
+/// Sends this end's next handshake message.
+async fn noise_send(link: &mut Link, noise: &mut snow::HandshakeState) -> Result<(), PeerError> {
+    let mut message = [0; 256];
+    let n = noise
+        .write_message(&[], &mut message)
+        .map_err(noise_error)?;
+    link.send(frame::NOISE, &message[..n]).await
+}
+
+/// Reads the other end's next handshake message.
+async fn noise_recv(link: &mut Link, noise: &mut snow::HandshakeState) -> Result<(), PeerError> {
+    match link.recv(MAX_HELLO).await? {
+        (frame::NOISE, message) => {
+            let mut payload = vec![0; message.len()];
+            noise
+                .read_message(&message, &mut payload)
+                .map_err(noise_error)?;
+            Ok(())
         }
-        _ => {
-            "the listener did not authenticate (it has no peer_key?): \
-             configure the same peer_key on both daemons"
-        }
-    };
-    // Tell the listener why, so that its log says so too.
-    let reason = PeerError::Auth(failure.into());
-    let _ = write_frame(&mut stream, frame::REFUSE, reason.to_string().as_bytes()).await;
-    Err(reason)
+        (frame::REFUSE, reason) => Err(refused(&reason)),
+        (other, _) => Err(PeerError::Garbage(format!(
+            "frame type {other} in the handshake"
+        ))),
+    }
+}
+
+fn noise_error(e: snow::Error) -> PeerError {
+    PeerError::Auth(format!("handshake: {e}"))
+}
+
+fn refused(reason: &[u8]) -> PeerError {
+    PeerError::Refused(String::from_utf8_lossy(reason).into_owned())
 }
 
 /// Round trip of one PING on an established link.
@@ -335,13 +394,12 @@ fn tune(stream: &TcpStream) -> std::io::Result<()> {
 }
 
 /// Accepts peer links on `listener` until the task is dropped: each gets
-/// the handshake (authenticated with `key`, if any) and then `on_link`.
-pub async fn serve<F, Fut>(listener: TcpListener, key: Option<PeerKey>, on_link: F)
+/// the handshake `trust` asks for and, once admitted, `on_link`.
+pub async fn serve<F, Fut>(listener: TcpListener, trust: Arc<Trust>, on_link: F)
 where
     F: Fn(Link, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<(), PeerError>> + Send,
 {
-    let key = Arc::new(key);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let mut turned_away = 0u64;
     loop {
@@ -355,10 +413,9 @@ where
                     }
                     continue;
                 };
-                let (key, on_link) = (key.clone(), on_link.clone());
+                let (trust, on_link) = (trust.clone(), on_link.clone());
                 tokio::spawn(async move {
-                    let key = Option::as_ref(&key);
-                    let outcome = match admit(stream, from, key, permit).await {
+                    let outcome = match admit(stream, from, &trust, permit).await {
                         Ok(Some(link)) => on_link(link, from).await,
                         Ok(None) => Ok(()),
                         Err(e) => Err(e),
@@ -374,15 +431,16 @@ where
 }
 
 /// The listener's handshake on one link, within [`HANDSHAKE_TIMEOUT`]: the
-/// stream once the peer is admitted, none if it was refused (and told why).
+/// link once the peer is admitted, none if it was refused (and told why).
 async fn admit(
-    mut stream: TcpStream,
+    stream: TcpStream,
     from: SocketAddr,
-    key: Option<&PeerKey>,
+    trust: &Trust,
     handshake: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<Option<Link>, PeerError> {
     tune(&stream)?;
-    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(&mut stream, key))
+    let mut link = Link::plain(stream);
+    let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(&mut link, trust))
         .await
         .unwrap_or_else(|_| {
             Err(PeerError::Garbage(format!(
@@ -392,91 +450,57 @@ async fn admit(
         });
     drop(handshake);
     match accepted {
-        Ok(hello) => {
-            tracing::info!(%from, host = %hello.host, version = hello.version,
-                authenticated = key.is_some(), "peer link up");
-            Ok(Some(Link::plain(stream)))
+        Ok((hello, peer)) => {
+            tracing::info!(%from, host = %hello.host, peer = %peer.unwrap_or("(insecure)"),
+                sealed = link.is_sealed(), "peer link up");
+            Ok(Some(link))
         }
         Err(reason) => {
             tracing::warn!(%from, "refused a peer link: {reason}");
-            // Best effort: a garbage sender may not read it.
-            let _ = write_frame(&mut stream, frame::REFUSE, reason.to_string().as_bytes()).await;
+            // Best effort, sealed once the handshake is: a garbage sender
+            // may not read it.
+            let _ = link
+                .send(frame::REFUSE, reason.to_string().as_bytes())
+                .await;
             Ok(None)
         }
     }
 }
 
 /// The listener's side of the handshake: the connector's hello, checked,
-/// and with a key both proofs; nothing else is read before it succeeds.
-async fn accept(stream: &mut TcpStream, key: Option<&PeerKey>) -> Result<Hello, PeerError> {
-    let (kind, payload) = read_frame(stream, MAX_HELLO).await?;
-    let hello = check_hello(kind, &payload)?;
-    let (key, theirs) = match (key, hello.nonce.as_deref()) {
-        (None, None) => {
-            let welcome = serde_json::to_vec(&Hello::ours()).expect("a hello serializes");
-            write_frame(stream, frame::WELCOME, &welcome).await?;
-            return Ok(hello);
-        }
-        (None, Some(_)) => {
-            return Err(PeerError::Auth(
-                "the connecting daemon has a peer_key and this one has none: \
-                 configure the same peer_key on both daemons"
-                    .into(),
-            ));
-        }
-        (Some(_), None) => {
-            return Err(PeerError::Auth(
-                "this daemon requires authentication (peer_key) and the connecting daemon \
-                 sent none: configure the same peer_key on both daemons"
-                    .into(),
-            ));
-        }
-        (Some(key), Some(nonce)) => match hex::decode(nonce).ok() {
-            Some(nonce) if nonce.len() == NONCE_BYTES => (key, nonce),
-            _ => {
-                return Err(PeerError::Auth(
-                    "the hello's nonce is not 32 bytes in hex".into(),
-                ));
-            }
-        },
+/// the welcome, and with an identity Noise XX, after which the connector's
+/// key must be a listed peer's. Nothing else is read before it succeeds.
+/// The hello and the name of the listed peer it is.
+async fn accept<'t>(
+    link: &mut Link,
+    trust: &'t Trust,
+) -> Result<(Hello, Option<&'t str>), PeerError> {
+    let (kind, hello) = link.recv(MAX_HELLO).await?;
+    let theirs = check_hello(kind, &hello)?;
+    let identity = trust.identity();
+    same_sealing(identity.is_some(), theirs.sealed, "the connecting daemon")?;
+    let welcome = serde_json::to_vec(&Hello::ours(identity.is_some())).expect("a hello serializes");
+    link.send(frame::WELCOME, &welcome).await?;
+    let Some(identity) = identity else {
+        return Ok((theirs, None));
     };
-    let ours = random_nonce()?;
-    let welcome = Hello {
-        nonce: Some(hex::encode(ours)),
-        proof: Some(hex::encode(key.prove(Role::Listener, &theirs, &ours))),
-        ..Hello::ours()
-    };
-    let welcome = serde_json::to_vec(&welcome).expect("a hello serializes");
-    write_frame(stream, frame::WELCOME, &welcome).await?;
-    let proof = match read_frame(stream, MAX_HELLO).await? {
-        (frame::AUTH, payload) => serde_json::from_slice::<serde_json::Value>(&payload)
-            .ok()
-            .and_then(|v| v.get("proof")?.as_str().and_then(|h| hex::decode(h).ok())),
-        (frame::REFUSE, reason) => {
-            return Err(PeerError::Refused(
-                String::from_utf8_lossy(&reason).into_owned(),
-            ));
-        }
-        (other, _) => {
-            return Err(PeerError::Auth(format!(
-                "frame type {other} instead of the connecting daemon's proof"
-            )));
-        }
-    };
-    match proof {
-        Some(proof) if key.verify(Role::Connector, &theirs, &ours, &proof) => {
-            write_frame(stream, frame::AUTH_OK, &[]).await?;
-            Ok(hello)
-        }
-        Some(_) => Err(PeerError::Auth(
-            "the connecting daemon's proof does not match this daemon's peer_key: \
-             the two daemons' peer_key differ"
-                .into(),
-        )),
-        None => Err(PeerError::Auth(
-            "an AUTH frame without a proof in hex".into(),
-        )),
-    }
+    let prologue = prologue(&hello, &welcome);
+    let mut noise = seal::noise(identity, &prologue)
+        .build_responder()
+        .map_err(noise_error)?;
+    noise_recv(link, &mut noise).await?;
+    noise_send(link, &mut noise).await?;
+    noise_recv(link, &mut noise).await?;
+    let key = noise
+        .get_remote_static()
+        .and_then(PublicKey::from_slice)
+        .ok_or_else(|| PeerError::Auth("the handshake ended without a key".into()))?;
+    link.seal(Seal::new(noise.into_transport_mode().map_err(noise_error)?));
+    let peer = trust.admit(key).ok_or_else(|| {
+        PeerError::Auth(format!("key {key} is not among this daemon's [[peers]]"))
+    })?;
+    link.send(frame::ADMITTED, &[]).await?;
+    Ok((theirs, Some(peer.name.as_str())))
 }
 
 #[cfg(test)]
@@ -485,7 +509,7 @@ mod tests {
 
     #[test]
     fn checks_hellos() {
-        let ours = serde_json::to_vec(&Hello::ours()).unwrap();
+        let ours = serde_json::to_vec(&Hello::ours(true)).unwrap();
         assert!(check_hello(frame::HELLO, &ours).is_ok());
         assert!(matches!(
             check_hello(frame::PING, &ours),
@@ -495,18 +519,14 @@ mod tests {
             check_hello(frame::HELLO, b"GET / HTTP/1.1"),
             Err(PeerError::Garbage(_))
         ));
-        let future = Hello {
-            version: VERSION + 1,
-            ..Hello::ours()
-        };
-        let future = serde_json::to_vec(&future).unwrap();
+        let older = br#"{"magic":"dataplane-peer","version":3,"host":"a","nonce":"00"}"#;
         assert!(matches!(
-            check_hello(frame::HELLO, &future),
-            Err(PeerError::Version(v)) if v == VERSION + 1
+            check_hello(frame::HELLO, older),
+            Err(PeerError::Version(3))
         ));
         let stranger = Hello {
             magic: "other".into(),
-            ..Hello::ours()
+            ..Hello::ours(true)
         };
         let stranger = serde_json::to_vec(&stranger).unwrap();
         assert!(matches!(
@@ -515,8 +535,8 @@ mod tests {
         ));
     }
 
-    /// A listener on loopback with `key`; its address.
-    async fn listener(key: Option<PeerKey>) -> SocketAddr {
+    /// A listener on loopback with `trust`; its address.
+    async fn listener(trust: Trust) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         // A link that answers pings, as the destination's does.
@@ -526,35 +546,66 @@ mod tests {
             }
             Ok(())
         };
-        tokio::spawn(serve(listener, key, on_link));
+        tokio::spawn(serve(listener, Arc::new(trust), on_link));
         address
     }
 
+    fn peer(name: &str, address: SocketAddr, key: Option<&Identity>) -> Peer {
+        Peer {
+            name: name.into(),
+            address,
+            key: key.map(Identity::public),
+        }
+    }
+
     #[tokio::test]
-    async fn the_handshake_authenticates_both_ends_with_a_shared_key() {
-        let key = PeerKey::from_hex(&"5a".repeat(32)).unwrap();
-        let other = PeerKey::from_hex(&"a5".repeat(32)).unwrap();
-        let keyed = listener(Some(key.clone())).await;
-        let open = listener(None).await;
+    async fn links_are_sealed_between_listed_keys_only() {
+        let (a, b, mallory) = (
+            Identity::generate().unwrap(),
+            Identity::generate().unwrap(),
+            Identity::generate().unwrap(),
+        );
+        let unused: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let b_at = listener(Trust::sealed(b.clone(), vec![peer("a", unused, Some(&a))])).await;
+        let a_trust = Trust::sealed(a.clone(), vec![peer("b", b_at, Some(&b))]);
 
-        let (mut link, theirs) = connect_with(keyed, Some(&key)).await.unwrap();
-        assert_eq!(theirs.version, VERSION);
-        ping(&mut link).await.unwrap();
-        let (mut link, _) = connect_with(open, None).await.unwrap();
+        let (mut link, theirs) = connect(&a_trust, b_at).await.unwrap();
+        assert!(link.is_sealed() && theirs.sealed);
         ping(&mut link).await.unwrap();
 
-        let wrong = connect_with(keyed, Some(&other)).await.unwrap_err();
-        assert!(matches!(wrong, PeerError::Auth(_)), "{wrong}");
-        assert!(wrong.to_string().contains("differ"), "{wrong}");
-        let none = connect_with(keyed, None).await.unwrap_err().to_string();
-        assert!(none.contains("requires authentication"), "{none}");
-        let unkeyed = connect_with(open, Some(&key))
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(unkeyed.contains("has none"), "{unkeyed}");
-        // The keyed listener still serves its peer.
-        let (mut link, _) = connect_with(keyed, Some(&key)).await.unwrap();
+        // Only listed addresses are dialled.
+        let other: SocketAddr = "127.0.0.1:10".parse().unwrap();
+        assert!(matches!(
+            connect(&a_trust, other).await,
+            Err(PeerError::NotListed(_))
+        ));
+        // A key b does not list is refused, named.
+        let m_trust = Trust::sealed(mallory.clone(), vec![peer("b", b_at, Some(&b))]);
+        let refused = connect(&m_trust, b_at).await.unwrap_err().to_string();
+        assert!(refused.contains(&mallory.public().to_string()), "{refused}");
+        assert!(refused.contains("not among"), "{refused}");
+        // A listener that is not the key listed for its address is refused.
+        let wrong = Trust::sealed(a.clone(), vec![peer("b", b_at, Some(&mallory))]);
+        let refused = connect(&wrong, b_at).await.unwrap_err().to_string();
+        assert!(
+            refused.contains("not the key its [[peers]] entry lists"),
+            "{refused}"
+        );
+        // Sealed and insecure daemons refuse each other.
+        let insecure = Trust::insecure(vec![peer("b", b_at, None)]);
+        let refused = connect(&insecure, b_at).await.unwrap_err().to_string();
+        assert!(refused.contains("peer_insecure"), "{refused}");
+        let open_at = listener(Trust::insecure(vec![])).await;
+        let to_open = Trust::sealed(a.clone(), vec![peer("open", open_at, Some(&b))]);
+        let refused = connect(&to_open, open_at).await.unwrap_err().to_string();
+        assert!(refused.contains("peer_insecure"), "{refused}");
+        // Two insecure daemons link in clear.
+        let clear = Trust::insecure(vec![peer("open", open_at, None)]);
+        let (mut link, theirs) = connect(&clear, open_at).await.unwrap();
+        assert!(!link.is_sealed() && !theirs.sealed);
+        ping(&mut link).await.unwrap();
+        // The listener still serves its peer.
+        let (mut link, _) = connect(&a_trust, b_at).await.unwrap();
         ping(&mut link).await.unwrap();
     }
 }
