@@ -174,8 +174,13 @@ pub struct Config {
     /// Destination and source MAC of mirror frames to the standby.
     pub standby_dst_mac: [u8; 6],
     pub standby_src_mac: [u8; 6],
+    /// Ifindex of the one interface mirror frames are taken on (the peer
+    /// interface, or the link a standby's copies arrive on); 0: none.
+    /// Mirror frames arriving anywhere else count as `MIRROR_FOREIGN`.
+    pub mirror_from_ifindex: u32,
+    pub _reserved: u32,
 }
-const _: () = assert!(size_of::<Config>() == 48);
+const _: () = assert!(size_of::<Config>() == 56);
 
 /// Mirror mode: XDP passes the input, TC clones it to the mirror interface.
 pub const MIRROR_CLONE: u32 = 0;
@@ -243,7 +248,9 @@ const _: () = assert!(size_of::<MirrorHeader>() == 32);
 pub const MAX_SEQ: u64 = (1 << 63) - 1;
 
 /// Mirror flag: a replay of a logged input, injected on the receiving host;
-/// gated like a live copy but not logged again.
+/// gated like a live copy but not logged again. Honoured only on a frame the
+/// host's own daemon queued (`REPLAY_FRAMES`); a frame from the wire that
+/// carries it is refused.
 pub const MIRROR_FLAG_REPLAY: u16 = 1;
 
 /// Inputs one replay batch injects at most: one BPF_PROG_RUN (and one
@@ -436,8 +443,11 @@ pub mod counter {
     pub const FORWARDED: u32 = 14;
     /// Outputs the output gate kept from leaving.
     pub const OUTPUT_MUTED: u32 = 15;
+    /// Mirror frames that arrived on an interface mirror frames are not
+    /// taken on (not `Config::mirror_from_ifindex`), passed untouched.
+    pub const MIRROR_FOREIGN: u32 = 16;
     /// Number of counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
     /// Counter names, by index, as user space reports them.
     pub const NAMES: [&str; COUNT as usize] = [
         "seen",
@@ -456,6 +466,7 @@ pub mod counter {
         "duplicates",
         "forwarded",
         "output_muted",
+        "mirror_foreign",
     ];
 }
 

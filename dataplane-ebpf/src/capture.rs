@@ -22,6 +22,7 @@ use crate::{
     mirror::{deliver, hand_to_mirror},
     parse::{Frame, parse, ptr_at},
     record::{self, Xdp},
+    replay::{Queued, take_queued_replay},
     word,
 };
 
@@ -142,12 +143,48 @@ pub(crate) fn raise(sequence: *mut FlowSequence, seq: u64) {
     };
 }
 
+/// A mirror frame: a replay this host's daemon queued, or a frame off the
+/// wire. A mirror frame moves a flow's numbering (a `seq` raises
+/// `last_seq`) and its gates (a `seq` 0 opens an armed output gate), so
+/// only the peer may send them: off the wire they are taken on the one
+/// interface they are configured to arrive on (`mirror_from_ifindex`: the
+/// peer link, or a standby's link to its source). One arriving anywhere
+/// else, from the field network say, passes untouched and is only counted
+/// (`MIRROR_FOREIGN`): no log line, which a sender could otherwise flood.
+#[inline(always)]
+pub(crate) fn mirror_frame(ctx: &XdpContext) -> u32 {
+    match take_queued_replay(ctx) {
+        Queued::Taken => return receive(ctx, true),
+        // This host's own trigger, with nothing to receive: refused.
+        Queued::Lost => {}
+        _ if !on_mirror_link(ctx) => {
+            count(counter::MIRROR_FOREIGN);
+            return xdp_action::XDP_PASS;
+        }
+        Queued::No => return receive(ctx, false),
+        Queued::Forged => {}
+    }
+    count(counter::MIRROR_RECEIVED);
+    count(counter::MIRROR_ERRORS);
+    xdp_action::XDP_PASS
+}
+
+/// Whether the frame arrived on the interface mirror frames are taken on.
+#[inline(always)]
+fn on_mirror_link(ctx: &XdpContext) -> bool {
+    let from = config().mirror_from_ifindex;
+    // SAFETY: reading a field of the context the kernel handed us.
+    from != 0 && unsafe { (*ctx.ctx).ingress_ifindex } == from
+}
+
 /// Logs a mirror frame from the peer and lets the flow's gate decide whether
 /// the mirrored input goes on to the local instance (decapsulated) or is held
 /// (dropped here, kept in the log for replay). A frame with a header this
 /// build does not understand passes untouched, and the stack discards it.
+/// `replayed`: the frame is a replay this host's daemon queued
+/// (`take_queued_replay`), the only source of replays.
 #[inline(always)]
-pub(crate) fn receive(ctx: &XdpContext) -> u32 {
+fn receive(ctx: &XdpContext, replayed: bool) -> u32 {
     count(counter::MIRROR_RECEIVED);
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(header) = ptr_at::<MirrorHeader>(data, data_end, 14) else {
@@ -197,8 +234,12 @@ pub(crate) fn receive(ctx: &XdpContext) -> u32 {
         count(counter::MIRROR_ERRORS);
         return xdp_action::XDP_PASS;
     };
-    let replayed = u16::from_be(header.flags) & MIRROR_FLAG_REPLAY != 0;
-    if sent_seq == 0 && replayed {
+    // A replay is gated without being logged, and its number is taken as
+    // it is: only the daemon's own queue makes them, and the flag must say
+    // where the frame came from. One off the wire claiming to be a replay
+    // is refused.
+    let flagged = u16::from_be(header.flags) & MIRROR_FLAG_REPLAY != 0;
+    if flagged != replayed || (replayed && sent_seq == 0) {
         count(counter::MIRROR_ERRORS);
         return xdp_action::XDP_PASS;
     }

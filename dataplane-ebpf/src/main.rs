@@ -2,7 +2,8 @@
 //!
 //! - `ingress` (XDP): numbers, timestamps and logs the inputs of known CPS
 //!   flows, hands the number to `mirror` in the packet metadata; receives
-//!   mirror frames from the peer host, logs them and gates them.
+//!   mirror frames from the peer host (on the one interface they are taken
+//!   on) and replays queued by this host's daemon, logs them and gates them.
 //! - `mirror` (TC ingress): clones a numbered input to the mirror interface.
 //! - `egress` (TC egress): wraps those clones in the mirror header on the
 //!   mirror interface, and logs the local instance's outputs.
@@ -36,7 +37,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use capture::{capture, receive};
+use capture::{capture, mirror_frame};
 use dataplane_common::{
     CAPTURE_META_MAGIC, CAPTURE_META_MASK, CaptureMeta, Config, META_DELIVER, META_PEER,
     META_STANDBY, MIRROR_CLONE, MIRROR_OVERHEAD, counter, mirror_headers,
@@ -45,20 +46,13 @@ use maps::{MIRROR_PENDING, config, count};
 use mirror::encapsulate;
 use output::capture_output;
 use parse::{Frame, Skip, parse, ptr_at};
-use replay::take_queued_replay;
 
 #[xdp]
 pub fn ingress(ctx: XdpContext) -> u32 {
     count(counter::SEEN);
     match parse(ctx.data(), ctx.data_end()) {
         Ok(Frame::Udp(key, _)) => return capture(&ctx, &key),
-        Ok(Frame::Mirror) => {
-            if take_queued_replay(&ctx) {
-                return receive(&ctx);
-            }
-            count(counter::MIRROR_RECEIVED);
-            count(counter::MIRROR_ERRORS);
-        }
+        Ok(Frame::Mirror) => return mirror_frame(&ctx),
         Err(Skip::Malformed) => count(counter::MALFORMED),
         Err(Skip::NotUdp) => count(counter::NOT_UDP),
     }

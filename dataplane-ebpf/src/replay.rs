@@ -12,6 +12,20 @@ use crate::{
     parse::ptr_at,
 };
 
+/// What `take_queued_replay` made of a mirror frame.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queued {
+    /// Not a replay batch's trigger: a frame as it came in.
+    No,
+    /// A trigger with the key: the packet is now the next frame this host's
+    /// daemon queued.
+    Taken,
+    /// A trigger without the key: not made by this host's daemon.
+    Forged,
+    /// A trigger with the key, but no queued frame could be written.
+    Lost,
+}
+
 /// A replay batch: user space queues rebuilt mirror frames in REPLAY_FRAMES
 /// and runs `ingress` with BPF_PROG_RUN in live-frames mode, `repeat` set to
 /// their number, on a trigger frame: a mirror frame flagged
@@ -24,33 +38,42 @@ use crate::{
 /// (random, set at load, readable by root only) keeps a frame from the wire
 /// from taking queued frames.
 ///
-/// Returns whether the packet is now a frame to receive: not a trigger, or
-/// a trigger with the key whose queued frame is written. Out of line: the
-/// verifier refused the inlined form (LLVM spilled a register that is not
-/// set on every path into `ingress`).
+/// `Queued::Taken` is also the only way the program knows a frame is a
+/// replay. The kernel cannot tell a test run from a frame off the wire by
+/// the context: the injector sets `ingress_ifindex` (and the receive queue)
+/// to the interface its frames are to seem to arrive on, a real one. What
+/// only the daemon can do is pass the key, and the frame written here comes
+/// from REPLAY_FRAMES, which only root writes; a frame's own flags are
+/// whatever its sender chose.
+///
+/// Out of line: the verifier refused the inlined form (LLVM spilled a
+/// register that is not set on every path into `ingress`).
 #[inline(never)]
-pub(crate) fn take_queued_replay(ctx: &XdpContext) -> bool {
+pub(crate) fn take_queued_replay(ctx: &XdpContext) -> Queued {
     let Some(header) = ptr_at::<MirrorHeader>(ctx.data(), ctx.data_end(), 14) else {
-        return true;
+        return Queued::No;
     };
     // SAFETY: ptr_at checked that the header lies inside the packet.
     let (flags, key) = unsafe { ((*header).flags, (*header).seq) };
     if u16::from_be(flags) & MIRROR_FLAG_QUEUED == 0 {
-        return true;
+        return Queued::No;
     }
     let ours = REPLAY_KEY.get(0).copied().unwrap_or(0);
     if ours == 0 || u64::from_be(key) != ours {
-        return false;
+        return Queued::Forged;
     }
     let Some(next) = REPLAY_NEXT.get_ptr_mut(0) else {
-        return false;
+        return Queued::Lost;
     };
     // SAFETY: the array slot lives as long as the map; one batch runs at a
     // time on one CPU (user space serializes them).
     let index = unsafe { *next };
     // SAFETY: as above.
     unsafe { *next = index + 1 };
-    write_replay_frame(ctx, index).is_some()
+    match write_replay_frame(ctx, index) {
+        Some(()) => Queued::Taken,
+        None => Queued::Lost,
+    }
 }
 
 /// Makes the packet the frame queued in slot `index` of REPLAY_FRAMES.

@@ -25,6 +25,10 @@ pub struct DaemonConfig {
     /// MAC address of the peer host on that link, "aa:bb:cc:dd:ee:ff". Default: broadcast.
     #[serde(default)]
     pub peer_mac: Option<String>,
+    /// The interface mirror frames are taken on (a standby's dataplane: the
+    /// link from its source). Default: `peer_interface`.
+    #[serde(default)]
+    pub mirror_from: Option<String>,
     /// bpffs directory of the pins. Default: /sys/fs/bpf/dataplane.
     #[serde(default = "default_pin_root")]
     pub pin_root: PathBuf,
@@ -275,6 +279,7 @@ impl DaemonConfig {
             pin_root: self.pin_root.clone(),
             peer_interface: self.peer_interface.clone(),
             peer_mac,
+            mirror_from: self.mirror_from.clone(),
             standby,
             snap_len: self.snap_len,
             input_ring_bytes: self.input_ring_mib << 20,
@@ -308,6 +313,10 @@ mod tests {
         assert_eq!(config.calibration, PathBuf::from(DEFAULT_CALIBRATION));
         let options = config.load_options().unwrap();
         assert_eq!(options.input_ring_bytes, 64 << 20);
+        assert_eq!(options.mirror_from, None, "the peer interface's");
+        let standby = DaemonConfig::parse("interface = \"eth0\"\nmirror_from = \"eth0\"");
+        let options = standby.unwrap().load_options().unwrap();
+        assert_eq!(options.mirror_from.as_deref(), Some("eth0"));
     }
 
     #[test]

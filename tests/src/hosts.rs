@@ -244,6 +244,26 @@ impl TestHosts {
             .mac
     }
 
+    /// The index of `iface` in `host`.
+    pub fn ifindex(host: &NetNs, iface: &str) -> u32 {
+        host.run(|| dataplane_user::host::netdev::Interface::by_name(iface))
+            .expect("interface exists")
+            .index
+    }
+
+    /// Load options for the dataplane in a standby namespace
+    /// ([`TestHosts::add_standby`]): no peer; its mirror copies arrive on
+    /// eth0, the link from `src`.
+    pub fn standby_options(&self) -> LoadOptions {
+        LoadOptions {
+            pin_root: self.pin_root("stb"),
+            mirror_from: Some("eth0".into()),
+            input_ring_bytes: 1 << 20,
+            output_ring_bytes: 1 << 20,
+            ..LoadOptions::new("eth0")
+        }
+    }
+
     /// Load options for `src`: eth0, mirroring over peer0 to dst's peer0.
     pub fn src_options(&self) -> LoadOptions {
         LoadOptions {

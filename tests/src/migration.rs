@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use dataplane_user::kernel::loader::{Dataplane, LoadOptions};
+use dataplane_user::kernel::loader::Dataplane;
 
 use crate::{
     daemon::{DaemonProcess, Flow},
@@ -97,15 +97,9 @@ impl MigrationSetup {
     ) -> Self {
         let hosts = TestHosts::new(tag);
         let standby_ns = standby.then(|| hosts.add_standby());
-        let standby_dataplane = standby_ns.as_ref().map(|ns| {
-            let options = LoadOptions {
-                pin_root: hosts.pin_root("stb"),
-                input_ring_bytes: 1 << 20,
-                output_ring_bytes: 1 << 20,
-                ..LoadOptions::new("eth0")
-            };
-            Loaded::new(ns, &options)
-        });
+        let standby_dataplane = standby_ns
+            .as_ref()
+            .map(|ns| Loaded::new(ns, &hosts.standby_options()));
         let standby_config = standby_ns
             .as_ref()
             .map(|ns| {

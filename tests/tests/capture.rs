@@ -6,14 +6,14 @@ use std::{
 };
 
 use dataplane_common::{
-    FLOW_MIRROR, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, counter,
+    FLOW_MIRROR, FLOW_STANDBY, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, counter,
 };
 use dataplane_tests::{
     CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, sock, udp_payload,
 };
 use dataplane_user::kernel::{
     flow,
-    loader::{LoadOptions, MAP_OUTPUTS},
+    loader::{LoadOptions, MAP_INPUTS, MAP_OUTPUTS},
     logs::Record,
 };
 
@@ -230,6 +230,61 @@ fn devmap_mode_mirrors_and_delivers_through_a_veth() {
     let counters = src.dataplane.counters().unwrap();
     assert_eq!(counters.get(counter::MIRRORED), 2000);
     assert_eq!(counters.get(counter::MIRROR_ERRORS), 0);
+}
+
+#[test]
+fn a_standby_takes_mirror_copies_only_on_the_link_it_is_told_they_arrive_on() {
+    let hosts = TestHosts::new("stb");
+    let standby_ns = hosts.add_standby();
+    let options = LoadOptions {
+        standby: Some(("stby0".into(), TestHosts::mac(&standby_ns, "eth0"))),
+        ..hosts.src_options()
+    };
+    let mut src = Loaded::new(&hosts.src, &options);
+    let (cps, service) = (sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
+    let key = flow::udp(cps, service);
+    src.dataplane.add_flow(key, FLOW_STANDBY).unwrap();
+    // A standby's dataplane has no peer interface: its copies arrive on its
+    // service interface, which only `mirror_from` makes a mirror link.
+    for (mirror_from, first) in [(None, 1), (Some("eth0".to_string()), 101)] {
+        let options = LoadOptions {
+            mirror_from: mirror_from.clone(),
+            ..hosts.standby_options()
+        };
+        let mut standby = Loaded::new(&standby_ns, &options);
+        standby.dataplane.add_flow(key, 0).unwrap();
+        let sent = send_inputs(&hosts, cps, service, 100);
+        if mirror_from.is_some() {
+            let records = standby.read_inputs(sent.len());
+            let seqs: Vec<u64> = records.iter().map(|r| r.header.seq).collect();
+            assert_eq!(seqs, (first..first + 100).collect::<Vec<_>>());
+            assert!(records.iter().all(|r| r.header.kind == RECORD_MIRRORED));
+            continue;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while standby
+            .dataplane
+            .counters()
+            .unwrap()
+            .get(counter::MIRROR_FOREIGN)
+            < 100
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "copies counted foreign"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        let counters = standby.dataplane.counters().unwrap();
+        assert_eq!(counters.get(counter::MIRROR_RECEIVED), 0);
+        assert_eq!(standby.dataplane.sequence(0).unwrap().last_seq, 0);
+        let mut log = standby.dataplane.open_log(MAP_INPUTS).unwrap();
+        assert!(log.next().is_none(), "nothing logged");
+    }
+    assert_eq!(
+        src.dataplane.counters().unwrap().get(counter::MIRRORED),
+        200
+    );
 }
 
 /// A UDP socket in `host` bound to `addr` with SO_REUSEPORT, so that several

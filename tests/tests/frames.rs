@@ -12,7 +12,9 @@ use dataplane_common::{
     MIRROR_FLAG_QUEUED, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD, OUTPUT_ARMED, OUTPUT_FROM,
     RECORD_INPUT, RECORD_MIRRORED, counter,
 };
-use dataplane_tests::{CPS_V4, CPS_V6, Loaded, RawSocket, SERVICE_V4, SERVICE_V6, TestHosts, sock};
+use dataplane_tests::{
+    CPS_V4, CPS_V6, Loaded, NetNs, RawSocket, SERVICE_V4, SERVICE_V6, TestHosts, sock,
+};
 use dataplane_user::kernel::{
     flow,
     loader::{Counters, LoadOptions, MAP_INPUTS},
@@ -100,7 +102,7 @@ fn malformed_and_foreign_frames_pass_untouched_and_are_counted() {
         ..Default::default()
     });
     assert!(run.is_err(), "XDP does not run on a 13-byte frame");
-    check_ingress(&src, &cps, &parser_cases(src_mac));
+    check_ingress(&src, (&hosts.src, "eth0"), &cps, &parser_cases(src_mac));
 }
 
 #[test]
@@ -111,7 +113,7 @@ fn malformed_and_foreign_frames_on_the_peer_link_pass_untouched_and_are_counted(
     let link = MirrorLink::open(&hosts);
     let mut cases = parser_cases(TestHosts::mac(&hosts.dst, "peer0"));
     cases.extend(mirror_cases(&link, flow_id));
-    check_ingress(&dst, &link.socket, &cases);
+    check_ingress(&dst, (&hosts.dst, "peer0"), &link.socket, &cases);
     assert_eq!(received(&replica), [] as [String; 0], "nothing delivered");
     let sequence = dst.dataplane.sequence(flow_id).unwrap();
     assert_eq!(sequence.last_seq, 0, "no refused frame moved the numbering");
@@ -127,6 +129,90 @@ fn malformed_and_foreign_frames_on_the_peer_link_pass_untouched_and_are_counted(
         (logged[0].header.seq, logged[0].header.kind),
         (1, RECORD_MIRRORED)
     );
+}
+
+#[test]
+fn mirror_frames_from_the_field_network_leave_a_sources_numbering_alone() {
+    let (hosts, src) = src_with_flow("fsrc");
+    let src_mac = TestHosts::mac(&hosts.src, "eth0");
+    let field = RawSocket::open(&hosts.cps, "to-src");
+    for seq in 1..=2 {
+        field.send(&udp_frame(
+            src_mac,
+            None,
+            5000,
+            format!("input {seq}").as_bytes(),
+        ));
+    }
+    assert_eq!(src.read_inputs(2).len(), 2);
+    let before = (
+        src.dataplane.sequence(0).unwrap(),
+        src.dataplane.gate(0).unwrap(),
+    );
+    assert_eq!(before.0.last_seq, 2);
+    // Mirror frames for the flow, well-formed, sent to the service NIC.
+    check_ingress(
+        &src,
+        (&hosts.src, "eth0"),
+        &field,
+        &forged_cases(src_mac, 0, 3),
+    );
+    let after = (
+        src.dataplane.sequence(0).unwrap(),
+        src.dataplane.gate(0).unwrap(),
+    );
+    assert_eq!(after, before, "numbering and gate unchanged");
+    // The next input is numbered on as if nothing had come.
+    field.send(&udp_frame(src_mac, None, 5000, b"input 3"));
+    let logged = src.read_inputs(1);
+    assert_eq!(logged.len(), 1);
+    assert_eq!(
+        (logged[0].header.seq, logged[0].header.kind),
+        (3, RECORD_INPUT)
+    );
+    assert_eq!(src.dataplane.sequence(0).unwrap().last_seq, 3);
+}
+
+#[test]
+fn mirror_frames_from_the_field_network_leave_an_armed_destination_alone() {
+    let hosts = TestHosts::new("fdst");
+    let mut dst = hosts.load_dst();
+    let (flow_id, replica, cps) = counting_replica(&hosts, &mut dst);
+    dst.dataplane.gate_window().unwrap().arm_outputs(flow_id);
+    let link = MirrorLink::open(&hosts);
+    link.send(flow_id, 1);
+    assert_eq!(received(&replica), ["input 1"]);
+    assert_eq!(dst.read_inputs(1).len(), 1);
+    let state = || {
+        (
+            dst.dataplane.sequence(flow_id).unwrap(),
+            dst.dataplane.gate(flow_id).unwrap(),
+        )
+    };
+    let before = state();
+    // Sent to the service NIC, where a seq 0 would open the output gate
+    // and a seq 2^63 - 1 stop the peer's later inputs.
+    let dst_mac = TestHosts::mac(&hosts.dst, "eth0");
+    let field = RawSocket::open(&hosts.cps, "to-dst");
+    check_ingress(
+        &dst,
+        (&hosts.dst, "eth0"),
+        &field,
+        &forged_cases(dst_mac, flow_id, 2),
+    );
+    assert_eq!(received(&replica), [] as [String; 0], "nothing delivered");
+    assert_eq!(state(), before, "numbering and gates unchanged");
+    // The peer's next inputs are taken as ever: 2 numbered, then one
+    // forwarded past the source's cutover, numbered 3 here, which opens
+    // the output gate.
+    link.send(flow_id, 2);
+    link.socket.send(&link.frame(flow_id, 0, &input_frame(3)));
+    assert_eq!(received(&replica), ["input 2", "input 3"]);
+    let logged: Vec<u64> = dst.read_inputs(2).iter().map(|r| r.header.seq).collect();
+    assert_eq!(logged, [2, 3]);
+    let gate = dst.dataplane.gate(flow_id).unwrap();
+    assert_eq!((gate.output, gate.answer_from), (OUTPUT_FROM, 3));
+    assert_eq!(received(&cps), [] as [String; 0]);
 }
 
 #[test]
@@ -189,7 +275,7 @@ const XDP_PASS: u32 = 2;
 /// Counters a frame of the tables moves only as its `Counted` says
 /// (`seen` and `not_udp` also count the hosts' own traffic: neighbour
 /// discovery).
-const WATCHED: [u32; 14] = [
+const WATCHED: [u32; 15] = [
     counter::CAPTURED,
     counter::RING_FULL,
     counter::MIRRORED,
@@ -204,6 +290,7 @@ const WATCHED: [u32; 14] = [
     counter::DUPLICATES,
     counter::FORWARDED,
     counter::OUTPUT_MUTED,
+    counter::MIRROR_FOREIGN,
 ];
 
 /// What the ingress program counts a frame it leaves alone as.
@@ -214,6 +301,8 @@ enum Counted {
     Unmatched,
     /// A refused mirror frame.
     MirrorError,
+    /// A mirror frame on an interface mirror frames are not taken on.
+    Foreign,
 }
 
 impl Counted {
@@ -224,6 +313,7 @@ impl Counted {
             Counted::NotUdp => &[counter::NOT_UDP],
             Counted::Unmatched => &[counter::UNMATCHED],
             Counted::MirrorError => &[counter::MIRROR_RECEIVED, counter::MIRROR_ERRORS],
+            Counted::Foreign => &[counter::MIRROR_FOREIGN],
         }
     }
 }
@@ -248,20 +338,32 @@ fn ingress_program(host: &Loaded) -> Xdp {
     Xdp::from_pin(pin, aya_obj::programs::XdpAttachType::Interface).unwrap()
 }
 
-/// Each case, first through BPF_PROG_TEST_RUN of `host`'s ingress program,
-/// which must pass it (XDP_PASS) with its bytes as they were, then sent
-/// over the wire by `sender`: each time it is counted as `counted` and
+/// Each case, first through BPF_PROG_TEST_RUN of `host`'s ingress program
+/// as if it had arrived on `on` (a namespace and its interface), which must
+/// pass it (XDP_PASS) with its bytes as they were, then sent over the wire
+/// to that interface by `sender`: each time it is counted as `counted` and
 /// moves no other counter. Nothing is logged.
-fn check_ingress(host: &Loaded, sender: &RawSocket, cases: &[Case]) {
+fn check_ingress(host: &Loaded, on: (&NetNs, &str), sender: &RawSocket, cases: &[Case]) {
     let program = ingress_program(host);
+    let ifindex = TestHosts::ifindex(on.0, on.1);
     for case in cases {
         let before = host.dataplane.counters().unwrap();
         let mut out = vec![0u8; case.frame.len() + 256];
-        let run = program
-            .test_run(TestRunOptions {
-                data_in: Some(&case.frame),
-                data_out: Some(&mut out),
-                ..Default::default()
+        // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex. The kernel looks the interface
+        // up in the calling thread's namespace.
+        let ctx: Vec<u8> = [0, case.frame.len() as u32, 0, ifindex, 0, 0]
+            .iter()
+            .flat_map(|word| word.to_ne_bytes())
+            .collect();
+        let run =
+            on.0.run(|| {
+                program.test_run(TestRunOptions {
+                    data_in: Some(&case.frame),
+                    data_out: Some(&mut out),
+                    ctx_in: Some(&ctx),
+                    ..Default::default()
+                })
             })
             .unwrap_or_else(|e| panic!("{}: test run: {e}", case.kind));
         assert_eq!(run.return_value, XDP_PASS, "{}: passed", case.kind);
@@ -527,6 +629,13 @@ fn mirror_cases(link: &MirrorLink, flow_id: u32) -> Vec<Case> {
             MirrorError,
         ),
         case("replay without a number", unnumbered_replay, MirrorError),
+        // Only this host's own replay queue makes replays: the flag from
+        // the wire would have the input gated without being logged.
+        case(
+            "replay of input 1 from the wire",
+            set(16, &MIRROR_FLAG_REPLAY.to_be_bytes()),
+            MirrorError,
+        ),
         // The key is random per load: a guess from the wire is refused,
         // and takes no replay frame queued on this host.
         case(
@@ -548,6 +657,42 @@ fn mirror_cases(link: &MirrorLink, flow_id: u32) -> Vec<Case> {
             "VLAN-tagged mirror frame (not taken as one)",
             [&good[..12], &[0x81, 0, 0, 100], &good[12..]].concat(),
             NotUdp,
+        ),
+    ]
+}
+
+/// Well-formed mirror frames for `flow_id` (an input of it inside), whose
+/// next input is `next`, as a device on the field network could send them
+/// to `dst`: a mirror frame there is foreign, whatever it says.
+fn forged_cases(dst: [u8; 6], flow_id: u32, next: u64) -> Vec<Case> {
+    let config = dataplane_common::Config {
+        mirror_dst_mac: dst,
+        mirror_src_mac: CPS_MAC,
+        ..Default::default()
+    };
+    let forged = |seq: u64, flags: u16| {
+        let meta = CaptureMeta {
+            flow_id,
+            seq,
+            ..Default::default()
+        };
+        let inner = input_frame(seq);
+        let mut frame = dataplane_common::mirror_headers(&config, &meta, inner.len() as u32);
+        frame[16..18].copy_from_slice(&flags.to_be_bytes());
+        [frame.as_slice(), &inner].concat()
+    };
+    let foreign = |kind, frame| case(kind, frame, Counted::Foreign);
+    vec![
+        foreign("seq 2^63 - 1", forged(MAX_SEQ, 0)),
+        foreign("seq 0 (forwarded past a cutover)", forged(0, 0)),
+        foreign("the flow's next input", forged(next, 0)),
+        foreign(
+            "a replay of the next input",
+            forged(next, MIRROR_FLAG_REPLAY),
+        ),
+        foreign(
+            "a replay batch trigger with a guessed key",
+            forged(0x1234_5678, MIRROR_FLAG_QUEUED),
         ),
     ]
 }

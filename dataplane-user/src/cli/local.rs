@@ -25,6 +25,10 @@ pub struct Load {
     /// MAC address of the peer host on that link (default: broadcast).
     #[arg(long, value_parser = super::mac)]
     pub peer_mac: Option<[u8; 6]>,
+    /// The interface mirror frames are taken on (default: the peer
+    /// interface). A standby's dataplane names the link from its source.
+    #[arg(long)]
+    pub mirror_from: Option<String>,
     /// Most bytes of a frame to log (0: whole frames).
     #[arg(long, default_value_t = 0)]
     pub snap_len: u32,
@@ -55,6 +59,7 @@ pub fn load(cx: &Context, load: Load) -> Result<(), Failure> {
         pin_root: cx.pin_root.clone(),
         peer_interface: load.peer_interface,
         peer_mac: load.peer_mac,
+        mirror_from: load.mirror_from,
         snap_len: load.snap_len,
         input_ring_bytes: load.input_ring_mib << 20,
         output_ring_bytes: load.output_ring_mib << 20,

@@ -99,6 +99,12 @@ pub struct LoadOptions {
     pub interface: String,
     /// The link to the peer host: mirror copies leave and arrive here.
     pub peer_interface: Option<String>,
+    /// The interface mirror frames are taken on, when not `peer_interface`:
+    /// a standby's dataplane, which has no peer, gets its copies on the
+    /// link from its source (its `interface`). A mirror frame arriving
+    /// anywhere else passes untouched (counter `mirror_foreign`): it would
+    /// move a flow's numbering and gates.
+    pub mirror_from: Option<String>,
     /// Destination MAC of mirror frames; the peer host's interface on that link.
     pub peer_mac: Option<[u8; 6]>,
     /// The link to a standby instance's network namespace on this host, and
@@ -139,6 +145,7 @@ impl LoadOptions {
             interface: interface.into(),
             peer_interface: None,
             peer_mac: None,
+            mirror_from: None,
             standby: None,
             snap_len: 0,
             input_ring_bytes: 64 << 20,
@@ -203,8 +210,15 @@ impl Dataplane {
             config.mirror_ifindex = peer_if.index;
             config.mirror_src_mac = peer_if.mac;
             config.mirror_dst_mac = options.peer_mac.unwrap_or([0xFF; 6]);
+            config.mirror_from_ifindex = peer_if.index;
             attachments.push((peer, "ingress"));
             attachments.push((peer, "egress"));
+        }
+        if let Some(from) = &options.mirror_from {
+            config.mirror_from_ifindex = netdev::Interface::by_name(from)?.index;
+            if !attachments.contains(&(from, "ingress")) {
+                attachments.push((from, "ingress"));
+            }
         }
         if let Some((standby, mac)) = &options.standby {
             let standby_if = netdev::Interface::by_name(standby)?;
