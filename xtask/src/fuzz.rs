@@ -17,6 +17,7 @@ pub const TARGETS: &[&str] = &[
     "peer_frame",
     "mirror_header",
     "criu_response",
+    "peer_seal",
 ];
 
 /// Build options, the same for `cargo fuzz build` and `run` (else `run`

@@ -40,7 +40,7 @@ enum Task {
         /// Passed on to the benchmark (cutover: MIGRATIONS BASELINES;
         /// checkpoint: SIZE_MIB...; migrate: MIGRATIONS BASELINES SIZES;
         /// load: [--flows N] [--others controllers|none] RATE... per flow;
-        /// replay: INPUTS).
+        /// replay: INPUTS; link: ROUNDS SIZE_MIB...).
         args: Vec<String>,
     },
     /// Set up, install cargo-fuzz if missing, and run each fuzz target of
@@ -68,6 +68,8 @@ enum Bench {
     Load,
     /// Replayed inputs per second through a gate: batches against one per call.
     Replay,
+    /// The sealed peer link against the same link in clear: image MB/s and T_M.
+    Link,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,6 +88,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Migrate => run_bin("bench-migrate", &args),
             Bench::Load => run_bin("bench-load", &args),
             Bench::Replay => run_bin("bench-replay", &args),
+            Bench::Link => run_bin("bench-link", &args),
         },
         Task::Fuzz { seconds } => fuzz::run(seconds),
     }
