@@ -67,7 +67,8 @@ pub enum Command {
     /// status 5 if the migration failed (the source keeps serving).
     Migrate {
         service: String,
-        /// The destination daemon's peer-link address, HOST:PORT.
+        /// The destination daemon's peer-link address, HOST:PORT: a listed
+        /// peer's (`[[peers]]`).
         #[arg(long)]
         to: SocketAddr,
         /// `standby` (checkpoint the standby instance: the serving one never
