@@ -583,7 +583,7 @@ fn nothing_an_unauthenticated_peer_sends_is_acted_on() {
         &format!("peer_listen = \"{DST_PEER}\"\npeer_key = \"{KEY_A}\"\n"),
     );
     let dst = DaemonProcess::start(&hosts.dst, "sjunk", &cfg);
-    let prepare = json!({"step": "prepare", "migration": "evil",
+    let prepare = json!({"step": "prepare", "migration": "evil", "deadline_ms": 10_000,
         "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}]});
     let prepare = peer_frame(frame::MIGRATE, prepare.to_string().as_bytes());
     let hello = |nonce: Option<&str>| {
@@ -708,8 +708,8 @@ fn nothing_an_unauthenticated_peer_sends_is_acted_on() {
                 peer::ping(&mut link).await?;
                 let step: dataplane_user::migration::protocol::Step =
                     serde_json::from_value(json!({"step": "prepare",
-                    "migration": "m1", "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000",
-                    "service": "192.0.2.10:5000"}]}))
+                    "migration": "m1", "deadline_ms": 10_000, "flows": [{"flow_id": 7,
+                    "cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}]}))
                     .unwrap();
                 let prepared = peer::migrate_step(&mut link, &step).await;
                 let flows = dst.client().call("flow.list", json!({})).unwrap();
