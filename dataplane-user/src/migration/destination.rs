@@ -116,9 +116,9 @@ async fn serve_frames<'a>(
                 Ok(received) => received,
                 Err(_) => {
                     let why = format!(
-                        "migration {}: no step for {} s: rolling back",
+                        "migration {}: no step for {:.1} s: rolling back",
                         t.migration,
-                        t.idle().as_secs()
+                        t.idle().as_secs_f64()
                     );
                     tracing::warn!(%from, "{why}");
                     let _ = link.send(frame::REFUSE, why.as_bytes()).await;
@@ -319,8 +319,8 @@ impl<'a> Target<'a> {
         let log = LogGuard::new(&dataplane)?;
         // A flow this host has already is another service's (or this
         // one's, running here): adopting it would renumber it, and a
-        // rollback would remove it.
-        // Nor may it take another flow's id: a rollback resets the id's gate.
+        // rollback would remove it. Nor may the migration take another
+        // flow's id: a rollback resets that id's gate.
         let present = dataplane.flows()?;
         for f in &flows {
             let key = flow::udp(f.spec.cps, f.spec.service);
