@@ -919,6 +919,7 @@ fn a_keyed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_n
     );
     let local_id = local_flow_with_inputs(&hosts, &dst, 5);
     let before = seen(&hosts, &dst, &images);
+    let one_file = fake_images("one", 1, 10);
     let four_files = fake_images("four", 4, 10);
     let two_mib = fake_images("big", 1, 2 << 20);
     let rt = runtime();
@@ -935,7 +936,7 @@ fn a_keyed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_n
                     "{later}: {why}"
                 );
             }
-            let why = refused(peer::transfer::send(&mut link, "m1", &four_files).await);
+            let why = refused(peer::transfer::send(&mut link, "m1", &one_file).await);
             assert!(why.starts_with("images out of order"), "{why}");
 
             // A flow this host has, or its id under another key: refused
@@ -975,7 +976,7 @@ fn a_keyed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_n
             // The announce took no address, nothing else moved either.
             assert_eq!(seen(&hosts, &dst, &images), prepared);
             // Images of another migration: refused, none kept.
-            let why = refused(peer::transfer::send(&mut link, "m2", &four_files).await);
+            let why = refused(peer::transfer::send(&mut link, "m2", &one_file).await);
             assert!(
                 why.contains("images of migration m2, but migration m1 is prepared"),
                 "{why}"
@@ -1012,7 +1013,7 @@ fn a_keyed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_n
             peer::ping(&mut link).await.unwrap();
         })
     });
-    for dir in [&four_files, &two_mib, &images] {
+    for dir in [&one_file, &four_files, &two_mib, &images] {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
