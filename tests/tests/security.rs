@@ -1080,6 +1080,12 @@ fn outputs_carry_the_migrations_own_flow_and_never_another_services() {
             let why = refused(step(&mut link, outputs.clone()).await);
             assert!(why.ends_with("expected images or abort"), "{why}");
             peer::transfer::send(&mut link, "m1", &dump).await.unwrap();
+            // The images once only.
+            let why = refused(peer::transfer::send(&mut link, "m1", &dump).await);
+            assert!(
+                why.ends_with("the migration's images are here; expected restore or abort"),
+                "{why}"
+            );
             let restore = later_steps()[0].clone();
             let restored = step(&mut link, restore.clone()).await.unwrap();
             assert!(restored["pid"].as_u64().unwrap() > 0, "{restored}");
