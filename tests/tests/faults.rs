@@ -803,10 +803,13 @@ fn a_cps_quiet_across_the_flip_and_a_peer_link_cut_keeps_its_service() {
     println!("report: {report}");
     let k = report["handover_seq"].as_u64().unwrap();
     assert!(k > 0, "handed over: {report}");
-    assert_eq!(
-        answered,
-        (1..=sent).collect::<Vec<u64>>(),
-        "every input answered once, in order (K = {k})"
+    let expected: Vec<u64> = (1..=sent).collect();
+    assert!(
+        answered == expected,
+        "every input answered once, in order: {} answers to {sent} inputs (K = {k}), the \
+         first unanswered {:?}",
+        answered.len(),
+        expected.iter().find(|seq| !answered.contains(seq))
     );
     assert!(
         setup.dst.log().contains("this host keeps serving"),
