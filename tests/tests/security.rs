@@ -955,6 +955,20 @@ fn a_keyed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_n
                 why.contains(&format!("(id {local_id}) is on this host already")),
                 "{why}"
             );
+            // Nor a deadline out of range, or an id naming images_dir's own entries.
+            for (bad, because) in [
+                (
+                    prepare_step("m0", 7, CPS, SERVICE, 0),
+                    "deadline_ms must be 1 to 600000",
+                ),
+                (
+                    prepare_step("journal", 7, CPS, SERVICE, 10_000),
+                    "names an entry of images_dir",
+                ),
+            ] {
+                let why = refused(step(&mut link, bad).await);
+                assert!(why.contains(because), "{why}");
+            }
             assert_eq!(seen(&hosts, &dst, &images), before);
 
             // Prepared: steps out of order, and a second prepare, are refused.
@@ -1113,6 +1127,16 @@ fn outputs_carry_the_migrations_own_flow_and_never_another_services() {
                     "{out_of_turn}: {why}"
                 );
             }
+            assert_eq!(seen(&hosts, &dst, &images), prepared, "no address taken");
+            // An arm that leaves the flow muted fails the migration: then
+            // only the rollback is taken, no announce.
+            let why = refused(step(&mut link, json!({"step": "arm", "flows": []})).await);
+            assert!(why.contains("arm names every flow"), "{why}");
+            let why = refused(step(&mut link, json!({"step": "announce"})).await);
+            assert!(
+                why.ends_with("a step of the migration failed; expected abort"),
+                "{why}"
+            );
             assert_eq!(seen(&hosts, &dst, &images), prepared, "no address taken");
             step(&mut link, json!({"step": "abort"})).await.unwrap();
         })
