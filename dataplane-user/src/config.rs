@@ -77,6 +77,19 @@ pub struct DaemonConfig {
     /// Where checkpoint images received from a peer go. Default: /var/lib/dataplane/images.
     #[serde(default = "default_images_dir")]
     pub images_dir: PathBuf,
+    /// Most image data one migration to this host may send, in MiB; more
+    /// is refused. Default: 16384 (16 GiB).
+    #[serde(default = "default_images_max_mib")]
+    pub images_max_mib: u64,
+    /// Most image files (links included) one migration to this host may
+    /// send; more is refused. Default: 100000.
+    #[serde(default = "default_images_max_files")]
+    pub images_max_files: u64,
+    /// A migration to this host that gets no step for this long, in s,
+    /// rolls back by itself; never less than the source's deadline and
+    /// 2 s. It must cover the source's checkpoint. Default: 120.
+    #[serde(default = "default_migration_idle_s")]
+    pub migration_idle_s: u64,
     /// Standby mode (gundall2022 Option 2): the veth leading to the standby
     /// instance's network namespace on this host. Default: none.
     #[serde(default)]
@@ -152,6 +165,15 @@ fn default_socket() -> PathBuf {
 }
 fn default_images_dir() -> PathBuf {
     PathBuf::from("/var/lib/dataplane/images")
+}
+fn default_images_max_mib() -> u64 {
+    16 << 10
+}
+fn default_images_max_files() -> u64 {
+    100_000
+}
+fn default_migration_idle_s() -> u64 {
+    120
 }
 
 /// A configuration that cannot be used.
@@ -311,6 +333,14 @@ mod tests {
             (100, 200, 64)
         );
         assert_eq!(config.calibration, PathBuf::from(DEFAULT_CALIBRATION));
+        assert_eq!(
+            (
+                config.images_max_mib,
+                config.images_max_files,
+                config.migration_idle_s
+            ),
+            (16384, 100_000, 120)
+        );
         let options = config.load_options().unwrap();
         assert_eq!(options.input_ring_bytes, 64 << 20);
         assert_eq!(options.mirror_from, None, "the peer interface's");

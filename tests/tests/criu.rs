@@ -331,6 +331,30 @@ fn end_restored(pid: u32) {
     let _ = nix::sys::wait::waitpid(pid, None);
 }
 
+/// Prepares migration `id` on a link to a destination daemon, for a flow
+/// from the CPS's port `cps_port` (its id `cps_port - 3990`): the daemon
+/// takes images only for a prepared migration.
+async fn prepare(
+    link: &mut dataplane_user::peer::Link,
+    id: &str,
+    cps_port: u16,
+) -> Result<serde_json::Value, dataplane_user::peer::PeerError> {
+    let step: dataplane_user::migration::protocol::Step = serde_json::from_value(
+        serde_json::json!({"step": "prepare", "migration": id, "deadline_ms": 10_000,
+            "flows": [{"flow_id": cps_port - 3990, "cps": sock(CPS_V4, cps_port),
+                "service": sock(SERVICE_V4, 5000)}]}),
+    )
+    .unwrap();
+    dataplane_user::peer::migrate_step(link, &step).await
+}
+
+async fn abort(
+    link: &mut dataplane_user::peer::Link,
+) -> Result<serde_json::Value, dataplane_user::peer::PeerError> {
+    let abort = dataplane_user::migration::protocol::Step::Abort;
+    dataplane_user::peer::migrate_step(link, &abort).await
+}
+
 fn log(dir: &std::path::Path, name: &str) -> String {
     let text = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let lines: Vec<&str> = text
@@ -504,6 +528,7 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
         .run(|| runtime.block_on(peer::connect(&trust, peer_addr)))
         .unwrap();
     assert!(link.is_sealed());
+    runtime.block_on(prepare(&mut link, "m1", 4000)).unwrap();
     let sent = runtime
         .block_on(transfer::send(&mut link, "m1", &dir))
         .unwrap();
@@ -528,7 +553,18 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
         );
     }
 
+    // The destination restores from what it received.
+    let pid = restore_in_dst(&Criu::default(), &hosts, &received);
+    assert_eq!(
+        chain_state(&hosts.dst, addr),
+        Some(fed),
+        "restored from the transferred images"
+    );
+    end_restored(pid);
+
     // A corrupted transfer is refused and leaves nothing half-written behind.
+    runtime.block_on(abort(&mut link)).unwrap();
+    runtime.block_on(prepare(&mut link, "m2", 4001)).unwrap();
     let refused: Result<(), PeerError> = runtime.block_on(async {
         link.send(frame::IMAGES, br#"{"migration":"m2"}"#).await?;
         let header = br#"{"name":"core-1.img","size":4}"#;
@@ -546,15 +582,7 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
     let refused = refused.unwrap_err().to_string();
     assert!(refused.contains("checksum mismatch"), "{refused}");
     assert!(!images_root.join("m2").exists() && !images_root.join("m2.partial").exists());
-
-    // The destination restores from what it received.
-    let pid = restore_in_dst(&Criu::default(), &hosts, &received);
-    assert_eq!(
-        chain_state(&hosts.dst, addr),
-        Some(fed),
-        "restored from the transferred images"
-    );
-    end_restored(pid);
+    runtime.block_on(abort(&mut link)).unwrap();
     drop((dst, service));
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&images_root);
@@ -672,7 +700,11 @@ fn a_full_destination_disk_and_an_unreachable_peer_fail_the_transfer_cleanly() {
     let result = hosts.src.run(|| {
         runtime.block_on(async {
             let (mut link, _) = peer::connect(&trust, "198.51.100.2:7070".parse().unwrap()).await?;
-            transfer::send(&mut link, "m1", &dir).await
+            prepare(&mut link, "m1", 4000).await?;
+            let sent = transfer::send(&mut link, "m1", &dir).await;
+            // As the source does on any failure.
+            abort(&mut link).await?;
+            sent
         })
     });
     let err = result.unwrap_err().to_string();
@@ -680,8 +712,15 @@ fn a_full_destination_disk_and_an_unreachable_peer_fail_the_transfer_cleanly() {
         err.contains("No space left"),
         "the refusal names the cause: {err}"
     );
-    let left: Vec<_> = std::fs::read_dir(&images_root).unwrap().collect();
+    // The journal's directory stays, empty.
+    let left: Vec<_> = std::fs::read_dir(&images_root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name != "journal")
+        .collect();
     assert!(left.is_empty(), "nothing half-written is left: {left:?}");
+    let journals = std::fs::read_dir(images_root.join("journal")).map_or(0, |d| d.count());
+    assert_eq!(journals, 0, "the migration's journal went with it");
 
     // No daemon listens on this port of dst: the link fails at once, with the cause.
     let unreachable = hosts

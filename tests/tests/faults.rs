@@ -3,7 +3,13 @@
 //! phase and the cause, the CPS gets every output exactly once, the source
 //! keeps serving, nothing is left half-done on the destination, and
 //! (where the fault is gone) the next migration succeeds.
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use dataplane_common::counter;
 use dataplane_tests::{MigrationSetup, chain_state, cps_verdict, in_netns, kill_pid, pids_named};
@@ -678,4 +684,142 @@ fn a_registered_process_that_ended_is_not_checkpointed() {
         "{report}"
     );
     wait_until_dst_has_no_flows(&setup);
+}
+
+/// A CPS of the test's own on `flow`: "SEQ" every 1 ms while not paused,
+/// with the outputs' cycle numbers collected. (cps-sim keeps an absolute
+/// schedule: after a pause it would send what it held back in one burst.)
+struct QuietCps {
+    paused: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    sender: std::thread::JoinHandle<u64>,
+    receiver: std::thread::JoinHandle<Vec<u64>>,
+}
+
+impl QuietCps {
+    fn start(hosts: &dataplane_tests::TestHosts, (cps, service): dataplane_tests::Flow) -> Self {
+        let socket = hosts
+            .cps
+            .run(|| std::net::UdpSocket::bind(cps))
+            .expect("the CPS's socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let listener = socket.try_clone().unwrap();
+        let (paused, stop) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (p, s) = (paused.clone(), stop.clone());
+        let sender = std::thread::spawn(move || {
+            let mut sent = 0;
+            while !s.load(Ordering::SeqCst) {
+                if !p.load(Ordering::SeqCst) {
+                    sent += 1;
+                    let _ = socket.send_to(sent.to_string().as_bytes(), service);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            sent
+        });
+        let s = stop.clone();
+        let receiver = std::thread::spawn(move || {
+            let mut answered = Vec::new();
+            let mut buf = [0u8; 256];
+            let mut stopped_at = None;
+            loop {
+                if let Ok(n) = listener.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    answered.push(text.split(' ').next().unwrap().parse().unwrap());
+                }
+                // Answers still on their way when the sender stops.
+                if s.load(Ordering::SeqCst) {
+                    let at = *stopped_at.get_or_insert_with(Instant::now);
+                    if at.elapsed() > Duration::from_millis(500) {
+                        return answered;
+                    }
+                }
+            }
+        });
+        Self {
+            paused,
+            stop,
+            sender,
+            receiver,
+        }
+    }
+
+    fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Stops it: how many inputs it sent, and the cycles answered, in the
+    /// order the answers came.
+    fn stop(self) -> (u64, Vec<u64>) {
+        self.stop.store(true, Ordering::SeqCst);
+        (self.sender.join().unwrap(), self.receiver.join().unwrap())
+    }
+}
+
+#[test]
+fn a_cps_quiet_across_the_flip_and_a_peer_link_cut_keeps_its_service() {
+    // After the flip the source waits its deadline (10 s) for K, and its
+    // kernel picks K at the next input, whatever its daemon knows. The
+    // destination, armed, that loses the link meanwhile must wait as long:
+    // a CPS quiet for 7 s across the cut is then served by it, not lost.
+    let setup = MigrationSetup::new("quiet", &[], false);
+    let cps = QuietCps::start(&setup.hosts, setup.flow());
+    let (mut watcher, id) = setup.migrate_watched(serde_json::json!({}));
+    wait_for_phase(&mut watcher, "converge");
+    // Quiet before the flip: the source daemon is held while the CPS sends
+    // 300 more inputs and pauses, then let go to converge on the outputs
+    // both hosts logged meanwhile.
+    let source = Pid::from_raw(setup.src.pid() as i32);
+    kill(source, Signal::SIGSTOP).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    cps.pause(true);
+    std::thread::sleep(Duration::from_millis(200));
+    kill(source, Signal::SIGCONT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !setup.dst.log().contains("armed: outputs leave") {
+        assert!(
+            Instant::now() < deadline,
+            "dst never armed:\n{}",
+            setup.dst.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The link down longer than its timeout: the destination notices
+    // (within about 4 s) and waits for the handover.
+    setup.hosts.src.ip(&["link", "set", "peer0", "down"]);
+    std::thread::sleep(Duration::from_secs(6));
+    setup.hosts.src.ip(&["link", "set", "peer0", "up"]);
+    std::thread::sleep(Duration::from_secs(1));
+    // 7 s after the flip, within the source's deadline: the next input is K+1.
+    cps.pause(false);
+    std::thread::sleep(Duration::from_secs(1));
+    let (sent, answered) = cps.stop();
+    let report = setup.wait(&id);
+    println!("report: {report}");
+    let k = report["handover_seq"].as_u64().unwrap();
+    assert!(k > 0, "handed over: {report}");
+    let expected: Vec<u64> = (1..=sent).collect();
+    assert!(
+        answered == expected,
+        "every input answered once, in order: {} answers to {sent} inputs (K = {k}), the \
+         first unanswered {:?}",
+        answered.len(),
+        expected.iter().find(|seq| !answered.contains(seq))
+    );
+    assert!(
+        setup.dst.log().contains("this host keeps serving"),
+        "{}",
+        setup.dst.log()
+    );
+    assert_eq!(
+        chain_state(&setup.hosts.dst, setup.service).map(|s| s.0),
+        Some(sent),
+        "the destination's instance took every input"
+    );
+    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
 }

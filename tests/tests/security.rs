@@ -647,7 +647,7 @@ fn a_listening_daemon_without_peers_refuses_to_start() {
 fn nothing_a_peer_without_a_listed_key_sends_is_acted_on() {
     let hosts = TestHosts::new("sjunk");
     let dst = start_dst(&hosts, "sjunk", "src", "");
-    let prepare = json!({"step": "prepare", "migration": "evil",
+    let prepare = json!({"step": "prepare", "migration": "evil", "deadline_ms": 10_000,
         "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}]});
     let prepare = peer_frame(frame::MIGRATE, prepare.to_string().as_bytes());
     let hello = |sealed: bool| {
@@ -765,9 +765,9 @@ fn nothing_a_peer_without_a_listed_key_sends_is_acted_on() {
             rt.block_on(async {
                 let (mut link, _) = peer::connect(&src, DST_PEER.parse().unwrap()).await?;
                 peer::ping(&mut link).await?;
-                let prepared = peer::migrate_step(&mut link, &prepare_step("m1")).await;
+                let prepared = step(&mut link, prepare_step("m1", 7, CPS, SERVICE, 10_000)).await;
                 let flows = dst.client().call("flow.list", json!({})).unwrap();
-                let _ = peer::migrate_step(&mut link, &Step::Abort).await;
+                let _ = step(&mut link, json!({"step": "abort"})).await;
                 Ok::<_, PeerError>((prepared, flows))
             })
         })
@@ -777,13 +777,6 @@ fn nothing_a_peer_without_a_listed_key_sends_is_acted_on() {
         flows[0]["id"], 7,
         "the listed peer's prepare adopted the flow"
     );
-}
-
-/// A prepare for flow 7 of the test hosts' service.
-fn prepare_step(migration: &str) -> Step {
-    serde_json::from_value(json!({"step": "prepare", "migration": migration,
-        "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}]}))
-    .unwrap()
 }
 
 /// One whole frame from `stream` (5 s at most).
@@ -891,8 +884,8 @@ fn a_relay_in_the_middle_reads_nothing_and_can_change_or_replay_nothing() {
         rt.block_on(async {
             let (mut link, _) = peer::connect(&trust, relay.address.parse().unwrap()).await?;
             assert!(link.is_sealed());
-            let prepared = peer::migrate_step(&mut link, &prepare_step(secret)).await?;
-            peer::migrate_step(&mut link, &Step::Abort).await?;
+            let prepared = step(&mut link, prepare_step(secret, 7, CPS, SERVICE, 10_000)).await?;
+            step(&mut link, json!({"step": "abort"})).await?;
             Ok::<_, PeerError>(prepared)
         })
     });
@@ -920,7 +913,7 @@ fn a_relay_in_the_middle_reads_nothing_and_can_change_or_replay_nothing() {
     let tampered = hosts.src.run(|| {
         rt.block_on(async {
             let (mut link, _) = peer::connect(&trust, relay.address.parse().unwrap()).await?;
-            peer::migrate_step(&mut link, &prepare_step("tampered")).await
+            step(&mut link, prepare_step("tampered", 7, CPS, SERVICE, 10_000)).await
         })
     });
     assert!(tampered.is_err(), "{tampered:?}");
@@ -956,4 +949,423 @@ fn the_migration_setup_daemons_link_sealed() {
         assert!(status["peer_key"].is_string(), "{status}");
     }
     assert!(wait_log(&setup.dst, "peer link up").contains("sealed=true"));
+}
+
+/// A peer link to the daemon at `DST_PEER` with `key`, opened as a source
+/// daemon opens one: the one place these tests connect with a key.
+/// A link to dst's daemon as src, the peer dst lists.
+async fn listed_link(hosts: &TestHosts) -> Result<peer::Link, PeerError> {
+    let trust = hosts.trust("src", &[("dst", DST_PEER)]);
+    Ok(peer::connect(&trust, DST_PEER.parse().unwrap()).await?.0)
+}
+
+/// Sends one migration step, given as its JSON; the destination's answer.
+async fn step(link: &mut peer::Link, step: Value) -> Result<Value, PeerError> {
+    let step: Step = serde_json::from_value(step).unwrap();
+    peer::migrate_step(link, &step).await
+}
+
+/// `prepare` of migration `id` for the flow `cps` -> `service` under `flow_id`.
+fn prepare_step(id: &str, flow_id: u32, cps: &str, service: &str, deadline_ms: u64) -> Value {
+    json!({"step": "prepare", "migration": id, "deadline_ms": deadline_ms,
+        "flows": [{"flow_id": flow_id, "cps": cps, "service": service}]})
+}
+
+/// The migrated flow of these tests, and its id.
+const CPS: &str = "192.0.2.1:4000";
+const SERVICE: &str = "192.0.2.10:5000";
+/// A service of the destination's own, on its eth0 address.
+const LOCAL_CPS: &str = "192.0.2.1:4001";
+const LOCAL_SERVICE: &str = "192.0.2.20:6000";
+
+/// Every step after `prepare`, each valid in its own turn.
+fn later_steps() -> [Value; 6] {
+    [
+        json!({"step": "restore", "positions": [{"flow_id": 7, "last_delivered": 0}]}),
+        json!({"step": "outputs", "after": 0, "count": 10, "timeout_ms": 100}),
+        json!({"step": "arm", "flows": [7]}),
+        json!({"step": "announce"}),
+        json!({"step": "finish"}),
+        json!({"step": "abort"}),
+    ]
+}
+
+/// The error a refused step answered with.
+fn refused<T: std::fmt::Debug>(outcome: Result<T, PeerError>) -> String {
+    match outcome {
+        Err(PeerError::StepFailed(why) | PeerError::Refused(why)) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+/// What a peer's refused steps must leave as it was on the destination.
+#[derive(Debug, PartialEq)]
+struct Seen {
+    /// Each flow's id and ends (its numbering moves with traffic).
+    flows: Vec<Value>,
+    addresses: Vec<String>,
+    /// Files under images_dir (journals included).
+    files: Vec<String>,
+}
+
+fn seen(hosts: &TestHosts, daemon: &DaemonProcess, images: &Path) -> Seen {
+    fn walk(dir: &Path, into: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            match entry.file_type().unwrap().is_dir() {
+                true => walk(&entry.path(), into),
+                false => into.push(entry.path().display().to_string()),
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(images, &mut files);
+    files.sort();
+    let flows = daemon.client().call("flow.list", json!({})).unwrap();
+    Seen {
+        flows: flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| json!([f["id"], f["cps"], f["service"], f["mirror"]]))
+            .collect(),
+        addresses: global_addresses(hosts),
+        files,
+    }
+}
+
+/// The destination's addresses of global scope: "DEVICE ADDRESS/PREFIX"
+/// (link states and link-local addresses come and go on fresh hosts).
+fn global_addresses(hosts: &TestHosts) -> Vec<String> {
+    let all = hosts
+        .dst
+        .exec("ip", &["-o", "addr", "show", "scope", "global"]);
+    all.lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            format!("{} {}", fields[1], fields[3])
+        })
+        .collect()
+}
+
+/// A directory of `files` image files of `size` bytes each, to send.
+fn fake_images(name: &str, files: usize, size: usize) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("dataplane-sec-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..files {
+        std::fs::write(dir.join(format!("pages-{i}.img")), vec![7u8; size]).unwrap();
+    }
+    dir
+}
+
+/// A destination daemon with the key, its images under a directory of the
+/// test's own, and `extra` configuration: the daemon and that directory.
+fn listening_destination(
+    hosts: &TestHosts,
+    tag: &str,
+    extra: &str,
+) -> (DaemonProcess, std::path::PathBuf) {
+    let images = std::env::temp_dir().join(format!("dataplane-sec-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&images);
+    let cfg = config(
+        hosts,
+        "dst",
+        &format!(
+            "peer_listen = \"{DST_PEER}\"\n{}images_dir = \"{}\"\n{extra}",
+            hosts.peer_config("dst", &[("src", SRC_PEER)]),
+            images.display()
+        ),
+    );
+    (DaemonProcess::start(&hosts.dst, tag, &cfg), images)
+}
+
+/// Adds the destination's own service flow and numbers `n` inputs on it
+/// from the CPS; its id.
+fn local_flow_with_inputs(hosts: &TestHosts, daemon: &DaemonProcess, n: u64) -> u64 {
+    let added = daemon
+        .client()
+        .call(
+            "flow.add",
+            json!({"cps": LOCAL_CPS, "service": LOCAL_SERVICE}),
+        )
+        .unwrap();
+    feed_local(hosts, n);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.client().call("flow.list", json!({})).unwrap()[0]["last_seq"] != n {
+        assert!(
+            Instant::now() < deadline,
+            "the local flow's inputs numbered"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    added["id"].as_u64().unwrap()
+}
+
+/// Sends `n` inputs to the destination's own service; the answers it got
+/// within a second.
+fn feed_local(hosts: &TestHosts, n: u64) -> usize {
+    let socket = hosts
+        .cps
+        .run(|| std::net::UdpSocket::bind(LOCAL_CPS))
+        .unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    for i in 1..=n {
+        socket
+            .send_to(i.to_string().as_bytes(), LOCAL_SERVICE)
+            .unwrap();
+    }
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut answers = 0;
+    while answers < n as usize && Instant::now() < deadline {
+        answers += usize::from(socket.recv(&mut buf).is_ok());
+    }
+    answers
+}
+
+#[test]
+fn a_listed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_nothing() {
+    let hosts = TestHosts::new("sorder");
+    let (dst, images) = listening_destination(
+        &hosts,
+        "sorder",
+        "images_max_mib = 1\nimages_max_files = 3\n",
+    );
+    let local_id = local_flow_with_inputs(&hosts, &dst, 5);
+    let before = seen(&hosts, &dst, &images);
+    let one_file = fake_images("one", 1, 10);
+    let four_files = fake_images("four", 4, 10);
+    let two_mib = fake_images("big", 1, 2 << 20);
+    let rt = runtime();
+    hosts.src.run(|| {
+        rt.block_on(async {
+            let mut link = listed_link(&hosts).await.unwrap();
+            // Nothing prepared: every step but prepare is refused, and images too.
+            for later in later_steps() {
+                let why = refused(step(&mut link, later.clone()).await);
+                assert!(
+                    why.ends_with(
+                        "out of order: no migration is prepared on this link; expected prepare"
+                    ),
+                    "{later}: {why}"
+                );
+            }
+            let why = refused(peer::transfer::send(&mut link, "m1", &one_file).await);
+            assert!(why.starts_with("images out of order"), "{why}");
+
+            // A flow this host has, or its id under another key: refused
+            // at prepare, nothing adopted.
+            let why = refused(
+                step(
+                    &mut link,
+                    prepare_step("m0", 9, LOCAL_CPS, LOCAL_SERVICE, 10_000),
+                )
+                .await,
+            );
+            assert!(why.contains("is on this host already"), "{why}");
+            let taken_id = prepare_step("m0", local_id as u32, CPS, SERVICE, 10_000);
+            let why = refused(step(&mut link, taken_id).await);
+            assert!(
+                why.contains(&format!("(id {local_id}) is on this host already")),
+                "{why}"
+            );
+            // Nor a deadline out of range, or an id naming images_dir's own entries.
+            for (bad, because) in [
+                (
+                    prepare_step("m0", 7, CPS, SERVICE, 0),
+                    "deadline_ms must be 1 to 600000",
+                ),
+                (
+                    prepare_step("journal", 7, CPS, SERVICE, 10_000),
+                    "names an entry of images_dir",
+                ),
+            ] {
+                let why = refused(step(&mut link, bad).await);
+                assert!(why.contains(because), "{why}");
+            }
+            assert_eq!(seen(&hosts, &dst, &images), before);
+
+            // Prepared: steps out of order, and a second prepare, are refused.
+            step(&mut link, prepare_step("m1", 7, CPS, SERVICE, 10_000))
+                .await
+                .unwrap();
+            let prepared = seen(&hosts, &dst, &images);
+            let refusals = later_steps()
+                .into_iter()
+                .take(5)
+                .chain([prepare_step("m1", 7, CPS, SERVICE, 10_000)]);
+            for out_of_turn in refusals {
+                let why = refused(step(&mut link, out_of_turn.clone()).await);
+                assert!(
+                    why.ends_with("the migration is prepared; expected images or abort"),
+                    "{out_of_turn}: {why}"
+                );
+            }
+            // The announce took no address, nothing else moved either.
+            assert_eq!(seen(&hosts, &dst, &images), prepared);
+            // Images of another migration: refused, none kept.
+            let why = refused(peer::transfer::send(&mut link, "m2", &one_file).await);
+            assert!(
+                why.contains("images of migration m2, but migration m1 is prepared"),
+                "{why}"
+            );
+            assert_eq!(seen(&hosts, &dst, &images), prepared);
+
+            // Its own images over the file quota: refused, the partial
+            // directory removed; then only the rollback is taken.
+            let why = refused(peer::transfer::send(&mut link, "m1", &four_files).await);
+            assert!(why.contains("more than 3 files"), "{why}");
+            assert_eq!(seen(&hosts, &dst, &images), prepared);
+            let restore = later_steps()[0].clone();
+            let why = refused(step(&mut link, restore).await);
+            assert!(why.ends_with("expected abort"), "{why}");
+            step(&mut link, json!({"step": "abort"})).await.unwrap();
+            assert_eq!(seen(&hosts, &dst, &images), before);
+
+            // The link serves on: over the byte quota in the next migration.
+            peer::ping(&mut link).await.unwrap();
+            step(&mut link, prepare_step("m3", 7, CPS, SERVICE, 10_000))
+                .await
+                .unwrap();
+            let why = refused(peer::transfer::send(&mut link, "m3", &two_mib).await);
+            assert!(why.contains("more than 1 MiB"), "{why}");
+            step(&mut link, json!({"step": "abort"})).await.unwrap();
+        })
+    });
+    assert_eq!(seen(&hosts, &dst, &images), before, "nothing changed");
+    assert!(dst.log().contains("out of order"));
+    // Still serving: a ping on another link.
+    hosts.src.run(|| {
+        rt.block_on(async {
+            let mut link = listed_link(&hosts).await.unwrap();
+            peer::ping(&mut link).await.unwrap();
+        })
+    });
+    for dir in [&one_file, &four_files, &two_mib, &images] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
+fn a_prepared_migration_without_a_step_rolls_back_after_at_least_the_sources_deadline() {
+    let hosts = TestHosts::new("sidle");
+    // The host's idle limit (1 s) is below the source's deadline: the
+    // deadline and the margin decide.
+    let (dst, images) = listening_destination(&hosts, "sidle", "migration_idle_s = 1\n");
+    let before = seen(&hosts, &dst, &images);
+    let rt = runtime();
+    let (waited, refusal) = hosts.src.run(|| {
+        rt.block_on(async {
+            let mut link = listed_link(&hosts).await.unwrap();
+            step(&mut link, prepare_step("m1", 7, CPS, SERVICE, 1500))
+                .await
+                .unwrap();
+            assert_ne!(seen(&hosts, &dst, &images), before, "prepared");
+            let start = Instant::now();
+            let quiet = tokio::time::timeout(Duration::from_secs(10), link.recv(peer::MAX_FRAME));
+            let refusal = quiet.await.expect("refused within 10 s").unwrap();
+            (start.elapsed(), refusal)
+        })
+    });
+    assert_eq!(refusal.0, frame::REFUSE);
+    let why = String::from_utf8_lossy(&refusal.1);
+    assert!(why.contains("migration m1: no step for 3.5 s"), "{why}");
+    assert!(
+        waited >= Duration::from_millis(1500 + 2000 - 100),
+        "rolled back after {waited:?}, before the source's deadline and the margin"
+    );
+    assert_eq!(seen(&hosts, &dst, &images), before, "everything freed");
+    let _ = std::fs::remove_dir_all(&images);
+}
+
+#[test]
+fn outputs_carry_the_migrations_own_flow_and_never_another_services() {
+    use dataplane_tests::{ChainService, chain_state};
+    let hosts = TestHosts::new("souts");
+    let (dst, images) = listening_destination(&hosts, "souts", "");
+    // A service of the destination's own, answering its CPS.
+    let local: std::net::SocketAddr = LOCAL_SERVICE.parse().unwrap();
+    let _local = ChainService::spawn(&hosts.dst, "markov-controller", &[LOCAL_SERVICE], local);
+    local_flow_with_inputs(&hosts, &dst, 5);
+    // The migrated service, dumped on the source as its daemon would.
+    let migrated = ChainService::start(&hosts.src, SERVICE.parse().unwrap());
+    let dump = fake_images("dump", 0, 0);
+    let request = migrated.dump_request(dump.clone(), true);
+    dataplane_user::criu::Criu::default()
+        .dump(&request, false, &mut |_| true)
+        .unwrap();
+    let before = seen(&hosts, &dst, &images);
+    let rt = runtime();
+    hosts.src.run(|| {
+        rt.block_on(async {
+            let mut link = listed_link(&hosts).await.unwrap();
+            step(&mut link, prepare_step("m1", 7, CPS, SERVICE, 10_000))
+                .await
+                .unwrap();
+            // No outputs before the instance is restored.
+            assert_eq!(feed_local(&hosts, 5), 5, "the local service answers");
+            let outputs = later_steps()[1].clone();
+            let why = refused(step(&mut link, outputs.clone()).await);
+            assert!(why.ends_with("expected images or abort"), "{why}");
+            peer::transfer::send(&mut link, "m1", &dump).await.unwrap();
+            // The images once only.
+            let why = refused(peer::transfer::send(&mut link, "m1", &dump).await);
+            assert!(
+                why.ends_with("the migration's images are here; expected restore or abort"),
+                "{why}"
+            );
+            let restore = later_steps()[0].clone();
+            let restored = step(&mut link, restore.clone()).await.unwrap();
+            assert!(restored["pid"].as_u64().unwrap() > 0, "{restored}");
+            // The local service's outputs are in this host's output log now,
+            // beside the restored instance's (none: it has no inputs).
+            assert_eq!(feed_local(&hosts, 5), 5, "the local service answers");
+            let theirs = json!({"step": "outputs", "after": 0, "count": 10, "timeout_ms": 500});
+            let answered = step(&mut link, theirs).await.unwrap();
+            assert_eq!(answered, json!([]), "no output of another service");
+            // Restored: a second restore or prepare, and steps past the
+            // comparison, are refused.
+            let prepared = seen(&hosts, &dst, &images);
+            let refusals = [
+                restore,
+                prepare_step("m1", 7, CPS, SERVICE, 10_000),
+                json!({"step": "announce"}),
+                json!({"step": "finish"}),
+            ];
+            for out_of_turn in refusals {
+                let why = refused(step(&mut link, out_of_turn.clone()).await);
+                assert!(
+                    why.ends_with(
+                        "the migration's instance is restored; expected outputs or arm or abort"
+                    ),
+                    "{out_of_turn}: {why}"
+                );
+            }
+            assert_eq!(seen(&hosts, &dst, &images), prepared, "no address taken");
+            // An arm that leaves the flow muted fails the migration: then
+            // only the rollback is taken, no announce.
+            let why = refused(step(&mut link, json!({"step": "arm", "flows": []})).await);
+            assert!(why.contains("arm names every flow"), "{why}");
+            let why = refused(step(&mut link, json!({"step": "announce"})).await);
+            assert!(
+                why.ends_with("a step of the migration failed; expected abort"),
+                "{why}"
+            );
+            assert_eq!(seen(&hosts, &dst, &images), prepared, "no address taken");
+            step(&mut link, json!({"step": "abort"})).await.unwrap();
+        })
+    });
+    assert_eq!(seen(&hosts, &dst, &images), before, "rolled back");
+    assert_eq!(
+        chain_state(&hosts.dst, SERVICE.parse().unwrap()),
+        None,
+        "the restored instance is gone"
+    );
+    assert_eq!(feed_local(&hosts, 5), 5, "the local service still answers");
+    drop(migrated);
+    for dir in [&dump, &images] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

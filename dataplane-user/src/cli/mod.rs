@@ -78,7 +78,8 @@ pub enum Command {
         /// Consecutive matching outputs needed for the handover.
         #[arg(long, default_value_t = 10)]
         converge: u32,
-        /// Time allowed for restore, replay and convergence, in ms.
+        /// Time allowed for convergence, and for K after the flip, in ms
+        /// (1 to 600000); the destination waits at least as long.
         #[arg(long, default_value_t = 10_000)]
         deadline_ms: u64,
         /// Take at most this many CRIU pre-dump rounds (kaur2020) before

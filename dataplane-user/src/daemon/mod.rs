@@ -195,6 +195,13 @@ impl Daemon {
                 criu: daemon.config.criu(),
                 inputs: Some(taps.0.clone()),
                 outputs: Some(taps.1.clone()),
+                limits: destination::Limits {
+                    images: peer::transfer::Quota {
+                        files: daemon.config.images_max_files,
+                        bytes: daemon.config.images_max_mib.saturating_mul(1 << 20),
+                    },
+                    idle: std::time::Duration::from_secs(daemon.config.migration_idle_s),
+                },
             };
             let host = Arc::new(host);
             tokio::spawn(peer::serve(

@@ -1,13 +1,21 @@
 //! The destination's side of a migration, one step per `MIGRATE` frame from
 //! the source daemon, each answered by a `MIGRATED` frame.
 //!
+//! The steps are taken in the order the source sends them and no other
+//! ([`State`]): a step out of order, or repeated, is refused with an error
+//! naming the step expected, and changes nothing. Checkpoint images are
+//! taken only for the migration prepared on the link, in its turn, and
+//! within the host's quota ([`Limits`]).
+//!
 //! The destination's state lives as long as the peer link: if the link
-//! breaks before `Finish` (the source daemon died, the network did), the
-//! destination rolls back on its own: the restored instance is killed, the
-//! flows it adopted are removed, and the images are deleted. Unless the
-//! source had already handed the service over (an output gate opened at
-//! the first input forwarded past K): then this host keeps serving and
-//! announces the service address itself.
+//! breaks before `Finish` (the source daemon died, the network did), or no
+//! step comes for the idle limit, the destination rolls back on its own:
+//! the restored instance is killed, the flows it adopted are removed, and
+//! the images are deleted. Unless the source had already handed the
+//! service over (an output gate opened at the first input forwarded past
+//! K): then this host keeps serving and announces the service address
+//! itself. An armed gate is waited for as long as the source may still
+//! pick K (its deadline, see [`armed_grace`]).
 //!
 //! A journal says what to undo or keep should this daemon die
 //! mid-migration; [`recover`] acts on it at the next start.
@@ -20,6 +28,7 @@ use std::{
 
 use dataplane_common::{
     GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, RECORD_OUTPUT,
+    RecordHeader,
 };
 use serde::Serialize;
 
@@ -33,13 +42,17 @@ use crate::{
         logs::{LogGuard, Records, Subscription},
     },
     migration::{
+        MAX_DEADLINE_MS,
         error::{Cause, InstanceEnd},
         hold,
         hold::FlowPosition,
         journal::{Files, Journal, Side},
-        protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
+        protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, StepKind, TargetFlow},
     },
-    peer::{Link, MAX_FRAME, PeerError, frame, transfer},
+    peer::{
+        Link, MAX_FRAME, PeerError, frame,
+        transfer::{self, Quota},
+    },
 };
 
 /// What the destination works with on this host.
@@ -58,6 +71,19 @@ pub struct Host {
     /// The daemon's readers of the input and output logs.
     pub inputs: Option<Arc<crate::kernel::logs::Tap>>,
     pub outputs: Option<Arc<crate::kernel::logs::Tap>>,
+    pub limits: Limits,
+}
+
+/// What one migration to this host may take.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Its checkpoint images (`images_max_files`, `images_max_mib`).
+    pub images: Quota,
+    /// How long a prepared migration may go without a step
+    /// (`migration_idle_s`): at least the source's deadline and
+    /// [`HANDOVER_MARGIN`] ([`Target::idle`]). It covers the source's
+    /// checkpoint, which no deadline bounds.
+    pub idle: Duration,
 }
 
 /// Serves one admitted peer link: pings, checkpoint images, and the steps
@@ -67,10 +93,41 @@ pub async fn serve_link(
     from: SocketAddr,
     host: Arc<Host>,
 ) -> Result<(), PeerError> {
-    let host = host.as_ref();
     let mut target: Option<Target> = None;
+    let served = serve_frames(&mut link, from, &host, &mut target).await;
+    if let Some(mut target) = target.take() {
+        // The link is gone, or idle too long, before Finish or Abort.
+        target.settle_alone().await;
+    }
+    served
+}
+
+/// The frames of one link, until it closes or the migration on it
+/// (`target`) idles past its limit.
+async fn serve_frames<'a>(
+    link: &mut Link,
+    from: SocketAddr,
+    host: &'a Host,
+    target: &mut Option<Target<'a>>,
+) -> Result<(), PeerError> {
     loop {
-        let (kind, payload) = match link.recv(MAX_FRAME).await {
+        let received = match target.as_ref() {
+            Some(t) => match tokio::time::timeout_at(t.idle_until(), link.recv(MAX_FRAME)).await {
+                Ok(received) => received,
+                Err(_) => {
+                    let why = format!(
+                        "migration {}: no step for {:.1} s: rolling back",
+                        t.migration,
+                        t.idle().as_secs_f64()
+                    );
+                    tracing::warn!(%from, "{why}");
+                    let _ = link.send(frame::REFUSE, why.as_bytes()).await;
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why).into());
+                }
+            },
+            None => link.recv(MAX_FRAME).await,
+        };
+        let (kind, payload) = match received {
             Ok(frame) => frame,
             Err(PeerError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 tracing::info!(%from, "peer link closed by the peer");
@@ -81,36 +138,22 @@ pub async fn serve_link(
         match kind {
             frame::PING => link.send(frame::PONG, &[]).await?,
             frame::IMAGES => {
-                let received =
-                    transfer::receive(&mut link, &payload, host.files.incoming_root()).await;
+                let received = receive_images(link, &payload, host, target.as_mut()).await;
                 if let Ok(r) = &received {
                     tracing::info!(%from, migration = %r.migration, files = r.files,
                         bytes = r.bytes, "received checkpoint images");
                 }
-                answer(&mut link, from, received, frame::IMAGES_OK).await?;
+                answer(link, from, received, frame::IMAGES_OK).await?;
             }
             frame::MIGRATE => {
                 let outcome = match serde_json::from_slice::<Step>(&payload) {
                     Err(e) => Err(Cause::NotAStep(e)),
-                    Ok(Step::Prepare { migration, flows }) if target.is_none() => {
-                        tracing::info!(%from, %migration, "preparing a migration to this host");
-                        Target::prepare(host, migration, flows).map(|t| {
-                            target = Some(t);
-                            serde_json::json!({})
-                        })
-                    }
-                    Ok(step) => match target.as_mut() {
-                        Some(t) => t.step(step).await,
-                        None => Err(Cause::NotPrepared),
-                    },
+                    Ok(step) => run_step(host, target, from, step).await,
                 };
-                if target.as_ref().is_some_and(|t| t.ended()) {
-                    target = None;
-                }
                 let answer = match outcome {
                     Ok(ok) => serde_json::json!({ "ok": ok }),
                     Err(error) => {
-                        tracing::warn!(%from, "migration step failed: {error}");
+                        tracing::warn!(%from, "migration step refused or failed: {error}");
                         serde_json::json!({ "error": error.to_string() })
                     }
                 };
@@ -126,13 +169,90 @@ pub async fn serve_link(
     }
 }
 
+/// Runs `step` if the migration on this link (`target`; none before
+/// `Prepare`) takes it in its state, and moves it on: to the next state,
+/// or to [`State::Failed`] if the step failed. A step out of order is
+/// refused and changes nothing.
+async fn run_step<'a>(
+    host: &'a Host,
+    target: &mut Option<Target<'a>>,
+    from: SocketAddr,
+    step: Step,
+) -> Result<serde_json::Value, Cause> {
+    let kind = step.kind();
+    let state = target.as_ref().map_or(State::Idle, |t| t.state);
+    let next = state.after(kind).ok_or_else(|| state.refuse(kind))?;
+    let Some(t) = target.as_mut() else {
+        let Step::Prepare {
+            migration,
+            flows,
+            deadline_ms,
+        } = step
+        else {
+            return Err(state.refuse(kind));
+        };
+        tracing::info!(%from, %migration, deadline_ms, "preparing a migration to this host");
+        *target = Some(Target::prepare(host, migration, flows, deadline_ms)?);
+        return Ok(serde_json::json!({}));
+    };
+    let outcome = t.step(step).await;
+    t.last_step = tokio::time::Instant::now();
+    match (&outcome, next) {
+        // Finished or rolled back: the link may prepare another.
+        (Ok(_), State::Idle) => *target = None,
+        (Ok(_), next) => t.state = next,
+        // A refused abort (the service is handed over) changes nothing.
+        (Err(_), _) if kind == StepKind::Abort => {}
+        (Err(_), _) => t.state = State::Failed,
+    }
+    outcome
+}
+
+/// Receives the images of the migration prepared on this link, in its turn
+/// and within the host's quota; any other transfer is read to its end
+/// (none of it kept) and refused.
+async fn receive_images(
+    link: &mut Link,
+    begin: &[u8],
+    host: &Host,
+    target: Option<&mut Target<'_>>,
+) -> Result<transfer::Received, String> {
+    let migration = transfer::parse_begin(begin).map_err(|e| e.to_string());
+    let state = target.as_ref().map_or(State::Idle, |t| t.state);
+    let admitted = migration.and_then(|id| match target {
+        Some(t) if t.migration != id => Err(Cause::OtherImages {
+            prepared: t.migration.clone(),
+            sent: id,
+        }
+        .to_string()),
+        Some(t) if state.after(StepKind::Images).is_some() => Ok((t, id)),
+        _ => Err(state.refuse(StepKind::Images).to_string()),
+    });
+    let (t, id) = match admitted {
+        Ok(admitted) => admitted,
+        Err(why) => {
+            transfer::skip(link).await.map_err(|e| e.to_string())?;
+            return Err(why);
+        }
+    };
+    let received = transfer::receive(link, &id, host.files.incoming_root(), host.limits.images)
+        .await
+        .map_err(|e| e.to_string());
+    t.last_step = tokio::time::Instant::now();
+    t.state = match received {
+        Ok(_) => State::Received,
+        Err(_) => State::Failed,
+    };
+    received
+}
+
 /// Answers a request that moved data: its receipt in an `ok_kind` frame,
-/// or a `REFUSE` with the reason, after which the link closes (the error
-/// is returned).
+/// or a `REFUSE` with the reason. The link stays up after a refusal (the
+/// transfer was read to its end): the source then aborts on it.
 async fn answer<T: Serialize>(
     link: &mut Link,
     from: SocketAddr,
-    outcome: Result<T, PeerError>,
+    outcome: Result<T, String>,
     ok_kind: u8,
 ) -> Result<(), PeerError> {
     match outcome {
@@ -142,9 +262,7 @@ async fn answer<T: Serialize>(
         }
         Err(e) => {
             tracing::warn!(%from, "refused: {e}");
-            // Best effort: the link may be gone already.
-            let _ = link.send(frame::REFUSE, e.to_string().as_bytes()).await;
-            Err(e)
+            link.send(frame::REFUSE, e.as_bytes()).await
         }
     }
 }
@@ -155,6 +273,12 @@ pub struct Target<'a> {
     dataplane: Dataplane,
     migration: String,
     flows: Vec<TargetFlow>,
+    /// Where it stands: the step it takes next.
+    state: State,
+    /// The source's deadline.
+    deadline: Duration,
+    /// When the last step was answered (for the idle limit).
+    last_step: tokio::time::Instant,
     inputs: Subscription,
     outputs: Subscription,
     /// Whether the input log failed a mirrored input: the replay needs them all.
@@ -166,27 +290,53 @@ pub struct Target<'a> {
 }
 
 impl<'a> Target<'a> {
-    /// Handles `Prepare`.
+    /// Handles `Prepare`. Nothing is adopted unless every check passes.
     pub fn prepare(
         host: &'a Host,
         migration: String,
         flows: Vec<TargetFlow>,
+        deadline_ms: u64,
     ) -> Result<Self, Cause> {
         transfer::plain_name(&migration).map_err(Cause::Name)?;
+        if Files::reserved(&migration) {
+            return Err(Cause::ReservedName(migration));
+        }
         if flows.len() != 1 {
             return Err(Cause::FlowCount(flows.len()));
+        }
+        if !(1..=MAX_DEADLINE_MS).contains(&deadline_ms) {
+            return Err(Cause::Deadline(deadline_ms));
         }
         let (Some(inputs), Some(outputs)) = (&host.inputs, &host.outputs) else {
             return Err(Cause::NoLogs);
         };
         announces_only_its_own(&host.interface)?;
         let mut dataplane = Dataplane::open(&host.pin_root)?;
+        // The logs take one migration at a time, either side: with them
+        // subscribed no other migration adopts or removes flows here.
         let inputs = inputs.subscribe(SUBSCRIPTION_CAPACITY)?;
         let outputs = outputs.subscribe(SUBSCRIPTION_CAPACITY)?;
         let log = LogGuard::new(&dataplane)?;
+        // A flow this host has already is another service's (or this
+        // one's, running here): adopting it would renumber it, and a
+        // rollback would remove it. Nor may the migration take another
+        // flow's id: a rollback resets that id's gate.
+        let present = dataplane.flows()?;
         for f in &flows {
             let key = flow::udp(f.spec.cps, f.spec.service);
-            dataplane.adopt_flow(key, f.flow_id, 0)?;
+            if let Some((k, c)) = present
+                .iter()
+                .find(|(k, c)| *k == key || c.flow_id == f.flow_id)
+            {
+                return Err(Cause::FlowPresent {
+                    flow: flow::display(k),
+                    id: c.flow_id,
+                });
+            }
+        }
+        let mut adopted = Vec::new();
+        for f in &flows {
+            let key = flow::udp(f.spec.cps, f.spec.service);
             let gate = dataplane_common::Gate {
                 mode: GATE_HOLD_ALL,
                 output: OUTPUT_MUTE,
@@ -196,13 +346,23 @@ impl<'a> Target<'a> {
                 tagging: dataplane_common::TAG_COUNTED,
                 ..Default::default()
             };
-            dataplane.set_gate(f.flow_id, gate)?;
+            let adoption = dataplane
+                .adopt_flow(key, f.flow_id, 0)
+                .and_then(|()| dataplane.set_gate(f.flow_id, gate));
+            adopted.push(f.clone());
+            if let Err(e) = adoption {
+                forget_flows(&mut dataplane, &adopted);
+                return Err(e.into());
+            }
         }
         let target = Self {
             host,
             dataplane,
             migration,
             flows,
+            state: State::Prepared,
+            deadline: Duration::from_millis(deadline_ms),
+            last_step: tokio::time::Instant::now(),
             inputs,
             outputs,
             log,
@@ -210,23 +370,28 @@ impl<'a> Target<'a> {
             finished: false,
             cpu: crate::host::tasks::CpuTime::now(),
         };
+        // Dropped on failure: the flows go again.
         target.write_journal()?;
         Ok(target)
     }
 
-    /// Handles every step after `Prepare`; the reply's JSON value.
-    pub async fn step(&mut self, step: Step) -> Result<serde_json::Value, Cause> {
+    /// Handles every step after `Prepare`, in its turn (see [`run_step`]);
+    /// the reply's JSON value.
+    async fn step(&mut self, step: Step) -> Result<serde_json::Value, Cause> {
         let json = |v| serde_json::to_value(v).expect("serializes");
         match step {
-            Step::Prepare { .. } => Err(Cause::AlreadyPrepared),
+            Step::Prepare { .. } => Err(self.state.refuse(StepKind::Prepare)),
             Step::Restore { positions, cpus } => self.restore(positions, cpus).await.map(json),
             Step::Outputs {
                 after,
                 count,
                 timeout_ms,
             } => {
+                // Bounded: the answer fits a frame, and the step ends
+                // well within the idle limit.
+                let timeout = Duration::from_millis(timeout_ms).min(MAX_OUTPUTS_WAIT);
                 let outputs = self
-                    .next_outputs(after, count, Duration::from_millis(timeout_ms))
+                    .next_outputs(after, count.min(MAX_OUTPUTS), timeout)
                     .await;
                 self.check_instance("convergence")?;
                 Ok(serde_json::to_value(outputs).expect("serializes"))
@@ -247,10 +412,27 @@ impl<'a> Target<'a> {
                 Ok(serde_json::to_value(finished).expect("serializes"))
             }
             Step::Abort => {
+                // Past K the service is this host's: the source does not
+                // abort then, and no one else may.
+                if opened(&self.dataplane, &self.flows) {
+                    return Err(Cause::ServingHere);
+                }
                 self.rollback();
                 Ok(serde_json::json!({}))
             }
         }
+    }
+
+    /// How long this migration may go without a step: the host's limit,
+    /// and never less than the source may stay silent while it waits for
+    /// K (its deadline, and a margin).
+    fn idle(&self) -> Duration {
+        idle_limit(self.host.limits.idle, self.deadline)
+    }
+
+    /// When this migration idles out unless a step comes.
+    fn idle_until(&self) -> tokio::time::Instant {
+        self.last_step + self.idle()
     }
 
     fn images(&self) -> std::path::PathBuf {
@@ -262,9 +444,6 @@ impl<'a> Target<'a> {
         positions: Vec<FlowPosition>,
         cpus: Vec<usize>,
     ) -> Result<Restored, Cause> {
-        if self.instance.is_some() {
-            return Err(Cause::AlreadyRestored);
-        }
         let [position] = positions[..] else {
             return Err(Cause::OnePosition);
         };
@@ -281,6 +460,7 @@ impl<'a> Target<'a> {
             self.migration.clone(),
             self.flows.clone(),
         );
+        let deadline_ms = self.deadline.as_millis() as u64;
         let start = Instant::now();
         let restored = tokio::task::spawn_blocking(move || {
             let netns = open_netns(Path::new("/proc/self/ns/net")).map_err(Cause::HostNetns)?;
@@ -301,6 +481,7 @@ impl<'a> Target<'a> {
                     let journal = Journal::Destination {
                         flows: flows.clone(),
                         instance: Identity::of(pid),
+                        deadline_ms,
                     };
                     journaled = files
                         .write(&migration, &journal)
@@ -375,7 +556,7 @@ impl<'a> Target<'a> {
             else {
                 break;
             };
-            if record.header.kind == RECORD_OUTPUT && record.header.seq > after {
+            if compared(&record.header, &self.flows, after) {
                 outputs.push(Output {
                     flow_id: record.header.flow_id,
                     seq: record.header.seq,
@@ -392,16 +573,28 @@ impl<'a> Target<'a> {
     fn arm(&mut self, flows: &[u32]) -> Result<(), Cause> {
         // The last moment to back out if this log lost an input.
         self.log.check(&self.dataplane, &self.inputs)?;
-        let window = self.dataplane.gate_window()?;
-        for &flow_id in flows {
-            if !self.flows.iter().any(|f| f.flow_id == flow_id) {
-                return Err(Cause::ForeignFlow(flow_id));
-            }
-            if self.dataplane.gate(flow_id)?.mode != GATE_SEQUENCED {
+        // Every flow of the migration, and only those: an armed state
+        // with a muted flow would announce a service nobody answers.
+        if let Some(&foreign) = flows
+            .iter()
+            .find(|&&id| !self.flows.iter().any(|f| f.flow_id == id))
+        {
+            return Err(Cause::ForeignFlow(foreign));
+        }
+        if let Some(missing) = self.flows.iter().find(|f| !flows.contains(&f.flow_id)) {
+            return Err(Cause::NotArmed(missing.flow_id));
+        }
+        for f in &self.flows {
+            if self.dataplane.gate(f.flow_id)?.mode != GATE_SEQUENCED {
                 return Err(Cause::NotReplayed);
             }
-            window.arm_outputs(flow_id);
         }
+        let window = self.dataplane.gate_window()?;
+        for f in &self.flows {
+            window.arm_outputs(f.flow_id);
+        }
+        tracing::info!(migration = %self.migration,
+            "armed: outputs leave from the first input forwarded past K");
         Ok(())
     }
 
@@ -414,6 +607,7 @@ impl<'a> Target<'a> {
         let journal = Journal::Destination {
             flows: self.flows.clone(),
             instance: self.instance.and_then(Identity::of),
+            deadline_ms: self.deadline.as_millis() as u64,
         };
         Ok(self.host.files.write(&self.migration, &journal)?)
     }
@@ -458,48 +652,96 @@ impl<'a> Target<'a> {
         self.end();
     }
 
-    /// Whether the migration ended (finished or rolled back).
-    pub fn ended(&self) -> bool {
-        self.finished
+    /// Ends the migration without its source (the link is gone, or it
+    /// went quiet past the idle limit): keeps the service if the source
+    /// handed it over, waiting for that while a gate is armed for as long
+    /// as the source may still pick K ([`armed_grace`]); rolls back
+    /// otherwise.
+    async fn settle_alone(&mut self) {
+        let grace = armed_grace(self.deadline);
+        let (dataplane, flows) = (&self.dataplane, &self.flows);
+        // It polls the gates: off the runtime's workers while it waits.
+        let kept = tokio::task::block_in_place(|| handed_over(dataplane, flows, grace));
+        self.settle(kept);
     }
-}
 
-impl Drop for Target<'_> {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        if handed_over(&self.dataplane, &self.flows) {
+    fn settle(&mut self, handed_over: bool) {
+        if handed_over {
             tracing::warn!(migration = %self.migration,
-                "peer link lost after the handover: this host keeps serving");
+                "the source is gone after the handover: this host keeps serving");
             if let Err(e) = self.announce() {
                 tracing::warn!(migration = %self.migration, "announcing: {e}");
             }
             self.end();
         } else {
-            tracing::warn!(migration = %self.migration, "peer link lost mid-migration: rolling back");
+            tracing::warn!(migration = %self.migration,
+                "the source is gone mid-migration: rolling back");
             self.rollback();
         }
     }
 }
 
-/// How long an armed destination that lost the source waits for the
-/// handover: the source's kernel may have been flipped and cut over at its
-/// next input (well within this at any control rate) even with its daemon
-/// gone.
-const ARMED_GRACE: Duration = Duration::from_secs(2);
+impl Drop for Target<'_> {
+    /// An unfinished migration is dropped here only when its task is
+    /// cancelled (the daemon stops, or a journal could not be written at
+    /// `prepare`): a link that ends goes through [`Target::settle_alone`].
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let modes = output_modes(&self.dataplane, &self.flows);
+        if modes.contains(&OUTPUT_ARMED) && !modes.contains(&OUTPUT_FROM) {
+            // The source's kernel may still hand the service here; no
+            // waiting in a drop: the journal's recovery decides at the
+            // next start, after the grace.
+            tracing::warn!(migration = %self.migration,
+                "stopping while armed: the next start decides from the journal");
+            return;
+        }
+        self.settle(modes.contains(&OUTPUT_FROM));
+    }
+}
+
+/// What an armed destination adds to the source's deadline before it
+/// gives up on a handover: the flip follows the answer to `Arm` (a trip
+/// back over the link, a look at the source's log), and may come that much
+/// later than the destination armed.
+pub const HANDOVER_MARGIN: Duration = Duration::from_secs(2);
+
+/// How long an armed destination without its source waits for the
+/// handover: the source's kernel picks K at the first input after the
+/// flip, with its daemon alive or not, and the source daemon takes the
+/// flip back only once `deadline` has passed without an input. Until then
+/// a CPS that is quiet may still hand its service here.
+pub fn armed_grace(deadline: Duration) -> Duration {
+    deadline + HANDOVER_MARGIN
+}
+
+/// How long a migration with the source's `deadline` may go without a
+/// step, with the host's `limit`: never less than the source may be silent
+/// while it waits for K.
+fn idle_limit(limit: Duration, deadline: Duration) -> Duration {
+    limit.max(armed_grace(deadline))
+}
+
+/// The output gate modes of `flows`, as they are now.
+fn output_modes(dataplane: &Dataplane, flows: &[TargetFlow]) -> Vec<u32> {
+    flows
+        .iter()
+        .filter_map(|f| dataplane.gate(f.flow_id).ok().map(|g| g.output))
+        .collect()
+}
+
+/// Whether an output gate of `flows` has opened past K: the service is this host's.
+fn opened(dataplane: &Dataplane, flows: &[TargetFlow]) -> bool {
+    output_modes(dataplane, flows).contains(&OUTPUT_FROM)
+}
 
 /// Whether the source has handed the service over: an output gate was
 /// opened by the first input forwarded past K. While a gate is armed and
-/// not yet opened, waits up to `ARMED_GRACE` for that input.
-fn handed_over(dataplane: &Dataplane, flows: &[TargetFlow]) -> bool {
-    let outputs = || {
-        flows
-            .iter()
-            .filter_map(|f| dataplane.gate(f.flow_id).ok().map(|g| g.output))
-            .collect::<Vec<_>>()
-    };
-    wait_for_handover(outputs, ARMED_GRACE)
+/// not yet opened, waits up to `grace` for that input.
+fn handed_over(dataplane: &Dataplane, flows: &[TargetFlow], grace: Duration) -> bool {
+    wait_for_handover(|| output_modes(dataplane, flows), grace)
 }
 
 /// The decision of [`handed_over`], over the flows' output gate modes as
@@ -517,6 +759,20 @@ fn wait_for_handover(outputs: impl Fn() -> Vec<u32>, grace: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Whether an output record is one `Outputs` answers with: an output of
+/// the migration's own flows (never another local service's), answering
+/// an input after `after`.
+fn compared(header: &RecordHeader, flows: &[TargetFlow], after: u64) -> bool {
+    header.kind == RECORD_OUTPUT
+        && header.seq > after
+        && flows.iter().any(|f| f.flow_id == header.flow_id)
+}
+
+/// Most outputs one `Outputs` answer carries: it must fit a frame.
+const MAX_OUTPUTS: usize = 1024;
+/// Longest an `Outputs` step waits for them.
+const MAX_OUTPUTS_WAIT: Duration = Duration::from_secs(1);
 
 /// Removes the flows a migration adopted, and their gates.
 fn forget_flows(dataplane: &mut Dataplane, flows: &[TargetFlow]) {
@@ -557,12 +813,14 @@ pub(super) fn recover(
     interface: &str,
     flows: &[TargetFlow],
     instance: Option<Identity>,
+    deadline_ms: u64,
 ) -> String {
     let mut dataplane = match Dataplane::open(pin_root) {
         Ok(d) => d,
         Err(e) => return format!("no dataplane to clean up ({e})"),
     };
-    if handed_over(&dataplane, flows) {
+    let deadline = Duration::from_millis(deadline_ms.min(MAX_DEADLINE_MS));
+    if handed_over(&dataplane, flows, armed_grace(deadline)) {
         return match announce(interface, flows) {
             Ok(addresses) => format!("handed over; kept serving, announced {addresses:?}"),
             Err(e) => format!("handed over; kept serving; {e}"),
@@ -599,11 +857,206 @@ fn announces_only_its_own(interface: &str) -> Result<(), Cause> {
     }
 }
 
+/// Where a migration to this host stands, on its peer link: what it takes
+/// next. The order is what the source sends, the same in both modes
+/// (standby and leave-running; see [`super::protocol`]):
+///
+/// ```text
+/// Idle --prepare--> Prepared --images--> Received --restore--> Restored
+///   Restored --outputs--> Restored (repeated while the source compares)
+///   Restored --arm--> Armed --announce--> Announced --finish--> Idle
+///   any state but Idle and Announced --abort--> Idle (refused once the
+///     service is handed over: an output gate opened past K)
+///   a step that fails --> Failed --abort--> Idle
+/// ```
+///
+/// Anything else is refused and changes nothing: a step out of order, a
+/// repeated one, images of another migration or before `prepare`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// No migration on this link: `prepare` comes first.
+    Idle,
+    /// The flows are adopted and held: the images come next.
+    Prepared,
+    /// The images are here: `restore` comes next.
+    Received,
+    /// Restored and replayed: `outputs` while the source compares, then `arm`.
+    Restored,
+    /// The output gates open at the first input past K: `announce` next.
+    Armed,
+    /// The service addresses are here: `finish`.
+    Announced,
+    /// A step failed: the source rolls back (`abort`).
+    Failed,
+}
+
+impl State {
+    /// The state after `step` succeeds in this one; none if `step` is out
+    /// of order here.
+    pub fn after(self, step: StepKind) -> Option<State> {
+        use State::*;
+        use StepKind as S;
+        match (self, step) {
+            (Idle, S::Prepare) => Some(Prepared),
+            (Prepared, S::Images) => Some(Received),
+            (Received, S::Restore) => Some(Restored),
+            (Restored, S::Outputs) => Some(Restored),
+            (Restored, S::Arm) => Some(Armed),
+            (Armed, S::Announce) => Some(Announced),
+            (Announced, S::Finish) => Some(Idle),
+            (Prepared | Received | Restored | Armed | Failed, S::Abort) => Some(Idle),
+            _ => None,
+        }
+    }
+
+    /// The steps this state takes, for an error that names them.
+    pub fn expected(self) -> String {
+        let steps: Vec<&str> = StepKind::ALL
+            .iter()
+            .filter(|&&step| self.after(step).is_some())
+            .map(|step| step.name())
+            .collect();
+        steps.join(" or ")
+    }
+
+    /// What this state means, for an error.
+    pub fn describe(self) -> &'static str {
+        match self {
+            State::Idle => "no migration is prepared on this link",
+            State::Prepared => "the migration is prepared",
+            State::Received => "the migration's images are here",
+            State::Restored => "the migration's instance is restored",
+            State::Armed => "the migration is armed",
+            State::Announced => "the migration is announced",
+            State::Failed => "a step of the migration failed",
+        }
+    }
+
+    /// The refusal of `step`, out of order in this state.
+    fn refuse(self, step: StepKind) -> Cause {
+        Cause::OutOfOrder {
+            step,
+            state: self.describe(),
+            expected: self.expected(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::cell::Cell;
 
     use super::*;
+
+    /// The steps the source sends, in order (source.rs; the same in both
+    /// modes), and the state each leaves the destination in.
+    const SOURCE_SENDS: [(StepKind, State); 8] = [
+        (StepKind::Prepare, State::Prepared),
+        (StepKind::Images, State::Received),
+        (StepKind::Restore, State::Restored),
+        (StepKind::Outputs, State::Restored),
+        (StepKind::Outputs, State::Restored),
+        (StepKind::Arm, State::Armed),
+        (StepKind::Announce, State::Announced),
+        (StepKind::Finish, State::Idle),
+    ];
+
+    #[test]
+    fn the_steps_the_source_sends_pass_in_order() {
+        let mut state = State::Idle;
+        for (step, next) in SOURCE_SENDS {
+            assert_eq!(state.after(step), Some(next), "{step} in {state:?}");
+            state = next;
+        }
+        // A rollback (the source's, or a failed step's) before the handover.
+        for (_, state) in &SOURCE_SENDS[..6] {
+            assert_eq!(state.after(StepKind::Abort), Some(State::Idle), "{state:?}");
+        }
+        assert_eq!(State::Failed.after(StepKind::Abort), Some(State::Idle));
+    }
+
+    #[test]
+    fn a_step_out_of_order_or_repeated_is_refused_naming_the_expected_one() {
+        // In every state the source's steps pass through, only its next
+        // step, `outputs` or `arm` while it compares, and `abort` before
+        // the handover are taken.
+        let mut state = State::Idle;
+        for (expected, next) in SOURCE_SENDS {
+            for step in StepKind::ALL {
+                let comparing = [StepKind::Outputs, StepKind::Arm];
+                let taken = step == expected
+                    || (state == State::Restored && comparing.contains(&step))
+                    || (step == StepKind::Abort
+                        && ![State::Idle, State::Announced].contains(&state));
+                assert_eq!(state.after(step).is_some(), taken, "{step} in {state:?}");
+                if !taken {
+                    let refused = state.refuse(step).to_string();
+                    let (head, names) = refused.split_once("; expected ").unwrap();
+                    assert!(
+                        head.starts_with(&format!("{step} out of order")),
+                        "{refused}"
+                    );
+                    assert!(
+                        names.split(" or ").any(|n| n == expected.name()),
+                        "{refused}"
+                    );
+                }
+            }
+            state = next;
+        }
+        // The cases that mattered: an announce right after prepare, a
+        // second prepare, images twice, abort after the announce.
+        assert_eq!(State::Prepared.after(StepKind::Announce), None);
+        assert_eq!(State::Prepared.after(StepKind::Prepare), None);
+        assert_eq!(State::Received.after(StepKind::Images), None);
+        assert_eq!(State::Announced.after(StepKind::Abort), None);
+        // After a failed step, only the rollback.
+        assert_eq!(State::Failed.expected(), "abort");
+        assert_eq!(
+            State::Idle.refuse(StepKind::Images).to_string(),
+            "images out of order: no migration is prepared on this link; expected prepare"
+        );
+    }
+
+    #[test]
+    fn an_armed_destination_waits_at_least_the_sources_deadline() {
+        for deadline_ms in [1, 800, 10_000, MAX_DEADLINE_MS] {
+            let deadline = Duration::from_millis(deadline_ms);
+            assert!(armed_grace(deadline) >= deadline + HANDOVER_MARGIN);
+            // And a quiet link is given as long, whatever the host's limit.
+            assert!(idle_limit(Duration::from_secs(1), deadline) >= armed_grace(deadline));
+            assert!(idle_limit(Duration::from_secs(900), deadline) >= Duration::from_secs(900));
+        }
+    }
+
+    #[test]
+    fn outputs_answer_with_the_migrations_own_flows_only() {
+        let flow = |flow_id| TargetFlow {
+            flow_id,
+            spec: crate::service::FlowSpec {
+                cps: "192.0.2.1:4000".parse().unwrap(),
+                service: "192.0.2.10:5000".parse().unwrap(),
+            },
+        };
+        let ours = [flow(7)];
+        let output = |flow_id, seq| RecordHeader {
+            kind: RECORD_OUTPUT,
+            flow_id,
+            seq,
+            ..Default::default()
+        };
+        assert!(compared(&output(7, 11), &ours, 10));
+        assert!(!compared(&output(8, 11), &ours, 10), "another service's");
+        assert!(
+            !compared(&output(7, 10), &ours, 10),
+            "answers an earlier input"
+        );
+        let input = RecordHeader {
+            kind: dataplane_common::RECORD_INPUT,
+            ..output(7, 11)
+        };
+        assert!(!compared(&input, &ours, 10));
+    }
 
     #[test]
     fn a_gate_opened_past_k_is_a_handover_and_a_muted_one_is_not() {

@@ -15,7 +15,8 @@ use crate::{
         logs::{LogError, TapBusy},
     },
     migration::{
-        converge::Mismatch, cutover::NoInput, hold::CheckpointError, journal::JournalError,
+        MAX_DEADLINE_MS, converge::Mismatch, cutover::NoInput, hold::CheckpointError,
+        journal::JournalError, protocol::StepKind,
     },
     peer::PeerError,
     report::Stage,
@@ -94,14 +95,31 @@ pub enum Cause {
     // The destination's own causes.
     #[error("not a migration step: {0}")]
     NotAStep(serde_json::Error),
-    #[error("a migration is already prepared on this link")]
-    AlreadyPrepared,
-    #[error("no migration is prepared on this link")]
-    NotPrepared,
+    /// A step the destination's state does not take now (see
+    /// `destination::State`): what it is, and what it expects.
+    #[error("{step} out of order: {state}; expected {expected}")]
+    OutOfOrder {
+        step: StepKind,
+        state: &'static str,
+        expected: String,
+    },
+    #[error("images of migration {sent}, but migration {prepared} is prepared on this link")]
+    OtherImages { prepared: String, sent: String },
     #[error("bad migration name: {0}")]
     Name(PeerError),
-    #[error("already restored")]
-    AlreadyRestored,
+    #[error("migration id {0:?} names an entry of images_dir (journal, outgoing, *.partial)")]
+    ReservedName(String),
+    #[error("deadline_ms must be 1 to {MAX_DEADLINE_MS}, not {0}")]
+    Deadline(u64),
+    #[error(
+        "flow {flow} (id {id}) is on this host already: a migration adopts only a flow this \
+         host does not have, under an id it does not use"
+    )]
+    FlowPresent { flow: String, id: u32 },
+    #[error("flow {0} of the migration is not armed: arm names every flow of it")]
+    NotArmed(u32),
+    #[error("the service is handed over (an output gate opened past K): this host serves it")]
+    ServingHere,
     #[error("one flow position expected")]
     OnePosition,
     #[error("no images at {}", .0.display())]

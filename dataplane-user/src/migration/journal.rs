@@ -33,7 +33,15 @@ pub enum Journal {
     Destination {
         flows: Vec<TargetFlow>,
         instance: Option<Identity>,
+        /// The source's `deadline_ms`: how long an armed handover is
+        /// waited for at recovery (journals written before it: 10 s).
+        #[serde(default = "default_deadline_ms")]
+        deadline_ms: u64,
     },
+}
+
+fn default_deadline_ms() -> u64 {
+    10_000
 }
 
 impl Journal {
@@ -106,6 +114,13 @@ impl Files {
     /// Where a destination receives images (the images of `id` go to `<root>/<id>`).
     pub fn incoming_root(&self) -> &Path {
         &self.images_dir
+    }
+
+    /// Whether `id` would name one of this layout's own entries as a
+    /// destination's images (`journal`, `outgoing`, or another
+    /// migration's `.partial` directory), which receiving it would replace.
+    pub fn reserved(id: &str) -> bool {
+        ["journal", "outgoing"].contains(&id) || id.ends_with(".partial")
     }
 
     fn journal_dir(&self) -> PathBuf {
@@ -222,6 +237,7 @@ mod tests {
                 pid: 42,
                 start_time: 7,
             }),
+            deadline_ms: 2500,
         };
         files.write("m1", &source()).unwrap();
         files.write("m1", &destination).unwrap();
@@ -295,6 +311,29 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names, ["m4.source.json"]);
+    }
+
+    #[test]
+    fn a_journal_from_before_the_deadline_field_reads_with_the_default() {
+        let old = br#"{"side":"destination","flows":[],"instance":null}"#;
+        let journal: Journal = serde_json::from_slice(old).unwrap();
+        assert!(matches!(
+            journal,
+            Journal::Destination {
+                deadline_ms: 10_000,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn ids_that_name_the_layouts_own_entries_are_reserved() {
+        for id in ["journal", "outgoing", "m1.partial"] {
+            assert!(Files::reserved(id), "{id}");
+        }
+        for id in ["m1", "journal-1", "outgoing2", "partial"] {
+            assert!(!Files::reserved(id), "{id}");
+        }
     }
 
     #[test]

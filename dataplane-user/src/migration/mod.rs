@@ -56,7 +56,9 @@ pub struct Request {
     /// Consecutive matching outputs needed for the handover.
     #[serde(default = "default_converge")]
     pub converge: u32,
-    /// How long restore, replay and convergence may take, in ms.
+    /// How long convergence may take, and the wait for K after the flip,
+    /// in ms (1 to [`MAX_DEADLINE_MS`]). The destination is told it at
+    /// `prepare` and waits at least as long (docs/migration.md, timing).
     #[serde(default = "default_deadline_ms")]
     pub deadline_ms: u64,
     /// How outputs are compared (byte-equal without fields).
@@ -76,6 +78,9 @@ impl Request {
         if self.converge == 0 {
             return Err(InvalidRequest::Converge);
         }
+        if !(1..=MAX_DEADLINE_MS).contains(&self.deadline_ms) {
+            return Err(InvalidRequest::Deadline(self.deadline_ms));
+        }
         self.compare.check().map_err(InvalidRequest::Compare)
     }
 }
@@ -87,7 +92,13 @@ pub enum InvalidRequest {
     Converge,
     #[error("compare: {0}")]
     Compare(converge::InvalidField),
+    #[error("deadline_ms must be 1 to {MAX_DEADLINE_MS}, not {0}")]
+    Deadline(u64),
 }
+
+/// The longest `deadline_ms` a migration may have: the destination holds
+/// a migration's state for about that long without a word from the source.
+pub const MAX_DEADLINE_MS: u64 = 600_000;
 
 fn default_converge() -> u32 {
     10

@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! source                                   destination
-//!   | Prepare {migration, flows}  -------->  adopt the flows, hold their
-//!   |                                        mirrored inputs, mute outputs
+//!   | Prepare {migration, flows,  -------->  adopt the flows, hold their
+//!   |          deadline_ms}                  mirrored inputs, mute outputs
 //!   | (checkpoint at S, IMAGES frames) --->  images under images_dir
 //!   | Restore {positions, cpus}   -------->  CRIU restore, replay S+1..
 //!   |                             <--------  Restored {pid, replay_end, ..}
@@ -17,6 +17,9 @@
 //!   |                             <--------  Finished {pid, cpu}
 //!   | Abort (any time before the flip) --->  roll back
 //! ```
+//!
+//! Both modes (standby, leave-running) send the same steps in this order;
+//! the destination takes them in no other ([`super::destination::State`]).
 use serde::{Deserialize, Serialize};
 
 use crate::{migration::hold::FlowPosition, service::FlowSpec};
@@ -33,6 +36,10 @@ pub enum Step {
     Prepare {
         migration: String,
         flows: Vec<TargetFlow>,
+        /// The source's `deadline_ms`: how long it may wait for
+        /// convergence and for K. The destination's idle limit and its
+        /// grace for an armed handover are derived from it.
+        deadline_ms: u64,
     },
     /// Restore the received images, confine the instance to `cpus` (the
     /// source instance's affinity; empty: leave it on CRIU's) and replay
@@ -56,6 +63,20 @@ pub enum Step {
     Finish,
     /// Roll back: kill the instance, forget the flows, drop the images.
     Abort,
+}
+
+impl Step {
+    pub fn kind(&self) -> StepKind {
+        match self {
+            Step::Prepare { .. } => StepKind::Prepare,
+            Step::Restore { .. } => StepKind::Restore,
+            Step::Outputs { .. } => StepKind::Outputs,
+            Step::Arm { .. } => StepKind::Arm,
+            Step::Announce => StepKind::Announce,
+            Step::Finish => StepKind::Finish,
+            Step::Abort => StepKind::Abort,
+        }
+    }
 }
 
 /// A flow the destination adopts.
@@ -101,4 +122,51 @@ pub struct Output {
     pub seq: u64,
     /// Its UDP payload.
     pub payload: Vec<u8>,
+}
+
+/// A step of the protocol by its kind: a [`Step`], or the IMAGES transfer
+/// (frames of its own, see [`crate::peer::transfer`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepKind {
+    Prepare,
+    Images,
+    Restore,
+    Outputs,
+    Arm,
+    Announce,
+    Finish,
+    Abort,
+}
+
+impl StepKind {
+    pub const ALL: [StepKind; 8] = [
+        StepKind::Prepare,
+        StepKind::Images,
+        StepKind::Restore,
+        StepKind::Outputs,
+        StepKind::Arm,
+        StepKind::Announce,
+        StepKind::Finish,
+        StepKind::Abort,
+    ];
+
+    /// Its name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKind::Prepare => "prepare",
+            StepKind::Images => "images",
+            StepKind::Restore => "restore",
+            StepKind::Outputs => "outputs",
+            StepKind::Arm => "arm",
+            StepKind::Announce => "announce",
+            StepKind::Finish => "finish",
+            StepKind::Abort => "abort",
+        }
+    }
+}
+
+impl std::fmt::Display for StepKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }

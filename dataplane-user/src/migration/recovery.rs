@@ -37,9 +37,17 @@ pub fn recover(host: &Host) -> Vec<String> {
                 &flow,
                 flags,
             ),
-            Ok(Journal::Destination { flows, instance }) => {
-                destination::recover(&host.pin_root, &host.interface, &flows, instance)
-            }
+            Ok(Journal::Destination {
+                flows,
+                instance,
+                deadline_ms,
+            }) => destination::recover(
+                &host.pin_root,
+                &host.interface,
+                &flows,
+                instance,
+                deadline_ms,
+            ),
         };
         host.files.remove(left.side, &left.id);
         let line = match left.side {
@@ -78,6 +86,7 @@ mod tests {
                 &Journal::Destination {
                     flows: vec![],
                     instance: None,
+                    deadline_ms: 10_000,
                 },
             )
             .unwrap();

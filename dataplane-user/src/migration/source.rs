@@ -178,6 +178,8 @@ impl Migration {
                 flow_id: source.flow_id,
                 spec,
             }],
+            // The destination waits at least this long for K once armed.
+            deadline_ms: self.request.deadline_ms,
         };
         peer::migrate_step(&mut link, &prepare)
             .await

@@ -6,7 +6,9 @@
 //! last chunk, so hashing overlaps the transfer instead of preceding it. The
 //! receiver writes into `<root>/<migration>.partial` and renames it to
 //! `<root>/<migration>` only when every file arrived intact, so a directory
-//! without the suffix is always a complete image set.
+//! without the suffix is always a complete image set. It writes no more
+//! than its [`Quota`]: a transfer over it is refused and its partial
+//! directory removed.
 use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -60,6 +62,40 @@ pub struct Received {
 pub struct Sent {
     pub received: Received,
     pub elapsed: Duration,
+}
+
+/// The most one transfer may write: files (links included) and bytes of
+/// file data. The destination's are `images_max_files` and
+/// `images_max_mib` in its configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quota {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+impl Quota {
+    /// No limit: for tools that move images they made themselves.
+    pub const UNLIMITED: Self = Self {
+        files: u64::MAX,
+        bytes: u64::MAX,
+    };
+
+    /// An error once `files` or `bytes` is over the quota.
+    fn check(self, files: u64, bytes: u64) -> Result<(), PeerError> {
+        if files > self.files {
+            return Err(images_error(format!(
+                "more than {} files: over the quota (images_max_files)",
+                self.files
+            )));
+        }
+        if bytes > self.bytes {
+            return Err(images_error(format!(
+                "more than {} MiB: over the quota (images_max_mib)",
+                self.bytes >> 20
+            )));
+        }
+        Ok(())
+    }
 }
 
 fn images_error(message: impl Into<String>) -> PeerError {
@@ -247,18 +283,25 @@ pub async fn send_counting(
     }
 }
 
-/// Receives the transfer that an IMAGES frame with `begin` started.
-pub async fn receive(link: &mut Link, begin: &[u8], root: &Path) -> Result<Received, PeerError> {
-    let migration = parse_begin(begin)?;
+/// Receives the images of `migration` (a [`plain_name`], from the IMAGES
+/// frame that started the transfer, see [`parse_begin`]) into
+/// `<root>/<migration>`, writing no more than `quota` allows.
+pub async fn receive(
+    link: &mut Link,
+    migration: &str,
+    root: &Path,
+    quota: Quota,
+) -> Result<Received, PeerError> {
+    plain_name(migration)?;
     let partial = root.join(format!("{migration}.partial"));
-    let outcome = receive_into(link, &partial).await;
+    let outcome = receive_into(link, &partial, quota).await;
     match outcome {
         Ok((files, bytes)) => {
-            let done = root.join(&migration);
+            let done = root.join(migration);
             let _ = tokio::fs::remove_dir_all(&done).await;
             tokio::fs::rename(&partial, &done).await?;
             Ok(Received {
-                migration,
+                migration: migration.to_string(),
                 files,
                 bytes,
             })
@@ -270,18 +313,25 @@ pub async fn receive(link: &mut Link, begin: &[u8], root: &Path) -> Result<Recei
     }
 }
 
+/// Reads the rest of a transfer (to its IMAGES_END) without keeping any
+/// of it: a refused transfer's sender then finishes writing and reads the
+/// refusal rather than a reset connection.
+pub async fn skip(link: &mut Link) -> Result<(), PeerError> {
+    while link.recv(MAX_FRAME).await?.0 != frame::IMAGES_END {}
+    Ok(())
+}
+
 /// Receives the files into `dir`. An error before the end of the transfer
-/// first reads the rest of it, so the sender finishes writing and reads the
-/// refusal rather than a reset connection (a broken link ends that at once).
-async fn receive_into(link: &mut Link, dir: &PathBuf) -> Result<(u64, u64), PeerError> {
+/// first reads the rest of it ([`skip`]; a broken link ends that at once).
+async fn receive_into(
+    link: &mut Link,
+    dir: &PathBuf,
+    quota: Quota,
+) -> Result<(u64, u64), PeerError> {
     let mut ended = false;
-    let outcome = receive_files(link, dir, &mut ended).await;
+    let outcome = receive_files(link, dir, quota, &mut ended).await;
     if outcome.is_err() && !ended {
-        while let Ok((kind, _)) = link.recv(MAX_FRAME).await {
-            if kind == frame::IMAGES_END {
-                break;
-            }
-        }
+        let _ = skip(link).await;
     }
     outcome
 }
@@ -289,11 +339,15 @@ async fn receive_into(link: &mut Link, dir: &PathBuf) -> Result<(u64, u64), Peer
 async fn receive_files(
     link: &mut Link,
     dir: &PathBuf,
+    quota: Quota,
     ended: &mut bool,
 ) -> Result<(u64, u64), PeerError> {
     let _ = tokio::fs::remove_dir_all(dir).await;
     tokio::fs::create_dir_all(dir).await?;
     let (mut files, mut bytes) = (0u64, 0u64);
+    // File data announced so far: a FILE over the quota is refused before
+    // any of it is written (DATA never exceeds its announced size).
+    let (mut entries, mut announced) = (0u64, 0u64);
     // The file being received (none for a link), its hash and bytes so far.
     let mut current: Option<(FileHeader, Option<tokio::fs::File>, Sha256, u64)> = None;
     loop {
@@ -308,6 +362,9 @@ async fn receive_files(
                     return Ok((files, bytes));
                 }
                 let header = parse_file_header(&payload)?;
+                entries += 1;
+                announced = announced.saturating_add(header.size);
+                quota.check(entries, announced)?;
                 let path = dir.join(&header.name);
                 if let Some(parent) = path.parent() {
                     tokio::fs::create_dir_all(parent).await?;
@@ -411,7 +468,8 @@ mod tests {
         let receive = async {
             let (kind, begin) = receiver.recv(MAX_FRAME).await.unwrap();
             assert_eq!(kind, frame::IMAGES);
-            let got = super::receive(&mut receiver, &begin, &received).await;
+            let migration = parse_begin(&begin).unwrap();
+            let got = super::receive(&mut receiver, &migration, &received, Quota::UNLIMITED).await;
             let verdict = serde_json::to_vec(got.as_ref().unwrap()).unwrap();
             receiver.send(frame::IMAGES_OK, &verdict).await.unwrap();
             got.unwrap()
@@ -448,6 +506,85 @@ mod tests {
             std::fs::read(done.join("parent/parent/pages-1.img")).unwrap(),
             "pre-0".repeat(1000).as_bytes()
         );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A pair of linked ends on loopback: (sender, receiver).
+    async fn linked() -> (Link, Link) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sender = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (receiver, _) = listener.accept().await.unwrap();
+        (Link::plain(sender), Link::plain(receiver))
+    }
+
+    #[tokio::test]
+    async fn a_transfer_over_the_quota_is_refused_and_leaves_nothing() {
+        let root = std::env::temp_dir().join(format!("transfer-quota-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let images = root.join("sent");
+        std::fs::create_dir_all(&images).unwrap();
+        for (name, size) in [("a.img", 1000), ("b.img", 1000), ("c.img", 3000)] {
+            std::fs::write(images.join(name), vec![1u8; size]).unwrap();
+        }
+        let received = root.join("received");
+        std::fs::create_dir_all(&received).unwrap();
+        let quotas = [
+            (
+                Quota {
+                    files: 2,
+                    bytes: 1 << 20,
+                },
+                "more than 2 files",
+            ),
+            (
+                Quota {
+                    files: 10,
+                    bytes: 4999,
+                },
+                "over the quota (images_max_mib)",
+            ),
+        ];
+        for (quota, why) in quotas {
+            let (mut sender, mut receiver) = linked().await;
+            let receive = async {
+                let (_, begin) = receiver.recv(MAX_FRAME).await.unwrap();
+                let migration = parse_begin(&begin).unwrap();
+                let got = super::receive(&mut receiver, &migration, &received, quota).await;
+                let reason = got.unwrap_err().to_string();
+                receiver
+                    .send(frame::REFUSE, reason.as_bytes())
+                    .await
+                    .unwrap();
+                // The rest of the transfer was read: the link still serves.
+                assert_eq!(receiver.recv(MAX_FRAME).await.unwrap().0, frame::PING);
+            };
+            let send = async {
+                let refused = send(&mut sender, "m1", &images).await.unwrap_err();
+                sender.send(frame::PING, &[]).await.unwrap();
+                refused
+            };
+            let (refused, ()) = tokio::join!(send, receive);
+            assert!(refused.to_string().contains(why), "{refused}");
+            let left: Vec<_> = std::fs::read_dir(&received).unwrap().collect();
+            assert!(left.is_empty(), "nothing is left: {left:?}");
+        }
+        // Exactly at the quota passes.
+        let (mut sender, mut receiver) = linked().await;
+        let exact = Quota {
+            files: 3,
+            bytes: 5000,
+        };
+        let receive = async {
+            let (_, begin) = receiver.recv(MAX_FRAME).await.unwrap();
+            let migration = parse_begin(&begin).unwrap();
+            let got = super::receive(&mut receiver, &migration, &received, exact).await;
+            let verdict = serde_json::to_vec(got.as_ref().unwrap()).unwrap();
+            receiver.send(frame::IMAGES_OK, &verdict).await.unwrap();
+        };
+        let (sent, ()) = tokio::join!(send(&mut sender, "m1", &images), receive);
+        assert_eq!(sent.unwrap().received.bytes, 5000);
         let _ = std::fs::remove_dir_all(&root);
     }
 

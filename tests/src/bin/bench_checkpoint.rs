@@ -188,7 +188,9 @@ fn images_onto_dst(size: usize) -> anyhow::Result<(Duration, Duration, Duration)
             let mut sender = Link::plain(tokio::net::TcpStream::from_std(sender)?);
             let receive = async {
                 let (_, begin) = receiver.recv(MAX_FRAME).await?;
-                let got = transfer::receive(&mut receiver, &begin, &received).await?;
+                let migration = transfer::parse_begin(&begin)?;
+                let quota = transfer::Quota::UNLIMITED;
+                let got = transfer::receive(&mut receiver, &migration, &received, quota).await?;
                 let receipt = serde_json::to_vec(&got)?;
                 receiver.send(frame::IMAGES_OK, &receipt).await?;
                 anyhow::Ok(())

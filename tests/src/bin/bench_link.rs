@@ -193,7 +193,8 @@ async fn receive(mut link: Link, into: std::path::PathBuf) -> Result<(), peer::P
     if kind != frame::IMAGES {
         return Err(peer::PeerError::Garbage(format!("frame type {kind}")));
     }
-    let got = transfer::receive(&mut link, &begin, &into).await?;
+    let migration = transfer::parse_begin(&begin)?;
+    let got = transfer::receive(&mut link, &migration, &into, transfer::Quota::UNLIMITED).await?;
     let receipt = serde_json::to_vec(&got).expect("serializes");
     link.send(frame::IMAGES_OK, &receipt).await
 }
