@@ -377,14 +377,12 @@ impl Ticker {
 
 /// Holds `flow_id` and waits until process `pid` has drained its socket: S.
 fn hold(dataplane: &mut dataplane_user::kernel::loader::Dataplane, flow_id: u32, pid: u32) -> u64 {
-    dataplane_user::migration::hold::hold_and_drain(
-        dataplane,
-        &[flow_id],
-        pid,
-        Duration::from_secs(2),
-    )
-    .unwrap()[0]
-        .last_delivered
+    use dataplane_user::migration::hold;
+    let position = hold::hold(dataplane, flow_id).unwrap();
+    let start = std::time::Instant::now();
+    let drained = hold::drain(pid, &mut || start.elapsed() > Duration::from_secs(2)).unwrap();
+    assert!(drained, "process {pid} drained its socket");
+    position.last_delivered
 }
 
 #[test]
@@ -460,7 +458,7 @@ fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
         );
 
         end_restored(pid);
-        hold::release(&mut src.dataplane, &[flow_id]).unwrap();
+        hold::open(&mut src.dataplane, flow_id).unwrap();
         drop(service);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -58,6 +58,10 @@ pub struct Host {
     /// The daemon's readers of the input and output logs.
     pub inputs: Option<Arc<crate::kernel::logs::Tap>>,
     pub outputs: Option<Arc<crate::kernel::logs::Tap>>,
+    /// Turns true when the daemon stops: a link then ends before its next
+    /// step, and the migration on it rolls back (or, handed over, keeps
+    /// serving) as when the link drops.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Serves one admitted peer link: pings, checkpoint images, and the steps
@@ -69,8 +73,18 @@ pub async fn serve_link(
 ) -> Result<(), PeerError> {
     let host = host.as_ref();
     let mut target: Option<Target> = None;
+    let mut stopping = host.stopping.clone();
     loop {
-        let (kind, payload) = match link.recv(MAX_FRAME).await {
+        let received = tokio::select! {
+            biased;
+            // Between two steps: dropping `target` undoes it.
+            Ok(_) = stopping.wait_for(|stop| *stop) => {
+                tracing::info!(%from, "the daemon stops: peer link closed");
+                return Ok(());
+            }
+            received = link.recv(MAX_FRAME) => received,
+        };
+        let (kind, payload) = match received {
             Ok(frame) => frame,
             Err(PeerError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 tracing::info!(%from, "peer link closed by the peer");
