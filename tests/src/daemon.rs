@@ -119,6 +119,23 @@ impl DaemonProcess {
     pub fn kill_and_restart(&mut self, host: &NetNs) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.restart(host);
+    }
+
+    /// Sends `signal` and waits for the process to end: its exit status.
+    /// [`DaemonProcess::restart`] starts it again.
+    pub fn signal_and_wait(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+    ) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the daemon");
+        self.child.wait().expect("wait for the daemon")
+    }
+
+    /// Starts the daemon again with the same configuration, as its
+    /// supervisor would.
+    pub fn restart(&mut self, host: &NetNs) {
         self.child = Self::spawn(host, &self.dir, &self.socket);
     }
 
