@@ -176,14 +176,19 @@ fn assert_criu_died(error: &str, prefix: &str) {
 /// Kills the first CRIU that starts in `host` after `before` (pids of
 /// CRIUs running before the migration).
 fn kill_new_criu(host: &dataplane_tests::NetNs, before: &[u32]) {
+    kill_pid(wait_for_new_criu(host, before) as u64);
+}
+
+/// The first CRIU that starts in `host` after `before` (pids of CRIUs
+/// running before the migration), once it runs.
+fn wait_for_new_criu(host: &dataplane_tests::NetNs, before: &[u32]) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let new = pids_named("criu")
             .into_iter()
             .find(|p| !before.contains(p) && in_netns(*p, host));
         if let Some(pid) = new {
-            kill_pid(pid as u64);
-            return;
+            return pid;
         }
         assert!(Instant::now() < deadline, "CRIU never ran");
         std::thread::sleep(Duration::from_micros(200));
@@ -882,17 +887,18 @@ fn a_source_daemon_killed_during_the_hold_names_the_held_inputs_lost_with_it() {
 const LONG_CONVERGE: u32 = 2000;
 
 /// Starts a migration with a long convergence while the CPS sends
-/// `cycles` inputs, and once convergence begins sends SIGTERM to `host`'s
-/// daemon ("src" or "dst"), which must then exit cleanly within
-/// `STOP_WITHIN`. The CPS, and the migration's id.
-fn sigterm_during_convergence(
+/// `cycles` inputs, and once `when` returns (given a watching client)
+/// sends SIGTERM to `host`'s daemon ("src" or "dst"), which must then exit
+/// cleanly within `STOP_WITHIN`. The CPS, and the migration's id.
+fn sigterm_mid_migration(
     setup: &mut MigrationSetup,
     host: &str,
     cycles: u64,
+    when: impl FnOnce(&mut dataplane_user::control::client::Client, &MigrationSetup),
 ) -> (std::process::Child, String) {
     let cps = setup.start_cps(cycles, 1000, None);
     let (mut watcher, id) = setup.migrate_watched(json!({"converge": LONG_CONVERGE}));
-    wait_for_phase(&mut watcher, "converge");
+    when(&mut watcher, setup);
     let daemon = match host {
         "src" => &mut setup.src,
         _ => &mut setup.dst,
@@ -910,7 +916,9 @@ fn sigterm_during_convergence(
 fn sigterm_to_the_source_daemon_mid_migration_rolls_it_back_before_it_exits() {
     let mut setup = MigrationSetup::new("termsrc", &[], false);
     let cycles = 4000;
-    let (cps, _) = sigterm_during_convergence(&mut setup, "src", cycles);
+    let (cps, _) = sigterm_mid_migration(&mut setup, "src", cycles, |watcher, _| {
+        wait_for_phase(watcher, "converge")
+    });
     let log = setup.src.log();
     assert!(
         log.contains("migration failed, rolled back: converge: aborted on request"),
@@ -929,10 +937,17 @@ fn sigterm_to_the_source_daemon_mid_migration_rolls_it_back_before_it_exits() {
 }
 
 #[test]
-fn sigterm_to_the_destination_daemon_mid_migration_rolls_back_what_it_adopted_before_it_exits() {
+fn sigterm_to_the_destination_daemon_while_criu_restores_rolls_back_what_it_adopted_before_it_exits()
+ {
     let mut setup = MigrationSetup::new("termdst", &[], false);
     let cycles = 4000;
-    let (cps, id) = sigterm_during_convergence(&mut setup, "dst", cycles);
+    let before = pids_named("criu");
+    // Mid-step: the daemon ends the link after the step, so that the
+    // instance CRIU is making is known, and killed, before the exit.
+    let (cps, id) = sigterm_mid_migration(&mut setup, "dst", cycles, |watcher, setup| {
+        wait_for_phase(watcher, "restore");
+        wait_for_new_criu(&setup.hosts.dst, &before);
+    });
     // Undone before the exit: the restored instance, the flow, the images
     // and the journal.
     assert_eq!(setup.left_on_dst(), [] as [String; 0], "left on dst");
