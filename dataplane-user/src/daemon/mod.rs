@@ -123,11 +123,12 @@ impl Daemon {
     pub fn start(config: DaemonConfig) -> Result<Self, DaemonError> {
         // Checkpoint images hold a service's whole memory, and journals
         // name its processes: every file this daemon and the CRIU it starts
-        // write (images received over the peer link, CRIU's logs, journals,
-        // directories) is for root alone. One umask covers them all, and
-        // whatever writes files later; CRIU makes its own images 0600 but
-        // its directories and logs follow the umask. A restored service
-        // gets its own umask back from its image.
+        // write (CRIU's images, images received over the peer link,
+        // journals, directories) is for root alone. CRIU creates its images
+        // 0644 less the umask it inherits (its logs 0600), with no option
+        // to say otherwise, so the umask is the one place that covers it, this
+        // daemon's own writers and any later one. A restored service gets
+        // its own umask back from its image.
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let options = config
             .load_options()
