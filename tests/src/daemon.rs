@@ -44,13 +44,24 @@ pub struct DaemonProcess {
 impl DaemonProcess {
     /// Starts the daemon in `host` with `config` (TOML) and waits for its socket.
     pub fn start(host: &NetNs, name: &str, config: &str) -> Self {
+        Self::start_with_socket(host, name, config, None)
+    }
+
+    /// As `start`, with the control socket at `socket` (default: in the
+    /// daemon's test directory).
+    pub fn start_with_socket(
+        host: &NetNs,
+        name: &str,
+        config: &str,
+        socket: Option<PathBuf>,
+    ) -> Self {
         let dir = PathBuf::from(format!("/tmp/dataplane-test-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("test dir");
         std::fs::write(dir.join("dataplane.toml"), config).expect("write config");
         let pin_root = dataplane_user::config::DaemonConfig::parse(config)
             .expect("a valid test configuration")
             .pin_root;
-        let socket = dir.join("dataplane.sock");
+        let socket = socket.unwrap_or_else(|| dir.join("dataplane.sock"));
         let child = Self::spawn(host, &dir, &socket);
         Self {
             child,
@@ -108,6 +119,23 @@ impl DaemonProcess {
     pub fn kill_and_restart(&mut self, host: &NetNs) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.restart(host);
+    }
+
+    /// Sends `signal` and waits for the process to end: its exit status.
+    /// [`DaemonProcess::restart`] starts it again.
+    pub fn signal_and_wait(
+        &mut self,
+        signal: nix::sys::signal::Signal,
+    ) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the daemon");
+        self.child.wait().expect("wait for the daemon")
+    }
+
+    /// Starts the daemon again with the same configuration, as its
+    /// supervisor would.
+    pub fn restart(&mut self, host: &NetNs) {
         self.child = Self::spawn(host, &self.dir, &self.socket);
     }
 

@@ -24,7 +24,8 @@ pub use hosts::{
     CPS_V4, CPS_V6, Loaded, RawSocket, SERVICE_V4, SERVICE_V6, TestHosts, mac_text, sock,
 };
 pub use migration::{
-    DST_PEER, EXTRA_SERVICE_V4, MigrationSetup, SRC_PEER, StopAndCopy, cps_verdict, cps_verdicts,
+    CONTROLLER_COMM, DST_PEER, EXTRA_SERVICE_V4, MigrationSetup, SRC_PEER, StopAndCopy,
+    cps_verdict, cps_verdicts, files_under,
 };
 pub use netns::{NetNs, ip, run};
 pub use services::{

@@ -283,11 +283,33 @@ impl MigrationSetup {
 
     /// The destination daemon's image directory.
     pub fn dst_images_dir(&self) -> PathBuf {
+        self.images_dir("dst")
+    }
+
+    /// The image directory of `host`'s daemon ("src" or "dst").
+    pub fn images_dir(&self, host: &str) -> PathBuf {
         PathBuf::from(format!(
-            "/tmp/dataplane-test-{}-{}-dst-images",
+            "/tmp/dataplane-test-{}-{}-{host}-images",
             std::process::id(),
             self.tag
         ))
+    }
+
+    /// What a migration rolled back must not leave on dst, one line each:
+    /// a restored instance in its namespace, a flow in its dataplane, a
+    /// file (images, a journal) in its images_dir. Empty: nothing.
+    pub fn left_on_dst(&self) -> Vec<String> {
+        let instances = crate::pids_named(CONTROLLER_COMM)
+            .into_iter()
+            .filter(|&p| crate::in_netns(p, &self.hosts.dst))
+            .map(|p| format!("instance {p}"));
+        let flows = Dataplane::open(&self.hosts.pin_root("dst"))
+            .and_then(|d| d.flows())
+            .expect("dst's flows")
+            .into_iter()
+            .map(|(key, _)| format!("flow {}", dataplane_user::kernel::flow::display(&key)));
+        let files = files_under(&self.dst_images_dir()).into_iter();
+        instances.chain(flows).chain(files).collect()
     }
 
     /// Subscribes to `migration.watch` on the source, lets the CPS run
@@ -480,6 +502,23 @@ impl MigrationSetup {
             rounds,
         })
     }
+}
+
+/// The controller's name in /proc (comm keeps 15 bytes).
+pub const CONTROLLER_COMM: &str = "markov-controll";
+
+/// Every file under `dir` (none if it does not exist).
+pub fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .flat_map(|e| match e.file_type().is_ok_and(|t| t.is_dir()) {
+            true => files_under(&e.path()),
+            false => vec![e.path().display().to_string()],
+        })
+        .collect()
 }
 
 /// Copies the directory tree `from` to `to`; the bytes copied.

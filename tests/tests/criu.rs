@@ -399,34 +399,41 @@ impl Ticker {
     }
 }
 
+/// Test hosts with a dataplane on src and a flow from the CPS's port 4000
+/// to a service at port 5000: the service's address, and the flow's id.
+fn src_with_flow(
+    tag: &str,
+) -> (
+    TestHosts,
+    dataplane_tests::Loaded,
+    std::net::SocketAddr,
+    u32,
+) {
+    let hosts = TestHosts::new(tag);
+    let mut src = hosts.load_src();
+    let addr = sock(SERVICE_V4, 5000);
+    let key = dataplane_user::kernel::flow::udp(sock(CPS_V4, 4000), addr);
+    let flow_id = src.dataplane.add_flow(key, 0).unwrap();
+    (hosts, src, addr, flow_id)
+}
+
 /// Holds `flow_id` and waits until process `pid` has drained its socket: S.
 fn hold(dataplane: &mut dataplane_user::kernel::loader::Dataplane, flow_id: u32, pid: u32) -> u64 {
-    dataplane_user::migration::hold::hold_and_drain(
-        dataplane,
-        &[flow_id],
-        pid,
-        Duration::from_secs(2),
-    )
-    .unwrap()[0]
-        .last_delivered
+    use dataplane_user::migration::hold;
+    let position = hold::hold(dataplane, flow_id).unwrap();
+    let start = std::time::Instant::now();
+    let drained = hold::drain(pid, &mut || start.elapsed() > Duration::from_secs(2)).unwrap();
+    assert!(drained, "process {pid} drained its socket");
+    position.last_delivered
 }
 
 #[test]
 fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
     use std::collections::BTreeMap;
 
-    use dataplane_user::{
-        kernel::{flow, loader::MAP_INPUTS},
-        migration::hold,
-    };
+    use dataplane_user::{kernel::loader::MAP_INPUTS, migration::hold};
 
-    let hosts = TestHosts::new("ckpt");
-    let mut src = hosts.load_src();
-    let addr = sock(SERVICE_V4, 5000);
-    let flow_id = src
-        .dataplane
-        .add_flow(flow::udp(sock(CPS_V4, 4000), addr), 0)
-        .unwrap();
+    let (hosts, mut src, addr, flow_id) = src_with_flow("ckpt");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -484,7 +491,7 @@ fn a_checkpoint_holds_exactly_the_inputs_up_to_its_position_20_times() {
         );
 
         end_restored(pid);
-        hold::release(&mut src.dataplane, &[flow_id]).unwrap();
+        hold::open(&mut src.dataplane, flow_id).unwrap();
         drop(service);
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -785,87 +792,195 @@ fn criu_killed_during_a_dump_leaves_the_source_serving() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
-    use dataplane_user::{
-        kernel::{flow, injector::Injector, loader::MAP_INPUTS, logs::LogReader},
-        migration::hold,
-    };
+/// The CPS feeding a service on src every millisecond through a flow, and
+/// that flow's log: the ground of a leave-running checkpoint.
+struct Fed {
+    hosts: TestHosts,
+    src: dataplane_tests::Loaded,
+    addr: std::net::SocketAddr,
+    flow_id: u32,
+    runtime: tokio::runtime::Runtime,
+    log: dataplane_user::kernel::logs::LogReader,
+    service: ChainService,
+    sender: Option<Ticker>,
+}
 
-    let hosts = TestHosts::new("lrun");
-    let mut src = hosts.load_src();
-    let addr = sock(SERVICE_V4, 5000);
-    let flow_id = src
-        .dataplane
-        .add_flow(flow::udp(sock(CPS_V4, 4000), addr), 0)
-        .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let _guard = runtime.enter();
-    let mut log = LogReader::spawn(src.dataplane.open_log(MAP_INPUTS).unwrap(), 1 << 16).unwrap();
-    let service = ChainService::start(&hosts.src, addr);
-    let sender = Ticker::start(&hosts);
-    std::thread::sleep(Duration::from_millis(30));
+impl Fed {
+    fn start(tag: &str) -> Self {
+        use dataplane_user::kernel::{loader::MAP_INPUTS, logs::LogReader};
+        let (hosts, src, addr, flow_id) = src_with_flow(tag);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let log = {
+            let _guard = runtime.enter();
+            LogReader::spawn(src.dataplane.open_log(MAP_INPUTS).unwrap(), 1 << 16).unwrap()
+        };
+        let service = ChainService::start(&hosts.src, addr);
+        let sender = Some(Ticker::start(&hosts));
+        std::thread::sleep(Duration::from_millis(30));
+        Self {
+            hosts,
+            src,
+            addr,
+            flow_id,
+            runtime,
+            log,
+            service,
+            sender,
+        }
+    }
 
-    let s = hold(&mut src.dataplane, flow_id, service.pid);
-    let position = dataplane_user::migration::hold::FlowPosition {
-        flow_id,
-        last_delivered: s,
-    };
-    let dir = images_dir("lrun");
-    let dump = service.dump_request(dir.clone(), true);
-    let criu = Criu::default();
-    criu.dump(&dump, false, &mut |_| true).unwrap();
-    // The primary gets the inputs held during the checkpoint back, in order.
-    let mut injector = hosts
-        .src
-        .run(|| Injector::open(src.dataplane.pin_root(), "eth0"))
-        .unwrap();
-    // Injection runs in the namespace of the interface it injects on.
-    let replayed = hosts
-        .src
-        .run(|| {
-            runtime
+    /// Holds the flow until the service has drained its socket: S.
+    fn hold(&mut self) -> u64 {
+        hold(&mut self.src.dataplane, self.flow_id, self.service.pid)
+    }
+
+    /// Gives the service the inputs held since `s` back, from a log that
+    /// lost the records of `lost`; then opens the gate. The replay's
+    /// outcome, and the held inputs the gate opened over.
+    fn give_back(
+        &mut self,
+        s: u64,
+        lost: std::ops::RangeInclusive<u64>,
+    ) -> (Result<u64, String>, Option<std::ops::RangeInclusive<u64>>) {
+        use dataplane_user::{kernel::injector::Injector, migration::hold};
+        // Injection runs in the namespace of the interface it injects on.
+        let mut injector = self
+            .hosts
+            .src
+            .run(|| Injector::open(self.src.dataplane.pin_root(), "eth0"))
+            .unwrap();
+        let position = hold::FlowPosition {
+            flow_id: self.flow_id,
+            last_delivered: s,
+        };
+        let mut log = Losing {
+            log: &mut self.log,
+            lost,
+        };
+        let outcome = self.hosts.src.run(|| {
+            self.runtime
                 .block_on(hold::resume(
-                    &mut src.dataplane,
+                    &mut self.src.dataplane,
                     position,
-                    service.pid,
+                    self.service.pid,
                     &mut injector,
                     &mut log,
                 ))
                 .map_err(|e| e.to_string())
-        })
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(30));
-    let sent = sender.stop();
-    std::thread::sleep(Duration::from_millis(20));
+        });
+        let opened_over = hold::open(&mut self.src.dataplane, self.flow_id).unwrap();
+        (outcome, opened_over)
+    }
 
-    let counters = src.dataplane.counters().unwrap();
-    assert_eq!(counters.get(dataplane_common::counter::RING_FULL), 0);
-    let first = 1;
-    let last = src.dataplane.sequence(flow_id).unwrap().last_seq;
-    assert_eq!(last, sent, "every input the CPS sent was numbered");
+    /// Stops the CPS once the service has caught up: how many inputs it
+    /// sent, each of them numbered.
+    fn stop_cps(&mut self) -> u64 {
+        std::thread::sleep(Duration::from_millis(30));
+        let sent = self.sender.take().expect("the CPS runs").stop();
+        std::thread::sleep(Duration::from_millis(20));
+        let last = self.src.dataplane.sequence(self.flow_id).unwrap().last_seq;
+        assert_eq!(last, sent, "every input the CPS sent was numbered");
+        let counters = self.src.dataplane.counters().unwrap();
+        assert_eq!(counters.get(dataplane_common::counter::RING_FULL), 0);
+        sent
+    }
+}
+
+/// The service's state after inputs `1..=upto` but those in `lost`.
+fn ticks(upto: u64, lost: &std::ops::RangeInclusive<u64>) -> (u64, u64) {
+    let taken: Vec<u64> = (1..=upto).filter(|n| !lost.contains(n)).collect();
+    let hash = taken
+        .iter()
+        .fold(0, |h, n| chain(h, format!("tick {n}").as_bytes()));
+    (taken.len() as u64, hash)
+}
+
+/// A log that lost the records of `lost`, as a daemon's reader that fell
+/// behind loses them.
+struct Losing<'a> {
+    log: &'a mut dataplane_user::kernel::logs::LogReader,
+    lost: std::ops::RangeInclusive<u64>,
+}
+
+impl dataplane_user::kernel::logs::Records for Losing<'_> {
+    fn try_next(&mut self) -> Option<dataplane_user::kernel::logs::Record> {
+        loop {
+            let record = self.log.try_next()?;
+            if !self.lost.contains(&record.header.seq) {
+                return Some(record);
+            }
+        }
+    }
+    async fn next(&mut self) -> Option<dataplane_user::kernel::logs::Record> {
+        loop {
+            let record = self.log.next().await;
+            if !self.lost.contains(&record.header.seq) {
+                return Some(record);
+            }
+        }
+    }
+}
+
+#[test]
+fn leave_running_the_image_holds_inputs_up_to_s_and_the_primary_misses_none() {
+    let mut fed = Fed::start("lrun");
+    let s = fed.hold();
+    let dir = images_dir("lrun");
+    let dump = fed.service.dump_request(dir.clone(), true);
+    let criu = Criu::default();
+    criu.dump(&dump, false, &mut |_| true).unwrap();
+    // The primary gets the inputs held during the checkpoint back, in order.
+    // Numbers start at 1: nothing lost.
+    let none = 0..=0;
+    let (replayed, opened_over) = fed.give_back(s, none.clone());
+    let replayed = replayed.unwrap();
+    assert_eq!(opened_over, None, "the gate opened over no held input");
+    let last = fed.stop_cps();
     assert!(
         replayed > 0,
         "inputs were held during the checkpoint and replayed"
     );
-    let ticks = |upto: u64| (first..=upto).fold(0, |h, n| chain(h, format!("tick {n}").as_bytes()));
     assert_eq!(
-        chain_state(&hosts.src, addr),
-        Some((last, ticks(last))),
+        chain_state(&fed.hosts.src, fed.addr),
+        Some(ticks(last, &none)),
         "the primary got every input once, in order"
     );
 
-    let pid = restore_in_dst(&criu, &hosts, &dir);
+    let pid = restore_in_dst(&criu, &fed.hosts, &dir);
     assert_eq!(
-        chain_state(&hosts.dst, addr),
-        Some((s, ticks(s))),
+        chain_state(&fed.hosts.dst, fed.addr),
+        Some(ticks(s, &none)),
         "the image holds inputs 1..=S={s} exactly"
     );
     println!("S = {s}, replayed {replayed} held inputs to the primary, {last} inputs in all");
     end_restored(pid);
-    drop(service);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_gap_in_the_held_inputs_is_passed_over_named_and_every_other_input_given_back() {
+    let mut fed = Fed::start("gap");
+    let s = fed.hold();
+    std::thread::sleep(Duration::from_millis(20));
+    let lost = s + 3..=s + 5;
+    let (outcome, opened_over) = fed.give_back(s, lost.clone());
+    let last = fed.stop_cps();
+    assert_eq!(
+        outcome,
+        Err(format!(
+            "the instance did not get these inputs, and got every other one in order: inputs {} \
+             to {} are not in the log",
+            s + 3,
+            s + 5
+        ))
+    );
+    assert_eq!(opened_over, None, "the gate opened over no held input");
+    assert_eq!(
+        chain_state(&fed.hosts.src, fed.addr),
+        Some(ticks(last, &lost)),
+        "the instance got every input but the three lost, once each, in order"
+    );
 }

@@ -11,12 +11,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_common::counter;
-use dataplane_tests::{MigrationSetup, chain_state, cps_verdict, in_netns, kill_pid, pids_named};
+use dataplane_common::{GATE_HOLD_ALL, counter};
+use dataplane_tests::{
+    MigrationSetup, TestHosts, chain_state, cps_verdict, files_under, in_netns, kill_pid,
+    pids_named, read_trace,
+};
+use dataplane_user::{daemon::STOP_WITHIN, kernel::loader::Dataplane};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
+use serde_json::json;
 
 /// Waits for the first `migration.phase` notification of `phase` on a
 /// watching client.
@@ -44,20 +49,30 @@ fn migrate_with_fault(
     phase: &str,
 ) -> String {
     let cps = setup.start_cps(cycles, 1000, None);
-    fault_with_cps(setup, cps, cycles, |watcher, _| fault(watcher), phase)
+    let report = fault_with_cps(
+        setup,
+        cps,
+        cycles,
+        serde_json::json!({}),
+        |watcher, _| fault(watcher),
+        phase,
+    );
+    report["error"].as_str().unwrap().to_string()
 }
 
 /// As `migrate_with_fault`, with a CPS of `cycles` inputs the caller
-/// started; `fault` gets its pid too.
+/// started and the migration's `params`; `fault` gets the CPS's pid too.
+/// The final report.
 fn fault_with_cps(
     setup: &MigrationSetup,
     cps: std::process::Child,
     cycles: u64,
+    params: serde_json::Value,
     fault: impl FnOnce(&mut dataplane_user::control::client::Client, Pid),
     phase: &str,
-) -> String {
+) -> serde_json::Value {
     let cps_pid = Pid::from_raw(cps.id() as i32);
-    let (mut watcher, id) = setup.migrate_watched(serde_json::json!({}));
+    let (mut watcher, id) = setup.migrate_watched(params);
     fault(&mut watcher, cps_pid);
     let report = setup.wait(&id);
     let verdict = cps_verdict(cps);
@@ -69,6 +84,18 @@ fn fault_with_cps(
     );
     let error = report["error"].as_str().unwrap().to_string();
     assert!(error.starts_with(&format!("{phase}:")), "{error}");
+    assert_source_served_every_input(setup, &verdict, cycles);
+    wait_until_dst_has_no_flows(setup);
+    report
+}
+
+/// Every one of the CPS's `cycles` inputs was answered once, in order, by
+/// the source instance.
+fn assert_source_served_every_input(
+    setup: &MigrationSetup,
+    verdict: &serde_json::Value,
+    cycles: u64,
+) {
     for key in ["missed", "duplicates", "out_of_order", "wrong"] {
         assert_eq!(verdict[key], 0, "{key}: {verdict}");
     }
@@ -77,8 +104,6 @@ fn fault_with_cps(
         Some(cycles),
         "the source instance kept serving every input"
     );
-    wait_until_dst_has_no_flows(setup);
-    error
 }
 
 /// Waits (10 s at most) for the destination to undo its part of a failed
@@ -157,14 +182,19 @@ fn assert_criu_died(error: &str, prefix: &str) {
 /// Kills the first CRIU that starts in `host` after `before` (pids of
 /// CRIUs running before the migration).
 fn kill_new_criu(host: &dataplane_tests::NetNs, before: &[u32]) {
+    kill_pid(wait_for_new_criu(host, before) as u64);
+}
+
+/// The first CRIU that starts in `host` after `before` (pids of CRIUs
+/// running before the migration), once it runs.
+fn wait_for_new_criu(host: &dataplane_tests::NetNs, before: &[u32]) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let new = pids_named("criu")
             .into_iter()
             .find(|p| !before.contains(p) && in_netns(*p, host));
         if let Some(pid) = new {
-            kill_pid(pid as u64);
-            return;
+            return pid;
         }
         assert!(Instant::now() < deadline, "CRIU never ran");
         std::thread::sleep(Duration::from_micros(200));
@@ -221,10 +251,11 @@ fn overflow_during(
             .get(counter::RING_FULL)
     };
     let before = ring_full();
-    let error = fault_with_cps(
+    let report = fault_with_cps(
         setup,
         cps,
         cycles,
+        serde_json::json!({}),
         |watcher, cps| {
             wait_for_phase(watcher, phase);
             let daemon = Pid::from_raw(daemon as i32);
@@ -235,6 +266,7 @@ fn overflow_during(
         },
         failed_in,
     );
+    let error = report["error"].as_str().unwrap().to_string();
     let _ = std::fs::remove_file(&trace);
     println!("error: {error}");
     assert!(error.contains("the input log overflowed"), "{error}");
@@ -822,4 +854,267 @@ fn a_cps_quiet_across_the_flip_and_a_peer_link_cut_keeps_its_service() {
         "the destination's instance took every input"
     );
     kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+}
+
+/// Waits until the checkpoint's hold of service "markov"'s inputs has
+/// begun: the source's gate holds them.
+fn wait_for_the_hold(setup: &MigrationSetup) {
+    let flow_id = setup.source_flow_id();
+    let dataplane = Dataplane::open(&setup.hosts.pin_root("src")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dataplane.gate(flow_id).unwrap().mode != GATE_HOLD_ALL {
+        assert!(Instant::now() < deadline, "no hold began");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Starts the CPS with `cycles` inputs at 1 ms, its trace to `trace`, and
+/// `args` added.
+fn start_traced_cps(
+    setup: &MigrationSetup,
+    cycles: u64,
+    trace: &std::path::Path,
+    args: &[&str],
+) -> std::process::Child {
+    setup
+        .hosts
+        .cps_command(&[setup.flow()], cycles, 1000)
+        .args(args)
+        .arg("--trace")
+        .arg(trace)
+        .spawn()
+        .expect("start the CPS simulator")
+}
+
+/// The cycles of a CPS trace that were never answered.
+fn unanswered(trace: &std::path::Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(trace).expect("the CPS's trace");
+    let _ = std::fs::remove_file(trace);
+    read_trace(&text)
+        .iter()
+        .filter(|c| c.answered_us == 0)
+        .map(|c| c.seq)
+        .collect()
+}
+
+#[test]
+fn a_hold_over_its_budget_ends_at_once_every_held_input_is_given_back_and_the_next_migration_succeeds()
+ {
+    let setup = MigrationSetup::new("budget", &[], false);
+    let cps = setup.start_cps(2000, 1000, None);
+    // A budget of 3 inputs: the CPS sends one a millisecond, a dump takes
+    // tens of milliseconds.
+    let report = fault_with_cps(
+        &setup,
+        cps,
+        2000,
+        json!({"hold": {"inputs": 3}}),
+        |_, _| {},
+        "checkpoint",
+    );
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("checkpoint: the hold went over its budget: ")
+            && error.contains(" inputs held, hold.inputs is 3; the hold ended there, and every held input was given back in order"),
+        "{error}"
+    );
+    assert_eq!(report["criu_dump_us"], 0, "the dump was stopped: {report}");
+    migrate_cleanly(&setup, 2000);
+}
+
+/// The bytes of an input too large for a replay (at most 2,001 bytes): a
+/// 2,042-byte frame, which the controller's 2,048-byte buffer still takes.
+const LARGE_INPUT: usize = 2000;
+
+/// Lets a `LARGE_INPUT` input through unfragmented: the CPS's and the
+/// service links at an MTU of 2,100, the peer link 100 above it for the
+/// mirror headers.
+fn raise_mtus(hosts: &TestHosts) {
+    // A bridge takes its ports' MTU: the ports first.
+    for iface in ["to-src", "to-dst", "br0"] {
+        hosts.cps.ip(&["link", "set", iface, "mtu", "2100"]);
+    }
+    for host in [&hosts.src, &hosts.dst] {
+        host.ip(&["link", "set", "peer0", "mtu", "2200"]);
+        host.ip(&["link", "set", "eth0", "mtu", "2100"]);
+    }
+}
+
+#[test]
+fn an_input_too_large_to_replay_held_for_the_checkpoint_is_named_and_every_other_one_given_back() {
+    let setup = MigrationSetup::new("large", &[], false);
+    raise_mtus(&setup.hosts);
+    let cycles = 2000;
+    let trace = std::env::temp_dir().join(format!("large-{}.trace", std::process::id()));
+    let cps = start_traced_cps(
+        &setup,
+        cycles,
+        &trace,
+        &["--large", &LARGE_INPUT.to_string()],
+    );
+    let cps_pid = Pid::from_raw(cps.id() as i32);
+    let (_watcher, id) = setup.migrate_watched(json!({}));
+    // The next input, one large, comes while the instance is held.
+    wait_for_the_hold(&setup);
+    kill(cps_pid, Signal::SIGUSR1).unwrap();
+    let report = setup.wait(&id);
+    let verdict = cps_verdict(cps);
+    println!("report: {report}\nCPS: {verdict}");
+    let large = verdict["large"][0]
+        .as_u64()
+        .expect("a large input went out");
+    assert_eq!(
+        report["error"],
+        format!(
+            "checkpoint: giving the held inputs back: the instance did not get these inputs, \
+             and got every other one in order: input {large} is a {}-byte frame: a replay takes \
+             frames of up to 2001 bytes",
+            LARGE_INPUT + 42
+        ),
+        "{report}"
+    );
+    assert_eq!(
+        report["criu_dump_us"], 0,
+        "the hold ended at once: {report}"
+    );
+    // That input alone was lost: every other one was answered once, in order.
+    assert_eq!(unanswered(&trace), [large], "{verdict}");
+    for key in ["duplicates", "out_of_order"] {
+        assert_eq!(verdict[key], 0, "{key}: {verdict}");
+    }
+    assert_eq!(
+        chain_state(&setup.hosts.src, setup.service).map(|s| s.0),
+        Some(cycles - 1),
+        "the source instance took every other input"
+    );
+    wait_until_dst_has_no_flows(&setup);
+    migrate_cleanly(&setup, cycles - 1);
+}
+
+#[test]
+fn a_source_daemon_killed_during_the_hold_names_the_held_inputs_lost_with_it() {
+    // 8 MiB of state: a dump, and so a hold, long enough to kill it in.
+    let mut setup = MigrationSetup::new("khold", &["--state-mib", "8"], false);
+    let cycles = 3000;
+    let trace = std::env::temp_dir().join(format!("khold-{}.trace", std::process::id()));
+    let cps = start_traced_cps(&setup, cycles, &trace, &[]);
+    let (_watcher, _id) = setup.migrate_watched(json!({}));
+    wait_for_the_hold(&setup);
+    // The held inputs were in the daemon's memory: gone with it. The one
+    // that restarts finds the gate holding, and opens it naming them.
+    setup.src.kill_and_restart(&setup.hosts.src);
+    let verdict = cps_verdict(cps);
+    let recovered = recovered(&setup);
+    println!("CPS: {verdict}\nrecovered: {recovered}");
+    let lost = unanswered(&trace);
+    let (Some(&first), Some(&last)) = (lost.first(), lost.last()) else {
+        panic!("no input held when the daemon died: {verdict}");
+    };
+    assert_eq!(lost, (first..=last).collect::<Vec<_>>(), "one range");
+    assert!(
+        recovered.contains(&format!(
+            "rolled back: mirroring off, gates delivering; inputs {first} to {last}, held when \
+             the daemon stopped, did not reach the instance"
+        )),
+        "{recovered}"
+    );
+    for key in ["duplicates", "out_of_order"] {
+        assert_eq!(verdict[key], 0, "{key}: {verdict}");
+    }
+    wait_until_dst_has_no_flows(&setup);
+    setup.register();
+    migrate_cleanly(&setup, cycles - lost.len() as u64);
+}
+
+/// Convergence over this many outputs (2 s at 1 ms): long enough for a
+/// signal sent at its start to land in it.
+const LONG_CONVERGE: u32 = 2000;
+
+/// Starts a migration with a long convergence while the CPS sends
+/// `cycles` inputs, and once `when` returns (given a watching client)
+/// sends SIGTERM to `host`'s daemon ("src" or "dst"), which must then exit
+/// cleanly within `STOP_WITHIN`. The CPS, and the migration's id.
+fn sigterm_mid_migration(
+    setup: &mut MigrationSetup,
+    host: &str,
+    cycles: u64,
+    when: impl FnOnce(&mut dataplane_user::control::client::Client, &MigrationSetup),
+) -> (std::process::Child, String) {
+    let cps = setup.start_cps(cycles, 1000, None);
+    let (mut watcher, id) = setup.migrate_watched(json!({"converge": LONG_CONVERGE}));
+    when(&mut watcher, setup);
+    let daemon = match host {
+        "src" => &mut setup.src,
+        _ => &mut setup.dst,
+    };
+    let stopping = Instant::now();
+    let status = daemon.signal_and_wait(Signal::SIGTERM);
+    let took = stopping.elapsed();
+    println!("{host}'s daemon stopped in {took:?}: {status}");
+    assert!(status.success(), "{status}");
+    assert!(took < STOP_WITHIN, "stopped in {took:?}");
+    (cps, id)
+}
+
+#[test]
+fn sigterm_to_the_source_daemon_mid_migration_rolls_it_back_before_it_exits() {
+    let mut setup = MigrationSetup::new("termsrc", &[], false);
+    let cycles = 4000;
+    let (cps, _) = sigterm_mid_migration(&mut setup, "src", cycles, |watcher, _| {
+        wait_for_phase(watcher, "converge")
+    });
+    let log = setup.src.log();
+    assert!(
+        log.contains("migration failed, rolled back: converge: aborted on request"),
+        "{log}"
+    );
+    // Rolled back before the exit: no journal left for the next start.
+    let journals = files_under(&setup.images_dir("src"));
+    assert_eq!(journals, [] as [String; 0], "left in src's images_dir");
+    let verdict = cps_verdict(cps);
+    println!("CPS: {verdict}");
+    assert_source_served_every_input(&setup, &verdict, cycles);
+    wait_for_nothing_left_on_dst(&setup);
+    setup.src.restart(&setup.hosts.src);
+    setup.register();
+    migrate_cleanly(&setup, cycles);
+}
+
+#[test]
+fn sigterm_to_the_destination_daemon_while_criu_restores_rolls_back_what_it_adopted_before_it_exits()
+ {
+    let mut setup = MigrationSetup::new("termdst", &[], false);
+    let cycles = 4000;
+    let before = pids_named("criu");
+    // Mid-step: the daemon ends the link after the step, so that the
+    // instance CRIU is making is known, and killed, before the exit.
+    let (cps, id) = sigterm_mid_migration(&mut setup, "dst", cycles, |watcher, setup| {
+        wait_for_phase(watcher, "restore");
+        wait_for_new_criu(&setup.hosts.dst, &before);
+    });
+    // Undone before the exit: the restored instance, the flow, the images
+    // and the journal.
+    assert_eq!(setup.left_on_dst(), [] as [String; 0], "left on dst");
+    let report = setup.wait(&id);
+    let verdict = cps_verdict(cps);
+    println!("report: {report}\nCPS: {verdict}");
+    let error = report["error"].as_str().unwrap();
+    assert!(error.starts_with("converge: destination: "), "{error}");
+    assert_source_served_every_input(&setup, &verdict, cycles);
+    setup.dst.restart(&setup.hosts.dst);
+    migrate_cleanly(&setup, cycles);
+}
+
+/// Waits (10 s at most) until nothing of a rolled-back migration is left
+/// on dst.
+fn wait_for_nothing_left_on_dst(setup: &MigrationSetup) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = setup.left_on_dst();
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left on dst: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

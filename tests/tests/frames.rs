@@ -827,7 +827,9 @@ fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
     assert!(
         matches!(
             refused,
-            Err(dataplane_user::kernel::injector::ReplayError::TooLarge { seq: 5, len: 4000 })
+            Err(dataplane_user::kernel::injector::ReplayError::Unreplayable(
+                dataplane_user::kernel::injector::Unreplayable::TooLarge { seq: 5, len: 4000 }
+            ))
         ),
         "{refused:?}"
     );

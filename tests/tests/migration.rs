@@ -6,7 +6,8 @@ use std::{
 };
 
 use dataplane_tests::{
-    MigrationSetup, chain_state, cps_verdict, cpu_split, in_netns, kill_pid, pids_named, read_trace,
+    CONTROLLER_COMM, MigrationSetup, chain_state, cps_verdict, cpu_split, in_netns, kill_pid,
+    pids_named, read_trace,
 };
 use dataplane_user::{host::tasks::cpus_of, kernel::loader::Dataplane};
 
@@ -170,33 +171,10 @@ fn a_service_that_never_converges_is_rolled_back_and_the_source_keeps_serving() 
 }
 
 /// What a rolled-back migration must not leave on dst: a restored
-/// instance in its namespace, images, or a journal.
+/// instance in its namespace, a flow, images, or a journal.
 fn assert_nothing_left_on_dst(setup: &MigrationSetup) {
-    let instances: Vec<u32> = pids_named(CONTROLLER_COMM)
-        .into_iter()
-        .filter(|&p| in_netns(p, &setup.hosts.dst))
-        .collect();
-    assert_eq!(instances, [] as [u32; 0], "instances left running on dst");
-    let files: Vec<_> = walk(&setup.dst_images_dir());
-    assert_eq!(files, [] as [String; 0], "files left in dst's images_dir");
+    assert_eq!(setup.left_on_dst(), [] as [String; 0], "left on dst");
 }
-
-/// Every file under `dir` (none if it does not exist).
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .flat_map(|e| match e.file_type().is_ok_and(|t| t.is_dir()) {
-            true => walk(&e.path()),
-            false => vec![e.path().display().to_string()],
-        })
-        .collect()
-}
-
-/// The controller's name in /proc (comm keeps 15 bytes).
-const CONTROLLER_COMM: &str = "markov-controll";
 
 #[test]
 fn standby_mode_migrates_without_stopping_the_serving_instance() {
@@ -510,4 +488,100 @@ fn a_destination_instance_killed_during_replay_is_rolled_back() {
         "nothing restored is left"
     );
     assert_nothing_left_on_dst(&setup);
+}
+
+/// Every file and directory under `dir` with its mode bits, into `seen`.
+fn modes_under(dir: &std::path::Path, seen: &mut std::collections::BTreeMap<String, u32>) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        seen.insert(
+            entry.path().display().to_string(),
+            meta.permissions().mode() & 0o777,
+        );
+        if meta.is_dir() {
+            modes_under(&entry.path(), seen);
+        }
+    }
+}
+
+/// A process's umask, from /proc.
+fn umask_of(pid: u32) -> Option<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:").map(|m| m.trim().to_string()))
+}
+
+#[test]
+fn checkpoint_images_and_journals_are_root_only_on_both_hosts() {
+    // 16 MiB of state: images that stay long enough to be looked at.
+    let setup = MigrationSetup::new("modes", &["--state-mib", "16"], false);
+    let service_umask = umask_of(setup.controller.pid).expect("the controller's umask");
+    // Every file and directory that appears in either images_dir while a
+    // migration runs: images, CRIU's logs, journals, received images.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dirs = [setup.images_dir("src"), setup.images_dir("dst")];
+    let watcher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeMap::new();
+            while !stop.load(Ordering::Relaxed) {
+                for dir in &dirs {
+                    modes_under(dir, &mut seen);
+                }
+                std::thread::sleep(Duration::from_micros(500));
+            }
+            seen
+        })
+    };
+    let (report, verdict) =
+        setup.migrate_while_cps_runs(2000, Duration::from_millis(300), serde_json::json!({}));
+    stop.store(true, Ordering::Relaxed);
+    let seen = watcher.join().unwrap();
+    let restored = report["destination_pid"].as_u64().unwrap_or(0) as u32;
+    let restored_umask = umask_of(restored);
+    kill_pid(restored as u64);
+    assert_eq!(report["state"], "done", "{report}");
+    assert_clean(&verdict);
+    let open: Vec<_> = seen.iter().filter(|(_, mode)| *mode & 0o077 != 0).collect();
+    assert!(open.is_empty(), "readable beyond root: {open:#?}");
+    let src = setup.images_dir("src").display().to_string();
+    let dst = setup.images_dir("dst").display().to_string();
+    let saw =
+        |dir: &str, what: &dyn Fn(&str) -> bool| seen.keys().any(|p| p.starts_with(dir) && what(p));
+    assert!(
+        saw(&src, &|p| p.contains("/outgoing/") && p.ends_with(".img")),
+        "CRIU's images: {seen:#?}"
+    );
+    assert!(saw(&src, &|p| p.ends_with(".log")), "CRIU's log: {seen:#?}");
+    assert!(
+        saw(&dst, &|p| !p.contains("/journal") && p.ends_with(".img")),
+        "received images: {seen:#?}"
+    );
+    assert!(
+        saw(&src, &|p| p.ends_with(".source.json")),
+        "the source's journal: {seen:#?}"
+    );
+    assert!(
+        saw(&dst, &|p| p.ends_with(".destination.json")),
+        "the destination's journal: {seen:#?}"
+    );
+    // The daemons' umask makes it so; the service keeps its own.
+    assert_eq!(umask_of(setup.src.pid()).as_deref(), Some("0077"));
+    assert_eq!(umask_of(setup.dst.pid()).as_deref(), Some("0077"));
+    assert_eq!(
+        restored_umask,
+        Some(service_umask),
+        "the restored instance's umask"
+    );
+    println!(
+        "{} files and directories seen, each root's only",
+        seen.len()
+    );
 }

@@ -422,6 +422,69 @@ fn only_root_and_the_socket_group_may_connect_and_callers_are_logged() {
     assert!(line.contains("uid=0") && line.contains("gid=0"), "{line}");
 }
 
+/// The value of `key` in the systemd unit `unit`, if it is set.
+fn unit_setting(unit: &str, key: &str) -> Option<String> {
+    let prefix = format!("{key}=");
+    unit.lines()
+        .find_map(|line| line.trim().strip_prefix(&prefix).map(str::to_string))
+}
+
+#[test]
+fn a_socket_group_member_reaches_the_socket_in_the_runtime_directory_the_unit_makes() {
+    // The runtime directory as systemd makes it for the shipped unit: its
+    // RuntimeDirectory under /run (here under a directory of the test's),
+    // with RuntimeDirectoryMode, owned by the unit's User= and Group=
+    // (root without them). The daemon's default socket is in it.
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../dist/dataplane.service"
+    ))
+    .unwrap();
+    let name = unit_setting(&unit, "RuntimeDirectory").expect("the unit makes a runtime directory");
+    assert_eq!(
+        Path::new(dataplane_user::config::DEFAULT_SOCKET).parent(),
+        Some(Path::new("/run").join(&name).as_path()),
+        "the default socket is in the unit's runtime directory"
+    );
+    // systemd's default mode, when the unit sets none.
+    let mode = unit_setting(&unit, "RuntimeDirectoryMode").unwrap_or("0755".into());
+    let mode = u32::from_str_radix(&mode, 8).expect("an octal mode");
+    assert_eq!(
+        (unit_setting(&unit, "User"), unit_setting(&unit, "Group")),
+        (None, None),
+        "the unit runs as root: its runtime directory is root's"
+    );
+    let run = std::env::temp_dir().join(format!("dataplane-run-{}", std::process::id()));
+    let runtime = run.join(&name);
+    std::fs::create_dir_all(&runtime).unwrap();
+    std::fs::set_permissions(&runtime, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+    nix::unistd::chown(&runtime, Some(0.into()), Some(0.into())).unwrap();
+
+    let hosts = TestHosts::new("unit");
+    let cfg = config(&hosts, "src", "socket_group = \"nogroup\"\n");
+    let daemon = DaemonProcess::start_with_socket(
+        &hosts.src,
+        "unit",
+        &cfg,
+        Some(runtime.join("dataplane.sock")),
+    );
+    let group = nix::unistd::Group::from_name("nogroup")
+        .unwrap()
+        .expect("the group nogroup")
+        .gid
+        .as_raw();
+    let nobody = 65534;
+    let member = request_as(&daemon.socket, nobody, group, STATUS);
+    let stranger = request_as(&daemon.socket, nobody, 65533, STATUS);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&run);
+    assert_eq!(
+        member, 0,
+        "a member of socket_group connects through the runtime directory (mode {mode:o})"
+    );
+    assert_eq!(stranger, 13, "a user outside the group is refused");
+}
+
 /// A peer-link frame: length, type, payload.
 fn peer_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = ((payload.len() + 1) as u32).to_be_bytes().to_vec();

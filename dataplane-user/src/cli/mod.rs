@@ -17,6 +17,7 @@ use dataplane_user::{
     },
     host::netdev::parse_mac,
     kernel::loader::DEFAULT_PIN_ROOT,
+    migration::hold::Budget,
     report::Mode,
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -87,6 +88,18 @@ pub enum Command {
         /// without memory tracking gets a single dump).
         #[arg(long, default_value_t = 0)]
         pre_dump_rounds: usize,
+        /// The most the checkpoint may hold the instance's inputs, in ms
+        /// (its drain and dump included); past it, or past --hold-inputs
+        /// or --hold-bytes, the migration fails and every held input is
+        /// given back.
+        #[arg(long, default_value_t = Budget::default().ms)]
+        hold_ms: u64,
+        /// The most inputs the checkpoint may hold.
+        #[arg(long, default_value_t = Budget::default().inputs)]
+        hold_inputs: u64,
+        /// The most bytes of inputs the checkpoint may hold.
+        #[arg(long, default_value_t = Budget::default().bytes)]
+        hold_bytes: u64,
         /// Print the migration's id and return at once.
         #[arg(long)]
         detach: bool,
@@ -330,6 +343,9 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             converge,
             deadline_ms,
             pre_dump_rounds,
+            hold_ms,
+            hold_inputs,
+            hold_bytes,
             detach,
             calibration,
         } => {
@@ -341,6 +357,11 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 deadline_ms,
                 compare: Default::default(),
                 pre_dump_rounds,
+                hold: Budget {
+                    ms: hold_ms,
+                    inputs: hold_inputs,
+                    bytes: hold_bytes,
+                },
             };
             migrate::migrate(&cx, request, detach, calibration)
         }

@@ -74,8 +74,13 @@ pub fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, BindError>
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
+    // A directory made here lets everyone reach the socket (the daemon's
+    // umask would keep socket_group out): its own mode and group decide.
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
         std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
     }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(err(std::io::Error::new(

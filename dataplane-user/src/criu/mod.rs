@@ -70,11 +70,17 @@ pub enum CriuError {
     },
     #[error("restored task {pid} died before CRIU finished the restore; stopped CRIU")]
     RestoredDied { pid: u32 },
+    #[error("CRIU {0:?} stopped before it finished, as its caller asked")]
+    Stopped(ReqType),
 }
 
 /// How often a request waiting on CRIU looks whether it is still worth
 /// waiting for (a restored task CRIU waits on may have died).
 const WATCH_EVERY: Duration = Duration::from_millis(100);
+
+/// How often [`Criu::dump_until`] asks whether to stop: a hold's budget is
+/// kept to within this.
+const STOP_EVERY: Duration = Duration::from_millis(2);
 
 /// The CRIU binary and how long a request may take.
 #[derive(Clone, Debug)]
@@ -155,6 +161,7 @@ impl Criu {
             &[],
             &mut |_| true,
             &mut || None,
+            WATCH_EVERY,
         )?;
         resp.version.ok_or(CriuError::Unexpected {
             sent: ReqType::Version,
@@ -170,7 +177,7 @@ impl Criu {
             mem_track: Some(true),
             ..Default::default()
         });
-        let resp = self.call(req, &[], &mut |_| true, &mut || None)?;
+        let resp = self.call(req, &[], &mut |_| true, &mut || None, WATCH_EVERY)?;
         Ok(resp.features.unwrap_or_default())
     }
 
@@ -209,6 +216,18 @@ impl Criu {
         pre: bool,
         notify: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(), CriuError> {
+        self.dump_watched(dump, pre, notify, &mut || None, WATCH_EVERY)
+    }
+
+    /// A dump whose wait for CRIU asks `watch` every `slice` of silence.
+    fn dump_watched(
+        &self,
+        dump: &DumpRequest,
+        pre: bool,
+        notify: &mut dyn FnMut(&str) -> bool,
+        watch: &mut dyn FnMut() -> Option<CriuError>,
+        slice: Duration,
+    ) -> Result<(), CriuError> {
         std::fs::create_dir_all(&dump.images_dir).map_err(|source| CriuError::Spawn {
             bin: dump.images_dir.clone(),
             source,
@@ -232,8 +251,21 @@ impl Criu {
         };
         let kind = if pre { ReqType::PreDump } else { ReqType::Dump };
         let notify = &mut |n: &Notify| notify(n.script.as_deref().unwrap_or_default());
-        self.call(request(kind, Some(opts)), &[], notify, &mut || None)
+        self.call(request(kind, Some(opts)), &[], notify, watch, slice)
             .map(drop)
+    }
+
+    /// Dumps a process tree, stopped as soon as `stop` says so: CRIU is
+    /// killed, and the tree goes on as the kernel takes it from a tracer
+    /// that died. (A `criu service` worker is not ours to kill: it ends
+    /// when it finds the connection closed.)
+    pub fn dump_until(
+        &self,
+        dump: &DumpRequest,
+        stop: &mut dyn FnMut() -> bool,
+    ) -> Result<(), CriuError> {
+        let watch = &mut || stop().then_some(CriuError::Stopped(ReqType::Dump));
+        self.dump_watched(dump, false, &mut |_| true, watch, STOP_EVERY)
     }
 
     /// Restores a dumped tree, detached (a sibling of this process, not of
@@ -281,18 +313,27 @@ impl Criu {
             Some(pid) if !crate::host::tasks::running(pid) => Some(CriuError::RestoredDied { pid }),
             _ => None,
         };
-        let resp = self.call(request(ReqType::Restore, Some(opts)), &fds, notify, watch)?;
+        let resp = self.call(
+            request(ReqType::Restore, Some(opts)),
+            &fds,
+            notify,
+            watch,
+            WATCH_EVERY,
+        )?;
         Ok(resp.restore.map(|r| r.pid as u32).unwrap_or_default())
     }
 
     /// One request: to the `criu service` if there is one and `inherit` is
     /// empty, else to a fresh `criu swrk` with `inherit` fds passed to it.
+    /// `watch` is asked every `slice` that CRIU is silent, and ends the
+    /// request with its error.
     fn call(
         &self,
         req: Req,
         inherit: &[RawFd],
         notify: &mut dyn FnMut(&Notify) -> bool,
         watch: &mut dyn FnMut() -> Option<CriuError>,
+        slice: Duration,
     ) -> Result<Resp, CriuError> {
         let sent = ReqType::try_from(req.r#type).unwrap_or(ReqType::Empty);
         let log = req
@@ -302,7 +343,7 @@ impl Criu {
             .map(|(dir, file)| format!("{dir}/{file}"))
             .unwrap_or_else(|| "CRIU's stderr".into());
         // Each receive waits a slice; `exchange` adds slices of silence up.
-        let slice = WATCH_EVERY.min(self.timeout);
+        let slice = slice.min(self.timeout);
         let timeout = TimeVal::new(slice.as_secs() as _, slice.subsec_micros() as _);
         let wait = Wait {
             slice,

@@ -317,6 +317,7 @@ impl Daemon {
             MigrationEntry {
                 report,
                 abort: abort.clone(),
+                task: None,
             },
         );
         let context = migration::Context {
@@ -341,7 +342,7 @@ impl Daemon {
         );
         tracing::info!(%id, service = %service.name, to = %request.to, "migration started");
         let task_id = id.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let progress = {
                 let (table, events) = (table.clone(), events.clone());
                 move |report: &Report| {
@@ -361,6 +362,11 @@ impl Daemon {
                 Some(e) => tracing::warn!(id = %report.id, "migration failed, rolled back: {e}"),
             }
         });
+        // A stopping daemon waits for it (the lock is still held: the
+        // task cannot have ended unseen).
+        if let Some(entry) = migrations.get_mut(&id) {
+            entry.task = Some(task);
+        }
         Ok(MigrationId { id })
     }
 

@@ -4,7 +4,8 @@
 //!
 //! On start it re-adopts a pinned dataplane (as a restart after SIGKILL
 //! finds it) or loads one from the configuration. On SIGTERM or SIGINT it
-//! stops serving and leaves the dataplane pinned, attached and counting.
+//! stops serving, rolls back the migrations in flight (both sides, within
+//! [`STOP_WITHIN`]), and leaves the dataplane pinned, attached and counting.
 mod handlers;
 
 use std::{
@@ -14,11 +15,15 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use dataplane_common::counter;
-use tokio::{net::TcpListener, sync::broadcast};
+use tokio::{
+    net::TcpListener,
+    sync::{broadcast, mpsc, watch},
+    task::JoinHandle,
+};
 
 use crate::{
     config::DaemonConfig,
@@ -50,11 +55,18 @@ pub struct Daemon {
     trust: Arc<peer::Trust>,
 }
 
-/// A migration's latest report, and its abort switch.
+/// A migration's latest report, its abort switch, and its task.
 struct MigrationEntry {
     report: Report,
     abort: Arc<AtomicBool>,
+    task: Option<JoinHandle<()>>,
 }
+
+/// How long a stopping daemon waits for its migrations to roll back (or,
+/// handed over, to finish) before it exits anyway; a journal left then is
+/// acted on at the next start. Time for a dump to stop, a replay to give
+/// the held inputs back, and the peer link's 3 s timeout.
+pub const STOP_WITHIN: Duration = Duration::from_secs(10);
 
 /// Whom the peer links are with: the listed peers, sealed with this host's
 /// identity (made at first start) unless `peer_insecure`. A daemon with no
@@ -109,6 +121,15 @@ pub enum DaemonError {
 impl Daemon {
     /// Adopts the pinned dataplane, or loads it as `config` says.
     pub fn start(config: DaemonConfig) -> Result<Self, DaemonError> {
+        // Checkpoint images hold a service's whole memory, and journals
+        // name its processes: every file this daemon and the CRIU it starts
+        // write (CRIU's images, images received over the peer link,
+        // journals, directories) is for root alone. CRIU creates its images
+        // 0644 less the umask it inherits (its logs 0600), with no option
+        // to say otherwise, so the umask is the one place that covers it, this
+        // daemon's own writers and any later one. A restored service gets
+        // its own umask back from its image.
+        nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
         let options = config
             .load_options()
             .expect("the configuration was checked when read");
@@ -182,6 +203,9 @@ impl Daemon {
         });
         let criu = daemon.config.criu();
         tokio::task::spawn_blocking(move || criu.log_capabilities());
+        // Set when the daemon stops: migrations to this host roll back.
+        let (stopping, stop) = watch::channel(false);
+        let mut peer_links = None;
         if let Some(address) = daemon.config.peer_listen {
             let peers = TcpListener::bind(address)
                 .await
@@ -202,13 +226,23 @@ impl Daemon {
                     },
                     idle: std::time::Duration::from_secs(daemon.config.migration_idle_s),
                 },
+                stopping: stop,
             };
             let host = Arc::new(host);
-            tokio::spawn(peer::serve(
+            // Each link holds a sender: the receiver ends when all have gone.
+            let (alive, ended) = mpsc::channel::<()>(1);
+            let listener = tokio::spawn(peer::serve(
                 peers,
                 daemon.trust.clone(),
-                move |link, from| destination::serve_link(link, from, host.clone()),
+                move |link, from| {
+                    let (host, alive) = (host.clone(), alive.clone());
+                    async move {
+                        let _alive = alive;
+                        destination::serve_link(link, from, host).await
+                    }
+                },
             ));
+            peer_links = Some((listener, ended));
         }
         // Last: a client that finds the socket finds the peer link up too.
         let config = &daemon.config;
@@ -230,13 +264,49 @@ impl Daemon {
             }
         };
         server::serve(listener, daemon.clone(), limits, stop).await;
-        // A migration in flight stops at its next phase and rolls back.
-        for entry in daemon.migrations.lock().unwrap().values() {
-            entry.abort.store(true, Ordering::Relaxed);
-        }
         let _ = std::fs::remove_file(&socket_path);
+        let _ = stopping.send(true);
+        daemon.wait_for_migrations(peer_links).await;
         tracing::info!("stopped; the dataplane stays pinned and attached");
         Ok(())
+    }
+
+    /// Rolls back what migrations are in flight, both ways, and waits for
+    /// them, [`STOP_WITHIN`] at most: a migration from this host stops at
+    /// its next step (a dump or a hold under way ends at once) and rolls
+    /// back, or finishes if it has handed over; a migration to this host
+    /// rolls back between two steps (see [`destination::Host::stopping`]).
+    async fn wait_for_migrations(&self, peer_links: Option<(JoinHandle<()>, mpsc::Receiver<()>)>) {
+        let deadline = tokio::time::Instant::now() + STOP_WITHIN;
+        let tasks: Vec<(String, JoinHandle<()>)> = {
+            let mut migrations = self.migrations.lock().unwrap();
+            migrations
+                .iter_mut()
+                .filter_map(|(id, entry)| {
+                    entry.abort.store(true, Ordering::Relaxed);
+                    Some((id.clone(), entry.task.take()?))
+                })
+                .collect()
+        };
+        for (id, task) in tasks {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                tracing::warn!(%id, "migration still running at exit; its journal finishes it at the next start");
+            }
+        }
+        if let Some((listener, mut ended)) = peer_links {
+            // No new links; the listener's own sender goes with it.
+            listener.abort();
+            let _ = listener.await;
+            if tokio::time::timeout_at(deadline, ended.recv())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "a migration to this host still running at exit; its journal finishes it at \
+                     the next start"
+                );
+            }
+        }
     }
 }
 

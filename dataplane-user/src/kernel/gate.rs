@@ -83,6 +83,17 @@ impl GateWindow {
             .store(mode, Ordering::SeqCst);
     }
 
+    /// Moves a sequenced gate on from input `from` to input `to`, as the
+    /// kernel does when it delivers `from`: for inputs a replay cannot give
+    /// (missing from the log, or too large), which the caller names. One
+    /// compare-and-exchange, so an input the kernel delivered meanwhile is
+    /// never passed over: `false` if `next_expected` was not `from`.
+    pub fn pass_over(&self, flow_id: u32, from: u64, to: u64) -> bool {
+        self.word::<AtomicU64>(flow_id, dataplane_common::GATE_NEXT_EXPECTED_OFFSET)
+            .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
     fn deliver_until(&self, flow_id: u32) -> &AtomicU64 {
         self.word(flow_id, dataplane_common::GATE_DELIVER_UNTIL_OFFSET)
     }

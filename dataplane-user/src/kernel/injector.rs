@@ -43,13 +43,59 @@ pub enum ReplayError {
         seq: u64,
         source: aya::maps::MapError,
     },
-    #[error(
-        "input {seq} is a {len}-byte frame: replay takes frames of up to {} bytes",
-        REPLAY_FRAME_MAX - 1 - dataplane_common::MIRROR_OVERHEAD
-    )]
-    TooLarge { seq: u64, len: usize },
+    #[error(transparent)]
+    Unreplayable(#[from] Unreplayable),
     #[error("this thread is not in the network namespace the injector was opened in")]
     WrongNamespace,
+}
+
+/// The largest input a replay takes: what a queued frame holds besides
+/// the mirror headers (a full-size Ethernet frame and a VLAN tag fit).
+pub const MAX_REPLAY_INPUT: usize =
+    REPLAY_FRAME_MAX as usize - 1 - dataplane_common::MIRROR_OVERHEAD as usize;
+
+/// A logged input that a replay cannot give whole.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unreplayable {
+    #[error(
+        "input {seq} is a {len}-byte frame: a replay takes frames of up to {MAX_REPLAY_INPUT} \
+         bytes"
+    )]
+    TooLarge { seq: u64, len: usize },
+    #[error(
+        "input {seq} was logged cut to {captured} of its {len} bytes (snap_len): a replay would \
+         give it cut"
+    )]
+    Cut {
+        seq: u64,
+        len: usize,
+        captured: usize,
+    },
+}
+
+impl Unreplayable {
+    /// The input it names.
+    pub fn seq(&self) -> u64 {
+        match *self {
+            Unreplayable::TooLarge { seq, .. } | Unreplayable::Cut { seq, .. } => seq,
+        }
+    }
+
+    /// Whether a replay can give the logged input `record` whole, as it arrived.
+    pub fn check(record: &Record) -> Result<(), Unreplayable> {
+        let seq = record.header.seq;
+        let (len, captured) = (record.header.frame_len as usize, record.frame.len());
+        if len.max(captured) > MAX_REPLAY_INPUT {
+            Err(Unreplayable::TooLarge {
+                seq,
+                len: len.max(captured),
+            })
+        } else if captured < len {
+            Err(Unreplayable::Cut { seq, len, captured })
+        } else {
+            Ok(())
+        }
+    }
 }
 
 /// One batch at a time in this process: the queue maps of a dataplane are
@@ -152,13 +198,8 @@ impl Injector {
         };
         for (index, record) in records.iter().enumerate() {
             let seq = record.header.seq;
+            Unreplayable::check(record)?;
             let frame = replay_frame(self.interface.mac, record);
-            if frame.len() >= REPLAY_FRAME_MAX as usize {
-                return Err(ReplayError::TooLarge {
-                    seq,
-                    len: record.frame.len(),
-                });
-            }
             slot.len = frame.len() as u32;
             slot.frame[..frame.len()].copy_from_slice(&frame);
             self.frames

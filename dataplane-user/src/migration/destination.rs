@@ -72,6 +72,10 @@ pub struct Host {
     pub inputs: Option<Arc<crate::kernel::logs::Tap>>,
     pub outputs: Option<Arc<crate::kernel::logs::Tap>>,
     pub limits: Limits,
+    /// Turns true when the daemon stops: a link then ends before its next
+    /// step, and the migration on it rolls back (or, handed over, keeps
+    /// serving) as when the link drops.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// What one migration to this host may take.
@@ -95,37 +99,57 @@ pub async fn serve_link(
 ) -> Result<(), PeerError> {
     let mut target: Option<Target> = None;
     let served = serve_frames(&mut link, from, &host, &mut target).await;
-    if let Some(mut target) = target.take() {
+    if *host.stopping.borrow() {
+        // The daemon stops: dropping the target undoes it at once (an
+        // armed one is left to the journal's recovery at the next start).
+        drop(target);
+    } else if let Some(mut target) = target.take() {
         // The link is gone, or idle too long, before Finish or Abort.
         target.settle_alone().await;
     }
     served
 }
 
-/// The frames of one link, until it closes or the migration on it
-/// (`target`) idles past its limit.
+/// The frames of one link, until it closes, the migration on it
+/// (`target`) idles past its limit, or the daemon stops.
 async fn serve_frames<'a>(
     link: &mut Link,
     from: SocketAddr,
     host: &'a Host,
     target: &mut Option<Target<'a>>,
 ) -> Result<(), PeerError> {
+    let mut stopping = host.stopping.clone();
     loop {
-        let received = match target.as_ref() {
-            Some(t) => match tokio::time::timeout_at(t.idle_until(), link.recv(MAX_FRAME)).await {
-                Ok(received) => received,
-                Err(_) => {
-                    let why = format!(
-                        "migration {}: no step for {:.1} s: rolling back",
-                        t.migration,
-                        t.idle().as_secs_f64()
-                    );
-                    tracing::warn!(%from, "{why}");
-                    let _ = link.send(frame::REFUSE, why.as_bytes()).await;
-                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why).into());
-                }
-            },
-            None => link.recv(MAX_FRAME).await,
+        // A prepared migration may idle so long, and then rolls back.
+        let idle = target.as_ref().map(|t| {
+            let why = format!(
+                "migration {}: no step for {:.1} s: rolling back",
+                t.migration,
+                t.idle().as_secs_f64()
+            );
+            (t.idle_until(), why)
+        });
+        let next = async {
+            match &idle {
+                Some((until, _)) => tokio::time::timeout_at(*until, link.recv(MAX_FRAME))
+                    .await
+                    .ok(),
+                None => Some(link.recv(MAX_FRAME).await),
+            }
+        };
+        let received = tokio::select! {
+            biased;
+            Ok(_) = stopping.wait_for(|stop| *stop) => {
+                tracing::info!(%from, "the daemon stops: peer link closed");
+                return Ok(());
+            }
+            next = next => next,
+        };
+        let Some(received) = received else {
+            let why = idle.map(|(_, why)| why).unwrap_or_default();
+            tracing::warn!(%from, "{why}");
+            let _ = link.send(frame::REFUSE, why.as_bytes()).await;
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why).into());
         };
         let (kind, payload) = match received {
             Ok(frame) => frame,

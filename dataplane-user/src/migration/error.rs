@@ -4,6 +4,7 @@
 use std::{
     io,
     net::{IpAddr, SocketAddr},
+    ops::RangeInclusive,
     path::PathBuf,
 };
 
@@ -15,8 +16,12 @@ use crate::{
         logs::{LogError, TapBusy},
     },
     migration::{
-        MAX_DEADLINE_MS, converge::Mismatch, cutover::NoInput, hold::CheckpointError,
-        journal::JournalError, protocol::StepKind,
+        MAX_DEADLINE_MS,
+        converge::Mismatch,
+        cutover::NoInput,
+        hold::{CheckpointError, HoldEnd, name_inputs},
+        journal::JournalError,
+        protocol::StepKind,
     },
     peer::PeerError,
     report::Stage,
@@ -82,8 +87,17 @@ pub enum Cause {
     Dump(CriuError),
     #[error(transparent)]
     Hold(#[from] CheckpointError),
-    #[error("giving the held inputs back: {0}")]
-    Resume(ResumeError),
+    #[error(transparent)]
+    HoldEnded(#[from] HoldEnd),
+    #[error(
+        "giving the held inputs back: {error}{}",
+        lost.as_ref().map(|r| format!("; {} did not reach the instance", name_inputs(r))).unwrap_or_default()
+    )]
+    Resume {
+        error: ResumeError,
+        /// Held inputs the gate opened over.
+        lost: Option<RangeInclusive<u64>>,
+    },
     #[error(transparent)]
     NotConverged(#[from] NotConverged),
     #[error("the output log reader fell behind")]

@@ -69,17 +69,24 @@ pub struct Request {
     /// without memory tracking gets a single dump, and the report says so.
     #[serde(default)]
     pub pre_dump_rounds: usize,
+    /// How much the checkpoint's hold of the instance's inputs may keep.
+    #[serde(default)]
+    pub hold: hold::Budget,
 }
 
 impl Request {
     /// Refuses a request the migration could not honour: one that would
-    /// hand over without comparing an output, or compare past any output.
+    /// hand over without comparing an output, hold nothing, or compare past
+    /// any output.
     pub fn check(&self) -> Result<(), InvalidRequest> {
         if self.converge == 0 {
             return Err(InvalidRequest::Converge);
         }
         if !(1..=MAX_DEADLINE_MS).contains(&self.deadline_ms) {
             return Err(InvalidRequest::Deadline(self.deadline_ms));
+        }
+        if !self.hold.is_valid() {
+            return Err(InvalidRequest::Hold);
         }
         self.compare.check().map_err(InvalidRequest::Compare)
     }
@@ -90,6 +97,8 @@ impl Request {
 pub enum InvalidRequest {
     #[error("converge must be 1 or more: the handover needs matching outputs")]
     Converge,
+    #[error("hold: ms, inputs and bytes must be 1 or more: a hold of nothing cannot drain")]
+    Hold,
     #[error("compare: {0}")]
     Compare(converge::InvalidField),
     #[error("deadline_ms must be 1 to {MAX_DEADLINE_MS}, not {0}")]

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_common::{FLOW_MIRROR, GATE_DELIVER_ALL, RECORD_OUTPUT};
+use dataplane_common::{FLOW_MIRROR, RECORD_OUTPUT};
 use serde_json::Value;
 
 use crate::{
@@ -114,10 +114,17 @@ impl Migration {
     fn begin(&mut self, phase: Stage) -> Result<Instant, MigrationError> {
         self.report.phase = phase;
         (self.progress)(&self.report);
-        if self.context.abort.load(Ordering::Relaxed) {
-            return Err(self.fail(Cause::Aborted));
-        }
+        self.check_abort()?;
         Ok(Instant::now())
+    }
+
+    /// An error once `migration.abort` (or a stopping daemon) asked the
+    /// migration to stop: it rolls back from there.
+    fn check_abort(&self) -> Result<(), MigrationError> {
+        match self.context.abort.load(Ordering::Relaxed) {
+            true => Err(self.fail(Cause::Aborted)),
+            false => Ok(()),
+        }
     }
 
     fn end(&mut self, started: Instant) {
@@ -340,35 +347,53 @@ impl Migration {
         };
         // Inputs cloned before the mirror to the peer was on are through by now.
         tokio::time::sleep(Duration::from_millis(1)).await;
+        // The flow's inputs since `prepare`: if one is beyond the replay,
+        // the next could come during the hold and be lost to the instance.
+        hold::check_before_hold(&mut source.inputs, flow_id).map_err(|e| self.fail(e))?;
         let held = Instant::now();
-        let position = tokio::task::block_in_place(|| {
-            hold::hold_and_drain(
-                &mut instance.dataplane,
-                &[flow_id],
-                pid,
-                Duration::from_secs(2),
-            )
-        })
-        .map_err(|e| self.fail(e))?[0];
+        let position = tokio::task::block_in_place(|| hold::hold(&mut instance.dataplane, flow_id))
+            .map_err(|e| self.fail(e))?;
         self.report.checkpoint_seq = position.last_delivered;
-        let dumped = tokio::task::block_in_place(|| {
+        // The held inputs as they come, against the budget: past it (or on
+        // an input the replay cannot give back, or an abort) the hold ends
+        // at once, a dump under way included.
+        let mut inputs = hold::Held::new(&mut source.inputs, position, held, self.request.hold);
+        let abort = &self.context.abort;
+        let dumped = tokio::task::block_in_place(|| -> Result<Option<u64>, Cause> {
+            let dataplane = &instance.dataplane;
+            let mut stop = || inputs.watch(dataplane) || abort.load(Ordering::Relaxed);
+            if !hold::drain(pid, &mut stop).map_err(Cause::from)? {
+                return Ok(None);
+            }
             let start = Instant::now();
             self.context
                 .criu
-                .dump(&rounds.final_dump(&dump), false, &mut |_| true)?;
+                .dump_until(&rounds.final_dump(&dump), &mut stop)
+                .map_err(Cause::Dump)?;
             self.report.criu_dump_us = start.elapsed().as_micros() as u64;
-            Ok(stats::dump(&images).map_or(0, |s| s.frozen_time.into()))
+            Ok(Some(
+                stats::dump(&images).map_or(0, |s| s.frozen_time.into()),
+            ))
         });
-        // Dumped or not, the instance gets the inputs held meanwhile, in order.
-        let resumed = tokio::task::block_in_place(|| instance.resume(position, &mut source.inputs));
-        let _ = instance
-            .dataplane
-            .set_input_gate(flow_id, GATE_DELIVER_ALL, 0);
+        // Dumped or not, the instance gets the inputs held meanwhile, in
+        // order; the gate opens only over those it could not get, named.
+        let resumed = tokio::task::block_in_place(|| instance.resume(position, &mut inputs));
+        let opened_over = hold::open(&mut instance.dataplane, flow_id);
         if self.request.mode == Mode::LeaveRunning {
             self.report.held_us = held.elapsed().as_micros() as u64;
         }
-        self.report.frozen_us = dumped.map_err(|e| self.fail(Cause::Dump(e)))?;
-        resumed.map_err(|e| self.fail(Cause::Resume(e)))?;
+        if let Err(error) = resumed {
+            let lost = opened_over.ok().flatten();
+            return Err(self.fail(Cause::Resume { error, lost }));
+        }
+        if let Some(end) = inputs.end() {
+            return Err(self.fail(end.clone()));
+        }
+        self.check_abort()?;
+        // Without an end of its own, a hold ends early only on an abort.
+        self.report.frozen_us = dumped
+            .map_err(|cause| self.fail(cause))?
+            .ok_or_else(|| self.fail(Cause::Aborted))?;
         self.end(t);
         Ok(position)
     }
@@ -386,6 +411,7 @@ impl Migration {
         let mut convergence = Convergence::new(self.request.converge);
         let mut pairing = Pairing::after_replay(replay_end);
         while !convergence.converged() {
+            self.check_abort()?;
             // An overflow, not the mismatches it then causes, is the cause.
             source.check_log().map_err(|e| self.fail(e))?;
             if Instant::now() > deadline {
@@ -522,7 +548,7 @@ impl Checkpointed {
     fn resume(
         &mut self,
         position: FlowPosition,
-        log: &mut Subscription,
+        log: &mut (impl Records + Send),
     ) -> Result<u64, ResumeError> {
         std::thread::scope(|scope| {
             scope
@@ -624,10 +650,10 @@ async fn step<T: serde::de::DeserializeOwned>(
 
 /// Undoes what a migration from this host changed, from its journal
 /// (see [`super::recovery`]). Before the flip: the flow's mirroring goes back to
-/// what it was and its gates (and the standby's) deliver again (inputs
-/// held when the daemon died are lost to the instance: the gap is the time
-/// until this start). Flipped: the destination serves; inputs above K keep
-/// going to it.
+/// what it was and its gates (and the standby's) deliver again. Inputs
+/// held when the daemon died went with its memory: they are lost to the
+/// instance, and the outcome names them. Flipped: the destination serves;
+/// inputs above K keep going to it.
 pub(super) fn recover(
     pin_root: &Path,
     standby_pin_root: Option<&Path>,
@@ -635,20 +661,27 @@ pub(super) fn recover(
     spec: &FlowSpec,
     flags: u32,
 ) -> String {
-    let undo = || -> Result<(), Cause> {
+    let undo = || -> Result<String, Cause> {
         let mut dataplane = Dataplane::open(pin_root)?;
         if let Err(k) = dataplane.gate_window()?.unflip(flow_id) {
             return Err(Cause::HandedOver(k));
         }
         dataplane.set_flow_flags(&flow::udp(spec.cps, spec.service), flags)?;
-        dataplane.set_input_gate(flow_id, GATE_DELIVER_ALL, 0)?;
-        if let Some(root) = standby_pin_root {
-            Dataplane::open(root)?.set_input_gate(flow_id, GATE_DELIVER_ALL, 0)?;
+        let mut lost = String::new();
+        if let Some(range) = hold::open(&mut dataplane, flow_id)? {
+            let inputs = hold::name_inputs(&range);
+            lost +=
+                &format!("; {inputs}, held when the daemon stopped, did not reach the instance");
         }
-        Ok(())
+        if let Some(root) = standby_pin_root
+            && let Some(range) = hold::open(&mut Dataplane::open(root)?, flow_id)?
+        {
+            lost += &format!("; {} did not reach the standby", hold::name_inputs(&range));
+        }
+        Ok(lost)
     };
     match undo() {
-        Ok(()) => "rolled back: mirroring off, gates delivering".into(),
+        Ok(lost) => format!("rolled back: mirroring off, gates delivering{lost}"),
         Err(e) => e.to_string(),
     }
 }

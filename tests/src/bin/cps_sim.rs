@@ -20,6 +20,10 @@
 //! drops those asked for and not begun. Tests time bursts to land on a
 //! migration's seams.
 //!
+//! `--large B`: each SIGUSR1 makes the next input B bytes long (its number,
+//! a space and dots), for a test that needs an input larger than a replay
+//! takes; the verdict lists those cycles (`large`).
+//!
 //! `--senders K` splits the flows among K sender threads (flow i to sender
 //! i mod K), each on its own schedule and pinned to one of the CPUs it may
 //! use, as K field devices: one thread cannot send 16 inputs every 100 µs
@@ -27,10 +31,13 @@
 //!
 //! Usage: cps-sim (--to ADDR:PORT --bind ADDR:PORT)... [--period-us 1000]
 //!        [--count N] [--grace-ms 300] [--trace FILE] [--no-check] [--burst N]
-//!        [--senders K]
+//!        [--senders K] [--large B]
 use std::{
     net::UdpSocket,
-    sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -47,6 +54,8 @@ struct Args {
     burst: u64,
     /// Sender threads, each driving every K-th flow.
     senders: usize,
+    /// Bytes of an input SIGUSR1 asks for (0: SIGUSR1 is not for this).
+    large: usize,
 }
 
 /// When the last input went out, µs (0: not yet): the listeners stop a
@@ -58,6 +67,26 @@ static BURSTS: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn ask_for_burst(_: nix::libc::c_int) {
     BURSTS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Large inputs asked for by SIGUSR1 (with `--large`) and not sent yet.
+static LARGE: AtomicU32 = AtomicU32::new(0);
+
+extern "C" fn ask_for_large(_: nix::libc::c_int) {
+    LARGE.fetch_add(1, Ordering::SeqCst);
+}
+
+/// The cycles sent large (`--large` has one sender).
+static SENT_LARGE: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// Cycle `seq`'s input: its number, padded to `large` bytes if given.
+fn input(seq: usize, large: Option<usize>) -> Vec<u8> {
+    let mut input = seq.to_string().into_bytes();
+    if let Some(bytes) = large {
+        input.push(b' ');
+        input.resize(bytes.max(input.len()), b'.');
+    }
+    input
 }
 
 /// Set by SIGUSR2: no more burst inputs until the next SIGUSR1.
@@ -93,6 +122,7 @@ fn args() -> Args {
         check: true,
         burst: 0,
         senders: 1,
+        large: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -107,6 +137,7 @@ fn args() -> Args {
             "--no-check" => a.check = false,
             "--burst" => a.burst = value().parse().expect("a count"),
             "--senders" => a.senders = value().parse().expect("a count"),
+            "--large" => a.large = value().parse().expect("bytes"),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -116,8 +147,12 @@ fn args() -> Args {
     );
     // A burst is one sender's: signals cannot say whose.
     assert!(
-        a.senders >= 1 && (a.burst == 0 || a.senders == 1),
-        "--senders must be at least 1, and 1 with --burst"
+        a.senders >= 1 && (a.burst == 0 && a.large == 0 || a.senders == 1),
+        "--senders must be at least 1, and 1 with --burst or --large"
+    );
+    assert!(
+        a.burst == 0 || a.large == 0,
+        "SIGUSR1 asks for a burst or a large input, not both"
     );
     a
 }
@@ -178,6 +213,9 @@ fn main() {
     if args.burst > 0 {
         on_signal(nix::sys::signal::Signal::SIGUSR1, ask_for_burst);
         on_signal(nix::sys::signal::Signal::SIGUSR2, end_bursts);
+    }
+    if args.large > 0 {
+        on_signal(nix::sys::signal::Signal::SIGUSR1, ask_for_large);
     }
     // Each sender drives every K-th flow on its own schedule, as separate
     // field devices would; one sender is one device driving them all.
@@ -260,9 +298,16 @@ fn send(args: &Args, sockets: &[&UdpSocket], start: Instant) -> Vec<u64> {
             }
         }
         let seq = sent_us.len() + 1;
+        let large = LARGE
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if large {
+            SENT_LARGE.lock().unwrap().push(seq);
+        }
+        let payload = input(seq, large.then_some(args.large));
         sent_us.push(start.elapsed().as_micros() as u64);
         for socket in sockets {
-            let _ = socket.send(seq.to_string().as_bytes());
+            let _ = socket.send(&payload);
         }
         if burst_left > 0 {
             burst_left -= 1;
@@ -300,9 +345,11 @@ fn verdict(
     let count = sent_us.len();
     let mut answered = vec![0u64; count + 1];
     let (mut duplicates, mut out_of_order, mut wrong, mut last) = (0u64, 0u64, 0u64, 0u64);
+    let large = SENT_LARGE.lock().unwrap().clone();
     let mut hashes = vec![0u64; count + 1];
     for seq in 1..=count {
-        hashes[seq] = chain(hashes[seq - 1], seq.to_string().as_bytes());
+        let bytes = large.contains(&seq).then_some(args.large);
+        hashes[seq] = chain(hashes[seq - 1], &input(seq, bytes));
     }
     let (mut first_wrong, mut first_duplicate) = (None, None);
     for (at, text) in outputs {
@@ -376,6 +423,7 @@ fn verdict(
         "send_us": send_us,
         "extra_gap_us": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0), "at_cycle": longest_at},
         "latency_us": {"p50": lat(0.5), "p99": lat(0.99), "max": lat(1.0)},
+        "large": large,
     })
     .to_string()
 }
