@@ -463,11 +463,21 @@ fn run_cell(fault: Fault, phase: &'static str, index: usize) -> Result<Row, &'st
     let recovery = recovered(&setup);
     // A migration rolled back leaves nothing running on dst, even when its
     // daemon died while CRIU restored (the journal names the tree as soon
-    // as CRIU does).
-    let strays: Vec<u32> = pids_named(comm)
-        .into_iter()
-        .filter(|&p| in_netns(p, &setup.hosts.dst))
-        .collect();
+    // as CRIU does). An armed destination whose source went away first
+    // waits for the handover as long as the source may still pick K: its
+    // deadline (10 s) and 2 s, from when it noticed (at once for a killed
+    // daemon, within the 3 s link timeout for a cut link).
+    let strays = || -> Vec<u32> {
+        pids_named(comm)
+            .into_iter()
+            .filter(|&p| in_netns(p, &setup.hosts.dst))
+            .collect()
+    };
+    let settled_by = Instant::now() + Duration::from_secs(10 + 2 + 3 + 2);
+    while served_by == "source" && !strays().is_empty() && Instant::now() < settled_by {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let strays = strays();
     let next = if served_by == "source" && !strays.is_empty() {
         format!("FAILED: instances {strays:?} left running on dst")
     } else if served_by == "source" {
