@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
         }
         let p50 = |runs: &[(f64, f64)], which: fn(&(f64, f64)) -> f64| {
             Sample::new(runs.iter().map(which))
-                .percentile(50.0)
+                .percentile(0.5)
                 .unwrap_or(f64::NAN)
         };
         let (tm, transfer) = (|r: &(f64, f64)| r.0, |r: &(f64, f64)| r.1);
@@ -170,7 +170,9 @@ fn stream_rates(size: usize, rounds: usize) -> anyhow::Result<(u64, f64, f64)> {
                     let (mut link, _) = peer::connect(&dialing, address).await?;
                     let sent = transfer::send(&mut link, "stream", &dumped).await?;
                     let elapsed = start.elapsed();
+                    // The listener goes with its task: gone before the next round binds.
                     serving.abort();
+                    let _ = serving.await;
                     anyhow::Ok((elapsed, sent.received.bytes))
                 })
             })?;
@@ -181,7 +183,7 @@ fn stream_rates(size: usize, rounds: usize) -> anyhow::Result<(u64, f64, f64)> {
     let _ = std::fs::remove_dir_all(&scratch);
     let p50 = |v: &[f64]| {
         Sample::new(v.iter().copied())
-            .percentile(50.0)
+            .percentile(0.5)
             .unwrap_or(f64::NAN)
     };
     Ok((bytes, p50(&rates[0]), p50(&rates[1])))
