@@ -121,17 +121,10 @@ async fn serve_frames<'a>(
     let mut stopping = host.stopping.clone();
     loop {
         // A prepared migration may idle so long, and then rolls back.
-        let idle = target.as_ref().map(|t| {
-            let why = format!(
-                "migration {}: no step for {:.1} s: rolling back",
-                t.migration,
-                t.idle().as_secs_f64()
-            );
-            (t.idle_until(), why)
-        });
+        let idle_until = target.as_ref().map(Target::idle_until);
         let next = async {
-            match &idle {
-                Some((until, _)) => tokio::time::timeout_at(*until, link.recv(MAX_FRAME))
+            match idle_until {
+                Some(until) => tokio::time::timeout_at(until, link.recv(MAX_FRAME))
                     .await
                     .ok(),
                 None => Some(link.recv(MAX_FRAME).await),
@@ -146,7 +139,17 @@ async fn serve_frames<'a>(
             next = next => next,
         };
         let Some(received) = received else {
-            let why = idle.map(|(_, why)| why).unwrap_or_default();
+            // Only a prepared migration has an idle limit.
+            let why = target
+                .as_ref()
+                .map(|t| {
+                    format!(
+                        "migration {}: no step for {:.1} s: rolling back",
+                        t.migration,
+                        t.idle().as_secs_f64()
+                    )
+                })
+                .unwrap_or_default();
             tracing::warn!(%from, "{why}");
             let _ = link.send(frame::REFUSE, why.as_bytes()).await;
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why).into());

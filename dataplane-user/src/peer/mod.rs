@@ -186,7 +186,18 @@ pub async fn connect(trust: &Trust, address: SocketAddr) -> Result<(Link, Hello)
     let open = async {
         let stream = TcpStream::connect(address).await?;
         tune(&stream)?;
-        open(Link::plain(stream), trust.identity(), peer).await
+        let mut link = Link::plain(stream);
+        match open(&mut link, trust.identity(), peer).await {
+            Ok(theirs) => Ok((link, theirs)),
+            Err(reason @ PeerError::Auth(_)) => {
+                // Tell the listener why, so that its log says so too.
+                let _ = link
+                    .send(frame::REFUSE, reason.to_string().as_bytes())
+                    .await;
+                Err(reason)
+            }
+            Err(e) => Err(e),
+        }
     };
     tokio::time::timeout(CONNECT_TIMEOUT, open)
         .await
@@ -197,10 +208,10 @@ pub async fn connect(trust: &Trust, address: SocketAddr) -> Result<(Link, Hello)
 /// with an identity Noise XX, whose prologue is both, so that neither can
 /// be altered unseen, and the listener's word that it admits this host.
 async fn open(
-    mut link: Link,
+    link: &mut Link,
     identity: Option<&Identity>,
     peer: &Peer,
-) -> Result<(Link, Hello), PeerError> {
+) -> Result<Hello, PeerError> {
     let hello = serde_json::to_vec(&Hello::ours(identity.is_some())).expect("a hello serializes");
     link.send(frame::HELLO, &hello).await?;
     let welcome = match link.recv(MAX_HELLO).await? {
@@ -213,37 +224,28 @@ async fn open(
         }
     };
     let theirs = check_hello(frame::HELLO, &welcome)?;
-    if let Err(reason) = same_sealing(identity.is_some(), theirs.sealed, &peer.name) {
-        let _ = link
-            .send(frame::REFUSE, reason.to_string().as_bytes())
-            .await;
-        return Err(reason);
-    }
+    same_sealing(identity.is_some(), theirs.sealed, &peer.name)?;
     let Some(identity) = identity else {
-        return Ok((link, theirs));
+        return Ok(theirs);
     };
     let prologue = prologue(&hello, &welcome);
     let mut noise = seal::noise(identity, &prologue)
         .build_initiator()
         .map_err(noise_error)?;
-    noise_send(&mut link, &mut noise).await?;
-    noise_recv(&mut link, &mut noise).await?;
+    noise_send(link, &mut noise).await?;
+    noise_recv(link, &mut noise).await?;
     let presented = noise.get_remote_static().and_then(PublicKey::from_slice);
     if presented.is_none() || presented != peer.key {
-        let reason = PeerError::Auth(format!(
+        return Err(PeerError::Auth(format!(
             "{} presented key {}, not the key its [[peers]] entry lists",
             peer.name,
             presented.map_or("none".into(), |k| k.to_string())
-        ));
-        let _ = link
-            .send(frame::REFUSE, reason.to_string().as_bytes())
-            .await;
-        return Err(reason);
+        )));
     }
-    noise_send(&mut link, &mut noise).await?;
+    noise_send(link, &mut noise).await?;
     link.seal(Seal::new(noise.into_transport_mode().map_err(noise_error)?));
     match link.recv(MAX_HELLO).await? {
-        (frame::ADMITTED, _) => Ok((link, theirs)),
+        (frame::ADMITTED, _) => Ok(theirs),
         (frame::REFUSE, reason) => Err(refused(&reason)),
         (other, _) => Err(PeerError::Garbage(format!(
             "frame type {other} instead of being admitted"
