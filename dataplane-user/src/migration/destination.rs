@@ -151,6 +151,11 @@ async fn serve_frames<'a>(
                 })
                 .unwrap_or_default();
             tracing::warn!(%from, "{why}");
+            // Undone before the source hears of it: what it reads after
+            // the refusal is a host with the migration gone.
+            if let Some(mut target) = target.take() {
+                target.settle_alone().await;
+            }
             let _ = link.send(frame::REFUSE, why.as_bytes()).await;
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why).into());
         };
