@@ -1003,16 +1003,31 @@ fn an_input_too_large_to_replay_held_for_the_checkpoint_is_named_and_every_other
 
 #[test]
 fn a_source_daemon_killed_during_the_hold_names_the_held_inputs_lost_with_it() {
+    source_daemon_killed_during_the_hold("khold", false);
+}
+
+#[test]
+fn a_torn_source_journal_is_undone_from_the_kernel_naming_the_held_inputs() {
+    source_daemon_killed_during_the_hold("tornsrc", true);
+}
+
+/// Kills the source daemon during the hold and starts it again, with its
+/// journal cut in half in between if `torn`: the restarted daemon finds the
+/// gate holding and opens it naming the held inputs, which were in the dead
+/// daemon's memory; with the journal torn, from the kernel's gates alone.
+fn source_daemon_killed_during_the_hold(tag: &str, torn: bool) {
     // 8 MiB of state: a dump, and so a hold, long enough to kill it in.
-    let mut setup = MigrationSetup::new("khold", &["--state-mib", "8"], false);
+    let mut setup = MigrationSetup::new(tag, &["--state-mib", "8"], false);
     let cycles = 3000;
-    let trace = std::env::temp_dir().join(format!("khold-{}.trace", std::process::id()));
+    let trace = std::env::temp_dir().join(format!("{tag}-{}.trace", std::process::id()));
     let cps = start_traced_cps(&setup, cycles, &trace, &[]);
     let (_watcher, _id) = setup.migrate_watched(json!({}));
     wait_for_the_hold(&setup);
-    // The held inputs were in the daemon's memory: gone with it. The one
-    // that restarts finds the gate holding, and opens it naming them.
-    setup.src.kill_and_restart(&setup.hosts.src);
+    setup.src.signal_and_wait(Signal::SIGKILL);
+    if torn {
+        assert_eq!(tear_journals(&setup.images_dir("src")), 1, "one journal");
+    }
+    setup.src.restart(&setup.hosts.src);
     let verdict = cps_verdict(cps);
     let recovered = recovered(&setup);
     println!("CPS: {verdict}\nrecovered: {recovered}");
@@ -1021,19 +1036,78 @@ fn a_source_daemon_killed_during_the_hold_names_the_held_inputs_lost_with_it() {
         panic!("no input held when the daemon died: {verdict}");
     };
     assert_eq!(lost, (first..=last).collect::<Vec<_>>(), "one range");
+    let named = format!(
+        "gates delivering; inputs {first} to {last}, held when the daemon stopped, did not \
+         reach the instance"
+    );
+    let outcome = if torn {
+        let (cps, service) = setup.flow();
+        let flow =
+            dataplane_user::kernel::flow::display(&dataplane_user::kernel::flow::udp(cps, service));
+        assert!(
+            recovered.contains("is not a journal: EOF while parsing"),
+            "{recovered}"
+        );
+        format!("from the kernel: flow {flow}: {named}")
+    } else {
+        format!("rolled back: mirroring off, {named}")
+    };
     assert!(
-        recovered.contains(&format!(
-            "rolled back: mirroring off, gates delivering; inputs {first} to {last}, held when \
-             the daemon stopped, did not reach the instance"
-        )),
-        "{recovered}"
+        recovered.contains(&outcome),
+        "{recovered}\nexpected: {outcome}"
     );
     for key in ["duplicates", "out_of_order"] {
         assert_eq!(verdict[key], 0, "{key}: {verdict}");
     }
+    assert_eq!(files_under(&setup.images_dir("src")), [] as [String; 0]);
     wait_until_dst_has_no_flows(&setup);
     setup.register();
     migrate_cleanly(&setup, cycles - lost.len() as u64);
+}
+
+#[test]
+fn a_torn_destination_journal_is_undone_from_the_kernel_and_the_next_migration_succeeds() {
+    let mut setup = MigrationSetup::new("torndst", &[], false);
+    let cycles = 4000;
+    let cps = setup.start_cps(cycles, 1000, None);
+    let (mut watcher, id) = setup.migrate_watched(json!({"converge": LONG_CONVERGE}));
+    // Restored and journaled: the instance runs, muted, its flow adopted.
+    wait_for_phase(&mut watcher, "converge");
+    setup.dst.signal_and_wait(Signal::SIGKILL);
+    assert_eq!(tear_journals(&setup.images_dir("dst")), 1, "one journal");
+    setup.dst.restart(&setup.hosts.dst);
+    let report = setup.wait(&id);
+    let verdict = cps_verdict(cps);
+    println!(
+        "report: {report}\nCPS: {verdict}\nrecovered: {}",
+        recovered(&setup)
+    );
+    assert!(report["error"].is_string(), "{report}");
+    assert_source_served_every_input(&setup, &verdict, cycles);
+    wait_for_nothing_left_on_dst(&setup);
+    // The instance was found by its socket and killed, not left to idle.
+    let recovered = recovered(&setup);
+    let killed = recovered
+        .split_once("from the kernel: rolled back: killed [")
+        .map(|(_, rest)| rest);
+    assert!(
+        killed.is_some_and(|k| k.starts_with(|c: char| c.is_ascii_digit())),
+        "{recovered}"
+    );
+    migrate_cleanly(&setup, cycles);
+}
+
+/// Cuts every journal under `images_dir` to half its length, as a failing
+/// disk might (the daemon itself never leaves one torn): how many.
+fn tear_journals(images_dir: &std::path::Path) -> usize {
+    let journals: Vec<_> = std::fs::read_dir(images_dir.join("journal"))
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    for journal in &journals {
+        let text = std::fs::read(journal).unwrap();
+        std::fs::write(journal, &text[..text.len() / 2]).unwrap();
+    }
+    journals.len()
 }
 
 /// Convergence over this many outputs (2 s at 1 ms): long enough for a

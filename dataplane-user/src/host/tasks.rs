@@ -180,6 +180,69 @@ impl CpuTime {
     }
 }
 
+/// The processes holding a UDP socket bound, in this network namespace,
+/// to `address` (or to its port on the unspecified address).
+pub fn bound_udp(address: std::net::SocketAddr) -> Vec<u32> {
+    let on = |local: std::net::SocketAddr| {
+        local.port() == address.port()
+            && (local.ip() == address.ip()
+                || local.ip().is_unspecified()
+                || local.ip().to_canonical() == address.ip())
+    };
+    let inodes: std::collections::HashSet<u64> = [procfs::net::udp(), procfs::net::udp6()]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| on(entry.local_address))
+        .map(|entry| entry.inode)
+        .collect();
+    if inodes.is_empty() {
+        return Vec::new();
+    }
+    let Ok(processes) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    processes
+        .flatten()
+        .filter(|p| {
+            p.fd().is_ok_and(|fds| {
+                fds.flatten().any(|fd| {
+                    matches!(fd.target, procfs::process::FDTarget::Socket(i) if inodes.contains(&i))
+                })
+            })
+        })
+        .map(|p| p.pid as u32)
+        .collect()
+}
+
+/// SIGKILLs every process in process `pid`'s PID namespace, unless that is
+/// this daemon's own (a migrated service has one of its own; a process
+/// sharing the daemon's is not one to kill): the pids killed.
+pub fn kill_pid_namespace(pid: u32) -> Vec<u32> {
+    let namespace = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let Some(theirs) = namespace(&pid.to_string()) else {
+        return Vec::new();
+    };
+    if namespace("self").as_ref() == Some(&theirs) {
+        return Vec::new();
+    }
+    let Ok(processes) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    let members: Vec<u32> = processes
+        .flatten()
+        .filter(|p| namespace(&p.pid.to_string()).as_ref() == Some(&theirs))
+        .map(|p| p.pid as u32)
+        .collect();
+    for &member in &members {
+        let _ = nix::sys::signal::kill(
+            Pid::from_raw(member as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    members
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

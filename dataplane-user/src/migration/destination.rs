@@ -53,6 +53,7 @@ use crate::{
         Link, MAX_FRAME, PeerError, frame,
         transfer::{self, Quota},
     },
+    service::FlowSpec,
 };
 
 /// What the destination works with on this host.
@@ -366,6 +367,14 @@ impl<'a> Target<'a> {
                 });
             }
         }
+        // Journaled before anything changes: a daemon that dies while it
+        // adopts leaves flows its next start removes.
+        let journal = Journal::Destination {
+            flows: flows.clone(),
+            instance: None,
+            deadline_ms,
+        };
+        host.files.write(&migration, &journal)?;
         let mut adopted = Vec::new();
         for f in &flows {
             let key = flow::udp(f.spec.cps, f.spec.service);
@@ -384,6 +393,7 @@ impl<'a> Target<'a> {
             adopted.push(f.clone());
             if let Err(e) = adoption {
                 forget_flows(&mut dataplane, &adopted);
+                host.files.remove(Side::Destination, &migration);
                 return Err(e.into());
             }
         }
@@ -402,8 +412,6 @@ impl<'a> Target<'a> {
             finished: false,
             cpu: crate::host::tasks::CpuTime::now(),
         };
-        // Dropped on failure: the flows go again.
-        target.write_journal()?;
         Ok(target)
     }
 
@@ -868,6 +876,69 @@ pub(super) fn recover(
         Some(i) => format!("rolled back: killed instance {}, removed its flows", i.pid),
         None => "rolled back: removed its flows".into(),
     }
+}
+
+/// Finishes, from the kernel alone, what a migration to this host whose
+/// journal cannot be read may have left: the flows it adopted are the ones
+/// whose outputs are still muted or armed (nothing else sets those here).
+/// An armed one is waited for as for the default deadline: handed over,
+/// it is kept and announced. The others go, with the instance restored for
+/// them, found as the processes in a PID namespace of their own holding a
+/// UDP socket on the flow's service address (no other process here can:
+/// the host had no such flow before, and the restore bound it).
+pub(super) fn recover_unjournaled(pin_root: &Path, interface: &str) -> String {
+    let mut dataplane = match Dataplane::open(pin_root) {
+        Ok(d) => d,
+        Err(e) => return format!("no dataplane to clean up ({e})"),
+    };
+    let adopted: Vec<TargetFlow> = match dataplane.flows() {
+        Ok(flows) => flows
+            .into_iter()
+            .filter(|(_, config)| {
+                dataplane
+                    .gate(config.flow_id)
+                    .is_ok_and(|g| [OUTPUT_MUTE, OUTPUT_ARMED].contains(&g.output))
+            })
+            .map(|(key, config)| TargetFlow {
+                flow_id: config.flow_id,
+                spec: FlowSpec {
+                    cps: flow::source(&key),
+                    service: flow::destination(&key),
+                },
+            })
+            .collect(),
+        Err(e) => return format!("no dataplane to clean up ({e})"),
+    };
+    if adopted.is_empty() {
+        return "no flow muted or armed: nothing to undo".into();
+    }
+    let grace = armed_grace(Duration::from_millis(super::DEFAULT_DEADLINE_MS));
+    wait_for_handover(|| output_modes(&dataplane, &adopted), grace);
+    let (kept, undone): (Vec<TargetFlow>, Vec<TargetFlow>) = adopted.into_iter().partition(|f| {
+        dataplane
+            .gate(f.flow_id)
+            .is_ok_and(|g| g.output == OUTPUT_FROM)
+    });
+    let mut outcome = Vec::new();
+    if !kept.is_empty() {
+        outcome.push(match announce(interface, &kept) {
+            Ok(addresses) => format!("handed over; kept serving, announced {addresses:?}"),
+            Err(e) => format!("handed over; kept serving; {e}"),
+        });
+    }
+    if !undone.is_empty() {
+        let killed: Vec<u32> = undone
+            .iter()
+            .flat_map(|f| crate::host::tasks::bound_udp(f.spec.service))
+            .flat_map(crate::host::tasks::kill_pid_namespace)
+            .collect();
+        forget_flows(&mut dataplane, &undone);
+        outcome.push(format!(
+            "rolled back: killed {killed:?}, removed flows {:?}",
+            undone.iter().map(|f| f.flow_id).collect::<Vec<_>>()
+        ));
+    }
+    format!("from the kernel: {}", outcome.join("; "))
 }
 
 /// Refuses a destination whose kernel would name the service address in

@@ -41,7 +41,7 @@ pub enum Journal {
 }
 
 fn default_deadline_ms() -> u64 {
-    10_000
+    super::DEFAULT_DEADLINE_MS
 }
 
 impl Journal {
@@ -168,6 +168,20 @@ impl Files {
     pub fn remove(&self, side: Side, id: &str) {
         let _ = std::fs::remove_dir_all(self.images(side, id));
         let _ = std::fs::remove_file(self.journal_path(side, id));
+    }
+
+    /// Removes the temporary files of journal writes a daemon did not
+    /// finish: the journal before each one (if any) stands, and a first
+    /// write comes before anything it would record is changed.
+    pub fn remove_unfinished_writes(&self) {
+        let Ok(entries) = std::fs::read_dir(self.journal_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "partial") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     /// Every journal on disk, read.

@@ -112,8 +112,11 @@ pub const MAX_DEADLINE_MS: u64 = 600_000;
 fn default_converge() -> u32 {
     10
 }
+/// The `deadline_ms` of a request that gives none.
+pub const DEFAULT_DEADLINE_MS: u64 = 10_000;
+
 fn default_deadline_ms() -> u64 {
-    10_000
+    DEFAULT_DEADLINE_MS
 }
 
 /// What the source daemon lends a migration.

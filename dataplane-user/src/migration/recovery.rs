@@ -21,27 +21,46 @@ pub struct Host {
 }
 
 /// Acts on every journal left; what was done, one line per migration.
+/// A journal that cannot be read (the disk failed it: the daemon never
+/// leaves a torn one) is acted on last, from what the kernel and /proc
+/// say is still in a migration's state once the others are undone.
 pub fn recover(host: &Host) -> Vec<String> {
+    host.files.remove_unfinished_writes();
+    let mut left = host.files.left();
+    left.sort_by_key(|l| l.journal.is_err());
     let mut done = Vec::new();
-    for left in host.files.left() {
-        let outcome = match left.journal {
-            Err(e) => format!("{e}; removed"),
-            Ok(Journal::Source {
-                flow_id,
-                flow,
-                flags,
-            }) => source::recover(
+    for left in left {
+        let outcome = match (left.journal, left.side) {
+            (Err(e), Side::Source) => format!(
+                "{e}; {}",
+                source::recover_unjournaled(&host.pin_root, host.standby_pin_root.as_deref())
+            ),
+            (Err(e), Side::Destination) => format!(
+                "{e}; {}",
+                destination::recover_unjournaled(&host.pin_root, &host.interface)
+            ),
+            (
+                Ok(Journal::Source {
+                    flow_id,
+                    flow,
+                    flags,
+                }),
+                _,
+            ) => source::recover(
                 &host.pin_root,
                 host.standby_pin_root.as_deref(),
                 flow_id,
                 &flow,
                 flags,
             ),
-            Ok(Journal::Destination {
-                flows,
-                instance,
-                deadline_ms,
-            }) => destination::recover(
+            (
+                Ok(Journal::Destination {
+                    flows,
+                    instance,
+                    deadline_ms,
+                }),
+                _,
+            ) => destination::recover(
                 &host.pin_root,
                 &host.interface,
                 &flows,
@@ -92,6 +111,9 @@ mod tests {
             .unwrap();
         std::fs::create_dir_all(dir.path().join("journal")).unwrap();
         std::fs::write(dir.path().join("journal/torn.destination.json"), "{").unwrap();
+        // A write the daemon did not finish: no journal, and removed.
+        let unfinished = dir.path().join("journal/half.source.partial");
+        std::fs::write(&unfinished, "{\"side\":").unwrap();
         let host = Host {
             files: files.clone(),
             // No dataplane here: recovery says so and still cleans up.
@@ -117,6 +139,7 @@ mod tests {
             done[2]
         );
         assert!(files.left().is_empty());
+        assert!(!unfinished.exists());
         assert!(!files.images(Side::Source, "out").exists());
     }
 }

@@ -7,7 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_common::{FLOW_MIRROR, RECORD_OUTPUT};
+use dataplane_common::{
+    CUT_AT_NEXT, FLOW_MIRROR, FlowKey, GATE_DELIVER_ALL, OUTPUT_ARMED, OUTPUT_MUTE, RECORD_OUTPUT,
+};
 use serde_json::Value;
 
 use crate::{
@@ -661,27 +663,86 @@ pub(super) fn recover(
     spec: &FlowSpec,
     flags: u32,
 ) -> String {
-    let undo = || -> Result<String, Cause> {
-        let mut dataplane = Dataplane::open(pin_root)?;
-        if let Err(k) = dataplane.gate_window()?.unflip(flow_id) {
-            return Err(Cause::HandedOver(k));
-        }
-        dataplane.set_flow_flags(&flow::udp(spec.cps, spec.service), flags)?;
-        let mut lost = String::new();
-        if let Some(range) = hold::open(&mut dataplane, flow_id)? {
-            let inputs = hold::name_inputs(&range);
-            lost +=
-                &format!("; {inputs}, held when the daemon stopped, did not reach the instance");
-        }
-        if let Some(root) = standby_pin_root
-            && let Some(range) = hold::open(&mut Dataplane::open(root)?, flow_id)?
-        {
-            lost += &format!("; {} did not reach the standby", hold::name_inputs(&range));
-        }
-        Ok(lost)
-    };
-    match undo() {
+    match undo(pin_root, standby_pin_root, flow_id, Some((spec, flags))) {
         Ok(lost) => format!("rolled back: mirroring off, gates delivering{lost}"),
         Err(e) => e.to_string(),
     }
+}
+
+/// Undoes, from the kernel alone, what a migration from this host whose
+/// journal cannot be read may have left: every flow whose inputs are held
+/// (here or on the standby) or whose window is flipped with K not yet
+/// picked gets its gates delivering again, and the held inputs are named.
+/// Its mirroring stays as it is (what it was before is what the journal
+/// said). Flows adopted by a migration to this host (muted or armed) are
+/// the destination's side ([`super::destination::recover_unjournaled`]).
+pub(super) fn recover_unjournaled(pin_root: &Path, standby_pin_root: Option<&Path>) -> String {
+    let in_migration = || -> Result<Vec<(FlowKey, u32)>, Cause> {
+        let dataplane = Dataplane::open(pin_root)?;
+        let standby = standby_pin_root.map(Dataplane::open).transpose()?;
+        let held =
+            |d: &Dataplane, flow_id| d.gate(flow_id).is_ok_and(|g| g.mode != GATE_DELIVER_ALL);
+        let mut flows = Vec::new();
+        for (key, config) in dataplane.flows()? {
+            let gate = dataplane.gate(config.flow_id)?;
+            if [OUTPUT_MUTE, OUTPUT_ARMED].contains(&gate.output) {
+                continue;
+            }
+            if gate.mode != GATE_DELIVER_ALL
+                || gate.deliver_until == CUT_AT_NEXT
+                || standby.as_ref().is_some_and(|s| held(s, config.flow_id))
+            {
+                flows.push((key, config.flow_id));
+            }
+        }
+        Ok(flows)
+    };
+    let flows = match in_migration() {
+        Ok(flows) => flows,
+        Err(e) => return e.to_string(),
+    };
+    if flows.is_empty() {
+        return "no flow held or flipped: nothing to undo".into();
+    }
+    let undone: Vec<String> = flows
+        .iter()
+        .map(|(key, flow_id)| {
+            let outcome = match undo(pin_root, standby_pin_root, *flow_id, None) {
+                Ok(lost) => format!("gates delivering{lost}"),
+                Err(e) => e.to_string(),
+            };
+            format!("flow {}: {outcome}", flow::display(key))
+        })
+        .collect();
+    format!("from the kernel: {}", undone.join("; "))
+}
+
+/// Takes back the flip of flow `flow_id` unless K was picked, sets its
+/// flags back (`restore`: the flow and its flags before the migration),
+/// and opens its held gates, here and on the standby: what the held
+/// inputs lost with the daemon were, as text to append.
+fn undo(
+    pin_root: &Path,
+    standby_pin_root: Option<&Path>,
+    flow_id: u32,
+    restore: Option<(&FlowSpec, u32)>,
+) -> Result<String, Cause> {
+    let mut dataplane = Dataplane::open(pin_root)?;
+    if let Err(k) = dataplane.gate_window()?.unflip(flow_id) {
+        return Err(Cause::HandedOver(k));
+    }
+    if let Some((spec, flags)) = restore {
+        dataplane.set_flow_flags(&flow::udp(spec.cps, spec.service), flags)?;
+    }
+    let mut lost = String::new();
+    if let Some(range) = hold::open(&mut dataplane, flow_id)? {
+        let inputs = hold::name_inputs(&range);
+        lost += &format!("; {inputs}, held when the daemon stopped, did not reach the instance");
+    }
+    if let Some(root) = standby_pin_root
+        && let Some(range) = hold::open(&mut Dataplane::open(root)?, flow_id)?
+    {
+        lost += &format!("; {} did not reach the standby", hold::name_inputs(&range));
+    }
+    Ok(lost)
 }
