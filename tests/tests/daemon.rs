@@ -100,6 +100,11 @@ fn every_method_round_trips_over_the_socket() {
     let status = c.call("status", json!({})).unwrap();
     assert_eq!(status["adopted"], false);
     assert_eq!(status["interfaces"]["service"], "eth0");
+    assert_eq!(
+        status["interfaces"]["mirror_from"], status["interfaces"]["peer"],
+        "mirror frames taken on the peer interface by default"
+    );
+    assert!(status["interfaces"]["peer"].is_string());
     assert_eq!(status["programs"].as_array().unwrap().len(), 5);
     assert!(status["counters"]["seen"].is_u64());
 

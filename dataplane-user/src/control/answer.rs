@@ -43,6 +43,8 @@ pub struct Status {
 pub struct Interfaces {
     pub service: String,
     pub peer: Option<String>,
+    /// Where mirror frames are taken (`mirror_from`, or the peer interface).
+    pub mirror_from: Option<String>,
 }
 
 /// A row of `flow.list` (and of `status`'s `flows`).

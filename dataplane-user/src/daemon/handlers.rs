@@ -84,6 +84,9 @@ impl Daemon {
             interfaces: Interfaces {
                 service: self.config.interface.clone(),
                 peer: self.config.peer_interface.clone(),
+                mirror_from: (self.config.mirror_from.as_ref())
+                    .or(self.config.peer_interface.as_ref())
+                    .cloned(),
             },
             programs: dataplane.attached_programs().map_err(dataplane_error)?,
             flows: flow_rows(&dataplane)?,
