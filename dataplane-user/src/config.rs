@@ -74,6 +74,10 @@ pub struct DaemonConfig {
     /// link no one else can reach. Default: false.
     #[serde(default)]
     pub peer_insecure: bool,
+    /// Where the registered services are kept, so that a restarted daemon
+    /// knows them. Default: /var/lib/dataplane/services.json.
+    #[serde(default = "default_registry")]
+    pub registry: PathBuf,
     /// Where checkpoint images received from a peer go. Default: /var/lib/dataplane/images.
     #[serde(default = "default_images_dir")]
     pub images_dir: PathBuf,
@@ -129,6 +133,10 @@ pub const DEFAULT_IDENTITY: &str = "/var/lib/dataplane/identity.key";
 
 fn default_identity() -> PathBuf {
     PathBuf::from(DEFAULT_IDENTITY)
+}
+
+fn default_registry() -> PathBuf {
+    PathBuf::from("/var/lib/dataplane/services.json")
 }
 
 /// Where the calibration goes unless configured otherwise.

@@ -3,6 +3,7 @@
 //! and logs, CRIU, the host's network devices and tasks).
 //!
 //! Layered from the bottom: `service` and `host` (plain types and OS calls),
+//! `registry` (the services kept on disk),
 //! `kernel` (the eBPF programs and maps), `criu`, `planning` (the migration
 //! model), `peer` (the transport between daemons), `migration` (both sides of
 //! a migration), `control` (the socket's protocol), `daemon`, then the CLI.
@@ -16,5 +17,6 @@ pub mod metrics;
 pub mod migration;
 pub mod peer;
 pub mod planning;
+pub mod registry;
 pub mod report;
 pub mod service;

@@ -57,6 +57,15 @@ impl DaemonProcess {
     ) -> Self {
         let dir = PathBuf::from(format!("/tmp/dataplane-test-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("test dir");
+        // Each daemon's registry in its own directory, never the host's.
+        let config = match config.contains("registry =") {
+            true => config.to_string(),
+            false => format!(
+                "registry = \"{}\"\n{config}",
+                dir.join("services.json").display()
+            ),
+        };
+        let config = config.as_str();
         std::fs::write(dir.join("dataplane.toml"), config).expect("write config");
         let pin_root = dataplane_user::config::DaemonConfig::parse(config)
             .expect("a valid test configuration")

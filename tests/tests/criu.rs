@@ -340,7 +340,7 @@ async fn prepare(
     cps_port: u16,
 ) -> Result<serde_json::Value, dataplane_user::peer::PeerError> {
     let step: dataplane_user::migration::protocol::Step = serde_json::from_value(
-        serde_json::json!({"step": "prepare", "migration": id, "deadline_ms": 10_000,
+        serde_json::json!({"step": "prepare", "migration": id, "service": id, "deadline_ms": 10_000,
             "flows": [{"flow_id": cps_port - 3990, "cps": sock(CPS_V4, cps_port),
                 "service": sock(SERVICE_V4, 5000)}]}),
     )

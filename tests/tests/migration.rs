@@ -102,6 +102,59 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
 }
 
 #[test]
+fn the_destination_registers_the_service_it_kept_and_both_registries_outlive_a_restart() {
+    let mut setup = MigrationSetup::new("reg", &[], false);
+    let (report, verdict) =
+        setup.migrate_while_cps_runs(1000, Duration::from_millis(300), serde_json::json!({}));
+    assert_eq!(report["state"], "done", "{report:#}");
+    assert_clean(&verdict);
+    let pid = report["destination_pid"].as_u64().unwrap();
+    let (cps, service) = setup.flow();
+    let kept = serde_json::json!([{"name": "markov", "pid": pid, "netns": null,
+        "flows": [{"cps": cps, "service": service}], "standby_pid": null}]);
+    let list = |daemon: &dataplane_tests::DaemonProcess| {
+        daemon
+            .client()
+            .call("service.list", serde_json::json!({}))
+            .unwrap()
+    };
+    assert_eq!(list(&setup.dst), kept, "the destination knows the service");
+    assert_eq!(
+        list(&setup.src),
+        serde_json::json!([]),
+        "the source forgot it"
+    );
+    // Both daemons killed and started again: each knows what it knew.
+    setup.src.kill_and_restart(&setup.hosts.src);
+    setup.dst.kill_and_restart(&setup.hosts.dst);
+    assert_eq!(list(&setup.dst), kept, "adopted at the restart");
+    assert_eq!(list(&setup.src), serde_json::json!([]));
+    // An instance gone while its daemon was down is dropped at the start.
+    setup.dst.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
+    kill_pid(pid);
+    // The root of a PID namespace exits once the kernel has killed the rest.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dataplane_user::host::tasks::running(pid as u32) {
+        assert!(Instant::now() < deadline, "the instance outlived SIGKILL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    setup.dst.restart(&setup.hosts.dst);
+    assert_eq!(
+        list(&setup.dst),
+        serde_json::json!([]),
+        "{}",
+        setup.dst.log()
+    );
+    let log = setup.dst.log();
+    assert!(
+        log.contains(&format!(
+            "service markov: its instance {pid} is gone: forgotten"
+        )),
+        "{log}"
+    );
+}
+
+#[test]
 fn an_ipv6_service_migrates_and_the_cps_follows_the_neighbour_advertisement() {
     let setup = MigrationSetup::ipv6("v6");
     let cycles = 3000;

@@ -710,7 +710,8 @@ fn a_listening_daemon_without_peers_refuses_to_start() {
 fn nothing_a_peer_without_a_listed_key_sends_is_acted_on() {
     let hosts = TestHosts::new("sjunk");
     let dst = start_dst(&hosts, "sjunk", "src", "");
-    let prepare = json!({"step": "prepare", "migration": "evil", "deadline_ms": 10_000,
+    let prepare = json!({"step": "prepare", "migration": "evil", "service": "evil",
+        "deadline_ms": 10_000,
         "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}]});
     let prepare = peer_frame(frame::MIGRATE, prepare.to_string().as_bytes());
     let hello = |sealed: bool| {
@@ -1029,8 +1030,9 @@ async fn step(link: &mut peer::Link, step: Value) -> Result<Value, PeerError> {
 }
 
 /// `prepare` of migration `id` for the flow `cps` -> `service` under `flow_id`.
+/// The service's name is "markov".
 fn prepare_step(id: &str, flow_id: u32, cps: &str, service: &str, deadline_ms: u64) -> Value {
-    json!({"step": "prepare", "migration": id, "deadline_ms": deadline_ms,
+    json!({"step": "prepare", "migration": id, "service": "markov", "deadline_ms": deadline_ms,
         "flows": [{"flow_id": flow_id, "cps": cps, "service": service}]})
 }
 
@@ -1234,8 +1236,24 @@ fn a_listed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_
                 why.contains(&format!("(id {local_id}) is on this host already")),
                 "{why}"
             );
-            // Nor a deadline out of range, or an id naming images_dir's own entries.
+            // Nor a service this host runs under the same name (it is
+            // registered here once handed over), or one that is no plain
+            // name; nor a deadline out of range, or an id naming
+            // images_dir's own entries.
+            let here = json!({"name": "here", "pid": std::process::id(),
+                "flows": [{"cps": LOCAL_CPS, "service": LOCAL_SERVICE}]});
+            dst.client().call("service.register", here).unwrap();
+            let named = |name: &str| {
+                let mut prepare = prepare_step("m0", 7, CPS, SERVICE, 10_000);
+                prepare["service"] = json!(name);
+                prepare
+            };
             for (bad, because) in [
+                (
+                    named("here"),
+                    "a service named here is registered on this host already",
+                ),
+                (named("../x"), "service name \"../x\": a plain name"),
                 (
                     prepare_step("m0", 7, CPS, SERVICE, 0),
                     "deadline_ms must be 1 to 600000",

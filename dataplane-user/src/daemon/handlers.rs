@@ -33,6 +33,7 @@ use crate::{
     metrics,
     migration::{self, journal::Files},
     peer,
+    registry::RegistryError,
     report::{Report, State},
     service::{FlowSpec, Service},
 };
@@ -47,7 +48,7 @@ impl Handler for Daemon {
             Call::FlowList => answer(flow_rows(&self.dataplane.lock().unwrap())),
             Call::ServiceRegister(service) => answer(self.service_register(service)),
             Call::ServiceUnregister(name) => answer(self.service_unregister(name)),
-            Call::ServiceList => answer(Ok(self.services())),
+            Call::ServiceList => answer(Ok(self.services.list())),
             Call::MigrationStart(request) => answer(self.migration_start(request)),
             Call::MigrationStatus(None) => answer(Ok(self.reports())),
             Call::MigrationStatus(Some(id)) => answer(self.report(id)),
@@ -95,7 +96,7 @@ impl Daemon {
                 .zip(0..)
                 .map(|(name, i)| (name.to_string(), counters.get(i)))
                 .collect(),
-            services: self.services(),
+            services: self.services.list(),
             migrations: self.reports(),
             peer_listen: self.config.peer_listen,
             peer_key: self.trust.identity().map(|i| i.public().to_string()),
@@ -107,11 +108,7 @@ impl Daemon {
         let dataplane = self.dataplane.lock().unwrap();
         let counters = dataplane.counters().map_err(dataplane_error)?;
         let flows = dataplane.flows().map_err(dataplane_error)?.len();
-        Ok(metrics::render(
-            &counters,
-            flows,
-            self.services.lock().unwrap().len(),
-        ))
+        Ok(metrics::render(&counters, flows, self.services.len()))
     }
 
     fn flow_add(&self, params: FlowParams) -> Result<FlowAdded, RpcError> {
@@ -138,9 +135,8 @@ impl Daemon {
         let key = flow::udp(cps, service);
         if let Some(user) = self
             .services
-            .lock()
-            .unwrap()
-            .values()
+            .list()
+            .into_iter()
             .find(|s| s.flows.iter().any(|f| flow::udp(f.cps, f.service) == key))
         {
             return Err(RpcError::new(
@@ -205,18 +201,14 @@ impl Daemon {
                 ));
             }
         }
-        let mut services = self.services.lock().unwrap();
-        if services.contains_key(&service.name) {
-            return Err(RpcError::new(
-                code::CONFLICT,
-                format!("service {} is registered already", service.name),
-            ));
+        if self.services.contains(&service.name) {
+            return Err(registry_error(RegistryError::Exists(service.name)));
         }
         if service.standby_pid.is_some() {
             self.feed_standby(&service)?;
         }
         let name = service.name.clone();
-        services.insert(name.clone(), service);
+        self.services.insert(service).map_err(registry_error)?;
         Ok(ServiceRegistered { registered: name })
     }
 
@@ -265,15 +257,10 @@ impl Daemon {
         &self,
         ServiceName { name }: ServiceName,
     ) -> Result<ServiceUnregistered, RpcError> {
-        match self.services.lock().unwrap().remove(&name) {
+        match self.services.remove(&name).map_err(registry_error)? {
             Some(_) => Ok(ServiceUnregistered { unregistered: name }),
             None => Err(RpcError::new(code::NOT_FOUND, format!("no service {name}"))),
         }
-    }
-
-    /// The registered services.
-    fn services(&self) -> Vec<Service> {
-        self.services.lock().unwrap().values().cloned().collect()
     }
 
     fn migration_start(&self, request: migration::Request) -> Result<MigrationId, RpcError> {
@@ -283,7 +270,7 @@ impl Daemon {
         self.trust
             .peer(request.to)
             .map_err(|e| RpcError::new(code::INVALID_PARAMS, format!("to: {e}")))?;
-        let Some(service) = self.services.lock().unwrap().get(&request.service).cloned() else {
+        let Some(service) = self.services.get(&request.service) else {
             return Err(RpcError::new(
                 code::NOT_FOUND,
                 format!("no service {}", request.service),
@@ -360,7 +347,9 @@ impl Daemon {
                 None => {
                     tracing::info!(id = %report.id, total_us = report.total_us, "migration done");
                     // The service runs on the destination now.
-                    services.lock().unwrap().remove(&report.service);
+                    if let Err(e) = services.remove(&report.service) {
+                        tracing::warn!(id = %report.id, "{e}");
+                    }
                 }
                 Some(e) => tracing::warn!(id = %report.id, "migration failed, rolled back: {e}"),
             }
@@ -419,6 +408,13 @@ impl Daemon {
         })
     }
 }
+fn registry_error(e: RegistryError) -> RpcError {
+    match e {
+        RegistryError::Exists(_) => RpcError::new(code::CONFLICT, e.to_string()),
+        e => RpcError::new(code::INTERNAL_ERROR, e.to_string()),
+    }
+}
+
 fn dataplane_error(e: LoadError) -> RpcError {
     match e {
         LoadError::UnknownFlow(_) => RpcError::new(code::NOT_FOUND, e.to_string()),

@@ -34,8 +34,8 @@ use crate::{
     },
     migration::{destination, journal::Files, recovery},
     peer,
+    registry::{Registry, RegistryError},
     report::Report,
-    service::Service,
 };
 
 /// The daemon's state, shared by every connection.
@@ -44,7 +44,7 @@ pub struct Daemon {
     dataplane: Mutex<Dataplane>,
     adopted: bool,
     started: Instant,
-    services: Arc<Mutex<BTreeMap<String, Service>>>,
+    services: Arc<Registry>,
     /// Every migration this daemon ran or runs, by id.
     migrations: Arc<Mutex<BTreeMap<String, MigrationEntry>>>,
     /// The standing readers of the input and output logs (set by `serve`).
@@ -116,6 +116,8 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Identity(#[from] peer::IdentityError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 impl Daemon {
@@ -152,12 +154,20 @@ impl Daemon {
             tracing::info!(interface = %config.interface, pin_root = %options.pin_root.display(), "loaded the dataplane");
         }
         let trust = Arc::new(trust(&config)?);
+        let (services, notes) = Registry::open(&config.registry)?;
+        for note in notes {
+            tracing::warn!("{note}");
+        }
+        if !services.is_empty() {
+            tracing::info!(services = services.len(), path = %config.registry.display(),
+                "adopted the registered services that still run");
+        }
         Ok(Self {
             config,
             dataplane: Mutex::new(dataplane),
             adopted,
             started: Instant::now(),
-            services: Arc::new(Mutex::new(BTreeMap::new())),
+            services: Arc::new(services),
             migrations: Arc::new(Mutex::new(BTreeMap::new())),
             taps: std::sync::OnceLock::new(),
             events: broadcast::channel(256).0,
@@ -200,6 +210,7 @@ impl Daemon {
             pin_root: daemon.config.pin_root.clone(),
             standby_pin_root: daemon.config.standby_pin_root.clone(),
             interface: daemon.config.interface.clone(),
+            services: daemon.services.clone(),
         });
         let criu = daemon.config.criu();
         tokio::task::spawn_blocking(move || criu.log_capabilities());
@@ -226,6 +237,7 @@ impl Daemon {
                     },
                     idle: std::time::Duration::from_secs(daemon.config.migration_idle_s),
                 },
+                services: daemon.services.clone(),
                 stopping: stop,
             };
             let host = Arc::new(host);

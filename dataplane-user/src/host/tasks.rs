@@ -61,9 +61,11 @@ impl Identity {
         })
     }
 
-    /// Whether the process still runs (and is the same process).
+    /// Whether the process still runs (and is the same process): not a
+    /// zombie, which keeps its pid and start time until it is reaped.
     pub fn runs(&self) -> bool {
-        start_time(self.pid) == Some(self.start_time)
+        stat(self.pid)
+            .is_some_and(|s| s.starttime == self.start_time && !matches!(s.state, 'Z' | 'X'))
     }
 }
 
@@ -246,6 +248,25 @@ pub fn kill_pid_namespace(pid: u32) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_that_exited_does_not_run_even_before_it_is_reaped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
+        let identity = Identity::of(child.id()).expect("it runs");
+        assert!(identity.runs());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // Unreaped, it stays a zombie with its pid and start time.
+        while stat(child.id()).is_some_and(|s| s.state != 'Z') {
+            assert!(std::time::Instant::now() < deadline, "sleep never exited");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(!identity.runs(), "a zombie does not run");
+        child.wait().unwrap();
+        assert!(!identity.runs());
+    }
 
     #[test]
     fn pin_confines_a_process_tree_and_ignores_cpus_the_host_lacks() {

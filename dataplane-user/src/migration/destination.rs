@@ -53,7 +53,8 @@ use crate::{
         Link, MAX_FRAME, PeerError, frame,
         transfer::{self, Quota},
     },
-    service::FlowSpec,
+    registry::Registry,
+    service::{FlowSpec, Service},
 };
 
 /// What the destination works with on this host.
@@ -73,10 +74,30 @@ pub struct Host {
     pub inputs: Option<Arc<crate::kernel::logs::Tap>>,
     pub outputs: Option<Arc<crate::kernel::logs::Tap>>,
     pub limits: Limits,
+    /// The services this host knows: one handed over here joins them.
+    pub services: Arc<Registry>,
     /// Turns true when the daemon stops: a link then ends before its next
     /// step, and the migration on it rolls back (or, handed over, keeps
     /// serving) as when the link drops.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Registers the instance `pid` that this host kept as service `name`
+/// fed by `flows`; a registry that cannot take it is logged: the service
+/// runs here all the same.
+fn register(services: &Registry, name: &str, pid: u32, flows: &[TargetFlow]) {
+    let service = Service {
+        name: name.to_string(),
+        pid,
+        netns: None,
+        flows: flows.iter().map(|f| f.spec).collect(),
+        standby_pid: None,
+        registered: Identity::of(pid).into_iter().collect(),
+    };
+    match services.insert(service) {
+        Ok(()) => tracing::info!(service = %name, pid, "registered the service this host kept"),
+        Err(e) => tracing::warn!(service = %name, pid, "registering the service: {e}"),
+    }
 }
 
 /// What one migration to this host may take.
@@ -218,14 +239,22 @@ async fn run_step<'a>(
     let Some(t) = target.as_mut() else {
         let Step::Prepare {
             migration,
+            service,
             flows,
             deadline_ms,
         } = step
         else {
             return Err(state.refuse(kind));
         };
-        tracing::info!(%from, %migration, deadline_ms, "preparing a migration to this host");
-        *target = Some(Target::prepare(host, migration, flows, deadline_ms)?);
+        tracing::info!(%from, %migration, %service, deadline_ms,
+            "preparing a migration to this host");
+        *target = Some(Target::prepare(
+            host,
+            migration,
+            service,
+            flows,
+            deadline_ms,
+        )?);
         return Ok(serde_json::json!({}));
     };
     let outcome = t.step(step).await;
@@ -305,6 +334,8 @@ pub struct Target<'a> {
     host: &'a Host,
     dataplane: Dataplane,
     migration: String,
+    /// The service's name, under which this host registers it.
+    service: String,
     flows: Vec<TargetFlow>,
     /// Where it stands: the step it takes next.
     state: State,
@@ -327,10 +358,18 @@ impl<'a> Target<'a> {
     pub fn prepare(
         host: &'a Host,
         migration: String,
+        service: String,
         flows: Vec<TargetFlow>,
         deadline_ms: u64,
     ) -> Result<Self, Cause> {
         transfer::plain_name(&migration).map_err(Cause::Name)?;
+        if !crate::service::is_plain_name(&service) {
+            return Err(Cause::ServiceName(service));
+        }
+        // Once handed over it is registered here, under its name.
+        if host.services.contains(&service) {
+            return Err(Cause::ServiceHere(service));
+        }
         if Files::reserved(&migration) {
             return Err(Cause::ReservedName(migration));
         }
@@ -370,6 +409,7 @@ impl<'a> Target<'a> {
         // Journaled before anything changes: a daemon that dies while it
         // adopts leaves flows its next start removes.
         let journal = Journal::Destination {
+            service: Some(service.clone()),
             flows: flows.clone(),
             instance: None,
             deadline_ms,
@@ -401,6 +441,7 @@ impl<'a> Target<'a> {
             host,
             dataplane,
             migration,
+            service,
             flows,
             state: State::Prepared,
             deadline: Duration::from_millis(deadline_ms),
@@ -442,7 +483,7 @@ impl<'a> Target<'a> {
             }
             Step::Announce => self.announce().map(|a| serde_json::json!({"announced": a})),
             Step::Finish => {
-                self.end();
+                self.keep();
                 let (daemon_cpu_us, criu_cpu_us) = crate::host::tasks::CpuTime::since(self.cpu);
                 let finished = Finished {
                     pid: self.instance,
@@ -495,12 +536,8 @@ impl<'a> Target<'a> {
             return Err(Cause::NoImages(images));
         }
         let criu = self.host.criu.clone();
-        let (files, migration, flows) = (
-            self.host.files.clone(),
-            self.migration.clone(),
-            self.flows.clone(),
-        );
-        let deadline_ms = self.deadline.as_millis() as u64;
+        let (files, migration) = (self.host.files.clone(), self.migration.clone());
+        let mut journal_of_tree = self.journal(None);
         let start = Instant::now();
         let restored = tokio::task::spawn_blocking(move || {
             let netns = open_netns(Path::new("/proc/self/ns/net")).map_err(Cause::HostNetns)?;
@@ -518,13 +555,11 @@ impl<'a> Target<'a> {
             let mut journaled = false;
             let mut journal = |_: &str, pid: Option<u32>| match pid {
                 Some(pid) if !journaled => {
-                    let journal = Journal::Destination {
-                        flows: flows.clone(),
-                        instance: Identity::of(pid),
-                        deadline_ms,
-                    };
+                    if let Journal::Destination { instance, .. } = &mut journal_of_tree {
+                        *instance = Identity::of(pid);
+                    }
                     journaled = files
-                        .write(&migration, &journal)
+                        .write(&migration, &journal_of_tree)
                         .inspect_err(|e| tracing::warn!("{e}"))
                         .is_ok();
                     journaled
@@ -644,12 +679,27 @@ impl<'a> Target<'a> {
 
     /// Records the flows and the instance, for [`recover`].
     fn write_journal(&self) -> Result<(), Cause> {
-        let journal = Journal::Destination {
-            flows: self.flows.clone(),
-            instance: self.instance.and_then(Identity::of),
-            deadline_ms: self.deadline.as_millis() as u64,
-        };
+        let journal = self.journal(self.instance.and_then(Identity::of));
         Ok(self.host.files.write(&self.migration, &journal)?)
+    }
+
+    /// This migration's journal, with `instance` as the restored tree.
+    fn journal(&self, instance: Option<Identity>) -> Journal {
+        Journal::Destination {
+            service: Some(self.service.clone()),
+            flows: self.flows.clone(),
+            instance,
+            deadline_ms: self.deadline.as_millis() as u64,
+        }
+    }
+
+    /// The service is this host's: registered, so that it can be migrated
+    /// on from here; then the migration ends.
+    fn keep(&mut self) {
+        if let Some(pid) = self.instance {
+            register(&self.host.services, &self.service, pid, &self.flows);
+        }
+        self.end();
     }
 
     /// The migration is over here, either way: the images and the journal go.
@@ -712,7 +762,7 @@ impl<'a> Target<'a> {
             if let Err(e) = self.announce() {
                 tracing::warn!(migration = %self.migration, "announcing: {e}");
             }
-            self.end();
+            self.keep();
         } else {
             tracing::warn!(migration = %self.migration,
                 "the source is gone mid-migration: rolling back");
@@ -846,11 +896,14 @@ fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<IpAddr>, Cause>
 
 /// Finishes what a migration to this host left when the daemon died, from
 /// its journal (see [`super::recovery`]). Handed over: the instance keeps
-/// serving, the address is announced. Not: the instance is killed (if it
-/// is still the process the journal names), the flows go.
+/// serving, the address is announced, and the instance is registered in
+/// `services` as `service`. Not: the instance is killed (if it is still the
+/// process the journal names), the flows go.
 pub(super) fn recover(
     pin_root: &Path,
     interface: &str,
+    services: &Registry,
+    service: Option<&str>,
     flows: &[TargetFlow],
     instance: Option<Identity>,
     deadline_ms: u64,
@@ -861,6 +914,9 @@ pub(super) fn recover(
     };
     let deadline = Duration::from_millis(deadline_ms.min(MAX_DEADLINE_MS));
     if handed_over(&dataplane, flows, armed_grace(deadline)) {
+        if let (Some(name), Some(i)) = (service, instance.filter(Identity::runs)) {
+            register(services, name, i.pid, flows);
+        }
         return match announce(interface, flows) {
             Ok(addresses) => format!("handed over; kept serving, announced {addresses:?}"),
             Err(e) => format!("handed over; kept serving; {e}"),

@@ -125,6 +125,10 @@ pub enum Cause {
     ReservedName(String),
     #[error("deadline_ms must be 1 to {MAX_DEADLINE_MS}, not {0}")]
     Deadline(u64),
+    #[error("service name {0:?}: a plain name is 1 to 128 letters, digits, `.`, `_` or `-`")]
+    ServiceName(String),
+    #[error("a service named {0} is registered on this host already")]
+    ServiceHere(String),
     #[error(
         "flow {flow} (id {id}) is on this host already: a migration adopts only a flow this \
          host does not have, under an id it does not use"

@@ -31,6 +31,10 @@ pub enum Journal {
     /// A migration to this host: the flows it adopted and the instance it
     /// restored.
     Destination {
+        /// The service's name, registered here if it was handed over
+        /// (journals written before it: none).
+        #[serde(default)]
+        service: Option<String>,
         flows: Vec<TargetFlow>,
         instance: Option<Identity>,
         /// The source's `deadline_ms`: how long an armed handover is
@@ -147,20 +151,10 @@ impl Files {
     /// whole until the new one is on disk: a daemon killed, or a host that
     /// loses power, mid-write leaves one of the two, never a torn file.
     pub fn write(&self, id: &str, journal: &Journal) -> Result<(), JournalError> {
-        use std::io::Write;
         let path = self.journal_path(journal.side(), id);
-        let partial = path.with_extension("partial");
         let text = serde_json::to_vec(journal).expect("a journal serializes");
-        let write = || -> io::Result<()> {
-            std::fs::create_dir_all(self.journal_dir())?;
-            let mut file = std::fs::File::create(&partial)?;
-            file.write_all(&text)?;
-            file.sync_all()?;
-            std::fs::rename(&partial, &path)?;
-            // The rename itself on disk.
-            std::fs::File::open(self.journal_dir())?.sync_all()
-        };
-        write().map_err(|source| JournalError::Write { path, source })
+        crate::host::replace_file(&path, &text)
+            .map_err(|source| JournalError::Write { path, source })
     }
 
     /// Removes the journal and the images of `id` on `side`: the migration
@@ -246,6 +240,7 @@ mod tests {
     fn both_sides_of_one_id_are_kept_apart_and_read_back() {
         let (_dir, files) = files();
         let destination = Journal::Destination {
+            service: Some("markov".into()),
             flows: vec![],
             instance: Some(Identity {
                 pid: 42,

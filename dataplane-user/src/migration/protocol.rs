@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! source                                   destination
-//!   | Prepare {migration, flows,  -------->  adopt the flows, hold their
-//!   |          deadline_ms}                  mirrored inputs, mute outputs
+//!   | Prepare {migration, service,-------->  adopt the flows, hold their
+//!   |     flows, deadline_ms}                mirrored inputs, mute outputs
 //!   | (checkpoint at S, IMAGES frames) --->  images under images_dir
 //!   | Restore {positions, cpus}   -------->  CRIU restore, replay S+1..
 //!   |                             <--------  Restored {pid, replay_end, ..}
@@ -13,7 +13,7 @@
 //!   | Arm {flows}                 -------->  output gate armed: opens at the
 //!   |   flip; the source's kernel picks K    first input forwarded past K
 //!   | Announce                    -------->  the service's addresses here
-//!   | Finish                      -------->  keep the instance
+//!   | Finish                      -------->  keep and register the instance
 //!   |                             <--------  Finished {pid, cpu}
 //!   | Abort (any time before the flip) --->  roll back
 //! ```
@@ -35,6 +35,9 @@ pub enum Step {
     /// mirrored inputs in the log and mute the outputs.
     Prepare {
         migration: String,
+        /// The service's name: the destination registers it under that
+        /// name once it is handed over.
+        service: String,
         flows: Vec<TargetFlow>,
         /// The source's `deadline_ms`: how long it may wait for
         /// convergence and for K. The destination's idle limit and its

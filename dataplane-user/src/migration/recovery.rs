@@ -1,12 +1,15 @@
 //! At a daemon's start: finishes what migrations left when its previous
 //! run died, from their journals ([`super::journal`]), on either side.
 //! Each journal and its images are removed afterwards, whatever came of it.
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
-use crate::migration::{
-    destination,
-    journal::{Files, Journal, Side},
-    source,
+use crate::{
+    migration::{
+        destination,
+        journal::{Files, Journal, Side},
+        source,
+    },
+    registry::Registry,
 };
 
 /// What recovery works with on this host.
@@ -18,6 +21,8 @@ pub struct Host {
     pub standby_pin_root: Option<PathBuf>,
     /// Where a destination announces the addresses of a service it kept.
     pub interface: String,
+    /// Where a destination registers a service it kept.
+    pub services: Arc<Registry>,
 }
 
 /// Acts on every journal left; what was done, one line per migration.
@@ -55,6 +60,7 @@ pub fn recover(host: &Host) -> Vec<String> {
             ),
             (
                 Ok(Journal::Destination {
+                    service,
                     flows,
                     instance,
                     deadline_ms,
@@ -63,6 +69,8 @@ pub fn recover(host: &Host) -> Vec<String> {
             ) => destination::recover(
                 &host.pin_root,
                 &host.interface,
+                &host.services,
+                service.as_deref(),
                 &flows,
                 instance,
                 deadline_ms,
@@ -103,6 +111,7 @@ mod tests {
             .write(
                 "in",
                 &Journal::Destination {
+                    service: None,
                     flows: vec![],
                     instance: None,
                     deadline_ms: 10_000,
@@ -120,6 +129,7 @@ mod tests {
             pin_root: dir.path().join("no-dataplane"),
             standby_pin_root: None,
             interface: "lo".into(),
+            services: Arc::new(Registry::open(&dir.path().join("services.json")).unwrap().0),
         };
         let done = recover(&host);
         assert_eq!(done.len(), 3, "{done:#?}");

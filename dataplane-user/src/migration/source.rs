@@ -183,6 +183,7 @@ impl Migration {
             .0;
         let prepare = Step::Prepare {
             migration: self.report.id.clone(),
+            service: self.service.name.clone(),
             flows: vec![TargetFlow {
                 flow_id: source.flow_id,
                 spec,
