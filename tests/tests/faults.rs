@@ -995,10 +995,6 @@ fn quiet_across_the_flip(tag: &str, fault: AfterTheFlip) {
         [] as [String; 0],
         "left in src's images_dir"
     );
-    let strays: Vec<u32> = pids_named("markov-controll")
-        .into_iter()
-        .filter(|&p| in_netns(p, other))
-        .collect();
     if served_by == "src" {
         assert!(
             recovered.contains("from this host: rolled back: mirroring off, gates delivering"),
@@ -1013,6 +1009,10 @@ fn quiet_across_the_flip(tag: &str, fault: AfterTheFlip) {
     }
     // Past K the source's instance gets no input: it is stopped, whether
     // the migration failed after the handover or its daemon died.
+    let strays: Vec<u32> = pids_named("markov-controll")
+        .into_iter()
+        .filter(|&p| in_netns(p, other))
+        .collect();
     assert_eq!(strays, [] as [u32; 0], "instances left on src: {report}");
     if fault == AfterTheFlip::SourceDaemonDown {
         // Its journal says which instances were the service's.
@@ -1036,6 +1036,8 @@ fn quiet_across_the_flip(tag: &str, fault: AfterTheFlip) {
         [] as [String; 0],
         "left in dst's images_dir"
     );
+    // What serves on dst goes with the test: a restored instance whose
+    // daemon died is nobody's child any more.
     for pid in pids_named("markov-controll")
         .into_iter()
         .filter(|&p| in_netns(p, server))
