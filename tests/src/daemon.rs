@@ -155,7 +155,12 @@ impl DaemonProcess {
 
     /// What the daemon has logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The file the daemon logs to (every run of it, appended).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("daemon.log")
     }
 
     /// A control-socket client.

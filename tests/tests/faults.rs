@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_common::{GATE_HOLD_ALL, counter};
+use dataplane_common::{CUT_AT_NEXT, GATE_HOLD_ALL, GATE_SEQUENCED, counter};
 use dataplane_tests::{
     MigrationSetup, TestHosts, chain_state, cps_verdict, files_under, in_netns, kill_pid,
     pids_named, read_trace,
@@ -805,13 +805,96 @@ impl QuietCps {
 
 #[test]
 fn a_cps_quiet_across_the_flip_and_a_peer_link_cut_keeps_its_service() {
-    // After the flip the source waits its deadline (10 s) for K, and its
-    // kernel picks K at the next input, whatever its daemon knows. The
-    // destination, armed, that loses the link meanwhile must wait as long:
-    // a CPS quiet for 7 s across the cut is then served by it, not lost.
-    let setup = MigrationSetup::new("quiet", &[], false);
+    // The destination, armed, that loses the link must wait as long as the
+    // source may still pick K: a CPS quiet for 7 s across the cut is then
+    // served by it, not lost.
+    quiet_across_the_flip("quiet", AfterTheFlip::PeerLink);
+}
+
+#[test]
+fn a_cps_quiet_across_the_flip_and_a_source_daemon_killed_after_it_keeps_its_service() {
+    // The restarted source takes the flip back before any input came: it
+    // serves on, and the destination rolls back once its wait is over.
+    quiet_across_the_flip("qsrc", AfterTheFlip::SourceDaemon);
+}
+
+#[test]
+fn a_cps_quiet_across_the_flip_and_a_source_daemon_down_at_its_next_input_hands_over() {
+    // The source's kernel picks K without its daemon; the destination,
+    // waiting, takes the service, and the restarted source stops its own
+    // instance.
+    quiet_across_the_flip("qsrcd", AfterTheFlip::SourceDaemonDown);
+}
+
+#[test]
+fn a_cps_quiet_across_the_flip_and_a_destination_daemon_killed_after_it_keeps_its_service() {
+    // The restarted destination's journal recovery waits for the handover
+    // as the live daemon would: the first input after the flip hands the
+    // service to it.
+    quiet_across_the_flip("qdst", AfterTheFlip::DestinationDaemon);
+}
+
+/// A fault between the flip and K, with the CPS quiet across the flip.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AfterTheFlip {
+    /// The peer link down for 6 s; the CPS resumes 7 s after the flip.
+    PeerLink,
+    /// SIGKILL of the source daemon, restarted at once; then the CPS resumes.
+    SourceDaemon,
+    /// SIGKILL of the source daemon; the CPS resumes while it is down, and
+    /// it restarts once the destination serves.
+    SourceDaemonDown,
+    /// SIGKILL of the destination daemon, restarted; the CPS resumes while
+    /// its journal's recovery waits for the handover.
+    DestinationDaemon,
+}
+
+/// Waits until the source has flipped service "markov"'s flow: its gate
+/// cuts at the next input (`CUT_AT_NEXT`), no K picked yet.
+fn wait_for_the_flip(setup: &MigrationSetup) {
+    let flow_id = setup.source_flow_id();
+    let dataplane = Dataplane::open(&setup.hosts.pin_root("src")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while dataplane.gate(flow_id).unwrap().deliver_until != CUT_AT_NEXT {
+        assert!(
+            Instant::now() < deadline,
+            "the source never flipped:\n{}",
+            setup.src.log()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits (`limit` at most) until the daemon log `log` has `line` `times` times.
+fn wait_for_log(log: &std::path::Path, line: &str, times: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let count = || {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .matches(line)
+            .count()
+    };
+    while count() < times {
+        assert!(
+            Instant::now() < deadline,
+            "{} never logged {line:?}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Between the flip and K: a CPS quiet across the flip, `fault` once the
+/// source has flipped, then the CPS's next inputs. The source's kernel
+/// picks K at the first of them whether or not its daemon lives; a
+/// restarted source daemon takes a flip with no K back first; an armed
+/// destination (its journal's recovery too) waits for the handover for
+/// the source's deadline and 2 s. So every input is answered once, in
+/// order, by one host, and nothing of the migration is left on the other.
+fn quiet_across_the_flip(tag: &str, fault: AfterTheFlip) {
+    let mut setup = MigrationSetup::new(tag, &[], false);
     let cps = QuietCps::start(&setup.hosts, setup.flow());
-    let (mut watcher, id) = setup.migrate_watched(serde_json::json!({}));
+    let (mut watcher, id) = setup.migrate_watched(json!({}));
     wait_for_phase(&mut watcher, "converge");
     // Quiet before the flip: the source daemon is held while the CPS sends
     // 300 more inputs and pauses, then let go to converge on the outputs
@@ -822,48 +905,145 @@ fn a_cps_quiet_across_the_flip_and_a_peer_link_cut_keeps_its_service() {
     cps.pause(true);
     std::thread::sleep(Duration::from_millis(200));
     kill(source, Signal::SIGCONT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !setup.dst.log().contains("armed: outputs leave") {
-        assert!(
-            Instant::now() < deadline,
-            "dst never armed:\n{}",
-            setup.dst.log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
+    wait_for_the_flip(&setup);
+    let adopted = "re-adopted the pinned dataplane";
+    match fault {
+        AfterTheFlip::PeerLink => {
+            // The link down longer than its timeout: the destination
+            // notices (within about 4 s) and waits for the handover.
+            setup.hosts.src.ip(&["link", "set", "peer0", "down"]);
+            std::thread::sleep(Duration::from_secs(6));
+            setup.hosts.src.ip(&["link", "set", "peer0", "up"]);
+            std::thread::sleep(Duration::from_secs(1));
+            // 7 s after the flip, within the source's deadline: the next
+            // input is K+1.
+            cps.pause(false);
+        }
+        AfterTheFlip::SourceDaemon => {
+            // Its journal's recovery finds no K and takes the flip back:
+            // the next input is the source's.
+            setup.src.kill_and_restart(&setup.hosts.src);
+            cps.pause(false);
+        }
+        AfterTheFlip::SourceDaemonDown => {
+            setup.src.signal_and_wait(Signal::SIGKILL);
+            cps.pause(false);
+            wait_for_log(
+                &setup.dst.log_path(),
+                "this host keeps serving",
+                1,
+                Duration::from_secs(5),
+            );
+            setup.src.restart(&setup.hosts.src);
+        }
+        AfterTheFlip::DestinationDaemon => {
+            // The restarted daemon's recovery waits for the handover before
+            // it serves its socket: the CPS resumes while it waits.
+            setup.dst.signal_and_wait(Signal::SIGKILL);
+            let log = setup.dst.log_path();
+            let starts = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches(adopted)
+                .count();
+            let hosts_images = setup.dst_images_dir();
+            let (dst, hosts) = (&mut setup.dst, &setup.hosts);
+            std::thread::scope(|scope| {
+                let restarted = scope.spawn(|| dst.restart(&hosts.dst));
+                wait_for_log(&log, adopted, starts + 1, Duration::from_secs(10));
+                // A second on, the recovery still waits: the journal stays
+                // until it has decided.
+                std::thread::sleep(Duration::from_secs(1));
+                let journal = files_under(&hosts_images);
+                assert!(
+                    journal.iter().any(|f| f.ends_with(".destination.json")),
+                    "the recovery did not wait: {journal:?}"
+                );
+                cps.pause(false);
+                restarted.join().unwrap();
+            });
+        }
     }
-    // The link down longer than its timeout: the destination notices
-    // (within about 4 s) and waits for the handover.
-    setup.hosts.src.ip(&["link", "set", "peer0", "down"]);
-    std::thread::sleep(Duration::from_secs(6));
-    setup.hosts.src.ip(&["link", "set", "peer0", "up"]);
-    std::thread::sleep(Duration::from_secs(1));
-    // 7 s after the flip, within the source's deadline: the next input is K+1.
-    cps.pause(false);
     std::thread::sleep(Duration::from_secs(1));
     let (sent, answered) = cps.stop();
-    let report = setup.wait(&id);
-    println!("report: {report}");
-    let k = report["handover_seq"].as_u64().unwrap();
-    assert!(k > 0, "handed over: {report}");
+    let report = match fault {
+        // The report died with the daemon.
+        AfterTheFlip::SourceDaemon | AfterTheFlip::SourceDaemonDown => json!({}),
+        _ => setup.wait(&id),
+    };
+    let recovered = recovered(&setup);
+    println!("report: {report}\nrecovered: {recovered}");
     let expected: Vec<u64> = (1..=sent).collect();
     assert!(
         answered == expected,
-        "every input answered once, in order: {} answers to {sent} inputs (K = {k}), the \
-         first unanswered {:?}",
+        "every input answered once, in order: {} answers to {sent} inputs, the first \
+         unanswered {:?}",
         answered.len(),
         expected.iter().find(|seq| !answered.contains(seq))
     );
-    assert!(
-        setup.dst.log().contains("this host keeps serving"),
-        "{}",
-        setup.dst.log()
-    );
+    let (served_by, server, other) = match fault {
+        AfterTheFlip::SourceDaemon => ("src", &setup.hosts.src, &setup.hosts.dst),
+        _ => ("dst", &setup.hosts.dst, &setup.hosts.src),
+    };
     assert_eq!(
-        chain_state(&setup.hosts.dst, setup.service).map(|s| s.0),
+        chain_state(server, setup.service).map(|s| s.0),
         Some(sent),
-        "the destination's instance took every input"
+        "{served_by}'s instance took every input"
     );
-    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+    // The source's journal is gone (the destination's below).
+    assert_eq!(
+        files_under(&setup.images_dir("src")),
+        [] as [String; 0],
+        "left in src's images_dir"
+    );
+    if served_by == "src" {
+        assert!(
+            recovered.contains("from this host: rolled back: mirroring off, gates delivering"),
+            "{recovered}"
+        );
+        // The destination rolls back once its wait (the source's deadline
+        // and 2 s, from the kill) is over.
+        wait_for_nothing_left_on_dst_within(&setup, Duration::from_secs(10 + 2 + 3));
+        setup.register();
+        migrate_cleanly(&setup, sent);
+        return;
+    }
+    // Past K the source's instance gets no input: it is stopped, whether
+    // the migration failed after the handover or its daemon died.
+    let strays: Vec<u32> = pids_named("markov-controll")
+        .into_iter()
+        .filter(|&p| in_netns(p, other))
+        .collect();
+    assert_eq!(strays, [] as [u32; 0], "instances left on src: {report}");
+    if fault == AfterTheFlip::SourceDaemonDown {
+        // Its journal says which instances were the service's.
+        assert!(
+            recovered.contains("from this host: handed over at K = ")
+                && recovered.contains("; stopped the instances here: "),
+            "{recovered}"
+        );
+    } else {
+        let k = report["handover_seq"].as_u64().unwrap_or(0);
+        assert!(k > 0, "handed over: {report}");
+    }
+    let kept = match fault {
+        AfterTheFlip::DestinationDaemon => "to this host: handed over; kept serving, announced",
+        _ => "the source is gone after the handover: this host keeps serving",
+    };
+    let log = setup.dst.log();
+    assert!(log.contains(kept), "{log}");
+    assert_eq!(
+        files_under(&setup.dst_images_dir()),
+        [] as [String; 0],
+        "left in dst's images_dir"
+    );
+    // What serves on dst goes with the test: a restored instance whose
+    // daemon died is nobody's child any more.
+    for pid in pids_named("markov-controll")
+        .into_iter()
+        .filter(|&p| in_netns(p, server))
+    {
+        kill_pid(pid as u64);
+    }
 }
 
 /// Waits until the checkpoint's hold of service "markov"'s inputs has
@@ -1192,7 +1372,12 @@ fn sigterm_to_the_destination_daemon_while_criu_restores_rolls_back_what_it_adop
 /// Waits (10 s at most) until nothing of a rolled-back migration is left
 /// on dst.
 fn wait_for_nothing_left_on_dst(setup: &MigrationSetup) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    wait_for_nothing_left_on_dst_within(setup, Duration::from_secs(10));
+}
+
+/// As `wait_for_nothing_left_on_dst`, for at most `limit`.
+fn wait_for_nothing_left_on_dst_within(setup: &MigrationSetup, limit: Duration) {
+    let deadline = Instant::now() + limit;
     loop {
         let left = setup.left_on_dst();
         if left.is_empty() {
@@ -1201,4 +1386,153 @@ fn wait_for_nothing_left_on_dst(setup: &MigrationSetup) {
         assert!(Instant::now() < deadline, "left on dst: {left:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Service "markov"'s flow on dst, once the migration has prepared it, and
+/// dst's dataplane.
+fn destination_flow(setup: &MigrationSetup) -> (Dataplane, u32) {
+    let key = dataplane_user::kernel::flow::udp(setup.flow().0, setup.flow().1);
+    let dataplane = Dataplane::open(&setup.hosts.pin_root("dst")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let flow_id = dataplane
+            .flows()
+            .unwrap()
+            .into_iter()
+            .find_map(|(k, config)| (k == key).then_some(config.flow_id));
+        if let Some(flow_id) = flow_id {
+            return (dataplane, flow_id);
+        }
+        assert!(Instant::now() < deadline, "no flow prepared on dst");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits until dst replays the inputs logged since the checkpoint into
+/// the restored instance, and stops (SIGSTOP) the instance there: the
+/// replay paces itself by the instance's socket queue, so it stalls until
+/// the instance is let go. Checks that it has: the gate's `next_expected`
+/// stays put while the live inputs go on being numbered (a replay that was
+/// over would let them through). The instance, and how many inputs the
+/// replay had still to give.
+fn stall_the_replay(setup: &MigrationSetup) -> (Pid, u64) {
+    let (dataplane, flow_id) = destination_flow(setup);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // Sequenced, with more left to give than fits the socket's queue.
+    while !(dataplane.gate(flow_id).unwrap().mode == GATE_SEQUENCED
+        && dataplane.sequence(flow_id).unwrap().last_seq
+            > dataplane.gate(flow_id).unwrap().next_expected + 64)
+    {
+        assert!(Instant::now() < deadline, "no replay seen on dst");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    let instance: Vec<u32> = pids_named("markov-controll")
+        .into_iter()
+        .filter(|&p| in_netns(p, &setup.hosts.dst))
+        .collect();
+    let [instance] = instance[..] else {
+        panic!("one restored instance on dst: {instance:?}");
+    };
+    let instance = Pid::from_raw(instance as i32);
+    kill(instance, Signal::SIGSTOP).unwrap();
+    // Whatever was on its way into the socket is in by now.
+    std::thread::sleep(Duration::from_millis(50));
+    let position = || {
+        (
+            dataplane.gate(flow_id).unwrap().next_expected,
+            dataplane.sequence(flow_id).unwrap().last_seq,
+        )
+    };
+    let (next, last) = position();
+    std::thread::sleep(Duration::from_millis(100));
+    let (next_then, last_then) = position();
+    assert!(
+        next_then == next && last_then > last,
+        "the replay did not stall: next_expected {next} -> {next_then}, last numbered {last} \
+         -> {last_then}"
+    );
+    (instance, last + 1 - next)
+}
+
+/// During the replay: `fault` lands while the destination replays the
+/// inputs logged since the checkpoint (about a second of them: 64 MiB of
+/// images take that long to go) into the restored instance, stalled there
+/// (`stall_the_replay`) until the fault is in, and let go after it. The migration fails in `restore`, the source
+/// answers every input once, in order, nothing is left on the
+/// destination, and the next migration succeeds.
+fn fault_during_the_replay(tag: &str, fault: Fault) {
+    let mut setup = MigrationSetup::new(tag, &["--state-mib", "64"], false);
+    let cycles = 7000;
+    let cps = setup.start_cps(cycles, 1000, None);
+    let (_watcher, id) = setup.migrate_watched(json!({}));
+    let (instance, behind) = stall_the_replay(&setup);
+    println!("{}: {behind} inputs still to replay", fault.name());
+    match fault {
+        Fault::SourceDaemon => setup.src.kill_and_restart(&setup.hosts.src),
+        Fault::DestinationDaemon => setup.dst.kill_and_restart(&setup.hosts.dst),
+        Fault::DestinationInstance => kill(instance, Signal::SIGKILL).unwrap(),
+        Fault::PeerLink => {
+            setup.hosts.src.ip(&["link", "set", "peer0", "down"]);
+            std::thread::sleep(Duration::from_secs(4));
+            setup.hosts.src.ip(&["link", "set", "peer0", "up"]);
+        }
+    }
+    // Gone already if the fault (or a rollback) killed it.
+    let _ = kill(instance, Signal::SIGCONT);
+    let report = match fault {
+        // The report died with the daemon.
+        Fault::SourceDaemon => None,
+        _ => Some(setup.wait(&id)),
+    };
+    let verdict = cps_verdict(cps);
+    let recovered = recovered(&setup);
+    println!("report: {report:?}\nCPS: {verdict}\nrecovered: {recovered}");
+    if let Some(report) = &report {
+        assert_eq!(report["state"], "failed", "{report}");
+        assert_eq!(report["handover_seq"], 0, "{report}");
+        let error = report["error"].as_str().unwrap();
+        assert!(error.starts_with("restore: destination: "), "{error}");
+        if fault == Fault::DestinationInstance {
+            assert!(
+                error.contains("was killed by SIGKILL during replay"),
+                "{error}"
+            );
+        }
+    } else {
+        assert!(
+            recovered.contains("from this host: rolled back: mirroring off, gates delivering"),
+            "{recovered}"
+        );
+    }
+    assert_source_served_every_input(&setup, &verdict, cycles);
+    assert_eq!(
+        files_under(&setup.images_dir("src")),
+        [] as [String; 0],
+        "left in src's images_dir"
+    );
+    wait_for_nothing_left_on_dst(&setup);
+    if fault == Fault::SourceDaemon {
+        setup.register();
+    }
+    migrate_cleanly(&setup, cycles);
+}
+
+#[test]
+fn a_source_daemon_killed_during_the_replay_rolls_back_and_the_next_migration_succeeds() {
+    fault_during_the_replay("rpsrc", Fault::SourceDaemon);
+}
+
+#[test]
+fn a_destination_daemon_killed_during_the_replay_rolls_back_and_the_next_migration_succeeds() {
+    fault_during_the_replay("rpdst", Fault::DestinationDaemon);
+}
+
+#[test]
+fn the_restored_instance_killed_during_the_replay_rolls_back_and_the_next_migration_succeeds() {
+    fault_during_the_replay("rpinst", Fault::DestinationInstance);
+}
+
+#[test]
+fn the_peer_link_cut_during_the_replay_rolls_back_and_the_next_migration_succeeds() {
+    fault_during_the_replay("rpcut", Fault::PeerLink);
 }

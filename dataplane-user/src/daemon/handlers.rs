@@ -343,15 +343,19 @@ impl Daemon {
                 }
             };
             let report = migration::run(task_id, service, request, context, progress).await;
+            let (id, k) = (&report.id, report.handover_seq);
             match &report.error {
-                None => {
-                    tracing::info!(id = %report.id, total_us = report.total_us, "migration done");
-                    // The service runs on the destination now.
-                    if let Err(e) = services.remove(&report.service) {
-                        tracing::warn!(id = %report.id, "{e}");
-                    }
+                None => tracing::info!(%id, total_us = report.total_us, "migration done"),
+                Some(e) if k > 0 => tracing::warn!(%id,
+                    "migration failed after the handover at K = {k}; the destination serves: {e}"),
+                Some(e) => tracing::warn!(%id, "migration failed, rolled back: {e}"),
+            }
+            if k > 0 {
+                // The service runs on the destination now, whatever
+                // failed after the handover.
+                if let Err(e) = services.remove(&report.service) {
+                    tracing::warn!(%id, "{e}");
                 }
-                Some(e) => tracing::warn!(id = %report.id, "migration failed, rolled back: {e}"),
             }
         });
         // A stopping daemon waits for it (the lock is still held: the

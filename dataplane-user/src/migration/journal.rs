@@ -27,6 +27,11 @@ pub enum Journal {
         flow: FlowSpec,
         /// The flow's flags before the migration.
         flags: u32,
+        /// The service's processes here (the serving instance, the
+        /// standby), as registered: they go once the destination serves
+        /// (journals written before it: none).
+        #[serde(default)]
+        instances: Vec<Identity>,
     },
     /// A migration to this host: the flows it adopted and the instance it
     /// restored.
@@ -233,6 +238,10 @@ mod tests {
                 service: "10.0.0.2:6000".parse().unwrap(),
             },
             flags: 1,
+            instances: vec![Identity {
+                pid: 41,
+                start_time: 6,
+            }],
         }
     }
 

@@ -49,6 +49,7 @@ pub fn recover(host: &Host) -> Vec<String> {
                     flow_id,
                     flow,
                     flags,
+                    instances,
                 }),
                 _,
             ) => source::recover(
@@ -57,6 +58,7 @@ pub fn recover(host: &Host) -> Vec<String> {
                 flow_id,
                 &flow,
                 flags,
+                &instances,
             ),
             (
                 Ok(Journal::Destination {
@@ -104,6 +106,7 @@ mod tests {
             flow_id: 1,
             flow,
             flags: 0,
+            instances: vec![],
         };
         files.write("out", &source).unwrap();
         std::fs::create_dir_all(files.images(Side::Source, "out")).unwrap();

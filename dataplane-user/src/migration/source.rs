@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::{
     criu::{DumpRequest, netns_inode, precopy::IterativeDump, stats},
+    host::tasks::Identity,
     kernel::{
         flow,
         injector::Injector,
@@ -201,6 +202,7 @@ impl Migration {
             flow_id: source.flow_id,
             flow: spec,
             flags: source.flags,
+            instances: self.service.registered.clone(),
         };
         let mirrored = self
             .context
@@ -218,8 +220,13 @@ impl Migration {
             Ok(()) => self.migrate(&mut source, &mut link).await,
             Err(e) => Err(self.fail(e)),
         };
-        if outcome.is_err() && self.report.flip_ns == 0 {
-            self.rollback(&mut source, &mut link).await;
+        match &outcome {
+            Err(_) if self.report.flip_ns == 0 => self.rollback(&mut source, &mut link).await,
+            // Handed over, then failed (the link went before `announce` or
+            // `finish`): the destination serves, as its own settling or
+            // recovery finds, and the instances here get no input past K.
+            Err(_) => self.stop_instances(),
+            Ok(()) => {}
         }
         outcome
     }
@@ -500,20 +507,24 @@ impl Migration {
         self.end(t);
 
         let t = self.begin(Stage::Finish)?;
-        // Only the processes registered: a pid reused since is someone else's.
-        let registered = std::iter::once(self.service.pid)
-            .chain(self.service.standby_pid)
-            .filter(|&pid| self.service.still_runs(pid));
-        for pid in registered {
-            crate::host::tasks::demote(pid);
-            let pid = nix::unistd::Pid::from_raw(pid as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
+        self.stop_instances();
         let finished: Finished = step(link, &Step::Finish).await.map_err(|e| self.fail(e))?;
         self.report.load.destination_daemon_us = finished.daemon_cpu_us;
         self.report.load.destination_criu_us = finished.criu_cpu_us;
         self.end(t);
         Ok(())
+    }
+
+    /// Kills the service's instances on this host (the serving one and the
+    /// standby) once the destination serves: past K they get no input.
+    fn stop_instances(&self) {
+        // Only the processes registered: a pid reused since is someone else's.
+        let registered = std::iter::once(self.service.pid)
+            .chain(self.service.standby_pid)
+            .filter(|&pid| self.service.still_runs(pid));
+        for pid in registered {
+            stop_instance(pid);
+        }
     }
 
     /// Undoes the source's changes and tells the destination to undo its own.
@@ -640,6 +651,15 @@ impl Source {
     }
 }
 
+/// Kills an instance of a service the destination now serves, demoted
+/// first: a process frees its memory as it exits, at its own priority and
+/// on its own CPU.
+fn stop_instance(pid: u32) {
+    crate::host::tasks::demote(pid);
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+}
+
 /// One step whose answer is a `T`.
 async fn step<T: serde::de::DeserializeOwned>(
     link: &mut peer::Link,
@@ -655,17 +675,33 @@ async fn step<T: serde::de::DeserializeOwned>(
 /// (see [`super::recovery`]). Before the flip: the flow's mirroring goes back to
 /// what it was and its gates (and the standby's) deliver again. Inputs
 /// held when the daemon died went with its memory: they are lost to the
-/// instance, and the outcome names them. Flipped: the destination serves;
-/// inputs above K keep going to it.
+/// instance, and the outcome names them. Handed over (K picked): the
+/// destination serves; inputs above K keep going to it, and the service's
+/// `instances` here, which get none of them, are stopped.
 pub(super) fn recover(
     pin_root: &Path,
     standby_pin_root: Option<&Path>,
     flow_id: u32,
     spec: &FlowSpec,
     flags: u32,
+    instances: &[Identity],
 ) -> String {
     match undo(pin_root, standby_pin_root, flow_id, Some((spec, flags))) {
         Ok(lost) => format!("rolled back: mirroring off, gates delivering{lost}"),
+        Err(handed_over @ Cause::HandedOver(_)) => {
+            let stopped: Vec<u32> = instances
+                .iter()
+                .filter(|i| i.runs())
+                .map(|i| {
+                    stop_instance(i.pid);
+                    i.pid
+                })
+                .collect();
+            match stopped[..] {
+                [] => handed_over.to_string(),
+                _ => format!("{handed_over}; stopped the instances here: {stopped:?}"),
+            }
+        }
         Err(e) => e.to_string(),
     }
 }
