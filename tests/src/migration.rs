@@ -181,10 +181,25 @@ impl MigrationSetup {
         setup
     }
 
+    /// Asserts that the source daemon knows service "markov" with its
+    /// controller: after a restart, from the registry it keeps on disk.
+    pub fn assert_registered(&self) {
+        let list = self
+            .src
+            .client()
+            .call("service.list", serde_json::json!({}))
+            .expect("service.list");
+        let known = list.as_array().is_some_and(|services| {
+            services
+                .iter()
+                .any(|s| s["name"] == "markov" && s["pid"] == self.controller.pid)
+        });
+        assert!(known, "service markov is not known to src: {list}");
+    }
+
     /// Registers the controller (and its standby) as service "markov" on
-    /// the source daemon (again, after a restart: the daemon keeps its
-    /// flows pinned but not its services).
-    pub fn register(&self) {
+    /// the source daemon.
+    fn register(&self) {
         self.register_service(
             "markov",
             self.controller.pid,

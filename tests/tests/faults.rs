@@ -482,7 +482,7 @@ fn run_cell(fault: Fault, phase: &'static str, index: usize) -> Result<Row, &'st
         format!("FAILED: instances {strays:?} left running on dst")
     } else if served_by == "source" {
         if fault == Fault::SourceDaemon {
-            setup.register();
+            setup.assert_registered();
         }
         // Long enough to outlast a migration on a loaded machine.
         let next_cycles = 3000;
@@ -1003,7 +1003,7 @@ fn quiet_across_the_flip(tag: &str, fault: AfterTheFlip) {
         // The destination rolls back once its wait (the source's deadline
         // and 2 s, from the kill) is over.
         wait_for_nothing_left_on_dst_within(&setup, Duration::from_secs(10 + 2 + 3));
-        setup.register();
+        setup.assert_registered();
         migrate_cleanly(&setup, sent);
         return;
     }
@@ -1241,7 +1241,7 @@ fn source_daemon_killed_during_the_hold(tag: &str, torn: bool) {
     }
     assert_eq!(files_under(&setup.images_dir("src")), [] as [String; 0]);
     wait_until_dst_has_no_flows(&setup);
-    setup.register();
+    setup.assert_registered();
     migrate_cleanly(&setup, cycles - lost.len() as u64);
 }
 
@@ -1340,7 +1340,7 @@ fn sigterm_to_the_source_daemon_mid_migration_rolls_it_back_before_it_exits() {
     assert_source_served_every_input(&setup, &verdict, cycles);
     wait_for_nothing_left_on_dst(&setup);
     setup.src.restart(&setup.hosts.src);
-    setup.register();
+    setup.assert_registered();
     migrate_cleanly(&setup, cycles);
 }
 
@@ -1435,22 +1435,30 @@ fn stall_the_replay(setup: &MigrationSetup) -> (Pid, u64) {
     };
     let instance = Pid::from_raw(instance as i32);
     kill(instance, Signal::SIGSTOP).unwrap();
-    // Whatever was on its way into the socket is in by now.
-    std::thread::sleep(Duration::from_millis(50));
     let position = || {
         (
             dataplane.gate(flow_id).unwrap().next_expected,
             dataplane.sequence(flow_id).unwrap().last_seq,
         )
     };
-    let (next, last) = position();
-    std::thread::sleep(Duration::from_millis(100));
-    let (next_then, last_then) = position();
-    assert!(
-        next_then == next && last_then > last,
-        "the replay did not stall: next_expected {next} -> {next_then}, last numbered {last} \
-         -> {last_then}"
-    );
+    // Whatever was on its way into the socket goes in first (later on a
+    // loaded machine): stalled once `next_expected` of the still
+    // sequenced gate has stood for 100 ms while live inputs were numbered.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (next, last) = loop {
+        let (next, last) = position();
+        std::thread::sleep(Duration::from_millis(100));
+        let (next_then, last_then) = position();
+        let sequenced = dataplane.gate(flow_id).unwrap().mode == GATE_SEQUENCED;
+        if sequenced && next_then == next && last_then > last {
+            break (next, last);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replay did not stall: next_expected {next} -> {next_then}, last numbered \
+             {last} -> {last_then}"
+        );
+    };
     (instance, last + 1 - next)
 }
 
@@ -1512,7 +1520,7 @@ fn fault_during_the_replay(tag: &str, fault: Fault) {
     );
     wait_for_nothing_left_on_dst(&setup);
     if fault == Fault::SourceDaemon {
-        setup.register();
+        setup.assert_registered();
     }
     migrate_cleanly(&setup, cycles);
 }
