@@ -157,12 +157,12 @@ const _: () = assert!(core::mem::offset_of!(Gate, answer_from) == GATE_ANSWER_FR
 pub struct Config {
     /// Most bytes of a frame copied into the log; 0 or anything above [`MAX_FRAME`] means whole frames.
     pub snap_len: u32,
-    /// Interface the mirror copies leave by; 0 disables mirroring.
+    /// Interface the mirror copies leave by; 0 disables mirroring. Where
+    /// each flow's copies go on it is the flow's [`MirrorTarget`].
     pub mirror_ifindex: u32,
-    /// Destination MAC of mirror frames (the peer host's interface).
-    pub mirror_dst_mac: [u8; 6],
     /// Source MAC of mirror frames (this host's mirror interface).
     pub mirror_src_mac: [u8; 6],
+    pub _pad_mac: [u8; 2],
     /// How mirror copies are made: `MIRROR_CLONE` or `MIRROR_DEVMAP`.
     pub mirror_mode: u32,
     /// `MIRROR_DEVMAP` only: destination MAC of the local copy (the service side
@@ -180,7 +180,27 @@ pub struct Config {
     pub mirror_from_ifindex: u32,
     pub _reserved: u32,
 }
-const _: () = assert!(size_of::<Config>() == 56);
+const _: () = assert!(size_of::<Config>() == 52);
+
+/// Where a flow's mirror copies go on the mirror interface: the MAC of the
+/// host it migrates to, which the source learns from that host at
+/// `prepare` (one migration network, any number of hosts). All zero:
+/// nowhere; a copy is dropped and counted as a mirror error.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct MirrorTarget {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<MirrorTarget>() == 8);
+
+impl MirrorTarget {
+    /// The MAC, unless none is set.
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        (self.mac != [0; 6]).then_some(self.mac)
+    }
+}
 
 /// Mirror mode: XDP passes the input, TC clones it to the mirror interface.
 pub const MIRROR_CLONE: u32 = 0;
@@ -282,13 +302,13 @@ pub const MIRROR_OVERHEAD: u32 = 14 + size_of::<MirrorHeader>() as u32;
 
 /// The outer Ethernet and mirror headers, on-wire, for an input of `frame_len` bytes.
 pub fn mirror_headers(
-    config: &Config,
+    (dst, src): ([u8; 6], [u8; 6]),
     meta: &CaptureMeta,
     frame_len: u32,
 ) -> [u8; MIRROR_OVERHEAD as usize] {
     let mut outer = [0u8; MIRROR_OVERHEAD as usize];
-    outer[0..6].copy_from_slice(&config.mirror_dst_mac);
-    outer[6..12].copy_from_slice(&config.mirror_src_mac);
+    outer[0..6].copy_from_slice(&dst);
+    outer[6..12].copy_from_slice(&src);
     outer[12..14].copy_from_slice(&ETH_P_MIRROR.to_be_bytes());
     outer[14] = MIRROR_VERSION;
     outer[15] = (MIRROR_OVERHEAD - 14) as u8;
@@ -486,6 +506,8 @@ mod pod {
     // SAFETY: see above.
     unsafe impl aya::Pod for Config {}
     // SAFETY: see above.
+    unsafe impl aya::Pod for MirrorTarget {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for RecordHeader {}
     // SAFETY: see above.
     unsafe impl aya::Pod for ReplaySlot {}
@@ -497,11 +519,7 @@ mod tests {
 
     #[test]
     fn mirror_frames_parse_back() {
-        let config = Config {
-            mirror_dst_mac: [2, 0, 0, 0, 0, 2],
-            mirror_src_mac: [2, 0, 0, 0, 0, 1],
-            ..Default::default()
-        };
+        let macs = ([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]);
         let meta = CaptureMeta {
             flow_id: 7,
             seq: 42,
@@ -509,7 +527,7 @@ mod tests {
             ..Default::default()
         };
         let mut frame = [0u8; MIRROR_OVERHEAD as usize + 60 + 4];
-        frame[..MIRROR_OVERHEAD as usize].copy_from_slice(&mirror_headers(&config, &meta, 60));
+        frame[..MIRROR_OVERHEAD as usize].copy_from_slice(&mirror_headers(macs, &meta, 60));
         frame[MIRROR_OVERHEAD as usize] = 0xaa;
         let (header, inner) = parse_mirror_frame(&frame).unwrap();
         assert_eq!((header.flow_id, header.seq, header.frame_len), (7, 42, 60));

@@ -39,10 +39,10 @@ use aya_ebpf::{
 };
 use capture::{capture, mirror_frame};
 use dataplane_common::{
-    CAPTURE_META_MAGIC, CAPTURE_META_MASK, CaptureMeta, Config, META_DELIVER, META_PEER,
-    META_STANDBY, MIRROR_CLONE, MIRROR_OVERHEAD, counter, mirror_headers,
+    CAPTURE_META_MAGIC, CAPTURE_META_MASK, CaptureMeta, META_DELIVER, META_PEER, META_STANDBY,
+    MIRROR_CLONE, MIRROR_OVERHEAD, counter, mirror_headers,
 };
-use maps::{MIRROR_PENDING, config, count};
+use maps::{MIRROR_PENDING, config, count, mirror_target};
 use mirror::encapsulate;
 use output::capture_output;
 use parse::{Frame, Skip, parse, ptr_at};
@@ -69,6 +69,10 @@ pub fn mirror_port(ctx: XdpContext) -> u32 {
     // SAFETY: ptr_at checked the bounds.
     let meta = unsafe { meta.read_unaligned() };
     let frame_len = (ctx.data_end() - ctx.data()) as u32;
+    let Some(dst) = mirror_target(meta.flow_id) else {
+        count(counter::MIRROR_ERRORS);
+        return xdp_action::XDP_DROP;
+    };
     if meta.magic & CAPTURE_META_MASK != CAPTURE_META_MAGIC
         // SAFETY: the helper checks the headroom; `meta` is a copy, and
         // packet pointers are taken again below.
@@ -81,7 +85,7 @@ pub fn mirror_port(ctx: XdpContext) -> u32 {
     else {
         return xdp_action::XDP_DROP;
     };
-    let headers = mirror_headers(&config(), &meta, frame_len);
+    let headers = mirror_headers((dst, config().mirror_src_mac), &meta, frame_len);
     // SAFETY: ptr_at checked the bounds.
     unsafe { outer.cast_mut().write_unaligned(headers) };
     xdp_action::XDP_PASS
@@ -121,16 +125,22 @@ pub fn mirror(ctx: TcContext) -> i32 {
         (META_PEER, config.mirror_ifindex),
         (META_STANDBY, config.standby_ifindex),
     ] {
-        if meta.magic & target != 0 && ifindex != 0 {
-            // SAFETY: the helper clones the socket buffer the kernel handed
-            // us and checks `ifindex`; the original stays ours.
-            let cloned = unsafe { bpf_clone_redirect(skb, ifindex, 0) };
-            count(if cloned == 0 {
-                counter::MIRRORED
-            } else {
-                counter::MIRROR_ERRORS
-            });
+        if meta.magic & target == 0 || ifindex == 0 {
+            continue;
         }
+        // A copy to the peer needs the host its flow migrates to.
+        if target == META_PEER && mirror_target(meta.flow_id).is_none() {
+            count(counter::MIRROR_ERRORS);
+            continue;
+        }
+        // SAFETY: the helper clones the socket buffer the kernel handed us
+        // and checks `ifindex`; the original stays ours.
+        let cloned = unsafe { bpf_clone_redirect(skb, ifindex, 0) };
+        count(if cloned == 0 {
+            counter::MIRRORED
+        } else {
+            counter::MIRROR_ERRORS
+        });
     }
     // SAFETY: as above; clearing it keeps `egress` from taking a later
     // frame on this CPU for a clone.
@@ -154,16 +164,16 @@ pub fn egress(ctx: TcContext) -> i32 {
         {
             // The same frame format to the peer and to the standby; only the
             // addresses differ.
-            let target = if ifindex == config.mirror_ifindex {
-                config
+            let macs = if ifindex == config.mirror_ifindex {
+                mirror_target(pending.flow_id).map(|dst| (dst, config.mirror_src_mac))
             } else {
-                Config {
-                    mirror_dst_mac: config.standby_dst_mac,
-                    mirror_src_mac: config.standby_src_mac,
-                    ..config
-                }
+                Some((config.standby_dst_mac, config.standby_src_mac))
             };
-            if encapsulate(&ctx, pending, &target).is_none() {
+            let Some(macs) = macs else {
+                // Unnamed since `mirror` looked: it counts the failed clone.
+                return TC_ACT_SHOT;
+            };
+            if encapsulate(&ctx, pending, macs).is_none() {
                 count(counter::MIRROR_ERRORS);
             }
         }

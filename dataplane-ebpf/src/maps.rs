@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, DevMap, HashMap, PerCpuArray, RingBuf},
 };
 use dataplane_common::{
-    CaptureMeta, Config, FlowConfig, FlowKey, FlowSequence, Gate, MAX_FLOWS, REPLAY_BATCH,
-    ReplaySlot, counter,
+    CaptureMeta, Config, FlowConfig, FlowKey, FlowSequence, Gate, MAX_FLOWS, MirrorTarget,
+    REPLAY_BATCH, ReplaySlot, counter,
 };
 
 /// Known CPS flows, written by user space.
@@ -65,6 +65,16 @@ pub(crate) static REPLAY_NEXT: Array<u32> = Array::pinned(1, 0);
 /// Element 0: the key of replay triggers, random, set at load.
 #[map]
 pub(crate) static REPLAY_KEY: Array<u64> = Array::pinned(1, 0);
+
+/// Per flow id: where its mirror copies go (set per migration).
+#[map]
+pub(crate) static MIRROR_TO: Array<MirrorTarget> = Array::pinned(MAX_FLOWS, 0);
+
+/// The MAC flow `flow_id`'s mirror copies go to; none if it has none.
+#[inline(always)]
+pub(crate) fn mirror_target(flow_id: u32) -> Option<[u8; 6]> {
+    MIRROR_TO.get(flow_id)?.mac()
+}
 
 #[inline(always)]
 pub(crate) fn count(index: u32) {

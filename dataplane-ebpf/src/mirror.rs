@@ -9,7 +9,7 @@ use aya_ebpf::{
     },
     programs::{TcContext, XdpContext},
 };
-use dataplane_common::{CAPTURE_META_MAGIC, CaptureMeta, Config, MIRROR_OVERHEAD, mirror_headers};
+use dataplane_common::{CAPTURE_META_MAGIC, CaptureMeta, MIRROR_OVERHEAD, mirror_headers};
 
 use crate::parse::ptr_at;
 
@@ -45,11 +45,16 @@ pub(crate) fn hand_to_mirror(
     true
 }
 
-/// Wraps a mirror clone in the outer Ethernet and mirror headers. A VLAN tag
+/// Wraps a mirror clone in the outer Ethernet and mirror headers, to and
+/// from `addresses` (destination, source MAC). A VLAN tag
 /// the stack moved out of the frame goes back in, so the peer logs the same
 /// bytes this host did.
 #[inline(always)]
-pub(crate) fn encapsulate(ctx: &TcContext, pending: &CaptureMeta, config: &Config) -> Option<()> {
+pub(crate) fn encapsulate(
+    ctx: &TcContext,
+    pending: &CaptureMeta,
+    addresses: ([u8; 6], [u8; 6]),
+) -> Option<()> {
     let skb = ctx.skb.skb;
     // SAFETY: reading fields of the context the kernel handed us.
     let (len, vlan_present, vlan_tci, vlan_proto) = unsafe {
@@ -78,7 +83,7 @@ pub(crate) fn encapsulate(ctx: &TcContext, pending: &CaptureMeta, config: &Confi
     if unsafe { bpf_skb_change_head(skb, MIRROR_OVERHEAD + tag_len, 0) } != 0 {
         return None;
     }
-    let outer = mirror_headers(config, pending, len + tag_len);
+    let outer = mirror_headers(addresses, pending, len + tag_len);
     store(skb, 0, &outer)?;
     if tag_len != 0 {
         // vlan_proto is kept in network byte order.

@@ -19,12 +19,12 @@ pub const DEFAULT_SOCKET: &str = "/run/dataplane/dataplane.sock";
 pub struct DaemonConfig {
     /// Service-facing interface: CPS inputs arrive and outputs leave here. Required.
     pub interface: String,
-    /// Link to the peer host for mirror copies. Default: none (no mirroring).
+    /// This host's interface on the migration network, which links it to
+    /// every other host: mirror copies leave and arrive here, each flow's
+    /// to the host it migrates to (learned at `prepare`). Default: none
+    /// (no mirroring).
     #[serde(default)]
     pub peer_interface: Option<String>,
-    /// MAC address of the peer host on that link, "aa:bb:cc:dd:ee:ff". Default: broadcast.
-    #[serde(default)]
-    pub peer_mac: Option<String>,
     /// The interface mirror frames are taken on (a standby's dataplane: the
     /// link from its source). Default: `peer_interface`.
     #[serde(default)]
@@ -198,7 +198,7 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     #[error("{0:?} is not a MAC address like 02:00:00:00:00:01")]
-    PeerMac(String),
+    Mac(String),
     #[error("standby_interface needs {0} too")]
     Standby(&'static str),
     #[error("socket_max_connections must be at least 1")]
@@ -286,19 +286,12 @@ impl DaemonConfig {
 
     /// The loader's options this configuration stands for.
     pub fn load_options(&self) -> Result<LoadOptions, ConfigError> {
-        let peer_mac = match &self.peer_mac {
-            Some(text) => Some(
-                crate::host::netdev::parse_mac(text)
-                    .ok_or_else(|| ConfigError::PeerMac(text.clone()))?,
-            ),
-            None => None,
-        };
         let standby = match (&self.standby_interface, &self.standby_mac) {
             (None, _) => None,
             (Some(interface), Some(text)) => Some((
                 interface.clone(),
                 crate::host::netdev::parse_mac(text)
-                    .ok_or_else(|| ConfigError::PeerMac(text.clone()))?,
+                    .ok_or_else(|| ConfigError::Mac(text.clone()))?,
             )),
             (Some(_), None) => return Err(ConfigError::Standby("standby_mac")),
         };
@@ -308,7 +301,6 @@ impl DaemonConfig {
         Ok(LoadOptions {
             pin_root: self.pin_root.clone(),
             peer_interface: self.peer_interface.clone(),
-            peer_mac,
             mirror_from: self.mirror_from.clone(),
             standby,
             snap_len: self.snap_len,
@@ -372,8 +364,15 @@ mod tests {
     fn rejects_unknown_keys_and_bad_values() {
         assert!(DaemonConfig::parse("interface = \"eth0\"\nintreface = 1").is_err());
         assert!(DaemonConfig::parse("").is_err(), "interface is required");
-        let bad_mac = DaemonConfig::parse("interface = \"eth0\"\npeer_mac = \"nope\"");
-        assert!(matches!(bad_mac, Err(ConfigError::PeerMac(_))));
+        let bad_mac = DaemonConfig::parse(
+            "interface = \"eth0\"\nstandby_interface = \"stby0\"\nstandby_mac = \"nope\"",
+        );
+        assert!(matches!(bad_mac, Err(ConfigError::Mac(_))));
+        let gone = DaemonConfig::parse("interface = \"eth0\"\npeer_mac = \"02:00:00:00:00:02\"");
+        assert!(
+            gone.is_err(),
+            "peer_mac is learned per migration, not configured"
+        );
         let priority = DaemonConfig::parse("interface = \"eth0\"\nrealtime_priority = 100");
         assert!(matches!(priority, Err(ConfigError::RealtimePriority(100))));
     }

@@ -7,7 +7,7 @@
 #![no_main]
 
 use dataplane_common::{
-    CaptureMeta, Config, ETH_P_MIRROR, MAX_SEQ, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD,
+    CaptureMeta, ETH_P_MIRROR, MAX_SEQ, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD,
     MIRROR_VERSION, MirrorHeader, MirrorRefusal, RecordHeader, mirror_headers, parse_mirror_frame,
 };
 use dataplane_user::kernel::logs::Record;
@@ -36,11 +36,10 @@ fn check_mirror_frame(data: &[u8]) {
             assert_eq!(header.to_wire(), data[14..OVERHEAD]);
             // The senders' encoder writes the same bytes but for flags and
             // the reserved word, which it leaves 0.
-            let config = Config {
-                mirror_dst_mac: data[0..6].try_into().unwrap(),
-                mirror_src_mac: data[6..12].try_into().unwrap(),
-                ..Default::default()
-            };
+            let macs = (
+                data[0..6].try_into().unwrap(),
+                data[6..12].try_into().unwrap(),
+            );
             let meta = CaptureMeta {
                 flow_id: header.flow_id,
                 seq: header.seq,
@@ -51,7 +50,7 @@ fn check_mirror_frame(data: &[u8]) {
             expected[16..18].fill(0);
             expected[42..46].fill(0);
             assert_eq!(
-                mirror_headers(&config, &meta, header.frame_len),
+                mirror_headers(macs, &meta, header.frame_len),
                 &expected[..]
             );
         }

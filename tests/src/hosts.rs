@@ -35,6 +35,10 @@ pub struct TestHosts {
     pub cps: NetNs,
     pub src: NetNs,
     pub dst: NetNs,
+    /// The migration network's switch: a bridge (`br0`) that every host's
+    /// peer0 is a port of (`to-HOST`), in a namespace of its own that the
+    /// field network does not reach.
+    pub migration: NetNs,
     tag: String,
 }
 
@@ -46,6 +50,7 @@ impl TestHosts {
             cps: NetNs::new(&format!("{tag}-cps")),
             src: NetNs::new(&format!("{tag}-src")),
             dst: NetNs::new(&format!("{tag}-dst")),
+            migration: NetNs::new(&format!("{tag}-mig")),
             tag,
         };
         hosts.wire();
@@ -62,10 +67,10 @@ impl TestHosts {
             ]);
             self.cps.ip(&["link", "set", port, "master", "br0", "up"]);
         }
-        ip(&[
-            "link", "add", "peer0", "netns", src, "type", "veth", "peer", "name", "peer0", "netns",
-            dst,
-        ]);
+        self.migration.ip(&["link", "add", "br0", "type", "bridge"]);
+        self.join_migration_network(&self.src, "to-src");
+        self.join_migration_network(&self.dst, "to-dst");
+        self.migration.ip(&["link", "set", "br0", "up"]);
         self.cps.ip(&["link", "set", "br0", "up"]);
         self.cps.ip(&["addr", "add", "192.0.2.1/24", "dev", "br0"]);
         self.cps
@@ -85,28 +90,8 @@ impl TestHosts {
             .ip(&["addr", "add", "2001:db8::10/128", "dev", "lo", "nodad"]);
         self.dst
             .ip(&["addr", "add", "198.51.100.2/24", "dev", "peer0"]);
-        // Mirror frames carry 46 bytes (50 with a VLAN tag) around a full-size input.
         for host in [&self.src, &self.dst] {
-            host.ip(&["link", "set", "peer0", "mtu", "1600", "up"]);
             host.ip(&["link", "set", "eth0", "up"]);
-            // A veth has no queue: when the image transfer fills its peer's
-            // ring, a mirror copy cloned onto it is dropped. With a qdisc
-            // the veth pushes back (Linux 6.15 and later) and the copy waits.
-            run(
-                "nsenter",
-                &[
-                    &format!("--net={}", host.path().display()),
-                    "tc",
-                    "qdisc",
-                    "replace",
-                    "dev",
-                    "peer0",
-                    "root",
-                    "pfifo",
-                    "limit",
-                    "10000",
-                ],
-            );
         }
         // A field device puts real checksums on the wire. A sender on this
         // machine leaves them to a checksum offload that veth never performs,
@@ -124,6 +109,60 @@ impl TestHosts {
             self.dst
                 .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0");
         }
+    }
+
+    /// Makes `host`'s peer0 a port (`port`) of the migration network's
+    /// bridge.
+    fn join_migration_network(&self, host: &NetNs, port: &str) {
+        ip(&[
+            "link",
+            "add",
+            port,
+            "netns",
+            self.migration.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "peer0",
+            "netns",
+            host.name(),
+        ]);
+        // Mirror frames carry 46 bytes (50 with a VLAN tag) around a
+        // full-size input. A bridge takes its ports' MTU.
+        self.migration
+            .ip(&["link", "set", port, "mtu", "1600", "master", "br0", "up"]);
+        // Devmap mode redirects copies from XDP into peer0: its other end
+        // takes them only with NAPI on.
+        self.migration.exec("ethtool", &["-K", port, "gro", "on"]);
+        host.ip(&["link", "set", "peer0", "mtu", "1600", "up"]);
+        // A veth has no queue: when the image transfer fills its peer's
+        // ring, a mirror copy cloned onto it is dropped. With a qdisc the
+        // veth pushes back (Linux 6.15 and later) and the copy waits.
+        run(
+            "nsenter",
+            &[
+                &format!("--net={}", host.path().display()),
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                "peer0",
+                "root",
+                "pfifo",
+                "limit",
+                "10000",
+            ],
+        );
+    }
+
+    /// A third host on the migration network only (peer0, 198.51.100.3),
+    /// to watch what reaches a host that takes no part in a migration.
+    pub fn add_bystander(&self) -> NetNs {
+        let ns = NetNs::new(&format!("{}-by", self.tag));
+        self.join_migration_network(&ns, "to-by");
+        ns.ip(&["addr", "add", "198.51.100.3/24", "dev", "peer0"]);
+        ns
     }
 
     /// The CPS simulator on `cps`, at the real-time priority, driving every
@@ -264,12 +303,12 @@ impl TestHosts {
         }
     }
 
-    /// Load options for `src`: eth0, mirroring over peer0 to dst's peer0.
+    /// Load options for `src`: eth0, mirroring over peer0 (each flow to
+    /// the host [`Loaded::add_mirrored_flow`] names).
     pub fn src_options(&self) -> LoadOptions {
         LoadOptions {
             pin_root: self.pin_root("src"),
             peer_interface: Some("peer0".into()),
-            peer_mac: Some(Self::mac(&self.dst, "peer0")),
             input_ring_bytes: 8 << 20,
             output_ring_bytes: 1 << 20,
             ..LoadOptions::new("eth0")
@@ -280,7 +319,6 @@ impl TestHosts {
     pub fn dst_options(&self) -> LoadOptions {
         LoadOptions {
             pin_root: self.pin_root("dst"),
-            peer_mac: Some(Self::mac(&self.src, "peer0")),
             ..self.src_options()
         }
     }
@@ -336,6 +374,15 @@ impl Loaded {
             .run(|| Dataplane::load(options))
             .unwrap_or_else(|e| panic!("loading the dataplane in {}: {e}", host.name()));
         Self { dataplane }
+    }
+
+    /// Adds flow `key`, mirrored to `to`'s peer0: its id.
+    pub fn add_mirrored_flow(&mut self, key: dataplane_common::FlowKey, to: &NetNs) -> u32 {
+        let flow_id = self.dataplane.add_flow(key, 0).expect("add the flow");
+        self.dataplane
+            .mirror_flow(&key, Some(TestHosts::mac(to, "peer0")))
+            .expect("mirror the flow");
+        flow_id
     }
 }
 

@@ -2,9 +2,10 @@
 //! integration test and by the demo.
 //!
 //! ```text
-//!   cps netns: br0 192.0.2.1/24 2001:db8::1/64 ── ports to-src, to-dst
+//!   cps netns: br0 192.0.2.1/24 2001:db8::1/64 ── ports to-src, to-dst (the field network)
 //!   src netns: eth0 192.0.2.10 2001:db8::10 (the service address)   peer0 198.51.100.1 ──┐
-//!   dst netns: eth0 192.0.2.20 2001:db8::20, service address on lo  peer0 198.51.100.2 ──┘
+//!   dst netns: eth0 192.0.2.20 2001:db8::20, service address on lo  peer0 198.51.100.2 ──┤
+//!   mig netns: br0 ── ports to-src, to-dst (the migration network) ──────────────────────┘
 //! ```
 //!
 //! `dst` holds the service address on `lo` and ignores ARP for it on eth0,

@@ -112,8 +112,7 @@ impl MigrationSetup {
                 )
             })
             .unwrap_or_default();
-        let config = |host: &str, peer: (&str, &str), peer_mac: [u8; 6], listen: &str| {
-            let mac = mac_text(peer_mac);
+        let config = |host: &str, peer: (&str, &str), listen: &str| {
             // `extra` may size the input ring itself (TOML refuses a key twice).
             let ring = if listen.contains("input_ring_mib") {
                 ""
@@ -121,7 +120,7 @@ impl MigrationSetup {
                 "input_ring_mib = 8\n"
             };
             format!(
-                "interface = \"eth0\"\npeer_interface = \"peer0\"\npeer_mac = \"{mac}\"\n\
+                "interface = \"eth0\"\npeer_interface = \"peer0\"\n\
                  pin_root = \"{}\"\n{ring}output_ring_mib = 4\n\
                  images_dir = \"/tmp/dataplane-test-{}-{tag}-{host}-images\"\n\
                  {}{listen}",
@@ -133,13 +132,11 @@ impl MigrationSetup {
         let src_config = config(
             "src",
             ("dst", DST_PEER),
-            TestHosts::mac(&hosts.dst, "peer0"),
             &format!("{standby_config}{src_extra}"),
         );
         let dst_config = config(
             "dst",
             ("src", SRC_PEER),
-            TestHosts::mac(&hosts.src, "peer0"),
             &format!("peer_listen = \"{DST_PEER}\"\n{dst_extra}"),
         );
         let src = DaemonProcess::start(&hosts.src, &format!("{tag}-src"), &src_config);

@@ -6,7 +6,7 @@ use std::{
 };
 
 use dataplane_common::{
-    FLOW_MIRROR, FLOW_STANDBY, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, counter,
+    FLOW_STANDBY, GATE_HOLD_ALL, RECORD_INPUT, RECORD_MIRRORED, RECORD_OUTPUT, counter,
 };
 use dataplane_tests::{
     CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, sock, udp_payload,
@@ -151,7 +151,7 @@ fn mirrors_inputs_to_the_peer_with_their_numbers_and_bytes() {
     let mut dst = hosts.load_dst();
     let (cps, service) = (sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
     let key = flow::udp(cps, service);
-    src.dataplane.add_flow(key, FLOW_MIRROR).unwrap();
+    src.add_mirrored_flow(key, &hosts.dst);
     let dst_flow = dst.dataplane.add_flow(key, 0).unwrap();
     let src_rx = receive_on(&hosts.src, service, 10_000);
     let dst_rx = receive_on(&hosts.dst, service, 10_000);
@@ -207,6 +207,47 @@ fn mirrors_inputs_to_the_peer_with_their_numbers_and_bytes() {
 }
 
 #[test]
+fn a_flow_mirrors_only_to_the_host_it_names_and_nowhere_without_one() {
+    let hosts = TestHosts::new("mto");
+    let mut src = hosts.load_src();
+    let mut dst = hosts.load_dst();
+    let (cps, service) = (sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
+    let key = flow::udp(cps, service);
+    // The flag alone, with no host named: the copies go nowhere, counted.
+    src.dataplane
+        .add_flow(key, dataplane_common::FLOW_MIRROR)
+        .unwrap();
+    dst.dataplane.add_flow(key, 0).unwrap();
+    let mirrored = |src: &Loaded, dst: &Loaded| {
+        let (sc, dc) = (
+            src.dataplane.counters().unwrap(),
+            dst.dataplane.counters().unwrap(),
+        );
+        [
+            sc.get(counter::MIRRORED),
+            sc.get(counter::MIRROR_ERRORS),
+            dc.get(counter::MIRROR_RECEIVED),
+        ]
+    };
+    let src_rx = receive_on(&hosts.src, service, 100);
+    let sent = send_inputs(&hosts, cps, service, 100);
+    assert_delivered(&src_rx.join().unwrap(), &sent, "the primary");
+    assert_eq!(mirrored(&src, &dst), [0, 100, 0], "nowhere to go");
+    // Named: every copy reaches that host.
+    src.dataplane
+        .mirror_flow(&key, Some(TestHosts::mac(&hosts.dst, "peer0")))
+        .unwrap();
+    send_inputs(&hosts, cps, service, 100);
+    assert_eq!(dst.read_inputs(100).len(), 100);
+    assert_eq!(mirrored(&src, &dst), [100, 100, 100]);
+    // Stopped: no copy, no error.
+    src.dataplane.mirror_flow(&key, None).unwrap();
+    assert_eq!(src.dataplane.mirror_target(0).unwrap(), None);
+    send_inputs(&hosts, cps, service, 100);
+    assert_eq!(mirrored(&src, &dst), [100, 100, 100]);
+}
+
+#[test]
 fn devmap_mode_mirrors_and_delivers_through_a_veth() {
     let hosts = TestHosts::new("dev");
     let options = LoadOptions {
@@ -217,7 +258,7 @@ fn devmap_mode_mirrors_and_delivers_through_a_veth() {
     let mut dst = hosts.load_dst();
     let (cps, service) = (sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
     let key = flow::udp(cps, service);
-    src.dataplane.add_flow(key, FLOW_MIRROR).unwrap();
+    src.add_mirrored_flow(key, &hosts.dst);
     dst.dataplane.add_flow(key, 0).unwrap();
     let src_rx = receive_on(&hosts.src, service, 2000);
     let dst_rx = receive_on(&hosts.dst, service, 2000);

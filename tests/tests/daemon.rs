@@ -109,16 +109,11 @@ fn every_method_round_trips_over_the_socket() {
     assert!(status["counters"]["seen"].is_u64());
 
     let flow = json!({"cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"});
-    let added = c
-        .call(
-            "flow.add",
-            json!({"cps": "192.0.2.1:4000", "service": "192.0.2.10:5000", "mirror": true}),
-        )
-        .unwrap();
+    let added = c.call("flow.add", flow.clone()).unwrap();
     assert_eq!(added["id"], 0);
     let flows = c.call("flow.list", json!({})).unwrap();
     assert_eq!(flows[0]["cps"], "192.0.2.1:4000");
-    assert_eq!(flows[0]["mirror"], true);
+    assert_eq!(flows[0]["mirror"], false, "only a migration mirrors a flow");
 
     let me = std::process::id();
     let service = json!({"name": "plc", "pid": me, "netns": hosts.src.path(), "flows": [flow]});
@@ -188,7 +183,11 @@ fn every_method_round_trips_over_the_socket() {
         error.starts_with("prepare: peer 198.51.100.2:7070"),
         "{error}"
     );
-    assert_eq!(c.call("flow.list", json!({})).unwrap()[0]["mirror"], true);
+    assert_eq!(
+        c.call("flow.list", json!({})).unwrap()[0]["mirror"],
+        false,
+        "a migration refused at prepare mirrors nothing"
+    );
     assert_eq!(
         rpc_error(c.call("migration.abort", json!({"id": id}))).code,
         code::CONFLICT,

@@ -1124,6 +1124,9 @@ fn raise_mtus(hosts: &TestHosts) {
     for iface in ["to-src", "to-dst", "br0"] {
         hosts.cps.ip(&["link", "set", iface, "mtu", "2100"]);
     }
+    for iface in ["to-src", "to-dst", "br0"] {
+        hosts.migration.ip(&["link", "set", iface, "mtu", "2200"]);
+    }
     for host in [&hosts.src, &hosts.dst] {
         host.ip(&["link", "set", "peer0", "mtu", "2200"]);
         host.ip(&["link", "set", "eth0", "mtu", "2100"]);

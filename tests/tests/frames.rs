@@ -665,11 +665,6 @@ fn mirror_cases(link: &MirrorLink, flow_id: u32) -> Vec<Case> {
 /// next input is `next`, as a device on the field network could send them
 /// to `dst`: a mirror frame there is foreign, whatever it says.
 fn forged_cases(dst: [u8; 6], flow_id: u32, next: u64) -> Vec<Case> {
-    let config = dataplane_common::Config {
-        mirror_dst_mac: dst,
-        mirror_src_mac: CPS_MAC,
-        ..Default::default()
-    };
     let forged = |seq: u64, flags: u16| {
         let meta = CaptureMeta {
             flow_id,
@@ -677,7 +672,7 @@ fn forged_cases(dst: [u8; 6], flow_id: u32, next: u64) -> Vec<Case> {
             ..Default::default()
         };
         let inner = input_frame(seq);
-        let mut frame = dataplane_common::mirror_headers(&config, &meta, inner.len() as u32);
+        let mut frame = dataplane_common::mirror_headers((dst, CPS_MAC), &meta, inner.len() as u32);
         frame[16..18].copy_from_slice(&flags.to_be_bytes());
         [frame.as_slice(), &inner].concat()
     };
@@ -703,9 +698,7 @@ fn mirrors_vlan_tagged_inputs_with_their_tag() {
     let mut src = hosts.load_src();
     let mut dst = hosts.load_dst();
     let key = flow::udp(sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
-    src.dataplane
-        .add_flow(key, dataplane_common::FLOW_MIRROR)
-        .unwrap();
+    src.add_mirrored_flow(key, &hosts.dst);
     dst.dataplane.add_flow(key, 0).unwrap();
     let src_mac = TestHosts::mac(&hosts.src, "eth0");
     let cps = RawSocket::open(&hosts.cps, "to-src");
@@ -968,19 +961,18 @@ fn counting_replica(
 /// Mirror frames sent by hand from src's peer0 to dst's, as src's dataplane would.
 struct MirrorLink {
     socket: RawSocket,
-    config: dataplane_common::Config,
+    /// Destination and source MAC.
+    macs: ([u8; 6], [u8; 6]),
 }
 
 impl MirrorLink {
     fn open(hosts: &TestHosts) -> Self {
-        let config = dataplane_common::Config {
-            mirror_dst_mac: TestHosts::mac(&hosts.dst, "peer0"),
-            mirror_src_mac: TestHosts::mac(&hosts.src, "peer0"),
-            ..Default::default()
-        };
         Self {
             socket: RawSocket::open(&hosts.src, "peer0"),
-            config,
+            macs: (
+                TestHosts::mac(&hosts.dst, "peer0"),
+                TestHosts::mac(&hosts.src, "peer0"),
+            ),
         }
     }
 
@@ -997,7 +989,7 @@ impl MirrorLink {
             seq,
             ..Default::default()
         };
-        let headers = dataplane_common::mirror_headers(&self.config, &meta, inner.len() as u32);
+        let headers = dataplane_common::mirror_headers(self.macs, &meta, inner.len() as u32);
         [headers.as_slice(), inner].concat()
     }
 }

@@ -102,6 +102,58 @@ fn a_controller_migrates_while_the_cps_runs_and_no_cycle_is_lost() {
 }
 
 #[test]
+fn mirror_copies_go_to_the_destination_only_on_a_shared_migration_network() {
+    let setup = MigrationSetup::new("shared", &[], false);
+    // A third host on the migration network, watching its port.
+    let bystander = setup.hosts.add_bystander();
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (socket, watching) = (
+            dataplane_tests::RawSocket::open(&bystander, "peer0"),
+            watching.clone(),
+        );
+        std::thread::spawn(move || {
+            let (mut frames, mut mirror) = (0u64, 0u64);
+            while watching.load(Ordering::Relaxed) {
+                if let Some(frame) = socket.recv() {
+                    frames += 1;
+                    let ether_type = frame.get(12..14).map(|t| u16::from_be_bytes([t[0], t[1]]));
+                    mirror += u64::from(ether_type == Some(dataplane_common::ETH_P_MIRROR));
+                }
+            }
+            (frames, mirror)
+        })
+    };
+    // It is on the same network: it answers the source's ping.
+    let pinged = setup
+        .hosts
+        .src
+        .exec("ping", &["-c", "1", "-W", "2", "198.51.100.3"]);
+    assert!(pinged.contains("1 received"), "{pinged}");
+    let (report, verdict) =
+        setup.migrate_while_cps_runs(1000, Duration::from_millis(300), serde_json::json!({}));
+    watching.store(false, Ordering::Relaxed);
+    let (frames, mirror) = watcher.join().unwrap();
+    println!("report: {report}\nCPS: {verdict}\nbystander: {frames} frames, {mirror} mirror");
+    assert_eq!(report["state"], "done", "{report:#}");
+    assert_clean(&verdict);
+    assert!(frames > 0, "the bystander saw nothing: not on the network");
+    assert_eq!(
+        mirror, 0,
+        "mirror copies reached a host that is no destination"
+    );
+    let received = setup
+        .dst
+        .client()
+        .call("status", serde_json::json!({}))
+        .unwrap()["counters"]["mirror_received"]
+        .as_u64()
+        .unwrap();
+    assert!(received > 0, "the destination got no mirror copies");
+    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+}
+
+#[test]
 fn the_destination_registers_the_service_it_kept_and_both_registries_outlive_a_restart() {
     let mut setup = MigrationSetup::new("reg", &[], false);
     let (report, verdict) =

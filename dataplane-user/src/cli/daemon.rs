@@ -26,9 +26,6 @@ pub struct Args {
     /// Link to the peer host (overrides `peer_interface`).
     #[arg(long)]
     pub peer_interface: Option<String>,
-    /// MAC of the peer host on that link (overrides `peer_mac`).
-    #[arg(long)]
-    pub peer_mac: Option<String>,
     /// Peer-link listen address (overrides `peer_listen`).
     #[arg(long)]
     pub peer_listen: Option<SocketAddr>,
@@ -39,7 +36,6 @@ pub fn run(cx: &Context, args: Args) -> Result<(), Failure> {
         config,
         interface,
         peer_interface,
-        peer_mac,
         peer_listen,
     } = args;
     let mut config = match (DaemonConfig::read(&config), &interface) {
@@ -52,7 +48,6 @@ pub fn run(cx: &Context, args: Args) -> Result<(), Failure> {
     };
     config.interface = interface.unwrap_or(config.interface);
     config.peer_interface = peer_interface.or(config.peer_interface);
-    config.peer_mac = peer_mac.or(config.peer_mac);
     config.peer_listen = peer_listen.or(config.peer_listen);
     if cx.pin_root != Path::new(DEFAULT_PIN_ROOT) {
         config.pin_root = cx.pin_root.clone();

@@ -2,7 +2,7 @@
 use dataplane_user::{
     control::{
         answer::{FlowAdded, FlowInfo, FlowRemoved, ServiceRegistered, ServiceUnregistered},
-        method::{Call, FlowParams, ServiceName},
+        method::{Call, ServiceName},
     },
     service::{FlowSpec, Service},
 };
@@ -11,16 +11,8 @@ use super::{Context, Failure, FlowCommand, ServiceCommand};
 
 pub fn flow(cx: &Context, command: FlowCommand) -> Result<(), Failure> {
     match command {
-        FlowCommand::Add {
-            cps,
-            service,
-            mirror,
-        } => {
-            let added: FlowAdded = cx.call(Call::FlowAdd(FlowParams {
-                cps,
-                service,
-                mirror,
-            }))?;
+        FlowCommand::Add { cps, service } => {
+            let added: FlowAdded = cx.call(Call::FlowAdd(FlowSpec { cps, service }))?;
             cx.show(&added, |a| println!("flow {}: {}", a.id, a.flow));
         }
         FlowCommand::Rm { cps, service } => {

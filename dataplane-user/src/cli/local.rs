@@ -22,9 +22,6 @@ pub struct Load {
     /// Link to the peer host, for mirror copies.
     #[arg(long)]
     pub peer_interface: Option<String>,
-    /// MAC address of the peer host on that link (default: broadcast).
-    #[arg(long, value_parser = super::mac)]
-    pub peer_mac: Option<[u8; 6]>,
     /// The interface mirror frames are taken on (default: the peer
     /// interface). A standby's dataplane names the link from its source.
     #[arg(long)]
@@ -58,7 +55,6 @@ pub fn load(cx: &Context, load: Load) -> Result<(), Failure> {
     let options = LoadOptions {
         pin_root: cx.pin_root.clone(),
         peer_interface: load.peer_interface,
-        peer_mac: load.peer_mac,
         mirror_from: load.mirror_from,
         snap_len: load.snap_len,
         input_ring_bytes: load.input_ring_mib << 20,

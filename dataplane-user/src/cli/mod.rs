@@ -178,9 +178,6 @@ pub enum FlowCommand {
         /// The service end, ADDR:PORT.
         #[arg(long)]
         service: SocketAddr,
-        /// Mirror the flow's inputs to the peer host.
-        #[arg(long)]
-        mirror: bool,
     },
     /// Stop logging a flow.
     Rm {

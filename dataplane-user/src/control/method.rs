@@ -94,7 +94,7 @@ impl Method {
 pub enum Call {
     Status,
     Metrics,
-    FlowAdd(FlowParams),
+    FlowAdd(FlowSpec),
     FlowRemove(FlowSpec),
     FlowList,
     ServiceRegister(Service),
@@ -179,17 +179,6 @@ impl Call {
     }
 }
 
-/// `flow.add`'s parameters.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct FlowParams {
-    pub cps: SocketAddr,
-    pub service: SocketAddr,
-    /// Mirror the flow's inputs to the peer host.
-    #[serde(default)]
-    pub mirror: bool,
-}
-
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceName {
@@ -240,10 +229,9 @@ mod tests {
     fn calls_round_trip_through_the_wire_form() {
         let calls = [
             Call::Status,
-            Call::FlowAdd(FlowParams {
+            Call::FlowAdd(FlowSpec {
                 cps: "192.0.2.1:4000".parse().unwrap(),
                 service: "192.0.2.10:5000".parse().unwrap(),
-                mirror: true,
             }),
             Call::MigrationStatus(None),
             Call::MigrationStatus(Some(MigrationId { id: "x-1".into() })),

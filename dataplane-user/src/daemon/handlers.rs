@@ -22,7 +22,7 @@ use crate::{
             ServiceRegistered, ServiceUnregistered, Status, Watching,
         },
         code,
-        method::{Call, FlowParams, MigrationId, PeerAddress, ServiceName},
+        method::{Call, MigrationId, PeerAddress, ServiceName},
         server::Handler,
     },
     host::tasks::Identity,
@@ -111,19 +111,13 @@ impl Daemon {
         Ok(metrics::render(&counters, flows, self.services.len()))
     }
 
-    fn flow_add(&self, params: FlowParams) -> Result<FlowAdded, RpcError> {
-        let FlowParams {
-            cps,
-            service,
-            mirror,
-        } = params;
+    fn flow_add(&self, FlowSpec { cps, service }: FlowSpec) -> Result<FlowAdded, RpcError> {
         let key = flow::udp(cps, service);
-        let flags = if mirror { FLOW_MIRROR } else { 0 };
         let id = self
             .dataplane
             .lock()
             .unwrap()
-            .add_flow(key, flags)
+            .add_flow(key, 0)
             .map_err(dataplane_error)?;
         Ok(FlowAdded {
             id,

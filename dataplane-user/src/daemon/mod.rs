@@ -227,6 +227,9 @@ impl Daemon {
                 pin_root: daemon.config.pin_root.clone(),
                 interface: daemon.config.interface.clone(),
                 peer_interface: daemon.config.peer_interface.clone(),
+                mirror_from: (daemon.config.mirror_from.as_ref())
+                    .or(daemon.config.peer_interface.as_ref())
+                    .cloned(),
                 criu: daemon.config.criu(),
                 inputs: Some(taps.0.clone()),
                 outputs: Some(taps.1.clone()),

@@ -21,7 +21,7 @@ use aya::{
 };
 use aya_obj::programs::XdpAttachType;
 use dataplane_common::{
-    CaptureMeta, Config, MIRROR_FLAG_QUEUED, MIRROR_FLAG_REPLAY, REPLAY_BATCH, REPLAY_FRAME_MAX,
+    CaptureMeta, MIRROR_FLAG_QUEUED, MIRROR_FLAG_REPLAY, REPLAY_BATCH, REPLAY_FRAME_MAX,
     ReplaySlot, mirror_headers,
 };
 
@@ -262,10 +262,5 @@ fn replay_headers(
     meta: &CaptureMeta,
     frame_len: u32,
 ) -> [u8; dataplane_common::MIRROR_OVERHEAD as usize] {
-    let config = Config {
-        mirror_dst_mac: mac,
-        mirror_src_mac: mac,
-        ..Default::default()
-    };
-    mirror_headers(&config, meta, frame_len)
+    mirror_headers((mac, mac), meta, frame_len)
 }

@@ -19,8 +19,8 @@ use aya::{
     },
 };
 use dataplane_common::{
-    Config, FlowConfig, FlowKey, FlowSequence, Gate, MAX_FLOWS, MIRROR_DEVMAP, PORT_DELIVER,
-    PORT_MIRROR, counter,
+    Config, FLOW_MIRROR, FlowConfig, FlowKey, FlowSequence, Gate, MAX_FLOWS, MIRROR_DEVMAP,
+    MirrorTarget, PORT_DELIVER, PORT_MIRROR, counter,
 };
 
 use crate::{
@@ -105,8 +105,6 @@ pub struct LoadOptions {
     /// anywhere else passes untouched (counter `mirror_foreign`): it would
     /// move a flow's numbering and gates.
     pub mirror_from: Option<String>,
-    /// Destination MAC of mirror frames; the peer host's interface on that link.
-    pub peer_mac: Option<[u8; 6]>,
     /// The link to a standby instance's network namespace on this host, and
     /// the MAC of its other end: flows marked `FLOW_STANDBY` are mirrored
     /// there too (clone mode).
@@ -144,7 +142,6 @@ impl LoadOptions {
             pin_root: PathBuf::from(DEFAULT_PIN_ROOT),
             interface: interface.into(),
             peer_interface: None,
-            peer_mac: None,
             mirror_from: None,
             standby: None,
             snap_len: 0,
@@ -161,6 +158,7 @@ const MAP_SEQUENCES: &str = "SEQUENCES";
 const MAP_CONFIG: &str = "CONFIG";
 const MAP_COUNTERS: &str = "COUNTERS";
 const MAP_MIRROR_PORTS: &str = "MIRROR_PORTS";
+const MAP_MIRROR_TO: &str = "MIRROR_TO";
 /// The input log ring buffer.
 pub const MAP_INPUTS: &str = "INPUTS";
 /// The output log ring buffer.
@@ -172,6 +170,7 @@ pub struct Dataplane {
     flows: HashMap<MapData, FlowKey, FlowConfig>,
     sequences: Array<MapData, FlowSequence>,
     gates: Array<MapData, Gate>,
+    mirror_to: Array<MapData, MirrorTarget>,
     config: Array<MapData, Config>,
     counters: PerCpuArray<MapData, u64>,
 }
@@ -209,7 +208,6 @@ impl Dataplane {
             let peer_if = netdev::Interface::by_name(peer)?;
             config.mirror_ifindex = peer_if.index;
             config.mirror_src_mac = peer_if.mac;
-            config.mirror_dst_mac = options.peer_mac.unwrap_or([0xFF; 6]);
             config.mirror_from_ifindex = peer_if.index;
             attachments.push((peer, "ingress"));
             attachments.push((peer, "egress"));
@@ -315,6 +313,7 @@ impl Dataplane {
                 .map_err(typed_err(MAP_FLOWS))?,
             sequences: pinned_array(pin_root, MAP_SEQUENCES)?,
             gates: pinned_array(pin_root, MAP_GATES)?,
+            mirror_to: pinned_array(pin_root, MAP_MIRROR_TO)?,
             config: pinned_array(pin_root, MAP_CONFIG)?,
             counters: PerCpuArray::try_from(Map::PerCpuArray(map(MAP_COUNTERS)?))
                 .map_err(typed_err(MAP_COUNTERS))?,
@@ -449,12 +448,62 @@ impl Dataplane {
             })
     }
 
+    /// Mirrors the known flow `key` to the host at MAC `to` on the mirror
+    /// interface, or (`None`) stops mirroring it. The address is set before
+    /// the flag and cleared after it: no copy leaves without one.
+    pub fn mirror_flow(&mut self, key: &FlowKey, to: Option<[u8; 6]>) -> Result<(), LoadError> {
+        let (_, config) = self
+            .flows()?
+            .into_iter()
+            .find(|(k, _)| k == key)
+            .ok_or_else(|| LoadError::UnknownFlow(crate::kernel::flow::display(key)))?;
+        let target = |mac: [u8; 6]| MirrorTarget {
+            mac,
+            ..Default::default()
+        };
+        let set_target = |this: &mut Self, mac| {
+            this.mirror_to
+                .set(config.flow_id, target(mac), 0)
+                .map_err(|source| LoadError::Map {
+                    name: MAP_MIRROR_TO,
+                    source,
+                })
+        };
+        match to {
+            Some(mac) => {
+                set_target(self, mac)?;
+                self.set_flow_flags(key, config.flags | FLOW_MIRROR)
+            }
+            None => {
+                self.set_flow_flags(key, config.flags & !FLOW_MIRROR)?;
+                set_target(self, [0; 6])
+            }
+        }
+    }
+
+    /// Where flow `flow_id`'s mirror copies go; none if nowhere.
+    pub fn mirror_target(&self, flow_id: u32) -> Result<Option<[u8; 6]>, LoadError> {
+        self.mirror_to
+            .get(&flow_id, 0)
+            .map(|t| t.mac())
+            .map_err(|source| LoadError::Map {
+                name: MAP_MIRROR_TO,
+                source,
+            })
+    }
+
     fn insert_flow(&mut self, key: FlowKey, flow_id: u32, flags: u32) -> Result<(), LoadError> {
-        // A reused id starts numbering afresh.
+        // A reused id starts numbering afresh, mirrored nowhere.
         self.sequences
             .set(flow_id, FlowSequence::default(), 0)
             .map_err(|source| LoadError::Map {
                 name: MAP_SEQUENCES,
+                source,
+            })?;
+        self.mirror_to
+            .set(flow_id, MirrorTarget::default(), 0)
+            .map_err(|source| LoadError::Map {
+                name: MAP_MIRROR_TO,
                 source,
             })?;
         self.gates

@@ -47,7 +47,9 @@ use crate::{
         hold,
         hold::FlowPosition,
         journal::{Files, Journal, Side},
-        protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, StepKind, TargetFlow},
+        protocol::{
+            Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step, StepKind, TargetFlow,
+        },
     },
     peer::{
         Link, MAX_FRAME, PeerError, frame,
@@ -68,6 +70,9 @@ pub struct Host {
     pub interface: String,
     /// The interface replayed inputs arrive on, as mirror copies do.
     pub peer_interface: Option<String>,
+    /// The one interface this host takes mirror copies on (`mirror_from`,
+    /// by default the peer interface): its MAC is where a source sends them.
+    pub mirror_from: Option<String>,
     /// Restores migrated services.
     pub criu: crate::criu::Criu,
     /// The daemon's readers of the input and output logs.
@@ -248,14 +253,12 @@ async fn run_step<'a>(
         };
         tracing::info!(%from, %migration, %service, deadline_ms,
             "preparing a migration to this host");
-        *target = Some(Target::prepare(
-            host,
-            migration,
-            service,
-            flows,
-            deadline_ms,
-        )?);
-        return Ok(serde_json::json!({}));
+        let prepared = Target::prepare(host, migration, service, flows, deadline_ms)?;
+        let answer = Prepared {
+            mirror_mac: prepared.mirror_mac,
+        };
+        *target = Some(prepared);
+        return Ok(serde_json::to_value(answer).expect("serializes"));
     };
     let outcome = t.step(step).await;
     t.last_step = tokio::time::Instant::now();
@@ -336,6 +339,9 @@ pub struct Target<'a> {
     migration: String,
     /// The service's name, under which this host registers it.
     service: String,
+    /// The MAC of the interface this host takes the migration's mirror
+    /// copies on: the source sends them there.
+    mirror_mac: [u8; 6],
     flows: Vec<TargetFlow>,
     /// Where it stands: the step it takes next.
     state: State,
@@ -383,6 +389,14 @@ impl<'a> Target<'a> {
             return Err(Cause::NoLogs);
         };
         announces_only_its_own(&host.interface)?;
+        let mirror_mac = match &host.mirror_from {
+            Some(name) => {
+                crate::host::netdev::Interface::by_name(name)
+                    .map_err(crate::kernel::loader::LoadError::from)?
+                    .mac
+            }
+            None => return Err(Cause::NoMirrorInterface),
+        };
         let mut dataplane = Dataplane::open(&host.pin_root)?;
         // The logs take one migration at a time, either side: with them
         // subscribed no other migration adopts or removes flows here.
@@ -442,6 +456,7 @@ impl<'a> Target<'a> {
             dataplane,
             migration,
             service,
+            mirror_mac,
             flows,
             state: State::Prepared,
             deadline: Duration::from_millis(deadline_ms),

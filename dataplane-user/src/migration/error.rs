@@ -129,6 +129,8 @@ pub enum Cause {
     ServiceName(String),
     #[error("a service named {0} is registered on this host already")]
     ServiceHere(String),
+    #[error("this host takes no mirror copies (no peer_interface or mirror_from configured)")]
+    NoMirrorInterface,
     #[error(
         "flow {flow} (id {id}) is on this host already: a migration adopts only a flow this \
          host does not have, under an id it does not use"

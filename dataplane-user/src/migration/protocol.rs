@@ -5,6 +5,7 @@
 //! source                                   destination
 //!   | Prepare {migration, service,-------->  adopt the flows, hold their
 //!   |     flows, deadline_ms}                mirrored inputs, mute outputs
+//!   |                             <--------  Prepared {mirror_mac}
 //!   | (checkpoint at S, IMAGES frames) --->  images under images_dir
 //!   | Restore {positions, cpus}   -------->  CRIU restore, replay S+1..
 //!   |                             <--------  Restored {pid, replay_end, ..}
@@ -106,6 +107,14 @@ pub struct Restored {
     pub replay_us: u64,
     /// The last input the replay delivered; later ones came live.
     pub replay_end: u64,
+}
+
+/// What `Prepare` answers: where the source sends the migration's mirror
+/// copies on the migration network, the MAC of the destination's
+/// interface that takes them (its `mirror_from`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Prepared {
+    pub mirror_mac: [u8; 6],
 }
 
 /// What `Finish` answers: the instance, and the CPU time this daemon and

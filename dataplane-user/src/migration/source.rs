@@ -8,7 +8,7 @@ use std::{
 };
 
 use dataplane_common::{
-    CUT_AT_NEXT, FLOW_MIRROR, FlowKey, GATE_DELIVER_ALL, OUTPUT_ARMED, OUTPUT_MUTE, RECORD_OUTPUT,
+    CUT_AT_NEXT, FlowKey, GATE_DELIVER_ALL, OUTPUT_ARMED, OUTPUT_MUTE, RECORD_OUTPUT,
 };
 use serde_json::Value;
 
@@ -28,7 +28,7 @@ use crate::{
         error::{Cause, MigrationError, NotConverged, ResumeError},
         hold::{self, FlowPosition},
         journal::{Journal, Side},
-        protocol::{Finished, Output, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
+        protocol::{Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
     },
     peer,
     planning::policy::StopPolicy,
@@ -192,9 +192,7 @@ impl Migration {
             // The destination waits at least this long for K once armed.
             deadline_ms: self.request.deadline_ms,
         };
-        peer::migrate_step(&mut link, &prepare)
-            .await
-            .map_err(|e| self.fail(Cause::Destination(e)))?;
+        let prepared: Prepared = step(&mut link, &prepare).await.map_err(|e| self.fail(e))?;
         // From here on the destination holds state: a failure rolls it back.
         // Should this daemon die before the end, the journal tells the next
         // start what to undo.
@@ -210,9 +208,10 @@ impl Migration {
             .write(&self.report.id, &journal)
             .map_err(Cause::from)
             .and_then(|()| {
+                // Each flow's copies to the host it migrates to.
                 source
                     .dataplane
-                    .set_flow_flags(&key, source.flags | FLOW_MIRROR)
+                    .mirror_flow(&key, Some(prepared.mirror_mac))
                     .map_err(Cause::from)
             });
         self.end(t);

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_common::{FLOW_MIRROR, counter};
+use dataplane_common::counter;
 use dataplane_tests::{CPS_V4, Loaded, SERVICE_V4, TestHosts, count_datagrams, sock};
 use dataplane_user::kernel::{
     flow,
@@ -72,8 +72,11 @@ fn run(hosts: &TestHosts, mode: Mode, devmap: &MirrorMode) -> anyhow::Result<Rou
     let mut dst = Loaded::new(&hosts.dst, &dst_options);
     let (cps, service) = (sock(CPS_V4, 4000), sock(SERVICE_V4, 5000));
     let key = flow::udp(cps, service);
-    let flags = if mode == Mode::None { 0 } else { FLOW_MIRROR };
-    src.dataplane.add_flow(key, flags)?;
+    if mode == Mode::None {
+        src.dataplane.add_flow(key, 0)?;
+    } else {
+        src.add_mirrored_flow(key, &hosts.dst);
+    }
     dst.dataplane.add_flow(key, 0)?;
     let services = [&hosts.src, &hosts.dst].map(|host| {
         let socket = host.run(|| UdpSocket::bind(service)).expect("bind service");
