@@ -356,10 +356,19 @@ impl Daemon {
             match &report.error {
                 None => {
                     tracing::info!(id = %report.id, total_us = report.total_us, "migration done");
-                    // The service runs on the destination now.
-                    services.lock().unwrap().remove(&report.service);
                 }
+                Some(e) if report.flip_ns != 0 => tracing::warn!(
+                    id = %report.id,
+                    "migration failed after the handover at K = {}: the destination serves, \
+                     the instances here were stopped: {e}",
+                    report.handover_seq
+                ),
                 Some(e) => tracing::warn!(id = %report.id, "migration failed, rolled back: {e}"),
+            }
+            // Handed over, whatever failed after: the service runs on the
+            // destination now.
+            if report.flip_ns != 0 {
+                services.lock().unwrap().remove(&report.service);
             }
         });
         // A stopping daemon waits for it (the lock is still held: the

@@ -21,12 +21,17 @@ use crate::{host::tasks::Identity, migration::protocol::TargetFlow, service::Flo
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "side", rename_all = "snake_case")]
 pub enum Journal {
-    /// A migration from this host: what to put back.
+    /// A migration from this host: what to put back, and what to stop once
+    /// it has handed over.
     Source {
         flow_id: u32,
         flow: FlowSpec,
         /// The flow's flags before the migration.
         flags: u32,
+        /// The service's processes as registered: the serving instance and
+        /// any standby (journals written before it: none).
+        #[serde(default)]
+        instances: Vec<Identity>,
     },
     /// A migration to this host: the flows it adopted and the instance it
     /// restored.
@@ -225,6 +230,10 @@ mod tests {
                 service: "10.0.0.2:6000".parse().unwrap(),
             },
             flags: 1,
+            instances: vec![Identity {
+                pid: 41,
+                start_time: 6,
+            }],
         }
     }
 
@@ -271,6 +280,15 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert_eq!((left[0].id.as_str(), left[0].side), ("m2", Side::Source));
         assert!(matches!(left[0].journal, Err(JournalError::Parse { .. })));
+    }
+
+    #[test]
+    fn a_source_journal_from_before_its_instances_were_journaled_still_reads() {
+        let old = r#"{"side":"source","flow_id":3,"flow":{"cps":"10.0.0.1:5000","service":"10.0.0.2:6000"},"flags":1}"#;
+        let Journal::Source { instances, .. } = serde_json::from_str(old).unwrap() else {
+            panic!("a source journal");
+        };
+        assert_eq!(instances, []);
     }
 
     #[test]

@@ -30,12 +30,14 @@ pub fn recover(host: &Host) -> Vec<String> {
                 flow_id,
                 flow,
                 flags,
+                instances,
             }) => source::recover(
                 &host.pin_root,
                 host.standby_pin_root.as_deref(),
                 flow_id,
                 &flow,
                 flags,
+                &instances,
             ),
             Ok(Journal::Destination {
                 flows,
@@ -77,6 +79,7 @@ mod tests {
             flow_id: 1,
             flow,
             flags: 0,
+            instances: vec![],
         };
         files.write("out", &source).unwrap();
         std::fs::create_dir_all(files.images(Side::Source, "out")).unwrap();

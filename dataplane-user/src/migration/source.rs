@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::{
     criu::{DumpRequest, netns_inode, precopy::IterativeDump, stats},
+    host::tasks::Identity,
     kernel::{
         flow,
         injector::Injector,
@@ -198,6 +199,7 @@ impl Migration {
             flow_id: source.flow_id,
             flow: spec,
             flags: source.flags,
+            instances: self.service.registered.clone(),
         };
         let mirrored = self
             .context
@@ -215,8 +217,16 @@ impl Migration {
             Ok(()) => self.migrate(&mut source, &mut link).await,
             Err(e) => Err(self.fail(e)),
         };
-        if outcome.is_err() && self.report.flip_ns == 0 {
-            self.rollback(&mut source, &mut link).await;
+        if outcome.is_err() {
+            match self.report.flip_ns {
+                0 => self.rollback(&mut source, &mut link).await,
+                // Handed over, and a later step failed (the link, or the
+                // destination's daemon): the destination serves all the
+                // same, so this host stops its instances as `finish` does.
+                _ => {
+                    stop_instances(&self.service.registered);
+                }
+            }
         }
         outcome
     }
@@ -497,15 +507,7 @@ impl Migration {
         self.end(t);
 
         let t = self.begin(Stage::Finish)?;
-        // Only the processes registered: a pid reused since is someone else's.
-        let registered = std::iter::once(self.service.pid)
-            .chain(self.service.standby_pid)
-            .filter(|&pid| self.service.still_runs(pid));
-        for pid in registered {
-            crate::host::tasks::demote(pid);
-            let pid = nix::unistd::Pid::from_raw(pid as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
+        stop_instances(&self.service.registered);
         let finished: Finished = step(link, &Step::Finish).await.map_err(|e| self.fail(e))?;
         self.report.load.destination_daemon_us = finished.daemon_cpu_us;
         self.report.load.destination_criu_us = finished.criu_cpu_us;
@@ -648,18 +650,38 @@ async fn step<T: serde::de::DeserializeOwned>(
     serde_json::from_value(value).map_err(Cause::Answer)
 }
 
+/// Stops the service's `instances` on this host (the serving instance and
+/// any standby) once it has handed over: the destination serves, the
+/// serving instance's gate no longer delivers past K, and a standby has
+/// nothing left to stand in for. Only the processes registered: a pid
+/// reused since is someone else's. The pids stopped.
+fn stop_instances(instances: &[Identity]) -> Vec<u32> {
+    instances
+        .iter()
+        .filter(|i| i.runs())
+        .map(|i| {
+            crate::host::tasks::demote(i.pid);
+            let pid = nix::unistd::Pid::from_raw(i.pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            i.pid
+        })
+        .collect()
+}
+
 /// Undoes what a migration from this host changed, from its journal
 /// (see [`super::recovery`]). Before the flip: the flow's mirroring goes back to
 /// what it was and its gates (and the standby's) deliver again. Inputs
 /// held when the daemon died went with its memory: they are lost to the
 /// instance, and the outcome names them. Flipped: the destination serves;
-/// inputs above K keep going to it.
+/// inputs above K keep going to it, and the service's `instances` here
+/// are stopped, as `finish` would have.
 pub(super) fn recover(
     pin_root: &Path,
     standby_pin_root: Option<&Path>,
     flow_id: u32,
     spec: &FlowSpec,
     flags: u32,
+    instances: &[Identity],
 ) -> String {
     let undo = || -> Result<String, Cause> {
         let mut dataplane = Dataplane::open(pin_root)?;
@@ -682,6 +704,10 @@ pub(super) fn recover(
     };
     match undo() {
         Ok(lost) => format!("rolled back: mirroring off, gates delivering{lost}"),
+        Err(handed_over @ Cause::HandedOver(_)) => match &stop_instances(instances)[..] {
+            [] => handed_over.to_string(),
+            stopped => format!("{handed_over}; stopped the instances left here: {stopped:?}"),
+        },
         Err(e) => e.to_string(),
     }
 }
