@@ -11,12 +11,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_common::{CUT_AT_NEXT, GATE_HOLD_ALL, GATE_SEQUENCED, counter};
-use dataplane_tests::{
-    MigrationSetup, TestHosts, chain_state, cps_verdict, files_under, in_netns, kill_pid,
-    pids_named, read_trace,
+use dataplane_common::{
+    CUT_AT_NEXT, GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_MUTE, counter,
 };
-use dataplane_user::{daemon::STOP_WITHIN, kernel::loader::Dataplane};
+use dataplane_tests::{
+    CONTROLLER_COMM, MigrationSetup, TestHosts, chain_state, cps_verdict, files_under, in_netns,
+    kill_pid, pids_named, read_trace,
+};
+use dataplane_user::{daemon::STOP_WITHIN, kernel::loader::Dataplane, report::Mode};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
@@ -343,6 +345,9 @@ enum Fault {
     DestinationInstance,
     /// The peer link down for 4 s (longer than the 3 s link timeout).
     PeerLink,
+    /// SIGKILL of the standby instance, the one the checkpoint is taken of
+    /// (standby mode only).
+    StandbyInstance,
 }
 
 impl Fault {
@@ -352,8 +357,49 @@ impl Fault {
             Fault::DestinationDaemon => "kill destination daemon",
             Fault::DestinationInstance => "kill destination instance",
             Fault::PeerLink => "cut peer link 4 s",
+            Fault::StandbyInstance => "kill standby instance",
         }
     }
+}
+
+/// The phases a fault of the matrix lands at the start of.
+const MATRIX_PHASES: [&str; 6] = [
+    "checkpoint",
+    "transfer",
+    "restore",
+    "converge",
+    "cutover",
+    "announce",
+];
+
+/// The matrix's cells in `mode`: each of its faults at each phase.
+fn matrix_cells(mode: Mode) -> Vec<(Fault, &'static str)> {
+    let mut faults = vec![
+        Fault::SourceDaemon,
+        Fault::DestinationDaemon,
+        Fault::DestinationInstance,
+        Fault::PeerLink,
+    ];
+    if mode == Mode::Standby {
+        faults.push(Fault::StandbyInstance);
+    }
+    faults
+        .into_iter()
+        .flat_map(|f| MATRIX_PHASES.iter().map(move |p| (f, *p)))
+        .collect()
+}
+
+/// A mode as a migration request and the matrix name it.
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::LeaveRunning => "leave-running",
+        Mode::Standby => "standby",
+    }
+}
+
+/// A cell's name, as FAULT_CELL gives it.
+fn cell_name(mode: Mode, fault: Fault, phase: &str) -> String {
+    format!("{}: {} at {phase}", mode_name(mode), fault.name())
 }
 
 /// One row of the fault table.
@@ -366,6 +412,8 @@ struct Row {
     served_by: &'static str,
     verdict: serde_json::Value,
     recovery: String,
+    /// What the migration left on the source that it should not have.
+    left_on_src: Vec<String>,
     next: String,
 }
 
@@ -386,16 +434,35 @@ fn recovered(setup: &MigrationSetup) -> String {
 /// Inputs the CPS sends in a cell, 1 ms apart.
 const CELL_CYCLES: u64 = 3000;
 
-/// Runs one cell; `Err` says why it is not a cell (before any host is made).
-fn run_cell(fault: Fault, phase: &'static str, index: usize) -> Result<Row, &'static str> {
+/// Whether process `pid` runs (a zombie does not).
+fn runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+}
+
+/// Runs one cell in `mode`; `Err` says why it is not a cell (before any
+/// host is made).
+fn run_cell(
+    mode: Mode,
+    fault: Fault,
+    phase: &'static str,
+    index: usize,
+) -> Result<Row, &'static str> {
     if fault == Fault::DestinationInstance && ["checkpoint", "transfer"].contains(&phase) {
         return Err("no instance exists on dst before restore");
     }
-    let mut setup = MigrationSetup::new(&format!("fm{index}"), &[], false);
+    if fault == Fault::StandbyInstance && !["checkpoint", "transfer"].contains(&phase) {
+        return Err(
+            "the standby is checkpointed by then and plays no further part, as at transfer",
+        );
+    }
+    let standby = mode == Mode::Standby;
+    let tag = format!("f{}{index}", &mode_name(mode)[..1]);
+    let mut setup = MigrationSetup::new(&tag, &[], standby);
+    let params = json!({"mode": mode});
     let cycles = CELL_CYCLES;
-    let comm = "markov-controll";
+    let comm = CONTROLLER_COMM;
     let cps = setup.start_cps(cycles, 1000, None);
-    let (mut watcher, id) = setup.migrate_watched(serde_json::json!({}));
+    let (mut watcher, id) = setup.migrate_watched(params.clone());
     wait_for_phase(&mut watcher, phase);
     match fault {
         Fault::SourceDaemon => setup.src.kill_and_restart(&setup.hosts.src),
@@ -420,6 +487,9 @@ fn run_cell(fault: Fault, phase: &'static str, index: usize) -> Result<Row, &'st
             setup.hosts.src.ip(&["link", "set", "peer0", "down"]);
             std::thread::sleep(Duration::from_secs(4));
             setup.hosts.src.ip(&["link", "set", "peer0", "up"]);
+        }
+        Fault::StandbyInstance => {
+            kill_pid(setup.standby.as_ref().expect("standby mode").1.pid as u64)
         }
     }
     let (migration, handover_seq) = if fault == Fault::SourceDaemon {
@@ -478,30 +548,15 @@ fn run_cell(fault: Fault, phase: &'static str, index: usize) -> Result<Row, &'st
         std::thread::sleep(Duration::from_millis(100));
     }
     let strays = strays();
+    let handed_over = handover_seq > 0 || served_by == "destination";
+    let left_on_src = left_on_src(&setup, fault, handed_over);
     let next = if served_by == "source" && !strays.is_empty() {
         format!("FAILED: instances {strays:?} left running on dst")
     } else if served_by == "source" {
         if fault == Fault::SourceDaemon {
             setup.assert_registered();
         }
-        // Long enough to outlast a migration on a loaded machine.
-        let next_cycles = 3000;
-        let (report, next) = setup.migrate_while_cps_runs(
-            next_cycles,
-            Duration::from_millis(300),
-            serde_json::json!({}),
-        );
-        let ok = report["state"] == "done"
-            && ["missed", "duplicates", "out_of_order"]
-                .iter()
-                .all(|k| next[*k] == 0)
-            && count(&setup.hosts.dst) == Some(cycles + next_cycles);
-        kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
-        if ok {
-            "succeeded".into()
-        } else {
-            format!("FAILED: {report} {next}")
-        }
+        next_migration(&setup, mode, fault)
     } else {
         "- (handed over)".into()
     };
@@ -521,95 +576,211 @@ fn run_cell(fault: Fault, phase: &'static str, index: usize) -> Result<Row, &'st
         served_by,
         verdict,
         recovery,
+        left_on_src,
         next,
     })
 }
 
-/// The fault matrix: each fault at the start of each phase, with the CPS at
-/// 1 ms. Writes target/fault-matrix.md (README shows it). In every cell
-/// every input is answered exactly once, in order, by one of the hosts,
-/// except where the fault kills the destination instance after it took
-/// over (the service itself is dead then); and where the source still
-/// serves, the next migration succeeds.
+/// What a cell left on the source that its outcome does not account for,
+/// one line each (empty: nothing): files in its images_dir (a journal,
+/// images); after a handover, the serving instance or the standby still
+/// running (the source stops both, as `finish` does, whichever way the
+/// migration ended after the flip); before it, a standby that no longer
+/// runs (unless the fault killed it), is held or not muted, or missed an
+/// input. (The standby's count is read where the source serves, so that
+/// every input has reached both.)
+fn left_on_src(setup: &MigrationSetup, fault: Fault, handed_over: bool) -> Vec<String> {
+    let mut left: Vec<String> = files_under(&setup.images_dir("src"))
+        .into_iter()
+        .map(|f| format!("file {f}"))
+        .collect();
+    let instances = std::iter::once(("instance", setup.controller.pid))
+        .chain(setup.standby.as_ref().map(|s| ("standby", s.1.pid)));
+    if handed_over {
+        // The instances' parents reap them as soon as they are killed.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for (what, pid) in instances {
+            while runs(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if runs(pid) {
+                left.push(format!("{what} {pid} still runs after the handover"));
+            }
+        }
+        return left;
+    }
+    let Some((loaded, standby, ns)) = &setup.standby else {
+        return left;
+    };
+    if fault == Fault::StandbyInstance {
+        // It was killed: what it leaves is its gate, below.
+    } else if !runs(standby.pid) {
+        left.push(format!("standby {} died", standby.pid));
+    } else {
+        let taken = chain_state(ns, setup.service).map(|s| s.0);
+        if taken != Some(CELL_CYCLES) {
+            left.push(format!("standby took {taken:?} inputs of {CELL_CYCLES}"));
+        }
+    }
+    match loaded.dataplane.gate(setup.source_flow_id()) {
+        Ok(gate) if gate.mode == GATE_DELIVER_ALL && gate.output == OUTPUT_MUTE => {}
+        Ok(gate) => left.push(format!(
+            "standby gate mode {}, output {} (not delivering, muted)",
+            gate.mode, gate.output
+        )),
+        Err(e) => left.push(format!("standby gate: {e}")),
+    }
+    left
+}
+
+/// The migration after a cell the source still serves, in `mode`, of the
+/// controller that has taken the cell's inputs: "succeeded", or what
+/// failed. A standby the fault killed cannot be replaced while the service
+/// runs (a standby must have every input from the first): a standby
+/// migration must then be refused at the checkpoint, naming it, and a
+/// leave-running one must succeed.
+fn next_migration(setup: &MigrationSetup, mode: Mode, fault: Fault) -> String {
+    let taken = CELL_CYCLES;
+    let mut mode = mode;
+    let mut done = String::new();
+    if let Some((_, standby, _)) = &setup.standby
+        && fault == Fault::StandbyInstance
+        && !runs(standby.pid)
+    {
+        let id = setup.migrate(json!({"mode": mode}));
+        let report = setup.wait(&id);
+        let refused = format!(
+            "checkpoint: process {} is not the one registered (it ended, or its pid was reused)",
+            standby.pid
+        );
+        if report["error"] != refused {
+            return format!("FAILED: not refused for the dead standby: {report}");
+        }
+        wait_until_dst_has_no_flows(setup);
+        mode = Mode::LeaveRunning;
+        done = " in leave-running mode (standby mode refused: the standby is gone)".into();
+    }
+    // Long enough to outlast a migration on a loaded machine (a standby
+    // migration takes no hold: a third less).
+    let next_cycles = match mode {
+        Mode::LeaveRunning => 3000,
+        Mode::Standby => 2000,
+    };
+    let (report, next) = setup.migrate_while_cps_runs(
+        next_cycles,
+        Duration::from_millis(300),
+        json!({"mode": mode}),
+    );
+    let ok = report["state"] == "done"
+        && ["missed", "duplicates", "out_of_order"]
+            .iter()
+            .all(|k| next[*k] == 0)
+        && chain_state(&setup.hosts.dst, setup.service).map(|s| s.0) == Some(taken + next_cycles);
+    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+    if ok {
+        format!("succeeded{done}")
+    } else {
+        format!("FAILED: {report} {next}")
+    }
+}
+
+/// The fault matrix in leave-running mode: each fault at the start of each
+/// phase, with the CPS at 1 ms. See `fault_matrix_in`.
 #[test]
 fn fault_matrix() {
-    let faults = [
-        Fault::SourceDaemon,
-        Fault::DestinationDaemon,
-        Fault::DestinationInstance,
-        Fault::PeerLink,
-    ];
-    let phases = [
-        "checkpoint",
-        "transfer",
-        "restore",
-        "converge",
-        "cutover",
-        "announce",
-    ];
-    let mut rows = Vec::new();
-    let cells: Vec<(Fault, &str)> = faults
-        .iter()
-        .flat_map(|f| phases.iter().map(move |p| (*f, *p)))
-        .collect();
-    let name = |(fault, phase): (Fault, &str)| format!("{} at {phase}", fault.name());
-    // FAULT_CELL="kill destination daemon at checkpoint" runs one cell; a
-    // name that is no cell's is an error, not a run of nothing.
+    fault_matrix_in(Mode::LeaveRunning);
+}
+
+/// The fault matrix in standby mode, with the standby instance killed as a
+/// fault of its own. See `fault_matrix_in`.
+#[test]
+fn fault_matrix_standby() {
+    fault_matrix_in(Mode::Standby);
+}
+
+/// Runs the fault matrix in `mode`, and writes its table to
+/// target/fault-matrix-MODE.md, and both modes' tables (those written so
+/// far) to target/fault-matrix.md (docs/migration.md shows them). In every
+/// cell every input is answered exactly once, in order, by one of the
+/// hosts, except where the fault kills the destination instance after it
+/// took over (the service itself is dead then); nothing is left on the
+/// source (see `left_on_src`); and where the source still serves, the
+/// next migration succeeds.
+fn fault_matrix_in(mode: Mode) {
+    // FAULT_CELL="standby: kill destination daemon at checkpoint" runs one
+    // cell; a name that is no cell's, in either mode, is an error, not a
+    // run of nothing. (`fault_matrix` as a filter runs both halves: the
+    // other half runs nothing then.)
     let only = std::env::var("FAULT_CELL").ok();
     if let Some(only) = &only {
-        let names: Vec<String> = cells.iter().map(|c| name(*c)).collect();
+        let names: Vec<String> = [Mode::LeaveRunning, Mode::Standby]
+            .into_iter()
+            .flat_map(|m| {
+                matrix_cells(m)
+                    .into_iter()
+                    .map(move |(f, p)| cell_name(m, f, p))
+            })
+            .collect();
         assert!(
             names.contains(only),
             "FAULT_CELL={only:?} is not one of {names:#?}"
         );
     }
+    let mut rows = Vec::new();
     let mut skipped = Vec::new();
-    for (i, &(fault, phase)) in cells.iter().enumerate() {
-        let cell = name((fault, phase));
+    for (i, (fault, phase)) in matrix_cells(mode).into_iter().enumerate() {
+        let cell = cell_name(mode, fault, phase);
         if only.as_ref().is_some_and(|c| *c != cell) {
             continue;
         }
-        match run_cell(fault, phase, i) {
+        match run_cell(mode, fault, phase, i) {
             Err(reason) => {
                 println!("{cell}: not run: {reason}");
                 skipped.push((cell, reason));
             }
             Ok(row) => {
                 println!(
-                    "{} at {}: {} | served by {} | {} | {} | next {}",
-                    row.fault.name(),
-                    row.phase,
+                    "{cell}: {} | served by {} | {} | {} | left on src {:?} | next {}",
                     row.migration,
                     row.served_by,
                     row.verdict,
                     row.recovery,
+                    row.left_on_src,
                     row.next
                 );
                 rows.push(row);
             }
         }
     }
+    if rows.is_empty() && skipped.is_empty() {
+        return;
+    }
     let mut table = String::from(
         "| fault | at the start of | migration | served after by | missed | duplicates | \
-         out of order | largest gap ms | recovered at restart | next migration |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n",
+         out of order | largest gap ms | recovered at restart | left on source | next \
+         migration |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
+    let or_dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.replace('|', "/")
+        }
+    };
     for r in &rows {
         table += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |\n",
             r.fault.name(),
             r.phase,
-            r.migration.replace('|', "/"),
+            // A CRIU error may quote its log, lines and all.
+            r.migration.replace('|', "/").replace('\n', " "),
             r.served_by,
             r.verdict["missed"],
             r.verdict["duplicates"],
             r.verdict["out_of_order"],
             r.verdict["extra_gap_us"]["max"].as_f64().unwrap_or(0.0) / 1000.0,
-            if r.recovery.is_empty() {
-                "-"
-            } else {
-                &r.recovery
-            },
+            or_dash(&r.recovery),
+            or_dash(&r.left_on_src.join("; ")),
             r.next.replace('|', "/"),
         );
     }
@@ -617,17 +788,16 @@ fn fault_matrix() {
         table += &format!("\nNot run: {cell} ({reason}).\n");
     }
     if only.is_none() {
-        let path =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fault-matrix.md");
-        std::fs::write(&path, &table).unwrap();
+        write_matrix(mode, &table);
     }
     println!("{table}");
     for r in &rows {
-        let cell = format!("{} at {}", r.fault.name(), r.phase);
+        let cell = cell_name(mode, r.fault, r.phase);
         assert_eq!(r.verdict["duplicates"], 0, "{cell}");
         assert_eq!(r.verdict["out_of_order"], 0, "{cell}");
         assert_eq!(r.verdict["wrong"], 0, "{cell}");
         assert!(!r.next.starts_with("FAILED"), "{cell}: {}", r.next);
+        assert_eq!(r.left_on_src, [] as [String; 0], "{cell}: left on src");
         // Killing the destination instance after the source handed the
         // service over kills the service: inputs past K go unanswered
         // then, and only then. Every input up to K was still answered by
@@ -644,6 +814,23 @@ fn fault_matrix() {
             assert_ne!(r.served_by, "neither", "{cell}");
         }
     }
+}
+
+/// Writes `mode`'s table to target/fault-matrix-MODE.md, and
+/// target/fault-matrix.md anew from both modes' files, each under its
+/// mode's heading.
+fn write_matrix(mode: Mode, table: &str) {
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+    let file = |m| target.join(format!("fault-matrix-{}.md", mode_name(m)));
+    std::fs::write(file(mode), table).unwrap();
+    let both: Vec<String> = [Mode::LeaveRunning, Mode::Standby]
+        .into_iter()
+        .filter_map(|m| {
+            let table = std::fs::read_to_string(file(m)).ok()?;
+            Some(format!("## {}\n\n{table}", mode_name(m)))
+        })
+        .collect();
+    std::fs::write(target.join("fault-matrix.md"), both.join("\n")).unwrap();
 }
 
 #[test]
@@ -1468,9 +1655,10 @@ fn stall_the_replay(setup: &MigrationSetup) -> (Pid, u64) {
 /// During the replay: `fault` lands while the destination replays the
 /// inputs logged since the checkpoint (about a second of them: 64 MiB of
 /// images take that long to go) into the restored instance, stalled there
-/// (`stall_the_replay`) until the fault is in, and let go after it. The migration fails in `restore`, the source
-/// answers every input once, in order, nothing is left on the
-/// destination, and the next migration succeeds.
+/// (`stall_the_replay`) until the fault is in, and let go after it. The
+/// migration fails in `restore`, the source answers every input once, in
+/// order, nothing is left on the destination, and the next migration
+/// succeeds.
 fn fault_during_the_replay(tag: &str, fault: Fault) {
     let mut setup = MigrationSetup::new(tag, &["--state-mib", "64"], false);
     let cycles = 7000;
@@ -1487,6 +1675,7 @@ fn fault_during_the_replay(tag: &str, fault: Fault) {
             std::thread::sleep(Duration::from_secs(4));
             setup.hosts.src.ip(&["link", "set", "peer0", "up"]);
         }
+        Fault::StandbyInstance => panic!("a leave-running migration has no standby"),
     }
     // Gone already if the fault (or a rollback) killed it.
     let _ = kill(instance, Signal::SIGCONT);
