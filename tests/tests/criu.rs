@@ -508,7 +508,7 @@ fn images_travel_to_the_peer_daemon_checksummed_and_restore_there() {
     let hosts = TestHosts::new("xfer");
     let images_root = std::env::temp_dir().join(format!("dataplane-xfer-{}", std::process::id()));
     let config = format!(
-        "interface = \"eth0\"\npin_root = \"{}\"\ninput_ring_mib = 1\noutput_ring_mib = 1\n\
+        "interface = \"eth0\"\npeer_interface = \"peer0\"\npin_root = \"{}\"\ninput_ring_mib = 1\noutput_ring_mib = 1\n\
          peer_listen = \"198.51.100.2:7070\"\nimages_dir = \"{}\"\n{}",
         hosts.pin_root("dst").display(),
         images_root.display(),
@@ -682,7 +682,7 @@ fn a_full_destination_disk_and_an_unreachable_peer_fail_the_transfer_cleanly() {
     )
     .expect("mount a small tmpfs");
     let config = format!(
-        "interface = \"eth0\"\npin_root = \"{}\"\ninput_ring_mib = 1\noutput_ring_mib = 1\n\
+        "interface = \"eth0\"\npeer_interface = \"peer0\"\npin_root = \"{}\"\ninput_ring_mib = 1\noutput_ring_mib = 1\n\
          peer_listen = \"198.51.100.2:7070\"\nimages_dir = \"{}\"\n{}",
         hosts.pin_root("dst").display(),
         images_root.display(),

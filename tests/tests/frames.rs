@@ -958,7 +958,9 @@ fn counting_replica(
     (flow_id, replica, cps)
 }
 
-/// Mirror frames sent by hand from src's peer0 to dst's, as src's dataplane would.
+/// Mirror frames sent by hand to dst's peer0, as src's dataplane would: from
+/// the migration switch's port to dst, so that frames a Linux bridge would
+/// not forward (a VLAN tag cut short) arrive too.
 struct MirrorLink {
     socket: RawSocket,
     /// Destination and source MAC.
@@ -968,7 +970,7 @@ struct MirrorLink {
 impl MirrorLink {
     fn open(hosts: &TestHosts) -> Self {
         Self {
-            socket: RawSocket::open(&hosts.src, "peer0"),
+            socket: RawSocket::open(&hosts.migration, "to-dst"),
             macs: (
                 TestHosts::mac(&hosts.dst, "peer0"),
                 TestHosts::mac(&hosts.src, "peer0"),
