@@ -145,6 +145,12 @@ impl TestHosts {
         // takes them only with NAPI on.
         self.migration.exec("ethtool", &["-K", port, "gro", "on"]);
         host.ip(&["link", "set", "peer0", "mtu", "1600", "up"]);
+        // A veth hands a frame to its peer's NAPI ring, in order, only if it
+        // could not be segmented (no TSO): otherwise to the backlog of the
+        // CPU that sent it, and two CPUs' backlogs reorder mirror copies. A
+        // veth whose peer runs XDP loses TSO by itself; one whose peer is a
+        // bridge port does not.
+        host.exec("ethtool", &["-K", "peer0", "tso", "off"]);
         // A veth has no queue: when the image transfer fills its peer's
         // ring, a mirror copy cloned onto it is dropped. With a qdisc the
         // veth pushes back (Linux 6.15 and later) and the copy waits.
