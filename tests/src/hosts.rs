@@ -145,11 +145,11 @@ impl TestHosts {
         // takes them only with NAPI on.
         self.migration.exec("ethtool", &["-K", port, "gro", "on"]);
         host.ip(&["link", "set", "peer0", "mtu", "1600", "up"]);
-        // A veth hands a frame to its peer's NAPI ring, in order, only if it
-        // could not be segmented (no TSO): otherwise to the backlog of the
-        // CPU that sent it, and two CPUs' backlogs reorder mirror copies. A
-        // veth whose peer runs XDP loses TSO by itself; one whose peer is a
-        // bridge port does not.
+        // A veth hands a frame to its peer's NAPI ring, in order, when the
+        // peer runs XDP or the sender has no TSO (veth_xmit); otherwise to
+        // the backlog of the CPU that sent it, and two CPUs' backlogs
+        // reorder mirror copies. Here the peer is a bridge port, without
+        // XDP.
         host.exec("ethtool", &["-K", "peer0", "tso", "off"]);
         // A veth has no queue: when the image transfer fills its peer's
         // ring, a mirror copy cloned onto it is dropped. With a qdisc the
