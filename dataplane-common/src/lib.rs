@@ -178,9 +178,8 @@ pub struct Config {
     /// interface, or the link a standby's copies arrive on); 0: none.
     /// Mirror frames arriving anywhere else count as `MIRROR_FOREIGN`.
     pub mirror_from_ifindex: u32,
-    pub _reserved: u32,
 }
-const _: () = assert!(size_of::<Config>() == 52);
+const _: () = assert!(size_of::<Config>() == 48);
 
 /// Where a flow's mirror copies go on the mirror interface: the MAC of the
 /// host it migrates to, which the source learns from that host at

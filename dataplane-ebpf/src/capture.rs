@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use dataplane_common::{
-    FlowKey, FlowSequence, MAX_SEQ, MIRROR_DEVMAP, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD,
+    Config, FlowKey, FlowSequence, MAX_SEQ, MIRROR_DEVMAP, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD,
     MIRROR_VERSION, MirrorHeader, PORT_MIRROR, RECORD_INPUT, RECORD_MIRRORED, RecordHeader,
     counter,
     decide::{self, Route, captured_len},
@@ -153,15 +153,16 @@ pub(crate) fn raise(sequence: *mut FlowSequence, seq: u64) {
 /// (`MIRROR_FOREIGN`): no log line, which a sender could otherwise flood.
 #[inline(always)]
 pub(crate) fn mirror_frame(ctx: &XdpContext) -> u32 {
+    let config = config();
     match take_queued_replay(ctx) {
-        Queued::Taken => return receive(ctx, true),
+        Queued::Taken => return receive(ctx, true, &config),
         // This host's own trigger, with nothing to receive: refused.
         Queued::Lost => {}
-        _ if !on_mirror_link(ctx) => {
+        _ if !on_mirror_link(ctx, &config) => {
             count(counter::MIRROR_FOREIGN);
             return xdp_action::XDP_PASS;
         }
-        Queued::No => return receive(ctx, false),
+        Queued::No => return receive(ctx, false, &config),
         Queued::Forged => {}
     }
     count(counter::MIRROR_RECEIVED);
@@ -171,8 +172,8 @@ pub(crate) fn mirror_frame(ctx: &XdpContext) -> u32 {
 
 /// Whether the frame arrived on the interface mirror frames are taken on.
 #[inline(always)]
-fn on_mirror_link(ctx: &XdpContext) -> bool {
-    let from = config().mirror_from_ifindex;
+fn on_mirror_link(ctx: &XdpContext, config: &Config) -> bool {
+    let from = config.mirror_from_ifindex;
     // SAFETY: reading a field of the context the kernel handed us.
     from != 0 && unsafe { (*ctx.ctx).ingress_ifindex } == from
 }
@@ -184,7 +185,7 @@ fn on_mirror_link(ctx: &XdpContext) -> bool {
 /// `replayed`: the frame is a replay this host's daemon queued
 /// (`take_queued_replay`), the only source of replays.
 #[inline(always)]
-fn receive(ctx: &XdpContext, replayed: bool) -> u32 {
+fn receive(ctx: &XdpContext, replayed: bool, config: &Config) -> u32 {
     count(counter::MIRROR_RECEIVED);
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let Some(header) = ptr_at::<MirrorHeader>(data, data_end, 14) else {
@@ -256,7 +257,7 @@ fn receive(ctx: &XdpContext, replayed: bool) -> u32 {
         // SAFETY: reading a field of the context the kernel handed us.
         ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
         frame_len,
-        captured_len: captured_len(frame_len, config().snap_len),
+        captured_len: captured_len(frame_len, config.snap_len),
         ..Default::default()
     };
     let number = || {

@@ -284,6 +284,14 @@ impl DaemonConfig {
         }
     }
 
+    /// The one interface mirror frames are taken on: `mirror_from`, or the
+    /// peer interface.
+    pub fn mirror_interface(&self) -> Option<String> {
+        self.mirror_from
+            .clone()
+            .or_else(|| self.peer_interface.clone())
+    }
+
     /// The loader's options this configuration stands for.
     pub fn load_options(&self) -> Result<LoadOptions, ConfigError> {
         let standby = match (&self.standby_interface, &self.standby_mac) {

@@ -50,6 +50,19 @@ pub fn is_plain_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+/// A service name that is not a [plain name](is_plain_name).
+#[derive(Debug, thiserror::Error)]
+#[error("service name {0:?}: a plain name is 1 to 128 letters, digits, `.`, `_` or `-`")]
+pub struct NotPlainName(pub String);
+
+/// `name` if it is a plain name, for a service.
+pub fn service_name(name: &str) -> Result<&str, NotPlainName> {
+    match is_plain_name(name) {
+        true => Ok(name),
+        false => Err(NotPlainName(name.to_string())),
+    }
+}
+
 /// A flow by its ends.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

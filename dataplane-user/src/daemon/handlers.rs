@@ -85,9 +85,7 @@ impl Daemon {
             interfaces: Interfaces {
                 service: self.config.interface.clone(),
                 peer: self.config.peer_interface.clone(),
-                mirror_from: (self.config.mirror_from.as_ref())
-                    .or(self.config.peer_interface.as_ref())
-                    .cloned(),
+                mirror_from: self.config.mirror_interface(),
             },
             programs: dataplane.attached_programs().map_err(dataplane_error)?,
             flows: flow_rows(&dataplane)?,
@@ -153,15 +151,8 @@ impl Daemon {
 
     fn service_register(&self, mut service: Service) -> Result<ServiceRegistered, RpcError> {
         // The name becomes part of migration ids, and so of paths.
-        if !crate::service::is_plain_name(&service.name) {
-            return Err(RpcError::new(
-                code::INVALID_PARAMS,
-                format!(
-                    "service name {:?}: a plain name is 1 to 128 letters, digits, `.`, `_` or `-`",
-                    service.name
-                ),
-            ));
-        }
+        crate::service::service_name(&service.name)
+            .map_err(|e| RpcError::new(code::INVALID_PARAMS, e.to_string()))?;
         service.registered = std::iter::once(service.pid)
             .chain(service.standby_pid)
             .map(|pid| {

@@ -78,9 +78,8 @@ fn trust(config: &DaemonConfig) -> Result<peer::Trust, DaemonError> {
             "peer_insecure: peer links cross in clear and unauthenticated; anyone who \
              reaches peer_listen can have this host restore checkpoint images as root"
         );
-        return Ok(peer::Trust::insecure(peers));
     }
-    if config.peer_listen.is_none() && peers.is_empty() {
+    if config.peer_insecure || (config.peer_listen.is_none() && peers.is_empty()) {
         return Ok(peer::Trust::insecure(peers));
     }
     let (identity, made) = peer::Identity::load_or_create(&config.identity)?;
@@ -227,9 +226,7 @@ impl Daemon {
                 pin_root: daemon.config.pin_root.clone(),
                 interface: daemon.config.interface.clone(),
                 peer_interface: daemon.config.peer_interface.clone(),
-                mirror_from: (daemon.config.mirror_from.as_ref())
-                    .or(daemon.config.peer_interface.as_ref())
-                    .cloned(),
+                mirror_from: daemon.config.mirror_interface(),
                 criu: daemon.config.criu(),
                 inputs: Some(taps.0.clone()),
                 outputs: Some(taps.1.clone()),

@@ -83,6 +83,12 @@ impl GateWindow {
             .store(mode, Ordering::SeqCst);
     }
 
+    /// The one input a sequenced gate takes next.
+    pub fn next_expected(&self, flow_id: u32) -> u64 {
+        self.word::<AtomicU64>(flow_id, dataplane_common::GATE_NEXT_EXPECTED_OFFSET)
+            .load(Ordering::SeqCst)
+    }
+
     /// Moves a sequenced gate on from input `from` to input `to`, as the
     /// kernel does when it delivers `from`: for inputs a replay cannot give
     /// (missing from the log, or too large), which the caller names. One

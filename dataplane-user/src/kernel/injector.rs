@@ -74,13 +74,6 @@ pub enum Unreplayable {
 }
 
 impl Unreplayable {
-    /// The input it names.
-    pub fn seq(&self) -> u64 {
-        match *self {
-            Unreplayable::TooLarge { seq, .. } | Unreplayable::Cut { seq, .. } => seq,
-        }
-    }
-
     /// Whether a replay can give the logged input `record` whole, as it arrived.
     pub fn check(record: &Record) -> Result<(), Unreplayable> {
         let seq = record.header.seq;

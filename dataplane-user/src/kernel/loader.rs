@@ -434,14 +434,29 @@ impl Dataplane {
 
     /// Changes the flags (`FLOW_*`) of the known flow `key`.
     pub fn set_flow_flags(&mut self, key: &FlowKey, flags: u32) -> Result<(), LoadError> {
-        let (_, mut config) = self
-            .flows()?
-            .into_iter()
-            .find(|(k, _)| k == key)
-            .ok_or_else(|| LoadError::UnknownFlow(crate::kernel::flow::display(key)))?;
-        config.flags = flags;
+        let config = self.flow_config(key)?;
+        self.write_flow_flags(key, config, flags)
+    }
+
+    /// The entry of the known flow `key`.
+    fn flow_config(&self, key: &FlowKey) -> Result<FlowConfig, LoadError> {
+        self.flows.get(key, 0).map_err(|source| match source {
+            MapError::KeyNotFound => LoadError::UnknownFlow(crate::kernel::flow::display(key)),
+            source => LoadError::Map {
+                name: MAP_FLOWS,
+                source,
+            },
+        })
+    }
+
+    fn write_flow_flags(
+        &mut self,
+        key: &FlowKey,
+        config: FlowConfig,
+        flags: u32,
+    ) -> Result<(), LoadError> {
         self.flows
-            .insert(*key, config, 0)
+            .insert(*key, FlowConfig { flags, ..config }, 0)
             .map_err(|source| LoadError::Map {
                 name: MAP_FLOWS,
                 source,
@@ -452,11 +467,7 @@ impl Dataplane {
     /// interface, or (`None`) stops mirroring it. The address is set before
     /// the flag and cleared after it: no copy leaves without one.
     pub fn mirror_flow(&mut self, key: &FlowKey, to: Option<[u8; 6]>) -> Result<(), LoadError> {
-        let (_, config) = self
-            .flows()?
-            .into_iter()
-            .find(|(k, _)| k == key)
-            .ok_or_else(|| LoadError::UnknownFlow(crate::kernel::flow::display(key)))?;
+        let config = self.flow_config(key)?;
         let target = |mac: [u8; 6]| MirrorTarget {
             mac,
             ..Default::default()
@@ -472,10 +483,10 @@ impl Dataplane {
         match to {
             Some(mac) => {
                 set_target(self, mac)?;
-                self.set_flow_flags(key, config.flags | FLOW_MIRROR)
+                self.write_flow_flags(key, config, config.flags | FLOW_MIRROR)
             }
             None => {
-                self.set_flow_flags(key, config.flags & !FLOW_MIRROR)?;
+                self.write_flow_flags(key, config, config.flags & !FLOW_MIRROR)?;
                 set_target(self, [0; 6])
             }
         }

@@ -369,9 +369,7 @@ impl<'a> Target<'a> {
         deadline_ms: u64,
     ) -> Result<Self, Cause> {
         transfer::plain_name(&migration).map_err(Cause::Name)?;
-        if !crate::service::is_plain_name(&service) {
-            return Err(Cause::ServiceName(service));
-        }
+        crate::service::service_name(&service)?;
         // Once handed over it is registered here, under its name.
         if host.services.contains(&service) {
             return Err(Cause::ServiceHere(service));
@@ -909,6 +907,15 @@ fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<IpAddr>, Cause>
     Ok(announced)
 }
 
+/// Recovery of flows handed over here: their addresses announced; what
+/// came of it.
+fn keep_serving(interface: &str, flows: &[TargetFlow]) -> String {
+    match announce(interface, flows) {
+        Ok(addresses) => format!("handed over; kept serving, announced {addresses:?}"),
+        Err(e) => format!("handed over; kept serving; {e}"),
+    }
+}
+
 /// Finishes what a migration to this host left when the daemon died, from
 /// its journal (see [`super::recovery`]). Handed over: the instance keeps
 /// serving, the address is announced, and the instance is registered in
@@ -932,10 +939,7 @@ pub(super) fn recover(
         if let (Some(name), Some(i)) = (service, instance.filter(Identity::runs)) {
             register(services, name, i.pid, flows);
         }
-        return match announce(interface, flows) {
-            Ok(addresses) => format!("handed over; kept serving, announced {addresses:?}"),
-            Err(e) => format!("handed over; kept serving; {e}"),
-        };
+        return keep_serving(interface, flows);
     }
     let killed = instance.filter(Identity::runs);
     if let Some(i) = killed {
@@ -992,10 +996,7 @@ pub(super) fn recover_unjournaled(pin_root: &Path, interface: &str) -> String {
     });
     let mut outcome = Vec::new();
     if !kept.is_empty() {
-        outcome.push(match announce(interface, &kept) {
-            Ok(addresses) => format!("handed over; kept serving, announced {addresses:?}"),
-            Err(e) => format!("handed over; kept serving; {e}"),
-        });
+        outcome.push(keep_serving(interface, &kept));
     }
     if !undone.is_empty() {
         let killed: Vec<u32> = undone

@@ -125,8 +125,8 @@ pub enum Cause {
     ReservedName(String),
     #[error("deadline_ms must be 1 to {MAX_DEADLINE_MS}, not {0}")]
     Deadline(u64),
-    #[error("service name {0:?}: a plain name is 1 to 128 letters, digits, `.`, `_` or `-`")]
-    ServiceName(String),
+    #[error(transparent)]
+    ServiceName(#[from] crate::service::NotPlainName),
     #[error("a service named {0} is registered on this host already")]
     ServiceHere(String),
     #[error("this host takes no mirror copies (no peer_interface or mirror_from configured)")]

@@ -375,8 +375,8 @@ pub async fn resume(
     log: &mut impl Records,
 ) -> Result<u64, CheckpointError> {
     let flow_id = position.flow_id;
-    dataplane.set_input_gate(flow_id, GATE_SEQUENCED, position.last_delivered + 1)?;
     let window = dataplane.gate_window()?;
+    window.set_input_gate(flow_id, GATE_SEQUENCED, position.last_delivered + 1);
     let queues = SocketQueues::of(pid)?;
     let mut pending: BTreeMap<u64, Record> = BTreeMap::new();
     let (mut replayed, mut passed) = (0, PassedOver::default());
@@ -384,7 +384,7 @@ pub async fn resume(
     // the wait began: only those had the whole wait to show up.
     let mut waiting: Option<(u64, Instant, u64)> = None;
     loop {
-        let next = dataplane.gate(flow_id)?.next_expected;
+        let next = window.next_expected(flow_id);
         let last = dataplane.sequence(flow_id)?.last_seq;
         if next > last {
             return match passed.is_empty() {

@@ -309,7 +309,7 @@ fn noise_error(e: snow::Error) -> PeerError {
     PeerError::Auth(format!("handshake: {e}"))
 }
 
-fn refused(reason: &[u8]) -> PeerError {
+pub(super) fn refused(reason: &[u8]) -> PeerError {
     PeerError::Refused(String::from_utf8_lossy(reason).into_owned())
 }
 
@@ -352,9 +352,7 @@ pub async fn migrate_step(
     link.send(frame::MIGRATE, &request).await?;
     match link.recv(MAX_FRAME).await? {
         (frame::MIGRATED, payload) => migration_answer(&payload),
-        (frame::REFUSE, reason) => Err(PeerError::Refused(
-            String::from_utf8_lossy(&reason).into_owned(),
-        )),
+        (frame::REFUSE, reason) => Err(refused(&reason)),
         (other, _) => Err(PeerError::Garbage(format!(
             "frame type {other} instead of a migration answer"
         ))),

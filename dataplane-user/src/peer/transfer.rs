@@ -274,9 +274,7 @@ pub async fn send_counting(
                 .map_err(|e| images_error(format!("receipt: {e}")))?,
             elapsed: start.elapsed(),
         }),
-        (frame::REFUSE, reason) => Err(PeerError::Refused(
-            String::from_utf8_lossy(&reason).into_owned(),
-        )),
+        (frame::REFUSE, reason) => Err(super::refused(&reason)),
         (other, _) => Err(images_error(format!(
             "frame type {other} instead of a receipt"
         ))),
