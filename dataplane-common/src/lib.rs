@@ -181,23 +181,27 @@ pub struct Config {
 }
 const _: () = assert!(size_of::<Config>() == 48);
 
-/// Where a flow's mirror copies go on the mirror interface: the MAC of the
-/// host it migrates to, which the source learns from that host at
-/// `prepare` (one migration network, any number of hosts). All zero:
-/// nowhere; a copy is dropped and counted as a mirror error.
+/// Where a flow's mirror copies go on the mirror interface: the host it
+/// migrates to, which tells the source at `prepare` (one migration
+/// network, any number of hosts). A MAC of all zero: nowhere; a copy is
+/// dropped and counted as a mirror error.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct MirrorTarget {
+    /// That host's MAC on the migration network.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The flow's id on that host, which the copies carry: each host
+    /// numbers its flow table on its own.
+    pub flow_id: u32,
 }
-const _: () = assert!(size_of::<MirrorTarget>() == 8);
+const _: () = assert!(size_of::<MirrorTarget>() == 12);
 
 impl MirrorTarget {
-    /// The MAC, unless none is set.
-    pub fn mac(&self) -> Option<[u8; 6]> {
-        (self.mac != [0; 6]).then_some(self.mac)
+    /// The target, unless none is set.
+    pub fn get(self) -> Option<Self> {
+        (self.mac != [0; 6]).then_some(self)
     }
 }
 

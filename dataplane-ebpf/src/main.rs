@@ -69,7 +69,7 @@ pub fn mirror_port(ctx: XdpContext) -> u32 {
     // SAFETY: ptr_at checked the bounds.
     let meta = unsafe { meta.read_unaligned() };
     let frame_len = (ctx.data_end() - ctx.data()) as u32;
-    let Some(dst) = mirror_target(meta.flow_id) else {
+    let Some(target) = mirror_target(meta.flow_id) else {
         count(counter::MIRROR_ERRORS);
         return xdp_action::XDP_DROP;
     };
@@ -85,7 +85,12 @@ pub fn mirror_port(ctx: XdpContext) -> u32 {
     else {
         return xdp_action::XDP_DROP;
     };
-    let headers = mirror_headers((dst, config().mirror_src_mac), &meta, frame_len);
+    // The copy carries the flow's id on the host it goes to.
+    let meta = CaptureMeta {
+        flow_id: target.flow_id,
+        ..meta
+    };
+    let headers = mirror_headers((target.mac, config().mirror_src_mac), &meta, frame_len);
     // SAFETY: ptr_at checked the bounds.
     unsafe { outer.cast_mut().write_unaligned(headers) };
     xdp_action::XDP_PASS
@@ -160,17 +165,24 @@ pub fn egress(ctx: TcContext) -> i32 {
                 && (ifindex == config.mirror_ifindex || ifindex == config.standby_ifindex) =>
         {
             // The same frame format to the peer and to the standby; only the
-            // addresses differ.
-            let macs = if ifindex == config.mirror_ifindex {
-                mirror_target(pending.flow_id).map(|dst| (dst, config.mirror_src_mac))
+            // addresses differ, and the flow's id on the peer. The standby's
+            // dataplane has the flows under this host's ids.
+            let copy = if ifindex == config.mirror_ifindex {
+                mirror_target(pending.flow_id).map(|target| {
+                    let meta = CaptureMeta {
+                        flow_id: target.flow_id,
+                        ..*pending
+                    };
+                    (meta, (target.mac, config.mirror_src_mac))
+                })
             } else {
-                Some((config.standby_dst_mac, config.standby_src_mac))
+                Some((*pending, (config.standby_dst_mac, config.standby_src_mac)))
             };
-            let Some(macs) = macs else {
+            let Some((meta, macs)) = copy else {
                 // No host named: `mirror` counts the failed clone.
                 return TC_ACT_SHOT;
             };
-            if encapsulate(&ctx, pending, macs).is_none() {
+            if encapsulate(&ctx, &meta, macs).is_none() {
                 count(counter::MIRROR_ERRORS);
             }
         }

@@ -70,10 +70,10 @@ pub(crate) static REPLAY_KEY: Array<u64> = Array::pinned(1, 0);
 #[map]
 pub(crate) static MIRROR_TO: Array<MirrorTarget> = Array::pinned(MAX_FLOWS, 0);
 
-/// The MAC flow `flow_id`'s mirror copies go to; none if it has none.
+/// Where flow `flow_id`'s mirror copies go; none if nowhere.
 #[inline(always)]
-pub(crate) fn mirror_target(flow_id: u32) -> Option<[u8; 6]> {
-    MIRROR_TO.get(flow_id)?.mac()
+pub(crate) fn mirror_target(flow_id: u32) -> Option<MirrorTarget> {
+    MIRROR_TO.get(flow_id)?.get()
 }
 
 #[inline(always)]

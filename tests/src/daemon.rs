@@ -169,6 +169,26 @@ impl DaemonProcess {
             .expect("connect to the daemon")
     }
 
+    /// Waits for the daemon's migration `id` to end (60 s at most): its
+    /// final report.
+    pub fn wait_for_migration(&self, id: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let report = self
+                .client()
+                .call("migration.status", serde_json::json!({"id": id}))
+                .expect("migration.status");
+            if report["state"] != "running" {
+                return report;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "migration {id} still running: {report}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Adds `flow` to the daemon's dataplane.
     pub fn add_flow(&self, (cps, service): Flow) {
         self.client()

@@ -17,18 +17,36 @@ use dataplane_user::{
 
 use crate::{
     daemon::{Flow, dataplane_bin},
-    netns::{NetNs, ip, run},
+    netns::{NetNs, run, veth},
     timing::realtime,
 };
 
 /// The CPS's IPv4 address.
 pub const CPS_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-/// The service's IPv4 address, on `src` and (on lo) on `dst`.
+/// The service's IPv4 address: a host address on `src`'s eth0, and on
+/// `dst`'s lo.
 pub const SERVICE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 /// The CPS's IPv6 address.
 pub const CPS_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 /// The service's IPv6 address.
 pub const SERVICE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10);
+
+/// A host's own addresses: on the service network (IPv4, IPv6), and on
+/// the migration network.
+pub type HostAddresses = (Ipv4Addr, Ipv6Addr, Ipv4Addr);
+
+/// `src`'s own addresses (the service's, 192.0.2.10, is another).
+pub const SRC_ADDRESSES: HostAddresses = (
+    Ipv4Addr::new(192, 0, 2, 30),
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x30),
+    Ipv4Addr::new(198, 51, 100, 1),
+);
+/// `dst`'s own addresses.
+pub const DST_ADDRESSES: HostAddresses = (
+    Ipv4Addr::new(192, 0, 2, 20),
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20),
+    Ipv4Addr::new(198, 51, 100, 2),
+);
 
 /// The three test hosts and their links.
 pub struct TestHosts {
@@ -58,15 +76,7 @@ impl TestHosts {
     }
 
     fn wire(&self) {
-        let (cps, src, dst) = (self.cps.name(), self.src.name(), self.dst.name());
         self.cps.ip(&["link", "add", "br0", "type", "bridge"]);
-        for (port, host) in [("to-src", src), ("to-dst", dst)] {
-            ip(&[
-                "link", "add", port, "netns", cps, "type", "veth", "peer", "name", "eth0", "netns",
-                host,
-            ]);
-            self.cps.ip(&["link", "set", port, "master", "br0", "up"]);
-        }
         self.migration.ip(&["link", "add", "br0", "type", "bridge"]);
         // A switch forwards frames as they are. With br_netfilter loaded (as
         // container hosts have it), a bridge would drop malformed IP frames
@@ -77,66 +87,71 @@ impl TestHosts {
                     .sysctl(&format!("net.bridge.bridge-nf-call-{family}"), "0");
             }
         }
-        self.join_migration_network(&self.src, "to-src");
-        self.join_migration_network(&self.dst, "to-dst");
         self.migration.ip(&["link", "set", "br0", "up"]);
         self.cps.ip(&["link", "set", "br0", "up"]);
         self.cps.ip(&["addr", "add", "192.0.2.1/24", "dev", "br0"]);
         self.cps
             .ip(&["addr", "add", "2001:db8::1/64", "dev", "br0", "nodad"]);
-        self.src
-            .ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
-        self.src
-            .ip(&["addr", "add", "2001:db8::10/64", "dev", "eth0", "nodad"]);
-        self.src
-            .ip(&["addr", "add", "198.51.100.1/24", "dev", "peer0"]);
-        self.dst
-            .ip(&["addr", "add", "192.0.2.20/24", "dev", "eth0"]);
-        self.dst
-            .ip(&["addr", "add", "2001:db8::20/64", "dev", "eth0", "nodad"]);
-        self.dst.ip(&["addr", "add", "192.0.2.10/32", "dev", "lo"]);
-        self.dst
-            .ip(&["addr", "add", "2001:db8::10/128", "dev", "lo", "nodad"]);
-        self.dst
-            .ip(&["addr", "add", "198.51.100.2/24", "dev", "peer0"]);
-        for host in [&self.src, &self.dst] {
-            host.ip(&["link", "set", "eth0", "up"]);
-        }
         // A field device puts real checksums on the wire. A sender on this
         // machine leaves them to a checksum offload that veth never performs,
         // which only works while the skb's checksum state travels with it.
-        for iface in ["br0", "to-src", "to-dst"] {
-            self.cps.exec("ethtool", &["-K", iface, "tx", "off"]);
-        }
-        // Only src answers ARP for the service address, and dst never
-        // announces it (its ARP requests name its own address) before a
-        // migration's cutover does.
-        self.dst.sysctl("net.ipv4.conf.eth0.arp_ignore", "1");
-        self.dst.sysctl("net.ipv4.conf.eth0.arp_announce", "2");
+        self.cps.exec("ethtool", &["-K", "br0", "tx", "off"]);
+        self.join(&self.src, "src", SRC_ADDRESSES);
+        self.join(&self.dst, "dst", DST_ADDRESSES);
+        // src serves the service to begin with: its address is src's on
+        // the service network (a host address beside src's own, which a
+        // migration away takes off).
+        self.src
+            .ip(&["addr", "add", "192.0.2.10/32", "dev", "eth0"]);
+        self.src
+            .ip(&["addr", "add", "2001:db8::10/128", "dev", "eth0", "nodad"]);
+        // dst holds it on lo, as an admin may provision it (a destination
+        // without it adds it there itself).
+        self.dst.ip(&["addr", "add", "192.0.2.10/32", "dev", "lo"]);
+        self.dst
+            .ip(&["addr", "add", "2001:db8::10/128", "dev", "lo", "nodad"]);
+    }
+
+    /// Makes `host` (called `name`) a host of the cell: its eth0 a port of
+    /// the service network's bridge on `cps`, its peer0 one of the
+    /// migration network's, with `addresses` its own; set up as the
+    /// operations guide asks of every host that may take a migration.
+    fn join(&self, host: &NetNs, name: &str, addresses: HostAddresses) {
+        let port = format!("to-{name}");
+        veth((&port, &self.cps), ("eth0", host));
+        self.cps.ip(&["link", "set", &port, "master", "br0", "up"]);
+        self.cps.exec("ethtool", &["-K", &port, "tx", "off"]);
+        self.join_migration_network(host, &port);
+        let (v4, v6, peer) = addresses;
+        host.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+        host.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+        host.ip(&["addr", "add", &format!("{peer}/24"), "dev", "peer0"]);
+        host.ip(&["link", "set", "eth0", "up"]);
+        // A host answers ARP only for the addresses of the interface asked
+        // on (not for a service address it holds on lo), and names its
+        // own address in its requests: a service address moves only when
+        // a cutover announces it.
+        host.sysctl("net.ipv4.conf.eth0.arp_ignore", "1");
+        host.sysctl("net.ipv4.conf.eth0.arp_announce", "2");
         // Mirrored inputs from the CPS arrive on peer0, not on the CPS's subnet.
         for key in ["all", "default", "peer0", "eth0"] {
-            self.dst
-                .sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0");
+            host.sysctl(&format!("net.ipv4.conf.{key}.rp_filter"), "0");
         }
+    }
+
+    /// One more host of the cell, `name`, on both networks, with
+    /// `addresses` its own, and no service address: as `src` and `dst` are
+    /// joined.
+    pub fn add_host(&self, name: &str, addresses: HostAddresses) -> NetNs {
+        let ns = NetNs::new(&format!("{}-{name}", self.tag));
+        self.join(&ns, name, addresses);
+        ns
     }
 
     /// Makes `host`'s peer0 a port (`port`) of the migration network's
     /// bridge.
     fn join_migration_network(&self, host: &NetNs, port: &str) {
-        ip(&[
-            "link",
-            "add",
-            port,
-            "netns",
-            self.migration.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "peer0",
-            "netns",
-            host.name(),
-        ]);
+        veth((port, &self.migration), ("peer0", host));
         // Mirror frames carry 46 bytes (50 with a VLAN tag) around a
         // full-size input. A bridge takes its ports' MTU.
         self.migration
@@ -206,20 +221,7 @@ impl TestHosts {
     /// go nowhere (its dataplane mutes them).
     pub fn add_standby(&self) -> NetNs {
         let ns = NetNs::new(&format!("{}-stb", self.tag));
-        ip(&[
-            "link",
-            "add",
-            "stby0",
-            "netns",
-            self.src.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]);
+        veth(("stby0", &self.src), ("eth0", &ns));
         self.src.ip(&["link", "set", "stby0", "mtu", "1600", "up"]);
         ns.ip(&["link", "set", "eth0", "mtu", "1600", "up"]);
         ns.ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
@@ -391,11 +393,18 @@ impl Loaded {
         Self { dataplane }
     }
 
-    /// Adds flow `key`, mirrored to `to`'s peer0: its id.
+    /// Adds flow `key`, mirrored to `to`'s peer0 (under the same id
+    /// there): its id.
     pub fn add_mirrored_flow(&mut self, key: dataplane_common::FlowKey, to: &NetNs) -> u32 {
         let flow_id = self.dataplane.add_flow(key, 0).expect("add the flow");
+        // The tests give a flow the same id on every host.
+        let target = dataplane_common::MirrorTarget {
+            mac: TestHosts::mac(to, "peer0"),
+            flow_id,
+            ..Default::default()
+        };
         self.dataplane
-            .mirror_flow(&key, Some(TestHosts::mac(to, "peer0")))
+            .mirror_flow(&key, Some(target))
             .expect("mirror the flow");
         flow_id
     }

@@ -372,22 +372,7 @@ impl MigrationSetup {
 
     /// Waits for migration `id` to end; its final report.
     pub fn wait(&self, id: &str) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let report = self
-                .src
-                .client()
-                .call("migration.status", serde_json::json!({"id": id}))
-                .expect("migration.status");
-            if report["state"] != "running" {
-                return report;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "migration {id} still running: {report}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.src.wait_for_migration(id)
     }
 }
 

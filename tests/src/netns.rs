@@ -27,6 +27,25 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Links `a` (an interface made in namespace `in_a`) and `b` (in `in_b`)
+/// with a veth pair.
+pub fn veth((a, in_a): (&str, &NetNs), (b, in_b): (&str, &NetNs)) {
+    ip(&[
+        "link",
+        "add",
+        a,
+        "netns",
+        in_a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b,
+        "netns",
+        in_b.name(),
+    ]);
+}
+
 /// A network namespace, deleted on drop.
 pub struct NetNs {
     name: String,

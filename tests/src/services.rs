@@ -34,6 +34,8 @@ pub struct ChainService {
     unshare: std::process::Child,
     /// The service's pid, as this (the root) PID namespace sees it.
     pub pid: u32,
+    /// Its working directory (removed on drop if empty).
+    cwd: PathBuf,
 }
 
 impl ChainService {
@@ -45,7 +47,18 @@ impl ChainService {
     /// Starts `program` (a binary of this workspace) with `args` as a service
     /// on `addr` in `host`; it must answer "?" as the chain service does.
     pub fn spawn(host: &NetNs, program: &str, args: &[&str], addr: SocketAddr) -> Self {
+        // A working directory of its own, as on a host of its own: CRIU
+        // makes a directory there to dump it, and two services dumped at
+        // once from one directory would meet.
+        let cwd = PathBuf::from(format!(
+            "/tmp/dataplane-test-{}-{}-{}",
+            std::process::id(),
+            host.name(),
+            addr.port()
+        ));
+        std::fs::create_dir_all(&cwd).expect("the service's working directory");
         let unshare = Command::new("nsenter")
+            .current_dir(&cwd)
             .arg(format!("--net={}", host.path().display()))
             .args(["unshare", "--pid", "--fork"])
             .args(service_command(program, args))
@@ -67,7 +80,7 @@ impl ChainService {
             );
             std::thread::sleep(Duration::from_millis(5));
         };
-        let service = Self { unshare, pid };
+        let service = Self { unshare, pid, cwd };
         // Ready once it answers: inputs sent before it binds would be lost.
         assert_eq!(chain_state(host, addr), Some((0, 0)), "the service answers");
         service
@@ -101,14 +114,19 @@ impl Drop for ChainService {
         );
         let _ = self.unshare.kill();
         let _ = self.unshare.wait();
+        let _ = std::fs::remove_dir(&self.cwd);
     }
 }
 
-/// Asks the chain service at `addr` in `host` for its state: (count, hash).
+/// Asks the chain service at `addr` in `host` for its state: (count,
+/// hash). None if nothing there answers, or `host` does not hold the
+/// address (a host that let go of a service after its migration).
 pub fn chain_state(host: &NetNs, addr: SocketAddr) -> Option<(u64, u64)> {
-    let socket = host
-        .run(|| std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), 0)))
-        .expect("bind a query socket");
+    let socket = match host.run(|| std::net::UdpSocket::bind(SocketAddr::new(addr.ip(), 0))) {
+        Ok(socket) => socket,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => return None,
+        Err(e) => panic!("bind a query socket: {e}"),
+    };
     socket
         .set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();

@@ -206,6 +206,8 @@ fn mirrors_inputs_to_the_peer_with_their_numbers_and_bytes() {
     assert_eq!(dst.dataplane.counters().unwrap().get(counter::HELD), 100);
 }
 
+/// ... and under the id the flow has there: each host numbers its own
+/// flow table.
 #[test]
 fn a_flow_mirrors_only_to_the_host_it_names_and_nowhere_without_one() {
     let hosts = TestHosts::new("mto");
@@ -217,7 +219,10 @@ fn a_flow_mirrors_only_to_the_host_it_names_and_nowhere_without_one() {
     src.dataplane
         .add_flow(key, dataplane_common::FLOW_MIRROR)
         .unwrap();
-    dst.dataplane.add_flow(key, 0).unwrap();
+    // On dst the flow is its second: id 0 is another's.
+    let other = flow::udp(cps, sock(SERVICE_V4, 5001));
+    assert_eq!(dst.dataplane.add_flow(other, 0).unwrap(), 0);
+    let dst_id = dst.dataplane.add_flow(key, 0).unwrap();
     let mirrored = |src: &Loaded, dst: &Loaded| {
         let (sc, dc) = (
             src.dataplane.counters().unwrap(),
@@ -233,12 +238,18 @@ fn a_flow_mirrors_only_to_the_host_it_names_and_nowhere_without_one() {
     let sent = send_inputs(&hosts, cps, service, 100);
     assert_delivered(&src_rx.join().unwrap(), &sent, "the primary");
     assert_eq!(mirrored(&src, &dst), [0, 100, 0], "nowhere to go");
-    // Named: every copy reaches that host.
-    src.dataplane
-        .mirror_flow(&key, Some(TestHosts::mac(&hosts.dst, "peer0")))
-        .unwrap();
+    // Named: every copy reaches that host, logged there under its id.
+    let target = dataplane_common::MirrorTarget {
+        mac: TestHosts::mac(&hosts.dst, "peer0"),
+        flow_id: dst_id,
+        ..Default::default()
+    };
+    src.dataplane.mirror_flow(&key, Some(target)).unwrap();
+    assert_eq!(src.dataplane.mirror_target(0).unwrap(), Some(target));
     send_inputs(&hosts, cps, service, 100);
-    assert_eq!(dst.read_inputs(100).len(), 100);
+    let logged = dst.read_inputs(100);
+    assert_eq!(logged.len(), 100);
+    assert!(logged.iter().all(|r| r.header.flow_id == dst_id));
     assert_eq!(mirrored(&src, &dst), [100, 100, 100]);
     // Stopped: no copy, no error.
     src.dataplane.mirror_flow(&key, None).unwrap();

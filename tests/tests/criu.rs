@@ -341,7 +341,7 @@ async fn prepare(
 ) -> Result<serde_json::Value, dataplane_user::peer::PeerError> {
     let step: dataplane_user::migration::protocol::Step = serde_json::from_value(
         serde_json::json!({"step": "prepare", "migration": id, "service": id, "deadline_ms": 10_000,
-            "flows": [{"flow_id": cps_port - 3990, "cps": sock(CPS_V4, cps_port),
+            "flows": [{"cps": sock(CPS_V4, cps_port),
                 "service": sock(SERVICE_V4, 5000)}]}),
     )
     .unwrap();

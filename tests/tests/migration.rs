@@ -6,10 +6,13 @@ use std::{
 };
 
 use dataplane_tests::{
-    CONTROLLER_COMM, MigrationSetup, chain_state, cps_verdict, cpu_split, in_netns, kill_pid,
-    pids_named, read_trace,
+    CONTROLLER_COMM, MigrationSetup, NetNs, chain_state, cps_verdict, cpu_split, in_netns,
+    kill_pid, pids_named, read_trace,
 };
-use dataplane_user::{host::tasks::cpus_of, kernel::loader::Dataplane};
+use dataplane_user::{
+    host::{netdev, tasks::cpus_of},
+    kernel::loader::Dataplane,
+};
 
 fn assert_clean(verdict: &serde_json::Value) {
     for key in ["missed", "duplicates", "out_of_order", "wrong"] {
@@ -317,19 +320,12 @@ fn standby_mode_migrates_without_stopping_the_serving_instance() {
 }
 
 #[test]
-fn every_input_is_answered_long_after_the_announce() {
+fn every_input_is_answered_long_after_the_announce_and_the_source_lets_go() {
     // The CPS goes on for 12 s after the migration: long enough for its
-    // neighbour entry to be probed again (about 5 s after the gratuitous
-    // ARP), when its path may swing back to the source for a while. Inputs
-    // the source forwards then, and those reaching the destination
-    // directly, must still be answered once each, in order.
-    //
-    // Whether and when the kernel's probing swings the path is up to its
-    // timers, so the test also swings it itself, once, for a second: the
-    // CPS's neighbour entry for the service address is pointed back at
-    // the source, then at the destination again. The source's `forwarded`
-    // count (inputs past K it sent on to the destination) shows the swing
-    // happened.
+    // neighbour entry to go stale and be probed again (about 5 s after the
+    // gratuitous ARP). By then the source has let go of the service: no
+    // flow, and the address off its interfaces, so that only the
+    // destination answers for it.
     let setup = MigrationSetup::new("long", &[], false);
     let cycles = 12_500;
     let cps = setup.start_cps(cycles, 1000, None);
@@ -337,41 +333,73 @@ fn every_input_is_answered_long_after_the_announce() {
     let id = setup.migrate(serde_json::json!({}));
     let report = setup.wait(&id);
     assert_eq!(report["state"], "done", "{report}");
-    let forwarded = || {
-        Dataplane::open(&setup.hosts.pin_root("src"))
-            .and_then(|d| d.counters())
-            .expect("the source's counters")
-            .get(dataplane_common::counter::FORWARDED)
-    };
-    let point_at = |host| {
-        let mac = dataplane_tests::mac_text(dataplane_tests::TestHosts::mac(host, "eth0"));
-        let service = setup.service.ip().to_string();
-        setup.hosts.cps.ip(&[
-            "neigh",
-            "replace",
-            &service,
-            "lladdr",
-            &mac,
-            "dev",
-            "br0",
-            "nud",
-            "reachable",
-        ]);
-    };
-    std::thread::sleep(Duration::from_secs(1));
-    let before = forwarded();
-    point_at(&setup.hosts.src);
-    std::thread::sleep(Duration::from_secs(1));
-    point_at(&setup.hosts.dst);
-    let during = forwarded() - before;
+    let src = Dataplane::open(&setup.hosts.pin_root("src")).expect("src's dataplane");
+    assert_eq!(src.flows().expect("src's flows"), vec![]);
+    let held = |host: &NetNs| host.run(|| netdev::is_local(setup.service.ip()));
+    assert!(
+        !held(&setup.hosts.src),
+        "the source still holds the address"
+    );
+    assert!(held(&setup.hosts.dst));
     let verdict = cps_verdict(cps);
-    println!("report: {report}\nCPS: {verdict}\nforwarded by src while swung back: {during}");
+    println!("report: {report}\nCPS: {verdict}");
     let state = chain_state(&setup.hosts.dst, setup.service);
     kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
-    // About 1,000 inputs came in that second, 1 ms apart.
+    assert_clean(&verdict);
+    assert_eq!(state.map(|s| s.0), Some(cycles));
+}
+
+#[test]
+fn a_cps_that_missed_the_announce_is_served_through_the_source() {
+    // The CPS keeps the service address on the source's MAC whatever the
+    // destination announces (a static ARP entry, as some field devices
+    // have; or a lost gratuitous ARP, until the entry is probed again).
+    // The source sees inputs past the announce, so it keeps the flow and
+    // the address and forwards every input past K to the destination,
+    // which answers each once, in order.
+    let setup = MigrationSetup::new("deaf", &[], false);
+    let src_mac =
+        dataplane_tests::mac_text(dataplane_tests::TestHosts::mac(&setup.hosts.src, "eth0"));
+    let service = setup.service.ip().to_string();
+    setup.hosts.cps.ip(&[
+        "neigh",
+        "replace",
+        &service,
+        "lladdr",
+        &src_mac,
+        "dev",
+        "br0",
+        "nud",
+        "permanent",
+    ]);
+    let cycles = 4_000;
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let id = setup.migrate(serde_json::json!({}));
+    let report = setup.wait(&id);
+    assert_eq!(report["state"], "done", "{report}");
+    let verdict = cps_verdict(cps);
+    println!("report: {report}\nCPS: {verdict}");
+    let src = Dataplane::open(&setup.hosts.pin_root("src")).expect("src's dataplane");
+    let forwarded = src
+        .counters()
+        .expect("src's counters")
+        .get(dataplane_common::counter::FORWARDED);
+    let kept = src.flows().expect("src's flows").len();
+    let state = chain_state(&setup.hosts.dst, setup.service);
+    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+    assert_eq!(
+        kept, 1,
+        "the source let go of a flow whose inputs still come"
+    );
     assert!(
-        during >= 500,
-        "the path did not swing back: {during} forwarded"
+        setup.hosts.src.run(|| netdev::is_local(setup.service.ip())),
+        "the source let go of the address the CPS still uses"
+    );
+    let past_k = cycles - report["handover_seq"].as_u64().expect("K");
+    assert_eq!(
+        forwarded, past_k,
+        "every input past K went through the source"
     );
     assert_clean(&verdict);
     assert_eq!(state.map(|s| s.0), Some(cycles));

@@ -712,7 +712,7 @@ fn nothing_a_peer_without_a_listed_key_sends_is_acted_on() {
     let dst = start_dst(&hosts, "sjunk", "src", "");
     let prepare = json!({"step": "prepare", "migration": "evil", "service": "evil",
         "deadline_ms": 10_000,
-        "flows": [{"flow_id": 7, "cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}]});
+        "flows": [{"cps": "192.0.2.1:4000", "service": "192.0.2.10:5000"}]});
     let prepare = peer_frame(frame::MIGRATE, prepare.to_string().as_bytes());
     let hello = |sealed: bool| {
         let hello = json!({"magic": peer::MAGIC, "version": peer::VERSION, "host": "mallory",
@@ -829,17 +829,18 @@ fn nothing_a_peer_without_a_listed_key_sends_is_acted_on() {
             rt.block_on(async {
                 let (mut link, _) = peer::connect(&src, DST_PEER.parse().unwrap()).await?;
                 peer::ping(&mut link).await?;
-                let prepared = step(&mut link, prepare_step("m1", 7, CPS, SERVICE, 10_000)).await;
+                let prepared = step(&mut link, prepare_step("m1", CPS, SERVICE, 10_000)).await;
                 let flows = dst.client().call("flow.list", json!({})).unwrap();
                 let _ = step(&mut link, json!({"step": "abort"})).await;
                 Ok::<_, PeerError>((prepared, flows))
             })
         })
         .unwrap();
-    assert!(prepared.is_ok(), "{prepared:?}");
+    let prepared = prepared.expect("the listed peer's prepare");
     assert_eq!(
-        flows[0]["id"], 7,
-        "the listed peer's prepare adopted the flow"
+        (&flows[0]["id"], &flows[0]["service"]),
+        (&prepared["flow_ids"][0], &json!(SERVICE)),
+        "the listed peer's prepare adopted the flow: {flows}"
     );
 }
 
@@ -948,7 +949,7 @@ fn a_relay_in_the_middle_reads_nothing_and_can_change_or_replay_nothing() {
         rt.block_on(async {
             let (mut link, _) = peer::connect(&trust, relay.address.parse().unwrap()).await?;
             assert!(link.is_sealed());
-            let prepared = step(&mut link, prepare_step(secret, 7, CPS, SERVICE, 10_000)).await?;
+            let prepared = step(&mut link, prepare_step(secret, CPS, SERVICE, 10_000)).await?;
             step(&mut link, json!({"step": "abort"})).await?;
             Ok::<_, PeerError>(prepared)
         })
@@ -977,7 +978,7 @@ fn a_relay_in_the_middle_reads_nothing_and_can_change_or_replay_nothing() {
     let tampered = hosts.src.run(|| {
         rt.block_on(async {
             let (mut link, _) = peer::connect(&trust, relay.address.parse().unwrap()).await?;
-            step(&mut link, prepare_step("tampered", 7, CPS, SERVICE, 10_000)).await
+            step(&mut link, prepare_step("tampered", CPS, SERVICE, 10_000)).await
         })
     });
     assert!(tampered.is_err(), "{tampered:?}");
@@ -1029,11 +1030,11 @@ async fn step(link: &mut peer::Link, step: Value) -> Result<Value, PeerError> {
     peer::migrate_step(link, &step).await
 }
 
-/// `prepare` of migration `id` for the flow `cps` -> `service` under `flow_id`.
-/// The service's name is "markov".
-fn prepare_step(id: &str, flow_id: u32, cps: &str, service: &str, deadline_ms: u64) -> Value {
+/// `prepare` of migration `id` for the flow `cps` -> `service`. The
+/// service's name is "markov".
+fn prepare_step(id: &str, cps: &str, service: &str, deadline_ms: u64) -> Value {
     json!({"step": "prepare", "migration": id, "service": "markov", "deadline_ms": deadline_ms,
-        "flows": [{"flow_id": flow_id, "cps": cps, "service": service}]})
+        "flows": [{"cps": cps, "service": service}]})
 }
 
 /// The migrated flow of these tests, and its id.
@@ -1043,12 +1044,13 @@ const SERVICE: &str = "192.0.2.10:5000";
 const LOCAL_CPS: &str = "192.0.2.1:4001";
 const LOCAL_SERVICE: &str = "192.0.2.20:6000";
 
-/// Every step after `prepare`, each valid in its own turn.
-fn later_steps() -> [Value; 6] {
+/// Every step after `prepare`, each valid in its own turn for a migration
+/// whose flow the destination numbered `flow_id`.
+fn later_steps(flow_id: u64) -> [Value; 6] {
     [
-        json!({"step": "restore", "positions": [{"flow_id": 7, "last_delivered": 0}]}),
+        json!({"step": "restore", "positions": [{"flow_id": flow_id, "last_delivered": 0}]}),
         json!({"step": "outputs", "after": 0, "count": 10, "timeout_ms": 100}),
-        json!({"step": "arm", "flows": [7]}),
+        json!({"step": "arm", "flows": [flow_id]}),
         json!({"step": "announce"}),
         json!({"step": "finish"}),
         json!({"step": "abort"}),
@@ -1208,7 +1210,7 @@ fn a_listed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_
         rt.block_on(async {
             let mut link = listed_link(&hosts).await.unwrap();
             // Nothing prepared: every step but prepare is refused, and images too.
-            for later in later_steps() {
+            for later in later_steps(0) {
                 let why = refused(step(&mut link, later.clone()).await);
                 assert!(
                     why.ends_with(
@@ -1220,18 +1222,14 @@ fn a_listed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_
             let why = refused(peer::transfer::send(&mut link, "m1", &one_file).await);
             assert!(why.starts_with("images out of order"), "{why}");
 
-            // A flow this host has, or its id under another key: refused
-            // at prepare, nothing adopted.
+            // A flow this host has: refused at prepare, nothing adopted.
             let why = refused(
                 step(
                     &mut link,
-                    prepare_step("m0", 9, LOCAL_CPS, LOCAL_SERVICE, 10_000),
+                    prepare_step("m0", LOCAL_CPS, LOCAL_SERVICE, 10_000),
                 )
                 .await,
             );
-            assert!(why.contains("is on this host already"), "{why}");
-            let taken_id = prepare_step("m0", local_id as u32, CPS, SERVICE, 10_000);
-            let why = refused(step(&mut link, taken_id).await);
             assert!(
                 why.contains(&format!("(id {local_id}) is on this host already")),
                 "{why}"
@@ -1244,7 +1242,7 @@ fn a_listed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_
                 "flows": [{"cps": LOCAL_CPS, "service": LOCAL_SERVICE}]});
             dst.client().call("service.register", here).unwrap();
             let named = |name: &str| {
-                let mut prepare = prepare_step("m0", 7, CPS, SERVICE, 10_000);
+                let mut prepare = prepare_step("m0", CPS, SERVICE, 10_000);
                 prepare["service"] = json!(name);
                 prepare
             };
@@ -1255,11 +1253,11 @@ fn a_listed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_
                 ),
                 (named("../x"), "service name \"../x\": a plain name"),
                 (
-                    prepare_step("m0", 7, CPS, SERVICE, 0),
+                    prepare_step("m0", CPS, SERVICE, 0),
                     "deadline_ms must be 1 to 600000",
                 ),
                 (
-                    prepare_step("journal", 7, CPS, SERVICE, 10_000),
+                    prepare_step("journal", CPS, SERVICE, 10_000),
                     "names an entry of images_dir",
                 ),
             ] {
@@ -1269,14 +1267,16 @@ fn a_listed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_
             assert_eq!(seen(&hosts, &dst, &images), before);
 
             // Prepared: steps out of order, and a second prepare, are refused.
-            step(&mut link, prepare_step("m1", 7, CPS, SERVICE, 10_000))
+            let flow_id = step(&mut link, prepare_step("m1", CPS, SERVICE, 10_000))
                 .await
-                .unwrap();
+                .unwrap()["flow_ids"][0]
+                .as_u64()
+                .expect("the flow's id");
             let prepared = seen(&hosts, &dst, &images);
-            let refusals = later_steps()
+            let refusals = later_steps(flow_id)
                 .into_iter()
                 .take(5)
-                .chain([prepare_step("m1", 7, CPS, SERVICE, 10_000)]);
+                .chain([prepare_step("m1", CPS, SERVICE, 10_000)]);
             for out_of_turn in refusals {
                 let why = refused(step(&mut link, out_of_turn.clone()).await);
                 assert!(
@@ -1299,7 +1299,7 @@ fn a_listed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_
             let why = refused(peer::transfer::send(&mut link, "m1", &four_files).await);
             assert!(why.contains("more than 3 files"), "{why}");
             assert_eq!(seen(&hosts, &dst, &images), prepared);
-            let restore = later_steps()[0].clone();
+            let restore = later_steps(flow_id)[0].clone();
             let why = refused(step(&mut link, restore).await);
             assert!(why.ends_with("expected abort"), "{why}");
             step(&mut link, json!({"step": "abort"})).await.unwrap();
@@ -1307,7 +1307,7 @@ fn a_listed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_
 
             // The link serves on: over the byte quota in the next migration.
             peer::ping(&mut link).await.unwrap();
-            step(&mut link, prepare_step("m3", 7, CPS, SERVICE, 10_000))
+            step(&mut link, prepare_step("m3", CPS, SERVICE, 10_000))
                 .await
                 .unwrap();
             let why = refused(peer::transfer::send(&mut link, "m3", &two_mib).await);
@@ -1340,7 +1340,7 @@ fn a_prepared_migration_without_a_step_rolls_back_after_at_least_the_sources_dea
     let (waited, refusal) = hosts.src.run(|| {
         rt.block_on(async {
             let mut link = listed_link(&hosts).await.unwrap();
-            step(&mut link, prepare_step("m1", 7, CPS, SERVICE, 1500))
+            step(&mut link, prepare_step("m1", CPS, SERVICE, 1500))
                 .await
                 .unwrap();
             assert_ne!(seen(&hosts, &dst, &images), before, "prepared");
@@ -1369,7 +1369,7 @@ fn outputs_carry_the_migrations_own_flow_and_never_another_services() {
     // A service of the destination's own, answering its CPS.
     let local: std::net::SocketAddr = LOCAL_SERVICE.parse().unwrap();
     let _local = ChainService::spawn(&hosts.dst, "markov-controller", &[LOCAL_SERVICE], local);
-    local_flow_with_inputs(&hosts, &dst, 5);
+    let local_id = local_flow_with_inputs(&hosts, &dst, 5);
     // The migrated service, dumped on the source as its daemon would.
     let migrated = ChainService::start(&hosts.src, SERVICE.parse().unwrap());
     let dump = fake_images("dump", 0, 0);
@@ -1382,12 +1382,15 @@ fn outputs_carry_the_migrations_own_flow_and_never_another_services() {
     hosts.src.run(|| {
         rt.block_on(async {
             let mut link = listed_link(&hosts).await.unwrap();
-            step(&mut link, prepare_step("m1", 7, CPS, SERVICE, 10_000))
+            let flow_id = step(&mut link, prepare_step("m1", CPS, SERVICE, 10_000))
                 .await
-                .unwrap();
+                .unwrap()["flow_ids"][0]
+                .as_u64()
+                .expect("the flow's id");
+            assert_ne!(flow_id, local_id, "the local flow's id is its own");
             // No outputs before the instance is restored.
             assert_eq!(feed_local(&hosts, 5), 5, "the local service answers");
-            let outputs = later_steps()[1].clone();
+            let outputs = later_steps(flow_id)[1].clone();
             let why = refused(step(&mut link, outputs.clone()).await);
             assert!(why.ends_with("expected images or abort"), "{why}");
             peer::transfer::send(&mut link, "m1", &dump).await.unwrap();
@@ -1397,7 +1400,7 @@ fn outputs_carry_the_migrations_own_flow_and_never_another_services() {
                 why.ends_with("the migration's images are here; expected restore or abort"),
                 "{why}"
             );
-            let restore = later_steps()[0].clone();
+            let restore = later_steps(flow_id)[0].clone();
             let restored = step(&mut link, restore.clone()).await.unwrap();
             assert!(restored["pid"].as_u64().unwrap() > 0, "{restored}");
             // The local service's outputs are in this host's output log now,
@@ -1411,7 +1414,7 @@ fn outputs_carry_the_migrations_own_flow_and_never_another_services() {
             let prepared = seen(&hosts, &dst, &images);
             let refusals = [
                 restore,
-                prepare_step("m1", 7, CPS, SERVICE, 10_000),
+                prepare_step("m1", CPS, SERVICE, 10_000),
                 json!({"step": "announce"}),
                 json!({"step": "finish"}),
             ];

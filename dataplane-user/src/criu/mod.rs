@@ -228,6 +228,17 @@ impl Criu {
         watch: &mut dyn FnMut() -> Option<CriuError>,
         slice: Duration,
     ) -> Result<(), CriuError> {
+        let _one_at_a_time = loop {
+            match DUMPS.try_lock() {
+                Ok(held) => break held,
+                Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if let Some(stopped) = watch() {
+                return Err(stopped);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
         std::fs::create_dir_all(&dump.images_dir).map_err(|source| CriuError::Spawn {
             bin: dump.images_dir.clone(),
             source,
@@ -461,6 +472,27 @@ struct Wait<'a> {
     watch: &'a mut dyn FnMut() -> Option<CriuError>,
 }
 
+/// Held for each dump and pre-dump. For a process whose /proc is not its
+/// PID namespace's, CRIU's parasite mounts one on a directory it makes in
+/// the process's working directory (`proc.crtools`), and a second dump of
+/// a process with the same working directory fails while the first holds
+/// it. One dump at a time in this daemon: migrations of several services
+/// from this host wait for each other's dump, not each other's replay.
+static DUMPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The last errors CRIU logged in the file `log`, one line each. Its answer
+/// names only the first, and that is not always the cause: CRIU logs some
+/// errors it then goes on from.
+fn logged_errors(log: &str) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let errors: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.find("Error (").map(|at| &l[at..]))
+        .collect();
+    let last = &errors[errors.len().saturating_sub(3)..];
+    (!last.is_empty()).then(|| last.join(" | "))
+}
+
 /// Sends `req`, answers notifications with `notify`, and returns the final response.
 fn exchange(
     sock: &OwnedFd,
@@ -504,9 +536,12 @@ fn exchange(
             continue;
         }
         if !resp.success {
+            let message = logged_errors(log)
+                .or(resp.cr_errmsg)
+                .unwrap_or_else(|| "no message".into());
             return Err(CriuError::Failed {
                 request: sent,
-                message: resp.cr_errmsg.unwrap_or_else(|| "no message".into()),
+                message,
                 errno: resp.cr_errno.unwrap_or_default(),
                 log: log.to_string(),
             });
@@ -547,4 +582,33 @@ pub fn warn_no_memory_tracking() {
              no pre-dump rounds, a single dump"
         )
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_names_the_last_errors_of_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("dump.log");
+        let lines = [
+            "(00.01) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE",
+            "(00.02) dumping",
+            "(00.03) Error (criu/sk-inet.c:1): cannot dump socket",
+            "(00.04) Error (criu/files.c:2): fd 3",
+            "(00.05) Error (criu/cr-dump.c:3): Dumping FAILED.",
+        ];
+        std::fs::write(&log, lines.join("\n")).unwrap();
+        assert_eq!(
+            logged_errors(log.to_str().unwrap()).as_deref(),
+            Some(
+                "Error (criu/sk-inet.c:1): cannot dump socket | Error (criu/files.c:2): fd 3 \
+                 | Error (criu/cr-dump.c:3): Dumping FAILED."
+            )
+        );
+        std::fs::write(&log, "(00.01) all good\n").unwrap();
+        assert_eq!(logged_errors(log.to_str().unwrap()), None);
+        assert_eq!(logged_errors("/nonexistent/dump.log"), None);
+    }
 }

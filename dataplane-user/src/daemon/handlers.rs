@@ -298,6 +298,7 @@ impl Daemon {
         let context = migration::Context {
             pin_root: self.config.pin_root.clone(),
             interface: self.config.interface.clone(),
+            peer_interface: self.config.peer_interface.clone(),
             files: Files::new(&self.config.images_dir),
             criu: self.config.criu(),
             inputs,

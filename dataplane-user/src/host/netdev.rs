@@ -9,6 +9,8 @@ pub struct Interface {
     pub name: String,
     pub index: u32,
     pub mac: [u8; 6],
+    /// Up, with a carrier: frames sent on it can reach its network.
+    pub running: bool,
 }
 
 impl Interface {
@@ -18,16 +20,18 @@ impl Interface {
             name: name.to_owned(),
             source,
         };
+        use nix::net::if_::InterfaceFlags;
         let index = if_nametoindex(name).map_err(|e| err(e.into()))?;
-        let mac = getifaddrs()
+        let (mac, flags) = getifaddrs()
             .map_err(|e| err(e.into()))?
             .filter(|a| a.interface_name == name)
-            .find_map(|a| a.address?.as_link_addr()?.addr())
+            .find_map(|a| Some((a.address?.as_link_addr()?.addr()?, a.flags)))
             .ok_or_else(|| err(io::Error::other("has no link-layer address")))?;
         Ok(Self {
             name: name.to_owned(),
             index,
             mac,
+            running: flags.contains(InterfaceFlags::IFF_UP | InterfaceFlags::IFF_RUNNING),
         })
     }
 }
@@ -56,6 +60,31 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
 /// process: this runs at the cutover, next to a control loop that must not
 /// lose its CPU).
 pub fn own_address(interface: &str, addr: std::net::IpAddr) -> io::Result<()> {
+    match host_address(interface, addr, true) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        done => done,
+    }
+}
+
+/// Takes `addr` off `interface` if it is there as a host address (/32 or
+/// /128, as [`own_address`] adds it); an address with a wider prefix is
+/// the host's own on that network and stays. Whether it was removed.
+pub fn release_address(interface: &str, addr: std::net::IpAddr) -> io::Result<bool> {
+    match host_address(interface, addr, false) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `addr` is one of this host's addresses (on any interface): a
+/// socket can bind it.
+pub fn is_local(addr: std::net::IpAddr) -> bool {
+    std::net::UdpSocket::bind((addr, 0)).is_ok()
+}
+
+/// Adds (`add`) or deletes `addr` as a host address of `interface`.
+fn host_address(interface: &str, addr: std::net::IpAddr, add: bool) -> io::Result<()> {
     use netlink_packet_core::{
         NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
     };
@@ -79,8 +108,18 @@ pub fn own_address(interface: &str, addr: std::net::IpAddr) -> io::Result<()> {
         AddressAttribute::Local(addr),
         AddressAttribute::Address(addr),
     ];
-    let mut request = NetlinkMessage::from(RouteNetlinkMessage::NewAddress(address));
-    request.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+    let mut request = match add {
+        true => {
+            let mut r = NetlinkMessage::from(RouteNetlinkMessage::NewAddress(address));
+            r.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+            r
+        }
+        false => {
+            let mut r = NetlinkMessage::from(RouteNetlinkMessage::DelAddress(address));
+            r.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+            r
+        }
+    };
     request.header.sequence_number = 1;
     request.finalize();
     let mut message = vec![0; request.buffer_len()];
@@ -92,7 +131,7 @@ pub fn own_address(interface: &str, addr: std::net::IpAddr) -> io::Result<()> {
     let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer)
         .map_err(|e| io::Error::other(format!("rtnetlink's answer: {e}")))?;
     match answer.payload {
-        NetlinkPayload::Error(e) if e.code.is_none() || -e.raw_code() == libc::EEXIST => Ok(()),
+        NetlinkPayload::Error(e) if e.code.is_none() => Ok(()),
         NetlinkPayload::Error(e) => Err(e.to_io()),
         other => Err(io::Error::other(format!(
             "rtnetlink answered {:?}, not an acknowledgement",
@@ -263,14 +302,21 @@ mod tests {
 
     /// In a network namespace of its own (root only; skipped otherwise):
     /// the address is added once and found there, a second time is fine,
-    /// and an interface that does not exist is an error.
+    /// it is released once, and an interface that does not exist is an
+    /// error; a network address (a wider prefix) is never released.
     #[test]
-    fn owns_an_address_once() {
+    fn owns_and_releases_an_address_once() {
         std::thread::spawn(|| {
             if nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).is_err() {
                 eprintln!("skipped: no network namespace (not root)");
                 return;
             }
+            let ip = |args: &[&str]| {
+                let status = std::process::Command::new("ip").args(args).status();
+                assert!(status.is_ok_and(|s| s.success()), "ip {args:?}");
+            };
+            // Only an address on an interface that is up can be bound.
+            ip(&["link", "set", "lo", "up"]);
             for addr in ["192.0.2.10", "2001:db8::10"] {
                 let addr: std::net::IpAddr = addr.parse().unwrap();
                 own_address("lo", addr).unwrap();
@@ -284,8 +330,16 @@ mod tests {
                         })
                 });
                 assert!(found, "{addr} is not on lo");
+                assert!(is_local(addr));
+                assert!(release_address("lo", addr).unwrap());
+                assert!(!is_local(addr), "{addr} released");
+                assert!(!release_address("lo", addr).unwrap());
             }
             assert!(own_address("nonesuch0", "192.0.2.11".parse().unwrap()).is_err());
+            ip(&["addr", "add", "192.0.2.20/24", "dev", "lo"]);
+            let network = "192.0.2.20".parse().unwrap();
+            assert!(!release_address("lo", network).unwrap());
+            assert!(is_local(network));
         })
         .join()
         .unwrap();

@@ -7,6 +7,7 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard},
 };
 
 use aya::{
@@ -32,6 +33,10 @@ use crate::{
 /// them: `DATAPLANE_SKIP_EBPF`).
 static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane.bpf.o"));
+
+/// Held while a flow id is chosen and taken, so that two migrations (or a
+/// migration and `flow add`) in this process never take the same one.
+static FLOW_TABLE: Mutex<()> = Mutex::new(());
 
 /// Where the dataplane is pinned unless configured otherwise.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/dataplane";
@@ -399,17 +404,35 @@ impl Dataplane {
         RingBuf::try_from(Map::RingBuf(data)).map_err(|source| LoadError::Map { name, source })
     }
 
+    /// Serializes choosing and taking flow ids in this process: hold it
+    /// from [`Dataplane::free_flow_ids`] to [`Dataplane::adopt_flow`].
+    pub fn lock_flow_table() -> MutexGuard<'static, ()> {
+        FLOW_TABLE.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Starts capturing `key` under the lowest free flow id, and returns the id.
     pub fn add_flow(&mut self, key: FlowKey, flags: u32) -> Result<u32, LoadError> {
+        let _table = Self::lock_flow_table();
         let flows = self.flows()?;
         if flows.iter().any(|(k, _)| *k == key) {
             return Err(LoadError::DuplicateFlow(crate::kernel::flow::display(&key)));
         }
-        let flow_id = (0..MAX_FLOWS)
-            .find(|id| flows.iter().all(|(_, c)| c.flow_id != *id))
-            .ok_or(LoadError::FlowTableFull)?;
+        let flow_id = self.free_flow_ids(1)?[0];
         self.insert_flow(key, flow_id, flags)?;
         Ok(flow_id)
+    }
+
+    /// The `count` lowest flow ids no flow has.
+    pub fn free_flow_ids(&self, count: usize) -> Result<Vec<u32>, LoadError> {
+        let flows = self.flows()?;
+        let free: Vec<u32> = (0..MAX_FLOWS)
+            .filter(|id| flows.iter().all(|(_, c)| c.flow_id != *id))
+            .take(count)
+            .collect();
+        match free.len() == count {
+            true => Ok(free),
+            false => Err(LoadError::FlowTableFull),
+        }
     }
 
     /// Makes `key` flow `flow_id` on this host, as the peer numbers it (a
@@ -463,40 +486,41 @@ impl Dataplane {
             })
     }
 
-    /// Mirrors the known flow `key` to the host at MAC `to` on the mirror
-    /// interface, or (`None`) stops mirroring it. The address is set before
-    /// the flag and cleared after it: no copy leaves without one.
-    pub fn mirror_flow(&mut self, key: &FlowKey, to: Option<[u8; 6]>) -> Result<(), LoadError> {
+    /// Mirrors the known flow `key` to `to` (the host's MAC on the mirror
+    /// interface and the flow's id there), or (`None`) stops mirroring it.
+    /// The target is set before the flag and cleared after it: no copy
+    /// leaves without one.
+    pub fn mirror_flow(
+        &mut self,
+        key: &FlowKey,
+        to: Option<MirrorTarget>,
+    ) -> Result<(), LoadError> {
         let config = self.flow_config(key)?;
-        let target = |mac: [u8; 6]| MirrorTarget {
-            mac,
-            ..Default::default()
-        };
-        let set_target = |this: &mut Self, mac| {
+        let set_target = |this: &mut Self, target| {
             this.mirror_to
-                .set(config.flow_id, target(mac), 0)
+                .set(config.flow_id, target, 0)
                 .map_err(|source| LoadError::Map {
                     name: MAP_MIRROR_TO,
                     source,
                 })
         };
         match to {
-            Some(mac) => {
-                set_target(self, mac)?;
+            Some(target) => {
+                set_target(self, target)?;
                 self.write_flow_flags(key, config, config.flags | FLOW_MIRROR)
             }
             None => {
                 self.write_flow_flags(key, config, config.flags & !FLOW_MIRROR)?;
-                set_target(self, [0; 6])
+                set_target(self, MirrorTarget::default())
             }
         }
     }
 
     /// Where flow `flow_id`'s mirror copies go; none if nowhere.
-    pub fn mirror_target(&self, flow_id: u32) -> Result<Option<[u8; 6]>, LoadError> {
+    pub fn mirror_target(&self, flow_id: u32) -> Result<Option<MirrorTarget>, LoadError> {
         self.mirror_to
             .get(&flow_id, 0)
-            .map(|t| t.mac())
+            .map(MirrorTarget::get)
             .map_err(|source| LoadError::Map {
                 name: MAP_MIRROR_TO,
                 source,

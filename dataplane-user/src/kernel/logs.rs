@@ -128,25 +128,32 @@ impl Records for LogReader {
 
 /// A daemon's standing reader of one log: it drains the kernel ring all the
 /// time (an undrained ring fills, and then inputs go unnumbered), and hands
-/// records to at most one subscriber, a running migration.
+/// each record to the subscriber whose flows it is of: a running migration.
+/// Migrations of different flows run at once, each with its own records.
 pub struct Tap {
-    subscriber: Mutex<Option<mpsc::Sender<Record>>>,
-    /// Records a subscriber did not take in time: a replay that needs them
-    /// cannot be exact, and the migration must abort.
-    lost: AtomicU64,
+    subscribers: Mutex<Vec<Subscriber>>,
+}
+
+/// One migration's claim on a [`Tap`]: its flows, where their records go,
+/// and how many it did not take in time.
+struct Subscriber {
+    flows: Vec<u32>,
+    sender: mpsc::Sender<Record>,
+    /// Records it did not take in time: a replay that needs them cannot be
+    /// exact, and the migration must abort.
+    lost: Arc<AtomicU64>,
 }
 
 /// Why a tap cannot be subscribed to.
 #[derive(Debug, thiserror::Error)]
-#[error("the log is in use by another migration")]
-pub struct TapBusy;
+#[error("flow {0} is in another migration")]
+pub struct TapBusy(pub u32);
 
 impl Tap {
     /// Starts draining `reader` (a [`LogReader`]) on the current tokio runtime.
     pub fn spawn(mut reader: impl Records + Send + 'static) -> Arc<Self> {
         let tap = Arc::new(Self {
-            subscriber: Mutex::new(None),
-            lost: AtomicU64::new(0),
+            subscribers: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&tap);
         tokio::spawn(async move {
@@ -159,45 +166,56 @@ impl Tap {
                     return;
                 };
                 let Some(tap) = weak.upgrade() else { return };
-                let sender = tap.subscriber.lock().unwrap().clone();
-                if let Some(sender) = sender
-                    && sender.try_send(record).is_err()
+                let subscribers = tap.subscribers.lock().unwrap();
+                let flow_id = record.header.flow_id;
+                if let Some(s) = subscribers.iter().find(|s| s.flows.contains(&flow_id))
+                    && s.sender.try_send(record).is_err()
                 {
-                    tap.lost.fetch_add(1, Ordering::Relaxed);
+                    s.lost.fetch_add(1, Ordering::Relaxed);
                 }
             }
         });
         tap
     }
 
-    /// Records from now on, staged up to `capacity`, until the subscription
-    /// is dropped.
-    pub fn subscribe(self: &Arc<Self>, capacity: usize) -> Result<Subscription, TapBusy> {
-        let mut subscriber = self.subscriber.lock().unwrap();
-        if subscriber.as_ref().is_some_and(|s| !s.is_closed()) {
-            return Err(TapBusy);
+    /// The records of `flows` from now on, staged up to `capacity`, until
+    /// the subscription is dropped; refused for a flow another
+    /// subscription has.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        flows: &[u32],
+        capacity: usize,
+    ) -> Result<Subscription, TapBusy> {
+        let mut subscribers = self.subscribers.lock().unwrap();
+        subscribers.retain(|s| !s.sender.is_closed());
+        if let Some(&taken) = flows
+            .iter()
+            .find(|f| subscribers.iter().any(|s| s.flows.contains(f)))
+        {
+            return Err(TapBusy(taken));
         }
         let (sender, receiver) = mpsc::channel(capacity);
-        *subscriber = Some(sender);
-        self.lost.store(0, Ordering::Relaxed);
-        Ok(Subscription {
-            receiver,
-            tap: self.clone(),
-        })
+        let lost = Arc::new(AtomicU64::new(0));
+        subscribers.push(Subscriber {
+            flows: flows.to_vec(),
+            sender,
+            lost: lost.clone(),
+        });
+        Ok(Subscription { receiver, lost })
     }
 }
 
-/// Records of a [`Tap`] for one migration.
+/// Records of a [`Tap`] for one migration: its flows'.
 pub struct Subscription {
     receiver: mpsc::Receiver<Record>,
-    tap: Arc<Tap>,
+    lost: Arc<AtomicU64>,
 }
 
 impl Subscription {
     /// Records that were committed but not staged because this subscriber
     /// fell behind.
     pub fn lost(&self) -> u64 {
-        self.tap.lost.load(Ordering::Relaxed)
+        self.lost.load(Ordering::Relaxed)
     }
 }
 
@@ -265,12 +283,6 @@ impl Records for Subscription {
     }
 }
 
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        *self.tap.subscriber.lock().unwrap() = None;
-    }
-}
-
 async fn drain(
     mut ring: AsyncFd<RingBuf<MapData>>,
     mut queue: HeapProd<Record>,
@@ -330,10 +342,11 @@ mod tests {
         }
     }
 
-    fn record(seq: u64) -> Record {
+    fn record(flow_id: u32, seq: u64) -> Record {
         Record {
             header: RecordHeader {
                 seq,
+                flow_id,
                 ..Default::default()
             },
             frame: Bytes::new(),
@@ -347,13 +360,13 @@ mod tests {
         // stream); the tap itself never stops draining the kernel's ring.
         let (send, sent) = mpsc::unbounded_channel();
         let tap = Tap::spawn(Sent(sent));
-        let mut slow = tap.subscribe(4).unwrap();
+        let mut slow = tap.subscribe(&[0], 4).unwrap();
         assert!(
-            matches!(tap.subscribe(4), Err(TapBusy)),
-            "one subscriber at a time"
+            matches!(tap.subscribe(&[1, 0], 4), Err(TapBusy(0))),
+            "one subscriber per flow"
         );
         for seq in 1..=10 {
-            send.send(record(seq)).unwrap();
+            send.send(record(0, seq)).unwrap();
         }
         let all_lost = async {
             while slow.lost() < 6 {
@@ -365,10 +378,37 @@ mod tests {
         assert_eq!(slow.lost(), 6);
         let kept: Vec<u64> = std::iter::from_fn(|| slow.try_next().map(|r| r.header.seq)).collect();
         assert_eq!(kept, [1, 2, 3, 4]);
-        // The next migration starts with nothing lost.
+        // The next migration of the flow starts with nothing lost.
         drop(slow);
-        let next = tap.subscribe(4).unwrap();
+        let next = tap.subscribe(&[0], 4).unwrap();
         assert_eq!(next.lost(), 0);
+    }
+
+    #[tokio::test]
+    async fn each_subscriber_gets_the_records_of_its_own_flows_only() {
+        let (send, sent) = mpsc::unbounded_channel();
+        let tap = Tap::spawn(Sent(sent));
+        let mut one = tap.subscribe(&[1, 3], 16).unwrap();
+        let mut two = tap.subscribe(&[2], 16).unwrap();
+        for (flow_id, seq) in [(1, 1), (2, 1), (3, 1), (4, 1), (1, 2), (2, 2)] {
+            send.send(record(flow_id, seq)).unwrap();
+        }
+        async fn take(s: &mut Subscription, n: usize) -> Vec<(u32, u64)> {
+            let mut got = Vec::new();
+            while got.len() < n {
+                let r = s.next().await.expect("the tap runs");
+                got.push((r.header.flow_id, r.header.seq));
+            }
+            got
+        }
+        let timeout = std::time::Duration::from_secs(5);
+        let ones = tokio::time::timeout(timeout, take(&mut one, 3)).await;
+        assert_eq!(ones.unwrap(), [(1, 1), (3, 1), (1, 2)]);
+        let twos = tokio::time::timeout(timeout, take(&mut two, 2)).await;
+        assert_eq!(twos.unwrap(), [(2, 1), (2, 2)]);
+        tokio::task::yield_now().await;
+        assert_eq!((one.try_next(), two.try_next()), (None, None));
+        assert_eq!((one.lost(), two.lost()), (0, 0));
     }
 
     fn raw(header: RecordHeader, frame: &[u8]) -> Vec<u8> {

@@ -46,7 +46,7 @@ use crate::{
         error::{Cause, InstanceEnd},
         hold,
         hold::FlowPosition,
-        journal::{Files, Journal, Side},
+        journal::{Files, Incoming, Journal, Side},
         protocol::{
             Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step, StepKind, TargetFlow,
         },
@@ -256,6 +256,7 @@ async fn run_step<'a>(
         let prepared = Target::prepare(host, migration, service, flows, deadline_ms)?;
         let answer = Prepared {
             mirror_mac: prepared.mirror_mac,
+            flow_ids: prepared.flows.iter().map(|f| f.flow_id).collect(),
         };
         *target = Some(prepared);
         return Ok(serde_json::to_value(answer).expect("serializes"));
@@ -354,6 +355,9 @@ pub struct Target<'a> {
     /// Whether the input log failed a mirrored input: the replay needs them all.
     log: LogGuard,
     instance: Option<u32>,
+    /// The service addresses this migration made local (on lo): a
+    /// rollback takes them off again.
+    local_addresses: Vec<IpAddr>,
     finished: bool,
     /// CPU time used when `Prepare` came.
     cpu: crate::host::tasks::CpuTime,
@@ -365,7 +369,7 @@ impl<'a> Target<'a> {
         host: &'a Host,
         migration: String,
         service: String,
-        flows: Vec<TargetFlow>,
+        flows: Vec<FlowSpec>,
         deadline_ms: u64,
     ) -> Result<Self, Cause> {
         transfer::plain_name(&migration).map_err(Cause::Name)?;
@@ -386,68 +390,90 @@ impl<'a> Target<'a> {
         let (Some(inputs), Some(outputs)) = (&host.inputs, &host.outputs) else {
             return Err(Cause::NoLogs);
         };
-        announces_only_its_own(&host.interface)?;
-        let mirror_mac = match &host.mirror_from {
-            Some(name) => {
-                crate::host::netdev::Interface::by_name(name)
-                    .map_err(crate::kernel::loader::LoadError::from)?
-                    .mac
-            }
+        answers_only_its_own(&host.interface, &flows)?;
+        let mirror_from = match &host.mirror_from {
+            Some(name) => crate::host::netdev::Interface::by_name(name)
+                .map_err(crate::kernel::loader::LoadError::from)?,
             None => return Err(Cause::NoMirrorInterface),
         };
+        if !mirror_from.running {
+            return Err(Cause::MigrationNetworkDown(mirror_from.name));
+        }
+        let mirror_mac = mirror_from.mac;
         let mut dataplane = Dataplane::open(&host.pin_root)?;
-        // The logs take one migration at a time, either side: with them
-        // subscribed no other migration adopts or removes flows here.
-        let inputs = inputs.subscribe(SUBSCRIPTION_CAPACITY)?;
-        let outputs = outputs.subscribe(SUBSCRIPTION_CAPACITY)?;
         let log = LogGuard::new(&dataplane)?;
+        // Another migration may choose ids at the same time.
+        let _table = Dataplane::lock_flow_table();
         // A flow this host has already is another service's (or this
         // one's, running here): adopting it would renumber it, and a
-        // rollback would remove it. Nor may the migration take another
-        // flow's id: a rollback resets that id's gate.
+        // rollback would remove it.
         let present = dataplane.flows()?;
-        for f in &flows {
-            let key = flow::udp(f.spec.cps, f.spec.service);
-            if let Some((k, c)) = present
-                .iter()
-                .find(|(k, c)| *k == key || c.flow_id == f.flow_id)
-            {
+        for spec in &flows {
+            let key = flow::udp(spec.cps, spec.service);
+            if let Some((k, c)) = present.iter().find(|(k, _)| *k == key) {
                 return Err(Cause::FlowPresent {
                     flow: flow::display(k),
                     id: c.flow_id,
                 });
             }
         }
+        let ids = dataplane.free_flow_ids(flows.len())?;
+        let flows: Vec<TargetFlow> = ids
+            .into_iter()
+            .zip(flows)
+            .map(|(flow_id, spec)| TargetFlow { flow_id, spec })
+            .collect();
+        let ids: Vec<u32> = flows.iter().map(|f| f.flow_id).collect();
+        let inputs = inputs.subscribe(&ids, SUBSCRIPTION_CAPACITY)?;
+        let outputs = outputs.subscribe(&ids, SUBSCRIPTION_CAPACITY)?;
+        // The restored instance binds the service addresses: those this
+        // host lacks go on lo (where it answers no ARP for them) until the
+        // announce puts them on the service interface.
+        let mut local_addresses: Vec<IpAddr> = flows
+            .iter()
+            .map(|f| f.spec.service.ip())
+            .filter(|a| !crate::host::netdev::is_local(*a))
+            .collect();
+        local_addresses.sort();
+        local_addresses.dedup();
         // Journaled before anything changes: a daemon that dies while it
         // adopts leaves flows its next start removes.
-        let journal = Journal::Destination {
+        let journal = Journal::Destination(Incoming {
             service: Some(service.clone()),
             flows: flows.clone(),
             instance: None,
             deadline_ms,
-        };
+            local_addresses: local_addresses.clone(),
+        });
         host.files.write(&migration, &journal)?;
         let mut adopted = Vec::new();
-        for f in &flows {
-            let key = flow::udp(f.spec.cps, f.spec.service);
-            let gate = dataplane_common::Gate {
-                mode: GATE_HOLD_ALL,
-                output: OUTPUT_MUTE,
-                // A replica fed in order from its first input: its
-                // outputs are counted (a burst at the cutover must not
-                // tag the answer to K as K+1's).
-                tagging: dataplane_common::TAG_COUNTED,
-                ..Default::default()
-            };
-            let adoption = dataplane
-                .adopt_flow(key, f.flow_id, 0)
-                .and_then(|()| dataplane.set_gate(f.flow_id, gate));
-            adopted.push(f.clone());
-            if let Err(e) = adoption {
-                forget_flows(&mut dataplane, &adopted);
-                host.files.remove(Side::Destination, &migration);
-                return Err(e.into());
+        let mut adopt = |dataplane: &mut Dataplane| -> Result<(), Cause> {
+            for f in &flows {
+                let key = flow::udp(f.spec.cps, f.spec.service);
+                let gate = dataplane_common::Gate {
+                    mode: GATE_HOLD_ALL,
+                    output: OUTPUT_MUTE,
+                    // A replica fed in order from its first input: its
+                    // outputs are counted (a burst at the cutover must not
+                    // tag the answer to K as K+1's).
+                    tagging: dataplane_common::TAG_COUNTED,
+                    ..Default::default()
+                };
+                adopted.push(f.clone());
+                dataplane
+                    .adopt_flow(key, f.flow_id, 0)
+                    .and_then(|()| dataplane.set_gate(f.flow_id, gate))?;
             }
+            for &address in &local_addresses {
+                crate::host::netdev::own_address("lo", address)
+                    .map_err(|source| Cause::LocalAddress { address, source })?;
+            }
+            Ok(())
+        };
+        if let Err(e) = adopt(&mut dataplane) {
+            forget(&mut dataplane, &adopted, &local_addresses);
+            host.files.remove(Side::Destination, &migration);
+            return Err(e);
         }
         let target = Self {
             host,
@@ -463,6 +489,7 @@ impl<'a> Target<'a> {
             outputs,
             log,
             instance: None,
+            local_addresses,
             finished: false,
             cpu: crate::host::tasks::CpuTime::now(),
         };
@@ -568,8 +595,8 @@ impl<'a> Target<'a> {
             let mut journaled = false;
             let mut journal = |_: &str, pid: Option<u32>| match pid {
                 Some(pid) if !journaled => {
-                    if let Journal::Destination { instance, .. } = &mut journal_of_tree {
-                        *instance = Identity::of(pid);
+                    if let Journal::Destination(incoming) = &mut journal_of_tree {
+                        incoming.instance = Identity::of(pid);
                     }
                     journaled = files
                         .write(&migration, &journal_of_tree)
@@ -698,12 +725,13 @@ impl<'a> Target<'a> {
 
     /// This migration's journal, with `instance` as the restored tree.
     fn journal(&self, instance: Option<Identity>) -> Journal {
-        Journal::Destination {
+        Journal::Destination(Incoming {
             service: Some(self.service.clone()),
             flows: self.flows.clone(),
             instance,
             deadline_ms: self.deadline.as_millis() as u64,
-        }
+            local_addresses: self.local_addresses.clone(),
+        })
     }
 
     /// The service is this host's: registered, so that it can be migrated
@@ -751,7 +779,7 @@ impl<'a> Target<'a> {
             // The restored root is this daemon's child: reap it.
             let _ = nix::sys::wait::waitpid(pid, None);
         }
-        forget_flows(&mut self.dataplane, &self.flows);
+        forget(&mut self.dataplane, &self.flows, &self.local_addresses);
         self.end();
     }
 
@@ -877,11 +905,17 @@ const MAX_OUTPUTS: usize = 1024;
 /// Longest an `Outputs` step waits for them.
 const MAX_OUTPUTS_WAIT: Duration = Duration::from_secs(1);
 
-/// Removes the flows a migration adopted, and their gates.
-fn forget_flows(dataplane: &mut Dataplane, flows: &[TargetFlow]) {
+/// Removes the flows a migration adopted, their gates, and the service
+/// addresses it made local (`local_addresses`, on lo).
+fn forget(dataplane: &mut Dataplane, flows: &[TargetFlow], local_addresses: &[IpAddr]) {
     for f in flows {
         let _ = dataplane.remove_flow(&flow::udp(f.spec.cps, f.spec.service));
         let _ = dataplane.set_gate(f.flow_id, Default::default());
+    }
+    for &address in local_addresses {
+        if let Err(e) = crate::host::netdev::release_address("lo", address) {
+            tracing::warn!(%address, "taking the service address off lo: {e}");
+        }
     }
 }
 
@@ -919,35 +953,34 @@ fn keep_serving(interface: &str, flows: &[TargetFlow]) -> String {
 /// Finishes what a migration to this host left when the daemon died, from
 /// its journal (see [`super::recovery`]). Handed over: the instance keeps
 /// serving, the address is announced, and the instance is registered in
-/// `services` as `service`. Not: the instance is killed (if it is still the
-/// process the journal names), the flows go.
+/// `services` under the service's name. Not: the instance is killed (if it
+/// is still the process the journal names), the flows and the addresses
+/// made local go.
 pub(super) fn recover(
     pin_root: &Path,
     interface: &str,
     services: &Registry,
-    service: Option<&str>,
-    flows: &[TargetFlow],
-    instance: Option<Identity>,
-    deadline_ms: u64,
+    incoming: &Incoming,
 ) -> String {
     let mut dataplane = match Dataplane::open(pin_root) {
         Ok(d) => d,
         Err(e) => return format!("no dataplane to clean up ({e})"),
     };
-    let deadline = Duration::from_millis(deadline_ms.min(MAX_DEADLINE_MS));
+    let flows = &incoming.flows;
+    let deadline = Duration::from_millis(incoming.deadline_ms.min(MAX_DEADLINE_MS));
+    let instance = incoming.instance.filter(Identity::runs);
     if handed_over(&dataplane, flows, armed_grace(deadline)) {
-        if let (Some(name), Some(i)) = (service, instance.filter(Identity::runs)) {
+        if let (Some(name), Some(i)) = (&incoming.service, instance) {
             register(services, name, i.pid, flows);
         }
         return keep_serving(interface, flows);
     }
-    let killed = instance.filter(Identity::runs);
-    if let Some(i) = killed {
+    if let Some(i) = instance {
         let pid = nix::unistd::Pid::from_raw(i.pid as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     }
-    forget_flows(&mut dataplane, flows);
-    match killed {
+    forget(&mut dataplane, flows, &incoming.local_addresses);
+    match instance {
         Some(i) => format!("rolled back: killed instance {}, removed its flows", i.pid),
         None => "rolled back: removed its flows".into(),
     }
@@ -1004,7 +1037,9 @@ pub(super) fn recover_unjournaled(pin_root: &Path, interface: &str) -> String {
             .flat_map(|f| crate::host::tasks::bound_udp(f.spec.service))
             .flat_map(crate::host::tasks::kill_pid_namespace)
             .collect();
-        forget_flows(&mut dataplane, &undone);
+        // The addresses a migration made local are in its journal only;
+        // on lo they answer no ARP (`arp_ignore`) and stay.
+        forget(&mut dataplane, &undone, &[]);
         outcome.push(format!(
             "rolled back: killed {killed:?}, removed flows {:?}",
             undone.iter().map(|f| f.flow_id).collect::<Vec<_>>()
@@ -1013,23 +1048,28 @@ pub(super) fn recover_unjournaled(pin_root: &Path, interface: &str) -> String {
     format!("from the kernel: {}", outcome.join("; "))
 }
 
-/// Refuses a destination whose kernel would name the service address in
-/// its own ARP requests: the restored instance's first (muted) output
-/// would then announce the address and pull the CPS's traffic over before
-/// the cutover.
-fn announces_only_its_own(interface: &str) -> Result<(), Cause> {
-    let read = |name: &str| {
-        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/arp_announce"))
+/// Refuses a destination whose kernel would give the service address away
+/// before the cutover: by naming it in its own ARP requests (the restored
+/// instance's first, muted, output would announce it), or by answering ARP
+/// for it while it is on lo (IPv4 only: Linux answers a neighbour
+/// solicitation only for an address of the interface it came in on).
+/// Either pulls the CPS's traffic over early.
+fn answers_only_its_own(interface: &str, flows: &[FlowSpec]) -> Result<(), Cause> {
+    let read = |name: &str, key: &str| {
+        std::fs::read_to_string(format!("/proc/sys/net/ipv4/conf/{name}/{key}"))
             .ok()
             .and_then(|v| v.trim().parse::<u32>().ok())
             .unwrap_or(0)
     };
     // The kernel uses the larger of "all" and the interface's value.
-    if read("all").max(read(interface)) >= 2 {
-        Ok(())
-    } else {
-        Err(Cause::ArpAnnounce(interface.to_string()))
+    let setting = |key| read("all", key).max(read(interface, key));
+    if setting("arp_announce") < 2 {
+        return Err(Cause::ArpAnnounce(interface.to_string()));
     }
+    if flows.iter().any(|f| f.service.is_ipv4()) && setting("arp_ignore") < 1 {
+        return Err(Cause::ArpIgnore(interface.to_string()));
+    }
+    Ok(())
 }
 
 /// Where a migration to this host stands, on its peer link: what it takes

@@ -44,6 +44,8 @@ pub enum Cause {
     FlowCount(usize),
     #[error("flow {0} is not loaded")]
     FlowNotLoaded(String),
+    #[error("the destination gave {0} flow ids for the migration's one flow")]
+    FlowIds(usize),
     #[error("flow {0} is not part of this migration")]
     ForeignFlow(u32),
     #[error("service {0} has no standby instance")]
@@ -54,7 +56,7 @@ pub enum Cause {
     StandbyNotLoaded,
     #[error("this daemon does not read its logs")]
     NoLogs,
-    #[error("this daemon has no peer interface to replay on")]
+    #[error("this daemon has no peer interface (peer_interface): no mirror copies, no replay")]
     NoPeerInterface,
     #[error(
         "set net.ipv4.conf.{0}.arp_announce=2 on the destination: otherwise the restored \
@@ -62,6 +64,17 @@ pub enum Cause {
          before the cutover"
     )]
     ArpAnnounce(String),
+    #[error(
+        "set net.ipv4.conf.{0}.arp_ignore=1 on the destination: otherwise it answers ARP for \
+         the service address, which it holds from prepare on, and takes the CPS's traffic \
+         before the cutover"
+    )]
+    ArpIgnore(String),
+    #[error("making the service address {address} this host's (on lo) for the restore: {source}")]
+    LocalAddress {
+        address: std::net::IpAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Kernel(#[from] LoadError),
     #[error(transparent)]
@@ -131,9 +144,10 @@ pub enum Cause {
     ServiceHere(String),
     #[error("this host takes no mirror copies (no peer_interface or mirror_from configured)")]
     NoMirrorInterface,
+    #[error("this host's interface on the migration network, {0}, is down (or has no carrier)")]
+    MigrationNetworkDown(String),
     #[error(
-        "flow {flow} (id {id}) is on this host already: a migration adopts only a flow this \
-         host does not have, under an id it does not use"
+        "flow {flow} (id {id}) is on this host already: a migration adopts only a flow this host does not have"
     )]
     FlowPresent { flow: String, id: u32 },
     #[error("flow {0} of the migration is not armed: arm names every flow of it")]

@@ -21,32 +21,45 @@ use crate::{host::tasks::Identity, migration::protocol::TargetFlow, service::Flo
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "side", rename_all = "snake_case")]
 pub enum Journal {
-    /// A migration from this host: what to put back.
-    Source {
-        flow_id: u32,
-        flow: FlowSpec,
-        /// The flow's flags before the migration.
-        flags: u32,
-        /// The service's processes here (the serving instance, the
-        /// standby), as registered: they go once the destination serves
-        /// (journals written before it: none).
-        #[serde(default)]
-        instances: Vec<Identity>,
-    },
-    /// A migration to this host: the flows it adopted and the instance it
-    /// restored.
-    Destination {
-        /// The service's name, registered here if it was handed over
-        /// (journals written before it: none).
-        #[serde(default)]
-        service: Option<String>,
-        flows: Vec<TargetFlow>,
-        instance: Option<Identity>,
-        /// The source's `deadline_ms`: how long an armed handover is
-        /// waited for at recovery (journals written before it: 10 s).
-        #[serde(default = "default_deadline_ms")]
-        deadline_ms: u64,
-    },
+    /// A migration from this host.
+    Source(Outgoing),
+    /// A migration to this host.
+    Destination(Incoming),
+}
+
+/// What a migration from this host changed, to put back (or, once the
+/// destination serves, to let go of).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outgoing {
+    pub flow_id: u32,
+    pub flow: FlowSpec,
+    /// The flow's flags before the migration.
+    pub flags: u32,
+    /// The service's processes here (the serving instance, the standby),
+    /// as registered: they go once the destination serves (journals
+    /// written before it: none).
+    #[serde(default)]
+    pub instances: Vec<Identity>,
+}
+
+/// What a migration to this host changed: the flows it adopted, the
+/// addresses it made local and the instance it restored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incoming {
+    /// The service's name, registered here if it was handed over
+    /// (journals written before it: none).
+    #[serde(default)]
+    pub service: Option<String>,
+    pub flows: Vec<TargetFlow>,
+    pub instance: Option<Identity>,
+    /// The source's `deadline_ms`: how long an armed handover is waited
+    /// for at recovery (journals written before it: 10 s).
+    #[serde(default = "default_deadline_ms")]
+    pub deadline_ms: u64,
+    /// The service addresses put on lo for the restore, which a rollback
+    /// takes off.
+    #[serde(default)]
+    pub local_addresses: Vec<std::net::IpAddr>,
 }
 
 fn default_deadline_ms() -> u64 {
@@ -56,8 +69,8 @@ fn default_deadline_ms() -> u64 {
 impl Journal {
     pub fn side(&self) -> Side {
         match self {
-            Journal::Source { .. } => Side::Source,
-            Journal::Destination { .. } => Side::Destination,
+            Journal::Source(_) => Side::Source,
+            Journal::Destination(_) => Side::Destination,
         }
     }
 }
@@ -231,7 +244,7 @@ mod tests {
     }
 
     fn source() -> Journal {
-        Journal::Source {
+        Journal::Source(Outgoing {
             flow_id: 3,
             flow: FlowSpec {
                 cps: "10.0.0.1:5000".parse().unwrap(),
@@ -242,13 +255,13 @@ mod tests {
                 pid: 41,
                 start_time: 6,
             }],
-        }
+        })
     }
 
     #[test]
     fn both_sides_of_one_id_are_kept_apart_and_read_back() {
         let (_dir, files) = files();
-        let destination = Journal::Destination {
+        let destination = Journal::Destination(Incoming {
             service: Some("markov".into()),
             flows: vec![],
             instance: Some(Identity {
@@ -256,7 +269,8 @@ mod tests {
                 start_time: 7,
             }),
             deadline_ms: 2500,
-        };
+            local_addresses: vec!["192.0.2.10".parse().unwrap()],
+        });
         files.write("m1", &source()).unwrap();
         files.write("m1", &destination).unwrap();
         let left = files.left();
@@ -335,13 +349,11 @@ mod tests {
     fn a_journal_from_before_the_deadline_field_reads_with_the_default() {
         let old = br#"{"side":"destination","flows":[],"instance":null}"#;
         let journal: Journal = serde_json::from_slice(old).unwrap();
-        assert!(matches!(
-            journal,
-            Journal::Destination {
-                deadline_ms: 10_000,
-                ..
-            }
-        ));
+        let Journal::Destination(incoming) = journal else {
+            panic!("{journal:?} is not a destination's");
+        };
+        assert_eq!(incoming.deadline_ms, 10_000);
+        assert!(incoming.local_addresses.is_empty());
     }
 
     #[test]

@@ -125,6 +125,8 @@ pub struct Context {
     pub pin_root: PathBuf,
     /// The service-facing interface (replays to a leave-running instance arrive there).
     pub interface: String,
+    /// The interface on the migration network, where the mirror copies leave.
+    pub peer_interface: Option<String>,
     /// Where the outgoing images and the journal go.
     pub files: Files,
     pub criu: Criu,

@@ -5,7 +5,7 @@
 //! source                                   destination
 //!   | Prepare {migration, service,-------->  adopt the flows, hold their
 //!   |     flows, deadline_ms}                mirrored inputs, mute outputs
-//!   |                             <--------  Prepared {mirror_mac}
+//!   |                             <--------  Prepared {mirror_mac, flow_ids}
 //!   | (checkpoint at S, IMAGES frames) --->  images under images_dir
 //!   | Restore {positions, cpus}   -------->  CRIU restore, replay S+1..
 //!   |                             <--------  Restored {pid, replay_end, ..}
@@ -21,6 +21,9 @@
 //!
 //! Both modes (standby, leave-running) send the same steps in this order;
 //! the destination takes them in no other ([`super::destination::State`]).
+//! Every step after `Prepare` names flows by the ids the destination gave
+//! them (`flow_ids`), which the source's mirror copies carry too: each host
+//! numbers its own flow table.
 use serde::{Deserialize, Serialize};
 
 use crate::{migration::hold::FlowPosition, service::FlowSpec};
@@ -32,14 +35,14 @@ pub const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Step {
-    /// Adopt the service's flows under the source's ids; hold their
-    /// mirrored inputs in the log and mute the outputs.
+    /// Adopt the service's flows under ids free here; hold their mirrored
+    /// inputs in the log and mute the outputs.
     Prepare {
         migration: String,
         /// The service's name: the destination registers it under that
         /// name once it is handed over.
         service: String,
-        flows: Vec<TargetFlow>,
+        flows: Vec<FlowSpec>,
         /// The source's `deadline_ms`: how long it may wait for
         /// convergence and for K. The destination's idle limit and its
         /// grace for an armed handover are derived from it.
@@ -83,7 +86,7 @@ impl Step {
     }
 }
 
-/// A flow the destination adopts.
+/// A flow the destination adopted, under its id there.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TargetFlow {
@@ -111,10 +114,12 @@ pub struct Restored {
 
 /// What `Prepare` answers: where the source sends the migration's mirror
 /// copies on the migration network, the MAC of the destination's
-/// interface that takes them (its `mirror_from`).
+/// interface that takes them (its `mirror_from`), and the id each flow has
+/// there, in the order `Prepare` named them.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Prepared {
     pub mirror_mac: [u8; 6],
+    pub flow_ids: Vec<u32>,
 }
 
 /// What `Finish` answers: the instance, and the CPU time this daemon and

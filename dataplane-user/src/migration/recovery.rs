@@ -44,39 +44,15 @@ pub fn recover(host: &Host) -> Vec<String> {
                 "{e}; {}",
                 destination::recover_unjournaled(&host.pin_root, &host.interface)
             ),
-            (
-                Ok(Journal::Source {
-                    flow_id,
-                    flow,
-                    flags,
-                    instances,
-                }),
-                _,
-            ) => source::recover(
+            (Ok(Journal::Source(outgoing)), _) => source::recover(
                 &host.pin_root,
                 host.standby_pin_root.as_deref(),
-                flow_id,
-                &flow,
-                flags,
-                &instances,
-            ),
-            (
-                Ok(Journal::Destination {
-                    service,
-                    flows,
-                    instance,
-                    deadline_ms,
-                }),
-                _,
-            ) => destination::recover(
-                &host.pin_root,
                 &host.interface,
-                &host.services,
-                service.as_deref(),
-                &flows,
-                instance,
-                deadline_ms,
+                &outgoing,
             ),
+            (Ok(Journal::Destination(incoming)), _) => {
+                destination::recover(&host.pin_root, &host.interface, &host.services, &incoming)
+            }
         };
         host.files.remove(left.side, &left.id);
         let line = match left.side {
@@ -92,7 +68,10 @@ pub fn recover(host: &Host) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::FlowSpec;
+    use crate::{
+        migration::journal::{Incoming, Outgoing},
+        service::FlowSpec,
+    };
 
     #[test]
     fn every_journal_is_acted_on_reported_and_removed() {
@@ -102,23 +81,24 @@ mod tests {
             cps: "10.0.0.1:5000".parse().unwrap(),
             service: "10.0.0.2:6000".parse().unwrap(),
         };
-        let source = Journal::Source {
+        let source = Journal::Source(Outgoing {
             flow_id: 1,
             flow,
             flags: 0,
             instances: vec![],
-        };
+        });
         files.write("out", &source).unwrap();
         std::fs::create_dir_all(files.images(Side::Source, "out")).unwrap();
         files
             .write(
                 "in",
-                &Journal::Destination {
+                &Journal::Destination(Incoming {
                     service: None,
                     flows: vec![],
                     instance: None,
                     deadline_ms: 10_000,
-                },
+                    local_addresses: vec![],
+                }),
             )
             .unwrap();
         std::fs::create_dir_all(dir.path().join("journal")).unwrap();

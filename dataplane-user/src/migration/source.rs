@@ -8,13 +8,12 @@ use std::{
 };
 
 use dataplane_common::{
-    CUT_AT_NEXT, FlowKey, GATE_DELIVER_ALL, OUTPUT_ARMED, OUTPUT_MUTE, RECORD_OUTPUT,
+    CUT_AT_NEXT, FlowKey, GATE_DELIVER_ALL, MirrorTarget, OUTPUT_ARMED, OUTPUT_MUTE, RECORD_OUTPUT,
 };
 use serde_json::Value;
 
 use crate::{
     criu::{DumpRequest, netns_inode, precopy::IterativeDump, stats},
-    host::tasks::Identity,
     kernel::{
         flow,
         injector::Injector,
@@ -27,8 +26,8 @@ use crate::{
         cutover::{self, Handover},
         error::{Cause, MigrationError, NotConverged, ResumeError},
         hold::{self, FlowPosition},
-        journal::{Journal, Side},
-        protocol::{Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step, TargetFlow},
+        journal::{Journal, Outgoing, Side},
+        protocol::{Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step},
     },
     peer,
     planning::policy::StopPolicy,
@@ -98,6 +97,9 @@ struct Migration {
 struct Source {
     dataplane: Dataplane,
     flow_id: u32,
+    /// The flow's id on the destination (from `prepare` on), which every
+    /// later step and the mirror copies use.
+    remote_id: u32,
     key: dataplane_common::FlowKey,
     flags: u32,
     inputs: Subscription,
@@ -156,23 +158,37 @@ impl Migration {
         let inputs = self
             .context
             .inputs
-            .subscribe(SUBSCRIPTION_CAPACITY)
+            .subscribe(&[config.flow_id], SUBSCRIPTION_CAPACITY)
             .map_err(|e| self.fail(e))?;
         let outputs = self
             .context
             .outputs
-            .subscribe(SUBSCRIPTION_CAPACITY)
+            .subscribe(&[config.flow_id], SUBSCRIPTION_CAPACITY)
             .map_err(|e| self.fail(e))?;
         let log = LogGuard::new(&dataplane).map_err(|e| self.fail(e))?;
         let mut source = Source {
             dataplane,
             flow_id: config.flow_id,
+            remote_id: 0,
             key,
             flags: config.flags,
             inputs,
             outputs,
             log,
         };
+        // The mirror copies leave there: a migration without them cannot
+        // replay.
+        let peer_interface = self
+            .context
+            .peer_interface
+            .as_deref()
+            .ok_or_else(|| self.fail(Cause::NoPeerInterface))?;
+        let running = crate::host::netdev::Interface::by_name(peer_interface)
+            .map_err(|e| self.fail(crate::kernel::loader::LoadError::from(e)))?
+            .running;
+        if !running {
+            return Err(self.fail(Cause::MigrationNetworkDown(peer_interface.into())));
+        }
         let mut link = peer::connect(&self.context.trust, self.request.to)
             .await
             .map_err(|source| {
@@ -185,23 +201,24 @@ impl Migration {
         let prepare = Step::Prepare {
             migration: self.report.id.clone(),
             service: self.service.name.clone(),
-            flows: vec![TargetFlow {
-                flow_id: source.flow_id,
-                spec,
-            }],
+            flows: vec![spec],
             // The destination waits at least this long for K once armed.
             deadline_ms: self.request.deadline_ms,
         };
         let prepared: Prepared = step(&mut link, &prepare).await.map_err(|e| self.fail(e))?;
+        let [remote_id] = prepared.flow_ids[..] else {
+            return Err(self.fail(Cause::FlowIds(prepared.flow_ids.len())));
+        };
+        source.remote_id = remote_id;
         // From here on the destination holds state: a failure rolls it back.
         // Should this daemon die before the end, the journal tells the next
         // start what to undo.
-        let journal = Journal::Source {
+        let journal = Journal::Source(Outgoing {
             flow_id: source.flow_id,
             flow: spec,
             flags: source.flags,
             instances: self.service.registered.clone(),
-        };
+        });
         let mirrored = self
             .context
             .files
@@ -211,7 +228,14 @@ impl Migration {
                 // Each flow's copies to the host it migrates to.
                 source
                     .dataplane
-                    .mirror_flow(&key, Some(prepared.mirror_mac))
+                    .mirror_flow(
+                        &key,
+                        Some(MirrorTarget {
+                            mac: prepared.mirror_mac,
+                            flow_id: remote_id,
+                            ..Default::default()
+                        }),
+                    )
                     .map_err(Cause::from)
             });
         self.end(t);
@@ -224,7 +248,11 @@ impl Migration {
             // Handed over, then failed (the link went before `announce` or
             // `finish`): the destination serves, as its own settling or
             // recovery finds, and the instances here get no input past K.
-            Err(_) => self.stop_instances(),
+            Err(_) => {
+                self.stop_instances();
+                let outcome = source.let_go(&self.context.interface);
+                tracing::info!(migration = %self.report.id, "{outcome}");
+            }
             Ok(()) => {}
         }
         outcome
@@ -263,7 +291,10 @@ impl Migration {
         let restored: Restored = step(
             link,
             &Step::Restore {
-                positions: vec![position],
+                positions: vec![FlowPosition {
+                    flow_id: source.remote_id,
+                    ..position
+                }],
                 cpus: crate::host::tasks::cpus_of(self.service.pid).unwrap_or_default(),
             },
         )
@@ -443,7 +474,7 @@ impl Migration {
             )
             .await
             .map_err(|e| self.fail(e))?;
-            for output in theirs.into_iter().filter(|o| o.flow_id == source.flow_id) {
+            for output in theirs.into_iter().filter(|o| o.flow_id == source.remote_id) {
                 pairing.theirs(output.seq, output.payload);
             }
             let Some(last) = pairing.waiting_for() else {
@@ -479,7 +510,7 @@ impl Migration {
         let _: Value = step(
             link,
             &Step::Arm {
-                flows: vec![flow_id],
+                flows: vec![source.remote_id],
             },
         )
         .await
@@ -500,13 +531,12 @@ impl Migration {
         let _: Value = step(link, &Step::Announce)
             .await
             .map_err(|e| self.fail(e))?;
-        source
-            .wait_quiet(Duration::from_millis(20), Duration::from_secs(2))
-            .await;
         self.end(t);
 
         let t = self.begin(Stage::Finish)?;
         self.stop_instances();
+        let outcome = source.let_go(&self.context.interface);
+        tracing::info!(migration = %self.report.id, "{outcome}");
         let finished: Finished = step(link, &Step::Finish).await.map_err(|e| self.fail(e))?;
         self.report.load.destination_daemon_us = finished.daemon_cpu_us;
         self.report.load.destination_criu_us = finished.criu_cpu_us;
@@ -629,25 +659,77 @@ impl Source {
         self.log.check(&self.dataplane, &self.inputs)
     }
 
-    /// Waits until no input has arrived for `quiet` (at most `limit`).
-    async fn wait_quiet(&self, quiet: Duration, limit: Duration) {
-        let seq = || {
-            self.dataplane
-                .sequence(self.flow_id)
-                .map_or(0, |s| s.last_seq)
-        };
-        let start = Instant::now();
-        let mut last = (seq(), Instant::now());
-        while start.elapsed() < limit {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            let now = seq();
-            if now != last.0 {
-                last = (now, Instant::now());
-            } else if last.1.elapsed() >= quiet {
-                return;
-            }
+    /// Lets go of the flow once the destination serves it, if its inputs
+    /// stop coming here ([`let_go`]): what it did, as text.
+    fn let_go(&mut self, interface: &str) -> String {
+        let quiet = tokio::task::block_in_place(|| inputs_stopped(&self.dataplane, self.flow_id));
+        let_go(
+            &mut self.dataplane,
+            interface,
+            &self.key,
+            self.flow_id,
+            quiet,
+        )
+    }
+}
+
+/// Waits until no input of `flow_id` has come for 20 ms, at most 2 s:
+/// whether the CPS's inputs stopped coming here once the destination
+/// announced the service.
+fn inputs_stopped(dataplane: &Dataplane, flow_id: u32) -> bool {
+    let (quiet, limit) = (Duration::from_millis(20), Duration::from_secs(2));
+    let seq = || dataplane.sequence(flow_id).map_or(0, |s| s.last_seq);
+    let start = Instant::now();
+    let mut last = (seq(), Instant::now());
+    while start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(1));
+        let now = seq();
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if last.1.elapsed() >= quiet {
+            return true;
         }
     }
+    false
+}
+
+/// Lets go of flow `key` (`flow_id`) once the destination serves it:
+/// with its inputs stopped (`quiet`), the flow goes, and the service
+/// address goes off `interface` and lo unless another flow here still has
+/// it. This host then neither answers ARP for the address nor holds the
+/// flow, and a later migration may bring the service back. Inputs still
+/// coming: the flow keeps forwarding them past K, and the address stays.
+/// What it did, as text.
+fn let_go(
+    dataplane: &mut Dataplane,
+    interface: &str,
+    key: &FlowKey,
+    flow_id: u32,
+    quiet: bool,
+) -> String {
+    let flow = flow::display(key);
+    if !quiet {
+        tracing::warn!(%flow, "inputs still arrive here after the announce: \
+            the flow stays, forwarding them to the destination");
+        return format!("inputs of {flow} still arrive here: it keeps forwarding them");
+    }
+    let _ = dataplane.remove_flow(key);
+    let _ = dataplane.set_gate(flow_id, Default::default());
+    let address = flow::destination(key).ip();
+    let shared = dataplane.flows().map_or(true, |flows| {
+        flows
+            .iter()
+            .any(|(k, _)| flow::destination(k).ip() == address)
+    });
+    if shared {
+        return format!("let go of {flow}; {address} stays, another flow has it");
+    }
+    for on in [interface, "lo"] {
+        if let Err(e) = crate::host::netdev::release_address(on, address) {
+            tracing::warn!(%address, interface = on, "releasing the service address: {e}");
+        }
+    }
+    format!("let go of {flow} and {address}")
 }
 
 /// Kills an instance of a service the destination now serves, demoted
@@ -676,19 +758,20 @@ async fn step<T: serde::de::DeserializeOwned>(
 /// held when the daemon died went with its memory: they are lost to the
 /// instance, and the outcome names them. Handed over (K picked): the
 /// destination serves; inputs above K keep going to it, and the service's
-/// `instances` here, which get none of them, are stopped.
+/// instances here, which get none of them, are stopped; once no input
+/// comes here, the flow and the service address on `interface` go.
 pub(super) fn recover(
     pin_root: &Path,
     standby_pin_root: Option<&Path>,
-    flow_id: u32,
-    spec: &FlowSpec,
-    flags: u32,
-    instances: &[Identity],
+    interface: &str,
+    outgoing: &Outgoing,
 ) -> String {
-    match undo(pin_root, standby_pin_root, flow_id, Some((spec, flags))) {
+    let restore = Some((&outgoing.flow, outgoing.flags));
+    match undo(pin_root, standby_pin_root, outgoing.flow_id, restore) {
         Ok(lost) => format!("rolled back: mirroring off, gates delivering{lost}"),
         Err(handed_over @ Cause::HandedOver(_)) => {
-            let stopped: Vec<u32> = instances
+            let stopped: Vec<u32> = outgoing
+                .instances
                 .iter()
                 .filter(|i| i.runs())
                 .map(|i| {
@@ -696,9 +779,17 @@ pub(super) fn recover(
                     i.pid
                 })
                 .collect();
+            let released = match Dataplane::open(pin_root) {
+                Ok(mut dataplane) => {
+                    let key = flow::udp(outgoing.flow.cps, outgoing.flow.service);
+                    let quiet = inputs_stopped(&dataplane, outgoing.flow_id);
+                    let_go(&mut dataplane, interface, &key, outgoing.flow_id, quiet)
+                }
+                Err(e) => e.to_string(),
+            };
             match stopped[..] {
-                [] => handed_over.to_string(),
-                _ => format!("{handed_over}; stopped the instances here: {stopped:?}"),
+                [] => format!("{handed_over}; {released}"),
+                _ => format!("{handed_over}; stopped the instances here: {stopped:?}; {released}"),
             }
         }
         Err(e) => e.to_string(),

@@ -1,0 +1,207 @@
+//! A cell of three hosts ([`Cell`]): `a`, `b` and `c` on one service
+//! network and one migration network, each with a daemon that lists the
+//! two others and listens for them, and services that move among them.
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::{
+    daemon::{DaemonProcess, Flow},
+    hosts::{HostAddresses, TestHosts},
+    migration::CONTROLLER_COMM,
+    netns::NetNs,
+    services::{ChainService, in_netns, kill_pid, pids_named},
+};
+
+/// The cell's hosts, by name.
+pub const CELL: [&str; 3] = ["a", "b", "c"];
+
+/// `c`'s own addresses (`a` is [`TestHosts::src`], `b` is [`TestHosts::dst`]).
+pub const C_ADDRESSES: HostAddresses = (
+    Ipv4Addr::new(192, 0, 2, 40),
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x40),
+    Ipv4Addr::new(198, 51, 100, 4),
+);
+
+/// Three hosts and their daemons. `a` is the test hosts' `src` (the
+/// service address 192.0.2.10 on its eth0), `b` their `dst` (that address
+/// on lo), `c` one more host with no service address at all, whose peer
+/// link is on the service network.
+pub struct Cell {
+    pub hosts: TestHosts,
+    c: NetNs,
+    /// In [`CELL`]'s order.
+    daemons: Vec<DaemonProcess>,
+}
+
+impl Cell {
+    /// Builds it; `tag` keeps names apart between tests of one process.
+    pub fn new(tag: &str) -> Self {
+        let hosts = TestHosts::new(tag);
+        let c = hosts.add_host("c", C_ADDRESSES);
+        let mut cell = Self {
+            hosts,
+            c,
+            daemons: Vec::new(),
+        };
+        for name in CELL {
+            let others: Vec<(&str, String)> = CELL
+                .iter()
+                .filter(|&&o| o != name)
+                .map(|&o| (o, Self::peer(o)))
+                .collect();
+            let others: Vec<(&str, &str)> = others.iter().map(|(o, a)| (*o, a.as_str())).collect();
+            let config = format!(
+                "interface = \"eth0\"\npeer_interface = \"peer0\"\npin_root = \"{}\"\n\
+                 input_ring_mib = 8\noutput_ring_mib = 4\n\
+                 images_dir = \"/tmp/dataplane-test-{}-{tag}-{name}-images\"\n\
+                 peer_listen = \"{}\"\n{}",
+                cell.hosts.pin_root(name).display(),
+                std::process::id(),
+                Self::peer(name),
+                cell.hosts.peer_config(name, &others),
+            );
+            let daemon = DaemonProcess::start(cell.host(name), &format!("{tag}-{name}"), &config);
+            cell.daemons.push(daemon);
+        }
+        cell
+    }
+
+    /// The network namespace of host `name`.
+    pub fn host(&self, name: &str) -> &NetNs {
+        host_of(&self.hosts, &self.c, name)
+    }
+
+    /// The daemon of host `name`.
+    pub fn daemon(&self, name: &str) -> &DaemonProcess {
+        &self.daemons[Self::index(name)]
+    }
+
+    /// SIGKILLs host `name`'s daemon and starts it again.
+    pub fn kill_and_restart(&mut self, name: &str) {
+        let host = host_of(&self.hosts, &self.c, name);
+        self.daemons[Self::index(name)].kill_and_restart(host);
+    }
+
+    fn index(name: &str) -> usize {
+        CELL.iter()
+            .position(|&n| n == name)
+            .unwrap_or_else(|| panic!("no host {name} in the cell"))
+    }
+
+    /// Host `name`'s peer-link address: on the migration network for `a`
+    /// and `b`; `c`'s peer link runs on the service network, apart from its
+    /// mirror copies (which a source learns to address at `prepare`).
+    pub fn peer(name: &str) -> String {
+        match name {
+            "a" => "198.51.100.1:7070",
+            "b" => "198.51.100.2:7070",
+            _ => "192.0.2.40:7070",
+        }
+        .to_string()
+    }
+
+    /// Starts a Markov controller on host `on` serving `flow`, makes the
+    /// flow's service address that host's (a /32 on its eth0, unless it
+    /// has it already) and registers it there as service `name`.
+    pub fn start_service(&self, on: &str, name: &str, (cps, service): Flow) -> ChainService {
+        let host = self.host(on);
+        if !host.run(|| dataplane_user::host::netdev::is_local(service.ip())) {
+            host.ip(&[
+                "addr",
+                "add",
+                &format!("{}/32", service.ip()),
+                "dev",
+                "eth0",
+            ]);
+        }
+        let address = service.to_string();
+        let controller = ChainService::spawn(host, "markov-controller", &[&address], service);
+        let daemon = self.daemon(on);
+        daemon.add_flow((cps, service));
+        daemon
+            .client()
+            .call(
+                "service.register",
+                serde_json::json!({"name": name, "pid": controller.pid,
+                    "flows": [{"cps": cps, "service": service}]}),
+            )
+            .expect("service.register");
+        controller
+    }
+
+    /// Starts the CPS driving `flows`, `cycles` inputs on each at 1 ms,
+    /// and lets it run 300 ms.
+    pub fn start_cps(&self, flows: &[Flow], cycles: u64) -> std::process::Child {
+        let cps = self
+            .hosts
+            .cps_command(flows, cycles, 1000)
+            .spawn()
+            .expect("start the CPS");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        cps
+    }
+
+    /// Starts migrating service `service` from host `from` to host `to`
+    /// in `mode`: the migration's id.
+    pub fn migrate(&self, service: &str, from: &str, to: &str, mode: &str) -> String {
+        let started = self
+            .daemon(from)
+            .client()
+            .call(
+                "migration.start",
+                serde_json::json!({"service": service, "to": Self::peer(to), "mode": mode}),
+            )
+            .expect("migration.start");
+        started["id"].as_str().expect("an id").to_string()
+    }
+
+    /// Waits for migration `id` of host `from` to end: its final report.
+    pub fn wait(&self, from: &str, id: &str) -> serde_json::Value {
+        self.daemon(from).wait_for_migration(id)
+    }
+
+    /// The services host `name`'s daemon knows (`service.list`).
+    pub fn services(&self, name: &str) -> Vec<serde_json::Value> {
+        let list = self
+            .daemon(name)
+            .client()
+            .call("service.list", serde_json::json!({}))
+            .expect("service.list");
+        list.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Whether host `name` holds `address` (on any interface).
+    pub fn holds(&self, name: &str, address: SocketAddr) -> bool {
+        self.host(name)
+            .run(|| dataplane_user::host::netdev::is_local(address.ip()))
+    }
+
+    /// The flows in host `name`'s dataplane.
+    pub fn flows(&self, name: &str) -> Vec<String> {
+        dataplane_user::kernel::loader::Dataplane::open(&self.hosts.pin_root(name))
+            .and_then(|d| d.flows())
+            .expect("the host's flows")
+            .iter()
+            .map(|(key, _)| dataplane_user::kernel::flow::display(key))
+            .collect()
+    }
+}
+
+fn host_of<'a>(hosts: &'a TestHosts, c: &'a NetNs, name: &str) -> &'a NetNs {
+    match name {
+        "a" => &hosts.src,
+        "b" => &hosts.dst,
+        "c" => c,
+        other => panic!("no host {other} in the cell"),
+    }
+}
+
+impl Drop for Cell {
+    /// Restored controllers are nobody's children here: killed by name.
+    fn drop(&mut self) {
+        for pid in pids_named(CONTROLLER_COMM) {
+            if CELL.iter().any(|&name| in_netns(pid, self.host(name))) {
+                kill_pid(pid.into());
+            }
+        }
+    }
+}

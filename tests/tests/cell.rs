@@ -1,0 +1,170 @@
+//! Services moving around a cell of three hosts (a, b, c), each with a
+//! daemon that lists the two others: real kernel programs, real CRIU, real
+//! processes, a CPS sending every 1 ms.
+use std::time::{Duration, Instant};
+
+use dataplane_tests::{CPS_V4, Cell, chain_state, cps_verdicts, sock};
+
+fn assert_clean(verdict: &serde_json::Value) {
+    for key in ["missed", "duplicates", "out_of_order", "wrong"] {
+        assert_eq!(verdict[key], 0, "{key}: {verdict}");
+    }
+}
+
+/// Asserts that service `name` is registered on host `on` (with the
+/// instance `pid`, if given) and on no other host of `cell`.
+fn assert_registered_only_on(cell: &Cell, name: &str, on: &str, pid: Option<u64>) {
+    for host in dataplane_tests::CELL {
+        let services = cell.services(host);
+        let entry = services.iter().find(|s| s["name"] == name);
+        match (host == on, entry) {
+            (true, Some(s)) => {
+                if let Some(pid) = pid {
+                    assert_eq!(s["pid"], pid, "{name} on {host}: {s}");
+                }
+            }
+            (true, None) => panic!("{name} is not registered on {host}: {services:?}"),
+            (false, Some(s)) => panic!("{name} is still registered on {host}: {s}"),
+            (false, None) => {}
+        }
+    }
+}
+
+#[test]
+fn a_service_goes_round_the_cell_with_each_daemon_killed_before_it_migrates() {
+    // A -> B -> C -> A under one CPS run. Before each migration the
+    // source's daemon is SIGKILLed and restarted: it finds the service in
+    // its registry (the restored instance, on B and C) and migrates it on
+    // with no manual step. Each host that hands the service on lets go of
+    // it: no registration, no flow, no service address.
+    let mut cell = Cell::new("round");
+    let flow = (sock(CPS_V4, 4000), sock(dataplane_tests::SERVICE_V4, 5000));
+    let _controller = cell.start_service("a", "markov", flow);
+    let cycles = 15_000;
+    let cps = cell.start_cps(&[flow], cycles);
+    let start = Instant::now();
+    let mut pid = None;
+    for (from, to) in [("a", "b"), ("b", "c"), ("c", "a")] {
+        cell.kill_and_restart(from);
+        assert_registered_only_on(&cell, "markov", from, pid);
+        let id = cell.migrate("markov", from, to, "leave-running");
+        let report = cell.wait(from, &id);
+        println!("{from} -> {to}: {report}");
+        assert_eq!(report["state"], "done", "{from} -> {to}: {report}");
+        pid = report["destination_pid"].as_u64();
+        assert_registered_only_on(&cell, "markov", to, pid);
+        assert_eq!(
+            cell.flows(from),
+            Vec::<String>::new(),
+            "{from} kept the flow"
+        );
+        assert!(!cell.holds(from, flow.1), "{from} kept the address");
+        assert!(cell.holds(to, flow.1), "{to} lacks the address");
+    }
+    let elapsed = start.elapsed();
+    let verdict = cps_verdicts(cps).swap_remove(0);
+    println!("CPS: {verdict}");
+    assert!(
+        elapsed < Duration::from_millis(cycles - 500),
+        "the migrations took {elapsed:?}, past the CPS's run: it proves less"
+    );
+    assert_clean(&verdict);
+    // The instance on A took every input, through all three migrations.
+    assert_eq!(
+        chain_state(cell.host("a"), flow.1).map(|s| s.0),
+        Some(cycles)
+    );
+}
+
+#[test]
+fn two_services_migrate_at_once_in_opposite_directions() {
+    // "markov" goes from A to B while "other" goes from B to A: each host
+    // is the source of one migration and the destination of the other,
+    // both flows have id 0 where they start, and each destination gives
+    // the arriving flow an id of its own.
+    let cell = Cell::new("cross");
+    let markov = (sock(CPS_V4, 4000), sock(dataplane_tests::SERVICE_V4, 5000));
+    let other = (sock(CPS_V4, 4001), sock([192, 0, 2, 11], 5001));
+    let _on_a = cell.start_service("a", "markov", markov);
+    let _on_b = cell.start_service("b", "other", other);
+    let cycles = 6_000;
+    let cps = cell.start_cps(&[markov, other], cycles);
+    let there = cell.migrate("markov", "a", "b", "leave-running");
+    let back = cell.migrate("other", "b", "a", "leave-running");
+    let (there, back) = (cell.wait("a", &there), cell.wait("b", &back));
+    println!("markov a -> b: {there}\nother b -> a: {back}");
+    assert_eq!(there["state"], "done", "{there}");
+    assert_eq!(back["state"], "done", "{back}");
+    let verdicts = cps_verdicts(cps);
+    println!("CPS: {verdicts:?}");
+    assert_eq!(verdicts.len(), 2);
+    verdicts.iter().for_each(assert_clean);
+    assert_registered_only_on(&cell, "markov", "b", there["destination_pid"].as_u64());
+    assert_registered_only_on(&cell, "other", "a", back["destination_pid"].as_u64());
+    assert_eq!(
+        chain_state(cell.host("b"), markov.1).map(|s| s.0),
+        Some(cycles)
+    );
+    assert_eq!(
+        chain_state(cell.host("a"), other.1).map(|s| s.0),
+        Some(cycles)
+    );
+}
+
+#[test]
+fn a_host_whose_migration_network_is_down_is_refused_at_prepare() {
+    // The source's own interface on the migration network down: it
+    // refuses before it asks anything of the destination. The
+    // destination's down (its peer link, on the service network, still
+    // up): the destination refuses at prepare. Either way the source
+    // serves on, nothing is left on the destination, and once the network
+    // is back the migration goes through.
+    let cell = Cell::new("down");
+    let flow = (sock(CPS_V4, 4000), sock(dataplane_tests::SERVICE_V4, 5000));
+    let _controller = cell.start_service("a", "markov", flow);
+    let cycles = 5_000;
+    let cps = cell.start_cps(&[flow], cycles);
+    // Whose refusal it is: the destination's comes over the link.
+    let refused = |to: &str, whose: &str, down: &dyn Fn(&str)| {
+        down("down");
+        let report = cell.wait("a", &cell.migrate("markov", "a", to, "leave-running"));
+        down("up");
+        println!("a -> {to}: {report}");
+        assert_eq!(report["state"], "failed", "{report}");
+        assert_eq!(report["phase"], "prepare", "{report}");
+        let error = report["error"].as_str().unwrap_or_default();
+        assert!(error.starts_with(whose), "{error}");
+        assert!(error.contains("peer0, is down"), "{error}");
+        assert_eq!(cell.flows(to), Vec::<String>::new(), "left on {to}");
+    };
+    // The kernel reports a carrier back within a second (linkwatch).
+    let running = |host: &str| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !cell
+            .host(host)
+            .run(|| dataplane_user::host::netdev::Interface::by_name("peer0"))
+            .is_ok_and(|i| i.running)
+        {
+            assert!(Instant::now() < deadline, "{host}'s peer0 is still down");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    refused("b", "prepare: this host's", &|state| {
+        cell.host("a").ip(&["link", "set", "peer0", state])
+    });
+    running("a");
+    refused("c", "prepare: destination: ", &|state| {
+        cell.hosts.migration.ip(&["link", "set", "to-c", state])
+    });
+    running("c");
+    assert_registered_only_on(&cell, "markov", "a", None);
+    let report = cell.wait("a", &cell.migrate("markov", "a", "c", "leave-running"));
+    assert_eq!(report["state"], "done", "{report}");
+    let verdict = cps_verdicts(cps).swap_remove(0);
+    println!("CPS: {verdict}");
+    assert_clean(&verdict);
+    assert_eq!(
+        chain_state(cell.host("c"), flow.1).map(|s| s.0),
+        Some(cycles)
+    );
+}
