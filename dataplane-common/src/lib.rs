@@ -47,7 +47,8 @@ pub const FLOW_STANDBY: u32 = 2;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FlowConfig {
-    /// Index into the per-flow arrays, below [`MAX_FLOWS`].
+    /// Index into the per-flow arrays, below [`MAX_FLOWS`]. The flows of
+    /// one service share it: one numbering, one gate, one mirror target.
     pub flow_id: u32,
     /// `FLOW_*` bits.
     pub flags: u32,
@@ -90,13 +91,19 @@ pub const OUTPUT_ARMED: u32 = 3;
 
 /// Output tagging: an output answers the latest input delivered when it
 /// leaves. Right for an instance that answers each input before the next
-/// arrives; the serving original, whose history user space does not know.
+/// arrives; the serving original until a migration, whose history user
+/// space does not know.
 pub const TAG_LATEST: u32 = 0;
 /// Output tagging for an instance with one output per input, fed in order
 /// from its first delivered input on (a restored instance behind a
 /// sequenced gate, a standby from its start): the n-th output answers the
 /// n-th input. Inputs that queue in its socket while it works (a burst)
-/// do not move the tag of an answer still to come.
+/// do not move the tag of an answer still to come. A migration's source
+/// counts its serving instance's outputs too, from the input after the
+/// latest delivered: an answer still owed then is tagged as a further one
+/// to the latest, and the count is right from the next delivery on. Inputs
+/// of several flows that arrive together (a controller of several field
+/// devices) would share one latest tag.
 pub const TAG_COUNTED: u32 = 1;
 
 /// `deliver_until` value that makes the next input numbered on this host
@@ -144,11 +151,17 @@ pub const GATE_NEXT_EXPECTED_OFFSET: usize = 8;
 pub const GATE_DELIVER_UNTIL_OFFSET: usize = 16;
 /// Byte offset of `answer_from` in a `Gate`.
 pub const GATE_ANSWER_FROM_OFFSET: usize = 24;
+/// Byte offset of `tagging` in a `Gate`.
+pub const GATE_TAGGING_OFFSET: usize = 32;
+/// Byte offset of `next_answer` in a `Gate`.
+pub const GATE_NEXT_ANSWER_OFFSET: usize = 40;
 const _: () = assert!(core::mem::offset_of!(Gate, mode) == GATE_MODE_OFFSET);
 const _: () = assert!(core::mem::offset_of!(Gate, output) == GATE_OUTPUT_OFFSET);
 const _: () = assert!(core::mem::offset_of!(Gate, next_expected) == GATE_NEXT_EXPECTED_OFFSET);
 const _: () = assert!(core::mem::offset_of!(Gate, deliver_until) == GATE_DELIVER_UNTIL_OFFSET);
 const _: () = assert!(core::mem::offset_of!(Gate, answer_from) == GATE_ANSWER_FROM_OFFSET);
+const _: () = assert!(core::mem::offset_of!(Gate, tagging) == GATE_TAGGING_OFFSET);
+const _: () = assert!(core::mem::offset_of!(Gate, next_answer) == GATE_NEXT_ANSWER_OFFSET);
 
 /// Host-wide settings, element 0 of the config array.
 #[repr(C)]

@@ -99,11 +99,14 @@ impl Cell {
         .to_string()
     }
 
-    /// Starts a Markov controller on host `on` serving `flow`, makes the
-    /// flow's service address that host's (a /32 on its eth0, unless it
-    /// has it already) and registers it there as service `name`.
-    pub fn start_service(&self, on: &str, name: &str, (cps, service): Flow) -> ChainService {
+    /// Starts a Markov controller on host `on` serving `flows` (with
+    /// several, all to one service address and port: one field device
+    /// each, `--per-device`), makes the service address that host's (a
+    /// /32 on its eth0, unless it has it already) and registers it there
+    /// as service `name`.
+    pub fn start_service(&self, on: &str, name: &str, flows: &[Flow]) -> ChainService {
         let host = self.host(on);
+        let service = flows[0].1;
         if !host.run(|| dataplane_user::host::netdev::is_local(service.ip())) {
             host.ip(&[
                 "addr",
@@ -114,15 +117,24 @@ impl Cell {
             ]);
         }
         let address = service.to_string();
-        let controller = ChainService::spawn(host, "markov-controller", &[&address], service);
+        let mut args = vec![address.as_str()];
+        if flows.len() > 1 {
+            args.push("--per-device");
+        }
+        let controller = ChainService::spawn(host, "markov-controller", &args, service);
         let daemon = self.daemon(on);
-        daemon.add_flow((cps, service));
+        for &flow in flows {
+            daemon.add_flow(flow);
+        }
+        let flows: Vec<_> = flows
+            .iter()
+            .map(|(cps, service)| serde_json::json!({"cps": cps, "service": service}))
+            .collect();
         daemon
             .client()
             .call(
                 "service.register",
-                serde_json::json!({"name": name, "pid": controller.pid,
-                    "flows": [{"cps": cps, "service": service}]}),
+                serde_json::json!({"name": name, "pid": controller.pid, "flows": flows}),
             )
             .expect("service.register");
         controller

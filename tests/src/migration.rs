@@ -31,8 +31,9 @@ pub struct MigrationSetup {
     pub standby: Option<(Loaded, ChainService, NetNs)>,
     /// The controller's address (the same on both hosts).
     pub service: SocketAddr,
-    /// The CPS's end of the controller's flow.
-    cps: SocketAddr,
+    /// The controller's flows: one, or (`with_devices`) one per field
+    /// device, all to `service`.
+    flows: Vec<Flow>,
     tag: String,
 }
 
@@ -76,7 +77,23 @@ impl MigrationSetup {
         dst_extra: &str,
     ) -> Self {
         let flow = (sock(CPS_V4, CPS_PORT), sock(SERVICE_V4, 5000));
-        Self::build(tag, controller_args, standby, (src_extra, dst_extra), flow)
+        Self::build(
+            tag,
+            controller_args,
+            standby,
+            (src_extra, dst_extra),
+            vec![flow],
+        )
+    }
+
+    /// As `new`, the controller serving `devices` field devices (flows
+    /// from CPS ports 4000.. to 192.0.2.10:5000, `--per-device`).
+    pub fn with_devices(tag: &str, devices: u16, standby: bool) -> Self {
+        let service = sock(SERVICE_V4, 5000);
+        let flows = (0..devices)
+            .map(|i| (sock(CPS_V4, CPS_PORT + i), service))
+            .collect();
+        Self::build(tag, &["--per-device"], standby, ("", ""), flows)
     }
 
     /// As `new` without a standby, the controller on the IPv6 flow.
@@ -85,7 +102,7 @@ impl MigrationSetup {
             SocketAddr::from((CPS_V6, CPS_PORT)),
             SocketAddr::from((SERVICE_V6, 5000)),
         );
-        Self::build(tag, &[], false, ("", ""), flow)
+        Self::build(tag, &[], false, ("", ""), vec![flow])
     }
 
     fn build(
@@ -93,8 +110,9 @@ impl MigrationSetup {
         controller_args: &[&str],
         standby: bool,
         (src_extra, dst_extra): (&str, &str),
-        (cps, service): Flow,
+        flows: Vec<Flow>,
     ) -> Self {
+        let service = flows[0].1;
         let hosts = TestHosts::new(tag);
         let standby_ns = standby.then(|| hosts.add_standby());
         let standby_dataplane = standby_ns
@@ -156,7 +174,9 @@ impl MigrationSetup {
             }
             standby
         });
-        src.add_flow((cps, service));
+        for &flow in &flows {
+            src.add_flow(flow);
+        }
         let standby = standby_ns.map(|ns| {
             (
                 standby_dataplane.expect("loaded with the namespace"),
@@ -171,7 +191,7 @@ impl MigrationSetup {
             controller,
             standby,
             service,
-            cps,
+            flows,
             tag: tag.to_string(),
         };
         setup.register();
@@ -201,29 +221,33 @@ impl MigrationSetup {
             "markov",
             self.controller.pid,
             self.standby.as_ref().map(|s| s.1.pid),
-            self.flow(),
+            &self.flows,
         );
     }
 
-    fn register_service(&self, name: &str, pid: u32, standby_pid: Option<u32>, flow: Flow) {
+    fn register_service(&self, name: &str, pid: u32, standby_pid: Option<u32>, flows: &[Flow]) {
+        let flows: Vec<_> = flows
+            .iter()
+            .map(|(cps, service)| serde_json::json!({"cps": cps, "service": service}))
+            .collect();
         self.src
             .client()
             .call(
                 "service.register",
                 serde_json::json!({"name": name, "pid": pid, "standby_pid": standby_pid,
-                    "flows": [{"cps": flow.0, "service": flow.1}]}),
+                    "flows": flows}),
             )
             .expect("service.register");
     }
 
-    /// The flow of service "markov": (the CPS's end, the service's).
+    /// The (first) flow of service "markov": (the CPS's end, the service's).
     pub fn flow(&self) -> Flow {
-        (self.cps, self.service)
+        self.flows[0]
     }
 
     /// The id of service "markov"'s flow in the source's dataplane.
     pub fn source_flow_id(&self) -> u32 {
-        let key = dataplane_user::kernel::flow::udp(self.cps, self.service);
+        let key = dataplane_user::kernel::flow::udp(self.flows[0].0, self.service);
         let flows = Dataplane::open(&self.hosts.pin_root("src"))
             .and_then(|d| d.flows())
             .expect("the source's flows");
@@ -256,7 +280,7 @@ impl MigrationSetup {
                 let controller =
                     ChainService::spawn(&self.hosts.src, "markov-controller", &[&addr], flow.1);
                 self.src.add_flow(flow);
-                self.register_service(&format!("markov-{i}"), controller.pid, None, flow);
+                self.register_service(&format!("markov-{i}"), controller.pid, None, &[flow]);
                 (controller, flow)
             })
             .collect()
@@ -270,7 +294,7 @@ impl MigrationSetup {
         period_us: u64,
         trace: Option<&std::path::Path>,
     ) -> std::process::Child {
-        let mut command = self.hosts.cps_command(&[self.flow()], count, period_us);
+        let mut command = self.hosts.cps_command(&self.flows, count, period_us);
         if let Some(trace) = trace {
             command.arg("--trace").arg(trace);
         }
@@ -285,7 +309,7 @@ impl MigrationSetup {
         burst: u64,
         trace: &std::path::Path,
     ) -> std::process::Child {
-        let mut command = self.hosts.cps_command(&[self.flow()], count, period_us);
+        let mut command = self.hosts.cps_command(&self.flows, count, period_us);
         command
             .args(["--burst", &burst.to_string()])
             .arg("--trace")

@@ -39,7 +39,7 @@ fn a_service_goes_round_the_cell_with_each_daemon_killed_before_it_migrates() {
     // it: no registration, no flow, no service address.
     let mut cell = Cell::new("round");
     let flow = (sock(CPS_V4, 4000), sock(dataplane_tests::SERVICE_V4, 5000));
-    let _controller = cell.start_service("a", "markov", flow);
+    let _controller = cell.start_service("a", "markov", &[flow]);
     let cycles = 15_000;
     let cps = cell.start_cps(&[flow], cycles);
     let start = Instant::now();
@@ -85,8 +85,8 @@ fn two_services_migrate_at_once_in_opposite_directions() {
     let cell = Cell::new("cross");
     let markov = (sock(CPS_V4, 4000), sock(dataplane_tests::SERVICE_V4, 5000));
     let other = (sock(CPS_V4, 4001), sock([192, 0, 2, 11], 5001));
-    let _on_a = cell.start_service("a", "markov", markov);
-    let _on_b = cell.start_service("b", "other", other);
+    let _on_a = cell.start_service("a", "markov", &[markov]);
+    let _on_b = cell.start_service("b", "other", &[other]);
     let cycles = 6_000;
     let cps = cell.start_cps(&[markov, other], cycles);
     let there = cell.migrate("markov", "a", "b", "leave-running");
@@ -121,7 +121,7 @@ fn a_host_whose_migration_network_is_down_is_refused_at_prepare() {
     // is back the migration goes through.
     let cell = Cell::new("down");
     let flow = (sock(CPS_V4, 4000), sock(dataplane_tests::SERVICE_V4, 5000));
-    let _controller = cell.start_service("a", "markov", flow);
+    let _controller = cell.start_service("a", "markov", &[flow]);
     let cycles = 5_000;
     let cps = cell.start_cps(&[flow], cycles);
     // Whose refusal it is: the destination's comes over the link.
@@ -166,5 +166,37 @@ fn a_host_whose_migration_network_is_down_is_refused_at_prepare() {
     assert_eq!(
         chain_state(cell.host("c"), flow.1).map(|s| s.0),
         Some(cycles)
+    );
+}
+
+#[test]
+fn a_controller_of_four_devices_goes_round_the_cell_taking_their_inputs_in_one_order() {
+    // One controller reads four field devices (four flows, CPS ports
+    // 4000-4003, to one socket), each sending every 1 ms. Its state steps
+    // on every input, in the order its socket gives them, and each output
+    // carries that state: a restored instance whose inputs came in another
+    // interleaving than the source's answers differently, and never
+    // converges. It goes A -> B -> C -> A; every input of every device is
+    // answered once, in order, correctly.
+    let cell = Cell::new("four");
+    let service = sock(dataplane_tests::SERVICE_V4, 5000);
+    let flows: Vec<_> = (0..4).map(|i| (sock(CPS_V4, 4000 + i), service)).collect();
+    let _controller = cell.start_service("a", "plc", &flows);
+    let cycles = 8_000;
+    let cps = cell.start_cps(&flows, cycles);
+    for (from, to) in [("a", "b"), ("b", "c"), ("c", "a")] {
+        let report = cell.wait(from, &cell.migrate("plc", from, to, "leave-running"));
+        println!("{from} -> {to}: {report}");
+        assert_eq!(report["state"], "done", "{from} -> {to}: {report}");
+        assert_registered_only_on(&cell, "plc", to, report["destination_pid"].as_u64());
+        assert_eq!(cell.flows(from), Vec::<String>::new(), "{from} kept flows");
+    }
+    let verdicts = cps_verdicts(cps);
+    println!("CPS: {verdicts:?}");
+    assert_eq!(verdicts.len(), 4);
+    verdicts.iter().for_each(assert_clean);
+    assert_eq!(
+        chain_state(cell.host("a"), service).map(|s| s.0),
+        Some(4 * cycles)
     );
 }

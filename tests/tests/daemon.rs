@@ -155,6 +155,40 @@ fn every_method_round_trips_over_the_socket() {
         code::CONFLICT,
         "a registered service's flow stays: {busy}"
     );
+    // A flow feeds one service; a service's flows get one id, which no
+    // other flow has (here: a new one, id 0 being "plc"'s alone).
+    let taken = json!({"name": "two", "pid": me, "flows": [flow]});
+    let refused = rpc_error(c.call("service.register", taken));
+    assert_eq!(refused.code, code::CONFLICT, "{refused}");
+    assert!(
+        refused.message.contains("feeds service plc already"),
+        "{refused}"
+    );
+    let devices: Vec<Value> = (4001..=4002)
+        .map(|port| json!({"cps": format!("192.0.2.1:{port}"), "service": "192.0.2.10:5000"}))
+        .collect();
+    for device in &devices {
+        c.call("flow.add", device.clone()).unwrap();
+    }
+    let two = json!({"name": "two", "pid": me, "flows": devices.clone()});
+    c.call("service.register", two).unwrap();
+    let ids: Vec<Value> = c
+        .call("flow.list", json!({}))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| json!([f["cps"], f["id"]]))
+        .collect();
+    let id_of = |cps: &str| ids.iter().find(|f| f[0] == cps).map(|f| f[1].clone());
+    assert_eq!(id_of("192.0.2.1:4000"), Some(json!(0)), "{ids:?}");
+    assert_eq!(id_of("192.0.2.1:4001"), id_of("192.0.2.1:4002"), "{ids:?}");
+    assert_ne!(id_of("192.0.2.1:4001"), Some(json!(0)), "{ids:?}");
+    c.call("service.unregister", json!({"name": "two"}))
+        .unwrap();
+    for device in &devices {
+        c.call("flow.remove", device.clone()).unwrap();
+    }
 
     assert_eq!(c.call("migration.status", json!({})).unwrap(), json!([]));
     assert_eq!(

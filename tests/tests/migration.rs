@@ -320,6 +320,30 @@ fn standby_mode_migrates_without_stopping_the_serving_instance() {
 }
 
 #[test]
+fn a_controller_of_four_field_devices_migrates_in_both_modes() {
+    // Four flows (CPS ports 4000-4003) into the controller's one socket,
+    // numbered as one: the hold, the replay, the comparison and the
+    // cutover take them together, and the destination's instance takes
+    // their inputs interleaved as the source's did (its outputs carry a
+    // chain over all of them, compared before the cutover).
+    for (tag, mode, standby) in [("dv0", "standby", true), ("dv1", "leave-running", false)] {
+        let setup = MigrationSetup::with_devices(tag, 4, standby);
+        let cycles = 3000;
+        let cps = setup.start_cps(cycles, 1000, None);
+        std::thread::sleep(Duration::from_millis(300));
+        let report = setup.wait(&setup.migrate(serde_json::json!({"mode": mode})));
+        let verdicts = dataplane_tests::cps_verdicts(cps);
+        println!("{mode}: {report}\nCPS: {verdicts:?}");
+        assert_eq!(report["state"], "done", "{mode}: {report}");
+        assert_eq!(verdicts.len(), 4);
+        verdicts.iter().for_each(assert_clean);
+        let state = chain_state(&setup.hosts.dst, setup.service);
+        kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+        assert_eq!(state.map(|s| s.0), Some(4 * cycles), "{mode}");
+    }
+}
+
+#[test]
 fn every_input_is_answered_long_after_the_announce_and_the_source_lets_go() {
     // The CPS goes on for 12 s after the migration: long enough for its
     // neighbour entry to go stale and be probed again (about 5 s after the

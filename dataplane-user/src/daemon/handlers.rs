@@ -8,7 +8,7 @@ use std::{
     },
 };
 
-use dataplane_common::{FLOW_MIRROR, counter};
+use dataplane_common::{FLOW_MIRROR, FlowConfig, FlowKey, counter};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::broadcast;
@@ -174,20 +174,48 @@ impl Daemon {
             .unwrap()
             .flows()
             .map_err(dataplane_error)?;
-        for f in &service.flows {
-            let key = flow::udp(f.cps, f.service);
-            if !known.iter().any(|(k, _)| *k == key) {
+        let keys: Vec<FlowKey> = service
+            .flows
+            .iter()
+            .map(|f| flow::udp(f.cps, f.service))
+            .collect();
+        for key in &keys {
+            if !known.iter().any(|(k, _)| k == key) {
                 return Err(RpcError::new(
                     code::NOT_FOUND,
                     format!(
                         "{} is not a known flow: flow.add it first",
-                        flow::display(&key)
+                        flow::display(key)
                     ),
                 ));
             }
         }
         if self.services.contains(&service.name) {
             return Err(registry_error(RegistryError::Exists(service.name)));
+        }
+        // A flow feeds one service: a migration moves it with the service.
+        if let Some((other, spec)) = self.services.list().into_iter().find_map(|other| {
+            let taken = other
+                .flows
+                .iter()
+                .copied()
+                .find(|f| service.flows.contains(f));
+            taken.map(|f| (other.name, f))
+        }) {
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!(
+                    "{} feeds service {other} already",
+                    flow::display(&flow::udp(spec.cps, spec.service))
+                ),
+            ));
+        }
+        if !keys.is_empty() {
+            self.dataplane
+                .lock()
+                .unwrap()
+                .join_flows(&keys)
+                .map_err(dataplane_error)?;
         }
         if service.standby_pid.is_some() {
             self.feed_standby(&service)?;
@@ -212,27 +240,35 @@ impl Daemon {
         let mut standby = Dataplane::open(pin_root).map_err(dataplane_error)?;
         let mut dataplane = self.dataplane.lock().unwrap();
         let flows = dataplane.flows().map_err(dataplane_error)?;
-        for f in &service.flows {
-            let key = flow::udp(f.cps, f.service);
-            let Some((_, config)) = flows.iter().find(|(k, _)| *k == key) else {
-                continue;
-            };
-            standby
-                .adopt_flow(key, config.flow_id, 0)
-                .map_err(dataplane_error)?;
-            let gate = dataplane_common::Gate {
-                output: dataplane_common::OUTPUT_MUTE,
-                // A replica fed in order from its first input: its
-                // outputs are counted (a burst at the cutover must not
-                // tag the answer to K as K+1's).
-                tagging: dataplane_common::TAG_COUNTED,
-                ..Default::default()
-            };
-            standby
-                .set_gate(config.flow_id, gate)
-                .map_err(dataplane_error)?;
+        let members: Vec<(FlowKey, FlowConfig)> = flows
+            .into_iter()
+            .filter(|(k, _)| {
+                service
+                    .flows
+                    .iter()
+                    .any(|f| flow::udp(f.cps, f.service) == *k)
+            })
+            .collect();
+        // Registration joined them: one id.
+        let Some(&(_, FlowConfig { flow_id, .. })) = members.first() else {
+            return Ok(());
+        };
+        let keys: Vec<FlowKey> = members.iter().map(|(k, _)| *k).collect();
+        standby
+            .adopt_flows(&keys, flow_id)
+            .map_err(dataplane_error)?;
+        let gate = dataplane_common::Gate {
+            output: dataplane_common::OUTPUT_MUTE,
+            // A replica fed in order from its first input: its outputs
+            // are counted (a burst at the cutover must not tag the answer
+            // to K as K+1's).
+            tagging: dataplane_common::TAG_COUNTED,
+            ..Default::default()
+        };
+        standby.set_gate(flow_id, gate).map_err(dataplane_error)?;
+        for (key, config) in &members {
             dataplane
-                .set_flow_flags(&key, config.flags | dataplane_common::FLOW_STANDBY)
+                .set_flow_flags(key, config.flags | dataplane_common::FLOW_STANDBY)
                 .map_err(dataplane_error)?;
         }
         Ok(())

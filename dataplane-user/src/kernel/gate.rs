@@ -150,6 +150,31 @@ impl GateWindow {
             .store(dataplane_common::OUTPUT_ARMED, Ordering::SeqCst);
     }
 
+    /// Tags flow `flow_id`'s outputs by counting (`TAG_COUNTED`) from the
+    /// input after the latest delivered (`delivered` reads it): a
+    /// migration's source, for its serving instance. The count must never
+    /// start behind the instance, or every later answer is tagged one
+    /// input early; one that starts ahead (an answer still owed) puts
+    /// itself right at the instance's next idle moment (see
+    /// `counted_tag`). So the start is raised again after counting is on,
+    /// past inputs delivered (and answered, tagged as the latest) since
+    /// the first read.
+    pub fn count_answers(&self, flow_id: u32, delivered: impl Fn() -> u64) {
+        let next_answer =
+            self.word::<AtomicU64>(flow_id, dataplane_common::GATE_NEXT_ANSWER_OFFSET);
+        next_answer.store(delivered() + 1, Ordering::SeqCst);
+        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_TAGGING_OFFSET)
+            .store(dataplane_common::TAG_COUNTED, Ordering::SeqCst);
+        next_answer.fetch_max(delivered() + 1, Ordering::SeqCst);
+    }
+
+    /// Tags flow `flow_id`'s outputs with the latest delivered input again
+    /// (`TAG_LATEST`; a rollback).
+    pub fn tag_latest(&self, flow_id: u32) {
+        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_TAGGING_OFFSET)
+            .store(dataplane_common::TAG_LATEST, Ordering::SeqCst);
+    }
+
     /// Mutes the destination's outputs again (a rollback).
     pub fn mute_outputs(&self, flow_id: u32) {
         self.word::<AtomicU32>(flow_id, dataplane_common::GATE_OUTPUT_OFFSET)

@@ -405,7 +405,7 @@ impl Dataplane {
     }
 
     /// Serializes choosing and taking flow ids in this process: hold it
-    /// from [`Dataplane::free_flow_ids`] to [`Dataplane::adopt_flow`].
+    /// from [`Dataplane::free_flow_ids`] to [`Dataplane::adopt_flows`].
     pub fn lock_flow_table() -> MutexGuard<'static, ()> {
         FLOW_TABLE.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -435,24 +435,59 @@ impl Dataplane {
         }
     }
 
-    /// Makes `key` flow `flow_id` on this host, as the peer numbers it (a
-    /// migration's destination), numbering afresh. An existing entry for
-    /// `key` is replaced; another flow holding `flow_id` is an error.
-    pub fn adopt_flow(&mut self, key: FlowKey, flow_id: u32, flags: u32) -> Result<(), LoadError> {
+    /// Makes `keys` one service's flows on this host, all under `flow_id`
+    /// (a migration's destination, a standby), numbered afresh as one. An
+    /// existing entry for one of `keys` is replaced; another flow holding
+    /// `flow_id` is an error.
+    pub fn adopt_flows(&mut self, keys: &[FlowKey], flow_id: u32) -> Result<(), LoadError> {
         if flow_id >= MAX_FLOWS {
             return Err(LoadError::FlowTableFull);
         }
         if let Some((other, _)) = self
             .flows()?
             .into_iter()
-            .find(|(k, c)| c.flow_id == flow_id && *k != key)
+            .find(|(k, c)| c.flow_id == flow_id && !keys.contains(k))
         {
             return Err(LoadError::DuplicateFlow(format!(
                 "id {flow_id} belongs to {}",
                 crate::kernel::flow::display(&other)
             )));
         }
-        self.insert_flow(key, flow_id, flags)
+        let keys: Vec<(FlowKey, u32)> = keys.iter().map(|&k| (k, 0)).collect();
+        self.group(&keys, flow_id)
+    }
+
+    /// Gives the known flows `keys` one numbering, so that a service fed by
+    /// several flows is held, replayed and handed over as one, its inputs
+    /// in one order: their common id if no other flow has it, otherwise
+    /// an id no flow has (numbering afresh). The id.
+    pub fn join_flows(&mut self, keys: &[FlowKey]) -> Result<u32, LoadError> {
+        let _table = Self::lock_flow_table();
+        let flows = self.flows()?;
+        let members: Vec<(FlowKey, FlowConfig)> = keys
+            .iter()
+            .map(|key| {
+                flows
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .copied()
+                    .ok_or_else(|| LoadError::UnknownFlow(crate::kernel::flow::display(key)))
+            })
+            .collect::<Result<_, _>>()?;
+        let Some(&(_, first)) = members.first() else {
+            return Err(LoadError::UnknownFlow("no flow given".into()));
+        };
+        let apart = members.iter().any(|(_, c)| c.flow_id != first.flow_id)
+            || flows
+                .iter()
+                .any(|(k, c)| c.flow_id == first.flow_id && !keys.contains(k));
+        if !apart {
+            return Ok(first.flow_id);
+        }
+        let flow_id = self.free_flow_ids(1)?[0];
+        let keys: Vec<(FlowKey, u32)> = members.iter().map(|(k, c)| (*k, c.flags)).collect();
+        self.group(&keys, flow_id)?;
+        Ok(flow_id)
     }
 
     /// Changes the flags (`FLOW_*`) of the known flow `key`.
@@ -528,7 +563,12 @@ impl Dataplane {
     }
 
     fn insert_flow(&mut self, key: FlowKey, flow_id: u32, flags: u32) -> Result<(), LoadError> {
-        // A reused id starts numbering afresh, mirrored nowhere.
+        self.group(&[(key, flags)], flow_id)
+    }
+
+    /// Makes `keys` (each with its flags) the flows of `flow_id`, which
+    /// starts numbering afresh, mirrored nowhere, its gate open.
+    fn group(&mut self, keys: &[(FlowKey, u32)], flow_id: u32) -> Result<(), LoadError> {
         self.sequences
             .set(flow_id, FlowSequence::default(), 0)
             .map_err(|source| LoadError::Map {
@@ -547,12 +587,15 @@ impl Dataplane {
                 name: MAP_GATES,
                 source,
             })?;
-        self.flows
-            .insert(key, FlowConfig { flow_id, flags }, 0)
-            .map_err(|source| LoadError::Map {
-                name: MAP_FLOWS,
-                source,
-            })
+        for &(key, flags) in keys {
+            self.flows
+                .insert(key, FlowConfig { flow_id, flags }, 0)
+                .map_err(|source| LoadError::Map {
+                    name: MAP_FLOWS,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// Stops capturing `key`.

@@ -27,7 +27,7 @@ use std::{
 };
 
 use dataplane_common::{
-    GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, RECORD_OUTPUT,
+    FlowKey, GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, RECORD_OUTPUT,
     RecordHeader,
 };
 use serde::Serialize;
@@ -381,7 +381,7 @@ impl<'a> Target<'a> {
         if Files::reserved(&migration) {
             return Err(Cause::ReservedName(migration));
         }
-        if flows.len() != 1 {
+        if flows.is_empty() || flows.len() > dataplane_common::MAX_FLOWS as usize {
             return Err(Cause::FlowCount(flows.len()));
         }
         if !(1..=MAX_DEADLINE_MS).contains(&deadline_ms) {
@@ -417,15 +417,14 @@ impl<'a> Target<'a> {
                 });
             }
         }
-        let ids = dataplane.free_flow_ids(flows.len())?;
-        let flows: Vec<TargetFlow> = ids
+        // The service's flows, numbered as one here too.
+        let flow_id = dataplane.free_flow_ids(1)?[0];
+        let flows: Vec<TargetFlow> = flows
             .into_iter()
-            .zip(flows)
-            .map(|(flow_id, spec)| TargetFlow { flow_id, spec })
+            .map(|spec| TargetFlow { flow_id, spec })
             .collect();
-        let ids: Vec<u32> = flows.iter().map(|f| f.flow_id).collect();
-        let inputs = inputs.subscribe(&ids, SUBSCRIPTION_CAPACITY)?;
-        let outputs = outputs.subscribe(&ids, SUBSCRIPTION_CAPACITY)?;
+        let inputs = inputs.subscribe(&[flow_id], SUBSCRIPTION_CAPACITY)?;
+        let outputs = outputs.subscribe(&[flow_id], SUBSCRIPTION_CAPACITY)?;
         // The restored instance binds the service addresses: those this
         // host lacks go on lo (where it answers no ARP for them) until the
         // announce puts them on the service interface.
@@ -446,24 +445,23 @@ impl<'a> Target<'a> {
             local_addresses: local_addresses.clone(),
         });
         host.files.write(&migration, &journal)?;
-        let mut adopted = Vec::new();
-        let mut adopt = |dataplane: &mut Dataplane| -> Result<(), Cause> {
-            for f in &flows {
-                let key = flow::udp(f.spec.cps, f.spec.service);
-                let gate = dataplane_common::Gate {
-                    mode: GATE_HOLD_ALL,
-                    output: OUTPUT_MUTE,
-                    // A replica fed in order from its first input: its
-                    // outputs are counted (a burst at the cutover must not
-                    // tag the answer to K as K+1's).
-                    tagging: dataplane_common::TAG_COUNTED,
-                    ..Default::default()
-                };
-                adopted.push(f.clone());
-                dataplane
-                    .adopt_flow(key, f.flow_id, 0)
-                    .and_then(|()| dataplane.set_gate(f.flow_id, gate))?;
-            }
+        let adopt = |dataplane: &mut Dataplane| -> Result<(), Cause> {
+            let keys: Vec<FlowKey> = flows
+                .iter()
+                .map(|f| flow::udp(f.spec.cps, f.spec.service))
+                .collect();
+            let gate = dataplane_common::Gate {
+                mode: GATE_HOLD_ALL,
+                output: OUTPUT_MUTE,
+                // A replica fed in order from its first input: its
+                // outputs are counted (a burst at the cutover must not
+                // tag the answer to K as K+1's).
+                tagging: dataplane_common::TAG_COUNTED,
+                ..Default::default()
+            };
+            dataplane
+                .adopt_flows(&keys, flow_id)
+                .and_then(|()| dataplane.set_gate(flow_id, gate))?;
             for &address in &local_addresses {
                 crate::host::netdev::own_address("lo", address)
                     .map_err(|source| Cause::LocalAddress { address, source })?;
@@ -471,7 +469,7 @@ impl<'a> Target<'a> {
             Ok(())
         };
         if let Err(e) = adopt(&mut dataplane) {
-            forget(&mut dataplane, &adopted, &local_addresses);
+            forget(&mut dataplane, &flows, &local_addresses);
             host.files.remove(Side::Destination, &migration);
             return Err(e);
         }

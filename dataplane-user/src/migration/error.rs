@@ -40,12 +40,17 @@ pub struct MigrationError {
 pub enum Cause {
     #[error("aborted on request")]
     Aborted,
-    #[error("a migrated service has exactly one flow here ({0} given)")]
+    #[error("a migration moves 1 to 1024 flows ({0} given)")]
     FlowCount(usize),
     #[error("flow {0} is not loaded")]
     FlowNotLoaded(String),
-    #[error("the destination gave {0} flow ids for the migration's one flow")]
-    FlowIds(usize),
+    #[error("the destination's flow ids {given:?} are not one id for the service's {flows} flows")]
+    FlowIds { given: Vec<u32>, flows: usize },
+    #[error(
+        "the service's flows are numbered apart here (ids {0:?}): register the service again \
+         to join them"
+    )]
+    FlowsApart(Vec<u32>),
     #[error("flow {0} is not part of this migration")]
     ForeignFlow(u32),
     #[error("service {0} has no standby instance")]

@@ -31,15 +31,21 @@ pub enum Journal {
 /// destination serves, to let go of).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outgoing {
+    /// The id the service's flows share here.
     pub flow_id: u32,
-    pub flow: FlowSpec,
-    /// The flow's flags before the migration.
-    pub flags: u32,
+    pub flows: Vec<FlowBefore>,
     /// The service's processes here (the serving instance, the standby),
     /// as registered: they go once the destination serves (journals
     /// written before it: none).
     #[serde(default)]
     pub instances: Vec<Identity>,
+}
+
+/// One flow of a migration from this host, and its flags before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowBefore {
+    pub flow: FlowSpec,
+    pub flags: u32,
 }
 
 /// What a migration to this host changed: the flows it adopted, the
@@ -246,11 +252,13 @@ mod tests {
     fn source() -> Journal {
         Journal::Source(Outgoing {
             flow_id: 3,
-            flow: FlowSpec {
-                cps: "10.0.0.1:5000".parse().unwrap(),
-                service: "10.0.0.2:6000".parse().unwrap(),
-            },
-            flags: 1,
+            flows: vec![FlowBefore {
+                flow: FlowSpec {
+                    cps: "10.0.0.1:5000".parse().unwrap(),
+                    service: "10.0.0.2:6000".parse().unwrap(),
+                },
+                flags: 1,
+            }],
             instances: vec![Identity {
                 pid: 41,
                 start_time: 6,

@@ -69,7 +69,7 @@ pub fn recover(host: &Host) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::{
-        migration::journal::{Incoming, Outgoing},
+        migration::journal::{FlowBefore, Incoming, Outgoing},
         service::FlowSpec,
     };
 
@@ -83,8 +83,7 @@ mod tests {
         };
         let source = Journal::Source(Outgoing {
             flow_id: 1,
-            flow,
-            flags: 0,
+            flows: vec![FlowBefore { flow, flags: 0 }],
             instances: vec![],
         });
         files.write("out", &source).unwrap();

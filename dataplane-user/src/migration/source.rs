@@ -26,13 +26,13 @@ use crate::{
         cutover::{self, Handover},
         error::{Cause, MigrationError, NotConverged, ResumeError},
         hold::{self, FlowPosition},
-        journal::{Journal, Outgoing, Side},
+        journal::{FlowBefore, Journal, Outgoing, Side},
         protocol::{Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step},
     },
     peer,
     planning::policy::StopPolicy,
     report::{Mode, Phase, Report, Stage, State},
-    service::{FlowSpec, Service},
+    service::Service,
 };
 
 /// Runs the migration `id` of `service`; `progress` sees the report after
@@ -96,12 +96,13 @@ struct Migration {
 /// The source's side of the steps, for rollback.
 struct Source {
     dataplane: Dataplane,
+    /// The id the service's flows share here: one numbering, one gate.
     flow_id: u32,
-    /// The flow's id on the destination (from `prepare` on), which every
-    /// later step and the mirror copies use.
+    /// Their id on the destination (from `prepare` on), which every later
+    /// step and the mirror copies use.
     remote_id: u32,
-    key: dataplane_common::FlowKey,
-    flags: u32,
+    /// The service's flows, each with its flags before the migration.
+    flows: Vec<FlowBefore>,
     inputs: Subscription,
     outputs: Subscription,
     /// Whether the input log failed an input since the migration began.
@@ -143,35 +144,47 @@ impl Migration {
 
     async fn execute(&mut self) -> Result<(), MigrationError> {
         let t = self.begin(Stage::Prepare)?;
-        let [spec] = &self.service.flows[..] else {
-            return Err(self.fail(Cause::FlowCount(self.service.flows.len())));
-        };
-        let spec = *spec;
-        let key = flow::udp(spec.cps, spec.service);
+        let specs = self.service.flows.clone();
+        if specs.is_empty() {
+            return Err(self.fail(Cause::FlowCount(0)));
+        }
         let dataplane = Dataplane::open(&self.context.pin_root).map_err(|e| self.fail(e))?;
-        let (_, config) = dataplane
-            .flows()
-            .map_err(|e| self.fail(e))?
-            .into_iter()
-            .find(|(k, _)| *k == key)
-            .ok_or_else(|| self.fail(Cause::FlowNotLoaded(flow::display(&key))))?;
+        let loaded = dataplane.flows().map_err(|e| self.fail(e))?;
+        let mut flows = Vec::new();
+        let mut ids = Vec::new();
+        for spec in &specs {
+            let key = flow::udp(spec.cps, spec.service);
+            let (_, config) = loaded
+                .iter()
+                .find(|(k, _)| *k == key)
+                .ok_or_else(|| self.fail(Cause::FlowNotLoaded(flow::display(&key))))?;
+            flows.push(FlowBefore {
+                flow: *spec,
+                flags: config.flags,
+            });
+            ids.push(config.flow_id);
+        }
+        // Registration joined them: one numbering, held and handed over as one.
+        ids.dedup();
+        let [flow_id] = ids[..] else {
+            return Err(self.fail(Cause::FlowsApart(ids)));
+        };
         let inputs = self
             .context
             .inputs
-            .subscribe(&[config.flow_id], SUBSCRIPTION_CAPACITY)
+            .subscribe(&[flow_id], SUBSCRIPTION_CAPACITY)
             .map_err(|e| self.fail(e))?;
         let outputs = self
             .context
             .outputs
-            .subscribe(&[config.flow_id], SUBSCRIPTION_CAPACITY)
+            .subscribe(&[flow_id], SUBSCRIPTION_CAPACITY)
             .map_err(|e| self.fail(e))?;
         let log = LogGuard::new(&dataplane).map_err(|e| self.fail(e))?;
         let mut source = Source {
             dataplane,
-            flow_id: config.flow_id,
+            flow_id,
             remote_id: 0,
-            key,
-            flags: config.flags,
+            flows,
             inputs,
             outputs,
             log,
@@ -201,22 +214,32 @@ impl Migration {
         let prepare = Step::Prepare {
             migration: self.report.id.clone(),
             service: self.service.name.clone(),
-            flows: vec![spec],
+            flows: specs.clone(),
             // The destination waits at least this long for K once armed.
             deadline_ms: self.request.deadline_ms,
         };
         let prepared: Prepared = step(&mut link, &prepare).await.map_err(|e| self.fail(e))?;
-        let [remote_id] = prepared.flow_ids[..] else {
-            return Err(self.fail(Cause::FlowIds(prepared.flow_ids.len())));
+        let remote_id = match prepared.flow_ids[..] {
+            [first, ..]
+                if prepared.flow_ids.len() == specs.len()
+                    && prepared.flow_ids.iter().all(|&id| id == first) =>
+            {
+                first
+            }
+            _ => {
+                return Err(self.fail(Cause::FlowIds {
+                    given: prepared.flow_ids,
+                    flows: specs.len(),
+                }));
+            }
         };
         source.remote_id = remote_id;
         // From here on the destination holds state: a failure rolls it back.
         // Should this daemon die before the end, the journal tells the next
         // start what to undo.
         let journal = Journal::Source(Outgoing {
-            flow_id: source.flow_id,
-            flow: spec,
-            flags: source.flags,
+            flow_id,
+            flows: source.flows.clone(),
             instances: self.service.registered.clone(),
         });
         let mirrored = self
@@ -226,17 +249,23 @@ impl Migration {
             .map_err(Cause::from)
             .and_then(|()| {
                 // Each flow's copies to the host it migrates to.
-                source
-                    .dataplane
-                    .mirror_flow(
-                        &key,
-                        Some(MirrorTarget {
-                            mac: prepared.mirror_mac,
-                            flow_id: remote_id,
-                            ..Default::default()
-                        }),
-                    )
-                    .map_err(Cause::from)
+                let target = MirrorTarget {
+                    mac: prepared.mirror_mac,
+                    flow_id: remote_id,
+                    ..Default::default()
+                };
+                for f in &source.flows {
+                    let key = flow::udp(f.flow.cps, f.flow.service);
+                    source.dataplane.mirror_flow(&key, Some(target))?;
+                }
+                // The serving instance's outputs are paired with the
+                // destination's by the input they answer: counted from
+                // here on, as the destination counts its instance's (see
+                // `TAG_COUNTED`).
+                let dataplane = &source.dataplane;
+                let delivered = || dataplane.sequence(flow_id).map_or(0, |s| s.last_delivered);
+                dataplane.gate_window()?.count_answers(flow_id, delivered);
+                Ok(())
             });
         self.end(t);
         let outcome = match mirrored {
@@ -558,9 +587,13 @@ impl Migration {
 
     /// Undoes the source's changes and tells the destination to undo its own.
     async fn rollback(&mut self, source: &mut Source, link: &mut peer::Link) {
-        let _ = source.dataplane.set_flow_flags(&source.key, source.flags);
+        for f in &source.flows {
+            let key = flow::udp(f.flow.cps, f.flow.service);
+            let _ = source.dataplane.set_flow_flags(&key, f.flags);
+        }
         if let Ok(window) = source.dataplane.gate_window() {
             window.set_deliver_until(source.flow_id, 0);
+            window.tag_latest(source.flow_id);
         }
         let _ = std::fs::remove_dir_all(self.images());
         if let Err(e) = peer::migrate_step(link, &Step::Abort).await {
@@ -659,17 +692,12 @@ impl Source {
         self.log.check(&self.dataplane, &self.inputs)
     }
 
-    /// Lets go of the flow once the destination serves it, if its inputs
-    /// stop coming here ([`let_go`]): what it did, as text.
+    /// Lets go of the flows once the destination serves them, if their
+    /// inputs stop coming here ([`let_go`]): what it did, as text.
     fn let_go(&mut self, interface: &str) -> String {
         let quiet = tokio::task::block_in_place(|| inputs_stopped(&self.dataplane, self.flow_id));
-        let_go(
-            &mut self.dataplane,
-            interface,
-            &self.key,
-            self.flow_id,
-            quiet,
-        )
+        let (flow_id, flows) = (self.flow_id, &self.flows);
+        let_go(&mut self.dataplane, interface, flows, flow_id, quiet)
     }
 }
 
@@ -693,43 +721,54 @@ fn inputs_stopped(dataplane: &Dataplane, flow_id: u32) -> bool {
     false
 }
 
-/// Lets go of flow `key` (`flow_id`) once the destination serves it:
-/// with its inputs stopped (`quiet`), the flow goes, and the service
-/// address goes off `interface` and lo unless another flow here still has
-/// it. This host then neither answers ARP for the address nor holds the
-/// flow, and a later migration may bring the service back. Inputs still
-/// coming: the flow keeps forwarding them past K, and the address stays.
-/// What it did, as text.
+/// Lets go of a service's `flows` (`flow_id`) once the destination serves
+/// them: with their inputs stopped (`quiet`), the flows go, and each
+/// service address goes off `interface` and lo unless another flow here
+/// still has it. This host then neither answers ARP for the addresses nor
+/// holds the flows, and a later migration may bring the service back.
+/// Inputs still coming: the flows keep forwarding them past K, and the
+/// addresses stay. What it did, as text.
 fn let_go(
     dataplane: &mut Dataplane,
     interface: &str,
-    key: &FlowKey,
+    flows: &[FlowBefore],
     flow_id: u32,
     quiet: bool,
 ) -> String {
-    let flow = flow::display(key);
     if !quiet {
-        tracing::warn!(%flow, "inputs still arrive here after the announce: \
-            the flow stays, forwarding them to the destination");
-        return format!("inputs of {flow} still arrive here: it keeps forwarding them");
+        tracing::warn!(
+            flow_id,
+            "inputs still arrive here after the announce: \
+            the flows stay, forwarding them to the destination"
+        );
+        return format!("inputs of flow {flow_id} still arrive here: it keeps forwarding them");
     }
-    let _ = dataplane.remove_flow(key);
+    for f in flows {
+        let _ = dataplane.remove_flow(&flow::udp(f.flow.cps, f.flow.service));
+    }
     let _ = dataplane.set_gate(flow_id, Default::default());
-    let address = flow::destination(key).ip();
-    let shared = dataplane.flows().map_or(true, |flows| {
-        flows
-            .iter()
-            .any(|(k, _)| flow::destination(k).ip() == address)
-    });
-    if shared {
-        return format!("let go of {flow}; {address} stays, another flow has it");
-    }
-    for on in [interface, "lo"] {
-        if let Err(e) = crate::host::netdev::release_address(on, address) {
-            tracing::warn!(%address, interface = on, "releasing the service address: {e}");
+    let mut addresses: Vec<std::net::IpAddr> = flows.iter().map(|f| f.flow.service.ip()).collect();
+    addresses.sort();
+    addresses.dedup();
+    let remaining = dataplane.flows().unwrap_or_default();
+    let mut released = Vec::new();
+    for address in addresses {
+        // Another flow's, or the table unreadable: it stays.
+        if dataplane.flows().is_err()
+            || remaining
+                .iter()
+                .any(|(k, _)| flow::destination(k).ip() == address)
+        {
+            continue;
         }
+        for on in [interface, "lo"] {
+            if let Err(e) = crate::host::netdev::release_address(on, address) {
+                tracing::warn!(%address, interface = on, "releasing the service address: {e}");
+            }
+        }
+        released.push(address);
     }
-    format!("let go of {flow} and {address}")
+    format!("let go of flow {flow_id} and of {released:?}")
 }
 
 /// Kills an instance of a service the destination now serves, demoted
@@ -766,8 +805,12 @@ pub(super) fn recover(
     interface: &str,
     outgoing: &Outgoing,
 ) -> String {
-    let restore = Some((&outgoing.flow, outgoing.flags));
-    match undo(pin_root, standby_pin_root, outgoing.flow_id, restore) {
+    match undo(
+        pin_root,
+        standby_pin_root,
+        outgoing.flow_id,
+        Some(&outgoing.flows),
+    ) {
         Ok(lost) => format!("rolled back: mirroring off, gates delivering{lost}"),
         Err(handed_over @ Cause::HandedOver(_)) => {
             let stopped: Vec<u32> = outgoing
@@ -781,9 +824,9 @@ pub(super) fn recover(
                 .collect();
             let released = match Dataplane::open(pin_root) {
                 Ok(mut dataplane) => {
-                    let key = flow::udp(outgoing.flow.cps, outgoing.flow.service);
-                    let quiet = inputs_stopped(&dataplane, outgoing.flow_id);
-                    let_go(&mut dataplane, interface, &key, outgoing.flow_id, quiet)
+                    let (flow_id, flows) = (outgoing.flow_id, &outgoing.flows);
+                    let quiet = inputs_stopped(&dataplane, flow_id);
+                    let_go(&mut dataplane, interface, flows, flow_id, quiet)
                 }
                 Err(e) => e.to_string(),
             };
@@ -822,6 +865,9 @@ pub(super) fn recover_unjournaled(pin_root: &Path, standby_pin_root: Option<&Pat
                 flows.push((key, config.flow_id));
             }
         }
+        // A service's flows share an id: undone once.
+        flows.sort_by_key(|&(_, flow_id)| flow_id);
+        flows.dedup_by_key(|&mut (_, flow_id)| flow_id);
         Ok(flows)
     };
     let flows = match in_migration() {
@@ -845,21 +891,23 @@ pub(super) fn recover_unjournaled(pin_root: &Path, standby_pin_root: Option<&Pat
 }
 
 /// Takes back the flip of flow `flow_id` unless K was picked, sets its
-/// flags back (`restore`: the flow and its flags before the migration),
-/// and opens its held gates, here and on the standby: what the held
-/// inputs lost with the daemon were, as text to append.
+/// flows' flags back (`restore`: the flows and their flags before the
+/// migration), and opens its held gates, here and on the standby: what
+/// the held inputs lost with the daemon were, as text to append.
 fn undo(
     pin_root: &Path,
     standby_pin_root: Option<&Path>,
     flow_id: u32,
-    restore: Option<(&FlowSpec, u32)>,
+    restore: Option<&[FlowBefore]>,
 ) -> Result<String, Cause> {
     let mut dataplane = Dataplane::open(pin_root)?;
-    if let Err(k) = dataplane.gate_window()?.unflip(flow_id) {
+    let window = dataplane.gate_window()?;
+    if let Err(k) = window.unflip(flow_id) {
         return Err(Cause::HandedOver(k));
     }
-    if let Some((spec, flags)) = restore {
-        dataplane.set_flow_flags(&flow::udp(spec.cps, spec.service), flags)?;
+    window.tag_latest(flow_id);
+    for f in restore.unwrap_or_default() {
+        dataplane.set_flow_flags(&flow::udp(f.flow.cps, f.flow.service), f.flags)?;
     }
     let mut lost = String::new();
     if let Some(range) = hold::open(&mut dataplane, flow_id)? {

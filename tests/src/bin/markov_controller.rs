@@ -14,8 +14,17 @@
 //! so far, the chain's state, and a hash chain of every input (FNV-1a).
 //! A datagram "?" asks for "STEP HASH" without taking a step.
 //!
+//! With `--per-device`, one controller serves several field devices on
+//! its one socket, each a flow of its own: the chain steps on every input,
+//! in the order the socket gives them, and each output is
+//! "SEQ STEP STATE HASH ALL_STEPS ALL_HASH": STEP and HASH count and chain
+//! the inputs of the device answered (which it can check), ALL_STEPS and
+//! ALL_HASH those of every device, interleaved as the controller took
+//! them. Two instances answer alike only if they took the devices' inputs
+//! in the same order. "?" asks for "ALL_STEPS ALL_HASH".
+//!
 //! Usage: markov-controller ADDR:PORT [--seed N] [--wall-clock]
-//!        [--state-mib M] [--dirty-pages P]
+//!        [--state-mib M] [--dirty-pages P] [--per-device]
 //! (--wall-clock adds the time of day to each output: a non-deterministic
 //! service, which must never be found to converge. --state-mib gives the
 //! process M MiB of resident state, and --dirty-pages makes each input
@@ -49,7 +58,7 @@ fn main() {
     let addr = args
         .next()
         .expect("usage: markov-controller ADDR:PORT [--seed N] [--wall-clock]");
-    let (mut rng, mut wall_clock) = (0x9E37_79B9_7F4A_7C15u64, false);
+    let (mut rng, mut wall_clock, mut per_device) = (0x9E37_79B9_7F4A_7C15u64, false, false);
     let (mut state_mib, mut dirty_pages) = (0usize, 0usize);
     while let Some(arg) = args.next() {
         let mut number = || args.next().and_then(|s| s.parse().ok());
@@ -58,6 +67,7 @@ fn main() {
             "--state-mib" => state_mib = number().expect("--state-mib M"),
             "--dirty-pages" => dirty_pages = number().expect("--dirty-pages P"),
             "--wall-clock" => wall_clock = true,
+            "--per-device" => per_device = true,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -68,6 +78,9 @@ fn main() {
     let mut next_page = 0;
     let socket = UdpSocket::bind(&addr).expect("bind");
     let (mut state, mut step, mut hash) = (0u8, 0u64, 0u64);
+    // Per device (the sender's address): its inputs' count and chain.
+    let mut devices: std::collections::HashMap<std::net::SocketAddr, (u64, u64)> =
+        std::collections::HashMap::new();
     let mut buf = [0u8; 2048];
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf) else {
@@ -95,7 +108,15 @@ fn main() {
             .ok()
             .and_then(|t| t.split_whitespace().next())
             .unwrap_or("-");
-        let mut output = format!("{cycle} {step} {state} {hash:016x}");
+        let mut output = match per_device {
+            false => format!("{cycle} {step} {state} {hash:016x}"),
+            true => {
+                let device = devices.entry(from).or_default();
+                *device = (device.0 + 1, chain(device.1, input));
+                let (device_step, device_hash) = *device;
+                format!("{cycle} {device_step} {state} {device_hash:016x} {step} {hash:016x}")
+            }
+        };
         if wall_clock {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
