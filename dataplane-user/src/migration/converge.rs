@@ -6,7 +6,7 @@
 //! and compared: byte for byte, or with a tolerance eta on declared numeric
 //! fields (gundall2022 Eq. 1: |y_src - y_dst| <= eta), every other byte
 //! still equal. A handover needs N consecutive matches (govindaraj2019).
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -92,9 +92,19 @@ fn within(a: Value, b: Value, eta: f64) -> bool {
     }
 }
 
+/// An output's device as a mismatch names it.
+fn device(to: &Option<SocketAddr>) -> String {
+    to.map_or("no UDP address".into(), |to| to.to_string())
+}
+
 /// Why two outputs do not match.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum Mismatch {
+    #[error("to {} and to {}", device(src), device(dst))]
+    Device {
+        src: Option<SocketAddr>,
+        dst: Option<SocketAddr>,
+    },
     #[error("lengths {src} and {dst}")]
     Length { src: usize, dst: usize },
     #[error("field at {offset} ({kind:?}) beyond the {len}-byte output")]
@@ -241,15 +251,56 @@ impl Convergence {
     }
 }
 
-/// The UDP payload of an Ethernet frame; the whole frame if it is not UDP
-/// (then it is compared whole).
-pub fn udp_payload(frame: &[u8]) -> &[u8] {
-    match etherparse::SlicedPacket::from_ethernet(frame) {
-        Ok(etherparse::SlicedPacket {
-            transport: Some(etherparse::TransportSlice::Udp(udp)),
+/// An output as convergence compares it: where it goes (the device, for
+/// a service with several flows) and its UDP payload; a frame that is not
+/// UDP goes nowhere known and is compared whole.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub to: Option<SocketAddr>,
+    pub payload: Vec<u8>,
+}
+
+impl Answer {
+    /// The answer an output frame (Ethernet, as the log holds it) carries.
+    pub fn of(frame: &[u8]) -> Self {
+        use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+        let Ok(SlicedPacket {
+            net: Some(net),
+            transport: Some(TransportSlice::Udp(udp)),
             ..
-        }) => udp.payload(),
-        _ => frame,
+        }) = SlicedPacket::from_ethernet(frame)
+        else {
+            return Self {
+                to: None,
+                payload: frame.to_vec(),
+            };
+        };
+        let address: std::net::IpAddr = match net {
+            NetSlice::Ipv4(ip) => ip.header().destination_addr().into(),
+            NetSlice::Ipv6(ip) => ip.header().destination_addr().into(),
+            _ => {
+                return Self {
+                    to: None,
+                    payload: udp.payload().to_vec(),
+                };
+            }
+        };
+        Self {
+            to: Some(SocketAddr::new(address, udp.destination_port())),
+            payload: udp.payload().to_vec(),
+        }
+    }
+
+    /// Why `self` (the source's) and `theirs` differ, if they do: another
+    /// device, or payloads `comparator` tells apart.
+    fn compare(&self, theirs: &Answer, comparator: &Comparator) -> Result<(), Mismatch> {
+        if self.to != theirs.to {
+            return Err(Mismatch::Device {
+                src: self.to,
+                dst: theirs.to,
+            });
+        }
+        comparator.compare(&self.payload, &theirs.payload)
     }
 }
 
@@ -260,9 +311,9 @@ pub fn udp_payload(frame: &[u8]) -> &[u8] {
 #[derive(Debug)]
 pub struct Pairing {
     /// The destination's outputs the source's log has not reached yet.
-    theirs: BTreeMap<u64, Vec<Vec<u8>>>,
+    theirs: BTreeMap<u64, Vec<Answer>>,
     /// The source's outputs not compared yet.
-    ours: BTreeMap<u64, Vec<Vec<u8>>>,
+    ours: BTreeMap<u64, Vec<Answer>>,
     /// Ask the destination for outputs answering inputs after this one.
     after: u64,
     /// The latest input the source's log shows an answer to.
@@ -293,14 +344,14 @@ impl Pairing {
     }
 
     /// A destination output answering input `seq`.
-    pub fn theirs(&mut self, seq: u64, payload: Vec<u8>) {
+    pub fn theirs(&mut self, seq: u64, answer: Answer) {
         self.after = self.after.max(seq);
-        self.theirs.entry(seq).or_default().push(payload);
+        self.theirs.entry(seq).or_default().push(answer);
     }
 
     /// A source output answering input `seq`.
-    pub fn ours(&mut self, seq: u64, payload: Vec<u8>) {
-        self.ours.entry(seq).or_default().push(payload);
+    pub fn ours(&mut self, seq: u64, answer: Answer) {
+        self.ours.entry(seq).or_default().push(answer);
     }
 
     /// The latest input the destination answered that is not compared yet.
@@ -330,7 +381,7 @@ impl Pairing {
             let (seq, theirs) = entry.remove_entry();
             let ours = self.ours.remove(&seq);
             if let (Some([ours]), [theirs]) = (ours.as_deref(), &theirs[..])
-                && convergence.record(seq, comparator.compare(ours, theirs))
+                && convergence.record(seq, ours.compare(theirs, comparator))
             {
                 break;
             }
@@ -498,8 +549,45 @@ mod tests {
         assert_eq!(c.compared(), 6);
     }
 
-    fn out(text: &str) -> Vec<u8> {
-        text.as_bytes().to_vec()
+    fn out(text: &str) -> Answer {
+        Answer {
+            to: Some("192.0.2.1:4000".parse().unwrap()),
+            payload: text.as_bytes().to_vec(),
+        }
+    }
+
+    /// What an output frame is compared by: the device it goes to and its
+    /// UDP payload; a frame that is not UDP, whole.
+    #[test]
+    fn an_answer_is_where_an_output_goes_and_what_it_says() {
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2; 6], [4; 6])
+            .ipv4([192, 0, 2, 10], [192, 0, 2, 1], 64)
+            .udp(5000, 4001)
+            .write(&mut frame, b"7 7 3 ab")
+            .unwrap();
+        let answer = Answer::of(&frame);
+        assert_eq!(answer.to, Some("192.0.2.1:4001".parse().unwrap()));
+        assert_eq!(answer.payload, b"7 7 3 ab");
+        let not_udp = Answer::of(&[0xffu8; 20]);
+        assert_eq!((not_udp.to, not_udp.payload.len()), (None, 20));
+    }
+
+    /// Outputs that say the same to different devices do not match.
+    #[test]
+    fn the_same_answer_to_another_device_is_a_mismatch() {
+        let mut elsewhere = out("y1");
+        elsewhere.to = Some("192.0.2.1:4002".parse().unwrap());
+        let mismatch = out("y1").compare(&elsewhere, &Comparator::default());
+        assert_eq!(
+            mismatch.unwrap_err().to_string(),
+            "to 192.0.2.1:4000 and to 192.0.2.1:4002"
+        );
+        assert!(
+            out("y1")
+                .compare(&out("y1"), &Comparator::default())
+                .is_ok()
+        );
     }
 
     /// The destination answers first; the source's log is behind: nothing

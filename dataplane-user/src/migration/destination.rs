@@ -673,7 +673,7 @@ impl<'a> Target<'a> {
                 outputs.push(Output {
                     flow_id: record.header.flow_id,
                     seq: record.header.seq,
-                    payload: crate::migration::converge::udp_payload(&record.frame).to_vec(),
+                    answer: crate::migration::converge::Answer::of(&record.frame),
                 });
             }
         }

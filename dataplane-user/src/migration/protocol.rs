@@ -26,7 +26,10 @@
 //! numbers its own flow table.
 use serde::{Deserialize, Serialize};
 
-use crate::{migration::hold::FlowPosition, service::FlowSpec};
+use crate::{
+    migration::{converge::Answer, hold::FlowPosition},
+    service::FlowSpec,
+};
 
 /// Records a migration may stage before the destination reads them.
 pub const SUBSCRIPTION_CAPACITY: usize = 1 << 20;
@@ -137,8 +140,9 @@ pub struct Output {
     pub flow_id: u32,
     /// The input it answers.
     pub seq: u64,
-    /// Its UDP payload.
-    pub payload: Vec<u8>,
+    /// Where it goes and what it says.
+    #[serde(flatten)]
+    pub answer: Answer,
 }
 
 /// A step of the protocol by its kind: a [`Step`], or the IMAGES transfer

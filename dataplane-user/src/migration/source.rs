@@ -22,7 +22,7 @@ use crate::{
     },
     migration::{
         Context, Request,
-        converge::{Convergence, Pairing, udp_payload},
+        converge::{Answer, Convergence, Pairing},
         cutover::{self, Handover},
         error::{Cause, MigrationError, NotConverged, ResumeError},
         hold::{self, FlowPosition},
@@ -504,7 +504,7 @@ impl Migration {
             .await
             .map_err(|e| self.fail(e))?;
             for output in theirs.into_iter().filter(|o| o.flow_id == source.remote_id) {
-                pairing.theirs(output.seq, output.payload);
+                pairing.theirs(output.seq, output.answer);
             }
             let Some(last) = pairing.waiting_for() else {
                 continue;
@@ -681,7 +681,7 @@ impl Source {
     fn keep_output(&self, pairing: &mut Pairing, record: Record) {
         let h = record.header;
         if h.kind == RECORD_OUTPUT && h.flow_id == self.flow_id {
-            pairing.ours(h.seq, udp_payload(&record.frame).to_vec());
+            pairing.ours(h.seq, Answer::of(&record.frame));
         }
     }
 
