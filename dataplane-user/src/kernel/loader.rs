@@ -418,7 +418,7 @@ impl Dataplane {
             return Err(LoadError::DuplicateFlow(crate::kernel::flow::display(&key)));
         }
         let flow_id = self.free_flow_ids(1)?[0];
-        self.insert_flow(key, flow_id, flags)?;
+        self.group(&[(key, flags)], flow_id)?;
         Ok(flow_id)
     }
 
@@ -560,10 +560,6 @@ impl Dataplane {
                 name: MAP_MIRROR_TO,
                 source,
             })
-    }
-
-    fn insert_flow(&mut self, key: FlowKey, flow_id: u32, flags: u32) -> Result<(), LoadError> {
-        self.group(&[(key, flags)], flow_id)
     }
 
     /// Makes `keys` (each with its flags) the flows of `flow_id`, which

@@ -77,6 +77,21 @@ fn main() {
     let pages = memory.len() / PAGE;
     let mut next_page = 0;
     let socket = UdpSocket::bind(&addr).expect("bind");
+    // Room for a burst (20 kHz in the tests) while the machine keeps the
+    // controller off its CPU for a few milliseconds: the default buffer
+    // holds about 200 datagrams, 10 ms of such a burst. As root, past
+    // rmem_max; elsewhere the default stays.
+    let bytes: libc::c_int = 4 << 20;
+    // SAFETY: setsockopt on a socket this process owns, with an int option.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const bytes).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
     let (mut state, mut step, mut hash) = (0u8, 0u64, 0u64);
     // Per device (the sender's address): its inputs' count and chain.
     let mut devices: std::collections::HashMap<std::net::SocketAddr, (u64, u64)> =
