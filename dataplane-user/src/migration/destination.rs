@@ -428,13 +428,10 @@ impl<'a> Target<'a> {
         // The restored instance binds the service addresses: those this
         // host lacks go on lo (where it answers no ARP for them) until the
         // announce puts them on the service interface.
-        let mut local_addresses: Vec<IpAddr> = flows
-            .iter()
-            .map(|f| f.spec.service.ip())
-            .filter(|a| !crate::host::netdev::is_local(*a))
-            .collect();
+        let mut local_addresses: Vec<IpAddr> = flows.iter().map(|f| f.spec.service.ip()).collect();
         local_addresses.sort();
         local_addresses.dedup();
+        local_addresses.retain(|a| !crate::host::netdev::is_local(*a));
         // Journaled before anything changes: a daemon that dies while it
         // adopts leaves flows its next start removes.
         let journal = Journal::Destination(Incoming {

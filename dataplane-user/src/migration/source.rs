@@ -750,15 +750,17 @@ fn let_go(
     let mut addresses: Vec<std::net::IpAddr> = flows.iter().map(|f| f.flow.service.ip()).collect();
     addresses.sort();
     addresses.dedup();
-    let remaining = dataplane.flows().unwrap_or_default();
+    // With the table unreadable, every address stays.
+    let remaining = dataplane.flows();
     let mut released = Vec::new();
     for address in addresses {
-        // Another flow's, or the table unreadable: it stays.
-        if dataplane.flows().is_err()
-            || remaining
+        // Another flow's: it stays.
+        let held = remaining.as_ref().map_or(true, |flows| {
+            flows
                 .iter()
                 .any(|(k, _)| flow::destination(k).ip() == address)
-        {
+        });
+        if held {
             continue;
         }
         for on in [interface, "lo"] {
