@@ -94,19 +94,34 @@ pub struct DaemonConfig {
     /// 2 s. It must cover the source's checkpoint. Default: 120.
     #[serde(default = "default_migration_idle_s")]
     pub migration_idle_s: u64,
-    /// Standby mode (gundall2022 Option 2): the veth leading to the standby
-    /// instance's network namespace on this host. Default: none.
+    /// Standby mode (gundall2022 Option 2): the veth leading to the
+    /// network namespace where this host's standby instances run. The
+    /// daemon builds at start what is missing of that namespace, the veth
+    /// (`eth0` inside) and the dataplane there. Default: none (no standbys).
     #[serde(default)]
     pub standby_interface: Option<String>,
-    /// MAC address of that veth's other end.
+    /// The standbys' network namespace; one the daemon makes is under
+    /// /run/netns. Default: /run/netns/dataplane-standby.
+    #[serde(default = "default_standby_netns")]
+    pub standby_netns: PathBuf,
+    /// Pin root of the dataplane in the standbys' namespace.
+    /// Default: /sys/fs/bpf/dataplane-standby.
+    #[serde(default = "default_standby_pin_root")]
+    pub standby_pin_root: PathBuf,
+    /// Where the services this daemon starts (`service start`) run: each
+    /// in NAME/ under it, its standby in NAME/standby/. Made on every host a
+    /// service migrates to: CRIU restores a process in its own working
+    /// directory. Default: /var/lib/dataplane/services.
+    #[serde(default = "default_services_dir")]
+    pub services_dir: PathBuf,
+    /// CPUs the services this daemon starts (and their restored
+    /// instances) run on; standbys run on the others. Default: any.
     #[serde(default)]
-    pub standby_mac: Option<String>,
-    /// The standby's network namespace, e.g. /run/netns/standby.
+    pub service_cpus: Vec<usize>,
+    /// SCHED_FIFO priority (1 to 99) of the services this daemon starts,
+    /// and of their standbys; 0 starts them as ordinary tasks. Default: 0.
     #[serde(default)]
-    pub standby_netns: Option<PathBuf>,
-    /// Pin root of the dataplane loaded in the standby's namespace.
-    #[serde(default)]
-    pub standby_pin_root: Option<PathBuf>,
+    pub service_priority: u8,
     /// The CRIU binary. Default: /usr/local/sbin/criu (what `cargo xtask setup` installs).
     #[serde(default = "default_criu")]
     pub criu: PathBuf,
@@ -148,6 +163,18 @@ fn default_calibration() -> PathBuf {
 
 fn default_criu() -> PathBuf {
     PathBuf::from(crate::criu::DEFAULT_CRIU)
+}
+
+fn default_standby_netns() -> PathBuf {
+    PathBuf::from("/run/netns/dataplane-standby")
+}
+
+fn default_standby_pin_root() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/dataplane-standby")
+}
+
+fn default_services_dir() -> PathBuf {
+    PathBuf::from("/var/lib/dataplane/services")
 }
 
 fn default_pin_root() -> PathBuf {
@@ -197,14 +224,10 @@ pub enum ConfigError {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
-    #[error("{0:?} is not a MAC address like 02:00:00:00:00:01")]
-    Mac(String),
-    #[error("standby_interface needs {0} too")]
-    Standby(&'static str),
     #[error("socket_max_connections must be at least 1")]
     NoConnections,
-    #[error("realtime_priority must be 0 (an ordinary task) to 99, not {0}")]
-    RealtimePriority(u8),
+    #[error("{0} must be 0 (an ordinary task) to 99, not {1}")]
+    Priority(&'static str, u8),
     #[error(
         "peer_listen needs the hosts it admits listed under [[peers]] (name, address and \
          key); peer_insecure = true admits anyone instead, in clear"
@@ -239,12 +262,16 @@ impl DaemonConfig {
             path: PathBuf::new(),
             source: Box::new(source),
         })?;
-        config.load_options()?;
         if config.socket_max_connections == 0 {
             return Err(ConfigError::NoConnections);
         }
-        if config.realtime_priority > 99 {
-            return Err(ConfigError::RealtimePriority(config.realtime_priority));
+        for (key, priority) in [
+            ("realtime_priority", config.realtime_priority),
+            ("service_priority", config.service_priority),
+        ] {
+            if priority > 99 {
+                return Err(ConfigError::Priority(key, priority));
+            }
         }
         config.check_peers()?;
         Ok(config)
@@ -292,29 +319,28 @@ impl DaemonConfig {
             .or_else(|| self.peer_interface.clone())
     }
 
-    /// The loader's options this configuration stands for.
-    pub fn load_options(&self) -> Result<LoadOptions, ConfigError> {
-        let standby = match (&self.standby_interface, &self.standby_mac) {
-            (None, _) => None,
-            (Some(interface), Some(text)) => Some((
-                interface.clone(),
-                crate::host::netdev::parse_mac(text)
-                    .ok_or_else(|| ConfigError::Mac(text.clone()))?,
-            )),
-            (Some(_), None) => return Err(ConfigError::Standby("standby_mac")),
-        };
-        if standby.is_some() && (self.standby_netns.is_none() || self.standby_pin_root.is_none()) {
-            return Err(ConfigError::Standby("standby_netns and standby_pin_root"));
-        }
-        Ok(LoadOptions {
+    /// The loader's options this configuration stands for; `standby_mac`
+    /// is the MAC of the standbys' end of `standby_interface`.
+    pub fn load_options(&self, standby_mac: Option<[u8; 6]>) -> LoadOptions {
+        LoadOptions {
             pin_root: self.pin_root.clone(),
             peer_interface: self.peer_interface.clone(),
             mirror_from: self.mirror_from.clone(),
-            standby,
+            standby: self.standby_interface.clone().zip(standby_mac),
             snap_len: self.snap_len,
             input_ring_bytes: self.input_ring_mib << 20,
             output_ring_bytes: self.output_ring_mib << 20,
             ..LoadOptions::new(self.interface.clone())
+        }
+    }
+
+    /// Where this host's standbys run, if it has them.
+    pub fn standby_host(&self) -> Option<crate::standby::StandbyHost> {
+        Some(crate::standby::StandbyHost {
+            link: self.standby_interface.clone()?,
+            netns: self.standby_netns.clone(),
+            pin_root: self.standby_pin_root.clone(),
+            ring_bytes: (self.input_ring_mib << 20, self.output_ring_mib << 20),
         })
     }
 }
@@ -349,11 +375,20 @@ mod tests {
             ),
             (16384, 100_000, 120)
         );
-        let options = config.load_options().unwrap();
+        let options = config.load_options(None);
         assert_eq!(options.input_ring_bytes, 64 << 20);
         assert_eq!(options.mirror_from, None, "the peer interface's");
+        assert!(config.standby_host().is_none() && options.standby.is_none());
+        assert_eq!(
+            (
+                config.services_dir,
+                config.service_cpus,
+                config.service_priority
+            ),
+            (PathBuf::from("/var/lib/dataplane/services"), vec![], 0)
+        );
         let standby = DaemonConfig::parse("interface = \"eth0\"\nmirror_from = \"eth0\"");
-        let options = standby.unwrap().load_options().unwrap();
+        let options = standby.unwrap().load_options(None);
         assert_eq!(options.mirror_from.as_deref(), Some("eth0"));
     }
 
@@ -372,17 +407,25 @@ mod tests {
     fn rejects_unknown_keys_and_bad_values() {
         assert!(DaemonConfig::parse("interface = \"eth0\"\nintreface = 1").is_err());
         assert!(DaemonConfig::parse("").is_err(), "interface is required");
-        let bad_mac = DaemonConfig::parse(
-            "interface = \"eth0\"\nstandby_interface = \"stby0\"\nstandby_mac = \"nope\"",
+        let mac = DaemonConfig::parse(
+            "interface = \"eth0\"\nstandby_interface = \"stby0\"\nstandby_mac = \"02:00:00:00:00:03\"",
         );
-        assert!(matches!(bad_mac, Err(ConfigError::Mac(_))));
+        assert!(mac.is_err(), "the standby's MAC is read off its link");
         let gone = DaemonConfig::parse("interface = \"eth0\"\npeer_mac = \"02:00:00:00:00:02\"");
         assert!(
             gone.is_err(),
             "peer_mac is learned per migration, not configured"
         );
         let priority = DaemonConfig::parse("interface = \"eth0\"\nrealtime_priority = 100");
-        assert!(matches!(priority, Err(ConfigError::RealtimePriority(100))));
+        assert!(matches!(
+            priority,
+            Err(ConfigError::Priority("realtime_priority", 100))
+        ));
+        let priority = DaemonConfig::parse("interface = \"eth0\"\nservice_priority = 100");
+        assert!(matches!(
+            priority,
+            Err(ConfigError::Priority("service_priority", 100))
+        ));
     }
 
     #[test]

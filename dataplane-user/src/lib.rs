@@ -4,8 +4,8 @@
 //!
 //! Layered from the bottom: `service` and `host` (plain types and OS calls),
 //! `registry` (the services kept on disk),
-//! `kernel` (the eBPF programs and maps), `criu`, `planning` (the migration
-//! model), `peer` (the transport between daemons), `migration` (both sides of
+//! `kernel` (the eBPF programs and maps), `standby` (the standbys' place on
+//! a host), `criu`, `planning` (the migration model), `peer` (the transport between daemons), `migration` (both sides of
 //! a migration), `control` (the socket's protocol), `daemon`, then the CLI.
 pub mod config;
 pub mod control;
@@ -20,3 +20,4 @@ pub mod planning;
 pub mod registry;
 pub mod report;
 pub mod service;
+pub mod standby;

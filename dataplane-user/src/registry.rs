@@ -197,6 +197,7 @@ mod tests {
                 service: "192.0.2.10:5000".parse().unwrap(),
             }],
             standby_pid,
+            command: None,
             registered: std::iter::once(pid)
                 .chain(standby_pid)
                 .filter_map(Identity::of)

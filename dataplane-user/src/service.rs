@@ -22,6 +22,11 @@ pub struct Service {
     /// A standby instance's process, fed by the mirror (gundall2022 Option 2).
     #[serde(default)]
     pub standby_pid: Option<u32>,
+    /// The command the daemon started it with (`service start`): what a
+    /// host it migrates to starts again for a standby. None for a service
+    /// started otherwise.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
     /// Its processes as they were when the daemon registered them: a
     /// migration checks them before CRIU touches a process and before it
     /// kills one (pids are reused). Set by the daemon, never by a caller.

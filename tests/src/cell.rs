@@ -8,7 +8,8 @@ use crate::{
     hosts::{HostAddresses, TestHosts},
     migration::CONTROLLER_COMM,
     netns::NetNs,
-    services::{ChainService, in_netns, kill_pid, pids_named},
+    services::{ChainService, in_netns, in_netns_at, kill_pid, pids_named},
+    timing::service_config,
 };
 
 /// The cell's hosts, by name.
@@ -24,12 +25,18 @@ pub const C_ADDRESSES: HostAddresses = (
 /// Three hosts and their daemons. `a` is the test hosts' `src` (the
 /// service address 192.0.2.10 on its eth0), `b` their `dst` (that address
 /// on lo), `c` one more host with no service address at all, whose peer
-/// link is on the service network.
+/// link is on the service network. Each daemon builds a place for
+/// standbys; the services it starts run in one directory all hosts share,
+/// as /var/lib/dataplane/services is the same path on every host.
 pub struct Cell {
     pub hosts: TestHosts,
     c: NetNs,
     /// In [`CELL`]'s order.
     daemons: Vec<DaemonProcess>,
+    /// The daemons' `services_dir`.
+    services_dir: std::path::PathBuf,
+    /// The daemons' `images_dir`s.
+    images_dirs: Vec<std::path::PathBuf>,
 }
 
 impl Cell {
@@ -37,10 +44,16 @@ impl Cell {
     pub fn new(tag: &str) -> Self {
         let hosts = TestHosts::new(tag);
         let c = hosts.add_host("c", C_ADDRESSES);
+        let services_dir = std::path::PathBuf::from(format!(
+            "/tmp/dataplane-test-{}-{tag}-services",
+            std::process::id()
+        ));
         let mut cell = Self {
             hosts,
             c,
             daemons: Vec::new(),
+            services_dir,
+            images_dirs: Vec::new(),
         };
         for name in CELL {
             let others: Vec<(&str, String)> = CELL
@@ -49,18 +62,26 @@ impl Cell {
                 .map(|&o| (o, Self::peer(o)))
                 .collect();
             let others: Vec<(&str, &str)> = others.iter().map(|(o, a)| (*o, a.as_str())).collect();
+            let images_dir = std::path::PathBuf::from(format!(
+                "/tmp/dataplane-test-{}-{tag}-{name}-images",
+                std::process::id()
+            ));
             let config = format!(
                 "interface = \"eth0\"\npeer_interface = \"peer0\"\npin_root = \"{}\"\n\
                  input_ring_mib = 8\noutput_ring_mib = 4\n\
-                 images_dir = \"/tmp/dataplane-test-{}-{tag}-{name}-images\"\n\
-                 peer_listen = \"{}\"\n{}",
+                 images_dir = \"{}\"\n\
+                 services_dir = \"{}\"\npeer_listen = \"{}\"\n{}{}{}",
                 cell.hosts.pin_root(name).display(),
-                std::process::id(),
+                images_dir.display(),
+                cell.services_dir.display(),
                 Self::peer(name),
                 cell.hosts.peer_config(name, &others),
+                cell.hosts.standby_config(name),
+                service_config(),
             );
             let daemon = DaemonProcess::start(cell.host(name), &format!("{tag}-{name}"), &config);
             cell.daemons.push(daemon);
+            cell.images_dirs.push(images_dir);
         }
         cell
     }
@@ -105,17 +126,8 @@ impl Cell {
     /// /32 on its eth0, unless it has it already) and registers it there
     /// as service `name`.
     pub fn start_service(&self, on: &str, name: &str, flows: &[Flow]) -> ChainService {
-        let host = self.host(on);
-        let service = flows[0].1;
-        if !host.run(|| dataplane_user::host::netdev::is_local(service.ip())) {
-            host.ip(&[
-                "addr",
-                "add",
-                &format!("{}/32", service.ip()),
-                "dev",
-                "eth0",
-            ]);
-        }
+        let (host, service) = (self.host(on), flows[0].1);
+        self.give_address(on, service);
         let address = service.to_string();
         let mut args = vec![address.as_str()];
         if flows.len() > 1 {
@@ -126,10 +138,7 @@ impl Cell {
         for &flow in flows {
             daemon.add_flow(flow);
         }
-        let flows: Vec<_> = flows
-            .iter()
-            .map(|(cps, service)| serde_json::json!({"cps": cps, "service": service}))
-            .collect();
+        let flows = flows_json(flows);
         daemon
             .client()
             .call(
@@ -138,6 +147,44 @@ impl Cell {
             )
             .expect("service.register");
         controller
+    }
+
+    /// Makes `service`'s address host `on`'s (a /32 on its eth0), unless
+    /// it has it already.
+    fn give_address(&self, on: &str, service: SocketAddr) {
+        let host = self.host(on);
+        if !host.run(|| dataplane_user::host::netdev::is_local(service.ip())) {
+            let address = format!("{}/32", service.ip());
+            host.ip(&["addr", "add", &address, "dev", "eth0"]);
+        }
+    }
+
+    /// Has host `on`'s daemon start a Markov controller serving `flows` (as
+    /// [`Self::start_service`]) as service `name`, with a standby if
+    /// `standby` (`service.start`): its answer.
+    pub fn start_by_daemon(
+        &self,
+        on: &str,
+        name: &str,
+        flows: &[Flow],
+        standby: bool,
+    ) -> serde_json::Value {
+        let service = flows[0].1;
+        self.give_address(on, service);
+        let program = crate::daemon::dataplane_bin().with_file_name("markov-controller");
+        let mut command = vec![program.display().to_string(), service.to_string()];
+        if flows.len() > 1 {
+            command.push("--per-device".into());
+        }
+        let flows = flows_json(flows);
+        self.daemon(on)
+            .client()
+            .call(
+                "service.start",
+                serde_json::json!({"name": name, "flows": flows, "standby": standby,
+                    "command": command}),
+            )
+            .expect("service.start")
     }
 
     /// Starts the CPS driving `flows`, `cycles` inputs on each at 1 ms,
@@ -198,6 +245,14 @@ impl Cell {
     }
 }
 
+/// `flows` as the control socket takes them.
+pub fn flows_json(flows: &[Flow]) -> serde_json::Value {
+    flows
+        .iter()
+        .map(|(cps, service)| serde_json::json!({"cps": cps, "service": service}))
+        .collect()
+}
+
 fn host_of<'a>(hosts: &'a TestHosts, c: &'a NetNs, name: &str) -> &'a NetNs {
     match name {
         "a" => &hosts.src,
@@ -208,12 +263,19 @@ fn host_of<'a>(hosts: &'a TestHosts, c: &'a NetNs, name: &str) -> &'a NetNs {
 }
 
 impl Drop for Cell {
-    /// Restored controllers are nobody's children here: killed by name.
+    /// Restored controllers, and those the daemons started, are nobody's
+    /// children here: killed by name.
     fn drop(&mut self) {
         for pid in pids_named(CONTROLLER_COMM) {
-            if CELL.iter().any(|&name| in_netns(pid, self.host(name))) {
+            if CELL.iter().any(|&name| {
+                in_netns(pid, self.host(name)) || in_netns_at(pid, &self.hosts.standby_netns(name))
+            }) {
                 kill_pid(pid.into());
             }
+        }
+        let _ = std::fs::remove_dir_all(&self.services_dir);
+        for dir in &self.images_dirs {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct DaemonProcess {
     pub socket: PathBuf,
     dir: PathBuf,
     pin_root: PathBuf,
+    /// The standbys' place it builds (or adopts), if configured.
+    standby: Option<dataplane_user::standby::StandbyHost>,
 }
 
 impl DaemonProcess {
@@ -67,16 +69,16 @@ impl DaemonProcess {
         };
         let config = config.as_str();
         std::fs::write(dir.join("dataplane.toml"), config).expect("write config");
-        let pin_root = dataplane_user::config::DaemonConfig::parse(config)
-            .expect("a valid test configuration")
-            .pin_root;
+        let parsed = dataplane_user::config::DaemonConfig::parse(config)
+            .expect("a valid test configuration");
         let socket = socket.unwrap_or_else(|| dir.join("dataplane.sock"));
         let child = Self::spawn(host, &dir, &socket);
         Self {
             child,
             socket,
             dir,
-            pin_root,
+            pin_root: parsed.pin_root.clone(),
+            standby: parsed.standby_host(),
         }
     }
 
@@ -206,6 +208,7 @@ impl DaemonProcess {
         nix::sys::signal::kill(pid, signal).expect("signal the daemon");
         let status = self.child.wait().expect("wait for the daemon");
         self.pin_root = PathBuf::new();
+        self.standby = None;
         status
     }
 }
@@ -220,6 +223,18 @@ impl Drop for DaemonProcess {
         }
         if self.pin_root.join("links").exists() {
             let _ = Dataplane::unload(&self.pin_root);
+        }
+        if let Some(standby) = &self.standby {
+            if standby.pin_root.join("links").exists() {
+                let _ = Dataplane::unload(&standby.pin_root);
+            }
+            if let Some(name) = standby.netns.file_name().filter(|_| standby.netns.exists()) {
+                let _ = Command::new("ip")
+                    .arg("netns")
+                    .arg("del")
+                    .arg(name)
+                    .status();
+            }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -288,6 +288,23 @@ impl TestHosts {
         std::env::temp_dir().join(format!("{}-keys", self.tag))
     }
 
+    /// Daemon configuration lines for `host`'s standbys' place, which its
+    /// daemon builds: the link stby0, a namespace and a pin root of this
+    /// test run.
+    pub fn standby_config(&self, host: &str) -> String {
+        format!(
+            "standby_interface = \"stby0\"\nstandby_netns = \"{}\"\n\
+             standby_pin_root = \"{}\"\n",
+            self.standby_netns(host).display(),
+            self.pin_root(&format!("{host}-stb")).display()
+        )
+    }
+
+    /// The namespace `host`'s daemon runs standbys in ([`Self::standby_config`]).
+    pub fn standby_netns(&self, host: &str) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}-{host}-stb", self.tag))
+    }
+
     /// A bpffs pin root of this test run for `host`.
     pub fn pin_root(&self, host: &str) -> PathBuf {
         PathBuf::from(format!("/sys/fs/bpf/{}-{host}", self.tag))

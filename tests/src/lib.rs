@@ -24,7 +24,7 @@ mod stats;
 mod timing;
 mod trace;
 
-pub use cell::{C_ADDRESSES, CELL, Cell};
+pub use cell::{C_ADDRESSES, CELL, Cell, flows_json};
 pub use daemon::{DaemonProcess, Flow, dataplane_bin};
 pub use hosts::{
     CPS_V4, CPS_V6, DST_ADDRESSES, HostAddresses, Loaded, RawSocket, SERVICE_V4, SERVICE_V6,
@@ -36,7 +36,7 @@ pub use migration::{
 };
 pub use netns::{NetNs, ip, run, veth};
 pub use services::{
-    ChainService, chain, chain_state, count_datagrams, in_netns, kill_pid, pids_named,
+    ChainService, chain, chain_state, count_datagrams, in_netns, in_netns_at, kill_pid, pids_named,
     service_command, udp_payload,
 };
 pub use stats::{Outcomes, Sample, bar};

@@ -11,7 +11,7 @@ use dataplane_user::kernel::loader::Dataplane;
 
 use crate::{
     daemon::{DaemonProcess, Flow},
-    hosts::{CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, mac_text, sock},
+    hosts::{CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, sock},
     netns::NetNs,
     services::ChainService,
     timing::cpu_split,
@@ -121,9 +121,8 @@ impl MigrationSetup {
         let standby_config = standby_ns
             .as_ref()
             .map(|ns| {
-                let mac = mac_text(TestHosts::mac(ns, "eth0"));
                 format!(
-                    "standby_interface = \"stby0\"\nstandby_mac = \"{mac}\"\n\
+                    "standby_interface = \"stby0\"\n\
                      standby_netns = \"{}\"\nstandby_pin_root = \"{}\"\n",
                     ns.path().display(),
                     hosts.pin_root("stb").display()

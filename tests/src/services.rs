@@ -194,8 +194,13 @@ pub fn pids_named(comm: &str) -> Vec<u32> {
 
 /// Whether process `pid` lives in the network namespace of `host`.
 pub fn in_netns(pid: u32, host: &NetNs) -> bool {
+    in_netns_at(pid, &host.path())
+}
+
+/// Whether process `pid` runs in the network namespace bound at `path`.
+pub fn in_netns_at(pid: u32, path: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let ours = std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino());
-    let theirs = std::fs::metadata(host.path()).map(|m| m.ino());
+    let theirs = std::fs::metadata(path).map(|m| m.ino());
     matches!((ours, theirs), (Ok(a), Ok(b)) if a == b)
 }

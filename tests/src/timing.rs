@@ -75,6 +75,17 @@ pub(crate) fn realtime() -> Vec<String> {
     }
 }
 
+/// Daemon configuration lines that start services (`service start`) as
+/// [`realtime`] starts the test's own: on the real-time CPU, at the
+/// real-time priority.
+pub fn service_config() -> String {
+    let cpus = match cpu_split() {
+        Some((rt, _)) => format!("service_cpus = [{rt}]\n"),
+        None => String::new(),
+    };
+    format!("{cpus}service_priority = {}\n", realtime_priority())
+}
+
 /// CRIU walks the host's whole conntrack hash table twice on every dump,
 /// even with the service's network namespace an external, with softirqs
 /// off on its CPU: at the kernel's default of 262,144 buckets each walk

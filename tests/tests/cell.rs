@@ -30,6 +30,25 @@ fn assert_registered_only_on(cell: &Cell, name: &str, on: &str, pid: Option<u64>
     }
 }
 
+/// Asserts that each of the four devices `cps` drives got every one of
+/// its `cycles` inputs answered once, in order, correctly, and that the
+/// controller at `service` on A took all of them.
+fn assert_four_devices_served(
+    cell: &Cell,
+    cps: std::process::Child,
+    service: std::net::SocketAddr,
+    cycles: u64,
+) {
+    let verdicts = cps_verdicts(cps);
+    println!("CPS: {verdicts:?}");
+    assert_eq!(verdicts.len(), 4);
+    verdicts.iter().for_each(assert_clean);
+    assert_eq!(
+        chain_state(cell.host("a"), service).map(|s| s.0),
+        Some(4 * cycles)
+    );
+}
+
 #[test]
 fn a_service_goes_round_the_cell_with_each_daemon_killed_before_it_migrates() {
     // A -> B -> C -> A under one CPS run. Before each migration the
@@ -191,12 +210,86 @@ fn a_controller_of_four_devices_goes_round_the_cell_taking_their_inputs_in_one_o
         assert_registered_only_on(&cell, "plc", to, report["destination_pid"].as_u64());
         assert_eq!(cell.flows(from), Vec::<String>::new(), "{from} kept flows");
     }
-    let verdicts = cps_verdicts(cps);
-    println!("CPS: {verdicts:?}");
-    assert_eq!(verdicts.len(), 4);
-    verdicts.iter().for_each(assert_clean);
-    assert_eq!(
-        chain_state(cell.host("a"), service).map(|s| s.0),
-        Some(4 * cycles)
+    assert_four_devices_served(&cell, cps, service, cycles);
+}
+
+#[test]
+fn a_service_the_daemon_starts_with_a_standby_migrates_with_nothing_built_by_hand() {
+    // `service.start` on A: the daemon built A's standbys' namespace, link
+    // and dataplane at its start, and now starts the controller and its
+    // standby from one command, as CRIU needs them. The controller reads
+    // four devices. It goes A -> B in standby mode (the standby is
+    // checkpointed), then B -> C and C -> A leaving the instance running;
+    // each host registers it with the command it was started with.
+    let cell = Cell::new("start");
+    let service = sock(dataplane_tests::SERVICE_V4, 5000);
+    let flows: Vec<_> = (0..4).map(|i| (sock(CPS_V4, 4000 + i), service)).collect();
+
+    // A command that cannot start leaves nothing behind.
+    let failed = cell.daemon("a").client().call(
+        "service.start",
+        serde_json::json!({"name": "plc", "flows": dataplane_tests::flows_json(&flows), "standby": true,
+            "command": ["/nonexistent/controller"]}),
     );
+    let error = failed
+        .expect_err("a missing program cannot start")
+        .to_string();
+    assert!(
+        error.contains("/nonexistent/controller") || error.contains("plc"),
+        "{error}"
+    );
+    assert!(cell.services("a").is_empty());
+    assert_eq!(
+        cell.flows("a"),
+        Vec::<String>::new(),
+        "flows added for it stay"
+    );
+
+    let started = cell.start_by_daemon("a", "plc", &flows, true);
+    println!("started: {started}");
+    let pid = started["pid"].as_u64().expect("a pid") as u32;
+    let standby = started["standby_pid"].as_u64().expect("a standby") as u32;
+    assert!(dataplane_tests::in_netns(pid, cell.host("a")));
+    assert!(dataplane_tests::in_netns_at(
+        standby,
+        &cell.hosts.standby_netns("a")
+    ));
+    for process in [pid, standby] {
+        let status = std::fs::read_to_string(format!("/proc/{process}/status")).unwrap();
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+        assert!(
+            nspid.ends_with("\t1"),
+            "PID 1 of its own namespace: {nspid}"
+        );
+    }
+    let registered = cell.services("a");
+    let command = registered[0]["command"].clone();
+    assert!(
+        command.as_array().is_some_and(|c| !c.is_empty()),
+        "{registered:?}"
+    );
+    assert_eq!(registered[0]["standby_pid"], standby);
+
+    let cycles = 8_000;
+    let cps = cell.start_cps(&flows, cycles);
+    for (from, to, mode) in [
+        ("a", "b", "standby"),
+        ("b", "c", "leave-running"),
+        ("c", "a", "leave-running"),
+    ] {
+        let report = cell.wait(from, &cell.migrate("plc", from, to, mode));
+        println!("{from} -> {to} ({mode}): {report}");
+        assert_eq!(report["state"], "done", "{from} -> {to}: {report}");
+        assert_registered_only_on(&cell, "plc", to, report["destination_pid"].as_u64());
+        assert_eq!(
+            cell.services(to)[0]["command"],
+            command,
+            "{to} keeps the command"
+        );
+    }
+    assert!(
+        !dataplane_user::host::tasks::running(standby),
+        "A's standby ended at the handover"
+    );
+    assert_four_devices_served(&cell, cps, service, cycles);
 }

@@ -30,7 +30,8 @@ enum Task {
     /// Set up, then migrate a running control service between built-in test
     /// hosts while a CPS sends to it every millisecond, and show what happened.
     Demo {
-        /// `standby` (default) or `leave-running`.
+        /// `standby` (default) or `leave-running`; `cell`: a controller of
+        /// four field devices moved round three hosts.
         mode: Option<String>,
     },
     /// Set up, then run a benchmark on the test hosts.

@@ -55,7 +55,6 @@ pub fn run(cx: &Context, args: Args) -> Result<(), Failure> {
     if cx.socket != Path::new(DEFAULT_SOCKET) {
         config.socket = cx.socket.clone();
     }
-    config.load_options().context("configuration")?;
     let runtime = daemon_runtime(config.realtime_priority)?;
     runtime
         .block_on(async { Daemon::start(config)?.serve().await })

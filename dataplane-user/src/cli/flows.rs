@@ -1,8 +1,11 @@
 //! `dataplane flow` and `dataplane service`: the daemon's flows and services.
 use dataplane_user::{
     control::{
-        answer::{FlowAdded, FlowInfo, FlowRemoved, ServiceRegistered, ServiceUnregistered},
-        method::{Call, ServiceName},
+        answer::{
+            FlowAdded, FlowInfo, FlowRemoved, ServiceRegistered, ServiceStarted,
+            ServiceUnregistered,
+        },
+        method::{Call, ServiceName, ServiceStart},
     },
     service::{FlowSpec, Service},
 };
@@ -45,10 +48,34 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
                     .map(|(cps, service)| FlowSpec { cps, service })
                     .collect(),
                 standby_pid,
+                command: None,
                 registered: Vec::new(),
             };
             let registered: ServiceRegistered = cx.call(Call::ServiceRegister(service))?;
             cx.show(&registered, |r| println!("registered {}", r.registered));
+        }
+        ServiceCommand::Start {
+            name,
+            flows,
+            standby,
+            command,
+        } => {
+            let start = ServiceStart {
+                name,
+                flows: flows
+                    .into_iter()
+                    .map(|(cps, service)| FlowSpec { cps, service })
+                    .collect(),
+                standby,
+                command,
+            };
+            let started: ServiceStarted = cx.call(Call::ServiceStart(start))?;
+            cx.show(&started, |s| {
+                let standby = s
+                    .standby_pid
+                    .map_or(String::new(), |p| format!(", standby {p}"));
+                println!("started {}: pid {}{standby}", s.started, s.pid)
+            });
         }
         ServiceCommand::Rm { name } => {
             let unregistered: ServiceUnregistered =

@@ -208,6 +208,22 @@ pub enum ServiceCommand {
         #[arg(long)]
         standby_pid: Option<u32>,
     },
+    /// Start a service as CRIU needs it (own PID namespace and session, no
+    /// inherited descriptors, the configured CPUs and priority), with its
+    /// flows, and register it: `service start plc --flow CPS=SERVICE -- CMD ARGS...`.
+    Start {
+        name: String,
+        /// A flow that feeds it, CPS_ADDR:PORT=SERVICE_ADDR:PORT; repeatable.
+        #[arg(long = "flow", value_parser = flow_spec, required = true)]
+        flows: Vec<(SocketAddr, SocketAddr)>,
+        /// Start a standby from the same command too, in this host's
+        /// standbys' namespace, fed by the mirror.
+        #[arg(long)]
+        standby: bool,
+        /// The program and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Forget a service.
     Rm { name: String },
     /// List services.

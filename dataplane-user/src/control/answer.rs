@@ -79,6 +79,14 @@ pub struct ServiceRegistered {
     pub registered: String,
 }
 
+/// `service.start`: the service's name and the processes started.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceStarted {
+    pub started: String,
+    pub pid: u32,
+    pub standby_pid: Option<u32>,
+}
+
 /// `service.unregister`: the service's name.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServiceUnregistered {
@@ -186,6 +194,7 @@ mod tests {
                 "flow.remove" => again::<FlowRemoved>(example),
                 "flow.list" => again::<Vec<FlowInfo>>(example),
                 "service.register" => again::<ServiceRegistered>(example),
+                "service.start" => again::<ServiceStarted>(example),
                 "service.unregister" => again::<ServiceUnregistered>(example),
                 "migration.start" => again::<MigrationId>(example),
                 "migration.status" => again::<Report>(example),
@@ -197,7 +206,7 @@ mod tests {
             assert_eq!(&written, example, "{method}");
         }
         // Every method but metrics and service.list (prose only) shows one.
-        assert_eq!(results.len(), 11, "{results:?}");
+        assert_eq!(results.len(), 12, "{results:?}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub enum Method {
     FlowRemove,
     FlowList,
     ServiceRegister,
+    ServiceStart,
     ServiceUnregister,
     ServiceList,
     MigrationStart,
@@ -34,13 +35,14 @@ pub enum Method {
 
 impl Method {
     /// Every method.
-    pub const ALL: [Method; 13] = [
+    pub const ALL: [Method; 14] = [
         Method::Status,
         Method::Metrics,
         Method::FlowAdd,
         Method::FlowRemove,
         Method::FlowList,
         Method::ServiceRegister,
+        Method::ServiceStart,
         Method::ServiceUnregister,
         Method::ServiceList,
         Method::MigrationStart,
@@ -59,6 +61,7 @@ impl Method {
             Method::FlowRemove => "flow.remove",
             Method::FlowList => "flow.list",
             Method::ServiceRegister => "service.register",
+            Method::ServiceStart => "service.start",
             Method::ServiceUnregister => "service.unregister",
             Method::ServiceList => "service.list",
             Method::MigrationStart => "migration.start",
@@ -98,6 +101,7 @@ pub enum Call {
     FlowRemove(FlowSpec),
     FlowList,
     ServiceRegister(Service),
+    ServiceStart(ServiceStart),
     ServiceUnregister(ServiceName),
     ServiceList,
     MigrationStart(Request),
@@ -126,6 +130,7 @@ impl Call {
             Method::FlowRemove => Call::FlowRemove(parse(params)?),
             Method::FlowList => Call::FlowList,
             Method::ServiceRegister => Call::ServiceRegister(parse(params)?),
+            Method::ServiceStart => Call::ServiceStart(parse(params)?),
             Method::ServiceUnregister => Call::ServiceUnregister(parse(params)?),
             Method::ServiceList => Call::ServiceList,
             Method::MigrationStart => Call::MigrationStart(parse(params)?),
@@ -148,6 +153,7 @@ impl Call {
             Call::FlowRemove(_) => Method::FlowRemove,
             Call::FlowList => Method::FlowList,
             Call::ServiceRegister(_) => Method::ServiceRegister,
+            Call::ServiceStart(_) => Method::ServiceStart,
             Call::ServiceUnregister(_) => Method::ServiceUnregister,
             Call::ServiceList => Method::ServiceList,
             Call::MigrationStart(_) => Method::MigrationStart,
@@ -170,6 +176,7 @@ impl Call {
             Call::FlowAdd(p) => serde_json::to_value(p),
             Call::FlowRemove(p) => serde_json::to_value(p),
             Call::ServiceRegister(p) => serde_json::to_value(p),
+            Call::ServiceStart(p) => serde_json::to_value(p),
             Call::ServiceUnregister(p) => serde_json::to_value(p),
             Call::MigrationStart(p) => serde_json::to_value(p),
             Call::MigrationStatus(Some(p)) | Call::MigrationAbort(p) => serde_json::to_value(p),
@@ -177,6 +184,19 @@ impl Call {
         };
         value.expect("parameters serialize")
     }
+}
+
+/// `service.start`: a service the daemon starts, as CRIU needs it, from
+/// `command`, with its flows, and (`standby`) a standby from the same
+/// command in this host's standbys' namespace.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceStart {
+    pub name: String,
+    pub flows: Vec<FlowSpec>,
+    #[serde(default)]
+    pub standby: bool,
+    pub command: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

@@ -19,13 +19,16 @@ use crate::{
         RpcError,
         answer::{
             FlowAdded, FlowInfo, FlowRemoved, Interfaces, MigrationAborting, PeerPong,
-            ServiceRegistered, ServiceUnregistered, Status, Watching,
+            ServiceRegistered, ServiceStarted, ServiceUnregistered, Status, Watching,
         },
         code,
-        method::{Call, MigrationId, PeerAddress, ServiceName},
+        method::{Call, MigrationId, PeerAddress, ServiceName, ServiceStart},
         server::Handler,
     },
-    host::tasks::Identity,
+    host::{
+        launch::{self, Launch},
+        tasks::{self, Identity},
+    },
     kernel::{
         flow,
         loader::{Dataplane, LoadError},
@@ -36,6 +39,7 @@ use crate::{
     registry::RegistryError,
     report::{Report, State},
     service::{FlowSpec, Service},
+    standby::StandbyHost,
 };
 
 impl Handler for Daemon {
@@ -47,6 +51,7 @@ impl Handler for Daemon {
             Call::FlowRemove(spec) => answer(self.flow_remove(spec)),
             Call::FlowList => answer(flow_rows(&self.dataplane.lock().unwrap())),
             Call::ServiceRegister(service) => answer(self.service_register(service)),
+            Call::ServiceStart(start) => answer(self.service_start(start).await),
             Call::ServiceUnregister(name) => answer(self.service_unregister(name)),
             Call::ServiceList => answer(Ok(self.services.list())),
             Call::MigrationStart(request) => answer(self.migration_start(request)),
@@ -61,6 +66,35 @@ impl Handler for Daemon {
     fn events(&self) -> broadcast::Receiver<Report> {
         self.events.subscribe()
     }
+}
+
+/// How long a started service has to bind its flows' addresses.
+const BIND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until each process in `pids` has every service address of
+/// `flows` bound in its network namespace: an input that came before
+/// would be lost to it (and a standby that missed one never converges).
+async fn ready(pids: &[u32], flows: &[FlowSpec]) -> Result<(), RpcError> {
+    let deadline = tokio::time::Instant::now() + BIND_TIMEOUT;
+    for &pid in pids {
+        for flow in flows {
+            while !tasks::udp_bound_for(pid, flow.service) {
+                let why = if !tasks::running(pid) {
+                    "exited"
+                } else if tokio::time::Instant::now() > deadline {
+                    "did not bind it within 5 s"
+                } else {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                };
+                return Err(RpcError::new(
+                    code::INTERNAL_ERROR,
+                    format!("process {pid}, started to serve {}, {why}", flow.service),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A method's typed answer as it goes on the wire.
@@ -225,19 +259,164 @@ impl Daemon {
         Ok(ServiceRegistered { registered: name })
     }
 
+    /// Starts a service as CRIU needs it (own PID namespace and session,
+    /// no inherited descriptors, in services_dir/NAME, on `service_cpus` at
+    /// `service_priority`), adds its flows, and with `standby` starts a
+    /// standby from the same command in the standbys' namespace (on the
+    /// other CPUs); answers once each has bound its flows' service
+    /// addresses, registered. Anything it started or added is undone if a
+    /// later step fails.
+    async fn service_start(&self, start: ServiceStart) -> Result<ServiceStarted, RpcError> {
+        let ServiceStart {
+            name,
+            flows,
+            standby,
+            command,
+        } = start;
+        crate::service::service_name(&name)
+            .map_err(|e| RpcError::new(code::INVALID_PARAMS, e.to_string()))?;
+        let invalid = |what: &str| Err(RpcError::new(code::INVALID_PARAMS, what.to_string()));
+        if command.is_empty() {
+            return invalid("command: the program to start, and its arguments");
+        }
+        if flows.is_empty() {
+            return invalid("flows: at least one flow feeds a service");
+        }
+        if self.services.contains(&name) {
+            return Err(registry_error(RegistryError::Exists(name)));
+        }
+        let standby_host = match (standby, self.config.standby_host()) {
+            (false, _) => None,
+            (true, Some(host)) => Some(host),
+            (true, None) => {
+                return invalid("standby: this host runs no standbys (standby_interface)");
+            }
+        };
+        let added = self.add_missing_flows(&flows)?;
+        let mut started = Vec::new();
+        let mut outcome = self.launch(&name, &flows, standby_host.as_ref(), &command, &mut started);
+        if outcome.is_ok() {
+            outcome = ready(&started, &flows).await.and(outcome);
+        }
+        let outcome = outcome.and_then(|(pid, standby_pid)| {
+            self.service_register(Service {
+                name: name.clone(),
+                pid,
+                netns: None,
+                flows: flows.clone(),
+                standby_pid,
+                command: Some(command.clone()),
+                registered: Vec::new(),
+            })?;
+            Ok(ServiceStarted {
+                started: name.clone(),
+                pid,
+                standby_pid,
+            })
+        });
+        match outcome {
+            Ok(started) => {
+                tracing::info!(service = %started.started, pid = started.pid,
+                    standby_pid = ?started.standby_pid, "started the service");
+                Ok(started)
+            }
+            Err(e) => {
+                for pid in started {
+                    tasks::kill_pid_namespace(pid);
+                }
+                let mut dataplane = self.dataplane.lock().unwrap();
+                for key in added {
+                    let _ = dataplane.remove_flow(&key);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts service `name`'s standby (if `standby_host`) and then the
+    /// service from `command`, each pid into `started` as it starts: the
+    /// service's pid and the standby's.
+    fn launch(
+        &self,
+        name: &str,
+        flows: &[FlowSpec],
+        standby_host: Option<&StandbyHost>,
+        command: &[String],
+        started: &mut Vec<u32>,
+    ) -> Result<(u32, Option<u32>), RpcError> {
+        let cwd = self.config.services_dir.join(name);
+        let standby_cwd = cwd.join("standby");
+        std::fs::create_dir_all(&standby_cwd).map_err(|e| {
+            RpcError::new(
+                code::INTERNAL_ERROR,
+                format!("{}: {e}", standby_cwd.display()),
+            )
+        })?;
+        let failed =
+            |e: launch::LaunchError| RpcError::new(code::INTERNAL_ERROR, format!("{name}: {e}"));
+        let standby_pid = match standby_host {
+            None => None,
+            Some(host) => {
+                host.make_room(flows).map_err(|e| {
+                    RpcError::new(code::INTERNAL_ERROR, format!("the standby's place: {e}"))
+                })?;
+                let pid = launch::start(&Launch {
+                    argv: command,
+                    cwd: &standby_cwd,
+                    netns: Some(&host.netns),
+                    cpus: &tasks::other_cpus(&self.config.service_cpus),
+                    priority: self.config.service_priority,
+                })
+                .map_err(failed)?;
+                started.push(pid);
+                Some(pid)
+            }
+        };
+        let pid = launch::start(&Launch {
+            argv: command,
+            cwd: &cwd,
+            netns: None,
+            cpus: &self.config.service_cpus,
+            priority: self.config.service_priority,
+        })
+        .map_err(failed)?;
+        started.push(pid);
+        Ok((pid, standby_pid))
+    }
+
+    /// Adds those of `flows` the dataplane does not know: the ones added.
+    fn add_missing_flows(&self, flows: &[FlowSpec]) -> Result<Vec<FlowKey>, RpcError> {
+        let mut dataplane = self.dataplane.lock().unwrap();
+        let known = dataplane.flows().map_err(dataplane_error)?;
+        let mut added = Vec::new();
+        for spec in flows {
+            let key = flow::udp(spec.cps, spec.service);
+            if known.iter().any(|(k, _)| *k == key) || added.contains(&key) {
+                continue;
+            }
+            if let Err(e) = dataplane.add_flow(key, 0) {
+                for key in &added {
+                    let _ = dataplane.remove_flow(key);
+                }
+                return Err(dataplane_error(e));
+            }
+            added.push(key);
+        }
+        Ok(added)
+    }
+
     /// Mirrors the service's flows to the standby's namespace, whose
     /// dataplane delivers them to the standby instance and keeps its
     /// outputs in (muted). The standby must get every input from its
     /// first: register the service before the CPS starts.
     fn feed_standby(&self, service: &Service) -> Result<(), RpcError> {
-        let Some(pin_root) = &self.config.standby_pin_root else {
+        let Some(host) = self.config.standby_host() else {
             return Err(RpcError::new(
                 code::INVALID_PARAMS,
-                "a standby_pid needs a standby configured (standby_interface, standby_mac, \
-                 standby_netns, standby_pin_root)",
+                "a standby_pid needs a host that runs standbys (standby_interface)",
             ));
         };
-        let mut standby = Dataplane::open(pin_root).map_err(dataplane_error)?;
+        let mut standby = Dataplane::open(&host.pin_root).map_err(dataplane_error)?;
         let mut dataplane = self.dataplane.lock().unwrap();
         let flows = dataplane.flows().map_err(dataplane_error)?;
         let members: Vec<(FlowKey, FlowConfig)> = flows
@@ -339,11 +518,7 @@ impl Daemon {
             criu: self.config.criu(),
             inputs,
             outputs,
-            standby: self
-                .config
-                .standby_netns
-                .clone()
-                .zip(self.config.standby_pin_root.clone()),
+            standby: self.config.standby_host().map(|s| (s.netns, s.pin_root)),
             abort,
             trust: self.trust.clone(),
         };

@@ -117,6 +117,8 @@ pub enum DaemonError {
     Identity(#[from] peer::IdentityError),
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error("the standbys' place: {0}")]
+    Standby(#[from] crate::standby::StandbyError),
 }
 
 impl Daemon {
@@ -131,9 +133,11 @@ impl Daemon {
         // daemon's own writers and any later one. A restored service gets
         // its own umask back from its image.
         nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-        let options = config
-            .load_options()
-            .expect("the configuration was checked when read");
+        let standby_mac = config
+            .standby_host()
+            .map(|standby| standby.ensure(&config.interface))
+            .transpose()?;
+        let options = config.load_options(standby_mac);
         let (dataplane, adopted) = match Dataplane::open(&options.pin_root) {
             Ok(dataplane) => (dataplane, true),
             Err(LoadError::NotLoaded(_)) => (Dataplane::load(&options)?, false),
@@ -207,7 +211,7 @@ impl Daemon {
         recovery::recover(&recovery::Host {
             files,
             pin_root: daemon.config.pin_root.clone(),
-            standby_pin_root: daemon.config.standby_pin_root.clone(),
+            standby_pin_root: daemon.config.standby_host().map(|s| s.pin_root),
             interface: daemon.config.interface.clone(),
             services: daemon.services.clone(),
         });
@@ -238,6 +242,7 @@ impl Daemon {
                     idle: std::time::Duration::from_secs(daemon.config.migration_idle_s),
                 },
                 services: daemon.services.clone(),
+                services_dir: daemon.config.services_dir.clone(),
                 stopping: stop,
             };
             let host = Arc::new(host);

@@ -1,5 +1,6 @@
 //! The host: network devices and addresses, the service's tasks, files
 //! that must survive a crash whole.
+pub mod launch;
 pub mod netdev;
 pub mod tasks;
 

@@ -86,13 +86,27 @@ pub fn cpus_of(pid: u32) -> nix::Result<Vec<usize>> {
     sched_getaffinity(Pid::from_raw(pid as i32)).map(|set| cpu_list(&set))
 }
 
+/// This host's CPUs outside `cpus` (where a standby runs, away from the
+/// real-time tasks); empty (any) if `cpus` is empty or covers them all.
+pub fn other_cpus(cpus: &[usize]) -> Vec<usize> {
+    if cpus.is_empty() {
+        return Vec::new();
+    }
+    (0..online_cpus()).filter(|c| !cpus.contains(c)).collect()
+}
+
+/// The number of CPUs online on this host.
+fn online_cpus() -> usize {
+    // Not available_parallelism(): that counts this daemon's own CPUs.
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
+}
+
 /// Confines every thread of `pid` and its descendants to `cpus`, those of them this host has.
 /// Returns the CPUs applied; an error names what failed. An empty `cpus`,
 /// or one naming no CPU of this host, leaves the threads where they are.
 pub fn pin(pid: u32, cpus: &[usize]) -> Result<Vec<usize>, String> {
-    // Not available_parallelism(): that counts this daemon's own CPUs.
-    // SAFETY: sysconf has no preconditions.
-    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    let online = online_cpus();
     let mut set = CpuSet::new();
     for &cpu in cpus.iter().filter(|&&cpu| cpu < online) {
         set.set(cpu).map_err(|e| format!("CPU {cpu}: {e}"))?;
@@ -182,20 +196,36 @@ impl CpuTime {
     }
 }
 
+/// Whether a socket bound to `local` takes datagrams sent to `address`.
+fn takes(local: std::net::SocketAddr, address: std::net::SocketAddr) -> bool {
+    local.port() == address.port()
+        && (local.ip() == address.ip()
+            || local.ip().is_unspecified()
+            || local.ip().to_canonical() == address.ip())
+}
+
+/// Whether a UDP socket in process `pid`'s network namespace is bound to
+/// `address` (or to its port on the unspecified address): a service that
+/// started there is ready for its inputs.
+pub fn udp_bound_for(pid: u32, address: std::net::SocketAddr) -> bool {
+    let Ok(process) = Process::new(pid as i32) else {
+        return false;
+    };
+    [process.udp(), process.udp6()]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| takes(entry.local_address, address))
+}
+
 /// The processes holding a UDP socket bound, in this network namespace,
 /// to `address` (or to its port on the unspecified address).
 pub fn bound_udp(address: std::net::SocketAddr) -> Vec<u32> {
-    let on = |local: std::net::SocketAddr| {
-        local.port() == address.port()
-            && (local.ip() == address.ip()
-                || local.ip().is_unspecified()
-                || local.ip().to_canonical() == address.ip())
-    };
     let inodes: std::collections::HashSet<u64> = [procfs::net::udp(), procfs::net::udp6()]
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|entry| on(entry.local_address))
+        .filter(|entry| takes(entry.local_address, address))
         .map(|entry| entry.inode)
         .collect();
     if inodes.is_empty() {

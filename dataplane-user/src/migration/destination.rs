@@ -81,6 +81,8 @@ pub struct Host {
     pub limits: Limits,
     /// The services this host knows: one handed over here joins them.
     pub services: Arc<Registry>,
+    /// Where the services a daemon started run (`services_dir`).
+    pub services_dir: PathBuf,
     /// Turns true when the daemon stops: a link then ends before its next
     /// step, and the migration on it rolls back (or, handed over, keeps
     /// serving) as when the link drops.
@@ -88,15 +90,23 @@ pub struct Host {
 }
 
 /// Registers the instance `pid` that this host kept as service `name`
-/// fed by `flows`; a registry that cannot take it is logged: the service
-/// runs here all the same.
-fn register(services: &Registry, name: &str, pid: u32, flows: &[TargetFlow]) {
+/// fed by `flows` (started with `command`, if a daemon started it); a
+/// registry that cannot take it is logged: the service runs here all the
+/// same.
+fn register(
+    services: &Registry,
+    name: &str,
+    pid: u32,
+    flows: &[TargetFlow],
+    command: Option<Vec<String>>,
+) {
     let service = Service {
         name: name.to_string(),
         pid,
         netns: None,
         flows: flows.iter().map(|f| f.spec).collect(),
         standby_pid: None,
+        command,
         registered: Identity::of(pid).into_iter().collect(),
     };
     match services.insert(service) {
@@ -247,13 +257,14 @@ async fn run_step<'a>(
             service,
             flows,
             deadline_ms,
+            command,
         } = step
         else {
             return Err(state.refuse(kind));
         };
         tracing::info!(%from, %migration, %service, deadline_ms,
             "preparing a migration to this host");
-        let prepared = Target::prepare(host, migration, service, flows, deadline_ms)?;
+        let prepared = Target::prepare(host, migration, service, flows, deadline_ms, command)?;
         let answer = Prepared {
             mirror_mac: prepared.mirror_mac,
             flow_ids: prepared.flows.iter().map(|f| f.flow_id).collect(),
@@ -340,6 +351,8 @@ pub struct Target<'a> {
     migration: String,
     /// The service's name, under which this host registers it.
     service: String,
+    /// The command it was started with, registered with it.
+    command: Option<Vec<String>>,
     /// The MAC of the interface this host takes the migration's mirror
     /// copies on: the source sends them there.
     mirror_mac: [u8; 6],
@@ -371,6 +384,7 @@ impl<'a> Target<'a> {
         service: String,
         flows: Vec<FlowSpec>,
         deadline_ms: u64,
+        command: Option<Vec<String>>,
     ) -> Result<Self, Cause> {
         transfer::plain_name(&migration).map_err(Cause::Name)?;
         crate::service::service_name(&service)?;
@@ -391,6 +405,13 @@ impl<'a> Target<'a> {
             return Err(Cause::NoLogs);
         };
         answers_only_its_own(&host.interface, &flows)?;
+        // CRIU restores a process in its working directory: a service a
+        // daemon started has services_dir/NAME (its standby NAME/standby).
+        if command.is_some() {
+            let cwd = host.services_dir.join(&service).join("standby");
+            std::fs::create_dir_all(&cwd)
+                .map_err(|source| Cause::WorkingDirectory { path: cwd, source })?;
+        }
         let mirror_from = match &host.mirror_from {
             Some(name) => crate::host::netdev::Interface::by_name(name)
                 .map_err(crate::kernel::loader::LoadError::from)?,
@@ -440,6 +461,7 @@ impl<'a> Target<'a> {
             instance: None,
             deadline_ms,
             local_addresses: local_addresses.clone(),
+            command: command.clone(),
         });
         host.files.write(&migration, &journal)?;
         let adopt = |dataplane: &mut Dataplane| -> Result<(), Cause> {
@@ -475,6 +497,7 @@ impl<'a> Target<'a> {
             dataplane,
             migration,
             service,
+            command,
             mirror_mac,
             flows,
             state: State::Prepared,
@@ -726,6 +749,7 @@ impl<'a> Target<'a> {
             instance,
             deadline_ms: self.deadline.as_millis() as u64,
             local_addresses: self.local_addresses.clone(),
+            command: self.command.clone(),
         })
     }
 
@@ -733,7 +757,13 @@ impl<'a> Target<'a> {
     /// on from here; then the migration ends.
     fn keep(&mut self) {
         if let Some(pid) = self.instance {
-            register(&self.host.services, &self.service, pid, &self.flows);
+            register(
+                &self.host.services,
+                &self.service,
+                pid,
+                &self.flows,
+                self.command.clone(),
+            );
         }
         self.end();
     }
@@ -966,7 +996,7 @@ pub(super) fn recover(
     let instance = incoming.instance.filter(Identity::runs);
     if handed_over(&dataplane, flows, armed_grace(deadline)) {
         if let (Some(name), Some(i)) = (&incoming.service, instance) {
-            register(services, name, i.pid, flows);
+            register(services, name, i.pid, flows, incoming.command.clone());
         }
         return keep_serving(interface, flows);
     }

@@ -151,6 +151,11 @@ pub enum Cause {
     NoMirrorInterface,
     #[error("this host's interface on the migration network, {0}, is down (or has no carrier)")]
     MigrationNetworkDown(String),
+    #[error("the service's working directory {}: {source}", path.display())]
+    WorkingDirectory {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "flow {flow} (id {id}) is on this host already: a migration adopts only a flow this host does not have"
     )]

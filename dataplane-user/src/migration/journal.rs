@@ -66,6 +66,9 @@ pub struct Incoming {
     /// takes off.
     #[serde(default)]
     pub local_addresses: Vec<std::net::IpAddr>,
+    /// The command the service was started with, registered with it.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
 }
 
 fn default_deadline_ms() -> u64 {
@@ -278,6 +281,7 @@ mod tests {
             }),
             deadline_ms: 2500,
             local_addresses: vec!["192.0.2.10".parse().unwrap()],
+            command: Some(vec!["plc".into(), "--period-ms".into(), "1".into()]),
         });
         files.write("m1", &source()).unwrap();
         files.write("m1", &destination).unwrap();

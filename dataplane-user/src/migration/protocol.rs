@@ -4,7 +4,7 @@
 //! ```text
 //! source                                   destination
 //!   | Prepare {migration, service,-------->  adopt the flows, hold their
-//!   |     flows, deadline_ms}                mirrored inputs, mute outputs
+//!   |     flows, deadline_ms, command}       mirrored inputs, mute outputs
 //!   |                             <--------  Prepared {mirror_mac, flow_ids}
 //!   | (checkpoint at S, IMAGES frames) --->  images under images_dir
 //!   | Restore {positions, cpus}   -------->  CRIU restore, replay S+1..
@@ -50,6 +50,11 @@ pub enum Step {
         /// convergence and for K. The destination's idle limit and its
         /// grace for an armed handover are derived from it.
         deadline_ms: u64,
+        /// The command the source's daemon started the service with, if
+        /// it did: the destination keeps it with the service, and makes
+        /// the working directories such a service has on every host.
+        #[serde(default)]
+        command: Option<Vec<String>>,
     },
     /// Restore the received images, confine the instance to `cpus` (the
     /// source instance's affinity; empty: leave it on CRIU's) and replay

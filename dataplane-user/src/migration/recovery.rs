@@ -97,6 +97,7 @@ mod tests {
                     instance: None,
                     deadline_ms: 10_000,
                     local_addresses: vec![],
+                    command: None,
                 }),
             )
             .unwrap();

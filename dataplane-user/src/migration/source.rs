@@ -217,6 +217,7 @@ impl Migration {
             flows: specs.clone(),
             // The destination waits at least this long for K once armed.
             deadline_ms: self.request.deadline_ms,
+            command: self.service.command.clone(),
         };
         let prepared: Prepared = step(&mut link, &prepare).await.map_err(|e| self.fail(e))?;
         let remote_id = match prepared.flow_ids[..] {

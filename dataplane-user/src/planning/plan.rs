@@ -108,6 +108,7 @@ mod tests {
             netns: None,
             flows: Vec::new(),
             standby_pid: Some(11),
+            command: None,
             registered: Vec::new(),
         };
         let workload = Workload {

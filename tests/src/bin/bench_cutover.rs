@@ -1,7 +1,10 @@
-//! `cargo xtask bench cutover [MIGRATIONS] [BASELINES]`: live migrations of
-//! the Markov controller in standby mode while the CPS sends every 1 ms,
-//! against stop-and-copy migrations (CRIU dump, copy, restore, announce) of
-//! the same service in the same run.
+//! `cargo xtask bench cutover [MIGRATIONS] [BASELINES] [FOUR]`: live
+//! migrations of the Markov controller in standby mode while the CPS sends
+//! every 1 ms, against stop-and-copy migrations (CRIU dump, copy, restore,
+//! announce) of the same service in the same run. Beside them, FOUR
+//! (default MIGRATIONS) live migrations of a controller of four field
+//! devices (four flows, each sending every 1 ms, `--per-device`), taking
+//! turns with the one-flow ones: what several flows cost the handover.
 //!
 //! Per run it prints what the CPS saw: missed and duplicate outputs, and
 //! the output gap beyond T_U around the handover (cycles K-10 to K+100,
@@ -23,7 +26,8 @@
 use std::time::{Duration, Instant};
 
 use dataplane_tests::{
-    MigrationSetup, Outcomes, Sample, bar, cps_verdict, kill_pid, output_gaps, report_phase,
+    MigrationSetup, Outcomes, Sample, bar, cps_verdict, cps_verdicts, kill_pid, output_gaps,
+    report_phase,
 };
 
 const PERIOD_US: u64 = 1000;
@@ -70,25 +74,31 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let migrations: usize = args.next().map_or(Ok(100), |a| a.parse())?;
     let baselines: usize = args.next().map_or(Ok(20), |a| a.parse())?;
+    let four: usize = args.next().map_or(Ok(migrations), |a| a.parse())?;
     println!(
-        "{migrations} live migrations (standby mode) and {baselines} stop-and-copy migrations, \
-         CPS period {PERIOD_US} µs, {CYCLES} cycles each"
+        "{migrations} live migrations (standby mode) of one flow, {four} of four flows and \
+         {baselines} stop-and-copy migrations, CPS period {PERIOD_US} µs, {CYCLES} cycles each"
     );
     let _tuning = dataplane_tests::tune_host_for_timing(dataplane_tests::Pin::Apart);
-    let mut ours = Vec::new();
+    let (mut ours, mut ours_four) = (Vec::new(), Vec::new());
     let started = Instant::now();
-    for i in 0..migrations {
-        let run = live(i)?;
-        if let Some(error) = &run.failed {
-            println!("  run {i} failed: {error}");
+    for i in 0..migrations.max(four) {
+        for (devices, runs, wanted) in [(1, &mut ours, migrations), (4, &mut ours_four, four)] {
+            if i >= wanted {
+                continue;
+            }
+            let run = live(i, devices)?;
+            if let Some(error) = &run.failed {
+                println!("  run {i} ({devices} flows) failed: {error}");
+            }
+            if run.missed + run.duplicates + run.wrong != 0 {
+                println!(
+                    "  run {i} ({devices} flows): missed {} duplicates {} wrong {}",
+                    run.missed, run.duplicates, run.wrong
+                );
+            }
+            runs.push(run);
         }
-        if run.missed + run.duplicates + run.wrong != 0 {
-            println!(
-                "  run {i}: missed {} duplicates {} wrong {}",
-                run.missed, run.duplicates, run.wrong
-            );
-        }
-        ours.push(run);
         if (i + 1) % 10 == 0 {
             println!(
                 "  {} live migrations done ({:.0} s)",
@@ -101,7 +111,8 @@ fn main() -> anyhow::Result<()> {
     for i in 0..baselines {
         baseline.push(stop_and_copy(i)?);
     }
-    report("ours (standby)", &ours, true);
+    report("ours (standby), 1 flow", &ours, true);
+    report("ours (standby), 4 flows", &ours_four, true);
     report("stop-and-copy", &baseline, false);
     // A stop-and-copy migration's gap is its downtime, wherever it falls;
     // ours is the handover's. p50: the baselines are too few for a p99.
@@ -123,8 +134,21 @@ fn main() -> anyhow::Result<()> {
             sample(&ours, Run::quiet_gap).percentile(0.99)
         )
     );
-    println!("\n{}", outputs_bar(&ours));
-    println!("{}", cutover_gap_bar(&ours));
+    println!(
+        "4 flows against 1, p50: T_M {}, largest gap around K {}",
+        ratio(
+            sample(&ours_four, |r| r.total_us as i64).percentile(0.5),
+            sample(&ours, |r| r.total_us as i64).percentile(0.5)
+        ),
+        ratio(
+            sample(&ours_four, Run::handover_gap).percentile(0.5),
+            sample(&ours, Run::handover_gap).percentile(0.5)
+        )
+    );
+    for (name, runs) in [("1 flow", &ours), ("4 flows", &ours_four)] {
+        println!("\n{name}:\n{}", outputs_bar(runs));
+        println!("{}", cutover_gap_bar(runs));
+    }
     Ok(())
 }
 
@@ -286,24 +310,39 @@ fn trace_path(kind: &str, i: usize) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("dataplane-bench-{}-{kind}-{i}", std::process::id()))
 }
 
-fn live(i: usize) -> anyhow::Result<Run> {
-    let setup = MigrationSetup::new(&format!("bc{i}"), &[], true);
-    let trace = trace_path("live", i);
+/// A live migration of a controller of `devices` field devices (one
+/// flow each); its gaps are the first device's, its outputs all of them.
+fn live(i: usize, devices: u16) -> anyhow::Result<Run> {
+    let setup = match devices {
+        1 => MigrationSetup::new(&format!("bc{i}"), &[], true),
+        n => MigrationSetup::with_devices(&format!("bd{i}"), n, true),
+    };
+    let trace = trace_path(&format!("live{devices}"), i);
     let cps = setup.start_cps(CYCLES, PERIOD_US, Some(&trace));
     std::thread::sleep(LEAD);
     let id = setup.migrate(serde_json::json!({"mode": "standby"}));
     let report = setup.wait(&id);
-    let verdict = cps_verdict(cps);
+    let verdicts = cps_verdicts(cps);
     kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
     let k = report["handover_seq"].as_u64().unwrap_or(0);
+    anyhow::ensure!(
+        verdicts.len() == usize::from(devices),
+        "{} verdicts for {devices} devices",
+        verdicts.len()
+    );
+    let judged = judge(&trace, &verdicts[0], k)?;
+    let sum = |key: &str| verdicts.iter().map(|v| v[key].as_u64().unwrap_or(0)).sum();
     Ok(Run {
+        missed: sum("missed"),
+        duplicates: sum("duplicates"),
+        wrong: sum("wrong"),
         failed: (report["state"] != "done")
             .then(|| report["error"].as_str().unwrap_or("?").to_string()),
         replay_rate: report["replay_rate"].as_f64().unwrap_or(0.0),
         converge_us: report_phase(&report, "converge").1,
         flip_ns: report["flip_ns"].as_u64().unwrap_or(0),
         total_us: report["total_us"].as_u64().unwrap_or(0),
-        ..judge(&trace, &verdict, k)?
+        ..judged
     })
 }
 

@@ -1,4 +1,6 @@
 //! `cargo xtask demo`: a live migration of a running control service.
+//! `cargo xtask demo cell`: a controller of four field devices moved round
+//! a cell of three hosts (see [`cell`]).
 //!
 //! Builds the test hosts (cps, src with a standby namespace, dst), starts a
 //! daemon on src and on dst, the Markov controller of gundall2022 on src
@@ -13,7 +15,8 @@ use std::{
 };
 
 use dataplane_tests::{
-    DST_PEER, MigrationSetup, chain_state, cps_verdict, dataplane_bin, kill_pid, read_trace,
+    CPS_V4, Cell, DST_PEER, MigrationSetup, SERVICE_V4, chain_state, cps_verdict, cps_verdicts,
+    dataplane_bin, kill_pid, read_trace, sock,
 };
 
 const CYCLES: u64 = 4000;
@@ -21,6 +24,9 @@ const PERIOD_US: u64 = 1000;
 
 fn main() -> anyhow::Result<()> {
     let mode = std::env::args().nth(1).unwrap_or_else(|| "standby".into());
+    if mode == "cell" {
+        return cell();
+    }
     println!(
         "building the test hosts: cps, src (+ a standby namespace), dst; starting both daemons"
     );
@@ -87,6 +93,111 @@ fn main() -> anyhow::Result<()> {
     anyhow::ensure!(
         verdict["missed"] == 0 && verdict["duplicates"] == 0 && verdict["wrong"] == 0,
         "the CPS saw missed, duplicate or wrong outputs"
+    );
+    Ok(())
+}
+
+/// Inputs each field device sends in the cell demo, one per `PERIOD_US`.
+const CELL_CYCLES: u64 = 6000;
+
+/// Three hosts a, b and c, each with a daemon that lists the two others.
+/// a's daemon starts a Markov controller that reads four field devices
+/// (four flows into one socket), and its standby; the CPS host runs one
+/// field device per flow, each sending every millisecond. The controller
+/// goes a -> b in standby mode, then b -> c and c -> a leaving the
+/// instance running, each with `dataplane migrate`. Then each device's
+/// verdict.
+fn cell() -> anyhow::Result<()> {
+    println!("building a cell: hosts a, b, c and the CPS host; a daemon on each of a, b, c");
+    let _tuning = dataplane_tests::tune_host_for_timing(dataplane_tests::Pin::Apart);
+    let cell = Cell::new("democell");
+    let service = sock(SERVICE_V4, 5000);
+    let flows: Vec<_> = (0..4).map(|i| (sock(CPS_V4, 4000 + i), service)).collect();
+    let controller = dataplane_bin().with_file_name("markov-controller");
+    let mut start: Vec<String> = ["service", "start", "plc", "--standby"]
+        .map(String::from)
+        .into();
+    for (cps, service) in &flows {
+        start.extend(["--flow".into(), format!("{cps}={service}")]);
+    }
+    start.extend([
+        "--".into(),
+        controller.display().to_string(),
+        service.to_string(),
+        "--per-device".into(),
+    ]);
+    let dataplane = |host: &str, args: &[String]| -> anyhow::Result<()> {
+        println!("\n[{host}]$ dataplane {}", args.join(" "));
+        let status = Command::new(dataplane_bin())
+            .arg("--socket")
+            .arg(&cell.daemon(host).socket)
+            .args(args)
+            .status()?;
+        anyhow::ensure!(status.success(), "dataplane {} failed ({status})", args[0]);
+        Ok(())
+    };
+    dataplane("a", &start)?;
+    println!(
+        "\nfour field devices send {CELL_CYCLES} inputs each, one every {PERIOD_US} µs, \
+         and check every output"
+    );
+    let cps = cell.start_cps(&flows, CELL_CYCLES);
+    let mut migrated = Ok(());
+    for (from, to, mode) in [
+        ("a", "b", "standby"),
+        ("b", "c", "leave-running"),
+        ("c", "a", "leave-running"),
+    ] {
+        let args = ["migrate", "plc", "--to", &Cell::peer(to), "--mode", mode].map(String::from);
+        migrated = dataplane(from, &args);
+        if migrated.is_err() {
+            break;
+        }
+    }
+    let verdicts = cps_verdicts(cps);
+    migrated?;
+    println!("\neach field device's verdict:");
+    println!(
+        "{:>16}  {:>6}  {:>8}  {:>6}  {:>10}  {:>12}  {:>5}  {:>13}",
+        "device",
+        "sent",
+        "answered",
+        "missed",
+        "duplicates",
+        "out of order",
+        "wrong",
+        "max gap (µs)"
+    );
+    for ((cps, _), v) in flows.iter().zip(&verdicts) {
+        let n = |key: &str| v[key].as_u64().unwrap_or(0);
+        println!(
+            "{:>16}  {:>6}  {:>8}  {:>6}  {:>10}  {:>12}  {:>5}  {:>13}",
+            cps.to_string(),
+            n("sent"),
+            n("answered"),
+            n("missed"),
+            n("duplicates"),
+            n("out_of_order"),
+            n("wrong"),
+            v["extra_gap_us"]["max"].as_i64().unwrap_or(0)
+        );
+    }
+    let taken = chain_state(cell.host("a"), service).map_or(0, |s| s.0);
+    println!(
+        "the controller, back on a, has taken {taken} inputs ({} sent)",
+        4 * CELL_CYCLES
+    );
+    anyhow::ensure!(verdicts.len() == flows.len(), "a device gave no verdict");
+    anyhow::ensure!(
+        verdicts.iter().all(|v| v["missed"] == 0
+            && v["duplicates"] == 0
+            && v["out_of_order"] == 0
+            && v["wrong"] == 0),
+        "a device saw missed, duplicate, out-of-order or wrong outputs"
+    );
+    anyhow::ensure!(
+        taken == 4 * CELL_CYCLES,
+        "the controller did not take every input"
     );
     Ok(())
 }
