@@ -340,7 +340,9 @@ impl DaemonConfig {
             link: self.standby_interface.clone()?,
             netns: self.standby_netns.clone(),
             pin_root: self.standby_pin_root.clone(),
-            ring_bytes: (self.input_ring_mib << 20, self.output_ring_mib << 20),
+            // Its input log is read as it fills (a seeding replays from
+            // it); its outputs, all muted, are read by no one.
+            ring_bytes: (4 << 20, 1 << 20),
         })
     }
 }

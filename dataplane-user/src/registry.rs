@@ -105,6 +105,21 @@ impl Registry {
         Ok(())
     }
 
+    /// Records `service` in place of the one of its name (its `registered`
+    /// identities set by the caller); an error if there is none.
+    pub fn replace(&self, service: Service) -> Result<(), RegistryError> {
+        let mut services = self.services.lock().unwrap();
+        let Some(old) = services.insert(service.name.clone(), service.clone()) else {
+            services.remove(&service.name);
+            return Err(RegistryError::Unknown(service.name));
+        };
+        if let Err(e) = self.save(&services) {
+            services.insert(old.name.clone(), old);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Forgets service `name`: what it was, if it was known.
     pub fn remove(&self, name: &str) -> Result<Option<Service>, RegistryError> {
         let mut services = self.services.lock().unwrap();
@@ -177,6 +192,8 @@ struct Stored {
 pub enum RegistryError {
     #[error("service {0} is registered already")]
     Exists(String),
+    #[error("no service {0} is registered")]
+    Unknown(String),
     #[error("reading the registry {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
     #[error("writing the registry {}: {source}", path.display())]

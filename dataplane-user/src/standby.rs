@@ -67,7 +67,7 @@ impl StandbyHost {
             ip(&["-n", netns, "link", "set", "lo", "up"])?;
         }
         let (pin_root, ring_bytes) = (self.pin_root.clone(), self.ring_bytes);
-        self.inside(move || {
+        self.inside(move || -> Result<[u8; 6], StandbyError> {
             let end = Interface::by_name(STANDBY_END).map_err(StandbyError::Link)?;
             match Dataplane::open(&pin_root) {
                 Ok(_) => {}
@@ -84,7 +84,7 @@ impl StandbyHost {
                 Err(e) => return Err(e.into()),
             }
             Ok(end.mac)
-        })
+        })?
     }
 
     /// Gives the standbys' namespace what a standby of a service fed by
@@ -137,11 +137,9 @@ impl StandbyHost {
         Ok(())
     }
 
-    /// Runs `work` on a thread in the standbys' namespace.
-    fn inside<T: Send>(
-        &self,
-        work: impl FnOnce() -> Result<T, StandbyError> + Send,
-    ) -> Result<T, StandbyError> {
+    /// Runs `work` on a thread in the standbys' namespace (what it starts
+    /// starts there too).
+    pub fn inside<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T, StandbyError> {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -149,10 +147,10 @@ impl StandbyHost {
                         .map_err(|e| StandbyError::Netns(self.netns.clone(), e))?;
                     nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWNET)
                         .map_err(|e| StandbyError::Netns(self.netns.clone(), e.into()))?;
-                    work()
+                    Ok(work())
                 })
                 .join()
-                .unwrap_or_else(|_| Err(StandbyError::Panicked))
+                .unwrap_or(Err(StandbyError::Panicked))
         })
     }
 

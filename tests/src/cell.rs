@@ -228,6 +228,25 @@ impl Cell {
         list.as_array().cloned().unwrap_or_default()
     }
 
+    /// Waits until host `name` has a standby of `service` registered (one
+    /// seeded after a migration brought it there): its pid.
+    pub fn wait_for_standby(&self, name: &str, service: &str) -> u32 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let services = self.services(name);
+            let entry = services.iter().find(|s| s["name"] == service);
+            if let Some(pid) = entry.and_then(|s| s["standby_pid"].as_u64()) {
+                return pid as u32;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{service} got no standby on {name}: {services:?}\n{}",
+                self.daemon(name).log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// Whether host `name` holds `address` (on any interface).
     pub fn holds(&self, name: &str, address: SocketAddr) -> bool {
         self.host(name)

@@ -88,12 +88,14 @@ impl MigrationSetup {
 
     /// As `new`, the controller serving `devices` field devices (flows
     /// from CPS ports 4000.. to 192.0.2.10:5000, `--per-device`).
-    pub fn with_devices(tag: &str, devices: u16, standby: bool) -> Self {
+    pub fn with_devices(tag: &str, controller_args: &[&str], devices: u16, standby: bool) -> Self {
         let service = sock(SERVICE_V4, 5000);
         let flows = (0..devices)
             .map(|i| (sock(CPS_V4, CPS_PORT + i), service))
             .collect();
-        Self::build(tag, &["--per-device"], standby, ("", ""), flows)
+        let mut args = controller_args.to_vec();
+        args.push("--per-device");
+        Self::build(tag, &args, standby, ("", ""), flows)
     }
 
     /// As `new` without a standby, the controller on the IPv6 flow.

@@ -218,9 +218,11 @@ fn a_service_the_daemon_starts_with_a_standby_migrates_with_nothing_built_by_han
     // `service.start` on A: the daemon built A's standbys' namespace, link
     // and dataplane at its start, and now starts the controller and its
     // standby from one command, as CRIU needs them. The controller reads
-    // four devices. It goes A -> B in standby mode (the standby is
-    // checkpointed), then B -> C and C -> A leaving the instance running;
-    // each host registers it with the command it was started with.
+    // four devices. It goes A -> B -> C -> A in standby mode: each time the
+    // standby is checkpointed, and the host it arrives on seeds a standby
+    // of its own from its serving instance, which the next migration
+    // checkpoints. Each host registers it with the command it was started
+    // with.
     let cell = Cell::new("start");
     let service = sock(dataplane_tests::SERVICE_V4, 5000);
     let flows: Vec<_> = (0..4).map(|i| (sock(CPS_V4, 4000 + i), service)).collect();
@@ -270,26 +272,77 @@ fn a_service_the_daemon_starts_with_a_standby_migrates_with_nothing_built_by_han
     );
     assert_eq!(registered[0]["standby_pid"], standby);
 
-    let cycles = 8_000;
+    let cycles = 10_000;
     let cps = cell.start_cps(&flows, cycles);
-    for (from, to, mode) in [
-        ("a", "b", "standby"),
-        ("b", "c", "leave-running"),
-        ("c", "a", "leave-running"),
-    ] {
-        let report = cell.wait(from, &cell.migrate("plc", from, to, mode));
-        println!("{from} -> {to} ({mode}): {report}");
+    for (from, to) in [("a", "b"), ("b", "c"), ("c", "a")] {
+        let report = cell.wait(from, &cell.migrate("plc", from, to, "standby"));
+        println!("{from} -> {to}: {report}");
         assert_eq!(report["state"], "done", "{from} -> {to}: {report}");
         assert_registered_only_on(&cell, "plc", to, report["destination_pid"].as_u64());
-        assert_eq!(
-            cell.services(to)[0]["command"],
-            command,
-            "{to} keeps the command"
-        );
+        let registered = cell.services(to).swap_remove(0);
+        assert_eq!(registered["command"], command, "{to} keeps the command");
+        let seeded = cell.wait_for_standby(to, "plc");
+        println!("{to} seeded standby {seeded}");
+        assert!(dataplane_tests::in_netns_at(
+            seeded,
+            &cell.hosts.standby_netns(to)
+        ));
     }
     assert!(
         !dataplane_user::host::tasks::running(standby),
         "A's standby ended at the handover"
     );
     assert_four_devices_served(&cell, cps, service, cycles);
+}
+
+/// The JSON-RPC error code of a failed call.
+fn rpc_code(
+    outcome: Result<serde_json::Value, dataplane_user::control::client::ClientError>,
+) -> i64 {
+    match outcome {
+        Err(dataplane_user::control::client::ClientError::Rpc(e)) => e.code,
+        other => panic!("not an error reply: {other:?}"),
+    }
+}
+
+#[test]
+fn a_running_service_is_given_a_standby_seeded_from_it_while_it_serves() {
+    // A controller started by hand and registered without a standby gets
+    // one (`service.standby`) while the CPS runs: restored in A's standbys'
+    // namespace from a leave-running checkpoint of the serving instance and
+    // fed every later input. A standby-mode migration then checkpoints that
+    // standby: exact, and the instance on B took every input. B seeds a
+    // standby of its own.
+    let cell = Cell::new("seed");
+    let flow = (sock(CPS_V4, 4000), sock(dataplane_tests::SERVICE_V4, 5000));
+    let _controller = cell.start_service("a", "markov", &[flow]);
+    let mut client = cell.daemon("a").client();
+    let unknown = client.call("service.standby", serde_json::json!({"name": "nope"}));
+    assert_eq!(rpc_code(unknown), -32002);
+    let cycles = 6_000;
+    let cps = cell.start_cps(&[flow], cycles);
+    let seeded = client
+        .call("service.standby", serde_json::json!({"name": "markov"}))
+        .expect("service.standby");
+    println!("seeded: {seeded}");
+    let standby = seeded["standby_pid"].as_u64().expect("a standby pid") as u32;
+    assert!(dataplane_tests::in_netns_at(
+        standby,
+        &cell.hosts.standby_netns("a")
+    ));
+    assert_eq!(cell.services("a")[0]["standby_pid"], standby);
+    let again = client.call("service.standby", serde_json::json!({"name": "markov"}));
+    assert_eq!(rpc_code(again), -32003, "one standby at a time");
+    std::thread::sleep(Duration::from_millis(500));
+    let report = cell.wait("a", &cell.migrate("markov", "a", "b", "standby"));
+    println!("a -> b: {report}");
+    assert_eq!(report["state"], "done", "{report}");
+    cell.wait_for_standby("b", "markov");
+    let verdict = cps_verdicts(cps).swap_remove(0);
+    println!("CPS: {verdict}");
+    assert_clean(&verdict);
+    assert_eq!(
+        chain_state(cell.host("b"), flow.1).map(|s| s.0),
+        Some(cycles)
+    );
 }

@@ -168,7 +168,7 @@ fn the_destination_registers_the_service_it_kept_and_both_registries_outlive_a_r
     let pid = report["destination_pid"].as_u64().unwrap();
     let (cps, service) = setup.flow();
     let kept = serde_json::json!([{"name": "markov", "pid": pid, "netns": null,
-        "flows": [{"cps": cps, "service": service}], "standby_pid": null}]);
+        "flows": [{"cps": cps, "service": service}], "standby_pid": null, "command": null}]);
     let list = |daemon: &dataplane_tests::DaemonProcess| {
         daemon
             .client()
@@ -327,7 +327,7 @@ fn a_controller_of_four_field_devices_migrates_in_both_modes() {
     // their inputs interleaved as the source's did (its outputs carry a
     // chain over all of them, compared before the cutover).
     for (tag, mode, standby) in [("dv0", "standby", true), ("dv1", "leave-running", false)] {
-        let setup = MigrationSetup::with_devices(tag, 4, standby);
+        let setup = MigrationSetup::with_devices(tag, &[], 4, standby);
         let cycles = 3000;
         let cps = setup.start_cps(cycles, 1000, None);
         std::thread::sleep(Duration::from_millis(300));

@@ -3,7 +3,7 @@ use dataplane_user::{
     control::{
         answer::{
             FlowAdded, FlowInfo, FlowRemoved, ServiceRegistered, ServiceStarted,
-            ServiceUnregistered,
+            ServiceUnregistered, StandbySeeded,
         },
         method::{Call, ServiceName, ServiceStart},
     },
@@ -75,6 +75,12 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
                     .standby_pid
                     .map_or(String::new(), |p| format!(", standby {p}"));
                 println!("started {}: pid {}{standby}", s.started, s.pid)
+            });
+        }
+        ServiceCommand::Standby { name } => {
+            let seeded: StandbySeeded = cx.call(Call::ServiceStandby(ServiceName { name }))?;
+            cx.show(&seeded, |s| {
+                println!("service {}: standby {}", s.service, s.standby_pid)
             });
         }
         ServiceCommand::Rm { name } => {

@@ -224,6 +224,9 @@ pub enum ServiceCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Give a running service a standby on this host, seeded from a
+    /// checkpoint of the serving instance (which keeps serving).
+    Standby { name: String },
     /// Forget a service.
     Rm { name: String },
     /// List services.

@@ -87,6 +87,13 @@ pub struct ServiceStarted {
     pub standby_pid: Option<u32>,
 }
 
+/// `service.standby`: the service's name and its new standby.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StandbySeeded {
+    pub service: String,
+    pub standby_pid: u32,
+}
+
 /// `service.unregister`: the service's name.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServiceUnregistered {
@@ -195,6 +202,7 @@ mod tests {
                 "flow.list" => again::<Vec<FlowInfo>>(example),
                 "service.register" => again::<ServiceRegistered>(example),
                 "service.start" => again::<ServiceStarted>(example),
+                "service.standby" => again::<StandbySeeded>(example),
                 "service.unregister" => again::<ServiceUnregistered>(example),
                 "migration.start" => again::<MigrationId>(example),
                 "migration.status" => again::<Report>(example),
@@ -206,7 +214,7 @@ mod tests {
             assert_eq!(&written, example, "{method}");
         }
         // Every method but metrics and service.list (prose only) shows one.
-        assert_eq!(results.len(), 12, "{results:?}");
+        assert_eq!(results.len(), 13, "{results:?}");
     }
 
     #[test]

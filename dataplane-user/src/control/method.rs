@@ -24,6 +24,7 @@ pub enum Method {
     FlowList,
     ServiceRegister,
     ServiceStart,
+    ServiceStandby,
     ServiceUnregister,
     ServiceList,
     MigrationStart,
@@ -35,7 +36,7 @@ pub enum Method {
 
 impl Method {
     /// Every method.
-    pub const ALL: [Method; 14] = [
+    pub const ALL: [Method; 15] = [
         Method::Status,
         Method::Metrics,
         Method::FlowAdd,
@@ -43,6 +44,7 @@ impl Method {
         Method::FlowList,
         Method::ServiceRegister,
         Method::ServiceStart,
+        Method::ServiceStandby,
         Method::ServiceUnregister,
         Method::ServiceList,
         Method::MigrationStart,
@@ -62,6 +64,7 @@ impl Method {
             Method::FlowList => "flow.list",
             Method::ServiceRegister => "service.register",
             Method::ServiceStart => "service.start",
+            Method::ServiceStandby => "service.standby",
             Method::ServiceUnregister => "service.unregister",
             Method::ServiceList => "service.list",
             Method::MigrationStart => "migration.start",
@@ -102,6 +105,7 @@ pub enum Call {
     FlowList,
     ServiceRegister(Service),
     ServiceStart(ServiceStart),
+    ServiceStandby(ServiceName),
     ServiceUnregister(ServiceName),
     ServiceList,
     MigrationStart(Request),
@@ -131,6 +135,7 @@ impl Call {
             Method::FlowList => Call::FlowList,
             Method::ServiceRegister => Call::ServiceRegister(parse(params)?),
             Method::ServiceStart => Call::ServiceStart(parse(params)?),
+            Method::ServiceStandby => Call::ServiceStandby(parse(params)?),
             Method::ServiceUnregister => Call::ServiceUnregister(parse(params)?),
             Method::ServiceList => Call::ServiceList,
             Method::MigrationStart => Call::MigrationStart(parse(params)?),
@@ -154,6 +159,7 @@ impl Call {
             Call::FlowList => Method::FlowList,
             Call::ServiceRegister(_) => Method::ServiceRegister,
             Call::ServiceStart(_) => Method::ServiceStart,
+            Call::ServiceStandby(_) => Method::ServiceStandby,
             Call::ServiceUnregister(_) => Method::ServiceUnregister,
             Call::ServiceList => Method::ServiceList,
             Call::MigrationStart(_) => Method::MigrationStart,
@@ -177,6 +183,7 @@ impl Call {
             Call::FlowRemove(p) => serde_json::to_value(p),
             Call::ServiceRegister(p) => serde_json::to_value(p),
             Call::ServiceStart(p) => serde_json::to_value(p),
+            Call::ServiceStandby(p) => serde_json::to_value(p),
             Call::ServiceUnregister(p) => serde_json::to_value(p),
             Call::MigrationStart(p) => serde_json::to_value(p),
             Call::MigrationStatus(Some(p)) | Call::MigrationAbort(p) => serde_json::to_value(p),

@@ -19,7 +19,8 @@ use crate::{
         RpcError,
         answer::{
             FlowAdded, FlowInfo, FlowRemoved, Interfaces, MigrationAborting, PeerPong,
-            ServiceRegistered, ServiceStarted, ServiceUnregistered, Status, Watching,
+            ServiceRegistered, ServiceStarted, ServiceUnregistered, StandbySeeded, Status,
+            Watching,
         },
         code,
         method::{Call, MigrationId, PeerAddress, ServiceName, ServiceStart},
@@ -34,7 +35,7 @@ use crate::{
         loader::{Dataplane, LoadError},
     },
     metrics,
-    migration::{self, journal::Files},
+    migration::{self, journal::Files, seed::StandbyRequest},
     peer,
     registry::RegistryError,
     report::{Report, State},
@@ -52,6 +53,7 @@ impl Handler for Daemon {
             Call::FlowList => answer(flow_rows(&self.dataplane.lock().unwrap())),
             Call::ServiceRegister(service) => answer(self.service_register(service)),
             Call::ServiceStart(start) => answer(self.service_start(start).await),
+            Call::ServiceStandby(name) => answer(self.service_standby(name).await),
             Call::ServiceUnregister(name) => answer(self.service_unregister(name)),
             Call::ServiceList => answer(Ok(self.services.list())),
             Call::MigrationStart(request) => answer(self.migration_start(request)),
@@ -382,6 +384,51 @@ impl Daemon {
         .map_err(failed)?;
         started.push(pid);
         Ok((pid, standby_pid))
+    }
+
+    /// Seeds a standby of a running service from a checkpoint of it (see
+    /// [`crate::migration::seed`]); answers once the standby has caught up.
+    async fn service_standby(
+        &self,
+        ServiceName { name }: ServiceName,
+    ) -> Result<StandbySeeded, RpcError> {
+        let Some(service) = self.services.get(&name) else {
+            return Err(RpcError::new(code::NOT_FOUND, format!("no service {name}")));
+        };
+        if self.config.standby_host().is_none() {
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                "this host runs no standbys (standby_interface)",
+            ));
+        }
+        if let Some(pid) = service.standby_pid.filter(|&pid| service.still_runs(pid)) {
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!("service {name} has a standby already, process {pid}"),
+            ));
+        }
+        let internal = |e: String| RpcError::new(code::INTERNAL_ERROR, e);
+        let requests = self
+            .standby_requests
+            .get()
+            .ok_or_else(|| internal("standby requests are not served yet".into()))?;
+        let (answer, seeded) = tokio::sync::oneshot::channel();
+        let request = StandbyRequest {
+            service: name.clone(),
+            after_migration: false,
+            answer: Some(answer),
+        };
+        requests
+            .send(request)
+            .map_err(|_| internal("the daemon stops".into()))?;
+        let standby_pid = seeded
+            .await
+            .map_err(|_| internal("the daemon stops".into()))?
+            .map_err(internal)?;
+        Ok(StandbySeeded {
+            service: name,
+            standby_pid,
+        })
     }
 
     /// Adds those of `flows` the dataplane does not know: the ones added.

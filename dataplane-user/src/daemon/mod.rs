@@ -32,7 +32,12 @@ use crate::{
         loader::{Dataplane, LoadError, MAP_INPUTS, MAP_OUTPUTS},
         logs::{LogReader, Tap},
     },
-    migration::{destination, journal::Files, recovery},
+    migration::{
+        destination,
+        journal::Files,
+        recovery,
+        seed::{Seeder, StandbyRequest},
+    },
     peer,
     registry::{Registry, RegistryError},
     report::Report,
@@ -49,6 +54,8 @@ pub struct Daemon {
     migrations: Arc<Mutex<BTreeMap<String, MigrationEntry>>>,
     /// The standing readers of the input and output logs (set by `serve`).
     taps: std::sync::OnceLock<(Arc<Tap>, Arc<Tap>)>,
+    /// Where standby requests go (set by `serve`; see [`Seeder`]).
+    standby_requests: std::sync::OnceLock<mpsc::UnboundedSender<StandbyRequest>>,
     /// Migration phase changes, for `migration.watch`.
     events: broadcast::Sender<Report>,
     /// Whom the peer links are with, and this host's identity.
@@ -173,6 +180,7 @@ impl Daemon {
             services: Arc::new(services),
             migrations: Arc::new(Mutex::new(BTreeMap::new())),
             taps: std::sync::OnceLock::new(),
+            standby_requests: std::sync::OnceLock::new(),
             events: broadcast::channel(256).0,
             trust,
         })
@@ -202,6 +210,31 @@ impl Daemon {
             (tap(MAP_INPUTS)?, tap(MAP_OUTPUTS)?)
         };
         let _ = daemon.taps.set(taps.clone());
+        // The standbys' input log, read for a seeding's replay (and
+        // drained meanwhile, or it fills).
+        let standby_inputs = match daemon.config.standby_host() {
+            None => None,
+            Some(standby) => {
+                let ring = Dataplane::open(&standby.pin_root)?.open_log(MAP_INPUTS)?;
+                let reader = LogReader::spawn(ring, 4096).map_err(DaemonError::Log)?;
+                Some(Tap::spawn(reader))
+            }
+        };
+        let (standby_requests, requests) = mpsc::unbounded_channel();
+        let _ = daemon.standby_requests.set(standby_requests.clone());
+        let seeder = Seeder {
+            standby: daemon.config.standby_host(),
+            pin_root: daemon.config.pin_root.clone(),
+            interface: daemon.config.interface.clone(),
+            peer_interface: daemon.config.peer_interface.clone(),
+            criu: daemon.config.criu(),
+            inputs: taps.0.clone(),
+            standby_inputs,
+            services: daemon.services.clone(),
+            images_dir: daemon.config.images_dir.join("standby"),
+            cpus: crate::host::tasks::other_cpus(&daemon.config.service_cpus),
+        };
+        tokio::spawn(seeder.serve(requests));
         let files = Files::new(&daemon.config.images_dir);
         files.create().map_err(|source| DaemonError::ImagesDir {
             path: daemon.config.images_dir.clone(),
@@ -243,6 +276,7 @@ impl Daemon {
                 },
                 services: daemon.services.clone(),
                 services_dir: daemon.config.services_dir.clone(),
+                standby_requests: standby_requests.clone(),
                 stopping: stop,
             };
             let host = Arc::new(host);

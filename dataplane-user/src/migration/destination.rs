@@ -50,6 +50,7 @@ use crate::{
         protocol::{
             Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step, StepKind, TargetFlow,
         },
+        seed::StandbyRequest,
     },
     peer::{
         Link, MAX_FRAME, PeerError, frame,
@@ -83,6 +84,9 @@ pub struct Host {
     pub services: Arc<Registry>,
     /// Where the services a daemon started run (`services_dir`).
     pub services_dir: PathBuf,
+    /// Where a service handed over here that had a standby on its source
+    /// gets one here (see [`super::seed`]).
+    pub standby_requests: tokio::sync::mpsc::UnboundedSender<StandbyRequest>,
     /// Turns true when the daemon stops: a link then ends before its next
     /// step, and the migration on it rolls back (or, handed over, keeps
     /// serving) as when the link drops.
@@ -113,6 +117,13 @@ fn register(
         Ok(()) => tracing::info!(service = %name, pid, "registered the service this host kept"),
         Err(e) => tracing::warn!(service = %name, pid, "registering the service: {e}"),
     }
+}
+
+/// How the service a migration brings was started: the command its
+/// daemon started it with, if it did, and whether it had a standby.
+pub struct Started {
+    pub command: Option<Vec<String>>,
+    pub standby: bool,
 }
 
 /// What one migration to this host may take.
@@ -258,13 +269,21 @@ async fn run_step<'a>(
             flows,
             deadline_ms,
             command,
+            standby,
         } = step
         else {
             return Err(state.refuse(kind));
         };
         tracing::info!(%from, %migration, %service, deadline_ms,
             "preparing a migration to this host");
-        let prepared = Target::prepare(host, migration, service, flows, deadline_ms, command)?;
+        let prepared = Target::prepare(
+            host,
+            migration,
+            service,
+            flows,
+            deadline_ms,
+            Started { command, standby },
+        )?;
         let answer = Prepared {
             mirror_mac: prepared.mirror_mac,
             flow_ids: prepared.flows.iter().map(|f| f.flow_id).collect(),
@@ -351,8 +370,8 @@ pub struct Target<'a> {
     migration: String,
     /// The service's name, under which this host registers it.
     service: String,
-    /// The command it was started with, registered with it.
-    command: Option<Vec<String>>,
+    /// How it was started, kept with it.
+    started: Started,
     /// The MAC of the interface this host takes the migration's mirror
     /// copies on: the source sends them there.
     mirror_mac: [u8; 6],
@@ -384,7 +403,7 @@ impl<'a> Target<'a> {
         service: String,
         flows: Vec<FlowSpec>,
         deadline_ms: u64,
-        command: Option<Vec<String>>,
+        started: Started,
     ) -> Result<Self, Cause> {
         transfer::plain_name(&migration).map_err(Cause::Name)?;
         crate::service::service_name(&service)?;
@@ -407,7 +426,7 @@ impl<'a> Target<'a> {
         answers_only_its_own(&host.interface, &flows)?;
         // CRIU restores a process in its working directory: a service a
         // daemon started has services_dir/NAME (its standby NAME/standby).
-        if command.is_some() {
+        if started.command.is_some() {
             let cwd = host.services_dir.join(&service).join("standby");
             std::fs::create_dir_all(&cwd)
                 .map_err(|source| Cause::WorkingDirectory { path: cwd, source })?;
@@ -461,7 +480,7 @@ impl<'a> Target<'a> {
             instance: None,
             deadline_ms,
             local_addresses: local_addresses.clone(),
-            command: command.clone(),
+            command: started.command.clone(),
         });
         host.files.write(&migration, &journal)?;
         let adopt = |dataplane: &mut Dataplane| -> Result<(), Cause> {
@@ -497,7 +516,7 @@ impl<'a> Target<'a> {
             dataplane,
             migration,
             service,
-            command,
+            started,
             mirror_mac,
             flows,
             state: State::Prepared,
@@ -749,7 +768,7 @@ impl<'a> Target<'a> {
             instance,
             deadline_ms: self.deadline.as_millis() as u64,
             local_addresses: self.local_addresses.clone(),
-            command: self.command.clone(),
+            command: self.started.command.clone(),
         })
     }
 
@@ -762,8 +781,16 @@ impl<'a> Target<'a> {
                 &self.service,
                 pid,
                 &self.flows,
-                self.command.clone(),
+                self.started.command.clone(),
             );
+            // Its standby on the source ended with the handover.
+            if self.started.standby {
+                let _ = self.host.standby_requests.send(StandbyRequest {
+                    service: self.service.clone(),
+                    after_migration: true,
+                    answer: None,
+                });
+            }
         }
         self.end();
     }

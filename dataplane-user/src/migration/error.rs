@@ -151,6 +151,8 @@ pub enum Cause {
     NoMirrorInterface,
     #[error("this host's interface on the migration network, {0}, is down (or has no carrier)")]
     MigrationNetworkDown(String),
+    #[error("the standbys' place: {0}")]
+    Standby(crate::standby::StandbyError),
     #[error("the service's working directory {}: {source}", path.display())]
     WorkingDirectory {
         path: std::path::PathBuf,

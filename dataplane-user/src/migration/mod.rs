@@ -22,9 +22,11 @@ pub mod cutover;
 pub mod destination;
 pub mod error;
 pub mod hold;
+pub mod instance;
 pub mod journal;
 pub mod protocol;
 pub mod recovery;
+pub mod seed;
 pub mod source;
 
 use std::{

@@ -4,7 +4,8 @@
 //! ```text
 //! source                                   destination
 //!   | Prepare {migration, service,-------->  adopt the flows, hold their
-//!   |     flows, deadline_ms, command}       mirrored inputs, mute outputs
+//!   |     flows, deadline_ms,                mirrored inputs, mute outputs
+//!   |     command, standby}
 //!   |                             <--------  Prepared {mirror_mac, flow_ids}
 //!   | (checkpoint at S, IMAGES frames) --->  images under images_dir
 //!   | Restore {positions, cpus}   -------->  CRIU restore, replay S+1..
@@ -15,6 +16,7 @@
 //!   |   flip; the source's kernel picks K    first input forwarded past K
 //!   | Announce                    -------->  the service's addresses here
 //!   | Finish                      -------->  keep and register the instance
+//!   |                                        (and seed a standby)
 //!   |                             <--------  Finished {pid, cpu}
 //!   | Abort (any time before the flip) --->  roll back
 //! ```
@@ -55,6 +57,11 @@ pub enum Step {
         /// the working directories such a service has on every host.
         #[serde(default)]
         command: Option<Vec<String>>,
+        /// Whether the service has a standby on the source: the
+        /// destination seeds one once it serves the service, if it runs
+        /// standbys.
+        #[serde(default)]
+        standby: bool,
     },
     /// Restore the received images, confine the instance to `cpus` (the
     /// source instance's affinity; empty: leave it on CRIU's) and replay

@@ -13,10 +13,9 @@ use dataplane_common::{
 use serde_json::Value;
 
 use crate::{
-    criu::{DumpRequest, netns_inode, precopy::IterativeDump, stats},
+    criu::precopy::IterativeDump,
     kernel::{
         flow,
-        injector::Injector,
         loader::Dataplane,
         logs::{LogError, LogGuard, Record, Records, Subscription},
     },
@@ -24,8 +23,9 @@ use crate::{
         Context, Request,
         converge::{Answer, Convergence, Pairing},
         cutover::{self, Handover},
-        error::{Cause, MigrationError, NotConverged, ResumeError},
+        error::{Cause, MigrationError, NotConverged},
         hold::{self, FlowPosition},
+        instance::Checkpointed,
         journal::{FlowBefore, Journal, Outgoing, Side},
         protocol::{Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step},
     },
@@ -218,6 +218,7 @@ impl Migration {
             // The destination waits at least this long for K once armed.
             deadline_ms: self.request.deadline_ms,
             command: self.service.command.clone(),
+            standby: self.service.standby_pid.is_some(),
         };
         let prepared: Prepared = step(&mut link, &prepare).await.map_err(|e| self.fail(e))?;
         let remote_id = match prepared.flow_ids[..] {
@@ -387,16 +388,9 @@ impl Migration {
         if !self.service.still_runs(pid) {
             return Err(self.fail(Cause::NotRegistered(pid)));
         }
-        let images = self.images();
-        let _ = std::fs::remove_dir_all(&images);
-        let inode = netns_inode(pid).map_err(|source| self.fail(Cause::Netns { pid, source }))?;
-        let dump = DumpRequest {
-            pid,
-            images_dir: images.clone(),
-            leave_running: true,
-            external: vec![format!("net[{inode}]:extnet")],
-            ..Default::default()
-        };
+        let dump = instance
+            .dump_request(&self.images())
+            .map_err(|cause| self.fail(cause))?;
         // Pre-dump rounds copy most memory while the instance still serves.
         let rounds = match self.request.pre_dump_rounds {
             0 => IterativeDump::default(),
@@ -417,55 +411,26 @@ impl Migration {
         };
         // Inputs cloned before the mirror to the peer was on are through by now.
         tokio::time::sleep(Duration::from_millis(1)).await;
-        // The flow's inputs since `prepare`: if one is beyond the replay,
-        // the next could come during the hold and be lost to the instance.
-        hold::check_before_hold(&mut source.inputs, flow_id).map_err(|e| self.fail(e))?;
-        let held = Instant::now();
-        let position = tokio::task::block_in_place(|| hold::hold(&mut instance.dataplane, flow_id))
-            .map_err(|e| self.fail(e))?;
-        self.report.checkpoint_seq = position.last_delivered;
-        // The held inputs as they come, against the budget: past it (or on
-        // an input the replay cannot give back, or an abort) the hold ends
-        // at once, a dump under way included.
-        let mut inputs = hold::Held::new(&mut source.inputs, position, held, self.request.hold);
-        let abort = &self.context.abort;
-        let dumped = tokio::task::block_in_place(|| -> Result<Option<u64>, Cause> {
-            let dataplane = &instance.dataplane;
-            let mut stop = || inputs.watch(dataplane) || abort.load(Ordering::Relaxed);
-            if !hold::drain(pid, &mut stop).map_err(Cause::from)? {
-                return Ok(None);
-            }
-            let start = Instant::now();
-            self.context
-                .criu
-                .dump_until(&rounds.final_dump(&dump), &mut stop)
-                .map_err(Cause::Dump)?;
-            self.report.criu_dump_us = start.elapsed().as_micros() as u64;
-            Ok(Some(
-                stats::dump(&images).map_or(0, |s| s.frozen_time.into()),
-            ))
-        });
-        // Dumped or not, the instance gets the inputs held meanwhile, in
-        // order; the gate opens only over those it could not get, named.
-        let resumed = tokio::task::block_in_place(|| instance.resume(position, &mut inputs));
-        let opened_over = hold::open(&mut instance.dataplane, flow_id);
+        let taken = tokio::task::block_in_place(|| {
+            instance.checkpoint(
+                flow_id,
+                &mut source.inputs,
+                &self.context.criu,
+                &rounds.final_dump(&dump),
+                self.request.hold,
+                &self.context.abort,
+            )
+        })
+        .map_err(|cause| self.fail(cause))?;
+        self.report.checkpoint_seq = taken.position.last_delivered;
+        self.report.criu_dump_us = taken.dump_us;
+        self.report.frozen_us = taken.frozen_us;
         if self.request.mode == Mode::LeaveRunning {
-            self.report.held_us = held.elapsed().as_micros() as u64;
-        }
-        if let Err(error) = resumed {
-            let lost = opened_over.ok().flatten();
-            return Err(self.fail(Cause::Resume { error, lost }));
-        }
-        if let Some(end) = inputs.end() {
-            return Err(self.fail(end.clone()));
+            self.report.held_us = taken.held_us;
         }
         self.check_abort()?;
-        // Without an end of its own, a hold ends early only on an abort.
-        self.report.frozen_us = dumped
-            .map_err(|cause| self.fail(cause))?
-            .ok_or_else(|| self.fail(Cause::Aborted))?;
         self.end(t);
-        Ok(position)
+        Ok(taken.position)
     }
 
     /// Compares the two instances' outputs, input by input, until
@@ -605,58 +570,6 @@ impl Migration {
 
     fn images(&self) -> PathBuf {
         self.context.files.images(Side::Source, &self.report.id)
-    }
-}
-
-/// The instance a checkpoint is taken of: the serving one, or a standby in
-/// a network namespace of its own with a dataplane of its own.
-struct Checkpointed {
-    pid: u32,
-    dataplane: Dataplane,
-    netns: Option<PathBuf>,
-    /// Where its inputs arrive (replays are injected as if there).
-    interface: String,
-}
-
-impl Checkpointed {
-    /// Replays the inputs held since `position` (from `log`) into the
-    /// instance, on a thread in its network namespace: injection resolves
-    /// the interface in the caller's namespace.
-    fn resume(
-        &mut self,
-        position: FlowPosition,
-        log: &mut (impl Records + Send),
-    ) -> Result<u64, ResumeError> {
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    if let Some(netns) = &self.netns {
-                        std::fs::File::open(netns)
-                            .and_then(|ns| {
-                                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                                    .map_err(std::io::Error::from)
-                            })
-                            .map_err(|source| ResumeError::Netns {
-                                path: netns.clone(),
-                                source,
-                            })?;
-                    }
-                    let mut injector = Injector::open(self.dataplane.pin_root(), &self.interface)?;
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_time()
-                        .build()
-                        .map_err(ResumeError::Runtime)?;
-                    Ok(runtime.block_on(hold::resume(
-                        &mut self.dataplane,
-                        position,
-                        self.pid,
-                        &mut injector,
-                        log,
-                    ))?)
-                })
-                .join()
-                .map_err(|_| ResumeError::Panicked)?
-        })
     }
 }
 

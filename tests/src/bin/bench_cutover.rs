@@ -315,7 +315,7 @@ fn trace_path(kind: &str, i: usize) -> std::path::PathBuf {
 fn live(i: usize, devices: u16) -> anyhow::Result<Run> {
     let setup = match devices {
         1 => MigrationSetup::new(&format!("bc{i}"), &[], true),
-        n => MigrationSetup::with_devices(&format!("bd{i}"), n, true),
+        n => MigrationSetup::with_devices(&format!("bd{i}"), &[], n, true),
     };
     let trace = trace_path(&format!("live{devices}"), i);
     let cps = setup.start_cps(CYCLES, PERIOD_US, Some(&trace));

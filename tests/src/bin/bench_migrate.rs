@@ -8,7 +8,10 @@
 //! - pre-copy: kaur2020's iterative pre-dump through the CRIU driver with
 //!   rounds requested; on a kernel without memory tracking the driver takes
 //!   a single dump, and the table says so (BASELINES times);
-//! - ours, leave-running and standby: MIGRATIONS times each.
+//! - ours, leave-running and standby: MIGRATIONS times each;
+//! - ours, standby, with the controller reading four field devices (four
+//!   flows, each sending every T_U): MIGRATIONS times, beside the one-flow
+//!   standby runs, for what several flows cost a migration.
 //!
 //! Before measuring, it calibrates the model (calagna2023's PAM, `dataplane
 //! calibrate`): CRIU's terms on a synthetic service, then the live modes'
@@ -35,7 +38,8 @@ use std::{
 
 use anyhow::Context;
 use dataplane_tests::{
-    MigrationSetup, Outcomes, Sample, bar, cps_verdict, dataplane_bin, kill_pid, output_gaps,
+    MigrationSetup, Outcomes, Sample, bar, cps_verdict, cps_verdicts, dataplane_bin, kill_pid,
+    output_gaps,
 };
 use dataplane_user::{
     planning::{
@@ -54,11 +58,12 @@ const LEAD: Duration = Duration::from_millis(400);
 /// Migrations per live mode and size the model's live costs are fitted to.
 const CALIBRATION_RUNS: usize = 4;
 const CALIBRATION_SIZES: [u64; 2] = [1, 64];
-const METHODS: [Kind; 4] = [
+const METHODS: [Kind; 5] = [
     Kind::StopAndCopy,
     Kind::PreCopy,
     Kind::LeaveRunning,
     Kind::Standby,
+    Kind::StandbyFourFlows,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -67,6 +72,7 @@ enum Kind {
     PreCopy,
     LeaveRunning,
     Standby,
+    StandbyFourFlows,
 }
 
 impl Kind {
@@ -76,6 +82,7 @@ impl Kind {
             Kind::PreCopy => "pre-copy",
             Kind::LeaveRunning => "ours, leave-running",
             Kind::Standby => "ours, standby",
+            Kind::StandbyFourFlows => "ours, standby, 4 flows",
         }
     }
     /// The label in the CSV files: no comma.
@@ -85,13 +92,21 @@ impl Kind {
             Kind::PreCopy => "pre-copy",
             Kind::LeaveRunning => "leave-running",
             Kind::Standby => "standby",
+            Kind::StandbyFourFlows => "standby-4-flows",
         }
     }
     fn live_mode(self) -> Option<&'static str> {
         match self {
             Kind::LeaveRunning => Some("leave-running"),
-            Kind::Standby => Some("standby"),
+            Kind::Standby | Kind::StandbyFourFlows => Some("standby"),
             _ => None,
+        }
+    }
+    /// The field devices (flows) the controller reads.
+    fn devices(self) -> u16 {
+        match self {
+            Kind::StandbyFourFlows => 4,
+            _ => 1,
         }
     }
 }
@@ -148,7 +163,7 @@ fn main() -> anyhow::Result<()> {
         for kind in schedule(migrations, baselines) {
             let i = *done.entry(kind).or_default();
             let run = match kind.live_mode() {
-                Some(mode) => live(mode, size, i)?.0,
+                Some(mode) => live(mode, kind.devices(), size, i)?.0,
                 None => baseline(kind == Kind::PreCopy, size, i)?,
             };
             if let Some(error) = &run.failed {
@@ -207,7 +222,7 @@ fn schedule(migrations: usize, baselines: usize) -> Vec<Kind> {
             left -= 1;
         }
         if i < migrations {
-            order.extend([Kind::LeaveRunning, Kind::Standby]);
+            order.extend([Kind::LeaveRunning, Kind::Standby, Kind::StandbyFourFlows]);
         }
     }
     order
@@ -239,7 +254,7 @@ fn calibrate(target: &Path, size: u64) -> anyhow::Result<Calibration> {
     for i in 0..CALIBRATION_RUNS {
         for size in CALIBRATION_SIZES {
             for mode in ["leave-running", "standby"] {
-                reports.push(live(mode, size, 1000 + i)?.1);
+                reports.push(live(mode, 1, size, 1000 + i)?.1);
             }
         }
     }
@@ -303,9 +318,12 @@ static SETUP_RETRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::Atomic
 /// `MigrationSetup::new`, tried again on fresh test hosts when it panics
 /// (a service that did not answer its first probe, seen once in a few
 /// hundred set-ups on this loaded machine): no migration has started then.
-fn set_up(tag: &str, args: &[&str], standby: bool) -> anyhow::Result<MigrationSetup> {
+fn set_up(tag: &str, args: &[&str], devices: u16, standby: bool) -> anyhow::Result<MigrationSetup> {
     for attempt in 1..=3 {
-        let built = std::panic::catch_unwind(|| MigrationSetup::new(tag, args, standby));
+        let built = std::panic::catch_unwind(|| match devices {
+            1 => MigrationSetup::new(tag, args, standby),
+            n => MigrationSetup::with_devices(tag, args, n, standby),
+        });
         match built {
             Ok(setup) => return Ok(setup),
             Err(_) => {
@@ -317,11 +335,12 @@ fn set_up(tag: &str, args: &[&str], standby: bool) -> anyhow::Result<MigrationSe
     anyhow::bail!("the test hosts could not be set up three times in a row")
 }
 
-/// A live migration in `mode`: what was measured, and the daemon's report.
-fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Value)> {
+/// A live migration in `mode` of a controller of `devices` field devices
+/// (one flow each): what was measured, and the daemon's report.
+fn live(mode: &str, devices: u16, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Value)> {
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let setup = set_up(&format!("bm{i}"), &args, mode == "standby")?;
+    let setup = set_up(&format!("bm{i}"), &args, devices, mode == "standby")?;
     let state_bytes = dataplane_user::planning::calibrate::state_bytes(match &setup.standby {
         Some((_, standby, _)) if mode == "standby" => standby.pid,
         _ => setup.controller.pid,
@@ -331,7 +350,7 @@ fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Val
     std::thread::sleep(LEAD);
     let id = setup.migrate(json!({ "mode": mode }));
     let value = setup.wait(&id);
-    let verdict = cps_verdict(cps);
+    let verdicts = cps_verdicts(cps);
     kill_pid(value["destination_pid"].as_u64().unwrap_or(0));
     let gaps = output_gaps(&std::fs::read_to_string(&trace)?, PERIOD_US);
     let _ = std::fs::remove_file(&trace);
@@ -358,7 +377,7 @@ fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Val
         );
         let failed = Run {
             failed: Some(error),
-            ..judged(&verdict)
+            ..judged(&verdicts)
         };
         return Ok((failed, value));
     }
@@ -376,7 +395,7 @@ fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Val
         image_bytes: report.image_bytes as f64,
         handover_gap_us: Some(around),
         state_bytes,
-        ..judged(&verdict)
+        ..judged(&verdicts)
     };
     Ok((run, value))
 }
@@ -385,7 +404,7 @@ fn live(mode: &str, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Val
 fn baseline(precopy: bool, size: u64, i: usize) -> anyhow::Result<Run> {
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let setup = set_up(&format!("bb{i}"), &args, false)?;
+    let setup = set_up(&format!("bb{i}"), &args, 1, false)?;
     let state_bytes =
         dataplane_user::planning::calibrate::state_bytes(setup.controller.pid)? as f64;
     let cps = setup.start_cps(cycles(size), PERIOD_US, None);
@@ -407,7 +426,7 @@ fn baseline(precopy: bool, size: u64, i: usize) -> anyhow::Result<Run> {
         Err(e) => {
             return Ok(Run {
                 failed: Some(format!("{e:#}")),
-                ..judged(&verdict)
+                ..judged(std::slice::from_ref(&verdict))
             });
         }
     };
@@ -427,15 +446,17 @@ fn baseline(precopy: bool, size: u64, i: usize) -> anyhow::Result<Run> {
         image_bytes: moved.image_bytes as f64,
         rounds: moved.rounds,
         state_bytes,
-        ..judged(&verdict)
+        ..judged(std::slice::from_ref(&verdict))
     })
 }
 
-/// What the CPS's verdict says of a run.
-fn judged(verdict: &serde_json::Value) -> Run {
-    let n = |key: &str| verdict[key].as_u64().unwrap_or(0);
+/// What the CPS's verdicts (one per field device) say of a run: the
+/// largest gap of any device, and every device's outputs.
+fn judged(verdicts: &[serde_json::Value]) -> Run {
+    let n = |key: &str| verdicts.iter().map(|v| v[key].as_u64().unwrap_or(0)).sum();
+    let gap = |v: &serde_json::Value| v["extra_gap_us"]["max"].as_i64().unwrap_or(0);
     Run {
-        gap_us: verdict["extra_gap_us"]["max"].as_i64().unwrap_or(0) as f64,
+        gap_us: verdicts.iter().map(gap).max().unwrap_or(0) as f64,
         missed: n("missed"),
         duplicates: n("duplicates"),
         wrong: n("wrong"),
@@ -523,7 +544,8 @@ fn rows(
             // The rounds the driver took, not the ones the model would choose.
             Kind::PreCopy => Method::PreCopy { rounds },
             Kind::LeaveRunning => Method::LeaveRunning,
-            Kind::Standby => Method::Standby,
+            // The model knows no flows: one service's state and rate.
+            Kind::Standby | Kind::StandbyFourFlows => Method::Standby,
         };
         let handovers: Vec<f64> = list.iter().filter_map(|r| r.handover_gap_us).collect();
         rows.push(Row {
@@ -770,7 +792,8 @@ fn runs_csv(runs: &BTreeMap<(u64, Kind), Vec<Run>>) -> String {
 /// The bars this benchmark is held to, each judged on its own runs.
 fn bars(rows: &[Row], runs: &BTreeMap<(u64, Kind), Vec<Run>>) -> Vec<String> {
     let mut lines = Vec::new();
-    for ((size, _), list) in runs.iter().filter(|((_, k), _)| *k == Kind::Standby) {
+    let standby = |k: &Kind| matches!(k, Kind::Standby | Kind::StandbyFourFlows);
+    for ((size, kind), list) in runs.iter().filter(|((_, k), _)| standby(k)) {
         let sum = |f: fn(&Run) -> u64| list.iter().map(f).sum::<u64>();
         let outcomes = Outcomes {
             migrations: list.len(),
@@ -779,7 +802,11 @@ fn bars(rows: &[Row], runs: &BTreeMap<(u64, Kind), Vec<Run>>) -> Vec<String> {
             duplicates: sum(|r| r.duplicates),
             wrong: sum(|r| r.wrong),
         };
-        lines.push(format!("{size} MiB standby: {}", outcomes.bar(100)));
+        lines.push(format!(
+            "{size} MiB {}: {}",
+            kind.label(),
+            outcomes.bar(100)
+        ));
     }
     if let Some(list) = runs.get(&(16, Kind::Standby)) {
         lines.push(tm_bar(list));
@@ -827,7 +854,7 @@ fn tm_bar(runs: &[Run]) -> String {
 type Figure = fn(&Row) -> f64;
 
 /// Colours of the methods, in METHODS order.
-const COLOURS: [&str; 4] = ["#b2182b", "#ef8a62", "#67a9cf", "#2166ac"];
+const COLOURS: [&str; 5] = ["#b2182b", "#ef8a62", "#67a9cf", "#2166ac", "#5aae61"];
 
 /// A hand-written chart: T_M and T_D per size and method, grouped bars on
 /// a log scale, the model's predictions as black ticks.
