@@ -975,9 +975,12 @@ fn forget(dataplane: &mut Dataplane, flows: &[TargetFlow], local_addresses: &[Ip
 /// the neighbours (a gratuitous ARP, or an unsolicited neighbour
 /// advertisement for IPv6). An address it has already is fine.
 fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<IpAddr>, Cause> {
+    // Each address once: a service's flows from several devices share one.
+    let mut addresses: Vec<IpAddr> = flows.iter().map(|f| f.spec.service.ip()).collect();
+    addresses.sort();
+    addresses.dedup();
     let mut announced = Vec::new();
-    for f in flows {
-        let address = f.spec.service.ip();
+    for address in addresses {
         let owned = match crate::host::netdev::own_address(interface, address) {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
             owned => owned,

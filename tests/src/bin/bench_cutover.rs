@@ -311,7 +311,8 @@ fn trace_path(kind: &str, i: usize) -> std::path::PathBuf {
 }
 
 /// A live migration of a controller of `devices` field devices (one
-/// flow each); its gaps are the first device's, its outputs all of them.
+/// flow each); its gaps are the first device's (around its cycle K /
+/// `devices`), its outputs all of them.
 fn live(i: usize, devices: u16) -> anyhow::Result<Run> {
     let setup = match devices {
         1 => MigrationSetup::new(&format!("bc{i}"), &[], true),
@@ -324,7 +325,9 @@ fn live(i: usize, devices: u16) -> anyhow::Result<Run> {
     let report = setup.wait(&id);
     let verdicts = cps_verdicts(cps);
     kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
-    let k = report["handover_seq"].as_u64().unwrap_or(0);
+    // K numbers the service's inputs, all devices' together, and the trace
+    // is the first device's cycles: each cycle takes one input of each.
+    let k = report["handover_seq"].as_u64().unwrap_or(0) / u64::from(devices);
     anyhow::ensure!(
         verdicts.len() == usize::from(devices),
         "{} verdicts for {devices} devices",

@@ -382,7 +382,9 @@ fn live(mode: &str, devices: u16, size: u64, i: usize) -> anyhow::Result<(Run, s
         return Ok((failed, value));
     }
     let report: Report = serde_json::from_value(value.clone())?;
-    let k = report.handover_seq;
+    // K numbers all devices' inputs together; the trace is the first
+    // device's cycles, each taking one input of each device.
+    let k = report.handover_seq / u64::from(devices);
     let around = gaps
         .iter()
         .filter(|(c, _)| (k.saturating_sub(10)..=k + 100).contains(c))
