@@ -63,6 +63,65 @@ pub struct Report {
     /// What the pre-dump rounds did, when they were asked for.
     pub pre_dump: Option<String>,
     pub error: Option<String>,
+    /// A hot replica's (`replica.start`): how it keeps up with the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<ReplicaStatus>,
+    /// A handover to a hot replica: the replica's id. Such a handover runs
+    /// no checkpoint: its phases are the last comparison and the cutover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_replica: Option<String>,
+}
+
+impl Report {
+    /// A migration that ran whole, checkpoint to cutover, and handed over:
+    /// the model's kind (a hot replica's life, or a handover to one, is not).
+    pub fn is_whole_migration(&self) -> bool {
+        self.state == State::Done && self.replica.is_none() && self.from_replica.is_none()
+    }
+}
+
+/// How a hot replica keeps up with the service it replicates: its outputs
+/// compared with the serving instance's, input by input.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub state: ReplicaState,
+    /// Output pairs compared since the replica was (last) restored.
+    pub compared: u64,
+    /// The last input whose answers were compared.
+    pub compared_up_to: u64,
+    /// Inputs the serving host has numbered past `compared_up_to`.
+    pub lag: u64,
+    /// From the request (or the re-sync) to the replica first in sync, µs.
+    pub sync_us: u64,
+    /// Times the replica was restored afresh after it diverged or failed.
+    pub resyncs: u32,
+    /// The first pair of outputs that differed, once it diverged: the
+    /// input, and how they differ.
+    pub mismatch: Option<String>,
+}
+
+/// Where a hot replica stands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaState {
+    /// Restoring, replaying, or comparing towards N matches in a row.
+    #[default]
+    Syncing,
+    /// N outputs in a row matched and every later one has: a handover to
+    /// it is a comparison and a cutover.
+    InSync,
+    /// An output differed after it was in sync: it is restored afresh.
+    Diverged,
+}
+
+impl ReplicaState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplicaState::Syncing => "syncing",
+            ReplicaState::InSync => "in sync",
+            ReplicaState::Diverged => "diverged",
+        }
+    }
 }
 
 /// A migration's phases, in the order they run (`Done` after the last).
@@ -75,6 +134,8 @@ pub enum Stage {
     Transfer,
     Restore,
     Converge,
+    /// A hot replica kept in sync until a handover to it or its stop.
+    Replica,
     Cutover,
     Announce,
     Finish,
@@ -90,6 +151,7 @@ impl Stage {
             Stage::Transfer => "transfer",
             Stage::Restore => "restore",
             Stage::Converge => "converge",
+            Stage::Replica => "replica",
             Stage::Cutover => "cutover",
             Stage::Announce => "announce",
             Stage::Finish => "finish",
@@ -114,6 +176,9 @@ pub enum State {
     Done,
     /// Rolled back: the source serves.
     Failed,
+    /// A hot replica ended on request (`replica.stop`): removed, the
+    /// source serves.
+    Stopped,
 }
 
 impl State {
@@ -122,6 +187,7 @@ impl State {
             State::Running => "running",
             State::Done => "done",
             State::Failed => "failed",
+            State::Stopped => "stopped",
         }
     }
 }

@@ -382,22 +382,51 @@ impl MigrationSetup {
 
     /// Starts migrating "markov" to `dst` with `params` added; the migration id.
     pub fn migrate(&self, params: serde_json::Value) -> String {
+        self.start_on_src("migration.start", params)
+    }
+
+    /// Calls `method` ("migration.start", "replica.start") on `src` for
+    /// "markov" to `dst` with `params` added: the id it answers.
+    fn start_on_src(&self, method: &str, params: serde_json::Value) -> String {
         let mut request = serde_json::json!({"service": "markov", "to": DST_PEER});
         request
             .as_object_mut()
             .unwrap()
             .extend(params.as_object().cloned().unwrap_or_default());
-        let started = self
-            .src
-            .client()
-            .call("migration.start", request)
-            .expect("migration.start");
+        let started = self.src.client().call(method, request).expect(method);
         started["id"].as_str().expect("an id").to_string()
     }
 
     /// Waits for migration `id` to end; its final report.
     pub fn wait(&self, id: &str) -> serde_json::Value {
         self.src.wait_for_migration(id)
+    }
+
+    /// Starts a hot replica of "markov" on `dst` with `params` added
+    /// (`replica.start`); the replica's id.
+    pub fn replicate(&self, params: serde_json::Value) -> String {
+        self.start_on_src("replica.start", params)
+    }
+
+    /// Waits (60 s at most) until hot replica `id` is in sync or has
+    /// ended; its report then.
+    pub fn wait_in_sync(&self, id: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let report = self
+                .src
+                .client()
+                .call("migration.status", serde_json::json!({"id": id}))
+                .expect("migration.status");
+            if report["state"] != "running" || report["replica"]["state"] == "in_sync" {
+                return report;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "replica {id} not in sync: {report}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

@@ -41,7 +41,7 @@ enum Task {
         /// Passed on to the benchmark (cutover: MIGRATIONS BASELINES;
         /// checkpoint: SIZE_MIB...; migrate: MIGRATIONS BASELINES SIZES;
         /// load: [--flows N] [--others controllers|none] RATE... per flow;
-        /// replay: INPUTS; link: ROUNDS SIZE_MIB...).
+        /// replay: INPUTS; link: ROUNDS SIZE_MIB...; replica: SECONDS).
         args: Vec<String>,
     },
     /// Set up, install cargo-fuzz if missing, and run each fuzz target of
@@ -71,6 +71,9 @@ enum Bench {
     Replay,
     /// The sealed peer link against the same link in clear: image MB/s and T_M.
     Link,
+    /// A hot replica's steady cost: both daemons' CPU and memory with and
+    /// without one, at 1 and 10 kHz, and its lag.
+    Replica,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -90,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Load => run_bin("bench-load", &args),
             Bench::Replay => run_bin("bench-replay", &args),
             Bench::Link => run_bin("bench-link", &args),
+            Bench::Replica => run_bin("bench-replica", &args),
         },
         Task::Fuzz { seconds } => fuzz::run(seconds),
     }

@@ -8,12 +8,12 @@ use std::{
 
 use dataplane_user::{
     control::{
-        answer::{Event, MigrationAborting, Watching},
-        method::{Call, MigrationId},
+        answer::{Event, MigrationAborting, ReplicaStopping, Watching},
+        method::{Call, MigrationId, ServiceName},
     },
-    migration::Request,
+    migration::{Request, replica::ReplicaRequest},
     planning::model::{Method, Prediction, error_pct},
-    report::{Report, State},
+    report::{ReplicaState, Report, State},
 };
 use serde_json::{Value, json};
 
@@ -42,6 +42,27 @@ pub fn migrate(
         return Ok(());
     }
     let MigrationId { id } = started;
+    let report = follow(watch, &id, |r| r.state != State::Running)?;
+    // A handover to a hot replica is no migration the model predicts.
+    let predicted = predicted.filter(|_| report.from_replica.is_none());
+    let mut shown = json!(report);
+    if let Some(p) = &predicted {
+        shown["predicted"] = json!(p);
+    }
+    cx.show(&shown, |_| print_migration(&report, predicted.as_ref()));
+    match report.error {
+        Some(error) => Err(Failure::Migration(error)),
+        None => Ok(()),
+    }
+}
+
+/// Shows migration `id`'s phase as it runs (on a terminal), from the
+/// events on `watch`, until a report of it is `over`: that report.
+fn follow(
+    mut watch: dataplane_user::control::client::Client,
+    id: &str,
+    over: impl Fn(&Report) -> bool,
+) -> Result<Report, Failure> {
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
     // Notifications come on a thread of their own, so that the progress
     // line can tick between them.
@@ -60,7 +81,7 @@ pub fn migrate(
             Ok(line) => line,
             Err(RecvTimeoutError::Timeout) => {
                 if terminal {
-                    progress.show(&id, started.elapsed());
+                    progress.show(id, started.elapsed());
                 }
                 continue;
             }
@@ -74,26 +95,69 @@ pub fn migrate(
         if report.id != id {
             continue;
         }
-        if report.state != State::Running {
+        if over(&report) {
             break *report;
         }
         progress.update(&report);
         if terminal {
-            progress.show(&id, started.elapsed());
+            progress.show(id, started.elapsed());
         }
     };
     if terminal {
         eprintln!();
     }
-    let mut shown = json!(report);
-    if let Some(p) = &predicted {
-        shown["predicted"] = json!(p);
+    Ok(report)
+}
+
+/// Starts a hot replica and shows it until it is in sync (or, with
+/// `detach`, prints its id and returns).
+pub fn replicate(cx: &Context, request: ReplicaRequest, detach: bool) -> Result<(), Failure> {
+    let mut watch = cx.client()?;
+    let _: Watching = watch.request(&Call::MigrationWatch)?;
+    let MigrationId { id } = cx.call(Call::ReplicaStart(request))?;
+    if detach {
+        println!("{id}");
+        return Ok(());
     }
-    cx.show(&shown, |_| print_migration(&report, predicted.as_ref()));
+    let in_sync = |r: &Report| r.replica.as_ref().map(|s| s.state) == Some(ReplicaState::InSync);
+    let report = follow(watch, &id, |r| r.state != State::Running || in_sync(r))?;
+    cx.show(&report, |r| {
+        println!(
+            "hot replica {} of {} at {}: {}",
+            r.id,
+            r.service,
+            r.to,
+            match &r.replica {
+                Some(s) if r.state == State::Running => s.state.name(),
+                _ => r.state.name(),
+            }
+        );
+        if let Some(s) = &r.replica {
+            println!(
+                "  in sync after            {:>10.3} ms",
+                s.sync_us as f64 / 1e3
+            );
+            println!("  checkpoint position S    {:>10}", r.checkpoint_seq);
+            println!("  image data D             {:>10} bytes", r.image_bytes);
+            println!("  outputs compared         {:>10}", s.compared);
+            println!("  lag                      {:>10} inputs", s.lag);
+        }
+        if let Some(error) = &r.error {
+            println!("  error: {error}");
+        }
+    });
     match report.error {
         Some(error) => Err(Failure::Migration(error)),
         None => Ok(()),
     }
+}
+
+pub fn stop_replica(cx: &Context, service: String) -> Result<(), Failure> {
+    let stopping: ReplicaStopping = cx.call(Call::ReplicaStop(ServiceName { name: service }))?;
+    cx.show(&stopping, |s| {
+        println!("stopping hot replica {}", s.stopping)
+    });
+    Ok(())
 }
 
 /// Streams migration phase changes until the daemon goes away.
@@ -159,12 +223,15 @@ impl Progress {
 /// A migration's report as a table: phases, then the figures; with the
 /// model's prediction beside them when there is one.
 fn print_migration(r: &Report, predicted: Option<&Prediction>) {
+    let method = match &r.from_replica {
+        Some(replica) => format!("handover to hot replica {replica}"),
+        None => Method::from(r.mode).name().to_string(),
+    };
     println!(
-        "migration {} of {} to {} ({}): {}",
+        "migration {} of {} to {} ({method}): {}",
         r.id,
         r.service,
         r.to,
-        Method::from(r.mode).name(),
         r.state.name()
     );
     let column = if predicted.is_some() {

@@ -108,6 +108,31 @@ pub enum Command {
         #[arg(long)]
         calibration: Option<PathBuf>,
     },
+    /// Give a registered service a hot replica on the host whose daemon
+    /// listens at --to: restored from one checkpoint (of its standby if it
+    /// has one, else of the serving instance left running), fed every
+    /// input by the mirror, its outputs muted and compared with the
+    /// service's for as long as it lives. Returns once it is in sync; a
+    /// later `migrate --to` the same host hands over to it. Exit status 5
+    /// if it could not be made (the service keeps serving).
+    Replicate {
+        service: String,
+        /// The replica host's peer-link address, HOST:PORT.
+        #[arg(long, required_unless_present = "stop")]
+        to: Option<SocketAddr>,
+        /// Consecutive matching outputs that make it in sync.
+        #[arg(long, default_value_t = 10)]
+        converge: u32,
+        /// Time allowed for its first convergence, ms.
+        #[arg(long, default_value_t = 10_000)]
+        deadline_ms: u64,
+        /// End the service's replica instead: its host removes it.
+        #[arg(long, conflicts_with = "to")]
+        stop: bool,
+        /// Print the replica's id and return at once.
+        #[arg(long)]
+        detach: bool,
+    },
     /// Measure this host's CRIU costs on a synthetic service (dump, copy
     /// and restore per size), fit the migration model (calagna2023's PAM)
     /// and save it; with --from-reports, fit our live modes' costs to real
@@ -380,6 +405,30 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                 },
             };
             migrate::migrate(&cx, request, detach, calibration)
+        }
+        Command::Replicate {
+            service,
+            stop: true,
+            ..
+        } => migrate::stop_replica(&cx, service),
+        Command::Replicate {
+            service,
+            to,
+            converge,
+            deadline_ms,
+            detach,
+            ..
+        } => {
+            let to = to.expect("clap requires --to without --stop");
+            let request = dataplane_user::migration::replica::ReplicaRequest {
+                service,
+                to,
+                converge,
+                deadline_ms,
+                compare: Default::default(),
+                hold: Budget::default(),
+            };
+            migrate::replicate(&cx, request, detach)
         }
         Command::Watch => migrate::watch(&cx),
         Command::Abort { id } => migrate::abort(&cx, id),

@@ -15,7 +15,7 @@ use dataplane_user::{
         model::{Calibration, LiveCosts, Method, Prediction, Workload, error_pct},
         plan::Plan,
     },
-    report::{Mode, Report, State},
+    report::{Mode, Report},
     service::{FlowSpec, Service},
 };
 use serde_json::Value;
@@ -264,7 +264,7 @@ fn print_calibration(c: &Calibration, reports: Option<&[Report]>, input_rate: f6
     for r in reports
         .into_iter()
         .flatten()
-        .filter(|r| r.state == State::Done)
+        .filter(|r| r.is_whole_migration())
     {
         let work = Workload {
             state_bytes: c.state_of(r),

@@ -1,9 +1,12 @@
 //! `dataplane status`, `metrics` and `ping`: the daemon's view of itself.
 use std::net::SocketAddr;
 
-use dataplane_user::control::{
-    answer::{PeerPong, Status},
-    method::{Call, PeerAddress},
+use dataplane_user::{
+    control::{
+        answer::{PeerPong, Status},
+        method::{Call, PeerAddress},
+    },
+    report::State,
 };
 
 use super::{
@@ -61,6 +64,33 @@ fn print_status(s: &Status) {
     println!("programs: {}", s.programs.join(" "));
     print_flows(&s.flows);
     print_services(&s.services);
+    let replicas: Vec<_> = s
+        .migrations
+        .iter()
+        .filter(|m| m.state == State::Running)
+        .filter_map(|m| Some((m, m.replica.as_ref()?)))
+        .collect();
+    if !replicas.is_empty() {
+        println!("hot replicas:");
+    }
+    for (m, r) in replicas {
+        println!(
+            "  {} of {} at {}: {}, {} outputs compared up to input {}, lag {} inputs, \
+             {} re-syncs{}",
+            m.id,
+            m.service,
+            m.to,
+            r.state.name(),
+            r.compared,
+            r.compared_up_to,
+            r.lag,
+            r.resyncs,
+            r.mismatch
+                .as_ref()
+                .map(|m| format!("; mismatch at {m}"))
+                .unwrap_or_default()
+        );
+    }
     println!("counters:");
     for (name, value) in &s.counters {
         println!("  {name:>18} {value}");

@@ -106,6 +106,12 @@ pub struct MigrationAborting {
     pub aborting: String,
 }
 
+/// `replica.stop`: the replica that ends (its report says when).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicaStopping {
+    pub stopping: String,
+}
+
 /// `migration.watch`: from now on the connection carries [`Event`]s.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Watching {
@@ -208,13 +214,15 @@ mod tests {
                 "migration.status" => again::<Report>(example),
                 "migration.abort" => again::<MigrationAborting>(example),
                 "migration.watch" => again::<Watching>(example),
+                "replica.start" => again::<MigrationId>(example),
+                "replica.stop" => again::<ReplicaStopping>(example),
                 "peer.ping" => again::<PeerPong>(example),
                 other => panic!("docs/api.md shows a result of {other}: check it here"),
             };
             assert_eq!(&written, example, "{method}");
         }
         // Every method but metrics and service.list (prose only) shows one.
-        assert_eq!(results.len(), 13, "{results:?}");
+        assert_eq!(results.len(), 15, "{results:?}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::{
     control::{RpcError, code},
-    migration::Request,
+    migration::{Request, replica::ReplicaRequest},
     service::{FlowSpec, Service},
 };
 
@@ -31,12 +31,14 @@ pub enum Method {
     MigrationStatus,
     MigrationAbort,
     MigrationWatch,
+    ReplicaStart,
+    ReplicaStop,
     PeerPing,
 }
 
 impl Method {
     /// Every method.
-    pub const ALL: [Method; 15] = [
+    pub const ALL: [Method; 17] = [
         Method::Status,
         Method::Metrics,
         Method::FlowAdd,
@@ -51,6 +53,8 @@ impl Method {
         Method::MigrationStatus,
         Method::MigrationAbort,
         Method::MigrationWatch,
+        Method::ReplicaStart,
+        Method::ReplicaStop,
         Method::PeerPing,
     ];
 
@@ -71,6 +75,8 @@ impl Method {
             Method::MigrationStatus => "migration.status",
             Method::MigrationAbort => "migration.abort",
             Method::MigrationWatch => "migration.watch",
+            Method::ReplicaStart => "replica.start",
+            Method::ReplicaStop => "replica.stop",
             Method::PeerPing => "peer.ping",
         }
     }
@@ -113,6 +119,8 @@ pub enum Call {
     MigrationStatus(Option<MigrationId>),
     MigrationAbort(MigrationId),
     MigrationWatch,
+    ReplicaStart(ReplicaRequest),
+    ReplicaStop(ServiceName),
     PeerPing(PeerAddress),
 }
 
@@ -146,6 +154,8 @@ impl Call {
             }),
             Method::MigrationAbort => Call::MigrationAbort(parse(params)?),
             Method::MigrationWatch => Call::MigrationWatch,
+            Method::ReplicaStart => Call::ReplicaStart(parse(params)?),
+            Method::ReplicaStop => Call::ReplicaStop(parse(params)?),
             Method::PeerPing => Call::PeerPing(parse(params)?),
         })
     }
@@ -166,6 +176,8 @@ impl Call {
             Call::MigrationStatus(_) => Method::MigrationStatus,
             Call::MigrationAbort(_) => Method::MigrationAbort,
             Call::MigrationWatch => Method::MigrationWatch,
+            Call::ReplicaStart(_) => Method::ReplicaStart,
+            Call::ReplicaStop(_) => Method::ReplicaStop,
             Call::PeerPing(_) => Method::PeerPing,
         }
     }
@@ -183,8 +195,10 @@ impl Call {
             Call::FlowRemove(p) => serde_json::to_value(p),
             Call::ServiceRegister(p) => serde_json::to_value(p),
             Call::ServiceStart(p) => serde_json::to_value(p),
-            Call::ServiceStandby(p) => serde_json::to_value(p),
-            Call::ServiceUnregister(p) => serde_json::to_value(p),
+            Call::ServiceStandby(p) | Call::ServiceUnregister(p) | Call::ReplicaStop(p) => {
+                serde_json::to_value(p)
+            }
+            Call::ReplicaStart(p) => serde_json::to_value(p),
             Call::MigrationStart(p) => serde_json::to_value(p),
             Call::MigrationStatus(Some(p)) | Call::MigrationAbort(p) => serde_json::to_value(p),
             Call::PeerPing(p) => serde_json::to_value(p),

@@ -1,6 +1,7 @@
 //! What each control method does: the daemon as the control socket's
 //! [`Handler`].
 use std::{
+    collections::BTreeMap,
     path::Path,
     sync::{
         Arc,
@@ -19,8 +20,8 @@ use crate::{
         RpcError,
         answer::{
             FlowAdded, FlowInfo, FlowRemoved, Interfaces, MigrationAborting, PeerPong,
-            ServiceRegistered, ServiceStarted, ServiceUnregistered, StandbySeeded, Status,
-            Watching,
+            ReplicaStopping, ServiceRegistered, ServiceStarted, ServiceUnregistered, StandbySeeded,
+            Status, Watching,
         },
         code,
         method::{Call, MigrationId, PeerAddress, ServiceName, ServiceStart},
@@ -33,12 +34,13 @@ use crate::{
     kernel::{
         flow,
         loader::{Dataplane, LoadError},
+        logs::Tap,
     },
     metrics,
-    migration::{self, journal::Files, seed::StandbyRequest},
+    migration::{self, journal::Files, replica, replica::ReplicaRequest, seed::StandbyRequest},
     peer,
     registry::RegistryError,
-    report::{Report, State},
+    report::{Mode, ReplicaState, ReplicaStatus, Report, State},
     service::{FlowSpec, Service},
     standby::StandbyHost,
 };
@@ -61,6 +63,8 @@ impl Handler for Daemon {
             Call::MigrationStatus(Some(id)) => answer(self.report(id)),
             Call::MigrationAbort(id) => answer(self.migration_abort(id)),
             Call::MigrationWatch => answer(Ok(Watching { watching: true })),
+            Call::ReplicaStart(request) => answer(self.replica_start(request)),
+            Call::ReplicaStop(name) => answer(self.replica_stop(name)),
             Call::PeerPing(address) => answer(self.peer_ping(address).await),
         }
     }
@@ -514,6 +518,195 @@ impl Daemon {
         request
             .check()
             .map_err(|e| RpcError::new(code::INVALID_PARAMS, e.to_string()))?;
+        let replica = self.replicas.lock().unwrap().get(&request.service).cloned();
+        if let Some(replica) = replica {
+            return self.hand_over(request, replica);
+        }
+        let (service, taps) = self.admit(&request)?;
+        let mut migrations = self.migrations.lock().unwrap();
+        if let Some(running) = running_migration(&migrations, &service.name, None) {
+            return Err(running);
+        }
+        let (id, abort) = new_entry(&mut migrations, &service, &request, None);
+        let context = self.context(taps, abort);
+        let (progress, services) = (self.progress(), self.services.clone());
+        tracing::info!(%id, service = %service.name, to = %request.to, "migration started");
+        let task_id = id.clone();
+        let task = tokio::spawn(async move {
+            let report = migration::run(task_id, service, request, context, progress).await;
+            handed_over(&services, &report);
+        });
+        // A stopping daemon waits for it (the lock is still held: the
+        // task cannot have ended unseen).
+        if let Some(entry) = migrations.get_mut(&id) {
+            entry.task = Some(task);
+        }
+        Ok(MigrationId { id })
+    }
+
+    /// Starts a hot replica of a registered service on another host (see
+    /// [`migration::replica`]): its id, a migration's.
+    fn replica_start(&self, asked: ReplicaRequest) -> Result<MigrationId, RpcError> {
+        let service = self.services.get(&asked.service);
+        // The serving instance never pauses when a standby is there.
+        let mode = match service.and_then(|s| s.standby_pid) {
+            Some(_) if self.config.standby_host().is_some() => Mode::Standby,
+            _ => Mode::LeaveRunning,
+        };
+        let request = asked.migration(mode);
+        request
+            .check()
+            .map_err(|e| RpcError::new(code::INVALID_PARAMS, e.to_string()))?;
+        let mut replicas = self.replicas.lock().unwrap();
+        if let Some(replica) = replicas.get(&request.service) {
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!(
+                    "service {} has a hot replica already ({}, at {})",
+                    request.service, replica.id, replica.to
+                ),
+            ));
+        }
+        let (service, taps) = self.admit(&request)?;
+        let mut migrations = self.migrations.lock().unwrap();
+        if let Some(running) = running_migration(&migrations, &service.name, None) {
+            return Err(running);
+        }
+        let (id, abort) = new_entry(
+            &mut migrations,
+            &service,
+            &request,
+            Some(Default::default()),
+        );
+        let context = self.context(taps, abort);
+        let (commands, received) = tokio::sync::mpsc::unbounded_channel();
+        replicas.insert(
+            service.name.clone(),
+            Replica {
+                id: id.clone(),
+                to: request.to,
+                commands,
+            },
+        );
+        let (progress, services, table) = (
+            self.progress(),
+            self.services.clone(),
+            self.replicas.clone(),
+        );
+        tracing::info!(%id, service = %service.name, to = %request.to, ?mode,
+            "hot replica started");
+        let task_id = id.clone();
+        let task = tokio::spawn(async move {
+            let name = service.name.clone();
+            let ended = replica::run(
+                task_id.clone(),
+                service,
+                request,
+                context,
+                progress,
+                received,
+            )
+            .await;
+            table.lock().unwrap().remove(&name);
+            let replica = &ended.replica;
+            match &replica.error {
+                None => tracing::info!(id = %task_id, state = replica.state.name(),
+                    "hot replica ended"),
+                Some(e) => tracing::warn!(id = %task_id, "hot replica ended: {e}"),
+            }
+            if let Some(report) = &ended.handover {
+                handed_over(&services, report);
+            }
+        });
+        if let Some(entry) = migrations.get_mut(&id) {
+            entry.task = Some(task);
+        }
+        Ok(MigrationId { id })
+    }
+
+    fn replica_stop(&self, ServiceName { name }: ServiceName) -> Result<ReplicaStopping, RpcError> {
+        let replicas = self.replicas.lock().unwrap();
+        let Some(replica) = replicas.get(&name) else {
+            return Err(RpcError::new(
+                code::NOT_FOUND,
+                format!("service {name} has no hot replica"),
+            ));
+        };
+        // A replica whose task has ended is gone from the table already.
+        let _ = replica.commands.send(replica::Command::Stop);
+        Ok(ReplicaStopping {
+            stopping: replica.id.clone(),
+        })
+    }
+
+    /// A migration of a service with a hot replica: to the replica's host
+    /// and in sync, a handover to it (no checkpoint); anything else is
+    /// refused.
+    fn hand_over(
+        &self,
+        request: migration::Request,
+        replica: Replica,
+    ) -> Result<MigrationId, RpcError> {
+        if request.to != replica.to {
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!(
+                    "service {} has a hot replica at {}: migrate it there, or end the \
+                     replica first (replica.stop)",
+                    request.service, replica.to
+                ),
+            ));
+        }
+        let mut migrations = self.migrations.lock().unwrap();
+        let state = migrations
+            .get(&replica.id)
+            .and_then(|e| e.report.replica.as_ref())
+            .map(|r| r.state);
+        if state != Some(ReplicaState::InSync) {
+            let state = state.map_or("ended", ReplicaState::name);
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!(
+                    "the hot replica {} is {state}: it is handed over to only in sync",
+                    replica.id
+                ),
+            ));
+        }
+        if let Some(running) = running_migration(&migrations, &request.service, Some(&replica.id)) {
+            return Err(running);
+        }
+        let Some(service) = self.services.get(&request.service) else {
+            return Err(RpcError::new(
+                code::NOT_FOUND,
+                format!("no service {}", request.service),
+            ));
+        };
+        let (id, abort) = new_entry(&mut migrations, &service, &request, None);
+        if let Some(entry) = migrations.get_mut(&id) {
+            entry.report.from_replica = Some(replica.id.clone());
+        }
+        let command = replica::Command::Handover {
+            id: id.clone(),
+            request,
+            asked: std::time::Instant::now(),
+            abort,
+        };
+        if replica.commands.send(command).is_err() {
+            migrations.remove(&id);
+            return Err(RpcError::new(
+                code::CONFLICT,
+                format!("the hot replica {} has just ended", replica.id),
+            ));
+        }
+        tracing::info!(%id, replica = %replica.id, to = %replica.to,
+            "handover to the hot replica started");
+        Ok(MigrationId { id })
+    }
+
+    /// The service a migration (or a replica) of `request` moves, and the
+    /// log readers it needs, if the destination is a listed peer and the
+    /// service is registered.
+    fn admit(&self, request: &migration::Request) -> Result<(Service, LogTaps), RpcError> {
         self.trust
             .peer(request.to)
             .map_err(|e| RpcError::new(code::INVALID_PARAMS, format!("to: {e}")))?;
@@ -523,41 +716,18 @@ impl Daemon {
                 format!("no service {}", request.service),
             ));
         };
-        let Some((inputs, outputs)) = self.taps.get().cloned() else {
+        let Some(taps) = self.taps.get().cloned() else {
             return Err(RpcError::new(
                 code::INTERNAL_ERROR,
                 "the log readers are not running",
             ));
         };
-        let mut migrations = self.migrations.lock().unwrap();
-        if migrations
-            .values()
-            .any(|e| e.report.state == State::Running && e.report.service == service.name)
-        {
-            return Err(RpcError::new(
-                code::CONFLICT,
-                format!("service {} is migrating already", service.name),
-            ));
-        }
-        let id = format!("{}-{}", service.name, migrations.len() + 1);
-        let abort = Arc::new(AtomicBool::new(false));
-        let report = Report {
-            id: id.clone(),
-            service: service.name.clone(),
-            to: request.to.to_string(),
-            mode: request.mode,
-            state: State::Running,
-            ..Default::default()
-        };
-        migrations.insert(
-            id.clone(),
-            MigrationEntry {
-                report,
-                abort: abort.clone(),
-                task: None,
-            },
-        );
-        let context = migration::Context {
+        Ok((service, taps))
+    }
+
+    /// What a migration from this host works with; `abort` stops it.
+    fn context(&self, (inputs, outputs): LogTaps, abort: Arc<AtomicBool>) -> migration::Context {
+        migration::Context {
             pin_root: self.config.pin_root.clone(),
             interface: self.config.interface.clone(),
             peer_interface: self.config.peer_interface.clone(),
@@ -568,46 +738,18 @@ impl Daemon {
             standby: self.config.standby_host().map(|s| (s.netns, s.pin_root)),
             abort,
             trust: self.trust.clone(),
-        };
-        let (table, events, services) = (
-            self.migrations.clone(),
-            self.events.clone(),
-            self.services.clone(),
-        );
-        tracing::info!(%id, service = %service.name, to = %request.to, "migration started");
-        let task_id = id.clone();
-        let task = tokio::spawn(async move {
-            let progress = {
-                let (table, events) = (table.clone(), events.clone());
-                move |report: &Report| {
-                    if let Some(entry) = table.lock().unwrap().get_mut(&report.id) {
-                        entry.report = report.clone();
-                    }
-                    let _ = events.send(report.clone());
-                }
-            };
-            let report = migration::run(task_id, service, request, context, progress).await;
-            let (id, k) = (&report.id, report.handover_seq);
-            match &report.error {
-                None => tracing::info!(%id, total_us = report.total_us, "migration done"),
-                Some(e) if k > 0 => tracing::warn!(%id,
-                    "migration failed after the handover at K = {k}; the destination serves: {e}"),
-                Some(e) => tracing::warn!(%id, "migration failed, rolled back: {e}"),
-            }
-            if k > 0 {
-                // The service runs on the destination now, whatever
-                // failed after the handover.
-                if let Err(e) = services.remove(&report.service) {
-                    tracing::warn!(%id, "{e}");
-                }
-            }
-        });
-        // A stopping daemon waits for it (the lock is still held: the
-        // task cannot have ended unseen).
-        if let Some(entry) = migrations.get_mut(&id) {
-            entry.task = Some(task);
         }
-        Ok(MigrationId { id })
+    }
+
+    /// What a migration shows its reports to: the table, and the watchers.
+    fn progress(&self) -> impl Fn(&Report) + Send + Sync + 'static {
+        let (table, events) = (self.migrations.clone(), self.events.clone());
+        move |report: &Report| {
+            if let Some(entry) = table.lock().unwrap().get_mut(&report.id) {
+                entry.report = report.clone();
+            }
+            let _ = events.send(report.clone());
+        }
     }
 
     /// Every migration's latest report.
@@ -656,6 +798,87 @@ impl Daemon {
         })
     }
 }
+/// The input and output log readers.
+type LogTaps = (Arc<Tap>, Arc<Tap>);
+
+/// A hot replica this daemon keeps, by service: where it is, and how to
+/// tell it to hand over or stop.
+#[derive(Clone)]
+pub(super) struct Replica {
+    id: String,
+    to: std::net::SocketAddr,
+    commands: tokio::sync::mpsc::UnboundedSender<replica::Command>,
+}
+
+/// The refusal of a migration of `service` while another (or a hot
+/// replica's life) runs, but for `except` (the replica a handover goes to).
+fn running_migration(
+    migrations: &BTreeMap<String, MigrationEntry>,
+    service: &str,
+    except: Option<&str>,
+) -> Option<RpcError> {
+    migrations
+        .iter()
+        .any(|(id, e)| {
+            e.report.state == State::Running
+                && e.report.service == service
+                && Some(id.as_str()) != except
+        })
+        .then(|| {
+            RpcError::new(
+                code::CONFLICT,
+                format!("service {service} is migrating already"),
+            )
+        })
+}
+
+/// Adds a running migration of `service` as `request` asks to the table
+/// (a hot replica's with `replica`): its id and abort switch.
+fn new_entry(
+    migrations: &mut BTreeMap<String, MigrationEntry>,
+    service: &Service,
+    request: &migration::Request,
+    replica: Option<ReplicaStatus>,
+) -> (String, Arc<AtomicBool>) {
+    let id = format!("{}-{}", service.name, migrations.len() + 1);
+    let abort = Arc::new(AtomicBool::new(false));
+    let report = Report {
+        id: id.clone(),
+        service: service.name.clone(),
+        to: request.to.to_string(),
+        mode: request.mode,
+        state: State::Running,
+        replica,
+        ..Default::default()
+    };
+    migrations.insert(
+        id.clone(),
+        MigrationEntry {
+            report,
+            abort: abort.clone(),
+            task: None,
+        },
+    );
+    (id, abort)
+}
+
+/// After a migration (or a handover to a hot replica) that picked K: the
+/// service runs on the destination now, whatever failed after.
+fn handed_over(services: &crate::registry::Registry, report: &Report) {
+    let (id, k) = (&report.id, report.handover_seq);
+    match &report.error {
+        None => tracing::info!(%id, total_us = report.total_us, "migration done"),
+        Some(e) if k > 0 => tracing::warn!(%id,
+            "migration failed after the handover at K = {k}; the destination serves: {e}"),
+        Some(e) => tracing::warn!(%id, "migration failed, rolled back: {e}"),
+    }
+    if k > 0
+        && let Err(e) = services.remove(&report.service)
+    {
+        tracing::warn!(%id, "{e}");
+    }
+}
+
 fn registry_error(e: RegistryError) -> RpcError {
     match e {
         RegistryError::Exists(_) => RpcError::new(code::CONFLICT, e.to_string()),

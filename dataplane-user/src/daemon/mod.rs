@@ -52,6 +52,8 @@ pub struct Daemon {
     services: Arc<Registry>,
     /// Every migration this daemon ran or runs, by id.
     migrations: Arc<Mutex<BTreeMap<String, MigrationEntry>>>,
+    /// The hot replicas of its services, by service.
+    replicas: Arc<Mutex<BTreeMap<String, handlers::Replica>>>,
     /// The standing readers of the input and output logs (set by `serve`).
     taps: std::sync::OnceLock<(Arc<Tap>, Arc<Tap>)>,
     /// Where standby requests go (set by `serve`; see [`Seeder`]).
@@ -179,6 +181,7 @@ impl Daemon {
             started: Instant::now(),
             services: Arc::new(services),
             migrations: Arc::new(Mutex::new(BTreeMap::new())),
+            replicas: Arc::new(Mutex::new(BTreeMap::new())),
             taps: std::sync::OnceLock::new(),
             standby_requests: std::sync::OnceLock::new(),
             events: broadcast::channel(256).0,

@@ -1,5 +1,5 @@
 //! Facts about network interfaces, read in the calling thread's network namespace.
-use std::{io, os::fd::FromRawFd};
+use std::io;
 
 use nix::{ifaddrs::getifaddrs, net::if_::if_nametoindex};
 
@@ -147,21 +147,36 @@ pub fn gratuitous_arp(interface: &str, addr: std::net::Ipv4Addr) -> io::Result<(
     let iface = Interface::by_name(interface).map_err(io::Error::other)?;
     const ETH_P_ARP: u16 = 0x0806;
     let frame = arp_announcement(iface.mac, addr)?;
-    // SAFETY: plain socket calls on a descriptor this function owns.
-    unsafe {
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
-        let mut to: libc::sockaddr_ll = std::mem::zeroed();
-        to.sll_family = libc::AF_PACKET as u16;
-        to.sll_protocol = ETH_P_ARP.to_be();
-        to.sll_ifindex = iface.index as i32;
-        to.sll_halen = 6;
-        to.sll_addr[..6].fill(0xff);
-        send_to(std::os::fd::AsRawFd::as_raw_fd(&fd), &frame, &to)
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid start.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = ETH_P_ARP.to_be();
+    to.sll_ifindex = iface.index as i32;
+    to.sll_halen = 6;
+    to.sll_addr[..6].fill(0xff);
+    send_to(packet_socket()?, &frame, &to)
+}
+
+/// This process's one packet socket, for sending frames: made at first
+/// use and never closed, because closing a packet socket waits for an RCU
+/// grace period (`synchronize_net`), about 10 ms here, which would fall
+/// on the announce of every cutover. It takes no protocol, so it receives
+/// nothing.
+fn packet_socket() -> io::Result<std::os::fd::RawFd> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    static SOCKET: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    if let Some(fd) = SOCKET.get() {
+        return Ok(fd.as_raw_fd());
     }
+    // SAFETY: a plain socket call; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor no one else owns. Two first calls
+    // racing make two sockets; the one not kept is closed, once.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(SOCKET.get_or_init(|| fd).as_raw_fd())
 }
 
 /// A gratuitous ARP request: from `mac` to all, for `addr` by `addr`.

@@ -212,6 +212,8 @@ pub struct Convergence {
     needed: u32,
     run: u32,
     compared: u64,
+    /// The last input whose answers were compared.
+    last_seq: u64,
     /// The latest mismatch: (input sequence, reason).
     pub last_mismatch: Option<(u64, Mismatch)>,
 }
@@ -223,6 +225,7 @@ impl Convergence {
             needed,
             run: 0,
             compared: 0,
+            last_seq: 0,
             last_mismatch: None,
         }
     }
@@ -231,6 +234,7 @@ impl Convergence {
     /// whether the instances have now converged.
     pub fn record(&mut self, seq: u64, outcome: Result<(), Mismatch>) -> bool {
         self.compared += 1;
+        self.last_seq = seq;
         match outcome {
             Ok(()) => self.run += 1,
             Err(reason) => {
@@ -248,6 +252,11 @@ impl Convergence {
     /// Output pairs compared so far.
     pub fn compared(&self) -> u64 {
         self.compared
+    }
+
+    /// The last input whose answers were compared (0: none yet).
+    pub fn compared_up_to(&self) -> u64 {
+        self.last_seq
     }
 }
 
@@ -365,7 +374,9 @@ impl Pairing {
     }
 
     /// Compares every input both sides have answered, in order, into
-    /// `convergence` (stopping once it has converged). An input answered
+    /// `convergence`, stopping when it converges (a migration hands over
+    /// then; once converged, as a hot replica stays, it compares every
+    /// input both have answered). An input answered
     /// more than once on either side is skipped: a shared tag means the
     /// instance had several inputs queued. The source's answers to inputs
     /// the destination has not answered yet stay for later rounds.
@@ -380,8 +391,10 @@ impl Pairing {
         {
             let (seq, theirs) = entry.remove_entry();
             let ours = self.ours.remove(&seq);
+            let before = convergence.converged();
             if let (Some([ours]), [theirs]) = (ours.as_deref(), &theirs[..])
                 && convergence.record(seq, ours.compare(theirs, comparator))
+                && !before
             {
                 break;
             }

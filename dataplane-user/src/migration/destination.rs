@@ -239,6 +239,14 @@ async fn serve_frames<'a>(
                 };
                 let answer = serde_json::to_vec(&answer).expect("serializes");
                 link.send(frame::MIGRATED, &answer).await?;
+                // A finished migration is kept once its source has the
+                // answer: registering the service writes the registry to
+                // disk (an fsync, tens of ms), which the source's T_M need
+                // not wait for. Its journal covers a daemon that dies
+                // between the two.
+                if let Some(mut finished) = target.take_if(|t| t.state == State::Idle) {
+                    finished.keep();
+                }
             }
             other => {
                 let reason = format!("unexpected frame type {other}");
@@ -294,7 +302,9 @@ async fn run_step<'a>(
     let outcome = t.step(step).await;
     t.last_step = tokio::time::Instant::now();
     match (&outcome, next) {
-        // Finished or rolled back: the link may prepare another.
+        // Finished: kept once answered, then the link may prepare another.
+        (Ok(_), State::Idle) if kind == StepKind::Finish => t.state = State::Idle,
+        // Rolled back: the link may prepare another.
         (Ok(_), State::Idle) => *target = None,
         (Ok(_), next) => t.state = next,
         // A refused abort (the service is handed over) changes nothing.
@@ -548,6 +558,9 @@ impl<'a> Target<'a> {
                 // Bounded: the answer fits a frame, and the step ends
                 // well within the idle limit.
                 let timeout = Duration::from_millis(timeout_ms).min(MAX_OUTPUTS_WAIT);
+                // Past the replay the inputs staged here only count losses
+                // (a hot replica is compared for as long as it lives).
+                while self.inputs.try_next().is_some() {}
                 let outputs = self
                     .next_outputs(after, count.min(MAX_OUTPUTS), timeout)
                     .await;
@@ -560,7 +573,7 @@ impl<'a> Target<'a> {
             }
             Step::Announce => self.announce().map(|a| serde_json::json!({"announced": a})),
             Step::Finish => {
-                self.keep();
+                // Kept once the source has this answer (see `serve_frames`).
                 let (daemon_cpu_us, criu_cpu_us) = crate::host::tasks::CpuTime::since(self.cpu);
                 let finished = Finished {
                     pid: self.instance,

@@ -124,6 +124,10 @@ pub enum Cause {
     NoInput(#[from] NoInput),
     #[error("handed over at K = {0}: inputs above K keep going to the destination")]
     HandedOver(u64),
+    #[error("the hot replica diverged: outputs for input {seq} differ: {why}")]
+    Diverged { seq: u64, why: Mismatch },
+    #[error("the handover to the hot replica failed, and the replica went with it: {0}")]
+    HandoverFailed(String),
     // The destination's own causes.
     #[error("not a migration step: {0}")]
     NotAStep(serde_json::Error),

@@ -26,6 +26,7 @@ pub mod instance;
 pub mod journal;
 pub mod protocol;
 pub mod recovery;
+pub mod replica;
 pub mod seed;
 pub mod source;
 
@@ -111,13 +112,13 @@ pub enum InvalidRequest {
 /// a migration's state for about that long without a word from the source.
 pub const MAX_DEADLINE_MS: u64 = 600_000;
 
-fn default_converge() -> u32 {
+pub(crate) fn default_converge() -> u32 {
     10
 }
 /// The `deadline_ms` of a request that gives none.
 pub const DEFAULT_DEADLINE_MS: u64 = 10_000;
 
-fn default_deadline_ms() -> u64 {
+pub(crate) fn default_deadline_ms() -> u64 {
     DEFAULT_DEADLINE_MS
 }
 

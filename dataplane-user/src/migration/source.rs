@@ -3,7 +3,7 @@
 //! the flip.
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -44,57 +44,28 @@ pub async fn run(
     context: Context,
     progress: impl Fn(&Report) + Send + Sync + 'static,
 ) -> Report {
-    let mut migration = Migration {
-        start: Instant::now(),
-        report: Report {
-            id,
-            service: service.name.clone(),
-            to: request.to.to_string(),
-            mode: request.mode,
-            state: State::Running,
-            ..Default::default()
-        },
-        progress: Box::new(progress),
-        service,
-        request,
-        context,
-    };
+    let mut migration = Migration::new(id, service, request, context, Arc::new(progress));
     let cpu = crate::host::tasks::CpuTime::now();
     let outcome = migration.execute().await;
-    // The images went with the transfer; the journal goes now.
-    migration
-        .context
-        .files
-        .remove(Side::Source, &migration.report.id);
-    let report = &mut migration.report;
-    report.total_us = migration.start.elapsed().as_micros() as u64;
-    (report.load.source_daemon_us, report.load.source_criu_us) =
-        crate::host::tasks::CpuTime::since(cpu);
-    match outcome {
-        Ok(()) => {
-            report.state = State::Done;
-            report.phase = Stage::Done;
-        }
-        Err(e) => {
-            report.state = State::Failed;
-            report.error = Some(e.to_string());
-        }
-    }
-    (migration.progress)(&migration.report);
-    migration.report
+    migration.conclude(cpu, outcome.map(|()| State::Done))
 }
 
-struct Migration {
+/// What sees a migration's report after every phase.
+pub(super) type Progress = Arc<dyn Fn(&Report) + Send + Sync>;
+
+/// One migration from this host (or a hot replica's life, see
+/// [`super::replica`]): its request, its report, and what it works with.
+pub(super) struct Migration {
     start: Instant,
-    report: Report,
-    progress: Box<dyn Fn(&Report) + Send + Sync>,
-    service: Service,
-    request: Request,
-    context: Context,
+    pub(super) report: Report,
+    progress: Progress,
+    pub(super) service: Service,
+    pub(super) request: Request,
+    pub(super) context: Context,
 }
 
 /// The source's side of the steps, for rollback.
-struct Source {
+pub(super) struct Source {
     dataplane: Dataplane,
     /// The id the service's flows share here: one numbering, one gate.
     flow_id: u32,
@@ -110,14 +81,89 @@ struct Source {
 }
 
 impl Migration {
-    fn fail(&self, cause: impl Into<Cause>) -> MigrationError {
+    pub(super) fn new(
+        id: String,
+        service: Service,
+        request: Request,
+        context: Context,
+        progress: Progress,
+    ) -> Self {
+        Self {
+            start: Instant::now(),
+            report: Report {
+                id,
+                service: service.name.clone(),
+                to: request.to.to_string(),
+                mode: request.mode,
+                state: State::Running,
+                ..Default::default()
+            },
+            progress,
+            service,
+            request,
+            context,
+        }
+    }
+
+    /// Ends the migration with `outcome` (the state it ended in, or why
+    /// it failed): its journal goes, the report gets its totals and
+    /// state, and is shown a last time.
+    pub(super) fn conclude(
+        &mut self,
+        cpu: crate::host::tasks::CpuTime,
+        outcome: Result<State, MigrationError>,
+    ) -> Report {
+        // The images went with the transfer; the journal goes now.
+        self.context.files.remove(Side::Source, &self.report.id);
+        let report = &mut self.report;
+        // A handover set it at `finish` (see `cutover`).
+        if report.total_us == 0 {
+            report.total_us = self.start.elapsed().as_micros() as u64;
+        }
+        (report.load.source_daemon_us, report.load.source_criu_us) =
+            crate::host::tasks::CpuTime::since(cpu);
+        match outcome {
+            Ok(state) => {
+                report.state = state;
+                report.phase = Stage::Done;
+            }
+            Err(e) => {
+                report.state = State::Failed;
+                report.error = Some(e.to_string());
+            }
+        }
+        (self.progress)(&self.report);
+        self.report.clone()
+    }
+
+    /// What sees the report.
+    pub(super) fn progress(&self) -> Progress {
+        self.progress.clone()
+    }
+
+    /// Shows the report as it is now.
+    pub(super) fn show(&self) {
+        (self.progress)(&self.report);
+    }
+
+    /// When the migration started.
+    pub(super) fn started(&self) -> Instant {
+        self.start
+    }
+
+    /// Counts the migration from `at`, when it was asked for.
+    pub(super) fn started_at(&mut self, at: Instant) {
+        self.start = at;
+    }
+
+    pub(super) fn fail(&self, cause: impl Into<Cause>) -> MigrationError {
         MigrationError {
             phase: self.report.phase,
             cause: cause.into(),
         }
     }
 
-    fn begin(&mut self, phase: Stage) -> Result<Instant, MigrationError> {
+    pub(super) fn begin(&mut self, phase: Stage) -> Result<Instant, MigrationError> {
         self.report.phase = phase;
         (self.progress)(&self.report);
         self.check_abort()?;
@@ -126,14 +172,14 @@ impl Migration {
 
     /// An error once `migration.abort` (or a stopping daemon) asked the
     /// migration to stop: it rolls back from there.
-    fn check_abort(&self) -> Result<(), MigrationError> {
+    pub(super) fn check_abort(&self) -> Result<(), MigrationError> {
         match self.context.abort.load(Ordering::Relaxed) {
             true => Err(self.fail(Cause::Aborted)),
             false => Ok(()),
         }
     }
 
-    fn end(&mut self, started: Instant) {
+    pub(super) fn end(&mut self, started: Instant) {
         self.report.phases.push(Phase {
             name: self.report.phase,
             start_us: (started - self.start).as_micros() as u64,
@@ -143,6 +189,19 @@ impl Migration {
     }
 
     async fn execute(&mut self) -> Result<(), MigrationError> {
+        let (mut source, mut link) = self.open().await?;
+        let outcome = self.migrate(&mut source, &mut link).await;
+        if outcome.is_err() {
+            self.settle_failure(&mut source, &mut link).await;
+        }
+        outcome
+    }
+
+    /// Prepares the destination and starts mirroring the service's flows
+    /// to it (the `prepare` phase): this host's side of the migration and
+    /// the link to the destination. A failure once the destination has
+    /// prepared rolls both back.
+    pub(super) async fn open(&mut self) -> Result<(Source, peer::Link), MigrationError> {
         let t = self.begin(Stage::Prepare)?;
         let specs = self.service.flows.clone();
         if specs.is_empty() {
@@ -270,23 +329,25 @@ impl Migration {
                 Ok(())
             });
         self.end(t);
-        let outcome = match mirrored {
-            Ok(()) => self.migrate(&mut source, &mut link).await,
-            Err(e) => Err(self.fail(e)),
-        };
-        match &outcome {
-            Err(_) if self.report.flip_ns == 0 => self.rollback(&mut source, &mut link).await,
-            // Handed over, then failed (the link went before `announce` or
-            // `finish`): the destination serves, as its own settling or
-            // recovery finds, and the instances here get no input past K.
-            Err(_) => {
-                self.stop_instances();
-                let outcome = source.let_go(&self.context.interface);
-                tracing::info!(migration = %self.report.id, "{outcome}");
-            }
-            Ok(()) => {}
+        if let Err(e) = mirrored {
+            self.rollback(&mut source, &mut link).await;
+            return Err(self.fail(e));
         }
-        outcome
+        Ok((source, link))
+    }
+
+    /// After a failure: before the flip, both sides roll back; handed over
+    /// (the link went before `announce` or `finish`), the destination
+    /// serves, as its own settling or recovery finds, and the instances
+    /// here, which get no input past K, stop.
+    pub(super) async fn settle_failure(&mut self, source: &mut Source, link: &mut peer::Link) {
+        if self.report.flip_ns == 0 {
+            self.rollback(source, link).await;
+        } else {
+            self.stop_instances();
+            let outcome = source.let_go(&self.context.interface);
+            tracing::info!(migration = %self.report.id, "{outcome}");
+        }
     }
 
     /// Everything after `prepare`.
@@ -295,6 +356,20 @@ impl Migration {
         source: &mut Source,
         link: &mut peer::Link,
     ) -> Result<(), MigrationError> {
+        let replay_end = self.establish(source, link).await?;
+        let mut comparing = Comparing::after_replay(replay_end, self.request.converge);
+        self.converge(source, link, &mut comparing).await?;
+        self.cutover(source, link).await
+    }
+
+    /// Checkpoints the instance at S, sends the images, and has the
+    /// destination restore them and replay S+1 onwards: the last input
+    /// the replay delivered.
+    pub(super) async fn establish(
+        &mut self,
+        source: &mut Source,
+        link: &mut peer::Link,
+    ) -> Result<u64, MigrationError> {
         let position = self.checkpoint(source).await?;
         source.check_log().map_err(|e| self.fail(e))?;
 
@@ -338,9 +413,7 @@ impl Migration {
             restored.replayed as f64 / (restored.replay_us.max(1) as f64 / 1e6);
         self.end(t);
         source.check_log().map_err(|e| self.fail(e))?;
-
-        self.converge(source, link, restored.replay_end).await?;
-        self.cutover(source, link).await
+        Ok(restored.replay_end)
     }
 
     /// The instance the checkpoint is taken of, by mode.
@@ -435,62 +508,81 @@ impl Migration {
 
     /// Compares the two instances' outputs, input by input, until
     /// `converge` in a row match; the deadline aborts.
-    async fn converge(
+    pub(super) async fn converge(
         &mut self,
         source: &mut Source,
         link: &mut peer::Link,
-        replay_end: u64,
+        comparing: &mut Comparing,
     ) -> Result<(), MigrationError> {
         let t = self.begin(Stage::Converge)?;
         let deadline = Instant::now() + Duration::from_millis(self.request.deadline_ms);
-        let mut convergence = Convergence::new(self.request.converge);
-        let mut pairing = Pairing::after_replay(replay_end);
-        while !convergence.converged() {
+        while !comparing.convergence.converged() {
             self.check_abort()?;
-            // An overflow, not the mismatches it then causes, is the cause.
-            source.check_log().map_err(|e| self.fail(e))?;
             if Instant::now() > deadline {
                 return Err(self.fail(NotConverged {
                     needed: self.request.converge,
                     deadline_ms: self.request.deadline_ms,
-                    compared: convergence.compared(),
-                    destination_up_to: pairing.after(),
-                    source_up_to: pairing.reached(),
-                    last_mismatch: convergence.last_mismatch.clone(),
+                    compared: comparing.convergence.compared(),
+                    destination_up_to: comparing.pairing.after(),
+                    source_up_to: comparing.pairing.reached(),
+                    last_mismatch: comparing.convergence.last_mismatch.clone(),
                 }));
             }
-            let theirs: Vec<Output> = step(
-                link,
-                &Step::Outputs {
-                    after: pairing.after(),
-                    count: self.request.converge as usize,
-                    timeout_ms: 200,
-                },
-            )
-            .await
-            .map_err(|e| self.fail(e))?;
-            for output in theirs.into_iter().filter(|o| o.flow_id == source.remote_id) {
-                pairing.theirs(output.seq, output.answer);
-            }
-            let Some(last) = pairing.waiting_for() else {
-                continue;
-            };
-            // The source instance answers those inputs about as soon.
-            source
-                .collect_outputs(&mut pairing, last, Duration::from_millis(200))
-                .await;
-            pairing.compare(&self.request.compare, &mut convergence);
-            if source.outputs.lost() > 0 {
-                return Err(self.fail(Cause::OutputsLost));
-            }
+            let count = self.request.converge as usize;
+            self.compare(source, link, comparing, count, 200).await?;
         }
-        self.report.compared = convergence.compared();
+        self.report.compared = comparing.convergence.compared();
         self.end(t);
         Ok(())
     }
 
+    /// One round of comparison: the destination's next outputs (up to
+    /// `count`, waiting at most `timeout_ms` for them), the source's
+    /// answers to the same inputs, compared.
+    pub(super) async fn compare(
+        &self,
+        source: &mut Source,
+        link: &mut peer::Link,
+        comparing: &mut Comparing,
+        count: usize,
+        timeout_ms: u64,
+    ) -> Result<(), MigrationError> {
+        // An overflow, not the mismatches it then causes, is the cause.
+        source.check_log().map_err(|e| self.fail(e))?;
+        // Past the checkpoint the inputs staged here only count losses.
+        while source.inputs.try_next().is_some() {}
+        let Comparing {
+            pairing,
+            convergence,
+        } = comparing;
+        let theirs: Vec<Output> = step(
+            link,
+            &Step::Outputs {
+                after: pairing.after(),
+                count,
+                timeout_ms,
+            },
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        for output in theirs.into_iter().filter(|o| o.flow_id == source.remote_id) {
+            pairing.theirs(output.seq, output.answer);
+        }
+        if let Some(last) = pairing.waiting_for() {
+            // The source instance answers those inputs about as soon.
+            source
+                .collect_outputs(pairing, last, Duration::from_millis(200))
+                .await;
+            pairing.compare(&self.request.compare, convergence);
+        }
+        if source.outputs.lost() > 0 {
+            return Err(self.fail(Cause::OutputsLost));
+        }
+        Ok(())
+    }
+
     /// Agrees on K with the destination and flips.
-    async fn cutover(
+    pub(super) async fn cutover(
         &mut self,
         source: &mut Source,
         link: &mut peer::Link,
@@ -530,12 +622,16 @@ impl Migration {
 
         let t = self.begin(Stage::Finish)?;
         self.stop_instances();
-        let outcome = source.let_go(&self.context.interface);
-        tracing::info!(migration = %self.report.id, "{outcome}");
         let finished: Finished = step(link, &Step::Finish).await.map_err(|e| self.fail(e))?;
         self.report.load.destination_daemon_us = finished.daemon_cpu_us;
         self.report.load.destination_criu_us = finished.criu_cpu_us;
         self.end(t);
+        // T_M ends here: the destination has the service. Letting go of
+        // the flows waits until their inputs stop coming here (20 ms
+        // without one at least), which the CPS does not wait for.
+        self.report.total_us = self.start.elapsed().as_micros() as u64;
+        let outcome = source.let_go(&self.context.interface);
+        tracing::info!(migration = %self.report.id, "{outcome}");
         Ok(())
     }
 
@@ -552,7 +648,7 @@ impl Migration {
     }
 
     /// Undoes the source's changes and tells the destination to undo its own.
-    async fn rollback(&mut self, source: &mut Source, link: &mut peer::Link) {
+    pub(super) async fn rollback(&mut self, source: &mut Source, link: &mut peer::Link) {
         for f in &source.flows {
             let key = flow::udp(f.flow.cps, f.flow.service);
             let _ = source.dataplane.set_flow_flags(&key, f.flags);
@@ -573,7 +669,32 @@ impl Migration {
     }
 }
 
+/// The comparison of a migration's two instances: their outputs paired
+/// by input, and the run of matches.
+pub(super) struct Comparing {
+    pub(super) pairing: Pairing,
+    pub(super) convergence: Convergence,
+}
+
+impl Comparing {
+    /// Pairing from the first live input after the replay (`replay_end`),
+    /// converged after `needed` matches in a row.
+    pub(super) fn after_replay(replay_end: u64, needed: u32) -> Self {
+        Self {
+            pairing: Pairing::after_replay(replay_end),
+            convergence: Convergence::new(needed),
+        }
+    }
+}
+
 impl Source {
+    /// The last input this host numbered for the service.
+    pub(super) fn last_seq(&self) -> u64 {
+        self.dataplane
+            .sequence(self.flow_id)
+            .map_or(0, |s| s.last_seq)
+    }
+
     /// Stages the source instance's outputs until one answers `seq` or
     /// later, or `timeout` passes.
     async fn collect_outputs(&mut self, pairing: &mut Pairing, seq: u64, timeout: Duration) {

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::report::{Mode, Report, Stage, State};
+use crate::report::{Mode, Report, Stage};
 
 /// y = fixed + slope * x, fitted by least squares.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -418,7 +418,7 @@ impl Calibration {
     /// service under its inputs costs CRIU more than an idle synthetic one
     /// (the fixed costs come from the reports, the slopes stay the sweep's).
     pub fn fit_reports(&mut self, reports: &[Report]) {
-        let done: Vec<&Report> = reports.iter().filter(|r| r.state == State::Done).collect();
+        let done: Vec<&Report> = reports.iter().filter(|r| r.is_whole_migration()).collect();
         let through = |line: Line, points: Vec<(f64, f64)>| match points.len() {
             0 => line,
             n => Line {
@@ -444,7 +444,7 @@ impl Calibration {
         for mode in [Mode::LeaveRunning, Mode::Standby] {
             let done: Vec<&Report> = reports
                 .iter()
-                .filter(|r| r.state == State::Done && r.mode == mode)
+                .filter(|r| r.is_whole_migration() && r.mode == mode)
                 .collect();
             if done.is_empty() {
                 continue;
@@ -648,7 +648,7 @@ mod tests {
     fn report(mode: Mode, image_mib: f64, phases: &[(Stage, u64)]) -> Report {
         Report {
             mode,
-            state: State::Done,
+            state: crate::report::State::Done,
             image_bytes: ((image_mib * 1024.0 + 200.0) * 1024.0) as u64,
             phases: phases
                 .iter()

@@ -11,7 +11,13 @@
 //! - ours, leave-running and standby: MIGRATIONS times each;
 //! - ours, standby, with the controller reading four field devices (four
 //!   flows, each sending every T_U): MIGRATIONS times, beside the one-flow
-//!   standby runs, for what several flows cost a migration.
+//!   standby runs, for what several flows cost a migration;
+//! - ours, hot replica: a replica made on dst from the standby while the
+//!   CPS runs (`replica.start`), kept in sync 200 ms, then the migration,
+//!   which hands over to it without a checkpoint: MIGRATIONS times. Its
+//!   T_M is the handover's (from `migration.start`); D is what the replica
+//!   was made from, moved before the request. The model has no term for
+//!   it: no prediction.
 //!
 //! Before measuring, it calibrates the model (calagna2023's PAM, `dataplane
 //! calibrate`): CRIU's terms on a synthetic service, then the live modes'
@@ -58,13 +64,16 @@ const LEAD: Duration = Duration::from_millis(400);
 /// Migrations per live mode and size the model's live costs are fitted to.
 const CALIBRATION_RUNS: usize = 4;
 const CALIBRATION_SIZES: [u64; 2] = [1, 64];
-const METHODS: [Kind; 5] = [
+const METHODS: [Kind; 6] = [
     Kind::StopAndCopy,
     Kind::PreCopy,
     Kind::LeaveRunning,
     Kind::Standby,
     Kind::StandbyFourFlows,
+    Kind::HotReplica,
 ];
+/// How long a hot replica is kept in sync before the handover.
+const KEPT: Duration = Duration::from_millis(200);
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
@@ -73,6 +82,7 @@ enum Kind {
     LeaveRunning,
     Standby,
     StandbyFourFlows,
+    HotReplica,
 }
 
 impl Kind {
@@ -83,6 +93,7 @@ impl Kind {
             Kind::LeaveRunning => "ours, leave-running",
             Kind::Standby => "ours, standby",
             Kind::StandbyFourFlows => "ours, standby, 4 flows",
+            Kind::HotReplica => "ours, hot replica",
         }
     }
     /// The label in the CSV files: no comma.
@@ -93,6 +104,7 @@ impl Kind {
             Kind::LeaveRunning => "leave-running",
             Kind::Standby => "standby",
             Kind::StandbyFourFlows => "standby-4-flows",
+            Kind::HotReplica => "hot-replica",
         }
     }
     fn live_mode(self) -> Option<&'static str> {
@@ -131,6 +143,8 @@ struct Run {
     state_bytes: f64,
     /// Why the migration failed (rolled back: the source kept serving).
     failed: Option<String>,
+    /// A hot replica's: from `replica.start` to in sync.
+    sync_us: Option<f64>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -164,6 +178,7 @@ fn main() -> anyhow::Result<()> {
             let i = *done.entry(kind).or_default();
             let run = match kind.live_mode() {
                 Some(mode) => live(mode, kind.devices(), size, i)?.0,
+                None if kind == Kind::HotReplica => hot_replica(size, i)?,
                 None => baseline(kind == Kind::PreCopy, size, i)?,
             };
             if let Some(error) = &run.failed {
@@ -222,7 +237,12 @@ fn schedule(migrations: usize, baselines: usize) -> Vec<Kind> {
             left -= 1;
         }
         if i < migrations {
-            order.extend([Kind::LeaveRunning, Kind::Standby, Kind::StandbyFourFlows]);
+            order.extend([
+                Kind::LeaveRunning,
+                Kind::Standby,
+                Kind::StandbyFourFlows,
+                Kind::HotReplica,
+            ]);
         }
     }
     order
@@ -350,10 +370,58 @@ fn live(mode: &str, devices: u16, size: u64, i: usize) -> anyhow::Result<(Run, s
     std::thread::sleep(LEAD);
     let id = setup.migrate(json!({ "mode": mode }));
     let value = setup.wait(&id);
+    let run = measured(&setup, &value, cps, &trace, devices, state_bytes)?;
+    Ok((run, value))
+}
+
+/// A hot replica of the controller with `size` MiB of state made on dst
+/// from its standby while the CPS runs, kept in sync for [`KEPT`], then
+/// handed over to: what was measured of the handover.
+fn hot_replica(size: u64, i: usize) -> anyhow::Result<Run> {
+    let args = controller_args(size);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let setup = set_up(&format!("bh{i}"), &args, 1, true)?;
+    let standby = setup.standby.as_ref().context("the standby")?;
+    let state_bytes = dataplane_user::planning::calibrate::state_bytes(standby.1.pid)? as f64;
+    let trace = trace_path(i);
+    // The replica is made first: the CPS runs that much longer.
+    let cps = setup.start_cps(cycles(size) + 500, PERIOD_US, Some(&trace));
+    std::thread::sleep(LEAD);
+    let replica = setup.replicate(json!({}));
+    let synced = setup.wait_in_sync(&replica);
+    if synced["replica"]["state"] != "in_sync" {
+        let verdicts = cps_verdicts(cps);
+        let error = format!("replica: {}", synced["error"].as_str().unwrap_or("?"));
+        return Ok(Run {
+            failed: Some(error),
+            ..judged(&verdicts)
+        });
+    }
+    std::thread::sleep(KEPT);
+    let id = setup.migrate(json!({}));
+    let value = setup.wait(&id);
+    let run = measured(&setup, &value, cps, &trace, 1, state_bytes)?;
+    Ok(Run {
+        sync_us: synced["replica"]["sync_us"].as_f64(),
+        ..run
+    })
+}
+
+/// What a live migration's report (`value`) and the CPS's run (`cps`,
+/// its trace at `trace`, `devices` field devices) say: the figures, or
+/// why it failed.
+fn measured(
+    setup: &MigrationSetup,
+    value: &serde_json::Value,
+    cps: std::process::Child,
+    trace: &Path,
+    devices: u16,
+    state_bytes: f64,
+) -> anyhow::Result<Run> {
     let verdicts = cps_verdicts(cps);
     kill_pid(value["destination_pid"].as_u64().unwrap_or(0));
-    let gaps = output_gaps(&std::fs::read_to_string(&trace)?, PERIOD_US);
-    let _ = std::fs::remove_file(&trace);
+    let gaps = output_gaps(&std::fs::read_to_string(trace)?, PERIOD_US);
+    let _ = std::fs::remove_file(trace);
     if value["state"] != "done" {
         // What the kernel programs counted on both hosts, for the diagnosis.
         let counted = |daemon: &dataplane_tests::DaemonProcess| {
@@ -375,11 +443,10 @@ fn live(mode: &str, devices: u16, size: u64, i: usize) -> anyhow::Result<(Run, s
             counted(&setup.src),
             counted(&setup.dst)
         );
-        let failed = Run {
+        return Ok(Run {
             failed: Some(error),
             ..judged(&verdicts)
-        };
-        return Ok((failed, value));
+        });
     }
     let report: Report = serde_json::from_value(value.clone())?;
     // K numbers all devices' inputs together; the trace is the first
@@ -390,7 +457,7 @@ fn live(mode: &str, devices: u16, size: u64, i: usize) -> anyhow::Result<(Run, s
         .filter(|(c, _)| (k.saturating_sub(10)..=k + 100).contains(c))
         .map(|g| g.1 as f64)
         .fold(0.0, f64::max);
-    let run = Run {
+    Ok(Run {
         total_us: report.total_us as f64,
         phases: dataplane_user::planning::model::phases(&report),
         frozen_us: report.frozen_us as f64,
@@ -398,8 +465,7 @@ fn live(mode: &str, devices: u16, size: u64, i: usize) -> anyhow::Result<(Run, s
         handover_gap_us: Some(around),
         state_bytes,
         ..judged(&verdicts)
-    };
-    Ok((run, value))
+    })
 }
 
 /// Stop-and-copy, or kaur2020's pre-copy through the CRIU driver.
@@ -514,7 +580,10 @@ struct Row {
     tm_ratio: f64,
     td_ratio: f64,
     d_ratio: f64,
-    predicted: Prediction,
+    /// The model's, made before the runs; none for a hot replica.
+    predicted: Option<Prediction>,
+    /// A hot replica's sync time (`replica.start` to in sync).
+    sync: Option<Dist>,
 }
 
 fn rows(
@@ -542,13 +611,15 @@ fn rows(
             input_rate: 1e6 / PERIOD_US as f64,
         };
         let method = match kind {
-            Kind::StopAndCopy => Method::StopAndCopy,
+            Kind::StopAndCopy => Some(Method::StopAndCopy),
             // The rounds the driver took, not the ones the model would choose.
-            Kind::PreCopy => Method::PreCopy { rounds },
-            Kind::LeaveRunning => Method::LeaveRunning,
+            Kind::PreCopy => Some(Method::PreCopy { rounds }),
+            Kind::LeaveRunning => Some(Method::LeaveRunning),
             // The model knows no flows: one service's state and rate.
-            Kind::Standby | Kind::StandbyFourFlows => Method::Standby,
+            Kind::Standby | Kind::StandbyFourFlows => Some(Method::Standby),
+            Kind::HotReplica => None,
         };
+        let syncs: Vec<f64> = list.iter().filter_map(|r| r.sync_us).collect();
         let handovers: Vec<f64> = list.iter().filter_map(|r| r.handover_gap_us).collect();
         rows.push(Row {
             size,
@@ -570,7 +641,8 @@ fn rows(
             tm_ratio: 0.0,
             td_ratio: 0.0,
             d_ratio: 0.0,
-            predicted: calibrations[&size].predict(method, &work),
+            predicted: method.map(|m| calibrations[&size].predict(m, &work)),
+            sync: (!syncs.is_empty()).then(|| dist(syncs)),
         });
     }
     // Ratios against the stop-and-copy of the same size, measured in this run.
@@ -600,9 +672,21 @@ fn shown(us: Option<f64>, decimals: usize) -> String {
     us.map_or("-".into(), |us| format!("{:.decimals$}", ms(us)))
 }
 
+/// The model's T_M error, where it predicts.
+fn tm_error(row: &Row) -> Option<f64> {
+    let p = row.predicted.as_ref()?;
+    Some(error_pct(p.total_us, row.tm.p50))
+}
+
 /// The model's T_D error, where it predicts an outage to compare with.
 fn td_error(row: &Row) -> Option<f64> {
-    (row.predicted.downtime_us > 0.0).then(|| error_pct(row.predicted.downtime_us, row.td.p50))
+    let p = row.predicted.as_ref()?;
+    (p.downtime_us > 0.0).then(|| error_pct(p.downtime_us, row.td.p50))
+}
+
+/// A figure of the model's prediction, where there is one.
+fn model(row: &Row, figure: fn(&Prediction) -> f64) -> Option<f64> {
+    row.predicted.as_ref().map(figure)
 }
 
 fn print_table(rows: &[Row]) {
@@ -637,7 +721,7 @@ fn print_table(rows: &[Row]) {
             _ => r.kind.label().to_string(),
         };
         println!(
-            "{:>4} {:<20} {:>4} {:>4} {:>8.1} {:>8} {:>8.1} {:>8.1} {:>8} {:>8.1} {:>8} {:>8.1} {:>6} {:>4} {:>7.2} {:>6.2} {:>6.3} {:>8.1} {:>+6.1} {:>8.1} {:>6}",
+            "{:>4} {:<20} {:>4} {:>4} {:>8.1} {:>8} {:>8.1} {:>8.1} {:>8} {:>8.1} {:>8} {:>8.1} {:>6} {:>4} {:>7.2} {:>6.2} {:>6.3} {:>8} {:>6} {:>8} {:>6}",
             r.size,
             label,
             r.runs,
@@ -655,9 +739,9 @@ fn print_table(rows: &[Row]) {
             r.image_bytes / MIB,
             r.tm_ratio,
             r.td_ratio,
-            ms(r.predicted.total_us),
-            error_pct(r.predicted.total_us, r.tm.p50),
-            ms(r.predicted.downtime_us),
+            shown(model(r, |p| p.total_us), 1),
+            tm_error(r).map_or("-".into(), |e| format!("{e:+.1}")),
+            shown(model(r, |p| p.downtime_us), 1),
             td_error(r).map_or("-".into(), |e| format!("{e:+.1}")),
         );
     }
@@ -669,14 +753,27 @@ fn print_table(rows: &[Row]) {
             .map(|(name, us)| {
                 let model = r
                     .predicted
-                    .phases
                     .iter()
+                    .flat_map(|p| &p.phases)
                     .find(|(n, _)| n == name)
                     .map_or(String::new(), |(_, p)| format!(" ({:.1})", ms(*p)));
                 format!("{name} {:.1}{model}", ms(*us))
             })
             .collect();
         println!("{:>4} {:<20} {}", r.size, r.kind.label(), phases.join(", "));
+    }
+    for r in rows {
+        if let Some(sync) = r.sync {
+            println!(
+                "{:>4} {:<20} made before the request: replica.start to in sync p50 {:.1} ms, \
+                 max {:.1} ms; D {:.2} MiB",
+                r.size,
+                r.kind.label(),
+                ms(sync.p50),
+                ms(sync.max),
+                r.image_bytes / MIB
+            );
+        }
     }
     println!(
         "\nn: migrations run; fail: of them, failed and rolled back (T_M counts them as \
@@ -686,7 +783,8 @@ fn print_table(rows: &[Row]) {
          frozen: CRIU's frozen time of the checkpointed instance. Ratios: p50 against the \
          same size's stop-and-copy of this run. model: the prediction made before the runs; \
          err% against the p50. The model's T_D for standby is 0 (the serving instance never \
-         stops): no error to give."
+         stops): no error to give. Hot replica: T_M is the handover's, from migration.start \
+         to finish; the replica was made before (its sync time below); no model."
     );
 }
 
@@ -720,7 +818,7 @@ fn csv(rows: &[Row]) -> String {
         let p99 = |d: Dist| d.p99.map_or(String::new(), |us| format!("{:.3}", ms(us)));
         let _ = write!(
             out,
-            "{},{},{},{},{},{:.3},{:.3},{},{:.3},{:.3},{},{:.3},{:.3},{},{:.3},{:.3},{},{:.3},{},{},{},{:.3},{:.4},{:.4},{:.4},{:.3},{:.2},{:.3},{}",
+            "{},{},{},{},{},{:.3},{:.3},{},{:.3},{:.3},{},{:.3},{:.3},{},{:.3},{:.3},{},{:.3},{},{},{},{:.3},{:.4},{:.4},{:.4},{},{},{},{}",
             r.size,
             r.kind.key(),
             r.runs,
@@ -746,9 +844,9 @@ fn csv(rows: &[Row]) -> String {
             r.tm_ratio,
             r.td_ratio,
             r.d_ratio,
-            ms(r.predicted.total_us),
-            error_pct(r.predicted.total_us, r.tm.p50),
-            ms(r.predicted.downtime_us),
+            model(r, |p| p.total_us).map_or(String::new(), |us| format!("{:.3}", ms(us))),
+            tm_error(r).map_or(String::new(), |e| format!("{e:.2}")),
+            model(r, |p| p.downtime_us).map_or(String::new(), |us| format!("{:.3}", ms(us))),
             td_error(r).map_or(String::new(), |e| format!("{e:.2}")),
         );
         for p in PHASES {
@@ -794,7 +892,7 @@ fn runs_csv(runs: &BTreeMap<(u64, Kind), Vec<Run>>) -> String {
 /// The bars this benchmark is held to, each judged on its own runs.
 fn bars(rows: &[Row], runs: &BTreeMap<(u64, Kind), Vec<Run>>) -> Vec<String> {
     let mut lines = Vec::new();
-    let standby = |k: &Kind| matches!(k, Kind::Standby | Kind::StandbyFourFlows);
+    let standby = |k: &Kind| matches!(k, Kind::Standby | Kind::StandbyFourFlows | Kind::HotReplica);
     for ((size, kind), list) in runs.iter().filter(|((_, k), _)| standby(k)) {
         let sum = |f: fn(&Run) -> u64| list.iter().map(f).sum::<u64>();
         let outcomes = Outcomes {
@@ -813,10 +911,15 @@ fn bars(rows: &[Row], runs: &BTreeMap<(u64, Kind), Vec<Run>>) -> Vec<String> {
     if let Some(list) = runs.get(&(16, Kind::Standby)) {
         lines.push(tm_bar(list));
     }
+    for ((size, _), list) in runs.iter().filter(|((_, k), _)| *k == Kind::HotReplica) {
+        lines.push(handover_bar(*size, list));
+    }
     // The model predicts migrations that complete: a failed one is a miss
     // however close the p50 of the others.
     for r in rows {
-        let e = error_pct(r.predicted.total_us, r.tm.p50);
+        let (Some(e), Some(p)) = (tm_error(r), &r.predicted) else {
+            continue;
+        };
         lines.push(bar(
             &format!(
                 "the model's T_M within 20 %, {} MiB {}",
@@ -826,7 +929,7 @@ fn bars(rows: &[Row], runs: &BTreeMap<(u64, Kind), Vec<Run>>) -> Vec<String> {
             &format!(
                 "p50 {:.1} ms against the model's {:.1} ms, {e:+.1} % (n {}, failed {})",
                 ms(r.tm.p50),
-                ms(r.predicted.total_us),
+                ms(p.total_us),
                 r.runs,
                 r.failed
             ),
@@ -852,11 +955,32 @@ fn tm_bar(runs: &[Run]) -> String {
     )
 }
 
-/// A figure of a row, µs: measured or predicted.
+/// A handover to a hot replica of `size` MiB within 20 ms at p99 (the
+/// maximum below 100 runs), a failed run's T_M being infinite.
+fn handover_bar(size: u64, runs: &[Run]) -> String {
+    let tm = dist(runs.iter().map(total_us).collect());
+    let judged = tm.p99.unwrap_or(tm.max);
+    bar(
+        &format!("{size} MiB hot replica handover T_M p99 <= 20 ms"),
+        &format!(
+            "p99 {} ms, max {:.1} ms, p50 {:.1} ms (n {}, failed {}; the maximum below 100 runs)",
+            shown(tm.p99, 1),
+            ms(tm.max),
+            ms(tm.p50),
+            runs.len(),
+            runs.iter().filter(|r| r.failed.is_some()).count()
+        ),
+        judged <= 20e3,
+    )
+}
+
+/// A figure of a row, µs: measured or predicted (0: none).
 type Figure = fn(&Row) -> f64;
 
 /// Colours of the methods, in METHODS order.
-const COLOURS: [&str; 5] = ["#b2182b", "#ef8a62", "#67a9cf", "#2166ac", "#5aae61"];
+const COLOURS: [&str; 6] = [
+    "#b2182b", "#ef8a62", "#67a9cf", "#2166ac", "#5aae61", "#762a83",
+];
 
 /// A hand-written chart: T_M and T_D per size and method, grouped bars on
 /// a log scale, the model's predictions as black ticks.
@@ -878,12 +1002,12 @@ fn svg(rows: &[Row], sizes: &[u64]) -> String {
         (
             "migration time T_M (ms)",
             |r| r.tm.p50,
-            |r| r.predicted.total_us,
+            |r| model(r, |p| p.total_us).unwrap_or(0.0),
         ),
         (
             "downtime T_D: largest CPS output gap beyond T_U (ms)",
             |r| r.td.p50,
-            |r| r.predicted.downtime_us,
+            |r| model(r, |p| p.downtime_us).unwrap_or(0.0),
         ),
     ];
     // Log axis from 1 ms to 10 s (a smaller value shows as 1 ms).
@@ -914,7 +1038,7 @@ fn svg(rows: &[Row], sizes: &[u64]) -> String {
              <line x1=\"{left}\" x2=\"{right}\" y1=\"{bottom}\" y2=\"{bottom}\" stroke=\"black\"/>"
         );
         let group = (right - left) / sizes.len() as f64;
-        let bar = group / 6.0;
+        let bar = group / (METHODS.len() + 1) as f64;
         for (g, size) in sizes.iter().enumerate() {
             let x0 = left + g as f64 * group + bar;
             let _ = writeln!(
@@ -958,7 +1082,7 @@ fn svg(rows: &[Row], sizes: &[u64]) -> String {
         }
     }
     for (m, kind) in METHODS.iter().enumerate() {
-        let x = 70.0 + m as f64 * 200.0;
+        let x = 70.0 + m as f64 * 150.0;
         let _ = writeln!(
             out,
             "<rect x=\"{x}\" y=\"{0}\" width=\"14\" height=\"14\" fill=\"{1}\"/>\

@@ -1,0 +1,337 @@
+//! A hot replica on another host, driven from the serving host: a
+//! migration kept between its convergence and its cutover.
+//!
+//! `replica.start` runs a migration's first phases (prepare, checkpoint,
+//! transfer, restore and replay, convergence) and then stays: the mirror
+//! goes on feeding the replica every input in the service's order, its
+//! outputs stay muted, and this host compares them with the serving
+//! instance's, round after round, for as long as the replica lives. A
+//! planned migration to the replica's host ([`Command::Handover`]) is then
+//! one more comparison and the cutover, with no CRIU at request time. An
+//! output that differs once the replica was in sync ends it (diverged):
+//! both hosts undo it, and it is restored afresh from a new checkpoint, at
+//! most [`MAX_RESYNCS`] times.
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicBool},
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::{UnboundedReceiver, error::TryRecvError};
+
+use crate::{
+    host::tasks::CpuTime,
+    migration::{
+        Context, Request,
+        converge::Comparator,
+        error::{Cause, MigrationError},
+        hold,
+        source::{Comparing, Migration, Progress, Source},
+    },
+    peer,
+    report::{Mode, ReplicaState, ReplicaStatus, Report, Stage, State},
+    service::Service,
+};
+
+/// What `replica.start` asks: a hot replica of `service` on the host whose
+/// daemon listens at `to`. The checkpoint it starts from is taken of the
+/// service's standby if it has one (the serving instance never pauses),
+/// else of the serving instance left running.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaRequest {
+    pub service: String,
+    pub to: SocketAddr,
+    /// Consecutive matching outputs that make it in sync.
+    #[serde(default = "super::default_converge")]
+    pub converge: u32,
+    /// How long its first convergence may take, ms.
+    #[serde(default = "super::default_deadline_ms")]
+    pub deadline_ms: u64,
+    #[serde(default)]
+    pub compare: Comparator,
+    #[serde(default)]
+    pub hold: hold::Budget,
+}
+
+impl ReplicaRequest {
+    /// The migration that builds the replica, checkpointing in `mode`.
+    pub fn migration(&self, mode: Mode) -> Request {
+        Request {
+            service: self.service.clone(),
+            to: self.to,
+            mode,
+            converge: self.converge,
+            deadline_ms: self.deadline_ms,
+            compare: self.compare.clone(),
+            pre_dump_rounds: 0,
+            hold: self.hold,
+        }
+    }
+}
+
+/// What the daemon tells a running replica.
+pub enum Command {
+    /// Hand the service over to the replica, as migration `id` asked by
+    /// `request` (its deadline bounds the wait for K) at `asked`, stopped
+    /// by `abort`.
+    Handover {
+        id: String,
+        request: Request,
+        asked: Instant,
+        abort: Arc<AtomicBool>,
+    },
+    /// End the replica: its host removes it; this host serves on.
+    Stop,
+}
+
+/// How a replica ended: its own last report, and the handover's if there
+/// was one (the service is the other host's if that one picked K).
+pub struct Ended {
+    pub replica: Report,
+    pub handover: Option<Report>,
+}
+
+/// Times a replica is restored afresh, after it diverged or failed once
+/// restored, before it gives up.
+pub const MAX_RESYNCS: u32 = 3;
+
+/// How long one round of comparison waits for the replica's outputs: it
+/// also bounds how long a handover waits for the round under way.
+const ROUND_MS: u64 = 5;
+/// Most outputs one round takes (what one `outputs` answer carries).
+const ROUND_OUTPUTS: usize = 1024;
+/// How often watchers are shown the replica's lag.
+const SHOW_EVERY: Duration = Duration::from_millis(100);
+
+/// Runs the replica `id` of `service` until it is handed over to, stopped
+/// (`commands`), aborted, or gives up; `progress` sees its report (and a
+/// handover's) as they change.
+pub async fn run(
+    id: String,
+    service: Service,
+    request: Request,
+    context: Context,
+    progress: impl Fn(&Report) + Send + Sync + 'static,
+    mut commands: UnboundedReceiver<Command>,
+) -> Ended {
+    let progress: Progress = Arc::new(progress);
+    let mut status = ReplicaStatus::default();
+    loop {
+        let mut replica = Migration::new(
+            id.clone(),
+            service.clone(),
+            request.clone(),
+            context.clone(),
+            progress.clone(),
+        );
+        // Counted afresh for each restore; what made it re-sync stays.
+        replica.report.replica = Some(ReplicaStatus {
+            resyncs: status.resyncs,
+            mismatch: status.mismatch.clone(),
+            ..Default::default()
+        });
+        let cpu = CpuTime::now();
+        let kept = keep(&mut replica, &mut commands).await;
+        let (outcome, handover) = match kept {
+            Ok(Kept::Stopped) => (Ok(State::Stopped), None),
+            // Handed over, or rolled back by the handover that failed.
+            Ok(Kept::HandedOver(h)) => {
+                let outcome = match &h.error {
+                    Some(e) if h.handover_seq == 0 => {
+                        Err(replica.fail(Cause::HandoverFailed(e.clone())))
+                    }
+                    _ => Ok(State::Done),
+                };
+                (outcome, Some(*h))
+            }
+            Err(e) => {
+                if let (Some(status), Some(mismatch)) = (&mut replica.report.replica, mismatch(&e))
+                {
+                    status.mismatch = Some(mismatch);
+                }
+                if resyncs(&e) && status.resyncs < MAX_RESYNCS {
+                    tracing::warn!(replica = %id, "{e}: restoring the replica afresh");
+                    context.files.remove(super::journal::Side::Source, &id);
+                    status = replica.report.replica.take().unwrap_or_default();
+                    status.resyncs += 1;
+                    continue;
+                }
+                (Err(e), None)
+            }
+        };
+        return Ended {
+            replica: replica.conclude(cpu, outcome),
+            handover,
+        };
+    }
+}
+
+/// How a replica that got past its first phases ended.
+enum Kept {
+    /// On request: both hosts have undone it.
+    Stopped,
+    /// A handover was asked for: its report.
+    HandedOver(Box<Report>),
+}
+
+/// Whether a replica that failed this way is restored afresh: it had been
+/// restored (it diverged, or never converged, or its instance died), and
+/// was not aborted.
+fn resyncs(e: &MigrationError) -> bool {
+    matches!(e.phase, Stage::Converge | Stage::Replica) && !matches!(e.cause, Cause::Aborted)
+}
+
+/// The pair of outputs that told the instances apart, if that is why
+/// the replica failed: the input, and how they differ.
+fn mismatch(e: &MigrationError) -> Option<String> {
+    let (seq, why) = match &e.cause {
+        Cause::Diverged { seq, why } => (seq, why),
+        Cause::NotConverged(n) => n.last_mismatch.as_ref().map(|(seq, why)| (seq, why))?,
+        _ => return None,
+    };
+    Some(format!("input {seq}: {why}"))
+}
+
+/// Builds the replica and keeps it in sync; anything but a handover ends
+/// with both hosts undoing it.
+async fn keep(
+    replica: &mut Migration,
+    commands: &mut UnboundedReceiver<Command>,
+) -> Result<Kept, MigrationError> {
+    let (mut source, mut link) = replica.open().await?;
+    let kept = sync_and_compare(replica, &mut source, &mut link, commands).await;
+    if !matches!(kept, Ok(Kept::HandedOver(_))) {
+        replica.rollback(&mut source, &mut link).await;
+    }
+    kept
+}
+
+/// Restores the replica, waits for N matching outputs in a row, then
+/// compares every output until a command comes or one differs.
+async fn sync_and_compare(
+    replica: &mut Migration,
+    source: &mut Source,
+    link: &mut peer::Link,
+    commands: &mut UnboundedReceiver<Command>,
+) -> Result<Kept, MigrationError> {
+    let replay_end = replica.establish(source, link).await?;
+    let mut comparing = Comparing::after_replay(replay_end, replica.request.converge);
+    replica.converge(source, link, &mut comparing).await?;
+    let t = replica.begin(Stage::Replica)?;
+    let synced = replica.started().elapsed();
+    if let Some(status) = &mut replica.report.replica {
+        status.state = ReplicaState::InSync;
+        status.sync_us = synced.as_micros() as u64;
+    }
+    tracing::info!(replica = %replica.report.id, to = %replica.request.to,
+        sync_ms = synced.as_millis() as u64, "the hot replica is in sync");
+    let mut shown: Option<Instant> = None;
+    loop {
+        if shown.is_none_or(|at| at.elapsed() >= SHOW_EVERY) {
+            update(replica, source, &comparing);
+            replica.show();
+            shown = Some(Instant::now());
+        }
+        match commands.try_recv() {
+            Ok(Command::Handover {
+                id,
+                request,
+                asked,
+                abort,
+            }) => {
+                replica.end(t);
+                let mut handover = Migration::new(
+                    id,
+                    replica.service.clone(),
+                    request,
+                    Context {
+                        abort,
+                        ..replica.context.clone()
+                    },
+                    replica.progress(),
+                );
+                // T_M counts from the request, the round it waited for included.
+                handover.started_at(asked);
+                let report = hand_over(handover, replica, source, link, &mut comparing).await;
+                return Ok(Kept::HandedOver(Box::new(report)));
+            }
+            Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
+                replica.end(t);
+                return Ok(Kept::Stopped);
+            }
+            Err(TryRecvError::Empty) => {}
+        }
+        replica.check_abort()?;
+        replica
+            .compare(source, link, &mut comparing, ROUND_OUTPUTS, ROUND_MS)
+            .await?;
+        if !comparing.convergence.converged() {
+            let Some((seq, why)) = comparing.convergence.last_mismatch.clone() else {
+                unreachable!("only a mismatch ends a run of matches");
+            };
+            update(replica, source, &comparing);
+            if let Some(status) = &mut replica.report.replica {
+                status.state = ReplicaState::Diverged;
+            }
+            replica.show();
+            return Err(replica.fail(Cause::Diverged { seq, why }));
+        }
+    }
+}
+
+/// The replica's figures as the comparison has them now.
+fn update(replica: &mut Migration, source: &Source, comparing: &Comparing) {
+    let compared = comparing.convergence.compared();
+    replica.report.compared = compared;
+    if let Some(status) = &mut replica.report.replica {
+        status.compared = compared;
+        status.compared_up_to = comparing.convergence.compared_up_to();
+        status.lag = source.last_seq().saturating_sub(status.compared_up_to);
+    }
+}
+
+/// Hands the service over to the in-sync `replica` as migration
+/// `handover`: the replica's latest output compared, then the cutover. A
+/// failure before the flip rolls both hosts back (the replica with it).
+async fn hand_over(
+    mut handover: Migration,
+    replica: &Migration,
+    source: &mut Source,
+    link: &mut peer::Link,
+    comparing: &mut Comparing,
+) -> Report {
+    handover.report.mode = replica.report.mode;
+    handover.report.from_replica = Some(replica.report.id.clone());
+    handover.report.image_bytes = replica.report.image_bytes;
+    handover.report.checkpoint_seq = replica.report.checkpoint_seq;
+    handover.report.destination_pid = replica.report.destination_pid;
+    let cpu = CpuTime::now();
+    let outcome = last_comparison_and_cutover(&mut handover, source, link, comparing).await;
+    if outcome.is_err() {
+        handover.settle_failure(source, link).await;
+    }
+    handover.conclude(cpu, outcome.map(|()| State::Done))
+}
+
+async fn last_comparison_and_cutover(
+    handover: &mut Migration,
+    source: &mut Source,
+    link: &mut peer::Link,
+    comparing: &mut Comparing,
+) -> Result<(), MigrationError> {
+    let t = handover.begin(Stage::Converge)?;
+    // Every output so far was compared; the replica's next one is too
+    // (at most one control period away), so that what is handed over is
+    // what answered last.
+    handover.compare(source, link, comparing, 1, 100).await?;
+    if !comparing.convergence.converged()
+        && let Some((seq, why)) = comparing.convergence.last_mismatch.clone()
+    {
+        return Err(handover.fail(Cause::Diverged { seq, why }));
+    }
+    handover.report.compared = comparing.convergence.compared();
+    handover.end(t);
+    handover.cutover(source, link).await
+}

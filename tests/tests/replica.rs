@@ -1,0 +1,179 @@
+//! Hot replicas on another host (`replica.start`): kept in sync by the
+//! mirror and compared output by output, handed over to without a
+//! checkpoint, never handed over to out of sync. Real kernel programs,
+//! real CRIU, real processes, the CPS at T_U = 1 ms.
+use std::time::Duration;
+
+use dataplane_tests::{
+    CONTROLLER_COMM, MigrationSetup, chain_state, cps_verdict, in_netns, pids_named,
+};
+use serde_json::json;
+
+fn assert_clean(verdict: &serde_json::Value) {
+    for key in ["missed", "duplicates", "out_of_order", "wrong"] {
+        assert_eq!(verdict[key], 0, "{key}: {verdict}");
+    }
+}
+
+/// The controller instances running in `host`'s network namespace.
+fn instances_on(host: &dataplane_tests::NetNs) -> Vec<u32> {
+    pids_named(CONTROLLER_COMM)
+        .into_iter()
+        .filter(|&p| in_netns(p, host))
+        .collect()
+}
+
+#[test]
+fn a_migration_to_an_in_sync_replica_is_a_comparison_and_a_cutover() {
+    let setup = MigrationSetup::new("rep", &[], false);
+    let cycles = 5000;
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let replica = setup.replicate(json!({}));
+    let synced = setup.wait_in_sync(&replica);
+    assert_eq!(synced["state"], "running", "{synced}");
+    let status = &synced["replica"];
+    assert!(status["sync_us"].as_u64() > Some(0), "{synced}");
+    assert_eq!(status["resyncs"], 0, "{synced}");
+    assert_eq!(
+        instances_on(&setup.hosts.dst).len(),
+        1,
+        "one replica on dst"
+    );
+    // Kept in sync: the comparison goes on, and keeps up.
+    std::thread::sleep(Duration::from_millis(600));
+    let kept = setup
+        .src
+        .client()
+        .call("migration.status", json!({"id": replica}))
+        .expect("migration.status");
+    println!("replica: {kept}");
+    let compared = |r: &serde_json::Value| r["replica"]["compared"].as_u64().unwrap_or(0);
+    assert_eq!(kept["replica"]["state"], "in_sync", "{kept}");
+    assert!(
+        compared(&kept) >= compared(&synced) + 300,
+        "{synced}\n{kept}"
+    );
+    assert!(kept["replica"]["lag"].as_u64() < Some(200), "{kept}");
+    // A migration elsewhere is refused while the replica lives.
+    let elsewhere = setup.src.client().call(
+        "migration.start",
+        json!({"service": "markov", "to": dataplane_tests::SRC_PEER}),
+    );
+    let refused = elsewhere.expect_err("a migration past the replica");
+    assert!(refused.to_string().contains("hot replica"), "{refused}");
+
+    let id = setup.migrate(json!({}));
+    let report = setup.wait(&id);
+    let verdict = cps_verdict(cps);
+    println!("handover: {report}\nCPS: {verdict}");
+    assert_eq!(report["state"], "done", "{report:#}\n{}", setup.src.log());
+    assert_eq!(report["from_replica"], replica.as_str());
+    let phases: Vec<&str> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        ["converge", "cutover", "announce", "finish"],
+        "no CRIU"
+    );
+    assert!(report["total_us"].as_u64() > Some(0));
+    assert!(report["handover_seq"].as_u64() > Some(0));
+    let ended = setup.wait(&replica);
+    assert_eq!(ended["state"], "done", "{ended}");
+    assert_clean(&verdict);
+    // The replica served every input after K, and had taken every one
+    // before: its chain covers them all.
+    assert_eq!(
+        chain_state(&setup.hosts.dst, setup.service).map(|s| s.0),
+        Some(cycles)
+    );
+    assert_eq!(instances_on(&setup.hosts.src), [] as [u32; 0]);
+    // The destination knows the service; the source forgot it.
+    let on = |daemon: &dataplane_tests::DaemonProcess| {
+        daemon
+            .client()
+            .call("service.list", json!({}))
+            .expect("service.list")
+            .to_string()
+    };
+    assert!(on(&setup.dst).contains("markov"), "{}", on(&setup.dst));
+    assert!(!on(&setup.src).contains("markov"), "{}", on(&setup.src));
+}
+
+#[test]
+fn a_replica_that_never_matches_is_reported_resynced_at_most_three_times_and_not_handed_over_to() {
+    // Outputs carry the time of day: the replica can never agree.
+    let setup = MigrationSetup::new("repdiv", &["--wall-clock"], false);
+    let cycles = 6000;
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let replica = setup.replicate(json!({"deadline_ms": 300}));
+    std::thread::sleep(Duration::from_millis(200));
+    let refused = setup
+        .src
+        .client()
+        .call(
+            "migration.start",
+            json!({"service": "markov", "to": dataplane_tests::DST_PEER}),
+        )
+        .expect_err("a handover to a replica out of sync");
+    assert!(refused.to_string().contains("only in sync"), "{refused}");
+    let ended = setup.wait(&replica);
+    println!("replica: {ended}");
+    assert_eq!(ended["state"], "failed", "{ended}");
+    assert_eq!(ended["replica"]["resyncs"], 3, "{ended}");
+    assert!(
+        ended["replica"]["mismatch"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("input ")),
+        "the mismatch is reported: {ended}"
+    );
+    let error = ended["error"].as_str().unwrap();
+    assert!(error.contains("matching outputs in a row"), "{error}");
+    let verdict = cps_verdict(cps);
+    assert_clean(&verdict);
+    assert_eq!(
+        chain_state(&setup.hosts.src, setup.service).map(|s| s.0),
+        Some(cycles),
+        "the source served every input"
+    );
+    assert_eq!(setup.left_on_dst(), [] as [String; 0], "left on dst");
+}
+
+#[test]
+fn a_stopped_replica_is_removed_and_the_source_serves_on() {
+    let setup = MigrationSetup::new("repstop", &[], false);
+    let cycles = 3000;
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let replica = setup.replicate(json!({}));
+    let synced = setup.wait_in_sync(&replica);
+    assert_eq!(synced["replica"]["state"], "in_sync", "{synced}");
+    let stopping = setup
+        .src
+        .client()
+        .call("replica.stop", json!({"name": "markov"}))
+        .expect("replica.stop");
+    assert_eq!(stopping["stopping"], replica.as_str());
+    let ended = setup.wait(&replica);
+    assert_eq!(ended["state"], "stopped", "{ended}");
+    let verdict = cps_verdict(cps);
+    assert_clean(&verdict);
+    assert_eq!(setup.left_on_dst(), [] as [String; 0], "left on dst");
+    let flows = setup
+        .src
+        .client()
+        .call("flow.list", json!({}))
+        .expect("flow.list");
+    assert_eq!(flows[0]["mirror"], false, "mirroring off again: {flows}");
+    let again = setup
+        .src
+        .client()
+        .call("replica.stop", json!({"name": "markov"}))
+        .expect_err("no replica left");
+    assert!(again.to_string().contains("no hot replica"), "{again}");
+}
