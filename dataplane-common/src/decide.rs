@@ -5,9 +5,9 @@
 //! Every function is `#[inline(always)]`: the kernel programs must stay one
 //! function each for the verifier, as they were when this logic lived there.
 use crate::{
-    CUT_AT_NEXT, Config, FLOW_MIRROR, FLOW_STANDBY, GATE_DELIVER_ALL, GATE_HOLD_ALL,
-    GATE_SEQUENCED, MAX_FRAME, META_DELIVER, META_PEER, META_STANDBY, MIRROR_CLONE, OUTPUT_ARMED,
-    OUTPUT_FROM, OUTPUT_MUTE, TAG_COUNTED,
+    CUT_AT_NEXT, Config, FLOW_MIRROR, FLOW_STANDBY, GATE_DELIVER_ALL, GATE_DELIVER_FROM,
+    GATE_HOLD_ALL, GATE_SEQUENCED, MAX_FRAME, META_DELIVER, META_PEER, META_STANDBY, MIRROR_CLONE,
+    OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, TAG_COUNTED,
 };
 
 /// What an input gate does with one input.
@@ -21,15 +21,36 @@ pub enum Verdict {
 }
 
 /// The verdict of an input gate in mode `mode` (`GATE_*`), or `None` for a
-/// sequenced gate: its verdict needs the compare-and-exchange of
-/// `next_expected` (see `sequenced_verdict`). An unknown mode delivers.
+/// sequenced gate or one delivering from an input: their verdicts need a
+/// compare-and-exchange of `next_expected` (see `sequenced_verdict` and
+/// `from_verdict`). An unknown mode delivers.
 #[inline(always)]
 pub fn mode_verdict(mode: u32) -> Option<Verdict> {
     match mode {
         GATE_HOLD_ALL => Some(Verdict::Hold),
-        GATE_SEQUENCED => None,
+        GATE_SEQUENCED | GATE_DELIVER_FROM => None,
         _ => Some(Verdict::Deliver),
     }
+}
+
+/// A gate delivering from input `from` (`GATE_DELIVER_FROM`: the first
+/// input to reach it picked `from` if user space had not): its verdict on
+/// input `seq`. One numbered before it was picked and reaching the gate
+/// only after is dropped: it is one of the inputs the gate opened over.
+#[inline(always)]
+pub fn from_verdict(seq: u64, from: u64) -> Verdict {
+    if seq >= from {
+        Verdict::Deliver
+    } else {
+        Verdict::Duplicate
+    }
+}
+
+/// Whether a gate in `mode` delivers every new input (open), rather than
+/// holding inputs or taking them in turn.
+#[inline(always)]
+pub fn gate_open(mode: u32) -> bool {
+    mode == GATE_DELIVER_ALL || mode == GATE_DELIVER_FROM
 }
 
 /// A sequenced gate's verdict on input `seq`, from its compare-and-exchange
@@ -65,7 +86,7 @@ pub fn stored_next_expected(mode: u32, next_expected: u64) -> Option<u64> {
 /// must abort.
 #[inline(always)]
 pub fn unnumbered_passes(mode: Option<u32>) -> bool {
-    mode.is_none_or(|mode| mode == GATE_DELIVER_ALL)
+    mode.is_none_or(gate_open)
 }
 
 /// The cutover point K that input `seq` proposes, given the gate's
@@ -252,10 +273,47 @@ mod tests {
         assert_eq!(stored_next_expected(GATE_SEQUENCED, 7), Some(7));
     }
 
+    /// `GATE_DELIVER_FROM` as the kernel runs it: the first input to reach
+    /// a gate whose word is 0 takes it.
+    fn from(next_expected: &mut u64, seq: u64) -> Verdict {
+        assert_eq!(mode_verdict(GATE_DELIVER_FROM), None);
+        if *next_expected == 0 {
+            *next_expected = seq;
+        }
+        from_verdict(seq, *next_expected)
+    }
+
+    #[test]
+    fn a_gate_opened_from_an_input_names_exactly_what_it_opened_over() {
+        // Held: inputs 5 to 9 (5 was to be given back next). Input 9 was
+        // numbered but is still on its way to the gate when it opens.
+        // User space takes the word (0), opens, reads last_seq 9 and sets
+        // the word to 10 unless an input took it first.
+        let mut next = 9 + 1;
+        assert_eq!(from(&mut next, 9), Verdict::Duplicate, "9 is named lost");
+        assert_eq!(from(&mut next, 10), Verdict::Deliver);
+        assert_eq!(from(&mut next, 11), Verdict::Deliver);
+        // The other order: input 10, numbered after user space read
+        // last_seq 9, reaches the gate first and picks 10 itself; user
+        // space's exchange then fails and it reads 10: the same range.
+        let mut next = 0;
+        assert_eq!(from(&mut next, 10), Verdict::Deliver);
+        assert_eq!(next, 10);
+        assert_eq!(from(&mut next, 9), Verdict::Duplicate);
+        // A stray input 9 first picks 9: it is delivered, and user space
+        // reads 9, so that the range it names ends at 8.
+        let mut next = 0;
+        assert_eq!(from(&mut next, 9), Verdict::Deliver);
+        assert_eq!(next, 9);
+        assert!(gate_open(GATE_DELIVER_FROM) && gate_open(GATE_DELIVER_ALL));
+        assert!(!gate_open(GATE_HOLD_ALL) && !gate_open(GATE_SEQUENCED));
+    }
+
     #[test]
     fn unnumbered_inputs_pass_only_an_open_gate() {
         assert!(unnumbered_passes(None));
         assert!(unnumbered_passes(Some(GATE_DELIVER_ALL)));
+        assert!(unnumbered_passes(Some(GATE_DELIVER_FROM)));
         assert!(!unnumbered_passes(Some(GATE_HOLD_ALL)));
         assert!(!unnumbered_passes(Some(GATE_SEQUENCED)));
     }

@@ -74,6 +74,12 @@ pub const GATE_HOLD_ALL: u32 = 1;
 /// Gate mode: deliver input q only when q is `next_expected` (and advance it
 /// atomically), hold q above it in the log, drop q below it as a duplicate.
 pub const GATE_SEQUENCED: u32 = 2;
+/// Gate mode: deliver every input from `next_expected` on, drop those below
+/// as lost. Entered with `next_expected` 0, which the first input to reach
+/// the gate exchanges for its own number, unless user space sets it
+/// first: what a held gate opens to, so that the inputs it opens over are
+/// known exactly (a held input still on its way to the gate stays below).
+pub const GATE_DELIVER_FROM: u32 = 3;
 
 /// Output gate: every output of the local instance leaves.
 pub const OUTPUT_PASS: u32 = 0;

@@ -3,7 +3,7 @@
 
 use aya_ebpf::bindings::xdp_action;
 use dataplane_common::{
-    CUT_AT_NEXT, FlowSequence, Gate, counter,
+    CUT_AT_NEXT, FlowSequence, GATE_DELIVER_FROM, Gate, counter,
     decide::{self, Verdict},
 };
 
@@ -33,8 +33,15 @@ pub(crate) fn apply_gate(gate: Option<*mut Gate>, seq: u64) -> Option<u32> {
 #[inline(always)]
 fn gate_verdict(gate: *mut Gate, seq: u64) -> Verdict {
     // SAFETY: the array slot lives as long as the map.
-    if let Some(verdict) = decide::mode_verdict(unsafe { (*gate).mode }) {
+    let mode = unsafe { (*gate).mode };
+    if let Some(verdict) = decide::mode_verdict(mode) {
         return verdict;
+    }
+    if mode == GATE_DELIVER_FROM {
+        // The first input to reach a gate opened from 0 picks where it
+        // delivers from. SAFETY: as above.
+        let (prev, picked) = unsafe { word::exchange(&raw mut (*gate).next_expected, 0, seq) };
+        return decide::from_verdict(seq, if picked { seq } else { prev });
     }
     // SAFETY: as above.
     let (prev, taken) = unsafe { word::exchange(&raw mut (*gate).next_expected, seq, seq + 1) };

@@ -95,8 +95,14 @@ impl GateWindow {
     /// compare-and-exchange, so an input the kernel delivered meanwhile is
     /// never passed over: `false` if `next_expected` was not `from`.
     pub fn pass_over(&self, flow_id: u32, from: u64, to: u64) -> bool {
+        self.exchange_next_expected(flow_id, from, to)
+    }
+
+    /// Sets the gate's `next_expected` to `new` if it is `current` (one
+    /// compare-and-exchange, as the kernel's): whether it was.
+    pub fn exchange_next_expected(&self, flow_id: u32, current: u64, new: u64) -> bool {
         self.word::<AtomicU64>(flow_id, dataplane_common::GATE_NEXT_EXPECTED_OFFSET)
-            .compare_exchange(from, to, Ordering::SeqCst, Ordering::SeqCst)
+            .compare_exchange(current, new, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok()
     }
 

@@ -20,7 +20,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use dataplane_common::{GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED};
+use dataplane_common::{
+    GATE_DELIVER_ALL, GATE_DELIVER_FROM, GATE_HOLD_ALL, GATE_SEQUENCED, decide::gate_open,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::kernel::{
@@ -165,29 +167,42 @@ pub fn drain(pid: u32, stop: &mut dyn FnMut() -> bool) -> Result<bool, Checkpoin
 }
 
 /// Opens a held (or sequenced) gate to deliver every input again. Returns
-/// the held inputs it opens over, which the instance then never gets: none
-/// when every one was given back. (The last of them is read just after the
-/// store, so it may name an input that arrived within that instant and was
-/// delivered.)
+/// exactly the held inputs it opens over, which the instance then never
+/// gets: none when every one was given back.
+///
+/// Exactly, although inputs race the opening: taking the gate's word
+/// stops a sequenced gate (an input exchanging it meanwhile is held), and
+/// the gate then delivers from the input after the last one numbered, or
+/// from the first to reach it if that comes first (`GATE_DELIVER_FROM`).
+/// An input numbered before and still on its way is dropped, and named.
 pub fn open(
     dataplane: &mut Dataplane,
     flow_id: u32,
 ) -> Result<Option<RangeInclusive<u64>>, LoadError> {
     let mode = dataplane.gate(flow_id)?.mode;
-    // A held gate delivered nothing past its position: read before it opens.
-    let held_from = match mode {
-        GATE_HOLD_ALL => Some(dataplane.sequence(flow_id)?.last_delivered + 1),
-        _ => None,
+    if gate_open(mode) {
+        return Ok(None);
+    }
+    let window = dataplane.gate_window()?;
+    let taken = loop {
+        let word = window.next_expected(flow_id);
+        if window.exchange_next_expected(flow_id, word, 0) {
+            break word;
+        }
     };
-    dataplane.set_input_gate(flow_id, GATE_DELIVER_ALL, 0)?;
-    let first = match (mode, held_from) {
-        (_, Some(first)) => first,
-        // As the kernel left it: an open gate no longer moves it.
-        (GATE_SEQUENCED, _) => dataplane.gate(flow_id)?.next_expected,
-        _ => return Ok(None),
+    let first = match mode {
+        GATE_SEQUENCED => taken,
+        // A held gate delivered nothing past its position.
+        _ => dataplane.sequence(flow_id)?.last_delivered + 1,
     };
+    window.set_input_gate(flow_id, GATE_DELIVER_FROM, 0);
     let last = dataplane.sequence(flow_id)?.last_seq;
-    Ok((first <= last).then_some(first..=last))
+    let from = match window.exchange_next_expected(flow_id, 0, last + 1) {
+        true => last + 1,
+        // An input reached the gate first: it delivers from that one.
+        false => window.next_expected(flow_id),
+    };
+    Ok((first < from).then(|| first..=from - 1))
 }
 
 /// The inputs of a flow that a hold keeps, as the daemon collects them from

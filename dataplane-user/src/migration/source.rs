@@ -8,7 +8,7 @@ use std::{
 };
 
 use dataplane_common::{
-    CUT_AT_NEXT, FlowKey, GATE_DELIVER_ALL, MirrorTarget, OUTPUT_ARMED, OUTPUT_MUTE, RECORD_OUTPUT,
+    CUT_AT_NEXT, FlowKey, MirrorTarget, OUTPUT_ARMED, OUTPUT_MUTE, RECORD_OUTPUT, decide::gate_open,
 };
 use serde_json::Value;
 
@@ -887,15 +887,14 @@ pub(super) fn recover_unjournaled(pin_root: &Path, standby_pin_root: Option<&Pat
     let in_migration = || -> Result<Vec<(FlowKey, u32)>, Cause> {
         let dataplane = Dataplane::open(pin_root)?;
         let standby = standby_pin_root.map(Dataplane::open).transpose()?;
-        let held =
-            |d: &Dataplane, flow_id| d.gate(flow_id).is_ok_and(|g| g.mode != GATE_DELIVER_ALL);
+        let held = |d: &Dataplane, flow_id| d.gate(flow_id).is_ok_and(|g| !gate_open(g.mode));
         let mut flows = Vec::new();
         for (key, config) in dataplane.flows()? {
             let gate = dataplane.gate(config.flow_id)?;
             if [OUTPUT_MUTE, OUTPUT_ARMED].contains(&gate.output) {
                 continue;
             }
-            if gate.mode != GATE_DELIVER_ALL
+            if !gate_open(gate.mode)
                 || gate.deliver_until == CUT_AT_NEXT
                 || standby.as_ref().is_some_and(|s| held(s, config.flow_id))
             {
