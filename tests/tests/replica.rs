@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use dataplane_tests::{
-    CONTROLLER_COMM, MigrationSetup, chain_state, cps_verdict, in_netns, pids_named,
+    CONTROLLER_COMM, MigrationSetup, chain_state, cps_verdict, in_netns, kill_pid, pids_named,
 };
 use serde_json::json;
 
@@ -87,10 +87,9 @@ fn a_migration_to_an_in_sync_replica_is_a_comparison_and_a_cutover() {
     assert_clean(&verdict);
     // The replica served every input after K, and had taken every one
     // before: its chain covers them all.
-    assert_eq!(
-        chain_state(&setup.hosts.dst, setup.service).map(|s| s.0),
-        Some(cycles)
-    );
+    let state = chain_state(&setup.hosts.dst, setup.service);
+    kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+    assert_eq!(state.map(|s| s.0), Some(cycles));
     assert_eq!(instances_on(&setup.hosts.src), [] as [u32; 0]);
     // The destination knows the service; the source forgot it.
     let on = |daemon: &dataplane_tests::DaemonProcess| {

@@ -157,15 +157,24 @@ pub fn gratuitous_arp(interface: &str, addr: std::net::Ipv4Addr) -> io::Result<(
     send_to(packet_socket()?, &frame, &to)
 }
 
-/// This process's one packet socket, for sending frames: made at first
-/// use and never closed, because closing a packet socket waits for an RCU
-/// grace period (`synchronize_net`), about 10 ms here, which would fall
-/// on the announce of every cutover. It takes no protocol, so it receives
-/// nothing.
+/// A packet socket for sending frames in the calling thread's network
+/// namespace (a socket sends in the namespace it was made in): one per
+/// namespace, made at first use and never closed, because closing a
+/// packet socket waits for an RCU grace period (`synchronize_net`), about
+/// 10 ms here, which would fall on the announce of every cutover. It takes
+/// no protocol, so it receives nothing.
 fn packet_socket() -> io::Result<std::os::fd::RawFd> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    static SOCKET: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
-    if let Some(fd) = SOCKET.get() {
+    use std::{
+        collections::HashMap,
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+        sync::Mutex,
+    };
+    static SOCKETS: Mutex<Option<HashMap<u64, OwnedFd>>> = Mutex::new(None);
+    let namespace =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata("/proc/thread-self/ns/net")?);
+    let mut sockets = SOCKETS.lock().unwrap();
+    let sockets = sockets.get_or_insert_with(HashMap::new);
+    if let Some(fd) = sockets.get(&namespace) {
         return Ok(fd.as_raw_fd());
     }
     // SAFETY: a plain socket call; the descriptor is owned at once.
@@ -173,10 +182,9 @@ fn packet_socket() -> io::Result<std::os::fd::RawFd> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: `fd` is a new descriptor no one else owns. Two first calls
-    // racing make two sockets; the one not kept is closed, once.
+    // SAFETY: `fd` is a new descriptor no one else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    Ok(SOCKET.get_or_init(|| fd).as_raw_fd())
+    Ok(sockets.entry(namespace).or_insert(fd).as_raw_fd())
 }
 
 /// A gratuitous ARP request: from `mac` to all, for `addr` by `addr`.

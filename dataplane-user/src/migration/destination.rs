@@ -559,8 +559,10 @@ impl<'a> Target<'a> {
                 // well within the idle limit.
                 let timeout = Duration::from_millis(timeout_ms).min(MAX_OUTPUTS_WAIT);
                 // Past the replay the inputs staged here only count losses
-                // (a hot replica is compared for as long as it lives).
+                // (a hot replica is compared for as long as it lives), and
+                // a lost one ends the comparison: the instance missed it.
                 while self.inputs.try_next().is_some() {}
+                self.log.check(&self.dataplane, &self.inputs)?;
                 let outputs = self
                     .next_outputs(after, count.min(MAX_OUTPUTS), timeout)
                     .await;

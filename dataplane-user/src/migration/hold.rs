@@ -166,15 +166,23 @@ pub fn drain(pid: u32, stop: &mut dyn FnMut() -> bool) -> Result<bool, Checkpoin
     }
 }
 
-/// Opens a held (or sequenced) gate to deliver every input again. Returns
-/// exactly the held inputs it opens over, which the instance then never
-/// gets: none when every one was given back.
+/// Opens a sequenced gate that has given every held input back to
+/// deliver every input: an input racing the change is delivered under
+/// either mode, and nothing is lost.
+pub fn release(dataplane: &mut Dataplane, flow_id: u32) -> Result<(), LoadError> {
+    dataplane.set_input_gate(flow_id, GATE_DELIVER_ALL, 0)
+}
+
+/// Opens a held (or sequenced) gate over the inputs it holds, which the
+/// instance then never gets (a hold given up, a daemon that died holding),
+/// to deliver every later input: exactly those inputs, named.
 ///
 /// Exactly, although inputs race the opening: taking the gate's word
 /// stops a sequenced gate (an input exchanging it meanwhile is held), and
 /// the gate then delivers from the input after the last one numbered, or
 /// from the first to reach it if that comes first (`GATE_DELIVER_FROM`).
-/// An input numbered before and still on its way is dropped, and named.
+/// An input numbered before and still on its way is dropped, and named:
+/// a gate that has given every input back opens with [`release`].
 pub fn open(
     dataplane: &mut Dataplane,
     flow_id: u32,

@@ -93,12 +93,12 @@ impl Checkpointed {
         // Dumped or not, the instance gets the inputs held meanwhile, in
         // order; the gate opens only over those it could not get, named.
         let resumed = self.resume(position, &mut inputs);
-        let opened_over = hold::open(&mut self.dataplane, flow_id);
         let held_us = held.elapsed().as_micros() as u64;
         if let Err(error) = resumed {
-            let lost = opened_over.ok().flatten();
+            let lost = hold::open(&mut self.dataplane, flow_id).ok().flatten();
             return Err(Cause::Resume { error, lost });
         }
+        hold::release(&mut self.dataplane, flow_id)?;
         if let Some(end) = inputs.end() {
             return Err(end.clone().into());
         }
