@@ -40,7 +40,8 @@ fn main() -> anyhow::Result<()> {
         println!("{row}");
     }
     println!(
-        "\nEach pair: without / with the replica (ratio). replica %: the replica instance's own \
+        "\nEach pair: without / with the replica (CPU: the difference in points of one core; \
+         memory: the ratio). replica %: the replica instance's own \
          CPU on dst. lag: inputs numbered on src past the last one compared, sampled every \
          100 ms. The CPS's outputs over the whole run, the replica's making included."
     );
@@ -88,13 +89,16 @@ fn measure(rate: u64, window: Duration) -> anyhow::Result<String> {
     let verdict = cps_verdict(cps);
     let lags = Sample::new(lags);
     let n = |key: &str| verdict[key].as_u64().unwrap_or(0);
-    let pair = |a: f64, b: f64| format!("{a:.1} / {b:.1} ({:.2}x)", b / a.max(0.1));
+    // CPU: the points a replica adds (a ratio to an idle daemon's 0.0 %
+    // says nothing); memory: the ratio.
+    let cpu = |a: f64, b: f64| format!("{a:.1} / {b:.1} ({:+.1})", b - a);
+    let rss = |a: f64, b: f64| format!("{a:.1} / {b:.1} ({:.2}x)", b / a.max(0.1));
     Ok(format!(
         "{rate:>7} {:>21} {:>21} {:>21} {:>21} {:>10.1} {:>13} {:>18}{}",
-        pair(without.cpu[0], with.cpu[0]),
-        pair(without.cpu[1], with.cpu[1]),
-        pair(without.rss_mib[0], with.rss_mib[0]),
-        pair(without.rss_mib[1], with.rss_mib[1]),
+        cpu(without.cpu[0], with.cpu[0]),
+        cpu(without.cpu[1], with.cpu[1]),
+        rss(without.rss_mib[0], with.rss_mib[0]),
+        rss(without.rss_mib[1], with.rss_mib[1]),
         with.instance_cpu,
         format!(
             "{:.0}/{:.0}",
