@@ -176,3 +176,31 @@ fn a_stopped_replica_is_removed_and_the_source_serves_on() {
         .expect_err("no replica left");
     assert!(again.to_string().contains("no hot replica"), "{again}");
 }
+
+#[test]
+fn a_replica_stopped_while_it_syncs_ends_at_once() {
+    // It never gets in sync: its outputs carry the time of day.
+    let setup = MigrationSetup::new("repstop2", &["--wall-clock"], false);
+    let cycles = 3000;
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let replica = setup.replicate(json!({"deadline_ms": 60000}));
+    std::thread::sleep(Duration::from_millis(800));
+    let asked = std::time::Instant::now();
+    setup
+        .src
+        .client()
+        .call("replica.stop", json!({"name": "markov"}))
+        .expect("replica.stop");
+    let ended = setup.wait(&replica);
+    let took = asked.elapsed();
+    println!("replica: {ended}\nstopped in {took:?}");
+    assert_eq!(ended["state"], "stopped", "{ended}");
+    assert!(
+        took < Duration::from_secs(2),
+        "not its 60 s deadline: {took:?}"
+    );
+    let verdict = cps_verdict(cps);
+    assert_clean(&verdict);
+    assert_eq!(setup.left_on_dst(), [] as [String; 0], "left on dst");
+}

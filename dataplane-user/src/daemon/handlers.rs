@@ -634,6 +634,12 @@ impl Daemon {
         };
         // A replica whose task has ended is gone from the table already.
         let _ = replica.commands.send(replica::Command::Stop);
+        // One still syncing stops at its next phase or round, too.
+        if let Some(entry) = self.migrations.lock().unwrap().get(&replica.id)
+            && entry.report.replica.as_ref().map(|r| r.state) != Some(ReplicaState::InSync)
+        {
+            entry.abort.store(true, Ordering::Relaxed);
+        }
         Ok(ReplicaStopping {
             stopping: replica.id.clone(),
         })

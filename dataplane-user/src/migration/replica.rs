@@ -146,6 +146,10 @@ pub async fn run(
                 };
                 (outcome, Some(*h))
             }
+            // Stopped before it was in sync: the stop aborted it.
+            Err(e) if matches!(e.cause, Cause::Aborted) && stop_asked(&mut commands) => {
+                (Ok(State::Stopped), None)
+            }
             Err(e) => {
                 if let (Some(status), Some(mismatch)) = (&mut replica.report.replica, mismatch(&e))
                 {
@@ -174,6 +178,11 @@ enum Kept {
     Stopped,
     /// A handover was asked for: its report.
     HandedOver(Box<Report>),
+}
+
+/// Whether a stop is among the commands not taken yet.
+fn stop_asked(commands: &mut UnboundedReceiver<Command>) -> bool {
+    std::iter::from_fn(|| commands.try_recv().ok()).any(|c| matches!(c, Command::Stop))
 }
 
 /// Whether a replica that failed this way is restored afresh: it had been
