@@ -12,7 +12,7 @@ use std::{
 };
 
 use dataplane_common::{
-    CUT_AT_NEXT, GATE_DELIVER_ALL, GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_MUTE, counter,
+    CUT_AT_NEXT, GATE_HOLD_ALL, GATE_SEQUENCED, OUTPUT_MUTE, counter, decide::gate_open,
 };
 use dataplane_tests::{
     CONTROLLER_COMM, MigrationSetup, TestHosts, chain_state, cps_verdict, files_under, in_netns,
@@ -623,9 +623,11 @@ fn left_on_src(setup: &MigrationSetup, fault: Fault, handed_over: bool) -> Vec<S
         }
     }
     match loaded.dataplane.gate(setup.source_flow_id()) {
-        Ok(gate) if gate.mode == GATE_DELIVER_ALL && gate.output == OUTPUT_MUTE => {}
+        // Open again: delivering all, or from the input after those it
+        // opened over (named lost).
+        Ok(gate) if gate_open(gate.mode) && gate.output == OUTPUT_MUTE => {}
         Ok(gate) => left.push(format!(
-            "standby gate mode {}, output {} (not delivering, muted)",
+            "standby gate mode {}, output {} (not open, muted)",
             gate.mode, gate.output
         )),
         Err(e) => left.push(format!("standby gate: {e}")),
