@@ -174,20 +174,30 @@ impl DaemonProcess {
     /// Waits for the daemon's migration `id` to end (60 s at most): its
     /// final report.
     pub fn wait_for_migration(&self, id: &str) -> serde_json::Value {
+        self.wait_for_report(id, |_| false)
+    }
+
+    /// Waits (60 s at most) until the daemon's migration `id` has ended or
+    /// its report is `ready`: that report.
+    pub fn wait_for_report(
+        &self,
+        id: &str,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let report = self
                 .client()
                 .call("migration.status", serde_json::json!({"id": id}))
                 .expect("migration.status");
-            if report["state"] != "running" {
+            if report["state"] != "running" || ready(&report) {
                 return report;
             }
             assert!(
                 std::time::Instant::now() < deadline,
                 "migration {id} still running: {report}"
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -336,9 +336,8 @@ impl MigrationSetup {
     /// a restored instance in its namespace, a flow in its dataplane, a
     /// file (images, a journal) in its images_dir. Empty: nothing.
     pub fn left_on_dst(&self) -> Vec<String> {
-        let instances = crate::pids_named(CONTROLLER_COMM)
+        let instances = Self::instances_on(&self.hosts.dst)
             .into_iter()
-            .filter(|&p| crate::in_netns(p, &self.hosts.dst))
             .map(|p| format!("instance {p}"));
         let flows = Dataplane::open(&self.hosts.pin_root("dst"))
             .and_then(|d| d.flows())
@@ -347,6 +346,14 @@ impl MigrationSetup {
             .map(|(key, _)| format!("flow {}", dataplane_user::kernel::flow::display(&key)));
         let files = files_under(&self.dst_images_dir()).into_iter();
         instances.chain(flows).chain(files).collect()
+    }
+
+    /// The controller instances running in `host`'s network namespace.
+    pub fn instances_on(host: &crate::NetNs) -> Vec<u32> {
+        crate::pids_named(CONTROLLER_COMM)
+            .into_iter()
+            .filter(|&p| crate::in_netns(p, host))
+            .collect()
     }
 
     /// Subscribes to `migration.watch` on the source, lets the CPS run
@@ -411,22 +418,8 @@ impl MigrationSetup {
     /// Waits (60 s at most) until hot replica `id` is in sync or has
     /// ended; its report then.
     pub fn wait_in_sync(&self, id: &str) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let report = self
-                .src
-                .client()
-                .call("migration.status", serde_json::json!({"id": id}))
-                .expect("migration.status");
-            if report["state"] != "running" || report["replica"]["state"] == "in_sync" {
-                return report;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "replica {id} not in sync: {report}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.src
+            .wait_for_report(id, |report| report["replica"]["state"] == "in_sync")
     }
 }
 

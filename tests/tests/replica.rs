@@ -4,23 +4,13 @@
 //! real CRIU, real processes, the CPS at T_U = 1 ms.
 use std::time::Duration;
 
-use dataplane_tests::{
-    CONTROLLER_COMM, MigrationSetup, chain_state, cps_verdict, in_netns, kill_pid, pids_named,
-};
+use dataplane_tests::{MigrationSetup, chain_state, cps_verdict, kill_pid};
 use serde_json::json;
 
 fn assert_clean(verdict: &serde_json::Value) {
     for key in ["missed", "duplicates", "out_of_order", "wrong"] {
         assert_eq!(verdict[key], 0, "{key}: {verdict}");
     }
-}
-
-/// The controller instances running in `host`'s network namespace.
-fn instances_on(host: &dataplane_tests::NetNs) -> Vec<u32> {
-    pids_named(CONTROLLER_COMM)
-        .into_iter()
-        .filter(|&p| in_netns(p, host))
-        .collect()
 }
 
 #[test]
@@ -36,7 +26,7 @@ fn a_migration_to_an_in_sync_replica_is_a_comparison_and_a_cutover() {
     assert!(status["sync_us"].as_u64() > Some(0), "{synced}");
     assert_eq!(status["resyncs"], 0, "{synced}");
     assert_eq!(
-        instances_on(&setup.hosts.dst).len(),
+        MigrationSetup::instances_on(&setup.hosts.dst).len(),
         1,
         "one replica on dst"
     );
@@ -90,7 +80,10 @@ fn a_migration_to_an_in_sync_replica_is_a_comparison_and_a_cutover() {
     let state = chain_state(&setup.hosts.dst, setup.service);
     kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
     assert_eq!(state.map(|s| s.0), Some(cycles));
-    assert_eq!(instances_on(&setup.hosts.src), [] as [u32; 0]);
+    assert_eq!(
+        MigrationSetup::instances_on(&setup.hosts.src),
+        [] as [u32; 0]
+    );
     // The destination knows the service; the source forgot it.
     let on = |daemon: &dataplane_tests::DaemonProcess| {
         daemon
