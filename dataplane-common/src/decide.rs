@@ -80,6 +80,17 @@ pub fn stored_next_expected(mode: u32, next_expected: u64) -> Option<u64> {
     (mode == GATE_SEQUENCED).then_some(next_expected)
 }
 
+/// Whether a UDP frame for destination MAC `dst`, arrived on interface
+/// `ifindex`, is addressed to this host: anything but a unicast frame for
+/// another MAC on the capture interface. Such a frame reaches the
+/// capture interface only when a switch floods it (its owner's port went
+/// down) or the port listens promiscuously; the stack drops it, so
+/// numbering it would count an input the instance never gets.
+#[inline(always)]
+pub fn addressed_here(dst: [u8; 6], ifindex: u32, config: &Config) -> bool {
+    ifindex != config.capture_ifindex || dst[0] & 1 != 0 || dst == config.capture_mac
+}
+
 /// Whether an input that could not be numbered (the log is full) still
 /// reaches the local instance: only through an open gate (`mode` is the
 /// flow's gate mode, `None` without a gate). A migration that needs it
@@ -307,6 +318,28 @@ mod tests {
         assert_eq!(next, 9);
         assert!(gate_open(GATE_DELIVER_FROM) && gate_open(GATE_DELIVER_ALL));
         assert!(!gate_open(GATE_HOLD_ALL) && !gate_open(GATE_SEQUENCED));
+    }
+
+    #[test]
+    fn only_frames_for_this_host_are_numbered_on_the_capture_interface() {
+        let config = Config {
+            capture_ifindex: 4,
+            capture_mac: [2, 0, 0, 0, 0, 1],
+            ..Default::default()
+        };
+        assert!(addressed_here([2, 0, 0, 0, 0, 1], 4, &config));
+        assert!(
+            !addressed_here([2, 0, 0, 0, 0, 2], 4, &config),
+            "another host's"
+        );
+        assert!(addressed_here([0xff; 6], 4, &config), "broadcast");
+        assert!(
+            addressed_here([0x01, 0, 0x5e, 0, 0, 1], 4, &config),
+            "multicast"
+        );
+        // Elsewhere (the standby link, a test run without an interface)
+        // the MAC is not checked.
+        assert!(addressed_here([2, 0, 0, 0, 0, 2], 5, &config));
     }
 
     #[test]

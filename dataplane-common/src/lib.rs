@@ -197,8 +197,15 @@ pub struct Config {
     /// interface, or the link a standby's copies arrive on); 0: none.
     /// Mirror frames arriving anywhere else count as `MIRROR_FOREIGN`.
     pub mirror_from_ifindex: u32,
+    /// Ifindex and MAC of the service-facing interface, where inputs are
+    /// captured: a unicast frame arriving there for another MAC (a switch
+    /// floods frames for a host it no longer sees, a port in promiscuous
+    /// mode) is not this host's input and is never numbered.
+    pub capture_ifindex: u32,
+    pub capture_mac: [u8; 6],
+    pub _pad_capture: [u8; 2],
 }
-const _: () = assert!(size_of::<Config>() == 48);
+const _: () = assert!(size_of::<Config>() == 60);
 
 /// Where a flow's mirror copies go on the mirror interface: the host it
 /// migrates to, which tells the source at `prepare` (one migration
@@ -488,8 +495,11 @@ pub mod counter {
     /// Mirror frames that arrived on an interface mirror frames are not
     /// taken on (not `Config::mirror_from_ifindex`), passed untouched.
     pub const MIRROR_FOREIGN: u32 = 16;
+    /// UDP frames that arrived on the capture interface addressed to
+    /// another host's MAC, passed untouched and unnumbered.
+    pub const OTHER_HOST: u32 = 17;
     /// Number of counters.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
     /// Counter names, by index, as user space reports them.
     pub const NAMES: [&str; COUNT as usize] = [
         "seen",
@@ -509,6 +519,7 @@ pub mod counter {
         "forwarded",
         "output_muted",
         "mirror_foreign",
+        "other_host",
     ];
 }
 

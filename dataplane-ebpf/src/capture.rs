@@ -30,6 +30,16 @@ use crate::{
 /// or in `MIRROR_DEVMAP` mode is broadcast to the mirror and delivery ports.
 #[inline(always)]
 pub(crate) fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
+    let config = config();
+    // SAFETY: reading a field of the context the kernel handed us.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let dst = ptr_at::<[u8; 6]>(ctx.data(), ctx.data_end(), 0);
+    // SAFETY: ptr_at checked the bounds.
+    if !dst.is_some_and(|d| decide::addressed_here(unsafe { d.read_unaligned() }, ifindex, &config))
+    {
+        count(counter::OTHER_HOST);
+        return xdp_action::XDP_PASS;
+    }
     // SAFETY: a hash map value is only read here; user space replaces whole entries.
     let Some(flow) = (unsafe { FLOWS.get(key) }).copied() else {
         count(counter::UNMATCHED);
@@ -40,7 +50,6 @@ pub(crate) fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
         count(counter::UNMATCHED);
         return xdp_action::XDP_PASS;
     };
-    let config = config();
     let frame_len = (ctx.data_end() - ctx.data()) as u32;
     // SAFETY: the helper takes no arguments and only reads the clock.
     let timestamp_ns = unsafe { bpf_ktime_get_ns() };
@@ -48,8 +57,7 @@ pub(crate) fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
         timestamp_ns,
         kind: RECORD_INPUT,
         flow_id: flow.flow_id,
-        // SAFETY: reading a field of the context the kernel handed us.
-        ifindex: unsafe { (*ctx.ctx).ingress_ifindex },
+        ifindex,
         frame_len,
         captured_len: captured_len(frame_len, config.snap_len),
         ..Default::default()

@@ -94,6 +94,13 @@ pub struct DaemonConfig {
     /// 2 s. It must cover the source's checkpoint. Default: 120.
     #[serde(default = "default_migration_idle_s")]
     pub migration_idle_s: u64,
+    /// A hot replica held here takes its service over once the serving
+    /// host has been silent this long, in ms, on the migration network
+    /// (mirror and peer link) and on the service network (ARP) alike. A
+    /// few control periods of the service: each one is a cycle the CPS
+    /// goes unanswered. 0: no failover. Default: 2.
+    #[serde(default = "default_failover_after_ms")]
+    pub failover_after_ms: u64,
     /// Standby mode (gundall2022 Option 2): the veth leading to the
     /// network namespace where this host's standby instances run. The
     /// daemon builds at start what is missing of that namespace, the veth
@@ -206,6 +213,9 @@ fn default_images_max_mib() -> u64 {
 }
 fn default_images_max_files() -> u64 {
     100_000
+}
+fn default_failover_after_ms() -> u64 {
+    2
 }
 fn default_migration_idle_s() -> u64 {
     120

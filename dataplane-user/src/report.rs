@@ -98,6 +98,11 @@ pub struct ReplicaStatus {
     /// The first pair of outputs that differed, once it diverged: the
     /// input, and how they differ.
     pub mismatch: Option<String>,
+    /// After how long a silence the replica's host takes the service
+    /// over should this one stop, ms; 0: no failover (see
+    /// `failover_after_ms`).
+    #[serde(default)]
+    pub failover_after_ms: u64,
 }
 
 /// Where a hot replica stands.

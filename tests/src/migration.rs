@@ -302,6 +302,13 @@ impl MigrationSetup {
         command.spawn().expect("start the CPS simulator")
     }
 
+    /// As `start_cps` without a trace, with more `args` for the simulator.
+    pub fn start_cps_with(&self, count: u64, period_us: u64, args: &[&str]) -> std::process::Child {
+        let mut command = self.hosts.cps_command(&self.flows, count, period_us);
+        command.args(args);
+        command.spawn().expect("start the CPS simulator")
+    }
+
     /// As `start_cps`, sending `burst` inputs at 20 kHz on each SIGUSR1.
     pub fn start_bursty_cps(
         &self,

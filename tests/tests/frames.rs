@@ -102,7 +102,14 @@ fn malformed_and_foreign_frames_pass_untouched_and_are_counted() {
         ..Default::default()
     });
     assert!(run.is_err(), "XDP does not run on a 13-byte frame");
-    check_ingress(&src, (&hosts.src, "eth0"), &cps, &parser_cases(src_mac));
+    let mut cases = parser_cases(src_mac);
+    // Only the service interface checks the MAC: inputs are captured there.
+    cases.push(case(
+        "an input of the flow for another host's MAC (a switch flooding it)",
+        udp_frame([0x02, 0, 0, 0, 0, 0x99], None, 5000, b"a matched input"),
+        Counted::OtherHost,
+    ));
+    check_ingress(&src, (&hosts.src, "eth0"), &cps, &cases);
 }
 
 #[test]
@@ -275,7 +282,7 @@ const XDP_PASS: u32 = 2;
 /// Counters a frame of the tables moves only as its `Counted` says
 /// (`seen` and `not_udp` also count the hosts' own traffic: neighbour
 /// discovery).
-const WATCHED: [u32; 15] = [
+const WATCHED: [u32; 16] = [
     counter::CAPTURED,
     counter::RING_FULL,
     counter::MIRRORED,
@@ -291,6 +298,7 @@ const WATCHED: [u32; 15] = [
     counter::FORWARDED,
     counter::OUTPUT_MUTED,
     counter::MIRROR_FOREIGN,
+    counter::OTHER_HOST,
 ];
 
 /// What the ingress program counts a frame it leaves alone as.
@@ -303,6 +311,8 @@ enum Counted {
     MirrorError,
     /// A mirror frame on an interface mirror frames are not taken on.
     Foreign,
+    /// A unicast frame for another host's MAC (flooded by a switch).
+    OtherHost,
 }
 
 impl Counted {
@@ -314,6 +324,7 @@ impl Counted {
             Counted::Unmatched => &[counter::UNMATCHED],
             Counted::MirrorError => &[counter::MIRROR_RECEIVED, counter::MIRROR_ERRORS],
             Counted::Foreign => &[counter::MIRROR_FOREIGN],
+            Counted::OtherHost => &[counter::OTHER_HOST],
         }
     }
 }

@@ -41,7 +41,8 @@ enum Task {
         /// Passed on to the benchmark (cutover: MIGRATIONS BASELINES;
         /// checkpoint: SIZE_MIB...; migrate: MIGRATIONS BASELINES SIZES;
         /// load: [--flows N] [--others controllers|none] RATE... per flow;
-        /// replay: INPUTS; link: ROUNDS SIZE_MIB...; replica: SECONDS).
+        /// replay: INPUTS; link: ROUNDS SIZE_MIB...; replica: SECONDS;
+        /// failover: RUNS).
         args: Vec<String>,
     },
     /// Set up, install cargo-fuzz if missing, and run each fuzz target of
@@ -74,6 +75,9 @@ enum Bench {
     /// A hot replica's steady cost: both daemons' CPU and memory with and
     /// without one, at 1 and 10 kHz, and its lag.
     Replica,
+    /// Failovers to a hot replica when the source host stops: missed
+    /// cycles, detection time, duplicates.
+    Failover,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +98,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Replay => run_bin("bench-replay", &args),
             Bench::Link => run_bin("bench-link", &args),
             Bench::Replica => run_bin("bench-replica", &args),
+            Bench::Failover => run_bin("bench-failover", &args),
         },
         Task::Fuzz { seconds } => fuzz::run(seconds),
     }

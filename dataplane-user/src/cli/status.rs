@@ -76,7 +76,7 @@ fn print_status(s: &Status) {
     for (m, r) in replicas {
         println!(
             "  {} of {} at {}: {}, {} outputs compared up to input {}, lag {} inputs, \
-             {} re-syncs{}",
+             {} re-syncs, {}{}",
             m.id,
             m.service,
             m.to,
@@ -85,9 +85,34 @@ fn print_status(s: &Status) {
             r.compared_up_to,
             r.lag,
             r.resyncs,
+            match r.failover_after_ms {
+                0 => "no failover".to_string(),
+                ms => format!("failover after {ms} ms"),
+            },
             r.mismatch
                 .as_ref()
                 .map(|m| format!("; mismatch at {m}"))
+                .unwrap_or_default()
+        );
+    }
+    if !s.takeovers.is_empty() {
+        println!("taken over:");
+    }
+    for t in &s.takeovers {
+        println!(
+            "  {}: after {:.1} ms of silence, answering from input {} ({} us to announce {:?}){}{}",
+            t.service,
+            t.silent_us as f64 / 1000.0,
+            t.answers_from,
+            t.takeover_us,
+            t.announced,
+            t.lost
+                .as_ref()
+                .map(|l| format!("; {l} lost"))
+                .unwrap_or_default(),
+            t.error
+                .as_ref()
+                .map(|e| format!("; {e}"))
                 .unwrap_or_default()
         );
     }

@@ -36,6 +36,10 @@ pub struct Status {
     pub peer_key: Option<String>,
     /// The names of the listed peers.
     pub peers: Vec<String>,
+    /// The services this host took over from a source that stopped (a
+    /// hot replica's failover), since the daemon started.
+    #[serde(default)]
+    pub takeovers: Vec<crate::migration::failover::Takeover>,
 }
 
 /// `status`'s interfaces.

@@ -139,6 +139,7 @@ impl Daemon {
             peer_listen: self.config.peer_listen,
             peer_key: self.trust.identity().map(|i| i.public().to_string()),
             peers: self.config.peers.iter().map(|p| p.name.clone()).collect(),
+            takeovers: self.takeovers.lock().unwrap().clone(),
         })
     }
 
@@ -616,6 +617,11 @@ impl Daemon {
             }
             if let Some(report) = &ended.handover {
                 handed_over(&services, report);
+            }
+            if ended.taken_over
+                && let Err(e) = services.remove(&name)
+            {
+                tracing::warn!(id = %task_id, "{e}");
             }
         });
         if let Some(entry) = migrations.get_mut(&id) {

@@ -54,6 +54,8 @@ pub struct Daemon {
     migrations: Arc<Mutex<BTreeMap<String, MigrationEntry>>>,
     /// The hot replicas of its services, by service.
     replicas: Arc<Mutex<BTreeMap<String, handlers::Replica>>>,
+    /// The services this host took over from a source that stopped.
+    takeovers: Arc<Mutex<Vec<crate::migration::failover::Takeover>>>,
     /// The standing readers of the input and output logs (set by `serve`).
     taps: std::sync::OnceLock<(Arc<Tap>, Arc<Tap>)>,
     /// Where standby requests go (set by `serve`; see [`Seeder`]).
@@ -182,6 +184,7 @@ impl Daemon {
             services: Arc::new(services),
             migrations: Arc::new(Mutex::new(BTreeMap::new())),
             replicas: Arc::new(Mutex::new(BTreeMap::new())),
+            takeovers: Arc::new(Mutex::new(Vec::new())),
             taps: std::sync::OnceLock::new(),
             standby_requests: std::sync::OnceLock::new(),
             events: broadcast::channel(256).0,
@@ -281,6 +284,8 @@ impl Daemon {
                 services_dir: daemon.config.services_dir.clone(),
                 standby_requests: standby_requests.clone(),
                 stopping: stop,
+                failover_after: std::time::Duration::from_millis(daemon.config.failover_after_ms),
+                takeovers: daemon.takeovers.clone(),
             };
             let host = Arc::new(host);
             // Each link holds a sender: the receiver ends when all have gone.

@@ -145,7 +145,6 @@ fn host_address(interface: &str, addr: std::net::IpAddr, add: bool) -> io::Resul
 /// (Linux overrides its neighbour entry for a gratuitous ARP).
 pub fn gratuitous_arp(interface: &str, addr: std::net::Ipv4Addr) -> io::Result<()> {
     let iface = Interface::by_name(interface).map_err(io::Error::other)?;
-    const ETH_P_ARP: u16 = 0x0806;
     let frame = arp_announcement(iface.mac, addr)?;
     // SAFETY: sockaddr_ll is plain data; all-zero is a valid start.
     let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
@@ -201,6 +200,126 @@ fn arp_announcement(mac: [u8; 6], addr: std::net::Ipv4Addr) -> io::Result<Vec<u8
     builder.write_to_vec(&mut frame).map_err(io::Error::other)?;
     Ok(frame)
 }
+
+/// Asks one neighbour, by unicast ARP probes, whether it still holds an
+/// IPv4 address: its kernel answers each probe while it is up and
+/// reachable on this interface's network, whatever its processes do. A
+/// probe says 0.0.0.0 as its sender (RFC 5227), so that no neighbour
+/// learns anything from it, and goes to the holder's MAC only, so that
+/// nothing else on the network sees it while that MAC is known.
+pub struct ArpProbe {
+    socket: std::os::fd::OwnedFd,
+    probe: Vec<u8>,
+    to: libc::sockaddr_ll,
+    address: std::net::Ipv4Addr,
+    holder: [u8; 6],
+}
+
+impl ArpProbe {
+    /// A probe of `address` at `holder` from `interface`.
+    pub fn open(interface: &str, address: std::net::Ipv4Addr, holder: [u8; 6]) -> io::Result<Self> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let iface = Interface::by_name(interface).map_err(io::Error::other)?;
+        let protocol = ETH_P_ARP.to_be();
+        // SAFETY: a plain socket call; the descriptor is owned at once.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                protocol as i32,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor no one else owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid start.
+        let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        to.sll_family = libc::AF_PACKET as u16;
+        to.sll_protocol = protocol;
+        to.sll_ifindex = iface.index as i32;
+        // Only this interface's ARP frames are received.
+        // SAFETY: `to` is a valid sockaddr_ll for the call.
+        let bound = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                (&to as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if bound < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        to.sll_halen = 6;
+        to.sll_addr[..6].copy_from_slice(&holder);
+        let request = etherparse::ArpEthIpv4Packet {
+            operation: etherparse::ArpOperation::REQUEST,
+            sender_mac: iface.mac,
+            sender_ipv4: [0; 4],
+            target_mac: [0; 6],
+            target_ipv4: address.octets(),
+        };
+        let builder = etherparse::PacketBuilder::ethernet2(iface.mac, holder).arp(request.into());
+        let mut probe = Vec::with_capacity(builder.size());
+        builder.write_to_vec(&mut probe).map_err(io::Error::other)?;
+        Ok(Self {
+            socket,
+            probe,
+            to,
+            address,
+            holder,
+        })
+    }
+
+    /// Sends one probe.
+    pub fn send(&self) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        send_to(self.socket.as_raw_fd(), &self.probe, &self.to)
+    }
+
+    /// Whether the holder answered a probe since the last call: reads
+    /// every ARP frame that came meanwhile.
+    pub fn answered(&self) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let mut frame = [0u8; 64];
+        let mut answered = false;
+        loop {
+            // SAFETY: `frame` is valid for writes of its length.
+            let n = unsafe {
+                libc::recv(
+                    self.socket.as_raw_fd(),
+                    frame.as_mut_ptr().cast(),
+                    frame.len(),
+                    0,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(answered),
+                    _ => Err(e),
+                };
+            }
+            answered |= is_arp_reply(&frame[..n as usize], self.address, self.holder);
+        }
+    }
+}
+
+/// Whether `frame` is an ARP reply saying that `holder` has `address`.
+fn is_arp_reply(frame: &[u8], address: std::net::Ipv4Addr, holder: [u8; 6]) -> bool {
+    // Ethernet header, then: hardware and protocol types and sizes (6),
+    // the operation (2), the sender's MAC (6) and address (4).
+    const ARP: usize = 14;
+    const REPLY: [u8; 2] = [0, 2];
+    frame.len() >= ARP + 18
+        && frame[12..14] == ETH_P_ARP.to_be_bytes()
+        && frame[ARP + 6..ARP + 8] == REPLY
+        && frame[ARP + 8..ARP + 14] == holder
+        && frame[ARP + 14..ARP + 18] == address.octets()
+}
+
+const ETH_P_ARP: u16 = 0x0806;
 
 /// Sends an unsolicited neighbour advertisement for `addr` from
 /// `interface` to all nodes (RFC 4861 7.2.6), with the override flag and
@@ -311,6 +430,46 @@ mod tests {
         expected.extend_from_slice(&[0; 6]);
         expected.extend_from_slice(&addr.octets());
         assert_eq!(arp_announcement(MAC, addr).unwrap(), expected);
+    }
+
+    #[test]
+    fn knows_an_arp_reply_of_the_holder_only() {
+        let addr = std::net::Ipv4Addr::new(192, 0, 2, 10);
+        let reply = |operation, mac: [u8; 6], sender: std::net::Ipv4Addr| {
+            let packet = etherparse::ArpEthIpv4Packet {
+                operation,
+                sender_mac: mac,
+                sender_ipv4: sender.octets(),
+                target_mac: [2, 0, 0, 0, 0, 1],
+                target_ipv4: [0; 4],
+            };
+            let builder =
+                etherparse::PacketBuilder::ethernet2(mac, [2, 0, 0, 0, 0, 1]).arp(packet.into());
+            let mut frame = Vec::new();
+            builder.write_to_vec(&mut frame).unwrap();
+            frame
+        };
+        let reply_op = etherparse::ArpOperation::REPLY;
+        assert!(is_arp_reply(&reply(reply_op, MAC, addr), addr, MAC));
+        let other = [2, 0, 0, 0, 0, 9];
+        assert!(
+            !is_arp_reply(&reply(reply_op, other, addr), addr, MAC),
+            "another holder"
+        );
+        let elsewhere = std::net::Ipv4Addr::new(192, 0, 2, 11);
+        assert!(
+            !is_arp_reply(&reply(reply_op, MAC, elsewhere), addr, MAC),
+            "another address"
+        );
+        let request = etherparse::ArpOperation::REQUEST;
+        assert!(
+            !is_arp_reply(&reply(request, MAC, addr), addr, MAC),
+            "a request"
+        );
+        assert!(
+            !is_arp_reply(&reply(reply_op, MAC, addr)[..30], addr, MAC),
+            "cut short"
+        );
     }
 
     #[test]

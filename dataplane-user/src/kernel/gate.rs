@@ -156,6 +156,15 @@ impl GateWindow {
             .store(dataplane_common::OUTPUT_ARMED, Ordering::SeqCst);
     }
 
+    /// Opens the output gate to the answers of input `from` and later
+    /// (a takeover: the source answered the ones before).
+    pub fn open_outputs_from(&self, flow_id: u32, from: u64) {
+        self.word::<AtomicU64>(flow_id, dataplane_common::GATE_ANSWER_FROM_OFFSET)
+            .store(from, Ordering::SeqCst);
+        self.word::<AtomicU32>(flow_id, dataplane_common::GATE_OUTPUT_OFFSET)
+            .store(dataplane_common::OUTPUT_FROM, Ordering::SeqCst);
+    }
+
     /// Tags flow `flow_id`'s outputs by counting (`TAG_COUNTED`) from the
     /// input after the latest delivered (`delivered` reads it): a
     /// migration's source, for its serving instance. The count must never

@@ -200,9 +200,11 @@ impl Dataplane {
             return Err(LoadError::AlreadyLoaded(root.clone()));
         }
         // Resolve the interfaces before anything is pinned.
-        netdev::Interface::by_name(&options.interface)?;
+        let capture = netdev::Interface::by_name(&options.interface)?;
         let mut config = Config {
             snap_len: options.snap_len,
+            capture_ifindex: capture.index,
+            capture_mac: capture.mac,
             ..Default::default()
         };
         let mut attachments = vec![

@@ -44,11 +44,13 @@ use crate::{
     migration::{
         MAX_DEADLINE_MS,
         error::{Cause, InstanceEnd},
+        failover::{Watch, Watched},
         hold,
         hold::FlowPosition,
         journal::{Files, Incoming, Journal, Side},
         protocol::{
-            Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step, StepKind, TargetFlow,
+            Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step, StepKind,
+            TargetFlow, Watching,
         },
         seed::StandbyRequest,
     },
@@ -91,6 +93,11 @@ pub struct Host {
     /// step, and the migration on it rolls back (or, handed over, keeps
     /// serving) as when the link drops.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// After how long a silent source a hot replica held here takes its
+    /// service over (`failover_after_ms`; zero: never).
+    pub failover_after: Duration,
+    /// The takeovers this host made, for `status`.
+    pub takeovers: Arc<std::sync::Mutex<Vec<super::failover::Takeover>>>,
 }
 
 /// Registers the instance `pid` that this host kept as service `name`
@@ -178,14 +185,39 @@ async fn serve_frames<'a>(
                 None => Some(link.recv(MAX_FRAME).await),
             }
         };
+        // A hot replica's watch may take the service over meanwhile.
+        let takeover = target
+            .as_ref()
+            .and_then(|t| t.watch.as_ref())
+            .map(Watch::on_takeover);
+        let taken_over = async {
+            match takeover {
+                Some(takeover) => takeover.await,
+                None => std::future::pending().await,
+            }
+        };
         let received = tokio::select! {
             biased;
             Ok(_) = stopping.wait_for(|stop| *stop) => {
                 tracing::info!(%from, "the daemon stops: peer link closed");
                 return Ok(());
             }
-            next = next => next,
+            () = taken_over => None,
+            next = next => Some(next),
         };
+        let Some(received) = received else {
+            // Taken over: the service is this host's; the source, should
+            // it speak again, hears so.
+            if let Some(mut taken) = target.take() {
+                taken.keep();
+            }
+            let why = Cause::TakenOver.to_string();
+            let _ = link.send(frame::REFUSE, why.as_bytes()).await;
+            return Ok(());
+        };
+        if let Some(watch) = target.as_ref().and_then(|t| t.watch.as_ref()) {
+            watch.heard();
+        }
         let Some(received) = received else {
             // Only a prepared migration has an idle limit.
             let why = target
@@ -299,6 +331,7 @@ async fn run_step<'a>(
         *target = Some(prepared);
         return Ok(serde_json::to_value(answer).expect("serializes"));
     };
+    t.admit(kind)?;
     let outcome = t.step(step).await;
     t.last_step = tokio::time::Instant::now();
     match (&outcome, next) {
@@ -403,6 +436,8 @@ pub struct Target<'a> {
     finished: bool,
     /// CPU time used when `Prepare` came.
     cpu: crate::host::tasks::CpuTime,
+    /// A hot replica's watch of its source, from `Watch` to `Arm` or `Abort`.
+    watch: Option<Watch>,
 }
 
 impl<'a> Target<'a> {
@@ -417,9 +452,20 @@ impl<'a> Target<'a> {
     ) -> Result<Self, Cause> {
         transfer::plain_name(&migration).map_err(Cause::Name)?;
         crate::service::service_name(&service)?;
-        // Once handed over it is registered here, under its name.
+        // Once handed over it is registered here, under its name; taken
+        // over, its source hears so (and stops serving it).
         if host.services.contains(&service) {
-            return Err(Cause::ServiceHere(service));
+            let took = host
+                .takeovers
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|t| t.service == service);
+            return Err(if took {
+                Cause::TakenOver
+            } else {
+                Cause::ServiceHere(service)
+            });
         }
         if Files::reserved(&migration) {
             return Err(Cause::ReservedName(migration));
@@ -539,6 +585,7 @@ impl<'a> Target<'a> {
             local_addresses,
             finished: false,
             cpu: crate::host::tasks::CpuTime::now(),
+            watch: None,
         };
         Ok(target)
     }
@@ -569,6 +616,7 @@ impl<'a> Target<'a> {
                 self.check_instance("convergence")?;
                 Ok(serde_json::to_value(outputs).expect("serializes"))
             }
+            Step::Watch { holder } => self.watch(holder).map(|w| serde_json::json!(w)),
             Step::Arm { flows } => {
                 self.check_instance("the cutover")?;
                 self.arm(&flows).map(|()| serde_json::json!({}))
@@ -594,6 +642,60 @@ impl<'a> Target<'a> {
                 Ok(serde_json::json!({}))
             }
         }
+    }
+
+    /// Refuses any step once a watch took the service over; `arm` and
+    /// `abort` end the watch first (a planned handover, a rollback): the
+    /// source cannot hand over or take back what this host took.
+    fn admit(&mut self, step: StepKind) -> Result<(), Cause> {
+        let Some(watch) = &self.watch else {
+            return Ok(());
+        };
+        let ended = match step {
+            StepKind::Arm | StepKind::Abort => watch.stop(),
+            _ => !watch.taken_over(),
+        };
+        if !ended {
+            return Err(Cause::TakenOver);
+        }
+        if matches!(step, StepKind::Arm | StepKind::Abort) {
+            self.watch = None;
+        }
+        Ok(())
+    }
+
+    /// Starts watching the source of this hot replica (`holder`: its MAC
+    /// on the service network); what it answers says whether failover is
+    /// on. A replica without it still serves planned handovers.
+    fn watch(&mut self, holder: [u8; 6]) -> Result<Watching, Cause> {
+        self.check_instance("the watch")?;
+        let failover_after = self.host.failover_after;
+        let watching = Watching {
+            failover_after_ms: failover_after.as_millis() as u64,
+        };
+        if failover_after.is_zero() {
+            return Ok(Watching::default());
+        }
+        if self.watch.is_some() {
+            return Ok(watching);
+        }
+        let watched = Watched {
+            service: self.service.clone(),
+            flows: self.flows.clone(),
+            pin_root: self.host.pin_root.clone(),
+            interface: self.host.interface.clone(),
+            holder,
+            failover_after,
+            takeovers: self.host.takeovers.clone(),
+        };
+        match Watch::start(watched) {
+            Ok(watch) => self.watch = Some(watch),
+            Err(e) => {
+                tracing::warn!(service = %self.service, "no failover for this replica: {e}");
+                return Ok(Watching::default());
+            }
+        }
+        Ok(watching)
     }
 
     /// How long this migration may go without a step: the host's limit,
@@ -840,6 +942,7 @@ impl<'a> Target<'a> {
 
     /// Undoes whatever this migration did on this host.
     fn rollback(&mut self) {
+        drop(self.watch.take());
         if let Some(pid) = self.instance.take() {
             let pid = nix::unistd::Pid::from_raw(pid as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
@@ -856,6 +959,14 @@ impl<'a> Target<'a> {
     /// as the source may still pick K ([`armed_grace`]); rolls back
     /// otherwise.
     async fn settle_alone(&mut self) {
+        // A watched replica's link may have gone with its source's host:
+        // the watch says which.
+        if let Some(watch) = self.watch.take()
+            && watch.source_stopped(self.host.failover_after).await
+        {
+            self.keep();
+            return;
+        }
         let grace = armed_grace(self.deadline);
         let (dataplane, flows) = (&self.dataplane, &self.flows);
         // It polls the gates: off the runtime's workers while it waits.
@@ -887,6 +998,8 @@ impl Drop for Target<'_> {
         if self.finished {
             return;
         }
+        // Its thread stops first: a takeover it made shows in the gates.
+        drop(self.watch.take());
         let modes = output_modes(&self.dataplane, &self.flows);
         if modes.contains(&OUTPUT_ARMED) && !modes.contains(&OUTPUT_FROM) {
             // The source's kernel may still hand the service here; no
@@ -989,7 +1102,7 @@ fn forget(dataplane: &mut Dataplane, flows: &[TargetFlow], local_addresses: &[Ip
 /// Makes this host the service addresses' owner on `interface` and tells
 /// the neighbours (a gratuitous ARP, or an unsolicited neighbour
 /// advertisement for IPv6). An address it has already is fine.
-fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<IpAddr>, Cause> {
+pub(super) fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<IpAddr>, Cause> {
     // Each address once: a service's flows from several devices share one.
     let mut addresses: Vec<IpAddr> = flows.iter().map(|f| f.spec.service.ip()).collect();
     addresses.sort();
@@ -1149,6 +1262,7 @@ fn answers_only_its_own(interface: &str, flows: &[FlowSpec]) -> Result<(), Cause
 /// ```text
 /// Idle --prepare--> Prepared --images--> Received --restore--> Restored
 ///   Restored --outputs--> Restored (repeated while the source compares)
+///   Restored --watch--> Restored (a hot replica in sync: failover on)
 ///   Restored --arm--> Armed --announce--> Announced --finish--> Idle
 ///   any state but Idle and Announced --abort--> Idle (refused once the
 ///     service is handed over: an output gate opened past K)
@@ -1185,7 +1299,7 @@ impl State {
             (Idle, S::Prepare) => Some(Prepared),
             (Prepared, S::Images) => Some(Received),
             (Received, S::Restore) => Some(Restored),
-            (Restored, S::Outputs) => Some(Restored),
+            (Restored, S::Outputs | S::Watch) => Some(Restored),
             (Restored, S::Arm) => Some(Armed),
             (Armed, S::Announce) => Some(Announced),
             (Announced, S::Finish) => Some(Idle),
@@ -1263,12 +1377,12 @@ mod tests {
     #[test]
     fn a_step_out_of_order_or_repeated_is_refused_naming_the_expected_one() {
         // In every state the source's steps pass through, only its next
-        // step, `outputs` or `arm` while it compares, and `abort` before
-        // the handover are taken.
+        // step, `outputs`, `watch` or `arm` while it compares, and `abort`
+        // before the handover are taken.
         let mut state = State::Idle;
         for (expected, next) in SOURCE_SENDS {
             for step in StepKind::ALL {
-                let comparing = [StepKind::Outputs, StepKind::Arm];
+                let comparing = [StepKind::Outputs, StepKind::Watch, StepKind::Arm];
                 let taken = step == expected
                     || (state == State::Restored && comparing.contains(&step))
                     || (step == StepKind::Abort

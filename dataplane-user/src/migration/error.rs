@@ -35,6 +35,17 @@ pub struct MigrationError {
     pub cause: Cause,
 }
 
+impl MigrationError {
+    /// Whether the destination answered that it took the service over
+    /// (a hot replica's failover): this host must not serve it any more.
+    pub fn taken_over(&self) -> bool {
+        let taken = Cause::TakenOver.to_string();
+        matches!(&self.cause,
+            Cause::Destination(PeerError::StepFailed(why) | PeerError::Refused(why))
+                if *why == taken)
+    }
+}
+
 /// Why a migration (or one step of it on the destination) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Cause {
@@ -170,6 +181,8 @@ pub enum Cause {
     NotArmed(u32),
     #[error("the service is handed over (an output gate opened past K): this host serves it")]
     ServingHere,
+    #[error("the source went silent on both networks and this host took the service over")]
+    TakenOver,
     #[error("one flow position expected")]
     OnePosition,
     #[error("no images at {}", .0.display())]

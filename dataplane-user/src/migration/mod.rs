@@ -21,6 +21,7 @@ pub mod converge;
 pub mod cutover;
 pub mod destination;
 pub mod error;
+pub mod failover;
 pub mod hold;
 pub mod instance;
 pub mod journal;

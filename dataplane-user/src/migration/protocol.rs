@@ -12,6 +12,9 @@
 //!   |                             <--------  Restored {pid, replay_end, ..}
 //!   | Outputs {after, count}      -------->  (repeated until N match)
 //!   |                             <--------  [Output {flow_id, seq, payload}]
+//!   | Watch {holder} (a hot replica ----->  watch the source; take the
+//!   |   in sync; Outputs go on)              service over if it stops
+//!   |                             <--------  Watching {failover_after_ms}
 //!   | Arm {flows}                 -------->  output gate armed: opens at the
 //!   |   flip; the source's kernel picks K    first input forwarded past K
 //!   | Announce                    -------->  the service's addresses here
@@ -77,6 +80,10 @@ pub enum Step {
         count: usize,
         timeout_ms: u64,
     },
+    /// A hot replica in sync: watch the source (whose MAC on the service
+    /// network is `holder`), and take the service over should it stop
+    /// (see [`super::failover`]). Until `arm` or `abort`.
+    Watch { holder: [u8; 6] },
     /// Let outputs answering inputs above each flow's K leave.
     Arm { flows: Vec<u32> },
     /// Announce the service addresses from this host (gratuitous ARP).
@@ -93,6 +100,7 @@ impl Step {
             Step::Prepare { .. } => StepKind::Prepare,
             Step::Restore { .. } => StepKind::Restore,
             Step::Outputs { .. } => StepKind::Outputs,
+            Step::Watch { .. } => StepKind::Watch,
             Step::Arm { .. } => StepKind::Arm,
             Step::Announce => StepKind::Announce,
             Step::Finish => StepKind::Finish,
@@ -146,6 +154,13 @@ pub struct Finished {
     pub criu_cpu_us: u64,
 }
 
+/// What `Watch` answers: the time after which the destination takes the
+/// service over from a silent source; 0: it does not (no failover there).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Watching {
+    pub failover_after_ms: u64,
+}
+
 /// An output of the destination instance.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Output {
@@ -165,6 +180,7 @@ pub enum StepKind {
     Images,
     Restore,
     Outputs,
+    Watch,
     Arm,
     Announce,
     Finish,
@@ -172,11 +188,12 @@ pub enum StepKind {
 }
 
 impl StepKind {
-    pub const ALL: [StepKind; 8] = [
+    pub const ALL: [StepKind; 9] = [
         StepKind::Prepare,
         StepKind::Images,
         StepKind::Restore,
         StepKind::Outputs,
+        StepKind::Watch,
         StepKind::Arm,
         StepKind::Announce,
         StepKind::Finish,
@@ -190,6 +207,7 @@ impl StepKind {
             StepKind::Images => "images",
             StepKind::Restore => "restore",
             StepKind::Outputs => "outputs",
+            StepKind::Watch => "watch",
             StepKind::Arm => "arm",
             StepKind::Announce => "announce",
             StepKind::Finish => "finish",

@@ -27,7 +27,8 @@ use crate::{
         converge::Comparator,
         error::{Cause, MigrationError},
         hold,
-        source::{Comparing, Migration, Progress, Source},
+        protocol::{Step, Watching},
+        source::{self, Comparing, Migration, Progress, Source},
     },
     peer,
     report::{Mode, ReplicaState, ReplicaStatus, Report, Stage, State},
@@ -91,6 +92,9 @@ pub enum Command {
 pub struct Ended {
     pub replica: Report,
     pub handover: Option<Report>,
+    /// The replica's host took the service over (this one had gone
+    /// silent): this host has let go of it.
+    pub taken_over: bool,
 }
 
 /// Times a replica is restored afresh, after it diverged or failed once
@@ -150,6 +154,17 @@ pub async fn run(
             Err(e) if matches!(e.cause, Cause::Aborted) && stop_asked(&mut commands) => {
                 (Ok(State::Stopped), None)
             }
+            // Its host took the service over while this one was cut off
+            // from both networks: this host stops serving it.
+            Err(e) if e.taken_over() => {
+                let fenced = source::fence(&replica.service, &context);
+                tracing::warn!(replica = %id, "{e}: {fenced}");
+                return Ended {
+                    replica: replica.conclude(cpu, Err(e)),
+                    handover: None,
+                    taken_over: true,
+                };
+            }
             Err(e) => {
                 if let (Some(status), Some(mismatch)) = (&mut replica.report.replica, mismatch(&e))
                 {
@@ -162,12 +177,26 @@ pub async fn run(
                     status.resyncs += 1;
                     continue;
                 }
-                (Err(e), None)
+                // A replica that was in sync waits out a migration network
+                // that is down (its re-sync cannot even prepare), and is
+                // made afresh once it is back.
+                if status.resyncs > 0 && unreachable(&e) {
+                    tracing::warn!(replica = %id, "{e}: trying again in {RETRY:?}");
+                    context.files.remove(super::journal::Side::Source, &id);
+                    status = replica.report.replica.take().unwrap_or_default();
+                    if wait_for_retry(&mut commands).await {
+                        continue;
+                    }
+                    (Ok(State::Stopped), None)
+                } else {
+                    (Err(e), None)
+                }
             }
         };
         return Ended {
             replica: replica.conclude(cpu, outcome),
             handover,
+            taken_over: false,
         };
     }
 }
@@ -183,6 +212,32 @@ enum Kept {
 /// Whether a stop is among the commands not taken yet.
 fn stop_asked(commands: &mut UnboundedReceiver<Command>) -> bool {
     std::iter::from_fn(|| commands.try_recv().ok()).any(|c| matches!(c, Command::Stop))
+}
+
+/// How long a replica waits before it tries its host again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// Whether a replica failed because its host cannot be reached: the
+/// migration network is down here, or the link cannot be made.
+fn unreachable(e: &MigrationError) -> bool {
+    e.phase == Stage::Prepare
+        && matches!(
+            e.cause,
+            Cause::MigrationNetworkDown(_) | Cause::Connect { .. }
+        )
+}
+
+/// Waits [`RETRY`] before the next attempt: false if a stop came
+/// meanwhile (a handover is refused while out of sync, and never comes).
+async fn wait_for_retry(commands: &mut UnboundedReceiver<Command>) -> bool {
+    let until = tokio::time::Instant::now() + RETRY;
+    loop {
+        match tokio::time::timeout_at(until, commands.recv()).await {
+            Err(_) => return true,
+            Ok(Some(Command::Stop) | None) => return false,
+            Ok(Some(Command::Handover { .. })) => {}
+        }
+    }
 }
 
 /// Whether a replica that failed this way is restored afresh: it had been
@@ -230,9 +285,11 @@ async fn sync_and_compare(
     replica.converge(source, link, &mut comparing).await?;
     let t = replica.begin(Stage::Replica)?;
     let synced = replica.started().elapsed();
+    let failover_after_ms = watch(replica, link).await?;
     if let Some(status) = &mut replica.report.replica {
         status.state = ReplicaState::InSync;
         status.sync_us = synced.as_micros() as u64;
+        status.failover_after_ms = failover_after_ms;
     }
     tracing::info!(replica = %replica.report.id, to = %replica.request.to,
         sync_ms = synced.as_millis() as u64, "the hot replica is in sync");
@@ -288,6 +345,18 @@ async fn sync_and_compare(
             return Err(replica.fail(Cause::Diverged { seq, why }));
         }
     }
+}
+
+/// Has the replica's host watch this one, to take the service over should
+/// this host stop: after how long a silence it would (0: it would not).
+async fn watch(replica: &Migration, link: &mut peer::Link) -> Result<u64, MigrationError> {
+    let holder = crate::host::netdev::Interface::by_name(&replica.context.interface)
+        .map_err(|e| replica.fail(crate::kernel::loader::LoadError::from(e)))?
+        .mac;
+    let watching: Watching = source::step(link, &Step::Watch { holder })
+        .await
+        .map_err(|e| replica.fail(e))?;
+    Ok(watching.failover_after_ms)
 }
 
 /// The replica's figures as the comparison has them now.

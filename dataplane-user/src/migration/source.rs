@@ -635,16 +635,10 @@ impl Migration {
         Ok(())
     }
 
-    /// Kills the service's instances on this host (the serving one and the
-    /// standby) once the destination serves: past K they get no input.
+    /// Kills the service's instances on this host once the destination
+    /// serves: past K they get no input.
     fn stop_instances(&self) {
-        // Only the processes registered: a pid reused since is someone else's.
-        let registered = std::iter::once(self.service.pid)
-            .chain(self.service.standby_pid)
-            .filter(|&pid| self.service.still_runs(pid));
-        for pid in registered {
-            stop_instance(pid);
-        }
+        stop_instances(&self.service);
     }
 
     /// Undoes the source's changes and tells the destination to undo its own.
@@ -808,6 +802,46 @@ fn let_go(
     format!("let go of flow {flow_id} and of {released:?}")
 }
 
+/// Stops serving `service` here: another host took it over (a hot
+/// replica's failover) while this one was cut off. Its instances are
+/// killed, and its flows and addresses go: this host answers neither the
+/// service nor ARP for it. What it did, as text.
+pub(super) fn fence(service: &Service, context: &Context) -> String {
+    stop_instances(service);
+    let mut dataplane = match Dataplane::open(&context.pin_root) {
+        Ok(dataplane) => dataplane,
+        Err(e) => return format!("killed its instances; its flows stay: {e}"),
+    };
+    let flow_id = dataplane.flows().ok().and_then(|flows| {
+        let key = flow::udp(service.flows.first()?.cps, service.flows.first()?.service);
+        flows
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, c)| c.flow_id)
+    });
+    let Some(flow_id) = flow_id else {
+        return "killed its instances; it has no flow here".into();
+    };
+    let flows: Vec<FlowBefore> = service
+        .flows
+        .iter()
+        .map(|&flow| FlowBefore { flow, flags: 0 })
+        .collect();
+    let released = let_go(&mut dataplane, &context.interface, &flows, flow_id, true);
+    format!("killed its instances; {released}")
+}
+
+/// Kills `service`'s instances on this host: the serving one and the
+/// standby, as registered (a pid reused since is someone else's).
+fn stop_instances(service: &Service) {
+    let registered = std::iter::once(service.pid)
+        .chain(service.standby_pid)
+        .filter(|&pid| service.still_runs(pid));
+    for pid in registered {
+        stop_instance(pid);
+    }
+}
+
 /// Kills an instance of a service the destination now serves, demoted
 /// first: a process frees its memory as it exits, at its own priority and
 /// on its own CPU.
@@ -818,7 +852,7 @@ fn stop_instance(pid: u32) {
 }
 
 /// One step whose answer is a `T`.
-async fn step<T: serde::de::DeserializeOwned>(
+pub(super) async fn step<T: serde::de::DeserializeOwned>(
     link: &mut peer::Link,
     step: &Step,
 ) -> Result<T, Cause> {
@@ -848,6 +882,26 @@ pub(super) fn recover(
         outgoing.flow_id,
         Some(&outgoing.flows),
     ) {
+        // The service died here with the daemon (its host went down, say):
+        // a hot replica elsewhere may have taken it over, so this host must
+        // not answer for it, not even ARP.
+        Ok(lost)
+            if !outgoing
+                .instances
+                .iter()
+                .any(crate::host::tasks::Identity::runs) =>
+        {
+            let released = match Dataplane::open(pin_root) {
+                Ok(mut dataplane) => {
+                    let (flow_id, flows) = (outgoing.flow_id, &outgoing.flows);
+                    let_go(&mut dataplane, interface, flows, flow_id, true)
+                }
+                Err(e) => e.to_string(),
+            };
+            format!(
+                "rolled back{lost}; its instances are gone (a hot replica may serve it now): {released}"
+            )
+        }
         Ok(lost) => format!("rolled back: mirroring off, gates delivering{lost}"),
         Err(handed_over @ Cause::HandedOver(_)) => {
             let stopped: Vec<u32> = outgoing

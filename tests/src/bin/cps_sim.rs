@@ -29,9 +29,15 @@
 //! use, as K field devices: one thread cannot send 16 inputs every 100 µs
 //! on a loaded machine.
 //!
+//! `--skips`: the controller may have skipped cycles that went unanswered
+//! (a failover: inputs sent to a host that had stopped reach no
+//! instance). Each output must then come from a controller that took
+//! every answered cycle before it, and any of the unanswered ones: the
+//! subset of those that makes its step count and hash chain.
+//!
 //! Usage: cps-sim (--to ADDR:PORT --bind ADDR:PORT)... [--period-us 1000]
 //!        [--count N] [--grace-ms 300] [--trace FILE] [--no-check] [--burst N]
-//!        [--senders K] [--large B]
+//!        [--senders K] [--large B] [--skips]
 use std::{
     net::UdpSocket,
     sync::{
@@ -56,6 +62,8 @@ struct Args {
     senders: usize,
     /// Bytes of an input SIGUSR1 asks for (0: SIGUSR1 is not for this).
     large: usize,
+    /// Unanswered cycles may be missing from the controller's chain.
+    skips: bool,
 }
 
 /// When the last input went out, µs (0: not yet): the listeners stop a
@@ -123,6 +131,7 @@ fn args() -> Args {
         burst: 0,
         senders: 1,
         large: 0,
+        skips: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -138,6 +147,7 @@ fn args() -> Args {
             "--burst" => a.burst = value().parse().expect("a count"),
             "--senders" => a.senders = value().parse().expect("a count"),
             "--large" => a.large = value().parse().expect("bytes"),
+            "--skips" => a.skips = true,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -333,6 +343,58 @@ fn extra_gaps(answered: &[u64], period_us: u64) -> (Vec<i64>, u64) {
     (extra, longest_at)
 }
 
+/// Most unanswered cycles between two answered ones that `--skips`
+/// tries every subset of.
+const MAX_SKIPPED: usize = 16;
+
+/// The outputs (`texts`, by cycle; none: unanswered) that no controller
+/// could have given which took every answered cycle before, and any
+/// subset of the unanswered ones between: `input` gives each cycle's
+/// input. Once one is wrong the chain is unknown, and so are all later.
+fn chain_with_skips<'a>(
+    texts: &[Option<&'a str>],
+    input: impl Fn(usize) -> Vec<u8>,
+) -> Vec<&'a str> {
+    let (mut hash, mut steps, mut known) = (0u64, 0usize, true);
+    let mut unanswered = Vec::new();
+    let mut wrong = Vec::new();
+    for (seq, text) in texts.iter().enumerate().skip(1) {
+        let Some(text) = text else {
+            unanswered.push(seq);
+            continue;
+        };
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let claims = |h: u64, n: usize| {
+            fields.get(1) == Some(&n.to_string().as_str())
+                && fields.get(3) == Some(&format!("{h:016x}").as_str())
+        };
+        let took = known && unanswered.len() <= MAX_SKIPPED;
+        let found = took.then(|| {
+            (0u32..1 << unanswered.len()).find_map(|mask| {
+                let taken = unanswered
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| mask & (1 << i) != 0);
+                let (mut h, mut n) = (hash, steps);
+                for (_, &s) in taken {
+                    (h, n) = (chain(h, &input(s)), n + 1);
+                }
+                let (h, n) = (chain(h, &input(seq)), n + 1);
+                claims(h, n).then_some((h, n))
+            })
+        });
+        match found.flatten() {
+            Some((h, n)) => (hash, steps) = (h, n),
+            None => {
+                known = false;
+                wrong.push(*text);
+            }
+        }
+        unanswered.clear();
+    }
+    wrong
+}
+
 /// Judges one flow's outputs (and writes its trace); the verdict as JSON.
 /// `send_us`: when the last input went out.
 fn verdict(
@@ -352,6 +414,7 @@ fn verdict(
         hashes[seq] = chain(hashes[seq - 1], &input(seq, bytes));
     }
     let (mut first_wrong, mut first_duplicate) = (None, None);
+    let mut texts: Vec<Option<&str>> = vec![None; count + 1];
     for (at, text) in outputs {
         let fields: Vec<&str> = text.split_whitespace().collect();
         let Some(seq) = fields.first().and_then(|s| s.parse::<usize>().ok()) else {
@@ -370,6 +433,7 @@ fn verdict(
             continue;
         }
         answered[seq] = *at;
+        texts[seq] = Some(text);
         if (seq as u64) < last {
             out_of_order += 1;
         }
@@ -377,9 +441,17 @@ fn verdict(
         // The controller took exactly inputs 1..=seq, once each, in order.
         let step_ok = fields.get(1) == Some(&seq.to_string().as_str());
         let hash_ok = fields.get(3) == Some(&format!("{:016x}", hashes[seq]).as_str());
-        if args.check && !(step_ok && hash_ok) {
+        if args.check && !args.skips && !(step_ok && hash_ok) {
             wrong += 1;
             first_wrong.get_or_insert_with(|| text.clone());
+        }
+    }
+    if args.check && args.skips {
+        for text in chain_with_skips(&texts, |seq| {
+            input(seq, large.contains(&seq).then_some(args.large))
+        }) {
+            wrong += 1;
+            first_wrong.get_or_insert_with(|| text.to_string());
         }
     }
     let missed = answered[1..].iter().filter(|&&t| t == 0).count();
@@ -431,6 +503,36 @@ fn verdict(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipped_cycles_must_be_unanswered_ones() {
+        let input = |seq: usize| seq.to_string().into_bytes();
+        // A controller that took 1, 2, 4, 5 (3 went to a host that stopped).
+        let took = [1, 2, 4, 5];
+        let mut texts = vec![None; 6];
+        let (mut hash, mut n) = (0, 0);
+        for seq in took {
+            (hash, n) = (chain(hash, &input(seq)), n + 1);
+            texts[seq] = Some(format!("{seq} {n} state {hash:016x}"));
+        }
+        // 3 was unanswered: it may be skipped.
+        assert!(chain_with_skips(&view(&texts), input).is_empty());
+        // Had 3 been answered, skipping it is wrong, and so is what follows.
+        let mut answered = texts.clone();
+        answered[3] = Some("3 3 state 0000000000000000".into());
+        assert_eq!(chain_with_skips(&view(&answered), input).len(), 3);
+        // An output that claims a chain no subset makes is wrong.
+        let mut forged = texts;
+        forged[5] = Some("5 4 state 0000000000000001".into());
+        assert_eq!(
+            chain_with_skips(&view(&forged), input),
+            ["5 4 state 0000000000000001"]
+        );
+    }
+
+    fn view(texts: &[Option<String>]) -> Vec<Option<&str>> {
+        texts.iter().map(|t| t.as_deref()).collect()
+    }
 
     /// The longest gap is named by its cycle's number. Cycles 2 to 4 are
     /// missed here, and the longest gap (5 ms beyond the period) ends at

@@ -1,0 +1,328 @@
+//! Failover to a hot replica this host holds: when the host serving the
+//! service (the source) stops, this host takes the service over.
+//!
+//! A watcher thread per replica asks two independent paths whether the
+//! source lives:
+//!
+//! - the migration network: the mirror (the flow's numbering moves with
+//!   every input the source's kernel mirrors here) and the peer link
+//!   (every step the source's daemon sends);
+//! - the service network: unicast ARP probes for the service address at
+//!   the source's MAC, which the source's kernel answers while it is up
+//!   ([`ArpProbe`]); sent only while the migration network is silent.
+//!
+//! It takes over only when both are silent: the migration network for
+//! `failover_after` and a probe unanswered for half of that. A cut of the
+//! migration network alone leaves the probes answered, and a cut of the
+//! service network (or a quiet CPS) leaves the mirror or the link
+//! speaking, so neither makes two instances answer. The watcher's own
+//! scheduling cannot fake a silence: a reply that came while it slept is
+//! read before it decides, and a probe it did not send is not unanswered.
+//!
+//! Taking over: the output gate opens from the input after the last one
+//! mirrored here (whose answer the source is taken to have sent), the
+//! input gate delivers every input from there on (numbered here now,
+//! after the highest number the source sent), and the service addresses
+//! are announced. The link task then registers the service (see
+//! `destination`).
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    host::netdev::ArpProbe,
+    kernel::{gate::GateWindow, loader::Dataplane},
+    migration::{hold, protocol::TargetFlow},
+};
+
+/// Watches the source of the replica of `service` held here (flow
+/// `flow_id`), and takes the service over when the source stops.
+pub struct Watch {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What a replica's watch starts from.
+pub struct Watched {
+    pub service: String,
+    pub flows: Vec<TargetFlow>,
+    pub pin_root: PathBuf,
+    /// The service interface: probes leave and the announce goes there.
+    pub interface: String,
+    /// The source's MAC on the service network.
+    pub holder: [u8; 6],
+    pub failover_after: Duration,
+    /// Where the takeover is recorded for `status`.
+    pub takeovers: Arc<Mutex<Vec<Takeover>>>,
+}
+
+/// A takeover, as `status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Takeover {
+    pub service: String,
+    /// How long both paths had been silent when this host decided, µs:
+    /// the migration network's silence (the detection time).
+    pub silent_us: u64,
+    /// The first input whose answers leave from here: the one after the
+    /// last the source mirrored.
+    pub answers_from: u64,
+    /// Inputs mirrored here that the replica had not yet been given (a
+    /// gap in the mirror), which no instance answers: named.
+    pub lost: Option<String>,
+    /// From the decision to the announce sent, µs.
+    pub takeover_us: u64,
+    pub announced: Vec<IpAddr>,
+    /// Why the takeover is incomplete, if it is (the service is this
+    /// host's all the same).
+    pub error: Option<String>,
+}
+
+/// Where a watch stands; its thread and the link task move it on by
+/// compare-and-exchange, so that a takeover and the end of the replica
+/// (a planned handover, a rollback) never both happen.
+const WATCHING: u8 = 0;
+const STOPPED: u8 = 1;
+const TAKEN_OVER: u8 = 2;
+
+struct Shared {
+    epoch: Instant,
+    /// µs since `epoch`: the last frame on the peer link, and the last
+    /// sign of life by any path.
+    link_us: AtomicU64,
+    alive_us: AtomicU64,
+    state: AtomicU8,
+    taken: tokio::sync::Notify,
+}
+
+impl Shared {
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+}
+
+/// How often the watcher looks: an eighth of the failover time, and no
+/// more often than every 250 µs.
+fn tick(failover_after: Duration) -> Duration {
+    (failover_after / 8).max(Duration::from_micros(250))
+}
+
+impl Watch {
+    /// Starts watching; an error if the service has no IPv4 address to
+    /// probe or the probe cannot be opened.
+    pub fn start(watched: Watched) -> std::io::Result<Self> {
+        let address = watched
+            .flows
+            .iter()
+            .find_map(|f| match f.spec.service.ip() {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
+            .ok_or_else(|| std::io::Error::other("failover probes an IPv4 service address"))?;
+        let probe = ArpProbe::open(&watched.interface, address, watched.holder)?;
+        let dataplane = Dataplane::open(&watched.pin_root).map_err(std::io::Error::other)?;
+        // Mapped ahead: the takeover is one store away.
+        let window = dataplane.gate_window().map_err(std::io::Error::other)?;
+        let shared = Arc::new(Shared {
+            epoch: Instant::now(),
+            link_us: AtomicU64::new(0),
+            alive_us: AtomicU64::new(0),
+            state: AtomicU8::new(WATCHING),
+            taken: tokio::sync::Notify::new(),
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("failover".into())
+                .spawn(move || watch(&shared, (dataplane, &window), &probe, address, watched))?
+        };
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The source's daemon spoke on the peer link.
+    pub fn heard(&self) {
+        let now = self.shared.now_us();
+        self.shared.link_us.store(now, Ordering::SeqCst);
+        self.shared.alive_us.fetch_max(now, Ordering::SeqCst);
+    }
+
+    /// Whether this host took the service over.
+    pub fn taken_over(&self) -> bool {
+        self.shared.state.load(Ordering::SeqCst) == TAKEN_OVER
+    }
+
+    /// Ends the watch unless it took over: whether it ended (`false`: the
+    /// service is this host's).
+    pub fn stop(&self) -> bool {
+        let stopped = self.shared.state.compare_exchange(
+            WATCHING,
+            STOPPED,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        stopped.is_ok() || stopped == Err(STOPPED)
+    }
+
+    /// Resolves once this host took the service over.
+    pub fn on_takeover(&self) -> impl Future<Output = ()> + use<> {
+        let shared = self.shared.clone();
+        async move {
+            loop {
+                let notified = shared.taken.notified();
+                if shared.state.load(Ordering::SeqCst) == TAKEN_OVER {
+                    return;
+                }
+                notified.await;
+            }
+        }
+    }
+
+    /// The peer link is gone: whether the source stopped (this host took
+    /// the service over) rather than only its link. Waits for the watch
+    /// to decide: a takeover, or a sign of life from the source well
+    /// after the link went (one racing the link's end does not count); at
+    /// most a second, after which the watch ends and the replica goes.
+    pub async fn source_stopped(&self, failover_after: Duration) -> bool {
+        let ended = self.shared.now_us();
+        let margin = failover_after.as_micros() as u64;
+        let give_up = Instant::now() + Duration::from_secs(1);
+        loop {
+            if self.taken_over() {
+                return true;
+            }
+            let alive = self.shared.alive_us.load(Ordering::SeqCst) > ended + margin;
+            if alive || Instant::now() > give_up {
+                return !self.stop();
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The watcher thread: see the module's documentation.
+fn watch(
+    shared: &Shared,
+    (mut dataplane, window): (Dataplane, &GateWindow),
+    probe: &ArpProbe,
+    address: Ipv4Addr,
+    watched: Watched,
+) {
+    let flow_id = watched.flows[0].flow_id;
+    let tick = tick(watched.failover_after);
+    let failover_us = watched.failover_after.as_micros() as u64;
+    let probe_timeout_us = failover_us / 2;
+    let last_seq = |d: &Dataplane| d.sequence(flow_id).map_or(0, |s| s.last_seq);
+    let mut seq = last_seq(&dataplane);
+    let mut mirror_us = shared.now_us();
+    // The first probe sent since the last answer.
+    let mut unanswered_since: Option<u64> = None;
+    tracing::info!(service = %watched.service, %address, holder = ?watched.holder,
+        failover_after_us = failover_us, "watching the source of the hot replica");
+    while shared.state.load(Ordering::SeqCst) == WATCHING {
+        std::thread::sleep(tick);
+        let now = shared.now_us();
+        let current = last_seq(&dataplane);
+        if current != seq {
+            (seq, mirror_us) = (current, now);
+            shared.alive_us.fetch_max(now, Ordering::SeqCst);
+        }
+        match probe.answered() {
+            Ok(true) => {
+                unanswered_since = None;
+                shared.alive_us.fetch_max(now, Ordering::SeqCst);
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(%address, "reading ARP answers: {e}"),
+        }
+        let migration_us = mirror_us.max(shared.link_us.load(Ordering::SeqCst));
+        let silent_us = now.saturating_sub(migration_us);
+        if silent_us < tick.as_micros() as u64 {
+            unanswered_since = None;
+            continue;
+        }
+        let probe_silent =
+            unanswered_since.is_some_and(|sent| now.saturating_sub(sent) >= probe_timeout_us);
+        if silent_us >= failover_us && probe_silent {
+            let decided = shared.state.compare_exchange(
+                WATCHING,
+                TAKEN_OVER,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+            if decided.is_ok() {
+                let takeover = take_over(&mut dataplane, window, &watched, flow_id, silent_us);
+                watched.takeovers.lock().unwrap().push(takeover);
+                shared.taken.notify_waiters();
+            }
+            return;
+        }
+        match probe.send() {
+            Ok(()) => {
+                unanswered_since.get_or_insert(now);
+            }
+            Err(e) => tracing::warn!(%address, "probing the source: {e}"),
+        }
+    }
+}
+
+/// Makes the service this host's: outputs from the input after the last
+/// mirrored, every input from there delivered, the addresses announced.
+fn take_over(
+    dataplane: &mut Dataplane,
+    window: &GateWindow,
+    watched: &Watched,
+    flow_id: u32,
+    silent_us: u64,
+) -> Takeover {
+    let start = Instant::now();
+    let mut takeover = Takeover {
+        service: watched.service.clone(),
+        silent_us,
+        answers_from: 0,
+        lost: None,
+        takeover_us: 0,
+        announced: Vec::new(),
+        error: None,
+    };
+    let opened = (|| -> Result<(), String> {
+        let last = dataplane
+            .sequence(flow_id)
+            .map_err(|e| e.to_string())?
+            .last_seq;
+        takeover.answers_from = last + 1;
+        window.open_outputs_from(flow_id, last + 1);
+        // The CPS's inputs come here from the announce on: the sequenced
+        // gate delivers them in order meanwhile, and opens after.
+        let announced = super::destination::announce(&watched.interface, &watched.flows);
+        let lost = hold::open(dataplane, flow_id).map_err(|e| e.to_string())?;
+        takeover.lost = lost.as_ref().map(hold::name_inputs);
+        takeover.announced = announced.map_err(|e| e.to_string())?;
+        Ok(())
+    })();
+    takeover.error = opened.err();
+    takeover.takeover_us = start.elapsed().as_micros() as u64;
+    tracing::warn!(service = %takeover.service, silent_us, answers_from = takeover.answers_from,
+        lost = ?takeover.lost, takeover_us = takeover.takeover_us, error = ?takeover.error,
+        "the source went silent on both networks: this host took the service over");
+    takeover
+}
