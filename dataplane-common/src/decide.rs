@@ -91,6 +91,15 @@ pub fn addressed_here(dst: [u8; 6], ifindex: u32, config: &Config) -> bool {
     ifindex != config.capture_ifindex || dst[0] & 1 != 0 || dst == config.capture_mac
 }
 
+/// Whether an input flooded here for another host's MAC is kept in the
+/// log (`RECORD_FLOODED`) for a flow whose gate is in `mode` with its
+/// outputs in `output`: a replica's (sequenced, muted), whose source may
+/// have stopped. Anything else passes untouched.
+#[inline(always)]
+pub fn keeps_flooded(mode: u32, output: u32) -> bool {
+    mode == GATE_SEQUENCED && output == OUTPUT_MUTE
+}
+
 /// Whether an input that could not be numbered (the log is full) still
 /// reaches the local instance: only through an open gate (`mode` is the
 /// flow's gate mode, `None` without a gate). A migration that needs it
@@ -340,6 +349,17 @@ mod tests {
         // Elsewhere (the standby link, a test run without an interface)
         // the MAC is not checked.
         assert!(addressed_here([2, 0, 0, 0, 0, 2], 5, &config));
+    }
+
+    #[test]
+    fn only_a_replica_keeps_inputs_flooded_to_it() {
+        assert!(keeps_flooded(GATE_SEQUENCED, OUTPUT_MUTE));
+        assert!(!keeps_flooded(GATE_SEQUENCED, OUTPUT_FROM), "serving");
+        assert!(!keeps_flooded(GATE_DELIVER_ALL, OUTPUT_PASS), "serving");
+        assert!(
+            !keeps_flooded(GATE_HOLD_ALL, OUTPUT_MUTE),
+            "not restored yet"
+        );
     }
 
     #[test]

@@ -247,6 +247,11 @@ pub const RECORD_INPUT: u32 = 1;
 pub const RECORD_MIRRORED: u32 = 2;
 /// Record kind: an output of the local instance; `seq` is the input it follows.
 pub const RECORD_OUTPUT: u32 = 3;
+/// Record kind: an input of a hot replica's flow that a switch flooded to
+/// this host for another host's MAC (its source's, whose port went down):
+/// not numbered; `seq` holds the flow's `last_seq` when it came. A
+/// takeover replays those that came after the last mirrored input.
+pub const RECORD_FLOODED: u32 = 4;
 
 /// Header of every ring-buffer record; `captured_len` frame bytes follow it.
 #[repr(C)]

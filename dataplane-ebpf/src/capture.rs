@@ -11,8 +11,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use dataplane_common::{
     Config, FlowKey, FlowSequence, MAX_SEQ, MIRROR_DEVMAP, MIRROR_FLAG_REPLAY, MIRROR_OVERHEAD,
-    MIRROR_VERSION, MirrorHeader, PORT_MIRROR, RECORD_INPUT, RECORD_MIRRORED, RecordHeader,
-    counter,
+    MIRROR_VERSION, MirrorHeader, PORT_MIRROR, RECORD_FLOODED, RECORD_INPUT, RECORD_MIRRORED,
+    RecordHeader, counter,
     decide::{self, Route, captured_len},
 };
 
@@ -38,7 +38,7 @@ pub(crate) fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
     if !dst.is_some_and(|d| decide::addressed_here(unsafe { d.read_unaligned() }, ifindex, &config))
     {
         count(counter::OTHER_HOST);
-        return xdp_action::XDP_PASS;
+        return flooded(ctx, key, &config, ifindex);
     }
     // SAFETY: a hash map value is only read here; user space replaces whole entries.
     let Some(flow) = (unsafe { FLOWS.get(key) }).copied() else {
@@ -125,6 +125,53 @@ pub(crate) fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
             count(counter::MIRROR_ERRORS);
             local
         }
+    }
+}
+
+/// An input flooded here for another host's MAC (see `addressed_here`):
+/// a hot replica's flow keeps it in the log, unnumbered, with the flow's
+/// last number when it came (`RECORD_FLOODED`), and drops it (the stack
+/// would); should the replica's source have stopped, a takeover replays
+/// it. Anything else passes untouched.
+#[inline(always)]
+fn flooded(ctx: &XdpContext, key: &FlowKey, config: &Config, ifindex: u32) -> u32 {
+    // SAFETY: a hash map value is only read here; user space replaces whole entries.
+    let Some(flow) = (unsafe { FLOWS.get(key) }).copied() else {
+        return xdp_action::XDP_PASS;
+    };
+    let (Some(gate), Some(sequence)) = (
+        GATES.get_ptr_mut(flow.flow_id),
+        SEQUENCES.get_ptr_mut(flow.flow_id),
+    ) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: the array slots live as long as the maps; user space changes
+    // the gate's words through a memory mapping, hence the volatile reads.
+    let (mode, output, last_seq) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*gate).mode),
+            core::ptr::read_volatile(&raw const (*gate).output),
+            core::ptr::read_volatile(&raw const (*sequence).last_seq),
+        )
+    };
+    if !decide::keeps_flooded(mode, output) {
+        return xdp_action::XDP_PASS;
+    }
+    let frame_len = (ctx.data_end() - ctx.data()) as u32;
+    let header = RecordHeader {
+        // SAFETY: the helper takes no arguments and only reads the clock.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        kind: RECORD_FLOODED,
+        flow_id: flow.flow_id,
+        ifindex,
+        frame_len,
+        captured_len: captured_len(frame_len, config.snap_len),
+        ..Default::default()
+    };
+    // A full log loses it as the stack would: not this host's input yet.
+    match record::write(&INPUTS, &Xdp(ctx.ctx), 0, header, || last_seq) {
+        Some(_) => xdp_action::XDP_DROP,
+        None => xdp_action::XDP_PASS,
     }
 }
 

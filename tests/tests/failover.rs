@@ -57,15 +57,12 @@ fn the_replicas_host_serves_when_the_source_host_stops_and_the_source_stays_sile
     for key in ["duplicates", "out_of_order", "wrong"] {
         assert_eq!(verdict[key], 0, "{key}: {verdict}");
     }
-    // Missed: the cycles sent while the source was silent before the
-    // takeover, and while the CPS learned the new owner; a few more
-    // only if the machine stalls (the bar is `bench failover`'s).
+    // Missed at most: the cycles sent while the source was silent before
+    // the takeover (fewer: those flooded here are replayed), and while
+    // the CPS learned the new owner; a few more only if the machine
+    // stalls (the bar is `bench failover`'s).
     let silent_ms = takeover["silent_us"].as_u64().unwrap() / 1000;
     let missed = verdict["missed"].as_u64().unwrap();
-    assert!(
-        missed >= 1,
-        "the stopped host took inputs it never answered"
-    );
     assert!(
         missed <= silent_ms + 10,
         "missed {missed} with {silent_ms} ms of silence"

@@ -144,6 +144,7 @@ fn print_records(
             let kind = match h.kind {
                 RECORD_INPUT => "input",
                 RECORD_MIRRORED => "mirrored",
+                dataplane_common::RECORD_FLOODED => "flooded",
                 _ => "output",
             };
             println!(

@@ -132,6 +132,9 @@ impl Records for LogReader {
 /// Migrations of different flows run at once, each with its own records.
 pub struct Tap {
     subscribers: Mutex<Vec<Subscriber>>,
+    /// Subscribers to the inputs flooded to a hot replica's flows
+    /// (`RECORD_FLOODED`), which no other subscriber sees.
+    flooded: Mutex<Vec<Subscriber>>,
 }
 
 /// One migration's claim on a [`Tap`]: its flows, where their records go,
@@ -154,6 +157,7 @@ impl Tap {
     pub fn spawn(mut reader: impl Records + Send + 'static) -> Arc<Self> {
         let tap = Arc::new(Self {
             subscribers: Mutex::new(Vec::new()),
+            flooded: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&tap);
         tokio::spawn(async move {
@@ -166,7 +170,10 @@ impl Tap {
                     return;
                 };
                 let Some(tap) = weak.upgrade() else { return };
-                let subscribers = tap.subscribers.lock().unwrap();
+                let subscribers = match record.header.kind {
+                    dataplane_common::RECORD_FLOODED => tap.flooded.lock().unwrap(),
+                    _ => tap.subscribers.lock().unwrap(),
+                };
                 let flow_id = record.header.flow_id;
                 if let Some(s) = subscribers.iter().find(|s| s.flows.contains(&flow_id))
                     && s.sender.try_send(record).is_err()
@@ -186,7 +193,25 @@ impl Tap {
         flows: &[u32],
         capacity: usize,
     ) -> Result<Subscription, TapBusy> {
-        let mut subscribers = self.subscribers.lock().unwrap();
+        Self::join(&self.subscribers, flows, capacity)
+    }
+
+    /// The inputs flooded to `flows` (`RECORD_FLOODED`) from now on, as
+    /// [`Tap::subscribe`] gives the others.
+    pub fn subscribe_flooded(
+        self: &Arc<Self>,
+        flows: &[u32],
+        capacity: usize,
+    ) -> Result<Subscription, TapBusy> {
+        Self::join(&self.flooded, flows, capacity)
+    }
+
+    fn join(
+        subscribers: &Mutex<Vec<Subscriber>>,
+        flows: &[u32],
+        capacity: usize,
+    ) -> Result<Subscription, TapBusy> {
+        let mut subscribers = subscribers.lock().unwrap();
         subscribers.retain(|s| !s.sender.is_closed());
         if let Some(&taken) = flows
             .iter()

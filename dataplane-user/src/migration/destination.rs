@@ -687,6 +687,7 @@ impl<'a> Target<'a> {
             holder,
             failover_after,
             takeovers: self.host.takeovers.clone(),
+            flooded: self.flooded(),
         };
         match Watch::start(watched) {
             Ok(watch) => self.watch = Some(watch),
@@ -696,6 +697,24 @@ impl<'a> Target<'a> {
             }
         }
         Ok(watching)
+    }
+
+    /// What a watch needs to replay the inputs flooded here at a
+    /// takeover; none (logged) if this host cannot.
+    fn flooded(&self) -> Option<(Subscription, Injector)> {
+        let flow_id = self.flows[0].flow_id;
+        let tap = self.host.inputs.as_ref()?;
+        let interface = self.host.peer_interface.as_deref()?;
+        let taken = tap
+            .subscribe_flooded(&[flow_id], SUBSCRIPTION_CAPACITY)
+            .map_err(|e| e.to_string())
+            .and_then(|s| {
+                let injector = Injector::open(&self.host.pin_root, interface);
+                Ok((s, injector.map_err(|e| e.to_string())?))
+            });
+        taken
+            .inspect_err(|e| tracing::warn!(service = %self.service, "flooded inputs: {e}"))
+            .ok()
     }
 
     /// How long this migration may go without a step: the host's limit,

@@ -40,7 +40,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     host::netdev::ArpProbe,
-    kernel::{gate::GateWindow, loader::Dataplane},
+    kernel::{
+        gate::GateWindow,
+        injector::Injector,
+        loader::Dataplane,
+        logs::{Record, Records, Subscription},
+    },
     migration::{hold, protocol::TargetFlow},
 };
 
@@ -63,6 +68,10 @@ pub struct Watched {
     pub failover_after: Duration,
     /// Where the takeover is recorded for `status`.
     pub takeovers: Arc<Mutex<Vec<Takeover>>>,
+    /// The inputs a switch floods here for the source's MAC once its
+    /// port is down, and the injector that replays them at a takeover
+    /// (none: they are missed).
+    pub flooded: Option<(Subscription, Injector)>,
 }
 
 /// A takeover, as `status` shows it.
@@ -78,6 +87,11 @@ pub struct Takeover {
     /// Inputs mirrored here that the replica had not yet been given (a
     /// gap in the mirror), which no instance answers: named.
     pub lost: Option<String>,
+    /// Inputs that reached this host only by a switch's flooding after
+    /// the last mirrored one (the source's port was down), replayed to
+    /// the replica as the first it answers: late, not missed.
+    #[serde(default)]
+    pub replayed: u64,
     /// From the decision to the announce sent, µs.
     pub takeover_us: u64,
     pub announced: Vec<IpAddr>,
@@ -225,7 +239,7 @@ fn watch(
     (mut dataplane, window): (Dataplane, &GateWindow),
     probe: &ArpProbe,
     address: Ipv4Addr,
-    watched: Watched,
+    mut watched: Watched,
 ) {
     let flow_id = watched.flows[0].flow_id;
     let tick = tick(watched.failover_after);
@@ -236,6 +250,7 @@ fn watch(
     let mut mirror_us = shared.now_us();
     // The first probe sent since the last answer.
     let mut unanswered_since: Option<u64> = None;
+    let mut flooded = Flooded::default();
     tracing::info!(service = %watched.service, %address, holder = ?watched.holder,
         failover_after_us = failover_us, "watching the source of the hot replica");
     while shared.state.load(Ordering::SeqCst) == WATCHING {
@@ -245,6 +260,9 @@ fn watch(
         if current != seq {
             (seq, mirror_us) = (current, now);
             shared.alive_us.fetch_max(now, Ordering::SeqCst);
+        }
+        if let Some((subscription, _)) = &mut watched.flooded {
+            flooded.take(subscription, current);
         }
         match probe.answered() {
             Ok(true) => {
@@ -270,7 +288,14 @@ fn watch(
                 Ordering::SeqCst,
             );
             if decided.is_ok() {
-                let takeover = take_over(&mut dataplane, window, &watched, flow_id, silent_us);
+                let takeover = take_over(
+                    &mut dataplane,
+                    window,
+                    &mut watched,
+                    flooded,
+                    flow_id,
+                    silent_us,
+                );
                 watched.takeovers.lock().unwrap().push(takeover);
                 shared.taken.notify_waiters();
             }
@@ -285,12 +310,42 @@ fn watch(
     }
 }
 
+/// The inputs flooded to the replica since the last mirrored one: a
+/// switch floods the CPS's frames for the source's MAC to every port once
+/// the source's port is down, and those the source never got. One that
+/// came before a later mirrored input may be one the source got too
+/// (flooded while the switch had lost its MAC): it goes.
+#[derive(Default)]
+struct Flooded(Vec<Record>);
+
+/// Most flooded inputs a takeover replays: a few control periods' worth.
+const MAX_FLOODED: usize = 64;
+
+impl Flooded {
+    /// Takes what `subscription` has; `last_seq`: the flow's number now.
+    fn take(&mut self, subscription: &mut Subscription, last_seq: u64) {
+        self.keep(std::iter::from_fn(|| subscription.try_next()), last_seq);
+    }
+
+    fn keep(&mut self, records: impl Iterator<Item = Record>, last_seq: u64) {
+        for record in records {
+            if self.0.len() < MAX_FLOODED {
+                self.0.push(record);
+            }
+        }
+        // A flooded record's `seq` is the flow's last number when it came.
+        self.0.retain(|r| r.header.seq >= last_seq);
+    }
+}
+
 /// Makes the service this host's: outputs from the input after the last
-/// mirrored, every input from there delivered, the addresses announced.
+/// mirrored, the inputs flooded here since replayed as the next ones, the
+/// addresses announced, every later input delivered.
 fn take_over(
     dataplane: &mut Dataplane,
     window: &GateWindow,
-    watched: &Watched,
+    watched: &mut Watched,
+    mut flooded: Flooded,
     flow_id: u32,
     silent_us: u64,
 ) -> Takeover {
@@ -300,29 +355,99 @@ fn take_over(
         silent_us,
         answers_from: 0,
         lost: None,
+        replayed: 0,
         takeover_us: 0,
         announced: Vec::new(),
         error: None,
     };
-    let opened = (|| -> Result<(), String> {
-        let last = dataplane
-            .sequence(flow_id)
-            .map_err(|e| e.to_string())?
-            .last_seq;
-        takeover.answers_from = last + 1;
-        window.open_outputs_from(flow_id, last + 1);
-        // The CPS's inputs come here from the announce on: the sequenced
-        // gate delivers them in order meanwhile, and opens after.
-        let announced = super::destination::announce(&watched.interface, &watched.flows);
-        let lost = hold::open(dataplane, flow_id).map_err(|e| e.to_string())?;
-        takeover.lost = lost.as_ref().map(hold::name_inputs);
-        takeover.announced = announced.map_err(|e| e.to_string())?;
-        Ok(())
-    })();
-    takeover.error = opened.err();
+    // Each step is taken whatever the one before did: the service is
+    // this host's now, and every part of the takeover that can be done is.
+    let mut errors = Vec::new();
+    match dataplane.sequence(flow_id) {
+        Ok(sequence) => {
+            let last = sequence.last_seq;
+            takeover.answers_from = last + 1;
+            window.open_outputs_from(flow_id, last + 1);
+            if let Some((subscription, injector)) = &mut watched.flooded {
+                flooded.take(subscription, last);
+                match replay(injector, flooded, last) {
+                    Ok(replayed) => takeover.replayed = replayed,
+                    Err(e) => errors.push(format!("replaying the flooded inputs: {e}")),
+                }
+            }
+        }
+        Err(e) => errors.push(format!("reading the numbering: {e}")),
+    }
+    // The CPS's inputs come here from the announce on: the sequenced gate
+    // delivers them in order meanwhile, and opens after.
+    match super::destination::announce(&watched.interface, &watched.flows) {
+        Ok(announced) => takeover.announced = announced,
+        Err(e) => errors.push(e.to_string()),
+    }
+    match hold::open(dataplane, flow_id) {
+        Ok(lost) => takeover.lost = lost.as_ref().map(hold::name_inputs),
+        Err(e) => errors.push(format!("opening the input gate: {e}")),
+    }
+    takeover.error = (!errors.is_empty()).then(|| errors.join("; "));
     takeover.takeover_us = start.elapsed().as_micros() as u64;
     tracing::warn!(service = %takeover.service, silent_us, answers_from = takeover.answers_from,
-        lost = ?takeover.lost, takeover_us = takeover.takeover_us, error = ?takeover.error,
+        replayed = takeover.replayed, lost = ?takeover.lost, takeover_us = takeover.takeover_us,
+        error = ?takeover.error,
         "the source went silent on both networks: this host took the service over");
     takeover
+}
+
+/// Replays the `flooded` inputs as the ones after input `last`, in the
+/// order they came: how many.
+fn replay(
+    injector: &mut Injector,
+    flooded: Flooded,
+    last: u64,
+) -> Result<u64, crate::kernel::injector::ReplayError> {
+    let replay: Vec<Record> = (last + 1..)
+        .zip(flooded.0)
+        .map(|(seq, mut record)| {
+            record.header.seq = seq;
+            record
+        })
+        .collect();
+    for batch in replay.chunks(Injector::BATCH) {
+        injector.inject(batch)?;
+    }
+    Ok(replay.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use dataplane_common::{RECORD_FLOODED, RecordHeader};
+
+    use super::*;
+
+    fn flooded(last_seq: u64, byte: u8) -> Record {
+        Record {
+            header: RecordHeader {
+                kind: RECORD_FLOODED,
+                seq: last_seq,
+                ..Default::default()
+            },
+            frame: vec![byte].into(),
+        }
+    }
+
+    #[test]
+    fn only_inputs_flooded_after_the_last_mirrored_one_are_kept_in_order() {
+        let mut kept = Flooded::default();
+        // Flooded while the source still mirrored (input 7 came after):
+        // the source may have got it too.
+        kept.keep([flooded(6, 1)].into_iter(), 6);
+        kept.keep([flooded(7, 2), flooded(7, 3)].into_iter(), 7);
+        let frames: Vec<u8> = kept.0.iter().map(|r| r.frame[0]).collect();
+        assert_eq!(frames, [2, 3]);
+        // A mirrored input after them: they go too.
+        kept.keep(std::iter::empty(), 8);
+        assert!(kept.0.is_empty());
+        // Never more than a takeover replays.
+        kept.keep((0..100).map(|i| flooded(8, i)), 8);
+        assert_eq!(kept.0.len(), MAX_FLOODED);
+    }
 }

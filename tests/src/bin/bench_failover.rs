@@ -6,8 +6,10 @@
 //! default), lets the CPS run, then stops the source host as a power cut
 //! would (its interfaces down, its daemon and its instance SIGKILLed) and
 //! lets the CPS run on. Per run: the cycles the CPS saw unanswered, the
-//! silence `dst` measured before it took over (its detection time), the
-//! takeover (gates and announce), and what else the CPS saw (duplicate,
+//! inputs `dst` replayed at the takeover (those the switch flooded to it
+//! once the source's port was down), the silence `dst` measured before it
+//! took over (its detection time), the takeover (gates, replay and
+//! announce), and what else the CPS saw (duplicate,
 //! out of order, wrong: `--skips`, see cps-sim). The baseline, once in the
 //! same process: the same stop with no replica, whose service is then
 //! lost for the rest of the run. Bars: missed <= 3 at p99, 0 duplicates.
@@ -31,8 +33,8 @@ fn main() -> anyhow::Result<()> {
         CYCLES - lost
     );
     println!(
-        "{:>4} {:>7} {:>12} {:>12} {:>22}",
-        "run", "missed", "silent ms", "takeover ms", "dup/out of order/wrong"
+        "{:>4} {:>7} {:>9} {:>12} {:>12} {:>22}",
+        "run", "missed", "replayed", "silent ms", "takeover ms", "dup/out of order/wrong"
     );
     let mut failovers = Vec::new();
     for i in 1..=runs {
@@ -40,8 +42,9 @@ fn main() -> anyhow::Result<()> {
         let n = |key: &str| run.verdict[key].as_u64().unwrap_or(0);
         let t = |key: &str| run.takeover[key].as_u64().unwrap_or(0) as f64 / 1000.0;
         println!(
-            "{i:>4} {:>7} {:>12.2} {:>12.2} {:>22}{}",
+            "{i:>4} {:>7} {:>9} {:>12.2} {:>12.2} {:>22}{}",
             n("missed"),
+            run.takeover["replayed"].as_u64().unwrap_or(0),
             t("silent_us"),
             t("takeover_us"),
             format!("{}/{}/{}", n("duplicates"), n("out_of_order"), n("wrong")),
