@@ -193,7 +193,11 @@ impl Watch {
         let shared = self.shared.clone();
         async move {
             loop {
+                // Enabled before the look: a takeover between the two
+                // still wakes it.
                 let notified = shared.taken.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
                 if shared.state.load(Ordering::SeqCst) == TAKEN_OVER {
                     return;
                 }
