@@ -9,10 +9,11 @@
 //!   (every step the source's daemon sends);
 //! - the service network: unicast ARP probes for the service address at
 //!   the source's MAC, which the source's kernel answers while it is up
-//!   ([`ArpProbe`]); sent only while the migration network is silent.
+//!   ([`ArpProbe`]); sent only once the migration network has been silent
+//!   past half of `failover_after`, one at a time.
 //!
 //! It takes over only when both are silent: the migration network for
-//! `failover_after` and a probe unanswered for half of that. A cut of the
+//! `failover_after` and a probe for the rest of it ([`Timing`]). A cut of the
 //! migration network alone leaves the probes answered, and a cut of the
 //! service network (or a quiet CPS) leaves the mirror or the link
 //! speaking, so neither makes two instances answer. The watcher's own
@@ -247,16 +248,16 @@ fn watch(
 ) {
     let flow_id = watched.flows[0].flow_id;
     let tick = tick(watched.failover_after);
-    let failover_us = watched.failover_after.as_micros() as u64;
-    let probe_timeout_us = failover_us / 2;
+    let timing = Timing::of(watched.failover_after, tick);
     let last_seq = |d: &Dataplane| d.sequence(flow_id).map_or(0, |s| s.last_seq);
     let mut seq = last_seq(&dataplane);
     let mut mirror_us = shared.now_us();
-    // The first probe sent since the last answer.
+    // The probe waiting for its answer, and when the last one was sent.
     let mut unanswered_since: Option<u64> = None;
+    let mut probed_us = 0;
     let mut flooded = Flooded::default();
     tracing::info!(service = %watched.service, %address, holder = ?watched.holder,
-        failover_after_us = failover_us, "watching the source of the hot replica");
+        failover_after_us = timing.failover_us, "watching the source of the hot replica");
     while shared.state.load(Ordering::SeqCst) == WATCHING {
         std::thread::sleep(tick);
         let now = shared.now_us();
@@ -268,6 +269,12 @@ fn watch(
         if let Some((subscription, _)) = &mut watched.flooded {
             flooded.take(subscription, current);
         }
+        let migration_us = mirror_us.max(shared.link_us.load(Ordering::SeqCst));
+        let silent_us = now.saturating_sub(migration_us);
+        if silent_us < timing.probe_after_us {
+            unanswered_since = None;
+            continue;
+        }
         match probe.answered() {
             Ok(true) => {
                 unanswered_since = None;
@@ -276,15 +283,9 @@ fn watch(
             Ok(false) => {}
             Err(e) => tracing::warn!(%address, "reading ARP answers: {e}"),
         }
-        let migration_us = mirror_us.max(shared.link_us.load(Ordering::SeqCst));
-        let silent_us = now.saturating_sub(migration_us);
-        if silent_us < tick.as_micros() as u64 {
-            unanswered_since = None;
-            continue;
-        }
-        let probe_silent =
-            unanswered_since.is_some_and(|sent| now.saturating_sub(sent) >= probe_timeout_us);
-        if silent_us >= failover_us && probe_silent {
+        let probe_silent = unanswered_since
+            .is_some_and(|sent| now.saturating_sub(sent) >= timing.probe_timeout_us);
+        if silent_us >= timing.failover_us && probe_silent {
             let decided = shared.state.compare_exchange(
                 WATCHING,
                 TAKEN_OVER,
@@ -305,11 +306,36 @@ fn watch(
             }
             return;
         }
-        match probe.send() {
-            Ok(()) => {
-                unanswered_since.get_or_insert(now);
+        // One probe at a time, at most one per probe timeout.
+        if unanswered_since.is_none() && now.saturating_sub(probed_us) >= timing.probe_timeout_us {
+            match probe.send() {
+                Ok(()) => (unanswered_since, probed_us) = (Some(now), now),
+                Err(e) => tracing::warn!(%address, "probing the source: {e}"),
             }
-            Err(e) => tracing::warn!(%address, "probing the source: {e}"),
+        }
+    }
+}
+
+/// When the watcher probes and decides, µs of silence: it probes the
+/// service network once the migration network has been silent past half
+/// the failover time (and a tick: a control period's jitter is no
+/// reason), and takes over at the failover time if a probe has waited
+/// the rest of it (at least 500 µs) unanswered. While the mirror flows,
+/// the service network sees no probe at all.
+struct Timing {
+    failover_us: u64,
+    probe_after_us: u64,
+    probe_timeout_us: u64,
+}
+
+impl Timing {
+    fn of(failover_after: Duration, tick: Duration) -> Self {
+        let failover_us = failover_after.as_micros() as u64;
+        let probe_after_us = failover_us / 2 + tick.as_micros() as u64;
+        Self {
+            failover_us,
+            probe_after_us,
+            probe_timeout_us: failover_us.saturating_sub(probe_after_us).max(500),
         }
     }
 }
@@ -436,6 +462,25 @@ mod tests {
             },
             frame: vec![byte].into(),
         }
+    }
+
+    #[test]
+    fn a_probe_has_the_rest_of_the_failover_time_to_be_answered() {
+        let ms = Duration::from_millis;
+        let timing = Timing::of(ms(2), tick(ms(2)));
+        assert_eq!(tick(ms(2)), Duration::from_micros(250));
+        assert_eq!(
+            (timing.probe_after_us, timing.probe_timeout_us),
+            (1250, 750)
+        );
+        // A decision at the failover time: the first probe's wait ends there.
+        assert_eq!(
+            timing.probe_after_us + timing.probe_timeout_us,
+            timing.failover_us
+        );
+        // A short failover time gives an answer 500 µs all the same.
+        let short = Timing::of(ms(1), tick(ms(1)));
+        assert_eq!((short.probe_after_us, short.probe_timeout_us), (750, 500));
     }
 
     #[test]
