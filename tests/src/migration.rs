@@ -302,6 +302,19 @@ impl MigrationSetup {
         command.spawn().expect("start the CPS simulator")
     }
 
+    /// Stops the source host as a power cut would: both its interfaces go
+    /// down together (one `ip -batch`, microseconds apart), then its
+    /// daemon and its controller are SIGKILLed.
+    pub fn stop_source_host(&mut self) {
+        let batch = std::env::temp_dir().join(format!("dp-{}-stop-src", self.tag));
+        std::fs::write(&batch, "link set eth0 down\nlink set peer0 down\n")
+            .expect("write the batch");
+        self.hosts.src.ip(&["-batch", &batch.to_string_lossy()]);
+        let _ = std::fs::remove_file(&batch);
+        self.src.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
+        crate::kill_pid(self.controller.pid as u64);
+    }
+
     /// As `start_cps` without a trace, with more `args` for the simulator.
     pub fn start_cps_with(&self, count: u64, period_us: u64, args: &[&str]) -> std::process::Child {
         let mut command = self.hosts.cps_command(&self.flows, count, period_us);

@@ -3,7 +3,7 @@
 //! Real kernel programs, real CRIU, real processes, the CPS at T_U = 1 ms.
 use std::time::Duration;
 
-use dataplane_tests::{MigrationSetup, cps_verdict, kill_pid};
+use dataplane_tests::{MigrationSetup, cps_verdict};
 use serde_json::{Value, json};
 
 /// `failover_after_ms` on the replica's host in these tests.
@@ -41,11 +41,7 @@ fn the_replicas_host_serves_when_the_source_host_stops_and_the_source_stays_sile
 
     // The source host stops: its links go down, its daemon and its
     // instance die, at once.
-    for interface in ["eth0", "peer0"] {
-        setup.hosts.src.ip(&["link", "set", interface, "down"]);
-    }
-    setup.src.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
-    kill_pid(setup.controller.pid as u64);
+    setup.stop_source_host();
 
     let verdict = cps_verdict(cps);
     let after = status(&setup.dst);

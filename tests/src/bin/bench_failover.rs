@@ -4,18 +4,19 @@
 //! Each run builds fresh test hosts with the Markov controller on `src`,
 //! makes a hot replica of it on `dst` (`failover_after_ms` 2, the
 //! default), lets the CPS run, then stops the source host as a power cut
-//! would (its interfaces down, its daemon and its instance SIGKILLed) and
-//! lets the CPS run on. Per run: the cycles the CPS saw unanswered, the
-//! inputs `dst` replayed at the takeover (those the switch flooded to it
-//! once the source's port was down), the silence `dst` measured before it
-//! took over (its detection time), the takeover (gates, replay and
-//! announce), and what else the CPS saw (duplicate,
-//! out of order, wrong: `--skips`, see cps-sim). The baseline, once in the
-//! same process: the same stop with no replica, whose service is then
-//! lost for the rest of the run. Bars: missed <= 3 at p99, 0 duplicates.
+//! would (its interfaces down together, then its daemon and its instance
+//! SIGKILLed: `MigrationSetup::stop_source_host`) and lets the CPS run
+//! on. Per run: the cycles the CPS saw unanswered, the inputs `dst`
+//! replayed at the takeover (those the switch flooded to it once the
+//! source's port was down), the silence `dst` measured before it took
+//! over (its detection time), the takeover (gates, replay and announce),
+//! and what else the CPS saw (duplicate, out of order, wrong: `--skips`,
+//! see cps-sim). The baseline, once in the same process: the same stop
+//! with no replica, whose service is then lost for the rest of the run.
+//! Bars: missed <= 3 at p99, 0 duplicates.
 use std::time::Duration;
 
-use dataplane_tests::{MigrationSetup, Sample, bar, cps_verdict, kill_pid};
+use dataplane_tests::{MigrationSetup, Sample, bar, cps_verdict};
 use serde_json::{Value, json};
 
 /// Cycles per run, at 1 ms: about a second past the stop.
@@ -136,11 +137,7 @@ fn stop_source(i: usize, replica: bool) -> anyhow::Result<Run> {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    for interface in ["eth0", "peer0"] {
-        setup.hosts.src.ip(&["link", "set", interface, "down"]);
-    }
-    setup.src.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
-    kill_pid(setup.controller.pid as u64);
+    setup.stop_source_host();
     let verdict = cps_verdict(cps);
     let status = setup.dst.client().call("status", json!({}))?;
     Ok(Run {
