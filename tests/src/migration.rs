@@ -302,17 +302,35 @@ impl MigrationSetup {
         command.spawn().expect("start the CPS simulator")
     }
 
-    /// Stops the source host as a power cut would: both its interfaces go
-    /// down together (one `ip -batch`, microseconds apart), then its
-    /// daemon and its controller are SIGKILLed.
+    /// Stops the source host: both its interfaces go down together (one
+    /// `ip -batch`, microseconds apart), then its daemon and its
+    /// controller are SIGKILLed.
     pub fn stop_source_host(&mut self) {
+        self.source_links_down();
+        self.src.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
+        crate::kill_pid(self.controller.pid as u64);
+    }
+
+    /// Stops the source host as a power cut would, for a measurement: as
+    /// [`MigrationSetup::stop_source_host`], but its daemon and controller
+    /// are frozen (SIGSTOP), not killed. Killed processes are torn down on
+    /// this machine's CPUs, which the other test hosts share, for
+    /// milliseconds; a host that loses power costs its neighbours nothing.
+    /// They are killed with the setup.
+    pub fn freeze_source_host(&mut self) {
+        self.source_links_down();
+        for pid in [self.src.pid(), self.controller.pid] {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    fn source_links_down(&self) {
         let batch = std::env::temp_dir().join(format!("dp-{}-stop-src", self.tag));
         std::fs::write(&batch, "link set eth0 down\nlink set peer0 down\n")
             .expect("write the batch");
         self.hosts.src.ip(&["-batch", &batch.to_string_lossy()]);
         let _ = std::fs::remove_file(&batch);
-        self.src.signal_and_wait(nix::sys::signal::Signal::SIGKILL);
-        crate::kill_pid(self.controller.pid as u64);
     }
 
     /// As `start_cps` without a trace, with more `args` for the simulator.

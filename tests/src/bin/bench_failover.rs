@@ -4,9 +4,11 @@
 //! Each run builds fresh test hosts with the Markov controller on `src`,
 //! makes a hot replica of it on `dst` (`failover_after_ms` 2, the
 //! default), lets the CPS run, then stops the source host as a power cut
-//! would (its interfaces down together, then its daemon and its instance
-//! SIGKILLed: `MigrationSetup::stop_source_host`) and lets the CPS run
-//! on. Per run: the cycles the CPS saw unanswered, the inputs `dst`
+//! would: its interfaces down together, then its daemon and its instance
+//! frozen (`MigrationSetup::freeze_source_host`; killed, they would be
+//! torn down for milliseconds on the CPUs the other test hosts share,
+//! which a host losing power does not do to its neighbours), and lets the
+//! CPS run on. Per run: the cycles the CPS saw unanswered, the inputs `dst`
 //! replayed at the takeover (those the switch flooded to it once the
 //! source's port was down), the silence `dst` measured before it took
 //! over (its detection time), the takeover (gates, replay and announce),
@@ -137,7 +139,7 @@ fn stop_source(i: usize, replica: bool) -> anyhow::Result<Run> {
         }
     }
     std::thread::sleep(Duration::from_millis(300));
-    setup.stop_source_host();
+    setup.freeze_source_host();
     let verdict = cps_verdict(cps);
     let status = setup.dst.client().call("status", json!({}))?;
     Ok(Run {
