@@ -183,6 +183,11 @@ pub async fn run(
                 if status.resyncs > 0 && unreachable(&e) {
                     tracing::warn!(replica = %id, "{e}: trying again in {RETRY:?}");
                     context.files.remove(super::journal::Side::Source, &id);
+                    // Shown syncing meanwhile: no handover is taken.
+                    if let Some(status) = &mut replica.report.replica {
+                        status.state = ReplicaState::Syncing;
+                    }
+                    replica.show();
                     status = replica.report.replica.take().unwrap_or_default();
                     if wait_for_retry(&mut commands).await {
                         continue;
