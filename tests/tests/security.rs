@@ -1424,7 +1424,7 @@ fn outputs_carry_the_migrations_own_flow_and_never_another_services() {
                 let why = refused(step(&mut link, out_of_turn.clone()).await);
                 assert!(
                     why.ends_with(
-                        "the migration's instance is restored; expected outputs or arm or abort"
+                        "the migration's instance is restored; expected outputs or watch or arm or abort"
                     ),
                     "{out_of_turn}: {why}"
                 );
