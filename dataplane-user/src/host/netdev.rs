@@ -201,6 +201,40 @@ fn arp_announcement(mac: [u8; 6], addr: std::net::Ipv4Addr) -> io::Result<Vec<u8
     Ok(frame)
 }
 
+/// Makes this host the owner of `addresses` on `interface` (each once: a
+/// service's flows from several devices share one) and tells the
+/// neighbours: a gratuitous ARP, or an unsolicited neighbour advertisement
+/// for IPv6. An address it has already is fine. The addresses announced.
+pub fn announce(
+    interface: &str,
+    addresses: impl IntoIterator<Item = std::net::IpAddr>,
+) -> Result<Vec<std::net::IpAddr>, AnnounceError> {
+    let mut addresses: Vec<std::net::IpAddr> = addresses.into_iter().collect();
+    addresses.sort();
+    addresses.dedup();
+    for &address in &addresses {
+        let owned = match own_address(interface, address) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            owned => owned,
+        };
+        owned
+            .and_then(|()| match address {
+                std::net::IpAddr::V4(v4) => gratuitous_arp(interface, v4),
+                std::net::IpAddr::V6(v6) => unsolicited_na(interface, v6),
+            })
+            .map_err(|source| AnnounceError { address, source })?;
+    }
+    Ok(addresses)
+}
+
+/// An address that could not be announced, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("announcing {address}: {source}")]
+pub struct AnnounceError {
+    pub address: std::net::IpAddr,
+    pub source: io::Error,
+}
+
 /// Asks one neighbour, by unicast ARP probes, whether it still holds an
 /// IPv4 address: its kernel answers each probe while it is up and
 /// reachable on this interface's network, whatever its processes do. A

@@ -1118,29 +1118,12 @@ fn forget(dataplane: &mut Dataplane, flows: &[TargetFlow], local_addresses: &[Ip
     }
 }
 
-/// Makes this host the service addresses' owner on `interface` and tells
-/// the neighbours (a gratuitous ARP, or an unsolicited neighbour
-/// advertisement for IPv6). An address it has already is fine.
-pub(super) fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<IpAddr>, Cause> {
-    // Each address once: a service's flows from several devices share one.
-    let mut addresses: Vec<IpAddr> = flows.iter().map(|f| f.spec.service.ip()).collect();
-    addresses.sort();
-    addresses.dedup();
-    let mut announced = Vec::new();
-    for address in addresses {
-        let owned = match crate::host::netdev::own_address(interface, address) {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            owned => owned,
-        };
-        owned
-            .and_then(|()| match address {
-                IpAddr::V4(v4) => crate::host::netdev::gratuitous_arp(interface, v4),
-                IpAddr::V6(v6) => crate::host::netdev::unsolicited_na(interface, v6),
-            })
-            .map_err(|source| Cause::Announce { address, source })?;
-        announced.push(address);
-    }
-    Ok(announced)
+/// Makes this host the owner of `flows`' service addresses on
+/// `interface` and tells the neighbours (see
+/// [`crate::host::netdev::announce`]).
+fn announce(interface: &str, flows: &[TargetFlow]) -> Result<Vec<IpAddr>, Cause> {
+    let addresses = flows.iter().map(|f| f.spec.service.ip());
+    Ok(crate::host::netdev::announce(interface, addresses)?)
 }
 
 /// Recovery of flows handed over here: their addresses announced; what

@@ -1,12 +1,7 @@
 //! Why a migration fails, on either side. The destination answers a step
 //! that failed with the cause's text (it crosses the peer link as text);
 //! the source wraps it as [`Cause::Destination`].
-use std::{
-    io,
-    net::{IpAddr, SocketAddr},
-    ops::RangeInclusive,
-    path::PathBuf,
-};
+use std::{io, net::SocketAddr, ops::RangeInclusive, path::PathBuf};
 
 use crate::{
     criu::CriuError,
@@ -205,8 +200,8 @@ pub enum Cause {
     Replay(CheckpointError),
     #[error("the instance is not restored and replayed yet")]
     NotReplayed,
-    #[error("announcing {address}: {source}")]
-    Announce { address: IpAddr, source: io::Error },
+    #[error(transparent)]
+    Announce(#[from] crate::host::netdev::AnnounceError),
 }
 
 /// How a restored instance ended before its migration did.

@@ -410,7 +410,8 @@ fn take_over(
     }
     // The CPS's inputs come here from the announce on: the sequenced gate
     // delivers them in order meanwhile, and opens after.
-    match super::destination::announce(&watched.interface, &watched.flows) {
+    let addresses = watched.flows.iter().map(|f| f.spec.service.ip());
+    match crate::host::netdev::announce(&watched.interface, addresses) {
         Ok(announced) => takeover.announced = announced,
         Err(e) => errors.push(e.to_string()),
     }
