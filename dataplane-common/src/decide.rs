@@ -7,7 +7,7 @@
 use crate::{
     CUT_AT_NEXT, Config, FLOW_MIRROR, FLOW_STANDBY, GATE_DELIVER_ALL, GATE_DELIVER_FROM,
     GATE_HOLD_ALL, GATE_SEQUENCED, MAX_FRAME, META_DELIVER, META_PEER, META_STANDBY, MIRROR_CLONE,
-    OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, TAG_COUNTED,
+    OUTPUT_ARMED, OUTPUT_FROM, OUTPUT_MUTE, REPLAY_PENDING, TAG_COUNTED,
 };
 
 /// What an input gate does with one input.
@@ -53,15 +53,40 @@ pub fn gate_open(mode: u32) -> bool {
     mode == GATE_DELIVER_ALL || mode == GATE_DELIVER_FROM
 }
 
+/// The input a sequenced gate whose word is `next_expected` takes next.
+#[inline(always)]
+pub fn expected_input(next_expected: u64) -> u64 {
+    next_expected & !REPLAY_PENDING
+}
+
+/// The compare-and-exchange (current, new) of a sequenced gate's word,
+/// read as `word`, that delivers input `seq`, `replayed` or live.
+///
+/// A replayed input is taken even while the one before it is still on its
+/// way (`REPLAY_PENDING`), and leaves the word pending: the daemon clears
+/// it once its injection has returned, when the replayed inputs are in the
+/// socket's queue. A live input is taken only from a word that is not
+/// pending. Without that, a live input let through right after the last
+/// replayed one could reach the socket first, on another CPU with a
+/// shorter path, and the instance would take the two out of order.
+#[inline(always)]
+pub fn sequenced_exchange(seq: u64, word: u64, replayed: bool) -> (u64, u64) {
+    if replayed {
+        (seq | (word & REPLAY_PENDING), (seq + 1) | REPLAY_PENDING)
+    } else {
+        (seq, seq + 1)
+    }
+}
+
 /// A sequenced gate's verdict on input `seq`, from its compare-and-exchange
-/// of `next_expected` from `seq` to `seq + 1`: `taken` if it succeeded, else
+/// of `next_expected` (`sequenced_exchange`): `taken` if it succeeded, else
 /// `prev` is the value the word held. Of two copies of one input (a
 /// replayed one and a live one) only one takes the word.
 #[inline(always)]
 pub fn sequenced_verdict(seq: u64, prev: u64, taken: bool) -> Verdict {
     if taken {
         Verdict::Deliver
-    } else if seq < prev {
+    } else if seq < expected_input(prev) {
         Verdict::Duplicate
     } else {
         Verdict::Hold
@@ -239,12 +264,41 @@ mod tests {
 
     /// A sequenced gate's word, exchanged the way the kernel program does.
     fn sequenced(next_expected: &mut u64, seq: u64) -> Verdict {
+        exchanged(next_expected, seq, false)
+    }
+
+    fn exchanged(next_expected: &mut u64, seq: u64, replayed: bool) -> Verdict {
         let prev = *next_expected;
-        let taken = prev == seq;
+        let (current, new) = sequenced_exchange(seq, prev, replayed);
+        let taken = prev == current;
         if taken {
-            *next_expected = seq + 1;
+            *next_expected = new;
         }
         sequenced_verdict(seq, prev, taken)
+    }
+
+    #[test]
+    fn a_live_input_waits_until_the_replayed_one_before_it_is_in_the_socket() {
+        let mut next = 5;
+        // A batch replays 5 and 6: the word stays pending.
+        assert_eq!(exchanged(&mut next, 5, true), Verdict::Deliver);
+        assert_eq!(exchanged(&mut next, 6, true), Verdict::Deliver);
+        assert_eq!(next, 7 | REPLAY_PENDING);
+        assert_eq!(expected_input(next), 7);
+        // Live 7 reaches the gate before the injection has returned: held
+        // (it is in the log, and the replay gives it next).
+        assert_eq!(exchanged(&mut next, 7, false), Verdict::Hold);
+        // A live copy of 6, or a late replay of 5: duplicates.
+        assert_eq!(exchanged(&mut next, 6, false), Verdict::Duplicate);
+        assert_eq!(exchanged(&mut next, 5, true), Verdict::Duplicate);
+        // The injection returned: the daemon clears the pending bit.
+        next = expected_input(next);
+        assert_eq!(exchanged(&mut next, 8, false), Verdict::Hold);
+        assert_eq!(exchanged(&mut next, 7, false), Verdict::Deliver);
+        assert_eq!(next, 8, "a live input leaves the word as it takes it");
+        // A replay of an input that is not next is held like a live one.
+        assert_eq!(exchanged(&mut next, 9, true), Verdict::Hold);
+        assert_eq!(next, 8);
     }
 
     #[test]

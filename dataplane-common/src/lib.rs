@@ -130,7 +130,8 @@ pub struct Gate {
     pub mode: u32,
     /// `OUTPUT_*` mode.
     pub output: u32,
-    /// `GATE_SEQUENCED`: the one input the instance takes next.
+    /// `GATE_SEQUENCED`: the one input the instance takes next, with
+    /// `REPLAY_PENDING` while a replayed input is on its way to it.
     pub next_expected: u64,
     /// 0, or K: inputs above K no longer reach the local instance; they are
     /// only logged and mirrored to the peer (the source after the cutover).
@@ -300,6 +301,13 @@ const _: () = assert!(size_of::<MirrorHeader>() == 32);
 /// number is a corrupt or forged frame, which would wrap the receiver's
 /// numbering if it were taken.
 pub const MAX_SEQ: u64 = (1 << 63) - 1;
+
+/// Set in a sequenced gate's `next_expected` (above every `MAX_SEQ`) by a
+/// replayed input it delivers, until the daemon has seen that input reach
+/// the socket (its injection returned) and clears it: meanwhile a live
+/// input is held, so it can never reach the instance before the replayed
+/// input ahead of it (`decide::sequenced_exchange`).
+pub const REPLAY_PENDING: u64 = 1 << 63;
 
 /// Mirror flag: a replay of a logged input, injected on the receiving host;
 /// gated like a live copy but not logged again. Honoured only on a frame the

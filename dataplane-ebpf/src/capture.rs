@@ -81,7 +81,7 @@ pub(crate) fn capture(ctx: &XdpContext, key: &FlowKey) -> u32 {
     // past a cutover; the peer gets every input of a mirrored flow, so that
     // its log is complete whatever happens here (a hold for a checkpoint,
     // a replay in progress, a cutover).
-    let gated = apply_gate(gate, seq).is_some();
+    let gated = apply_gate(gate, seq, false).is_some();
     let past = gate.is_some_and(|g| past_cutover(g, seq));
     if past {
         count(counter::FORWARDED);
@@ -339,7 +339,7 @@ fn receive(ctx: &XdpContext, replayed: bool, config: &Config) -> u32 {
     if sent_seq == 0 {
         arm_answer(gate, seq);
     }
-    if let Some(action) = apply_gate(Some(gate), seq) {
+    if let Some(action) = apply_gate(Some(gate), seq, replayed) {
         return action;
     }
     if deliver(ctx, inner_len - frame_len).is_none() {

@@ -9,12 +9,12 @@ use dataplane_common::{
 
 use crate::{maps::count, word};
 
-/// Applies the flow's gate to input `seq`: `None` lets it on to the local
-/// instance; `Some(XDP_DROP)` holds it (it is in the log, for replay) or
-/// drops a duplicate.
+/// Applies the flow's gate to input `seq` (`replayed` by the daemon, or
+/// live): `None` lets it on to the local instance; `Some(XDP_DROP)` holds
+/// it (it is in the log, for replay) or drops a duplicate.
 #[inline(always)]
-pub(crate) fn apply_gate(gate: Option<*mut Gate>, seq: u64) -> Option<u32> {
-    match gate.map_or(Verdict::Deliver, |g| gate_verdict(g, seq)) {
+pub(crate) fn apply_gate(gate: Option<*mut Gate>, seq: u64, replayed: bool) -> Option<u32> {
+    match gate.map_or(Verdict::Deliver, |g| gate_verdict(g, seq, replayed)) {
         Verdict::Deliver => None,
         Verdict::Hold => {
             count(counter::HELD);
@@ -29,9 +29,11 @@ pub(crate) fn apply_gate(gate: Option<*mut Gate>, seq: u64) -> Option<u32> {
 
 /// The gate's verdict on input `seq`. A sequenced gate advances its
 /// `next_expected` with one compare-and-exchange, so of two copies of the
-/// same input (a replayed one and a live one) exactly one is delivered.
+/// same input (a replayed one and a live one) exactly one is delivered,
+/// and a live input never overtakes a replayed one
+/// (`decide::sequenced_exchange`).
 #[inline(always)]
-fn gate_verdict(gate: *mut Gate, seq: u64) -> Verdict {
+fn gate_verdict(gate: *mut Gate, seq: u64, replayed: bool) -> Verdict {
     // SAFETY: the array slot lives as long as the map.
     let mode = unsafe { (*gate).mode };
     if let Some(verdict) = decide::mode_verdict(mode) {
@@ -43,8 +45,12 @@ fn gate_verdict(gate: *mut Gate, seq: u64) -> Verdict {
         let (prev, picked) = unsafe { word::exchange(&raw mut (*gate).next_expected, 0, seq) };
         return decide::from_verdict(seq, if picked { seq } else { prev });
     }
+    // SAFETY: as above. A volatile read: the daemon clears the pending
+    // bit through a memory mapping.
+    let read = unsafe { core::ptr::read_volatile(&raw const (*gate).next_expected) };
+    let (current, new) = decide::sequenced_exchange(seq, read, replayed);
     // SAFETY: as above.
-    let (prev, taken) = unsafe { word::exchange(&raw mut (*gate).next_expected, seq, seq + 1) };
+    let (prev, taken) = unsafe { word::exchange(&raw mut (*gate).next_expected, current, new) };
     decide::sequenced_verdict(seq, prev, taken)
 }
 

@@ -842,6 +842,50 @@ fn replayed_inputs_and_the_live_mirror_meet_exactly_once_in_order() {
 }
 
 #[test]
+fn a_live_input_waits_while_a_replayed_input_is_on_its_way() {
+    use dataplane_common::REPLAY_PENDING;
+    use dataplane_user::kernel::injector::Injector;
+
+    let hosts = TestHosts::new("pnd");
+    let mut dst = hosts.load_dst();
+    let (flow_id, replica) = sequenced_replica(&hosts, &mut dst);
+    let link = MirrorLink::open(&hosts);
+    let mut injector = hosts
+        .dst
+        .run(|| Injector::open(dst.dataplane.pin_root(), "peer0"))
+        .unwrap();
+    let window = dst.dataplane.gate_window().unwrap();
+    // A returned injection leaves the word clear: live inputs may follow.
+    hosts
+        .dst
+        .run(|| injector.inject(&[logged_input(flow_id, 1)]))
+        .unwrap();
+    assert_eq!(window.next_expected_word(flow_id), 2);
+    // The word as the kernel leaves it while the injection of input 1 has
+    // not returned: live input 2 must not overtake it, so it is held.
+    assert!(window.exchange_next_expected(flow_id, 2, 2 | REPLAY_PENDING));
+    assert_eq!(window.next_expected(flow_id), 2);
+    link.send(flow_id, 2);
+    let held = dst.read_inputs(1);
+    assert_eq!(held[0].header.seq, 2);
+    assert_eq!(
+        dst.dataplane.counters().unwrap().get(counter::HELD),
+        1,
+        "live 2, while a replay was pending"
+    );
+    window.replay_delivered(flow_id);
+    assert_eq!(window.next_expected_word(flow_id), 2);
+    hosts.dst.run(|| injector.inject(&held)).unwrap();
+    link.send(flow_id, 3);
+    assert_eq!(
+        received(&replica),
+        ["input 1", "input 2", "input 3"],
+        "the held input replayed, then a live one through the gate"
+    );
+    assert_eq!(window.next_expected_word(flow_id), 4);
+}
+
+#[test]
 fn a_counting_replica_tags_each_output_with_the_input_it_answers() {
     let hosts = TestHosts::new("tag");
     let mut dst = hosts.load_dst();

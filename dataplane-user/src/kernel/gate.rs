@@ -8,7 +8,7 @@ use std::{
 };
 
 use aya::maps::MapData;
-use dataplane_common::{Gate, MAX_FLOWS, decide};
+use dataplane_common::{Gate, MAX_FLOWS, REPLAY_PENDING, decide};
 use memmap2::{MmapOptions, MmapRaw};
 
 /// The gates array's name among the pinned maps.
@@ -85,8 +85,27 @@ impl GateWindow {
 
     /// The one input a sequenced gate takes next.
     pub fn next_expected(&self, flow_id: u32) -> u64 {
+        decide::expected_input(self.next_expected_word(flow_id))
+    }
+
+    /// The gate's `next_expected` word as it is, `REPLAY_PENDING` and all.
+    pub fn next_expected_word(&self, flow_id: u32) -> u64 {
         self.word::<AtomicU64>(flow_id, dataplane_common::GATE_NEXT_EXPECTED_OFFSET)
             .load(Ordering::SeqCst)
+    }
+
+    /// Lets live inputs through a sequenced gate again once the replayed
+    /// inputs it took are in the instance's socket: clears
+    /// `REPLAY_PENDING` (see `decide::sequenced_exchange`).
+    pub fn replay_delivered(&self, flow_id: u32) {
+        loop {
+            let word = self.next_expected_word(flow_id);
+            if word & REPLAY_PENDING == 0
+                || self.exchange_next_expected(flow_id, word, word & !REPLAY_PENDING)
+            {
+                return;
+            }
+        }
     }
 
     /// Moves a sequenced gate on from input `from` to input `to`, as the

@@ -25,7 +25,10 @@ use dataplane_common::{
     ReplaySlot, mirror_headers,
 };
 
-use crate::{host::netdev::Interface, kernel::logs::Record};
+use crate::{
+    host::netdev::Interface,
+    kernel::{gate::GateWindow, loader::LoadError, logs::Record},
+};
 
 /// Errors of injecting a replayed input.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +36,7 @@ pub enum ReplayError {
     #[error("opening the pinned ingress program: {0} (is the dataplane loaded?)")]
     Program(ProgramError),
     #[error(transparent)]
-    Dataplane(#[from] crate::kernel::loader::LoadError),
+    Dataplane(#[from] LoadError),
     #[error(transparent)]
     Interface(#[from] crate::host::netdev::InterfaceError),
     #[error("injecting input {seq}: {source}")]
@@ -104,6 +107,9 @@ pub struct Injector {
     /// batch takes, a trigger with the dataplane's replay key.
     trigger: Vec<u8>,
     interface: Interface,
+    /// The gates: a replayed input leaves its gate pending until the
+    /// injection has returned (`decide::sequenced_exchange`).
+    gates: GateWindow,
     /// The network namespace `interface` is in: the kernel resolves the
     /// ifindex in the calling thread's namespace, so injecting from another
     /// one would hand frames to an unrelated device.
@@ -146,7 +152,7 @@ impl Injector {
             crate::kernel::loader::pinned_array(pin_root, crate::kernel::loader::MAP_REPLAY_KEY)?;
         let key = key
             .get(&0, 0)
-            .map_err(|source| crate::kernel::loader::LoadError::Map {
+            .map_err(|source| LoadError::Map {
                 name: crate::kernel::loader::MAP_REPLAY_KEY,
                 source,
             })?;
@@ -164,6 +170,7 @@ impl Injector {
             next,
             trigger,
             interface,
+            gates: GateWindow::open(pin_root).map_err(LoadError::from)?,
             netns: thread_netns().map_err(|_| ReplayError::WrongNamespace)?,
         })
     }
@@ -212,8 +219,7 @@ impl Injector {
             ..Default::default()
         };
         let ctx = bytemuck::bytes_of(&ctx);
-        self.program
-            .test_run(TestRunOptions {
+        let run = self.program.test_run(TestRunOptions {
                 data_in: Some(&self.trigger),
                 ctx_in: Some(ctx),
                 repeat: records.len() as u32,
@@ -223,12 +229,19 @@ impl Injector {
                 // meanwhile would reach the instance before them.
                 attrs: TestRunAttrs::new().xdp_live_frames(1),
                 ..Default::default()
-            })
-            .map(drop)
-            .map_err(|source| ReplayError::Inject {
-                seq: first.header.seq,
-                source,
-            })
+            });
+        // Returned: every frame the gates let through is in the socket's
+        // queue (local delivery runs in this call), and live inputs may
+        // follow them.
+        let mut flows: Vec<u32> = records.iter().map(|r| r.header.flow_id).collect();
+        flows.dedup();
+        for flow_id in flows {
+            self.gates.replay_delivered(flow_id);
+        }
+        run.map(drop).map_err(|source| ReplayError::Inject {
+            seq: first.header.seq,
+            source,
+        })
     }
 }
 

@@ -193,9 +193,9 @@ pub fn open(
     }
     let window = dataplane.gate_window()?;
     let taken = loop {
-        let word = window.next_expected(flow_id);
+        let word = window.next_expected_word(flow_id);
         if window.exchange_next_expected(flow_id, word, 0) {
-            break word;
+            break dataplane_common::decide::expected_input(word);
         }
     };
     let first = match mode {
