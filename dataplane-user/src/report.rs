@@ -95,6 +95,10 @@ pub struct ReplicaStatus {
     pub sync_us: u64,
     /// Times the replica was restored afresh after it diverged or failed.
     pub resyncs: u32,
+    /// Times this host attached to the replica again (no restore) after
+    /// its link or a daemon went, and it matched again.
+    #[serde(default)]
+    pub reattached: u32,
     /// The first pair of outputs that differed, once it diverged: the
     /// input, and how they differ.
     pub mismatch: Option<String>,

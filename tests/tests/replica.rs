@@ -197,3 +197,81 @@ fn a_replica_stopped_while_it_syncs_ends_at_once() {
     assert_clean(&verdict);
     assert_eq!(setup.left_on_dst(), [] as [String; 0], "left on dst");
 }
+
+#[test]
+fn daemons_restarted_with_a_replica_in_place_keep_it_in_sync_without_a_restore() {
+    use nix::sys::signal::Signal;
+
+    let mut setup = MigrationSetup::new("reprs", &[], false);
+    let cycles = 12_000;
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let replica = setup.replicate(json!({}));
+    let synced = setup.wait_in_sync(&replica);
+    assert_eq!(synced["replica"]["state"], "in_sync", "{synced}");
+    let pid = synced["destination_pid"]
+        .as_u64()
+        .expect("the replica's pid");
+    let status = |setup: &MigrationSetup| {
+        setup
+            .src
+            .client()
+            .call("migration.status", json!({ "id": replica }))
+            .expect("migration.status")
+    };
+    // Each daemon stops (as its supervisor stops it) or dies, and comes back.
+    let restarts = [
+        ("dst", Signal::SIGTERM),
+        ("src", Signal::SIGKILL),
+        ("src", Signal::SIGTERM),
+        ("dst", Signal::SIGKILL),
+    ];
+    for (host, signal) in restarts {
+        // The serving host's daemon attaches to the replica again: the
+        // count is its run's (a restarted source counts from 0).
+        let attached_before = match host {
+            "src" => 0,
+            _ => status(&setup)["replica"]["reattached"]
+                .as_u64()
+                .unwrap_or(0),
+        };
+        let (daemon, netns) = match host {
+            "src" => (&mut setup.src, &setup.hosts.src),
+            _ => (&mut setup.dst, &setup.hosts.dst),
+        };
+        daemon.signal_and_wait(signal);
+        daemon.restart(netns);
+        let again = setup.src.wait_for_report(&replica, |r| {
+            r["replica"]["state"] == "in_sync"
+                && r["replica"]["reattached"].as_u64() > Some(attached_before)
+        });
+        println!("after the {host} daemon's {signal}: {again}");
+        assert_eq!(again["state"], "running", "{again}\n{}", setup.src.log());
+        assert_eq!(again["replica"]["state"], "in_sync", "{again}");
+        assert_eq!(again["replica"]["resyncs"], 0, "no restore: {again}");
+        assert_eq!(again["destination_pid"], pid, "{again}");
+        assert_eq!(
+            MigrationSetup::instances_on(&setup.hosts.dst),
+            [pid as u32],
+            "the same replica instance on dst"
+        );
+    }
+    // It matched again and goes on matching: a handover to it is exact.
+    let kept = setup
+        .src
+        .wait_for_report(&replica, |r| r["replica"]["compared"].as_u64() > Some(200));
+    assert_eq!(kept["replica"]["state"], "in_sync", "{kept}");
+    let id = setup.migrate(json!({}));
+    let report = setup.wait(&id);
+    let verdict = cps_verdict(cps);
+    println!("handover: {report}\nCPS: {verdict}");
+    assert_eq!(report["state"], "done", "{report:#}\n{}", setup.src.log());
+    assert_eq!(report["from_replica"], replica.as_str());
+    assert_clean(&verdict);
+    assert_eq!(
+        chain_state(&setup.hosts.dst, setup.service).map(|s| s.0),
+        Some(cycles),
+        "the replica took every input"
+    );
+    kill_pid(pid);
+}

@@ -1216,11 +1216,21 @@ fn a_listed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_
                 let why = refused(step(&mut link, later.clone()).await);
                 assert!(
                     why.ends_with(
-                        "out of order: no migration is prepared on this link; expected prepare"
+                        "out of order: no migration is prepared on this link; expected prepare \
+                         or attach"
                     ),
                     "{later}: {why}"
                 );
             }
+            // A hot replica this host does not keep cannot be attached to.
+            let attach = json!({"step": "attach", "migration": "m9", "service": "plc",
+                "last_seq": 0});
+            let why = refused(step(&mut link, attach).await);
+            assert_eq!(
+                why,
+                "no hot replica m9 is kept here to attach to (it was rolled back, or never in \
+                 sync)"
+            );
             let why = refused(peer::transfer::send(&mut link, "m1", &one_file).await);
             assert!(why.starts_with("images out of order"), "{why}");
 

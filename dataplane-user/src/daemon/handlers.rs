@@ -37,7 +37,13 @@ use crate::{
         logs::Tap,
     },
     metrics,
-    migration::{self, journal::Files, replica, replica::ReplicaRequest, seed::StandbyRequest},
+    migration::{
+        self,
+        journal::{Files, FlowBefore, Outgoing},
+        replica,
+        replica::ReplicaRequest,
+        seed::StandbyRequest,
+    },
     peer,
     registry::RegistryError,
     report::{Mode, ReplicaState, ReplicaStatus, Report, State},
@@ -528,7 +534,7 @@ impl Daemon {
         if let Some(running) = running_migration(&migrations, &service.name, None) {
             return Err(running);
         }
-        let (id, abort) = new_entry(&mut migrations, &service, &request, None);
+        let (id, abort) = new_entry(&mut migrations, None, &service, &request, None);
         let context = self.context(taps, abort);
         let (progress, services) = (self.progress(), self.services.clone());
         tracing::info!(%id, service = %service.name, to = %request.to, "migration started");
@@ -558,6 +564,34 @@ impl Daemon {
         request
             .check()
             .map_err(|e| RpcError::new(code::INVALID_PARAMS, e.to_string()))?;
+        self.start_replica(request, None)
+    }
+
+    /// Takes up again the hot replica `id` that this daemon's previous run
+    /// left in sync (its journal: `outgoing`): attaches to it, or restores
+    /// one afresh if that fails. One that cannot be taken up is undone.
+    pub(super) fn resume_replica(&self, id: String, outgoing: Outgoing) {
+        let Some(request) = outgoing.replica.clone() else {
+            return;
+        };
+        match self.start_replica(request, Some((id.clone(), outgoing.flows.clone()))) {
+            Ok(_) => tracing::info!(%id, "attaching to the hot replica this daemon kept"),
+            Err(e) => {
+                let outcome =
+                    migration::recovery::undo_source(&self.recovery_host(), &id, &outgoing);
+                tracing::warn!(%id,
+                    "the hot replica this daemon kept cannot go on ({}): {outcome}", e.message);
+            }
+        }
+    }
+
+    /// Starts the hot replica task for `request`; `attach`: the id and the
+    /// flows before it of a replica kept by this daemon's previous run.
+    fn start_replica(
+        &self,
+        request: migration::Request,
+        attach: Option<(String, Vec<FlowBefore>)>,
+    ) -> Result<MigrationId, RpcError> {
         let mut replicas = self.replicas.lock().unwrap();
         if let Some(replica) = replicas.get(&request.service) {
             return Err(RpcError::new(
@@ -573,8 +607,10 @@ impl Daemon {
         if let Some(running) = running_migration(&migrations, &service.name, None) {
             return Err(running);
         }
+        let (attach_id, attach) = attach.unzip();
         let (id, abort) = new_entry(
             &mut migrations,
+            attach_id,
             &service,
             &request,
             Some(Default::default()),
@@ -594,7 +630,7 @@ impl Daemon {
             self.services.clone(),
             self.replicas.clone(),
         );
-        tracing::info!(%id, service = %service.name, to = %request.to, ?mode,
+        tracing::info!(%id, service = %service.name, to = %request.to, mode = ?request.mode,
             "hot replica started");
         let task_id = id.clone();
         let task = tokio::spawn(async move {
@@ -606,6 +642,7 @@ impl Daemon {
                 context,
                 progress,
                 received,
+                attach,
             )
             .await;
             table.lock().unwrap().remove(&name);
@@ -628,6 +665,17 @@ impl Daemon {
             entry.task = Some(task);
         }
         Ok(MigrationId { id })
+    }
+
+    /// Tells every hot replica that this daemon stops (see
+    /// [`replica::Command::Leave`]): the ids of those told.
+    pub(super) fn leave_replicas(&self) -> Vec<String> {
+        let replicas = self.replicas.lock().unwrap();
+        replicas
+            .values()
+            .filter(|r| r.commands.send(replica::Command::Leave).is_ok())
+            .map(|r| r.id.clone())
+            .collect()
     }
 
     fn replica_stop(&self, ServiceName { name }: ServiceName) -> Result<ReplicaStopping, RpcError> {
@@ -693,7 +741,7 @@ impl Daemon {
                 format!("no service {}", request.service),
             ));
         };
-        let (id, abort) = new_entry(&mut migrations, &service, &request, None);
+        let (id, abort) = new_entry(&mut migrations, None, &service, &request, None);
         if let Some(entry) = migrations.get_mut(&id) {
             entry.report.from_replica = Some(replica.id.clone());
         }
@@ -848,11 +896,19 @@ fn running_migration(
 /// (a hot replica's with `replica`): its id and abort switch.
 fn new_entry(
     migrations: &mut BTreeMap<String, MigrationEntry>,
+    id: Option<String>,
     service: &Service,
     request: &migration::Request,
     replica: Option<ReplicaStatus>,
 ) -> (String, Arc<AtomicBool>) {
-    let id = format!("{}-{}", service.name, migrations.len() + 1);
+    // Unique among this run's (a replica attached to again keeps the id
+    // the previous run gave it).
+    let id = id.unwrap_or_else(|| {
+        (migrations.len() + 1..)
+            .map(|n| format!("{}-{n}", service.name))
+            .find(|id| !migrations.contains_key(id))
+            .expect("a free id")
+    });
     let abort = Arc::new(AtomicBool::new(false));
     let report = Report {
         id: id.clone(),

@@ -246,14 +246,9 @@ impl Daemon {
             path: daemon.config.images_dir.clone(),
             source,
         })?;
-        // Migrations the previous run of this daemon left half-done, either side.
-        recovery::recover(&recovery::Host {
-            files,
-            pin_root: daemon.config.pin_root.clone(),
-            standby_pin_root: daemon.config.standby_host().map(|s| s.pin_root),
-            interface: daemon.config.interface.clone(),
-            services: daemon.services.clone(),
-        });
+        // Migrations the previous run of this daemon left half-done, either
+        // side; hot replicas in sync are taken up again below.
+        let recovered = recovery::recover(&daemon.recovery_host());
         let criu = daemon.config.criu();
         tokio::task::spawn_blocking(move || criu.log_capabilities());
         // Set when the daemon stops: migrations to this host roll back.
@@ -286,8 +281,13 @@ impl Daemon {
                 stopping: stop,
                 failover_after: std::time::Duration::from_millis(daemon.config.failover_after_ms),
                 takeovers: daemon.takeovers.clone(),
+                parked: Default::default(),
             };
             let host = Arc::new(host);
+            for (id, incoming) in &recovered.replicas {
+                let outcome = destination::resume_replica(&host, id.clone(), incoming);
+                tracing::warn!("migration {id} to this host: {outcome}");
+            }
             // Each link holds a sender: the receiver ends when all have gone.
             let (alive, ended) = mpsc::channel::<()>(1);
             let listener = tokio::spawn(peer::serve(
@@ -302,6 +302,9 @@ impl Daemon {
                 },
             ));
             peer_links = Some((listener, ended));
+        }
+        for (id, outgoing) in recovered.sources {
+            daemon.resume_replica(id, outgoing);
         }
         // Last: a client that finds the socket finds the peer link up too.
         let config = &daemon.config;
@@ -330,6 +333,18 @@ impl Daemon {
         Ok(())
     }
 
+    /// What recovery works with on this host.
+    pub(super) fn recovery_host(&self) -> recovery::Host {
+        recovery::Host {
+            files: Files::new(&self.config.images_dir),
+            pin_root: self.config.pin_root.clone(),
+            standby_pin_root: self.config.standby_host().map(|s| s.pin_root),
+            interface: self.config.interface.clone(),
+            services: self.services.clone(),
+            keeps_replicas: self.config.peer_listen.is_some(),
+        }
+    }
+
     /// Rolls back what migrations are in flight, both ways, and waits for
     /// them, [`STOP_WITHIN`] at most: a migration from this host stops at
     /// its next step (a dump or a hold under way ends at once) and rolls
@@ -337,12 +352,18 @@ impl Daemon {
     /// rolls back between two steps (see [`destination::Host::stopping`]).
     async fn wait_for_migrations(&self, peer_links: Option<(JoinHandle<()>, mpsc::Receiver<()>)>) {
         let deadline = tokio::time::Instant::now() + STOP_WITHIN;
+        // Hot replicas in sync are left as they are, for the next start.
+        let left = self.leave_replicas();
         let tasks: Vec<(String, JoinHandle<()>)> = {
             let mut migrations = self.migrations.lock().unwrap();
             migrations
                 .iter_mut()
                 .filter_map(|(id, entry)| {
-                    entry.abort.store(true, Ordering::Relaxed);
+                    let in_sync = entry.report.replica.as_ref().map(|r| r.state)
+                        == Some(crate::report::ReplicaState::InSync);
+                    if !(left.contains(id) && in_sync) {
+                        entry.abort.store(true, Ordering::Relaxed);
+                    }
                     Some((id.clone(), entry.task.take()?))
                 })
                 .collect()

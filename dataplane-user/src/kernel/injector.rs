@@ -150,12 +150,10 @@ impl Injector {
         let next = crate::kernel::loader::pinned_array(pin_root, "REPLAY_NEXT")?;
         let key: Array<MapData, u64> =
             crate::kernel::loader::pinned_array(pin_root, crate::kernel::loader::MAP_REPLAY_KEY)?;
-        let key = key
-            .get(&0, 0)
-            .map_err(|source| LoadError::Map {
-                name: crate::kernel::loader::MAP_REPLAY_KEY,
-                source,
-            })?;
+        let key = key.get(&0, 0).map_err(|source| LoadError::Map {
+            name: crate::kernel::loader::MAP_REPLAY_KEY,
+            source,
+        })?;
         let interface = Interface::by_name(interface)?;
         let meta = CaptureMeta {
             seq: key,
@@ -220,16 +218,16 @@ impl Injector {
         };
         let ctx = bytemuck::bytes_of(&ctx);
         let run = self.program.test_run(TestRunOptions {
-                data_in: Some(&self.trigger),
-                ctx_in: Some(ctx),
-                repeat: records.len() as u32,
-                // Each frame goes to the stack as soon as the gate has let
-                // it through. A larger kernel batch holds passed frames
-                // until its end, and a live input the gate lets through
-                // meanwhile would reach the instance before them.
-                attrs: TestRunAttrs::new().xdp_live_frames(1),
-                ..Default::default()
-            });
+            data_in: Some(&self.trigger),
+            ctx_in: Some(ctx),
+            repeat: records.len() as u32,
+            // Each frame goes to the stack as soon as the gate has let
+            // it through. A larger kernel batch holds passed frames
+            // until its end, and a live input the gate lets through
+            // meanwhile would reach the instance before them.
+            attrs: TestRunAttrs::new().xdp_live_frames(1),
+            ..Default::default()
+        });
         // Returned: every frame the gates let through is in the socket's
         // queue (local delivery runs in this call), and live inputs may
         // follow them.

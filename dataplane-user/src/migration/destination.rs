@@ -47,7 +47,7 @@ use crate::{
         failover::{Watch, Watched},
         hold,
         hold::FlowPosition,
-        journal::{Files, Incoming, Journal, Side},
+        journal::{Files, Incoming, Journal, ReplicaHere, Side},
         protocol::{
             Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step, StepKind,
             TargetFlow, Watching,
@@ -98,6 +98,9 @@ pub struct Host {
     pub failover_after: Duration,
     /// The takeovers this host made, for `status`.
     pub takeovers: Arc<std::sync::Mutex<Vec<super::failover::Takeover>>>,
+    /// Hot replicas in sync whose link went, by migration id, kept for
+    /// their source to attach again ([`park`]).
+    pub parked: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Parked>>>,
 }
 
 /// Registers the instance `pid` that this host kept as service `name`
@@ -158,20 +161,180 @@ pub async fn serve_link(
         // The daemon stops: dropping the target undoes it at once (an
         // armed one is left to the journal's recovery at the next start).
         drop(target);
-    } else if let Some(mut target) = target.take() {
+    } else if let Some(target) = target.take() {
         // The link is gone, or idle too long, before Finish or Abort.
-        target.settle_alone().await;
+        without_source(target).await;
     }
     served
 }
 
+/// Ends, or keeps, a migration whose source is gone from its link: a hot
+/// replica in sync is parked for its source to attach again; any other
+/// settles alone.
+async fn without_source(mut target: Target) {
+    if target.parkable() {
+        park(target);
+    } else {
+        target.settle_alone().await;
+    }
+}
+
+/// How long a hot replica whose link went stays parked for its source to
+/// attach again: a daemon restart on either side, or a migration network
+/// cut this long, costs the replica nothing.
+pub const PARKED_FOR: Duration = Duration::from_secs(30);
+
+/// Ends when the watch of `target` (a hot replica's) takes the service
+/// over; never without one.
+fn taken_over(target: Option<&Target>) -> impl Future<Output = ()> + use<> {
+    let takeover = target
+        .and_then(|t| t.watch.as_ref())
+        .map(Watch::on_takeover);
+    async {
+        match takeover {
+            Some(takeover) => takeover.await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// How long a replica's gate may wait for an input it lacks before the
+/// input counts as lost (see [`Target::whole`]).
+const GAP_SETTLES: Duration = Duration::from_millis(20);
+
+/// A parked hot replica: whose it is, and how to claim it.
+pub struct Parked {
+    service: String,
+    source: IpAddr,
+    claim: tokio::sync::oneshot::Sender<tokio::sync::oneshot::Sender<Target>>,
+}
+
+/// Keeps the hot replica `target` (in sync; its link went) for its source
+/// to attach again, [`PARKED_FOR`] at most. Its instance, flows and watch
+/// run on meanwhile: the watch may take the service over. Unclaimed, it
+/// rolls back; a daemon that stops leaves it to its next start.
+fn park(mut target: Target) {
+    use tokio::sync::oneshot;
+    let host = target.host.clone();
+    let id = target.migration.clone();
+    let (claim, mut claimed) = oneshot::channel();
+    let parked = Parked {
+        service: target.service.clone(),
+        source: target.source,
+        claim,
+    };
+    host.parked.lock().unwrap().insert(id.clone(), parked);
+    tracing::info!(migration = %id, "hot replica without its source's link: kept for it to attach again");
+    let mut stopping = host.stopping.clone();
+    tokio::spawn(async move {
+        enum End {
+            Claimed(oneshot::Sender<Target>),
+            TakenOver,
+            Stopping,
+            Expired,
+        }
+        let taken_over = taken_over(Some(&target));
+        let end = tokio::select! {
+            biased;
+            Ok(reply) = &mut claimed => End::Claimed(reply),
+            () = taken_over => End::TakenOver,
+            Ok(_) = stopping.wait_for(|stop| *stop) => End::Stopping,
+            () = tokio::time::sleep(PARKED_FOR) => End::Expired,
+        };
+        // Claimed meanwhile: the claimer has taken it off the table.
+        let end = match end {
+            End::Claimed(_) => end,
+            _ if host.parked.lock().unwrap().remove(&id).is_none() => match claimed.await {
+                Ok(reply) => End::Claimed(reply),
+                Err(_) => end,
+            },
+            _ => end,
+        };
+        match end {
+            End::Claimed(reply) => {
+                if let Err(target) = reply.send(target) {
+                    park(target);
+                }
+            }
+            End::TakenOver => target.keep(),
+            End::Stopping => drop(target),
+            End::Expired => {
+                tracing::warn!(migration = %id,
+                    "no source attached to the hot replica within {PARKED_FOR:?}: rolling back");
+                target.rollback();
+            }
+        }
+    });
+}
+
+/// Takes the parked hot replica `migration` of `service` for the source
+/// at `source` that attaches to it again, having numbered inputs up to
+/// `sent`: one that lacks any of them is rolled back.
+async fn claim(
+    host: &Host,
+    source: IpAddr,
+    migration: &str,
+    service: &str,
+    sent: u64,
+) -> Result<Target, Cause> {
+    let gone = || Cause::NoReplica(migration.to_string());
+    let took = host
+        .takeovers
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|t| t.service == service);
+    if took && host.services.contains(service) {
+        return Err(Cause::TakenOver);
+    }
+    let parked = {
+        let mut parked = host.parked.lock().unwrap();
+        match parked.get(migration) {
+            Some(p) if p.service == service && p.source == source => parked.remove(migration),
+            Some(_) => return Err(Cause::NotYourReplica(migration.to_string())),
+            None => None,
+        }
+    };
+    let parked = parked.ok_or_else(gone)?;
+    let (reply, replied) = tokio::sync::oneshot::channel();
+    parked.claim.send(reply).map_err(|_| gone())?;
+    let mut target = replied.await.map_err(|_| gone())?;
+    // The mirror copies it got while parked may lack some (a cut
+    // migration network drops them): then it cannot go on.
+    if let Err(e) = target.whole(sent).await {
+        target.rollback();
+        return Err(e);
+    }
+    target.state = State::Restored;
+    target.last_step = tokio::time::Instant::now();
+    Ok(target)
+}
+
+/// Parks the hot replica `migration` that a stopped (or dead) run of this
+/// daemon held, as its journal says, for its source to attach again; one
+/// that cannot go on (its instance or flows gone) is rolled back. What
+/// was done, as text.
+pub fn resume_replica(host: &Arc<Host>, migration: String, incoming: &Incoming) -> String {
+    match Target::resumed(host, migration.clone(), incoming) {
+        Ok(target) => {
+            park(target);
+            "a hot replica in sync: kept for its source to attach again".into()
+        }
+        Err(why) => {
+            host.files.remove(Side::Destination, &migration);
+            let outcome = recover(&host.pin_root, &host.interface, &host.services, incoming);
+            format!("a hot replica that cannot go on ({why}): {outcome}")
+        }
+    }
+}
+
 /// The frames of one link, until it closes, the migration on it
 /// (`target`) idles past its limit, or the daemon stops.
-async fn serve_frames<'a>(
+async fn serve_frames(
     link: &mut Link,
     from: SocketAddr,
-    host: &'a Host,
-    target: &mut Option<Target<'a>>,
+    host: &Arc<Host>,
+    target: &mut Option<Target>,
 ) -> Result<(), PeerError> {
     let mut stopping = host.stopping.clone();
     loop {
@@ -186,16 +349,7 @@ async fn serve_frames<'a>(
             }
         };
         // A hot replica's watch may take the service over meanwhile.
-        let takeover = target
-            .as_ref()
-            .and_then(|t| t.watch.as_ref())
-            .map(Watch::on_takeover);
-        let taken_over = async {
-            match takeover {
-                Some(takeover) => takeover.await,
-                None => std::future::pending().await,
-            }
-        };
+        let taken_over = taken_over(target.as_ref());
         let received = tokio::select! {
             biased;
             Ok(_) = stopping.wait_for(|stop| *stop) => {
@@ -231,10 +385,10 @@ async fn serve_frames<'a>(
                 })
                 .unwrap_or_default();
             tracing::warn!(%from, "{why}");
-            // Undone before the source hears of it: what it reads after
-            // the refusal is a host with the migration gone.
-            if let Some(mut target) = target.take() {
-                target.settle_alone().await;
+            // Settled before the source hears of it: what it reads after
+            // the refusal is a host with the migration gone (or parked).
+            if let Some(target) = target.take() {
+                without_source(target).await;
             }
             let _ = link.send(frame::REFUSE, why.as_bytes()).await;
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, why).into());
@@ -293,9 +447,9 @@ async fn serve_frames<'a>(
 /// `Prepare`) takes it in its state, and moves it on: to the next state,
 /// or to [`State::Failed`] if the step failed. A step out of order is
 /// refused and changes nothing.
-async fn run_step<'a>(
-    host: &'a Host,
-    target: &mut Option<Target<'a>>,
+async fn run_step(
+    host: &Arc<Host>,
+    target: &mut Option<Target>,
     from: SocketAddr,
     step: Step,
 ) -> Result<serde_json::Value, Cause> {
@@ -303,6 +457,18 @@ async fn run_step<'a>(
     let state = target.as_ref().map_or(State::Idle, |t| t.state);
     let next = state.after(kind).ok_or_else(|| state.refuse(kind))?;
     let Some(t) = target.as_mut() else {
+        if let Step::Attach {
+            migration,
+            service,
+            last_seq,
+        } = step
+        {
+            tracing::info!(%from, %migration, %service, "the source attaches to its hot replica again");
+            let attached = claim(host, from.ip(), &migration, &service, last_seq).await?;
+            let answer = attached.prepared();
+            *target = Some(attached);
+            return Ok(serde_json::to_value(answer).expect("serializes"));
+        }
         let Step::Prepare {
             migration,
             service,
@@ -318,16 +484,14 @@ async fn run_step<'a>(
             "preparing a migration to this host");
         let prepared = Target::prepare(
             host,
+            from.ip(),
             migration,
             service,
             flows,
             deadline_ms,
             Started { command, standby },
         )?;
-        let answer = Prepared {
-            mirror_mac: prepared.mirror_mac,
-            flow_ids: prepared.flows.iter().map(|f| f.flow_id).collect(),
-        };
+        let answer = prepared.prepared();
         *target = Some(prepared);
         return Ok(serde_json::to_value(answer).expect("serializes"));
     };
@@ -354,7 +518,7 @@ async fn receive_images(
     link: &mut Link,
     begin: &[u8],
     host: &Host,
-    target: Option<&mut Target<'_>>,
+    target: Option<&mut Target>,
 ) -> Result<transfer::Received, String> {
     let migration = transfer::parse_begin(begin).map_err(|e| e.to_string());
     let state = target.as_ref().map_or(State::Idle, |t| t.state);
@@ -407,8 +571,8 @@ async fn answer<T: Serialize>(
 }
 
 /// A migration in progress on the destination.
-pub struct Target<'a> {
-    host: &'a Host,
+pub struct Target {
+    host: Arc<Host>,
     dataplane: Dataplane,
     migration: String,
     /// The service's name, under which this host registers it.
@@ -438,12 +602,21 @@ pub struct Target<'a> {
     cpu: crate::host::tasks::CpuTime,
     /// A hot replica's watch of its source, from `Watch` to `Arm` or `Abort`.
     watch: Option<Watch>,
+    /// The address the source's daemon links from.
+    source: IpAddr,
+    /// Set at `Watch`: a hot replica in sync, which outlives its link and
+    /// this daemon's restart (see [`park`]).
+    replica: Option<ReplicaHere>,
+    /// The restored instance as it was restored: a restarted daemon finds
+    /// it no child of its own.
+    identity: Option<Identity>,
 }
 
-impl<'a> Target<'a> {
+impl Target {
     /// Handles `Prepare`. Nothing is adopted unless every check passes.
     pub fn prepare(
-        host: &'a Host,
+        host: &Arc<Host>,
+        source: IpAddr,
         migration: String,
         service: String,
         flows: Vec<FlowSpec>,
@@ -537,6 +710,8 @@ impl<'a> Target<'a> {
             deadline_ms,
             local_addresses: local_addresses.clone(),
             command: started.command.clone(),
+            standby: started.standby,
+            replica: None,
         });
         host.files.write(&migration, &journal)?;
         let adopt = |dataplane: &mut Dataplane| -> Result<(), Cause> {
@@ -568,7 +743,7 @@ impl<'a> Target<'a> {
             return Err(e);
         }
         let target = Self {
-            host,
+            host: host.clone(),
             dataplane,
             migration,
             service,
@@ -586,8 +761,118 @@ impl<'a> Target<'a> {
             finished: false,
             cpu: crate::host::tasks::CpuTime::now(),
             watch: None,
+            source,
+            replica: None,
+            identity: None,
         };
         Ok(target)
+    }
+
+    /// What `Prepare` (and `Attach`) answers.
+    fn prepared(&self) -> Prepared {
+        Prepared {
+            mirror_mac: self.mirror_mac,
+            flow_ids: self.flows.iter().map(|f| f.flow_id).collect(),
+            pid: self.instance.unwrap_or(0),
+        }
+    }
+
+    /// The hot replica `migration` as the journal of a daemon that stopped
+    /// (or died) left it, its instance still running and its flows still
+    /// fed: watching its source again, for it to attach.
+    fn resumed(host: &Arc<Host>, migration: String, incoming: &Incoming) -> Result<Self, String> {
+        let (Some(service), Some(replica)) = (&incoming.service, incoming.replica) else {
+            return Err("not a hot replica".into());
+        };
+        let identity = incoming
+            .instance
+            .filter(Identity::runs)
+            .ok_or("its instance is gone")?;
+        let (Some(inputs), Some(outputs)) = (&host.inputs, &host.outputs) else {
+            return Err(Cause::NoLogs.to_string());
+        };
+        let mirror_mac = match &host.mirror_from {
+            Some(name) => {
+                crate::host::netdev::Interface::by_name(name)
+                    .map_err(|e| e.to_string())?
+                    .mac
+            }
+            None => return Err(Cause::NoMirrorInterface.to_string()),
+        };
+        let dataplane = Dataplane::open(&host.pin_root).map_err(|e| e.to_string())?;
+        let flows = incoming.flows.clone();
+        let flow_id = flows.first().ok_or("it has no flows")?.flow_id;
+        let present = dataplane.flows().map_err(|e| e.to_string())?;
+        let fed = flows.iter().all(|f| {
+            let key = flow::udp(f.spec.cps, f.spec.service);
+            present
+                .iter()
+                .any(|(k, c)| *k == key && c.flow_id == f.flow_id)
+        });
+        let gate = dataplane.gate(flow_id).map_err(|e| e.to_string())?;
+        if !fed || !dataplane_common::decide::keeps_flooded(gate.mode, gate.output) {
+            return Err("its flows are no longer a replica's (sequenced, muted)".into());
+        }
+        let log = LogGuard::new(&dataplane).map_err(|e| e.to_string())?;
+        let subscribe = |tap: &Arc<crate::kernel::logs::Tap>| {
+            tap.subscribe(&[flow_id], SUBSCRIPTION_CAPACITY)
+                .map_err(|e| e.to_string())
+        };
+        let mut target = Self {
+            host: host.clone(),
+            dataplane,
+            migration,
+            service: service.clone(),
+            started: Started {
+                command: incoming.command.clone(),
+                standby: incoming.standby,
+            },
+            mirror_mac,
+            flows,
+            state: State::Restored,
+            deadline: Duration::from_millis(incoming.deadline_ms.min(MAX_DEADLINE_MS)),
+            last_step: tokio::time::Instant::now(),
+            inputs: subscribe(inputs)?,
+            outputs: subscribe(outputs)?,
+            log,
+            instance: Some(identity.pid),
+            local_addresses: incoming.local_addresses.clone(),
+            finished: false,
+            cpu: crate::host::tasks::CpuTime::now(),
+            watch: None,
+            source: replica.source,
+            replica: Some(replica),
+            identity: Some(identity),
+        };
+        target.watch(replica.holder).map_err(|e| e.to_string())?;
+        Ok(target)
+    }
+
+    /// An error if the replica lacks an input up to `sent` (the last its
+    /// source had numbered when it attached): its gate waits at one that
+    /// never comes. One merely on its way reaches it within
+    /// [`GAP_SETTLES`].
+    async fn whole(&self, sent: u64) -> Result<(), Cause> {
+        let flow_id = self.flows[0].flow_id;
+        let until = Instant::now() + GAP_SETTLES;
+        loop {
+            let next = dataplane_common::decide::expected_input(
+                self.dataplane.gate(flow_id)?.next_expected,
+            );
+            if next > sent {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                return Err(Cause::ReplicaMissed(next));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Whether this is a hot replica in sync between two steps: it outlives
+    /// its link and its daemon.
+    fn parkable(&self) -> bool {
+        self.replica.is_some() && self.state == State::Restored
     }
 
     /// Handles every step after `Prepare`, in its turn (see [`run_step`]);
@@ -596,6 +881,7 @@ impl<'a> Target<'a> {
         let json = |v| serde_json::to_value(v).expect("serializes");
         match step {
             Step::Prepare { .. } => Err(self.state.refuse(StepKind::Prepare)),
+            Step::Attach { .. } => Err(self.state.refuse(StepKind::Attach)),
             Step::Restore { positions, cpus } => self.restore(positions, cpus).await.map(json),
             Step::Outputs {
                 after,
@@ -669,6 +955,14 @@ impl<'a> Target<'a> {
     /// on. A replica without it still serves planned handovers.
     fn watch(&mut self, holder: [u8; 6]) -> Result<Watching, Cause> {
         self.check_instance("the watch")?;
+        // In sync: from here on it outlives its link and this daemon.
+        if self.replica.is_none() {
+            self.replica = Some(ReplicaHere {
+                source: self.source,
+                holder,
+            });
+            self.write_journal()?;
+        }
         let failover_after = self.host.failover_after;
         let watching = Watching {
             failover_after_ms: failover_after.as_millis() as u64,
@@ -791,6 +1085,7 @@ impl<'a> Target<'a> {
         .map_err(Cause::RestoreTask)??;
         let (pid, restore_us, criu_us) = restored;
         self.instance = Some(pid);
+        self.identity = Identity::of(pid);
         self.write_journal()?;
         // Before the replay: the instance catches up where it will serve.
         match crate::host::tasks::pin(pid, &cpus) {
@@ -822,7 +1117,9 @@ impl<'a> Target<'a> {
         // An overflow explains an input missing from the log.
         self.log.check(&self.dataplane, &self.inputs)?;
         let replayed = replayed.map_err(Cause::Replay)?;
-        let replay_end = self.dataplane.gate(position.flow_id)?.next_expected - 1;
+        let replay_end = dataplane_common::decide::expected_input(
+            self.dataplane.gate(position.flow_id)?.next_expected,
+        ) - 1;
         Ok(Restored {
             pid,
             restore_us,
@@ -892,7 +1189,7 @@ impl<'a> Target<'a> {
 
     /// Records the flows and the instance, for [`recover`].
     fn write_journal(&self) -> Result<(), Cause> {
-        let journal = self.journal(self.instance.and_then(Identity::of));
+        let journal = self.journal(self.identity);
         Ok(self.host.files.write(&self.migration, &journal)?)
     }
 
@@ -905,6 +1202,8 @@ impl<'a> Target<'a> {
             deadline_ms: self.deadline.as_millis() as u64,
             local_addresses: self.local_addresses.clone(),
             command: self.started.command.clone(),
+            standby: self.started.standby,
+            replica: self.replica,
         })
     }
 
@@ -950,6 +1249,10 @@ impl<'a> Target<'a> {
         );
         let how = match status {
             Ok(WaitStatus::StillAlive) => return Ok(()),
+            // Restored by an earlier run of this daemon: no child of this one.
+            Err(nix::errno::Errno::ECHILD) if self.identity.is_some_and(|i| i.runs()) => {
+                return Ok(());
+            }
             Ok(WaitStatus::Exited(_, code)) => InstanceEnd::Exited(code),
             Ok(WaitStatus::Signaled(_, signal, _)) => InstanceEnd::Killed(signal),
             Ok(other) => InstanceEnd::Changed(format!("{other:?}")),
@@ -978,14 +1281,6 @@ impl<'a> Target<'a> {
     /// as the source may still pick K ([`armed_grace`]); rolls back
     /// otherwise.
     async fn settle_alone(&mut self) {
-        // A watched replica's link may have gone with its source's host:
-        // the watch says which.
-        if let Some(watch) = self.watch.take()
-            && watch.source_stopped(self.host.failover_after).await
-        {
-            self.keep();
-            return;
-        }
         let grace = armed_grace(self.deadline);
         let (dataplane, flows) = (&self.dataplane, &self.flows);
         // It polls the gates: off the runtime's workers while it waits.
@@ -1009,7 +1304,7 @@ impl<'a> Target<'a> {
     }
 }
 
-impl Drop for Target<'_> {
+impl Drop for Target {
     /// An unfinished migration is dropped here only when its task is
     /// cancelled (the daemon stops, or a journal could not be written at
     /// `prepare`): a link that ends goes through [`Target::settle_alone`].
@@ -1019,6 +1314,11 @@ impl Drop for Target<'_> {
         }
         // Its thread stops first: a takeover it made shows in the gates.
         drop(self.watch.take());
+        if self.parkable() && !output_modes(&self.dataplane, &self.flows).contains(&OUTPUT_FROM) {
+            tracing::info!(migration = %self.migration,
+                "stopping with a hot replica in sync: it runs on, for the next start");
+            return;
+        }
         let modes = output_modes(&self.dataplane, &self.flows);
         if modes.contains(&OUTPUT_ARMED) && !modes.contains(&OUTPUT_FROM) {
             // The source's kernel may still hand the service here; no
@@ -1299,6 +1599,7 @@ impl State {
         use StepKind as S;
         match (self, step) {
             (Idle, S::Prepare) => Some(Prepared),
+            (Idle, S::Attach) => Some(Restored),
             (Prepared, S::Images) => Some(Received),
             (Received, S::Restore) => Some(Restored),
             (Restored, S::Outputs | S::Watch) => Some(Restored),
@@ -1379,13 +1680,15 @@ mod tests {
     #[test]
     fn a_step_out_of_order_or_repeated_is_refused_naming_the_expected_one() {
         // In every state the source's steps pass through, only its next
-        // step, `outputs`, `watch` or `arm` while it compares, and `abort`
-        // before the handover are taken.
+        // step, `attach` in place of `prepare` (a replica kept), `outputs`,
+        // `watch` or `arm` while it compares, and `abort` before the
+        // handover are taken.
         let mut state = State::Idle;
         for (expected, next) in SOURCE_SENDS {
             for step in StepKind::ALL {
                 let comparing = [StepKind::Outputs, StepKind::Watch, StepKind::Arm];
                 let taken = step == expected
+                    || (state == State::Idle && step == StepKind::Attach)
                     || (state == State::Restored && comparing.contains(&step))
                     || (step == StepKind::Abort
                         && ![State::Idle, State::Announced].contains(&state));
@@ -1415,7 +1718,8 @@ mod tests {
         assert_eq!(State::Failed.expected(), "abort");
         assert_eq!(
             State::Idle.refuse(StepKind::Images).to_string(),
-            "images out of order: no migration is prepared on this link; expected prepare"
+            "images out of order: no migration is prepared on this link; expected prepare or \
+             attach"
         );
     }
 

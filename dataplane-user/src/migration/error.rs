@@ -178,6 +178,12 @@ pub enum Cause {
     ServingHere,
     #[error("the source went silent on both networks and this host took the service over")]
     TakenOver,
+    #[error("no hot replica {0} is kept here to attach to (it was rolled back, or never in sync)")]
+    NoReplica(String),
+    #[error("the hot replica {0} kept here is another host's (or another service's)")]
+    NotYourReplica(String),
+    #[error("the hot replica lacks input {0}, which its link's outage lost: it is restored afresh")]
+    ReplicaMissed(u64),
     #[error("one flow position expected")]
     OnePosition,
     #[error("no images at {}", .0.display())]

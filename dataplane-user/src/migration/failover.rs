@@ -206,27 +206,6 @@ impl Watch {
             }
         }
     }
-
-    /// The peer link is gone: whether the source stopped (this host took
-    /// the service over) rather than only its link. Waits for the watch
-    /// to decide: a takeover, or a sign of life from the source well
-    /// after the link went (one racing the link's end does not count); at
-    /// most a second, after which the watch ends and the replica goes.
-    pub async fn source_stopped(&self, failover_after: Duration) -> bool {
-        let ended = self.shared.now_us();
-        let margin = failover_after.as_micros() as u64;
-        let give_up = Instant::now() + Duration::from_secs(1);
-        loop {
-            if self.taken_over() {
-                return true;
-            }
-            let alive = self.shared.alive_us.load(Ordering::SeqCst) > ended + margin;
-            if alive || Instant::now() > give_up {
-                return !self.stop();
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
 }
 
 impl Drop for Watch {

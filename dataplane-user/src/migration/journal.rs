@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::{host::tasks::Identity, migration::protocol::TargetFlow, service::FlowSpec};
 
 /// One migration's journal.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "side", rename_all = "snake_case")]
 pub enum Journal {
     /// A migration from this host.
@@ -29,7 +29,7 @@ pub enum Journal {
 
 /// What a migration from this host changed, to put back (or, once the
 /// destination serves, to let go of).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Outgoing {
     /// The id the service's flows share here.
     pub flow_id: u32,
@@ -39,6 +39,11 @@ pub struct Outgoing {
     /// written before it: none).
     #[serde(default)]
     pub instances: Vec<Identity>,
+    /// A hot replica in sync on the destination: kept, not undone, by a
+    /// restarted daemon whose instances still run, which attaches to it
+    /// again with this request.
+    #[serde(default)]
+    pub replica: Option<super::Request>,
 }
 
 /// One flow of a migration from this host, and its flags before it.
@@ -69,6 +74,24 @@ pub struct Incoming {
     /// The command the service was started with, registered with it.
     #[serde(default)]
     pub command: Option<Vec<String>>,
+    /// Whether the service had a standby on its source (journals written
+    /// before it: none).
+    #[serde(default)]
+    pub standby: bool,
+    /// A hot replica in sync here: kept, not undone, by a restarted daemon
+    /// while its instance runs, for its source to attach to again.
+    #[serde(default)]
+    pub replica: Option<ReplicaHere>,
+}
+
+/// A hot replica held on this host: whose it is, and whom it watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaHere {
+    /// The address its source's daemon links from: only that host may
+    /// attach to it again.
+    pub source: std::net::IpAddr,
+    /// The source's MAC on the service network, which the watch probes.
+    pub holder: [u8; 6],
 }
 
 fn default_deadline_ms() -> u64 {
@@ -266,6 +289,7 @@ mod tests {
                 pid: 41,
                 start_time: 6,
             }],
+            replica: None,
         })
     }
 
@@ -282,6 +306,11 @@ mod tests {
             deadline_ms: 2500,
             local_addresses: vec!["192.0.2.10".parse().unwrap()],
             command: Some(vec!["plc".into(), "--period-ms".into(), "1".into()]),
+            standby: false,
+            replica: Some(ReplicaHere {
+                source: "192.0.2.1".parse().unwrap(),
+                holder: [2, 0, 0, 0, 0, 1],
+            }),
         });
         files.write("m1", &source()).unwrap();
         files.write("m1", &destination).unwrap();

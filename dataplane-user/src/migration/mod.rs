@@ -48,7 +48,7 @@ use crate::{
 };
 
 /// What to migrate, where, and how.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
     /// A registered service.

@@ -22,6 +22,11 @@
 //!   |                                        (and seed a standby)
 //!   |                             <--------  Finished {pid, cpu}
 //!   | Abort (any time before the flip) --->  roll back
+//!
+//!   | Attach {migration, service} ------->  a hot replica kept here since
+//!   |   (a new link, in place of Prepare      its link went: back to
+//!   |   .. Restore)                           comparing (Outputs, Watch, ..)
+//!   |                             <--------  Prepared {mirror_mac, flow_ids}
 //! ```
 //!
 //! Both modes (standby, leave-running) send the same steps in this order;
@@ -66,6 +71,16 @@ pub enum Step {
         #[serde(default)]
         standby: bool,
     },
+    /// Take back the hot replica `migration` of `service` that this host
+    /// kept after its link (or a daemon) went, as at `Restore`'s end:
+    /// answered like `Prepare`. Only its own source may. `last_seq`: the
+    /// last input the source had numbered; a replica that lacks one of
+    /// them cannot go on.
+    Attach {
+        migration: String,
+        service: String,
+        last_seq: u64,
+    },
     /// Restore the received images, confine the instance to `cpus` (the
     /// source instance's affinity; empty: leave it on CRIU's) and replay
     /// the inputs after `positions`.
@@ -98,6 +113,7 @@ impl Step {
     pub fn kind(&self) -> StepKind {
         match self {
             Step::Prepare { .. } => StepKind::Prepare,
+            Step::Attach { .. } => StepKind::Attach,
             Step::Restore { .. } => StepKind::Restore,
             Step::Outputs { .. } => StepKind::Outputs,
             Step::Watch { .. } => StepKind::Watch,
@@ -143,6 +159,9 @@ pub struct Restored {
 pub struct Prepared {
     pub mirror_mac: [u8; 6],
     pub flow_ids: Vec<u32>,
+    /// `Attach`: the replica's instance (`Prepare`: 0, none yet).
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// What `Finish` answers: the instance, and the CPU time this daemon and
@@ -177,6 +196,7 @@ pub struct Output {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepKind {
     Prepare,
+    Attach,
     Images,
     Restore,
     Outputs,
@@ -188,8 +208,9 @@ pub enum StepKind {
 }
 
 impl StepKind {
-    pub const ALL: [StepKind; 9] = [
+    pub const ALL: [StepKind; 10] = [
         StepKind::Prepare,
+        StepKind::Attach,
         StepKind::Images,
         StepKind::Restore,
         StepKind::Outputs,
@@ -204,6 +225,7 @@ impl StepKind {
     pub fn name(self) -> &'static str {
         match self {
             StepKind::Prepare => "prepare",
+            StepKind::Attach => "attach",
             StepKind::Images => "images",
             StepKind::Restore => "restore",
             StepKind::Outputs => "outputs",

@@ -6,7 +6,7 @@ use std::{path::PathBuf, sync::Arc};
 use crate::{
     migration::{
         destination,
-        journal::{Files, Journal, Side},
+        journal::{Files, Incoming, Journal, Outgoing, Side},
         source,
     },
     registry::Registry,
@@ -23,19 +23,46 @@ pub struct Host {
     pub interface: String,
     /// Where a destination registers a service it kept.
     pub services: Arc<Registry>,
+    /// Whether this daemon serves the peer link: only then does it keep
+    /// the hot replicas it held ([`Recovered::replicas`]).
+    pub keeps_replicas: bool,
 }
 
-/// Acts on every journal left; what was done, one line per migration.
-/// A journal that cannot be read (the disk failed it: the daemon never
+/// What recovery left for the daemon to take up again: hot replicas in
+/// sync, by migration id, with their journals (which stay).
+#[derive(Default)]
+pub struct Recovered {
+    /// What was done, one line per migration.
+    pub done: Vec<String>,
+    /// Hot replicas of services served here, to attach to again.
+    pub sources: Vec<(String, Outgoing)>,
+    /// Hot replicas held here, to park for their sources.
+    pub replicas: Vec<(String, Incoming)>,
+}
+
+/// Acts on every journal left but those of hot replicas in sync, which
+/// it leaves to the daemon. A journal that cannot be read (the disk failed it: the daemon never
 /// leaves a torn one) is acted on last, from what the kernel and /proc
 /// say is still in a migration's state once the others are undone.
-pub fn recover(host: &Host) -> Vec<String> {
+pub fn recover(host: &Host) -> Recovered {
     host.files.remove_unfinished_writes();
     let mut left = host.files.left();
     left.sort_by_key(|l| l.journal.is_err());
-    let mut done = Vec::new();
+    let mut recovered = Recovered::default();
     for left in left {
         let outcome = match (left.journal, left.side) {
+            (Ok(Journal::Source(outgoing)), _)
+                if source::keeps_replica(&host.pin_root, &outgoing) =>
+            {
+                recovered.sources.push((left.id, outgoing));
+                continue;
+            }
+            (Ok(Journal::Destination(incoming)), _)
+                if host.keeps_replicas && incoming.replica.is_some() =>
+            {
+                recovered.replicas.push((left.id, incoming));
+                continue;
+            }
             (Err(e), Side::Source) => format!(
                 "{e}; {}",
                 source::recover_unjournaled(&host.pin_root, host.standby_pin_root.as_deref())
@@ -60,9 +87,22 @@ pub fn recover(host: &Host) -> Vec<String> {
             Side::Destination => format!("migration {} to this host: {outcome}", left.id),
         };
         tracing::warn!("{line}");
-        done.push(line);
+        recovered.done.push(line);
     }
-    done
+    recovered
+}
+
+/// Undoes a migration from this host that recovery left to the daemon (a
+/// hot replica it could not take up again), as [`recover`] would have.
+pub fn undo_source(host: &Host, id: &str, outgoing: &Outgoing) -> String {
+    let outcome = source::recover(
+        &host.pin_root,
+        host.standby_pin_root.as_deref(),
+        &host.interface,
+        outgoing,
+    );
+    host.files.remove(Side::Source, id);
+    outcome
 }
 
 #[cfg(test)]
@@ -85,6 +125,7 @@ mod tests {
             flow_id: 1,
             flows: vec![FlowBefore { flow, flags: 0 }],
             instances: vec![],
+            replica: None,
         });
         files.write("out", &source).unwrap();
         std::fs::create_dir_all(files.images(Side::Source, "out")).unwrap();
@@ -98,6 +139,8 @@ mod tests {
                     deadline_ms: 10_000,
                     local_addresses: vec![],
                     command: None,
+                    standby: false,
+                    replica: None,
                 }),
             )
             .unwrap();
@@ -113,8 +156,9 @@ mod tests {
             standby_pin_root: None,
             interface: "lo".into(),
             services: Arc::new(Registry::open(&dir.path().join("services.json")).unwrap().0),
+            keeps_replicas: true,
         };
-        let done = recover(&host);
+        let done = recover(&host).done;
         assert_eq!(done.len(), 3, "{done:#?}");
         assert!(
             done[0].starts_with("migration in to this host: no dataplane"),

@@ -25,12 +25,14 @@ use crate::{
     migration::{
         Context, Request,
         converge::Comparator,
+        destination::PARKED_FOR,
         error::{Cause, MigrationError},
         hold,
+        journal::FlowBefore,
         protocol::{Step, Watching},
         source::{self, Comparing, Migration, Progress, Source},
     },
-    peer,
+    peer::{self, PeerError},
     report::{Mode, ReplicaState, ReplicaStatus, Report, Stage, State},
     service::Service,
 };
@@ -85,6 +87,9 @@ pub enum Command {
     },
     /// End the replica: its host removes it; this host serves on.
     Stop,
+    /// This daemon stops: leave an in-sync replica as it is (its host
+    /// keeps it) for the next start to attach to again; end one not in sync.
+    Leave,
 }
 
 /// How a replica ended: its own last report, and the handover's if there
@@ -111,7 +116,10 @@ const SHOW_EVERY: Duration = Duration::from_millis(100);
 
 /// Runs the replica `id` of `service` until it is handed over to, stopped
 /// (`commands`), aborted, or gives up; `progress` sees its report (and a
-/// handover's) as they change.
+/// handover's) as they change. With `attach` (the flows before it, as the
+/// journal of this daemon's previous run has them) it attaches to the
+/// replica that run left in sync, and restores one afresh only if that
+/// fails.
 pub async fn run(
     id: String,
     service: Service,
@@ -119,6 +127,7 @@ pub async fn run(
     context: Context,
     progress: impl Fn(&Report) + Send + Sync + 'static,
     mut commands: UnboundedReceiver<Command>,
+    mut attach: Option<Vec<FlowBefore>>,
 ) -> Ended {
     let progress: Progress = Arc::new(progress);
     let mut status = ReplicaStatus::default();
@@ -137,8 +146,17 @@ pub async fn run(
             ..Default::default()
         });
         let cpu = CpuTime::now();
-        let kept = keep(&mut replica, &mut commands).await;
+        let attaching = attach.take();
+        let kept = keep(&mut replica, &mut commands, attaching.as_deref()).await;
         let (outcome, handover) = match kept {
+            Ok(Kept::Left) => {
+                tracing::info!(replica = %id, "the daemon stops: the hot replica is left in sync, for the next start");
+                return Ended {
+                    replica: replica.leave(),
+                    handover: None,
+                    taken_over: false,
+                };
+            }
             Ok(Kept::Stopped) => (Ok(State::Stopped), None),
             // Handed over, or rolled back by the handover that failed.
             Ok(Kept::HandedOver(h)) => {
@@ -170,7 +188,8 @@ pub async fn run(
                 {
                     status.mismatch = Some(mismatch);
                 }
-                if resyncs(&e) && status.resyncs < MAX_RESYNCS {
+                let attach_failed = attaching.is_some() && e.phase == Stage::Prepare;
+                if (resyncs(&e) || attach_failed) && status.resyncs < MAX_RESYNCS {
                     tracing::warn!(replica = %id, "{e}: restoring the replica afresh");
                     context.files.remove(super::journal::Side::Source, &id);
                     status = replica.report.replica.take().unwrap_or_default();
@@ -212,11 +231,14 @@ enum Kept {
     Stopped,
     /// A handover was asked for: its report.
     HandedOver(Box<Report>),
+    /// Left as it is for this daemon's next start (see [`Command::Leave`]).
+    Left,
 }
 
 /// Whether a stop is among the commands not taken yet.
 fn stop_asked(commands: &mut UnboundedReceiver<Command>) -> bool {
-    std::iter::from_fn(|| commands.try_recv().ok()).any(|c| matches!(c, Command::Stop))
+    std::iter::from_fn(|| commands.try_recv().ok())
+        .any(|c| matches!(c, Command::Stop | Command::Leave))
 }
 
 /// How long a replica waits before it tries its host again.
@@ -239,7 +261,7 @@ async fn wait_for_retry(commands: &mut UnboundedReceiver<Command>) -> bool {
     loop {
         match tokio::time::timeout_at(until, commands.recv()).await {
             Err(_) => return true,
-            Ok(Some(Command::Stop) | None) => return false,
+            Ok(Some(Command::Stop | Command::Leave) | None) => return false,
             Ok(Some(Command::Handover { .. })) => {}
         }
     }
@@ -263,37 +285,117 @@ fn mismatch(e: &MigrationError) -> Option<String> {
     Some(format!("input {seq}: {why}"))
 }
 
-/// Builds the replica and keeps it in sync; anything but a handover ends
-/// with both hosts undoing it.
+/// Builds the replica (or, `attach`, attaches to the one kept) and keeps
+/// it in sync, attaching to it again whenever its link goes while it is
+/// in sync; anything but a handover ends with both hosts undoing it.
 async fn keep(
     replica: &mut Migration,
     commands: &mut UnboundedReceiver<Command>,
+    attach: Option<&[FlowBefore]>,
 ) -> Result<Kept, MigrationError> {
-    let (mut source, mut link) = replica.open().await?;
-    let kept = sync_and_compare(replica, &mut source, &mut link, commands).await;
-    if !matches!(kept, Ok(Kept::HandedOver(_))) {
-        replica.rollback(&mut source, &mut link).await;
+    let (mut source, mut link) = match attach {
+        Some(before) => replica.attach(before).await?,
+        None => replica.open().await?,
+    };
+    let mut attached = attach.is_some();
+    loop {
+        let kept = sync_and_compare(replica, &mut source, &mut link, commands, attached).await;
+        if let Err(e) = &kept
+            && link_lost(replica, e)
+        {
+            tracing::warn!(replica = %replica.report.id, "{e}: attaching to it again");
+            match reattach(replica, &mut source, commands).await {
+                Ok(again) => {
+                    link = again;
+                    attached = true;
+                    continue;
+                }
+                Err(Some(refused)) => {
+                    replica.rollback(&mut source, &mut link).await;
+                    return Err(refused);
+                }
+                Err(None) => {}
+            }
+        }
+        if !matches!(kept, Ok(Kept::HandedOver(_) | Kept::Left)) {
+            replica.rollback(&mut source, &mut link).await;
+        }
+        return kept;
     }
-    kept
 }
 
-/// Restores the replica, waits for N matching outputs in a row, then
-/// compares every output until a command comes or one differs.
+/// Whether the replica, in sync, lost its link (its host's daemon
+/// restarted, or the migration network went): its host keeps it for a
+/// while ([`PARKED_FOR`]) for this one to attach again.
+fn link_lost(replica: &Migration, e: &MigrationError) -> bool {
+    let in_sync = replica.report.replica.as_ref().map(|r| r.state) == Some(ReplicaState::InSync);
+    in_sync
+        && !e.taken_over()
+        && matches!(
+            e.cause,
+            Cause::Destination(PeerError::Io(_) | PeerError::Refused(_))
+        )
+}
+
+/// Attaches again to the replica whose link went, once a second for as
+/// long as its host keeps it: the new link; or why its host refused (the
+/// replica is gone there, or missed inputs, or the host took the service
+/// over); or nothing (stopped, or its host never came back).
+async fn reattach(
+    replica: &mut Migration,
+    source: &mut Source,
+    commands: &mut UnboundedReceiver<Command>,
+) -> Result<peer::Link, Option<MigrationError>> {
+    if let Some(status) = &mut replica.report.replica {
+        status.state = ReplicaState::Syncing;
+    }
+    replica.show();
+    let until = Instant::now() + PARKED_FOR;
+    while Instant::now() < until {
+        if !wait_for_retry(commands).await {
+            return Err(None);
+        }
+        match replica.link_again(source).await {
+            Ok(link) => return Ok(link),
+            Err(e) if matches!(e.cause, Cause::Destination(PeerError::StepFailed(_))) => {
+                return Err(Some(e));
+            }
+            Err(e) => tracing::debug!(replica = %replica.report.id, "{e}"),
+        }
+    }
+    Err(None)
+}
+
+/// Restores the replica (or, `attached`, compares the one attached to
+/// from now on), waits for N matching outputs in a row, then compares
+/// every output until a command comes or one differs.
 async fn sync_and_compare(
     replica: &mut Migration,
     source: &mut Source,
     link: &mut peer::Link,
     commands: &mut UnboundedReceiver<Command>,
+    attached: bool,
 ) -> Result<Kept, MigrationError> {
-    let replay_end = replica.establish(source, link).await?;
-    let mut comparing = Comparing::after_replay(replay_end, replica.request.converge);
+    let compare_after = match attached {
+        true => source.last_seq(),
+        false => replica.establish(source, link).await?,
+    };
+    let mut comparing = Comparing::after_replay(compare_after, replica.request.converge);
     replica.converge(source, link, &mut comparing).await?;
     let t = replica.begin(Stage::Replica)?;
     let synced = replica.started().elapsed();
     let failover_after_ms = watch(replica, link).await?;
+    // In sync: a restart of this daemon keeps it, and attaches again.
+    replica
+        .write_journal(source, true)
+        .map_err(|e| replica.fail(e))?;
     if let Some(status) = &mut replica.report.replica {
+        if attached {
+            status.reattached += 1;
+        } else {
+            status.sync_us = synced.as_micros() as u64;
+        }
         status.state = ReplicaState::InSync;
-        status.sync_us = synced.as_micros() as u64;
         status.failover_after_ms = failover_after_ms;
     }
     tracing::info!(replica = %replica.report.id, to = %replica.request.to,
@@ -331,6 +433,10 @@ async fn sync_and_compare(
             Ok(Command::Stop) | Err(TryRecvError::Disconnected) => {
                 replica.end(t);
                 return Ok(Kept::Stopped);
+            }
+            Ok(Command::Leave) => {
+                replica.end(t);
+                return Ok(Kept::Left);
             }
             Err(TryRecvError::Empty) => {}
         }

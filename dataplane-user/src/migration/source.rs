@@ -136,6 +136,14 @@ impl Migration {
         self.report.clone()
     }
 
+    /// Ends a hot replica's task with the replica left in place, its
+    /// journal kept for the daemon's next start (see `replica::Command::Leave`).
+    pub(super) fn leave(&mut self) -> Report {
+        self.report.state = State::Stopped;
+        (self.progress)(&self.report);
+        self.report.clone()
+    }
+
     /// What sees the report.
     pub(super) fn progress(&self) -> Progress {
         self.progress.clone()
@@ -202,8 +210,73 @@ impl Migration {
     /// the link to the destination. A failure once the destination has
     /// prepared rolls both back.
     pub(super) async fn open(&mut self) -> Result<(Source, peer::Link), MigrationError> {
+        self.link_up(None).await
+    }
+
+    /// Attaches again to this hot replica, kept on its host since its link
+    /// (or a daemon) went, and points the mirror at it again: the flows
+    /// were `before` it (as its journal says). A failure undoes this
+    /// host's side.
+    pub(super) async fn attach(
+        &mut self,
+        before: &[FlowBefore],
+    ) -> Result<(Source, peer::Link), MigrationError> {
+        self.link_up(Some(before)).await
+    }
+
+    /// `open`, or with `attach_to` (the flows before it) `attach`.
+    async fn link_up(
+        &mut self,
+        attach_to: Option<&[FlowBefore]>,
+    ) -> Result<(Source, peer::Link), MigrationError> {
         let t = self.begin(Stage::Prepare)?;
-        let specs = self.service.flows.clone();
+        let mut source = self.source_side(attach_to)?;
+        let linked = match attach_to {
+            None => self.connect(&self.prepare_step()).await,
+            Some(_) => {
+                let linked = self.connect(&self.attach_step(&source)).await;
+                if linked.is_err() {
+                    source.undo_here();
+                }
+                linked
+            }
+        };
+        let (mut link, linked) = linked?;
+        source.remote_id = linked.remote_id;
+        if attach_to.is_some() {
+            self.report.destination_pid = linked.pid;
+        }
+        // From here on the destination holds state: a failure rolls it back.
+        // Should this daemon die before the end, the journal tells the next
+        // start what to undo (or, for a hot replica, keep).
+        let mirrored = self
+            .write_journal(&source, attach_to.is_some())
+            .and_then(|()| {
+                source.mirror_to(&linked)?;
+                // The serving instance's outputs are paired with the
+                // destination's by the input they answer: counted from
+                // here on, as the destination counts its instance's (see
+                // `TAG_COUNTED`); a replica attached to again counts on.
+                if attach_to.is_none() {
+                    let dataplane = &source.dataplane;
+                    let flow_id = source.flow_id;
+                    let delivered = || dataplane.sequence(flow_id).map_or(0, |s| s.last_delivered);
+                    dataplane.gate_window()?.count_answers(flow_id, delivered);
+                }
+                Ok(())
+            });
+        self.end(t);
+        if let Err(e) = mirrored {
+            self.rollback(&mut source, &mut link).await;
+            return Err(self.fail(e));
+        }
+        Ok((source, link))
+    }
+
+    /// The service's flows here (with their flags before the migration:
+    /// as loaded now, or `before`) and its logs.
+    fn source_side(&self, before: Option<&[FlowBefore]>) -> Result<Source, MigrationError> {
+        let specs = &self.service.flows;
         if specs.is_empty() {
             return Err(self.fail(Cause::FlowCount(0)));
         }
@@ -211,16 +284,16 @@ impl Migration {
         let loaded = dataplane.flows().map_err(|e| self.fail(e))?;
         let mut flows = Vec::new();
         let mut ids = Vec::new();
-        for spec in &specs {
+        for spec in specs {
             let key = flow::udp(spec.cps, spec.service);
             let (_, config) = loaded
                 .iter()
                 .find(|(k, _)| *k == key)
                 .ok_or_else(|| self.fail(Cause::FlowNotLoaded(flow::display(&key))))?;
-            flows.push(FlowBefore {
-                flow: *spec,
-                flags: config.flags,
-            });
+            let flags = before
+                .and_then(|b| b.iter().find(|f| f.flow == *spec))
+                .map_or(config.flags, |f| f.flags);
+            flows.push(FlowBefore { flow: *spec, flags });
             ids.push(config.flow_id);
         }
         // Registration joined them: one numbering, held and handed over as one.
@@ -228,18 +301,14 @@ impl Migration {
         let [flow_id] = ids[..] else {
             return Err(self.fail(Cause::FlowsApart(ids)));
         };
-        let inputs = self
-            .context
-            .inputs
-            .subscribe(&[flow_id], SUBSCRIPTION_CAPACITY)
-            .map_err(|e| self.fail(e))?;
-        let outputs = self
-            .context
-            .outputs
-            .subscribe(&[flow_id], SUBSCRIPTION_CAPACITY)
-            .map_err(|e| self.fail(e))?;
+        let subscribe = |tap: &std::sync::Arc<crate::kernel::logs::Tap>| {
+            tap.subscribe(&[flow_id], SUBSCRIPTION_CAPACITY)
+                .map_err(|e| self.fail(e))
+        };
+        let inputs = subscribe(&self.context.inputs)?;
+        let outputs = subscribe(&self.context.outputs)?;
         let log = LogGuard::new(&dataplane).map_err(|e| self.fail(e))?;
-        let mut source = Source {
+        Ok(Source {
             dataplane,
             flow_id,
             remote_id: 0,
@@ -247,7 +316,45 @@ impl Migration {
             inputs,
             outputs,
             log,
-        };
+        })
+    }
+
+    /// A new link to this hot replica, kept on its host since the last one
+    /// went, and the mirror pointed at it (as it was: the mirror went on).
+    pub(super) async fn link_again(
+        &mut self,
+        source: &mut Source,
+    ) -> Result<peer::Link, MigrationError> {
+        let (link, linked) = self.connect(&self.attach_step(source)).await?;
+        source.remote_id = linked.remote_id;
+        source.mirror_to(&linked).map_err(|e| self.fail(e))?;
+        Ok(link)
+    }
+
+    fn attach_step(&self, source: &Source) -> Step {
+        Step::Attach {
+            migration: self.report.id.clone(),
+            service: self.service.name.clone(),
+            last_seq: source.last_seq(),
+        }
+    }
+
+    fn prepare_step(&self) -> Step {
+        Step::Prepare {
+            migration: self.report.id.clone(),
+            service: self.service.name.clone(),
+            flows: self.service.flows.clone(),
+            // The destination waits at least this long for K once armed.
+            deadline_ms: self.request.deadline_ms,
+            command: self.service.command.clone(),
+            standby: self.service.standby_pid.is_some(),
+        }
+    }
+
+    /// Links to the destination over the migration network and sends
+    /// `first` (`prepare` or `attach`): the link, and where the mirror
+    /// copies go.
+    async fn connect(&self, first: &Step) -> Result<(peer::Link, Linked), MigrationError> {
         // The mirror copies leave there: a migration without them cannot
         // replay.
         let peer_interface = self
@@ -270,19 +377,11 @@ impl Migration {
                 })
             })?
             .0;
-        let prepare = Step::Prepare {
-            migration: self.report.id.clone(),
-            service: self.service.name.clone(),
-            flows: specs.clone(),
-            // The destination waits at least this long for K once armed.
-            deadline_ms: self.request.deadline_ms,
-            command: self.service.command.clone(),
-            standby: self.service.standby_pid.is_some(),
-        };
-        let prepared: Prepared = step(&mut link, &prepare).await.map_err(|e| self.fail(e))?;
+        let prepared: Prepared = step(&mut link, first).await.map_err(|e| self.fail(e))?;
+        let flows = self.service.flows.len();
         let remote_id = match prepared.flow_ids[..] {
             [first, ..]
-                if prepared.flow_ids.len() == specs.len()
+                if prepared.flow_ids.len() == flows
                     && prepared.flow_ids.iter().all(|&id| id == first) =>
             {
                 first
@@ -290,50 +389,28 @@ impl Migration {
             _ => {
                 return Err(self.fail(Cause::FlowIds {
                     given: prepared.flow_ids,
-                    flows: specs.len(),
+                    flows,
                 }));
             }
         };
-        source.remote_id = remote_id;
-        // From here on the destination holds state: a failure rolls it back.
-        // Should this daemon die before the end, the journal tells the next
-        // start what to undo.
+        let linked = Linked {
+            mirror_mac: prepared.mirror_mac,
+            remote_id,
+            pid: prepared.pid,
+        };
+        Ok((link, linked))
+    }
+
+    /// Writes this migration's journal; `replica`: a hot replica in sync,
+    /// which a restarted daemon keeps.
+    pub(super) fn write_journal(&self, source: &Source, replica: bool) -> Result<(), Cause> {
         let journal = Journal::Source(Outgoing {
-            flow_id,
+            flow_id: source.flow_id,
             flows: source.flows.clone(),
             instances: self.service.registered.clone(),
+            replica: replica.then(|| self.request.clone()),
         });
-        let mirrored = self
-            .context
-            .files
-            .write(&self.report.id, &journal)
-            .map_err(Cause::from)
-            .and_then(|()| {
-                // Each flow's copies to the host it migrates to.
-                let target = MirrorTarget {
-                    mac: prepared.mirror_mac,
-                    flow_id: remote_id,
-                    ..Default::default()
-                };
-                for f in &source.flows {
-                    let key = flow::udp(f.flow.cps, f.flow.service);
-                    source.dataplane.mirror_flow(&key, Some(target))?;
-                }
-                // The serving instance's outputs are paired with the
-                // destination's by the input they answer: counted from
-                // here on, as the destination counts its instance's (see
-                // `TAG_COUNTED`).
-                let dataplane = &source.dataplane;
-                let delivered = || dataplane.sequence(flow_id).map_or(0, |s| s.last_delivered);
-                dataplane.gate_window()?.count_answers(flow_id, delivered);
-                Ok(())
-            });
-        self.end(t);
-        if let Err(e) = mirrored {
-            self.rollback(&mut source, &mut link).await;
-            return Err(self.fail(e));
-        }
-        Ok((source, link))
+        Ok(self.context.files.write(&self.report.id, &journal)?)
     }
 
     /// After a failure: before the flip, both sides roll back; handed over
@@ -643,14 +720,7 @@ impl Migration {
 
     /// Undoes the source's changes and tells the destination to undo its own.
     pub(super) async fn rollback(&mut self, source: &mut Source, link: &mut peer::Link) {
-        for f in &source.flows {
-            let key = flow::udp(f.flow.cps, f.flow.service);
-            let _ = source.dataplane.set_flow_flags(&key, f.flags);
-        }
-        if let Ok(window) = source.dataplane.gate_window() {
-            window.set_deliver_until(source.flow_id, 0);
-            window.tag_latest(source.flow_id);
-        }
+        source.undo_here();
         let _ = std::fs::remove_dir_all(self.images());
         if let Err(e) = peer::migrate_step(link, &Step::Abort).await {
             // The destination rolls back by itself when the link drops.
@@ -681,7 +751,44 @@ impl Comparing {
     }
 }
 
+/// Where the destination takes a migration's mirror copies.
+struct Linked {
+    mirror_mac: [u8; 6],
+    /// The id the service's flows have there.
+    remote_id: u32,
+    /// A hot replica's instance there, once restored.
+    pid: u32,
+}
+
 impl Source {
+    /// Sends each flow's mirror copies to the host `linked` says, under
+    /// the flows' id there.
+    fn mirror_to(&mut self, linked: &Linked) -> Result<(), Cause> {
+        let target = MirrorTarget {
+            mac: linked.mirror_mac,
+            flow_id: linked.remote_id,
+            ..Default::default()
+        };
+        for f in &self.flows {
+            let key = flow::udp(f.flow.cps, f.flow.service);
+            self.dataplane.mirror_flow(&key, Some(target))?;
+        }
+        Ok(())
+    }
+
+    /// Sets the flows' mirroring back to what it was before the migration,
+    /// and their gate delivering and tagging as before.
+    fn undo_here(&mut self) {
+        for f in &self.flows {
+            let key = flow::udp(f.flow.cps, f.flow.service);
+            let _ = self.dataplane.set_flow_flags(&key, f.flags);
+        }
+        if let Ok(window) = self.dataplane.gate_window() {
+            window.set_deliver_until(self.flow_id, 0);
+            window.tag_latest(self.flow_id);
+        }
+    }
+
     /// The last input this host numbered for the service.
     pub(super) fn last_seq(&self) -> u64 {
         self.dataplane
@@ -928,6 +1035,23 @@ pub(super) fn recover(
         }
         Err(e) => e.to_string(),
     }
+}
+
+/// Whether a restarted daemon keeps the hot replica this journal is of,
+/// to attach to it again: one in sync, whose instances here still run,
+/// and whose flow was not flipped for a handover.
+pub(super) fn keeps_replica(pin_root: &Path, outgoing: &Outgoing) -> bool {
+    let unflipped = || {
+        let dataplane = Dataplane::open(pin_root).ok()?;
+        let gate = dataplane.gate(outgoing.flow_id).ok()?;
+        Some(gate.deliver_until == 0 && gate_open(gate.mode))
+    };
+    outgoing.replica.is_some()
+        && outgoing
+            .instances
+            .iter()
+            .any(crate::host::tasks::Identity::runs)
+        && unflipped() == Some(true)
 }
 
 /// Undoes, from the kernel alone, what a migration from this host whose
