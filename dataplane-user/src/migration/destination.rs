@@ -103,6 +103,14 @@ pub struct Host {
     pub parked: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Parked>>>,
 }
 
+impl Host {
+    /// Whether a watch on this host took `service` over.
+    fn took_over(&self, service: &str) -> bool {
+        let takeovers = self.takeovers.lock().unwrap();
+        takeovers.iter().any(|t| t.service == service)
+    }
+}
+
 /// Registers the instance `pid` that this host kept as service `name`
 /// fed by `flows` (started with `command`, if a daemon started it); a
 /// registry that cannot take it is logged: the service runs here all the
@@ -278,13 +286,7 @@ async fn claim(
     sent: u64,
 ) -> Result<Target, Cause> {
     let gone = || Cause::NoReplica(migration.to_string());
-    let took = host
-        .takeovers
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|t| t.service == service);
-    if took && host.services.contains(service) {
+    if host.took_over(service) && host.services.contains(service) {
         return Err(Cause::TakenOver);
     }
     let parked = {
@@ -628,13 +630,7 @@ impl Target {
         // Once handed over it is registered here, under its name; taken
         // over, its source hears so (and stops serving it).
         if host.services.contains(&service) {
-            let took = host
-                .takeovers
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|t| t.service == service);
-            return Err(if took {
+            return Err(if host.took_over(&service) {
                 Cause::TakenOver
             } else {
                 Cause::ServiceHere(service)

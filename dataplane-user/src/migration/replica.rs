@@ -350,6 +350,8 @@ async fn reattach(
         status.state = ReplicaState::Syncing;
     }
     replica.show();
+    // Not kept there (yet): its host may not have seen the old link end.
+    let not_kept = Cause::NoReplica(replica.report.id.clone()).to_string();
     let until = Instant::now() + PARKED_FOR;
     while Instant::now() < until {
         if !wait_for_retry(commands).await {
@@ -357,10 +359,12 @@ async fn reattach(
         }
         match replica.link_again(source).await {
             Ok(link) => return Ok(link),
-            Err(e) if matches!(e.cause, Cause::Destination(PeerError::StepFailed(_))) => {
-                return Err(Some(e));
-            }
-            Err(e) => tracing::debug!(replica = %replica.report.id, "{e}"),
+            Err(e) => match &e.cause {
+                Cause::Destination(PeerError::StepFailed(why)) if *why != not_kept => {
+                    return Err(Some(e));
+                }
+                _ => tracing::debug!(replica = %replica.report.id, "{e}"),
+            },
         }
     }
     Err(None)
