@@ -100,11 +100,16 @@ impl MigrationSetup {
 
     /// As `new` without a standby, the controller on the IPv6 flow.
     pub fn ipv6(tag: &str) -> Self {
+        Self::ipv6_with_configs(tag, "", "")
+    }
+
+    /// As `ipv6`, with these lines added to src's and dst's configurations.
+    pub fn ipv6_with_configs(tag: &str, src_extra: &str, dst_extra: &str) -> Self {
         let flow = (
             SocketAddr::from((CPS_V6, CPS_PORT)),
             SocketAddr::from((SERVICE_V6, 5000)),
         );
-        Self::build(tag, &[], false, ("", ""), vec![flow])
+        Self::build(tag, &[], false, (src_extra, dst_extra), vec![flow])
     }
 
     fn build(

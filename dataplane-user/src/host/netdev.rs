@@ -235,26 +235,37 @@ pub struct AnnounceError {
     pub source: io::Error,
 }
 
-/// Asks one neighbour, by unicast ARP probes, whether it still holds an
-/// IPv4 address: its kernel answers each probe while it is up and
-/// reachable on this interface's network, whatever its processes do. A
-/// probe says 0.0.0.0 as its sender (RFC 5227), so that no neighbour
-/// learns anything from it, and goes to the holder's MAC only, so that
-/// nothing else on the network sees it while that MAC is known.
-pub struct ArpProbe {
+/// Asks one neighbour whether it still holds an address: its kernel
+/// answers each probe while it is up and reachable on this interface's
+/// network, whatever its processes do. A probe goes to the holder's MAC
+/// only, so that nothing else on the network sees it while that MAC is
+/// known.
+///
+/// - IPv4: a unicast ARP probe saying 0.0.0.0 as its sender (RFC 5227),
+///   so that no neighbour learns anything from it; the holder answers with
+///   an ARP reply.
+/// - IPv6: a unicast neighbour solicitation (RFC 4861 7.2.2) from this
+///   interface's EUI-64 link-local address, naming this MAC (the holder
+///   notes it, as for any neighbour that asks); the holder answers with a
+///   solicited neighbour advertisement.
+pub struct HolderProbe {
     socket: std::os::fd::OwnedFd,
     probe: Vec<u8>,
     to: libc::sockaddr_ll,
-    address: std::net::Ipv4Addr,
+    address: std::net::IpAddr,
     holder: [u8; 6],
 }
 
-impl ArpProbe {
+impl HolderProbe {
     /// A probe of `address` at `holder` from `interface`.
-    pub fn open(interface: &str, address: std::net::Ipv4Addr, holder: [u8; 6]) -> io::Result<Self> {
+    pub fn open(interface: &str, address: std::net::IpAddr, holder: [u8; 6]) -> io::Result<Self> {
         use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
         let iface = Interface::by_name(interface).map_err(io::Error::other)?;
-        let protocol = ETH_P_ARP.to_be();
+        let ethertype = match address {
+            std::net::IpAddr::V4(_) => ETH_P_ARP,
+            std::net::IpAddr::V6(_) => ETH_P_IPV6,
+        };
+        let protocol = ethertype.to_be();
         // SAFETY: a plain socket call; the descriptor is owned at once.
         let fd = unsafe {
             libc::socket(
@@ -273,7 +284,7 @@ impl ArpProbe {
         to.sll_family = libc::AF_PACKET as u16;
         to.sll_protocol = protocol;
         to.sll_ifindex = iface.index as i32;
-        // Only this interface's ARP frames are received.
+        // Only this interface's frames of that type are received.
         // SAFETY: `to` is a valid sockaddr_ll for the call.
         let bound = unsafe {
             libc::bind(
@@ -287,16 +298,10 @@ impl ArpProbe {
         }
         to.sll_halen = 6;
         to.sll_addr[..6].copy_from_slice(&holder);
-        let request = etherparse::ArpEthIpv4Packet {
-            operation: etherparse::ArpOperation::REQUEST,
-            sender_mac: iface.mac,
-            sender_ipv4: [0; 4],
-            target_mac: [0; 6],
-            target_ipv4: address.octets(),
-        };
-        let builder = etherparse::PacketBuilder::ethernet2(iface.mac, holder).arp(request.into());
-        let mut probe = Vec::with_capacity(builder.size());
-        builder.write_to_vec(&mut probe).map_err(io::Error::other)?;
+        let probe = match address {
+            std::net::IpAddr::V4(v4) => arp_probe(iface.mac, holder, v4),
+            std::net::IpAddr::V6(v6) => neighbour_solicitation(iface.mac, holder, v6),
+        }?;
         Ok(Self {
             socket,
             probe,
@@ -313,10 +318,11 @@ impl ArpProbe {
     }
 
     /// Whether the holder answered a probe since the last call: reads
-    /// every ARP frame that came meanwhile.
+    /// every frame of the probe's type that came meanwhile.
     pub fn answered(&self) -> io::Result<bool> {
         use std::os::fd::AsRawFd;
-        let mut frame = [0u8; 64];
+        // An answer's headers fit; a longer frame is read cut.
+        let mut frame = [0u8; 128];
         let mut answered = false;
         loop {
             // SAFETY: `frame` is valid for writes of its length.
@@ -335,9 +341,73 @@ impl ArpProbe {
                     _ => Err(e),
                 };
             }
-            answered |= is_arp_reply(&frame[..n as usize], self.address, self.holder);
+            let frame = &frame[..(n as usize).min(frame.len())];
+            answered |= match self.address {
+                std::net::IpAddr::V4(v4) => is_arp_reply(frame, v4, self.holder),
+                std::net::IpAddr::V6(v6) => is_neighbour_advertisement(frame, v6, self.holder),
+            };
         }
     }
+}
+
+/// An ARP probe of `address` from `mac` to `holder` (sender 0.0.0.0).
+fn arp_probe(mac: [u8; 6], holder: [u8; 6], address: std::net::Ipv4Addr) -> io::Result<Vec<u8>> {
+    let request = etherparse::ArpEthIpv4Packet {
+        operation: etherparse::ArpOperation::REQUEST,
+        sender_mac: mac,
+        sender_ipv4: [0; 4],
+        target_mac: [0; 6],
+        target_ipv4: address.octets(),
+    };
+    let builder = etherparse::PacketBuilder::ethernet2(mac, holder).arp(request.into());
+    let mut probe = Vec::with_capacity(builder.size());
+    builder.write_to_vec(&mut probe).map_err(io::Error::other)?;
+    Ok(probe)
+}
+
+/// A unicast neighbour solicitation of `address`, from `mac` (and its
+/// EUI-64 link-local address) to `holder`, with the source link-layer
+/// address option; hop limit 255, as neighbour discovery requires.
+fn neighbour_solicitation(
+    mac: [u8; 6],
+    holder: [u8; 6],
+    address: std::net::Ipv6Addr,
+) -> io::Result<Vec<u8>> {
+    const SOURCE_LINK_LAYER_ADDRESS: u8 = 1;
+    let mut payload = address.octets().to_vec();
+    payload.extend_from_slice(&[SOURCE_LINK_LAYER_ADDRESS, 1]);
+    payload.extend_from_slice(&mac);
+    let builder = etherparse::PacketBuilder::ethernet2(mac, holder)
+        .ipv6(link_local(mac).octets(), address.octets(), 255)
+        .icmpv6_raw(NEIGHBOUR_SOLICITATION, 0, [0; 4]);
+    let mut probe = Vec::with_capacity(builder.size(payload.len()));
+    builder
+        .write(&mut probe, &payload)
+        .map_err(io::Error::other)?;
+    Ok(probe)
+}
+
+/// The EUI-64 link-local address of `mac` (RFC 4291 appendix A), the one
+/// the kernel gives an interface by default.
+fn link_local(mac: [u8; 6]) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        mac[0] ^ 2,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ])
 }
 
 /// Whether `frame` is an ARP reply saying that `holder` has `address`.
@@ -352,6 +422,25 @@ fn is_arp_reply(frame: &[u8], address: std::net::Ipv4Addr, holder: [u8; 6]) -> b
         && frame[ARP + 8..ARP + 14] == holder
         && frame[ARP + 14..ARP + 18] == address.octets()
 }
+
+/// Whether `frame` is a neighbour advertisement from `holder` for `address`.
+fn is_neighbour_advertisement(frame: &[u8], address: std::net::Ipv6Addr, holder: [u8; 6]) -> bool {
+    // Ethernet header, the IPv6 header (next header at 6), then ICMPv6:
+    // type, code, checksum, flags (8 bytes), the target address.
+    const IP: usize = 14;
+    const ICMP: usize = IP + 40;
+    const ICMPV6: u8 = 58;
+    frame.len() >= ICMP + 24
+        && frame[6..12] == holder
+        && frame[12..14] == ETH_P_IPV6.to_be_bytes()
+        && frame[IP + 6] == ICMPV6
+        && frame[ICMP] == NEIGHBOUR_ADVERTISEMENT
+        && frame[ICMP + 8..ICMP + 24] == address.octets()
+}
+
+const NEIGHBOUR_SOLICITATION: u8 = 135;
+const NEIGHBOUR_ADVERTISEMENT: u8 = 136;
+const ETH_P_IPV6: u16 = 0x86DD;
 
 const ETH_P_ARP: u16 = 0x0806;
 
@@ -464,6 +553,64 @@ mod tests {
         expected.extend_from_slice(&[0; 6]);
         expected.extend_from_slice(&addr.octets());
         assert_eq!(arp_announcement(MAC, addr).unwrap(), expected);
+    }
+
+    #[test]
+    fn solicits_the_holder_from_its_link_local_address_and_knows_its_advertisement() {
+        let addr: std::net::Ipv6Addr = "2001:db8::10".parse().unwrap();
+        let holder = [2, 0, 0, 0, 0, 9];
+        let probe = neighbour_solicitation(MAC, holder, addr).unwrap();
+        let parsed = etherparse::SlicedPacket::from_ethernet(&probe).unwrap();
+        let Some(etherparse::NetSlice::Ipv6(ip)) = &parsed.net else {
+            panic!("not IPv6: {parsed:?}")
+        };
+        assert_eq!(ip.header().hop_limit(), 255);
+        assert_eq!(
+            ip.header().source_addr(),
+            "fe80::5eff:fe10:a".parse::<std::net::Ipv6Addr>().unwrap()
+        );
+        assert_eq!(ip.header().destination_addr(), addr);
+        let Some(etherparse::TransportSlice::Icmpv6(icmp)) = &parsed.transport else {
+            panic!("not ICMPv6")
+        };
+        assert_eq!(icmp.type_u8(), NEIGHBOUR_SOLICITATION);
+        assert!(icmp.is_checksum_valid(ip.header().source(), ip.header().destination()));
+        assert_eq!(&icmp.payload()[..16], &addr.octets());
+        assert_eq!(&icmp.payload()[16..], &[1, 1, 2, 0, 0x5e, 0x10, 0, 0x0a]);
+        // The holder's answer: a neighbour advertisement for the address.
+        let answer = |from: [u8; 6], target: std::net::Ipv6Addr| {
+            let mut payload = target.octets().to_vec();
+            payload.extend_from_slice(&[2, 1]);
+            payload.extend_from_slice(&from);
+            let builder = etherparse::PacketBuilder::ethernet2(from, MAC)
+                .ipv6(target.octets(), link_local(MAC).octets(), 255)
+                .icmpv6_raw(NEIGHBOUR_ADVERTISEMENT, 0, [0x60, 0, 0, 0]);
+            let mut frame = Vec::new();
+            builder.write(&mut frame, &payload).unwrap();
+            frame
+        };
+        assert!(is_neighbour_advertisement(
+            &answer(holder, addr),
+            addr,
+            holder
+        ));
+        assert!(
+            !is_neighbour_advertisement(&answer(MAC, addr), addr, holder),
+            "another MAC"
+        );
+        let other: std::net::Ipv6Addr = "2001:db8::11".parse().unwrap();
+        assert!(
+            !is_neighbour_advertisement(&answer(holder, other), addr, holder),
+            "another address"
+        );
+        assert!(
+            !is_neighbour_advertisement(&probe, addr, MAC),
+            "a solicitation"
+        );
+        assert!(
+            !is_neighbour_advertisement(&answer(holder, addr)[..70], addr, holder),
+            "cut short"
+        );
     }
 
     #[test]

@@ -612,6 +612,9 @@ pub struct Target {
     /// The restored instance as it was restored: a restarted daemon finds
     /// it no child of its own.
     identity: Option<Identity>,
+    /// The input the instance's gate has waited for since when, while
+    /// later ones were numbered ([`Target::check_gap`]).
+    waiting: Option<(u64, Instant)>,
 }
 
 impl Target {
@@ -760,6 +763,7 @@ impl Target {
             source,
             replica: None,
             identity: None,
+            waiting: None,
         };
         Ok(target)
     }
@@ -839,6 +843,7 @@ impl Target {
             source: replica.source,
             replica: Some(replica),
             identity: Some(identity),
+            waiting: None,
         };
         target.watch(replica.holder).map_err(|e| e.to_string())?;
         Ok(target)
@@ -849,12 +854,9 @@ impl Target {
     /// never comes. One merely on its way reaches it within
     /// [`GAP_SETTLES`].
     async fn whole(&self, sent: u64) -> Result<(), Cause> {
-        let flow_id = self.flows[0].flow_id;
         let until = Instant::now() + GAP_SETTLES;
         loop {
-            let next = dataplane_common::decide::expected_input(
-                self.dataplane.gate(flow_id)?.next_expected,
-            );
+            let next = self.next_input()?;
             if next > sent {
                 return Ok(());
             }
@@ -863,6 +865,32 @@ impl Target {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
+    }
+
+    /// An error once the instance has waited [`GAP_SETTLES`] for one
+    /// input while later ones were numbered: its mirror copy was lost (the
+    /// migration network dropped it), and nothing will bring it. Asked at
+    /// every `outputs` step, when the replay is over.
+    fn check_gap(&mut self) -> Result<(), Cause> {
+        let next = self.next_input()?;
+        let last = self.dataplane.sequence(self.flows[0].flow_id)?.last_seq;
+        self.waiting = match self.waiting {
+            _ if next > last => None,
+            Some((input, since)) if input == next => {
+                if since.elapsed() > GAP_SETTLES {
+                    return Err(Cause::ReplicaMissed(next));
+                }
+                Some((input, since))
+            }
+            _ => Some((next, Instant::now())),
+        };
+        Ok(())
+    }
+
+    /// The input the instance's sequenced gate takes next.
+    fn next_input(&self) -> Result<u64, Cause> {
+        let gate = self.dataplane.gate(self.flows[0].flow_id)?;
+        Ok(dataplane_common::decide::expected_input(gate.next_expected))
     }
 
     /// Whether this is a hot replica in sync between two steps: it outlives
@@ -892,6 +920,7 @@ impl Target {
                 // a lost one ends the comparison: the instance missed it.
                 while self.inputs.try_next().is_some() {}
                 self.log.check(&self.dataplane, &self.inputs)?;
+                self.check_gap()?;
                 let outputs = self
                     .next_outputs(after, count.min(MAX_OUTPUTS), timeout)
                     .await;

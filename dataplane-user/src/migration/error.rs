@@ -182,7 +182,10 @@ pub enum Cause {
     NoReplica(String),
     #[error("the hot replica {0} kept here is another host's (or another service's)")]
     NotYourReplica(String),
-    #[error("the hot replica lacks input {0}, which its link's outage lost: it is restored afresh")]
+    #[error(
+        "the instance lacks input {0}: its mirror copy was lost (the migration network dropped \
+         it)"
+    )]
     ReplicaMissed(u64),
     #[error("one flow position expected")]
     OnePosition,

@@ -7,10 +7,11 @@
 //! - the migration network: the mirror (the flow's numbering moves with
 //!   every input the source's kernel mirrors here) and the peer link
 //!   (every step the source's daemon sends);
-//! - the service network: unicast ARP probes for the service address at
-//!   the source's MAC, which the source's kernel answers while it is up
-//!   ([`ArpProbe`]); sent only once the migration network has been silent
-//!   past half of `failover_after`, one at a time.
+//! - the service network: unicast ARP probes (IPv4) or neighbour
+//!   solicitations (IPv6) for the service address at the source's MAC,
+//!   which the source's kernel answers while it is up ([`HolderProbe`]);
+//!   sent only once the migration network has been silent past half of
+//!   `failover_after`, one at a time.
 //!
 //! It takes over only when both are silent: the migration network for
 //! `failover_after` and a probe for the rest of it ([`Timing`]). A cut of the
@@ -27,7 +28,7 @@
 //! are announced. The link task then registers the service (see
 //! `destination`).
 use std::{
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     path::PathBuf,
     sync::{
         Arc, Mutex,
@@ -40,7 +41,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    host::netdev::ArpProbe,
+    host::netdev::HolderProbe,
     kernel::{
         gate::GateWindow,
         injector::Injector,
@@ -131,18 +132,11 @@ fn tick(failover_after: Duration) -> Duration {
 }
 
 impl Watch {
-    /// Starts watching; an error if the service has no IPv4 address to
-    /// probe or the probe cannot be opened.
+    /// Starts watching; an error if the probe cannot be opened.
     pub fn start(watched: Watched) -> std::io::Result<Self> {
-        let address = watched
-            .flows
-            .iter()
-            .find_map(|f| match f.spec.service.ip() {
-                IpAddr::V4(v4) => Some(v4),
-                IpAddr::V6(_) => None,
-            })
-            .ok_or_else(|| std::io::Error::other("failover probes an IPv4 service address"))?;
-        let probe = ArpProbe::open(&watched.interface, address, watched.holder)?;
+        // Any of the service's addresses: the source holds them all.
+        let address = watched.flows[0].spec.service.ip();
+        let probe = HolderProbe::open(&watched.interface, address, watched.holder)?;
         let dataplane = Dataplane::open(&watched.pin_root).map_err(std::io::Error::other)?;
         // Mapped ahead: the takeover is one store away.
         let window = dataplane.gate_window().map_err(std::io::Error::other)?;
@@ -221,8 +215,8 @@ impl Drop for Watch {
 fn watch(
     shared: &Shared,
     (mut dataplane, window): (Dataplane, &GateWindow),
-    probe: &ArpProbe,
-    address: Ipv4Addr,
+    probe: &HolderProbe,
+    address: IpAddr,
     mut watched: Watched,
 ) {
     let flow_id = watched.flows[0].flow_id;
@@ -260,7 +254,7 @@ fn watch(
                 shared.alive_us.fetch_max(now, Ordering::SeqCst);
             }
             Ok(false) => {}
-            Err(e) => tracing::warn!(%address, "reading ARP answers: {e}"),
+            Err(e) => tracing::warn!(%address, "reading the probe's answers: {e}"),
         }
         let probe_silent = unanswered_since
             .is_some_and(|sent| now.saturating_sub(sent) >= timing.probe_timeout_us);
