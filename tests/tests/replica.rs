@@ -275,3 +275,62 @@ fn daemons_restarted_with_a_replica_in_place_keep_it_in_sync_without_a_restore()
     );
     kill_pid(pid);
 }
+
+#[test]
+fn a_handover_that_keeps_the_source_instance_makes_it_the_new_hosts_replica_without_a_checkpoint() {
+    // src listens on the peer link too: dst attaches to the instance it keeps.
+    let src = format!("peer_listen = \"{}\"\n", dataplane_tests::SRC_PEER);
+    let setup = MigrationSetup::with_configs("repkeep", &[], false, &src, "");
+    let cycles = 8000;
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let replica = setup.replicate(json!({}));
+    setup.wait_in_sync(&replica);
+    let id = setup.migrate(json!({ "keep_replica": true }));
+    let report = setup.wait(&id);
+    println!("handover: {report}");
+    assert_eq!(report["state"], "done", "{report:#}\n{}", setup.src.log());
+    // dst serves, and src's instance, which took every input up to K, is
+    // its replica now: fed from K+1, compared, in sync, no checkpoint.
+    let adopted = setup
+        .dst
+        .wait_for_report(&replica, |r| r["replica"]["state"] == "in_sync");
+    println!("adopted: {adopted}\n{}", setup.dst.log());
+    assert_eq!(adopted["state"], "running", "{adopted}");
+    assert_eq!(adopted["replica"]["state"], "in_sync", "{adopted}");
+    assert_eq!(adopted["replica"]["resyncs"], 0, "{adopted}");
+    let phases: Vec<&str> = adopted["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(!phases.contains(&"checkpoint"), "no CRIU: {phases:?}");
+    assert_eq!(
+        MigrationSetup::instances_on(&setup.hosts.src),
+        [setup.controller.pid],
+        "the source's own instance, kept"
+    );
+    // Handed back to it: a handover to the adopted replica, exact.
+    let back = setup
+        .dst
+        .client()
+        .call(
+            "migration.start",
+            json!({"service": "markov", "to": dataplane_tests::SRC_PEER}),
+        )
+        .expect("migration.start");
+    let back = setup
+        .dst
+        .wait_for_migration(back["id"].as_str().expect("an id"));
+    let verdict = cps_verdict(cps);
+    println!("handed back: {back}\nCPS: {verdict}");
+    assert_eq!(back["state"], "done", "{back:#}\n{}", setup.dst.log());
+    assert_eq!(back["from_replica"], replica.as_str());
+    assert_clean(&verdict);
+    assert_eq!(
+        chain_state(&setup.hosts.src, setup.service).map(|s| s.0),
+        Some(cycles),
+        "the kept instance took every input"
+    );
+}

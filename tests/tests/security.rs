@@ -1048,13 +1048,15 @@ const LOCAL_SERVICE: &str = "192.0.2.20:6000";
 
 /// Every step after `prepare`, each valid in its own turn for a migration
 /// whose flow the destination numbered `flow_id`.
-fn later_steps(flow_id: u64) -> [Value; 6] {
+fn later_steps(flow_id: u64) -> [Value; 7] {
     [
         json!({"step": "restore", "positions": [{"flow_id": flow_id, "last_delivered": 0}]}),
         json!({"step": "outputs", "after": 0, "count": 10, "timeout_ms": 100}),
         json!({"step": "arm", "flows": [flow_id]}),
         json!({"step": "announce"}),
         json!({"step": "finish"}),
+        json!({"step": "feed", "after": 0, "inputs": [{"seq": 1, "timestamp_ns": 0,
+            "frame": "00"}]}),
         json!({"step": "abort"}),
     ]
 }
@@ -1287,7 +1289,7 @@ fn a_listed_peer_gets_steps_only_in_order_and_what_it_sends_out_of_turn_changes_
             let prepared = seen(&hosts, &dst, &images);
             let refusals = later_steps(flow_id)
                 .into_iter()
-                .take(5)
+                .take(6)
                 .chain([prepare_step("m1", CPS, SERVICE, 10_000)]);
             for out_of_turn in refusals {
                 let why = refused(step(&mut link, out_of_turn.clone()).await);
@@ -1421,6 +1423,11 @@ fn outputs_carry_the_migrations_own_flow_and_never_another_services() {
             let theirs = json!({"step": "outputs", "after": 0, "count": 10, "timeout_ms": 500});
             let answered = step(&mut link, theirs).await.unwrap();
             assert_eq!(answered, json!([]), "no output of another service");
+            // Inputs are fed only to a replica adopted here (from the
+            // instance a handover's source kept); this one is not.
+            let feed = later_steps(flow_id)[5].clone();
+            let why = refused(step(&mut link, feed).await);
+            assert_eq!(why, "feed: no replica adopted here waits for these inputs");
             // Restored: a second restore or prepare, and steps past the
             // comparison, are refused.
             let prepared = seen(&hosts, &dst, &images);
@@ -1434,7 +1441,8 @@ fn outputs_carry_the_migrations_own_flow_and_never_another_services() {
                 let why = refused(step(&mut link, out_of_turn.clone()).await);
                 assert!(
                     why.ends_with(
-                        "the migration's instance is restored; expected outputs or watch or arm or abort"
+                        "the migration's instance is restored; expected outputs or watch or feed \
+                         or arm or abort"
                     ),
                     "{out_of_turn}: {why}"
                 );

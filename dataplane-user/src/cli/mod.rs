@@ -100,6 +100,11 @@ pub enum Command {
         /// The most bytes of inputs the checkpoint may hold.
         #[arg(long, default_value_t = Budget::default().bytes)]
         hold_bytes: u64,
+        /// A handover to the service's hot replica only: this host keeps
+        /// its instance as the new serving host's hot replica (fed from
+        /// the input after K, no checkpoint).
+        #[arg(long)]
+        keep_replica: bool,
         /// Print the migration's id and return at once.
         #[arg(long)]
         detach: bool,
@@ -387,6 +392,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
             hold_ms,
             hold_inputs,
             hold_bytes,
+            keep_replica,
             detach,
             calibration,
         } => {
@@ -403,6 +409,7 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
                     inputs: hold_inputs,
                     bytes: hold_bytes,
                 },
+                keep_replica,
             };
             migrate::migrate(&cx, request, detach, calibration)
         }

@@ -38,7 +38,7 @@ use crate::{
     },
     metrics,
     migration::{
-        self,
+        self, destination,
         journal::{Files, FlowBefore, Outgoing},
         replica,
         replica::ReplicaRequest,
@@ -529,6 +529,15 @@ impl Daemon {
         if let Some(replica) = replica {
             return self.hand_over(request, replica);
         }
+        if request.keep_replica {
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                format!(
+                    "keep_replica: service {} has no hot replica to hand over to",
+                    request.service
+                ),
+            ));
+        }
         let (service, taps) = self.admit(&request)?;
         let mut migrations = self.migrations.lock().unwrap();
         if let Some(running) = running_migration(&migrations, &service.name, None) {
@@ -574,7 +583,11 @@ impl Daemon {
         let Some(request) = outgoing.replica.clone() else {
             return;
         };
-        match self.start_replica(request, Some((id.clone(), outgoing.flows.clone()))) {
+        let attach = replica::Attach {
+            before: outgoing.flows.clone(),
+            fed: None,
+        };
+        match self.start_replica(request, Some((id.clone(), attach))) {
             Ok(_) => tracing::info!(%id, "attaching to the hot replica this daemon kept"),
             Err(e) => {
                 let outcome =
@@ -585,12 +598,58 @@ impl Daemon {
         }
     }
 
-    /// Starts the hot replica task for `request`; `attach`: the id and the
-    /// flows before it of a replica kept by this daemon's previous run.
+    /// Makes the instance a handover's source kept (see
+    /// `destination::Adoption`) this host's hot replica of the service
+    /// it now serves: attaches to it and feeds it from K+1.
+    pub(super) fn adopt_replica(&self, adoption: destination::Adoption) {
+        let destination::Adoption {
+            service,
+            to,
+            migration,
+            after,
+            inputs,
+        } = adoption;
+        let before = self.services.get(&service).map(|s| {
+            let dataplane = self.dataplane.lock().unwrap();
+            let loaded = dataplane.flows().unwrap_or_default();
+            s.flows
+                .iter()
+                .map(|&flow| FlowBefore {
+                    flow,
+                    flags: loaded
+                        .iter()
+                        .find(|(k, _)| *k == crate::kernel::flow::udp(flow.cps, flow.service))
+                        .map_or(0, |(_, c)| c.flags),
+                })
+                .collect()
+        });
+        let request = ReplicaRequest {
+            service: service.clone(),
+            to,
+            converge: migration::default_converge(),
+            deadline_ms: migration::DEFAULT_DEADLINE_MS,
+            compare: Default::default(),
+            hold: Default::default(),
+        }
+        .migration(Mode::LeaveRunning);
+        let attach = replica::Attach {
+            before: before.unwrap_or_default(),
+            fed: Some((after, inputs)),
+        };
+        match self.start_replica(request, Some((migration.clone(), attach))) {
+            Ok(_) => tracing::info!(id = %migration, %service, %to,
+                "adopting the instance the handover's source kept as this host's hot replica"),
+            Err(e) => tracing::warn!(id = %migration, %service,
+                "the instance the handover's source kept is not adopted: {}", e.message),
+        }
+    }
+
+    /// Starts the hot replica task for `request`; `attach`: the id of a
+    /// replica kept on its host and how to attach to it.
     fn start_replica(
         &self,
         request: migration::Request,
-        attach: Option<(String, Vec<FlowBefore>)>,
+        attach: Option<(String, replica::Attach)>,
     ) -> Result<MigrationId, RpcError> {
         let mut replicas = self.replicas.lock().unwrap();
         if let Some(replica) = replicas.get(&request.service) {
@@ -707,6 +766,13 @@ impl Daemon {
         request: migration::Request,
         replica: Replica,
     ) -> Result<MigrationId, RpcError> {
+        if request.keep_replica && self.replica_host.get().is_none() {
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                "keep_replica: this daemon serves no peer link (peer_listen), so this host \
+                 cannot hold a replica",
+            ));
+        }
         if request.to != replica.to {
             return Err(RpcError::new(
                 code::CONFLICT,
@@ -798,6 +864,7 @@ impl Daemon {
             standby: self.config.standby_host().map(|s| (s.netns, s.pin_root)),
             abort,
             trust: self.trust.clone(),
+            replicas: self.replica_host.get().cloned(),
         }
     }
 

@@ -64,6 +64,9 @@ pub struct Daemon {
     events: broadcast::Sender<Report>,
     /// Whom the peer links are with, and this host's identity.
     trust: Arc<peer::Trust>,
+    /// This host's side of migrations to it (set by `serve` when it
+    /// serves the peer link).
+    replica_host: std::sync::OnceLock<Arc<destination::Host>>,
 }
 
 /// A migration's latest report, its abort switch, and its task.
@@ -189,6 +192,7 @@ impl Daemon {
             standby_requests: std::sync::OnceLock::new(),
             events: broadcast::channel(256).0,
             trust,
+            replica_host: std::sync::OnceLock::new(),
         })
     }
 
@@ -259,6 +263,7 @@ impl Daemon {
                 .await
                 .map_err(|source| DaemonError::PeerListen { address, source })?;
             tracing::info!(%address, "serving the peer link");
+            let (adoptions, mut adopted) = mpsc::unbounded_channel();
             let host = destination::Host {
                 files: Files::new(&daemon.config.images_dir),
                 pin_root: daemon.config.pin_root.clone(),
@@ -282,8 +287,17 @@ impl Daemon {
                 failover_after: std::time::Duration::from_millis(daemon.config.failover_after_ms),
                 takeovers: daemon.takeovers.clone(),
                 parked: Default::default(),
+                adoptions,
+                peer_listen: address,
             };
             let host = Arc::new(host);
+            let _ = daemon.replica_host.set(host.clone());
+            let adopter = daemon.clone();
+            tokio::spawn(async move {
+                while let Some(adoption) = adopted.recv().await {
+                    adopter.adopt_replica(adoption);
+                }
+            });
             for (id, incoming) in &recovered.replicas {
                 let outcome = destination::resume_replica(&host, id.clone(), incoming);
                 tracing::warn!("migration {id} to this host: {outcome}");

@@ -20,6 +20,7 @@
 //! A journal says what to undo or keep should this daemon die
 //! mid-migration; [`recover`] acts on it at the next start.
 use std::{
+    collections::VecDeque,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
@@ -39,7 +40,7 @@ use crate::{
         flow,
         injector::Injector,
         loader::Dataplane,
-        logs::{LogGuard, Records, Subscription},
+        logs::{LogGuard, Record, Records, Subscription},
     },
     migration::{
         MAX_DEADLINE_MS,
@@ -49,7 +50,7 @@ use crate::{
         hold::FlowPosition,
         journal::{Files, Incoming, Journal, ReplicaHere, Side},
         protocol::{
-            Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step, StepKind,
+            FedInput, Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step, StepKind,
             TargetFlow, Watching,
         },
         seed::StandbyRequest,
@@ -101,6 +102,53 @@ pub struct Host {
     /// Hot replicas in sync whose link went, by migration id, kept for
     /// their source to attach again ([`park`]).
     pub parked: Arc<std::sync::Mutex<std::collections::BTreeMap<String, Parked>>>,
+    /// Where a handover whose source kept its instance asks the daemon to
+    /// make it this host's hot replica ([`Adoption`]).
+    pub adoptions: tokio::sync::mpsc::UnboundedSender<Adoption>,
+    /// Where this daemon's peer link listens (a replica it keeps is
+    /// attached to there).
+    pub peer_listen: SocketAddr,
+}
+
+/// The instance a handover's source kept, to be this host's hot replica
+/// of `service` now that this host serves it: attached to as `migration`
+/// on the source's peer link at `to`, and fed every input after K
+/// (`after`), starting with this host's `inputs` since `arm`.
+pub struct Adoption {
+    pub service: String,
+    pub to: SocketAddr,
+    pub migration: String,
+    pub after: u64,
+    pub inputs: Subscription,
+}
+
+/// What a handover's source keeps of its instance as the new serving
+/// host's hot replica (see [`adopt`]).
+pub struct Adopted {
+    pub migration: String,
+    /// As a journal of a replica here records it.
+    pub incoming: Incoming,
+    /// The handover's K: the replica is fed from K+1.
+    pub after: u64,
+    /// The service's inputs and outputs here, as the handover read them.
+    pub logs: (Subscription, Subscription),
+}
+
+/// Parks the instance a handover's source kept (its outputs muted, its
+/// inputs held past K) as the hot replica of the host it handed over to,
+/// for that host to attach to and feed ([`Target::feed`]).
+pub fn adopt(host: &Arc<Host>, adopted: Adopted) -> Result<(), String> {
+    let Adopted {
+        migration,
+        incoming,
+        after,
+        logs,
+    } = adopted;
+    let mut target = Target::kept(host, migration, &incoming, Some(logs))?;
+    target.fed_after = Some(after);
+    target.write_journal().map_err(|e| e.to_string())?;
+    park(target);
+    Ok(())
 }
 
 impl Host {
@@ -206,6 +254,24 @@ fn taken_over(target: Option<&Target>) -> impl Future<Output = ()> + use<> {
     }
 }
 
+/// Fed inputs, then what the log brings.
+struct Fed<'a> {
+    fed: VecDeque<Record>,
+    log: &'a mut Subscription,
+}
+
+impl Records for Fed<'_> {
+    fn try_next(&mut self) -> Option<Record> {
+        self.fed.pop_front().or_else(|| self.log.try_next())
+    }
+    async fn next(&mut self) -> Option<Record> {
+        match self.fed.pop_front() {
+            Some(record) => Some(record),
+            None => self.log.next().await,
+        }
+    }
+}
+
 /// How long a replica's gate may wait for an input it lacks before the
 /// input counts as lost (see [`Target::whole`]).
 const GAP_SETTLES: Duration = Duration::from_millis(20);
@@ -303,7 +369,9 @@ async fn claim(
     let mut target = replied.await.map_err(|_| gone())?;
     // The mirror copies it got while parked may lack some (a cut
     // migration network drops them): then it cannot go on.
-    if let Err(e) = target.whole(sent).await {
+    if target.fed_after.is_none()
+        && let Err(e) = target.whole(sent).await
+    {
         target.rollback();
         return Err(e);
     }
@@ -615,6 +683,12 @@ pub struct Target {
     /// The input the instance's gate has waited for since when, while
     /// later ones were numbered ([`Target::check_gap`]).
     waiting: Option<(u64, Instant)>,
+    /// Set at `arm` when the source keeps its instance as this host's hot
+    /// replica: where to attach to it (its peer link, its id there).
+    keep: Option<(SocketAddr, String)>,
+    /// A replica adopted from the instance a handover left (see
+    /// [`adopt`]): the K after which `feed` gives it its inputs.
+    fed_after: Option<u64>,
 }
 
 impl Target {
@@ -764,6 +838,8 @@ impl Target {
             replica: None,
             identity: None,
             waiting: None,
+            keep: None,
+            fed_after: None,
         };
         Ok(target)
     }
@@ -781,6 +857,35 @@ impl Target {
     /// (or died) left it, its instance still running and its flows still
     /// fed: watching its source again, for it to attach.
     fn resumed(host: &Arc<Host>, migration: String, incoming: &Incoming) -> Result<Self, String> {
+        let replica = incoming.replica.ok_or("not a hot replica")?;
+        let dataplane = Dataplane::open(&host.pin_root).map_err(|e| e.to_string())?;
+        let flows = &incoming.flows;
+        let flow_id = flows.first().ok_or("it has no flows")?.flow_id;
+        let present = dataplane.flows().map_err(|e| e.to_string())?;
+        let fed = flows.iter().all(|f| {
+            let key = flow::udp(f.spec.cps, f.spec.service);
+            present
+                .iter()
+                .any(|(k, c)| *k == key && c.flow_id == f.flow_id)
+        });
+        let gate = dataplane.gate(flow_id).map_err(|e| e.to_string())?;
+        if !fed || !dataplane_common::decide::keeps_flooded(gate.mode, gate.output) {
+            return Err("its flows are no longer a replica's (sequenced, muted)".into());
+        }
+        let mut target = Self::kept(host, migration, incoming, None)?;
+        target.watch(replica.holder).map_err(|e| e.to_string())?;
+        Ok(target)
+    }
+
+    /// A hot replica this host holds as `incoming` (its journal) says,
+    /// reading its logs through `logs` (inputs, outputs) or new
+    /// subscriptions.
+    fn kept(
+        host: &Arc<Host>,
+        migration: String,
+        incoming: &Incoming,
+        logs: Option<(Subscription, Subscription)>,
+    ) -> Result<Self, String> {
         let (Some(service), Some(replica)) = (&incoming.service, incoming.replica) else {
             return Err("not a hot replica".into());
         };
@@ -802,23 +907,18 @@ impl Target {
         let dataplane = Dataplane::open(&host.pin_root).map_err(|e| e.to_string())?;
         let flows = incoming.flows.clone();
         let flow_id = flows.first().ok_or("it has no flows")?.flow_id;
-        let present = dataplane.flows().map_err(|e| e.to_string())?;
-        let fed = flows.iter().all(|f| {
-            let key = flow::udp(f.spec.cps, f.spec.service);
-            present
-                .iter()
-                .any(|(k, c)| *k == key && c.flow_id == f.flow_id)
-        });
-        let gate = dataplane.gate(flow_id).map_err(|e| e.to_string())?;
-        if !fed || !dataplane_common::decide::keeps_flooded(gate.mode, gate.output) {
-            return Err("its flows are no longer a replica's (sequenced, muted)".into());
-        }
         let log = LogGuard::new(&dataplane).map_err(|e| e.to_string())?;
-        let subscribe = |tap: &Arc<crate::kernel::logs::Tap>| {
-            tap.subscribe(&[flow_id], SUBSCRIPTION_CAPACITY)
-                .map_err(|e| e.to_string())
+        let (inputs, outputs) = match logs {
+            Some(logs) => logs,
+            None => {
+                let subscribe = |tap: &Arc<crate::kernel::logs::Tap>| {
+                    tap.subscribe(&[flow_id], SUBSCRIPTION_CAPACITY)
+                        .map_err(|e| e.to_string())
+                };
+                (subscribe(inputs)?, subscribe(outputs)?)
+            }
         };
-        let mut target = Self {
+        Ok(Self {
             host: host.clone(),
             dataplane,
             migration,
@@ -832,8 +932,8 @@ impl Target {
             state: State::Restored,
             deadline: Duration::from_millis(incoming.deadline_ms.min(MAX_DEADLINE_MS)),
             last_step: tokio::time::Instant::now(),
-            inputs: subscribe(inputs)?,
-            outputs: subscribe(outputs)?,
+            inputs,
+            outputs,
             log,
             instance: Some(identity.pid),
             local_addresses: incoming.local_addresses.clone(),
@@ -844,9 +944,9 @@ impl Target {
             replica: Some(replica),
             identity: Some(identity),
             waiting: None,
-        };
-        target.watch(replica.holder).map_err(|e| e.to_string())?;
-        Ok(target)
+            keep: None,
+            fed_after: None,
+        })
     }
 
     /// An error if the replica lacks an input up to `sent` (the last its
@@ -928,10 +1028,17 @@ impl Target {
                 Ok(serde_json::to_value(outputs).expect("serializes"))
             }
             Step::Watch { holder } => self.watch(holder).map(|w| serde_json::json!(w)),
-            Step::Arm { flows } => {
+            Step::Arm {
+                flows,
+                keep_replica,
+            } => {
                 self.check_instance("the cutover")?;
-                self.arm(&flows).map(|()| serde_json::json!({}))
+                self.arm(&flows)?;
+                self.keep =
+                    keep_replica.map(|k| (SocketAddr::new(self.source, k.port), k.migration));
+                Ok(serde_json::json!({}))
             }
+            Step::Feed { after, inputs } => self.feed(after, inputs).await.map(json),
             Step::Announce => self.announce().map(|a| serde_json::json!({"announced": a})),
             Step::Finish => {
                 // Kept once the source has this answer (see `serve_frames`).
@@ -955,10 +1062,15 @@ impl Target {
         }
     }
 
-    /// Refuses any step once a watch took the service over; `arm` and
-    /// `abort` end the watch first (a planned handover, a rollback): the
-    /// source cannot hand over or take back what this host took.
+    /// Refuses `feed` but to a replica adopted here, and any step once a
+    /// watch took the service over; `arm` and `abort` end the watch first
+    /// (a planned handover, a rollback): the source cannot hand over or
+    /// take back what this host took.
     fn admit(&mut self, step: StepKind) -> Result<(), Cause> {
+        // Only a replica adopted here is fed; refused, nothing changes.
+        if step == StepKind::Feed && self.fed_after.is_none() {
+            return Err(Cause::NotAdopted);
+        }
         let Some(watch) = &self.watch else {
             return Ok(());
         };
@@ -981,11 +1093,12 @@ impl Target {
     fn watch(&mut self, holder: [u8; 6]) -> Result<Watching, Cause> {
         self.check_instance("the watch")?;
         // In sync: from here on it outlives its link and this daemon.
-        if self.replica.is_none() {
-            self.replica = Some(ReplicaHere {
-                source: self.source,
-                holder,
-            });
+        let replica = ReplicaHere {
+            source: self.source,
+            holder,
+        };
+        if self.replica != Some(replica) {
+            self.replica = Some(replica);
             self.write_journal()?;
         }
         let failover_after = self.host.failover_after;
@@ -1121,12 +1234,7 @@ impl Target {
             Err(e) => tracing::warn!(pid, "restored instance left on CRIU's CPUs: {e}"),
         }
         let restore_total_us = start.elapsed().as_micros() as u64;
-        let interface = self
-            .host
-            .peer_interface
-            .as_deref()
-            .ok_or(Cause::NoPeerInterface)?;
-        let mut injector = Injector::open(&self.host.pin_root, interface)?;
+        let mut injector = self.injector()?;
         // Held inputs that found the log full are gone: no replay can start.
         self.log.check(&self.dataplane, &self.inputs)?;
         let start = Instant::now();
@@ -1154,6 +1262,73 @@ impl Target {
             replay_us: start.elapsed().as_micros() as u64,
             replay_end,
         })
+    }
+
+    /// Gives an adopted replica (see [`adopt`]) its inputs after K
+    /// (`after`): those `inputs` its new source numbered before it attached,
+    /// then the live mirror's, in order through its sequenced gate.
+    async fn feed(&mut self, after: u64, inputs: Vec<FedInput>) -> Result<Restored, Cause> {
+        if self.fed_after != Some(after) {
+            return Err(Cause::NotAdopted);
+        }
+        let pid = self.instance.ok_or(Cause::NotReplayed)?;
+        let flow_id = self.flows[0].flow_id;
+        let mut fed = VecDeque::new();
+        for input in inputs {
+            let frame = hex::decode(&input.frame).map_err(|_| Cause::NotHex(input.seq))?;
+            fed.push_back(Record {
+                header: RecordHeader {
+                    timestamp_ns: input.timestamp_ns,
+                    kind: dataplane_common::RECORD_MIRRORED,
+                    flow_id,
+                    frame_len: frame.len() as u32,
+                    captured_len: frame.len() as u32,
+                    seq: input.seq,
+                    ..Default::default()
+                },
+                frame: frame.into(),
+            });
+        }
+        let mut injector = self.injector()?;
+        let start = Instant::now();
+        let position = FlowPosition {
+            flow_id,
+            last_delivered: after,
+        };
+        let mut records = Fed {
+            fed,
+            log: &mut self.inputs,
+        };
+        let replayed = hold::resume(
+            &mut self.dataplane,
+            position,
+            pid,
+            &mut injector,
+            &mut records,
+        )
+        .await
+        .map_err(Cause::Replay)?;
+        self.check_instance("replay")?;
+        self.log.check(&self.dataplane, &self.inputs)?;
+        self.fed_after = None;
+        Ok(Restored {
+            pid,
+            replayed,
+            replay_us: start.elapsed().as_micros() as u64,
+            replay_end: self.next_input()? - 1,
+            ..Default::default()
+        })
+    }
+
+    /// Replays into the instance, as if the inputs came on the peer
+    /// interface (where mirror copies do).
+    fn injector(&self) -> Result<Injector, Cause> {
+        let interface = self
+            .host
+            .peer_interface
+            .as_deref()
+            .ok_or(Cause::NoPeerInterface)?;
+        Ok(Injector::open(&self.host.pin_root, interface)?)
     }
 
     /// Up to `count` outputs answering inputs after `after`, as they come,
@@ -1243,6 +1418,10 @@ impl Target {
                 &self.flows,
                 self.started.command.clone(),
             );
+            // Its source kept its instance: this host feeds it from K+1.
+            if let Some((to, migration)) = self.keep.take() {
+                self.adopt_source(to, migration);
+            }
             // Its standby on the source ended with the handover.
             if self.started.standby {
                 let _ = self.host.standby_requests.send(StandbyRequest {
@@ -1253,6 +1432,31 @@ impl Target {
             }
         }
         self.end();
+    }
+
+    /// Hands the daemon what it needs to attach to the instance the source
+    /// kept as this host's hot replica (as `migration`, on the peer link at
+    /// `to`): K, and this host's inputs since `arm`.
+    fn adopt_source(&mut self, to: SocketAddr, migration: String) {
+        let after = self
+            .dataplane
+            .gate(self.flows[0].flow_id)
+            .map(|g| g.answer_from.saturating_sub(1));
+        let empty = self.host.inputs.as_ref().map(|tap| tap.subscribe(&[], 1));
+        let (Ok(after), Some(Ok(empty))) = (after, empty) else {
+            tracing::warn!(service = %self.service, "the source's instance cannot be adopted");
+            return;
+        };
+        let adoption = Adoption {
+            service: self.service.clone(),
+            to,
+            migration,
+            after,
+            inputs: std::mem::replace(&mut self.inputs, empty),
+        };
+        if self.host.adoptions.send(adoption).is_err() {
+            tracing::warn!(service = %self.service, "the daemon stops: no replica is adopted");
+        }
     }
 
     /// The migration is over here, either way: the images and the journal go.
@@ -1627,7 +1831,7 @@ impl State {
             (Idle, S::Attach) => Some(Restored),
             (Prepared, S::Images) => Some(Received),
             (Received, S::Restore) => Some(Restored),
-            (Restored, S::Outputs | S::Watch) => Some(Restored),
+            (Restored, S::Outputs | S::Watch | S::Feed) => Some(Restored),
             (Restored, S::Arm) => Some(Armed),
             (Armed, S::Announce) => Some(Announced),
             (Announced, S::Finish) => Some(Idle),
@@ -1706,12 +1910,17 @@ mod tests {
     fn a_step_out_of_order_or_repeated_is_refused_naming_the_expected_one() {
         // In every state the source's steps pass through, only its next
         // step, `attach` in place of `prepare` (a replica kept), `outputs`,
-        // `watch` or `arm` while it compares, and `abort` before the
-        // handover are taken.
+        // `watch`, `feed` (a replica adopted) or `arm` while it compares,
+        // and `abort` before the handover are taken.
         let mut state = State::Idle;
         for (expected, next) in SOURCE_SENDS {
             for step in StepKind::ALL {
-                let comparing = [StepKind::Outputs, StepKind::Watch, StepKind::Arm];
+                let comparing = [
+                    StepKind::Outputs,
+                    StepKind::Watch,
+                    StepKind::Feed,
+                    StepKind::Arm,
+                ];
                 let taken = step == expected
                     || (state == State::Idle && step == StepKind::Attach)
                     || (state == State::Restored && comparing.contains(&step))

@@ -187,6 +187,12 @@ pub enum Cause {
          it)"
     )]
     ReplicaMissed(u64),
+    #[error("feed: no replica adopted here waits for these inputs")]
+    NotAdopted,
+    #[error("feed: input {0} is not a hex frame")]
+    NotHex(u64),
+    #[error("input {0} is not in this host's log within 1 s: the adopted replica cannot be fed")]
+    NotFed(u64),
     #[error("one flow position expected")]
     OnePosition,
     #[error("no images at {}", .0.display())]

@@ -76,6 +76,10 @@ pub struct Request {
     /// How much the checkpoint's hold of the instance's inputs may keep.
     #[serde(default)]
     pub hold: hold::Budget,
+    /// A handover to a hot replica only: this host keeps its instance as
+    /// the new serving host's hot replica (fed from K+1 on, no CRIU).
+    #[serde(default)]
+    pub keep_replica: bool,
 }
 
 impl Request {
@@ -143,4 +147,8 @@ pub struct Context {
     pub abort: Arc<AtomicBool>,
     /// Whom the peer link goes to, and how it is sealed.
     pub trust: Arc<crate::peer::Trust>,
+    /// This host's side of migrations to it, where it holds hot replicas
+    /// (none without a peer link): a handover with `keep_replica` parks
+    /// the instance it keeps there.
+    pub replicas: Option<Arc<destination::Host>>,
 }

@@ -99,8 +99,18 @@ pub enum Step {
     /// network is `holder`), and take the service over should it stop
     /// (see [`super::failover`]). Until `arm` or `abort`.
     Watch { holder: [u8; 6] },
-    /// Let outputs answering inputs above each flow's K leave.
-    Arm { flows: Vec<u32> },
+    /// Let outputs answering inputs above each flow's K leave. With
+    /// `keep_replica`, the source keeps its instance as the destination's
+    /// hot replica once the destination serves (see [`KeepReplica`]).
+    Arm {
+        flows: Vec<u32>,
+        #[serde(default)]
+        keep_replica: Option<KeepReplica>,
+    },
+    /// An adopted replica's inputs after its K, as the host that serves
+    /// now numbered them: replayed into it, with the live mirror after
+    /// them. Answered like `restore`.
+    Feed { after: u64, inputs: Vec<FedInput> },
     /// Announce the service addresses from this host (gratuitous ARP).
     Announce,
     /// The migration is complete: keep the instance, drop the images.
@@ -118,11 +128,32 @@ impl Step {
             Step::Outputs { .. } => StepKind::Outputs,
             Step::Watch { .. } => StepKind::Watch,
             Step::Arm { .. } => StepKind::Arm,
+            Step::Feed { .. } => StepKind::Feed,
             Step::Announce => StepKind::Announce,
             Step::Finish => StepKind::Finish,
             Step::Abort => StepKind::Abort,
         }
     }
+}
+
+/// What `arm` asks of a destination when the source keeps its instance
+/// as the destination's hot replica: once it serves, attach to the
+/// replica kept as `migration` on the source's peer link (its address as
+/// this link comes from, at `port`), and feed it from K+1 on.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KeepReplica {
+    pub migration: String,
+    pub port: u16,
+}
+
+/// One input `feed` gives: its number, and the frame as it arrived (hex).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FedInput {
+    pub seq: u64,
+    pub timestamp_ns: u64,
+    pub frame: String,
 }
 
 /// A flow the destination adopted, under its id there.
@@ -201,6 +232,7 @@ pub enum StepKind {
     Restore,
     Outputs,
     Watch,
+    Feed,
     Arm,
     Announce,
     Finish,
@@ -208,13 +240,14 @@ pub enum StepKind {
 }
 
 impl StepKind {
-    pub const ALL: [StepKind; 10] = [
+    pub const ALL: [StepKind; 11] = [
         StepKind::Prepare,
         StepKind::Attach,
         StepKind::Images,
         StepKind::Restore,
         StepKind::Outputs,
         StepKind::Watch,
+        StepKind::Feed,
         StepKind::Arm,
         StepKind::Announce,
         StepKind::Finish,
@@ -231,6 +264,7 @@ impl StepKind {
             StepKind::Outputs => "outputs",
             StepKind::Watch => "watch",
             StepKind::Arm => "arm",
+            StepKind::Feed => "feed",
             StepKind::Announce => "announce",
             StepKind::Finish => "finish",
             StepKind::Abort => "abort",

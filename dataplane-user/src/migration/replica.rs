@@ -22,6 +22,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, error::TryRecvError};
 
 use crate::{
     host::tasks::CpuTime,
+    kernel::logs::Subscription,
     migration::{
         Context, Request,
         converge::Comparator,
@@ -70,6 +71,7 @@ impl ReplicaRequest {
             compare: self.compare.clone(),
             pre_dump_rounds: 0,
             hold: self.hold,
+            keep_replica: false,
         }
     }
 }
@@ -114,12 +116,22 @@ const ROUND_OUTPUTS: usize = 1024;
 /// How often watchers are shown the replica's lag.
 const SHOW_EVERY: Duration = Duration::from_millis(100);
 
+/// A replica kept on its host that this one attaches to instead of
+/// making one.
+pub struct Attach {
+    /// The service's flows before it (as the journal has them).
+    pub before: Vec<FlowBefore>,
+    /// A replica adopted from the instance a handover's source kept: the
+    /// handover's K and this host's inputs since its `arm`, which feed it.
+    pub fed: Option<(u64, Subscription)>,
+}
+
 /// Runs the replica `id` of `service` until it is handed over to, stopped
 /// (`commands`), aborted, or gives up; `progress` sees its report (and a
-/// handover's) as they change. With `attach` (the flows before it, as the
-/// journal of this daemon's previous run has them) it attaches to the
-/// replica that run left in sync, and restores one afresh only if that
-/// fails.
+/// handover's) as they change. With `attach` it attaches to a replica
+/// kept on its host (by this daemon's previous run, or adopted from the
+/// instance a handover's source kept), and restores one afresh only if
+/// that fails.
 pub async fn run(
     id: String,
     service: Service,
@@ -127,7 +139,7 @@ pub async fn run(
     context: Context,
     progress: impl Fn(&Report) + Send + Sync + 'static,
     mut commands: UnboundedReceiver<Command>,
-    mut attach: Option<Vec<FlowBefore>>,
+    mut attach: Option<Attach>,
 ) -> Ended {
     let progress: Progress = Arc::new(progress);
     let mut status = ReplicaStatus::default();
@@ -147,7 +159,8 @@ pub async fn run(
         });
         let cpu = CpuTime::now();
         let attaching = attach.take();
-        let kept = keep(&mut replica, &mut commands, attaching.as_deref()).await;
+        let attached = attaching.is_some();
+        let kept = keep(&mut replica, &mut commands, attaching).await;
         let (outcome, handover) = match kept {
             Ok(Kept::Left) => {
                 tracing::info!(replica = %id, "the daemon stops: the hot replica is left in sync, for the next start");
@@ -188,7 +201,7 @@ pub async fn run(
                 {
                     status.mismatch = Some(mismatch);
                 }
-                let attach_failed = attaching.is_some() && e.phase == Stage::Prepare;
+                let attach_failed = attached && e.phase == Stage::Prepare;
                 if (resyncs(&e) || attach_failed) && status.resyncs < MAX_RESYNCS {
                     tracing::warn!(replica = %id, "{e}: restoring the replica afresh");
                     context.files.remove(super::journal::Side::Source, &id);
@@ -291,15 +304,23 @@ fn mismatch(e: &MigrationError) -> Option<String> {
 async fn keep(
     replica: &mut Migration,
     commands: &mut UnboundedReceiver<Command>,
-    attach: Option<&[FlowBefore]>,
+    attach: Option<Attach>,
 ) -> Result<Kept, MigrationError> {
-    let (mut source, mut link) = match attach {
-        Some(before) => replica.attach(before).await?,
-        None => replica.open().await?,
-    };
     let mut attached = attach.is_some();
+    let (mut feed, (mut source, mut link)) = match attach {
+        Some(Attach { before, fed }) => {
+            let (after, inputs) = fed.unzip();
+            (after, replica.attach(&before, inputs).await?)
+        }
+        None => (None, replica.open().await?),
+    };
     loop {
-        let kept = sync_and_compare(replica, &mut source, &mut link, commands, attached).await;
+        let how = match (attached, feed.take()) {
+            (_, Some(after)) => Synced::Fed(after),
+            (true, None) => Synced::Attached,
+            (false, None) => Synced::Restored,
+        };
+        let kept = sync_and_compare(replica, &mut source, &mut link, commands, how).await;
         if let Err(e) = &kept
             && link_lost(replica, e)
         {
@@ -370,20 +391,33 @@ async fn reattach(
     Err(None)
 }
 
-/// Restores the replica (or, `attached`, compares the one attached to
-/// from now on), waits for N matching outputs in a row, then compares
-/// every output until a command comes or one differs.
+/// How a replica gets to where it is compared from.
+#[derive(Clone, Copy)]
+enum Synced {
+    /// Restored from a checkpoint and replayed.
+    Restored,
+    /// Attached to again as it was kept.
+    Attached,
+    /// Adopted, and fed the inputs after this K.
+    Fed(u64),
+}
+
+/// Restores the replica (or compares the one attached to from now on, or
+/// feeds the one adopted), waits for N matching outputs in a row, then
+/// compares every output until a command comes or one differs.
 async fn sync_and_compare(
     replica: &mut Migration,
     source: &mut Source,
     link: &mut peer::Link,
     commands: &mut UnboundedReceiver<Command>,
-    attached: bool,
+    how: Synced,
 ) -> Result<Kept, MigrationError> {
-    let compare_after = match attached {
-        true => source.last_seq(),
-        false => replica.establish(source, link).await?,
+    let compare_after = match how {
+        Synced::Restored => replica.establish(source, link).await?,
+        Synced::Attached => source.last_seq(),
+        Synced::Fed(after) => replica.feed(source, link, after).await?,
     };
+    let attached = matches!(how, Synced::Attached);
     let mut comparing = Comparing::after_replay(compare_after, replica.request.converge);
     replica.converge(source, link, &mut comparing).await?;
     let t = replica.begin(Stage::Replica)?;

@@ -8,7 +8,8 @@ use std::{
 };
 
 use dataplane_common::{
-    CUT_AT_NEXT, FlowKey, MirrorTarget, OUTPUT_ARMED, OUTPUT_MUTE, RECORD_OUTPUT, decide::gate_open,
+    CUT_AT_NEXT, FlowKey, MirrorTarget, OUTPUT_ARMED, OUTPUT_MUTE, RECORD_FLOODED, RECORD_OUTPUT,
+    decide::gate_open,
 };
 use serde_json::Value;
 
@@ -23,11 +24,15 @@ use crate::{
         Context, Request,
         converge::{Answer, Convergence, Pairing},
         cutover::{self, Handover},
+        destination,
         error::{Cause, MigrationError, NotConverged},
         hold::{self, FlowPosition},
         instance::Checkpointed,
-        journal::{FlowBefore, Journal, Outgoing, Side},
-        protocol::{Finished, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY, Step},
+        journal::{FlowBefore, Incoming, Journal, Outgoing, ReplicaHere, Side},
+        protocol::{
+            FedInput, Finished, KeepReplica, Output, Prepared, Restored, SUBSCRIPTION_CAPACITY,
+            Step, TargetFlow,
+        },
     },
     peer,
     planning::policy::StopPolicy,
@@ -210,7 +215,7 @@ impl Migration {
     /// the link to the destination. A failure once the destination has
     /// prepared rolls both back.
     pub(super) async fn open(&mut self) -> Result<(Source, peer::Link), MigrationError> {
-        self.link_up(None).await
+        self.link_up(None, None).await
     }
 
     /// Attaches again to this hot replica, kept on its host since its link
@@ -220,17 +225,21 @@ impl Migration {
     pub(super) async fn attach(
         &mut self,
         before: &[FlowBefore],
+        inputs: Option<Subscription>,
     ) -> Result<(Source, peer::Link), MigrationError> {
-        self.link_up(Some(before)).await
+        self.link_up(Some(before), inputs).await
     }
 
-    /// `open`, or with `attach_to` (the flows before it) `attach`.
+    /// `open`, or with `attach_to` (the flows before it) `attach`;
+    /// `inputs`: the service's inputs here as a subscription has them
+    /// already.
     async fn link_up(
         &mut self,
         attach_to: Option<&[FlowBefore]>,
+        inputs: Option<Subscription>,
     ) -> Result<(Source, peer::Link), MigrationError> {
         let t = self.begin(Stage::Prepare)?;
-        let mut source = self.source_side(attach_to)?;
+        let mut source = self.source_side(attach_to, inputs)?;
         let linked = match attach_to {
             None => self.connect(&self.prepare_step()).await,
             Some(_) => {
@@ -275,7 +284,11 @@ impl Migration {
 
     /// The service's flows here (with their flags before the migration:
     /// as loaded now, or `before`) and its logs.
-    fn source_side(&self, before: Option<&[FlowBefore]>) -> Result<Source, MigrationError> {
+    fn source_side(
+        &self,
+        before: Option<&[FlowBefore]>,
+        inputs: Option<Subscription>,
+    ) -> Result<Source, MigrationError> {
         let specs = &self.service.flows;
         if specs.is_empty() {
             return Err(self.fail(Cause::FlowCount(0)));
@@ -305,7 +318,10 @@ impl Migration {
             tap.subscribe(&[flow_id], SUBSCRIPTION_CAPACITY)
                 .map_err(|e| self.fail(e))
         };
-        let inputs = subscribe(&self.context.inputs)?;
+        let inputs = match inputs {
+            Some(inputs) => inputs,
+            None => subscribe(&self.context.inputs)?,
+        };
         let outputs = subscribe(&self.context.outputs)?;
         let log = LogGuard::new(&dataplane).map_err(|e| self.fail(e))?;
         Ok(Source {
@@ -671,10 +687,12 @@ impl Migration {
         // the first input numbered after the flip. No K is agreed ahead,
         // so no input can slip between an agreement and the flip, however
         // fast inputs come.
+        let keep_replica = self.keep_replica();
         let _: Value = step(
             link,
             &Step::Arm {
                 flows: vec![source.remote_id],
+                keep_replica: keep_replica.clone(),
             },
         )
         .await
@@ -698,7 +716,21 @@ impl Migration {
         self.end(t);
 
         let t = self.begin(Stage::Finish)?;
-        self.stop_instances();
+        // Kept as the destination's hot replica before `finish`: the
+        // destination attaches to it once it has the answer.
+        let kept = match keep_replica {
+            Some(keep) => self
+                .keep_instance(source, k, keep.migration)
+                .inspect_err(|e| {
+                    tracing::warn!(migration = %self.report.id,
+                        "the instance here is not kept as a replica: {e}");
+                })
+                .is_ok(),
+            None => false,
+        };
+        if !kept {
+            self.stop_instances();
+        }
         let finished: Finished = step(link, &Step::Finish).await.map_err(|e| self.fail(e))?;
         self.report.load.destination_daemon_us = finished.daemon_cpu_us;
         self.report.load.destination_criu_us = finished.criu_cpu_us;
@@ -707,9 +739,168 @@ impl Migration {
         // the flows waits until their inputs stop coming here (20 ms
         // without one at least), which the CPS does not wait for.
         self.report.total_us = self.start.elapsed().as_micros() as u64;
-        let outcome = source.let_go(&self.context.interface);
-        tracing::info!(migration = %self.report.id, "{outcome}");
+        if !kept {
+            let outcome = source.let_go(&self.context.interface);
+            tracing::info!(migration = %self.report.id, "{outcome}");
+        }
         Ok(())
+    }
+
+    /// What `arm` asks of the destination when this host keeps its
+    /// instance as the destination's hot replica (a handover with
+    /// `keep_replica`, on a host that holds replicas): under the id of the
+    /// replica handed over to.
+    fn keep_replica(&self) -> Option<KeepReplica> {
+        let host = self.context.replicas.as_ref()?;
+        let migration = self.report.from_replica.clone()?;
+        self.request.keep_replica.then(|| KeepReplica {
+            migration,
+            port: host.peer_listen.port(),
+        })
+    }
+
+    /// Keeps the serving instance as the hot replica `migration` of the
+    /// host it handed over to at K (see `destination::adopt`): its answers
+    /// up to K leave, then its outputs are muted; once the CPS's inputs no
+    /// longer come here, its flows stop mirroring and hold their inputs
+    /// for the new serving host to feed, and the service addresses move to
+    /// lo (the instance keeps its sockets; this host answers no ARP or
+    /// neighbour discovery for them).
+    fn keep_instance(
+        &mut self,
+        source: &mut Source,
+        k: u64,
+        migration: String,
+    ) -> Result<(), String> {
+        let host = self
+            .context
+            .replicas
+            .clone()
+            .ok_or("this host holds no replicas")?;
+        let flow_id = source.flow_id;
+        let dataplane = &source.dataplane;
+        let window = dataplane.gate_window().map_err(|e| e.to_string())?;
+        let answered = || dataplane.gate(flow_id).is_ok_and(|g| g.next_answer > k);
+        let quiet = tokio::task::block_in_place(|| {
+            let until = Instant::now() + Duration::from_secs(1);
+            while !answered() && Instant::now() < until {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            window.mute_outputs(flow_id);
+            inputs_stopped(dataplane, flow_id)
+        });
+        if !quiet {
+            return Err("the CPS's inputs still come here".into());
+        }
+        window.set_input_gate(flow_id, dataplane_common::GATE_HOLD_ALL, 0);
+        window.set_deliver_until(flow_id, 0);
+        for f in &source.flows {
+            let key = flow::udp(f.flow.cps, f.flow.service);
+            source
+                .dataplane
+                .set_flow_flags(&key, f.flags)
+                .map_err(|e| e.to_string())?;
+        }
+        // Numbered here past K, forwarded: the new serving host numbers
+        // them its own way and feeds them.
+        while source.inputs.try_next().is_some() {}
+        let mut addresses: Vec<std::net::IpAddr> =
+            source.flows.iter().map(|f| f.flow.service.ip()).collect();
+        addresses.sort();
+        addresses.dedup();
+        for &address in &addresses {
+            let interface = &self.context.interface;
+            crate::host::netdev::own_address("lo", address)
+                .and_then(|_| crate::host::netdev::release_address(interface, address))
+                .map_err(|e| format!("moving {address} to lo: {e}"))?;
+        }
+        // A standby here has no part in it.
+        for i in &self.service.registered {
+            if i.pid != self.service.pid && i.runs() {
+                stop_instance(i.pid);
+            }
+        }
+        let incoming = Incoming {
+            service: Some(self.service.name.clone()),
+            flows: source
+                .flows
+                .iter()
+                .map(|f| TargetFlow {
+                    flow_id,
+                    spec: f.flow,
+                })
+                .collect(),
+            instance: crate::host::tasks::Identity::of(self.service.pid),
+            deadline_ms: self.request.deadline_ms,
+            local_addresses: addresses,
+            command: self.service.command.clone(),
+            standby: false,
+            replica: Some(ReplicaHere {
+                source: self.request.to.ip(),
+                holder: [0; 6],
+            }),
+        };
+        let empty = |tap: &Arc<crate::kernel::logs::Tap>| tap.subscribe(&[], 1);
+        let (Ok(no_inputs), Ok(no_outputs)) =
+            (empty(&self.context.inputs), empty(&self.context.outputs))
+        else {
+            return Err("the log readers are busy".into());
+        };
+        let logs = (
+            std::mem::replace(&mut source.inputs, no_inputs),
+            std::mem::replace(&mut source.outputs, no_outputs),
+        );
+        destination::adopt(
+            &host,
+            destination::Adopted {
+                migration,
+                incoming,
+                after: k,
+                logs,
+            },
+        )
+    }
+
+    /// Feeds the replica adopted from the instance the last handover's
+    /// source kept (see `destination::adopt`) the inputs after K (`after`)
+    /// that this host numbered before it attached; the live mirror brings
+    /// the rest. The last input the replay gave it.
+    pub(super) async fn feed(
+        &mut self,
+        source: &mut Source,
+        link: &mut peer::Link,
+        after: u64,
+    ) -> Result<u64, MigrationError> {
+        let t = self.begin(Stage::Restore)?;
+        // The mirror carries every input numbered from now on; those up to
+        // now come from the log, whose records trail the numbering by a
+        // little: up to the last numbered now, waited for.
+        let upto = source.last_seq();
+        let mut inputs = Vec::new();
+        let until = tokio::time::Instant::now() + Duration::from_secs(1);
+        let mut reached = after;
+        while reached < upto {
+            let Ok(Some(record)) = tokio::time::timeout_at(until, source.inputs.next()).await
+            else {
+                return Err(self.fail(Cause::NotFed(reached + 1)));
+            };
+            let h = record.header;
+            if h.flow_id == source.flow_id && h.seq > after && h.kind != RECORD_FLOODED {
+                reached = reached.max(h.seq);
+                inputs.push(FedInput {
+                    seq: h.seq,
+                    timestamp_ns: h.timestamp_ns,
+                    frame: hex::encode(&record.frame),
+                });
+            }
+        }
+        let restored: Restored = step(link, &Step::Feed { after, inputs })
+            .await
+            .map_err(|e| self.fail(e))?;
+        self.report.destination_pid = restored.pid;
+        self.report.replayed = restored.replayed;
+        self.end(t);
+        Ok(restored.replay_end)
     }
 
     /// Kills the service's instances on this host once the destination
