@@ -15,6 +15,7 @@
 //! 198.51.100.4), with no service address. Names carry the process id, so
 //! test runs never collide; everything is removed on drop.
 mod cell;
+mod container;
 mod daemon;
 mod hosts;
 mod migration;
@@ -25,6 +26,7 @@ mod timing;
 mod trace;
 
 pub use cell::{C_ADDRESSES, CELL, Cell, flows_json};
+pub use container::RuncContainer;
 pub use daemon::{DaemonProcess, Flow, dataplane_bin};
 pub use hosts::{
     CPS_V4, CPS_V6, DST_ADDRESSES, HostAddresses, Loaded, RawSocket, SERVICE_V4, SERVICE_V6,

@@ -12,7 +12,8 @@ use anyhow::{Context, bail};
 /// dependencies (protobuf-compiler's `protoc` also generates dataplane-user's
 /// CRIU messages), a C toolchain, and systemd for `systemd-analyze`, which
 /// checks the unit file (the package only installs systemd; systemd-sysv is
-/// what would make it the init).
+/// what would make it the init), and the container runtimes services run
+/// in (runc, podman).
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "systemd",
@@ -34,6 +35,8 @@ const APT_PACKAGES: &[&str] = &[
     "libgnutls28-dev",
     "dpkg-dev",
     "ethtool",
+    "runc",
+    "podman",
 ];
 
 /// bpf-linker from 0.11 gives union types C names in the BTF it emits
