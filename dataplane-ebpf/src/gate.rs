@@ -45,9 +45,14 @@ fn gate_verdict(gate: *mut Gate, seq: u64, replayed: bool) -> Verdict {
         let (prev, picked) = unsafe { word::exchange(&raw mut (*gate).next_expected, 0, seq) };
         return decide::from_verdict(seq, if picked { seq } else { prev });
     }
-    // SAFETY: as above. A volatile read: the daemon clears the pending
-    // bit through a memory mapping.
-    let read = unsafe { core::ptr::read_volatile(&raw const (*gate).next_expected) };
+    // Only a replayed input's exchange depends on the word's pending bit:
+    // a live input reads nothing more.
+    let read = match replayed {
+        // SAFETY: as above; a volatile read, since the daemon clears the
+        // bit through a memory mapping.
+        true => unsafe { core::ptr::read_volatile(&raw const (*gate).next_expected) },
+        false => 0,
+    };
     let (current, new) = decide::sequenced_exchange(seq, read, replayed);
     // SAFETY: as above.
     let (prev, taken) = unsafe { word::exchange(&raw mut (*gate).next_expected, current, new) };

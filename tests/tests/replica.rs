@@ -13,6 +13,26 @@ fn assert_clean(verdict: &serde_json::Value) {
     }
 }
 
+/// The handover `report` (by `daemon`) to the hot replica `replica` is
+/// done, the CPS's `verdict` is exact, and the instance on the host it went
+/// to has taken every one of the run's `cycles` inputs to `service`.
+fn assert_exact_handover(
+    report: &serde_json::Value,
+    replica: &str,
+    verdict: &serde_json::Value,
+    daemon: &dataplane_tests::DaemonProcess,
+    (host, service, cycles): (&dataplane_tests::NetNs, std::net::SocketAddr, u64),
+) {
+    assert_eq!(report["state"], "done", "{report:#}\n{}", daemon.log());
+    assert_eq!(report["from_replica"], replica);
+    assert_clean(verdict);
+    assert_eq!(
+        chain_state(host, service).map(|s| s.0),
+        Some(cycles),
+        "the instance handed over to took every input"
+    );
+}
+
 #[test]
 fn a_migration_to_an_in_sync_replica_is_a_comparison_and_a_cutover() {
     let setup = MigrationSetup::new("rep", &[], false);
@@ -265,13 +285,12 @@ fn daemons_restarted_with_a_replica_in_place_keep_it_in_sync_without_a_restore()
     let report = setup.wait(&id);
     let verdict = cps_verdict(cps);
     println!("handover: {report}\nCPS: {verdict}");
-    assert_eq!(report["state"], "done", "{report:#}\n{}", setup.src.log());
-    assert_eq!(report["from_replica"], replica.as_str());
-    assert_clean(&verdict);
-    assert_eq!(
-        chain_state(&setup.hosts.dst, setup.service).map(|s| s.0),
-        Some(cycles),
-        "the replica took every input"
+    assert_exact_handover(
+        &report,
+        &replica,
+        &verdict,
+        &setup.src,
+        (&setup.hosts.dst, setup.service, cycles),
     );
     kill_pid(pid);
 }
@@ -325,12 +344,11 @@ fn a_handover_that_keeps_the_source_instance_makes_it_the_new_hosts_replica_with
         .wait_for_migration(back["id"].as_str().expect("an id"));
     let verdict = cps_verdict(cps);
     println!("handed back: {back}\nCPS: {verdict}");
-    assert_eq!(back["state"], "done", "{back:#}\n{}", setup.dst.log());
-    assert_eq!(back["from_replica"], replica.as_str());
-    assert_clean(&verdict);
-    assert_eq!(
-        chain_state(&setup.hosts.src, setup.service).map(|s| s.0),
-        Some(cycles),
-        "the kept instance took every input"
+    assert_exact_handover(
+        &back,
+        &replica,
+        &verdict,
+        &setup.dst,
+        (&setup.hosts.src, setup.service, cycles),
     );
 }

@@ -39,7 +39,7 @@ use crate::{
     metrics,
     migration::{
         self, destination,
-        journal::{Files, FlowBefore, Outgoing},
+        journal::{Files, Outgoing},
         replica,
         replica::ReplicaRequest,
         seed::StandbyRequest,
@@ -609,20 +609,6 @@ impl Daemon {
             after,
             inputs,
         } = adoption;
-        let before = self.services.get(&service).map(|s| {
-            let dataplane = self.dataplane.lock().unwrap();
-            let loaded = dataplane.flows().unwrap_or_default();
-            s.flows
-                .iter()
-                .map(|&flow| FlowBefore {
-                    flow,
-                    flags: loaded
-                        .iter()
-                        .find(|(k, _)| *k == crate::kernel::flow::udp(flow.cps, flow.service))
-                        .map_or(0, |(_, c)| c.flags),
-                })
-                .collect()
-        });
         let request = ReplicaRequest {
             service: service.clone(),
             to,
@@ -633,7 +619,8 @@ impl Daemon {
         }
         .migration(Mode::LeaveRunning);
         let attach = replica::Attach {
-            before: before.unwrap_or_default(),
+            // The flows as they are here (no journal names them before).
+            before: Vec::new(),
             fed: Some((after, inputs)),
         };
         match self.start_replica(request, Some((migration.clone(), attach))) {

@@ -232,6 +232,7 @@ impl Injector {
         // queue (local delivery runs in this call), and live inputs may
         // follow them.
         let mut flows: Vec<u32> = records.iter().map(|r| r.header.flow_id).collect();
+        flows.sort_unstable();
         flows.dedup();
         for flow_id in flows {
             self.gates.replay_delivered(flow_id);

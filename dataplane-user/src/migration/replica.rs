@@ -119,7 +119,8 @@ const SHOW_EVERY: Duration = Duration::from_millis(100);
 /// A replica kept on its host that this one attaches to instead of
 /// making one.
 pub struct Attach {
-    /// The service's flows before it (as the journal has them).
+    /// The service's flows before it, as the journal has them (a flow it
+    /// does not name: as loaded now).
     pub before: Vec<FlowBefore>,
     /// A replica adopted from the instance a handover's source kept: the
     /// handover's K and this host's inputs since its `arm`, which feed it.

@@ -804,10 +804,7 @@ impl Migration {
         // Numbered here past K, forwarded: the new serving host numbers
         // them its own way and feeds them.
         while source.inputs.try_next().is_some() {}
-        let mut addresses: Vec<std::net::IpAddr> =
-            source.flows.iter().map(|f| f.flow.service.ip()).collect();
-        addresses.sort();
-        addresses.dedup();
+        let addresses = service_addresses(&source.flows);
         for &address in &addresses {
             let interface = &self.context.interface;
             crate::host::netdev::own_address("lo", address)
@@ -1048,6 +1045,14 @@ fn inputs_stopped(dataplane: &Dataplane, flow_id: u32) -> bool {
     false
 }
 
+/// The service addresses of `flows`, each once.
+fn service_addresses(flows: &[FlowBefore]) -> Vec<std::net::IpAddr> {
+    let mut addresses: Vec<std::net::IpAddr> = flows.iter().map(|f| f.flow.service.ip()).collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses
+}
+
 /// Lets go of a service's `flows` (`flow_id`) once the destination serves
 /// them: with their inputs stopped (`quiet`), the flows go, and each
 /// service address goes off `interface` and lo unless another flow here
@@ -1074,9 +1079,7 @@ fn let_go(
         let _ = dataplane.remove_flow(&flow::udp(f.flow.cps, f.flow.service));
     }
     let _ = dataplane.set_gate(flow_id, Default::default());
-    let mut addresses: Vec<std::net::IpAddr> = flows.iter().map(|f| f.flow.service.ip()).collect();
-    addresses.sort();
-    addresses.dedup();
+    let addresses = service_addresses(flows);
     // With the table unreadable, every address stays.
     let remaining = dataplane.flows();
     let mut released = Vec::new();
