@@ -139,6 +139,17 @@ pub struct DaemonConfig {
     /// descriptor, which a service cannot take.
     #[serde(default)]
     pub criu_service: Option<PathBuf>,
+    /// runc's state directory for the containers services run as
+    /// (`service add --container`), as `runc --root`. Default: /run/runc.
+    #[serde(default = "default_runc_root")]
+    pub runc_root: PathBuf,
+    /// Where this host keeps the root filesystems its containers run from,
+    /// one directory per image, the same on every host (as a registry
+    /// provides them): a container migrates if it runs read-only from
+    /// one of them, and runs on its destination from that host's copy.
+    /// Default: /var/lib/dataplane/container-images.
+    #[serde(default = "default_container_images")]
+    pub container_images: PathBuf,
     /// Where `dataplane calibrate` saves this host's migration model and
     /// `dataplane plan` and `dataplane migrate` read it.
     /// Default: /var/lib/dataplane/calibration.json.
@@ -170,6 +181,14 @@ fn default_calibration() -> PathBuf {
 
 fn default_criu() -> PathBuf {
     PathBuf::from(crate::criu::DEFAULT_CRIU)
+}
+
+fn default_runc_root() -> PathBuf {
+    PathBuf::from("/run/runc")
+}
+
+fn default_container_images() -> PathBuf {
+    PathBuf::from("/var/lib/dataplane/container-images")
 }
 
 fn default_standby_netns() -> PathBuf {
@@ -318,6 +337,17 @@ impl DaemonConfig {
         match &self.criu_service {
             Some(socket) => criu.with_service(socket),
             None => criu,
+        }
+    }
+
+    /// The containers this configuration names.
+    pub fn containers(&self) -> crate::host::runc::Containers {
+        crate::host::runc::Containers {
+            runc: crate::host::runc::Runc {
+                root: self.runc_root.clone(),
+            },
+            images: self.container_images.clone(),
+            criu: self.criu.clone(),
         }
     }
 

@@ -215,6 +215,8 @@ mod tests {
             }],
             standby_pid,
             command: None,
+            container: None,
+            standby_container: None,
             registered: std::iter::once(pid)
                 .chain(standby_pid)
                 .filter_map(Identity::of)

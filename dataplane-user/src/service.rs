@@ -12,7 +12,9 @@ use crate::host::tasks::Identity;
 pub struct Service {
     /// Unique name.
     pub name: String,
-    /// The service's process (the root of its PID namespace, if it has one).
+    /// The service's process (the root of its PID namespace, if it has
+    /// one). With a `container`, the daemon takes its init process.
+    #[serde(default)]
     pub pid: u32,
     /// Its network namespace, e.g. /run/netns/src. Default: the daemon's.
     #[serde(default)]
@@ -27,6 +29,13 @@ pub struct Service {
     /// started otherwise.
     #[serde(default)]
     pub command: Option<Vec<String>>,
+    /// The OCI container the service runs as, by its id in this host's
+    /// runc (`runc_root`); `pid` is its init process.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// The standby's container, by its id; `standby_pid` is its init.
+    #[serde(default)]
+    pub standby_container: Option<String>,
     /// Its processes as they were when the daemon registered them: a
     /// migration checks them before CRIU touches a process and before it
     /// kills one (pids are reused). Set by the daemon, never by a caller.
@@ -39,6 +48,16 @@ impl Service {
     /// process that was registered.
     pub fn still_runs(&self, pid: u32) -> bool {
         self.registered.iter().any(|p| p.pid == pid && p.runs())
+    }
+
+    /// Its instances: the serving one and the standby, each with its
+    /// container if it runs as one.
+    pub fn instances(&self) -> impl Iterator<Item = (u32, Option<&str>)> {
+        let serving = (self.pid, self.container.as_deref());
+        let standby = self
+            .standby_pid
+            .map(|pid| (pid, self.standby_container.as_deref()));
+        std::iter::once(serving).chain(standby)
     }
 }
 

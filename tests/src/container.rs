@@ -1,7 +1,11 @@
-//! A workspace binary run as an OCI container by runc, from a bundle this
-//! module builds (a root filesystem holding the binary and the libraries
-//! it links), in a test host's network namespace: the way the service
-//! network reaches a container on these hosts (docs/testing.md).
+//! Workspace binaries run as OCI containers by runc on the test hosts.
+//! Each test host has a container runtime of its own ([`Runtime`]): runc
+//! state (`--root`) and an image store, as separate hosts would. A
+//! container runs read-only from an image (a root filesystem holding the
+//! binary and the libraries it links), keeps what it writes in tmpfs
+//! mounts (/data, /tmp), and joins its host's network namespace: the way
+//! the service network reaches a container on these hosts
+//! (docs/testing.md).
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -9,29 +13,86 @@ use std::{
 
 use crate::{daemon::dataplane_bin, netns::NetNs};
 
-/// A running container; killed and deleted on drop, its bundle and runc
-/// state removed.
-pub struct RuncContainer {
-    id: String,
-    /// runc's state directory (`--root`): one per container, as a host's
-    /// runtime storage would be.
-    root: PathBuf,
-    bundle: PathBuf,
-    /// The container's init process, as the root PID namespace sees it.
-    pub pid: u32,
+/// Whether runc runs here (`cargo xtask setup` installs it): why not, if it
+/// does not.
+pub fn runc_missing() -> Option<String> {
+    match Command::new("runc").arg("--version").output() {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(format!("runc --version failed ({})", out.status)),
+        Err(e) => Some(format!(
+            "runc is not installed ({e}; cargo xtask setup installs it)"
+        )),
+    }
 }
 
-impl RuncContainer {
-    /// Runs `program` (a binary of this workspace) with `args` as container
-    /// `id` in `host`'s network namespace; why not, if runc cannot run it
-    /// on this machine.
-    pub fn run(host: &NetNs, id: &str, program: &str, args: &[&str]) -> Result<Self, String> {
-        let dir = PathBuf::from(format!("/tmp/dataplane-test-{}-{id}", std::process::id()));
-        let (bundle, root) = (dir.join("bundle"), dir.join("runc"));
+/// One test host's container runtime: runc's state directory and the
+/// image store its daemon restores containers from. Whatever containers
+/// its runc still knows are deleted on drop, with both directories.
+pub struct Runtime {
+    /// runc's `--root`.
+    pub root: PathBuf,
+    /// The image store (`container_images`): one rootfs per image.
+    pub images: PathBuf,
+    dir: PathBuf,
+}
+
+impl Runtime {
+    /// An empty runtime for host `host` of test `tag`.
+    pub fn new(tag: &str, host: &str) -> Self {
+        let dir = PathBuf::from(format!(
+            "/tmp/dataplane-test-{}-{tag}-{host}-containers",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let runtime = Self {
+            root: dir.join("runc"),
+            images: dir.join("images"),
+            dir,
+        };
+        std::fs::create_dir_all(&runtime.images).expect("the image store");
+        runtime
+    }
+
+    /// The lines of a daemon's configuration that use this runtime (and a
+    /// services directory of its own, where restored bundles go).
+    pub fn config(&self) -> String {
+        format!(
+            "runc_root = \"{}\"\ncontainer_images = \"{}\"\nservices_dir = \"{}\"\n",
+            self.root.display(),
+            self.images.display(),
+            self.services_dir().display()
+        )
+    }
+
+    /// Where the daemon using this runtime keeps its services' bundles.
+    pub fn services_dir(&self) -> PathBuf {
+        self.dir.join("services")
+    }
+
+    /// Puts image `program` in the store: a root filesystem holding that
+    /// binary of the workspace in /bin and the libraries it links.
+    pub fn install_image(&self, program: &str) -> Result<(), String> {
         let binary = dataplane_bin().with_file_name(program);
-        root_filesystem(&bundle.join("rootfs"), &binary)?;
+        root_filesystem(&self.images.join(program), &binary)
+    }
+
+    /// Runs image `program` with `args` as container `id` in `host`'s
+    /// network namespace; why not, if runc cannot run it here.
+    pub fn run(
+        &self,
+        host: &NetNs,
+        id: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<RuncContainer, String> {
+        let bundle = self.dir.join(format!("bundle-{id}"));
+        std::fs::create_dir_all(&bundle).map_err(|e| format!("the bundle: {e}"))?;
         let mut process: Vec<String> = vec![format!("/bin/{program}")];
         process.extend(args.iter().map(|a| a.to_string()));
+        let tmpfs = |destination: &str| {
+            serde_json::json!({"destination": destination, "type": "tmpfs", "source": "tmpfs",
+                "options": ["nosuid", "mode=755", "size=16m"]})
+        };
         let config = serde_json::json!({
             "ociVersion": "1.0.2",
             "process": {
@@ -44,13 +105,14 @@ impl RuncContainer {
                 "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 20000, "soft": 20000}],
                 "noNewPrivileges": true
             },
-            "root": {"path": "rootfs", "readonly": false},
+            "root": {"path": self.images.join(program), "readonly": true},
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
-                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-                 "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}
+                tmpfs("/dev"), tmpfs("/tmp"), tmpfs("/data")
             ],
             "linux": {
+                // The test hosts share one kernel and so its cgroups.
+                "cgroupsPath": format!("/{}/{id}", self.dir.file_name().unwrap().to_string_lossy()),
                 "namespaces": [
                     {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
                     {"type": "network", "path": host.path()}
@@ -64,7 +126,7 @@ impl RuncContainer {
         // keep it from being checkpointed.
         let ran = Command::new("runc")
             .arg("--root")
-            .arg(&root)
+            .arg(&self.root)
             .args(["run", "--detach", "--bundle"])
             .arg(&bundle)
             .arg(id)
@@ -73,68 +135,105 @@ impl RuncContainer {
             .stderr(Stdio::null())
             .status()
             .map_err(|e| format!("runc: {e}"))?;
-        let mut container = Self {
+        let mut container = RuncContainer {
             id: id.to_string(),
-            root,
+            root: self.root.clone(),
             bundle,
             pid: 0,
         };
         if !ran.success() {
             return Err(format!("runc run failed ({ran})"));
         }
-        container.pid = container.state()?["pid"]
+        container.pid = self.state(id)?["pid"]
             .as_u64()
             .ok_or("runc state names no pid")? as u32;
         Ok(container)
     }
 
-    /// `runc state` of the container.
-    pub fn state(&self) -> Result<serde_json::Value, String> {
-        let out = self.runc(&["state", &self.id])?;
+    /// `runc state ID` in this runtime.
+    pub fn state(&self, id: &str) -> Result<serde_json::Value, String> {
+        let out = runc(&self.root, &["state", id])?;
         serde_json::from_slice(&out).map_err(|e| format!("runc state: {e}"))
     }
 
-    /// The ids `runc list` shows in this container's runtime storage.
-    pub fn listed(&self) -> Result<Vec<String>, String> {
-        let out = self.runc(&["list", "--format", "json"])?;
+    /// The ids `runc list` shows in this runtime.
+    pub fn listed(&self) -> Vec<String> {
+        let out = runc(&self.root, &["list", "--format", "json"]).expect("runc list");
         let list: Option<Vec<serde_json::Value>> =
-            serde_json::from_slice(&out).map_err(|e| format!("runc list: {e}"))?;
-        Ok(list
-            .unwrap_or_default()
+            serde_json::from_slice(&out).expect("runc list's JSON");
+        list.unwrap_or_default()
             .iter()
             .filter_map(|c| c["id"].as_str().map(str::to_string))
-            .collect())
+            .collect()
     }
 
-    fn runc(&self, args: &[&str]) -> Result<Vec<u8>, String> {
-        let out = Command::new("runc")
-            .arg("--root")
-            .arg(&self.root)
-            .args(args)
-            .output()
-            .map_err(|e| format!("runc: {e}"))?;
-        match out.status.success() {
-            true => Ok(out.stdout),
-            false => Err(format!(
-                "runc {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )),
+    /// Waits (5 s at most) until `runc list` shows `ids`; what it shows then.
+    pub fn wait_listed(&self, ids: &[&str]) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let listed = self.listed();
+            if listed == ids || std::time::Instant::now() > deadline {
+                return listed;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if self.root.exists() {
+            for id in self.listed() {
+                let _ = runc(&self.root, &["delete", "--force", &id]);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A container a test runs; killed and deleted on drop, with its bundle.
+pub struct RuncContainer {
+    id: String,
+    root: PathBuf,
+    bundle: PathBuf,
+    /// The container's init process, as the root PID namespace sees it.
+    pub pid: u32,
+}
+
+impl RuncContainer {
+    pub fn id(&self) -> &str {
+        &self.id
     }
 }
 
 impl Drop for RuncContainer {
     fn drop(&mut self) {
-        let _ = self.runc(&["delete", "--force", &self.id]);
-        if let Some(dir) = self.bundle.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        let _ = runc(&self.root, &["delete", "--force", &self.id]);
+        let _ = std::fs::remove_dir_all(&self.bundle);
+    }
+}
+
+/// runc with state directory `root`: its output, or why it failed.
+fn runc(root: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
+    let out = Command::new("runc")
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .map_err(|e| format!("runc: {e}"))?;
+    match out.status.success() {
+        true => Ok(out.stdout),
+        false => Err(format!(
+            "runc {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
     }
 }
 
 /// A root filesystem at `rootfs` holding `binary` in /bin and the shared
-/// libraries it links (as `ldd` lists them) at their paths.
+/// libraries it links (as `ldd` lists them) at their paths, and the
+/// directories the containers mount on.
 fn root_filesystem(rootfs: &Path, binary: &Path) -> Result<(), String> {
     let copy = |from: &Path, to: &Path| -> Result<(), String> {
         std::fs::create_dir_all(to.parent().expect("a path in the rootfs"))
@@ -143,7 +242,7 @@ fn root_filesystem(rootfs: &Path, binary: &Path) -> Result<(), String> {
     };
     let name = binary.file_name().ok_or("a binary's name")?;
     copy(binary, &rootfs.join("bin").join(name))?;
-    for dir in ["proc", "dev", "tmp"] {
+    for dir in ["proc", "dev", "tmp", "data"] {
         std::fs::create_dir_all(rootfs.join(dir)).map_err(|e| e.to_string())?;
     }
     let ldd = Command::new("ldd")

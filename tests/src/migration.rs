@@ -10,6 +10,7 @@ use std::{
 use dataplane_user::kernel::loader::Dataplane;
 
 use crate::{
+    container::Runtime,
     daemon::{DaemonProcess, Flow},
     hosts::{CPS_V4, CPS_V6, Loaded, SERVICE_V4, SERVICE_V6, TestHosts, sock},
     netns::NetNs,
@@ -35,6 +36,9 @@ pub struct MigrationSetup {
     /// device, all to `service`.
     flows: Vec<Flow>,
     tag: String,
+    /// [`MigrationSetup::containerised`]: src's and dst's container
+    /// runtimes (dropped last: they delete what containers remain).
+    pub runtimes: Option<(Runtime, Runtime)>,
 }
 
 /// The CPS's port on the flow of [`MigrationSetup`]'s service "markov".
@@ -83,6 +87,28 @@ impl MigrationSetup {
             standby,
             (src_extra, dst_extra),
             vec![flow],
+            None,
+        )
+    }
+
+    /// As `new`, the controller (and the standby) as containers of image
+    /// "markov-controller", run by src's runtime; the image is in dst's
+    /// store too (`dst_image`: false leaves it out).
+    pub fn containerised(tag: &str, standby: bool, dst_image: bool) -> Self {
+        let runtimes = (Runtime::new(tag, "src"), Runtime::new(tag, "dst"));
+        runtimes.0.install_image(CONTROLLER).expect("src's image");
+        if dst_image {
+            runtimes.1.install_image(CONTROLLER).expect("dst's image");
+        }
+        let flow = (sock(CPS_V4, CPS_PORT), sock(SERVICE_V4, 5000));
+        let (src_extra, dst_extra) = (runtimes.0.config(), runtimes.1.config());
+        Self::build(
+            tag,
+            &[],
+            standby,
+            (&src_extra, &dst_extra),
+            vec![flow],
+            Some(runtimes),
         )
     }
 
@@ -95,7 +121,7 @@ impl MigrationSetup {
             .collect();
         let mut args = controller_args.to_vec();
         args.push("--per-device");
-        Self::build(tag, &args, standby, ("", ""), flows)
+        Self::build(tag, &args, standby, ("", ""), flows, None)
     }
 
     /// As `new` without a standby, the controller on the IPv6 flow.
@@ -109,7 +135,7 @@ impl MigrationSetup {
             SocketAddr::from((CPS_V6, CPS_PORT)),
             SocketAddr::from((SERVICE_V6, 5000)),
         );
-        Self::build(tag, &[], false, (src_extra, dst_extra), vec![flow])
+        Self::build(tag, &[], false, (src_extra, dst_extra), vec![flow], None)
     }
 
     fn build(
@@ -118,6 +144,7 @@ impl MigrationSetup {
         standby: bool,
         (src_extra, dst_extra): (&str, &str),
         flows: Vec<Flow>,
+        runtimes: Option<(Runtime, Runtime)>,
     ) -> Self {
         let service = flows[0].1;
         let hosts = TestHosts::new(tag);
@@ -168,9 +195,15 @@ impl MigrationSetup {
         let mut args = vec![service.to_string()];
         args.extend(controller_args.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let controller = ChainService::spawn(&hosts.src, "markov-controller", &args, service);
+        let start = |host: &NetNs, id: &str| match &runtimes {
+            Some((src, _)) => {
+                ChainService::in_container(host, src, id, (CONTROLLER, &args), service)
+            }
+            None => ChainService::spawn(host, CONTROLLER, &args, service),
+        };
+        let controller = start(&hosts.src, "markov");
         let standby_controller = standby_ns.as_ref().map(|ns| {
-            let standby = ChainService::spawn(ns, "markov-controller", &args, service);
+            let standby = start(ns, "markov-standby");
             // The standby only has to be fed; it serves nothing until it is
             // checkpointed and restored (with the primary's CPUs). Off the
             // real-time CPU it takes no time from the serving instance.
@@ -199,6 +232,7 @@ impl MigrationSetup {
             service,
             flows,
             tag: tag.to_string(),
+            runtimes,
         };
         setup.register();
         setup
@@ -223,26 +257,30 @@ impl MigrationSetup {
     /// Registers the controller (and its standby) as service "markov" on
     /// the source daemon.
     fn register(&self) {
-        self.register_service(
-            "markov",
-            self.controller.pid,
-            self.standby.as_ref().map(|s| s.1.pid),
-            &self.flows,
-        );
+        let standby = self.standby.is_some();
+        let service = match self.runtimes {
+            // By container id: the daemon finds the processes.
+            Some(_) => serde_json::json!({"container": "markov",
+                "standby_container": standby.then_some("markov-standby")}),
+            None => serde_json::json!({"pid": self.controller.pid,
+                "standby_pid": self.standby.as_ref().map(|s| s.1.pid)}),
+        };
+        self.register_service("markov", service, &self.flows);
     }
 
-    fn register_service(&self, name: &str, pid: u32, standby_pid: Option<u32>, flows: &[Flow]) {
+    /// Registers service `name` on src with `fields` (its processes or
+    /// containers) and `flows`.
+    fn register_service(&self, name: &str, mut fields: serde_json::Value, flows: &[Flow]) {
         let flows: Vec<_> = flows
             .iter()
             .map(|(cps, service)| serde_json::json!({"cps": cps, "service": service}))
             .collect();
+        let fields = fields.as_object_mut().expect("an object");
+        fields.insert("name".into(), name.into());
+        fields.insert("flows".into(), flows.into());
         self.src
             .client()
-            .call(
-                "service.register",
-                serde_json::json!({"name": name, "pid": pid, "standby_pid": standby_pid,
-                    "flows": flows}),
-            )
+            .call("service.register", fields.clone().into())
             .expect("service.register");
     }
 
@@ -286,7 +324,8 @@ impl MigrationSetup {
                 let controller =
                     ChainService::spawn(&self.hosts.src, "markov-controller", &[&addr], flow.1);
                 self.src.add_flow(flow);
-                self.register_service(&format!("markov-{i}"), controller.pid, None, &[flow]);
+                let pid = serde_json::json!({"pid": controller.pid});
+                self.register_service(&format!("markov-{i}"), pid, &[flow]);
                 (controller, flow)
             })
             .collect()
@@ -593,6 +632,9 @@ impl MigrationSetup {
 
 /// The controller's name in /proc (comm keeps 15 bytes).
 pub const CONTROLLER_COMM: &str = "markov-controll";
+
+/// The controller's program (and image) name.
+const CONTROLLER: &str = "markov-controller";
 
 /// Every file under `dir` (none if it does not exist).
 pub fn files_under(dir: &std::path::Path) -> Vec<String> {

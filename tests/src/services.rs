@@ -2,7 +2,12 @@
 //! workspace binary as a service, and looking at processes and datagrams.
 use std::{net::SocketAddr, path::PathBuf, process::Command, time::Duration};
 
-use crate::{daemon::dataplane_bin, netns::NetNs, timing::realtime};
+use crate::{
+    container::{RuncContainer, Runtime},
+    daemon::dataplane_bin,
+    netns::NetNs,
+    timing::realtime,
+};
 
 /// One step of the chain-service's state: FNV-1a 64 over the previous hash
 /// and the input.
@@ -28,14 +33,20 @@ pub fn service_command(program: &str, args: &[&str]) -> Vec<String> {
 
 /// A chain-service process in its own PID namespace inside a test host,
 /// started as CRIU needs it (docs/migration.md): `nsenter --net` (no new mount
-/// namespace) and `unshare --pid --fork`. Killed on drop.
+/// namespace) and `unshare --pid --fork`, or as a container. Killed on drop.
 pub struct ChainService {
-    /// The `unshare` process; the service is its only child.
-    unshare: std::process::Child,
+    runner: Runner,
     /// The service's pid, as this (the root) PID namespace sees it.
     pub pid: u32,
-    /// Its working directory (removed on drop if empty).
-    cwd: PathBuf,
+}
+
+/// What runs a [`ChainService`].
+enum Runner {
+    /// The `unshare` process, whose only child the service is, and the
+    /// service's working directory (removed on drop if empty).
+    Unshare(std::process::Child, PathBuf),
+    /// Held for its drop, which deletes it.
+    Container(#[expect(dead_code, reason = "held for its drop")] RuncContainer),
 }
 
 impl ChainService {
@@ -80,8 +91,36 @@ impl ChainService {
             );
             std::thread::sleep(Duration::from_millis(5));
         };
-        let service = Self { unshare, pid, cwd };
+        let service = Self {
+            runner: Runner::Unshare(unshare, cwd),
+            pid,
+        };
         // Ready once it answers: inputs sent before it binds would be lost.
+        assert_eq!(chain_state(host, addr), Some((0, 0)), "the service answers");
+        service
+    }
+
+    /// Runs image `program` of `runtime` with `args` as container `id` in
+    /// `host`, a service on `addr` as [`ChainService::spawn`] starts one.
+    pub fn in_container(
+        host: &NetNs,
+        runtime: &Runtime,
+        id: &str,
+        (program, args): (&str, &[&str]),
+        addr: SocketAddr,
+    ) -> Self {
+        let container = runtime
+            .run(host, id, program, args)
+            .expect("runc runs the service");
+        // Where `spawn` starts a service; an ordinary task all the same:
+        // a new cgroup has no real-time budget here (cpu.rt_runtime_us 0).
+        if let Some((rt, _)) = crate::timing::cpu_split() {
+            dataplane_user::host::tasks::pin(container.pid, &[rt]).expect("pin the container");
+        }
+        let service = Self {
+            pid: container.pid,
+            runner: Runner::Container(container),
+        };
         assert_eq!(chain_state(host, addr), Some((0, 0)), "the service answers");
         service
     }
@@ -112,9 +151,12 @@ impl Drop for ChainService {
             nix::unistd::Pid::from_raw(self.pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         );
-        let _ = self.unshare.kill();
-        let _ = self.unshare.wait();
-        let _ = std::fs::remove_dir(&self.cwd);
+        // A container goes with its own drop.
+        if let Runner::Unshare(unshare, cwd) = &mut self.runner {
+            let _ = unshare.kill();
+            let _ = unshare.wait();
+            let _ = std::fs::remove_dir(cwd);
+        }
     }
 }
 

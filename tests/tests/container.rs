@@ -1,35 +1,44 @@
-//! Services run as OCI containers by runc on the test hosts, sharing a
-//! host's network namespace: the way a container joins the service
-//! network that the dataplane's NIC sees. Real runc, real processes.
-use std::os::unix::fs::MetadataExt;
+//! Services run as OCI containers by runc on the test hosts, each host
+//! with a runtime of its own (runc state and image store), a container
+//! sharing its host's network namespace: the way a container joins the
+//! service network the dataplane's NIC sees. Real runc, real CRIU, real
+//! processes; the migrations keep every guarantee a process's has.
+use std::{os::unix::fs::MetadataExt, path::Path, time::Duration};
 
-use dataplane_tests::{CPS_V4, RuncContainer, SERVICE_V4, TestHosts, cps_verdict, sock};
+use dataplane_tests::{
+    CPS_V4, MigrationSetup, SERVICE_V4, TestHosts, cps_verdict, runc_missing, sock,
+};
 
-/// Whether runc is installed (`cargo xtask setup` installs it).
-fn runc_installed() -> bool {
-    std::process::Command::new("runc")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
+/// Whether runc can run here; says why not (the test then skips).
+fn runc_runs() -> bool {
+    match runc_missing() {
+        None => true,
+        Some(why) => {
+            eprintln!("skipped: {why}");
+            false
+        }
+    }
 }
 
 #[test]
 fn a_controller_in_a_runc_container_on_a_test_host_answers_the_cps() {
-    if !runc_installed() {
-        eprintln!("skipped: runc is not installed (cargo xtask setup installs it)");
+    if !runc_runs() {
         return;
     }
     let hosts = TestHosts::new("ctr");
+    let runtime = dataplane_tests::Runtime::new("ctr", "src");
+    runtime.install_image("markov-controller").unwrap();
     let service = sock(SERVICE_V4, 5000);
-    let container = RuncContainer::run(
-        &hosts.src,
-        "markov",
-        "markov-controller",
-        &[&service.to_string()],
-    )
-    .expect("runc runs the controller");
-    assert_eq!(container.listed().unwrap(), ["markov"]);
-    assert_eq!(container.state().unwrap()["status"], "running");
+    let container = runtime
+        .run(
+            &hosts.src,
+            "markov",
+            "markov-controller",
+            &[&service.to_string()],
+        )
+        .expect("runc runs the controller");
+    assert_eq!(runtime.listed(), ["markov"]);
+    assert_eq!(runtime.state(container.id()).unwrap()["status"], "running");
     // On the host's service network: the host's network namespace.
     let netns = |path: String| std::fs::metadata(path).expect("a netns").ino();
     assert_eq!(
@@ -43,7 +52,128 @@ fn a_controller_in_a_runc_container_on_a_test_host_answers_the_cps() {
     let verdict = cps_verdict(cps);
     println!("CPS: {verdict}");
     assert_eq!(verdict["answered"], 1000, "{verdict}");
+    assert_clean(&verdict);
+}
+
+/// The CPS got every answer exactly once, in order, right.
+fn assert_clean(verdict: &serde_json::Value) {
     for key in ["missed", "duplicates", "out_of_order", "wrong"] {
         assert_eq!(verdict[key], 0, "{key}: {verdict}");
+    }
+}
+
+/// A file in the container of process `pid`, as the host reads it.
+fn container_file(pid: u64, path: &str) -> std::path::PathBuf {
+    Path::new(&format!("/proc/{pid}/root")).join(path.trim_start_matches('/'))
+}
+
+/// Migrates the containerised controller of a fresh setup in `mode` while
+/// the CPS runs at 1 ms, and checks what a container's migration must
+/// keep: every input answered once, in order, right; the container known
+/// to dst's runc under the service's name, running, in dst's network
+/// namespace, and gone from src's; the files it wrote (in its tmpfs)
+/// there after.
+fn migrate_a_container(tag: &str, mode: &str) {
+    if !runc_runs() {
+        return;
+    }
+    let standby = mode == "standby";
+    let setup = MigrationSetup::containerised(tag, standby, true);
+    let (src, dst) = setup.runtimes.as_ref().expect("container runtimes");
+    let checkpointed = match &setup.standby {
+        Some((_, standby, _)) => standby.pid,
+        None => setup.controller.pid,
+    };
+    std::fs::write(
+        container_file(checkpointed.into(), "/data/written-before"),
+        "state kept in tmpfs",
+    )
+    .expect("write into the container's tmpfs");
+    let (report, verdict) = setup.migrate_while_cps_runs(
+        3000,
+        Duration::from_millis(500),
+        serde_json::json!({"mode": mode}),
+    );
+    println!("report: {report}\nCPS: {verdict}");
+    assert_eq!(report["state"], "done", "{report:#}\n{}", setup.src.log());
+    assert_eq!(verdict["answered"], 3000, "{verdict}");
+    assert_clean(&verdict);
+    // dst's runc runs it under the service's name; src's knows none.
+    assert_eq!(dst.listed(), ["markov"], "{}", setup.dst.log());
+    let state = dst.state("markov").unwrap();
+    assert_eq!(state["status"], "running", "{state}");
+    let pid = state["pid"].as_u64().unwrap();
+    assert_eq!(report["destination_pid"].as_u64(), Some(pid), "{report}");
+    let netns = |path: &Path| std::fs::metadata(path).expect("a netns").ino();
+    assert_eq!(
+        netns(Path::new(&format!("/proc/{pid}/ns/net"))),
+        netns(&setup.hosts.dst.path())
+    );
+    assert_eq!(
+        src.wait_listed(&[]),
+        Vec::<String>::new(),
+        "{}",
+        setup.src.log()
+    );
+    let written = std::fs::read_to_string(container_file(pid, "/data/written-before"));
+    assert_eq!(written.as_deref().ok(), Some("state kept in tmpfs"));
+    // Registered there as a container: a migration on starts from it.
+    let services = setup
+        .dst
+        .client()
+        .call("service.list", serde_json::json!({}));
+    let services = services.expect("service.list");
+    assert_eq!(services[0]["container"], "markov", "{services}");
+    assert_eq!(services[0]["pid"].as_u64(), Some(pid), "{services}");
+}
+
+#[test]
+fn a_containerised_controller_migrates_leaving_it_running_and_keeps_every_guarantee() {
+    migrate_a_container("ctlr", "leave-running");
+}
+
+#[test]
+fn a_containerised_controller_migrates_from_its_standby_container_and_keeps_every_guarantee() {
+    migrate_a_container("ctsb", "standby");
+}
+
+/// Migrates the containerised controller of a fresh setup whose dst has
+/// `image` ("none", or "broken": without the controller's binary) while
+/// the CPS runs; the migration must fail with `error`, the source's
+/// container serve on, and dst keep nothing.
+fn fail_for_the_image(tag: &str, image: &str, error: &str) {
+    let setup = MigrationSetup::containerised(tag, false, image != "none");
+    let (src, dst) = setup.runtimes.as_ref().expect("container runtimes");
+    if image == "broken" {
+        let binary = dst.images.join("markov-controller/bin/markov-controller");
+        std::fs::remove_file(binary).expect("remove the binary from dst's image");
+    }
+    let (report, verdict) =
+        setup.migrate_while_cps_runs(1500, Duration::from_millis(300), serde_json::json!({}));
+    println!("report: {report}\nCPS: {verdict}");
+    assert_eq!(report["state"], "failed", "{report:#}");
+    let said = report["error"].as_str().unwrap_or_default();
+    assert!(said.contains(error), "{said}");
+    assert_eq!(verdict["answered"], 1500, "{verdict}");
+    assert_clean(&verdict);
+    assert_eq!(src.listed(), ["markov"]);
+    assert_eq!(src.state("markov").unwrap()["status"], "running");
+    assert_eq!(dst.listed(), Vec::<String>::new(), "{}", setup.dst.log());
+    let bundle = dst.services_dir().join("markov");
+    assert!(!bundle.exists(), "{} is left", bundle.display());
+    assert_eq!(setup.left_on_dst(), Vec::<String>::new());
+}
+
+#[test]
+fn a_container_whose_image_dst_lacks_is_refused_before_the_hold_and_keeps_serving() {
+    if runc_runs() {
+        fail_for_the_image("ctim", "none", "the image is not on this host");
+    }
+}
+
+#[test]
+fn a_container_whose_restore_fails_on_dst_rolls_back_and_keeps_serving() {
+    if runc_runs() {
+        fail_for_the_image("ctbr", "broken", "runc restore");
     }
 }

@@ -38,10 +38,12 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
             netns,
             flows,
             standby_pid,
+            container,
+            standby_container,
         } => {
             let service = Service {
                 name,
-                pid,
+                pid: pid.unwrap_or_default(),
                 netns,
                 flows: flows
                     .into_iter()
@@ -49,6 +51,8 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
                     .collect(),
                 standby_pid,
                 command: None,
+                container,
+                standby_container,
                 registered: Vec::new(),
             };
             let registered: ServiceRegistered = cx.call(Call::ServiceRegister(service))?;

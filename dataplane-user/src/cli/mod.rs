@@ -222,12 +222,17 @@ pub enum FlowCommand {
 
 #[derive(Subcommand)]
 pub enum ServiceCommand {
-    /// Register a service: its process, network namespace and flows.
+    /// Register a service: its process (or container), network namespace
+    /// and flows.
     Add {
         name: String,
         /// The service's process (the root of its PID namespace, if any).
-        #[arg(long)]
-        pid: u32,
+        #[arg(long, required_unless_present = "container")]
+        pid: Option<u32>,
+        /// The OCI container the service runs as, by its id in this host's
+        /// runc (`runc_root`): its init process is the service's.
+        #[arg(long, conflicts_with = "pid")]
+        container: Option<String>,
         /// Its network namespace, e.g. /run/netns/src.
         #[arg(long)]
         netns: Option<String>,
@@ -237,6 +242,9 @@ pub enum ServiceCommand {
         /// A standby instance's process, fed by the mirror.
         #[arg(long)]
         standby_pid: Option<u32>,
+        /// The standby's container (in the standbys' network namespace).
+        #[arg(long, conflicts_with = "standby_pid", requires = "container")]
+        standby_container: Option<String>,
     },
     /// Start a service as CRIU needs it (own PID namespace and session, no
     /// inherited descriptors, the configured CPUs and priority), with its

@@ -113,6 +113,9 @@ pub struct DumpRequest {
     pub track_mem: bool,
     /// External resources, as CRIU's `--external`, e.g. `net[4026532000]:extnet`.
     pub external: Vec<String>,
+    /// A container's rootfs: CRIU's root for the tree, whose cgroups it
+    /// then dumps too (as runc has CRIU dump a container).
+    pub root: Option<PathBuf>,
     /// A `criu page-server` to send the memory pages to instead of
     /// `images_dir` (the other images still go there).
     pub page_server: Option<std::net::SocketAddr>,
@@ -250,6 +253,8 @@ impl Criu {
             parent_img: dump.parent_img.clone(),
             track_mem: Some(dump.track_mem),
             external: dump.external.clone(),
+            root: dump.root.as_ref().map(|root| root.display().to_string()),
+            manage_cgroups: dump.root.is_some().then_some(true),
             ps: dump.page_server.map(|addr| PageServerInfo {
                 address: Some(addr.ip().to_string()),
                 port: Some(i32::from(addr.port())),
@@ -483,7 +488,7 @@ static DUMPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// The last errors CRIU logged in the file `log`, one line each. Its answer
 /// names only the first, and that is not always the cause: CRIU logs some
 /// errors it then goes on from.
-fn logged_errors(log: &str) -> Option<String> {
+pub(crate) fn logged_errors(log: &str) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
     let errors: Vec<&str> = text
         .lines()

@@ -200,6 +200,7 @@ impl Daemon {
         // The name becomes part of migration ids, and so of paths.
         crate::service::service_name(&service.name)
             .map_err(|e| RpcError::new(code::INVALID_PARAMS, e.to_string()))?;
+        self.container_instances(&mut service)?;
         service.registered = std::iter::once(service.pid)
             .chain(service.standby_pid)
             .map(|pid| {
@@ -319,6 +320,8 @@ impl Daemon {
                 flows: flows.clone(),
                 standby_pid,
                 command: Some(command.clone()),
+                container: None,
+                standby_container: None,
                 registered: Vec::new(),
             })?;
             Ok(ServiceStarted {
@@ -397,6 +400,38 @@ impl Daemon {
         Ok((pid, standby_pid))
     }
 
+    /// Takes the processes of `service` that are containers from runc:
+    /// each its container's init (a pid given too must be that one), each
+    /// container one a migration can move.
+    fn container_instances(&self, service: &mut Service) -> Result<(), RpcError> {
+        let invalid = |message: String| RpcError::new(code::INVALID_PARAMS, message);
+        if service.container.is_none() && service.standby_container.is_some() {
+            return Err(invalid("a standby_container needs a container".into()));
+        }
+        if service.container.is_none() && service.pid == 0 {
+            return Err(invalid("a service needs a pid or a container".into()));
+        }
+        let containers = self.config.containers();
+        let init = |id: &str, given: Option<u32>| -> Result<u32, RpcError> {
+            let (pid, _) = containers
+                .image(id)
+                .map_err(|e| RpcError::new(code::NOT_FOUND, format!("container {id}: {e}")))?;
+            match given {
+                Some(given) if given != pid && given != 0 => Err(invalid(format!(
+                    "container {id} runs as process {pid}, not {given}"
+                ))),
+                _ => Ok(pid),
+            }
+        };
+        if let Some(id) = &service.container {
+            service.pid = init(id, Some(service.pid))?;
+        }
+        if let Some(id) = &service.standby_container {
+            service.standby_pid = Some(init(id, service.standby_pid)?);
+        }
+        Ok(())
+    }
+
     /// Seeds a standby of a running service from a checkpoint of it (see
     /// [`crate::migration::seed`]); answers once the standby has caught up.
     async fn service_standby(
@@ -410,6 +445,15 @@ impl Daemon {
             return Err(RpcError::new(
                 code::INVALID_PARAMS,
                 "this host runs no standbys (standby_interface)",
+            ));
+        }
+        if service.container.is_some() {
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                format!(
+                    "service {name} runs as a container: start its standby container in the \
+                     standbys' namespace and register it (service add --standby-container)"
+                ),
             ));
         }
         if let Some(pid) = service.standby_pid.filter(|&pid| service.still_runs(pid)) {
@@ -760,6 +804,20 @@ impl Daemon {
                  cannot hold a replica",
             ));
         }
+        let container = self
+            .services
+            .get(&request.service)
+            .and_then(|s| s.container);
+        if request.keep_replica && container.is_some() {
+            return Err(RpcError::new(
+                code::INVALID_PARAMS,
+                format!(
+                    "keep_replica: service {} runs as a container, which a handover \
+                     does not keep (it leaves this host's runtime)",
+                    request.service
+                ),
+            ));
+        }
         if request.to != replica.to {
             return Err(RpcError::new(
                 code::CONFLICT,
@@ -846,6 +904,7 @@ impl Daemon {
             peer_interface: self.config.peer_interface.clone(),
             files: Files::new(&self.config.images_dir),
             criu: self.config.criu(),
+            containers: self.config.containers(),
             inputs,
             outputs,
             standby: self.config.standby_host().map(|s| (s.netns, s.pin_root)),

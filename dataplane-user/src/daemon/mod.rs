@@ -271,6 +271,7 @@ impl Daemon {
                 peer_interface: daemon.config.peer_interface.clone(),
                 mirror_from: daemon.config.mirror_interface(),
                 criu: daemon.config.criu(),
+                containers: daemon.config.containers(),
                 inputs: Some(taps.0.clone()),
                 outputs: Some(taps.1.clone()),
                 limits: destination::Limits {
@@ -355,6 +356,7 @@ impl Daemon {
             standby_pin_root: self.config.standby_host().map(|s| s.pin_root),
             interface: self.config.interface.clone(),
             services: self.services.clone(),
+            runc: self.config.containers().runc,
             keeps_replicas: self.config.peer_listen.is_some(),
         }
     }

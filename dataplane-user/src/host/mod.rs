@@ -2,6 +2,7 @@
 //! that must survive a crash whole.
 pub mod launch;
 pub mod netdev;
+pub mod runc;
 pub mod tasks;
 
 use std::{io, path::Path};

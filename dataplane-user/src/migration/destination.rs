@@ -35,7 +35,7 @@ use serde::Serialize;
 
 use crate::{
     criu::{RestoreRequest, open_netns, stats},
-    host::tasks::Identity,
+    host::{runc, tasks::Identity},
     kernel::{
         flow,
         injector::Injector,
@@ -79,6 +79,8 @@ pub struct Host {
     pub mirror_from: Option<String>,
     /// Restores migrated services.
     pub criu: crate::criu::Criu,
+    /// Restores migrated containers, and keeps them.
+    pub containers: crate::host::runc::Containers,
     /// The daemon's readers of the input and output logs.
     pub inputs: Option<Arc<crate::kernel::logs::Tap>>,
     pub outputs: Option<Arc<crate::kernel::logs::Tap>>,
@@ -169,6 +171,7 @@ fn register(
     pid: u32,
     flows: &[TargetFlow],
     command: Option<Vec<String>>,
+    container: bool,
 ) {
     let service = Service {
         name: name.to_string(),
@@ -177,6 +180,9 @@ fn register(
         flows: flows.iter().map(|f| f.spec).collect(),
         standby_pid: None,
         command,
+        // runc knows it here under the service's name.
+        container: container.then(|| name.to_string()),
+        standby_container: None,
         registered: Identity::of(pid).into_iter().collect(),
     };
     match services.insert(service) {
@@ -190,6 +196,8 @@ fn register(
 pub struct Started {
     pub command: Option<Vec<String>>,
     pub standby: bool,
+    /// The container it runs as, if it does.
+    pub container: Option<runc::Image>,
 }
 
 /// What one migration to this host may take.
@@ -392,7 +400,14 @@ pub fn resume_replica(host: &Arc<Host>, migration: String, incoming: &Incoming) 
         }
         Err(why) => {
             host.files.remove(Side::Destination, &migration);
-            let outcome = recover(&host.pin_root, &host.interface, &host.services, incoming);
+            let runc = &host.containers.runc;
+            let outcome = recover(
+                &host.pin_root,
+                &host.interface,
+                &host.services,
+                runc,
+                incoming,
+            );
             format!("a hot replica that cannot go on ({why}): {outcome}")
         }
     }
@@ -546,6 +561,7 @@ async fn run_step(
             deadline_ms,
             command,
             standby,
+            container,
         } = step
         else {
             return Err(state.refuse(kind));
@@ -559,7 +575,11 @@ async fn run_step(
             service,
             flows,
             deadline_ms,
-            Started { command, standby },
+            Started {
+                command,
+                standby,
+                container,
+            },
         )?;
         let answer = prepared.prepared();
         *target = Some(prepared);
@@ -726,6 +746,17 @@ impl Target {
             return Err(Cause::NoLogs);
         };
         answers_only_its_own(&host.interface, &flows)?;
+        // runc restores a container from this host's copy of its image,
+        // under the service's name: both checked before the source holds.
+        if let Some(image) = &started.container {
+            let containers = &host.containers;
+            image
+                .bundle(&containers.images, &runc::own_netns()?, "")
+                .map_err(Cause::Container)?;
+            if containers.runc.list()?.contains(&service) {
+                return Err(Cause::ContainerHere(service));
+            }
+        }
         // CRIU restores a process in its working directory: a service a
         // daemon started has services_dir/NAME (its standby NAME/standby).
         if started.command.is_some() {
@@ -785,6 +816,7 @@ impl Target {
             command: started.command.clone(),
             standby: started.standby,
             replica: None,
+            container: started.container.clone(),
         });
         host.files.write(&migration, &journal)?;
         let adopt = |dataplane: &mut Dataplane| -> Result<(), Cause> {
@@ -926,6 +958,7 @@ impl Target {
             started: Started {
                 command: incoming.command.clone(),
                 standby: incoming.standby,
+                container: incoming.container.clone(),
             },
             mirror_mac,
             flows,
@@ -1180,47 +1213,21 @@ impl Target {
         if !images.is_dir() {
             return Err(Cause::NoImages(images));
         }
-        let criu = self.host.criu.clone();
-        let (files, migration) = (self.host.files.clone(), self.migration.clone());
-        let mut journal_of_tree = self.journal(None);
         let start = Instant::now();
-        let restored = tokio::task::spawn_blocking(move || {
-            let netns = open_netns(Path::new("/proc/self/ns/net")).map_err(Cause::HostNetns)?;
-            let request = RestoreRequest {
-                images_dir: images.clone(),
-                inherit: vec![("extnet".into(), &netns)],
-            };
-            // The restored tree is journaled as soon as CRIU names it (at
-            // `setup-namespaces`, early): a daemon killed before the
-            // restore returns leaves a running instance that nobody else
-            // knows of. Once only: at `post-restore` the tasks wait on CRIU,
-            // and one killed while they wait stalls CRIU until its timeout.
-            // A journal that cannot be written fails the restore, and CRIU
-            // removes the tree.
-            let mut journaled = false;
-            let mut journal = |_: &str, pid: Option<u32>| match pid {
-                Some(pid) if !journaled => {
-                    if let Journal::Destination(incoming) = &mut journal_of_tree {
-                        incoming.instance = Identity::of(pid);
-                    }
-                    journaled = files
-                        .write(&migration, &journal_of_tree)
-                        .inspect_err(|e| tracing::warn!("{e}"))
-                        .is_ok();
-                    journaled
-                }
-                _ => true,
-            };
-            let start = Instant::now();
-            let pid = criu
-                .restore(&request, &mut journal)
-                .map_err(Cause::Restore)?;
-            let criu_us = start.elapsed().as_micros() as u64;
-            let restore_us = stats::restore(&images).map_or(0, |s| s.restore_time.into());
-            Ok::<_, Cause>((pid, restore_us, criu_us))
-        })
-        .await
-        .map_err(Cause::RestoreTask)??;
+        let restored = match self.started.container.clone() {
+            Some(image) => {
+                let containers = self.host.containers.clone();
+                let (id, bundle) = (self.service.clone(), self.bundle());
+                // Its cgroup is this migration's: a host's cgroups are its own.
+                let cgroup = format!("/dataplane/{}", self.migration);
+                tokio::task::spawn_blocking(move || {
+                    restore_container(&containers, &image, &id, &bundle, &cgroup, &images)
+                })
+                .await
+                .map_err(Cause::RestoreTask)??
+            }
+            None => self.restore_process(images).await?,
+        };
         let (pid, restore_us, criu_us) = restored;
         self.instance = Some(pid);
         self.identity = Identity::of(pid);
@@ -1262,6 +1269,56 @@ impl Target {
             replay_us: start.elapsed().as_micros() as u64,
             replay_end,
         })
+    }
+
+    /// Where a container restored here has its bundle.
+    fn bundle(&self) -> PathBuf {
+        self.host.services_dir.join(&self.service).join("bundle")
+    }
+
+    /// CRIU's restore of a process tree into this host's network
+    /// namespace: its root pid, CRIU's restore time and the request's, µs.
+    async fn restore_process(&self, images: PathBuf) -> Result<(u32, u64, u64), Cause> {
+        let criu = self.host.criu.clone();
+        let (files, migration) = (self.host.files.clone(), self.migration.clone());
+        let mut journal_of_tree = self.journal(None);
+        tokio::task::spawn_blocking(move || {
+            let netns = open_netns(Path::new("/proc/self/ns/net")).map_err(Cause::HostNetns)?;
+            let request = RestoreRequest {
+                images_dir: images.clone(),
+                inherit: vec![("extnet".into(), &netns)],
+            };
+            // The restored tree is journaled as soon as CRIU names it (at
+            // `setup-namespaces`, early): a daemon killed before the
+            // restore returns leaves a running instance that nobody else
+            // knows of. Once only: at `post-restore` the tasks wait on CRIU,
+            // and one killed while they wait stalls CRIU until its timeout.
+            // A journal that cannot be written fails the restore, and CRIU
+            // removes the tree.
+            let mut journaled = false;
+            let mut journal = |_: &str, pid: Option<u32>| match pid {
+                Some(pid) if !journaled => {
+                    if let Journal::Destination(incoming) = &mut journal_of_tree {
+                        incoming.instance = Identity::of(pid);
+                    }
+                    journaled = files
+                        .write(&migration, &journal_of_tree)
+                        .inspect_err(|e| tracing::warn!("{e}"))
+                        .is_ok();
+                    journaled
+                }
+                _ => true,
+            };
+            let start = Instant::now();
+            let pid = criu
+                .restore(&request, &mut journal)
+                .map_err(Cause::Restore)?;
+            let criu_us = start.elapsed().as_micros() as u64;
+            let restore_us = stats::restore(&images).map_or(0, |s| s.restore_time.into());
+            Ok::<_, Cause>((pid, restore_us, criu_us))
+        })
+        .await
+        .map_err(Cause::RestoreTask)?
     }
 
     /// Gives an adopted replica (see [`adopt`]) its inputs after K
@@ -1404,6 +1461,7 @@ impl Target {
             command: self.started.command.clone(),
             standby: self.started.standby,
             replica: self.replica,
+            container: self.started.container.clone(),
         })
     }
 
@@ -1417,13 +1475,15 @@ impl Target {
                 pid,
                 &self.flows,
                 self.started.command.clone(),
+                self.started.container.is_some(),
             );
             // Its source kept its instance: this host feeds it from K+1.
             if let Some((to, migration)) = self.keep.take() {
                 self.adopt_source(to, migration);
             }
-            // Its standby on the source ended with the handover.
-            if self.started.standby {
+            // Its standby on the source ended with the handover. (A
+            // container's is not seeded: see `service standby`.)
+            if self.started.standby && self.started.container.is_none() {
                 let _ = self.host.standby_requests.send(StandbyRequest {
                     service: self.service.clone(),
                     after_migration: true,
@@ -1494,6 +1554,9 @@ impl Target {
     /// Undoes whatever this migration did on this host.
     fn rollback(&mut self) {
         drop(self.watch.take());
+        if self.started.container.is_some() {
+            remove_container(&self.host.containers, &self.service, &self.bundle());
+        }
         if let Some(pid) = self.instance.take() {
             let pid = nix::unistd::Pid::from_raw(pid as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
@@ -1664,6 +1727,55 @@ fn keep_serving(interface: &str, flows: &[TargetFlow]) -> String {
     }
 }
 
+/// runc's restore of container `id` from `images` with a bundle (written
+/// at `bundle`) that runs it from this host's copy of `image`, in this
+/// host's network namespace, in `cgroup`: its init pid, CRIU's restore
+/// time and runc's whole request, µs. A failure leaves neither the
+/// container nor its bundle.
+fn restore_container(
+    containers: &runc::Containers,
+    image: &runc::Image,
+    id: &str,
+    bundle: &Path,
+    cgroup: &str,
+    images: &Path,
+) -> Result<(u32, u64, u64), Cause> {
+    let restored = (|| {
+        let spec = image.bundle(&containers.images, &runc::own_netns()?, cgroup)?;
+        std::fs::create_dir_all(bundle)
+            .and_then(|()| std::fs::write(bundle.join("config.json"), spec.to_string()))
+            .map_err(|source| runc::RuncError::Bundle {
+                path: bundle.to_owned(),
+                source,
+            })?;
+        let start = Instant::now();
+        let pid = containers
+            .runc
+            .restore(&containers.criu, id, bundle, images)?;
+        Ok((pid, start.elapsed().as_micros() as u64))
+    })();
+    match restored {
+        Ok((pid, runc_us)) => {
+            let restore_us = stats::restore(images).map_or(0, |s| s.restore_time.into());
+            Ok((pid, restore_us, runc_us))
+        }
+        Err(e) => {
+            remove_container(containers, id, bundle);
+            Err(Cause::Container(e))
+        }
+    }
+}
+
+/// Deletes container `id` from this host's runc (killing it) and its bundle.
+fn remove_container(containers: &runc::Containers, id: &str, bundle: &Path) {
+    if let Err(e) = containers.runc.delete(id) {
+        tracing::warn!(container = id, "{e}");
+    }
+    let _ = std::fs::remove_dir_all(bundle);
+    // The service's directory, if the bundle was all it held.
+    let _ = bundle.parent().map(std::fs::remove_dir);
+}
+
 /// Finishes what a migration to this host left when the daemon died, from
 /// its journal (see [`super::recovery`]). Handed over: the instance keeps
 /// serving, the address is announced, and the instance is registered in
@@ -1674,6 +1786,7 @@ pub(super) fn recover(
     pin_root: &Path,
     interface: &str,
     services: &Registry,
+    runc: &runc::Runc,
     incoming: &Incoming,
 ) -> String {
     let mut dataplane = match Dataplane::open(pin_root) {
@@ -1685,9 +1798,22 @@ pub(super) fn recover(
     let instance = incoming.instance.filter(Identity::runs);
     if handed_over(&dataplane, flows, armed_grace(deadline)) {
         if let (Some(name), Some(i)) = (&incoming.service, instance) {
-            register(services, name, i.pid, flows, incoming.command.clone());
+            let container = incoming.container.is_some();
+            register(
+                services,
+                name,
+                i.pid,
+                flows,
+                incoming.command.clone(),
+                container,
+            );
         }
         return keep_serving(interface, flows);
+    }
+    if let (Some(_), Some(name)) = (&incoming.container, &incoming.service)
+        && let Err(e) = runc.delete(name)
+    {
+        tracing::warn!(container = %name, "{e}");
     }
     if let Some(i) = instance {
         let pid = nix::unistd::Pid::from_raw(i.pid as i32);

@@ -203,6 +203,10 @@ pub enum Cause {
     Restore(CriuError),
     #[error("restore task: {0}")]
     RestoreTask(tokio::task::JoinError),
+    #[error("container: {0}")]
+    Container(#[from] crate::host::runc::RuncError),
+    #[error("a container {0} is already on this host (runc list)")]
+    ContainerHere(String),
     #[error(transparent)]
     Injector(#[from] ReplayError),
     #[error("the restored instance {pid} {how} during {during}")]

@@ -10,6 +10,7 @@ use std::{
 
 use crate::{
     criu::{Criu, DumpRequest, netns_inode, stats},
+    host::runc::{self, Image},
     kernel::{injector::Injector, loader::Dataplane, logs::Records},
     migration::{
         error::{Cause, ResumeError},
@@ -38,6 +39,8 @@ pub struct Checkpointed {
     pub netns: Option<PathBuf>,
     /// Where its inputs arrive (replays are injected as if there).
     pub interface: String,
+    /// The container it runs as, if it does: its rootfs and its image.
+    pub container: Option<(PathBuf, Image)>,
 }
 
 impl Checkpointed {
@@ -47,11 +50,24 @@ impl Checkpointed {
         let pid = self.pid;
         let _ = std::fs::remove_dir_all(images);
         let inode = netns_inode(pid).map_err(|source| Cause::Netns { pid, source })?;
+        let Some((rootfs, image)) = &self.container else {
+            return Ok(DumpRequest {
+                pid,
+                images_dir: images.to_owned(),
+                leave_running: true,
+                external: vec![format!("net[{inode}]:extnet")],
+                ..Default::default()
+            });
+        };
+        // As runc has CRIU dump a container, for `runc restore`.
+        let mut external = vec![format!("net[{inode}]:{}", runc::NETNS_KEY)];
+        external.extend(image.external_mounts());
         Ok(DumpRequest {
             pid,
             images_dir: images.to_owned(),
             leave_running: true,
-            external: vec![format!("net[{inode}]:extnet")],
+            external,
+            root: Some(rootfs.clone()),
             ..Default::default()
         })
     }
@@ -87,6 +103,10 @@ impl Checkpointed {
             let start = Instant::now();
             criu.dump_until(dump, &mut stop).map_err(Cause::Dump)?;
             let dump_us = start.elapsed().as_micros() as u64;
+            // What runc restores a container with besides CRIU's images.
+            if self.container.is_some() {
+                runc::write_descriptors(self.pid, &dump.images_dir)?;
+            }
             let frozen = stats::dump(&dump.images_dir).map_or(0, |s| s.frozen_time.into());
             Ok(Some((dump_us, frozen)))
         })();

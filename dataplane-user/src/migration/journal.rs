@@ -39,6 +39,10 @@ pub struct Outgoing {
     /// written before it: none).
     #[serde(default)]
     pub instances: Vec<Identity>,
+    /// Those of them that are containers, by their ids in this host's
+    /// runc: they leave it with their instances.
+    #[serde(default)]
+    pub containers: Vec<String>,
     /// A hot replica in sync on the destination: kept, not undone, by a
     /// restarted daemon whose instances still run, which attaches to it
     /// again with this request.
@@ -82,6 +86,10 @@ pub struct Incoming {
     /// while its instance runs, for its source to attach to again.
     #[serde(default)]
     pub replica: Option<ReplicaHere>,
+    /// The container the instance is, if it is one: runc knows it here
+    /// under the service's name, and a rollback deletes it there.
+    #[serde(default)]
+    pub container: Option<crate::host::runc::Image>,
 }
 
 /// A hot replica held on this host: whose it is, and whom it watches.
@@ -289,6 +297,7 @@ mod tests {
                 pid: 41,
                 start_time: 6,
             }],
+            containers: vec!["plc".into()],
             replica: None,
         })
     }
@@ -310,6 +319,10 @@ mod tests {
             replica: Some(ReplicaHere {
                 source: "192.0.2.1".parse().unwrap(),
                 holder: [2, 0, 0, 0, 0, 1],
+            }),
+            container: Some(crate::host::runc::Image {
+                name: "plc".into(),
+                spec: serde_json::json!({"root": {"path": "rootfs"}}),
             }),
         });
         files.write("m1", &source()).unwrap();

@@ -138,6 +138,8 @@ pub struct Context {
     /// Where the outgoing images and the journal go.
     pub files: Files,
     pub criu: Criu,
+    /// The containers services here run as.
+    pub containers: crate::host::runc::Containers,
     pub inputs: Arc<Tap>,
     pub outputs: Arc<Tap>,
     /// Standby mode: the standby's network namespace and dataplane pin root.

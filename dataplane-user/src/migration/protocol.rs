@@ -5,7 +5,8 @@
 //! source                                   destination
 //!   | Prepare {migration, service,-------->  adopt the flows, hold their
 //!   |     flows, deadline_ms,                mirrored inputs, mute outputs
-//!   |     command, standby}
+//!   |     command, standby,
+//!   |     container}
 //!   |                             <--------  Prepared {mirror_mac, flow_ids}
 //!   | (checkpoint at S, IMAGES frames) --->  images under images_dir
 //!   | Restore {positions, cpus}   -------->  CRIU restore, replay S+1..
@@ -70,6 +71,10 @@ pub enum Step {
         /// standbys.
         #[serde(default)]
         standby: bool,
+        /// The container the restore brings, if the instance runs as one:
+        /// runc restores it here from this host's copy of its image.
+        #[serde(default)]
+        container: Option<crate::host::runc::Image>,
     },
     /// Take back the hot replica `migration` of `service` that this host
     /// kept after its link (or a daemon) went, as at `Restore`'s end:

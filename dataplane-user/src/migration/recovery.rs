@@ -23,6 +23,8 @@ pub struct Host {
     pub interface: String,
     /// Where a destination registers a service it kept.
     pub services: Arc<Registry>,
+    /// Where the containers of this host's services are kept.
+    pub runc: crate::host::runc::Runc,
     /// Whether this daemon serves the peer link: only then does it keep
     /// the hot replicas it held ([`Recovered::replicas`]).
     pub keeps_replicas: bool,
@@ -75,11 +77,16 @@ pub fn recover(host: &Host) -> Recovered {
                 &host.pin_root,
                 host.standby_pin_root.as_deref(),
                 &host.interface,
+                &host.runc,
                 &outgoing,
             ),
-            (Ok(Journal::Destination(incoming)), _) => {
-                destination::recover(&host.pin_root, &host.interface, &host.services, &incoming)
-            }
+            (Ok(Journal::Destination(incoming)), _) => destination::recover(
+                &host.pin_root,
+                &host.interface,
+                &host.services,
+                &host.runc,
+                &incoming,
+            ),
         };
         host.files.remove(left.side, &left.id);
         let line = match left.side {
@@ -99,6 +106,7 @@ pub fn undo_source(host: &Host, id: &str, outgoing: &Outgoing) -> String {
         &host.pin_root,
         host.standby_pin_root.as_deref(),
         &host.interface,
+        &host.runc,
         outgoing,
     );
     host.files.remove(Side::Source, id);
@@ -125,6 +133,7 @@ mod tests {
             flow_id: 1,
             flows: vec![FlowBefore { flow, flags: 0 }],
             instances: vec![],
+            containers: vec![],
             replica: None,
         });
         files.write("out", &source).unwrap();
@@ -141,6 +150,7 @@ mod tests {
                     command: None,
                     standby: false,
                     replica: None,
+                    container: None,
                 }),
             )
             .unwrap();
@@ -156,6 +166,9 @@ mod tests {
             standby_pin_root: None,
             interface: "lo".into(),
             services: Arc::new(Registry::open(&dir.path().join("services.json")).unwrap().0),
+            runc: crate::host::runc::Runc {
+                root: dir.path().join("runc"),
+            },
             keeps_replicas: true,
         };
         let done = recover(&host).done;

@@ -260,6 +260,7 @@ impl SeedParts {
                 dataplane: Dataplane::open(&standby.pin_root)?,
                 netns: Some(standby.netns.clone()),
                 interface: STANDBY_END.into(),
+                container: None,
             };
             instance
                 .resume(taken.position, &mut held)
@@ -295,6 +296,7 @@ impl SeedParts {
             dataplane: Dataplane::open(&self.pin_root)?,
             netns: None,
             interface: self.interface.clone(),
+            container: None,
         };
         let dump = serving.dump_request(images)?;
         let never = AtomicBool::new(false);

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::{
     criu::precopy::IterativeDump,
+    host::runc::{Image, Runc},
     kernel::{
         flow,
         loader::Dataplane,
@@ -67,6 +68,9 @@ pub(super) struct Migration {
     pub(super) service: Service,
     pub(super) request: Request,
     pub(super) context: Context,
+    /// The container the checkpoint is taken of, if the instance runs as
+    /// one (from `prepare` on): its rootfs here and its image.
+    container: Option<(PathBuf, Image)>,
 }
 
 /// The source's side of the steps, for rollback.
@@ -107,6 +111,7 @@ impl Migration {
             service,
             request,
             context,
+            container: None,
         }
     }
 
@@ -239,6 +244,9 @@ impl Migration {
         inputs: Option<Subscription>,
     ) -> Result<(Source, peer::Link), MigrationError> {
         let t = self.begin(Stage::Prepare)?;
+        if attach_to.is_none() {
+            self.container = self.checkpointed_container()?;
+        }
         let mut source = self.source_side(attach_to, inputs)?;
         let linked = match attach_to {
             None => self.connect(&self.prepare_step()).await,
@@ -364,6 +372,7 @@ impl Migration {
             deadline_ms: self.request.deadline_ms,
             command: self.service.command.clone(),
             standby: self.service.standby_pid.is_some(),
+            container: self.container.as_ref().map(|(_, image)| image.clone()),
         }
     }
 
@@ -424,6 +433,12 @@ impl Migration {
             flow_id: source.flow_id,
             flows: source.flows.clone(),
             instances: self.service.registered.clone(),
+            containers: self
+                .service
+                .instances()
+                .filter_map(|(_, c)| c)
+                .map(str::to_string)
+                .collect(),
             replica: replica.then(|| self.request.clone()),
         });
         Ok(self.context.files.write(&self.report.id, &journal)?)
@@ -509,15 +524,37 @@ impl Migration {
         Ok(restored.replay_end)
     }
 
+    /// The container the checkpoint is taken of, by mode, if the instance
+    /// runs as one: it must still be the instance registered.
+    fn checkpointed_container(&self) -> Result<Option<(PathBuf, Image)>, MigrationError> {
+        let (id, pid) = match self.request.mode {
+            Mode::LeaveRunning => (&self.service.container, Some(self.service.pid)),
+            Mode::Standby => (&self.service.standby_container, self.service.standby_pid),
+        };
+        let (Some(id), Some(pid)) = (id, pid) else {
+            return Ok(None);
+        };
+        let containers = &self.context.containers;
+        let (init, image) = containers
+            .image(id)
+            .map_err(|e| self.fail(Cause::Container(e)))?;
+        if init != pid || !self.service.still_runs(pid) {
+            return Err(self.fail(Cause::NotRegistered(pid)));
+        }
+        Ok(Some((containers.images.join(&image.name), image)))
+    }
+
     /// The instance the checkpoint is taken of, by mode.
     fn checkpointed(&self) -> Result<Checkpointed, MigrationError> {
         let dataplane = |root: &std::path::Path| Dataplane::open(root).map_err(|e| self.fail(e));
+        let container = self.container.clone();
         match self.request.mode {
             Mode::LeaveRunning => Ok(Checkpointed {
                 pid: self.service.pid,
                 dataplane: dataplane(&self.context.pin_root)?,
                 netns: None,
                 interface: self.context.interface.clone(),
+                container,
             }),
             Mode::Standby => {
                 let pid = self.service.standby_pid.ok_or_else(|| {
@@ -540,6 +577,7 @@ impl Migration {
                     dataplane,
                     netns: Some(netns),
                     interface,
+                    container,
                 })
             }
         }
@@ -836,6 +874,7 @@ impl Migration {
                 source: self.request.to.ip(),
                 holder: [0; 6],
             }),
+            container: None,
         };
         let empty = |tap: &Arc<crate::kernel::logs::Tap>| tap.subscribe(&[], 1);
         let (Ok(no_inputs), Ok(no_outputs)) =
@@ -903,7 +942,7 @@ impl Migration {
     /// Kills the service's instances on this host once the destination
     /// serves: past K they get no input.
     fn stop_instances(&self) {
-        stop_instances(&self.service);
+        stop_instances(&self.service, &self.context.containers.runc);
     }
 
     /// Undoes the source's changes and tells the destination to undo its own.
@@ -1108,7 +1147,7 @@ fn let_go(
 /// killed, and its flows and addresses go: this host answers neither the
 /// service nor ARP for it. What it did, as text.
 pub(super) fn fence(service: &Service, context: &Context) -> String {
-    stop_instances(service);
+    stop_instances(service, &context.containers.runc);
     let mut dataplane = match Dataplane::open(&context.pin_root) {
         Ok(dataplane) => dataplane,
         Err(e) => return format!("killed its instances; its flows stay: {e}"),
@@ -1133,14 +1172,29 @@ pub(super) fn fence(service: &Service, context: &Context) -> String {
 }
 
 /// Kills `service`'s instances on this host: the serving one and the
-/// standby, as registered (a pid reused since is someone else's).
-fn stop_instances(service: &Service) {
-    let registered = std::iter::once(service.pid)
-        .chain(service.standby_pid)
-        .filter(|&pid| service.still_runs(pid));
-    for pid in registered {
-        stop_instance(pid);
+/// standby, as registered (a pid reused since is someone else's); those
+/// that are containers leave `runc` too.
+fn stop_instances(service: &Service, runc: &Runc) {
+    for (pid, container) in service.instances() {
+        if service.still_runs(pid) {
+            stop_instance(pid);
+        }
+        if let Some(id) = container {
+            forget_container(runc, id);
+        }
     }
+}
+
+/// Removes container `id`, whose init is killed, from `runc` (and its
+/// cgroups), on a thread of its own: runc waits for the container's end,
+/// which no step waits for.
+fn forget_container(runc: &Runc, id: &str) {
+    let (runc, id) = (runc.clone(), id.to_string());
+    std::thread::spawn(move || {
+        if let Err(e) = runc.delete(&id) {
+            tracing::warn!(container = %id, "{e}");
+        }
+    });
 }
 
 /// Kills an instance of a service the destination now serves, demoted
@@ -1175,6 +1229,7 @@ pub(super) fn recover(
     pin_root: &Path,
     standby_pin_root: Option<&Path>,
     interface: &str,
+    runc: &Runc,
     outgoing: &Outgoing,
 ) -> String {
     match undo(
@@ -1214,6 +1269,11 @@ pub(super) fn recover(
                     i.pid
                 })
                 .collect();
+            for id in &outgoing.containers {
+                if let Err(e) = runc.delete(id) {
+                    tracing::warn!(container = %id, "{e}");
+                }
+            }
             let released = match Dataplane::open(pin_root) {
                 Ok(mut dataplane) => {
                     let (flow_id, flows) = (outgoing.flow_id, &outgoing.flows);

@@ -109,6 +109,8 @@ mod tests {
             flows: Vec::new(),
             standby_pid: Some(11),
             command: None,
+            container: None,
+            standby_container: None,
             registered: Vec::new(),
         };
         let workload = Workload {
