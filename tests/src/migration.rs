@@ -94,7 +94,12 @@ impl MigrationSetup {
     /// As `new`, the controller (and the standby) as containers of image
     /// "markov-controller", run by src's runtime; the image is in dst's
     /// store too (`dst_image`: false leaves it out).
-    pub fn containerised(tag: &str, standby: bool, dst_image: bool) -> Self {
+    pub fn containerised(
+        tag: &str,
+        controller_args: &[&str],
+        standby: bool,
+        dst_image: bool,
+    ) -> Self {
         let runtimes = (Runtime::new(tag, "src"), Runtime::new(tag, "dst"));
         runtimes.0.install_image(CONTROLLER).expect("src's image");
         if dst_image {
@@ -104,7 +109,7 @@ impl MigrationSetup {
         let (src_extra, dst_extra) = (runtimes.0.config(), runtimes.1.config());
         Self::build(
             tag,
-            &[],
+            controller_args,
             standby,
             (&src_extra, &dst_extra),
             vec![flow],

@@ -78,7 +78,7 @@ fn migrate_a_container(tag: &str, mode: &str) {
         return;
     }
     let standby = mode == "standby";
-    let setup = MigrationSetup::containerised(tag, standby, true);
+    let setup = MigrationSetup::containerised(tag, &[], standby, true);
     let (src, dst) = setup.runtimes.as_ref().expect("container runtimes");
     let checkpointed = match &setup.standby {
         Some((_, standby, _)) => standby.pid,
@@ -142,7 +142,7 @@ fn a_containerised_controller_migrates_from_its_standby_container_and_keeps_ever
 /// the CPS runs; the migration must fail with `error`, the source's
 /// container serve on, and dst keep nothing.
 fn fail_for_the_image(tag: &str, image: &str, error: &str) {
-    let setup = MigrationSetup::containerised(tag, false, image != "none");
+    let setup = MigrationSetup::containerised(tag, &[], false, image != "none");
     let (src, dst) = setup.runtimes.as_ref().expect("container runtimes");
     if image == "broken" {
         let binary = dst.images.join("markov-controller/bin/markov-controller");
@@ -176,4 +176,47 @@ fn a_container_whose_restore_fails_on_dst_rolls_back_and_keeps_serving() {
     if runc_runs() {
         fail_for_the_image("ctbr", "broken", "runc restore");
     }
+}
+
+#[test]
+fn a_containerised_controller_gets_a_hot_replica_container_and_is_handed_over_to_it() {
+    if !runc_runs() {
+        return;
+    }
+    let setup = MigrationSetup::containerised("ctrp", &[], false, true);
+    let (src, dst) = setup.runtimes.as_ref().expect("container runtimes");
+    let cycles = 4000;
+    let cps = setup.start_cps(cycles, 1000, None);
+    std::thread::sleep(Duration::from_millis(300));
+    let replica = setup.replicate(serde_json::json!({}));
+    let synced = setup.wait_in_sync(&replica);
+    assert_eq!(
+        synced["replica"]["state"],
+        "in_sync",
+        "{synced}\n{}",
+        setup.dst.log()
+    );
+    // The replica is a container of dst's runc, beside src's serving one.
+    assert_eq!(dst.listed(), ["markov"], "{}", setup.dst.log());
+    assert_eq!(src.listed(), ["markov"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let report = setup.wait(&setup.migrate(serde_json::json!({})));
+    let verdict = cps_verdict(cps);
+    println!("handover: {report}\nCPS: {verdict}");
+    assert_eq!(report["state"], "done", "{report:#}\n{}", setup.src.log());
+    assert_eq!(report["from_replica"], replica.as_str());
+    assert_eq!(verdict["answered"], cycles, "{verdict}");
+    assert_clean(&verdict);
+    assert_eq!(
+        dataplane_tests::chain_state(&setup.hosts.dst, setup.service).map(|s| s.0),
+        Some(cycles),
+        "the replica took every input"
+    );
+    assert_eq!(dst.state("markov").unwrap()["status"], "running");
+    assert_eq!(
+        src.wait_listed(&[]),
+        Vec::<String>::new(),
+        "{}",
+        setup.src.log()
+    );
 }

@@ -31,7 +31,8 @@ enum Task {
     /// hosts while a CPS sends to it every millisecond, and show what happened.
     Demo {
         /// `standby` (default) or `leave-running`; `cell`: a controller of
-        /// four field devices moved round three hosts.
+        /// four field devices moved round three hosts; `container`: the
+        /// controller and its standby as runc containers.
         mode: Option<String>,
     },
     /// Set up, then run a benchmark on the test hosts.

@@ -12,6 +12,10 @@
 //! - ours, standby, with the controller reading four field devices (four
 //!   flows, each sending every T_U): MIGRATIONS times, beside the one-flow
 //!   standby runs, for what several flows cost a migration;
+//! - ours, leave-running and standby with the controller (and its standby)
+//!   as runc containers, each host with a runtime of its own: MIGRATIONS
+//!   times each, beside the bare process's runs, for what a container
+//!   costs a migration (no prediction: the model knows no containers);
 //! - ours, hot replica: a replica made on dst from the standby while the
 //!   CPS runs (`replica.start`), kept in sync 200 ms, then the migration,
 //!   which hands over to it without a checkpoint: MIGRATIONS times. Its
@@ -64,13 +68,15 @@ const LEAD: Duration = Duration::from_millis(400);
 /// Migrations per live mode and size the model's live costs are fitted to.
 const CALIBRATION_RUNS: usize = 4;
 const CALIBRATION_SIZES: [u64; 2] = [1, 64];
-const METHODS: [Kind; 6] = [
+const METHODS: [Kind; 8] = [
     Kind::StopAndCopy,
     Kind::PreCopy,
     Kind::LeaveRunning,
     Kind::Standby,
     Kind::StandbyFourFlows,
     Kind::HotReplica,
+    Kind::LeaveRunningContainer,
+    Kind::StandbyContainer,
 ];
 /// How long a hot replica is kept in sync before the handover.
 const KEPT: Duration = Duration::from_millis(200);
@@ -83,6 +89,8 @@ enum Kind {
     Standby,
     StandbyFourFlows,
     HotReplica,
+    LeaveRunningContainer,
+    StandbyContainer,
 }
 
 impl Kind {
@@ -94,6 +102,8 @@ impl Kind {
             Kind::Standby => "ours, standby",
             Kind::StandbyFourFlows => "ours, standby, 4 flows",
             Kind::HotReplica => "ours, hot replica",
+            Kind::LeaveRunningContainer => "container, leave-run",
+            Kind::StandbyContainer => "container, standby",
         }
     }
     /// The label in the CSV files: no comma.
@@ -105,12 +115,14 @@ impl Kind {
             Kind::Standby => "standby",
             Kind::StandbyFourFlows => "standby-4-flows",
             Kind::HotReplica => "hot-replica",
+            Kind::LeaveRunningContainer => "leave-running-container",
+            Kind::StandbyContainer => "standby-container",
         }
     }
     fn live_mode(self) -> Option<&'static str> {
         match self {
-            Kind::LeaveRunning => Some("leave-running"),
-            Kind::Standby | Kind::StandbyFourFlows => Some("standby"),
+            Kind::LeaveRunning | Kind::LeaveRunningContainer => Some("leave-running"),
+            Kind::Standby | Kind::StandbyFourFlows | Kind::StandbyContainer => Some("standby"),
             _ => None,
         }
     }
@@ -120,6 +132,10 @@ impl Kind {
             Kind::StandbyFourFlows => 4,
             _ => 1,
         }
+    }
+    /// Whether the controller runs as a container.
+    fn container(self) -> bool {
+        matches!(self, Kind::LeaveRunningContainer | Kind::StandbyContainer)
     }
 }
 
@@ -177,7 +193,7 @@ fn main() -> anyhow::Result<()> {
         for kind in schedule(migrations, baselines) {
             let i = *done.entry(kind).or_default();
             let run = match kind.live_mode() {
-                Some(mode) => live(mode, kind.devices(), size, i)?.0,
+                Some(mode) => live(mode, (kind.devices(), kind.container()), size, i)?.0,
                 None if kind == Kind::HotReplica => hot_replica(size, i)?,
                 None => baseline(kind == Kind::PreCopy, size, i)?,
             };
@@ -242,6 +258,8 @@ fn schedule(migrations: usize, baselines: usize) -> Vec<Kind> {
                 Kind::Standby,
                 Kind::StandbyFourFlows,
                 Kind::HotReplica,
+                Kind::LeaveRunningContainer,
+                Kind::StandbyContainer,
             ]);
         }
     }
@@ -274,7 +292,7 @@ fn calibrate(target: &Path, size: u64) -> anyhow::Result<Calibration> {
     for i in 0..CALIBRATION_RUNS {
         for size in CALIBRATION_SIZES {
             for mode in ["leave-running", "standby"] {
-                reports.push(live(mode, 1, size, 1000 + i)?.1);
+                reports.push(live(mode, (1, false), size, 1000 + i)?.1);
             }
         }
     }
@@ -335,14 +353,21 @@ fn trace_path(i: usize) -> PathBuf {
 /// Test hosts that could not be set up and were set up again.
 static SETUP_RETRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// `MigrationSetup::new`, tried again on fresh test hosts when it panics
-/// (a service that did not answer its first probe, seen once in a few
-/// hundred set-ups on this loaded machine): no migration has started then.
-fn set_up(tag: &str, args: &[&str], devices: u16, standby: bool) -> anyhow::Result<MigrationSetup> {
+/// `MigrationSetup::new` (or, with `container`, `containerised`), tried
+/// again on fresh test hosts when it panics (a service that did not answer
+/// its first probe, seen once in a few hundred set-ups on this loaded
+/// machine): no migration has started then.
+fn set_up(
+    tag: &str,
+    args: &[&str],
+    (devices, container): (u16, bool),
+    standby: bool,
+) -> anyhow::Result<MigrationSetup> {
     for attempt in 1..=3 {
-        let built = std::panic::catch_unwind(|| match devices {
-            1 => MigrationSetup::new(tag, args, standby),
-            n => MigrationSetup::with_devices(tag, args, n, standby),
+        let built = std::panic::catch_unwind(|| match (devices, container) {
+            (1, true) => MigrationSetup::containerised(tag, args, standby, true),
+            (1, false) => MigrationSetup::new(tag, args, standby),
+            (n, _) => MigrationSetup::with_devices(tag, args, n, standby),
         });
         match built {
             Ok(setup) => return Ok(setup),
@@ -356,11 +381,22 @@ fn set_up(tag: &str, args: &[&str], devices: u16, standby: bool) -> anyhow::Resu
 }
 
 /// A live migration in `mode` of a controller of `devices` field devices
-/// (one flow each): what was measured, and the daemon's report.
-fn live(mode: &str, devices: u16, size: u64, i: usize) -> anyhow::Result<(Run, serde_json::Value)> {
+/// (one flow each), a container or not: what was measured, and the
+/// daemon's report.
+fn live(
+    mode: &str,
+    (devices, container): (u16, bool),
+    size: u64,
+    i: usize,
+) -> anyhow::Result<(Run, serde_json::Value)> {
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let setup = set_up(&format!("bm{i}"), &args, devices, mode == "standby")?;
+    let setup = set_up(
+        &format!("bm{i}"),
+        &args,
+        (devices, container),
+        mode == "standby",
+    )?;
     let state_bytes = dataplane_user::planning::calibrate::state_bytes(match &setup.standby {
         Some((_, standby, _)) if mode == "standby" => standby.pid,
         _ => setup.controller.pid,
@@ -380,7 +416,7 @@ fn live(mode: &str, devices: u16, size: u64, i: usize) -> anyhow::Result<(Run, s
 fn hot_replica(size: u64, i: usize) -> anyhow::Result<Run> {
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let setup = set_up(&format!("bh{i}"), &args, 1, true)?;
+    let setup = set_up(&format!("bh{i}"), &args, (1, false), true)?;
     let standby = setup.standby.as_ref().context("the standby")?;
     let state_bytes = dataplane_user::planning::calibrate::state_bytes(standby.1.pid)? as f64;
     let trace = trace_path(i);
@@ -472,7 +508,7 @@ fn measured(
 fn baseline(precopy: bool, size: u64, i: usize) -> anyhow::Result<Run> {
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let setup = set_up(&format!("bb{i}"), &args, 1, false)?;
+    let setup = set_up(&format!("bb{i}"), &args, (1, false), false)?;
     let state_bytes =
         dataplane_user::planning::calibrate::state_bytes(setup.controller.pid)? as f64;
     let cps = setup.start_cps(cycles(size), PERIOD_US, None);
@@ -617,7 +653,7 @@ fn rows(
             Kind::LeaveRunning => Some(Method::LeaveRunning),
             // The model knows no flows: one service's state and rate.
             Kind::Standby | Kind::StandbyFourFlows => Some(Method::Standby),
-            Kind::HotReplica => None,
+            Kind::HotReplica | Kind::LeaveRunningContainer | Kind::StandbyContainer => None,
         };
         let syncs: Vec<f64> = list.iter().filter_map(|r| r.sync_us).collect();
         let handovers: Vec<f64> = list.iter().filter_map(|r| r.handover_gap_us).collect();
@@ -978,8 +1014,8 @@ fn handover_bar(size: u64, runs: &[Run]) -> String {
 type Figure = fn(&Row) -> f64;
 
 /// Colours of the methods, in METHODS order.
-const COLOURS: [&str; 6] = [
-    "#b2182b", "#ef8a62", "#67a9cf", "#2166ac", "#5aae61", "#762a83",
+const COLOURS: [&str; 8] = [
+    "#b2182b", "#ef8a62", "#67a9cf", "#2166ac", "#5aae61", "#762a83", "#bababa", "#4d4d4d",
 ];
 
 /// A hand-written chart: T_M and T_D per size and method, grouped bars on

@@ -1,6 +1,8 @@
 //! `cargo xtask demo`: a live migration of a running control service.
 //! `cargo xtask demo cell`: a controller of four field devices moved round
-//! a cell of three hosts (see [`cell`]).
+//! a cell of three hosts (see [`cell`]). `cargo xtask demo container`: the
+//! controller and its standby as runc containers, each host with a
+//! container runtime of its own; migrated in standby mode.
 //!
 //! Builds the test hosts (cps, src with a standby namespace, dst), starts a
 //! daemon on src and on dst, the Markov controller of gundall2022 on src
@@ -31,10 +33,22 @@ fn main() -> anyhow::Result<()> {
         "building the test hosts: cps, src (+ a standby namespace), dst; starting both daemons"
     );
     let _tuning = dataplane_tests::tune_host_for_timing(dataplane_tests::Pin::Apart);
-    let setup = MigrationSetup::new("demo", &[], mode == "standby");
+    let (setup, mode) = match mode.as_str() {
+        "container" => (
+            MigrationSetup::containerised("demo", &[], true, true),
+            "standby".to_string(),
+        ),
+        _ => (MigrationSetup::new("demo", &[], mode == "standby"), mode),
+    };
+    let containers = setup.runtimes.as_ref();
     println!(
-        "Markov controller (gundall2022 Sec. VII-B) on src at {}{}",
+        "Markov controller (gundall2022 Sec. VII-B) on src at {}{}{}",
         setup.service,
+        if containers.is_some() {
+            ", in runc container markov"
+        } else {
+            ""
+        },
         if setup.standby.is_some() {
             ", its standby beside it"
         } else {
@@ -76,6 +90,13 @@ fn main() -> anyhow::Result<()> {
     );
     if let Some((step, _)) = chain_state(&setup.hosts.dst, setup.service) {
         println!("  the controller on dst has taken {step} inputs");
+    }
+    if let Some((src, dst)) = containers {
+        println!(
+            "  runc list: on src {:?}, on dst {:?}",
+            src.wait_listed(&[]),
+            dst.listed()
+        );
     }
     let svg = PathBuf::from("target/demo-timeline.svg");
     std::fs::write(
