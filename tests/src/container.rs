@@ -150,6 +150,17 @@ impl Runtime {
         Ok(container)
     }
 
+    /// A handle on container `id` of this runtime that someone else (a
+    /// daemon) started from `bundle`, its init `pid`.
+    pub fn adopt(&self, id: &str, bundle: PathBuf, pid: u32) -> RuncContainer {
+        RuncContainer {
+            id: id.to_string(),
+            root: self.root.clone(),
+            bundle,
+            pid,
+        }
+    }
+
     /// `runc state ID` in this runtime.
     pub fn state(&self, id: &str) -> Result<serde_json::Value, String> {
         let out = runc(&self.root, &["state", id])?;

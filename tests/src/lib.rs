@@ -33,8 +33,8 @@ pub use hosts::{
     SRC_ADDRESSES, TestHosts, mac_text, sock,
 };
 pub use migration::{
-    CONTROLLER_COMM, DST_PEER, EXTRA_SERVICE_V4, MigrationSetup, SRC_PEER, StopAndCopy,
-    cps_verdict, cps_verdicts, files_under,
+    CONTROLLER_COMM, ContainerStart, DST_PEER, EXTRA_SERVICE_V4, MigrationSetup, SRC_PEER,
+    StopAndCopy, cps_verdict, cps_verdicts, files_under,
 };
 pub use netns::{NetNs, ip, run, veth};
 pub use services::{

@@ -91,13 +91,14 @@ impl MigrationSetup {
         )
     }
 
-    /// As `new`, the controller (and the standby) as containers of image
-    /// "markov-controller", run by src's runtime; the image is in dst's
-    /// store too (`dst_image`: false leaves it out).
+    /// As `new`, the controller (and the standby) as containers `markov`
+    /// (`markov-standby`) of image "markov-controller" in src's runtime,
+    /// started as `start` says; the image is in dst's store too
+    /// (`dst_image`: false leaves it out).
     pub fn containerised(
         tag: &str,
         controller_args: &[&str],
-        standby: bool,
+        (standby, start): (bool, ContainerStart),
         dst_image: bool,
     ) -> Self {
         let runtimes = (Runtime::new(tag, "src"), Runtime::new(tag, "dst"));
@@ -113,7 +114,7 @@ impl MigrationSetup {
             standby,
             (&src_extra, &dst_extra),
             vec![flow],
-            Some(runtimes),
+            Some((runtimes, start)),
         )
     }
 
@@ -149,7 +150,7 @@ impl MigrationSetup {
         standby: bool,
         (src_extra, dst_extra): (&str, &str),
         flows: Vec<Flow>,
-        runtimes: Option<(Runtime, Runtime)>,
+        containers: Option<((Runtime, Runtime), ContainerStart)>,
     ) -> Self {
         let service = flows[0].1;
         let hosts = TestHosts::new(tag);
@@ -200,27 +201,38 @@ impl MigrationSetup {
         let mut args = vec![service.to_string()];
         args.extend(controller_args.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let start = |host: &NetNs, id: &str| match &runtimes {
-            Some((src, _)) => {
-                ChainService::in_container(host, src, id, (CONTROLLER, &args), service)
+        // The daemon registers the containers it starts; the test, the rest.
+        let by_daemon = matches!(containers, Some((_, ContainerStart::ByDaemon)));
+        let (controller, standby_controller) = match &containers {
+            Some((runtimes, ContainerStart::ByDaemon)) => {
+                start_containers(&src, &runtimes.0, &args, &flows, standby)
             }
-            None => ChainService::spawn(host, CONTROLLER, &args, service),
+            _ => {
+                let start = |host: &NetNs, id: &str| match &containers {
+                    Some(((src, _), _)) => {
+                        ChainService::in_container(host, src, id, (CONTROLLER, &args), service)
+                    }
+                    None => ChainService::spawn(host, CONTROLLER, &args, service),
+                };
+                let controller = start(&hosts.src, "markov");
+                let standby_controller = standby_ns.as_ref().map(|ns| {
+                    let standby = start(ns, "markov-standby");
+                    // The standby only has to be fed; it serves nothing until
+                    // it is checkpointed and restored (with the primary's
+                    // CPUs). Off the real-time CPU it takes no time from the
+                    // serving instance.
+                    if let Some((_, machinery)) = cpu_split() {
+                        dataplane_user::host::tasks::pin(standby.pid, &[machinery])
+                            .expect("pin the standby");
+                    }
+                    standby
+                });
+                for &flow in &flows {
+                    src.add_flow(flow);
+                }
+                (controller, standby_controller)
+            }
         };
-        let controller = start(&hosts.src, "markov");
-        let standby_controller = standby_ns.as_ref().map(|ns| {
-            let standby = start(ns, "markov-standby");
-            // The standby only has to be fed; it serves nothing until it is
-            // checkpointed and restored (with the primary's CPUs). Off the
-            // real-time CPU it takes no time from the serving instance.
-            if let Some((_, machinery)) = cpu_split() {
-                dataplane_user::host::tasks::pin(standby.pid, &[machinery])
-                    .expect("pin the standby");
-            }
-            standby
-        });
-        for &flow in &flows {
-            src.add_flow(flow);
-        }
         let standby = standby_ns.map(|ns| {
             (
                 standby_dataplane.expect("loaded with the namespace"),
@@ -237,9 +249,11 @@ impl MigrationSetup {
             service,
             flows,
             tag: tag.to_string(),
-            runtimes,
+            runtimes: containers.map(|c| c.0),
         };
-        setup.register();
+        if !by_daemon {
+            setup.register();
+        }
         setup
     }
 
@@ -640,6 +654,57 @@ pub const CONTROLLER_COMM: &str = "markov-controll";
 
 /// The controller's program (and image) name.
 const CONTROLLER: &str = "markov-controller";
+
+/// Who starts [`MigrationSetup::containerised`]'s containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContainerStart {
+    /// runc, from a bundle the test writes; then `service.register` by
+    /// container id, as for a container an admin started.
+    ByRunc,
+    /// src's daemon: `service.start` with the image.
+    ByDaemon,
+}
+
+/// Has `src`'s daemon start service "markov" (and its standby) as
+/// containers of the controller's image in `runtime` (`service.start`
+/// with `image`), the controller given `args`, fed by `flows`: handles
+/// that delete the containers on drop.
+fn start_containers(
+    src: &DaemonProcess,
+    runtime: &Runtime,
+    args: &[&str],
+    flows: &[Flow],
+    standby: bool,
+) -> (ChainService, Option<ChainService>) {
+    let mut command = vec![format!("/bin/{CONTROLLER}")];
+    command.extend(args.iter().map(|a| a.to_string()));
+    let flows: Vec<_> = flows
+        .iter()
+        .map(|(cps, service)| serde_json::json!({"cps": cps, "service": service}))
+        .collect();
+    let started = src
+        .client()
+        .call(
+            "service.start",
+            serde_json::json!({"name": "markov", "flows": flows, "standby": standby,
+                "command": command, "image": CONTROLLER}),
+        )
+        .expect("service.start with an image");
+    let services = runtime.services_dir().join("markov");
+    let handle = |id: &str, pid: &serde_json::Value, bundle: PathBuf| {
+        let pid = pid.as_u64().expect("a pid") as u32;
+        ChainService::of(runtime.adopt(id, bundle, pid))
+    };
+    let controller = handle("markov", &started["pid"], services.join("bundle"));
+    let standby = standby.then(|| {
+        handle(
+            "markov-standby",
+            &started["standby_pid"],
+            services.join("standby/bundle"),
+        )
+    });
+    (controller, standby)
+}
 
 /// Every file under `dir` (none if it does not exist).
 pub fn files_under(dir: &std::path::Path) -> Vec<String> {

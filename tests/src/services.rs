@@ -100,6 +100,14 @@ impl ChainService {
         service
     }
 
+    /// A handle on a service that runs as `container`.
+    pub fn of(container: RuncContainer) -> Self {
+        Self {
+            pid: container.pid,
+            runner: Runner::Container(container),
+        }
+    }
+
     /// Runs image `program` of `runtime` with `args` as container `id` in
     /// `host`, a service on `addr` as [`ChainService::spawn`] starts one.
     pub fn in_container(
@@ -117,10 +125,7 @@ impl ChainService {
         if let Some((rt, _)) = crate::timing::cpu_split() {
             dataplane_user::host::tasks::pin(container.pid, &[rt]).expect("pin the container");
         }
-        let service = Self {
-            pid: container.pid,
-            runner: Runner::Container(container),
-        };
+        let service = Self::of(container);
         assert_eq!(chain_state(host, addr), Some((0, 0)), "the service answers");
         service
     }

@@ -63,6 +63,7 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
             flows,
             standby,
             command,
+            image,
         } => {
             let start = ServiceStart {
                 name,
@@ -72,6 +73,7 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
                     .collect(),
                 standby,
                 command,
+                image,
             };
             let started: ServiceStarted = cx.call(Call::ServiceStart(start))?;
             cx.show(&started, |s| {

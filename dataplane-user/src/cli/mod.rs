@@ -258,6 +258,11 @@ pub enum ServiceCommand {
         /// standbys' namespace, fed by the mirror.
         #[arg(long)]
         standby: bool,
+        /// Run the command in a runc container of this image (its rootfs
+        /// `container_images/IMAGE`, read-only, tmpfs at /tmp), named after
+        /// the service (its standby NAME-standby).
+        #[arg(long)]
+        image: Option<String>,
         /// The program and its arguments (after `--`).
         #[arg(last = true, required = true)]
         command: Vec<String>,

@@ -218,6 +218,10 @@ pub struct ServiceStart {
     #[serde(default)]
     pub standby: bool,
     pub command: Vec<String>,
+    /// Run `command` in a runc container of this image
+    /// (`container_images/IMAGE`), named after the service.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

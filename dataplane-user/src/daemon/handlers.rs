@@ -2,7 +2,7 @@
 //! [`Handler`].
 use std::{
     collections::BTreeMap,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -29,6 +29,7 @@ use crate::{
     },
     host::{
         launch::{self, Launch},
+        runc,
         tasks::{self, Identity},
     },
     kernel::{
@@ -286,6 +287,7 @@ impl Daemon {
             flows,
             standby,
             command,
+            image,
         } = start;
         crate::service::service_name(&name)
             .map_err(|e| RpcError::new(code::INVALID_PARAMS, e.to_string()))?;
@@ -308,7 +310,18 @@ impl Daemon {
         };
         let added = self.add_missing_flows(&flows)?;
         let mut started = Vec::new();
-        let mut outcome = self.launch(&name, &flows, standby_host.as_ref(), &command, &mut started);
+        let containers = image.as_ref().map(|_| {
+            let standby = standby_host.as_ref().map(|_| format!("{name}-standby"));
+            (name.clone(), standby)
+        });
+        let mut outcome = match &image {
+            Some(image) => {
+                let ids = containers.as_ref().expect("with the image");
+                let standby = standby_host.as_ref().zip(ids.1.as_deref());
+                self.launch_containers(&name, (image, &command), standby, &flows, &mut started)
+            }
+            None => self.launch(&name, &flows, standby_host.as_ref(), &command, &mut started),
+        };
         if outcome.is_ok() {
             outcome = ready(&started, &flows).await.and(outcome);
         }
@@ -320,8 +333,8 @@ impl Daemon {
                 flows: flows.clone(),
                 standby_pid,
                 command: Some(command.clone()),
-                container: None,
-                standby_container: None,
+                container: containers.as_ref().map(|c| c.0.clone()),
+                standby_container: containers.as_ref().and_then(|c| c.1.clone()),
                 registered: Vec::new(),
             })?;
             Ok(ServiceStarted {
@@ -339,6 +352,15 @@ impl Daemon {
             Err(e) => {
                 for pid in started {
                     tasks::kill_pid_namespace(pid);
+                }
+                let runc = self.config.containers().runc;
+                for id in containers
+                    .into_iter()
+                    .flat_map(|(s, b)| std::iter::once(s).chain(b))
+                {
+                    if let Err(e) = runc.delete(&id) {
+                        tracing::warn!(container = %id, "{e}");
+                    }
                 }
                 let mut dataplane = self.dataplane.lock().unwrap();
                 for key in added {
@@ -397,6 +419,59 @@ impl Daemon {
         })
         .map_err(failed)?;
         started.push(pid);
+        Ok((pid, standby_pid))
+    }
+
+    /// As [`Self::launch`], each instance a runc container of `image`
+    /// running `command`: the service as container `name`, its standby (if
+    /// `standby` names the standbys' host and the standby's id) in the
+    /// standbys' namespace, each pinned as a process would be. They run as
+    /// ordinary tasks: a container's new cgroup may have no real-time
+    /// budget (cgroup v1), and its priority is then not its to take.
+    fn launch_containers(
+        &self,
+        name: &str,
+        (image, command): (&str, &[String]),
+        standby: Option<(&StandbyHost, &str)>,
+        flows: &[FlowSpec],
+        started: &mut Vec<u32>,
+    ) -> Result<(u32, Option<u32>), RpcError> {
+        let containers = self.config.containers();
+        let failed =
+            |e: runc::RuncError| RpcError::new(code::INTERNAL_ERROR, format!("{name}: {e}"));
+        let bundle = self.config.services_dir.join(name);
+        let mut start = |id: &str, netns: &Path, bundle: PathBuf, cpus: &[usize]| {
+            let pid = containers
+                .start(id, (image, command), netns, &bundle)
+                .map_err(failed)?;
+            started.push(pid);
+            if let Err(e) = tasks::pin(pid, cpus) {
+                tracing::warn!(container = id, "left on any CPU: {e}");
+            }
+            Ok::<_, RpcError>(pid)
+        };
+        let standby_pid = match standby {
+            None => None,
+            Some((host, id)) => {
+                host.make_room(flows).map_err(|e| {
+                    RpcError::new(code::INTERNAL_ERROR, format!("the standby's place: {e}"))
+                })?;
+                let cpus = tasks::other_cpus(&self.config.service_cpus);
+                Some(start(
+                    id,
+                    &host.netns,
+                    bundle.join("standby/bundle"),
+                    &cpus,
+                )?)
+            }
+        };
+        let netns = runc::own_netns().map_err(failed)?;
+        let pid = start(
+            name,
+            &netns,
+            bundle.join("bundle"),
+            &self.config.service_cpus,
+        )?;
         Ok((pid, standby_pid))
     }
 

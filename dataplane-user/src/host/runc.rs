@@ -46,6 +46,63 @@ impl Containers {
         }
         Ok((state.pid, Image::of(&state, &self.images)?))
     }
+
+    /// Starts container `id` running `argv` from image `image`, with its
+    /// bundle at `bundle`, in network namespace `netns`: its init process.
+    /// As a migration needs it: read-only from the image, what it writes
+    /// in tmpfs at /tmp, its standard descriptors /dev/null, its open
+    /// files limited as the daemon's are; in cgroup /dataplane/ID.
+    pub fn start(
+        &self,
+        id: &str,
+        (image, argv): (&str, &[String]),
+        netns: &Path,
+        bundle: &Path,
+    ) -> Result<u32, RuncError> {
+        let rootfs = self.images.join(image);
+        if !crate::service::is_plain_name(image) || !rootfs.is_dir() {
+            return Err(RuncError::NoImage(rootfs));
+        }
+        let (_, files) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_err(|e| RuncError::Spawn(e.into()))?;
+        // runc makes the devices (/dev/null, ...) in /dev: no `nodev` there.
+        let tmpfs = |destination: &str, options: &[&str]| {
+            serde_json::json!({"destination": destination, "type": "tmpfs", "source": "tmpfs",
+                "options": options})
+        };
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": {"uid": 0, "gid": 0},
+                "args": argv,
+                "env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
+                "cwd": "/",
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": files, "soft": files}],
+                "noNewPrivileges": true
+            },
+            "root": {"path": rootfs, "readonly": true},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                tmpfs("/dev", &["nosuid", "mode=755"]),
+                tmpfs("/tmp", &["nosuid", "nodev", "mode=1777"])
+            ],
+            "linux": {
+                "cgroupsPath": format!("/dataplane/{id}"),
+                "namespaces": [
+                    {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                    {"type": "network", "path": netns}
+                ]
+            }
+        });
+        std::fs::create_dir_all(bundle)
+            .and_then(|()| std::fs::write(bundle.join("config.json"), spec.to_string()))
+            .map_err(|source| RuncError::Bundle {
+                path: bundle.to_owned(),
+                source,
+            })?;
+        self.runc.run(id, bundle)
+    }
 }
 
 /// runc with its state directory (`--root`): the containers of one host.
@@ -58,7 +115,7 @@ pub struct Runc {
 impl Runc {
     /// `runc state ID`.
     pub fn state(&self, id: &str) -> Result<State, RuncError> {
-        let out = self.run("state", &["state", id])?;
+        let out = self.call("state", &["state", id])?;
         serde_json::from_slice(&out).map_err(|e| RuncError::Answer(format!("runc state: {e}")))
     }
 
@@ -72,7 +129,7 @@ impl Runc {
         images: &Path,
     ) -> Result<u32, RuncError> {
         let (bundle, dir) = (bundle.display().to_string(), images.display().to_string());
-        let restored = self.run(
+        let restored = self.call(
             "restore",
             &[
                 "--criu",
@@ -103,10 +160,39 @@ impl Runc {
         Ok(self.state(id)?.pid)
     }
 
+    /// Runs container `id` from `bundle`, detached: its init process. The
+    /// container keeps runc's standard descriptors, so they are /dev/null
+    /// (CRIU can dump that); runc's messages go to `runc.log` in the bundle.
+    pub fn run(&self, id: &str, bundle: &Path) -> Result<u32, RuncError> {
+        let log = bundle.join("runc.log");
+        let status = Command::new(RUNC)
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--log")
+            .arg(&log)
+            .args(["run", "--detach", "--bundle"])
+            .arg(bundle)
+            .arg(id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(RuncError::Spawn)?;
+        if !status.success() {
+            let logged = std::fs::read_to_string(&log).unwrap_or_default();
+            let message = logged.lines().rev().find(|l| !l.trim().is_empty());
+            return Err(RuncError::Failed {
+                command: "run".into(),
+                message: message.unwrap_or("no message").trim().to_string(),
+            });
+        }
+        Ok(self.state(id)?.pid)
+    }
+
     /// Kills container `id` and removes it from runc's state (and its
     /// cgroups). A container runc does not know is no error.
     pub fn delete(&self, id: &str) -> Result<(), RuncError> {
-        match self.run("delete", &["delete", "--force", id]) {
+        match self.call("delete", &["delete", "--force", id]) {
             Err(RuncError::Failed { message, .. }) if message.contains("does not exist") => Ok(()),
             other => other.map(drop),
         }
@@ -118,7 +204,7 @@ impl Runc {
         struct Listed {
             id: String,
         }
-        let out = self.run("list", &["list", "--format", "json"])?;
+        let out = self.call("list", &["list", "--format", "json"])?;
         let listed: Option<Vec<Listed>> = serde_json::from_slice(&out)
             .map_err(|e| RuncError::Answer(format!("runc list: {e}")))?;
         Ok(listed.into_iter().flatten().map(|c| c.id).collect())
@@ -128,7 +214,7 @@ impl Runc {
     /// options), or its error. Its stdout and stderr are files in
     /// memory: a container it starts may keep runc's descriptors open,
     /// and a pipe would then wait for the container to end.
-    fn run(&self, command: &str, args: &[&str]) -> Result<Vec<u8>, RuncError> {
+    fn call(&self, command: &str, args: &[&str]) -> Result<Vec<u8>, RuncError> {
         let memory = || -> Result<std::fs::File, RuncError> {
             use nix::sys::memfd::{MFdFlags, memfd_create};
             let fd = memfd_create("runc", MFdFlags::MFD_CLOEXEC)

@@ -48,8 +48,8 @@ use std::{
 
 use anyhow::Context;
 use dataplane_tests::{
-    MigrationSetup, Outcomes, Sample, bar, cps_verdict, cps_verdicts, dataplane_bin, kill_pid,
-    output_gaps,
+    ContainerStart, MigrationSetup, Outcomes, Sample, bar, cps_verdict, cps_verdicts,
+    dataplane_bin, kill_pid, output_gaps,
 };
 use dataplane_user::{
     planning::{
@@ -365,7 +365,9 @@ fn set_up(
 ) -> anyhow::Result<MigrationSetup> {
     for attempt in 1..=3 {
         let built = std::panic::catch_unwind(|| match (devices, container) {
-            (1, true) => MigrationSetup::containerised(tag, args, standby, true),
+            (1, true) => {
+                MigrationSetup::containerised(tag, args, (standby, ContainerStart::ByRunc), true)
+            }
             (1, false) => MigrationSetup::new(tag, args, standby),
             (n, _) => MigrationSetup::with_devices(tag, args, n, standby),
         });

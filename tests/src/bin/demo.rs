@@ -17,8 +17,8 @@ use std::{
 };
 
 use dataplane_tests::{
-    CPS_V4, Cell, DST_PEER, MigrationSetup, SERVICE_V4, chain_state, cps_verdict, cps_verdicts,
-    dataplane_bin, kill_pid, read_trace, sock,
+    CPS_V4, Cell, ContainerStart, DST_PEER, MigrationSetup, SERVICE_V4, chain_state, cps_verdict,
+    cps_verdicts, dataplane_bin, kill_pid, read_trace, sock,
 };
 
 const CYCLES: u64 = 4000;
@@ -35,7 +35,7 @@ fn main() -> anyhow::Result<()> {
     let _tuning = dataplane_tests::tune_host_for_timing(dataplane_tests::Pin::Apart);
     let (setup, mode) = match mode.as_str() {
         "container" => (
-            MigrationSetup::containerised("demo", &[], true, true),
+            MigrationSetup::containerised("demo", &[], (true, ContainerStart::ByDaemon), true),
             "standby".to_string(),
         ),
         _ => (MigrationSetup::new("demo", &[], mode == "standby"), mode),
