@@ -3,7 +3,7 @@
 //! state (`--root`) and an image store, as separate hosts would. A
 //! container runs read-only from an image (a root filesystem holding the
 //! binary and the libraries it links), keeps what it writes in tmpfs
-//! mounts (/data, /tmp), and joins its host's network namespace: the way
+//! (/tmp), and joins its host's network namespace: the way
 //! the service network reaches a container on these hosts
 //! (docs/testing.md).
 use std::{
@@ -108,7 +108,7 @@ impl Runtime {
             "root": {"path": self.images.join(program), "readonly": true},
             "mounts": [
                 {"destination": "/proc", "type": "proc", "source": "proc"},
-                tmpfs("/dev"), tmpfs("/tmp"), tmpfs("/data")
+                tmpfs("/dev"), tmpfs("/tmp")
             ],
             "linux": {
                 // The test hosts share one kernel and so its cgroups.
@@ -253,7 +253,7 @@ fn root_filesystem(rootfs: &Path, binary: &Path) -> Result<(), String> {
     };
     let name = binary.file_name().ok_or("a binary's name")?;
     copy(binary, &rootfs.join("bin").join(name))?;
-    for dir in ["proc", "dev", "tmp", "data"] {
+    for dir in ["proc", "dev", "tmp"] {
         std::fs::create_dir_all(rootfs.join(dir)).map_err(|e| e.to_string())?;
     }
     let ldd = Command::new("ldd")

@@ -223,3 +223,65 @@ fn a_containerised_controller_gets_a_hot_replica_container_and_is_handed_over_to
         setup.src.log()
     );
 }
+
+#[test]
+fn a_container_that_cannot_migrate_is_refused_by_name_and_the_daemon_serves_on() {
+    if !runc_runs() {
+        return;
+    }
+    let setup = MigrationSetup::containerised("ctrf", &[], (false, ContainerStart::ByRunc), true);
+    let (src, _) = setup.runtimes.as_ref().expect("container runtimes");
+    let flow = serde_json::json!([{"cps": "192.0.2.1:4100", "service": "192.0.2.10:5100"}]);
+    let refused = |method: &str, params: serde_json::Value| {
+        let mut c = setup.src.client();
+        match c.call(method, params.clone()) {
+            Err(dataplane_user::control::client::ClientError::Rpc(e)) => (e.code, e.message),
+            other => panic!("{method} {params}: {other:?}"),
+        }
+    };
+    let cases = [
+        (
+            serde_json::json!({"name": "x", "container": "nosuch", "flows": flow}),
+            -32002,
+            "container nosuch",
+        ),
+        (
+            serde_json::json!({"name": "x", "container": "markov", "pid": 1, "flows": flow}),
+            -32602,
+            "not 1",
+        ),
+        (
+            serde_json::json!({"name": "x", "standby_container": "markov", "flows": flow}),
+            -32602,
+            "needs a container",
+        ),
+        (
+            serde_json::json!({"name": "x", "flows": flow}),
+            -32602,
+            "a pid or a container",
+        ),
+    ];
+    for (params, code, says) in cases {
+        let (got, message) = refused("service.register", params.clone());
+        assert_eq!(got, code, "{params}: {message}");
+        assert!(message.contains(says), "{params}: {message}");
+    }
+    // An image that is not a plain name in the store starts nothing.
+    let start = serde_json::json!({"name": "x", "flows": flow, "image": "../markov-controller",
+        "command": ["/bin/markov-controller", "192.0.2.10:5100"]});
+    let (got, message) = refused("service.start", start);
+    assert_eq!(got, -32603, "{message}");
+    assert!(message.contains("image is not on this host"), "{message}");
+    assert_eq!(src.listed(), ["markov"]);
+    let services = setup
+        .src
+        .client()
+        .call("service.list", serde_json::json!({}));
+    assert_eq!(
+        services
+            .expect("the daemon serves on")
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+}
