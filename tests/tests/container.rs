@@ -285,3 +285,77 @@ fn a_container_that_cannot_migrate_is_refused_by_name_and_the_daemon_serves_on()
         Some(1)
     );
 }
+
+#[test]
+fn a_restored_container_that_does_not_converge_is_deleted_and_the_source_serves_on() {
+    if !runc_runs() {
+        return;
+    }
+    let setup = MigrationSetup::containerised("ctnc", &[], (false, ContainerStart::ByRunc), true);
+    let (src, dst) = setup.runtimes.as_ref().expect("container runtimes");
+    // More matches than the deadline allows: restored, then rolled back.
+    let (report, verdict) = setup.migrate_while_cps_runs(
+        2000,
+        Duration::from_millis(300),
+        serde_json::json!({"converge": 100000, "deadline_ms": 300}),
+    );
+    println!("report: {report}\nCPS: {verdict}");
+    assert_eq!(report["state"], "failed", "{report:#}");
+    assert!(
+        report["destination_pid"].as_u64() > Some(0),
+        "restored first: {report}"
+    );
+    assert_eq!(report["phase"], "converge", "{report:#}");
+    assert_eq!(verdict["answered"], 2000, "{verdict}");
+    assert_clean(&verdict);
+    assert_eq!(src.listed(), ["markov"]);
+    assert_eq!(
+        dst.wait_listed(&[]),
+        Vec::<String>::new(),
+        "{}",
+        setup.dst.log()
+    );
+    assert!(!dst.services_dir().join("markov").exists());
+    assert_eq!(setup.left_on_dst(), Vec::<String>::new());
+}
+
+#[test]
+fn a_hot_replica_container_takes_over_when_the_source_host_stops() {
+    if !runc_runs() {
+        return;
+    }
+    let mut setup =
+        MigrationSetup::containerised("ctfo", &[], (false, ContainerStart::ByRunc), true);
+    // The inputs sent to the stopped host reached no instance: the
+    // replica's chain may skip those (and only those) cycles.
+    let cps = setup.start_cps_with(3000, 1000, &["--skips"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let replica = setup.replicate(serde_json::json!({}));
+    let synced = setup.wait_in_sync(&replica);
+    assert_eq!(synced["replica"]["state"], "in_sync", "{synced}");
+    std::thread::sleep(Duration::from_millis(500));
+    setup.stop_source_host();
+    let verdict = cps_verdict(cps);
+    let status = setup.dst.client().call("status", serde_json::json!({}));
+    let status = status.expect("status");
+    println!("CPS: {verdict}\ntakeovers: {}", status["takeovers"]);
+    assert_eq!(status["takeovers"][0]["service"], "markov", "{status}");
+    assert_eq!(status["takeovers"][0]["error"], serde_json::Value::Null);
+    for key in ["duplicates", "out_of_order", "wrong"] {
+        assert_eq!(verdict[key], 0, "{key}: {verdict}");
+    }
+    let silent_ms = status["takeovers"][0]["silent_us"].as_u64().unwrap() / 1000;
+    assert!(
+        verdict["missed"].as_u64().unwrap() <= silent_ms + 10,
+        "{verdict}"
+    );
+    // The replica serves as dst's container, registered as one.
+    let (_, dst) = setup.runtimes.as_ref().expect("container runtimes");
+    assert_eq!(dst.listed(), ["markov"]);
+    assert_eq!(dst.state("markov").unwrap()["status"], "running");
+    let services = setup
+        .dst
+        .client()
+        .call("service.list", serde_json::json!({}));
+    assert_eq!(services.expect("service.list")[0]["container"], "markov");
+}

@@ -168,7 +168,8 @@ fn the_destination_registers_the_service_it_kept_and_both_registries_outlive_a_r
     let pid = report["destination_pid"].as_u64().unwrap();
     let (cps, service) = setup.flow();
     let kept = serde_json::json!([{"name": "markov", "pid": pid, "netns": null,
-        "flows": [{"cps": cps, "service": service}], "standby_pid": null, "command": null}]);
+        "flows": [{"cps": cps, "service": service}], "standby_pid": null, "command": null,
+        "container": null, "standby_container": null}]);
     let list = |daemon: &dataplane_tests::DaemonProcess| {
         daemon
             .client()

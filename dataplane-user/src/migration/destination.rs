@@ -1218,8 +1218,9 @@ impl Target {
             Some(image) => {
                 let containers = self.host.containers.clone();
                 let (id, bundle) = (self.service.clone(), self.bundle());
-                // Its cgroup is this migration's: a host's cgroups are its own.
-                let cgroup = format!("/dataplane/{}", self.migration);
+                // Its cgroup is this migration's (the containers this host
+                // starts have /dataplane/NAME).
+                let cgroup = format!("/dataplane/migrated/{}", self.migration);
                 tokio::task::spawn_blocking(move || {
                     restore_container(&containers, &image, &id, &bundle, &cgroup, &images)
                 })
