@@ -339,23 +339,27 @@ impl Image {
         self.spec["mounts"].as_array().into_iter().flatten()
     }
 
-    /// The bundle that restores it on this host: its rootfs from `images`,
-    /// its network namespace `netns`, its cgroup `cgroups_path`. Hooks are
-    /// left out: a peer may have this host restore a container, not run
-    /// commands on it.
+    /// The bundle that restores it on this host: its rootfs from `images`
+    /// (read-only), its network namespace `netns`, its cgroup
+    /// `cgroups_path`. Hooks are left out: a peer may have this host
+    /// restore a container, not run commands on it, nor name a rootfs
+    /// outside `images`.
     pub fn bundle(
         &self,
         images: &Path,
         netns: &Path,
         cgroups_path: &str,
     ) -> Result<serde_json::Value, RuncError> {
+        if !crate::service::is_plain_name(&self.name) {
+            return Err(RuncError::ImageName(self.name.clone()));
+        }
         let rootfs = images.join(&self.name);
         if !rootfs.is_dir() {
             return Err(RuncError::NoImage(rootfs));
         }
         self.network()?;
         let mut spec = self.spec.clone();
-        spec["root"]["path"] = rootfs.display().to_string().into();
+        spec["root"] = serde_json::json!({"path": rootfs, "readonly": true});
         if let Some(spec) = spec.as_object_mut() {
             spec.remove("hooks");
         }
@@ -442,6 +446,8 @@ pub enum RuncError {
     WritableRoot(PathBuf),
     #[error("the image is not on this host: no {}", .0.display())]
     NoImage(PathBuf),
+    #[error("image name {0:?}: a plain name is 1 to 128 letters, digits, `.`, `_` or `-`")]
+    ImageName(String),
     #[error(
         "the container has a network namespace of its own: it must join its host's service \
          namespace (a `network` namespace with a path), where the dataplane sees its traffic"
@@ -487,7 +493,7 @@ mod tests {
     }
 
     #[test]
-    fn a_bundle_runs_the_hosts_copy_of_the_image_in_its_namespace_without_hooks() {
+    fn a_bundle_runs_the_hosts_copy_of_the_image_read_only_in_its_namespace_without_hooks() {
         let images = tempfile::tempdir().unwrap();
         let missing = image().bundle(images.path(), Path::new("/run/netns/dst"), "/d/plc");
         assert!(matches!(missing, Err(RuncError::NoImage(_))), "{missing:?}");
@@ -499,6 +505,7 @@ mod tests {
             spec["root"]["path"],
             images.path().join("plc").to_str().unwrap()
         );
+        assert_eq!(spec["root"]["readonly"], true);
         assert_eq!(spec["linux"]["namespaces"][1]["path"], "/run/netns/dst");
         assert_eq!(spec["linux"]["cgroupsPath"], "/d/plc");
         assert!(spec.get("hooks").is_none());
@@ -506,6 +513,18 @@ mod tests {
         own.spec["linux"]["namespaces"][1] = serde_json::json!({"type": "network"});
         let refused = own.bundle(images.path(), Path::new("/run/netns/dst"), "/d/plc");
         assert!(matches!(refused, Err(RuncError::OwnNetwork)), "{refused:?}");
+        // A peer names an image, never a path.
+        for name in ["..", "../plc", "/plc", "a/b", ""] {
+            let outside = Image {
+                name: name.into(),
+                ..image()
+            };
+            let refused = outside.bundle(images.path(), Path::new("/run/netns/dst"), "/d/plc");
+            assert!(
+                matches!(refused, Err(RuncError::ImageName(_))),
+                "{name}: {refused:?}"
+            );
+        }
     }
 
     #[test]
