@@ -198,6 +198,14 @@ impl Drop for Runtime {
                 let _ = runc(&self.root, &["delete", "--force", &id]);
             }
         }
+        // runc removes a container's cgroup, not the test's parent of it:
+        // one in each hierarchy (cgroup v1), or the one (v2).
+        let parent = self.dir.file_name().expect("a directory name");
+        let hierarchies = std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten();
+        let roots = hierarchies.flatten().map(|h| h.path());
+        for root in roots.chain([PathBuf::from("/sys/fs/cgroup")]) {
+            let _ = std::fs::remove_dir(root.join(parent));
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -524,6 +524,19 @@ impl MigrationSetup {
     }
 }
 
+impl Drop for MigrationSetup {
+    /// Instances a migration restored outlive the daemons by design (a
+    /// failover's, a test's that failed before it killed its own): they
+    /// end with the test hosts.
+    fn drop(&mut self) {
+        for host in [&self.hosts.src, &self.hosts.dst] {
+            for pid in Self::instances_on(host) {
+                crate::kill_pid(pid.into());
+            }
+        }
+    }
+}
+
 /// What a stop-and-copy migration took, phase by phase.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StopAndCopy {
