@@ -310,14 +310,15 @@ impl Daemon {
         };
         let added = self.add_missing_flows(&flows)?;
         let mut started = Vec::new();
-        let containers = image.as_ref().map(|_| {
-            let standby = standby_host.as_ref().map(|_| format!("{name}-standby"));
-            (name.clone(), standby)
-        });
+        // With an image: the service's container and its standby's.
+        let container = image.as_ref().map(|_| name.clone());
+        let standby_container = container
+            .as_ref()
+            .and(standby_host.as_ref())
+            .map(|_| format!("{name}-standby"));
         let mut outcome = match &image {
             Some(image) => {
-                let ids = containers.as_ref().expect("with the image");
-                let standby = standby_host.as_ref().zip(ids.1.as_deref());
+                let standby = standby_host.as_ref().zip(standby_container.as_deref());
                 self.launch_containers(&name, (image, &command), standby, &flows, &mut started)
             }
             None => self.launch(&name, &flows, standby_host.as_ref(), &command, &mut started),
@@ -333,8 +334,8 @@ impl Daemon {
                 flows: flows.clone(),
                 standby_pid,
                 command: Some(command.clone()),
-                container: containers.as_ref().map(|c| c.0.clone()),
-                standby_container: containers.as_ref().and_then(|c| c.1.clone()),
+                container: container.clone(),
+                standby_container: standby_container.clone(),
                 registered: Vec::new(),
             })?;
             Ok(ServiceStarted {
@@ -354,13 +355,8 @@ impl Daemon {
                     tasks::kill_pid_namespace(pid);
                 }
                 let runc = self.config.containers().runc;
-                for id in containers
-                    .into_iter()
-                    .flat_map(|(s, b)| std::iter::once(s).chain(b))
-                {
-                    if let Err(e) = runc.delete(&id) {
-                        tracing::warn!(container = %id, "{e}");
-                    }
+                for id in container.iter().chain(&standby_container) {
+                    runc.discard(id);
                 }
                 let mut dataplane = self.dataplane.lock().unwrap();
                 for key in added {

@@ -95,14 +95,19 @@ impl Containers {
                 ]
             }
         });
-        std::fs::create_dir_all(bundle)
-            .and_then(|()| std::fs::write(bundle.join("config.json"), spec.to_string()))
-            .map_err(|source| RuncError::Bundle {
-                path: bundle.to_owned(),
-                source,
-            })?;
+        write_bundle(bundle, &spec)?;
         self.runc.run(id, bundle)
     }
+}
+
+/// Writes `spec` as the configuration of the bundle at `bundle`.
+pub fn write_bundle(bundle: &Path, spec: &serde_json::Value) -> Result<(), RuncError> {
+    std::fs::create_dir_all(bundle)
+        .and_then(|()| std::fs::write(bundle.join("config.json"), spec.to_string()))
+        .map_err(|source| RuncError::Bundle {
+            path: bundle.to_owned(),
+            source,
+        })
 }
 
 /// runc with its state directory (`--root`): the containers of one host.
@@ -195,6 +200,14 @@ impl Runc {
         match self.call("delete", &["delete", "--force", id]) {
             Err(RuncError::Failed { message, .. }) if message.contains("does not exist") => Ok(()),
             other => other.map(drop),
+        }
+    }
+
+    /// As [`Runc::delete`], for a cleanup that goes on whatever happens:
+    /// a failure is logged.
+    pub fn discard(&self, id: &str) {
+        if let Err(e) = self.delete(id) {
+            tracing::warn!(container = id, "{e}");
         }
     }
 
@@ -339,17 +352,10 @@ impl Image {
         self.spec["mounts"].as_array().into_iter().flatten()
     }
 
-    /// The bundle that restores it on this host: its rootfs from `images`
-    /// (read-only), its network namespace `netns`, its cgroup
-    /// `cgroups_path`. Hooks are left out: a peer may have this host
-    /// restore a container, not run commands on it, nor name a rootfs
-    /// outside `images`.
-    pub fn bundle(
-        &self,
-        images: &Path,
-        netns: &Path,
-        cgroups_path: &str,
-    ) -> Result<serde_json::Value, RuncError> {
+    /// Its rootfs on this host, if this host can restore it: the image is
+    /// a plain name in `images` (a peer names an image, never a path), and
+    /// the container joins a network namespace by path.
+    pub fn rootfs(&self, images: &Path) -> Result<PathBuf, RuncError> {
         if !crate::service::is_plain_name(&self.name) {
             return Err(RuncError::ImageName(self.name.clone()));
         }
@@ -358,6 +364,20 @@ impl Image {
             return Err(RuncError::NoImage(rootfs));
         }
         self.network()?;
+        Ok(rootfs)
+    }
+
+    /// The bundle that restores it on this host: its [rootfs](Self::rootfs)
+    /// (read-only), its network namespace `netns`, its cgroup
+    /// `cgroups_path`. Hooks are left out: a peer may have this host
+    /// restore a container, not run commands on it.
+    pub fn bundle(
+        &self,
+        images: &Path,
+        netns: &Path,
+        cgroups_path: &str,
+    ) -> Result<serde_json::Value, RuncError> {
+        let rootfs = self.rootfs(images)?;
         let mut spec = self.spec.clone();
         spec["root"] = serde_json::json!({"path": rootfs, "readonly": true});
         if let Some(spec) = spec.as_object_mut() {

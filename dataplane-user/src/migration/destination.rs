@@ -750,9 +750,8 @@ impl Target {
         // under the service's name: both checked before the source holds.
         if let Some(image) = &started.container {
             let containers = &host.containers;
-            image
-                .bundle(&containers.images, &runc::own_netns()?, "")
-                .map_err(Cause::Container)?;
+            image.rootfs(&containers.images)?;
+            runc::own_netns()?;
             if containers.runc.list()?.contains(&service) {
                 return Err(Cause::ContainerHere(service));
             }
@@ -1743,12 +1742,7 @@ fn restore_container(
 ) -> Result<(u32, u64, u64), Cause> {
     let restored = (|| {
         let spec = image.bundle(&containers.images, &runc::own_netns()?, cgroup)?;
-        std::fs::create_dir_all(bundle)
-            .and_then(|()| std::fs::write(bundle.join("config.json"), spec.to_string()))
-            .map_err(|source| runc::RuncError::Bundle {
-                path: bundle.to_owned(),
-                source,
-            })?;
+        runc::write_bundle(bundle, &spec)?;
         let start = Instant::now();
         let pid = containers
             .runc
@@ -1769,9 +1763,7 @@ fn restore_container(
 
 /// Deletes container `id` from this host's runc (killing it) and its bundle.
 fn remove_container(containers: &runc::Containers, id: &str, bundle: &Path) {
-    if let Err(e) = containers.runc.delete(id) {
-        tracing::warn!(container = id, "{e}");
-    }
+    containers.runc.discard(id);
     let _ = std::fs::remove_dir_all(bundle);
     // The service's directory, if the bundle was all it held.
     let _ = bundle.parent().map(std::fs::remove_dir);
@@ -1811,10 +1803,8 @@ pub(super) fn recover(
         }
         return keep_serving(interface, flows);
     }
-    if let (Some(_), Some(name)) = (&incoming.container, &incoming.service)
-        && let Err(e) = runc.delete(name)
-    {
-        tracing::warn!(container = %name, "{e}");
+    if let (Some(_), Some(name)) = (&incoming.container, &incoming.service) {
+        runc.discard(name);
     }
     if let Some(i) = instance {
         let pid = nix::unistd::Pid::from_raw(i.pid as i32);

@@ -103,10 +103,6 @@ impl Checkpointed {
             let start = Instant::now();
             criu.dump_until(dump, &mut stop).map_err(Cause::Dump)?;
             let dump_us = start.elapsed().as_micros() as u64;
-            // What runc restores a container with besides CRIU's images.
-            if self.container.is_some() {
-                runc::write_descriptors(self.pid, &dump.images_dir)?;
-            }
             let frozen = stats::dump(&dump.images_dir).map_or(0, |s| s.frozen_time.into());
             Ok(Some((dump_us, frozen)))
         })();
@@ -127,6 +123,11 @@ impl Checkpointed {
         }
         // Without an end of its own, a hold ends early only on an abort.
         let (dump_us, frozen_us) = dumped?.ok_or(Cause::Aborted)?;
+        // What runc restores a container with besides CRIU's images: the
+        // instance runs on as dumped, so it is read once the hold is over.
+        if self.container.is_some() {
+            runc::write_descriptors(self.pid, &dump.images_dir)?;
+        }
         Ok(Taken {
             position,
             dump_us,

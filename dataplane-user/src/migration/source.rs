@@ -1190,11 +1190,7 @@ fn stop_instances(service: &Service, runc: &Runc) {
 /// which no step waits for.
 fn forget_container(runc: &Runc, id: &str) {
     let (runc, id) = (runc.clone(), id.to_string());
-    std::thread::spawn(move || {
-        if let Err(e) = runc.delete(&id) {
-            tracing::warn!(container = %id, "{e}");
-        }
-    });
+    std::thread::spawn(move || runc.discard(&id));
 }
 
 /// Kills an instance of a service the destination now serves, demoted
@@ -1270,9 +1266,7 @@ pub(super) fn recover(
                 })
                 .collect();
             for id in &outgoing.containers {
-                if let Err(e) = runc.delete(id) {
-                    tracing::warn!(container = %id, "{e}");
-                }
+                runc.discard(id);
             }
             let released = match Dataplane::open(pin_root) {
                 Ok(mut dataplane) => {
