@@ -150,6 +150,15 @@ pub struct DaemonConfig {
     /// Default: /var/lib/dataplane/container-images.
     #[serde(default = "default_container_images")]
     pub container_images: PathBuf,
+    /// podman's storage for the containers services run as under podman
+    /// (`service add --runtime podman`), as `podman --root`; podman's own
+    /// default if unset.
+    #[serde(default)]
+    pub podman_root: Option<PathBuf>,
+    /// podman's run-time state, as `podman --runroot`; podman's own
+    /// default if unset.
+    #[serde(default)]
+    pub podman_runroot: Option<PathBuf>,
     /// Where `dataplane calibrate` saves this host's migration model and
     /// `dataplane plan` and `dataplane migrate` read it.
     /// Default: /var/lib/dataplane/calibration.json.
@@ -341,10 +350,14 @@ impl DaemonConfig {
     }
 
     /// The containers this configuration names.
-    pub fn containers(&self) -> crate::host::runc::Containers {
-        crate::host::runc::Containers {
+    pub fn containers(&self) -> crate::host::container::Containers {
+        crate::host::container::Containers {
             runc: crate::host::runc::Runc {
                 root: self.runc_root.clone(),
+            },
+            podman: crate::host::podman::Podman {
+                root: self.podman_root.clone(),
+                runroot: self.podman_runroot.clone(),
             },
             images: self.container_images.clone(),
             criu: self.criu.clone(),

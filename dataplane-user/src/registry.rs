@@ -217,6 +217,7 @@ mod tests {
             command: None,
             container: None,
             standby_container: None,
+            runtime: Default::default(),
             registered: std::iter::once(pid)
                 .chain(standby_pid)
                 .filter_map(Identity::of)

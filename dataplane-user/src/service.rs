@@ -29,13 +29,16 @@ pub struct Service {
     /// started otherwise.
     #[serde(default)]
     pub command: Option<Vec<String>>,
-    /// The OCI container the service runs as, by its id in this host's
-    /// runc (`runc_root`); `pid` is its init process.
+    /// The OCI container the service runs as, by its id (or name) in this
+    /// host's `runtime`; `pid` is its init process.
     #[serde(default)]
     pub container: Option<String>,
     /// The standby's container, by its id; `standby_pid` is its init.
     #[serde(default)]
     pub standby_container: Option<String>,
+    /// The runtime its containers run under.
+    #[serde(default)]
+    pub runtime: Runtime,
     /// Its processes as they were when the daemon registered them: a
     /// migration checks them before CRIU touches a process and before it
     /// kills one (pids are reused). Set by the daemon, never by a caller.
@@ -59,6 +62,17 @@ impl Service {
             .map(|pid| (pid, self.standby_container.as_deref()));
         std::iter::once(serving).chain(standby)
     }
+}
+
+/// The runtime a container runs under.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// runc, with this host's `runc_root`.
+    #[default]
+    Runc,
+    /// podman (with runc and cgroupfs), with this host's `podman_root`.
+    Podman,
 }
 
 /// Whether `name` is a plain name: letters, digits, `.`, `_`, `-`, at most

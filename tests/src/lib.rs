@@ -26,7 +26,7 @@ mod timing;
 mod trace;
 
 pub use cell::{C_ADDRESSES, CELL, Cell, flows_json};
-pub use container::{RuncContainer, Runtime, runc_missing};
+pub use container::{RuncContainer, Runtime, missing};
 pub use daemon::{DaemonProcess, Flow, dataplane_bin};
 pub use hosts::{
     CPS_V4, CPS_V6, DST_ADDRESSES, HostAddresses, Loaded, RawSocket, SERVICE_V4, SERVICE_V6,

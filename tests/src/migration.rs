@@ -101,7 +101,11 @@ impl MigrationSetup {
         (standby, start): (bool, ContainerStart),
         dst_image: bool,
     ) -> Self {
-        let runtimes = (Runtime::new(tag, "src"), Runtime::new(tag, "dst"));
+        let podman = start == ContainerStart::ByPodman;
+        let runtimes = (
+            Runtime::new(tag, "src", podman),
+            Runtime::new(tag, "dst", podman),
+        );
         runtimes.0.install_image(CONTROLLER).expect("src's image");
         if dst_image {
             runtimes.1.install_image(CONTROLLER).expect("dst's image");
@@ -277,10 +281,11 @@ impl MigrationSetup {
     /// the source daemon.
     fn register(&self) {
         let standby = self.standby.is_some();
-        let service = match self.runtimes {
+        let service = match &self.runtimes {
             // By container id: the daemon finds the processes.
-            Some(_) => serde_json::json!({"container": "markov",
-                "standby_container": standby.then_some("markov-standby")}),
+            Some((src, _)) => serde_json::json!({"container": "markov",
+                "standby_container": standby.then_some("markov-standby"),
+                "runtime": src.name()}),
             None => serde_json::json!({"pid": self.controller.pid,
                 "standby_pid": self.standby.as_ref().map(|s| s.1.pid)}),
         };
@@ -674,6 +679,9 @@ pub enum ContainerStart {
     /// runc, from a bundle the test writes; then `service.register` by
     /// container id, as for a container an admin started.
     ByRunc,
+    /// podman (`podman run --rootfs`), each host with its own storage;
+    /// then `service.register` by container name, runtime podman.
+    ByPodman,
     /// src's daemon: `service.start` with the image.
     ByDaemon,
 }

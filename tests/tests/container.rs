@@ -1,18 +1,29 @@
-//! Services run as OCI containers by runc on the test hosts, each host
-//! with a runtime of its own (runc state and image store), a container
-//! sharing its host's network namespace: the way a container joins the
-//! service network the dataplane's NIC sees. Real runc, real CRIU, real
-//! processes; the migrations keep every guarantee a process's has.
+//! Services run as OCI containers by runc or podman on the test hosts,
+//! each host with a runtime of its own (runc state or podman storage, and
+//! an image store), a container sharing its host's network namespace: the
+//! way a container joins the service network the dataplane's NIC sees.
+//! Real runc, real podman, real CRIU, real processes; the migrations keep
+//! every guarantee a process's has.
 use std::{os::unix::fs::MetadataExt, path::Path, time::Duration};
 
 use dataplane_tests::{
-    CPS_V4, ContainerStart, MigrationSetup, SERVICE_V4, TestHosts, cps_verdict, runc_missing, sock,
+    CPS_V4, ContainerStart, MigrationSetup, SERVICE_V4, TestHosts, cps_verdict, missing, sock,
 };
 
 /// Whether runc can run here; says why not (the test then skips). Under
 /// CI, where `cargo xtask setup` has installed it, its absence fails.
 fn runc_runs() -> bool {
-    match runc_missing() {
+    runs("runc")
+}
+
+/// Whether the runtimes `start` needs run here, as [`runc_runs`].
+fn runtime_runs(start: ContainerStart) -> bool {
+    runc_runs() && (start != ContainerStart::ByPodman || runs("podman"))
+}
+
+/// Whether `program` runs here, as [`runc_runs`].
+fn runs(program: &str) -> bool {
+    match missing(program) {
         None => true,
         Some(why) if std::env::var_os("CI").is_some() => panic!("{why}"),
         Some(why) => {
@@ -28,7 +39,7 @@ fn a_controller_in_a_runc_container_on_a_test_host_answers_the_cps() {
         return;
     }
     let hosts = TestHosts::new("ctr");
-    let runtime = dataplane_tests::Runtime::new("ctr", "src");
+    let runtime = dataplane_tests::Runtime::new("ctr", "src", false);
     runtime.install_image("markov-controller").unwrap();
     let service = sock(SERVICE_V4, 5000);
     let container = runtime
@@ -72,11 +83,12 @@ fn container_file(pid: u64, path: &str) -> std::path::PathBuf {
 /// Migrates the containerised controller of a fresh setup (its containers
 /// started as `start` says) in `mode` while the CPS runs at 1 ms, and
 /// checks what a container's migration must keep: every input answered
-/// once, in order, right; the container known to dst's runc under the
-/// service's name, running, in dst's network namespace, and gone from
-/// src's; the files it wrote (in its tmpfs) there after.
+/// once, in order, right; the container known to dst's runtime (`runc
+/// list`, `podman ps`) under the service's name, running, in dst's network
+/// namespace, and gone from src's; the files it wrote (in its tmpfs) there
+/// after.
 fn migrate_a_container(tag: &str, mode: &str, start: ContainerStart) {
-    if !runc_runs() {
+    if !runtime_runs(start) {
         return;
     }
     let standby = mode == "standby";
@@ -100,7 +112,7 @@ fn migrate_a_container(tag: &str, mode: &str, start: ContainerStart) {
     assert_eq!(report["state"], "done", "{report:#}\n{}", setup.src.log());
     assert_eq!(verdict["answered"], 3000, "{verdict}");
     assert_clean(&verdict);
-    // dst's runc runs it under the service's name; src's knows none.
+    // dst's runtime runs it under the service's name; src's knows none.
     assert_eq!(dst.listed(), ["markov"], "{}", setup.dst.log());
     let state = dst.state("markov").unwrap();
     assert_eq!(state["status"], "running", "{state}");
@@ -126,6 +138,7 @@ fn migrate_a_container(tag: &str, mode: &str, start: ContainerStart) {
         .call("service.list", serde_json::json!({}));
     let services = services.expect("service.list");
     assert_eq!(services[0]["container"], "markov", "{services}");
+    assert_eq!(services[0]["runtime"], src.name(), "{services}");
     assert_eq!(services[0]["pid"].as_u64(), Some(pid), "{services}");
 }
 
@@ -139,17 +152,31 @@ fn a_containerised_controller_the_daemon_started_migrates_from_its_standby_conta
     migrate_a_container("ctsb", "standby", ContainerStart::ByDaemon);
 }
 
-/// Migrates the containerised controller of a fresh setup whose dst has
-/// `image` ("none", or "broken": without the controller's binary) while
-/// the CPS runs; the migration must fail with `error`, the source's
-/// container serve on, and dst keep nothing.
-fn fail_for_the_image(tag: &str, image: &str, error: &str) {
-    let setup =
-        MigrationSetup::containerised(tag, &[], (false, ContainerStart::ByRunc), image != "none");
+#[test]
+fn a_podman_container_migrates_leaving_it_running_and_podman_knows_it_on_dst() {
+    migrate_a_container("cplr", "leave-running", ContainerStart::ByPodman);
+}
+
+#[test]
+fn a_podman_container_migrates_from_its_standby_container() {
+    migrate_a_container("cpsb", "standby", ContainerStart::ByPodman);
+}
+
+/// Migrates the containerised controller of a fresh setup (containers
+/// started as `start` says) whose dst has `image` ("none", or "broken":
+/// without the C library the controller links) while the CPS runs; the migration must
+/// fail with `error`, the source's container serve on, and dst keep
+/// nothing.
+fn fail_for_the_image(tag: &str, start: ContainerStart, image: &str, error: &str) {
+    let setup = MigrationSetup::containerised(tag, &[], (false, start), image != "none");
     let (src, dst) = setup.runtimes.as_ref().expect("container runtimes");
     if image == "broken" {
-        let binary = dst.images.join("markov-controller/bin/markov-controller");
-        std::fs::remove_file(binary).expect("remove the binary from dst's image");
+        // The runtime still starts the binary's container; CRIU cannot
+        // map the library the dumped process has mapped.
+        let libc = dst
+            .images
+            .join("markov-controller/lib/x86_64-linux-gnu/libc.so.6");
+        std::fs::remove_file(libc).expect("remove libc from dst's image");
     }
     let (report, verdict) =
         setup.migrate_while_cps_runs(1500, Duration::from_millis(300), serde_json::json!({}));
@@ -170,14 +197,31 @@ fn fail_for_the_image(tag: &str, image: &str, error: &str) {
 #[test]
 fn a_container_whose_image_dst_lacks_is_refused_before_the_hold_and_keeps_serving() {
     if runc_runs() {
-        fail_for_the_image("ctim", "none", "the image is not on this host");
+        fail_for_the_image(
+            "ctim",
+            ContainerStart::ByRunc,
+            "none",
+            "the image is not on this host",
+        );
     }
 }
 
 #[test]
 fn a_container_whose_restore_fails_on_dst_rolls_back_and_keeps_serving() {
     if runc_runs() {
-        fail_for_the_image("ctbr", "broken", "runc restore");
+        fail_for_the_image("ctbr", ContainerStart::ByRunc, "broken", "runc restore");
+    }
+}
+
+#[test]
+fn a_podman_container_whose_restore_fails_on_dst_rolls_back_and_keeps_serving() {
+    if runtime_runs(ContainerStart::ByPodman) {
+        fail_for_the_image(
+            "cpbr",
+            ContainerStart::ByPodman,
+            "broken",
+            "podman container restore",
+        );
     }
 }
 

@@ -169,7 +169,7 @@ fn the_destination_registers_the_service_it_kept_and_both_registries_outlive_a_r
     let (cps, service) = setup.flow();
     let kept = serde_json::json!([{"name": "markov", "pid": pid, "netns": null,
         "flows": [{"cps": cps, "service": service}], "standby_pid": null, "command": null,
-        "container": null, "standby_container": null}]);
+        "container": null, "standby_container": null, "runtime": "runc"}]);
     let list = |daemon: &dataplane_tests::DaemonProcess| {
         daemon
             .client()

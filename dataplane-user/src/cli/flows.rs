@@ -40,6 +40,7 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
             standby_pid,
             container,
             standby_container,
+            runtime,
         } => {
             let service = Service {
                 name,
@@ -53,6 +54,7 @@ pub fn service(cx: &Context, command: ServiceCommand) -> Result<(), Failure> {
                 command: None,
                 container,
                 standby_container,
+                runtime,
                 registered: Vec::new(),
             };
             let registered: ServiceRegistered = cx.call(Call::ServiceRegister(service))?;

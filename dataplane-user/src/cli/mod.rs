@@ -229,10 +229,14 @@ pub enum ServiceCommand {
         /// The service's process (the root of its PID namespace, if any).
         #[arg(long, required_unless_present = "container")]
         pid: Option<u32>,
-        /// The OCI container the service runs as, by its id in this host's
-        /// runc (`runc_root`): its init process is the service's.
+        /// The OCI container the service runs as, by its id (or podman
+        /// name) in this host's runtime: its init process is the service's.
         #[arg(long, conflicts_with = "pid")]
         container: Option<String>,
+        /// The runtime its containers run under (runc: `runc_root`;
+        /// podman: `podman_root`).
+        #[arg(long, value_enum, default_value_t, requires = "container")]
+        runtime: dataplane_user::service::Runtime,
         /// Its network namespace, e.g. /run/netns/src.
         #[arg(long)]
         netns: Option<String>,

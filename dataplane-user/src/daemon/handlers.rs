@@ -336,6 +336,7 @@ impl Daemon {
                 command: Some(command.clone()),
                 container: container.clone(),
                 standby_container: standby_container.clone(),
+                runtime: crate::service::Runtime::Runc,
                 registered: Vec::new(),
             })?;
             Ok(ServiceStarted {
@@ -354,9 +355,9 @@ impl Daemon {
                 for pid in started {
                     tasks::kill_pid_namespace(pid);
                 }
-                let runc = self.config.containers().runc;
+                let containers = self.config.containers();
                 for id in container.iter().chain(&standby_container) {
-                    runc.discard(id);
+                    containers.discard(crate::service::Runtime::Runc, id);
                 }
                 let mut dataplane = self.dataplane.lock().unwrap();
                 for key in added {
@@ -471,7 +472,7 @@ impl Daemon {
         Ok((pid, standby_pid))
     }
 
-    /// Takes the processes of `service` that are containers from runc:
+    /// Takes the processes of `service` that are containers from their runtime:
     /// each its container's init (a pid given too must be that one), each
     /// container one a migration can move.
     fn container_instances(&self, service: &mut Service) -> Result<(), RpcError> {
@@ -485,7 +486,7 @@ impl Daemon {
         let containers = self.config.containers();
         let init = |id: &str, given: Option<u32>| -> Result<u32, RpcError> {
             let (pid, _) = containers
-                .image(id)
+                .image(service.runtime, id)
                 .map_err(|e| RpcError::new(code::NOT_FOUND, format!("container {id}: {e}")))?;
             match given {
                 Some(given) if given != pid && given != 0 => Err(invalid(format!(

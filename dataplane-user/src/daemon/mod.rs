@@ -356,7 +356,7 @@ impl Daemon {
             standby_pin_root: self.config.standby_host().map(|s| s.pin_root),
             interface: self.config.interface.clone(),
             services: self.services.clone(),
-            runc: self.config.containers().runc,
+            containers: self.config.containers(),
             keeps_replicas: self.config.peer_listen.is_some(),
         }
     }

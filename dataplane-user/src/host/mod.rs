@@ -1,7 +1,9 @@
 //! The host: network devices and addresses, the service's tasks, files
 //! that must survive a crash whole.
+pub mod container;
 pub mod launch;
 pub mod netdev;
+pub mod podman;
 pub mod runc;
 pub mod tasks;
 

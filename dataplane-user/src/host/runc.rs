@@ -1,19 +1,24 @@
-//! Services that run as OCI containers under runc: what the daemon asks
-//! runc (a container's state, a restore from a bundle, a delete) and what
-//! it takes from a container's bundle to dump it with CRIU itself.
+//! Services that run as OCI containers, under runc or under podman (with
+//! runc): what the daemon asks runc (a container's state, a restore from
+//! a bundle, a delete) and what it takes from a container's configuration
+//! to dump it with CRIU itself. podman's side is in [`super::podman`],
+//! the choice between them in [`super::container`].
 //!
 //! The daemon dumps a container as it dumps a process, through CRIU's RPC
 //! and under its own hold, with the options runc gives CRIU for one (the
-//! rootfs as CRIU's root, the bind mounts as external mounts, cgroups
-//! managed, the network namespace an external under runc's key). runc
-//! restores it on the destination, from a bundle the daemon writes, so
-//! that the destination's runc knows it (docs/design.md, Containers).
+//! rootfs as CRIU's root, the bind and cgroup mounts as external mounts,
+//! cgroups managed, the network namespace an external under runc's key).
+//! The container's runtime restores it on the destination (runc from a
+//! bundle the daemon writes, podman into a container it made for it), so
+//! that the destination's runtime knows it (docs/design.md, Containers).
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
 use serde::{Deserialize, Serialize};
+
+use crate::service::Runtime;
 
 /// The runc binary, as the daemon's PATH finds it.
 const RUNC: &str = "runc";
@@ -25,80 +30,6 @@ pub const NETNS_KEY: &str = "extRootNetNS";
 
 /// The file runc reads a checkpoint's standard descriptors from.
 const DESCRIPTORS: &str = "descriptors.json";
-
-/// This host's containers: runc's state, and the images they run from.
-#[derive(Clone, Debug)]
-pub struct Containers {
-    pub runc: Runc,
-    /// Where the root filesystems of this host's containers are, one
-    /// directory per image (`container_images`).
-    pub images: PathBuf,
-    /// The CRIU binary runc restores with.
-    pub criu: PathBuf,
-}
-
-impl Containers {
-    /// Container `id`'s init process and the image a migration carries.
-    pub fn image(&self, id: &str) -> Result<(u32, Image), RuncError> {
-        let state = self.runc.state(id)?;
-        if state.status != "running" {
-            return Err(RuncError::NotRunning(id.to_string(), state.status));
-        }
-        Ok((state.pid, Image::of(&state, &self.images)?))
-    }
-
-    /// Starts container `id` running `argv` from image `image`, with its
-    /// bundle at `bundle`, in network namespace `netns`: its init process.
-    /// As a migration needs it: read-only from the image, what it writes
-    /// in tmpfs at /tmp, its standard descriptors /dev/null, its open
-    /// files limited as the daemon's are; in cgroup /dataplane/ID.
-    pub fn start(
-        &self,
-        id: &str,
-        (image, argv): (&str, &[String]),
-        netns: &Path,
-        bundle: &Path,
-    ) -> Result<u32, RuncError> {
-        let rootfs = self.images.join(image);
-        if !crate::service::is_plain_name(image) || !rootfs.is_dir() {
-            return Err(RuncError::NoImage(rootfs));
-        }
-        let (_, files) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .map_err(|e| RuncError::Spawn(e.into()))?;
-        // runc makes the devices (/dev/null, ...) in /dev: no `nodev` there.
-        let tmpfs = |destination: &str, options: &[&str]| {
-            serde_json::json!({"destination": destination, "type": "tmpfs", "source": "tmpfs",
-                "options": options})
-        };
-        let spec = serde_json::json!({
-            "ociVersion": "1.0.2",
-            "process": {
-                "terminal": false,
-                "user": {"uid": 0, "gid": 0},
-                "args": argv,
-                "env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
-                "cwd": "/",
-                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": files, "soft": files}],
-                "noNewPrivileges": true
-            },
-            "root": {"path": rootfs, "readonly": true},
-            "mounts": [
-                {"destination": "/proc", "type": "proc", "source": "proc"},
-                tmpfs("/dev", &["nosuid", "mode=755"]),
-                tmpfs("/tmp", &["nosuid", "nodev", "mode=1777"])
-            ],
-            "linux": {
-                "cgroupsPath": format!("/dataplane/{id}"),
-                "namespaces": [
-                    {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                    {"type": "network", "path": netns}
-                ]
-            }
-        });
-        write_bundle(bundle, &spec)?;
-        self.runc.run(id, bundle)
-    }
-}
 
 /// Writes `spec` as the configuration of the bundle at `bundle`.
 pub fn write_bundle(bundle: &Path, spec: &serde_json::Value) -> Result<(), RuncError> {
@@ -150,18 +81,7 @@ impl Runc {
                 id,
             ],
         );
-        // CRIU's own account says more than runc's.
-        if let Err(RuncError::Failed { command, message }) = restored {
-            let log = images.join("restore.log");
-            let criu = crate::criu::logged_errors(&log.display().to_string());
-            return Err(RuncError::Failed {
-                command,
-                message: match criu {
-                    Some(errors) => format!("{message}; CRIU: {errors}"),
-                    None => message,
-                },
-            });
-        }
+        restored.map_err(|e| with_criu_errors(e, &images.join("restore.log")))?;
         Ok(self.state(id)?.pid)
     }
 
@@ -187,7 +107,7 @@ impl Runc {
             let logged = std::fs::read_to_string(&log).unwrap_or_default();
             let message = logged.lines().rev().find(|l| !l.trim().is_empty());
             return Err(RuncError::Failed {
-                command: "run".into(),
+                command: "runc run".into(),
                 message: message.unwrap_or("no message").trim().to_string(),
             });
         }
@@ -224,65 +144,85 @@ impl Runc {
     }
 
     /// runc's output for `command` (`args` name it, after runc's own
-    /// options), or its error. Its stdout and stderr are files in
-    /// memory: a container it starts may keep runc's descriptors open,
-    /// and a pipe would then wait for the container to end.
+    /// options), or its error.
     fn call(&self, command: &str, args: &[&str]) -> Result<Vec<u8>, RuncError> {
-        let memory = || -> Result<std::fs::File, RuncError> {
-            use nix::sys::memfd::{MFdFlags, memfd_create};
-            let fd = memfd_create("runc", MFdFlags::MFD_CLOEXEC)
-                .map_err(|e| RuncError::Spawn(e.into()))?;
-            Ok(fd.into())
-        };
-        let (out, err) = (memory()?, memory()?);
-        let status = Command::new(RUNC)
-            .arg("--root")
-            .arg(&self.root)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().map_err(RuncError::Spawn)?)
-            .stderr(err.try_clone().map_err(RuncError::Spawn)?)
-            .status()
-            .map_err(RuncError::Spawn)?;
-        let read = |mut file: std::fs::File| {
-            use std::io::{Read, Seek};
-            let mut bytes = Vec::new();
-            let _ = file.rewind().and_then(|()| file.read_to_end(&mut bytes));
-            bytes
-        };
-        // runc logs warnings before its error: the last line is the error.
-        let error = String::from_utf8_lossy(&read(err)).to_string();
-        let message = error.lines().rev().find(|l| !l.trim().is_empty());
-        match status.success() {
-            true => Ok(read(out)),
-            false => Err(RuncError::Failed {
-                command: command.to_string(),
-                message: message.unwrap_or("no message").trim().to_string(),
-            }),
-        }
+        let mut runc = Command::new(RUNC);
+        runc.arg("--root").arg(&self.root).args(args);
+        call(runc, &format!("runc {command}"))
     }
 }
 
-/// A container as `runc state` shows it.
+/// A runtime's failed restore `failed`, with CRIU's own account of it
+/// from its log at `log`, which says more than the runtime's.
+pub(super) fn with_criu_errors(failed: RuncError, log: &Path) -> RuncError {
+    match failed {
+        RuncError::Failed { command, message } => {
+            let criu = crate::criu::logged_errors(&log.display().to_string());
+            RuncError::Failed {
+                command,
+                message: match criu {
+                    Some(errors) => format!("{message}; CRIU: {errors}"),
+                    None => message,
+                },
+            }
+        }
+        other => other,
+    }
+}
+
+/// The output of a runtime's `command` (`program` runs it), or its error.
+/// Its stdout and stderr are files in memory: a container it starts may
+/// keep the runtime's descriptors open, and a pipe would then wait for the
+/// container to end.
+pub(super) fn call(mut program: Command, command: &str) -> Result<Vec<u8>, RuncError> {
+    let memory = || -> Result<std::fs::File, RuncError> {
+        use nix::sys::memfd::{MFdFlags, memfd_create};
+        let fd = memfd_create("runtime", MFdFlags::MFD_CLOEXEC)
+            .map_err(|e| RuncError::Spawn(e.into()))?;
+        Ok(fd.into())
+    };
+    let (out, err) = (memory()?, memory()?);
+    let status = program
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().map_err(RuncError::Spawn)?)
+        .stderr(err.try_clone().map_err(RuncError::Spawn)?)
+        .status()
+        .map_err(RuncError::Spawn)?;
+    let read = |mut file: std::fs::File| {
+        use std::io::{Read, Seek};
+        let mut bytes = Vec::new();
+        let _ = file.rewind().and_then(|()| file.read_to_end(&mut bytes));
+        bytes
+    };
+    // Runtimes log warnings before their error: the last line is the error.
+    let error = String::from_utf8_lossy(&read(err)).to_string();
+    let message = error.lines().rev().find(|l| !l.trim().is_empty());
+    match status.success() {
+        true => Ok(read(out)),
+        false => Err(RuncError::Failed {
+            command: command.to_string(),
+            message: message.unwrap_or("no message").trim().to_string(),
+        }),
+    }
+}
+
+/// A container as its runtime shows it (`runc state`, `podman inspect`).
 #[derive(Clone, Debug, Deserialize)]
 pub struct State {
     pub pid: u32,
     pub status: String,
+    /// Where its config.json is.
     pub bundle: PathBuf,
     pub rootfs: PathBuf,
 }
 
-impl State {
-    /// The container's OCI configuration, from its bundle.
-    pub fn spec(&self) -> Result<serde_json::Value, RuncError> {
-        let path = self.bundle.join("config.json");
-        let text = std::fs::read(&path).map_err(|source| RuncError::Bundle {
-            path: path.clone(),
-            source,
-        })?;
-        serde_json::from_slice(&text)
-            .map_err(|e| RuncError::Answer(format!("{}: {e}", path.display())))
-    }
+/// A container's OCI configuration (config.json) at `path`.
+pub fn read_spec(path: &Path) -> Result<serde_json::Value, RuncError> {
+    let text = std::fs::read(path).map_err(|source| RuncError::Bundle {
+        path: path.to_owned(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|e| RuncError::Answer(format!("{}: {e}", path.display())))
 }
 
 /// What a migration carries of a container: its configuration and the
@@ -295,32 +235,40 @@ pub struct Image {
     pub name: String,
     /// The container's OCI configuration (config.json), as on its source.
     pub spec: serde_json::Value,
+    /// The runtime it runs under, and is restored by.
+    #[serde(default)]
+    pub runtime: Runtime,
 }
 
 impl Image {
-    /// The image of a running container, which must run from a read-only
-    /// rootfs in `images` (this host's `container_images`).
-    pub fn of(state: &State, images: &Path) -> Result<Self, RuncError> {
-        let spec = state.spec()?;
+    /// The image of a running container of `runtime` configured as `spec`,
+    /// which must run from a read-only `rootfs` in `images` (this host's
+    /// `container_images`).
+    pub fn of(
+        rootfs: &Path,
+        spec: serde_json::Value,
+        images: &Path,
+        runtime: Runtime,
+    ) -> Result<Self, RuncError> {
         // runc resolves the rootfs's links; so must the comparison.
         let store = std::fs::canonicalize(images).ok();
-        let name = state
-            .rootfs
+        let name = rootfs
             .parent()
             .filter(|dir| std::fs::canonicalize(dir).ok() == store && store.is_some())
-            .and(state.rootfs.file_name())
+            .and(rootfs.file_name())
             .and_then(|n| n.to_str())
             .filter(|n| crate::service::is_plain_name(n))
             .ok_or_else(|| RuncError::NotAnImage {
-                rootfs: state.rootfs.clone(),
+                rootfs: rootfs.to_owned(),
                 images: images.to_owned(),
             })?;
         if spec["root"]["readonly"] != serde_json::Value::Bool(true) {
-            return Err(RuncError::WritableRoot(state.rootfs.clone()));
+            return Err(RuncError::WritableRoot(rootfs.to_owned()));
         }
         let image = Self {
             name: name.to_string(),
             spec,
+            runtime,
         };
         image.network()?;
         Ok(image)
@@ -383,15 +331,37 @@ impl Image {
         if let Some(spec) = spec.as_object_mut() {
             spec.remove("hooks");
         }
-        let linux = &mut spec["linux"];
-        linux["cgroupsPath"] = cgroups_path.into();
-        for ns in linux["namespaces"].as_array_mut().into_iter().flatten() {
-            if ns["type"] == "network" {
-                ns["path"] = netns.display().to_string().into();
-            }
-        }
+        spec["linux"]["cgroupsPath"] = cgroups_path.into();
+        join_network(&mut spec, netns);
         Ok(spec)
     }
+}
+
+/// The cgroup mounts in the container of process `pid`, for CRIU as
+/// external mounts under their paths in the container: runc makes them
+/// from the host's hierarchies (one per controller on cgroup v1), and
+/// `runc restore` maps the same keys to this host's.
+pub fn cgroup_mounts(pid: u32) -> Result<Vec<String>, RuncError> {
+    let path = format!("/proc/{pid}/mountinfo");
+    let mountinfo = std::fs::read_to_string(&path).map_err(|source| RuncError::Bundle {
+        path: path.into(),
+        source,
+    })?;
+    Ok(parse_cgroup_mounts(&mountinfo))
+}
+
+/// The mount points (as the process sees them) of the cgroup file systems
+/// in `mountinfo`: "ID PARENT MAJ:MIN ROOT POINT OPTIONS ... - TYPE ...".
+fn parse_cgroup_mounts(mountinfo: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let point = mount.split(' ').nth(4)?;
+            let fs_type = fs.split(' ').next()?;
+            matches!(fs_type, "cgroup" | "cgroup2").then(|| format!("mnt[{point}]:{point}"))
+        })
+        .collect()
 }
 
 fn is_bind(mount: &serde_json::Value) -> bool {
@@ -411,6 +381,36 @@ pub fn write_descriptors(pid: u32, images: &Path) -> Result<(), RuncError> {
         .map_err(RuncError::Descriptors)?;
     let json = serde_json::to_vec(&descriptors).expect("strings serialize");
     std::fs::write(images.join(DESCRIPTORS), json).map_err(RuncError::Descriptors)
+}
+
+/// `spec` of a container whose init is `pid`, joining by path the network
+/// namespace it shares with its runtime if its spec names none (podman's
+/// `--network host`, run in the service's namespace): as every container
+/// a migration moves, it joins a namespace the destination replaces with
+/// its own. A namespace of its own (no path) stays, and is refused.
+pub(super) fn join_network_by_path(mut spec: serde_json::Value, pid: u32) -> serde_json::Value {
+    let namespaces = spec["linux"]["namespaces"].as_array();
+    if !namespaces
+        .into_iter()
+        .flatten()
+        .any(|ns| ns["type"] == "network")
+    {
+        join_network(&mut spec, Path::new(&format!("/proc/{pid}/ns/net")));
+    }
+    spec
+}
+
+/// Has `spec` join the network namespace at `path`.
+pub fn join_network(spec: &mut serde_json::Value, path: &Path) {
+    let network = serde_json::json!({"type": "network", "path": path});
+    let namespaces = &mut spec["linux"]["namespaces"];
+    match namespaces.as_array_mut() {
+        Some(namespaces) => {
+            namespaces.retain(|ns| ns["type"] != "network");
+            namespaces.push(network);
+        }
+        None => *namespaces = serde_json::json!([network]),
+    }
 }
 
 /// A path that names the daemon's network namespace to runc, which a
@@ -436,9 +436,9 @@ pub fn own_netns() -> Result<PathBuf, RuncError> {
 /// What went wrong with a container or its runtime.
 #[derive(Debug, thiserror::Error)]
 pub enum RuncError {
-    #[error("starting runc: {0} (`cargo xtask setup` installs it)")]
+    #[error("starting the container runtime: {0} (`cargo xtask setup` installs runc and podman)")]
     Spawn(std::io::Error),
-    #[error("runc {command}: {message}")]
+    #[error("{command}: {message}")]
     Failed { command: String, message: String },
     #[error("{0}")]
     Answer(String),
@@ -501,6 +501,7 @@ mod tests {
                     {"type": "network", "path": "/run/netns/src"}
                 ]}
             }),
+            runtime: Runtime::Runc,
         }
     }
 
@@ -509,6 +510,22 @@ mod tests {
         assert_eq!(
             image().external_mounts(),
             ["mnt[/etc/hosts]:/etc/hosts", "mnt[/cfg]:/cfg"]
+        );
+    }
+
+    #[test]
+    fn a_dump_takes_the_cgroup_mounts_as_external() {
+        let mountinfo = "\
+78 51 254:0 /img / ro,relatime - ext4 /dev/vda rw
+89 81 0:47 / /sys/fs/cgroup rw,nosuid - tmpfs tmpfs rw,mode=755
+90 89 0:29 /libpod_parent/c /sys/fs/cgroup/cpu ro,nosuid - cgroup cgroup rw,cpu
+98 89 0:37 /libpod_parent/c /sys/fs/cgroup/unified ro,nosuid - cgroup2 cgroup2 rw";
+        assert_eq!(
+            parse_cgroup_mounts(mountinfo),
+            [
+                "mnt[/sys/fs/cgroup/cpu]:/sys/fs/cgroup/cpu",
+                "mnt[/sys/fs/cgroup/unified]:/sys/fs/cgroup/unified"
+            ]
         );
     }
 
@@ -550,25 +567,20 @@ mod tests {
     #[test]
     fn only_a_read_only_rootfs_in_the_image_store_migrates() {
         let images = tempfile::tempdir().unwrap();
-        let bundle = tempfile::tempdir().unwrap();
-        let write = |spec: &serde_json::Value| {
-            std::fs::write(bundle.path().join("config.json"), spec.to_string()).unwrap()
+        let elsewhere = tempfile::tempdir().unwrap();
+        let of = |rootfs: PathBuf, spec: serde_json::Value| {
+            Image::of(&rootfs, spec, images.path(), Runtime::Podman)
         };
-        let state = |rootfs: PathBuf| State {
-            pid: 1,
-            status: "running".into(),
-            bundle: bundle.path().to_owned(),
-            rootfs,
-        };
-        write(&image().spec);
-        let image_of = Image::of(&state(images.path().join("plc")), images.path()).unwrap();
-        assert_eq!(image_of.name, "plc");
-        let elsewhere = Image::of(&state(bundle.path().join("rootfs")), images.path());
-        assert!(matches!(elsewhere, Err(RuncError::NotAnImage { .. })));
+        let image_of = of(images.path().join("plc"), image().spec).unwrap();
+        assert_eq!(
+            (image_of.name.as_str(), image_of.runtime),
+            ("plc", Runtime::Podman)
+        );
+        let outside = of(elsewhere.path().join("rootfs"), image().spec);
+        assert!(matches!(outside, Err(RuncError::NotAnImage { .. })));
         let mut writable = image().spec;
         writable["root"]["readonly"] = false.into();
-        write(&writable);
-        let refused = Image::of(&state(images.path().join("plc")), images.path());
+        let refused = of(images.path().join("plc"), writable);
         assert!(matches!(refused, Err(RuncError::WritableRoot(_))));
     }
 }

@@ -80,7 +80,7 @@ pub struct Host {
     /// Restores migrated services.
     pub criu: crate::criu::Criu,
     /// Restores migrated containers, and keeps them.
-    pub containers: crate::host::runc::Containers,
+    pub containers: crate::host::container::Containers,
     /// The daemon's readers of the input and output logs.
     pub inputs: Option<Arc<crate::kernel::logs::Tap>>,
     pub outputs: Option<Arc<crate::kernel::logs::Tap>>,
@@ -171,7 +171,7 @@ fn register(
     pid: u32,
     flows: &[TargetFlow],
     command: Option<Vec<String>>,
-    container: bool,
+    runtime: Option<crate::service::Runtime>,
 ) {
     let service = Service {
         name: name.to_string(),
@@ -180,9 +180,10 @@ fn register(
         flows: flows.iter().map(|f| f.spec).collect(),
         standby_pid: None,
         command,
-        // runc knows it here under the service's name.
-        container: container.then(|| name.to_string()),
+        // Its runtime knows it here under the service's name.
+        container: runtime.map(|_| name.to_string()),
         standby_container: None,
+        runtime: runtime.unwrap_or_default(),
         registered: Identity::of(pid).into_iter().collect(),
     };
     match services.insert(service) {
@@ -400,12 +401,11 @@ pub fn resume_replica(host: &Arc<Host>, migration: String, incoming: &Incoming) 
         }
         Err(why) => {
             host.files.remove(Side::Destination, &migration);
-            let runc = &host.containers.runc;
             let outcome = recover(
                 &host.pin_root,
                 &host.interface,
                 &host.services,
-                runc,
+                &host.containers,
                 incoming,
             );
             format!("a hot replica that cannot go on ({why}): {outcome}")
@@ -746,15 +746,17 @@ impl Target {
             return Err(Cause::NoLogs);
         };
         answers_only_its_own(&host.interface, &flows)?;
-        // runc restores a container from this host's copy of its image,
+        // A container is restored from this host's copy of its image,
         // under the service's name: both checked before the source holds.
+        let mut container_here = None;
         if let Some(image) = &started.container {
             let containers = &host.containers;
-            image.rootfs(&containers.images)?;
-            runc::own_netns()?;
-            if containers.runc.list()?.contains(&service) {
+            let rootfs = image.rootfs(&containers.images)?;
+            let netns = runc::own_netns()?;
+            if containers.list(image.runtime)?.contains(&service) {
                 return Err(Cause::ContainerHere(service));
             }
+            container_here = Some((image, rootfs, netns));
         }
         // CRIU restores a process in its working directory: a service a
         // daemon started has services_dir/NAME (its standby NAME/standby).
@@ -818,6 +820,19 @@ impl Target {
             container: started.container.clone(),
         });
         host.files.write(&migration, &journal)?;
+        // podman restores only into a container it knows: it makes the
+        // service's now, before the source holds (see host::podman).
+        if let Some((image, rootfs, netns)) = container_here
+            && image.runtime == crate::service::Runtime::Podman
+        {
+            let podman = &host.containers.podman;
+            let made =
+                tokio::task::block_in_place(|| podman.prepare(&service, image, &rootfs, &netns));
+            if let Err(e) = made {
+                host.files.remove(Side::Destination, &migration);
+                return Err(Cause::Container(e));
+            }
+        }
         let adopt = |dataplane: &mut Dataplane| -> Result<(), Cause> {
             let keys: Vec<FlowKey> = flows
                 .iter()
@@ -843,6 +858,11 @@ impl Target {
         };
         if let Err(e) = adopt(&mut dataplane) {
             forget(&mut dataplane, &flows, &local_addresses);
+            if started.container.as_ref().map(|i| i.runtime)
+                == Some(crate::service::Runtime::Podman)
+            {
+                host.containers.podman.discard(&service);
+            }
             host.files.remove(Side::Destination, &migration);
             return Err(e);
         }
@@ -1475,7 +1495,7 @@ impl Target {
                 pid,
                 &self.flows,
                 self.started.command.clone(),
-                self.started.container.is_some(),
+                self.started.container.as_ref().map(|image| image.runtime),
             );
             // Its source kept its instance: this host feeds it from K+1.
             if let Some((to, migration)) = self.keep.take() {
@@ -1554,8 +1574,9 @@ impl Target {
     /// Undoes whatever this migration did on this host.
     fn rollback(&mut self) {
         drop(self.watch.take());
-        if self.started.container.is_some() {
-            remove_container(&self.host.containers, &self.service, &self.bundle());
+        if let Some(image) = &self.started.container {
+            let (runtime, bundle) = (image.runtime, self.bundle());
+            remove_container(&self.host.containers, runtime, &self.service, &bundle);
         }
         if let Some(pid) = self.instance.take() {
             let pid = nix::unistd::Pid::from_raw(pid as i32);
@@ -1727,13 +1748,14 @@ fn keep_serving(interface: &str, flows: &[TargetFlow]) -> String {
     }
 }
 
-/// runc's restore of container `id` from `images` with a bundle (written
-/// at `bundle`) that runs it from this host's copy of `image`, in this
-/// host's network namespace, in `cgroup`: its init pid, CRIU's restore
-/// time and runc's whole request, µs. A failure leaves neither the
+/// The restore of container `id` from `images` by its runtime: runc's
+/// with a bundle (written at `bundle`) that runs it from this host's copy
+/// of `image`, in this host's network namespace, in `cgroup`; podman's
+/// into the container it made at `prepare`. Its init pid, CRIU's restore
+/// time and the runtime's whole request, µs. A failure leaves neither the
 /// container nor its bundle.
 fn restore_container(
-    containers: &runc::Containers,
+    containers: &crate::host::container::Containers,
     image: &runc::Image,
     id: &str,
     bundle: &Path,
@@ -1741,12 +1763,16 @@ fn restore_container(
     images: &Path,
 ) -> Result<(u32, u64, u64), Cause> {
     let restored = (|| {
-        let spec = image.bundle(&containers.images, &runc::own_netns()?, cgroup)?;
-        runc::write_bundle(bundle, &spec)?;
         let start = Instant::now();
-        let pid = containers
-            .runc
-            .restore(&containers.criu, id, bundle, images)?;
+        let criu = &containers.criu;
+        let pid = match image.runtime {
+            crate::service::Runtime::Runc => {
+                let spec = image.bundle(&containers.images, &runc::own_netns()?, cgroup)?;
+                runc::write_bundle(bundle, &spec)?;
+                containers.runc.restore(criu, id, bundle, images)?
+            }
+            crate::service::Runtime::Podman => containers.podman.restore(criu, id, images)?,
+        };
         Ok((pid, start.elapsed().as_micros() as u64))
     })();
     match restored {
@@ -1755,15 +1781,21 @@ fn restore_container(
             Ok((pid, restore_us, runc_us))
         }
         Err(e) => {
-            remove_container(containers, id, bundle);
+            remove_container(containers, image.runtime, id, bundle);
             Err(Cause::Container(e))
         }
     }
 }
 
-/// Deletes container `id` from this host's runc (killing it) and its bundle.
-fn remove_container(containers: &runc::Containers, id: &str, bundle: &Path) {
-    containers.runc.discard(id);
+/// Removes container `id` from this host's `runtime` (killing it), and
+/// its bundle.
+fn remove_container(
+    containers: &crate::host::container::Containers,
+    runtime: crate::service::Runtime,
+    id: &str,
+    bundle: &Path,
+) {
+    containers.discard(runtime, id);
     let _ = std::fs::remove_dir_all(bundle);
     // The service's directory, if the bundle was all it held.
     let _ = bundle.parent().map(std::fs::remove_dir);
@@ -1779,7 +1811,7 @@ pub(super) fn recover(
     pin_root: &Path,
     interface: &str,
     services: &Registry,
-    runc: &runc::Runc,
+    containers: &crate::host::container::Containers,
     incoming: &Incoming,
 ) -> String {
     let mut dataplane = match Dataplane::open(pin_root) {
@@ -1791,20 +1823,20 @@ pub(super) fn recover(
     let instance = incoming.instance.filter(Identity::runs);
     if handed_over(&dataplane, flows, armed_grace(deadline)) {
         if let (Some(name), Some(i)) = (&incoming.service, instance) {
-            let container = incoming.container.is_some();
+            let runtime = incoming.container.as_ref().map(|image| image.runtime);
             register(
                 services,
                 name,
                 i.pid,
                 flows,
                 incoming.command.clone(),
-                container,
+                runtime,
             );
         }
         return keep_serving(interface, flows);
     }
-    if let (Some(_), Some(name)) = (&incoming.container, &incoming.service) {
-        runc.discard(name);
+    if let (Some(image), Some(name)) = (&incoming.container, &incoming.service) {
+        containers.discard(image.runtime, name);
     }
     if let Some(i) = instance {
         let pid = nix::unistd::Pid::from_raw(i.pid as i32);

@@ -62,6 +62,7 @@ impl Checkpointed {
         // As runc has CRIU dump a container, for `runc restore`.
         let mut external = vec![format!("net[{inode}]:{}", runc::NETNS_KEY)];
         external.extend(image.external_mounts());
+        external.extend(runc::cgroup_mounts(pid)?);
         Ok(DumpRequest {
             pid,
             images_dir: images.to_owned(),

@@ -40,9 +40,12 @@ pub struct Outgoing {
     #[serde(default)]
     pub instances: Vec<Identity>,
     /// Those of them that are containers, by their ids in this host's
-    /// runc: they leave it with their instances.
+    /// `runtime`: they leave it with their instances.
     #[serde(default)]
     pub containers: Vec<String>,
+    /// The runtime of those containers.
+    #[serde(default)]
+    pub runtime: crate::service::Runtime,
     /// A hot replica in sync on the destination: kept, not undone, by a
     /// restarted daemon whose instances still run, which attaches to it
     /// again with this request.
@@ -298,6 +301,7 @@ mod tests {
                 start_time: 6,
             }],
             containers: vec!["plc".into()],
+            runtime: crate::service::Runtime::Podman,
             replica: None,
         })
     }
@@ -323,6 +327,7 @@ mod tests {
             container: Some(crate::host::runc::Image {
                 name: "plc".into(),
                 spec: serde_json::json!({"root": {"path": "rootfs"}}),
+                runtime: crate::service::Runtime::Podman,
             }),
         });
         files.write("m1", &source()).unwrap();

@@ -139,7 +139,7 @@ pub struct Context {
     pub files: Files,
     pub criu: Criu,
     /// The containers services here run as.
-    pub containers: crate::host::runc::Containers,
+    pub containers: crate::host::container::Containers,
     pub inputs: Arc<Tap>,
     pub outputs: Arc<Tap>,
     /// Standby mode: the standby's network namespace and dataplane pin root.

@@ -24,7 +24,7 @@ pub struct Host {
     /// Where a destination registers a service it kept.
     pub services: Arc<Registry>,
     /// Where the containers of this host's services are kept.
-    pub runc: crate::host::runc::Runc,
+    pub containers: crate::host::container::Containers,
     /// Whether this daemon serves the peer link: only then does it keep
     /// the hot replicas it held ([`Recovered::replicas`]).
     pub keeps_replicas: bool,
@@ -77,14 +77,14 @@ pub fn recover(host: &Host) -> Recovered {
                 &host.pin_root,
                 host.standby_pin_root.as_deref(),
                 &host.interface,
-                &host.runc,
+                &host.containers,
                 &outgoing,
             ),
             (Ok(Journal::Destination(incoming)), _) => destination::recover(
                 &host.pin_root,
                 &host.interface,
                 &host.services,
-                &host.runc,
+                &host.containers,
                 &incoming,
             ),
         };
@@ -106,7 +106,7 @@ pub fn undo_source(host: &Host, id: &str, outgoing: &Outgoing) -> String {
         &host.pin_root,
         host.standby_pin_root.as_deref(),
         &host.interface,
-        &host.runc,
+        &host.containers,
         outgoing,
     );
     host.files.remove(Side::Source, id);
@@ -134,6 +134,7 @@ mod tests {
             flows: vec![FlowBefore { flow, flags: 0 }],
             instances: vec![],
             containers: vec![],
+            runtime: Default::default(),
             replica: None,
         });
         files.write("out", &source).unwrap();
@@ -166,9 +167,11 @@ mod tests {
             standby_pin_root: None,
             interface: "lo".into(),
             services: Arc::new(Registry::open(&dir.path().join("services.json")).unwrap().0),
-            runc: crate::host::runc::Runc {
-                root: dir.path().join("runc"),
-            },
+            containers: crate::config::DaemonConfig {
+                runc_root: dir.path().join("runc"),
+                ..toml::from_str("interface = \"lo\"").unwrap()
+            }
+            .containers(),
             keeps_replicas: true,
         };
         let done = recover(&host).done;

@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::{
     criu::precopy::IterativeDump,
-    host::runc::{Image, Runc},
+    host::{container::Containers, runc::Image},
     kernel::{
         flow,
         loader::Dataplane,
@@ -38,7 +38,7 @@ use crate::{
     peer,
     planning::policy::StopPolicy,
     report::{Mode, Phase, Report, Stage, State},
-    service::Service,
+    service::{Runtime, Service},
 };
 
 /// Runs the migration `id` of `service`; `progress` sees the report after
@@ -439,6 +439,7 @@ impl Migration {
                 .filter_map(|(_, c)| c)
                 .map(str::to_string)
                 .collect(),
+            runtime: self.service.runtime,
             replica: replica.then(|| self.request.clone()),
         });
         Ok(self.context.files.write(&self.report.id, &journal)?)
@@ -536,7 +537,7 @@ impl Migration {
         };
         let containers = &self.context.containers;
         let (init, image) = containers
-            .image(id)
+            .image(self.service.runtime, id)
             .map_err(|e| self.fail(Cause::Container(e)))?;
         if init != pid || !self.service.still_runs(pid) {
             return Err(self.fail(Cause::NotRegistered(pid)));
@@ -942,7 +943,7 @@ impl Migration {
     /// Kills the service's instances on this host once the destination
     /// serves: past K they get no input.
     fn stop_instances(&self) {
-        stop_instances(&self.service, &self.context.containers.runc);
+        stop_instances(&self.service, &self.context.containers);
     }
 
     /// Undoes the source's changes and tells the destination to undo its own.
@@ -1147,7 +1148,7 @@ fn let_go(
 /// killed, and its flows and addresses go: this host answers neither the
 /// service nor ARP for it. What it did, as text.
 pub(super) fn fence(service: &Service, context: &Context) -> String {
-    stop_instances(service, &context.containers.runc);
+    stop_instances(service, &context.containers);
     let mut dataplane = match Dataplane::open(&context.pin_root) {
         Ok(dataplane) => dataplane,
         Err(e) => return format!("killed its instances; its flows stay: {e}"),
@@ -1173,24 +1174,24 @@ pub(super) fn fence(service: &Service, context: &Context) -> String {
 
 /// Kills `service`'s instances on this host: the serving one and the
 /// standby, as registered (a pid reused since is someone else's); those
-/// that are containers leave `runc` too.
-fn stop_instances(service: &Service, runc: &Runc) {
+/// that are containers leave their runtime too.
+fn stop_instances(service: &Service, containers: &Containers) {
     for (pid, container) in service.instances() {
         if service.still_runs(pid) {
             stop_instance(pid);
         }
         if let Some(id) = container {
-            forget_container(runc, id);
+            forget_container(containers, service.runtime, id);
         }
     }
 }
 
-/// Removes container `id`, whose init is killed, from `runc` (and its
-/// cgroups), on a thread of its own: runc waits for the container's end,
-/// which no step waits for.
-fn forget_container(runc: &Runc, id: &str) {
-    let (runc, id) = (runc.clone(), id.to_string());
-    std::thread::spawn(move || runc.discard(&id));
+/// Removes container `id`, whose init is killed, from `runtime` (and its
+/// cgroups), on a thread of its own: the runtime waits for the
+/// container's end, which no step waits for.
+fn forget_container(containers: &Containers, runtime: Runtime, id: &str) {
+    let (containers, id) = (containers.clone(), id.to_string());
+    std::thread::spawn(move || containers.discard(runtime, &id));
 }
 
 /// Kills an instance of a service the destination now serves, demoted
@@ -1225,7 +1226,7 @@ pub(super) fn recover(
     pin_root: &Path,
     standby_pin_root: Option<&Path>,
     interface: &str,
-    runc: &Runc,
+    containers: &Containers,
     outgoing: &Outgoing,
 ) -> String {
     match undo(
@@ -1266,7 +1267,7 @@ pub(super) fn recover(
                 })
                 .collect();
             for id in &outgoing.containers {
-                runc.discard(id);
+                containers.discard(outgoing.runtime, id);
             }
             let released = match Dataplane::open(pin_root) {
                 Ok(mut dataplane) => {

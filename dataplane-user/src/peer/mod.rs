@@ -30,7 +30,7 @@ use tokio::{
 };
 
 /// The peer-link protocol version this build speaks.
-pub const VERSION: u32 = 10;
+pub const VERSION: u32 = 11;
 /// Marks a hello as ours.
 pub const MAGIC: &str = "dataplane-peer";
 /// Largest frame accepted after the handshake (checkpoint images come in chunks).

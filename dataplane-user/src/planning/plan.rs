@@ -111,6 +111,7 @@ mod tests {
             command: None,
             container: None,
             standby_container: None,
+            runtime: Default::default(),
             registered: Vec::new(),
         };
         let workload = Workload {

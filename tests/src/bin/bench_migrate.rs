@@ -13,9 +13,10 @@
 //!   flows, each sending every T_U): MIGRATIONS times, beside the one-flow
 //!   standby runs, for what several flows cost a migration;
 //! - ours, leave-running and standby with the controller (and its standby)
-//!   as runc containers, each host with a runtime of its own: MIGRATIONS
-//!   times each, beside the bare process's runs, for what a container
-//!   costs a migration (no prediction: the model knows no containers);
+//!   as runc containers, and again as podman containers, each host with a
+//!   runtime of its own: MIGRATIONS times each, beside the bare process's
+//!   runs, for what a container costs a migration (no prediction: the
+//!   model knows no containers);
 //! - ours, hot replica: a replica made on dst from the standby while the
 //!   CPS runs (`replica.start`), kept in sync 200 ms, then the migration,
 //!   which hands over to it without a checkpoint: MIGRATIONS times. Its
@@ -68,7 +69,7 @@ const LEAD: Duration = Duration::from_millis(400);
 /// Migrations per live mode and size the model's live costs are fitted to.
 const CALIBRATION_RUNS: usize = 4;
 const CALIBRATION_SIZES: [u64; 2] = [1, 64];
-const METHODS: [Kind; 8] = [
+const METHODS: [Kind; 10] = [
     Kind::StopAndCopy,
     Kind::PreCopy,
     Kind::LeaveRunning,
@@ -77,6 +78,8 @@ const METHODS: [Kind; 8] = [
     Kind::HotReplica,
     Kind::LeaveRunningContainer,
     Kind::StandbyContainer,
+    Kind::LeaveRunningPodman,
+    Kind::StandbyPodman,
 ];
 /// How long a hot replica is kept in sync before the handover.
 const KEPT: Duration = Duration::from_millis(200);
@@ -91,6 +94,8 @@ enum Kind {
     HotReplica,
     LeaveRunningContainer,
     StandbyContainer,
+    LeaveRunningPodman,
+    StandbyPodman,
 }
 
 impl Kind {
@@ -104,6 +109,8 @@ impl Kind {
             Kind::HotReplica => "ours, hot replica",
             Kind::LeaveRunningContainer => "container, leave-run",
             Kind::StandbyContainer => "container, standby",
+            Kind::LeaveRunningPodman => "podman, leave-run",
+            Kind::StandbyPodman => "podman, standby",
         }
     }
     /// The label in the CSV files: no comma.
@@ -117,12 +124,19 @@ impl Kind {
             Kind::HotReplica => "hot-replica",
             Kind::LeaveRunningContainer => "leave-running-container",
             Kind::StandbyContainer => "standby-container",
+            Kind::LeaveRunningPodman => "leave-running-podman",
+            Kind::StandbyPodman => "standby-podman",
         }
     }
     fn live_mode(self) -> Option<&'static str> {
         match self {
-            Kind::LeaveRunning | Kind::LeaveRunningContainer => Some("leave-running"),
-            Kind::Standby | Kind::StandbyFourFlows | Kind::StandbyContainer => Some("standby"),
+            Kind::LeaveRunning | Kind::LeaveRunningContainer | Kind::LeaveRunningPodman => {
+                Some("leave-running")
+            }
+            Kind::Standby
+            | Kind::StandbyFourFlows
+            | Kind::StandbyContainer
+            | Kind::StandbyPodman => Some("standby"),
             _ => None,
         }
     }
@@ -133,9 +147,13 @@ impl Kind {
             _ => 1,
         }
     }
-    /// Whether the controller runs as a container.
-    fn container(self) -> bool {
-        matches!(self, Kind::LeaveRunningContainer | Kind::StandbyContainer)
+    /// Who starts the controller as a container, if it runs as one.
+    fn container(self) -> Option<ContainerStart> {
+        match self {
+            Kind::LeaveRunningContainer | Kind::StandbyContainer => Some(ContainerStart::ByRunc),
+            Kind::LeaveRunningPodman | Kind::StandbyPodman => Some(ContainerStart::ByPodman),
+            _ => None,
+        }
     }
 }
 
@@ -260,6 +278,8 @@ fn schedule(migrations: usize, baselines: usize) -> Vec<Kind> {
                 Kind::HotReplica,
                 Kind::LeaveRunningContainer,
                 Kind::StandbyContainer,
+                Kind::LeaveRunningPodman,
+                Kind::StandbyPodman,
             ]);
         }
     }
@@ -292,7 +312,7 @@ fn calibrate(target: &Path, size: u64) -> anyhow::Result<Calibration> {
     for i in 0..CALIBRATION_RUNS {
         for size in CALIBRATION_SIZES {
             for mode in ["leave-running", "standby"] {
-                reports.push(live(mode, (1, false), size, 1000 + i)?.1);
+                reports.push(live(mode, (1, None), size, 1000 + i)?.1);
             }
         }
     }
@@ -353,22 +373,20 @@ fn trace_path(i: usize) -> PathBuf {
 /// Test hosts that could not be set up and were set up again.
 static SETUP_RETRIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// `MigrationSetup::new` (or, with `container`, `containerised`), tried
+/// `MigrationSetup::new` (or, with a `container`, `containerised`), tried
 /// again on fresh test hosts when it panics (a service that did not answer
 /// its first probe, seen once in a few hundred set-ups on this loaded
 /// machine): no migration has started then.
 fn set_up(
     tag: &str,
     args: &[&str],
-    (devices, container): (u16, bool),
+    (devices, container): (u16, Option<ContainerStart>),
     standby: bool,
 ) -> anyhow::Result<MigrationSetup> {
     for attempt in 1..=3 {
         let built = std::panic::catch_unwind(|| match (devices, container) {
-            (1, true) => {
-                MigrationSetup::containerised(tag, args, (standby, ContainerStart::ByRunc), true)
-            }
-            (1, false) => MigrationSetup::new(tag, args, standby),
+            (1, Some(start)) => MigrationSetup::containerised(tag, args, (standby, start), true),
+            (1, None) => MigrationSetup::new(tag, args, standby),
             (n, _) => MigrationSetup::with_devices(tag, args, n, standby),
         });
         match built {
@@ -387,7 +405,7 @@ fn set_up(
 /// daemon's report.
 fn live(
     mode: &str,
-    (devices, container): (u16, bool),
+    (devices, container): (u16, Option<ContainerStart>),
     size: u64,
     i: usize,
 ) -> anyhow::Result<(Run, serde_json::Value)> {
@@ -418,7 +436,7 @@ fn live(
 fn hot_replica(size: u64, i: usize) -> anyhow::Result<Run> {
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let setup = set_up(&format!("bh{i}"), &args, (1, false), true)?;
+    let setup = set_up(&format!("bh{i}"), &args, (1, None), true)?;
     let standby = setup.standby.as_ref().context("the standby")?;
     let state_bytes = dataplane_user::planning::calibrate::state_bytes(standby.1.pid)? as f64;
     let trace = trace_path(i);
@@ -510,7 +528,7 @@ fn measured(
 fn baseline(precopy: bool, size: u64, i: usize) -> anyhow::Result<Run> {
     let args = controller_args(size);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let setup = set_up(&format!("bb{i}"), &args, (1, false), false)?;
+    let setup = set_up(&format!("bb{i}"), &args, (1, None), false)?;
     let state_bytes =
         dataplane_user::planning::calibrate::state_bytes(setup.controller.pid)? as f64;
     let cps = setup.start_cps(cycles(size), PERIOD_US, None);
@@ -655,7 +673,11 @@ fn rows(
             Kind::LeaveRunning => Some(Method::LeaveRunning),
             // The model knows no flows: one service's state and rate.
             Kind::Standby | Kind::StandbyFourFlows => Some(Method::Standby),
-            Kind::HotReplica | Kind::LeaveRunningContainer | Kind::StandbyContainer => None,
+            Kind::HotReplica
+            | Kind::LeaveRunningContainer
+            | Kind::StandbyContainer
+            | Kind::LeaveRunningPodman
+            | Kind::StandbyPodman => None,
         };
         let syncs: Vec<f64> = list.iter().filter_map(|r| r.sync_us).collect();
         let handovers: Vec<f64> = list.iter().filter_map(|r| r.handover_gap_us).collect();

@@ -1,0 +1,110 @@
+//! The containers services run as: which runtime a question goes to, and
+//! the images they run from.
+use std::path::{Path, PathBuf};
+
+use super::{
+    podman::Podman,
+    runc::{Image, Runc, RuncError, join_network_by_path, read_spec, write_bundle},
+};
+use crate::service::Runtime;
+
+/// This host's containers: their runtimes, and the images they run from.
+#[derive(Clone, Debug)]
+pub struct Containers {
+    pub runc: Runc,
+    pub podman: Podman,
+    /// Where the root filesystems of this host's containers are, one
+    /// directory per image (`container_images`).
+    pub images: PathBuf,
+    /// The CRIU binary runc restores with.
+    pub criu: PathBuf,
+}
+
+impl Containers {
+    /// Container `id`'s init process and the image a migration carries.
+    pub fn image(&self, runtime: Runtime, id: &str) -> Result<(u32, Image), RuncError> {
+        let (state, spec) = match runtime {
+            Runtime::Runc => {
+                let state = self.runc.state(id)?;
+                let spec = read_spec(&state.bundle.join("config.json"))?;
+                (state, spec)
+            }
+            Runtime::Podman => self.podman.state(id)?,
+        };
+        if state.status != "running" {
+            return Err(RuncError::NotRunning(id.to_string(), state.status));
+        }
+        let spec = join_network_by_path(spec, state.pid);
+        let image = Image::of(&state.rootfs, spec, &self.images, runtime)?;
+        Ok((state.pid, image))
+    }
+
+    /// The names of the containers `runtime` knows here.
+    pub fn list(&self, runtime: Runtime) -> Result<Vec<String>, RuncError> {
+        match runtime {
+            Runtime::Runc => self.runc.list(),
+            Runtime::Podman => self.podman.list(),
+        }
+    }
+
+    /// Removes container `id` from `runtime` (killing it), for a cleanup
+    /// that goes on whatever happens: a failure is logged.
+    pub fn discard(&self, runtime: Runtime, id: &str) {
+        match runtime {
+            Runtime::Runc => self.runc.discard(id),
+            Runtime::Podman => self.podman.discard(id),
+        }
+    }
+
+    /// Starts container `id` running `argv` from image `image`, with its
+    /// bundle at `bundle`, in network namespace `netns`: its init process.
+    /// As a migration needs it: read-only from the image, what it writes
+    /// in tmpfs at /tmp, its standard descriptors /dev/null, its open
+    /// files limited as the daemon's are; in cgroup /dataplane/ID.
+    pub fn start(
+        &self,
+        id: &str,
+        (image, argv): (&str, &[String]),
+        netns: &Path,
+        bundle: &Path,
+    ) -> Result<u32, RuncError> {
+        let rootfs = self.images.join(image);
+        if !crate::service::is_plain_name(image) || !rootfs.is_dir() {
+            return Err(RuncError::NoImage(rootfs));
+        }
+        let (_, files) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_err(|e| RuncError::Spawn(e.into()))?;
+        // runc makes the devices (/dev/null, ...) in /dev: no `nodev` there.
+        let tmpfs = |destination: &str, options: &[&str]| {
+            serde_json::json!({"destination": destination, "type": "tmpfs", "source": "tmpfs",
+                "options": options})
+        };
+        let spec = serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": {
+                "terminal": false,
+                "user": {"uid": 0, "gid": 0},
+                "args": argv,
+                "env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
+                "cwd": "/",
+                "rlimits": [{"type": "RLIMIT_NOFILE", "hard": files, "soft": files}],
+                "noNewPrivileges": true
+            },
+            "root": {"path": rootfs, "readonly": true},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                tmpfs("/dev", &["nosuid", "mode=755"]),
+                tmpfs("/tmp", &["nosuid", "nodev", "mode=1777"])
+            ],
+            "linux": {
+                "cgroupsPath": format!("/dataplane/{id}"),
+                "namespaces": [
+                    {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                    {"type": "network", "path": netns}
+                ]
+            }
+        });
+        write_bundle(bundle, &spec)?;
+        self.runc.run(id, bundle)
+    }
+}
