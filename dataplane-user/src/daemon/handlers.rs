@@ -435,7 +435,7 @@ impl Daemon {
     ) -> Result<(u32, Option<u32>), RpcError> {
         let containers = self.config.containers();
         let failed =
-            |e: runc::RuncError| RpcError::new(code::INTERNAL_ERROR, format!("{name}: {e}"));
+            |e: runc::ContainerError| RpcError::new(code::INTERNAL_ERROR, format!("{name}: {e}"));
         let bundle = self.config.services_dir.join(name);
         let mut start = |id: &str, netns: &Path, bundle: PathBuf, cpus: &[usize]| {
             let pid = containers

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::{
     podman::Podman,
-    runc::{Image, Runc, RuncError, join_network_by_path, read_spec, write_bundle},
+    runc::{ContainerError, Image, Runc, join_network_by_path, read_spec, write_bundle},
 };
 use crate::service::Runtime;
 
@@ -22,7 +22,7 @@ pub struct Containers {
 
 impl Containers {
     /// Container `id`'s init process and the image a migration carries.
-    pub fn image(&self, runtime: Runtime, id: &str) -> Result<(u32, Image), RuncError> {
+    pub fn image(&self, runtime: Runtime, id: &str) -> Result<(u32, Image), ContainerError> {
         let (state, spec) = match runtime {
             Runtime::Runc => {
                 let state = self.runc.state(id)?;
@@ -32,7 +32,7 @@ impl Containers {
             Runtime::Podman => self.podman.state(id)?,
         };
         if state.status != "running" {
-            return Err(RuncError::NotRunning(id.to_string(), state.status));
+            return Err(ContainerError::NotRunning(id.to_string(), state.status));
         }
         let spec = join_network_by_path(spec, state.pid);
         let image = Image::of(&state.rootfs, spec, &self.images, runtime)?;
@@ -40,7 +40,7 @@ impl Containers {
     }
 
     /// The names of the containers `runtime` knows here.
-    pub fn list(&self, runtime: Runtime) -> Result<Vec<String>, RuncError> {
+    pub fn list(&self, runtime: Runtime) -> Result<Vec<String>, ContainerError> {
         match runtime {
             Runtime::Runc => self.runc.list(),
             Runtime::Podman => self.podman.list(),
@@ -67,13 +67,13 @@ impl Containers {
         (image, argv): (&str, &[String]),
         netns: &Path,
         bundle: &Path,
-    ) -> Result<u32, RuncError> {
+    ) -> Result<u32, ContainerError> {
         let rootfs = self.images.join(image);
         if !crate::service::is_plain_name(image) || !rootfs.is_dir() {
-            return Err(RuncError::NoImage(rootfs));
+            return Err(ContainerError::NoImage(rootfs));
         }
         let (_, files) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .map_err(|e| RuncError::Spawn(e.into()))?;
+            .map_err(|e| ContainerError::Spawn(e.into()))?;
         // runc makes the devices (/dev/null, ...) in /dev: no `nodev` there.
         let tmpfs = |destination: &str, options: &[&str]| {
             serde_json::json!({"destination": destination, "type": "tmpfs", "source": "tmpfs",

@@ -19,7 +19,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::runc::{Image, RuncError, State, call, join_network, read_spec, with_criu_errors};
+use super::runc::{ContainerError, Image, State, call, join_network, read_spec, with_criu_errors};
 
 /// The podman binary, as the daemon's PATH finds it.
 const PODMAN: &str = "podman";
@@ -35,7 +35,7 @@ pub struct Podman {
 
 impl Podman {
     /// Container `id`'s state and OCI configuration.
-    pub fn state(&self, id: &str) -> Result<(State, serde_json::Value), RuncError> {
+    pub fn state(&self, id: &str) -> Result<(State, serde_json::Value), ContainerError> {
         let inspected = self.inspect(id)?;
         let spec = read_spec(&inspected.oci_config_path)?;
         let state = State {
@@ -48,7 +48,7 @@ impl Podman {
     }
 
     /// The names of the containers podman knows here.
-    pub fn list(&self) -> Result<Vec<String>, RuncError> {
+    pub fn list(&self) -> Result<Vec<String>, ContainerError> {
         let mut podman = self.command();
         podman.args(["ps", "--all", "--format", "{{.Names}}"]);
         let out = call(podman, "podman ps")?;
@@ -69,7 +69,7 @@ impl Podman {
         image: &Image,
         rootfs: &Path,
         netns: &Path,
-    ) -> Result<(), RuncError> {
+    ) -> Result<(), ContainerError> {
         let mut create = self.command();
         // In the daemon's network namespace, which podman runs in. (Not
         // by path: runc refuses podman's network sysctls in the namespace
@@ -108,7 +108,7 @@ impl Podman {
             let config = self.inspect(name)?.oci_config_path;
             let mut spec = read_spec(&config)?;
             join_network(&mut spec, netns);
-            std::fs::write(&config, spec.to_string()).map_err(|source| RuncError::Bundle {
+            std::fs::write(&config, spec.to_string()).map_err(|source| ContainerError::Bundle {
                 path: config,
                 source,
             })
@@ -121,15 +121,17 @@ impl Podman {
 
     /// Restores container `name` (made by [`Self::prepare`]) from the
     /// checkpoint in `images`, with CRIU at `criu`: its init process.
-    pub fn restore(&self, criu: &Path, name: &str, images: &Path) -> Result<u32, RuncError> {
+    pub fn restore(&self, criu: &Path, name: &str, images: &Path) -> Result<u32, ContainerError> {
         let dir = self.inspect(name)?.static_dir;
         // podman restores from the container's own directory (and removes
         // what is there once restored: here, the link).
         let checkpoint = dir.join("checkpoint");
         let _ = std::fs::remove_file(&checkpoint);
-        std::os::unix::fs::symlink(images, &checkpoint).map_err(|source| RuncError::Bundle {
-            path: checkpoint,
-            source,
+        std::os::unix::fs::symlink(images, &checkpoint).map_err(|source| {
+            ContainerError::Bundle {
+                path: checkpoint,
+                source,
+            }
         })?;
         let mut restore = self.command();
         // runc, which podman has restore it, finds CRIU on its PATH.
@@ -137,7 +139,7 @@ impl Podman {
         let criu_dir = criu.parent().map(Path::to_path_buf).unwrap_or_default();
         let path =
             std::env::join_paths(std::iter::once(criu_dir).chain(std::env::split_paths(&path)))
-                .map_err(|e| RuncError::Answer(format!("PATH: {e}")))?;
+                .map_err(|e| ContainerError::Answer(format!("PATH: {e}")))?;
         restore
             .env("PATH", path)
             .args(["container", "restore", name]);
@@ -148,7 +150,7 @@ impl Podman {
 
     /// Kills container `name` and removes it from podman. A container
     /// podman does not know is no error.
-    pub fn remove(&self, name: &str) -> Result<(), RuncError> {
+    pub fn remove(&self, name: &str) -> Result<(), ContainerError> {
         let mut rm = self.command();
         rm.args(["rm", "--force", "--ignore", "--time", "0", name]);
         call(rm, "podman rm").map(drop)
@@ -162,15 +164,15 @@ impl Podman {
         }
     }
 
-    fn inspect(&self, id: &str) -> Result<Inspected, RuncError> {
+    fn inspect(&self, id: &str) -> Result<Inspected, ContainerError> {
         let mut inspect = self.command();
         inspect.args(["container", "inspect", id]);
         let out = call(inspect, "podman container inspect")?;
         let mut inspected: Vec<Inspected> = serde_json::from_slice(&out)
-            .map_err(|e| RuncError::Answer(format!("podman container inspect: {e}")))?;
+            .map_err(|e| ContainerError::Answer(format!("podman container inspect: {e}")))?;
         inspected
             .pop()
-            .ok_or_else(|| RuncError::Answer(format!("podman knows no container {id}")))
+            .ok_or_else(|| ContainerError::Answer(format!("podman knows no container {id}")))
     }
 
     /// podman with this host's storage, running containers with runc and

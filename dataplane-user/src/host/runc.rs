@@ -32,10 +32,10 @@ pub const NETNS_KEY: &str = "extRootNetNS";
 const DESCRIPTORS: &str = "descriptors.json";
 
 /// Writes `spec` as the configuration of the bundle at `bundle`.
-pub fn write_bundle(bundle: &Path, spec: &serde_json::Value) -> Result<(), RuncError> {
+pub fn write_bundle(bundle: &Path, spec: &serde_json::Value) -> Result<(), ContainerError> {
     std::fs::create_dir_all(bundle)
         .and_then(|()| std::fs::write(bundle.join("config.json"), spec.to_string()))
-        .map_err(|source| RuncError::Bundle {
+        .map_err(|source| ContainerError::Bundle {
             path: bundle.to_owned(),
             source,
         })
@@ -50,9 +50,9 @@ pub struct Runc {
 
 impl Runc {
     /// `runc state ID`.
-    pub fn state(&self, id: &str) -> Result<State, RuncError> {
+    pub fn state(&self, id: &str) -> Result<State, ContainerError> {
         let out = self.call("state", &["state", id])?;
-        serde_json::from_slice(&out).map_err(|e| RuncError::Answer(format!("runc state: {e}")))
+        serde_json::from_slice(&out).map_err(|e| ContainerError::Answer(format!("runc state: {e}")))
     }
 
     /// Restores container `id` from the checkpoint in `images` with the
@@ -63,7 +63,7 @@ impl Runc {
         id: &str,
         bundle: &Path,
         images: &Path,
-    ) -> Result<u32, RuncError> {
+    ) -> Result<u32, ContainerError> {
         let (bundle, dir) = (bundle.display().to_string(), images.display().to_string());
         let restored = self.call(
             "restore",
@@ -88,7 +88,7 @@ impl Runc {
     /// Runs container `id` from `bundle`, detached: its init process. The
     /// container keeps runc's standard descriptors, so they are /dev/null
     /// (CRIU can dump that); runc's messages go to `runc.log` in the bundle.
-    pub fn run(&self, id: &str, bundle: &Path) -> Result<u32, RuncError> {
+    pub fn run(&self, id: &str, bundle: &Path) -> Result<u32, ContainerError> {
         let log = bundle.join("runc.log");
         let status = Command::new(RUNC)
             .arg("--root")
@@ -102,11 +102,11 @@ impl Runc {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .map_err(RuncError::Spawn)?;
+            .map_err(ContainerError::Spawn)?;
         if !status.success() {
             let logged = std::fs::read_to_string(&log).unwrap_or_default();
             let message = logged.lines().rev().find(|l| !l.trim().is_empty());
-            return Err(RuncError::Failed {
+            return Err(ContainerError::Failed {
                 command: "runc run".into(),
                 message: message.unwrap_or("no message").trim().to_string(),
             });
@@ -116,9 +116,11 @@ impl Runc {
 
     /// Kills container `id` and removes it from runc's state (and its
     /// cgroups). A container runc does not know is no error.
-    pub fn delete(&self, id: &str) -> Result<(), RuncError> {
+    pub fn delete(&self, id: &str) -> Result<(), ContainerError> {
         match self.call("delete", &["delete", "--force", id]) {
-            Err(RuncError::Failed { message, .. }) if message.contains("does not exist") => Ok(()),
+            Err(ContainerError::Failed { message, .. }) if message.contains("does not exist") => {
+                Ok(())
+            }
             other => other.map(drop),
         }
     }
@@ -132,20 +134,20 @@ impl Runc {
     }
 
     /// The ids of the containers runc knows here.
-    pub fn list(&self) -> Result<Vec<String>, RuncError> {
+    pub fn list(&self) -> Result<Vec<String>, ContainerError> {
         #[derive(Deserialize)]
         struct Listed {
             id: String,
         }
         let out = self.call("list", &["list", "--format", "json"])?;
         let listed: Option<Vec<Listed>> = serde_json::from_slice(&out)
-            .map_err(|e| RuncError::Answer(format!("runc list: {e}")))?;
+            .map_err(|e| ContainerError::Answer(format!("runc list: {e}")))?;
         Ok(listed.into_iter().flatten().map(|c| c.id).collect())
     }
 
     /// runc's output for `command` (`args` name it, after runc's own
     /// options), or its error.
-    fn call(&self, command: &str, args: &[&str]) -> Result<Vec<u8>, RuncError> {
+    fn call(&self, command: &str, args: &[&str]) -> Result<Vec<u8>, ContainerError> {
         let mut runc = Command::new(RUNC);
         runc.arg("--root").arg(&self.root).args(args);
         call(runc, &format!("runc {command}"))
@@ -154,11 +156,11 @@ impl Runc {
 
 /// A runtime's failed restore `failed`, with CRIU's own account of it
 /// from its log at `log`, which says more than the runtime's.
-pub(super) fn with_criu_errors(failed: RuncError, log: &Path) -> RuncError {
+pub(super) fn with_criu_errors(failed: ContainerError, log: &Path) -> ContainerError {
     match failed {
-        RuncError::Failed { command, message } => {
+        ContainerError::Failed { command, message } => {
             let criu = crate::criu::logged_errors(&log.display().to_string());
-            RuncError::Failed {
+            ContainerError::Failed {
                 command,
                 message: match criu {
                     Some(errors) => format!("{message}; CRIU: {errors}"),
@@ -174,20 +176,20 @@ pub(super) fn with_criu_errors(failed: RuncError, log: &Path) -> RuncError {
 /// Its stdout and stderr are files in memory: a container it starts may
 /// keep the runtime's descriptors open, and a pipe would then wait for the
 /// container to end.
-pub(super) fn call(mut program: Command, command: &str) -> Result<Vec<u8>, RuncError> {
-    let memory = || -> Result<std::fs::File, RuncError> {
+pub(super) fn call(mut program: Command, command: &str) -> Result<Vec<u8>, ContainerError> {
+    let memory = || -> Result<std::fs::File, ContainerError> {
         use nix::sys::memfd::{MFdFlags, memfd_create};
         let fd = memfd_create("runtime", MFdFlags::MFD_CLOEXEC)
-            .map_err(|e| RuncError::Spawn(e.into()))?;
+            .map_err(|e| ContainerError::Spawn(e.into()))?;
         Ok(fd.into())
     };
     let (out, err) = (memory()?, memory()?);
     let status = program
         .stdin(Stdio::null())
-        .stdout(out.try_clone().map_err(RuncError::Spawn)?)
-        .stderr(err.try_clone().map_err(RuncError::Spawn)?)
+        .stdout(out.try_clone().map_err(ContainerError::Spawn)?)
+        .stderr(err.try_clone().map_err(ContainerError::Spawn)?)
         .status()
-        .map_err(RuncError::Spawn)?;
+        .map_err(ContainerError::Spawn)?;
     let read = |mut file: std::fs::File| {
         use std::io::{Read, Seek};
         let mut bytes = Vec::new();
@@ -199,7 +201,7 @@ pub(super) fn call(mut program: Command, command: &str) -> Result<Vec<u8>, RuncE
     let message = error.lines().rev().find(|l| !l.trim().is_empty());
     match status.success() {
         true => Ok(read(out)),
-        false => Err(RuncError::Failed {
+        false => Err(ContainerError::Failed {
             command: command.to_string(),
             message: message.unwrap_or("no message").trim().to_string(),
         }),
@@ -217,12 +219,13 @@ pub struct State {
 }
 
 /// A container's OCI configuration (config.json) at `path`.
-pub fn read_spec(path: &Path) -> Result<serde_json::Value, RuncError> {
-    let text = std::fs::read(path).map_err(|source| RuncError::Bundle {
+pub fn read_spec(path: &Path) -> Result<serde_json::Value, ContainerError> {
+    let text = std::fs::read(path).map_err(|source| ContainerError::Bundle {
         path: path.to_owned(),
         source,
     })?;
-    serde_json::from_slice(&text).map_err(|e| RuncError::Answer(format!("{}: {e}", path.display())))
+    serde_json::from_slice(&text)
+        .map_err(|e| ContainerError::Answer(format!("{}: {e}", path.display())))
 }
 
 /// What a migration carries of a container: its configuration and the
@@ -249,7 +252,7 @@ impl Image {
         spec: serde_json::Value,
         images: &Path,
         runtime: Runtime,
-    ) -> Result<Self, RuncError> {
+    ) -> Result<Self, ContainerError> {
         // runc resolves the rootfs's links; so must the comparison.
         let store = std::fs::canonicalize(images).ok();
         let name = rootfs
@@ -258,12 +261,12 @@ impl Image {
             .and(rootfs.file_name())
             .and_then(|n| n.to_str())
             .filter(|n| crate::service::is_plain_name(n))
-            .ok_or_else(|| RuncError::NotAnImage {
+            .ok_or_else(|| ContainerError::NotAnImage {
                 rootfs: rootfs.to_owned(),
                 images: images.to_owned(),
             })?;
         if spec["root"]["readonly"] != serde_json::Value::Bool(true) {
-            return Err(RuncError::WritableRoot(rootfs.to_owned()));
+            return Err(ContainerError::WritableRoot(rootfs.to_owned()));
         }
         let image = Self {
             name: name.to_string(),
@@ -275,14 +278,14 @@ impl Image {
     }
 
     /// The network namespace the container joins, by path.
-    fn network(&self) -> Result<&str, RuncError> {
+    fn network(&self) -> Result<&str, ContainerError> {
         self.spec["linux"]["namespaces"]
             .as_array()
             .into_iter()
             .flatten()
             .find(|ns| ns["type"] == "network")
             .and_then(|ns| ns["path"].as_str())
-            .ok_or(RuncError::OwnNetwork)
+            .ok_or(ContainerError::OwnNetwork)
     }
 
     /// The mounts CRIU must take as external for a dump: the container's
@@ -303,13 +306,13 @@ impl Image {
     /// Its rootfs on this host, if this host can restore it: the image is
     /// a plain name in `images` (a peer names an image, never a path), and
     /// the container joins a network namespace by path.
-    pub fn rootfs(&self, images: &Path) -> Result<PathBuf, RuncError> {
+    pub fn rootfs(&self, images: &Path) -> Result<PathBuf, ContainerError> {
         if !crate::service::is_plain_name(&self.name) {
-            return Err(RuncError::ImageName(self.name.clone()));
+            return Err(ContainerError::ImageName(self.name.clone()));
         }
         let rootfs = images.join(&self.name);
         if !rootfs.is_dir() {
-            return Err(RuncError::NoImage(rootfs));
+            return Err(ContainerError::NoImage(rootfs));
         }
         self.network()?;
         Ok(rootfs)
@@ -324,7 +327,7 @@ impl Image {
         images: &Path,
         netns: &Path,
         cgroups_path: &str,
-    ) -> Result<serde_json::Value, RuncError> {
+    ) -> Result<serde_json::Value, ContainerError> {
         let rootfs = self.rootfs(images)?;
         let mut spec = self.spec.clone();
         spec["root"] = serde_json::json!({"path": rootfs, "readonly": true});
@@ -341,9 +344,9 @@ impl Image {
 /// external mounts under their paths in the container: runc makes them
 /// from the host's hierarchies (one per controller on cgroup v1), and
 /// `runc restore` maps the same keys to this host's.
-pub fn cgroup_mounts(pid: u32) -> Result<Vec<String>, RuncError> {
+pub fn cgroup_mounts(pid: u32) -> Result<Vec<String>, ContainerError> {
     let path = format!("/proc/{pid}/mountinfo");
-    let mountinfo = std::fs::read_to_string(&path).map_err(|source| RuncError::Bundle {
+    let mountinfo = std::fs::read_to_string(&path).map_err(|source| ContainerError::Bundle {
         path: path.into(),
         source,
     })?;
@@ -373,14 +376,14 @@ fn is_bind(mount: &serde_json::Value) -> bool {
 
 /// Writes what runc reads of a checkpoint besides CRIU's images: the
 /// container's standard descriptors, as its init process has them.
-pub fn write_descriptors(pid: u32, images: &Path) -> Result<(), RuncError> {
+pub fn write_descriptors(pid: u32, images: &Path) -> Result<(), ContainerError> {
     let descriptors: Vec<String> = (0..3)
         .map(|fd| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")))
         .map(|target| target.map(|t| t.display().to_string()))
         .collect::<Result<_, _>>()
-        .map_err(RuncError::Descriptors)?;
+        .map_err(ContainerError::Descriptors)?;
     let json = serde_json::to_vec(&descriptors).expect("strings serialize");
-    std::fs::write(images.join(DESCRIPTORS), json).map_err(RuncError::Descriptors)
+    std::fs::write(images.join(DESCRIPTORS), json).map_err(ContainerError::Descriptors)
 }
 
 /// `spec` of a container whose init is `pid`, joining by path the network
@@ -416,10 +419,10 @@ pub fn join_network(spec: &mut serde_json::Value, path: &Path) {
 /// A path that names the daemon's network namespace to runc, which a
 /// container restored here joins: the host's own (/proc/1/ns/net), or the
 /// namespace's name under /run/netns.
-pub fn own_netns() -> Result<PathBuf, RuncError> {
+pub fn own_netns() -> Result<PathBuf, ContainerError> {
     use std::os::unix::fs::MetadataExt;
     let id = |path: &Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
-    let own = id(Path::new("/proc/self/ns/net")).ok_or(RuncError::UnnamedNetns)?;
+    let own = id(Path::new("/proc/self/ns/net")).ok_or(ContainerError::UnnamedNetns)?;
     let host = PathBuf::from("/proc/1/ns/net");
     if id(&host) == Some(own) {
         return Ok(host);
@@ -430,12 +433,12 @@ pub fn own_netns() -> Result<PathBuf, RuncError> {
         .flatten()
         .map(|entry| entry.path())
         .find(|path| id(path) == Some(own))
-        .ok_or(RuncError::UnnamedNetns)
+        .ok_or(ContainerError::UnnamedNetns)
 }
 
 /// What went wrong with a container or its runtime.
 #[derive(Debug, thiserror::Error)]
-pub enum RuncError {
+pub enum ContainerError {
     #[error("starting the container runtime: {0} (`cargo xtask setup` installs runc and podman)")]
     Spawn(std::io::Error),
     #[error("{command}: {message}")]
@@ -533,7 +536,10 @@ mod tests {
     fn a_bundle_runs_the_hosts_copy_of_the_image_read_only_in_its_namespace_without_hooks() {
         let images = tempfile::tempdir().unwrap();
         let missing = image().bundle(images.path(), Path::new("/run/netns/dst"), "/d/plc");
-        assert!(matches!(missing, Err(RuncError::NoImage(_))), "{missing:?}");
+        assert!(
+            matches!(missing, Err(ContainerError::NoImage(_))),
+            "{missing:?}"
+        );
         std::fs::create_dir(images.path().join("plc")).unwrap();
         let spec = image()
             .bundle(images.path(), Path::new("/run/netns/dst"), "/d/plc")
@@ -549,7 +555,10 @@ mod tests {
         let mut own = image();
         own.spec["linux"]["namespaces"][1] = serde_json::json!({"type": "network"});
         let refused = own.bundle(images.path(), Path::new("/run/netns/dst"), "/d/plc");
-        assert!(matches!(refused, Err(RuncError::OwnNetwork)), "{refused:?}");
+        assert!(
+            matches!(refused, Err(ContainerError::OwnNetwork)),
+            "{refused:?}"
+        );
         // A peer names an image, never a path.
         for name in ["..", "../plc", "/plc", "a/b", ""] {
             let outside = Image {
@@ -558,7 +567,7 @@ mod tests {
             };
             let refused = outside.bundle(images.path(), Path::new("/run/netns/dst"), "/d/plc");
             assert!(
-                matches!(refused, Err(RuncError::ImageName(_))),
+                matches!(refused, Err(ContainerError::ImageName(_))),
                 "{name}: {refused:?}"
             );
         }
@@ -577,10 +586,10 @@ mod tests {
             ("plc", Runtime::Podman)
         );
         let outside = of(elsewhere.path().join("rootfs"), image().spec);
-        assert!(matches!(outside, Err(RuncError::NotAnImage { .. })));
+        assert!(matches!(outside, Err(ContainerError::NotAnImage { .. })));
         let mut writable = image().spec;
         writable["root"]["readonly"] = false.into();
         let refused = of(images.path().join("plc"), writable);
-        assert!(matches!(refused, Err(RuncError::WritableRoot(_))));
+        assert!(matches!(refused, Err(ContainerError::WritableRoot(_))));
     }
 }

@@ -204,7 +204,7 @@ pub enum Cause {
     #[error("restore task: {0}")]
     RestoreTask(tokio::task::JoinError),
     #[error("container: {0}")]
-    Container(#[from] crate::host::runc::RuncError),
+    Container(#[from] crate::host::runc::ContainerError),
     #[error("a container {0} is already on this host (runc list)")]
     ContainerHere(String),
     #[error(transparent)]

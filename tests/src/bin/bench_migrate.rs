@@ -422,7 +422,14 @@ fn live(
         _ => setup.controller.pid,
     })? as f64;
     let trace = trace_path(i);
-    let cps = setup.start_cps(cycles(size), PERIOD_US, Some(&trace));
+    // A podman container's migration takes about 1 s more (podman makes
+    // the container it restores into, then restores through conmon): the
+    // CPS must still be sending when the outputs are compared.
+    let extra = match container {
+        Some(ContainerStart::ByPodman) => 1500,
+        _ => 0,
+    };
+    let cps = setup.start_cps(cycles(size) + extra, PERIOD_US, Some(&trace));
     std::thread::sleep(LEAD);
     let id = setup.migrate(json!({ "mode": mode }));
     let value = setup.wait(&id);
@@ -1038,8 +1045,9 @@ fn handover_bar(size: u64, runs: &[Run]) -> String {
 type Figure = fn(&Row) -> f64;
 
 /// Colours of the methods, in METHODS order.
-const COLOURS: [&str; 8] = [
+const COLOURS: [&str; METHODS.len()] = [
     "#b2182b", "#ef8a62", "#67a9cf", "#2166ac", "#5aae61", "#762a83", "#bababa", "#4d4d4d",
+    "#e0c240", "#8c510a",
 ];
 
 /// A hand-written chart: T_M and T_D per size and method, grouped bars on
