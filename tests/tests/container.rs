@@ -227,10 +227,23 @@ fn a_podman_container_whose_restore_fails_on_dst_rolls_back_and_keeps_serving() 
 
 #[test]
 fn a_containerised_controller_gets_a_hot_replica_container_and_is_handed_over_to_it() {
-    if !runc_runs() {
+    hand_over_to_a_replica_container("ctrp", ContainerStart::ByRunc);
+}
+
+#[test]
+fn a_podman_container_gets_a_hot_replica_container_and_is_handed_over_to_it() {
+    hand_over_to_a_replica_container("cprp", ContainerStart::ByPodman);
+}
+
+/// Makes a hot replica of the containerised controller of a fresh setup
+/// (its container started as `start` says) while the CPS runs, and hands
+/// over to it: every input answered exactly once, the replica a container
+/// of dst's runtime, gone from src's.
+fn hand_over_to_a_replica_container(tag: &str, start: ContainerStart) {
+    if !runtime_runs(start) {
         return;
     }
-    let setup = MigrationSetup::containerised("ctrp", &[], (false, ContainerStart::ByRunc), true);
+    let setup = MigrationSetup::containerised(tag, &[], (false, start), true);
     let (src, dst) = setup.runtimes.as_ref().expect("container runtimes");
     let cycles = 4000;
     let cps = setup.start_cps(cycles, 1000, None);
@@ -243,7 +256,7 @@ fn a_containerised_controller_gets_a_hot_replica_container_and_is_handed_over_to
         "{synced}\n{}",
         setup.dst.log()
     );
-    // The replica is a container of dst's runc, beside src's serving one.
+    // The replica is a container of dst's runtime, beside src's serving one.
     assert_eq!(dst.listed(), ["markov"], "{}", setup.dst.log());
     assert_eq!(src.listed(), ["markov"]);
     std::thread::sleep(Duration::from_millis(500));
