@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::{
     podman::Podman,
-    runc::{ContainerError, Image, Runc, join_network_by_path, read_spec, write_bundle},
+    runc::{ContainerError, Image, Runc, join_network_by_path, own_netns, read_spec, write_bundle},
 };
 use crate::service::Runtime;
 
@@ -44,6 +44,44 @@ impl Containers {
         match runtime {
             Runtime::Runc => self.runc.list(),
             Runtime::Podman => self.podman.list(),
+        }
+    }
+
+    /// Readies this host to restore container `name` of `image` from its
+    /// `rootfs` into network namespace `netns`: podman needs the
+    /// container it restores into made first ([`Podman::prepare`]); runc
+    /// needs nothing before its restore. A failure leaves no container.
+    pub fn prepare(
+        &self,
+        name: &str,
+        image: &Image,
+        rootfs: &Path,
+        netns: &Path,
+    ) -> Result<(), ContainerError> {
+        match image.runtime {
+            Runtime::Runc => Ok(()),
+            Runtime::Podman => self.podman.prepare(name, image, rootfs, netns),
+        }
+    }
+
+    /// Has `image`'s runtime restore container `id` from `images`: runc
+    /// from a bundle (written at `bundle`) that runs it from this host's
+    /// copy of the image, in this host's network namespace, in `cgroup`;
+    /// podman into the container [`Self::prepare`] made. Its init pid.
+    pub fn restore(
+        &self,
+        image: &Image,
+        id: &str,
+        (bundle, cgroup): (&Path, &str),
+        images: &Path,
+    ) -> Result<u32, ContainerError> {
+        match image.runtime {
+            Runtime::Runc => {
+                let spec = image.bundle(&self.images, &own_netns()?, cgroup)?;
+                write_bundle(bundle, &spec)?;
+                self.runc.restore(&self.criu, id, bundle, images)
+            }
+            Runtime::Podman => self.podman.restore(&self.criu, id, images),
         }
     }
 

@@ -820,14 +820,13 @@ impl Target {
             container: started.container.clone(),
         });
         host.files.write(&migration, &journal)?;
-        // podman restores only into a container it knows: it makes the
-        // service's now, before the source holds (see host::podman).
-        if let Some((image, rootfs, netns)) = container_here
-            && image.runtime == crate::service::Runtime::Podman
-        {
-            let podman = &host.containers.podman;
-            let made =
-                tokio::task::block_in_place(|| podman.prepare(&service, image, &rootfs, &netns));
+        // Before the source holds: podman's restore needs a container made
+        // first (see host::podman).
+        if let Some((image, rootfs, netns)) = container_here {
+            let containers = &host.containers;
+            let made = tokio::task::block_in_place(|| {
+                containers.prepare(&service, image, &rootfs, &netns)
+            });
             if let Err(e) = made {
                 host.files.remove(Side::Destination, &migration);
                 return Err(Cause::Container(e));
@@ -858,10 +857,8 @@ impl Target {
         };
         if let Err(e) = adopt(&mut dataplane) {
             forget(&mut dataplane, &flows, &local_addresses);
-            if started.container.as_ref().map(|i| i.runtime)
-                == Some(crate::service::Runtime::Podman)
-            {
-                host.containers.podman.discard(&service);
+            if let Some(image) = &started.container {
+                host.containers.discard(image.runtime, &service);
             }
             host.files.remove(Side::Destination, &migration);
             return Err(e);
@@ -1762,21 +1759,10 @@ fn restore_container(
     cgroup: &str,
     images: &Path,
 ) -> Result<(u32, u64, u64), Cause> {
-    let restored = (|| {
-        let start = Instant::now();
-        let criu = &containers.criu;
-        let pid = match image.runtime {
-            crate::service::Runtime::Runc => {
-                let spec = image.bundle(&containers.images, &runc::own_netns()?, cgroup)?;
-                runc::write_bundle(bundle, &spec)?;
-                containers.runc.restore(criu, id, bundle, images)?
-            }
-            crate::service::Runtime::Podman => containers.podman.restore(criu, id, images)?,
-        };
-        Ok((pid, start.elapsed().as_micros() as u64))
-    })();
-    match restored {
-        Ok((pid, runc_us)) => {
+    let start = Instant::now();
+    match containers.restore(image, id, (bundle, cgroup), images) {
+        Ok(pid) => {
+            let runc_us = start.elapsed().as_micros() as u64;
             let restore_us = stats::restore(images).map_or(0, |s| s.restore_time.into());
             Ok((pid, restore_us, runc_us))
         }
