@@ -135,12 +135,20 @@ pub fn unnumbered_passes(mode: Option<u32>) -> bool {
 }
 
 /// The cutover point K that input `seq` proposes, given the gate's
-/// `deliver_until` word `k`: while user space's flip (`CUT_AT_NEXT`) waits,
-/// the input's number - 1. Input 1 proposes none: K = 0 means no cutover,
-/// so the flip waits for input 2.
+/// `deliver_until` word `k`: while user space's flip (`CUT_AT_NEXT`)
+/// waits, the input's number - 1, if the local instance has answered
+/// every input up to it (a counting gate, as a migration's source is:
+/// `next_answer` past it). An input that finds an answer still owed
+/// goes to the local instance and leaves the flip to a later one: the
+/// source's answers up to K are then on their way to the CPS before any
+/// input past K reaches the destination, whose answers would otherwise
+/// overtake them, and none is owed when the source stops its instance.
+/// Input 1 proposes none: K = 0 means no cutover, so the flip waits for
+/// input 2.
 #[inline(always)]
-pub fn cutover_candidate(k: u64, seq: u64) -> Option<u64> {
-    (k == CUT_AT_NEXT && seq > 1).then(|| seq - 1)
+pub fn cutover_candidate(k: u64, seq: u64, tagging: u32, next_answer: u64) -> Option<u64> {
+    let answered = !counts_outputs(tagging) || next_answer >= seq;
+    (k == CUT_AT_NEXT && seq > 1 && answered).then(|| seq - 1)
 }
 
 /// Whether input `seq` comes after the cutover point `k` (0: no cutover;
@@ -426,14 +434,23 @@ mod tests {
     }
 
     #[test]
-    fn the_first_input_after_the_flip_picks_k() {
-        assert_eq!(cutover_candidate(CUT_AT_NEXT, 8), Some(7));
+    fn the_first_input_after_the_flip_that_finds_every_earlier_one_answered_picks_k() {
+        let picks = |k, seq| cutover_candidate(k, seq, TAG_COUNTED, seq);
+        assert_eq!(picks(CUT_AT_NEXT, 8), Some(7));
         // Input 1 would pick K = 0, which means no cutover: it waits.
-        assert_eq!(cutover_candidate(CUT_AT_NEXT, 1), None);
-        assert_eq!(cutover_candidate(CUT_AT_NEXT, 2), Some(1));
+        assert_eq!(picks(CUT_AT_NEXT, 1), None);
+        assert_eq!(picks(CUT_AT_NEXT, 2), Some(1));
         // K picked already, or no cutover.
-        assert_eq!(cutover_candidate(7, 9), None);
-        assert_eq!(cutover_candidate(0, 9), None);
+        assert_eq!(picks(7, 9), None);
+        assert_eq!(picks(0, 9), None);
+        // Input 7 still unanswered when 8 comes: 8 goes to the instance
+        // here, and a later input picks K.
+        assert_eq!(cutover_candidate(CUT_AT_NEXT, 8, TAG_COUNTED, 7), None);
+        assert_eq!(cutover_candidate(CUT_AT_NEXT, 8, TAG_COUNTED, 0), None);
+        assert_eq!(cutover_candidate(CUT_AT_NEXT, 9, TAG_COUNTED, 9), Some(8));
+        // A gate that does not count its outputs cannot tell: the first
+        // input picks.
+        assert_eq!(cutover_candidate(CUT_AT_NEXT, 8, TAG_LATEST, 0), Some(7));
     }
 
     #[test]

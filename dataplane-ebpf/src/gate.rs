@@ -61,21 +61,32 @@ fn gate_verdict(gate: *mut Gate, seq: u64, replayed: bool) -> Verdict {
 
 /// Whether input `seq` comes after the gate's cutover point K
 /// (`deliver_until`). While user space's flip (`CUT_AT_NEXT`) waits, the
-/// first input numbered after it picks K = its number - 1: one
-/// compare-and-exchange, so every CPU agrees on K, and no input numbered
-/// between a choice of K and the flip can reach both instances. (A flow's
-/// frames come in on one receive queue, whose NAPI poll runs on one CPU at
-/// a time: numbering order is the order in which this runs.)
+/// first input numbered after it that finds the local instance's answers
+/// up to it out (`decide::cutover_candidate`) picks K = its number - 1:
+/// one compare-and-exchange, so every CPU agrees on K, and no input
+/// numbered between a choice of K and the flip can reach both instances.
+/// (A flow's frames come in on one receive queue, whose NAPI poll runs on
+/// one CPU at a time: numbering order is the order in which this runs.)
 #[inline(always)]
 pub(crate) fn past_cutover(gate: *mut Gate, seq: u64) -> bool {
-    // SAFETY: the array slot lives as long as the map. A volatile read: user
-    // space flips this word through a memory mapping.
+    // SAFETY: the array slot lives as long as the map. Volatile reads: user
+    // space flips this word through a memory mapping, and the egress
+    // program moves `next_answer` on another CPU.
     let mut k = unsafe { core::ptr::read_volatile(&raw const (*gate).deliver_until) };
-    if let Some(candidate) = decide::cutover_candidate(k, seq) {
+    if k == CUT_AT_NEXT {
         // SAFETY: as above.
-        let (prev, done) =
-            unsafe { word::exchange(&raw mut (*gate).deliver_until, CUT_AT_NEXT, candidate) };
-        k = if done { candidate } else { prev };
+        let (tagging, next_answer) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*gate).tagging),
+                core::ptr::read_volatile(&raw const (*gate).next_answer),
+            )
+        };
+        if let Some(candidate) = decide::cutover_candidate(k, seq, tagging, next_answer) {
+            // SAFETY: as above.
+            let (prev, done) =
+                unsafe { word::exchange(&raw mut (*gate).deliver_until, CUT_AT_NEXT, candidate) };
+            k = if done { candidate } else { prev };
+        }
     }
     decide::past_cutover(k, seq)
 }

@@ -584,6 +584,80 @@ fn bursts_at_20_khz_on_the_seams_are_answered_exactly_once() {
     }
 }
 
+/// Stops and continues `pid` (SIGSTOP, SIGCONT), stopped for 1.7 to
+/// 3.1 ms at a time and let run 0.3 to 0.7 ms, until `cut` says the
+/// source's kernel picked K; then keeps it stopped 3 ms more: a serving
+/// instance that falls behind its 1 ms inputs now and then, and is
+/// behind at the cutover as often as not. At most 10 s. How many times
+/// it stopped it.
+fn stutter_until_the_cutover(pid: u32, cut: impl Fn() -> bool) -> u32 {
+    use nix::sys::signal::{Signal, kill};
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut stops = 0;
+    let wait = |d: Duration| {
+        let since = Instant::now();
+        while since.elapsed() < d && !cut() {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    };
+    while Instant::now() < until && !cut() {
+        let (stop_us, run_us) = [(2500, 400), (1700, 700), (3100, 300)][stops % 3];
+        stops += 1;
+        kill(pid, Signal::SIGSTOP).expect("stop the source's instance");
+        wait(Duration::from_micros(stop_us));
+        if cut() {
+            // The source may stop it meanwhile: its migration is done.
+            std::thread::sleep(Duration::from_millis(3));
+            let _ = kill(pid, Signal::SIGCONT);
+            break;
+        }
+        kill(pid, Signal::SIGCONT).expect("continue the source's instance");
+        wait(Duration::from_micros(run_us));
+    }
+    stops as u32
+}
+
+#[test]
+fn a_source_instance_behind_its_inputs_at_the_cutover_answers_them_before_the_destination() {
+    // The source's kernel picks K only at an input that finds every input
+    // before it answered: the source's answers up to K are out before any
+    // input past K reaches the destination, and none is owed when the
+    // source stops its instance.
+    for mode in ["leave-running", "standby"] {
+        let setup = MigrationSetup::new(&format!("lag{}", &mode[..1]), &[], mode == "standby");
+        let cycles = 3000;
+        let cps = setup.start_cps(cycles, 1000, None);
+        let (mut watcher, id) = setup.migrate_watched(serde_json::json!({"mode": mode}));
+        let mut stutter = None;
+        loop {
+            let line = watcher.next_line().expect("a migration.phase notification");
+            let report: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let report = &report["params"];
+            if report["phase"] == "converge" && stutter.is_none() {
+                let window = Dataplane::open(&setup.hosts.pin_root("src"))
+                    .and_then(|d| d.gate_window())
+                    .expect("the source's gates");
+                let flow_id = setup.source_flow_id();
+                let pid = setup.controller.pid;
+                stutter = Some(std::thread::spawn(move || {
+                    stutter_until_the_cutover(pid, || window.cutover_point(flow_id).is_some())
+                }));
+            }
+            if report["state"] != "running" {
+                break;
+            }
+        }
+        let stops = stutter.expect("a converge phase").join().unwrap();
+        let report = setup.wait(&id);
+        let verdict = cps_verdict(cps);
+        println!("{mode}: stopped {stops} times\nreport: {report}\nCPS: {verdict}");
+        kill_pid(report["destination_pid"].as_u64().unwrap_or(0));
+        assert_eq!(report["state"], "done", "{report}");
+        assert_clean(&verdict);
+    }
+}
+
 #[test]
 fn a_destination_instance_killed_during_replay_is_rolled_back() {
     let setup = MigrationSetup::new("kdst", &[], false);

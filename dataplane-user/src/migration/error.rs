@@ -13,7 +13,7 @@ use crate::{
     migration::{
         MAX_DEADLINE_MS,
         converge::Mismatch,
-        cutover::NoInput,
+        cutover::NoCutover,
         hold::{CheckpointError, HoldEnd, name_inputs},
         journal::JournalError,
         protocol::StepKind,
@@ -127,7 +127,7 @@ pub enum Cause {
     #[error("the output log reader fell behind")]
     OutputsLost,
     #[error(transparent)]
-    NoInput(#[from] NoInput),
+    NoCutover(#[from] NoCutover),
     #[error("handed over at K = {0}: inputs above K keep going to the destination")]
     HandedOver(u64),
     #[error("the hot replica diverged: outputs for input {seq} differ: {why}")]

@@ -740,7 +740,9 @@ impl Migration {
         // The last moment to back out if the source's log lost an input.
         source.check_log().map_err(|e| self.fail(e))?;
         let limit = Duration::from_millis(self.request.deadline_ms);
-        let handover = cutover::flip_and_wait(&window, flow_id, limit, &self.context.abort).await;
+        let numbered = || source.last_seq();
+        let handover =
+            cutover::flip_and_wait(&window, flow_id, numbered, limit, &self.context.abort).await;
         let Handover { k, flip_ns } = handover.map_err(|e| self.fail(e))?;
         self.report.flip_ns = flip_ns;
         self.report.handover_seq = k;
@@ -819,15 +821,10 @@ impl Migration {
         let flow_id = source.flow_id;
         let dataplane = &source.dataplane;
         let window = dataplane.gate_window().map_err(|e| e.to_string())?;
-        let answered = || dataplane.gate(flow_id).is_ok_and(|g| g.next_answer > k);
-        let quiet = tokio::task::block_in_place(|| {
-            let until = Instant::now() + Duration::from_secs(1);
-            while !answered() && Instant::now() < until {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            window.mute_outputs(flow_id);
-            inputs_stopped(dataplane, flow_id)
-        });
+        // Its answers up to K left before K was picked (see
+        // `decide::cutover_candidate`).
+        window.mute_outputs(flow_id);
+        let quiet = tokio::task::block_in_place(|| inputs_stopped(dataplane, flow_id));
         if !quiet {
             return Err("the CPS's inputs still come here".into());
         }

@@ -413,7 +413,7 @@ fn verdict(
         let bytes = large.contains(&seq).then_some(args.large);
         hashes[seq] = chain(hashes[seq - 1], &input(seq, bytes));
     }
-    let (mut first_wrong, mut first_duplicate) = (None, None);
+    let (mut first_wrong, mut first_duplicate, mut first_out_of_order) = (None, None, None);
     let mut texts: Vec<Option<&str>> = vec![None; count + 1];
     for (at, text) in outputs {
         let fields: Vec<&str> = text.split_whitespace().collect();
@@ -436,6 +436,9 @@ fn verdict(
         texts[seq] = Some(text);
         if (seq as u64) < last {
             out_of_order += 1;
+            first_out_of_order.get_or_insert_with(
+                || serde_json::json!({"cycle": seq, "after": last, "at_us": at}),
+            );
         }
         last = last.max(seq as u64);
         // The controller took exactly inputs 1..=seq, once each, in order.
@@ -455,6 +458,7 @@ fn verdict(
         }
     }
     let missed = answered[1..].iter().filter(|&&t| t == 0).count();
+    let first_missed = (1..=count).find(|&seq| answered[seq] == 0);
     let period = args.period.as_micros() as i64;
     let (extra, longest_at) = extra_gaps(&answered, period as u64);
     let pct = |p: f64| -> i64 {
@@ -491,6 +495,8 @@ fn verdict(
         "wrong": wrong,
         "first_wrong": first_wrong,
         "first_duplicate": first_duplicate,
+        "first_out_of_order": first_out_of_order,
+        "first_missed": first_missed,
         "period_us": period,
         "send_us": send_us,
         "extra_gap_us": {"p50": pct(0.5), "p99": pct(0.99), "max": pct(1.0), "at_cycle": longest_at},
