@@ -73,6 +73,8 @@ pub(crate) fn past_cutover(gate: *mut Gate, seq: u64) -> bool {
     // space flips this word through a memory mapping, and the egress
     // program moves `next_answer` on another CPU.
     let mut k = unsafe { core::ptr::read_volatile(&raw const (*gate).deliver_until) };
+    // Only while a flip waits does an input read the output count: every
+    // other input's path reads one word here, as before.
     if k == CUT_AT_NEXT {
         // SAFETY: as above.
         let (tagging, next_answer) = unsafe {
