@@ -14,7 +14,7 @@
 //! is done with that program in the synthetic service's place, each size
 //! put into its arguments where they say `{mib}`.
 use std::{
-    ffi::CString,
+    ffi::{CStr, CString},
     os::fd::OwnedFd,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -32,7 +32,10 @@ use crate::{
 };
 
 /// The synthetic service renames itself to this once its memory is written.
-const READY: &str = "dp-calib-ready";
+const READY: &CStr = c"dp-calib-ready";
+/// The service's name from its fork until its exec renames it: until then it
+/// holds a copy of this process's memory, which is no measure of the command.
+const FORKED: &CStr = c"dp-calib-forked";
 
 /// M of a running process as CRIU sees it: its resident anonymous memory
 /// (`Anonymous` of /proc/PID/smaps_rollup), the pages a dump writes.
@@ -158,7 +161,10 @@ impl Synthetic {
                     CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNET,
                 ) {
                     // SAFETY: as above.
-                    Ok(()) => match unsafe { nix::unistd::fork() } {
+                    Ok(()) => match unsafe {
+                        libc::prctl(libc::PR_SET_NAME, FORKED.as_ptr());
+                        nix::unistd::fork()
+                    } {
                         Ok(ForkResult::Child) => match &argv {
                             Some(argv) => exec_service(argv),
                             None => run_service(bytes),
@@ -191,11 +197,15 @@ impl Synthetic {
                     .next()
                     .map_or(0, |p| p.parse().unwrap_or(0));
             }
+            // The name first: read after it, the size is the exec'd command's.
+            let name = std::fs::read_to_string(format!("/proc/{}/comm", service.pid));
             let ready = service.pid != 0
                 && match command {
-                    None => std::fs::read_to_string(format!("/proc/{}/comm", service.pid))
-                        .is_ok_and(|c| c.trim() == READY),
-                    Some(_) => state_bytes(service.pid).is_ok_and(|b| b >= bytes as u64),
+                    None => name.is_ok_and(|c| c.trim().as_bytes() == READY.to_bytes()),
+                    Some(_) => {
+                        name.is_ok_and(|c| c.trim().as_bytes() != FORKED.to_bytes())
+                            && state_bytes(service.pid).is_ok_and(|b| b >= bytes as u64)
+                    }
                 };
             if ready {
                 break;
@@ -293,7 +303,7 @@ fn run_service(bytes: usize) -> ! {
             (&raw const addr).cast(),
             std::mem::size_of::<libc::sockaddr_in>() as u32,
         );
-        libc::prctl(libc::PR_SET_NAME, c"dp-calib-ready".as_ptr());
+        libc::prctl(libc::PR_SET_NAME, READY.as_ptr());
         loop {
             libc::pause();
         }
