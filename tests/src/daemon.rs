@@ -7,7 +7,10 @@ use std::{
     time::Duration,
 };
 
-use dataplane_user::kernel::loader::Dataplane;
+use dataplane_user::{
+    kernel::loader::Dataplane,
+    migration::{DEFAULT_DEADLINE_MS, destination::armed_grace},
+};
 
 use crate::{netns::NetNs, timing::cpu_split};
 
@@ -110,7 +113,11 @@ impl DaemonProcess {
             .stderr(log)
             .spawn()
             .expect("spawn the daemon");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // A restart serves its socket once its journal's recovery is done:
+        // an armed destination's waits for the handover as long as its
+        // source may still pick K (with the tests' default deadline).
+        let recovery = armed_grace(Duration::from_millis(DEFAULT_DEADLINE_MS));
+        let deadline = std::time::Instant::now() + recovery + Duration::from_secs(10);
         while std::os::unix::net::UnixStream::connect(socket).is_err() {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("the daemon exited: {status}");
