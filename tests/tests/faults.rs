@@ -1023,6 +1023,20 @@ fn a_cps_quiet_across_the_flip_and_a_destination_daemon_killed_after_it_keeps_it
     quiet_across_the_flip("qdst", AfterTheFlip::DestinationDaemon);
 }
 
+#[test]
+fn a_cps_quiet_across_the_flip_and_a_migration_aborted_meanwhile_keeps_its_service() {
+    // The source takes the flip back at once and fails for the request:
+    // the next input is the source's, the destination rolls back.
+    quiet_across_the_flip("qabort", AfterTheFlip::Abort);
+}
+
+#[test]
+fn a_migration_aborted_once_its_source_picked_k_finishes() {
+    // Too late to roll back: the destination serves, and the migration
+    // finishes rather than fail with its service moved.
+    quiet_across_the_flip("qlate", AfterTheFlip::AbortAfterK);
+}
+
 /// A fault between the flip and K, with the CPS quiet across the flip.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum AfterTheFlip {
@@ -1036,6 +1050,11 @@ enum AfterTheFlip {
     /// SIGKILL of the destination daemon, restarted; the CPS resumes while
     /// its journal's recovery waits for the handover.
     DestinationDaemon,
+    /// `migration.abort` on the source; the CPS resumes once it failed.
+    Abort,
+    /// The source daemon stopped (SIGSTOP) while the CPS resumes and its
+    /// kernel picks K; `migration.abort` sent to it; then it goes on.
+    AbortAfterK,
 }
 
 /// Waits until the source has flipped service "markov"'s flow: its gate
@@ -1050,6 +1069,18 @@ fn wait_for_the_flip(setup: &MigrationSetup) {
             "the source never flipped:\n{}",
             setup.src.log()
         );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Waits until the source's kernel has picked K for service "markov"'s
+/// flow after a flip: its gate no longer cuts at the next input.
+fn wait_for_k(setup: &MigrationSetup) {
+    let flow_id = setup.source_flow_id();
+    let dataplane = Dataplane::open(&setup.hosts.pin_root("src")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dataplane.gate(flow_id).unwrap().deliver_until == CUT_AT_NEXT {
+        assert!(Instant::now() < deadline, "the source never picked K");
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -1125,6 +1156,34 @@ fn quiet_across_the_flip(tag: &str, fault: AfterTheFlip) {
             );
             setup.src.restart(&setup.hosts.src);
         }
+        AfterTheFlip::Abort => {
+            let answer = setup
+                .src
+                .client()
+                .call("migration.abort", json!({"id": id}))
+                .unwrap();
+            assert_eq!(answer["aborting"], id);
+            let report = setup.wait(&id);
+            assert_eq!(report["error"], "cutover: aborted on request", "{report}");
+            cps.pause(false);
+        }
+        AfterTheFlip::AbortAfterK => {
+            let daemon = Pid::from_raw(setup.src.pid() as i32);
+            kill(daemon, Signal::SIGSTOP).unwrap();
+            cps.pause(false);
+            wait_for_k(&setup);
+            // The request waits in the stopped daemon's socket, read when
+            // it goes on: at once, as the migration sees K.
+            let mut client = setup.src.client();
+            let asked = std::thread::spawn({
+                let id = id.clone();
+                move || client.call("migration.abort", json!({"id": id}))
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            kill(daemon, Signal::SIGCONT).unwrap();
+            let answer = asked.join().unwrap();
+            println!("migration.abort: {answer:?}");
+        }
         AfterTheFlip::DestinationDaemon => {
             // The restarted daemon's recovery waits for the handover before
             // it serves its socket: the CPS resumes while it waits.
@@ -1170,7 +1229,9 @@ fn quiet_across_the_flip(tag: &str, fault: AfterTheFlip) {
         expected.iter().find(|seq| !answered.contains(seq))
     );
     let (served_by, server, other) = match fault {
-        AfterTheFlip::SourceDaemon => ("src", &setup.hosts.src, &setup.hosts.dst),
+        AfterTheFlip::SourceDaemon | AfterTheFlip::Abort => {
+            ("src", &setup.hosts.src, &setup.hosts.dst)
+        }
         _ => ("dst", &setup.hosts.dst, &setup.hosts.src),
     };
     assert_eq!(
@@ -1186,11 +1247,13 @@ fn quiet_across_the_flip(tag: &str, fault: AfterTheFlip) {
     );
     if served_by == "src" {
         assert!(
-            recovered.contains("from this host: rolled back: mirroring off, gates delivering"),
+            fault == AfterTheFlip::Abort
+                || recovered
+                    .contains("from this host: rolled back: mirroring off, gates delivering"),
             "{recovered}"
         );
-        // The destination rolls back once its wait (the source's deadline
-        // and 2 s, from the kill) is over.
+        // The destination rolls back once told, or once its wait (the
+        // source's deadline and 2 s, from the kill) is over.
         wait_for_nothing_left_on_dst_within(&setup, Duration::from_secs(10 + 2 + 3));
         setup.assert_registered();
         migrate_cleanly(&setup, sent);
@@ -1214,12 +1277,21 @@ fn quiet_across_the_flip(tag: &str, fault: AfterTheFlip) {
         let k = report["handover_seq"].as_u64().unwrap_or(0);
         assert!(k > 0, "handed over: {report}");
     }
+    if fault == AfterTheFlip::AbortAfterK {
+        assert_eq!(report["state"], "done", "{report}");
+    }
     let kept = match fault {
-        AfterTheFlip::DestinationDaemon => "to this host: handed over; kept serving, announced",
-        _ => "the source is gone after the handover: this host keeps serving",
+        AfterTheFlip::DestinationDaemon => {
+            Some("to this host: handed over; kept serving, announced")
+        }
+        // It finished (its report says so, above).
+        AfterTheFlip::AbortAfterK => None,
+        _ => Some("the source is gone after the handover: this host keeps serving"),
     };
-    let log = setup.dst.log();
-    assert!(log.contains(kept), "{log}");
+    if let Some(kept) = kept {
+        let log = setup.dst.log();
+        assert!(log.contains(kept), "{log}");
+    }
     assert_eq!(
         files_under(&setup.dst_images_dir()),
         [] as [String; 0],

@@ -189,9 +189,11 @@ impl Migration {
     }
 
     /// An error once `migration.abort` (or a stopping daemon) asked the
-    /// migration to stop: it rolls back from there.
+    /// migration to stop: it rolls back from there. Past the handover (K
+    /// picked) there is nothing to roll back to: the destination serves,
+    /// and the migration finishes.
     pub(super) fn check_abort(&self) -> Result<(), MigrationError> {
-        match self.context.abort.load(Ordering::Relaxed) {
+        match self.context.abort.load(Ordering::Relaxed) && self.report.flip_ns == 0 {
             true => Err(self.fail(Cause::Aborted)),
             false => Ok(()),
         }
@@ -743,7 +745,15 @@ impl Migration {
         let numbered = || source.last_seq();
         let handover =
             cutover::flip_and_wait(&window, flow_id, numbered, limit, &self.context.abort).await;
-        let Handover { k, flip_ns } = handover.map_err(|e| self.fail(e))?;
+        let Handover { k, flip_ns } = match handover {
+            Ok(handover) => handover,
+            // A flip taken back on request fails for the request, not
+            // for the quiet it was waiting through.
+            Err(no_cutover) => {
+                self.check_abort()?;
+                return Err(self.fail(no_cutover));
+            }
+        };
         self.report.flip_ns = flip_ns;
         self.report.handover_seq = k;
         self.end(t);
