@@ -532,11 +532,17 @@ impl MigrationSetup {
 impl Drop for MigrationSetup {
     /// Instances a migration restored outlive the daemons by design (a
     /// failover's, a test's that failed before it killed its own): they
-    /// end with the test hosts.
+    /// end with the test hosts. The daemons' image directories go too.
     fn drop(&mut self) {
         for host in [&self.hosts.src, &self.hosts.dst] {
             for pid in Self::instances_on(host) {
                 crate::kill_pid(pid.into());
+            }
+        }
+        // A failed test's are kept: CRIU's logs are there.
+        if !std::thread::panicking() {
+            for host in ["src", "dst"] {
+                let _ = std::fs::remove_dir_all(self.images_dir(host));
             }
         }
     }
