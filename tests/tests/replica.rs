@@ -2,7 +2,7 @@
 //! mirror and compared output by output, handed over to without a
 //! checkpoint, never handed over to out of sync. Real kernel programs,
 //! real CRIU, real processes, the CPS at T_U = 1 ms.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dataplane_tests::{MigrationSetup, chain_state, cps_verdict, kill_pid};
 use serde_json::json;
@@ -199,7 +199,7 @@ fn a_replica_stopped_while_it_syncs_ends_at_once() {
     std::thread::sleep(Duration::from_millis(300));
     let replica = setup.replicate(json!({"deadline_ms": 60000}));
     std::thread::sleep(Duration::from_millis(800));
-    let asked = std::time::Instant::now();
+    let asked = Instant::now();
     setup
         .src
         .client()
@@ -311,6 +311,17 @@ fn a_handover_that_keeps_the_source_instance_makes_it_the_new_hosts_replica_with
     assert_eq!(report["state"], "done", "{report:#}\n{}", setup.src.log());
     // dst serves, and src's instance, which took every input up to K, is
     // its replica now: fed from K+1, compared, in sync, no checkpoint.
+    // (dst adopts it once it has answered `finish`: a moment after.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while setup
+        .dst
+        .client()
+        .call("migration.status", json!({ "id": replica }))
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "dst never adopted {replica}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let adopted = setup
         .dst
         .wait_for_report(&replica, |r| r["replica"]["state"] == "in_sync");

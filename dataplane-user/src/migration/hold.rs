@@ -408,17 +408,21 @@ pub async fn resume(
     let mut waiting: Option<(u64, Instant, u64)> = None;
     loop {
         let next = window.next_expected(flow_id);
-        let last = dataplane.sequence(flow_id)?.last_seq;
+        while let Some(record) = log.try_next() {
+            if record.header.flow_id == flow_id && record.header.seq >= next {
+                pending.insert(record.header.seq, record);
+            }
+        }
+        // Up to the last input numbered here, or past it the last at hand:
+        // the serving host feeds a replica it adopts inputs numbered there
+        // before its mirror copies began (see `Target::feed`).
+        let staged = pending.last_key_value().map_or(0, |(&seq, _)| seq);
+        let last = dataplane.sequence(flow_id)?.last_seq.max(staged);
         if next > last {
             return match passed.is_empty() {
                 true => Ok(replayed),
                 false => Err(passed.into()),
             };
-        }
-        while let Some(record) = log.try_next() {
-            if record.header.flow_id == flow_id && record.header.seq >= next {
-                pending.insert(record.header.seq, record);
-            }
         }
         // Delivered since they were staged (live copies on a destination).
         while let Some(entry) = pending.first_entry()
