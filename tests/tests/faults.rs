@@ -1060,27 +1060,27 @@ enum AfterTheFlip {
 /// Waits until the source has flipped service "markov"'s flow: its gate
 /// cuts at the next input (`CUT_AT_NEXT`), no K picked yet.
 fn wait_for_the_flip(setup: &MigrationSetup) {
-    let flow_id = setup.source_flow_id();
-    let dataplane = Dataplane::open(&setup.hosts.pin_root("src")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while dataplane.gate(flow_id).unwrap().deliver_until != CUT_AT_NEXT {
-        assert!(
-            Instant::now() < deadline,
-            "the source never flipped:\n{}",
-            setup.src.log()
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_for_the_gate(setup, "flipped", |until| until == CUT_AT_NEXT);
 }
 
 /// Waits until the source's kernel has picked K for service "markov"'s
 /// flow after a flip: its gate no longer cuts at the next input.
 fn wait_for_k(setup: &MigrationSetup) {
+    wait_for_the_gate(setup, "picked K", |until| until != CUT_AT_NEXT);
+}
+
+/// Waits (15 s at most) until the source's gate of service "markov"'s
+/// flow has a `deliver_until` that `done` accepts: the source has `what`.
+fn wait_for_the_gate(setup: &MigrationSetup, what: &str, done: impl Fn(u64) -> bool) {
     let flow_id = setup.source_flow_id();
     let dataplane = Dataplane::open(&setup.hosts.pin_root("src")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while dataplane.gate(flow_id).unwrap().deliver_until == CUT_AT_NEXT {
-        assert!(Instant::now() < deadline, "the source never picked K");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done(dataplane.gate(flow_id).unwrap().deliver_until) {
+        assert!(
+            Instant::now() < deadline,
+            "the source never {what}:\n{}",
+            setup.src.log()
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
